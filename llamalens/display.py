@@ -1,0 +1,52 @@
+"""Showing token text so that nothing is invisible or lost: whitespace, control characters and
+partial UTF-8 bytes get visible stand-ins. Used by the terminal tables and the reports.
+
+    "\\n" -> "⏎"   "\\t" -> "⇥"   " " -> "·" (only at the edges of a token, where it is otherwise unseen)
+    "\\r" -> "␍"   other control characters -> "<0x07>"
+    bytes that are not valid UTF-8 (a token that is half of a character) -> "<0xE2>" per byte
+"""
+
+from __future__ import annotations
+
+_SUBST = {"\n": "⏎", "\t": "⇥", "\r": "␍"}
+
+
+def _char(c: str) -> str:
+    if c in _SUBST:
+        return _SUBST[c]
+    o = ord(c)
+    if o < 0x20 or o == 0x7F or 0x80 <= o < 0xA0:
+        return f"<0x{o:02X}>"
+    return c
+
+
+def _units(text: str, hex_bytes: str | None) -> list:
+    """Characters, or ints for bytes that do not form valid UTF-8."""
+    if hex_bytes is None:
+        return list(text)
+    raw, out, i = bytes.fromhex(hex_bytes), [], 0
+    while i < len(raw):
+        for n in (1, 2, 3, 4):
+            try:
+                out.append(raw[i : i + n].decode("utf-8"))
+                i += n
+                break
+            except UnicodeDecodeError:
+                continue
+        else:
+            out.append(raw[i])
+            i += 1
+    return out
+
+
+def visible(text: str, hex_bytes: str | None = None, edge_spaces: bool = True) -> str:
+    """A token's text made visible; pass its hex bytes so that invalid UTF-8 shows as <0x..>."""
+    units = _units(text, hex_bytes)
+    shown = [f"<0x{u:02X}>" if isinstance(u, int) else _char(u) for u in units]
+    if edge_spaces:
+        n = len(shown)
+        lead = next((i for i, u in enumerate(shown) if u != " "), n)
+        trail = next((i for i, u in enumerate(reversed(shown)) if u != " "), n)
+        for i in list(range(lead)) + list(range(n - trail, n)):
+            shown[i] = "·"
+    return "".join(shown)

@@ -1,0 +1,276 @@
+"""The decoding engine: many sequences decoded together, one exact TokenRecord per generated token.
+
+    requests ──► queue (ordered by prompt) ──► P slots of one llama.cpp context (unified KV cache)
+                                               │
+         a free slot takes the next request:   │  same prompt still in the slot  -> nothing to do
+                                               │  same prompt held by another slot -> seq_cp(0..len)
+                                               │  otherwise                       -> prefill it once
+         every step: one llama_decode with one token per live sequence, then per sequence:
+             raw row ──► RowStats (logprob, rank, entropy, top-N)       [stats.py, numpy]
+                    └──► candidate array ──► its own native sampler chain [settings.build_chain]
+                         -> chosen token, survivors (candidates), sampled_logprob
+         a finished sequence (EOG, stop string, max_tokens) frees its slot but keeps its prompt
+         cells, so the next request with the same prompt starts without any prefill.
+
+Fidelity: the chain is the one llama-cpp-python builds, applied to the same raw logits, and its
+accept() sees only generated tokens, as in `Llama.generate`. With one slot, the same flash-attention
+setting and the same prompt tokens, the tokens equal `create_completion`'s (tests check this).
+Batched logits can differ from single-sequence ones by a few hundredths of a nat on quantized
+weights (../shared/NOTES.md §6); `n_parallel=1` is the exact, slow path.
+
+The prompt's last-row logits are copied once per prompt (n_vocab floats) and reused by every
+sequence of that prompt for its first token; nothing of size context × vocabulary is ever kept.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .errors import InvalidSettings
+from .records import Alternative, Sample, Timing, TokenRecord
+from .runtime import Context, Model
+from .settings import SamplingSettings, build_chain, free_chain
+from .stats import RowStats, logsumexp
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
+
+
+@dataclass
+class Request:
+    """One completion to generate."""
+
+    prompt: str
+    settings: SamplingSettings
+    max_tokens: int = 16
+    n_logprobs: int = 5
+    stop: tuple[str, ...] = ()
+    key: object = None
+    prompt_tokens: list[int] | None = None  # filled by the engine when None
+
+    def problems(self) -> list[str]:
+        out = self.settings.problems()
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            out.append(f"max-tokens {self.max_tokens!r} is out of range (must be >= 1)")
+        if self.n_logprobs < 0:
+            out.append(f"logprobs {self.n_logprobs!r} is out of range (must be >= 0)")
+        if any(s == "" for s in self.stop):
+            out.append("an empty --stop string would stop at once; remove it")
+        return out
+
+
+@dataclass
+class _Live:
+    req: Request
+    slot: int
+    chain: object
+    max_tokens: int
+    t_start: float
+    prompt_ms: float = 0.0
+    t_first: float = 0.0
+    pos: int = 0  # position of the next token to decode
+    records: list[TokenRecord] = field(default_factory=list)
+    text: bytearray = field(default_factory=bytearray)
+    pending: int | None = None  # token sampled but not yet decoded
+    finish: str | None = None
+    stop_at: int | None = None  # byte offset where a stop string begins
+
+
+class Engine:
+    """Decodes requests with up to `n_parallel` sequences per llama_decode call."""
+
+    def __init__(self, model: Model, n_parallel: int = 1):
+        self.model = model
+        self.n_parallel = max(1, int(n_parallel))
+        self._cand = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
+        self._ids = np.arange(model.n_vocab, dtype=np.int32)
+        self._L = model._L
+        self.stats = Counter()  # decode calls, tokens decoded, prefills, prompt copies
+
+    # -- public --------------------------------------------------------------------------------
+    def prepare(self, requests: Iterable[Request]) -> list[Request]:
+        """Validate and tokenize requests; raise InvalidSettings / PromptTooLong before any decoding."""
+        reqs = list(requests)
+        ctx = self.model.options.ctx
+        cache: dict[str, list[int]] = {}
+        for r in reqs:
+            problems = r.problems()
+            if problems:
+                raise InvalidSettings("; ".join(problems))
+            if r.prompt_tokens is None:
+                if r.prompt not in cache:
+                    cache[r.prompt] = self.model.prompt_tokens(r.prompt)
+                r.prompt_tokens = cache[r.prompt]
+            if not r.prompt_tokens:
+                raise InvalidSettings("the prompt is empty and the model adds no BOS token; give a prompt")
+            self.model.check_fits(len(r.prompt_tokens), r.max_tokens, ctx)
+        return reqs
+
+    def run(self, requests: Iterable[Request], on_token: Callable[[int], None] | None = None) -> Iterator[Sample]:
+        """Generate every request; yield each Sample as soon as it finishes (not in request order)."""
+        reqs = self.prepare(requests)
+        if not reqs:
+            return
+        order = {}
+        for r in reqs:  # group by prompt, keep first-seen order of prompts
+            order.setdefault(tuple(r.prompt_tokens), len(order))
+        queue = deque(sorted(reqs, key=lambda r: order[tuple(r.prompt_tokens)]))
+        remaining = Counter(tuple(r.prompt_tokens) for r in reqs)
+        n_par = min(self.n_parallel, len(reqs))
+        ctx_len = self.model.options.ctx
+        max_prompt = max(len(r.prompt_tokens) for r in reqs)
+        max_new = max(min(r.max_tokens, ctx_len - len(r.prompt_tokens)) for r in reqs)
+        n_prompts = min(len(order), n_par)
+        cells = n_prompts * max_prompt + n_par * (max_new + 1) + 1
+        cells = max(cells, max_prompt + max_new + 1)
+        n_ctx = (cells + 255) // 256 * 256
+        with self.model.context(n_ctx=n_ctx, n_seq_max=n_par) as ctx:
+            yield from self._loop(ctx, queue, remaining, n_par, ctx_len, on_token)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _loop(self, ctx: Context, queue, remaining, n_par, ctx_len, on_token) -> Iterator[Sample]:
+        slots: list[_Live | None] = [None] * n_par
+        slot_prompt: list[tuple | None] = [None] * n_par
+        first_rows: dict[tuple, np.ndarray] = {}
+        try:
+            while queue or any(slots):
+                # 1. fill free slots; a new sequence's first token comes from its prompt's row
+                rows: dict[int, np.ndarray] = {}
+                for s in range(n_par):
+                    if slots[s] is None and queue:
+                        req = queue.popleft()
+                        key = tuple(req.prompt_tokens)
+                        t0 = time.perf_counter()
+                        if slot_prompt[s] != key:
+                            ctx.seq_rm(s)
+                            donor = next((t for t in range(n_par) if slot_prompt[t] == key), None)
+                            if donor is not None and key in first_rows:
+                                ctx.seq_cp(donor, s, 0, len(key))
+                                self.stats["prompt_copies"] += 1
+                            else:
+                                first_rows[key] = ctx.prefill(req.prompt_tokens, seq=s)
+                                self.stats["prefills"] += 1
+                                self.stats["prompt_tokens"] += len(key)
+                            slot_prompt[s] = key
+                        live = _Live(req, s, build_chain(req.settings, self.model.n_vocab),
+                                     max_tokens=min(req.max_tokens, ctx_len - len(key)), t_start=t0,
+                                     pos=len(key))
+                        live.prompt_ms = (time.perf_counter() - t0) * 1000
+                        slots[s] = live
+                        remaining[key] -= 1
+                        rows[s] = first_rows[key]
+                # 2. one decode for every live sequence with a pending token
+                batch = [live for live in slots if live is not None and live.pending is not None]
+                if batch:
+                    ctx.decode([b.pending for b in batch], [b.pos for b in batch], [b.slot for b in batch],
+                               [1] * len(batch))
+                    self.stats["decodes"] += 1
+                    self.stats["decoded_tokens"] += len(batch)
+                    for i, b in enumerate(batch):
+                        b.pos += 1
+                        b.pending = None
+                        rows[b.slot] = ctx.logits(i)
+                # 3. stats + sampling for every sequence that has a fresh row
+                for s, row in rows.items():
+                    live = slots[s]
+                    self._step(live, row)
+                    if on_token:
+                        on_token(1)
+                for key in [k for k, n in remaining.items() if n <= 0 and k in first_rows]:
+                    del first_rows[key]
+                # 4. retire finished sequences, keeping their prompt cells for the next request
+                for s in range(n_par):
+                    live = slots[s]
+                    if live is not None and live.finish is not None:
+                        ctx.seq_rm(s, len(live.req.prompt_tokens), -1)
+                        free_chain(live.chain)
+                        slots[s] = None
+                        yield self._sample(live)
+        finally:
+            for live in slots:
+                if live is not None:
+                    free_chain(live.chain)
+
+    def _step(self, live: _Live, row: np.ndarray) -> None:
+        """Sample the next token of one sequence from its raw logits row and record it."""
+        L, model, req = self._L, self.model, live.req
+        cand = self._cand
+        cand["id"] = self._ids
+        cand["logit"] = row
+        cand["p"] = 0.0
+        arr = L.llama_token_data_array(
+            data=cand.ctypes.data_as(L.llama_token_data_p), size=model.n_vocab, selected=-1, sorted=False
+        )
+        L.llama_sampler_apply(live.chain, ctypes.byref(arr))
+        size, sel = int(arr.size), int(arr.selected)
+        # samplers may repoint `data`: read the survivors where the array now says they are
+        survivors = np.frombuffer((ctypes.c_char * (size * _TOKEN_DATA.itemsize)).from_address(
+            ctypes.addressof(arr.data.contents)), dtype=_TOKEN_DATA, count=size)
+        token = int(survivors["id"][sel])
+        L.llama_sampler_accept(live.chain, token)
+        if req.settings.greedy:
+            sampled_lp, n_cand = 0.0, 1
+        else:
+            logits_t = survivors["logit"].astype(np.float64)  # after temperature
+            sampled_lp, n_cand = float(logits_t[sel] - logsumexp(logits_t)), size
+        st = RowStats.of(row, token, req.n_logprobs)
+        if live.t_first == 0.0:
+            live.t_first = time.perf_counter()
+        piece = model.piece(token)
+        eog = model.is_eog(token)
+        live.records.append(TokenRecord(
+            position=len(live.records), id=token, text=piece.decode("utf-8", errors="replace"), bytes=piece.hex(),
+            logprob=st.logprob, sampled_logprob=sampled_lp, rank=st.rank, entropy=st.entropy, candidates=n_cand,
+            top=[self._alt(int(i), float(lp)) for i, lp in zip(st.top_ids, st.top_logprobs)], eog=eog,
+        ))
+        if eog:
+            live.finish = "stop"
+            return
+        before = len(live.text)
+        live.text += model.piece(token, special=False)
+        for stop in req.stop:
+            sb = stop.encode("utf-8")
+            at = live.text.find(sb, max(0, before - len(sb) + 1))
+            if at != -1 and (live.stop_at is None or at < live.stop_at):
+                live.stop_at = at
+        if live.stop_at is not None:
+            live.finish = "stop"
+        elif len(live.records) >= live.max_tokens:
+            live.finish = "length"
+        else:
+            live.pending = token
+
+    def _alt(self, token: int, logprob: float) -> Alternative:
+        piece = self.model.piece(token)
+        return Alternative(token, piece.decode("utf-8", errors="replace"), piece.hex(), logprob)
+
+    def _sample(self, live: _Live) -> Sample:
+        t_end = time.perf_counter()
+        text = bytes(live.text[: live.stop_at] if live.stop_at is not None else live.text)
+        n = len(live.records)
+        timing = Timing(
+            prompt_tokens=len(live.req.prompt_tokens), generated_tokens=n, prompt_ms=live.prompt_ms,
+            first_token_ms=(live.t_first - live.t_start) * 1000, total_ms=(t_end - live.t_start) * 1000,
+        )
+        return Sample(
+            prompt=live.req.prompt, prompt_token_ids=list(live.req.prompt_tokens),
+            settings=live.req.settings.to_dict(), max_tokens=live.req.max_tokens,
+            text=text.decode("utf-8", errors="replace"), finish_reason=live.finish or "length",
+            tokens=live.records, timing=timing, key=live.req.key,
+        )
+
+
+def generate(model: Model, prompt: str, settings: SamplingSettings | None = None, *, max_tokens: int = 16,
+             n_logprobs: int = 5, stop: Iterable[str] = ()) -> Sample:
+    """Generate one completion with full per-token records (one sequence, the exact path).
+
+    >>> generate(model, "The capital of France is", SamplingSettings(temperature=0)).text  # doctest: +SKIP
+    ' Paris'
+    """
+    req = Request(prompt, settings or SamplingSettings(), max_tokens, n_logprobs, tuple(stop))
+    return next(iter(Engine(model, 1).run([req])))

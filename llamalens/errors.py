@@ -1,0 +1,29 @@
+"""Named exceptions. Every message names the problem and the fix; the CLI prints it on one line."""
+
+
+class LlamalensError(Exception):
+    """A problem the user can fix. The message says what is wrong and what to do."""
+
+
+class ModelNotFound(LlamalensError):
+    """A --model path that does not exist, or a name that matches no known model."""
+
+
+class InvalidModelFile(LlamalensError):
+    """A file that is not GGUF, or a GGUF that is truncated or corrupt."""
+
+
+class InvalidSettings(LlamalensError):
+    """Sampling or run settings out of range."""
+
+
+class PromptTooLong(LlamalensError):
+    """A prompt (plus the tokens to generate) that does not fit the context."""
+
+
+class InvalidInput(LlamalensError):
+    """Any other bad input: empty text, unreadable file, malformed prompts file."""
+
+
+class StoreError(LlamalensError):
+    """The run store cannot be opened, written, or does not hold what was asked for."""

@@ -1,0 +1,250 @@
+"""Read and check a GGUF file's header without loading its weights.
+
+Why our own reader: `gguf.GGUFReader` builds numpy views of every metadata array and takes about
+12 s on the default model (its 262,144 token strings); `llamalens models` must list a folder of 13B
+models in a blink, and every model command must reject a truncated or corrupt file *before*
+llama.cpp sees it (llama.cpp may abort the process on some corrupt inputs). So this module walks
+the header once with `struct` over an mmap, keeps scalars and short arrays, summarises long arrays
+by element type and count, and checks that every tensor's data lies inside the file.
+
+The layout (GGUF v2/v3, little endian):
+    magic "GGUF" | version u32 | n_tensors u64 | n_kv u64
+    n_kv × (key: string, value_type u32, value)
+    n_tensors × (name: string, n_dims u32, dims u64 × n_dims, ggml_type u32, offset u64)
+    padding to `general.alignment` (default 32), then the tensor data section.
+A string is a u64 length and that many bytes; an array is an element type u32, a count u64 and the
+elements.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InvalidModelFile
+
+GGUF_MAGIC = b"GGUF"
+# value type -> struct format (fixed-size types); 8 = string, 9 = array
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+# Arrays longer than this are kept as a summary only (the vocabulary, merges, scores, ...).
+KEEP_ARRAY_MAX = 64
+
+
+@dataclass(frozen=True)
+class ArraySummary:
+    """A long metadata array: its element type and length, not its elements."""
+
+    element_type: int
+    count: int
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int  # relative to the data section
+    n_bytes: int
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class GGUFHeader:
+    path: Path
+    version: int
+    metadata: dict = field(default_factory=dict)
+    tensors: list[TensorInfo] = field(default_factory=list)
+    data_offset: int = 0
+    file_size: int = 0
+
+    def get(self, key: str, default=None):
+        return self.metadata.get(key, default)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.get("general.architecture", "unknown"))
+
+    def arch_key(self, suffix: str, default=None):
+        return self.get(f"{self.architecture}.{suffix}", default)
+
+    @property
+    def vocab_size(self) -> int | None:
+        tokens = self.get("tokenizer.ggml.tokens")
+        if isinstance(tokens, ArraySummary):
+            return tokens.count
+        if isinstance(tokens, list):
+            return len(tokens)
+        return self.arch_key("vocab_size")
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+
+def _quant_sizes() -> dict[int, tuple[int, int]]:
+    """ggml type id -> (elements per block, bytes per block), from the gguf package's table."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    return {int(k): v for k, v in GGML_QUANT_SIZES.items()}
+
+
+class _Cursor:
+    """Bounds-checked reads over the mapped file: running past the end means a truncated file."""
+
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path, self.size = buf, 0, path, len(buf)
+
+    def _need(self, n: int, what: str):
+        if n < 0 or self.pos + n > self.size:
+            raise InvalidModelFile(
+                f"{self.path}: GGUF header is truncated or corrupt (reading {what} at byte {self.pos} "
+                f"of {self.size}); the file is incomplete: download or convert it again"
+            )
+
+    def unpack(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        self._need(n, what)
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return v
+
+    def string(self, what: str) -> str:
+        n = self.unpack("<Q", what)
+        self._need(n, what)
+        raw = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def skip_string(self, what: str):
+        n = self.unpack("<Q", what)
+        self._need(n, what)
+        self.pos += n
+
+    def value(self, vtype: int, what: str):
+        if vtype in _SCALAR:
+            return self.unpack(_SCALAR[vtype], what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY:
+            etype = self.unpack("<I", what)
+            count = self.unpack("<Q", what)
+            if etype not in _SCALAR and etype != _STRING:
+                raise InvalidModelFile(f"{self.path}: corrupt GGUF metadata ({what}: array of type {etype}); "
+                                       "the file is damaged: download or convert it again")
+            if count <= KEEP_ARRAY_MAX:
+                return [self.value(etype, what) for _ in range(count)]
+            if etype == _STRING:
+                for _ in range(count):
+                    self.skip_string(what)
+            else:
+                n = struct.calcsize(_SCALAR[etype]) * count
+                self._need(n, what)
+                self.pos += n
+            return ArraySummary(etype, count)
+        raise InvalidModelFile(f"{self.path}: corrupt GGUF metadata ({what}: unknown value type {vtype}); "
+                               "the file is damaged: download or convert it again")
+
+
+def read_header(path: str | os.PathLike) -> GGUFHeader:
+    """Parse and check a GGUF file's header; raise InvalidModelFile naming what is wrong.
+
+    >>> read_header("model.gguf").architecture   # doctest: +SKIP
+    'gemma3'
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        f = open(path, "rb")
+    except FileNotFoundError:
+        from .errors import ModelNotFound
+
+        raise ModelNotFound(f"model file not found: {path}; check the path or run `llamalens models`") from None
+    except OSError as e:
+        raise InvalidModelFile(f"{path}: cannot read the model file ({e.strerror}); check its permissions") from None
+    with f:
+        if size < 24:
+            raise InvalidModelFile(f"{path}: not a GGUF model ({size} bytes, too short); "
+                                   "pass a .gguf file (convert other formats with llama.cpp's convert_hf_to_gguf.py)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _parse(buf, path, size)
+
+
+def _parse(buf, path: Path, size: int) -> GGUFHeader:
+    magic = bytes(buf[:4])
+    if magic != GGUF_MAGIC:
+        raise InvalidModelFile(
+            f"{path}: not a GGUF model (starts with {magic!r}, expected b'GGUF'); pass a .gguf file "
+            "(convert other formats with llama.cpp's convert_hf_to_gguf.py, see models/README.md)"
+        )
+    cur = _Cursor(buf, path)
+    cur.pos = 4
+    version = cur.unpack("<I", "version")
+    if version not in (2, 3):
+        raise InvalidModelFile(f"{path}: unsupported GGUF version {version} (llamalens reads 2 and 3); "
+                               "re-convert the model with a current llama.cpp")
+    n_tensors = cur.unpack("<Q", "tensor count")
+    n_kv = cur.unpack("<Q", "metadata count")
+    # Every tensor entry and key takes at least 8 bytes: bigger counts are garbage, not a big model.
+    if n_tensors > size // 8 or n_kv > size // 8:
+        raise InvalidModelFile(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys in {size} bytes); "
+                               "the file is damaged: download or convert it again")
+    header = GGUFHeader(path=path, version=version, file_size=size)
+    for _ in range(n_kv):
+        key = cur.string("a metadata key")
+        vtype = cur.unpack("<I", f"the type of {key}")
+        header.metadata[key] = cur.value(vtype, key)
+    sizes = _quant_sizes()
+    infos = []
+    for i in range(n_tensors):
+        name = cur.string(f"tensor {i}'s name")
+        n_dims = cur.unpack("<I", f"tensor {name}")
+        if n_dims > 8:
+            raise InvalidModelFile(f"{path}: corrupt GGUF tensor table ({name} has {n_dims} dimensions); "
+                                   "the file is damaged: download or convert it again")
+        shape = tuple(cur.unpack("<Q", f"tensor {name}") for _ in range(n_dims))
+        gtype = cur.unpack("<I", f"tensor {name}")
+        offset = cur.unpack("<Q", f"tensor {name}")
+        if gtype not in sizes:
+            raise InvalidModelFile(f"{path}: tensor {name} has unknown type {gtype}; the file is damaged, or needs "
+                                   "a newer llamalens / llama-cpp-python")
+        block, type_size = sizes[gtype]
+        n = 1
+        for d in shape:
+            n *= d
+        infos.append((name, shape, gtype, offset, n // block * type_size))
+    align = header.metadata.get("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0:
+        align = 32
+    data_offset = (cur.pos + align - 1) // align * align
+    header.data_offset = data_offset
+    for name, shape, gtype, offset, n_bytes in infos:
+        end = data_offset + offset + n_bytes
+        if end > size:
+            raise InvalidModelFile(
+                f"{path}: GGUF file is truncated: tensor {name} ends at byte {end:,} but the file has {size:,} bytes; "
+                "the download or copy is incomplete: fetch or convert it again"
+            )
+        header.tensors.append(TensorInfo(name, shape, gtype, offset, n_bytes))
+    return header
+
+
+def file_type_name(file_type: int | None) -> str:
+    """`general.file_type` as llama.cpp names it (15 -> 'Q4_K_M')."""
+    if file_type is None:
+        return "unknown"
+    try:
+        from gguf.constants import LlamaFileType
+
+        return LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+    except (ValueError, ImportError):
+        return f"type {file_type}"

@@ -1,0 +1,107 @@
+"""Typed records at the boundaries: what the engine yields and what every command prints or stores.
+
+llama-cpp-python's nested dicts (string-keyed `top_logprobs`, np.float32 values) are converted
+nowhere: the engine reads raw logits and fills these records directly. Token text is kept twice:
+`bytes` (hex, exact: a token may be a partial UTF-8 sequence) and `text` (UTF-8 decoded with
+U+FFFD for invalid bytes, for display only). Alternatives are keyed by token id, never by text.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One of the most likely next tokens in the raw distribution."""
+
+    id: int
+    text: str
+    bytes: str  # hex
+    logprob: float
+
+    @property
+    def prob(self) -> float:
+        return math.exp(self.logprob)
+
+
+@dataclass
+class TokenRecord:
+    """One generated (or scored) token and what the model thought when it chose it."""
+
+    position: int  # 0-based index in the generated sequence
+    id: int
+    text: str
+    bytes: str  # hex of the token's exact bytes
+    logprob: float  # log-softmax of the raw logits (pre-sampler), as llama-cpp-python reports
+    sampled_logprob: float  # log p in the distribution actually sampled from; 0.0 when greedy
+    rank: int  # 1-based rank of this token in the raw distribution
+    entropy: float  # nats, of the full raw distribution
+    candidates: int  # tokens that survived the truncating samplers (1 when greedy)
+    top: list[Alternative] = field(default_factory=list)
+    eog: bool = False  # an end-of-generation token: it ended the sample and is not part of `text`
+
+    @property
+    def prob(self) -> float:
+        return math.exp(self.logprob)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["prob"] = self.prob
+        for a in d["top"]:
+            a["prob"] = math.exp(a["logprob"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenRecord":
+        d = {k: v for k, v in d.items() if k != "prob"}
+        d["top"] = [Alternative(**{k: v for k, v in a.items() if k != "prob"}) for a in d.get("top", [])]
+        return cls(**d)
+
+
+@dataclass
+class Timing:
+    prompt_tokens: int
+    generated_tokens: int
+    prompt_ms: float  # prefill, or copying a shared prompt's cache
+    first_token_ms: float  # from the request's start to its first sampled token
+    total_ms: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        gen_ms = self.total_ms - self.first_token_ms
+        n = self.generated_tokens - 1
+        return n / gen_ms * 1000.0 if n > 0 and gen_ms > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tokens_per_s"] = self.tokens_per_s
+        return d
+
+
+@dataclass
+class Sample:
+    """One generated completion: its settings, its tokens, and how it ended."""
+
+    prompt: str
+    prompt_token_ids: list[int]
+    settings: dict
+    max_tokens: int
+    text: str
+    finish_reason: str  # "stop" (end of generation or a stop string) or "length"
+    tokens: list[TokenRecord]
+    timing: Timing
+    key: object = None  # the caller's handle (a sweep's sample index)
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "prompt_tokens": len(self.prompt_token_ids),
+            "settings": self.settings,
+            "max_tokens": self.max_tokens,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "tokens": [t.to_dict() for t in self.tokens],
+            "timing": self.timing.to_dict(),
+        }

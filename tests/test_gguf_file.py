@@ -1,0 +1,63 @@
+import struct
+
+import pytest
+
+from llamalens.errors import InvalidModelFile, ModelNotFound
+from llamalens.gguf_file import ArraySummary, read_header
+from llamalens.models import model_info
+from tiny_gguf import N_VOCAB
+
+
+def test_header_of_tiny_model(tiny_path):
+    h = read_header(tiny_path)
+    assert h.architecture == "llama"
+    assert h.vocab_size == N_VOCAB
+    assert isinstance(h.get("tokenizer.ggml.tokens"), ArraySummary)
+    assert h.arch_key("block_count") == 2
+    assert len(h.tensors) == 3 + 2 * 9
+    emb = next(t for t in h.tensors if t.name == "token_embd.weight")
+    assert emb.shape == (64, N_VOCAB) and emb.n_bytes == 64 * N_VOCAB * 4
+    # the last tensor ends exactly at the end of the file (after alignment padding at most)
+    end = max(h.data_offset + t.offset + t.n_bytes for t in h.tensors)
+    assert h.file_size - 32 < end <= h.file_size
+
+
+def test_model_info_from_header(tiny_path):
+    info = model_info(tiny_path)
+    assert (info.architecture, info.quantization, info.vocab_size, info.context_length) == ("llama", "ALL_F32", N_VOCAB, 512)
+    assert info.n_params == N_VOCAB * 64 * 2 + 64 + 2 * (64 * 2 + 4 * 64 * 64 + 3 * 64 * 128)
+
+
+def test_truncated_file_is_refused(tiny_path, tmp_path):
+    data = tiny_path.read_bytes()
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(InvalidModelFile, match="truncated.*output.weight|truncated: tensor"):
+        read_header(bad)
+    bad.write_bytes(data[:5000])  # cut inside the metadata
+    with pytest.raises(InvalidModelFile, match="truncated or corrupt"):
+        read_header(bad)
+
+
+def test_wrong_magic_and_short_file(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    with pytest.raises(InvalidModelFile, match="not a GGUF model.*expected b'GGUF'"):
+        read_header(f)
+    f.write_bytes(b"GGUF")
+    with pytest.raises(InvalidModelFile, match="too short"):
+        read_header(f)
+
+
+def test_corrupt_counts(tmp_path, tiny_path):
+    data = bytearray(tiny_path.read_bytes())
+    struct.pack_into("<Q", data, 8, 2**60)  # tensor count
+    f = tmp_path / "c.gguf"
+    f.write_bytes(bytes(data))
+    with pytest.raises(InvalidModelFile, match="corrupt GGUF header"):
+        read_header(f)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelNotFound, match="not found"):
+        read_header(tmp_path / "nope.gguf")

@@ -1,0 +1,62 @@
+import math
+
+import numpy as np
+import pytest
+
+from llamalens.errors import InvalidSettings
+from llamalens.settings import SamplingSettings
+from llamalens.stats import RowStats, apply_temperature, entropy, kl_divergence, log_softmax, top_ids
+
+
+@pytest.mark.parametrize("change, word", [
+    ({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top-p"), ({"top_p": 1.5}, "top-p"),
+    ({"min_p": -0.01}, "min-p"), ({"min_p": 1.01}, "min-p"), ({"typical_p": 2.0}, "typical-p"),
+    ({"top_k": -1}, "top-k"), ({"repeat_penalty": 0.0}, "repeat-penalty"), ({"seed": -1}, "seed"),
+    ({"temperature": float("nan")}, "temperature"),
+])
+def test_each_bad_setting_is_named(change, word):
+    with pytest.raises(InvalidSettings, match=word):
+        SamplingSettings(**change).validate()
+
+
+def test_all_problems_reported_at_once():
+    problems = SamplingSettings(temperature=-1, top_p=2).problems()
+    assert len(problems) == 2
+
+
+def test_defaults_are_create_completion_defaults():
+    s = SamplingSettings()
+    assert (s.temperature, s.top_k, s.top_p, s.min_p, s.typical_p, s.repeat_penalty) == (0.8, 40, 0.95, 0.05, 1.0, 1.0)
+    assert s.validate() is s
+
+
+def test_row_stats_match_float64_log_softmax():
+    rng = np.random.default_rng(0)
+    for n in (7, 1000, 262144):
+        row = (rng.standard_normal(n) * 4).astype(np.float32)
+        chosen = int(rng.integers(n))
+        st = RowStats.of(row, chosen, 10)
+        ref = log_softmax(row)
+        assert abs(st.logprob - ref[chosen]) < 1e-7  # float32 exp pass; the spec asks 1e-5
+        assert abs(st.entropy - entropy(row)) < 1e-6
+        assert st.rank == 1 + int(np.sum(ref > ref[chosen]))
+        order = np.argsort(-ref, kind="stable")[: min(10, n)]
+        assert list(st.top_ids) == list(order)
+        assert np.allclose(st.top_logprobs, ref[order], atol=1e-7)
+
+
+def test_top_ids_breaks_ties_by_id():
+    row = np.array([1.0, 3.0, 3.0, 0.0, 3.0], dtype=np.float32)
+    assert list(top_ids(row, 3)) == [1, 2, 4]
+
+
+def test_temperature_and_kl():
+    logits = np.array([2.0, 1.0, 0.0])
+    assert np.allclose(apply_temperature(logits, 1.0), np.exp(log_softmax(logits)))
+    assert list(apply_temperature(logits, 0)) == [1.0, 0.0, 0.0]
+    hot = apply_temperature(logits, 100.0)
+    assert hot.max() - hot.min() < 0.01
+    assert kl_divergence(logits, logits) == pytest.approx(0.0, abs=1e-12)
+    p, q = np.exp(log_softmax(logits)), np.exp(log_softmax(logits[::-1]))
+    assert kl_divergence(logits, logits[::-1]) == pytest.approx(float(np.sum(p * np.log(p / q))))
+    assert math.isclose(entropy(np.zeros(4)), math.log(4))

@@ -1,0 +1,74 @@
+"""Write a tiny, deterministic llama-architecture GGUF with the `gguf` package (for fast tests).
+
+2 layers, 64 dims, 4 heads, a 312-token SentencePiece-style vocabulary: <unk>, <s>, </s>, the 256
+byte tokens <0x00>..<0xFF>, and 53 word pieces. Byte token <0x61> and the piece "a" both decode
+to "a": two different ids with the same text, which llama-cpp-python's string-keyed top_logprobs
+merges and we must keep apart. Weights are seeded random normals, so logits are spread enough to
+make sampling settings matter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+WORDS = ["▁", "▁the", "▁cat", "▁sat", "▁on", "▁mat", "▁dog", "▁and", "▁is", "▁of", "▁to", "▁in", "▁it",
+         "▁he", "▁she", "▁was", "▁hello", "▁world", "ing", "ed", "er", "▁I", "'", ",", ".", "!", "?", "a", "e",
+         "i", "o", "u", "s", "t", "n", "r", "l", "d", "h", "m", "c", "▁a", "▁b", "▁c", "▁d", "▁f", "▁g", "▁m",
+         "▁p", "▁s", "▁w", "▁Pre", "▁post"]
+N_VOCAB = 3 + 256 + len(WORDS)  # 312
+
+
+def write_tiny_gguf(path: str | Path, seed: int = 0, n_embd: int = 64, n_layer: int = 2, n_head: int = 4,
+                    n_ff: int = 128, ctx: int = 512, file_type_tag: str = "tiny") -> Path:
+    import gguf
+
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(f"llamalens {file_type_tag} test model")
+    w.add_context_length(ctx)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(0)  # all F32
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + WORDS
+    types = [2, 3, 3] + [6] * 256 + [1] * len(WORDS)
+    scores = [0.0, 0.0, 0.0] + [-1000.0] * 256 + [-float(len(t)) * 0.1 - i * 0.01 for i, t in enumerate(WORDS)]
+    # longer pieces score higher so that SPM merges prefer them
+    scores = scores[:259] + [float(len(t)) - i * 0.001 for i, t in enumerate(WORDS)]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+    def t(*shape, scale=0.2):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", t(N_VOCAB, n_embd, scale=1.0))
+    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    w.add_tensor("output.weight", t(N_VOCAB, n_embd, scale=0.5))
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w.add_tensor(p + name + ".weight", t(n_embd, n_embd))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        w.add_tensor(p + "ffn_gate.weight", t(n_ff, n_embd))
+        w.add_tensor(p + "ffn_up.weight", t(n_ff, n_embd))
+        w.add_tensor(p + "ffn_down.weight", t(n_embd, n_ff))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
