@@ -157,8 +157,8 @@ class Model:
     def prompt_tokens(self, prompt: str) -> list[int]:
         """The tokens create_completion would feed for this prompt (BOS + text [+ EOS/SEP])."""
         L = self._L
-        cls_id, sep_id = int(L.llama_vocab_cls(self.vocab)), int(L.llama_vocab_sep(self.vocab))
-        bos = [cls_id if cls_id != -1 else self.bos] if self.add_bos and self.bos != -1 else []
+        sep_id = int(L.llama_vocab_sep(self.vocab))  # (llama.cpp now folds CLS into BOS)
+        bos = [self.bos] if self.add_bos and self.bos != -1 else []
         eos = [sep_id if sep_id != -1 else self.eos] if (self.add_eos or sep_id != -1) else []
         body = self.tokenize(prompt, add_bos=False, special=True) if prompt else []
         return bos + body + eos

@@ -1,0 +1,117 @@
+"""The commands as a user runs them (click's CliRunner), on the tiny model and the default one."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from llamalens.cli import main
+from llamalens.stats import log_softmax
+
+
+def run(*args, ok=True):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+def test_help_lists_every_command():
+    out = run("--help").output
+    for cmd in ("models", "tokenize", "next", "generate"):
+        assert cmd in out
+
+
+def test_tokenize_json(tiny_path, tiny):
+    res = run("tokenize", "the cat sat", "--model", tiny_path, "--json")
+    d = json.loads(res.stdout)
+    assert d["count"] == len(d["tokens"]) == len(tiny.tokenize("the cat sat"))
+    assert b"".join(bytes.fromhex(t["bytes"]) for t in d["tokens"]).decode().strip() == "the cat sat"
+
+
+def test_tokenize_default_model_table():
+    res = run("tokenize", "Preposterous, I'm flabbergasted!")
+    assert "tokens, 32 bytes" in res.stdout
+    assert "·fl" in res.stdout  # leading spaces shown
+
+
+def test_next_json_is_exact(tiny_path, tiny):
+    d = json.loads(run("next", "the cat", "--model", tiny_path, "--top", 5, "--flash-attn", "off", "--json").stdout)
+    with tiny.context(n_ctx=256) as ctx:
+        row = ctx.prefill(tiny.prompt_tokens("the cat"))
+    lsm = log_softmax(row)
+    assert [t["id"] for t in d["top"]] == list(np.argsort(-lsm, kind="stable")[:5])
+    for t in d["top"]:
+        assert abs(t["logprob"] - lsm[t["id"]]) < 1e-6 and abs(t["prob"] - math.exp(t["logprob"])) < 1e-12
+    assert abs(d["entropy"] - float(-(np.exp(lsm) * lsm).sum())) < 1e-6
+
+
+def test_generate_json_shape(tiny_path):
+    d = json.loads(run("generate", "the cat", "--model", tiny_path, "-n", 7, "--seed", 3, "--logprobs", 2,
+                       "--json").stdout)
+    assert set(d) == {"model", "prompt", "settings", "text", "finish_reason", "tokens", "timing"}
+    assert d["settings"]["seed"] == 3 and d["model"]["architecture"] == "llama"
+    assert len(d["tokens"]) == 7 and all(len(t["top"]) == 2 for t in d["tokens"])
+    keys = {"position", "id", "text", "bytes", "logprob", "sampled_logprob", "rank", "entropy", "candidates", "top"}
+    assert keys <= set(d["tokens"][0])
+    assert d["timing"]["generated_tokens"] == 7
+
+
+def test_generate_table_on_default_model():
+    res = run("generate", "The capital of France is", "-t", 0, "-n", 4)
+    assert "top alternatives" in res.stdout and "tokens/s" in res.stdout and "finish: length" in res.stdout
+
+
+def test_models_lists_folder_and_default(tiny_path, tmp_path, monkeypatch):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "mine.gguf").write_bytes(tiny_path.read_bytes())
+    (folder / "broken.gguf").write_bytes(b"not a model")
+    monkeypatch.setenv("LLAMALENS_MODELS", str(folder))
+    d = json.loads(run("models", "--json").stdout)
+    by = {m["name"]: m for m in d}
+    assert by["mine"]["vocab_size"] == 312 and by["mine"]["architecture"] == "llama"
+    assert by["broken"]["architecture"].startswith("invalid: ")
+    assert any(m["default"] and m["quantization"] == "Q4_K_M" and m["vocab_size"] == 262144 for m in d)
+    # and a name resolves to the file
+    res = run("tokenize", "hi", "--model", "mine", "--json")
+    assert json.loads(res.stdout)["count"] >= 1
+
+
+# -- bad input: one line, the fix named, non-zero exit, no traceback -----------------------------
+def _bad(args, *words):
+    res = run(*args, ok=False)
+    assert res.exit_code != 0, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    err = res.output.strip().splitlines()[-1]
+    for w in words:
+        assert w.lower() in err.lower(), err
+    return err
+
+
+def test_bad_models(tmp_path, tiny_path):
+    _bad(["next", "x", "--model", tmp_path / "missing.gguf"], "not found")
+    notgguf = tmp_path / "a.gguf"
+    notgguf.write_bytes(b"\x89PNG" + b"\0" * 64)
+    _bad(["next", "x", "--model", notgguf], "not a GGUF")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_path.read_bytes()[:-4096])
+    _bad(["generate", "x", "--model", cut], "truncated")
+    _bad(["next", "x", "--model", "no-such-model"], "unknown model name", "models found")
+
+
+@pytest.mark.parametrize("opt, value, word", [
+    ("--temperature", -1, "temperature"), ("--top-p", 0, "top-p"), ("--top-p", 1.01, "top-p"),
+    ("--min-p", 2, "min-p"), ("--typical-p", -0.5, "typical-p"), ("--top-k", -3, "top-k"),
+    ("--repeat-penalty", 0, "repeat-penalty"), ("--max-tokens", 0, "max-tokens"),
+])
+def test_bad_settings(tiny_path, opt, value, word):
+    _bad(["generate", "x", "--model", tiny_path, opt, value], word, "range")
+
+
+def test_prompt_longer_than_context(tiny_path):
+    err = _bad(["generate", "the cat " * 40, "--model", tiny_path, "--ctx", 16], "context holds 16", "--ctx")
+    assert "tokens" in err
+    _bad(["next", "the cat " * 40, "--model", tiny_path, "--ctx", 16], "context holds 16")
