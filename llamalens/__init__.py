@@ -1,2 +1,54 @@
-"""llamalens: what a language model thinks, token by token."""
+"""This is the public API of llamalens: what a language model thinks, token by token.
+
+>>> import llamalens as ll                                              # doctest: +SKIP
+>>> model = ll.load_model()               # embedded Gemma 3 270M Q4_K_M
+>>> ll.next_token(model, "The capital of France is", top=3).top[0].text
+' the'
+>>> s = ll.generate(model, "Hi", ll.SamplingSettings(temperature=0), max_tokens=4)
+>>> [(t.text, round(t.prob, 3), t.rank) for t in s.tokens]
+
+Heavy modules (llama_cpp, numpy) load on first use of a function that needs them.
+"""
+
+from __future__ import annotations
+
 __version__ = "0.1.0"
+
+from .errors import (InvalidInput, InvalidModelFile, InvalidSettings, LlamalensError, ModelNotFound,  # noqa: F401
+                     PromptTooLong, StoreError)
+from .models import ModelInfo, list_models, resolve_model  # noqa: F401
+from .settings import SamplingSettings  # noqa: F401
+
+__all__ = [
+    "__version__", "load_model", "list_models", "resolve_model", "ModelInfo", "SamplingSettings",
+    "generate", "next_token", "tokenize", "Engine", "Request", "Model", "ModelOptions",
+    "LlamalensError", "ModelNotFound", "InvalidModelFile", "InvalidSettings", "PromptTooLong", "InvalidInput",
+    "StoreError",
+]
+
+
+def load_model(model=None, **options):
+    """Load a GGUF model by path or name (None: $LLAMALENS_MODEL or the embedded default).
+
+    options: gpu_layers, ctx, threads, batch, flash_attn (see ModelOptions).
+    """
+    from .runtime import Model, ModelOptions
+
+    return Model(resolve_model(model), ModelOptions(**options))
+
+
+def __getattr__(name):
+    # lazy: importing llamalens must not load llama.cpp
+    if name in ("generate", "Engine", "Request"):
+        from . import engine
+
+        return getattr(engine, name)
+    if name in ("next_token", "tokenize"):
+        from . import views
+
+        return getattr(views, name)
+    if name in ("Model", "ModelOptions"):
+        from . import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'llamalens' has no attribute {name!r}")

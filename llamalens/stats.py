@@ -68,7 +68,9 @@ class RowStats:
         e = np.exp(shifted)
         s = float(np.sum(e, dtype=np.float64))
         lse = m + math.log(s)
-        h = math.log(s) - float(np.dot(e.astype(np.float64), shifted.astype(np.float64))) / s
+        # not np.dot: that is an OpenBLAS call, whose worker threads then busy-wait and steal the cores
+        # llama.cpp's next decode needs (measured: decode 15 -> 45 ms/token on 2 cores)
+        h = math.log(s) - float(np.sum(e * shifted, dtype=np.float64)) / s
         if chosen is None:
             lp, rank = math.nan, 0
         else:

@@ -115,3 +115,22 @@ def test_prompt_longer_than_context(tiny_path):
     err = _bad(["generate", "the cat " * 40, "--model", tiny_path, "--ctx", 16], "context holds 16", "--ctx")
     assert "tokens" in err
     _bad(["next", "the cat " * 40, "--model", tiny_path, "--ctx", 16], "context holds 16")
+
+
+def test_import_is_light():
+    """`import llamalens` and `llamalens --help` must not load llama.cpp or numpy."""
+    import subprocess
+    import sys
+
+    code = ("import sys, llamalens, llamalens.cli; "
+            "print('llama_cpp' in sys.modules, 'numpy' in sys.modules, 'matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "False"]
+
+
+def test_python_api(tiny_path):
+    import llamalens as ll
+
+    m = ll.load_model(str(tiny_path), ctx=128, flash_attn="off")
+    s = ll.generate(m, "the cat", ll.SamplingSettings(temperature=0), max_tokens=3)
+    assert len(s.tokens) == 3 and ll.next_token(m, "the cat", top=1).top[0].id == s.tokens[0].id
