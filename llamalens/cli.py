@@ -245,5 +245,276 @@ def _print_sample(sample) -> None:
                f"first token {tm.first_token_ms:.0f} ms; {tm.tokens_per_s:.1f} tokens/s")
 
 
+# -- sweeps and the run store ----------------------------------------------------------------
+def _store(path):
+    from .store import Store
+
+    return Store(path)
+
+
+store_option = click.option("--store", "store_path", default=None, envvar="LLAMALENS_STORE", show_envvar=True,
+                            help="Run store (SQLite); default ~/.local/share/llamalens/runs.db.")
+
+
+def _read_prompts(path: str) -> list[str]:
+    from pathlib import Path
+
+    from .errors import InvalidInput
+
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise InvalidInput(f"--prompts-file: file not found: {p}") from None
+    except OSError as e:
+        raise InvalidInput(f"--prompts-file: cannot read {p} ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"--prompts-file: {p} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    prompts = []
+    if p.suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                prompts.append(str(obj["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InvalidInput(f"--prompts-file: {p} line {n} is not a JSON object with a \"prompt\" field; "
+                                   'fix it, e.g. {"prompt": "Once upon a time"}') from None
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InvalidInput(f"--prompts-file: {p} holds no prompts; one per line (.txt) or JSON lines (.jsonl)")
+    return prompts
+
+
+def _progress_printer():
+    state = {"last": 0.0}
+
+    def show(prog):
+        import time as _t
+
+        now = _t.monotonic()
+        if now - state["last"] < 0.2 and prog.done < prog.total:
+            return
+        state["last"] = now
+        eta = "?" if prog.eta != prog.eta else f"{prog.eta:.0f}s"
+        width = 24
+        filled = int(width * prog.done / max(prog.total, 1))
+        click.echo(f"\r[{'#' * filled}{'.' * (width - filled)}] {prog.done}/{prog.total} sequences  "
+                   f"{prog.tokens_per_s:6.1f} tok/s  ETA {eta}   ", err=True, nl=prog.done >= prog.total)
+
+    return show
+
+
+@main.command()
+@click.argument("prompts", nargs=-1)
+@click.option("--prompts-file", type=click.Path(dir_okay=False), help="One prompt per line (.txt) or JSON lines with a \"prompt\" field (.jsonl).")
+@click.option("--temperature", "-t", "ax_temperature", help="Comma-separated values, e.g. 0,0.7,1.0.")
+@click.option("--top-k", "ax_top_k", help="e.g. 2,40")
+@click.option("--top-p", "ax_top_p", help="e.g. 0.01,0.95")
+@click.option("--min-p", "ax_min_p")
+@click.option("--typical-p", "ax_typical_p")
+@click.option("--repeat-penalty", "ax_repeat_penalty")
+@click.option("--seeds", type=int, default=None, help="Seeds 0..N-1 for every configuration.")
+@click.option("--seed", "seed_list", default=None, help="Explicit seeds, e.g. 1,2,3.")
+@click.option("--max-tokens", "-n", type=int, default=32, show_default=True)
+@click.option("--logprobs", type=int, default=5, show_default=True, help="Top alternatives kept per token.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--preset", type=str, default=None, help="Base settings: see `llamalens presets`.")
+@click.option("--grid", "grid_file", default=None, help="TOML grid file, or FILE:NAME for one of its grids.")
+@click.option("--name", default=None, help="A name for the run.")
+@click.option("--parallel", type=click.IntRange(1, 256), default=32, show_default=True,
+              help="Sequences decoded together per llama_decode call.")
+@click.option("--exact", is_flag=True, help="One sequence at a time: numbers identical to `llamalens generate`.")
+@click.option("--resume", "resume_id", default=None, help="Finish an interrupted run (its missing samples only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+@store_option
+@model_options
+@_fail_cleanly
+def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, preset, grid_file, name, parallel,
+          exact, resume_id, as_json, store_path, **kw):
+    """Run PROMPTS across a grid of sampling settings and seeds; every token is stored.
+
+    \b
+    llamalens sweep "Once upon a time" -t 0,0.7,1.0 --top-k 2,40 --top-p 0.01,0.95 --seeds 3
+    llamalens sweep --prompts-file prompts.txt --preset balanced --seeds 5 --name my-run
+    llamalens sweep --resume 7          # after Ctrl-C, a kill or a crash
+    """
+    import signal
+
+    from . import grid as G
+    from .settings import SamplingSettings
+    from .sweep import SweepInterrupted, SweepSpec, execute, start_sweep
+
+    axes_text = {k[3:]: kw.pop(k) for k in list(kw) if k.startswith("ax_")}
+    store = _store(store_path)
+    if resume_id is not None:
+        info = store.run(resume_id)
+        if info.status == "done" and info.n_done == info.n_samples:
+            raise click.ClickException(f"run {info.id} is already complete ({info.n_done}/{info.n_samples} samples); "
+                                       "nothing to resume")
+        mo = info.options.get("model_options", {})
+        if kw["model"] is None:
+            kw["model"] = info.model.get("path")
+        for k in ("ctx", "threads", "batch", "flash_attn", "gpu_layers"):
+            if k in mo:
+                kw[k] = mo[k]
+        model = _model_from(kw)
+        run_id = info.id
+        click.echo(f"resuming run {run_id}: {info.n_samples - info.n_done} of {info.n_samples} samples to go", err=True)
+    else:
+        if prompts_file:
+            prompts = tuple(prompts) + tuple(_read_prompts(prompts_file))
+        if not prompts:
+            raise click.UsageError("give at least one PROMPT or --prompts-file")
+        if preset is not None and preset not in G.PRESETS:
+            raise click.BadParameter(f"unknown preset {preset!r}; presets: {', '.join(G.PRESETS)}", param_hint="--preset")
+        base = SamplingSettings(**G.PRESETS[preset]) if preset else SamplingSettings()
+        configs = []
+        if grid_file:
+            for _gname, axes, fixed in G.load_grid_file(grid_file):
+                configs += G.expand(axes, base.with_(**fixed))
+        axes = {k: G.parse_axis(k, v) for k, v in axes_text.items() if v is not None}
+        if axes or not configs:
+            configs = [c2 for c in (configs or [base]) for c2 in G.expand(axes, c)]
+        seed_values = G.parse_seeds(seeds, seed_list)
+        G.check(configs, seed_values)
+        spec = SweepSpec(list(prompts), configs, seed_values, max_tokens, logprobs, tuple(stop), name, exact, parallel)
+        model = _model_from(kw)
+        run_id = start_sweep(model, store, spec, command=" ".join(["llamalens"] + sys.argv[1:]))
+        click.echo(f"run {run_id}: {len(spec.prompts)} prompt(s) x {len(configs)} configuration(s) x "
+                   f"{len(seed_values)} seed(s) = {spec.n_samples} sequences, up to {spec.n_samples * max_tokens:,} "
+                   f"tokens, {1 if exact else min(parallel, spec.n_samples)} per batch; store {store.path}", err=True)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        execute(model, store, run_id, _progress_printer())
+    except SweepInterrupted as e:
+        click.echo("", err=True)
+        raise click.ClickException(str(e)) from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    _show_run(store, run_id, as_json)
+
+
+@main.command()
+def presets():
+    """List the named presets for `sweep --preset`."""
+    from .grid import PRESETS
+    from .settings import SamplingSettings
+
+    for name, values in PRESETS.items():
+        click.echo(f"{name:<18} {SamplingSettings(**values).label().rsplit(' seed=', 1)[0]}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@store_option
+@_fail_cleanly
+def runs(as_json, store_path):
+    """List the runs in the store."""
+    import datetime
+
+    store = _store(store_path)
+    infos = store.runs()
+    if as_json:
+        _json_out([{"id": r.id, "name": r.name, "status": r.status, "model": r.model.get("name"),
+                    "prompts": r.n_prompts, "configs": r.n_configs, "samples_done": r.n_done,
+                    "samples_total": r.n_samples, "created": r.created} for r in infos])
+        return
+    if not infos:
+        click.echo(f"no runs in {store.path}; start one with `llamalens sweep`")
+        return
+    rows = [("id", "name", "status", "model", "prompts", "grid", "samples", "date")]
+    for r in infos:
+        rows.append((r.id, r.name or "", r.status, r.model.get("name", "?"), r.n_prompts, r.n_configs,
+                     f"{r.n_done}/{r.n_samples}",
+                     datetime.datetime.fromtimestamp(r.created).strftime("%Y-%m-%d %H:%M")))
+    _print_table(rows, right={0, 4, 5})
+
+
+def _show_run(store, run_id, as_json):
+    from .analysis import sample_table, summary, token_table
+
+    info = store.run(run_id)
+    summ = summary(token_table(store, info.id), sample_table(store, info.id), store.configs(info.id))
+    if as_json:
+        _json_out({"run": info.to_dict(), "summary": json.loads(summ.to_json(orient="records"))})
+        return
+    click.echo(f"run {info.id} {info.name or ''} [{info.status}] model {info.model.get('name')} "
+               f"({info.model.get('quantization')}), {info.n_done}/{info.n_samples} samples, "
+               f"flash-attn {info.hardware.get('flash_attn')}, {info.options.get('parallel')} per batch")
+    rows = [("#", "configuration", "samples", "mean lp", "ppl", "entropy", "cand", "distinct", "dist-2", "rank",
+             "tok/s")]
+    for r in summ.itertuples():
+        rows.append((r.config_idx, r.label, r.samples, f"{r.mean_logprob:.3f}", f"{r.perplexity:.2f}",
+                     f"{r.mean_entropy:.3f}", f"{r.mean_candidates:.1f}", f"{r.distinct_completions:.1f}",
+                     f"{r.distinct_2:.2f}", f"{r.mean_rank:.1f}", f"{r.tokens_per_s:.1f}"))
+    _print_table(rows, right=set(range(2, 11)) | {0})
+    nf = info.noise
+    if nf and nf.get("tokens"):
+        click.echo(f"noise floor: re-decoding {nf['tokens']} tokens of {nf['samples']} samples one at a time moved "
+                   f"logprobs by {nf['mean_abs_dlogprob']:.4f} nats on average (max {nf['max_abs_dlogprob']:.4f}), "
+                   f"top-1 agreement {nf['top1_agreement']:.1%}; mean-logprob differences below "
+                   f"{nf['max_abs_dlogprob']:.4f} between configurations are noise")
+    if info.status != "done":
+        click.echo(f"run {info.id} is {info.status}: resume with `llamalens sweep --resume {info.id}`")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True)
+@store_option
+@_fail_cleanly
+def show(run_id, as_json, store_path):
+    """Summary of a run per configuration: logprob, perplexity, entropy, candidates, diversity, speed."""
+    _show_run(_store(store_path), run_id, as_json)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "jsonl"]), required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output file.")
+@store_option
+@_fail_cleanly
+def export(run_id, fmt, output, store_path):
+    """Write a run's token table (csv, parquet) or its samples in OpenAI logprobs shape (jsonl)."""
+    from pathlib import Path
+
+    from .analysis import openai_logprobs, token_table
+
+    store = _store(store_path)
+    info = store.run(run_id)
+    out = Path(output)
+    tmp = out.with_name(out.name + ".part")
+    try:
+        if fmt == "jsonl":
+            n = 0
+            with open(tmp, "w", encoding="utf-8") as f:
+                for obj in openai_logprobs(store, info.id):
+                    f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+                    n += 1
+        else:
+            df = token_table(store, info.id)
+            n = len(df)
+            if fmt == "csv":
+                df.to_csv(tmp, index=False)
+            else:
+                try:
+                    df.to_parquet(tmp, index=False)
+                except ImportError:
+                    raise click.ClickException("parquet needs pyarrow: pip install pyarrow (or use --format csv)") from None
+        tmp.replace(out)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {out} ({e.strerror}); choose a writable path") from None
+    click.echo(f"wrote {n} {'samples' if fmt == 'jsonl' else 'tokens'} of run {info.id} to {out}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -93,12 +93,10 @@ class SamplingSettings:
 
     def label(self) -> str:
         """A short human label, e.g. 'T=0.7 k=40 p=0.95 min_p=0.05 seed=1'."""
-        if self.greedy:
-            core = "T=0 (greedy)"
-        else:
-            core = f"T={self.temperature:g} k={self.top_k} p={self.top_p:g} min_p={self.min_p:g}"
-            if self.typical_p != 1.0:
-                core += f" typ={self.typical_p:g}"
+        core = f"T={self.temperature:g}{' (greedy)' if self.greedy else ''} k={self.top_k} p={self.top_p:g} " \
+               f"min_p={self.min_p:g}"
+        if self.typical_p != 1.0:
+            core += f" typ={self.typical_p:g}"
         if self.repeat_penalty != 1.0:
             core += f" rep={self.repeat_penalty:g}"
         if self.frequency_penalty:

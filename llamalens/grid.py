@@ -1,0 +1,141 @@
+"""Grids of sampling settings: comma-separated axes, presets, TOML grid files, and their product.
+
+A grid is the product of its axes (temperature, top_k, top_p, min_p, typical_p, repeat_penalty)
+over a base of fixed settings; a sweep runs it × prompts × seeds. Every value is checked before
+anything runs, and each bad one is named with its axis.
+
+Grid file (TOML), several named grids and fixed settings:
+
+    [fixed]                  # applies to every grid in the file
+    min_p = 0.0
+    [grid.focused]
+    temperature = [0.0, 0.3]
+    top_k = [10]
+    [grid.open]
+    temperature = [0.7, 1.0]
+    top_p = [0.9, 0.99]
+    fixed = { repeat_penalty = 1.1 }
+
+`--grid FILE` runs every grid in it; `--grid FILE:focused` runs one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import fields
+from pathlib import Path
+
+from .errors import InvalidSettings
+from .settings import SamplingSettings
+
+AXES = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty")
+_INT_AXES = {"top_k"}
+
+PRESETS: dict[str, dict] = {
+    "greedy": dict(temperature=0.0),
+    "factual": dict(temperature=0.3, top_k=10, top_p=0.8, repeat_penalty=1.3),
+    "balanced": dict(temperature=0.7, top_k=40, top_p=0.9, repeat_penalty=1.1),
+    "creative": dict(temperature=0.9, top_k=50, top_p=0.95, repeat_penalty=1.05),
+    "llama-cpp-python": {},  # create_completion's defaults
+}
+
+
+def parse_axis(name: str, text: str) -> list:
+    """'0,0.7,1.0' -> [0.0, 0.7, 1.0]; names the axis and value on error."""
+    conv = int if name in _INT_AXES else float
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(conv(part))
+        except ValueError:
+            raise InvalidSettings(f"--{name.replace('_', '-')}: {part!r} is not a{'n integer' if conv is int else ' number'}; "
+                                  f"give a comma-separated list such as {'2,40' if conv is int else '0,0.7,1.0'}") from None
+    if not out:
+        raise InvalidSettings(f"--{name.replace('_', '-')} is empty; give at least one value")
+    return out
+
+
+def parse_seeds(seeds: int | None, seed_list: str | None) -> list[int]:
+    if seeds is not None and seed_list:
+        raise InvalidSettings("give --seeds N or --seed LIST, not both")
+    if seed_list:
+        try:
+            return [int(s) for s in seed_list.split(",") if s.strip()]
+        except ValueError:
+            raise InvalidSettings(f"--seed: {seed_list!r} must be comma-separated integers, e.g. 1,2,3") from None
+    n = 1 if seeds is None else seeds
+    if n < 1:
+        raise InvalidSettings(f"--seeds {n} must be >= 1")
+    return list(range(n))
+
+
+def expand(axes: dict[str, list], base: SamplingSettings | None = None) -> list[SamplingSettings]:
+    """The product of the axes over `base` (seed left at base's; the sweep sets it)."""
+    base = base or SamplingSettings()
+    names = [a for a in AXES if a in axes]
+    out = []
+    for values in itertools.product(*(axes[a] for a in names)):
+        out.append(base.with_(**dict(zip(names, values))))
+    return out
+
+
+def check(configs: list[SamplingSettings], seeds: list[int]) -> None:
+    """Every bad value, each with its axis, in one error."""
+    if not configs:
+        raise InvalidSettings("the grid is empty; give at least one value per axis")
+    problems: list[str] = []
+    for c in configs:
+        for p in c.problems():
+            if p not in problems:
+                problems.append(p)
+    for s in seeds:
+        for p in SamplingSettings(seed=s).problems():
+            if p not in problems:
+                problems.append(p)
+    if problems:
+        raise InvalidSettings("bad grid values: " + "; ".join(problems))
+
+
+def load_grid_file(spec: str) -> list[tuple[str, dict, dict]]:
+    """`FILE` or `FILE:NAME` -> [(grid name, axes, fixed settings)]."""
+    path_text, _, name = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    path = Path(path_text)
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidSettings(f"--grid: file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidSettings(f"--grid: cannot read {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidSettings(f"--grid: {path} is not valid TOML ({e}); see `llamalens sweep --help`") from None
+    grids = data.get("grid", {})
+    if not isinstance(grids, dict) or not grids:
+        raise InvalidSettings(f"--grid: {path} has no [grid.NAME] tables; see `llamalens sweep --help`")
+    if name and name not in grids:
+        raise InvalidSettings(f"--grid: no grid named {name!r} in {path}; it has: {', '.join(grids)}")
+    known = {f.name for f in fields(SamplingSettings)} - {"seed"}
+    out = []
+    for gname, g in grids.items():
+        if name and gname != name:
+            continue
+        fixed = dict(data.get("fixed", {}))
+        fixed.update(g.get("fixed", {}))
+        axes = {}
+        for k, v in g.items():
+            if k == "fixed":
+                continue
+            if k not in AXES:
+                raise InvalidSettings(f"--grid: unknown axis {k!r} in [grid.{gname}]; axes are {', '.join(AXES)}")
+            axes[k] = v if isinstance(v, list) else [v]
+        bad = set(fixed) - known
+        if bad:
+            raise InvalidSettings(f"--grid: unknown fixed setting(s) {', '.join(sorted(bad))} in {path}")
+        out.append((gname, axes, fixed))
+    return out
