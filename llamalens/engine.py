@@ -79,6 +79,8 @@ class _Live:
     pending: int | None = None  # token sampled but not yet decoded
     finish: str | None = None
     stop_at: int | None = None  # byte offset where a stop string begins
+    hist: int = 0  # id of (prompt + tokens sampled so far, pending included)
+    kv_hist: int = 0  # id of the history whose KV cells this slot holds
 
 
 class Engine:
@@ -137,6 +139,10 @@ class Engine:
         slots: list[_Live | None] = [None] * n_par
         slot_prompt: list[tuple | None] = [None] * n_par
         first_rows: dict[tuple, np.ndarray] = {}
+        intern: dict[tuple, int] = {}  # (parent history id, token) or ("prompt", tokens) -> history id
+        parent: dict[int, int] = {}
+        groups: list[list[_Live]] = []  # sequences sharing one history: decoded once, by groups[i][0]
+        self._top_n = max((r.n_logprobs for r in queue), default=0)
         try:
             while queue or any(slots):
                 # 1. fill free slots; a new sequence's first token comes from its prompt's row
@@ -157,33 +163,64 @@ class Engine:
                                 self.stats["prefills"] += 1
                                 self.stats["prompt_tokens"] += len(key)
                             slot_prompt[s] = key
+                        root = intern.setdefault(("prompt", key), len(intern))
                         live = _Live(req, s, build_chain(req.settings, self.model.n_vocab),
                                      max_tokens=min(req.max_tokens, ctx_len - len(key)), t_start=t0,
-                                     pos=len(key))
+                                     pos=len(key), hist=root, kv_hist=root)
                         live.prompt_ms = (time.perf_counter() - t0) * 1000
                         slots[s] = live
                         remaining[key] -= 1
                         rows[s] = first_rows[key]
-                # 2. one decode for every live sequence with a pending token
-                batch = [live for live in slots if live is not None and live.pending is not None]
-                if batch:
-                    ctx.decode([b.pending for b in batch], [b.pos for b in batch], [b.slot for b in batch],
-                               [1] * len(batch))
+                # 2. one decode: one token per group of identical histories; members share the row
+                if groups:
+                    leaders = [g[0] for g in groups]
+                    ctx.decode([b.pending for b in leaders], [b.pos for b in leaders], [b.slot for b in leaders],
+                               [1] * len(leaders))
                     self.stats["decodes"] += 1
-                    self.stats["decoded_tokens"] += len(batch)
-                    for i, b in enumerate(batch):
-                        b.pos += 1
-                        b.pending = None
-                        rows[b.slot] = ctx.logits(i)
-                # 3. stats + sampling for every sequence that has a fresh row
+                    self.stats["decoded_tokens"] += len(leaders)
+                    self.stats["fanned_out_tokens"] += sum(len(g) - 1 for g in groups)
+                    for i, g in enumerate(groups):
+                        row = ctx.logits(i)
+                        g[0].kv_hist = g[0].hist
+                        for b in g:
+                            b.pos += 1
+                            b.pending = None
+                            rows[b.slot] = row
+                # 3. stats (once per distinct row) + each sequence's own sampler chain
+                row_stats: dict[int, RowStats] = {}
                 for s, row in rows.items():
                     live = slots[s]
-                    self._step(live, row)
+                    st = row_stats.get(id(row))
+                    if st is None:
+                        st = row_stats[id(row)] = RowStats.of(row, None, self._top_n)
+                    self._step(live, row, st)
+                    if live.pending is not None:
+                        h = intern.setdefault((live.hist, live.pending), len(intern))
+                        parent[h] = live.hist
+                        live.hist = h
                     if on_token:
                         on_token(1)
                 for key in [k for k, n in remaining.items() if n <= 0 and k in first_rows]:
                     del first_rows[key]
-                # 4. retire finished sequences, keeping their prompt cells for the next request
+                # 4. group the live sequences by history; a group's leader must hold its parent's cells
+                by_hist: dict[int, list[_Live]] = {}
+                for live in slots:
+                    if live is not None and live.pending is not None:
+                        by_hist.setdefault(live.hist, []).append(live)
+                groups = []
+                for h, members in by_hist.items():
+                    need = parent[h]
+                    members.sort(key=lambda b: b.kv_hist != need)
+                    lead = members[0]
+                    if lead.kv_hist != need:  # the old leader went another way: give this one the cells
+                        src = next(x for x in slots if x is not None and x.kv_hist == need)
+                        plen = len(lead.req.prompt_tokens)
+                        ctx.seq_rm(lead.slot, plen, -1)
+                        ctx.seq_cp(src.slot, lead.slot, plen, -1)
+                        lead.kv_hist = need
+                        self.stats["history_copies"] += 1
+                    groups.append(members)
+                # 5. retire finished sequences, keeping their prompt cells for the next request
                 for s in range(n_par):
                     live = slots[s]
                     if live is not None and live.finish is not None:
@@ -196,7 +233,7 @@ class Engine:
                 if live is not None:
                     free_chain(live.chain)
 
-    def _step(self, live: _Live, row: np.ndarray) -> None:
+    def _step(self, live: _Live, row: np.ndarray, row_stats: RowStats) -> None:
         """Sample the next token of one sequence from its raw logits row and record it."""
         L, model, req = self._L, self.model, live.req
         cand = self._cand
@@ -218,7 +255,7 @@ class Engine:
         else:
             logits_t = survivors["logit"].astype(np.float64)  # after temperature
             sampled_lp, n_cand = float(logits_t[sel] - logsumexp(logits_t)), size
-        st = RowStats.of(row, token, req.n_logprobs)
+        st = row_stats.for_token(row, token)
         if live.t_first == 0.0:
             live.t_first = time.perf_counter()
         piece = model.piece(token)
@@ -226,7 +263,8 @@ class Engine:
         live.records.append(TokenRecord(
             position=len(live.records), id=token, text=piece.decode("utf-8", errors="replace"), bytes=piece.hex(),
             logprob=st.logprob, sampled_logprob=sampled_lp, rank=st.rank, entropy=st.entropy, candidates=n_cand,
-            top=[self._alt(int(i), float(lp)) for i, lp in zip(st.top_ids, st.top_logprobs)], eog=eog,
+            top=[self._alt(int(i), float(lp)) for i, lp in zip(st.top_ids[: req.n_logprobs],
+                                                                st.top_logprobs[: req.n_logprobs])], eog=eog,
         ))
         if eog:
             live.finish = "stop"

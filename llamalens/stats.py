@@ -81,6 +81,13 @@ class RowStats:
         return cls(lp, rank, max(h, 0.0), lse, ids, logits[ids].astype(np.float64) - lse)
 
 
+    def for_token(self, logits: np.ndarray, chosen: int) -> "RowStats":
+        """The same row's statistics for another chosen token (row-level work is not repeated)."""
+        c = logits[chosen]
+        return RowStats(float(c) - self.lse, int(np.count_nonzero(logits > c)) + 1, self.entropy, self.lse,
+                        self.top_ids, self.top_logprobs)
+
+
 def kl_divergence(logits_p: np.ndarray, logits_q: np.ndarray) -> float:
     """KL(P || Q) in nats between the softmax distributions of two logits rows."""
     lp, lq = log_softmax(logits_p), log_softmax(logits_q)

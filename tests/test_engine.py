@@ -163,3 +163,19 @@ def test_slot_reuse_keeps_every_sample(tiny):
         single = generate(tiny, o.prompt, SamplingSettings(seed=o.key[1]), max_tokens=5 + o.key[1], n_logprobs=2)
         assert [t.id for t in o.tokens] == [t.id for t in single.tokens]
     assert eng.stats["prefills"] <= len(prompts) * 2
+
+
+def test_identical_sequences_are_decoded_once(tiny):
+    """Greedy settings that differ only in truncation, and sampled ones whose chains have not yet
+    diverged, share one decode per step; every sample still equals its own single run."""
+    settings = [SamplingSettings(temperature=0, top_k=k) for k in (2, 40)]
+    settings += [SamplingSettings(temperature=t, top_p=0.05, seed=3) for t in (0.3, 0.9)]
+    reqs = [Request("the cat", s, 12, 3, key=i) for i, s in enumerate(settings)]
+    eng = Engine(tiny, 4)
+    out = {smp.key: smp for smp in eng.run(reqs)}
+    assert eng.stats["fanned_out_tokens"] >= 2 * 11
+    assert eng.stats["decoded_tokens"] + eng.stats["fanned_out_tokens"] == sum(len(o.tokens) for o in out.values()) - 4
+    for i, s in enumerate(settings):
+        ref = generate(tiny, "the cat", s, max_tokens=12, n_logprobs=3)
+        assert [t.id for t in out[i].tokens] == [t.id for t in ref.tokens]
+        assert [t.candidates for t in out[i].tokens] == [t.candidates for t in ref.tokens]
