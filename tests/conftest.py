@@ -53,3 +53,17 @@ def gemma_llama(gemma_path):
 
     return Llama(str(gemma_path), logits_all=True, n_ctx=512, verbose=False, flash_attn=False,
                  n_threads=os.cpu_count(), n_threads_batch=os.cpu_count())
+
+
+@pytest.fixture(scope="session")
+def gemma_q8_path(gemma_path, tmp_path_factory):
+    """A Q8_0 copy of the default model (llama_model_quantize, about a second): batch-invariant on CPU
+    with flash attention on (../shared/NOTES.md §6)."""
+    import llama_cpp as L
+
+    out = tmp_path_factory.mktemp("q8") / "gemma-3-270m-q8_0.gguf"
+    p = L.llama_model_quantize_default_params()
+    p.ftype = 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+    p.allow_requantize = True
+    assert L.llama_model_quantize(str(gemma_path).encode(), str(out).encode(), p) == 0
+    return out
