@@ -110,7 +110,7 @@ class Engine:
                 r.prompt_tokens = cache[r.prompt]
             if not r.prompt_tokens:
                 raise InvalidSettings("the prompt is empty and the model adds no BOS token; give a prompt")
-            self.model.check_fits(len(r.prompt_tokens), r.max_tokens, ctx)
+            self.model.check_fits(len(r.prompt_tokens), ctx)
         return reqs
 
     def run(self, requests: Iterable[Request], on_token: Callable[[int], None] | None = None) -> Iterator[Sample]:

@@ -181,7 +181,7 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return bool(self._L.llama_vocab_is_eog(self.vocab, token))
 
-    def check_fits(self, n_prompt: int, n_new: int, ctx: int) -> None:
+    def check_fits(self, n_prompt: int, ctx: int) -> None:
         if n_prompt + 1 > ctx:
             raise PromptTooLong(
                 f"the prompt is {n_prompt} tokens but the context holds {ctx}; shorten the prompt or raise --ctx "

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StoreError
-from .records import Alternative, Sample, Timing, TokenRecord
+from .records import Alternative, Sample, TokenRecord
 
 SCHEMA_VERSION = 1
 
@@ -239,18 +239,6 @@ class Store:
             out.append((r[0], TokenRecord(r[1], r[2], raw.decode("utf-8", errors="replace"), raw.hex(), r[4], r[5],
                                           r[6], r[7], r[8], top, bool(r[9]))))
         return out
-
-    def load_sample(self, run_id: int, sample_idx: int) -> Sample:
-        row = next((s for s in self.samples(run_id, only_done=False) if s["sample_idx"] == sample_idx), None)
-        if row is None:
-            raise StoreError(f"run {run_id} has no sample {sample_idx}")
-        cfg = self.configs(run_id)[row["config_idx"]]
-        toks = [t for _, t in self.tokens(run_id, sample_idx)]
-        t = row["timing"] or {}
-        timing = Timing(t.get("prompt_tokens", 0), t.get("generated_tokens", len(toks)), t.get("prompt_ms", 0.0),
-                        t.get("first_token_ms", 0.0), t.get("total_ms", 0.0))
-        return Sample(row["prompt"], [], dict(cfg, seed=row["seed"]), self.run(run_id).options.get("max_tokens", 0),
-                      row["text"] or "", row["finish_reason"] or "", toks, timing, key=sample_idx)
 
 
 class _Tx:

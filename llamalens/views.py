@@ -57,7 +57,7 @@ class NextToken:
 def next_token(model: Model, prompt: str, top: int = 10) -> NextToken:
     """Top-N next tokens of a prompt with their raw probabilities, and the entropy (nats)."""
     tokens = model.prompt_tokens(prompt)
-    model.check_fits(len(tokens), 0, model.options.ctx)
+    model.check_fits(len(tokens), model.options.ctx)
     n_ctx = (len(tokens) + 1 + 255) // 256 * 256
     with model.context(n_ctx=n_ctx) as ctx:
         row = ctx.prefill(tokens)
