@@ -102,3 +102,40 @@ def openai_logprobs(store: Store, run_id: int):
             },
             "tokens": [t.to_dict() for t in by_sample.get(s["sample_idx"], [])],
         }
+
+
+# -- comparisons between samples (pure functions of token-id lists) ------------------------------
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """First position where two token sequences differ (a shorter one differs where it ends); None if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def seed_splits(seqs: list[list[int]]) -> tuple[int, list[int]]:
+    """(number of distinct completions, positions where the completions split into more branches).
+
+    Position i is a split when the sequences' prefixes of length i+1 fall into more groups than their
+    prefixes of length i: the seeds drew different tokens there.
+    """
+    distinct = len({tuple(s) for s in seqs})
+    splits, groups = [], 1
+    for i in range(max((len(s) for s in seqs), default=0)):
+        n = len({tuple(s[: i + 1]) for s in seqs})
+        if n > groups:
+            splits.append(i)
+        groups = n
+    return distinct, splits
+
+
+def varying_axes(configs: list[dict], axes: list[str] = SETTING_COLUMNS + ["frequency_penalty", "presence_penalty"]):
+    """The settings that take more than one value across a run's configurations, in grid order."""
+    return [a for a in axes if len({c.get(a) for c in configs}) > 1]
+
+
+def position_curves(tokens: pd.DataFrame, prompt_idx: int) -> dict[int, pd.DataFrame]:
+    """Per configuration, the mean over seeds of prob / entropy / candidates at each generated position."""
+    t = tokens[tokens.prompt_idx == prompt_idx]
+    return {int(ci): g.groupby("position")[["prob", "entropy", "candidates"]].mean()
+            for ci, g in t.groupby("config_idx")}

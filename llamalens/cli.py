@@ -331,11 +331,13 @@ def _progress_printer():
 @click.option("--exact", is_flag=True, help="One sequence at a time: numbers identical to `llamalens generate`.")
 @click.option("--resume", "resume_id", default=None, help="Finish an interrupted run (its missing samples only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the run's report (FILE.html or FILE.md) when it finishes.")
 @store_option
 @model_options
 @_fail_cleanly
 def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, preset, grid_file, name, parallel,
-          exact, resume_id, as_json, store_path, **kw):
+          exact, resume_id, as_json, report_path, store_path, **kw):
     """Run PROMPTS across a grid of sampling settings and seeds; every token is stored.
 
     \b
@@ -350,6 +352,11 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
     from .sweep import SweepInterrupted, SweepSpec, execute, start_sweep
 
     axes_text = {k[3:]: kw.pop(k) for k in list(kw) if k.startswith("ax_")}
+    if report_path:  # a bad report path fails now, not after the sweep
+        from .report import check_writable, report_format
+
+        report_format(report_path, None)
+        check_writable(report_path)
     store = _store(store_path)
     if resume_id is not None:
         info = store.run(resume_id)
@@ -401,6 +408,20 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
     finally:
         signal.signal(signal.SIGTERM, old)
     _show_run(store, run_id, as_json)
+    if report_path:
+        _write_report(store, run_id, report_path, None, model)
+
+
+def _write_report(store, run_id, output, fmt, model, **options) -> None:
+    from . import report
+    from .documents import run_document
+
+    click.echo("writing the report ...", err=True)
+    doc = run_document(store, run_id, model=model, **options)
+    files = report.write(doc, output, fmt)
+    size = sum(f.stat().st_size for f in files)
+    extra = f" and {len(files) - 1} images in {files[1].parent}" if len(files) > 1 else ""
+    click.echo(f"wrote {files[0]} ({size / 1e6:.2f} MB){extra}", err=True)
 
 
 @main.command()
@@ -475,6 +496,60 @@ def _show_run(store, run_id, as_json):
 def show(run_id, as_json, store_path):
     """Summary of a run per configuration: logprob, perplexity, entropy, candidates, diversity, speed."""
     _show_run(_store(store_path), run_id, as_json)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="FILE.html or FILE.md.")
+@click.option("--format", "fmt", default=None, help="html or md (default: from the file name).")
+@click.option("--metric", default="mean_logprob", show_default=True,
+              help="Metric of the first heatmap (mean_logprob, mean_entropy, mean_candidates, distinct_completions, "
+                   "perplexity, distinct_2, mean_rank, tokens_per_s).")
+@click.option("--position", type=int, default=0, show_default=True,
+              help="Generated-token position of the sampler view (0 = the first generated token).")
+@click.option("--sample", "sample_idx", type=int, default=None, help="Sample whose history the sampler view uses.")
+@click.option("--model", "-m", default=None, help="Model for the sampler view (default: the run's model file).")
+@click.option("--no-model", is_flag=True, help="Do not load the model: leave out the sampler view.")
+@store_option
+@_fail_cleanly
+def report(run_id, output, fmt, metric, position, sample_idx, model, no_model, store_path):
+    """Write a run's report: one self-contained HTML page, or Markdown with PNG plots beside it.
+
+    \b
+    llamalens report 7 -o run7.html
+    llamalens report my-run -o run.md --metric mean_entropy --position 3
+    """
+    from pathlib import Path
+
+    from . import report as R
+    from .documents import METRICS
+
+    store = _store(store_path)
+    info = store.run(run_id)
+    if info.n_done == 0:
+        raise click.ClickException(f"run {info.id} has no finished samples; nothing to report "
+                                   f"(resume it with `llamalens sweep --resume {info.id}`)")
+    R.report_format(output, fmt)
+    R.check_writable(output)
+    if metric not in METRICS:
+        raise click.BadParameter(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}", param_hint="--metric")
+    if info.status != "done" or info.n_done < info.n_samples:
+        click.echo(f"warning: run {info.id} is {info.status} ({info.n_done}/{info.n_samples} samples); "
+                   "the report shows the finished samples only", err=True)
+    loaded = None
+    if not no_model:
+        path = model or info.model.get("path")
+        if model is None and not (path and Path(path).is_file()):
+            click.echo(f"warning: the run's model {path} is not there; the sampler view is left out "
+                       "(pass --model PATH)", err=True)
+        else:
+            mo = info.options.get("model_options", {})
+            loaded = _load(path, mo.get("gpu_layers", 0), mo.get("ctx", 2048), mo.get("threads"),
+                           mo.get("batch", 512), mo.get("flash_attn", "auto"))
+            if info.model_hash and store.model_hash(loaded.path) != info.model_hash:
+                raise click.ClickException(f"{loaded.path} is not the model of run {info.id} "
+                                           f"({info.model.get('path')}); pass that model or --no-model")
+    _write_report(store, info.id, output, fmt, loaded, position=position, sample_idx=sample_idx, metric=metric)
 
 
 @main.command()

@@ -41,6 +41,32 @@ from .stats import RowStats, logsumexp
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
 
 
+def apply_chain(chain, row: np.ndarray, cand: np.ndarray | None = None, ids: np.ndarray | None = None):
+    """Apply a native sampler chain to a raw logits row.
+
+    Returns (survivors, selected): the candidates left after the chain (a structured view with fields
+    id, logit (after temperature when the chain has one), p) and the chosen index (-1 without a final
+    pick). `cand` / `ids` are reusable buffers of n_vocab entries; with them the result is a view, valid
+    until the next call (and while the chain lives); without them it is a copy.
+    """
+    import llama_cpp as L
+
+    n = row.shape[0]
+    own = cand is None
+    if own:
+        cand = np.zeros(n, dtype=_TOKEN_DATA)
+    cand["id"] = ids if ids is not None else np.arange(n, dtype=np.int32)
+    cand["logit"] = row
+    cand["p"] = 0.0
+    arr = L.llama_token_data_array(data=cand.ctypes.data_as(L.llama_token_data_p), size=n, selected=-1, sorted=False)
+    L.llama_sampler_apply(chain, ctypes.byref(arr))
+    size, sel = int(arr.size), int(arr.selected)
+    # samplers may repoint `data`: read the survivors where the array now says they are
+    survivors = np.frombuffer((ctypes.c_char * (size * _TOKEN_DATA.itemsize)).from_address(
+        ctypes.addressof(arr.data.contents)), dtype=_TOKEN_DATA, count=size)
+    return (survivors.copy() if own else survivors), sel
+
+
 @dataclass
 class Request:
     """One completion to generate."""
@@ -235,26 +261,15 @@ class Engine:
 
     def _step(self, live: _Live, row: np.ndarray, row_stats: RowStats) -> None:
         """Sample the next token of one sequence from its raw logits row and record it."""
-        L, model, req = self._L, self.model, live.req
-        cand = self._cand
-        cand["id"] = self._ids
-        cand["logit"] = row
-        cand["p"] = 0.0
-        arr = L.llama_token_data_array(
-            data=cand.ctypes.data_as(L.llama_token_data_p), size=model.n_vocab, selected=-1, sorted=False
-        )
-        L.llama_sampler_apply(live.chain, ctypes.byref(arr))
-        size, sel = int(arr.size), int(arr.selected)
-        # samplers may repoint `data`: read the survivors where the array now says they are
-        survivors = np.frombuffer((ctypes.c_char * (size * _TOKEN_DATA.itemsize)).from_address(
-            ctypes.addressof(arr.data.contents)), dtype=_TOKEN_DATA, count=size)
+        model, req = self.model, live.req
+        survivors, sel = apply_chain(live.chain, row, self._cand, self._ids)
         token = int(survivors["id"][sel])
-        L.llama_sampler_accept(live.chain, token)
+        self._L.llama_sampler_accept(live.chain, token)
         if req.settings.greedy:
             sampled_lp, n_cand = 0.0, 1
         else:
             logits_t = survivors["logit"].astype(np.float64)  # after temperature
-            sampled_lp, n_cand = float(logits_t[sel] - logsumexp(logits_t)), size
+            sampled_lp, n_cand = float(logits_t[sel] - logsumexp(logits_t)), len(survivors)
         st = row_stats.for_token(row, token)
         if live.t_first == 0.0:
             live.t_first = time.perf_counter()

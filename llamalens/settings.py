@@ -106,25 +106,36 @@ class SamplingSettings:
         return f"{core} seed={self.seed}"
 
 
-def build_chain(settings: SamplingSettings, n_vocab: int):
-    """A native llama.cpp sampler chain for these settings (caller frees it with free_chain)."""
+STAGES = ("penalties", "top_k", "typical_p", "top_p", "min_p", "temperature")
+
+
+def build_chain(settings: SamplingSettings, n_vocab: int, upto: str | None = None):
+    """A native llama.cpp sampler chain for these settings (caller frees it with free_chain).
+
+    `upto` stops the chain after that stage of STAGES and leaves out the final pick (greedy or dist):
+    applying it shows what that much of the chain leaves of a distribution (the report's sampler view).
+    """
     import llama_cpp as L
 
+    if upto is not None and upto not in STAGES:
+        raise ValueError(f"unknown stage {upto!r}; stages: {', '.join(STAGES)}")
     chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-    add = lambda s: L.llama_sampler_chain_add(chain, s)  # noqa: E731
     s = settings
-    add(L.llama_sampler_init_penalties(n_vocab, s.penalty_last_n, s.repeat_penalty, s.frequency_penalty,
-                                       s.presence_penalty))
-    if s.greedy:
-        add(L.llama_sampler_init_greedy())
-    else:
-        min_keep = 1
-        add(L.llama_sampler_init_top_k(s.top_k))
-        add(L.llama_sampler_init_typical(s.typical_p, min_keep))
-        add(L.llama_sampler_init_top_p(s.top_p, min_keep))
-        add(L.llama_sampler_init_min_p(s.min_p, min_keep))
-        add(L.llama_sampler_init_temp(s.temperature))
-        add(L.llama_sampler_init_dist(s.seed))
+    min_keep = 1
+    stages = [("penalties", lambda: L.llama_sampler_init_penalties(n_vocab, s.penalty_last_n, s.repeat_penalty,
+                                                                    s.frequency_penalty, s.presence_penalty))]
+    if not s.greedy:
+        stages += [("top_k", lambda: L.llama_sampler_init_top_k(s.top_k)),
+                   ("typical_p", lambda: L.llama_sampler_init_typical(s.typical_p, min_keep)),
+                   ("top_p", lambda: L.llama_sampler_init_top_p(s.top_p, min_keep)),
+                   ("min_p", lambda: L.llama_sampler_init_min_p(s.min_p, min_keep)),
+                   ("temperature", lambda: L.llama_sampler_init_temp(s.temperature))]
+    for name, make in stages:
+        L.llama_sampler_chain_add(chain, make())
+        if name == upto:
+            return chain
+    if upto is None:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy() if s.greedy else L.llama_sampler_init_dist(s.seed))
     return chain
 
 

@@ -214,9 +214,10 @@ class Store:
                                     "WHERE run_id=? AND status!='done' ORDER BY sample_idx", (run_id,)))
 
     def samples(self, run_id: int, only_done: bool = True) -> list[dict]:
-        q = ("SELECT sample_idx, prompt_idx, config_idx, seed, prompt, status, text, finish_reason, timing "
+        q = ("SELECT sample_idx, prompt_idx, config_idx, seed, prompt, status, text, finish_reason, timing, completed "
              "FROM samples WHERE run_id=?" + (" AND status='done'" if only_done else "") + " ORDER BY sample_idx")
-        cols = ["sample_idx", "prompt_idx", "config_idx", "seed", "prompt", "status", "text", "finish_reason", "timing"]
+        cols = ["sample_idx", "prompt_idx", "config_idx", "seed", "prompt", "status", "text", "finish_reason", "timing",
+                "completed"]
         out = []
         for r in self.db.execute(q, (run_id,)):
             d = dict(zip(cols, r))

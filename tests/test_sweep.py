@@ -180,7 +180,7 @@ def test_sigterm_exits_cleanly_with_resume_hint(tiny_path, tmp_path):
 def test_two_sweeps_into_one_store(tiny_path, tmp_path):
     db = tmp_path / "c.db"
     cmd = lambda t: [sys.executable, "-m", "llamalens", "sweep", "the cat", "hello", "--model", str(tiny_path),  # noqa
-                     "-t", t, "--seeds", "20", "-n", "20", "--parallel", "3", "--store", str(db)]
+                     "-t", t, "--seeds", "20", "-n", "20", "--parallel", "3", "--store", str(db), "--threads", "1"]
     procs = [subprocess.Popen(cmd(t), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for t in ("0.7", "1.1")]
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read()

@@ -1,0 +1,271 @@
+"""Report builders: collect a run's (or a scored text's, or a comparison's) data into a report.Document.
+
+    run_document(store, run)  1 header  2 summary table + heatmaps  3 token strips per prompt
+                              4 per-position plots  5 seeds  6 sampler view  7 timing
+    text_document(...)        a scored text or a model comparison: totals, plots, one coloured strip
+
+Everything numeric comes from analysis.py (pure functions over the store) or from the records;
+nothing here writes markup. The sampler view needs the model (one prefill); without it the section
+says why it is missing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+
+import numpy as np
+
+from . import analysis as A
+from .display import visible
+from .records import TokenRecord
+from .report import (MAX_PLOT_PROMPTS, MAX_SAMPLER_CHAINS, MAX_STRIP_TOKENS, Document, Figure, Heading, KeyValues,
+                     Para, Strips, Table, TokenView, fmt, gltr_class, prob_class)
+from .store import Store
+
+HEATMAP_METRICS = ("mean_logprob", "mean_entropy", "mean_candidates", "distinct_completions")
+METRICS = HEATMAP_METRICS + ("perplexity", "distinct_2", "mean_rank", "tokens_per_s")
+TOKEN_FIELDS = ["p", "logprob", "rank", "entropy", "candidates", "p sampled"]
+
+
+def token_view(t: TokenRecord, mark: str = "") -> TokenView:
+    raw = bytes.fromhex(t.bytes)
+    text = visible(t.text, t.bytes) + (" [end]" if t.eog else "")
+    return TokenView(
+        text=text, id=t.id, classes=f"{prob_class(t.prob)} {gltr_class(t.rank)}",
+        values=[f"{t.prob:.4f}", f"{t.logprob:.4f}", str(t.rank), f"{t.entropy:.3f}", f"{t.candidates:,}",
+                f"{math.exp(t.sampled_logprob):.4f}"],
+        alts=[[(visible(a.text, a.bytes), f"{a.prob:.4f}") for a in t.top]],
+        notable=1.0 - t.prob, newline=raw.endswith(b"\n"), mark=mark)
+
+
+def _when(ts) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "–"
+
+
+def run_document(store: Store, run_id, model=None, position: int = 0, sample_idx: int | None = None,
+                 metric: str = "mean_logprob") -> Document:
+    from .errors import InvalidInput
+
+    info = store.run(run_id)
+    rid = info.id
+    samples = store.samples(rid)
+    if not samples:
+        raise InvalidInput(f"run {rid} has no finished samples yet; nothing to report "
+                           f"(resume it with `llamalens sweep --resume {rid}`)")
+    if metric not in METRICS:
+        raise InvalidInput(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
+    configs = store.configs(rid)
+    tokens = A.token_table(store, rid)
+    stable = A.sample_table(store, rid)
+    summ = A.summary(tokens, stable, configs)
+    by_sample: dict[int, list[TokenRecord]] = {}
+    for idx, t in store.tokens(rid):
+        by_sample.setdefault(idx, []).append(t)
+    labels = {int(r.config_idx): r.label for r in summ.itertuples()}
+    varying = A.varying_axes(configs)
+    m = info.model
+    doc = Document(f"llamalens run {rid}" + (f" ({info.name})" if info.name else ""), fields=TOKEN_FIELDS,
+                   alt_titles=["top alternatives (raw distribution)"])
+
+    # 1. header -----------------------------------------------------------------------------------
+    if info.status != "done" or info.n_done < info.n_samples:
+        doc.add(Para(f"This run is {info.status}: {info.n_done} of {info.n_samples} samples are finished, and this "
+                     f"report shows only those. Finish it with `llamalens sweep --resume {rid}`.", "warn"))
+    n_tok = int(len(tokens))
+    done_at = [s["completed"] for s in samples if s.get("completed")]
+    end = info.finished or (max(done_at) if done_at else None)
+    dur = (end - info.created) if end else float("nan")
+    opts = info.options
+    fixed = {k: v for k, v in configs[0].items() if k not in varying and k != "seed"}
+    hw = info.hardware
+    doc.add(KeyValues([
+        ("model", f"{m.get('display_name') or m.get('name')} ({m.get('architecture')}, {m.get('size_label')} parameters, "
+                  f"{m.get('quantization')}, vocabulary {m.get('vocab_size') or '?':,})"),
+        ("model file", f"{m.get('path')} ({(m.get('file_size') or 0) / 2**20:,.1f} MiB, sha256 {info.model_hash[:16]})"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in info.versions.items())),
+        ("hardware", f"{hw.get('threads')} threads, {hw.get('gpu_layers')} GPU layers, flash attention "
+                     f"{hw.get('flash_attn')}, {hw.get('machine')} {hw.get('system')}; "
+                     f"{opts.get('parallel')} sequences per batch{' (exact mode)' if opts.get('exact') else ''}"),
+        ("prompts", f"{info.n_prompts}"),
+        ("grid", (", ".join(f"{a} ∈ {{{', '.join(fmt(v) for v in sorted({c[a] for c in configs}))}}}" for a in varying)
+                  or "one configuration") + f"; {info.n_configs} configurations × seeds {opts.get('seeds')}"),
+        ("fixed settings", ", ".join(f"{k}={fmt(v)}" for k, v in fixed.items())),
+        ("generation", f"up to {opts.get('max_tokens')} tokens, {opts.get('n_logprobs')} alternatives kept per token"
+                       + (f", stop at {opts.get('stop')}" if opts.get("stop") else "")),
+        ("started / finished", f"{_when(info.created)} / {_when(info.finished)}"),
+        ("duration", f"{dur:.1f} s for {len(samples)} samples, {n_tok:,} tokens: "
+                     f"{n_tok / dur if dur > 0 else float('nan'):.1f} tokens/s overall"),
+        ("command", info.command or "–"),
+    ]))
+    nf = info.noise
+    if nf and nf.get("tokens"):
+        doc.add(Para(f"Noise floor: re-decoding {nf['tokens']} tokens of {nf['samples']} samples one at a time moved "
+                     f"logprobs by {nf['mean_abs_dlogprob']:.4f} nats on average (max {nf['max_abs_dlogprob']:.4f}); "
+                     f"top-1 agreement {nf['top1_agreement']:.1%}. Differences in mean logprob smaller than "
+                     f"{nf['max_abs_dlogprob']:.4f} between configurations are within batching noise.", "note"))
+    prompts = sorted({(s["prompt_idx"], s["prompt"]) for s in samples})
+    doc.add(Table(["#", "prompt"], [[p, visible(t, edge_spaces=False)] for p, t in prompts], sortable=False))
+
+    # 2. summary + heatmaps --------------------------------------------------------------------------
+    doc.add(Heading("Summary per configuration"))
+    cols = ["config_idx", "label", "samples", "tokens", "mean_logprob", "perplexity", "mean_entropy", "mean_candidates",
+            "distinct_completions", "distinct_2", "mean_rank", "tokens_per_s"]
+    doc.add(Table(["#", "configuration", "samples", "tokens", "mean logprob", "perplexity", "entropy", "candidates",
+                   "distinct", "distinct-2", "mean rank", "tok/s"],
+                  [[_py(r[c]) for c in cols] for _, r in summ.iterrows()],
+                  caption="Means over generated tokens (end-of-generation tokens excluded); "
+                          "'distinct' = distinct completions per prompt across seeds."))
+    if varying and len(summ) > 1:
+        x, y, panel = varying[0], (varying[1] if len(varying) > 1 else None), varying[2:]
+        shown = [metric] + [mm for mm in HEATMAP_METRICS if mm != metric]
+        from . import plots
+
+        for mm in shown[:3]:
+            doc.add(Figure(plots.heatmaps(summ, mm, x, y, panel), f"heatmap_{mm}",
+                           f"{mm.replace('_', ' ')} over {x}" + (f" × {y}" if y else "")
+                           + (f", one panel per {', '.join(panel)}" if panel else "")))
+
+    # 3. token strips per prompt ----------------------------------------------------------------------
+    doc.add(Heading("Token views"))
+    doc.add(Para("Each token is coloured by the probability the model gave it (green = sure, red = unsure) or by its "
+                 "rank among all tokens (GLTR). Hover or focus a token for its top alternatives, rank, entropy and "
+                 "candidate-set size. A red bar marks the first token where a sample differs from the first sample of its "
+                 "prompt.", "note"))
+    by_prompt: dict[int, list[dict]] = {}
+    for s in samples:
+        by_prompt.setdefault(s["prompt_idx"], []).append(s)
+    budget = MAX_STRIP_TOKENS
+    left_out = 0
+    for p_idx, group in sorted(by_prompt.items()):
+        group.sort(key=lambda s: (s["config_idx"], s["seed"]))
+        ref = [t.id for t in by_sample.get(group[0]["sample_idx"], [])]
+        rows = []
+        for s in group:
+            toks = by_sample.get(s["sample_idx"], [])
+            if budget - len(toks) < 0:
+                left_out += 1
+                continue
+            budget -= len(toks)
+            ids = [t.id for t in toks]
+            div = A.first_divergence(ref, ids) if rows else None
+            views = [token_view(t, mark=f"differs from the first sample from token {t.position}"
+                                if div is not None and t.position == div else "") for t in toks]
+            label = f"#{s['sample_idx']} · {labels.get(s['config_idx'], s['config_idx'])} · seed {s['seed']} · " \
+                    f"{s['finish_reason']}" + (f" · differs at {div}" if div is not None else "")
+            rows.append((label, views))
+        if rows:
+            doc.add(Strips(f"Prompt {p_idx}", rows, context=visible(group[0]["prompt"], edge_spaces=False)))
+    if left_out:
+        doc.add(Para(f"{left_out} samples are not shown as token views (report limit {MAX_STRIP_TOKENS:,} tokens); "
+                     f"`llamalens export {rid} --format jsonl` has every token.", "warn"))
+
+    # 4. per-position plots -----------------------------------------------------------------------------
+    doc.add(Heading("Along the sequence"))
+    from . import plots
+
+    for p_idx, _ in prompts[:MAX_PLOT_PROMPTS]:
+        curves = A.position_curves(tokens, p_idx)
+        data = {f"#{ci} {labels.get(ci, ci)}": {"prob": c["prob"].to_numpy(), "entropy": c["entropy"].to_numpy(),
+                                                "candidates": c["candidates"].to_numpy()}
+                for ci, c in sorted(curves.items())}
+        doc.add(Figure(plots.positions(data), f"positions_prompt{p_idx}",
+                       f"Prompt {p_idx}: probability of the chosen token, entropy and candidate-set size at each "
+                       f"position (mean over seeds), one series per configuration."))
+    if len(prompts) > MAX_PLOT_PROMPTS:
+        doc.add(Para(f"Plots of prompts {MAX_PLOT_PROMPTS}..{len(prompts) - 1} are left out.", "note"))
+
+    # 5. seeds ------------------------------------------------------------------------------------------
+    doc.add(Heading("Seeds"))
+    rows = []
+    for p_idx, group in sorted(by_prompt.items()):
+        by_cfg: dict[int, list] = {}
+        for s in group:
+            by_cfg.setdefault(s["config_idx"], []).append([t.id for t in by_sample.get(s["sample_idx"], [])])
+        for ci, seqs in sorted(by_cfg.items()):
+            distinct, splits = A.seed_splits(seqs)
+            rows.append([p_idx, ci, labels.get(ci, ""), len(seqs), distinct,
+                         ", ".join(map(str, splits[:12])) + (" …" if len(splits) > 12 else "") or "never"])
+    doc.add(Table(["prompt", "#", "configuration", "seeds", "distinct completions", "split at token"], rows,
+                  caption="Where the completions of one configuration split: positions where the seeds first drew "
+                          "different tokens."))
+
+    # 6. sampler view -------------------------------------------------------------------------------------
+    doc.add(Heading("How the samplers reshape the distribution"))
+    _sampler_section(doc, store, rid, samples, by_sample, configs, model, position, sample_idx)
+
+    # 7. timing -------------------------------------------------------------------------------------------
+    doc.add(Heading("Timing"))
+    rows = []
+    for ci, g in stable.groupby("config_idx"):
+        rows.append([int(ci), labels.get(int(ci), ""), len(g), _py(g.first_token_ms.mean()),
+                     _py(g.first_token_ms.median()), _py(g.tokens_per_s.mean())])
+    doc.add(Table(["#", "configuration", "samples", "first token ms (mean)", "first token ms (median)",
+                   "tokens/s per sequence"], rows,
+                  caption="Time to first token counts from when the sample got a batch slot (prefill or prompt copy "
+                          "included). Sequences share each decode call, so per-sequence tokens/s is lower than the "
+                          "run's overall rate in the header."))
+    return doc
+
+
+def _sampler_section(doc, store, rid, samples, by_sample, configs, model, position, sample_idx):
+    from .errors import InvalidInput
+    from .settings import SamplingSettings
+    from .views import sampler_view
+
+    if sample_idx is None:
+        pick = samples[0]
+    else:
+        pick = next((s for s in samples if s["sample_idx"] == sample_idx), None)
+        if pick is None:
+            raise InvalidInput(f"--sample {sample_idx}: run {rid} has no finished sample {sample_idx}")
+    toks = by_sample.get(pick["sample_idx"], [])
+    if position < 0 or position > len(toks):
+        raise InvalidInput(f"--position {position}: sample {pick['sample_idx']} has {len(toks)} tokens; "
+                           f"choose 0..{len(toks)}")
+    if model is None:
+        doc.add(Para("Left out: this view needs the model's logits, and the model was not loaded (its file is "
+                     "missing, or --no-model was given); pass --model PATH to `llamalens report`.", "warn"))
+        return
+    cfgs = [SamplingSettings.from_dict(c) for c in configs]
+    seen, distinct = set(), []
+    for c in cfgs:  # seeds do not change the reshaping
+        key = c.label().rsplit(" seed=", 1)[0]
+        if key not in seen:
+            seen.add(key)
+            distinct.append(c)
+    view = sampler_view(model, pick["prompt"], [t.id for t in toks[:position]], distinct[:MAX_SAMPLER_CHAINS])
+    from . import plots
+
+    history = "".join(visible(t.text, t.bytes, edge_spaces=False) for t in toks[:position])
+    doc.add(Para(f"Position {position} of sample #{pick['sample_idx']} (prompt {pick['prompt_idx']}"
+                 + (f", after the generated text “{history}”" if history else ", the first generated token")
+                 + f"): the raw top-{len(view.top)} next tokens (entropy {view.entropy:.3f} nats) and what each "
+                 "configuration's sampler chain (penalties → top_k → typical_p → top_p → min_p → temperature) makes "
+                 "of the same logits. Pick another with `llamalens report --position N --sample IDX`.", "note"))
+    labels = [visible(a.text, a.bytes) for a in view.top]
+    doc.add(Figure(plots.sampler_stages(labels, [math.exp(a.logprob) for a in view.top],
+                                        [(c.label, c.final.probs, c.final.survivors) for c in view.chains]),
+                   "sampler_view", "Grey: raw probability. Colour: probability after the configuration's whole chain."))
+    rows = []
+    for c in view.chains:
+        rows.append([c.label] + [f"{s.stage}: {s.survivors:,}" for s in c.stages[1:]])
+    width = max(len(r) for r in rows)
+    doc.add(Table(["configuration"] + [f"stage {i}" for i in range(1, width)], rows, sortable=False,
+                  caption="Candidates left after each stage of the chain (greedy keeps only the argmax)."))
+    head = ["token", "raw p"] + [c.label for c in view.chains]
+    trows = [[lab, math.exp(a.logprob)] + [c.final.probs[i] for c in view.chains]
+             for i, (lab, a) in enumerate(zip(labels, view.top))]
+    doc.add(Table(head, trows, caption="Probability of each raw top token after each configuration's chain "
+                                       "(0 = filtered out)."))
+    if len(configs) > MAX_SAMPLER_CHAINS:
+        doc.add(Para(f"Only the first {MAX_SAMPLER_CHAINS} distinct configurations are shown.", "note"))
+
+
+def _py(v):
+    """numpy / pandas scalars to plain Python for the renderers."""
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    return v

@@ -1,0 +1,179 @@
+"""Plots for the reports, drawn with matplotlib's object API (Figure + Agg canvas, never pyplot).
+
+Each function takes plain data (lists, arrays, DataFrames) and returns a Figure; `svg()` and `png()`
+serialise it. Token texts reach the plots only through `display.visible`, and math-text parsing is
+off, so a token such as `$x$` or `<script>` is drawn literally (SVG text is XML-escaped by
+matplotlib). Every SVG gets its own id salt so that several inline SVGs on one page never share ids.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+import warnings
+
+import numpy as np
+
+_RC = {"text.parse_math": False, "svg.fonttype": "none", "font.size": 9, "axes.titlesize": 9,
+       "axes.spines.top": False, "axes.spines.right": False}
+_salt = itertools.count()
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22"]
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.rcParams.update(_RC)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _plain_ticks(axis) -> None:
+    """Tick labels as plain numbers (math text is off, so log axes would show raw TeX)."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+def svg(fig) -> str:
+    """The figure as an inline <svg> element (no XML prolog), with ids unique on the page."""
+    import matplotlib
+
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.hashsalt": f"llamalens-{next(_salt)}"}), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # missing glyphs (emoji, CJK) are drawn as boxes, not errors
+        fig.savefig(buf, format="svg")
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def png(fig, dpi: int = 110) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def heatmaps(summary, metric: str, x: str, y: str | None, panel: list[str]):
+    """`metric` of each configuration over two setting axes, one panel per value of the others."""
+    keys = sorted({tuple(r[a] for a in panel) for _, r in summary.iterrows()}) if panel else [()]
+    xs = sorted(summary[x].unique())
+    ys = sorted(summary[y].unique()) if y else [None]
+    n = len(keys)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = _figure(min(3.4 * cols, 10.5), 0.5 + rows * (0.45 * len(ys) + 1.2))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    vals = summary[metric].astype(float)
+    finite = vals[np.isfinite(vals)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+    if vmin == vmax:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    im = None
+    for ax, key in zip(axes, keys):
+        grid = np.full((len(ys), len(xs)), np.nan)
+        sub = summary
+        for a, v in zip(panel, key):
+            sub = sub[sub[a] == v]
+        for _, r in sub.iterrows():
+            grid[ys.index(r[y]) if y else 0, xs.index(r[x])] = r[metric]
+        im = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=8,
+                        color="white" if (v - vmin) / (vmax - vmin) < 0.55 else "black")
+        ax.set_xticks(range(len(xs)), [f"{v:g}" for v in xs])
+        ax.set_xlabel(x)
+        ax.set_yticks(range(len(ys)), [f"{v:g}" for v in ys] if y else [""])
+        if y:
+            ax.set_ylabel(y)
+        ax.set_title(", ".join(f"{a}={v:g}" for a, v in zip(panel, key)) or metric)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    if im is not None:
+        fig.colorbar(im, ax=axes[:n].tolist(), label=metric, shrink=0.9)
+    return fig
+
+
+def positions(curves: dict[str, dict[str, np.ndarray]]):
+    """Per position, one line (or bar group) per configuration: p(chosen), entropy, candidates."""
+    fig = _figure(10, 6.2 + 0.16 * math.ceil(len(curves) / 2))
+    ax_p, ax_h, ax_c = fig.subplots(3, 1, sharex=True)
+    n = len(curves)
+    width = 0.8 / max(n, 1)
+    for k, (label, c) in enumerate(curves.items()):
+        color = PALETTE[k % len(PALETTE)]
+        x = np.arange(len(c["prob"]))
+        if n <= 4:
+            ax_p.bar(x - 0.4 + width * (k + 0.5), c["prob"], width=width, color=color, label=label)
+        else:
+            ax_p.plot(x, c["prob"], marker=".", lw=1, color=color, label=label)
+        ax_h.plot(x, c["entropy"], lw=1.2, color=color)
+        ax_c.step(x, c["candidates"], where="mid", lw=1.2, color=color)
+    ax_p.set_ylabel("p(chosen token)")
+    ax_p.set_ylim(0, 1.02)
+    ax_h.set_ylabel("entropy (nats)")
+    ax_c.set_ylabel("candidates")
+    ax_c.set_yscale("symlog", linthresh=1)
+    _plain_ticks(ax_c.yaxis)
+    ax_c.set_xlabel("generated token position")
+    if n:
+        handles, labels = ax_p.get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=7, ncol=2 if n > 3 else 1, loc="outside lower center", frameon=False)
+    return fig
+
+
+def sampler_stages(top_labels: list[str], raw: list[float], chains: list[tuple[str, list[float], int]]):
+    """Raw top-N probabilities (grey) and what each configuration's chain makes of them (colour)."""
+    n = len(chains)
+    fig = _figure(10, 0.6 + 1.9 * n)
+    axes = np.atleast_1d(fig.subplots(n, 1, sharex=True, squeeze=False)).ravel()
+    x = np.arange(len(top_labels))
+    for k, (ax, (label, final, survivors)) in enumerate(zip(axes, chains)):
+        ax.bar(x - 0.2, raw, width=0.4, color="#bbbbbb", label="raw")
+        ax.bar(x + 0.2, final, width=0.4, color=PALETTE[k % len(PALETTE)], label="after the chain")
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel("p")
+        ax.set_title(f"{label}: {survivors:,} candidate{'s' if survivors != 1 else ''} left", loc="left")
+    axes[0].legend(fontsize=7, loc="upper right", frameon=False)
+    axes[-1].set_xticks(x, top_labels, rotation=60, ha="right", fontsize=8)
+    return fig
+
+
+def series(values, ylabel: str, xlabel: str = "token position", log: bool = False):
+    """One value per position (e.g. per-token KLD or surprise along a text)."""
+    fig = _figure(10, 2.4)
+    ax = fig.subplots()
+    v = np.asarray(values, dtype=float)
+    ax.plot(np.arange(len(v)), v, lw=0.8, color=PALETTE[0])
+    if log:
+        ax.set_yscale("symlog", linthresh=1e-4)
+        _plain_ticks(ax.yaxis)
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel(xlabel)
+    return fig
+
+
+def histogram(values, xlabel: str, log_x: bool = False):
+    fig = _figure(6, 2.6)
+    ax = fig.subplots()
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if log_x:
+        v = np.maximum(v, 1e-8)
+        bins = np.logspace(math.log10(v.min()), math.log10(max(v.max(), v.min() * 10)), 40) if len(v) else 10
+        ax.set_xscale("log")
+        _plain_ticks(ax.xaxis)
+    else:
+        bins = 40
+    ax.hist(v, bins=bins, color=PALETTE[0])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("tokens")
+    return fig

@@ -1,0 +1,235 @@
+"""Reports: the document built from a real run, escaping, the sampler view against numpy, the HTML page
+in headless Chromium (no console errors, tooltips on hover, nothing injected), Markdown images, bad input."""
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from browser import Browser, chromium
+from llamalens import analysis as A
+from llamalens import grid as G
+from llamalens import report as R
+from llamalens.cli import main
+from llamalens.documents import run_document
+from llamalens.settings import SamplingSettings
+from llamalens.stats import log_softmax
+from llamalens.store import Store
+from llamalens.sweep import SweepSpec, run_sweep, start_sweep
+from llamalens.views import sampler_view
+
+XSS = ['<script>alert(1)</script>', '"><img src=x onerror=alert(1)>']
+needs_chromium = pytest.mark.skipif(chromium() is None, reason="headless Chromium is not installed")
+
+
+def cli(*args, ok=True):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny, tmp_path_factory):
+    store = Store(tmp_path_factory.mktemp("store") / "runs.db")
+    configs = G.expand({"temperature": [0.0, 0.9], "top_k": [3, 40], "top_p": [0.5, 1.0]})
+    prompts = ["the cat sat", XSS[0] + " " + XSS[1] + "\ttab\nline \x07bell"]
+    rid = run_sweep(tiny, store, SweepSpec(prompts, configs, [0, 1], max_tokens=12, n_logprobs=5, parallel=8))
+    return store, rid
+
+
+def test_pure_helpers():
+    assert A.first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert A.first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert A.first_divergence([1, 2], [1, 2, 3]) == 2
+    assert A.seed_splits([[1, 2, 3], [1, 2, 4], [1, 2, 3]]) == (2, [2])
+    assert A.seed_splits([[1, 2], [3, 2], [3, 4]]) == (3, [0, 1])
+    assert A.seed_splits([[7, 7]] * 3) == (1, [])
+    assert [R.prob_class(p) for p in (0.0, 0.05, 0.5, 0.99, 1.0)] == ["p0", "p0", "p5", "p9", "p9"]
+    assert [R.gltr_class(r) for r in (1, 10, 11, 100, 1000, 1001)] == ["g0", "g0", "g1", "g1", "g2", "g3"]
+    assert [R.kld_class(k) for k in (0.0, 5e-5, 1e-4 * 1.01, 1e-3, 0.05, 2.0)] == ["k0", "k0", "k1", "k3", "k6", "k9"]
+    text = R._json_for_script({"t": "</script><script>alert(1)</script>&"})
+    assert "<" not in text and ">" not in text and "&" not in text and json.loads(text)["t"].startswith("</script>")
+
+
+def test_sampler_view_matches_numpy(tiny):
+    """Each chain's result equals an independent numpy implementation on the same raw logits."""
+    prompt = "the cat sat"
+    cfgs = [SamplingSettings(temperature=0.0), SamplingSettings(temperature=0.7, top_k=3, top_p=1.0, min_p=0.0),
+            SamplingSettings(temperature=1.3, top_k=0, top_p=0.6, min_p=0.0),
+            SamplingSettings(temperature=0.5, top_k=0, top_p=1.0, min_p=0.2)]
+    view = sampler_view(tiny, prompt, [], cfgs, top=20)
+    toks = tiny.prompt_tokens(prompt)
+    with tiny.context(n_ctx=256) as ctx:
+        logits = ctx.prefill(toks).astype(np.float64)
+    lp = log_softmax(logits)
+    ids = [a.id for a in view.top]
+    assert ids == list(np.lexsort((np.arange(len(lp)), -lp))[:20])
+    assert np.allclose([a.logprob for a in view.top], lp[ids], atol=1e-6)
+    p = np.exp(lp)
+    order = np.lexsort((np.arange(len(p)), -p))
+
+    def final(keep, temp):
+        z = logits[keep] / temp
+        q = np.exp(z - z.max())
+        q /= q.sum()
+        by = dict(zip(keep.tolist(), q))
+        return [by.get(i, 0.0) for i in ids], len(keep)
+
+    greedy, topk, topp, minp = view.chains
+    assert greedy.final.probs == [1.0] + [0.0] * 19 and greedy.final.survivors == 1
+    want, n = final(order[:3], 0.7)
+    assert topk.final.survivors == n == 3 and np.allclose(topk.final.probs, want, atol=1e-5)
+    cum = np.cumsum(p[order])
+    keep = order[: int(np.searchsorted(cum, 0.6) + 1)]
+    want, n = final(keep, 1.3)
+    assert topp.final.survivors == n and np.allclose(topp.final.probs, want, atol=1e-5)
+    keep = order[p[order] >= 0.2 * p.max()]
+    want, n = final(keep, 0.5)
+    assert minp.final.survivors == n and np.allclose(minp.final.probs, want, atol=1e-5)
+    assert [s.stage for s in topk.stages] == ["raw", "penalties", "top_k", "typical_p", "top_p", "min_p", "temperature"]
+
+
+def test_document_sections(tiny_run, tiny):
+    store, rid = tiny_run
+    doc = run_document(store, rid, model=tiny)
+    headings = [b.text for b in doc.blocks if isinstance(b, R.Heading)]
+    assert headings == ["Summary per configuration", "Token views", "Along the sequence", "Seeds",
+                        "How the samplers reshape the distribution", "Timing"]
+    strips = [b for b in doc.blocks if isinstance(b, R.Strips)]
+    assert len(strips) == 2 and sum(len(s.rows) for s in strips) == store.run(rid).n_done
+    # every stored token is in a strip, in order, with its exact tooltip numbers
+    stored = {}
+    for idx, t in store.tokens(rid):
+        stored.setdefault(idx, []).append(t)
+    for s in strips:
+        for label, views in s.rows:
+            idx = int(re.match(r"#(\d+) ", label).group(1))
+            assert [v.id for v in views] == [t.id for t in stored[idx]]
+            assert [v.values[0] for v in views] == [f"{math.exp(t.logprob):.4f}" for t in stored[idx]]
+    figures = [b.name for b in doc.blocks if isinstance(b, R.Figure)]
+    assert "sampler_view" in figures and "positions_prompt1" in figures and "heatmap_mean_logprob" in figures
+    # the control characters of prompt 1 are visible, never dropped
+    assert "⇥tab⏎line <0x07>bell" in strips[1].context
+
+
+def test_html_escaping_and_self_contained(tiny_run, tmp_path):
+    store, rid = tiny_run
+    out = tmp_path / "r.html"
+    R.write(run_document(store, rid), out)
+    page = out.read_text(encoding="utf-8")
+    for bad in XSS:
+        assert bad not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert page.count("<script") == 2  # the JSON data block and our own script
+    assert not re.search(r"(src|href)=\"(https?:)?//", page)  # nothing fetched from a network
+
+
+@needs_chromium
+def test_html_in_chromium(tiny_run, tiny, tmp_path):
+    store, rid = tiny_run
+    out = tmp_path / "r.html"
+    R.write(run_document(store, rid, model=tiny), out)
+    with Browser() as b:
+        page = b.open(out)
+        assert page.problems() == []
+        assert page.eval("document.querySelectorAll('img').length") == 0  # the injected <img> is only text
+        assert page.eval("document.querySelectorAll('script').length") == 2
+        prompts = page.eval("Array.from(document.querySelectorAll('.ctx')).map(e => e.textContent)")
+        assert XSS[0] in prompts[1] and XSS[1] in prompts[1]
+        # hover token 5 of the page: its tooltip shows that token's id and top alternatives
+        assert page.eval("document.getElementById('tip').hidden") is True
+        page.hover(".tk", 5)
+        tip = page.eval("(() => { const t = document.getElementById('tip'); return [t.hidden, t.innerText]; })()")
+        i = int(page.eval("document.querySelectorAll('.tk')[5].dataset.i"))
+        data = json.loads(page.eval("document.getElementById('ll-data').textContent"))["tokens"][i]
+        assert tip[0] is False and str(data[1]) in tip[1] and data[3][0][0][0] in tip[1]
+        # keyboard focus shows it too; the colour mode switches
+        page.eval("document.querySelectorAll('.tk')[7].focus()")
+        assert page.eval("document.getElementById('tip').hidden") is False
+        before = page.eval("getComputedStyle(document.querySelector('.tk.g3, .tk.g2, .tk.g1, .tk.g0')).backgroundColor")
+        page.eval("document.querySelector('[data-setmode=gltr]').click()")
+        assert page.eval("document.body.dataset.mode") == "gltr"
+        after = page.eval("getComputedStyle(document.querySelector('.tk.g3, .tk.g2, .tk.g1, .tk.g0')).backgroundColor")
+        assert before != after
+        # a sortable column sorts
+        page.eval("document.querySelector('table.sortable th:nth-child(5)').click()")
+        col = page.eval("Array.from(document.querySelector('table.sortable').tBodies[0].rows)"
+                        ".map(r => parseFloat(r.cells[4].dataset.v))")
+        assert col == sorted(col)
+        page.screenshot(tmp_path / "shot.png")
+        assert (tmp_path / "shot.png").stat().st_size > 10_000
+
+
+def test_markdown_report(tiny_run, tmp_path):
+    store, rid = tiny_run
+    files = R.write(run_document(store, rid), tmp_path / "r.md")
+    md = (tmp_path / "r.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\((r_files/[^)]+\.png)\)", md)
+    assert links and sorted(tmp_path / l for l in links) == sorted(files[1:])
+    for f in files[1:]:
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<script>" not in md.split("```")[0]  # outside code blocks all HTML is escaped
+    assert "&lt;script&gt;" in md
+
+
+def test_report_size_limit(tiny, tmp_path):
+    """200 samples x 64 tokens stay under 5 MB."""
+    store = Store(tmp_path / "big.db")
+    configs = G.expand({"temperature": [0.5, 0.9, 1.3, 1.7], "top_p": [0.8, 1.0]})
+    spec = SweepSpec(["a b c", "the cat", "hello there", "one two", "x y z"], configs, list(range(5)),
+                     max_tokens=64, n_logprobs=5, parallel=32)
+    rid = run_sweep(tiny, store, spec)
+    out = tmp_path / "big.html"
+    R.write(run_document(store, rid, model=tiny), out)
+    n_tok = len(store.tokens(rid))
+    assert store.run(rid).n_done == 200 and n_tok > 150 * 64 * 0.5
+    assert out.stat().st_size < 5e6, out.stat().st_size
+
+
+def test_cli_report_and_bad_input(tiny_run, tiny_path, tmp_path, monkeypatch):
+    store, rid = tiny_run
+    monkeypatch.setenv("LLAMALENS_STORE", str(store.path))
+    res = cli("report", rid, "-o", tmp_path / "ok.html", "--model", tiny_path, "--position", 2)
+    assert (tmp_path / "ok.html").exists() and "wrote" in res.output
+    cases = [
+        (["report", "999", "-o", tmp_path / "a.html"], "no run 999"),
+        (["report", rid, "-o", tmp_path / "a.pdf"], "cannot tell the report format"),
+        (["report", rid, "-o", tmp_path / "a.html", "--format", "docx"], "unknown report format 'docx'"),
+        (["report", rid, "-o", tmp_path / "missing" / "a.html"], "folder .* does not exist"),
+        (["report", rid, "-o", tmp_path / "a.html", "--metric", "vibes"], "unknown metric 'vibes'"),
+        (["report", rid, "-o", tmp_path / "a.html", "--model", tiny_path, "--position", 999], "--position 999"),
+    ]
+    for args, msg in cases:
+        res = cli(*args, ok=False)
+        assert res.exit_code != 0 and re.search(msg, res.output), (args, res.output)
+    assert not (tmp_path / "a.html").exists() and not (tmp_path / "a.html.part").exists()
+
+
+def test_report_of_empty_and_unfinished_runs(tiny, tmp_path, monkeypatch):
+    store = Store(tmp_path / "s.db")
+    monkeypatch.setenv("LLAMALENS_STORE", str(store.path))
+    spec = SweepSpec(["the cat"], [SamplingSettings(temperature=0.0)], [0, 1], max_tokens=4, parallel=2)
+    empty = start_sweep(tiny, store, spec)
+    res = cli("report", empty, "-o", tmp_path / "e.html", ok=False)
+    assert res.exit_code == 1 and "no finished samples" in res.output and not (tmp_path / "e.html").exists()
+    # a run with one of its two samples saved: reported, with a warning
+    from llamalens.engine import generate
+
+    store.save_sample(empty, 0, generate(tiny, "the cat", SamplingSettings(temperature=0.0), max_tokens=4))
+    res = cli("report", empty, "-o", tmp_path / "p.html", "--no-model")
+    assert "warning: run" in res.output and "1/2 samples" in res.output
+    page = (tmp_path / "p.html").read_text(encoding="utf-8")
+    assert "1 of 2 samples are finished" in page and "Left out: this view needs the model" in page
+
+
+def test_sweep_writes_report(tiny_path, tmp_path):
+    out = tmp_path / "sweep.md"
+    cli("sweep", "the cat", "-t", "0,0.8", "--seeds", 2, "-n", 6, "--model", tiny_path, "--report", out)
+    assert out.exists() and (tmp_path / "sweep_files").is_dir()
+    res = cli("sweep", "the cat", "--model", tiny_path, "--report", tmp_path / "nope" / "r.html", ok=False)
+    assert res.exit_code == 1 and "does not exist" in res.output
+    assert len(Store(tmp_path / "runs.db").runs()) == 1  # the bad report path failed before any sweep
