@@ -35,15 +35,13 @@ def _fail_cleanly(fn):
     return wrapper
 
 
-def model_options(fn):
-    """--model, --gpu-layers, --ctx, --threads, --batch, --flash-attn: shared by every model command."""
+def runtime_options(fn):
+    """--gpu-layers, --ctx, --threads, --batch, --flash-attn: how a model is run."""
     opts = [
-        click.option("--model", "-m", default=None, envvar="LLAMALENS_MODEL", show_envvar=True,
-                     help="GGUF path or model name (see `llamalens models`); default: embedded Gemma 3 270M Q4_K_M."),
         click.option("--gpu-layers", type=int, default=0, show_default=True,
                      help="Layers to offload to the GPU (-1 = all); needs a CUDA or Metal build."),
         click.option("--ctx", type=int, default=2048, show_default=True,
-                     help="Context window per sequence: prompt + generated tokens."),
+                     help="Context window per sequence: prompt + generated tokens (scoring: the window size)."),
         click.option("--threads", type=int, default=None, help="CPU threads (default: all cores)."),
         click.option("--batch", type=int, default=512, show_default=True, help="Prompt tokens per decode call."),
         click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
@@ -52,6 +50,14 @@ def model_options(fn):
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
+
+
+def model_options(fn):
+    """--model plus the runtime options: shared by every single-model command."""
+    fn = runtime_options(fn)
+    return click.option("--model", "-m", default=None, envvar="LLAMALENS_MODEL", show_envvar=True,
+                        help="GGUF path or model name (see `llamalens models`); default: embedded Gemma 3 270M "
+                             "Q4_K_M.")(fn)
 
 
 def _load(model, gpu_layers, ctx, threads, batch, flash_attn):
@@ -589,6 +595,257 @@ def export(run_id, fmt, output, store_path):
     except OSError as e:
         raise click.ClickException(f"cannot write {out} ({e.strerror}); choose a writable path") from None
     click.echo(f"wrote {n} {'samples' if fmt == 'jsonl' else 'tokens'} of run {info.id} to {out}", err=True)
+
+
+# -- score / choose / compare ------------------------------------------------------------------
+def _read_text(text, file, raw_bytes):
+    """TEXT or --file (UTF-8, or any bytes with --raw-bytes; '-' = stdin)."""
+    from pathlib import Path
+
+    from .errors import InvalidInput
+
+    if text is not None and file:
+        raise click.UsageError("give TEXT or --file, not both")
+    if text is None and not file:
+        raise click.UsageError("give a TEXT argument or --file FILE")
+    if text is not None:
+        return text.encode("utf-8") if raw_bytes else text
+    try:
+        raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    except FileNotFoundError:
+        raise InvalidInput(f"--file: file not found: {file}") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"--file: {file} is a directory; give a text file") from None
+    except OSError as e:
+        raise InvalidInput(f"--file: cannot read {file} ({e.strerror})") from None
+    if raw_bytes:
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"--file: {file} is not UTF-8 (byte 0x{raw[e.start]:02X} at offset {e.start}); convert it "
+                           f"(e.g. iconv -f latin1 -t utf-8 {file}) or pass --raw-bytes to score its bytes as they "
+                           "are") from None
+
+
+def _check_report_path(report_path):
+    if report_path:
+        from .report import check_writable, report_format
+
+        report_format(report_path, None)
+        check_writable(report_path)
+
+
+def _write_doc(doc, report_path):
+    from . import report
+
+    files = report.write(doc, report_path)
+    extra = f" and {len(files) - 1} images in {files[1].parent}" if len(files) > 1 else ""
+    click.echo(f"wrote {files[0]} ({sum(f.stat().st_size for f in files) / 1e6:.2f} MB){extra}", err=True)
+
+
+def _window_progress(what):
+    def show(k, n):
+        if n > 1:
+            click.echo(f"\r{what}: window {k}/{n}", err=True, nl=k >= n)
+
+    return show
+
+
+text_options = [
+    click.argument("text", required=False),
+    click.option("--file", "-f", "file", default=None, help="Read the text from a file ('-' = stdin), UTF-8."),
+    click.option("--raw-bytes", is_flag=True, help="Tokenize the input's bytes as they are (for non-UTF-8 files)."),
+    click.option("--protocol", type=click.Choice(["full", "llama-perplexity"]), default="full", show_default=True,
+                 help="full: every token, overlapping windows; llama-perplexity: exactly as llama.cpp's tool."),
+    click.option("--stride", type=int, default=None,
+                 help="full protocol: new tokens per window (default ctx/2); each token keeps >= ctx-1-stride of context."),
+    click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
+    click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+                 help="Also write a report (FILE.html or FILE.md)."),
+]
+
+
+def _text_options(fn):
+    for opt in reversed(text_options):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@_text_options
+@click.option("--logprobs", type=click.IntRange(0, 100), default=5, show_default=True,
+              help="Top alternatives kept per token.")
+@click.option("--all", "show_all", is_flag=True, help="Print every token (default: all when <= 100, else the most surprising).")
+@model_options
+@_fail_cleanly
+def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprobs, show_all, **kw):
+    """How surprised the model is by a text: per-token logprob, rank, entropy; perplexity, bits per byte.
+
+    \b
+    llamalens score "The quick brown fox jumps over the lazy dog."
+    llamalens score --file wiki.test.raw --protocol llama-perplexity --ctx 512
+    """
+    from .display import visible
+    from .score import score_text
+
+    data = _read_text(text, file, raw_bytes)
+    _check_report_path(report_path)
+    model = _model_from(kw)
+    res = score_text(model, data, model.options.ctx, protocol, stride, logprobs, _window_progress("scoring"))
+    for note in res.notes:
+        click.echo(f"note: {note}", err=True)
+    if as_json:
+        _json_out(res.to_dict())
+    else:
+        toks = res.tokens
+        shown = toks if show_all or len(toks) <= 100 else sorted(toks, key=lambda t: t.logprob)[:15]
+        rows = [("#", "token", "prob", "logprob", "rank", "entropy", "top alternatives")]
+        for t in shown:
+            alts = "  ".join(f"{visible(a.text, a.bytes)} {math.exp(a.logprob):.3f}" for a in t.top)
+            rows.append((t.position, visible(t.text, t.bytes), f"{t.prob:.4f}", f"{t.logprob:.4f}", t.rank,
+                         f"{t.entropy:.3f}", alts))
+        if shown is not toks:
+            click.echo(f"the {len(shown)} most surprising of {len(toks)} tokens (--all for every one, --json for all data):")
+        _print_table(rows, right={0, 2, 3, 4, 5})
+        tot = res.totals()
+        click.echo(f"{tot['scored']} of {tot['tokens']} tokens scored ({res.protocol}, ctx {res.ctx}, {res.windows} "
+                   f"window{'s' if res.windows != 1 else ''}): mean NLL {tot['mean_nll']:.4f} nats, perplexity "
+                   f"{tot['perplexity']:.4f} ± {tot['perplexity_error']:.4f}, {tot['bits_per_byte']:.4f} bits per "
+                   f"byte; {tot['tokens_per_s']:.0f} tokens/s")
+    if report_path:
+        from .documents import score_document
+
+        _write_doc(score_document(res), report_path)
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--option", "options", multiple=True, help="A continuation to score (repeat, at least twice).")
+@click.option("--normalize", type=click.Choice(["none", "token", "byte"]), default="none", show_default=True,
+              help="Rank by total logprob, or per token / per byte (fairer across lengths).")
+@click.option("--no-space", is_flag=True, help="Append options as given (default: a space joins prompt and option).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@model_options
+@_fail_cleanly
+def choose(prompt, options, normalize, no_space, as_json, **kw):
+    """Rank continuations of PROMPT by likelihood: zero-shot classification, multiple choice.
+
+    \b
+    llamalens choose "The capital of France is" --option Paris --option London --option Berlin
+    llamalens choose "Review: great film! Sentiment:" --option positive --option negative --normalize token
+    """
+    from .display import visible
+    from .errors import InvalidInput
+    from .score import choose as choose_fn
+
+    if len(options) < 2:
+        raise InvalidInput(f"give at least two --option values to choose between (got {len(options)})")
+    model = _model_from(kw)
+    res = choose_fn(model, prompt, list(options), normalize, space=not no_space)
+    for note in res.notes:
+        click.echo(f"note: {note}", err=True)
+    if as_json:
+        _json_out(res.to_dict())
+        return
+    rows = [("rank", "option", f"score ({normalize})", "logprob", "tokens", "per token", "per byte", "share", "margin",
+             "token logprobs")]
+    for i, (o, m, p) in enumerate(zip(res.options, res.margins(), res.probabilities()), 1):
+        per = "  ".join(f"{visible(t.text, t.bytes)} {t.logprob:.3f}" for t in o.tokens)
+        rows.append((i, visible(o.option, edge_spaces=False), f"{o.score(normalize):.4f}", f"{o.total:.4f}",
+                     len(o.tokens), f"{o.total / len(o.tokens):.4f}", f"{o.total / max(o.n_bytes, 1):.4f}", f"{p:.1%}",
+                     "" if m != m else f"+{m:.4f}", per))
+    _print_table(rows, right={0, 2, 3, 4, 5, 6, 7, 8})
+    click.echo(f"share = softmax of the scores over these options; margin = lead over the next option "
+               f"({'nats' if normalize == 'none' else 'nats per ' + normalize})")
+
+
+@main.command()
+@_text_options
+@click.option("--model", "-m", "model_paths", multiple=True, required=True,
+              help="Model A (the reference), then model B; with --run, just B (A is the run's model).")
+@click.option("--run", "run_id", default=None, help="Compare on the generated tokens of a stored sweep.")
+@click.option("--top", type=click.IntRange(1, 50), default=20, show_default=True, help="Positions of most disagreement to list.")
+@store_option
+@runtime_options
+@_fail_cleanly
+def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model_paths, run_id, top, store_path, **kw):
+    """How far model B drifts from model A (e.g. Q4_K_M from Q8_0) on the same tokens: KLD, Δp, same top.
+
+    \b
+    llamalens compare -m model-q8_0.gguf -m model-q4_k_m.gguf --file wiki.test.raw --ctx 512
+    llamalens compare --run 7 -m model-q2_k.gguf        # what B thinks of run 7's text
+    """
+    from .errors import InvalidInput
+    from .models import resolve_model
+    from .score import compare_run, compare_text, same_file
+
+    store = None
+    if run_id is not None:
+        if text is not None or file:
+            raise click.UsageError("give TEXT, --file or --run, not several")
+        store = _store(store_path)
+        info = store.run(run_id)
+        if len(model_paths) == 1:
+            model_paths = (info.model.get("path"),) + tuple(model_paths)
+        data = None
+    else:
+        data = _read_text(text, file, raw_bytes)
+    if len(model_paths) != 2:
+        raise InvalidInput(f"give exactly two models: --model A --model B (got {len(model_paths)})")
+    pa, pb = resolve_model(model_paths[0]), resolve_model(model_paths[1])
+    if same_file(pa, pb):
+        raise InvalidInput(f"--model {pa} is given twice: the KL divergence of a model with itself is 0 by construction; "
+                           "pass two different files")
+    _check_report_path(report_path)
+    opts = dict(kw)
+    a = _load(str(pa), opts["gpu_layers"], opts["ctx"], opts["threads"], opts["batch"], opts["flash_attn"])
+    b = _load(str(pb), opts["gpu_layers"], opts["ctx"], opts["threads"], opts["batch"], opts["flash_attn"])
+    if store is not None:
+        res = compare_run(a, b, store, run_id, on_progress=_window_progress("comparing samples"))
+    else:
+        res = compare_text(a, b, data, a.options.ctx, protocol, stride, on_progress=_window_progress("comparing"))
+    for note in res.notes:
+        click.echo(f"note: {note}", err=True)
+    if as_json:
+        _json_out(res.to_dict())
+    else:
+        _print_comparison(res, top)
+    if report_path:
+        from .documents import compare_document
+
+        _write_doc(compare_document(res), report_path)
+
+
+def _print_comparison(res, top) -> None:
+    from .display import visible
+
+    s = res.summary()
+    na, nb = res.model_a.get("name"), res.model_b.get("name")
+    click.echo(f"A = {na} ({res.model_a.get('quantization')}), B = {nb} ({res.model_b.get('quantization')}); "
+               f"{s['tokens']} tokens ({res.source}, {res.protocol}, ctx {res.ctx})")
+    lines = [
+        ("PPL(A)", f"{s['ppl_a']:.4f}"), ("PPL(B)", f"{s['ppl_b']:.4f}"),
+        ("PPL(B)/PPL(A)", f"{s['ppl_ratio']:.5f}"), ("ln(PPL(B)/PPL(A))", f"{s['ln_ppl_ratio']:+.5f}"),
+        ("mean KLD(A||B)", f"{s['kld_mean']:.6f} ± {s['kld_error']:.6f}"),
+        ("KLD median / 90% / 95% / 99% / 99.9% / max",
+         " / ".join(f"{s[k]:.6f}" for k in ("kld_median", "kld_p90", "kld_p95", "kld_p99", "kld_p99_9", "kld_max"))),
+        ("mean Δp (B-A)", f"{s['dp_mean'] * 100:+.3f} ± {s['dp_error'] * 100:.3f} %"),
+        ("RMS Δp", f"{s['dp_rms'] * 100:.3f} %"),
+        ("Δp 1% / 5% / median / 95% / 99%",
+         " / ".join(f"{s[k] * 100:+.3f}%" for k in ("dp_p1", "dp_p5", "dp_median", "dp_p95", "dp_p99"))),
+        ("same top token", f"{s['same_top'] * 100:.2f} ± {s['same_top_error'] * 100:.2f} %"),
+    ]
+    _print_table([("statistic", "value")] + lines)
+    click.echo("")
+    rows = [("pos", "sample", "token", "KLD", "p A", "p B", "top A", "top B")]
+    for p in res.worst(top):
+        rows.append((p.position, "" if p.sample is None else p.sample, visible(p.text, p.bytes), f"{p.kld:.5f}",
+                     f"{p.p_a:.4f}", f"{p.p_b:.4f}",
+                     "  ".join(f"{visible(x.text, x.bytes)} {x.prob:.3f}" for x in p.top_a[:3]),
+                     "  ".join(f"{visible(x.text, x.bytes)} {x.prob:.3f}" for x in p.top_b[:3])))
+    click.echo(f"the {len(rows) - 1} positions where the models disagree most:")
+    _print_table(rows, right={0, 1, 3, 4, 5})
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,8 +26,23 @@ class Alternative:
         return math.exp(self.logprob)
 
 
+class _WithProbs:
+    """`prob` and a `to_dict` that adds probabilities next to logprobs (for tokens with `top` alternatives)."""
+
+    @property
+    def prob(self) -> float:
+        return math.exp(self.logprob)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["prob"] = self.prob
+        for a in d["top"]:
+            a["prob"] = math.exp(a["logprob"])
+        return d
+
+
 @dataclass
-class TokenRecord:
+class TokenRecord(_WithProbs):
     """One generated (or scored) token and what the model thought when it chose it."""
 
     position: int  # 0-based index in the generated sequence
@@ -42,16 +57,6 @@ class TokenRecord:
     top: list[Alternative] = field(default_factory=list)
     eog: bool = False  # an end-of-generation token: it ended the sample and is not part of `text`
 
-    @property
-    def prob(self) -> float:
-        return math.exp(self.logprob)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["prob"] = self.prob
-        for a in d["top"]:
-            a["prob"] = math.exp(a["logprob"])
-        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenRecord":
@@ -105,3 +110,18 @@ class Sample:
             "tokens": [t.to_dict() for t in self.tokens],
             "timing": self.timing.to_dict(),
         }
+
+
+@dataclass
+class ScoredToken(_WithProbs):
+    """One token of a given text, teacher-forced: what the model thought of it before seeing it."""
+
+    position: int  # 0-based index among the text's tokens (BOS not counted)
+    id: int
+    text: str
+    bytes: str  # hex
+    logprob: float  # log-softmax of the raw logits at the previous position
+    rank: int
+    entropy: float
+    top: list[Alternative] = field(default_factory=list)
+

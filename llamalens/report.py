@@ -173,6 +173,8 @@ def _mode_css(modes: list[str]) -> str:
         out.append(f'body[data-mode="prob"] .p{i},.legend .p{i}{{background:{c}}}')
     for i, c in enumerate(["#b9efb0", "#fff2a0", "#ffb8b0", "#dcc7ff"]):  # GLTR
         out.append(f'body[data-mode="gltr"] .g{i},.legend .g{i}{{background:{c}}}')
+    out.append('body[data-mode="same"] .st1,.legend .st1{background:#b9efb0}')
+    out.append('body[data-mode="same"] .st0,.legend .st0{background:#ffb8b0}')
     for i in range(10):  # KLD: white -> deep red
         c = f"hsl(0,{20 + i * 8}%,{98 - i * 5.5:.0f}%)"
         out.append(f'body[data-mode="kld"] .k{i},.legend .k{i}{{background:{c}}}')
@@ -183,6 +185,7 @@ _LEGENDS = {
     "prob": "".join(f'<span class="p{i}">{i / 10:.1f}</span>' for i in range(10)) + " probability of the token",
     "gltr": '<span class="g0">top 10</span><span class="g1">top 100</span><span class="g2">top 1000</span>'
             '<span class="g3">beyond</span> rank of the token (GLTR)',
+    "same": '<span class="st1">same</span><span class="st0">different</span> top token under the two models',
     "kld": "".join(f'<span class="k{i}">{"<1e-4" if i == 0 else f"{10 ** ((i - 1) / 2 - 4):.0e}"}</span>'
                    for i in range(10)) + " KL divergence (nats)",
 }

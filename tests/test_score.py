@@ -1,0 +1,232 @@
+"""score / choose / compare: alignment, both protocols and KLD against llama-cpp-python's own logits and
+numpy; quantization drift ordering on real copies of the default model; every bad input."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from llamalens.cli import main
+from llamalens.errors import InvalidInput
+from llamalens.runtime import Model, ModelOptions
+from llamalens.score import choose, compare_run, compare_text, plan_windows, score_text
+from llamalens.stats import kl_divergence, log_softmax
+
+TEXT = ("The quick brown fox jumps over the lazy dog. It was a bright cold day in April, and the clocks were "
+        "striking thirteen. Call me Ishmael. Some years ago, never mind how long precisely, having little or no "
+        "money in my purse, I thought I would sail about a little and see the watery part of the world.")
+
+
+def cli(*args, ok=True):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+def _quantized(src, dst, ftype):
+    import llama_cpp as L
+
+    p = L.llama_model_quantize_default_params()
+    p.ftype = ftype
+    p.allow_requantize = True
+    assert L.llama_model_quantize(str(src).encode(), str(dst).encode(), p) == 0
+    return dst
+
+
+@pytest.fixture(scope="module")
+def gemma_q2_path(gemma_path, tmp_path_factory):
+    return _quantized(gemma_path, tmp_path_factory.mktemp("q2") / "gemma-3-270m-q2_k.gguf", 10)  # MOSTLY_Q2_K
+
+
+def _llama_rows(llm, ids):
+    """Raw logits of every position of ids, decoded by llama-cpp-python's own Llama.eval."""
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float64)
+
+
+def test_window_plans():
+    # full: every stream token after BOS scored exactly once, each with >= ctx-1-stride context
+    for n, ctx, stride in [(10, 4, 2), (100, 16, 8), (100, 16, 15), (17, 16, 1), (5, 8, 4)]:
+        ws = plan_windows(n, ctx, "full", stride, bos=True)
+        scored = [w.start + j for w in ws for j in range(w.first, w.length)]
+        assert scored == list(range(1, n)), (n, ctx, stride)
+        assert all(w.length <= ctx for w in ws)
+        assert all(w.first - 1 >= ctx - 1 - stride for w in ws[1:] if w.length == ctx)
+    # llama-perplexity: floor(n/ctx) chunks, second halves scored, partial chunk dropped
+    ws = plan_windows(70, 16, "llama-perplexity", bos=True)
+    assert [(w.start, w.length, w.first, w.bos_first) for w in ws] == [(i * 16, 16, 9, True) for i in range(4)]
+
+
+def test_score_alignment_matches_llama_cpp(gemma, gemma_llama):
+    """Token i of the text is scored by the row before it; the first one from the BOS row (never dropped)."""
+    res = score_text(gemma, TEXT, ctx=512, n_logprobs=5)
+    ids = gemma.tokenize(TEXT, add_bos=False, special=False)
+    stream = [gemma.bos] + ids
+    assert [t.id for t in res.tokens] == ids and res.unscored == [] and res.tokens[0].position == 0
+    lp = log_softmax(_llama_rows(gemma_llama, stream))
+    want = np.array([lp[i, stream[i + 1]] for i in range(len(ids))])
+    got = np.array([t.logprob for t in res.tokens])
+    assert np.max(np.abs(got - want)) < 2e-3, np.max(np.abs(got - want))
+    assert res.perplexity == pytest.approx(math.exp(-want.mean()), rel=2e-3)
+    ranks = [int((lp[i] > lp[i, stream[i + 1]]).sum()) + 1 for i in range(len(ids))]
+    assert [t.rank for t in res.tokens] == ranks
+    assert res.bits_per_byte == pytest.approx(-got.sum() / math.log(2) / len(TEXT.encode()), rel=1e-12)
+
+
+def test_full_protocol_windows_match_direct_computation(gemma, gemma_llama):
+    """With windows of 32 and stride 12, each token's logprob is the one llama-cpp-python gives for the same window."""
+    ctx, stride = 32, 12
+    res = score_text(gemma, TEXT, ctx=ctx, stride=stride)
+    stream = [gemma.bos] + gemma.tokenize(TEXT, add_bos=False, special=False)
+    assert len(res.tokens) == len(stream) - 1 and res.windows > 3
+    got = {t.position: t.logprob for t in res.tokens}
+    for w in plan_windows(len(stream), ctx, "full", stride, bos=True):
+        ids = stream[w.start : w.start + w.length]
+        if w.bos_first:
+            ids = [gemma.bos] + ids[1:]
+        lp = log_softmax(_llama_rows(gemma_llama, ids))
+        for j in range(w.first, w.length):
+            assert abs(got[w.start + j - 1] - lp[j - 1, stream[w.start + j]]) < 2e-3
+
+
+def test_llama_perplexity_protocol(gemma, gemma_llama):
+    """Chunks of ctx, BOS first, second half scored, partial chunk dropped; needs 2*ctx tokens."""
+    ctx = 24
+    text = TEXT * 2
+    res = score_text(gemma, text, ctx=ctx, protocol="llama-perplexity")
+    stream = [gemma.bos] + gemma.tokenize(text, add_bos=False, special=False)
+    n_chunk = len(stream) // ctx
+    nll, count = 0.0, 0
+    for c in range(n_chunk):
+        ids = stream[c * ctx : (c + 1) * ctx]
+        lp = log_softmax(_llama_rows(gemma_llama, [gemma.bos] + ids[1:]))
+        for j in range(ctx // 2, ctx - 1):
+            nll -= lp[j, ids[j + 1]]
+            count += 1
+    assert len(res.tokens) == count == n_chunk * (ctx - 1 - ctx // 2)
+    assert res.perplexity == pytest.approx(math.exp(nll / count), rel=2e-3)
+    assert any("partial chunk" in n for n in res.notes) == (len(stream) % ctx != 0)
+    with pytest.raises(InvalidInput, match=r"needs at least 2048 \(as llama-perplexity itself does\)"):
+        score_text(gemma, TEXT, ctx=1024, protocol="llama-perplexity")
+
+
+def test_choose_ranks_the_right_continuation(gemma):
+    res = choose(gemma, "The capital of France is", ["London", "Paris", "Berlin"])
+    assert res.options[0].option == "Paris" and res.margins()[0] > 0.5
+    assert res.options[0].continuation == " Paris"
+    res = choose(gemma, "Students go to school to get an", ["educion", "education"], normalize="token")
+    assert [o.option for o in res.options] == ["education", "educion"] and res.margins()[0] > 1
+    # each option's logprob equals scoring prompt + option as one text
+    ptoks = gemma.prompt_tokens("The capital of France is")
+    whole = gemma.prompt_tokens("The capital of France is Paris")
+    with gemma.context(n_ctx=256) as ctx:
+        ctx.prefill(whole[:-1])
+        row = ctx.logits(-1).astype(np.float64)
+    lp = log_softmax(row)[whole[-1]]
+    assert len(whole) == len(ptoks) + 1
+    paris = next(o for o in choose(gemma, "The capital of France is", ["Paris", "Rome"]).options if o.option == "Paris")
+    assert paris.total == pytest.approx(lp, abs=2e-3)
+
+
+def test_kld_of_a_model_with_itself_is_zero(gemma, gemma_path):
+    with Model(gemma_path, ModelOptions(ctx=512, flash_attn="off")) as other:
+        cmp = compare_text(gemma, other, TEXT, ctx=64, stride=32)
+    s = cmp.summary()
+    assert s["kld_mean"] == 0.0 and s["kld_max"] == 0.0 and s["same_top"] == 1.0 and s["ppl_ratio"] == 1.0
+
+
+def test_quantization_drift_order_and_numpy(gemma, gemma_llama, gemma_q8_path, gemma_q2_path):
+    from llama_cpp import Llama
+
+    opts = ModelOptions(ctx=512, flash_attn="off")
+    with Model(gemma_q8_path, opts) as q8, Model(gemma_q2_path, opts) as q2:
+        c8 = compare_text(gemma, q8, TEXT, ctx=512)
+        c2 = compare_text(gemma, q2, TEXT, ctx=512)
+        alt = compare_text(gemma, q8, TEXT, ctx=512, alternate=True)
+    s8, s2 = c8.summary(), c2.summary()
+    assert 0 < s8["kld_mean"] < s2["kld_mean"] / 5, (s8["kld_mean"], s2["kld_mean"])
+    assert s8["same_top"] > s2["same_top"]
+    assert [p.kld for p in alt.positions] == [p.kld for p in c8.positions]  # alternating = lockstep
+    # KLD, Δp and both perplexities from llama-cpp-python's raw logits and a plain numpy formula
+    stream = [gemma.bos] + gemma.tokenize(TEXT, add_bos=False, special=False)
+    ref_b = Llama(str(gemma_q8_path), logits_all=True, n_ctx=512, verbose=False, flash_attn=False)
+    la, lb = _llama_rows(gemma_llama, stream), _llama_rows(ref_b, stream)
+    kld = np.array([kl_divergence(la[i], lb[i]) for i in range(len(stream) - 1)])
+    ours = np.array([p.kld for p in c8.positions])
+    assert np.max(np.abs(ours - kld)) < 2e-3 and abs(ours.mean() - kld.mean()) < 5e-4
+    lpa, lpb = log_softmax(la), log_softmax(lb)
+    nll_a = -np.mean([lpa[i, stream[i + 1]] for i in range(len(stream) - 1)])
+    nll_b = -np.mean([lpb[i, stream[i + 1]] for i in range(len(stream) - 1)])
+    assert s8["ppl_a"] == pytest.approx(math.exp(nll_a), rel=2e-3)
+    assert s8["ppl_b"] == pytest.approx(math.exp(nll_b), rel=2e-3)
+    dp = np.array([math.exp(lpb[i, stream[i + 1]]) - math.exp(lpa[i, stream[i + 1]]) for i in range(len(stream) - 1)])
+    assert np.max(np.abs(np.array([p.dp for p in c8.positions]) - dp)) < 2e-3
+    assert [p.position for p in c8.worst(3)] == list(np.argsort(-ours, kind="stable")[:3])
+
+
+def test_compare_on_a_stored_run(gemma, gemma_path, gemma_q8_path, tmp_path):
+    from llamalens import grid as G
+    from llamalens.store import Store
+    from llamalens.sweep import SweepSpec, run_sweep
+
+    store = Store(tmp_path / "runs.db")
+    rid = run_sweep(gemma, store, SweepSpec(["Once upon a time"], G.expand({"temperature": [0.0, 0.8]}), [0],
+                                            max_tokens=8, parallel=1, exact=True))
+    with Model(gemma_path, ModelOptions(ctx=512, flash_attn="off")) as same:
+        cmp = compare_run(gemma, same, store, rid)
+    stored = [t.logprob for _, t in store.tokens(rid)]
+    assert len(cmp.positions) == len(stored) and cmp.summary()["kld_max"] == 0.0
+    # model A's view of its own tokens is what the sweep stored, up to the batch-shape noise floor (the sweep
+    # decoded one token at a time, compare decodes each sample in one batch; ../shared/NOTES.md §6)
+    d = np.abs(np.array([math.log(p.p_a) for p in cmp.positions]) - np.array(stored))
+    assert d.mean() < 0.1 and d.max() < 0.35, d
+    assert [p.position for p in cmp.positions] == [t.position for _, t in store.tokens(rid)]
+    res = cli("compare", "--run", rid, "-m", gemma_q8_path, "--store", store.path, "--ctx", 512, "--flash-attn", "off")
+    assert "mean KLD(A||B)" in res.output and "sample" in res.output
+
+
+def test_cli_score_choose_compare_and_reports(gemma_path, gemma_q8_path, tmp_path):
+    res = cli("score", "The quick brown fox jumps over the lazy dog.", "--report", tmp_path / "s.html")
+    assert "perplexity" in res.output and (tmp_path / "s.html").exists()
+    res = cli("score", "--file", _write(tmp_path / "t.txt", TEXT), "--json")
+    assert '"perplexity"' in res.output
+    res = cli("choose", "The capital of France is", "--option", "London", "--option", "Paris")
+    assert re.search(r"^\s*1\s+Paris", res.output, re.M)
+    res = cli("compare", "-m", gemma_path, "-m", gemma_q8_path, TEXT, "--ctx", 256, "--report", tmp_path / "c.md")
+    assert "same top token" in res.output and (tmp_path / "c_files" / "kld_histogram.png").exists()
+    page_md = (tmp_path / "c.md").read_text()
+    assert "KL(A‖B)" in page_md
+
+
+def _write(path, text, binary=False):
+    path.write_bytes(text) if binary else path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_bad_input(gemma_path, gemma_q8_path, tiny_path, tmp_path):
+    latin = _write(tmp_path / "latin.txt", "caf\xe9 cr\xe8me".encode("latin-1"), binary=True)
+    cases = [
+        (["score", ""], "the text is empty"),
+        (["score", "Hi"], "scoring needs at least 2 tokens"),
+        (["score"], "give a TEXT argument or --file"),
+        (["score", "--file", tmp_path / "nope.txt"], "file not found"),
+        (["score", "--file", latin], r"not UTF-8 \(byte 0xE9 at offset 3\).*--raw-bytes"),
+        (["score", TEXT, "--ctx", 1], "--ctx 1 is too small"),
+        (["score", TEXT, "--stride", 0, "--ctx", 64], "--stride 0 is out of range"),
+        (["score", TEXT, "--protocol", "llama-perplexity", "--ctx", 512], "needs at least 1024"),
+        (["choose", "The capital of France is", "--option", "Paris"], "at least two --option"),
+        (["compare", "-m", gemma_path, "-m", gemma_path, TEXT], "KL divergence of a model with itself is 0"),
+        (["compare", "-m", gemma_path, "-m", tiny_path, TEXT], "do not share a vocabulary.*262,144.*312"),
+        (["compare", "-m", gemma_path, TEXT], "exactly two models"),
+    ]
+    for args, msg in cases:
+        res = cli(*args, ok=False)
+        assert res.exit_code != 0 and re.search(msg, res.output), (args, res.output)
+    res = cli("score", "--file", latin, "--raw-bytes")
+    assert "tokens scored" in res.output
+    res = cli("score", TEXT, "--ctx", 40000)
+    assert "larger than the model's training context (32768)" in res.output
