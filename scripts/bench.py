@@ -13,7 +13,14 @@ Cases (each in a fresh subprocess, so that its peak RSS is its own; rounds inter
      tokens, batched (llamalens Engine, 32 sequences per decode)
   n  the naive loop of create_completion(logprobs=10) over the same grid (timed on the first 6 samples)
   1  single-sequence low-level decode (= case a's speed, 32 tokens) for the sweep ratio
-Targets: b/a >= 0.9, b/c >= 5, m < 1.5 GB; sweep >= 30x naive and >= 2.5x single-sequence decode.
+  p  llama.cpp prompt processing of the score text: the same windows, --batch 512, last row only
+  P  the same with every row's logits requested (what any scorer must pay for) and no statistics
+  S  llamalens score of that text: full protocol, ctx 512, stride 511 (the same windows as p)
+  L  llamalens score of a text 4x as long: peak RSS must not grow with the text
+  k  llamalens compare: the default model against its Q8_0 copy (made here), same text and windows
+  r  report: a sweep of 200 samples x 64 tokens, `llamalens report` to HTML, size and Chromium load time
+Targets: b/a >= 0.9, b/c >= 5, m < 1.5 GB; sweep >= 30x naive and >= 2.5x single-sequence decode;
+score >= 0.5x prompt processing, compare >= 0.4x of it per model; report < 5 MB, opens in < 2 s.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 PROMPT = "The history of the printing press begins"
 GRID = dict(temperature=[0.2, 0.7, 1.0], top_k=[10, 40], top_p=[0.5, 0.9, 0.99], min_p=[0.0, 0.05])
@@ -117,6 +125,99 @@ def case_naive_grid(model_path, n_tokens, threads, n_samples=6):
     return {"tok_s": n / (time.perf_counter() - t0), "tokens": n}
 
 
+def score_text_tokens(model, n_tokens):
+    """A deterministic English text of n_tokens (the README, repeated)."""
+    base = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    text = base
+    while len(model.tokenize(text)) < n_tokens:
+        text += "\n" + base
+    ids = model.tokenize(text, add_bos=False, special=False)[:n_tokens]
+    return b"".join(model.piece(i, special=False) for i in ids).decode("utf-8", errors="replace")
+
+
+def case_prefill(model_path, n_text, threads, all_rows=False):
+    from llamalens.runtime import Model, ModelOptions
+    from llamalens.score import plan_windows, text_stream
+
+    m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
+    stream, _ = text_stream(m, score_text_tokens(m, n_text))
+    windows = plan_windows(len(stream), 512, "full", 511)
+    with m.context(n_ctx=512, n_batch=512) as ctx:
+        t0 = time.perf_counter()
+        for w in windows:
+            ctx.clear()
+            ids = [m.bos] + stream[w.start + 1 : w.start + w.length] if w.bos_first else stream[w.start : w.start + w.length]
+            outs = [1] * len(ids) if all_rows else [0] * (len(ids) - 1) + [1]
+            ctx.decode(ids, range(len(ids)), [0] * len(ids), outs)
+        dt = time.perf_counter() - t0
+    return {"tok_s": (len(stream) - 1) / dt, "tokens": len(stream) - 1}
+
+
+def case_score(model_path, n_text, threads):
+    from llamalens.runtime import Model, ModelOptions
+    from llamalens.score import score_text
+
+    m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
+    text = score_text_tokens(m, n_text)
+    t0 = time.perf_counter()
+    res = score_text(m, text, 512, "full", 511, n_logprobs=5)
+    dt = time.perf_counter() - t0
+    return {"tok_s": len(res.tokens) / dt, "tokens": len(res.tokens), "ppl": res.perplexity}
+
+
+def case_compare(model_path, n_text, threads):
+    import llama_cpp as L
+
+    from llamalens.runtime import Model, ModelOptions
+    from llamalens.score import compare_text
+
+    q8 = os.path.join(os.environ.get("TMPDIR", "/tmp"), "llamalens-bench-q8_0-" + os.path.basename(str(model_path)))
+    if not os.path.exists(q8):
+        p = L.llama_model_quantize_default_params()
+        p.ftype, p.allow_requantize = 7, True
+        assert L.llama_model_quantize(str(model_path).encode(), q8.encode(), p) == 0
+    a = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
+    b = Model(q8, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
+    text = score_text_tokens(a, n_text)
+    t0 = time.perf_counter()
+    res = compare_text(a, b, text, 512, "full", 511)
+    dt = time.perf_counter() - t0
+    return {"tok_s": len(res.positions) / dt, "tokens": len(res.positions), "kld": res.summary()["kld_mean"]}
+
+
+def case_report(model_path, n_tokens, threads):
+    import tempfile
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from browser import Browser, chromium
+
+    from llamalens import grid as G
+    from llamalens import report as R
+    from llamalens.documents import run_document
+    from llamalens.runtime import Model, ModelOptions
+    from llamalens.store import Store
+    from llamalens.sweep import SweepSpec, run_sweep
+
+    m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
+    tmp = tempfile.mkdtemp()
+    store = Store(os.path.join(tmp, "runs.db"))
+    configs = G.expand({"temperature": [0.7, 1.0, 1.3, 1.6], "top_p": [0.9, 1.0]})
+    prompts = [PROMPT, "Once upon a time", "The capital of France is", "def fibonacci(n):", "Dear Sir or Madam,"]
+    rid = run_sweep(m, store, SweepSpec(prompts, configs, list(range(5)), max_tokens=64, n_logprobs=5, parallel=32,
+                                        stop=()))
+    t0 = time.perf_counter()
+    out = os.path.join(tmp, "report.html")
+    R.write(run_document(store, rid, model=m), out)
+    write_s = time.perf_counter() - t0
+    res = {"tok_s": 0.0, "samples": store.run(rid).n_done, "tokens": len(store.tokens(rid)),
+           "size_mb": os.path.getsize(out) / 1e6, "write_s": write_s}
+    if chromium():
+        with Browser() as b:
+            res["load_s"] = min(b.page.open(out) for _ in range(3))
+            res["problems"] = b.page.problems()
+    return res
+
+
 CASES = {
     "a": lambda p, n, t: case_lowlevel(p, n, t),
     "b": lambda p, n, t: case_llamalens(p, n, t),
@@ -125,7 +226,32 @@ CASES = {
     "s": lambda p, n, t: case_sweep(p, 32, t),
     "n": lambda p, n, t: case_naive_grid(p, 32, t),
     "1": lambda p, n, t: case_lowlevel(p, 32, t),
+    "p": lambda p, n, t: case_prefill(p, 2048, t),
+    "P": lambda p, n, t: case_prefill(p, 2048, t, all_rows=True),
+    "S": lambda p, n, t: case_score(p, 2048, t),
+    "L": lambda p, n, t: case_score(p, 8192, t),
+    "k": lambda p, n, t: case_compare(p, 2048, t),
+    "r": lambda p, n, t: case_report(p, 64, t),
 }
+
+
+def synthetic_model():
+    import llama_cpp as L
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from tiny_gguf import write_tiny_gguf
+
+    tmp = os.environ.get("TMPDIR", "/tmp")
+    out = os.path.join(tmp, "llamalens-bench-synthetic-32k-q4_k_m.gguf")
+    if not os.path.exists(out):
+        f32 = os.path.join(tmp, "llamalens-bench-synthetic-32k-f32.gguf")
+        write_tiny_gguf(f32, n_embd=1024, n_layer=16, n_head=16, n_ff=2816, ctx=4096, file_type_tag="synthetic",
+                        n_vocab=32000)
+        p = L.llama_model_quantize_default_params()
+        p.ftype = 15  # MOSTLY_Q4_K_M
+        assert L.llama_model_quantize(f32.encode(), out.encode(), p) == 0
+        os.unlink(f32)
+    return out
 
 
 def child(case, model_path, n_tokens, threads):
@@ -148,8 +274,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--cases", default="abcms1n")
+    ap.add_argument("--cases", default="abcms1npPSLkr")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--synthetic", action="store_true",
+                    help="Run on a synthetic llama-architecture model with a 32k vocabulary (random weights, Q4_K_M, "
+                         "16 layers x 1024 dims), where the output layer is a typical share of the work.")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -157,22 +286,26 @@ def main():
         return child(args.child, args.model_path, args.tokens, args.threads)
     from llamalens.models import resolve_model
 
-    path = resolve_model(args.model)
+    path = Path(synthetic_model()) if args.synthetic else resolve_model(args.model)
     print(f"model {path.name}, {args.tokens} tokens, {args.threads} threads, {args.rounds} rounds", file=sys.stderr)
     best: dict[str, dict] = {}
     for r in range(args.rounds):
         for case in args.cases:
             res = run_case(case, path, args.tokens, args.threads)
             print(f"  round {r + 1} case {case}: {res}", file=sys.stderr)
-            if case not in best or res["tok_s"] > best[case]["tok_s"]:
+            if case not in best or res["tok_s"] > best[case]["tok_s"] or case == "r":
                 best[case] = res
     print("\ncase                                             tokens/s   peak RSS")
     names = {"a": "a  low-level decode, no statistics", "b": "b  llamalens generate --logprobs 10",
              "c": "c  create_completion(logprobs=10)", "m": "m  llamalens generate --ctx 8192",
              "s": "s  sweep, 72 samples batched", "n": "n  naive create_completion loop, grid",
-             "1": "1  single-sequence low-level decode"}
+             "1": "1  single-sequence low-level decode", "p": "p  prompt processing (last row only), 2048 tok",
+             "P": "P  prompt processing, every row's logits", "S": "S  llamalens score, 2048 tokens",
+             "L": "L  llamalens score, 8192 tokens", "k": "k  llamalens compare vs Q8_0, 2048 tokens",
+             "r": "r  report of a 200 x 64 sweep"}
     for c in args.cases:
-        print(f"{names[c]:<48} {best[c]['tok_s']:8.1f}   {best[c]['rss_mb']:7.0f} MB")
+        if c != "r":
+            print(f"{names[c]:<48} {best[c]['tok_s']:8.1f}   {best[c]['rss_mb']:7.0f} MB")
     ratio = lambda x, y: best[x]["tok_s"] / best[y]["tok_s"] if x in best and y in best else float("nan")  # noqa
     print("")
     print(f"b/a  = {ratio('b', 'a'):.2f}   (target >= 0.9)")
@@ -181,6 +314,17 @@ def main():
         print(f"peak RSS at --ctx 8192 = {best['m']['rss_mb']:.0f} MB (target < 1536 MB)")
     print(f"sweep/naive  = {ratio('s', 'n'):.1f}   (target >= 30)")
     print(f"sweep/single = {ratio('s', '1'):.2f}  (target >= 2.5)")
+    print(f"score/prompt processing = {ratio('S', 'p'):.2f}  (target >= 0.5); score/every-row processing = "
+          f"{ratio('S', 'P'):.2f}; every-row/last-row processing = {ratio('P', 'p'):.2f}")
+    print(f"compare/prompt processing = {ratio('k', 'p'):.2f}, per model {2 * ratio('k', 'p'):.2f}  (target >= 0.4)")
+    if "S" in best and "L" in best:
+        print(f"score peak RSS: {best['S']['rss_mb']:.0f} MB at 2048 tokens, {best['L']['rss_mb']:.0f} MB at 8192 "
+              "(target: independent of length)")
+    if "r" in best:
+        r = best["r"]
+        print(f"report: {r['samples']} samples, {r['tokens']} tokens -> {r['size_mb']:.2f} MB (target < 5), written "
+              f"in {r['write_s']:.1f} s, Chromium load {r.get('load_s', float('nan')):.2f} s (target < 2), "
+              f"problems {r.get('problems')}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ N_VOCAB = 3 + 256 + len(WORDS)  # 312
 
 
 def write_tiny_gguf(path: str | Path, seed: int = 0, n_embd: int = 64, n_layer: int = 2, n_head: int = 4,
-                    n_ff: int = 128, ctx: int = 512, file_type_tag: str = "tiny") -> Path:
+                    n_ff: int = 128, ctx: int = 512, file_type_tag: str = "tiny", n_vocab: int = N_VOCAB) -> Path:
+    """`n_vocab` > 312 appends synthetic pieces "▁x0", "▁x1", ... (for benchmarks at a realistic size)."""
     import gguf
 
     path = Path(path)
@@ -37,11 +38,12 @@ def write_tiny_gguf(path: str | Path, seed: int = 0, n_embd: int = 64, n_layer: 
     w.add_rope_dimension_count(n_embd // n_head)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(0)  # all F32
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + WORDS
-    types = [2, 3, 3] + [6] * 256 + [1] * len(WORDS)
+    words = WORDS + [f"▁x{i}" for i in range(n_vocab - N_VOCAB)]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + words
+    types = [2, 3, 3] + [6] * 256 + [1] * len(words)
     scores = [0.0, 0.0, 0.0] + [-1000.0] * 256 + [-float(len(t)) * 0.1 - i * 0.01 for i, t in enumerate(WORDS)]
     # longer pieces score higher so that SPM merges prefer them
-    scores = scores[:259] + [float(len(t)) - i * 0.001 for i, t in enumerate(WORDS)]
+    scores = scores[:259] + [float(len(t)) - i * 0.001 for i, t in enumerate(words)]
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -55,9 +57,9 @@ def write_tiny_gguf(path: str | Path, seed: int = 0, n_embd: int = 64, n_layer: 
     def t(*shape, scale=0.2):
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
-    w.add_tensor("token_embd.weight", t(N_VOCAB, n_embd, scale=1.0))
+    w.add_tensor("token_embd.weight", t(len(tokens), n_embd, scale=1.0))
     w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    w.add_tensor("output.weight", t(N_VOCAB, n_embd, scale=0.5))
+    w.add_tensor("output.weight", t(len(tokens), n_embd, scale=0.5))
     for i in range(n_layer):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, dtype=np.float32))
