@@ -97,6 +97,9 @@ def main():
       llamalens next "The capital of France is"
       llamalens generate "Once upon a time" --temperature 0.7 --logprobs 5
       llamalens tokenize "Preposterous, I'm flabbergasted!"
+      llamalens sweep "The capital of France is" -t 0,0.7 --top-k 2,40 --seeds 2 --report report.html
+      llamalens score "The quick brown fox jumps over the lazy dog."
+      llamalens choose "The capital of France is" --option Paris --option London
     """
 
 
@@ -770,7 +773,9 @@ def choose(prompt, options, normalize, no_space, as_json, **kw):
 @runtime_options
 @_fail_cleanly
 def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model_paths, run_id, top, store_path, **kw):
-    """How far model B drifts from model A (e.g. Q4_K_M from Q8_0) on the same tokens: KLD, Δp, same top.
+    """How far model B drifts from model A on the same tokens: KL divergence, Δp, same top token.
+
+    Quantization drift (a Q4_K_M against its Q8_0), or a fine-tune against its base.
 
     \b
     llamalens compare -m model-q8_0.gguf -m model-q4_k_m.gguf --file wiki.test.raw --ctx 512

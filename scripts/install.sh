@@ -3,7 +3,8 @@
 #
 #   scripts/install.sh          the tool and the embedded default model (Gemma 3 270M Q4_K_M)
 #   scripts/install.sh --test   the same plus the test dependencies (pytest, pyarrow, websocket-client)
-#                               and Debian's Chromium for the report tests (apt-get, as root)
+#                               and Debian's Chromium for the report tests (apt-get, as root), and
+#                               llama.cpp's llama-perplexity (scripts/build_llama_tools.sh)
 #
 # llama-cpp-python is compiled here. On x86-64 the default flags avoid `-march=native`, which
 # crashes on CPUs that advertise AMX (general protection fault in ggml_backend_amx_mul_mat), and
@@ -13,6 +14,8 @@
 # A changed CMAKE_ARGS triggers a rebuild; the flags used are kept in .venv/llamalens-cmake-args.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=build_flags.sh
+. scripts/build_flags.sh
 
 extras="default-model"
 want_browser=0
@@ -29,14 +32,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip wheel setuptools
 
-if [ -n "${CMAKE_ARGS:-}" ]; then
-  cmake_args="$CMAKE_ARGS"
-elif [ "$(uname -m)" = "x86_64" ]; then
-  cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
-else
-  cmake_args=""
-fi
-llama_version=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 stamp=.venv/llamalens-cmake-args
 if .venv/bin/python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$llama_version')" 2>/dev/null \
    && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$cmake_args" ]; then
@@ -66,6 +61,10 @@ if [ "$want_browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   else
     echo "warning: no apt-get; install Chromium yourself or the browser tests will be skipped" >&2
   fi
+fi
+
+if [ "$want_browser" = 1 ]; then  # llama.cpp's own llama-perplexity, for the tests that compare with it
+  scripts/build_llama_tools.sh || echo "warning: could not build llama-perplexity; the tests that compare with it will be skipped" >&2
 fi
 
 echo "llamalens installed in .venv: run .venv/bin/llamalens --help"

@@ -230,3 +230,77 @@ def test_bad_input(gemma_path, gemma_q8_path, tiny_path, tmp_path):
     assert "tokens scored" in res.output
     res = cli("score", TEXT, "--ctx", 40000)
     assert "larger than the model's training context (32768)" in res.output
+
+
+def _llama_perplexity_binary():
+    import os
+    import shutil
+    from pathlib import Path
+
+    env = os.environ.get("LLAMA_PERPLEXITY")
+    local = Path(__file__).resolve().parent.parent / ".tools" / "bin" / "llama-perplexity"
+    return env or (str(local) if local.exists() else shutil.which("llama-perplexity"))
+
+
+@pytest.mark.skipif(_llama_perplexity_binary() is None,
+                    reason="no llama-perplexity binary (scripts/build_llama_tools.sh builds one)")
+def test_same_figure_as_llama_perplexity(gemma_path, tmp_path):
+    """llama.cpp's own tool and `score --protocol llama-perplexity` print the same perplexity."""
+    import subprocess
+
+    text = (TEXT + "\n") * 6
+    f = _write(tmp_path / "text.txt", text)
+    ctx = 128
+    out = subprocess.run([_llama_perplexity_binary(), "-m", str(gemma_path), "-f", str(f), "-c", str(ctx), "-b",
+                          str(ctx), "-t", "2", "-fa", "on"], capture_output=True, text=True, timeout=600)
+    log = out.stdout + out.stderr
+    m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
+    assert m, log[-3000:]
+    chunks = [float(x) for x in re.findall(r"\[\d+\]([0-9.]+),?", log)]
+    with Model(gemma_path, ModelOptions(ctx=ctx, batch=ctx, threads=2, flash_attn="on")) as model:
+        res = score_text(model, text, ctx=ctx, protocol="llama-perplexity")
+    assert f"{res.perplexity:.4f}" == m.group(1), (res.perplexity, m.group(1))
+    assert res.perplexity_error == pytest.approx(float(m.group(2)), abs=2e-4)
+    # the running estimate after each chunk, as the tool prints it
+    per_chunk = ctx - 1 - ctx // 2
+    running = [math.exp(-np.mean([t.logprob for t in res.tokens[: (k + 1) * per_chunk]])) for k in range(len(chunks))]
+    assert [f"{r:.4f}" for r in running] == [f"{c:.4f}" for c in chunks]
+
+
+@pytest.mark.skipif(_llama_perplexity_binary() is None,
+                    reason="no llama-perplexity binary (scripts/build_llama_tools.sh builds one)")
+def test_same_statistics_as_llama_perplexity_kl_divergence(gemma_path, gemma_q8_path, tmp_path):
+    """`compare --protocol llama-perplexity` against `llama-perplexity --kl-divergence` (base = Q8_0).
+
+    The tool stores the base model's log-probabilities in 16 bits, so every figure that involves the base
+    carries a small rounding (about 5e-6 relative in PPL, 1% in KLD); model B's perplexity, computed from
+    live logits on both sides, agrees to every printed digit."""
+    import subprocess
+
+    text = (TEXT + "\n") * 6
+    f = _write(tmp_path / "text.txt", text)
+    ctx = 128
+    common = ["-f", str(f), "-c", str(ctx), "-b", str(ctx), "-t", "2", "-fa", "on",
+              "--kl-divergence-base", str(tmp_path / "base.kld")]
+    tool = _llama_perplexity_binary()
+    subprocess.run([tool, "-m", str(gemma_q8_path)] + common, capture_output=True, timeout=600, check=True)
+    out = subprocess.run([tool, "-m", str(gemma_path), "--kl-divergence"] + common, capture_output=True, text=True,
+                         timeout=600)
+    log = out.stdout + out.stderr
+
+    def stat(label):
+        m = re.search(re.escape(label) + r"\s*:\s*(-?[0-9.]+)", log)
+        assert m, (label, log[-3000:])
+        return float(m.group(1))
+
+    opts = ModelOptions(ctx=ctx, batch=ctx, threads=2, flash_attn="on")
+    with Model(gemma_q8_path, opts) as a, Model(gemma_path, opts) as b:
+        s = compare_text(a, b, text, ctx=ctx, protocol="llama-perplexity").summary()
+    assert f"{s['ppl_b']:.6f}" == f"{stat('Mean PPL(Q)'):.6f}"
+    assert s["ppl_a"] == pytest.approx(stat("Mean PPL(base)"), rel=2e-5)
+    assert s["ln_ppl_ratio"] == pytest.approx(stat("Mean ln(PPL(Q)/PPL(base))"), abs=3e-5)
+    assert s["dp_mean"] * 100 == pytest.approx(stat("Mean    Δp"), abs=2e-3)
+    assert s["dp_rms"] * 100 == pytest.approx(stat("RMS Δp"), abs=2e-3)
+    assert f"{s['same_top'] * 100:.3f}" == f"{stat('Same top p'):.3f}"
+    assert s["kld_mean"] == pytest.approx(stat("Mean    KLD"), rel=0.02)
+    assert s["kld_max"] == pytest.approx(stat("Maximum KLD"), rel=0.02)
