@@ -21,7 +21,7 @@ from .settings import SamplingSettings  # noqa: F401
 
 __all__ = [
     "__version__", "load_model", "list_models", "resolve_model", "ModelInfo", "SamplingSettings",
-    "generate", "next_token", "tokenize", "Engine", "Request", "Model", "ModelOptions",
+    "generate", "next_token", "tokenize", "embed_texts", "Engine", "Request", "Model", "ModelOptions",
     "LlamalensError", "ModelNotFound", "InvalidModelFile", "InvalidSettings", "PromptTooLong", "InvalidInput",
     "StoreError",
 ]
@@ -47,6 +47,10 @@ def __getattr__(name):
         from . import views
 
         return getattr(views, name)
+    if name == "embed_texts":
+        from . import embed
+
+        return embed.embed_texts
     if name in ("Model", "ModelOptions"):
         from . import runtime
 

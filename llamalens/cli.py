@@ -100,6 +100,7 @@ def main():
       llamalens sweep "The capital of France is" -t 0,0.7 --top-k 2,40 --seeds 2 --report report.html
       llamalens score "The quick brown fox jumps over the lazy dog."
       llamalens choose "The capital of France is" --option Paris --option London
+      llamalens embed king queen man woman apple banana
     """
 
 
@@ -162,28 +163,79 @@ def tokenize(text, bos, as_json, **kw):
 
 
 # -- next -------------------------------------------------------------------------------------
+MAX_NEXT_COLUMNS = 12
+
+
 @main.command("next")
 @click.argument("prompt")
 @click.option("--top", type=click.IntRange(1, 1000), default=10, show_default=True, help="How many tokens to show.")
+@click.option("--temperature", "-t", "ax_temperature",
+              help="Also show the distribution after each temperature, e.g. 0.5,1,2 (0 = greedy).")
+@click.option("--top-k", "ax_top_k", help="... after top_k, e.g. 2,40.")
+@click.option("--top-p", "ax_top_p", help="... after top_p, e.g. 0.01,0.9.")
+@click.option("--min-p", "ax_min_p", help="... after min_p, e.g. 0.05.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @model_options
 @_fail_cleanly
 def next_cmd(prompt, top, as_json, **kw):
-    """The distribution of the token after PROMPT: top N with probabilities, and the entropy."""
-    from .display import visible
-    from .views import next_token
+    """The distribution of the token after PROMPT: top N with probabilities, and the entropy.
 
+    With sampler settings, one more column per combination of them: the same tokens' probabilities
+    after llama.cpp's sampler chain (top_k -> top_p -> min_p -> temperature) - the softmax-with-
+    temperature lesson on real logits. Settings not given are off (temperature 1, no truncation).
+
+    \b
+    llamalens next "The capital of France is" --top 10
+    llamalens next "The capital of France is" -t 0.5,1,2
+    llamalens next "The capital of France is" -t 0.7 --top-k 2 --top-p 0.5,0.95
+    """
+    from . import grid as G
+    from .display import visible
+    from .settings import NEUTRAL, changes_label
+
+    axes = {k[3:]: G.parse_axis(k[3:], kw.pop(k)) for k in list(kw) if k.startswith("ax_") and kw[k] is not None}
+    for k in [k for k in kw if k.startswith("ax_")]:
+        kw.pop(k)
+    configs = G.expand(axes, NEUTRAL) if axes else []
+    if configs:
+        G.check(configs, [0])
+        if len(configs) > MAX_NEXT_COLUMNS:
+            raise click.UsageError(f"{len(configs)} combinations of settings is more columns than a table can show "
+                                   f"(at most {MAX_NEXT_COLUMNS}); give fewer values, or use `llamalens sweep ... "
+                                   "--report FILE` for a whole grid")
     model = _model_from(kw)
-    nt = next_token(model, prompt, top)
-    if as_json:
-        _json_out(nt.to_dict())
+    if not configs:
+        from .views import next_token
+
+        nt = next_token(model, prompt, top)
+        if as_json:
+            _json_out(nt.to_dict())
+            return
+        rows = [("rank", "token", "prob", "logprob", "id")]
+        for i, a in enumerate(nt.top, 1):
+            rows.append((i, visible(a.text, a.bytes), f"{math.exp(a.logprob):.4f}", f"{a.logprob:.4f}", a.id))
+        _print_table(rows, right={0, 2, 3, 4})
+        shown = sum(math.exp(a.logprob) for a in nt.top)
+        click.echo(f"entropy {nt.entropy:.4f} nats; these {len(nt.top)} tokens hold {shown:.1%} of the probability")
         return
-    rows = [("rank", "token", "prob", "logprob", "id")]
-    for i, a in enumerate(nt.top, 1):
-        rows.append((i, visible(a.text, a.bytes), f"{math.exp(a.logprob):.4f}", f"{a.logprob:.4f}", a.id))
-    _print_table(rows, right={0, 2, 3, 4})
-    shown = sum(math.exp(a.logprob) for a in nt.top)
-    click.echo(f"entropy {nt.entropy:.4f} nats; these {len(nt.top)} tokens hold {shown:.1%} of the probability")
+    from .views import sampler_view
+
+    view = sampler_view(model, prompt, [], configs, top)
+    labels = [changes_label(c) for c in configs]
+    if as_json:
+        d = view.to_dict()
+        for c, lab in zip(d["chains"], labels):
+            c["label"] = lab
+        _json_out(d)
+        return
+    rows = [("rank", "token", "raw") + tuple(labels)]
+    for i, a in enumerate(view.top):
+        rows.append((i + 1, visible(a.text, a.bytes), f"{math.exp(a.logprob):.4f}")
+                    + tuple(f"{ch.final.probs[i]:.4f}" if ch.final.probs[i] > 0 else "-" for ch in view.chains))
+    rows.append(("", "tokens left", f"{model.n_vocab:,}") + tuple(f"{ch.final.survivors:,}" for ch in view.chains))
+    _print_table(rows, right=set(range(0, 3 + len(labels))) - {1})
+    click.echo(f"raw = softmax of the logits (entropy {view.entropy:.4f} nats); each column = the same tokens after "
+               "that sampler chain; - = removed")
 
 
 # -- generate ---------------------------------------------------------------------------------
@@ -851,6 +903,105 @@ def _print_comparison(res, top) -> None:
                      "  ".join(f"{visible(x.text, x.bytes)} {x.prob:.3f}" for x in p.top_b[:3])))
     click.echo(f"the {len(rows) - 1} positions where the models disagree most:")
     _print_table(rows, right={0, 1, 3, 4, 5})
+
+
+# -- embed ------------------------------------------------------------------------------------
+MAX_MATRIX = 12  # texts up to which the terminal shows the whole cosine matrix
+
+
+@main.command()
+@click.argument("texts", nargs=-1)
+@click.option("--file", "-f", "file", default=None, help="More texts, one per line ('-' = stdin); blank lines skipped.")
+@click.option("--query", "-q", default=None, help="Rank the texts by similarity to this one.")
+@click.option("--pooling", type=click.Choice(["model", "mean", "mean-all", "last", "first"]), default="model",
+              show_default=True, help="model: what the GGUF declares, else mean over the text's tokens (BOS left out); "
+                                      "mean-all: llama.cpp's MEAN (BOS in); last; first (CLS).")
+@click.option("--parallel", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Texts per decode: faster for many texts; above 1, vectors move by llama.cpp's batch noise.")
+@click.option("--pairs", type=click.IntRange(0, 10000), default=10, show_default=True,
+              help="Most similar pairs to list.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (cosine matrix included).")
+@click.option("--vectors", is_flag=True, help="With --json: include every vector.")
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write a report (FILE.html or FILE.md): heatmap, neighbours, pairs.")
+@model_options
+@_fail_cleanly
+def embed(texts, file, query, pooling, parallel, pairs, as_json, vectors, report_path, **kw):
+    """Embed TEXTS and compare them by cosine similarity: matrix, nearest neighbours, most similar pairs.
+
+    \b
+    llamalens embed king queen man woman apple banana
+    llamalens embed --file terms.txt --query "a fruit" --report terms.html
+    """
+    from .embed import check_texts, embed_texts
+    from .errors import InvalidInput
+
+    items = list(texts)
+    if file:
+        items += [line for line in _read_text(None, file, False).splitlines() if line.strip()]
+    if query is None and len(items) < 2:
+        raise InvalidInput(f"give at least two texts to compare (got {len(items)}), or --query and one text or more")
+    if query is not None and not items:
+        raise InvalidInput("--query needs texts to rank: give them as arguments or with --file")
+    check_texts(([query] if query is not None else []) + items)
+    _check_report_path(report_path)
+    model = _model_from(kw)
+    progress = (lambda k, n: click.echo(f"\rembedding: {k}/{n} texts", err=True, nl=k >= n)) if len(items) > 50 else None
+    es = embed_texts(model, ([query] if query is not None else []) + items, pooling, parallel, progress)
+    ranking = None
+    if query is not None:
+        from dataclasses import replace
+
+        qvec = es.vectors[0]
+        es = replace(es, texts=es.texts[1:], n_tokens=es.n_tokens[1:], vectors=es.vectors[1:])
+        ranking = es.rank(qvec)
+    for note in es.notes:
+        click.echo(f"note: {note}", err=True)
+    if as_json:
+        d = es.to_dict(vectors)
+        if query is not None:
+            d["query"] = {"text": query, "ranking": [{"index": k, "text": es.texts[k], "cosine": c} for k, c in ranking]}
+            if vectors:
+                d["query"]["vector"] = [float(x) for x in qvec]
+        _json_out(d)
+    else:
+        _print_embeddings(es, query, ranking, pairs)
+    if report_path:
+        from .documents import embed_document
+
+        _write_doc(embed_document(es, query, ranking), report_path)
+
+
+def _print_embeddings(es, query, ranking, pairs) -> None:
+    from .display import label
+
+    n = len(es.texts)
+    click.echo(f"{n + (query is not None)} texts embedded ({es.vectors.shape[1]} dimensions, pooling {es.pooling}) "
+               f"in {es.seconds:.2f} s")
+    if ranking is not None:
+        click.echo(f"by cosine similarity to {label(query, 60)!s}:")
+        _print_table([("rank", "cosine", "text")] + [(r, f"{c:.4f}", label(es.texts[k], 60))
+                                                     for r, (k, c) in enumerate(ranking, 1)], right={0, 1})
+        return
+    cos = es.cosine()
+    if n <= MAX_MATRIX:
+        names = [label(t, 16) for t in es.texts]
+        click.echo("cosine similarity:")
+        rows = [("",) + tuple(f"{i + 1}" for i in range(n))]
+        rows += [(f"{i + 1} {names[i]}",) + tuple("" if i == j else f"{cos[i, j]:.3f}" for j in range(n))
+                 for i in range(n)]
+        _print_table(rows, right=set(range(1, n + 1)))
+        click.echo("")
+    rows = [("#", "text", "tokens", "nearest", "cosine")]
+    rows += [(i + 1, label(t, 40), nt, f"{j + 1} {label(es.texts[j], 30)}", f"{c:.4f}")
+             for i, (t, nt, (j, c)) in enumerate(zip(es.texts, es.n_tokens, es.nearest()))]
+    _print_table(rows, right={0, 2, 4})
+    if pairs and n > 2:
+        click.echo("")
+        click.echo(f"the {min(pairs, n * (n - 1) // 2)} most similar pairs:")
+        _print_table([("cosine", "text", "text")] + [(f"{c:.4f}", f"{i + 1} {label(es.texts[i], 40)}",
+                                                      f"{j + 1} {label(es.texts[j], 40)}") for i, j, c in es.pairs(pairs)],
+                     right={0})
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -50,3 +50,9 @@ def visible(text: str, hex_bytes: str | None = None, edge_spaces: bool = True) -
         for i in list(range(lead)) + list(range(n - trail, n)):
             shown[i] = "·"
     return "".join(shown)
+
+
+def label(text: str, width: int = 32) -> str:
+    """A text made visible and cut to `width` characters (… marks the cut): for table and plot labels."""
+    shown = visible(text)
+    return shown if len(shown) <= width else shown[: width - 1] + "…"

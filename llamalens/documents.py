@@ -368,3 +368,38 @@ def compare_document(cmp) -> Document:
         rows.append(("text" if sample is None else f"sample #{sample}", views))
     doc.add(Strips("Tokens coloured by KL divergence", rows))
     return doc
+
+
+def embed_document(es, query: str | None = None, ranking=None) -> Document:
+    """Embeddings of some texts: the cosine matrix as a heatmap, nearest neighbours, most similar pairs."""
+    from . import plots
+    from .display import label
+
+    cos = es.cosine()
+    doc = Document(f"llamalens embed: {len(es.texts)} texts", fields=[], alt_titles=[])
+    doc.add(KeyValues([
+        ("model", _model_line(es.model)),
+        ("pooling", es.pooling),
+        ("vectors", f"{len(es.texts)} × {es.vectors.shape[1]} (float32), in {es.seconds:.2f} s"),
+    ]))
+    for note in es.notes:
+        doc.add(Para(note, "warn"))
+    labels = [f"{i + 1}. {label(t, 28)}" for i, t in enumerate(es.texts)]
+    if query is not None and ranking is not None:
+        doc.add(Heading("Ranked by similarity to the query"))
+        doc.add(Para(f"Query: {query}"))
+        doc.add(Table(["rank", "cosine", "#", "text"],
+                      [[r, f"{s:.4f}", k + 1, es.texts[k]] for r, (k, s) in enumerate(ranking, 1)]))
+    if 1 < len(es.texts) <= 60:
+        doc.add(Heading("Cosine similarity"))
+        doc.add(Figure(plots.similarity(cos, labels), "similarity",
+                       "Cosine similarity of each pair of texts (colour scale spans the off-diagonal values)."))
+    if len(es.texts) > 1:
+        doc.add(Heading("Nearest neighbours"))
+        doc.add(Table(["#", "text", "tokens", "nearest", "cosine"],
+                      [[i + 1, t, n, f"{j + 1}. {es.texts[j]}", f"{c:.4f}"]
+                       for i, (t, n, (j, c)) in enumerate(zip(es.texts, es.n_tokens, es.nearest()))]))
+        doc.add(Heading("Most similar pairs"))
+        doc.add(Table(["cosine", "text", "text"],
+                      [[f"{c:.4f}", f"{i + 1}. {es.texts[i]}", f"{j + 1}. {es.texts[j]}"] for i, j, c in es.pairs(50)]))
+    return doc

@@ -177,3 +177,28 @@ def histogram(values, xlabel: str, log_x: bool = False):
     ax.set_xlabel(xlabel)
     ax.set_ylabel("tokens")
     return fig
+
+
+def similarity(matrix: np.ndarray, labels: list[str]):
+    """A square matrix of cosine similarities, each cell labelled (labels are plain text, not TeX)."""
+    n = len(labels)
+    side = min(10.5, 1.6 + 0.55 * n)
+    fig = _figure(side + 1.2, side)
+    ax = fig.subplots()
+    m = np.asarray(matrix, dtype=float)
+    off = m[~np.eye(n, dtype=bool)] if n > 1 else m.ravel()
+    vmin, vmax = (float(off.min()), float(off.max())) if off.size else (0.0, 1.0)
+    if vmin == vmax:
+        vmin, vmax = vmin - 0.05, vmax + 0.05
+    shown = m.copy()
+    np.fill_diagonal(shown, np.nan)  # 1 by definition: left blank so the scale shows the pairs
+    im = ax.imshow(shown, cmap="viridis", vmin=vmin, vmax=vmax)
+    if n <= 24:
+        for (i, j), v in np.ndenumerate(m):
+            if i != j:
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7 if n > 12 else 8,
+                        color="white" if (v - vmin) / (vmax - vmin) < 0.55 else "black")
+    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    fig.colorbar(im, ax=ax, label="cosine similarity", shrink=0.8)
+    return fig

@@ -189,8 +189,16 @@ class Model:
             )
 
     # -- contexts ----------------------------------------------------------------------------
-    def context(self, n_ctx: int, n_seq_max: int = 1, n_batch: int | None = None) -> "Context":
-        return Context(self, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch or self.options.batch)
+    def context(self, n_ctx: int, n_seq_max: int = 1, n_batch: int | None = None,
+                embeddings: bool = False) -> "Context":
+        """A decoding context; with embeddings=True it returns each output token's hidden state
+        (pooling NONE: every token's vector, pooled by the caller) instead of logits."""
+        return Context(self, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch or self.options.batch,
+                       embeddings=embeddings)
+
+    @property
+    def n_embd(self) -> int:
+        return int(self._L.llama_model_n_embd(self.ptr))
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
@@ -213,7 +221,7 @@ class Model:
 class Context:
     """A llama.cpp context: a KV cache for up to n_seq_max sequences and one reusable batch."""
 
-    def __init__(self, model: Model, n_ctx: int, n_seq_max: int, n_batch: int):
+    def __init__(self, model: Model, n_ctx: int, n_seq_max: int, n_batch: int, embeddings: bool = False):
         L = model._L
         self.model, self._L = model, L
         n_seq_max = max(1, min(n_seq_max, int(L.llama_max_parallel_sequences())))
@@ -227,6 +235,9 @@ class Context:
         p.n_threads = p.n_threads_batch = model.options.threads_or_default()
         p.flash_attn_type = FLASH_ATTN[model.options.flash_attn]
         p.no_perf = True
+        if embeddings:
+            p.embeddings = True
+            p.pooling_type = L.LLAMA_POOLING_TYPE_NONE  # per-token vectors; embed.py pools them
         self.ptr = L.llama_init_from_model(model.ptr, p)
         if not self.ptr:
             raise LlamalensError(
@@ -280,6 +291,13 @@ class Context:
         """A view of output row i of the last decode (valid until the next decode)."""
         ptr = self._L.llama_get_logits_ith(self.ptr, i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def embedding(self, i: int) -> np.ndarray:
+        """A copy of the hidden-state vector of output i of the last decode (an embeddings context)."""
+        ptr = self._L.llama_get_embeddings_ith(self.ptr, i)
+        if not ptr:
+            raise LlamalensError(f"llama.cpp returned no embedding for output {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,)).copy()
 
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
         self._L.llama_memory_seq_rm(self.mem, seq, p0, p1)

@@ -106,6 +106,19 @@ class SamplingSettings:
         return f"{core} seed={self.seed}"
 
 
+# Settings that change nothing: the raw distribution (temperature 1, no truncation, no penalties).
+NEUTRAL = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+
+
+def changes_label(settings: SamplingSettings, base: SamplingSettings = NEUTRAL) -> str:
+    """Only what differs from `base`, e.g. 'T=0.7 top_k=2' ('T=1' when nothing does)."""
+    parts = [f"T={settings.temperature:g}"] if settings.temperature != base.temperature or settings == base else []
+    for f in ("top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty", "presence_penalty"):
+        if getattr(settings, f) != getattr(base, f):
+            parts.append(f"{f}={getattr(settings, f):g}")
+    return " ".join(parts)
+
+
 STAGES = ("penalties", "top_k", "typical_p", "top_p", "min_p", "temperature")
 
 

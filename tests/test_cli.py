@@ -48,6 +48,44 @@ def test_next_json_is_exact(tiny_path, tiny):
     assert abs(d["entropy"] - float(-(np.exp(lsm) * lsm).sum())) < 1e-6
 
 
+def test_next_with_samplers_is_softmax_of_scaled_truncated_logits(tiny_path, tiny):
+    """`next -t ... --top-k ... --top-p ...`: each column equals numpy's softmax(logits / T) over the tokens
+    that top_k and top_p keep (raw ranking), 0 for the others; T=0 is one-hot on the argmax."""
+    d = json.loads(run("next", "the cat", "--model", tiny_path, "--top", 12, "--flash-attn", "off", "--json",
+                       "-t", "0,0.5,2", "--top-k", "0,3", "--top-p", "1,0.6").stdout)
+    with tiny.context(n_ctx=256) as ctx:
+        logits = ctx.prefill(tiny.prompt_tokens("the cat")).astype(np.float64)
+    p = np.exp(log_softmax(logits))
+    order = np.lexsort((np.arange(len(p)), -p))
+    ids = [t["id"] for t in d["top"]]
+    assert ids == order[:12].tolist()
+    assert len(d["chains"]) == 12
+    for ch in d["chains"]:
+        s = ch["settings"]
+        keep = order if s["top_k"] == 0 else order[:s["top_k"]]
+        if s["top_p"] < 1:  # llama.cpp's top_p: the smallest prefix whose mass reaches p (at least one token)
+            q = p[keep] / p[keep].sum()
+            keep = keep[:int(np.searchsorted(np.cumsum(q), s["top_p"]) + 1)]
+        final = ch["stages"][-1]
+        if s["temperature"] == 0:
+            want = [1.0 if i == order[0] else 0.0 for i in ids]
+        else:
+            z = logits[keep] / s["temperature"]
+            q = np.exp(z - z.max())
+            by = dict(zip(keep.tolist(), q / q.sum()))
+            want = [by.get(i, 0.0) for i in ids]
+            assert final["survivors"] == len(keep)
+        assert np.allclose(final["probs"], want, atol=1e-6), ch["label"]
+    labels = [ch["label"] for ch in d["chains"]]
+    assert "T=0.5 top_k=3 top_p=0.6" in labels and "T=2" in labels
+    table = run("next", "the cat", "--model", tiny_path, "-t", "0.5,2").stdout
+    assert "T=0.5" in table and "T=2" in table and "tokens left" in table
+    res = run("next", "the cat", "--model", tiny_path, "-t", "0,1,2", "--top-k", "1,2,3,4,5", ok=False)
+    assert res.exit_code == 2 and "at most 12" in res.output
+    res = run("next", "the cat", "--model", tiny_path, "--top-p", "0", ok=False)
+    assert res.exit_code == 1 and "top-p 0.0 is out of range" in res.output
+
+
 def test_generate_json_shape(tiny_path):
     d = json.loads(run("generate", "the cat", "--model", tiny_path, "-n", 7, "--seed", 3, "--logprobs", 2,
                        "--json").stdout)
