@@ -200,6 +200,7 @@ def embed_texts(model: Model, texts: list[str], pooling: str = "model", parallel
     # batch × vocabulary floats. A non-causal encoder needs the whole text in one decode.
     lengths = [len(toks) for toks, _ in tokenized]
     n_batch = min(longest, model.options.batch) if is_causal(model) else longest
+    parallel = min(parallel, len(texts))
     if parallel > 1:
         n_batch = max(n_batch, min(model.options.batch, sum(lengths)))
     vectors = np.zeros((len(texts), model.n_embd), dtype=np.float32)

@@ -227,7 +227,9 @@ class Context:
         n_seq_max = max(1, min(n_seq_max, int(L.llama_max_parallel_sequences())))
         self.n_batch = max(n_batch, n_seq_max)
         p = L.llama_context_default_params()
-        p.n_ctx = n_ctx
+        # llama.cpp clamps n_batch to n_ctx but reserves an output per sequence: n_ctx < n_seq_max
+        # would abort in GGML_ASSERT(n_outputs_max <= cparams.n_outputs_max)
+        p.n_ctx = max(n_ctx, n_seq_max)
         p.n_batch = self.n_batch
         p.n_ubatch = self.n_batch
         p.n_seq_max = n_seq_max

@@ -19,8 +19,13 @@ Cases (each in a fresh subprocess, so that its peak RSS is its own; rounds inter
   L  llamalens score of a text 4x as long: peak RSS must not grow with the text
   k  llamalens compare: the default model against its Q8_0 copy (made here), same text and windows
   r  report: a sweep of 200 samples x 64 tokens, `llamalens report` to HTML, size and Chromium load time
+  e  llamalens embed of 256 words, one text per decode (the default: vectors independent of the others)
+  E  the same with --parallel 32 (32 texts per decode)
+  x  llama-cpp-python's Llama(embedding=True, pooling MEAN).embed() of the same words (it packs them)
+  l  llamalens embed of one 2048-token text: peak RSS (long texts are decoded in --batch chunks)
 Targets: b/a >= 0.9, b/c >= 5, m < 1.5 GB; sweep >= 30x naive and >= 2.5x single-sequence decode;
 score >= 0.5x prompt processing, compare >= 0.4x of it per model; report < 5 MB, opens in < 2 s.
+Embeddings have no target: their figures are printed for the notes.
 """
 
 from __future__ import annotations
@@ -232,7 +237,65 @@ CASES = {
     "L": lambda p, n, t: case_score(p, 8192, t),
     "k": lambda p, n, t: case_compare(p, 2048, t),
     "r": lambda p, n, t: case_report(p, 64, t),
+    "e": lambda p, n, t: case_embed(p, n, t),
+    "E": lambda p, n, t: case_embed_parallel(p, n, t),
+    "x": lambda p, n, t: case_embed_llama_cpp_python(p, n, t),
+    "l": lambda p, n, t: case_embed_long(p, n, t),
 }
+
+
+def bench_words(n=256):
+    """n distinct words from the README (deterministic)."""
+    import re
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    words = list(dict.fromkeys(w.lower() for w in re.findall(r"[A-Za-z]{3,}", text)))
+    return words[:n]
+
+
+def _embed_case(model_path, threads, texts, parallel):
+    from llamalens.embed import embed_texts
+    from llamalens.runtime import Model, ModelOptions
+
+    m = Model(model_path, ModelOptions(ctx=4096, threads=threads, flash_attn="off"))
+    embed_texts(m, texts[:2], "mean-all", parallel)  # warm-up
+    t0 = time.perf_counter()
+    es = embed_texts(m, texts, "mean-all", parallel)
+    dt = time.perf_counter() - t0
+    return {"tok_s": sum(es.n_tokens) / dt, "texts_s": len(texts) / dt, "texts": len(texts)}
+
+
+def case_embed(model_path, n_tokens, threads):
+    return _embed_case(model_path, threads, bench_words(), 1)
+
+
+def case_embed_parallel(model_path, n_tokens, threads):
+    return _embed_case(model_path, threads, bench_words(), 32)
+
+
+def case_embed_llama_cpp_python(model_path, n_tokens, threads):
+    import llama_cpp as L
+    from llama_cpp import Llama
+
+    llm = Llama(str(model_path), embedding=True, pooling_type=L.LLAMA_POOLING_TYPE_MEAN, n_ctx=512, verbose=False,
+                flash_attn=False, n_threads=threads, n_threads_batch=threads)
+    words = bench_words()
+    llm.embed(words[:2])
+    t0 = time.perf_counter()
+    out = llm.embed(words, return_count=True)
+    dt = time.perf_counter() - t0
+    return {"tok_s": out[1] / dt, "texts_s": len(words) / dt, "texts": len(words)}
+
+
+def case_embed_long(model_path, n_tokens, threads):
+    from llamalens.embed import embed_texts
+    from llamalens.runtime import Model, ModelOptions
+
+    m = Model(model_path, ModelOptions(ctx=4096, threads=threads, flash_attn="off"))
+    text = score_text_tokens(m, 2047)
+    t0 = time.perf_counter()
+    es = embed_texts(m, [text], "mean")
+    return {"tok_s": es.n_tokens[0] / (time.perf_counter() - t0), "tokens": es.n_tokens[0]}
 
 
 def synthetic_model():
@@ -274,7 +337,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--cases", default="abcms1npPSLkr")
+    ap.add_argument("--cases", default="abcms1npPSLkreExl")
     ap.add_argument("--model", default=None)
     ap.add_argument("--synthetic", action="store_true",
                     help="Run on a synthetic llama-architecture model with a 32k vocabulary (random weights, Q4_K_M, "
@@ -302,7 +365,9 @@ def main():
              "1": "1  single-sequence low-level decode", "p": "p  prompt processing (last row only), 2048 tok",
              "P": "P  prompt processing, every row's logits", "S": "S  llamalens score, 2048 tokens",
              "L": "L  llamalens score, 8192 tokens", "k": "k  llamalens compare vs Q8_0, 2048 tokens",
-             "r": "r  report of a 200 x 64 sweep"}
+             "r": "r  report of a 200 x 64 sweep", "e": "e  llamalens embed, 256 words, one per decode",
+             "E": "E  llamalens embed --parallel 32, 256 words", "x": "x  llama-cpp-python embed(), 256 words",
+             "l": "l  llamalens embed, one 2048-token text"}
     for c in args.cases:
         if c != "r":
             print(f"{names[c]:<48} {best[c]['tok_s']:8.1f}   {best[c]['rss_mb']:7.0f} MB")
@@ -320,6 +385,11 @@ def main():
     if "S" in best and "L" in best:
         print(f"score peak RSS: {best['S']['rss_mb']:.0f} MB at 2048 tokens, {best['L']['rss_mb']:.0f} MB at 8192 "
               "(target: independent of length)")
+    if "e" in best or "E" in best or "x" in best or "l" in best:
+        print("embed (texts/s): " + ", ".join(f"{c} {best[c]['texts_s']:.1f}" for c in "eEx" if c in best)
+              + f"; E/e = {ratio('E', 'e'):.2f}, e/x = {ratio('e', 'x'):.2f}, E/x = {ratio('E', 'x'):.2f}")
+    if "l" in best:
+        print(f"embed of a {best['l']['tokens']}-token text: peak RSS {best['l']['rss_mb']:.0f} MB")
     if "r" in best:
         r = best["r"]
         print(f"report: {r['samples']} samples, {r['tokens']} tokens -> {r['size_mb']:.2f} MB (target < 5), written "

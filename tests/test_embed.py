@@ -82,6 +82,8 @@ def test_vectors_do_not_depend_on_the_other_texts(gemma):
     packed = embed_texts(gemma, TERMS, "mean", parallel=4)
     assert packed.vectors.shape == among.vectors.shape
     assert np.abs(packed.cosine() - among.cosine()).max() < 0.02  # llama.cpp's batch noise, nothing more
+    few = embed_texts(gemma, TERMS[:2], "mean", parallel=32)  # more sequences than texts, a tiny context
+    assert abs(few.cosine()[0, 1] - among.cosine()[0, 1]) < 0.02
 
 
 def test_tiny_model_pools_its_own_tokens(tiny):
@@ -150,3 +152,41 @@ def test_long_text_in_chunks_equals_llama_cpp_python(tiny_path):
         with Model(tiny_path, ModelOptions(ctx=256, batch=512, flash_attn="off")) as whole:
             one = embed_texts(whole, [text], "mean-all").vectors[0]
         assert cosine([one, es.vectors[0]])[0, 1] > 0.999
+
+
+@pytest.mark.parametrize("declared,causal,want", [(3, True, "last"), (1, False, "mean-all"), (2, False, "first")])
+def test_declared_pooling_of_an_embedding_model(tmp_path, declared, causal, want):
+    """An embedding model's GGUF says how to pool (and an encoder is not causal): --pooling model follows it,
+    equal to llama-cpp-python with the model's own pooling; an encoder's text is one decode whatever --batch."""
+    from llama_cpp import Llama
+    from tiny_gguf import write_tiny_gguf
+
+    from llamalens.embed import resolve_pooling
+    from llamalens.runtime import Model, ModelOptions
+
+    path = write_tiny_gguf(tmp_path / "enc.gguf", pooling_type=declared, causal=causal)
+    texts = ["the cat sat on the mat", "hello world", "the dog ran and the cat sat on the mat"]
+    with Model(path, ModelOptions(ctx=256, batch=4, flash_attn="off")) as m:
+        assert resolve_pooling(m, "model") == want
+        es = embed_texts(m, texts, "model")
+        assert es.pooling == want
+        assert np.array_equal(es.vectors, embed_texts(m, texts, want).vectors)
+    ref = Llama(str(path), embedding=True, n_ctx=256, n_batch=256, n_ubatch=256, verbose=False, flash_attn=False)
+    assert ref.pooling_type() == declared
+    for text, v in zip(texts, es.vectors):
+        r = np.array(ref.embed(text))
+        assert np.abs(v - r).max() <= 1e-5 * np.abs(r).max(), text
+
+
+def test_reranker_and_unknown_pooling_refused(tmp_path):
+    from tiny_gguf import write_tiny_gguf
+
+    from llamalens.errors import InvalidSettings
+    from llamalens.runtime import Model, ModelOptions
+
+    with Model(write_tiny_gguf(tmp_path / "rank.gguf", pooling_type=4), ModelOptions(ctx=64)) as m:
+        with pytest.raises(InvalidSettings, match="reranker"):
+            embed_texts(m, ["a", "b"], "model")
+        with pytest.raises(InvalidSettings, match="not one of"):
+            embed_texts(m, ["a", "b"], "max")
+        assert embed_texts(m, ["the cat", "the dog"], "mean").vectors.shape == (2, 64)

@@ -21,8 +21,10 @@ N_VOCAB = 3 + 256 + len(WORDS)  # 312
 
 
 def write_tiny_gguf(path: str | Path, seed: int = 0, n_embd: int = 64, n_layer: int = 2, n_head: int = 4,
-                    n_ff: int = 128, ctx: int = 512, file_type_tag: str = "tiny", n_vocab: int = N_VOCAB) -> Path:
-    """`n_vocab` > 312 appends synthetic pieces "▁x0", "▁x1", ... (for benchmarks at a realistic size)."""
+                    n_ff: int = 128, ctx: int = 512, file_type_tag: str = "tiny", n_vocab: int = N_VOCAB,
+                    pooling_type: int | None = None, causal: bool = True) -> Path:
+    """`n_vocab` > 312 appends synthetic pieces "▁x0", "▁x1", ... (for benchmarks at a realistic size).
+    `pooling_type` (llama_pooling_type) and `causal=False` make it look like an embedding model."""
     import gguf
 
     path = Path(path)
@@ -38,6 +40,10 @@ def write_tiny_gguf(path: str | Path, seed: int = 0, n_embd: int = 64, n_layer: 
     w.add_rope_dimension_count(n_embd // n_head)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(0)  # all F32
+    if pooling_type is not None:
+        w.add_pooling_type(gguf.PoolingType(pooling_type))
+    if not causal:
+        w.add_causal_attention(False)
     words = WORDS + [f"▁x{i}" for i in range(n_vocab - N_VOCAB)]
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + words
     types = [2, 3, 3] + [6] * 256 + [1] * len(words)
