@@ -976,8 +976,8 @@ def _print_embeddings(es, query, ranking, pairs) -> None:
     from .display import label
 
     n = len(es.texts)
-    click.echo(f"{n + (query is not None)} texts embedded ({es.vectors.shape[1]} dimensions, pooling {es.pooling}) "
-               f"in {es.seconds:.2f} s")
+    click.echo(f"{n + (query is not None)} texts embedded ({es.vectors.shape[1]} dimensions, pooling {es.pooling}"
+               f"{'' if es.parallel == 1 else f', {es.parallel} per decode'}) in {es.seconds:.2f} s")
     if ranking is not None:
         click.echo(f"by cosine similarity to {label(query, 60)!s}:")
         _print_table([("rank", "cosine", "text")] + [(r, f"{c:.4f}", label(es.texts[k], 60))

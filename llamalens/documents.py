@@ -380,7 +380,9 @@ def embed_document(es, query: str | None = None, ranking=None) -> Document:
     doc.add(KeyValues([
         ("model", _model_line(es.model)),
         ("pooling", es.pooling),
-        ("vectors", f"{len(es.texts)} × {es.vectors.shape[1]} (float32), in {es.seconds:.2f} s"),
+        ("vectors", f"{len(es.texts)} × {es.vectors.shape[1]} (float32), in {es.seconds:.2f} s, "
+                    + ("one text per decode" if es.parallel == 1 else
+                       f"up to {es.parallel} texts per decode (vectors carry llama.cpp's batch noise)")),
     ]))
     for note in es.notes:
         doc.add(Para(note, "warn"))

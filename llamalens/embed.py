@@ -54,6 +54,7 @@ class EmbeddingSet:
     vectors: np.ndarray  # float32, (len(texts), n_embd), not normalized
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    parallel: int = 1  # texts per decode (1: each vector independent of the other texts)
 
     def unit(self) -> np.ndarray:
         v = self.vectors.astype(np.float64)
@@ -94,7 +95,8 @@ class EmbeddingSet:
         d = {"model": self.model, "pooling": self.pooling, "n_embd": int(self.vectors.shape[1]),
              "texts": [{"text": t, "tokens": n, "norm": float(np.linalg.norm(v.astype(np.float64)))}
                        for t, n, v in zip(self.texts, self.n_tokens, self.vectors)],
-             "cosine": self.cosine().round(6).tolist(), "seconds": self.seconds, "notes": self.notes}
+             "cosine": self.cosine().round(6).tolist(), "seconds": self.seconds, "parallel": self.parallel,
+             "notes": self.notes}
         if vectors:
             for t, v in zip(d["texts"], self.vectors):
                 t["vector"] = [float(x) for x in v]
@@ -237,4 +239,5 @@ def embed_texts(model: Model, texts: list[str], pooling: str = "model", parallel
     notes = []
     if not np.all(np.isfinite(vectors)):
         notes.append("some vectors hold NaN or infinite values: the model's output overflowed")
-    return EmbeddingSet(model.describe(), pooling, list(texts), [len(t) for t, _ in tokenized], vectors, seconds, notes)
+    return EmbeddingSet(model.describe(), pooling, list(texts), [len(t) for t, _ in tokenized], vectors, seconds, notes,
+                        parallel)
