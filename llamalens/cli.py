@@ -266,10 +266,11 @@ def sampling_options(fn):
 @click.option("--max-tokens", "-n", type=int, default=16, show_default=True, help="Tokens to generate.")
 @click.option("--logprobs", type=int, default=5, show_default=True, help="Top alternatives per token.")
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
+@click.option("--text", "as_text", is_flag=True, help="Print the text coloured by each token's probability.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @model_options
 @_fail_cleanly
-def generate(prompt, max_tokens, logprobs, stop, as_json, **kw):
+def generate(prompt, max_tokens, logprobs, stop, as_text, as_json, **kw):
     """Generate from PROMPT and show each token: probability, rank, entropy, candidates, alternatives."""
     from .engine import Engine, Request
     from .settings import SamplingSettings
@@ -286,7 +287,29 @@ def generate(prompt, max_tokens, logprobs, stop, as_json, **kw):
         _json_out({"model": model.describe(), "prompt": prompt, "settings": d["settings"], "text": d["text"],
                    "finish_reason": d["finish_reason"], "tokens": d["tokens"], "timing": d["timing"]})
         return
+    if as_text:
+        _print_confidence(prompt, [t for t in sample.tokens if not t.eog])
+        return
     _print_sample(sample)
+
+
+def _print_confidence(prefix: str, tokens) -> None:
+    """Text coloured by the probability of each token (background colour; a legend follows). Without a
+    colour terminal the text is printed plain, with the legend saying so."""
+    from .display import CONFIDENCE, confidence_bucket, flowing
+
+    out = [click.style(flowing(prefix), dim=True)] if prefix else []
+    for t in tokens:
+        _, _, rgb = CONFIDENCE[confidence_bucket(t.prob)]
+        for k, line in enumerate(flowing(t.text, t.bytes).split("\n")):
+            if k:
+                out.append("\n")
+            if line:
+                out.append(click.style(line, bg=rgb, fg="black"))
+    click.echo("".join(out))
+    legend = "  ".join(click.style(f" {name} ", bg=rgb, fg="black") for _, name, rgb in CONFIDENCE)
+    click.echo(f"\nprobability of each token: {legend}" + ("" if sys.stdout.isatty() else
+               "  (colours show on a terminal; --json has every number)"))
 
 
 def _print_sample(sample) -> None:
@@ -732,9 +755,10 @@ def _text_options(fn):
 @click.option("--logprobs", type=click.IntRange(0, 100), default=5, show_default=True,
               help="Top alternatives kept per token.")
 @click.option("--all", "show_all", is_flag=True, help="Print every token (default: all when <= 100, else the most surprising).")
+@click.option("--text", "as_text", is_flag=True, help="Print the text coloured by each token's probability.")
 @model_options
 @_fail_cleanly
-def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprobs, show_all, **kw):
+def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprobs, show_all, as_text, **kw):
     """How surprised the model is by a text: per-token logprob, rank, entropy; perplexity, bits per byte.
 
     \b
@@ -752,6 +776,10 @@ def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprob
         click.echo(f"note: {note}", err=True)
     if as_json:
         _json_out(res.to_dict())
+    elif as_text:
+        if res.protocol != "full":
+            click.echo(f"note: {res.protocol} scores part of each window; only the scored tokens are shown", err=True)
+        _print_confidence("", res.tokens)
     else:
         toks = res.tokens
         shown = toks if show_all or len(toks) <= 100 else sorted(toks, key=lambda t: t.logprob)[:15]

@@ -56,3 +56,22 @@ def label(text: str, width: int = 32) -> str:
     """A text made visible and cut to `width` characters (… marks the cut): for table and plot labels."""
     shown = visible(text)
     return shown if len(shown) <= width else shown[: width - 1] + "…"
+
+
+# Probability buckets for text coloured by confidence: (upper bound, name, background RGB).
+CONFIDENCE = [(0.1, "<0.1", (229, 57, 53)), (0.3, "0.1-0.3", (251, 140, 0)), (0.6, "0.3-0.6", (253, 216, 53)),
+              (0.9, "0.6-0.9", (156, 204, 101)), (1.01, ">=0.9", (67, 160, 71))]
+
+
+def confidence_bucket(p: float) -> int:
+    """Index into CONFIDENCE of a probability."""
+    return next(i for i, (hi, _, _) in enumerate(CONFIDENCE) if p < hi)
+
+
+def flowing(text: str, hex_bytes: str | None = None) -> str:
+    """A token's text for running prose: visible like `visible` (spaces kept as spaces), and each newline
+    shown as ⏎ followed by a real line break."""
+    parts = text.split("\n")
+    if hex_bytes is not None and len(parts) == 1:
+        return visible(text, hex_bytes, edge_spaces=False)
+    return "⏎\n".join(visible(p, None, edge_spaces=False) for p in parts)

@@ -86,6 +86,34 @@ def test_next_with_samplers_is_softmax_of_scaled_truncated_logits(tiny_path, tin
     assert res.exit_code == 1 and "top-p 0.0 is out of range" in res.output
 
 
+def test_text_coloured_by_confidence(tiny_path):
+    """generate --text / score --text: the text, each token on the background of its probability bucket
+    (the same probabilities --json reports); plain text where colours are off."""
+    import re
+
+    args = ["--model", tiny_path, "-n", 24, "--seed", 4, "-t", 1.5, "--top-k", 0, "--top-p", 1, "--min-p", 0]
+    d = json.loads(run("generate", "the cat", *args, "--json").stdout)
+    res = CliRunner().invoke(main, [str(a) for a in ["generate", "the cat", *args, "--text"]], color=True)
+    assert res.exit_code == 0, res.output
+    body = res.stdout.split("\n\nprobability of each token:")[0]
+    segs = re.findall(r"\x1b\[30m\x1b\[48;2;(\d+);(\d+);(\d+)m(.*?)\x1b\[0m", body, flags=re.S)
+    colours = {(229, 57, 53): 0, (251, 140, 0): 1, (253, 216, 53): 2, (156, 204, 101): 3, (67, 160, 71): 4}
+    want = []
+    for t in d["tokens"]:
+        if t["text"]:
+            b = 0 if t["prob"] < 0.1 else 1 if t["prob"] < 0.3 else 2 if t["prob"] < 0.6 else 3 if t["prob"] < 0.9 else 4
+            want += [b] * len([x for x in t["text"].split("\n") if x])
+    assert [colours[tuple(map(int, g[:3]))] for g in segs] == want
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", body).replace("⏎\n", "\n")
+    # nothing lost: the shown text, with <0xNN> read back as bytes, is exactly the prompt + the tokens' bytes
+    shown = b"".join(bytes([int(x[3:5], 16)]) if x.startswith("<0x") else x.encode()
+                     for x in re.findall(r"<0x[0-9A-F]{2}>|.", plain, flags=re.S))
+    assert shown == b"the cat" + b"".join(bytes.fromhex(t["bytes"]) for t in d["tokens"])
+    assert len(set(want)) >= 2  # a hot sample spans several buckets
+    out = run("score", "the cat sat on the mat", "--model", tiny_path, "--text").stdout
+    assert out.lstrip().startswith("the cat sat on the mat") and "colours show on a terminal" in out
+
+
 def test_generate_json_shape(tiny_path):
     d = json.loads(run("generate", "the cat", "--model", tiny_path, "-n", 7, "--seed", 3, "--logprobs", 2,
                        "--json").stdout)
