@@ -971,6 +971,8 @@ def embed(texts, file, query, pooling, parallel, pairs, as_json, vectors, report
         raise InvalidInput(f"give at least two texts to compare (got {len(items)}), or --query and one text or more")
     if query is not None and not items:
         raise InvalidInput("--query needs texts to rank: give them as arguments or with --file")
+    if vectors and not as_json:
+        raise click.UsageError("--vectors adds the vectors to the JSON output: give --json too")
     check_texts(([query] if query is not None else []) + items)
     _check_report_path(report_path)
     model = _model_from(kw)

@@ -124,6 +124,7 @@ def test_cli_table_query_json(tmp_path):
     (["king", "queen", "--pooling", "first"], "every text would get the same vector"),
     (["king", "The quick brown fox jumps over the lazy dog", "--ctx", "4"], "text 2 is 10 tokens but --ctx is 4"),
     (["--file", "/nonexistent/terms.txt"], "file not found"),
+    (["king", "queen", "--vectors"], "give --json too"),
 ])
 def test_cli_bad_input(args, msg):
     res = cli("embed", *args, ok=False)
