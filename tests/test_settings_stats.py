@@ -48,6 +48,25 @@ def test_row_stats_match_float64_log_softmax():
 def test_top_ids_breaks_ties_by_id():
     row = np.array([1.0, 3.0, 3.0, 0.0, 3.0], dtype=np.float32)
     assert list(top_ids(row, 3)) == [1, 2, 4]
+    # ties across the cut: the smallest ids win, as a full stable sort would pick them
+    row = np.array([4.0, 9.0, 4.0, 4.0, 1.0, 4.0, 4.0], dtype=np.float32)
+    assert list(top_ids(row, 3)) == [1, 0, 2]
+    rng = np.random.default_rng(1)
+    for _ in range(50):  # coarse values: many ties, like logits of heavily quantized weights
+        row = rng.integers(-4, 5, size=int(rng.integers(1, 400))).astype(np.float32)
+        n = int(rng.integers(1, 30))
+        assert list(top_ids(row, n)) == list(np.lexsort((np.arange(len(row)), -row))[:n])
+
+
+def test_row_stats_results_survive_later_calls():
+    """RowStats.of works in reused scratch arrays: what it returned must not change with the next call."""
+    rng = np.random.default_rng(2)
+    a, b = (rng.standard_normal(5000) * 3).astype(np.float32), (rng.standard_normal(5000) * 3).astype(np.float32)
+    sa = RowStats.of(a, 3, 8)
+    ids, lps = sa.top_ids.copy(), sa.top_logprobs.copy()
+    RowStats.of(b, 4, 8)
+    assert np.array_equal(sa.top_ids, ids) and np.array_equal(sa.top_logprobs, lps)
+    assert RowStats.of(a, 3, 8).rank == sa.rank == sa.for_token(a, 3).rank
 
 
 def test_temperature_and_kl():
