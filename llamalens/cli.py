@@ -175,9 +175,11 @@ MAX_NEXT_COLUMNS = 12
 @click.option("--top-p", "ax_top_p", help="... after top_p, e.g. 0.01,0.9.")
 @click.option("--min-p", "ax_min_p", help="... after min_p, e.g. 0.05.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+              help="With sampler settings: also write a report with the bar charts (FILE.html or FILE.md).")
 @model_options
 @_fail_cleanly
-def next_cmd(prompt, top, as_json, **kw):
+def next_cmd(prompt, top, as_json, report_path, **kw):
     """The distribution of the token after PROMPT: top N with probabilities, and the entropy.
 
     With sampler settings, one more column per combination of them: the same tokens' probabilities
@@ -203,6 +205,10 @@ def next_cmd(prompt, top, as_json, **kw):
             raise click.UsageError(f"{len(configs)} combinations of settings is more columns than a table can show "
                                    f"(at most {MAX_NEXT_COLUMNS}); give fewer values, or use `llamalens sweep ... "
                                    "--report FILE` for a whole grid")
+    if report_path and not configs:
+        raise click.UsageError("--report shows how sampler settings reshape the distribution: give -t, --top-k, "
+                               "--top-p or --min-p values too")
+    _check_report_path(report_path)
     model = _model_from(kw)
     if not configs:
         from .views import next_token
@@ -222,11 +228,14 @@ def next_cmd(prompt, top, as_json, **kw):
 
     view = sampler_view(model, prompt, [], configs, top)
     labels = [changes_label(c) for c in configs]
+    for chain, lab in zip(view.chains, labels):
+        chain.label = lab
+    if report_path:
+        from .documents import next_document
+
+        _write_doc(next_document(view, model.describe()), report_path)
     if as_json:
-        d = view.to_dict()
-        for c, lab in zip(d["chains"], labels):
-            c["label"] = lab
-        _json_out(d)
+        _json_out(view.to_dict())
         return
     rows = [("rank", "token", "raw") + tuple(labels)]
     for i, a in enumerate(view.top):

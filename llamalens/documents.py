@@ -235,14 +235,21 @@ def _sampler_section(doc, store, rid, samples, by_sample, configs, model, positi
             seen.add(key)
             distinct.append(c)
     view = sampler_view(model, pick["prompt"], [t.id for t in toks[:position]], distinct[:MAX_SAMPLER_CHAINS])
-    from . import plots
-
     history = "".join(visible(t.text, t.bytes, edge_spaces=False) for t in toks[:position])
     doc.add(Para(f"Position {position} of sample #{pick['sample_idx']} (prompt {pick['prompt_idx']}"
                  + (f", after the generated text “{history}”" if history else ", the first generated token")
                  + f"): the raw top-{len(view.top)} next tokens (entropy {view.entropy:.3f} nats) and what each "
                  "configuration's sampler chain (penalties → top_k → typical_p → top_p → min_p → temperature) makes "
                  "of the same logits. Pick another with `llamalens report --position N --sample IDX`.", "note"))
+    _sampler_blocks(doc, view)
+    if len(configs) > MAX_SAMPLER_CHAINS:
+        doc.add(Para(f"Only the first {MAX_SAMPLER_CHAINS} distinct configurations are shown.", "note"))
+
+
+def _sampler_blocks(doc: Document, view) -> None:
+    """A SamplerView as a figure (raw vs after each chain) and two tables (stages, final probabilities)."""
+    from . import plots
+
     labels = [visible(a.text, a.bytes) for a in view.top]
     doc.add(Figure(plots.sampler_stages(labels, [math.exp(a.logprob) for a in view.top],
                                         [(c.label, c.final.probs, c.final.survivors) for c in view.chains]),
@@ -258,8 +265,18 @@ def _sampler_section(doc, store, rid, samples, by_sample, configs, model, positi
              for i, (lab, a) in enumerate(zip(labels, view.top))]
     doc.add(Table(head, trows, caption="Probability of each raw top token after each configuration's chain "
                                        "(0 = filtered out)."))
-    if len(configs) > MAX_SAMPLER_CHAINS:
-        doc.add(Para(f"Only the first {MAX_SAMPLER_CHAINS} distinct configurations are shown.", "note"))
+
+
+def next_document(view, model: dict) -> Document:
+    """`llamalens next` with sampler settings: the raw next-token distribution and each chain's result."""
+    doc = Document(f"llamalens next: {len(view.chains)} sampler settings", fields=[], alt_titles=[])
+    doc.add(KeyValues([("model", _model_line(model)), ("prompt", view.prompt),
+                       ("entropy", f"{view.entropy:.4f} nats (raw distribution)")]))
+    doc.add(Para("The raw top tokens after the prompt, and the same tokens' probabilities after each sampler chain "
+                 "(top_k → top_p → min_p → temperature): temperature rescales the logits before the softmax, the "
+                 "truncating samplers remove tokens and the rest are renormalised.", "note"))
+    _sampler_blocks(doc, view)
+    return doc
 
 
 def _py(v):

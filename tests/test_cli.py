@@ -86,6 +86,17 @@ def test_next_with_samplers_is_softmax_of_scaled_truncated_logits(tiny_path, tin
     assert res.exit_code == 1 and "top-p 0.0 is out of range" in res.output
 
 
+
+def test_next_report(tiny_path, tmp_path):
+    out = tmp_path / "next.html"
+    run("next", "the <b>cat</b>", "--model", tiny_path, "-t", "0,0.5,2", "--top-k", "3", "--report", out)
+    html = out.read_text()
+    assert html.count("<svg") >= 1 and "T=0.5 top_k=3" in html and "T=2 top_k=3" in html
+    assert "the &lt;b&gt;cat&lt;/b&gt;" in html and "<b>cat</b>" not in html
+    res = run("next", "the cat", "--model", tiny_path, "--report", out, ok=False)
+    assert res.exit_code == 2 and "give -t, --top-k" in res.output
+
+
 def test_text_coloured_by_confidence(tiny_path):
     """generate --text / score --text: the text, each token on the background of its probability bucket
     (the same probabilities --json reports); plain text where colours are off."""
