@@ -30,6 +30,7 @@ Vectors are kept as float32 n_texts × n_embd; cosine similarity is computed in 
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -61,14 +62,20 @@ class EmbeddingSet:
         norms = np.linalg.norm(v, axis=1, keepdims=True)
         return v / np.where(norms == 0, 1.0, norms)
 
-    def cosine(self) -> np.ndarray:
-        """The cosine similarity of every pair (float64, 1 on the diagonal)."""
+    @functools.cached_property
+    def _cosine(self) -> np.ndarray:
         u = self.unit()
-        return np.clip(u @ u.T, -1.0, 1.0)
+        c = np.clip(u @ u.T, -1.0, 1.0)
+        c.setflags(write=False)
+        return c
+
+    def cosine(self) -> np.ndarray:
+        """The cosine similarity of every pair (float64, 1 on the diagonal; computed once, read-only)."""
+        return self._cosine
 
     def nearest(self) -> list[tuple[int, float]]:
         """For each text, the most similar other text and their cosine (-1, nan without others)."""
-        c = self.cosine()
+        c = self.cosine().copy()
         np.fill_diagonal(c, -np.inf)
         out = []
         for i in range(len(self.texts)):
@@ -211,27 +218,20 @@ def embed_texts(model: Model, texts: list[str], pooling: str = "model", parallel
         done = 0
         for group in _groups(lengths, ctx.n_seq_max, ctx.n_batch):
             ctx.clear()
-            if len(group) == 1:
-                tk = tokenized[group[0]][0]
-                rows = []
-                for a in range(0, len(tk), ctx.n_batch):
-                    chunk = tk[a:a + ctx.n_batch]
-                    ctx.decode(chunk, range(a, a + len(chunk)), [0] * len(chunk), [1] * len(chunk))
-                    rows += [ctx.embedding(j) for j in range(len(chunk))]
-                per_text = [np.stack(rows)]
-            else:
-                toks, pos, seqs = [], [], []
-                for s, k in enumerate(group):
-                    tk = tokenized[k][0]
-                    toks += tk
-                    pos += range(len(tk))
-                    seqs += [s] * len(tk)
-                ctx.decode(toks, pos, seqs, [1] * len(toks))
-                starts = np.cumsum([0] + [lengths[k] for k in group])
-                per_text = [np.stack([ctx.embedding(j) for j in range(starts[s], starts[s + 1])])
-                            for s in range(len(group))]
-            for k, rows in zip(group, per_text):
-                vectors[k] = pool(rows, tokenized[k][1], pooling)
+            toks, pos, seqs = [], [], []
+            for s, k in enumerate(group):
+                tk = tokenized[k][0]
+                toks += tk
+                pos += range(len(tk))
+                seqs += [s] * len(tk)
+            rows = []  # a packed group fits one decode; a lone text longer than n_batch takes several
+            for a in range(0, len(toks), ctx.n_batch):
+                n = min(ctx.n_batch, len(toks) - a)
+                ctx.decode(toks[a:a + n], pos[a:a + n], seqs[a:a + n], [1] * n)
+                rows += [ctx.embedding(j) for j in range(n)]
+            starts = np.cumsum([0] + [lengths[k] for k in group])
+            for s, k in enumerate(group):
+                vectors[k] = pool(np.stack(rows[starts[s]:starts[s + 1]]), tokenized[k][1], pooling)
             done += len(group)
             if on_progress:
                 on_progress(done, len(texts))
