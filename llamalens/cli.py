@@ -162,6 +162,11 @@ def tokenize(text, bos, as_json, **kw):
     click.echo(f"{len(tokens)} tokens, {len(text.encode('utf-8'))} bytes")
 
 
+def _pop_axes(kw: dict) -> dict:
+    """Take the grid-axis options (click names ax_<setting>) out of a command's kwargs: {setting: text}."""
+    return {k[3:]: kw.pop(k) for k in list(kw) if k.startswith("ax_")}
+
+
 # -- next -------------------------------------------------------------------------------------
 MAX_NEXT_COLUMNS = 12
 
@@ -195,9 +200,7 @@ def next_cmd(prompt, top, as_json, report_path, **kw):
     from .display import visible
     from .settings import NEUTRAL, changes_label
 
-    axes = {k[3:]: G.parse_axis(k[3:], kw.pop(k)) for k in list(kw) if k.startswith("ax_") and kw[k] is not None}
-    for k in [k for k in kw if k.startswith("ax_")]:
-        kw.pop(k)
+    axes = G.parse_axes(_pop_axes(kw))
     configs = G.expand(axes, NEUTRAL) if axes else []
     if configs:
         G.check(configs, [0])
@@ -444,7 +447,7 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
     from .settings import SamplingSettings
     from .sweep import SweepInterrupted, SweepSpec, execute, start_sweep
 
-    axes_text = {k[3:]: kw.pop(k) for k in list(kw) if k.startswith("ax_")}
+    axes_text = _pop_axes(kw)
     if report_path:  # a bad report path fails now, not after the sweep
         from .report import check_writable, report_format
 
@@ -477,7 +480,7 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
         if grid_file:
             for _gname, axes, fixed in G.load_grid_file(grid_file):
                 configs += G.expand(axes, base.with_(**fixed))
-        axes = {k: G.parse_axis(k, v) for k, v in axes_text.items() if v is not None}
+        axes = G.parse_axes(axes_text)
         if axes or not configs:
             configs = [c2 for c in (configs or [base]) for c2 in G.expand(axes, c)]
         seed_values = G.parse_seeds(seeds, seed_list)
@@ -982,11 +985,12 @@ def embed(texts, file, query, pooling, parallel, pairs, as_json, vectors, report
         raise InvalidInput("--query needs texts to rank: give them as arguments or with --file")
     if vectors and not as_json:
         raise click.UsageError("--vectors adds the vectors to the JSON output: give --json too")
-    check_texts(([query] if query is not None else []) + items)
+    everything = ([query] if query is not None else []) + items
+    check_texts(everything)
     _check_report_path(report_path)
     model = _model_from(kw)
     progress = (lambda k, n: click.echo(f"\rembedding: {k}/{n} texts", err=True, nl=k >= n)) if len(items) > 50 else None
-    es = embed_texts(model, ([query] if query is not None else []) + items, pooling, parallel, progress)
+    es = embed_texts(model, everything, pooling, parallel, progress)
     ranking = None
     if query is not None:
         from dataclasses import replace

@@ -58,6 +58,11 @@ def parse_axis(name: str, text: str) -> list:
     return out
 
 
+def parse_axes(texts: dict[str, str | None]) -> dict[str, list]:
+    """{'temperature': '0,0.7', 'top_k': None} -> {'temperature': [0.0, 0.7]} (options not given left out)."""
+    return {name: parse_axis(name, text) for name, text in texts.items() if text is not None}
+
+
 def parse_seeds(seeds: int | None, seed_list: str | None) -> list[int]:
     if seeds is not None and seed_list:
         raise InvalidSettings("give --seeds N or --seed LIST, not both")
