@@ -71,7 +71,8 @@ def confidence_bucket(p: float) -> int:
 def flowing(text: str, hex_bytes: str | None = None) -> str:
     """A token's text for running prose: visible like `visible` (spaces kept as spaces), and each newline
     shown as ⏎ followed by a real line break."""
-    parts = text.split("\n")
-    if hex_bytes is not None and len(parts) == 1:
-        return visible(text, hex_bytes, edge_spaces=False)
-    return "⏎\n".join(visible(p, None, edge_spaces=False) for p in parts)
+    if hex_bytes is None:
+        return "⏎\n".join(visible(p, None, edge_spaces=False) for p in text.split("\n"))
+    # split the exact bytes, so that a token holding a newline and part of a character keeps its <0x..>
+    return "⏎\n".join(visible(p.decode("utf-8", errors="replace"), p.hex(), edge_spaces=False)
+                       for p in bytes.fromhex(hex_bytes).split(b"\n"))

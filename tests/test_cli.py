@@ -125,6 +125,15 @@ def test_text_coloured_by_confidence(tiny_path):
     assert out.lstrip().startswith("the cat sat on the mat") and "colours show on a terminal" in out
 
 
+def test_flowing_text_keeps_every_byte():
+    from llamalens.display import flowing
+
+    assert flowing("a\nb", b"a\nb".hex()) == "a⏎\nb"
+    # a token holding a newline and the first byte of a 3-byte character: the byte stays visible
+    assert flowing("\n\ufffd", b"\n\xe2".hex()) == "⏎\n<0xE2>"
+    assert flowing("x\ty\n") == "x⇥y⏎\n"
+
+
 def test_generate_json_shape(tiny_path):
     d = json.loads(run("generate", "the cat", "--model", tiny_path, "-n", 7, "--seed", 3, "--logprobs", 2,
                        "--json").stdout)
