@@ -44,9 +44,9 @@ def __getattr__(name):
 
         return getattr(engine, name)
     if name in ("next_token", "tokenize"):
-        from . import views
+        from . import distribution
 
-        return getattr(views, name)
+        return getattr(distribution, name)
     if name == "embed_texts":
         from . import embed
 

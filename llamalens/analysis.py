@@ -1,16 +1,29 @@
-"""Pure analysis of stored runs: the token table and the per-configuration summary (pandas).
+"""Analysis of stored runs: one loaded run, its token table and per-configuration summary (pandas),
+and exports.
+
+    Store ──► load_run (the run's info, configs, samples and tokens, each read once)
+          ──► LoadedRun.tokens / .samples_table / .summary  ──► `show`, the report, `export`
 
 Columns are declared once here (TOKEN_COLUMNS, SUMMARY_COLUMNS) and used by `show`, `export` and the
-report alike.
+report alike. Everything below the loading is a pure function of what was loaded.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
 
 import pandas as pd
 
-from .store import Store
+from .errors import InvalidInput
+from .records import StoredSample, TokenRecord
+from .settings import SamplingSettings
+from .store import RunInfo, Store
 
 SETTING_COLUMNS = ["temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty"]
 TOKEN_COLUMNS = ["run_id", "sample_idx", "prompt_idx", "config_idx", "seed", *SETTING_COLUMNS, "position", "token_id",
@@ -20,32 +33,62 @@ SUMMARY_COLUMNS = ["config_idx", "label", *SETTING_COLUMNS, "samples", "tokens",
                    "tokens_per_s"]
 
 
-def token_table(store: Store, run_id: int) -> pd.DataFrame:
-    """One row per stored token, with its sample's prompt, config, seed and settings."""
-    samples = {s["sample_idx"]: s for s in store.samples(run_id)}
-    configs = store.configs(run_id)
-    rows = []
-    for idx, t in store.tokens(run_id):
-        s = samples.get(idx)
-        if s is None:
-            continue
-        cfg = configs[s["config_idx"]]
-        rows.append([run_id, idx, s["prompt_idx"], s["config_idx"], s["seed"], *(cfg[c] for c in SETTING_COLUMNS),
-                     t.position, t.id, t.text, t.bytes, t.logprob, math.exp(t.logprob), t.sampled_logprob, t.rank,
-                     t.entropy, t.candidates, t.eog])
-    return pd.DataFrame(rows, columns=TOKEN_COLUMNS)
+@dataclass
+class LoadedRun:
+    """One run read from the store once: what `show`, the report and `export` are built from."""
+
+    info: RunInfo
+    configs: list[SamplingSettings]
+    samples: list[StoredSample]  # the finished ones, by sample_idx
+    by_sample: dict[int, list[TokenRecord]] = field(repr=False)
+
+    @property
+    def id(self) -> int:
+        return self.info.id
+
+    @cached_property
+    def tokens(self) -> pd.DataFrame:
+        """One row per stored token, with its sample's prompt, config, seed and settings."""
+        rows = []
+        for s in self.samples:
+            cfg = self.configs[s.config_idx]
+            head = [self.id, s.sample_idx, s.prompt_idx, s.config_idx, s.seed,
+                    *(getattr(cfg, c) for c in SETTING_COLUMNS)]
+            rows += [head + [t.position, t.id, t.text, t.bytes, t.logprob, math.exp(t.logprob), t.sampled_logprob,
+                             t.rank, t.entropy, t.candidates, t.eog] for t in self.by_sample.get(s.sample_idx, [])]
+        return pd.DataFrame(rows, columns=TOKEN_COLUMNS)
+
+    @cached_property
+    def samples_table(self) -> pd.DataFrame:
+        rows = []
+        for s in self.samples:
+            tm = s.timing
+            rows.append([s.sample_idx, s.prompt_idx, s.config_idx, s.seed, s.prompt, s.text, s.finish_reason,
+                         tm.generated_tokens if tm else 0, tm.tokens_per_s if tm else None,
+                         tm.first_token_ms if tm else None])
+        return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
+
+    @cached_property
+    def summary(self) -> pd.DataFrame:
+        return summary(self.tokens, self.samples_table, self.configs)
+
+    def labels(self) -> dict[int, str]:
+        """Each configuration's short label, by config_idx."""
+        return {i: config_label(c) for i, c in enumerate(self.configs)}
 
 
-def sample_table(store: Store, run_id: int) -> pd.DataFrame:
-    rows = []
-    for s in store.samples(run_id):
-        tm = s["timing"] or {}
-        rows.append({"sample_idx": s["sample_idx"], "prompt_idx": s["prompt_idx"], "config_idx": s["config_idx"],
-                     "seed": s["seed"], "prompt": s["prompt"], "text": s["text"], "finish_reason": s["finish_reason"],
-                     "tokens": tm.get("generated_tokens", 0), "tokens_per_s": tm.get("tokens_per_s"),
-                     "first_token_ms": tm.get("first_token_ms")})
-    return pd.DataFrame(rows, columns=["sample_idx", "prompt_idx", "config_idx", "seed", "prompt", "text",
-                                       "finish_reason", "tokens", "tokens_per_s", "first_token_ms"])
+def load_run(store: Store, run_id) -> LoadedRun:
+    info = store.run(run_id)
+    return LoadedRun(info, store.configs(info.id), store.samples(info.id), store.tokens_by_sample(info.id))
+
+
+def config_label(settings: SamplingSettings) -> str:
+    """A configuration's label without its seed (seeds are a sweep's own axis)."""
+    return settings.label().rsplit(" seed=", 1)[0]
+
+
+SAMPLE_COLUMNS = ["sample_idx", "prompt_idx", "config_idx", "seed", "prompt", "text", "finish_reason", "tokens",
+                  "tokens_per_s", "first_token_ms"]
 
 
 def distinct_2(token_lists: list[list[int]]) -> float:
@@ -54,7 +97,7 @@ def distinct_2(token_lists: list[list[int]]) -> float:
     return len(set(grams)) / len(grams) if grams else float("nan")
 
 
-def summary(tokens: pd.DataFrame, samples: pd.DataFrame, configs: list[dict]) -> pd.DataFrame:
+def summary(tokens: pd.DataFrame, samples: pd.DataFrame, configs: list[SamplingSettings]) -> pd.DataFrame:
     """Per configuration: mean logprob, perplexity, entropy, candidates, diversity across seeds, rank, speed."""
     rows = []
     for ci, cfg in enumerate(configs):
@@ -65,11 +108,9 @@ def summary(tokens: pd.DataFrame, samples: pd.DataFrame, configs: list[dict]) ->
         mean_lp = float(t.logprob.mean()) if len(t) else float("nan")
         per_prompt_distinct = s.groupby("prompt_idx").text.nunique()
         seqs = [g.sort_values("position").token_id.tolist() for _, g in t.groupby("sample_idx")]
-        from .settings import SamplingSettings
-
         rows.append({
-            "config_idx": ci, "label": SamplingSettings.from_dict(cfg).label().rsplit(" seed=", 1)[0],
-            **{c: cfg[c] for c in SETTING_COLUMNS},
+            "config_idx": ci, "label": config_label(cfg),
+            **{c: getattr(cfg, c) for c in SETTING_COLUMNS},
             "samples": len(s), "tokens": len(t), "mean_logprob": mean_lp,
             "perplexity": math.exp(-mean_lp) if len(t) else float("nan"),
             "mean_entropy": float(t.entropy.mean()), "mean_candidates": float(t.candidates.mean()),
@@ -80,28 +121,67 @@ def summary(tokens: pd.DataFrame, samples: pd.DataFrame, configs: list[dict]) ->
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def openai_logprobs(store: Store, run_id: int):
+def openai_logprobs(run: LoadedRun):
     """Each sample in the OpenAI completions `logprobs` shape plus our fields (for jsonl export)."""
-    configs = store.configs(run_id)
-    by_sample: dict[int, list] = {}
-    for idx, t in store.tokens(run_id):
-        by_sample.setdefault(idx, []).append(t)
-    for s in store.samples(run_id):
-        toks = [t for t in by_sample.get(s["sample_idx"], []) if not t.eog]
+    for s in run.samples:
+        every = run.by_sample.get(s.sample_idx, [])
+        toks = [t for t in every if not t.eog]
         offsets, pos = [], 0
         for t in toks:
             offsets.append(pos)
-            pos += len(bytes.fromhex(t.bytes).decode("utf-8", errors="replace"))
+            pos += len(t.text)
         yield {
-            "run_id": run_id, "sample_idx": s["sample_idx"], "prompt_idx": s["prompt_idx"], "prompt": s["prompt"],
-            "settings": dict(configs[s["config_idx"]], seed=s["seed"]), "text": s["text"],
-            "finish_reason": s["finish_reason"],
+            "run_id": run.id, "sample_idx": s.sample_idx, "prompt_idx": s.prompt_idx, "prompt": s.prompt,
+            "settings": run.configs[s.config_idx].with_(seed=s.seed).to_dict(), "text": s.text,
+            "finish_reason": s.finish_reason,
             "logprobs": {
                 "tokens": [t.text for t in toks], "token_logprobs": [t.logprob for t in toks],
                 "top_logprobs": [{a.text: a.logprob for a in t.top} for t in toks], "text_offset": offsets,
             },
-            "tokens": [t.to_dict() for t in by_sample.get(s["sample_idx"], [])],
+            "tokens": [t.to_dict() for t in every],
         }
+
+
+EXPORT_FORMATS = ("csv", "parquet", "jsonl")
+
+
+def export_run(run: LoadedRun, fmt: str, output: str | os.PathLike) -> int:
+    """Write a run's token table (csv, parquet) or its samples in OpenAI logprobs shape (jsonl).
+
+    Written to FILE.part and renamed, so a failed export never leaves half a file under the name; a path
+    that is a run store (or its -wal / -shm) is refused. CSV quotes every text field, so a token holding a
+    CR, a newline, a quote or a comma reads back as one field; the `bytes` column (hex) is exact.
+    Returns the number of rows (tokens, or samples for jsonl).
+    """
+    from .store import check_not_a_store
+
+    if fmt not in EXPORT_FORMATS:
+        raise InvalidInput(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    out = Path(output)
+    check_not_a_store(out)
+    tmp = out.with_name(out.name + ".part")
+    try:
+        if fmt == "jsonl":
+            n = 0
+            with open(tmp, "w", encoding="utf-8") as f:
+                for obj in openai_logprobs(run):
+                    f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+                    n += 1
+        else:
+            df = run.tokens
+            n = len(df)
+            if fmt == "csv":
+                df.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\r\n")
+            else:
+                try:
+                    df.to_parquet(tmp, index=False)
+                except ImportError:
+                    raise InvalidInput("parquet needs pyarrow: pip install pyarrow (or use --format csv)") from None
+        tmp.replace(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InvalidInput(f"cannot write {out} ({e.strerror}); choose a writable path") from None
+    return n
 
 
 # -- comparisons between samples (pure functions of token-id lists) ------------------------------
@@ -129,9 +209,10 @@ def seed_splits(seqs: list[list[int]]) -> tuple[int, list[int]]:
     return distinct, splits
 
 
-def varying_axes(configs: list[dict], axes: list[str] = SETTING_COLUMNS + ["frequency_penalty", "presence_penalty"]):
+def varying_axes(configs: list[SamplingSettings],
+                 axes: list[str] = SETTING_COLUMNS + ["frequency_penalty", "presence_penalty"]) -> list[str]:
     """The settings that take more than one value across a run's configurations, in grid order."""
-    return [a for a in axes if len({c.get(a) for c in configs}) > 1]
+    return [a for a in axes if len({getattr(c, a) for c in configs}) > 1]
 
 
 def position_curves(tokens: pd.DataFrame, prompt_idx: int) -> dict[int, pd.DataFrame]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -161,6 +161,39 @@ def pool(rows: np.ndarray, own: slice, pooling: str) -> np.ndarray:
     if pooling == "first":
         return rows[0].copy()
     raise InvalidSettings(f"unknown pooling {pooling!r}")
+
+
+def check_request(texts: list[str], query: str | None = None) -> None:
+    """What a comparison needs (two texts, or a query and one text or more), checked before loading a model."""
+    if query is None and len(texts) < 2:
+        raise InvalidInput(f"give at least two texts to compare (got {len(texts)}), or --query and one text or more")
+    if query is not None and not texts:
+        raise InvalidInput("--query needs texts to rank: give them as arguments or with --file")
+    check_texts(([query] if query is not None else []) + list(texts))
+
+
+@dataclass
+class Ranking:
+    """Texts ranked by cosine similarity to a query: (index into the texts, cosine), most similar first."""
+
+    query: str
+    vector: np.ndarray
+    order: list[tuple[int, float]]
+
+    def to_dict(self, texts: list[str], vectors: bool = False) -> dict:
+        d = {"text": self.query, "ranking": [{"index": k, "text": texts[k], "cosine": c} for k, c in self.order]}
+        if vectors:
+            d["vector"] = [float(x) for x in self.vector]
+        return d
+
+
+def rank_by_query(model: Model, query: str, texts: list[str], pooling: str = "model", parallel: int = 1,
+                  on_progress: Callable[[int, int], None] | None = None) -> tuple["EmbeddingSet", Ranking]:
+    """Embed the query with the texts (one set, the same pooling) and rank the texts by similarity to it."""
+    both = embed_texts(model, [query] + list(texts), pooling, parallel, on_progress)
+    qvec = both.vectors[0]
+    es = replace(both, texts=both.texts[1:], n_tokens=both.n_tokens[1:], vectors=both.vectors[1:])
+    return es, Ranking(query, qvec, es.rank(qvec))
 
 
 def check_texts(texts: list[str]) -> None:

@@ -7,7 +7,7 @@
                                                │  otherwise                       -> prefill it once
          every step: one llama_decode with one token per live sequence, then per sequence:
              raw row ──► RowStats (logprob, rank, entropy, top-N)       [stats.py, numpy]
-                    └──► candidate array ──► its own native sampler chain [settings.build_chain]
+                    └──► candidate array ──► its own native sampler chain [sampler.Sampler]
                          -> chosen token, survivors (candidates), sampled_logprob
          a finished sequence (EOG, stop string, max_tokens) frees its slot but keeps its prompt
          cells, so the next request with the same prompt starts without any prefill.
@@ -16,7 +16,8 @@ Fidelity: the chain is the one llama-cpp-python builds, applied to the same raw 
 accept() sees only generated tokens, as in `Llama.generate`. With one slot, the same flash-attention
 setting and the same prompt tokens, the tokens equal `create_completion`'s (tests check this).
 Batched logits can differ from single-sequence ones by a few hundredths of a nat on quantized
-weights (../shared/NOTES.md §6); `n_parallel=1` is the exact, slow path.
+weights (the repacked Q4_K and non-flash attention kernels change with the batch shape);
+`n_parallel=1` is the exact, slow path.
 
 The prompt's last-row logits are copied once per prompt (n_vocab floats) and reused by every
 sequence of that prompt for its first token; nothing of size context × vocabulary is ever kept.
@@ -24,7 +25,6 @@ sequence of that prompt for its first token; nothing of size context × vocabula
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -34,38 +34,10 @@ import numpy as np
 
 from .errors import InvalidSettings
 from .records import Alternative, Sample, Timing, TokenRecord
-from .runtime import Context, Model
-from .settings import SamplingSettings, build_chain, free_chain
+from .runtime import Context, Model, round_ctx
+from .sampler import Candidates, Sampler
+from .settings import SamplingSettings
 from .stats import RowStats, logsumexp
-
-_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
-
-
-def apply_chain(chain, row: np.ndarray, cand: np.ndarray | None = None, ids: np.ndarray | None = None):
-    """Apply a native sampler chain to a raw logits row.
-
-    Returns (survivors, selected): the candidates left after the chain (a structured view with fields
-    id, logit (after temperature when the chain has one), p) and the chosen index (-1 without a final
-    pick). `cand` / `ids` are reusable buffers of n_vocab entries; with them the result is a view, valid
-    until the next call (and while the chain lives); without them it is a copy.
-    """
-    import llama_cpp as L
-
-    n = row.shape[0]
-    own = cand is None
-    if own:
-        cand = np.zeros(n, dtype=_TOKEN_DATA)
-    cand["id"] = ids if ids is not None else np.arange(n, dtype=np.int32)
-    cand["logit"] = row
-    cand["p"] = 0.0
-    arr = L.llama_token_data_array(data=cand.ctypes.data_as(L.llama_token_data_p), size=n, selected=-1, sorted=False)
-    L.llama_sampler_apply(chain, ctypes.byref(arr))
-    size, sel = int(arr.size), int(arr.selected)
-    # samplers may repoint `data`: read the survivors where the array now says they are
-    survivors = np.frombuffer((ctypes.c_char * (size * _TOKEN_DATA.itemsize)).from_address(
-        ctypes.addressof(arr.data.contents)), dtype=_TOKEN_DATA, count=size)
-    return (survivors.copy() if own else survivors), sel
-
 
 @dataclass
 class Request:
@@ -94,7 +66,7 @@ class Request:
 class _Live:
     req: Request
     slot: int
-    chain: object
+    sampler: Sampler
     max_tokens: int
     t_start: float
     prompt_ms: float = 0.0
@@ -115,9 +87,7 @@ class Engine:
     def __init__(self, model: Model, n_parallel: int = 1):
         self.model = model
         self.n_parallel = max(1, int(n_parallel))
-        self._cand = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
-        self._ids = np.arange(model.n_vocab, dtype=np.int32)
-        self._L = model._L
+        self._buffers = Candidates(model.n_vocab)
         self.stats = Counter()  # decode calls, tokens decoded, prefills, prompt copies
 
     # -- public --------------------------------------------------------------------------------
@@ -156,8 +126,7 @@ class Engine:
         n_prompts = min(len(order), n_par)
         cells = n_prompts * max_prompt + n_par * (max_new + 1) + 1
         cells = max(cells, max_prompt + max_new + 1)
-        n_ctx = (cells + 255) // 256 * 256
-        with self.model.context(n_ctx=n_ctx, n_seq_max=n_par) as ctx:
+        with self.model.context(n_ctx=round_ctx(cells), n_seq_max=n_par) as ctx:
             yield from self._loop(ctx, queue, remaining, n_par, ctx_len, on_token)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -190,7 +159,7 @@ class Engine:
                                 self.stats["prompt_tokens"] += len(key)
                             slot_prompt[s] = key
                         root = intern.setdefault(("prompt", key), len(intern))
-                        live = _Live(req, s, build_chain(req.settings, self.model.n_vocab),
+                        live = _Live(req, s, Sampler(req.settings, self.model.n_vocab),
                                      max_tokens=min(req.max_tokens, ctx_len - len(key)), t_start=t0,
                                      pos=len(key), hist=root, kv_hist=root)
                         live.prompt_ms = (time.perf_counter() - t0) * 1000
@@ -251,20 +220,20 @@ class Engine:
                     live = slots[s]
                     if live is not None and live.finish is not None:
                         ctx.seq_rm(s, len(live.req.prompt_tokens), -1)
-                        free_chain(live.chain)
+                        live.sampler.close()
                         slots[s] = None
                         yield self._sample(live)
         finally:
             for live in slots:
                 if live is not None:
-                    free_chain(live.chain)
+                    live.sampler.close()
 
     def _step(self, live: _Live, row: np.ndarray, row_stats: RowStats) -> None:
         """Sample the next token of one sequence from its raw logits row and record it."""
         model, req = self.model, live.req
-        survivors, sel = apply_chain(live.chain, row, self._cand, self._ids)
+        survivors, sel = live.sampler.apply(row, self._buffers)
         token = int(survivors["id"][sel])
-        self._L.llama_sampler_accept(live.chain, token)
+        live.sampler.accept(token)
         if req.settings.greedy:
             sampled_lp, n_cand = 0.0, 1
         else:
@@ -273,10 +242,10 @@ class Engine:
         st = row_stats.for_token(row, token)
         if live.t_first == 0.0:
             live.t_first = time.perf_counter()
-        piece = model.piece(token)
+        text, hex_bytes = model.token_text(token)
         eog = model.is_eog(token)
         live.records.append(TokenRecord(
-            position=len(live.records), id=token, text=piece.decode("utf-8", errors="replace"), bytes=piece.hex(),
+            position=len(live.records), id=token, text=text, bytes=hex_bytes,
             logprob=st.logprob, sampled_logprob=sampled_lp, rank=st.rank, entropy=st.entropy, candidates=n_cand,
             top=[self._alt(int(i), float(lp)) for i, lp in zip(st.top_ids[: req.n_logprobs],
                                                                 st.top_logprobs[: req.n_logprobs])], eog=eog,
@@ -299,8 +268,7 @@ class Engine:
             live.pending = token
 
     def _alt(self, token: int, logprob: float) -> Alternative:
-        piece = self.model.piece(token)
-        return Alternative(token, piece.decode("utf-8", errors="replace"), piece.hex(), logprob)
+        return Alternative(token, *self.model.token_text(token), logprob)
 
     def _sample(self, live: _Live) -> Sample:
         t_end = time.perf_counter()
@@ -316,6 +284,18 @@ class Engine:
             text=text.decode("utf-8", errors="replace"), finish_reason=live.finish or "length",
             tokens=live.records, timing=timing, key=live.req.key,
         )
+
+
+def context_notes(requests: Iterable[Request], ctx: int) -> list[str]:
+    """Say up front when the context ends generation before max_tokens (prepared requests)."""
+    short = [r for r in requests if len(r.prompt_tokens) + r.max_tokens > ctx]
+    if not short:
+        return []
+    longest = max(len(r.prompt_tokens) for r in short)
+    want = max(r.max_tokens for r in short)
+    return [f"--ctx {ctx} leaves room for {ctx - longest} generated tokens after the longest prompt ({longest} tokens), "
+            f"fewer than the {want} asked for: {len(short)} sample(s) will stop at the context's end "
+            "(finish_reason 'length'); raise --ctx to generate more"]
 
 
 def generate(model: Model, prompt: str, settings: SamplingSettings | None = None, *, max_tokens: int = 16,

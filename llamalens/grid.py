@@ -104,6 +104,23 @@ def check(configs: list[SamplingSettings], seeds: list[int]) -> None:
         raise InvalidSettings("bad grid values: " + "; ".join(problems))
 
 
+def build_configs(preset: str | None = None, grid_file: str | None = None,
+                  axes_text: dict[str, str | None] | None = None) -> list[SamplingSettings]:
+    """A sweep's configurations: the preset (or create_completion's defaults) as the base, each grid of the
+    grid file over it, then the command line's axes over each of those (or over the base alone)."""
+    if preset is not None and preset not in PRESETS:
+        raise InvalidSettings(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    base = SamplingSettings(**PRESETS[preset]) if preset else SamplingSettings()
+    configs: list[SamplingSettings] = []
+    if grid_file:
+        for _name, axes, fixed in load_grid_file(grid_file):
+            configs += expand(axes, base.with_(**fixed))
+    axes = parse_axes(axes_text or {})
+    if axes or not configs:
+        configs = [c for start in (configs or [base]) for c in expand(axes, start)]
+    return configs
+
+
 def load_grid_file(spec: str) -> list[tuple[str, dict, dict]]:
     """`FILE` or `FILE:NAME` -> [(grid name, axes, fixed settings)]."""
     path_text, _, name = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
@@ -120,27 +137,61 @@ def load_grid_file(spec: str) -> list[tuple[str, dict, dict]]:
         raise InvalidSettings(f"--grid: cannot read {path}: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise InvalidSettings(f"--grid: {path} is not valid TOML ({e}); see `llamalens sweep --help`") from None
-    grids = data.get("grid", {})
+    return _grid_tables(data, path, name)
+
+
+def _grid_tables(data: dict, path: Path, name: str) -> list[tuple[str, dict, dict]]:
+    """Check a grid file's shape (every key where a grid file may hold it, every value of the right kind) and
+    return its grids; each problem names the key."""
+    from .inputs import json_kind
+
+    def fail(msg: str):
+        raise InvalidSettings(f"--grid: {path}: {msg}; see `llamalens sweep --help`")
+
+    for key in data:
+        if key not in ("grid", "fixed"):
+            fail(f"unknown top-level key {key!r}: a grid file holds [fixed] and [grid.NAME] tables")
+    grids = data.get("grid")
     if not isinstance(grids, dict) or not grids:
-        raise InvalidSettings(f"--grid: {path} has no [grid.NAME] tables; see `llamalens sweep --help`")
+        fail("no [grid.NAME] tables" if grids is None or grids == {} else f"`grid` is {json_kind(grids)}, "
+             "not a table of [grid.NAME] tables")
     if name and name not in grids:
         raise InvalidSettings(f"--grid: no grid named {name!r} in {path}; it has: {', '.join(grids)}")
     known = {f.name for f in fields(SamplingSettings)} - {"seed"}
+
+    def fixed_table(value, where: str) -> dict:
+        if not isinstance(value, dict):
+            fail(f"{where} is {json_kind(value)}, not a table of settings (e.g. fixed = {{ min_p = 0.0 }})")
+        for k, v in value.items():
+            if k not in known:
+                fail(f"unknown fixed setting {k!r} in {where}; settings are {', '.join(sorted(known))}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                fail(f"{where}.{k} is {json_kind(v)}, not a number")
+        return dict(value)
+
+    top_fixed = fixed_table(data.get("fixed", {}), "[fixed]")
     out = []
     for gname, g in grids.items():
         if name and gname != name:
             continue
-        fixed = dict(data.get("fixed", {}))
-        fixed.update(g.get("fixed", {}))
+        where = f"[grid.{gname}]"
+        if not isinstance(g, dict):
+            fail(f"{where} is {json_kind(g)}, not a table of axes (e.g. temperature = [0.0, 0.7])")
+        fixed = {**top_fixed, **fixed_table(g.get("fixed", {}), f"{where}.fixed")}
         axes = {}
         for k, v in g.items():
             if k == "fixed":
                 continue
             if k not in AXES:
-                raise InvalidSettings(f"--grid: unknown axis {k!r} in [grid.{gname}]; axes are {', '.join(AXES)}")
-            axes[k] = v if isinstance(v, list) else [v]
-        bad = set(fixed) - known
-        if bad:
-            raise InvalidSettings(f"--grid: unknown fixed setting(s) {', '.join(sorted(bad))} in {path}")
+                fail(f"unknown axis {k!r} in {where}; axes are {', '.join(AXES)}")
+            values = v if isinstance(v, list) else [v]
+            if not values:
+                fail(f"axis {k!r} in {where} is empty; give at least one value")
+            for x in values:
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or (k in _INT_AXES and not isinstance(x, int)):
+                    fail(f"{where}.{k} holds {json_kind(x)} {x!r}, not {'an integer' if k in _INT_AXES else 'a number'}")
+            axes[k] = values
+        if not axes and not fixed:
+            fail(f"{where} is empty; give at least one axis")
         out.append((gname, axes, fixed))
     return out

@@ -17,7 +17,7 @@ Search folders: `./models`, the `models/` folder of this checkout, and each fold
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import ModelNotFound
@@ -45,6 +45,15 @@ class ModelInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ModelInfo":
+        """A model as a run recorded it (unknown keys ignored; a missing one reads as unknown)."""
+        d = d or {}
+        names = {f.name for f in fields(cls)}
+        blank = {"name": "?", "path": "", "architecture": "?", "size_label": "?", "n_params": 0, "quantization": "?",
+                 "vocab_size": None, "context_length": None, "file_size": 0}
+        return cls(**{**blank, **{k: v for k, v in d.items() if k in names}})
 
 
 def _size_label(n_params: int) -> str:

@@ -4,12 +4,23 @@ llama-cpp-python's nested dicts (string-keyed `top_logprobs`, np.float32 values)
 nowhere: the engine reads raw logits and fills these records directly. Token text is kept twice:
 `bytes` (hex, exact: a token may be a partial UTF-8 sequence) and `text` (UTF-8 decoded with
 U+FFFD for invalid bytes, for display only). Alternatives are keyed by token id, never by text.
+
+A run's stored description is typed too: RunOptions (what was generated), Hardware (where), and
+StoredSample (one planned sample and, once done, its outcome); store.RunInfo holds them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+
+from .settings import ModelOptions
+
+
+def token_text(raw: bytes) -> tuple[str, str]:
+    """A token's (display text, exact bytes as hex): the text is UTF-8 with U+FFFD for invalid bytes
+    (a token may be part of a character), the hex keeps every byte."""
+    return raw.decode("utf-8", errors="replace"), raw.hex()
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,10 @@ class Timing:
         d["tokens_per_s"] = self.tokens_per_s
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Timing":
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
 
 @dataclass
 class Sample:
@@ -125,3 +140,69 @@ class ScoredToken(_WithProbs):
     entropy: float
     top: list[Alternative] = field(default_factory=list)
 
+
+def _known(cls, d: dict | None) -> dict:
+    """The keys of a stored dict that are fields of cls (a store from another version may have more or fewer)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in (d or {}).items() if k in names}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a sweep generates, as recorded with the run (the grid itself is in the run's configs)."""
+
+    max_tokens: int = 32
+    n_logprobs: int = 5
+    stop: tuple[str, ...] = ()
+    exact: bool = False
+    parallel: int = 32  # sequences per llama_decode call (1 when exact)
+    prompts: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()
+    model_options: ModelOptions = ModelOptions()
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "RunOptions":
+        k = _known(cls, d)
+        for name in ("stop", "prompts", "seeds"):
+            if name in k:
+                k[name] = tuple(k[name])
+        k["model_options"] = ModelOptions.from_dict(k.get("model_options"))
+        return cls(**k)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Where a run was computed: threads, offload, flash attention, and llama.cpp's own build description."""
+
+    threads: int | None = None
+    gpu_layers: int = 0
+    flash_attn: str = "auto"
+    machine: str = ""
+    system: str = ""
+    llama_cpp_system_info: str = ""  # llama_print_system_info(): the CPU features the build uses
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Hardware":
+        return cls(**_known(cls, d))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StoredSample:
+    """One planned sample of a run: its place in the grid, and once done, its text and timing."""
+
+    sample_idx: int
+    prompt_idx: int
+    config_idx: int
+    seed: int
+    prompt: str
+    status: str  # 'pending' or 'done'
+    text: str | None = None
+    finish_reason: str | None = None
+    timing: Timing | None = None
+    completed: float | None = None  # unix time the sample was committed

@@ -20,7 +20,6 @@ import ctypes
 import os
 import sys
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,9 @@ import numpy as np
 from .errors import InvalidModelFile, LlamalensError, PromptTooLong
 from .gguf_file import read_header
 from .models import ModelInfo, model_info
+from .records import token_text
+from .settings import FLASH_ATTN, ModelOptions
 
-FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 
 
 # llama.cpp's own log: kept (last lines) for error messages, printed only with LLAMALENS_VERBOSE=1.
@@ -37,8 +37,10 @@ LOG_TAIL: deque[str] = deque(maxlen=40)
 _log_cb = None
 
 
-def _llama():
-    """Import llama_cpp lazily (it loads a native library) and route its log through us."""
+def llama_cpp_module():
+    """Import llama_cpp lazily (it loads a native library) and route its log through us.
+
+    Only this module and sampler.py call it: every native handle is owned here or there."""
     global _log_cb
     import llama_cpp
 
@@ -64,70 +66,71 @@ def last_log_error() -> str:
     return ""
 
 
-def default_threads() -> int:
-    return max(1, os.cpu_count() or 1)
+def round_ctx(n_cells: int) -> int:
+    """A context size for n_cells KV cells: rounded up to a multiple of 256, as llama.cpp pads it."""
+    return (max(int(n_cells), 1) + 255) // 256 * 256
 
 
-@dataclass(frozen=True)
-class ModelOptions:
-    """The options every model command takes (--gpu-layers, --ctx, --threads, --batch, --flash-attn)."""
+def library_versions() -> dict:
+    """The versions a run records: llamalens, llama-cpp-python, Python, numpy."""
+    from . import __version__
 
-    gpu_layers: int = 0  # -1 = all
-    ctx: int = 2048  # per-sequence context window: prompt + generated tokens
-    threads: int | None = None
-    batch: int = 512  # prompt tokens per decode call
-    flash_attn: str = "auto"
-
-    def threads_or_default(self) -> int:
-        return self.threads or default_threads()
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.ctx < 2:
-            out.append(f"--ctx {self.ctx} is too small (at least 2)")
-        if self.batch < 1:
-            out.append(f"--batch {self.batch} must be >= 1")
-        if self.threads is not None and self.threads < 1:
-            out.append(f"--threads {self.threads} must be >= 1")
-        if self.gpu_layers < -1:
-            out.append(f"--gpu-layers {self.gpu_layers} must be >= -1 (-1 = all layers)")
-        if self.flash_attn not in FLASH_ATTN:
-            out.append(f"--flash-attn {self.flash_attn!r} must be one of on, off, auto")
-        return out
+    return {"llamalens": __version__, "llama_cpp_python": llama_cpp_module().__version__,
+            "python": sys.version.split()[0], "numpy": np.__version__}
 
 
-class Model:
+def system_info() -> str:
+    """llama.cpp's own description of the build: the CPU features it uses (AVX2, AVX512, ...), backends."""
+    return llama_cpp_module().llama_print_system_info().decode(errors="replace").strip()
+
+
+class NativeHandle:
+    """Something that owns a native llama.cpp object: freed by close(), by `with`, or when collected."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class Model(NativeHandle):
     """A loaded GGUF model: weights, vocabulary and a cache of token bytes."""
 
     def __init__(self, path: str | os.PathLike, options: ModelOptions | None = None):
         self.path = Path(path)
         self.options = options or ModelOptions()
-        problems = self.options.problems()
-        if problems:
-            from .errors import InvalidSettings
-
-            raise InvalidSettings("; ".join(problems))
+        self.options.validate()
         self.header = read_header(self.path)
-        L = _llama()
-        L.llama_backend_init()
-        params = L.llama_model_default_params()
+        lib = llama_cpp_module()
+        lib.llama_backend_init()
+        params = lib.llama_model_default_params()
         params.n_gpu_layers = 0x7FFFFFFF if self.options.gpu_layers == -1 else self.options.gpu_layers
-        self.ptr = L.llama_model_load_from_file(str(self.path).encode(), params)
+        self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
             raise InvalidModelFile(
                 f"{self.path}: llama.cpp could not load this model (architecture {self.header.architecture!r}); "
                 "it may need a newer llama-cpp-python, or the file is damaged. Set LLAMALENS_VERBOSE=1 for llama.cpp's log"
                 + (f" (llama.cpp: {last_log_error()})" if last_log_error() else "")
             )
-        self.vocab = L.llama_model_get_vocab(self.ptr)
-        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
-        self.n_ctx_train = int(L.llama_model_n_ctx_train(self.ptr))
-        self.bos = int(L.llama_vocab_bos(self.vocab))
-        self.eos = int(L.llama_vocab_eos(self.vocab))
-        self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
-        self.add_eos = bool(L.llama_vocab_get_add_eos(self.vocab))
+        self.vocab = lib.llama_model_get_vocab(self.ptr)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(lib.llama_model_n_ctx_train(self.ptr))
+        self.bos = int(lib.llama_vocab_bos(self.vocab))
+        self.eos = int(lib.llama_vocab_eos(self.vocab))
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
+        self.add_eos = bool(lib.llama_vocab_get_add_eos(self.vocab))
         self._pieces: dict[tuple[int, bool], bytes] = {}
-        self._L = L
+        self._lib = lib
 
     # -- identity ----------------------------------------------------------------------------
     @property
@@ -142,44 +145,48 @@ class Model:
     # -- tokens ------------------------------------------------------------------------------
     def tokenize(self, text: str | bytes, add_bos: bool = False, special: bool = True) -> list[int]:
         raw = text.encode("utf-8") if isinstance(text, str) else text
-        L = self._L
+        lib = self._lib
         n_max = len(raw) + 8
-        buf = (L.llama_token * n_max)()
-        n = L.llama_tokenize(self.vocab, raw, len(raw), buf, n_max, add_bos, special)
+        buf = (lib.llama_token * n_max)()
+        n = lib.llama_tokenize(self.vocab, raw, len(raw), buf, n_max, add_bos, special)
         if n < 0:
             n_max = -n
-            buf = (L.llama_token * n_max)()
-            n = L.llama_tokenize(self.vocab, raw, len(raw), buf, n_max, add_bos, special)
+            buf = (lib.llama_token * n_max)()
+            n = lib.llama_tokenize(self.vocab, raw, len(raw), buf, n_max, add_bos, special)
             if n < 0:
                 raise LlamalensError(f"llama.cpp could not tokenize the text ({len(raw)} bytes)")
         return list(buf[:n])
 
     def prompt_tokens(self, prompt: str) -> list[int]:
         """The tokens create_completion would feed for this prompt (BOS + text [+ EOS/SEP])."""
-        L = self._L
-        sep_id = int(L.llama_vocab_sep(self.vocab))  # (llama.cpp now folds CLS into BOS)
+        lib = self._lib
+        sep_id = int(lib.llama_vocab_sep(self.vocab))  # (llama.cpp now folds CLS into BOS)
         bos = [self.bos] if self.add_bos and self.bos != -1 else []
         eos = [sep_id if sep_id != -1 else self.eos] if (self.add_eos or sep_id != -1) else []
         body = self.tokenize(prompt, add_bos=False, special=True) if prompt else []
         return bos + body + eos
+
+    def token_text(self, token: int) -> tuple[str, str]:
+        """(display text, hex bytes) of one token, control tokens rendered (see runtime.token_text)."""
+        return token_text(self.piece(token))
 
     def piece(self, token: int, special: bool = True) -> bytes:
         """The exact bytes of one token (special=True renders control tokens such as <eos>)."""
         key = (token, special)
         b = self._pieces.get(key)
         if b is None:
-            L = self._L
+            lib = self._lib
             buf = ctypes.create_string_buffer(64)
-            n = L.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
+            n = lib.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+                n = lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
             b = buf.raw[: max(n, 0)]
             self._pieces[key] = b
         return b
 
     def is_eog(self, token: int) -> bool:
-        return bool(self._L.llama_vocab_is_eog(self.vocab, token))
+        return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
 
     def check_fits(self, n_prompt: int, ctx: int) -> None:
         if n_prompt + 1 > ctx:
@@ -198,35 +205,23 @@ class Model:
 
     @property
     def n_embd(self) -> int:
-        return int(self._L.llama_model_n_embd(self.ptr))
+        return int(self._lib.llama_model_n_embd(self.ptr))
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
-            self._L.llama_model_free(self.ptr)
+            self._lib.llama_model_free(self.ptr)
             self.ptr = None
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
-
-
-class Context:
+class Context(NativeHandle):
     """A llama.cpp context: a KV cache for up to n_seq_max sequences and one reusable batch."""
 
     def __init__(self, model: Model, n_ctx: int, n_seq_max: int, n_batch: int, embeddings: bool = False):
-        L = model._L
-        self.model, self._L = model, L
-        n_seq_max = max(1, min(n_seq_max, int(L.llama_max_parallel_sequences())))
+        lib = model._lib
+        self.model, self._lib = model, lib
+        n_seq_max = max(1, min(n_seq_max, int(lib.llama_max_parallel_sequences())))
         self.n_batch = max(n_batch, n_seq_max)
-        p = L.llama_context_default_params()
+        p = lib.llama_context_default_params()
         # llama.cpp clamps n_batch to n_ctx but reserves an output per sequence: n_ctx < n_seq_max
         # would abort in GGML_ASSERT(n_outputs_max <= cparams.n_outputs_max)
         p.n_ctx = max(n_ctx, n_seq_max)
@@ -239,17 +234,17 @@ class Context:
         p.no_perf = True
         if embeddings:
             p.embeddings = True
-            p.pooling_type = L.LLAMA_POOLING_TYPE_NONE  # per-token vectors; embed.py pools them
-        self.ptr = L.llama_init_from_model(model.ptr, p)
+            p.pooling_type = lib.LLAMA_POOLING_TYPE_NONE  # per-token vectors; embed.py pools them
+        self.ptr = lib.llama_init_from_model(model.ptr, p)
         if not self.ptr:
             raise LlamalensError(
                 f"llama.cpp could not create a context of {n_ctx} tokens × {n_seq_max} sequences; "
                 "lower --ctx or the number of parallel sequences"
             )
-        self.n_ctx = int(L.llama_n_ctx(self.ptr))
+        self.n_ctx = int(lib.llama_n_ctx(self.ptr))
         self.n_seq_max = n_seq_max
-        self.mem = L.llama_get_memory(self.ptr)
-        self.batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self.mem = lib.llama_get_memory(self.ptr)
+        self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self._tok = np.ctypeslib.as_array(self.batch.token, shape=(self.n_batch,))
         self._pos = np.ctypeslib.as_array(self.batch.pos, shape=(self.n_batch,))
         self._nseq = np.ctypeslib.as_array(self.batch.n_seq_id, shape=(self.n_batch,))
@@ -269,7 +264,7 @@ class Context:
         for i, s in enumerate(seqs):
             self._seq[i][0] = s
         self.batch.n_tokens = n
-        rc = self._L.llama_decode(self.ptr, self.batch)
+        rc = self._lib.llama_decode(self.ptr, self.batch)
         if rc != 0:
             raise LlamalensError(
                 f"llama_decode failed (code {rc}{': the KV cache is full' if rc == 1 else ''}); "
@@ -291,39 +286,27 @@ class Context:
 
     def logits(self, i: int) -> np.ndarray:
         """A view of output row i of the last decode (valid until the next decode)."""
-        ptr = self._L.llama_get_logits_ith(self.ptr, i)
+        ptr = self._lib.llama_get_logits_ith(self.ptr, i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def embedding(self, i: int) -> np.ndarray:
         """A copy of the hidden-state vector of output i of the last decode (an embeddings context)."""
-        ptr = self._L.llama_get_embeddings_ith(self.ptr, i)
+        ptr = self._lib.llama_get_embeddings_ith(self.ptr, i)
         if not ptr:
             raise LlamalensError(f"llama.cpp returned no embedding for output {i}")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,)).copy()
 
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
-        self._L.llama_memory_seq_rm(self.mem, seq, p0, p1)
+        self._lib.llama_memory_seq_rm(self.mem, seq, p0, p1)
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
-        self._L.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
+        self._lib.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
 
     def clear(self) -> None:
-        self._L.llama_memory_clear(self.mem, True)
+        self._lib.llama_memory_clear(self.mem, True)
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
-            self._L.llama_batch_free(self.batch)
-            self._L.llama_free(self.ptr)
+            self._lib.llama_batch_free(self.batch)
+            self._lib.llama_free(self.ptr)
             self.ptr = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass

@@ -3,7 +3,8 @@
 Alignment. A text becomes a token stream S = [BOS] + tokens(text) when the model adds a BOS token
 (else just the tokens). The logits row at stream position j scores S[j+1]: the first text token is
 scored from the BOS row; without a BOS it cannot be scored, and the result says so (`unscored`).
-llama-cpp-python's `echo=True` gets this wrong both ways (../shared/NOTES.md §1).
+llama-cpp-python's `echo=True` gets this wrong both ways: it forces the first entry to None and, for
+models without BOS, shifts the values by one position.
 
 Windows. A text longer than the context is cut into windows; each is decoded from position 0 in a
 cleared KV cache, and only the rows that score tokens are requested from llama.cpp.
@@ -39,7 +40,7 @@ import numpy as np
 
 from .errors import InvalidInput
 from .records import Alternative, ScoredToken
-from .runtime import Model
+from .runtime import Model, round_ctx
 from .stats import RowStats
 
 PROTOCOLS = ("full", "llama-perplexity")
@@ -117,14 +118,14 @@ def rows(model: Model, stream: list[int], windows: list[Window],
         return
     n_batch = score_batch(model)
     longest = max(w.length for w in windows)
-    with model.context(n_ctx=(longest + 255) // 256 * 256, n_batch=n_batch) as ctx:
+    with model.context(n_ctx=round_ctx(longest), n_batch=n_batch) as ctx:
         for k, w in enumerate(windows):
             ctx.clear()
             ids = stream[w.start : w.start + w.length]
             if w.bos_first:
                 ids = [model.bos] + ids[1:]
             # the whole window, in batches of --batch, as llama.cpp's tools and llama-cpp-python decode it:
-            # logits depend slightly on batch shape (../shared/NOTES.md §6), so the same shape gives the same figure
+            # logits depend slightly on batch shape (the CPU kernels change with the batch shape), so the same shape gives the same figure
             for b0 in range(0, w.length, n_batch):
                 chunk = ids[b0 : b0 + n_batch]
                 outs = [1 if w.first - 1 <= b0 + i <= w.length - 2 else 0 for i in range(len(chunk))]
@@ -145,16 +146,11 @@ def text_stream(model: Model, text: str | bytes) -> tuple[list[int], int]:
 
 
 def _alts(model: Model, ids, lps) -> list[Alternative]:
-    out = []
-    for i, lp in zip(ids, lps):
-        piece = model.piece(int(i))
-        out.append(Alternative(int(i), piece.decode("utf-8", errors="replace"), piece.hex(), float(lp)))
-    return out
+    return [Alternative(int(i), *model.token_text(int(i)), float(lp)) for i, lp in zip(ids, lps)]
 
 
 def _scored(model: Model, position: int, token: int, st: RowStats, n_logprobs: int) -> ScoredToken:
-    piece = model.piece(token)
-    return ScoredToken(position, token, piece.decode("utf-8", errors="replace"), piece.hex(), st.logprob, st.rank,
+    return ScoredToken(position, token, *model.token_text(token), st.logprob, st.rank,
                        st.entropy, _alts(model, st.top_ids[:n_logprobs], st.top_logprobs[:n_logprobs]))
 
 
@@ -308,15 +304,20 @@ def join_option(prompt: str, option: str, space: bool = True) -> str:
     return option
 
 
-def choose(model: Model, prompt: str, options: list[str], normalize: str = "none", space: bool = True,
-           n_logprobs: int = 3) -> Choice:
-    """Rank continuations by their logprob given the prompt; the prompt is decoded once, shared by all."""
+def check_options(options: list[str], normalize: str = "none") -> None:
+    """What choose() needs of its options, checked before any model is loaded."""
     if len(options) < 2:
         raise InvalidInput(f"give at least two --option values to choose between (got {len(options)})")
     if normalize not in NORMALIZE:
         raise InvalidInput(f"unknown --normalize {normalize!r}; use one of: {', '.join(NORMALIZE)}")
     if any(not o for o in options):
         raise InvalidInput("an --option is empty; every option needs some text")
+
+
+def choose(model: Model, prompt: str, options: list[str], normalize: str = "none", space: bool = True,
+           n_logprobs: int = 3) -> Choice:
+    """Rank continuations by their logprob given the prompt; the prompt is decoded once, shared by all."""
+    check_options(options, normalize)
     ptoks = model.prompt_tokens(prompt) if prompt else ([model.bos] if model.add_bos and model.bos != -1 else [])
     if model.add_eos and ptoks and ptoks[-1] == model.eos:
         ptoks = ptoks[:-1]
@@ -339,7 +340,7 @@ def choose(model: Model, prompt: str, options: list[str], normalize: str = "none
     n_batch = max(score_batch(model), n_seq)
     cells = len(ptoks) + sum(len(c[2]) for c in conts) + 1
     scored: list[list[ScoredToken]] = [[] for _ in conts]
-    with model.context(n_ctx=(cells + 255) // 256 * 256, n_seq_max=n_seq, n_batch=n_batch) as ctx:
+    with model.context(n_ctx=round_ctx(cells), n_seq_max=n_seq, n_batch=n_batch) as ctx:
         first_row = ctx.prefill(ptoks, seq=0)
         first = RowStats.of(first_row, None, n_logprobs)
         for s in range(1, n_seq):
@@ -461,6 +462,19 @@ def check_same_vocab(a: Model, b: Model) -> None:
                            "needs the same tokens on both sides (compare quantizations or fine-tunes of one model)")
 
 
+def compare_pair(models) -> tuple:
+    """The two model files of a comparison (A, B), resolved; refused unless exactly two distinct files."""
+    from .models import resolve_model
+
+    if len(models) != 2:
+        raise InvalidInput(f"give exactly two models: --model A --model B (got {len(models)})")
+    a, b = resolve_model(models[0]), resolve_model(models[1])
+    if same_file(a, b):
+        raise InvalidInput(f"--model {a} is given twice: the KL divergence of a model with itself is 0 by construction; "
+                           "pass two different files")
+    return a, b
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -488,8 +502,7 @@ def _compare_windows(a: Model, b: Model, stream: list[int], windows: list[Window
         assert ia == ib
         tok = stream[ia]
         sa, sb = RowStats.of(ra, tok, n_top), RowStats.of(rb, tok, n_top)
-        piece = a.piece(tok)
-        out.append(PositionDiff(ia - offset, tok, piece.decode("utf-8", errors="replace"), piece.hex(),
+        out.append(PositionDiff(ia - offset, tok, *a.token_text(tok),
                                 kl_from_stats(ra, sa, rb, sb), math.exp(sa.logprob), math.exp(sb.logprob),
                                 _alts(a, sa.top_ids, sa.top_logprobs), _alts(b, sb.top_ids, sb.top_logprobs), sample))
         nll[0].append(-sa.logprob)
@@ -538,21 +551,19 @@ def compare_run(a: Model, b: Model, store, run_id, n_top: int = 5, on_progress=N
     samples = store.samples(info.id)
     if not samples:
         raise InvalidInput(f"run {info.id} has no finished samples to compare on")
-    toks: dict[int, list[int]] = {}
-    for idx, t in store.tokens(info.id):
-        toks.setdefault(idx, []).append(t.id)
+    toks = store.tokens_by_sample(info.id)
     t0 = time.perf_counter()
     positions: list[PositionDiff] = []
     nll: list[list[float]] = [[], []]
     for k, s in enumerate(samples):
-        gen = toks.get(s["sample_idx"], [])
+        gen = [t.id for t in toks.get(s.sample_idx, [])]
         if not gen:
             continue
-        ptoks = a.prompt_tokens(s["prompt"])
+        ptoks = a.prompt_tokens(s.prompt)
         stream = ptoks + gen
         a.check_fits(len(stream) - 1, a.options.ctx)
         _compare_windows(a, b, stream, [Window(0, len(stream), len(ptoks))], len(ptoks), n_top, positions, nll,
-                         sample=s["sample_idx"])
+                         sample=s.sample_idx)
         if on_progress:
             on_progress(k + 1, len(samples))
     return Comparison(a.describe(), b.describe(), "run", a.options.ctx, positions, float(np.mean(nll[0])),

@@ -1,32 +1,43 @@
-"""Sampling settings: one typed record, its validation, and the native sampler chain it builds.
+"""Settings as typed records with their validation: SamplingSettings (how each token is chosen;
+sampler.py builds the native chain from it) and ModelOptions (how a model is loaded and run).
 
 The defaults are llama-cpp-python's `create_completion` defaults (temperature 0.8, top_k 40,
 top_p 0.95, min_p 0.05, typical_p 1.0, repeat_penalty 1.0, 16 tokens), except the seed: llama-cpp-
 python derives an unseeded call's seed from the previous call's, so results depend on call order;
 llamalens always uses an explicit seed (default 0) and records it.
 
-The chain is built exactly as llama-cpp-python's `Llama._init_sampler` builds it, so that the same
-settings and seed choose the same tokens:
-    penalties(last_n, repeat, frequency, presence)
-    temperature == 0 -> greedy
-    otherwise        -> top_k -> typical_p -> top_p -> min_p -> temperature -> dist(seed)
-Temperature comes after the truncating samplers, so the candidate set depends on top_k,
-typical_p, top_p, min_p and the penalties, never on temperature.
+How the settings become a native llama.cpp chain, and in which order, is in sampler.py.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import InvalidSettings
+
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # --flash-attn -> llama_context_params.flash_attn_type
 
 # llama.cpp reads this seed as "pick a random one": never pass it on.
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 
 
+class _Checked:
+    """A settings record that lists its problems (each naming the allowed range) and can refuse them all at once."""
+
+    def problems(self) -> list[str]:
+        raise NotImplementedError
+
+    def validate(self):
+        problems = self.problems()
+        if problems:
+            raise InvalidSettings("; ".join(problems))
+        return self
+
+
 @dataclass(frozen=True)
-class SamplingSettings:
+class SamplingSettings(_Checked):
     temperature: float = 0.8  # 0 = greedy (argmax after penalties)
     top_k: int = 40  # 0 = off
     top_p: float = 0.95  # 1.0 = off
@@ -85,12 +96,6 @@ class SamplingSettings:
             bad("seed", self.seed, f"must be an integer in [0, {LLAMA_DEFAULT_SEED - 1}]")
         return out
 
-    def validate(self) -> "SamplingSettings":
-        problems = self.problems()
-        if problems:
-            raise InvalidSettings("; ".join(problems))
-        return self
-
     def label(self) -> str:
         """A short human label, e.g. 'T=0.7 k=40 p=0.95 min_p=0.05 seed=1'."""
         core = f"T={self.temperature:g}{' (greedy)' if self.greedy else ''} k={self.top_k} p={self.top_p:g} " \
@@ -119,41 +124,38 @@ def changes_label(settings: SamplingSettings, base: SamplingSettings = NEUTRAL) 
     return " ".join(parts)
 
 
-STAGES = ("penalties", "top_k", "typical_p", "top_p", "min_p", "temperature")
+@dataclass(frozen=True)
+class ModelOptions(_Checked):
+    """The options every model command takes (--gpu-layers, --ctx, --threads, --batch, --flash-attn)."""
 
+    gpu_layers: int = 0  # -1 = all
+    ctx: int = 2048  # per-sequence context window: prompt + generated tokens
+    threads: int | None = None
+    batch: int = 512  # prompt tokens per decode call
+    flash_attn: str = "auto"
 
-def build_chain(settings: SamplingSettings, n_vocab: int, upto: str | None = None):
-    """A native llama.cpp sampler chain for these settings (caller frees it with free_chain).
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ModelOptions":
+        """The options a run recorded (unknown keys ignored, missing ones at their defaults)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
 
-    `upto` stops the chain after that stage of STAGES and leaves out the final pick (greedy or dist):
-    applying it shows what that much of the chain leaves of a distribution (the report's sampler view).
-    """
-    import llama_cpp as L
+    def to_dict(self) -> dict:
+        return asdict(self)
 
-    if upto is not None and upto not in STAGES:
-        raise ValueError(f"unknown stage {upto!r}; stages: {', '.join(STAGES)}")
-    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-    s = settings
-    min_keep = 1
-    stages = [("penalties", lambda: L.llama_sampler_init_penalties(n_vocab, s.penalty_last_n, s.repeat_penalty,
-                                                                    s.frequency_penalty, s.presence_penalty))]
-    if not s.greedy:
-        stages += [("top_k", lambda: L.llama_sampler_init_top_k(s.top_k)),
-                   ("typical_p", lambda: L.llama_sampler_init_typical(s.typical_p, min_keep)),
-                   ("top_p", lambda: L.llama_sampler_init_top_p(s.top_p, min_keep)),
-                   ("min_p", lambda: L.llama_sampler_init_min_p(s.min_p, min_keep)),
-                   ("temperature", lambda: L.llama_sampler_init_temp(s.temperature))]
-    for name, make in stages:
-        L.llama_sampler_chain_add(chain, make())
-        if name == upto:
-            return chain
-    if upto is None:
-        L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy() if s.greedy else L.llama_sampler_init_dist(s.seed))
-    return chain
+    def threads_or_default(self) -> int:
+        return self.threads or max(1, os.cpu_count() or 1)
 
-
-def free_chain(chain) -> None:
-    import llama_cpp as L
-
-    if chain:
-        L.llama_sampler_free(chain)
+    def problems(self) -> list[str]:
+        out = []
+        if self.ctx < 2:
+            out.append(f"--ctx {self.ctx} is too small (at least 2)")
+        if self.batch < 1:
+            out.append(f"--batch {self.batch} must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            out.append(f"--threads {self.threads} must be >= 1")
+        if self.gpu_layers < -1:
+            out.append(f"--gpu-layers {self.gpu_layers} must be >= -1 (-1 = all layers)")
+        if self.flash_attn not in FLASH_ATTN:
+            out.append(f"--flash-attn {self.flash_attn!r} must be one of on, off, auto")
+        return out

@@ -1,11 +1,19 @@
 """The run store: one SQLite file holding runs, their planned samples and every token record.
 
+A store is recognised before anything is written to it: its SQLite header carries llamalens's
+application id (a store made by 0.1.0 has none, and is recognised by its tables). Any other file, an
+SQLite database of another application included, is refused untouched, and no output path (`-o`,
+`--report`) may name a store or its -wal / -shm files.
+
 Nothing completed is ever lost:
   * a run is planned whole before decoding: one `samples` row per (prompt, config, seed), status
     'pending', with the exact settings and seed it will use;
   * each finished sample is written (its tokens and its row) in one transaction, as it completes;
   * the database runs in WAL mode with a busy timeout, so two sweeps can write to one store at once;
-  * `--resume RUN` decodes only the samples still 'pending', with their stored settings and seeds.
+  * `--resume RUN` decodes only the samples still 'pending', with their stored settings and seeds;
+  * every process that writes a run registers in `writers` (pid, host, heartbeat at each saved sample),
+    so a run whose writer died (kill -9, a power cut) reads as 'interrupted', not 'running' for ever;
+  * a full disk ends the sweep with the run marked 'interrupted' and the resume command.
 
 Schema (version in `meta`):
   runs(id, name, status, created, finished, command, model, model_hash, versions, hardware, options, noise)
@@ -22,13 +30,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StoreError
-from .records import Alternative, Sample, TokenRecord
+from .models import ModelInfo
+from .records import Alternative, Hardware, RunOptions, Sample, StoredSample, Timing, TokenRecord, token_text
+from .settings import SamplingSettings
 
 SCHEMA_VERSION = 1
 
@@ -53,6 +65,80 @@ CREATE TABLE IF NOT EXISTS tokens (
 CREATE TABLE IF NOT EXISTS model_hashes (path TEXT, size INTEGER, mtime REAL, sha256 TEXT,
     PRIMARY KEY (path, size, mtime));
 """
+# added after 0.1.0; created when a store of that version is opened (readers of 0.1.0 ignore it)
+_WRITERS = """
+CREATE TABLE IF NOT EXISTS writers (run_id INTEGER NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL,
+    started REAL NOT NULL, heartbeat REAL NOT NULL, ended REAL);
+"""
+APPLICATION_ID = 0x4C4C4E53  # "LLNS" in the SQLite header (PRAGMA application_id)
+SQLITE_MAGIC = b"SQLite format 3\x00"
+_TABLES = {"meta", "runs", "configs", "samples", "tokens"}
+STALE_AFTER_S = 600  # a writer on another host with no heartbeat for this long is taken for dead
+
+
+class StoreFull(StoreError):
+    """The disk (or the database's size limit) is full: nothing more can be committed."""
+
+
+def _is_full(e: Exception) -> bool:
+    return "full" in str(e).lower() or getattr(e, "errno", None) == 28  # SQLITE_FULL, ENOSPC
+
+
+def recognise(path: Path) -> bool:
+    """True for a llamalens store, False for no file (or an empty one); StoreError for anything else.
+    Reads only: a foreign file is left exactly as it was."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except FileNotFoundError:
+        return False
+    except IsADirectoryError:
+        raise StoreError(f"{path} is a directory, not a run store; pass a file path with --store") from None
+    except OSError as e:
+        raise StoreError(f"cannot read the run store {path} ({e.strerror}); pass a readable --store path") from None
+    if not head:
+        return False
+    if not head.startswith(SQLITE_MAGIC):
+        raise StoreError(f"{path} is not a llamalens run store (not an SQLite database); llamalens left it untouched: "
+                         "pass another --store path or set LLAMALENS_STORE")
+    app_id = int.from_bytes(head[68:72], "big")
+    if app_id == APPLICATION_ID:
+        return True
+    tables: set[str] = set()
+    if app_id == 0:  # a store of llamalens 0.1.0 has no application id: look at its tables, read-only
+        try:
+            con = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True)
+            try:
+                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            finally:
+                con.close()
+        except sqlite3.DatabaseError:
+            tables = set()
+        if _TABLES <= tables:
+            return True
+    what = f"application id 0x{app_id:08X}" if app_id else (
+        f"tables {', '.join(sorted(tables)[:6])}" if tables else "no llamalens tables")
+    raise StoreError(f"{path} is an SQLite database of another application ({what}), not a llamalens run store; "
+                     "llamalens left it untouched: pass another --store path or set LLAMALENS_STORE")
+
+
+def check_not_a_store(output: str | os.PathLike) -> None:
+    """Refuse an output path that would overwrite a run store (any SQLite database) or its -wal / -shm file."""
+    out = Path(output)
+    try:
+        if out.is_file():
+            with open(out, "rb") as f:
+                if f.read(16) == SQLITE_MAGIC:
+                    raise StoreError(f"{out} is an SQLite database (a run store?); llamalens will not overwrite it: "
+                                     "choose another output path")
+    except OSError:
+        return
+    for suffix in ("-wal", "-shm", "-journal"):
+        if out.name.endswith(suffix):
+            main = out.with_name(out.name[: -len(suffix)])
+            if main.is_file():
+                raise StoreError(f"{out} belongs to the SQLite database {main} (a run store?); llamalens will not "
+                                 "overwrite it: choose another output path")
 
 
 def default_store_path() -> Path:
@@ -65,22 +151,25 @@ def default_store_path() -> Path:
 
 @dataclass
 class RunInfo:
+    """A run as the store describes it (typed; JSON columns parsed, unknown keys of other versions ignored)."""
+
     id: int
     name: str | None
     status: str
     created: float
     finished: float | None
     command: str
-    model: dict
+    model: ModelInfo
     model_hash: str
     versions: dict
-    hardware: dict
-    options: dict
+    hardware: Hardware
+    options: RunOptions
     noise: dict | None
     n_samples: int
     n_done: int
     n_prompts: int
     n_configs: int
+    resumes: int = 0  # how many times the run was resumed after an interruption
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -91,10 +180,13 @@ class RunInfo:
 class Store:
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path else default_store_path()
+        known = recognise(self.path)  # before anything is written: a foreign file stays untouched
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
             self.db.execute("PRAGMA busy_timeout = 60000")
+            if not known:  # a new store: mark it as ours while its header is still written in place
+                self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
             version = self._version()
@@ -106,6 +198,7 @@ class Store:
                 self.db.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS); executescript commits itself
                 with self.tx():
                     self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self.db.executescript(_WRITERS)
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot use {self.path} as a run store ({e}); pass another --store path "
                              "or set LLAMALENS_STORE") from None
@@ -152,7 +245,7 @@ class Store:
                 "INSERT INTO runs (name, status, created, command, model, model_hash, versions, hardware, options) "
                 "VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?)",
                 (name, time.time(), command, json.dumps(model), model_hash, json.dumps(versions),
-                 json.dumps(hardware), json.dumps(options)))
+                 json.dumps(hardware.to_dict()), json.dumps(options.to_dict())))
             run_id = cur.lastrowid
             self.db.executemany("INSERT INTO configs VALUES (?,?,?,?)",
                                 [(run_id, i, json.dumps(c.to_dict()), c.label()) for i, c in enumerate(configs)])
@@ -162,18 +255,50 @@ class Store:
                 [(run_id, i, p, c, s, prompt) for i, (p, c, s, prompt) in enumerate(plan)])
         return run_id
 
-    def save_sample(self, run_id: int, sample_idx: int, sample: Sample) -> None:
+    def save_sample(self, run_id: int, sample_idx: int, sample: Sample, writer: int | None = None) -> None:
+        """Commit one finished sample (its tokens and its row) in one transaction; StoreFull when the disk is."""
         rows = [(run_id, sample_idx, t.position, t.id, bytes.fromhex(t.bytes), t.logprob, t.sampled_logprob, t.rank,
                  t.entropy, t.candidates, int(t.eog), json.dumps([[a.id, a.bytes, a.logprob] for a in t.top]))
                 for t in sample.tokens]
+        try:
+            with self.tx():
+                self.db.execute("DELETE FROM tokens WHERE run_id=? AND sample_idx=?", (run_id, sample_idx))
+                self.db.executemany("INSERT INTO tokens VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                self.db.execute(
+                    "UPDATE samples SET status='done', text=?, finish_reason=?, timing=?, completed=? "
+                    "WHERE run_id=? AND sample_idx=?",
+                    (sample.text, sample.finish_reason, json.dumps(sample.timing.to_dict()), time.time(), run_id,
+                     sample_idx))
+                if writer is not None:
+                    self.db.execute("UPDATE writers SET heartbeat=? WHERE rowid=?", (time.time(), writer))
+        except (sqlite3.OperationalError, OSError) as e:
+            if _is_full(e):
+                raise StoreFull(f"the disk holding the run store {self.path} is full") from None
+            raise
+
+    # -- writers: who is decoding a run ----------------------------------------------------------
+    def claim(self, run_id: int) -> int:
+        """Register this process as the run's writer (refused while another live one is); returns its id."""
         with self.tx():
-            self.db.execute("DELETE FROM tokens WHERE run_id=? AND sample_idx=?", (run_id, sample_idx))
-            self.db.executemany("INSERT INTO tokens VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-            self.db.execute(
-                "UPDATE samples SET status='done', text=?, finish_reason=?, timing=?, completed=? "
-                "WHERE run_id=? AND sample_idx=?",
-                (sample.text, sample.finish_reason, json.dumps(sample.timing.to_dict()), time.time(), run_id,
-                 sample_idx))
+            live = self._live_writer(run_id)
+            if live is not None:
+                raise StoreError(f"run {run_id} is being written by pid {live[0]} on {live[1]}; wait for it to finish, "
+                                 "or stop it, before resuming")
+            cur = self.db.execute("INSERT INTO writers VALUES (?,?,?,?,?,NULL)",
+                                  (run_id, os.getpid(), socket.gethostname(), time.time(), time.time()))
+        return cur.lastrowid
+
+    def release(self, writer: int) -> None:
+        with self.tx():
+            self.db.execute("UPDATE writers SET ended=? WHERE rowid=?", (time.time(), writer))
+
+    def _live_writer(self, run_id: int) -> tuple[int, str] | None:
+        """(pid, host) of a writer of this run that is still at work, if any."""
+        for pid, host, beat in self.db.execute(
+                "SELECT pid, host, heartbeat FROM writers WHERE run_id=? AND ended IS NULL", (run_id,)).fetchall():
+            if _alive(pid, host, beat):
+                return pid, host
+        return None
 
     def set_status(self, run_id: int, status: str, noise: dict | None = None) -> None:
         with self.tx():
@@ -194,36 +319,37 @@ class Store:
                             "hardware, options, noise FROM runs WHERE id=?", (rid,)).fetchone()
         if not r:
             raise StoreError(f"no run {run_id} in {self.path}; `llamalens runs` lists them")
+        status = r[2]
+        writers = self.db.execute("SELECT COUNT(*) FROM writers WHERE run_id=?", (rid,)).fetchone()[0]
+        if status == "running" and self._live_writer(rid) is None and (writers or time.time() - r[3] > 60):
+            status = "interrupted"  # its writer is gone (kill -9, a crash, a power cut): only a resume finishes it
         n, done, n_p, n_c = self.db.execute(
             "SELECT COUNT(*), SUM(status='done'), COUNT(DISTINCT prompt_idx), COUNT(DISTINCT config_idx) "
             "FROM samples WHERE run_id=?", (rid,)).fetchone()
-        return RunInfo(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6] or "{}"), r[7] or "",
-                       json.loads(r[8] or "{}"), json.loads(r[9] or "{}"), json.loads(r[10] or "{}"),
-                       json.loads(r[11]) if r[11] else None, n or 0, done or 0, n_p or 0, n_c or 0)
+        return RunInfo(r[0], r[1], status, r[3], r[4], r[5] or "", ModelInfo.from_dict(json.loads(r[6] or "{}")),
+                       r[7] or "", json.loads(r[8] or "{}"), Hardware.from_dict(json.loads(r[9] or "{}")),
+                       RunOptions.from_dict(json.loads(r[10] or "{}")), json.loads(r[11]) if r[11] else None,
+                       n or 0, done or 0, n_p or 0, n_c or 0, max(writers - 1, 0))
 
     def runs(self) -> list[RunInfo]:
         return [self.run(r[0]) for r in self.db.execute("SELECT id FROM runs ORDER BY id")]
 
-    def configs(self, run_id: int) -> list[dict]:
-        return [json.loads(r[0]) for r in
+    def configs(self, run_id: int) -> list[SamplingSettings]:
+        return [SamplingSettings.from_dict(json.loads(r[0])) for r in
                 self.db.execute("SELECT settings FROM configs WHERE run_id=? ORDER BY config_idx", (run_id,))]
 
-    def pending(self, run_id: int) -> list[tuple[int, int, int, int, str]]:
-        """(sample_idx, prompt_idx, config_idx, seed, prompt) of the samples not yet done."""
-        return list(self.db.execute("SELECT sample_idx, prompt_idx, config_idx, seed, prompt FROM samples "
-                                    "WHERE run_id=? AND status!='done' ORDER BY sample_idx", (run_id,)))
+    def pending(self, run_id: int) -> list[StoredSample]:
+        """The samples not yet done, in plan order."""
+        return self._samples(run_id, "status!='done'")
 
-    def samples(self, run_id: int, only_done: bool = True) -> list[dict]:
+    def samples(self, run_id: int, only_done: bool = True) -> list[StoredSample]:
+        return self._samples(run_id, "status='done'" if only_done else "1")
+
+    def _samples(self, run_id: int, where: str) -> list[StoredSample]:
         q = ("SELECT sample_idx, prompt_idx, config_idx, seed, prompt, status, text, finish_reason, timing, completed "
-             "FROM samples WHERE run_id=?" + (" AND status='done'" if only_done else "") + " ORDER BY sample_idx")
-        cols = ["sample_idx", "prompt_idx", "config_idx", "seed", "prompt", "status", "text", "finish_reason", "timing",
-                "completed"]
-        out = []
-        for r in self.db.execute(q, (run_id,)):
-            d = dict(zip(cols, r))
-            d["timing"] = json.loads(d["timing"]) if d["timing"] else None
-            out.append(d)
-        return out
+             f"FROM samples WHERE run_id=? AND {where} ORDER BY sample_idx")
+        return [StoredSample(*r[:8], Timing.from_dict(json.loads(r[8])) if r[8] else None, r[9])
+                for r in self.db.execute(q, (run_id,))]
 
     def tokens(self, run_id: int, sample_idx: int | None = None) -> list[tuple[int, TokenRecord]]:
         q = ("SELECT sample_idx, position, token_id, bytes, logprob, sampled_logprob, rank, entropy, candidates, eog, "
@@ -234,12 +360,30 @@ class Store:
             args += (sample_idx,)
         out = []
         for r in self.db.execute(q + " ORDER BY sample_idx, position", args):
-            raw = bytes(r[3])
-            top = [Alternative(i, bytes.fromhex(h).decode("utf-8", errors="replace"), h, lp)
-                   for i, h, lp in json.loads(r[10])]
-            out.append((r[0], TokenRecord(r[1], r[2], raw.decode("utf-8", errors="replace"), raw.hex(), r[4], r[5],
-                                          r[6], r[7], r[8], top, bool(r[9]))))
+            top = [Alternative(i, *token_text(bytes.fromhex(h)), lp) for i, h, lp in json.loads(r[10])]
+            out.append((r[0], TokenRecord(r[1], r[2], *token_text(bytes(r[3])), r[4], r[5], r[6], r[7], r[8], top,
+                                          bool(r[9]))))
         return out
+
+    def tokens_by_sample(self, run_id: int) -> dict[int, list[TokenRecord]]:
+        """Every stored token of a run, grouped by sample, in position order."""
+        out: dict[int, list[TokenRecord]] = {}
+        for idx, t in self.tokens(run_id):
+            out.setdefault(idx, []).append(t)
+        return out
+
+
+def _alive(pid: int, host: str, heartbeat: float) -> bool:
+    """Whether a writer still works: on this host its process exists; elsewhere its heartbeat is recent."""
+    if host != socket.gethostname():
+        return time.time() - heartbeat < STALE_AFTER_S
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 class _Tx:
@@ -251,4 +395,7 @@ class _Tx:
         return self.db
 
     def __exit__(self, exc_type, *_):
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if not exc_type:
+            self.db.execute("COMMIT")
+        elif self.db.in_transaction:  # SQLite rolls back by itself on some errors (SQLITE_FULL)
+            self.db.execute("ROLLBACK")

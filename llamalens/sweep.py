@@ -3,10 +3,12 @@
     spec ──► plan (prompt × config × seed, all 'pending' in the store) ──► Engine(n_parallel)
          ──► each finished Sample saved in its own transaction ──► noise floor ──► run 'done'
 
-Resume: `resume_sweep` reloads the run's configs and options and decodes only its pending samples,
-with their stored seeds. Completed samples are never rewritten.
+Resume: `resume_target` says which model file and options an interrupted run needs, and `execute`
+reloads the run's configs and options and decodes only its pending samples, with their stored seeds.
+Completed samples are never rewritten.
 
-Noise floor: batched logits differ from single-sequence ones (../shared/NOTES.md §6), so every run
+Noise floor: batched logits differ from single-sequence ones (on quantized weights the CPU kernels
+change with the batch shape, and so does the non-flash attention path), so every run
 re-decodes the chosen tokens of a few of its samples one at a time (teacher-forced, exactly the
 path of `llamalens generate`) and records mean / max |Δ logprob| and top-1 agreement. Differences
 between configurations smaller than that are noise, and `show` and the report say so.
@@ -16,20 +18,20 @@ between configurations smaller than that are noise, and `show` and the report sa
 from __future__ import annotations
 
 import platform
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .engine import Engine, Request
+from .engine import Engine, Request, context_notes
 from .errors import StoreError
-from .records import Sample
-from .runtime import Model
-from .settings import SamplingSettings
+from .records import Hardware, RunOptions
+from .runtime import Model, library_versions, round_ctx, system_info
+from .settings import ModelOptions, SamplingSettings
 from .stats import RowStats
-from .store import Store
+from .store import RunInfo, Store, StoreFull
 
 DEFAULT_PARALLEL = 32
 NOISE_SAMPLES = 3
@@ -74,40 +76,63 @@ class Progress:
 
 
 class SweepInterrupted(Exception):
-    def __init__(self, run_id: int, done: int, total: int):
-        super().__init__(f"interrupted: {done}/{total} samples of run {run_id} are saved; "
+    """A sweep stopped before its end (Ctrl-C, SIGTERM, a full disk); what was committed is saved."""
+
+    def __init__(self, run_id: int, done: int, total: int, why: str = "interrupted"):
+        super().__init__(f"{why}: {done}/{total} samples of run {run_id} are saved; "
                          f"resume with: llamalens sweep --resume {run_id}")
         self.run_id, self.done, self.total = run_id, done, total
+        self.by_signal = why == "interrupted"  # Ctrl-C / SIGTERM, not a full disk
 
 
-def _versions() -> dict:
-    import llama_cpp
-
-    from . import __version__
-
-    return {"llamalens": __version__, "llama_cpp_python": llama_cpp.__version__, "python": sys.version.split()[0],
-            "numpy": np.__version__}
+def hardware(model: Model) -> Hardware:
+    return Hardware(threads=model.options.threads_or_default(), gpu_layers=model.options.gpu_layers,
+                    flash_attn=model.options.flash_attn, machine=platform.machine(), system=platform.system(),
+                    llama_cpp_system_info=system_info())
 
 
-def _hardware(model: Model) -> dict:
-    import llama_cpp
-
-    return {"threads": model.options.threads_or_default(), "gpu_layers": model.options.gpu_layers,
-            "flash_attn": model.options.flash_attn, "machine": platform.machine(), "system": platform.system(),
-            "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
+def check_spec(model: Model, spec: SweepSpec) -> list[str]:
+    """Every bad value and too-long prompt fails here, before the store changes; returns notes to show
+    (a context too short for max_tokens)."""
+    reqs = [Request(prompt, spec.configs[c].with_(seed=s), spec.max_tokens, spec.n_logprobs, spec.stop)
+            for p, c, s, prompt in spec.plan()]
+    return context_notes(Engine(model, 1).prepare(reqs), model.options.ctx)
 
 
 def start_sweep(model: Model, store: Store, spec: SweepSpec, command: str = "") -> int:
     """Validate, plan and record a run (all samples pending); return its id. Nothing is decoded yet."""
-    reqs = [Request(prompt, spec.configs[c].with_(seed=s), spec.max_tokens, spec.n_logprobs, spec.stop)
-            for p, c, s, prompt in spec.plan()]
-    Engine(model, 1).prepare(reqs)  # every bad value and too-long prompt fails here, before the store changes
-    options = {"max_tokens": spec.max_tokens, "n_logprobs": spec.n_logprobs, "stop": list(spec.stop),
-               "exact": spec.exact, "parallel": 1 if spec.exact else spec.parallel, "prompts": spec.prompts,
-               "seeds": spec.seeds, "model_options": asdict(model.options)}
+    check_spec(model, spec)
+    options = RunOptions(max_tokens=spec.max_tokens, n_logprobs=spec.n_logprobs, stop=tuple(spec.stop),
+                         exact=spec.exact, parallel=1 if spec.exact else spec.parallel, prompts=tuple(spec.prompts),
+                         seeds=tuple(spec.seeds), model_options=model.options)
     return store.create_run(name=spec.name, command=command, model=model.describe(),
-                            model_hash=store.model_hash(model.path), versions=_versions(), hardware=_hardware(model),
-                            options=options, configs=spec.configs, plan=spec.plan())
+                            model_hash=store.model_hash(model.path), versions=library_versions(),
+                            hardware=hardware(model), options=options, configs=spec.configs, plan=spec.plan())
+
+
+def resume_target(store: Store, run_id, model: str | None = None) -> tuple[int, str, ModelOptions]:
+    """(run id, model path, model options) to finish an interrupted run: its own file and options unless
+    `model` names another file (execute() then checks that file's hash against the run's)."""
+    info = store.run(run_id)
+    if info.status == "done" and info.n_done == info.n_samples:
+        raise StoreError(f"run {info.id} is already complete ({info.n_done}/{info.n_samples} samples); "
+                         "nothing to resume")
+    return info.id, model or info.model.path, info.options.model_options
+
+
+def report_model(info: RunInfo, model: str | None = None) -> tuple[str | None, ModelOptions]:
+    """(model file, options) for a run's sampler view: `model` if given, else the run's own file while it
+    is still there (None when it is not), with the options the run was made with."""
+    if model is None and not (info.model.path and Path(info.model.path).is_file()):
+        return None, info.options.model_options
+    return model or info.model.path, info.options.model_options
+
+
+def check_run_model(store: Store, info: RunInfo, model: Model) -> None:
+    """A loaded model must be the file the run was made with (same sha256), or its numbers would mix."""
+    if info.model_hash and info.model_hash != store.model_hash(model.path):
+        raise StoreError(f"{model.path} is not the model of run {info.id}: that was {info.model.path} "
+                         f"(sha256 {info.model_hash[:12]}); pass --model {info.model.path}")
 
 
 def execute(model: Model, store: Store, run_id: int,
@@ -116,33 +141,47 @@ def execute(model: Model, store: Store, run_id: int,
     info = store.run(run_id)
     if info.n_done == info.n_samples and info.status == "done":
         raise StoreError(f"run {run_id} is already complete ({info.n_done}/{info.n_samples} samples); nothing to resume")
-    if info.model_hash and info.model_hash != store.model_hash(model.path):
-        raise StoreError(f"run {run_id} was made with {info.model.get('path')} (sha256 {info.model_hash[:12]}), "
-                         f"not {model.path}; pass --model {info.model.get('path')}")
+    check_run_model(store, info, model)
     opts = info.options
-    configs = [SamplingSettings.from_dict(c) for c in store.configs(run_id)]
-    pending = store.pending(run_id)
-    reqs = [Request(prompt, configs[c].with_(seed=seed), opts["max_tokens"], opts["n_logprobs"],
-                    tuple(opts.get("stop", ())), key=idx) for idx, p, c, seed, prompt in pending]
+    configs = store.configs(run_id)
+    reqs = [Request(s.prompt, configs[s.config_idx].with_(seed=s.seed), opts.max_tokens, opts.n_logprobs, opts.stop,
+                    key=s.sample_idx) for s in store.pending(run_id)]
     prog = Progress(info.n_done, info.n_samples, 0, 0.0)
     t0 = time.perf_counter()
-    store.set_status(run_id, "running")
+    writer = store.claim(run_id)
     try:
-        engine = Engine(model, opts.get("parallel", DEFAULT_PARALLEL))
+        store.set_status(run_id, "running")
+        engine = Engine(model, opts.parallel)
         for sample in engine.run(reqs):
-            store.save_sample(run_id, sample.key, sample)
+            store.save_sample(run_id, sample.key, sample, writer)
             prog.done += 1
             prog.tokens += len(sample.tokens)
             prog.elapsed = time.perf_counter() - t0
             prog.saved.append(sample.key)
             if on_progress:
                 on_progress(prog)
+        noise = noise_floor(model, store, run_id)
+        store.set_status(run_id, "done", noise=noise)
     except KeyboardInterrupt:
-        store.set_status(run_id, "interrupted")
+        _stopped(store, run_id)
         raise SweepInterrupted(run_id, prog.done, prog.total) from None
-    noise = noise_floor(model, store, run_id)
-    store.set_status(run_id, "done", noise=noise)
+    except StoreFull as e:
+        _stopped(store, run_id)
+        raise SweepInterrupted(run_id, prog.done, prog.total, f"{e}; free some space, then resume. Stopped") from None
+    finally:
+        try:
+            store.release(writer)
+        except Exception:  # noqa: BLE001 - a full disk may refuse even this; the writer then reads as gone
+            pass
     return prog
+
+
+def _stopped(store: Store, run_id: int) -> None:
+    """Mark a run interrupted (best effort: on a full disk the writer's end marks it so instead)."""
+    try:
+        store.set_status(run_id, "interrupted")
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def noise_floor(model: Model, store: Store, run_id: int, k: int = NOISE_SAMPLES) -> dict:
@@ -153,8 +192,8 @@ def noise_floor(model: Model, store: Store, run_id: int, k: int = NOISE_SAMPLES)
     picks = [samples[int(i)] for i in np.unique(np.linspace(0, len(samples) - 1, min(k, len(samples))).astype(int))]
     deltas, agree, n = [], 0, 0
     for s in picks:
-        toks = [t for _, t in store.tokens(run_id, s["sample_idx"])]
-        ref = rescore(model, s["prompt"], [t.id for t in toks])
+        toks = [t for _, t in store.tokens(run_id, s.sample_idx)]
+        ref = rescore(model, s.prompt, [t.id for t in toks])
         for t, (lp, top1) in zip(toks, ref):
             deltas.append(abs(t.logprob - lp))
             agree += int((t.top[0].id if t.top else (t.id if t.rank == 1 else -1)) == top1)
@@ -168,8 +207,7 @@ def rescore(model: Model, prompt: str, token_ids: list[int]) -> list[tuple[float
     """(raw logprob, top-1 id) of each given token, decoded one at a time after the prompt."""
     ptoks = model.prompt_tokens(prompt)
     out = []
-    n_ctx = (len(ptoks) + len(token_ids) + 1 + 255) // 256 * 256
-    with model.context(n_ctx=n_ctx) as ctx:
+    with model.context(n_ctx=round_ctx(len(ptoks) + len(token_ids) + 1)) as ctx:
         row = ctx.prefill(ptoks)
         pos = len(ptoks)
         for i, tok in enumerate(token_ids):

@@ -59,24 +59,23 @@ def grid_settings(seeds=(1, 2)):
 
 def case_lowlevel(model_path, n_tokens, threads):
     """llama.cpp's own loop: decode one token, sample it with the native chain, repeat."""
-    import llama_cpp as L
-
     from llamalens.runtime import Model, ModelOptions
-    from llamalens.settings import SamplingSettings, build_chain
+    from llamalens.sampler import Sampler
+    from llamalens.settings import SamplingSettings
 
     m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
     tokens = m.prompt_tokens(PROMPT)
     with m.context(n_ctx=512) as ctx:
-        chain = build_chain(SamplingSettings(seed=1), m.n_vocab)
+        chain = Sampler(SamplingSettings(seed=1), m.n_vocab)
         ctx.prefill(tokens)
         t0 = time.perf_counter()
         pos = len(tokens)
         for _ in range(n_tokens):
-            tok = L.llama_sampler_sample(chain, ctx.ptr, -1)
+            tok = chain.sample(ctx, -1)
             ctx.decode([tok], [pos], [0], [1])
             pos += 1
         dt = time.perf_counter() - t0
-        L.llama_sampler_free(chain)
+        chain.close()
     return {"tok_s": n_tokens / dt}
 
 
@@ -197,8 +196,9 @@ def case_report(model_path, n_tokens, threads):
     from browser import Browser, chromium
 
     from llamalens import grid as G
-    from llamalens import report as R
-    from llamalens.documents import run_document
+    from llamalens.analysis import load_run
+    from llamalens.reports import write
+    from llamalens.reports.run import run_document
     from llamalens.runtime import Model, ModelOptions
     from llamalens.store import Store
     from llamalens.sweep import SweepSpec, run_sweep
@@ -212,7 +212,7 @@ def case_report(model_path, n_tokens, threads):
                                         stop=()))
     t0 = time.perf_counter()
     out = os.path.join(tmp, "report.html")
-    R.write(run_document(store, rid, model=m), out)
+    write(run_document(load_run(store, rid), model=m), out)
     write_s = time.perf_counter() - t0
     res = {"tok_s": 0.0, "samples": store.run(rid).n_done, "tokens": len(store.tokens(rid)),
            "size_mb": os.path.getsize(out) / 1e6, "write_s": write_s}

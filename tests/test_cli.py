@@ -126,7 +126,7 @@ def test_text_coloured_by_confidence(tiny_path):
 
 
 def test_flowing_text_keeps_every_byte():
-    from llamalens.display import flowing
+    from llamalens.visible import flowing
 
     assert flowing("a\nb", b"a\nb".hex()) == "a⏎\nb"
     # a token holding a newline and the first byte of a 3-byte character: the byte stays visible

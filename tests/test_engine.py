@@ -1,7 +1,6 @@
 """The engine against llama-cpp-python itself: same tokens, raw logprobs equal to log-softmax of the
 raw logits (Llama.scores rows) within 1e-5, and top alternatives equal to top_logprobs."""
 
-import math
 
 import numpy as np
 import pytest

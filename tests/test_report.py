@@ -10,16 +10,17 @@ import pytest
 from click.testing import CliRunner
 
 from browser import Browser, chromium
-from llamalens import analysis as A
-from llamalens import grid as G
-from llamalens import report as R
+from llamalens import analysis
+from llamalens import grid
+from llamalens.reports import document
 from llamalens.cli import main
-from llamalens.documents import run_document
+from llamalens.analysis import load_run
+from llamalens.reports.run import run_document
 from llamalens.settings import SamplingSettings
 from llamalens.stats import log_softmax
 from llamalens.store import Store
 from llamalens.sweep import SweepSpec, run_sweep, start_sweep
-from llamalens.views import sampler_view
+from llamalens.distribution import sampler_view
 
 XSS = ['<script>alert(1)</script>', '"><img src=x onerror=alert(1)>']
 needs_chromium = pytest.mark.skipif(chromium() is None, reason="headless Chromium is not installed")
@@ -35,23 +36,23 @@ def cli(*args, ok=True):
 @pytest.fixture(scope="module")
 def tiny_run(tiny, tmp_path_factory):
     store = Store(tmp_path_factory.mktemp("store") / "runs.db")
-    configs = G.expand({"temperature": [0.0, 0.9], "top_k": [3, 40], "top_p": [0.5, 1.0]})
+    configs = grid.expand({"temperature": [0.0, 0.9], "top_k": [3, 40], "top_p": [0.5, 1.0]})
     prompts = ["the cat sat", XSS[0] + " " + XSS[1] + "\ttab\nline \x07bell"]
     rid = run_sweep(tiny, store, SweepSpec(prompts, configs, [0, 1], max_tokens=12, n_logprobs=5, parallel=8))
     return store, rid
 
 
 def test_pure_helpers():
-    assert A.first_divergence([1, 2, 3], [1, 2, 3]) is None
-    assert A.first_divergence([1, 2, 3], [1, 5, 3]) == 1
-    assert A.first_divergence([1, 2], [1, 2, 3]) == 2
-    assert A.seed_splits([[1, 2, 3], [1, 2, 4], [1, 2, 3]]) == (2, [2])
-    assert A.seed_splits([[1, 2], [3, 2], [3, 4]]) == (3, [0, 1])
-    assert A.seed_splits([[7, 7]] * 3) == (1, [])
-    assert [R.prob_class(p) for p in (0.0, 0.05, 0.5, 0.99, 1.0)] == ["p0", "p0", "p5", "p9", "p9"]
-    assert [R.gltr_class(r) for r in (1, 10, 11, 100, 1000, 1001)] == ["g0", "g0", "g1", "g1", "g2", "g3"]
-    assert [R.kld_class(k) for k in (0.0, 5e-5, 1e-4 * 1.01, 1e-3, 0.05, 2.0)] == ["k0", "k0", "k1", "k3", "k6", "k9"]
-    text = R._json_for_script({"t": "</script><script>alert(1)</script>&"})
+    assert analysis.first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert analysis.first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert analysis.first_divergence([1, 2], [1, 2, 3]) == 2
+    assert analysis.seed_splits([[1, 2, 3], [1, 2, 4], [1, 2, 3]]) == (2, [2])
+    assert analysis.seed_splits([[1, 2], [3, 2], [3, 4]]) == (3, [0, 1])
+    assert analysis.seed_splits([[7, 7]] * 3) == (1, [])
+    assert [document.prob_class(p) for p in (0.0, 0.05, 0.5, 0.99, 1.0)] == ["p0", "p0", "p5", "p9", "p9"]
+    assert [document.gltr_class(r) for r in (1, 10, 11, 100, 1000, 1001)] == ["g0", "g0", "g1", "g1", "g2", "g3"]
+    assert [document.kld_class(k) for k in (0.0, 5e-5, 1e-4 * 1.01, 1e-3, 0.05, 2.0)] == ["k0", "k0", "k1", "k3", "k6", "k9"]
+    text = document._json_for_script({"t": "</script><script>alert(1)</script>&"})
     assert "<" not in text and ">" not in text and "&" not in text and json.loads(text)["t"].startswith("</script>")
 
 
@@ -95,11 +96,11 @@ def test_sampler_view_matches_numpy(tiny):
 
 def test_document_sections(tiny_run, tiny):
     store, rid = tiny_run
-    doc = run_document(store, rid, model=tiny)
-    headings = [b.text for b in doc.blocks if isinstance(b, R.Heading)]
+    doc = run_document(load_run(store, rid), model=tiny)
+    headings = [b.text for b in doc.blocks if isinstance(b, document.Heading)]
     assert headings == ["Summary per configuration", "Token views", "Along the sequence", "Seeds",
                         "How the samplers reshape the distribution", "Timing"]
-    strips = [b for b in doc.blocks if isinstance(b, R.Strips)]
+    strips = [b for b in doc.blocks if isinstance(b, document.Strips)]
     assert len(strips) == 2 and sum(len(s.rows) for s in strips) == store.run(rid).n_done
     # every stored token is in a strip, in order, with its exact tooltip numbers
     stored = {}
@@ -110,7 +111,7 @@ def test_document_sections(tiny_run, tiny):
             idx = int(re.match(r"#(\d+) ", label).group(1))
             assert [v.id for v in views] == [t.id for t in stored[idx]]
             assert [v.values[0] for v in views] == [f"{math.exp(t.logprob):.4f}" for t in stored[idx]]
-    figures = [b.name for b in doc.blocks if isinstance(b, R.Figure)]
+    figures = [b.name for b in doc.blocks if isinstance(b, document.Figure)]
     assert "sampler_view" in figures and "positions_prompt1" in figures and "heatmap_mean_logprob" in figures
     # the control characters of prompt 1 are visible, never dropped
     assert "⇥tab⏎line <0x07>bell" in strips[1].context
@@ -119,7 +120,7 @@ def test_document_sections(tiny_run, tiny):
 def test_html_escaping_and_self_contained(tiny_run, tmp_path):
     store, rid = tiny_run
     out = tmp_path / "r.html"
-    R.write(run_document(store, rid), out)
+    document.write(run_document(load_run(store, rid)), out)
     page = out.read_text(encoding="utf-8")
     for bad in XSS:
         assert bad not in page
@@ -132,7 +133,7 @@ def test_html_escaping_and_self_contained(tiny_run, tmp_path):
 def test_html_in_chromium(tiny_run, tiny, tmp_path):
     store, rid = tiny_run
     out = tmp_path / "r.html"
-    R.write(run_document(store, rid, model=tiny), out)
+    document.write(run_document(load_run(store, rid), model=tiny), out)
     with Browser() as b:
         page = b.open(out)
         assert page.problems() == []
@@ -166,10 +167,10 @@ def test_html_in_chromium(tiny_run, tiny, tmp_path):
 
 def test_markdown_report(tiny_run, tmp_path):
     store, rid = tiny_run
-    files = R.write(run_document(store, rid), tmp_path / "r.md")
+    files = document.write(run_document(load_run(store, rid)), tmp_path / "r.md")
     md = (tmp_path / "r.md").read_text(encoding="utf-8")
     links = re.findall(r"\]\((r_files/[^)]+\.png)\)", md)
-    assert links and sorted(tmp_path / l for l in links) == sorted(files[1:])
+    assert links and sorted(tmp_path / link for link in links) == sorted(files[1:])
     for f in files[1:]:
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<script>" not in md.split("```")[0]  # outside code blocks all HTML is escaped
@@ -179,12 +180,12 @@ def test_markdown_report(tiny_run, tmp_path):
 def test_report_size_limit(tiny, tmp_path):
     """200 samples x 64 tokens stay under 5 MB."""
     store = Store(tmp_path / "big.db")
-    configs = G.expand({"temperature": [0.5, 0.9, 1.3, 1.7], "top_p": [0.8, 1.0]})
+    configs = grid.expand({"temperature": [0.5, 0.9, 1.3, 1.7], "top_p": [0.8, 1.0]})
     spec = SweepSpec(["a b c", "the cat", "hello there", "one two", "x y z"], configs, list(range(5)),
                      max_tokens=64, n_logprobs=5, parallel=32)
     rid = run_sweep(tiny, store, spec)
     out = tmp_path / "big.html"
-    R.write(run_document(store, rid, model=tiny), out)
+    document.write(run_document(load_run(store, rid), model=tiny), out)
     n_tok = len(store.tokens(rid))
     assert store.run(rid).n_done == 200 and n_tok > 150 * 64 * 0.5
     assert out.stat().st_size < 5e6, out.stat().st_size

@@ -169,12 +169,12 @@ def test_quantization_drift_order_and_numpy(gemma, gemma_llama, gemma_q8_path, g
 
 
 def test_compare_on_a_stored_run(gemma, gemma_path, gemma_q8_path, tmp_path):
-    from llamalens import grid as G
+    from llamalens import grid
     from llamalens.store import Store
     from llamalens.sweep import SweepSpec, run_sweep
 
     store = Store(tmp_path / "runs.db")
-    rid = run_sweep(gemma, store, SweepSpec(["Once upon a time"], G.expand({"temperature": [0.0, 0.8]}), [0],
+    rid = run_sweep(gemma, store, SweepSpec(["Once upon a time"], grid.expand({"temperature": [0.0, 0.8]}), [0],
                                             max_tokens=8, parallel=1, exact=True))
     with Model(gemma_path, ModelOptions(ctx=512, flash_attn="off")) as same:
         cmp = compare_run(gemma, same, store, rid)

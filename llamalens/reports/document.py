@@ -1,15 +1,17 @@
-"""Reports: a format-neutral document, rendered as one self-contained HTML page or as Markdown + PNGs.
+"""The report document: format-neutral blocks, rendered as one self-contained HTML page or as
+Markdown + PNGs.
 
     store run / score result / comparison ──► Document (headings, key-value tables, tables, figures,
                                                token strips) ──► to_html(doc)        one file, offline
                                                               └─► write_markdown(doc) FILE.md + FILE_files/*.png
 
-Builders (documents.py: a sweep run, a scored text, a model comparison) only collect data; the two renderers are the only code that writes markup.
+Builders (reports/run.py: a sweep run; reports/texts.py: a scored text, a model comparison, embeddings)
+only collect data; the two renderers here are the only code that writes markup.
 
 Safety: every text from a model or a user reaches HTML through `html.escape`, or through a JSON
 block whose `<`, `>` and `&` are \\u-escaped and which the page's script reads with JSON.parse and
 puts on screen with textContent only (never innerHTML). Token texts pass through
-`display.visible` first, so spaces at token edges, newlines, tabs, control characters and partial
+`visible.visible` first, so spaces at token edges, newlines, tabs, control characters and partial
 UTF-8 bytes show as `·`, `⏎`, `⇥`, `<0x07>`, `<0xE2>` instead of vanishing.
 
 Size: token strips carry their tooltips in one JSON block; past MAX_STRIP_TOKENS tokens a report
@@ -26,8 +28,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .display import visible
-from .errors import InvalidInput, LlamalensError
+from ..errors import InvalidInput, LlamalensError
 
 MAX_STRIP_TOKENS = 40_000
 MAX_PLOT_PROMPTS = 6
@@ -383,8 +384,11 @@ def report_format(path: str | os.PathLike, fmt: str | None) -> str:
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Fail before any work if the report cannot be written there."""
+    """Fail before any work if the report cannot be written there (or would overwrite a run store)."""
+    from ..store import check_not_a_store
+
     p = Path(path)
+    check_not_a_store(p)
     if p.is_dir():
         raise InvalidInput(f"report path {p} is a directory; give a file name such as {p / 'report.html'}")
     parent = p.parent if str(p.parent) else Path(".")

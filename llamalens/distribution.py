@@ -1,4 +1,5 @@
-"""One-shot views that need no sampling: tokenization and the next-token distribution."""
+"""One-shot looks at the model that need no sampling: a text's tokens, the next-token distribution,
+and how sampler chains reshape that distribution (one prefill each; nothing is stored)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from .records import Alternative
-from .runtime import Model
+from .runtime import Model, round_ctx
 from .stats import RowStats
 
 
@@ -28,11 +29,7 @@ def tokenize(model: Model, text: str, add_bos: bool = False) -> list[Token]:
     ['Pre', 'poster', 'ous']
     """
     ids = model.tokenize(text, add_bos=add_bos, special=True)
-    out = []
-    for i, t in enumerate(ids):
-        piece = model.piece(t)
-        out.append(Token(i, t, piece.decode("utf-8", errors="replace"), piece.hex()))
-    return out
+    return [Token(i, t, *model.token_text(t)) for i, t in enumerate(ids)]
 
 
 @dataclass
@@ -58,14 +55,10 @@ def next_token(model: Model, prompt: str, top: int = 10) -> NextToken:
     """Top-N next tokens of a prompt with their raw probabilities, and the entropy (nats)."""
     tokens = model.prompt_tokens(prompt)
     model.check_fits(len(tokens), model.options.ctx)
-    n_ctx = (len(tokens) + 1 + 255) // 256 * 256
-    with model.context(n_ctx=n_ctx) as ctx:
+    with model.context(n_ctx=round_ctx(len(tokens) + 1)) as ctx:
         row = ctx.prefill(tokens)
     st = RowStats.of(row, None, top)
-    alts = []
-    for i, lp in zip(st.top_ids, st.top_logprobs):
-        piece = model.piece(int(i))
-        alts.append(Alternative(int(i), piece.decode("utf-8", errors="replace"), piece.hex(), float(lp)))
+    alts = [Alternative(int(i), *model.token_text(int(i)), float(lp)) for i, lp in zip(st.top_ids, st.top_logprobs)]
     return NextToken(prompt, len(tokens), st.entropy, alts)
 
 
@@ -111,35 +104,32 @@ class SamplerView:
         return asdict(self)
 
 
-def sampler_view(model: Model, prompt: str, history: list[int], configs: list, top: int = 20) -> SamplerView:
-    """Raw top-`top` distribution after prompt + history, and each configuration's chain applied to it."""
+def sampler_view(model: Model, prompt: str, history: list[int], configs: list, top: int = 20,
+                 labels: list[str] | None = None) -> SamplerView:
+    """Raw top-`top` distribution after prompt + history, and each configuration's chain applied to it.
+
+    Each chain is labelled with `labels` (one per configuration) or its settings' label without the seed."""
     import numpy as np
 
-    from .engine import apply_chain
-    from .settings import STAGES, build_chain, free_chain
+    from .sampler import STAGES, Sampler
 
     tokens = model.prompt_tokens(prompt) + list(history)
     model.check_fits(len(tokens), model.options.ctx)
-    n_ctx = (len(tokens) + 1 + 255) // 256 * 256
-    with model.context(n_ctx=n_ctx) as ctx:
+    with model.context(n_ctx=round_ctx(len(tokens) + 1)) as ctx:
         row = ctx.prefill(tokens)
     st = RowStats.of(row, None, top)
     ids = [int(i) for i in st.top_ids]
-    alts = []
-    for i, lp in zip(ids, st.top_logprobs):
-        piece = model.piece(i)
-        alts.append(Alternative(i, piece.decode("utf-8", errors="replace"), piece.hex(), float(lp)))
+    alts = [Alternative(i, *model.token_text(i), float(lp)) for i, lp in zip(ids, st.top_logprobs)]
     raw = StageView("raw", int(row.shape[0]), [math.exp(a.logprob) for a in alts])
     chains = []
-    for cfg in configs:
+    for k, cfg in enumerate(configs):
         stages = [raw]
         present = STAGES if not cfg.greedy else STAGES[:1]
         for stage in present:
-            chain = build_chain(cfg, model.n_vocab, upto=stage)
-            try:
+            with Sampler(cfg, model.n_vocab, upto=stage) as chain:
                 for t in history:  # penalties see the generated tokens, as in generation
-                    model._L.llama_sampler_accept(chain, int(t))
-                surv, _ = apply_chain(chain, row)
+                    chain.accept(t)
+                surv, _ = chain.apply(row)
                 logits = surv["logit"].astype(np.float64)
                 keep = np.isfinite(logits)
                 p = np.exp(logits[keep] - logits[keep].max())
@@ -147,9 +137,8 @@ def sampler_view(model: Model, prompt: str, history: list[int], configs: list, t
                 by_id = dict(zip(surv["id"][keep].tolist(), p.tolist()))
                 stages.append(StageView(stage, int(keep.sum()), [by_id.get(i, 0.0) for i in ids]))
                 argmax = max(by_id, key=lambda i: (by_id[i], -i))
-            finally:
-                free_chain(chain)
         if cfg.greedy:
             stages.append(StageView("greedy", 1, [1.0 if i == argmax else 0.0 for i in ids]))
-        chains.append(ChainView(cfg.label().rsplit(" seed=", 1)[0], cfg.to_dict(), stages))
+        name = labels[k] if labels else cfg.label().rsplit(" seed=", 1)[0]
+        chains.append(ChainView(name, cfg.to_dict(), stages))
     return SamplerView(prompt, list(history), len(history), st.entropy, alts, chains)

@@ -9,6 +9,7 @@ partial UTF-8 bytes get visible stand-ins. Used by the terminal tables and the r
 from __future__ import annotations
 
 _SUBST = {"\n": "⏎", "\t": "⇥", "\r": "␍"}
+_BIDI = {0x202A, 0x202B, 0x202C, 0x202D, 0x202E, 0x2066, 0x2067, 0x2068, 0x2069}
 
 
 def _char(c: str) -> str:
@@ -17,6 +18,8 @@ def _char(c: str) -> str:
     o = ord(c)
     if o < 0x20 or o == 0x7F or 0x80 <= o < 0xA0:
         return f"<0x{o:02X}>"
+    if o in _BIDI:  # bidirectional overrides would reorder the text around them
+        return f"<U+{o:04X}>"
     return c
 
 
@@ -76,3 +79,39 @@ def flowing(text: str, hex_bytes: str | None = None) -> str:
     # split the exact bytes, so that a token holding a newline and part of a character keeps its <0x..>
     return "⏎\n".join(visible(p.decode("utf-8", errors="replace"), p.hex(), edge_spaces=False)
                        for p in bytes.fromhex(hex_bytes).split(b"\n"))
+
+
+# -- text that is not a token: names, prompts, messages, on a terminal --------------------------------
+
+
+def _escape(c: str) -> str:
+    o = ord(c)
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
+
+
+def terminal_safe(text: str) -> str:
+    """Untrusted text (a prompt, a run name, a model's output, a message quoting them) made safe to print:
+    every control character that a terminal would act on is shown as a visible escape instead.
+
+    ESC (so CSI, OSC such as window titles and OSC 52 clipboard writes, DCS), BEL, BS, DEL, the other C0
+    controls, the 8-bit C1 controls U+0080-U+009F, a CR that is not part of a CRLF, and the Unicode
+    bidirectional overrides become `\\x1b`, `\\x07`, `\\x9b`, `\\u202e`...; newlines and tabs stay.
+
+    >>> terminal_safe("hi\\x1b]0;title\\x07 there")
+    'hi\\\\x1b]0;title\\\\x07 there'
+    """
+    out = []
+    n = len(text)
+    for i, c in enumerate(text):
+        o = ord(c)
+        if c == "\r" and i + 1 < n and text[i + 1] == "\n":
+            out.append(c)
+        elif (o < 0x20 and c not in "\n\t") or 0x7F <= o < 0xA0 or o in _BIDI:
+            out.append(_escape(c))
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def is_terminal_safe(text: str) -> bool:
+    return terminal_safe(text) == text

@@ -1,7 +1,7 @@
 """Plots for the reports, drawn with matplotlib's object API (Figure + Agg canvas, never pyplot).
 
 Each function takes plain data (lists, arrays, DataFrames) and returns a Figure; `svg()` and `png()`
-serialise it. Token texts reach the plots only through `display.visible`, and math-text parsing is
+serialise it. Token texts reach the plots only through `visible.visible`, and math-text parsing is
 off, so a token such as `$x$` or `<script>` is drawn literally (SVG text is XML-escaped by
 matplotlib). Every SVG gets its own id salt so that several inline SVGs on one page never share ids.
 """

@@ -1,0 +1,119 @@
+"""Option decorators shared by the commands. Defaults come from the typed settings records
+(ModelOptions(), SamplingSettings()), so each default is written once, in settings.py."""
+
+from __future__ import annotations
+
+import click
+
+from ..settings import ModelOptions, SamplingSettings
+
+
+def _stack(*opts):
+    def decorate(fn):
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+    return decorate
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+store_option = click.option("--store", "store_path", default=None, envvar="LLAMALENS_STORE", show_envvar=True,
+                            help="Run store (SQLite); default ~/.local/share/llamalens/runs.db.")
+
+
+def report_option(help: str = "Also write a report (FILE.html or FILE.md)."):
+    return click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help=help)
+
+
+_mo = ModelOptions()
+RUNTIME_HELP = {
+    "gpu_layers": "Layers to offload to the GPU (-1 = all); needs a CUDA or Metal build.",
+    "ctx": "Context window per sequence: prompt + generated tokens (scoring: the window size).",
+    "threads": "CPU threads (default: all cores).",
+    "batch": "Prompt tokens per decode call.",
+    "flash_attn": "llama.cpp's flash attention setting (changes logits slightly; recorded per run).",
+}
+runtime_options = _stack(
+    click.option("--gpu-layers", type=int, default=_mo.gpu_layers, show_default=True, help=RUNTIME_HELP["gpu_layers"]),
+    click.option("--ctx", type=int, default=_mo.ctx, show_default=True, help=RUNTIME_HELP["ctx"]),
+    click.option("--threads", type=int, default=_mo.threads, help=RUNTIME_HELP["threads"]),
+    click.option("--batch", type=int, default=_mo.batch, show_default=True, help=RUNTIME_HELP["batch"]),
+    click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default=_mo.flash_attn, show_default=True,
+                 help=RUNTIME_HELP["flash_attn"]),
+)
+"""--gpu-layers, --ctx, --threads, --batch, --flash-attn: how a model is run (ModelOptions)."""
+
+model_option = click.option("--model", "-m", default=None, envvar="LLAMALENS_MODEL", show_envvar=True,
+                            help="GGUF path or model name (see `llamalens models`); default: embedded Gemma 3 270M "
+                                 "Q4_K_M.")
+
+
+def model_options(fn):
+    """--model plus the runtime options: shared by every single-model command."""
+    return model_option(runtime_options(fn))
+
+
+def pop_model_options(kw: dict) -> ModelOptions:
+    """Take the runtime options out of a command's kwargs as one ModelOptions."""
+    return ModelOptions(**{name: kw.pop(name) for name in RUNTIME_HELP})
+
+
+_ss = SamplingSettings()
+sampling_options = _stack(
+    click.option("--temperature", "-t", type=float, default=_ss.temperature, show_default=True, help="0 = greedy."),
+    click.option("--top-k", type=int, default=_ss.top_k, show_default=True, help="0 = off."),
+    click.option("--top-p", type=float, default=_ss.top_p, show_default=True, help="1 = off."),
+    click.option("--min-p", type=float, default=_ss.min_p, show_default=True, help="0 = off."),
+    click.option("--typical-p", type=float, default=_ss.typical_p, show_default=True, help="1 = off."),
+    click.option("--repeat-penalty", type=float, default=_ss.repeat_penalty, show_default=True, help="1 = off."),
+    click.option("--frequency-penalty", type=float, default=_ss.frequency_penalty, show_default=True,
+                 help="Subtracted per earlier occurrence of a token (0 = off)."),
+    click.option("--presence-penalty", type=float, default=_ss.presence_penalty, show_default=True,
+                 help="Subtracted once from every token already present (0 = off)."),
+    click.option("--seed", type=int, default=_ss.seed, show_default=True, help="Seed of the sampler's random draws."),
+)
+"""One value per sampling setting (SamplingSettings' fields): generate."""
+
+
+def pop_sampling(kw: dict) -> SamplingSettings:
+    return SamplingSettings(**{k: kw.pop(k) for k in list(kw) if k in SamplingSettings.__dataclass_fields__})
+
+
+AXIS_HELP = {
+    "temperature": "Comma-separated values, e.g. 0,0.7,1.0 (0 = greedy).",
+    "top_k": "e.g. 2,40 (0 = off).",
+    "top_p": "e.g. 0.01,0.95 (1 = off).",
+    "min_p": "e.g. 0,0.05 (0 = off).",
+    "typical_p": "e.g. 0.5,1 (1 = off).",
+    "repeat_penalty": "e.g. 1,1.3 (1 = off).",
+}
+
+
+def axis_options(*names: str, help_prefix: str = ""):
+    """Grid axes as comma-separated lists (click names ax_<setting>; pop_axes collects them)."""
+    opts = []
+    for name in names:
+        flags = ["--" + name.replace("_", "-")] + (["-t"] if name == "temperature" else [])
+        opts.append(click.option(*flags, "ax_" + name, default=None, help=help_prefix + AXIS_HELP[name]))
+    return _stack(*opts)
+
+
+def pop_axes(kw: dict) -> dict[str, str | None]:
+    """Take the grid-axis options out of a command's kwargs: {setting: text or None}."""
+    return {k[3:]: kw.pop(k) for k in list(kw) if k.startswith("ax_")}
+
+
+text_options = _stack(
+    click.argument("text", required=False),
+    click.option("--file", "-f", "file", default=None, help="Read the text from a file ('-' = stdin), UTF-8."),
+    click.option("--raw-bytes", is_flag=True, help="Tokenize the input's bytes as they are (for non-UTF-8 files)."),
+    click.option("--protocol", type=click.Choice(["full", "llama-perplexity"]), default="full", show_default=True,
+                 help="full: every token, overlapping windows; llama-perplexity: exactly as llama.cpp's tool."),
+    click.option("--stride", type=int, default=None,
+                 help="full protocol: new tokens per window (default ctx/2); each token keeps >= ctx-1-stride of "
+                      "context."),
+    json_option,
+    report_option(),
+)
+"""TEXT or --file, --raw-bytes, --protocol, --stride, --json, --report: score and compare."""

@@ -1,0 +1,168 @@
+"""What the commands print: tables, JSON, progress, reports written; and how errors end a command.
+
+Data goes to stdout (a table, or JSON with --json), status to stderr. Library errors
+(LlamalensError) become one-line `Error: ...` messages with exit status 1; click's own usage errors
+exit 2; Ctrl-C exits 130.
+
+Untrusted text (prompts, run names, model names and output, messages quoting them) never reaches the
+terminal raw: `say`, `print_table` and the error messages pass it through visible.terminal_safe, and
+JSON escapes every control character, DEL and C1 included. Only our own styling (the --text colours,
+progress lines) is written as escape sequences.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+
+import click
+
+from ..errors import LlamalensError
+from ..visible import terminal_safe
+
+
+def fail_cleanly(fn):
+    """Turn library errors into click errors and Ctrl-C into a clean exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LlamalensError as e:
+            raise click.ClickException(terminal_safe(str(e))) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def shell_command(argv: list[str]) -> str:
+    """A command line quoted for a POSIX shell so that pasting it runs the same command: plain words as they
+    are, others in single quotes, and words holding control characters in bash's $'...' with escapes."""
+    import shlex
+
+    def escaped(c: str) -> str:
+        if c in "'\\":
+            return "\\" + c
+        if c.isprintable():
+            return c
+        named = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+        return named.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x80 else f"\\u{ord(c):04x}")
+
+    return " ".join(shlex.quote(a) if a.isprintable() else "$'" + "".join(map(escaped, a)) + "'" for a in argv)
+
+
+# JSON escapes C0 itself; DEL, the C1 controls and bidi overrides are valid raw in JSON strings, so escape them too
+_JSON_ESCAPES = {c: f"\\u{c:04x}" for c in [*range(0x7F, 0xA0), 0x202A, 0x202B, 0x202C, 0x202D, 0x202E, 0x2066,
+                                              0x2067, 0x2068, 0x2069]}
+
+
+def json_out(obj) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=False, indent=2).translate(_JSON_ESCAPES))
+
+
+def say(message: str = "", err: bool = False, nl: bool = True) -> None:
+    """click.echo for lines that may quote untrusted text."""
+    click.echo(terminal_safe(str(message)), err=err, nl=nl)
+
+
+def print_table(rows, right: set[int] = frozenset()) -> None:
+    """Rows of cells as aligned columns (the first row is the header); `right` = right-aligned columns."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        click.echo(terminal_safe("  ".join(cells).rstrip()))
+        if j == 0:
+            click.echo("  ".join("-" * w for w in widths))
+
+
+def fmt_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def load_model(name, options):
+    """Resolve --model and load it with these ModelOptions, saying so on stderr."""
+    from ..models import resolve_model
+    from ..runtime import Model
+
+    path = resolve_model(name)
+    say(f"loading {path.name} ...", err=True)
+    return Model(path, options)
+
+
+def check_report_path(report_path) -> None:
+    """A bad --report path fails before any work, not after it."""
+    if report_path:
+        from ..reports import check_writable, report_format
+
+        report_format(report_path, None)
+        check_writable(report_path)
+
+
+def write_report(doc, report_path, fmt=None) -> None:
+    from ..reports import write
+
+    files = write(doc, report_path, fmt)
+    extra = f" and {len(files) - 1} images in {files[1].parent}" if len(files) > 1 else ""
+    say(f"wrote {files[0]} ({sum(f.stat().st_size for f in files) / 1e6:.2f} MB){extra}", err=True)
+
+
+def window_progress(what):
+    def show(k, n):
+        if n > 1:
+            click.echo(f"\r{what}: window {k}/{n}", err=True, nl=k >= n)
+
+    return show
+
+
+def sweep_progress():
+    """A progress line on stderr for a sweep (at most five updates a second, and always the last)."""
+    last = [0.0]
+
+    def show(prog):
+        now = time.monotonic()
+        if now - last[0] < 0.2 and prog.done < prog.total:
+            return
+        last[0] = now
+        eta = "?" if prog.eta != prog.eta else f"{prog.eta:.0f}s"
+        width = 24
+        filled = int(width * prog.done / max(prog.total, 1))
+        click.echo(f"\r[{'#' * filled}{'.' * (width - filled)}] {prog.done}/{prog.total} sequences  "
+                   f"{prog.tokens_per_s:6.1f} tok/s  ETA {eta}   ", err=True, nl=prog.done >= prog.total)
+
+    return show
+
+
+def print_confidence(prefix: str, tokens) -> None:
+    """Text coloured by the probability of each token (background colour; a legend follows). Without a
+    colour terminal the text is printed plain, with the legend saying so."""
+    from ..visible import CONFIDENCE, confidence_bucket, flowing
+
+    out = [click.style(flowing(prefix), dim=True)] if prefix else []
+    for t in tokens:
+        _, _, rgb = CONFIDENCE[confidence_bucket(t.prob)]
+        for k, line in enumerate(flowing(t.text, t.bytes).split("\n")):
+            if k:
+                out.append("\n")
+            if line:
+                out.append(click.style(line, bg=rgb, fg="black"))
+    click.echo("".join(out))
+    legend = "  ".join(click.style(f" {name} ", bg=rgb, fg="black") for _, name, rgb in CONFIDENCE)
+    click.echo(f"\nprobability of each token: {legend}" + ("" if sys.stdout.isatty() else
+               "  (colours show on a terminal; --json has every number)"))
+
+
+def alternatives(top, digits: int = 3) -> str:
+    """A token's top alternatives as 'text p  text p ...'."""
+    import math
+
+    from ..visible import visible
+
+    return "  ".join(f"{visible(a.text, a.bytes)} {math.exp(a.logprob):.{digits}f}" for a in top)

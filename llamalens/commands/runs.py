@@ -1,0 +1,273 @@
+"""Sweeps and the run store: sweep, presets, runs, show, report, export."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import signal
+import sys
+from contextlib import contextmanager
+
+import click
+
+from .options import axis_options, json_option, model_option, pop_axes, pop_model_options, report_option, \
+    runtime_options, store_option
+from .output import say, check_report_path, shell_command, fail_cleanly, json_out, load_model, print_table, sweep_progress, write_report
+
+
+@contextmanager
+def sigterm_as_interrupt(got: list):
+    """SIGTERM ends a sweep like Ctrl-C: the samples committed so far stay, the run is marked interrupted.
+    `got` receives the signal, so that the exit status can follow the shell's convention (128 + signal)."""
+    def on_term(signum, frame):
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+# what a resumed run takes from the store; giving any of these with --resume is refused, not ignored
+RUN_DEFINED = ("prompts", "prompts_file", "seeds", "seed_list", "max_tokens", "logprobs", "stop", "preset", "grid_file",
+               "name", "parallel", "exact", "ctx", "batch", "flash_attn", "gpu_layers")
+
+
+def _given(ctx: click.Context, names) -> list[str]:
+    """The options among `names` that the user gave on the command line (not defaults, not the environment)."""
+    from click.core import ParameterSource
+
+    params = {p.name: p for p in ctx.command.params}
+    out = []
+    for name in names:
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            p = params[name]
+            out.append(p.opts[0] if p.opts[0].startswith("-") else p.name.upper())
+    return out
+
+
+@click.command()
+@click.argument("prompts", nargs=-1)
+@click.option("--prompts-file", type=click.Path(dir_okay=False),
+              help="One prompt per line (.txt) or JSON lines with a \"prompt\" field (.jsonl).")
+@axis_options("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty")
+@click.option("--seeds", type=int, default=None, help="Seeds 0..N-1 for every configuration.")
+@click.option("--seed", "seed_list", default=None, help="Explicit seeds, e.g. 1,2,3.")
+@click.option("--max-tokens", "-n", type=int, default=32, show_default=True, help="Tokens to generate per sample.")
+@click.option("--logprobs", type=int, default=5, show_default=True, help="Top alternatives kept per token.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--preset", type=str, default=None, help="Base settings: see `llamalens presets`.")
+@click.option("--grid", "grid_file", default=None, help="TOML grid file, or FILE:NAME for one of its grids.")
+@click.option("--name", default=None, help="A name for the run.")
+@click.option("--parallel", type=click.IntRange(1, 256), default=32, show_default=True,
+              help="Sequences decoded together per llama_decode call.")
+@click.option("--exact", is_flag=True, help="One sequence at a time: numbers identical to `llamalens generate`.")
+@click.option("--resume", "resume_id", default=None, help="Finish an interrupted run (its missing samples only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+@report_option("Also write the run's report (FILE.html or FILE.md) when it finishes.")
+@store_option
+@model_option
+@runtime_options
+@fail_cleanly
+def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, preset, grid_file, name, parallel,
+          exact, resume_id, as_json, report_path, store_path, model, **kw):
+    """Run PROMPTS across a grid of sampling settings and seeds; every token is stored.
+
+    \b
+    llamalens sweep "Once upon a time" -t 0,0.7,1.0 --top-k 2,40 --top-p 0.01,0.95 --seeds 3
+    llamalens sweep --prompts-file prompts.txt --preset balanced --seeds 5 --name my-run
+    llamalens sweep --resume 7          # after Ctrl-C, a kill or a crash
+    """
+    from .. import grid
+    from ..inputs import read_prompts
+    from ..store import Store
+    from ..sweep import SweepInterrupted, SweepSpec, check_spec, execute, resume_target, start_sweep
+
+    axes_text = pop_axes(kw)
+    if resume_id is not None:
+        conflicts = _given(click.get_current_context(), RUN_DEFINED + tuple("ax_" + a for a in axes_text))
+        if conflicts:
+            raise click.UsageError(f"--resume finishes a run with its own stored settings; {', '.join(conflicts)} "
+                                   "would be ignored: drop them, or start a new sweep")
+    check_report_path(report_path)
+    store = Store(store_path)
+    if resume_id is not None:
+        run_id, model_path, options = resume_target(store, resume_id, model)
+        loaded = load_model(model_path, options)
+        info = store.run(run_id)
+        say(f"resuming run {run_id}: {info.n_samples - info.n_done} of {info.n_samples} samples to go", err=True)
+    else:
+        prompts = tuple(prompts) + (tuple(read_prompts(prompts_file)) if prompts_file else ())
+        if not prompts:
+            raise click.UsageError("give at least one PROMPT or --prompts-file")
+        configs = grid.build_configs(preset, grid_file, axes_text)
+        seed_values = grid.parse_seeds(seeds, seed_list)
+        grid.check(configs, seed_values)
+        spec = SweepSpec(list(prompts), configs, seed_values, max_tokens, logprobs, tuple(stop), name, exact, parallel)
+        loaded = load_model(model, pop_model_options(kw))
+        for note in check_spec(loaded, spec):
+            say(f"note: {note}", err=True)
+        run_id = start_sweep(loaded, store, spec, command=shell_command(["llamalens"] + sys.argv[1:]))
+        say(f"run {run_id}: {len(spec.prompts)} prompt(s) x {len(configs)} configuration(s) x "
+                   f"{len(seed_values)} seed(s) = {spec.n_samples} sequences, up to {spec.n_samples * max_tokens:,} "
+                   f"tokens, {1 if exact else min(parallel, spec.n_samples)} per batch; store {store.path}", err=True)
+    got: list = []
+    try:
+        with sigterm_as_interrupt(got):
+            execute(loaded, store, run_id, sweep_progress())
+    except SweepInterrupted as e:
+        say(f"\n{e}", err=True)
+        sys.exit(128 + (got[0] if got else signal.SIGINT) if e.by_signal else 1)
+    _show_run(store, run_id, as_json)
+    if report_path:
+        _report(store, run_id, report_path, None, loaded)
+
+
+@click.command()
+def presets():
+    """List the named presets for `sweep --preset`."""
+    from ..analysis import config_label
+    from ..grid import PRESETS
+    from ..settings import SamplingSettings
+
+    for name, values in PRESETS.items():
+        say(f"{name:<18} {config_label(SamplingSettings(**values))}")
+
+
+@click.command()
+@json_option
+@store_option
+@fail_cleanly
+def runs(as_json, store_path):
+    """List the runs in the store."""
+    from ..store import Store
+
+    store = Store(store_path)
+    infos = store.runs()
+    if as_json:
+        return json_out([{"id": r.id, "name": r.name, "status": r.status, "model": r.model.name,
+                          "prompts": r.n_prompts, "configs": r.n_configs, "samples_done": r.n_done,
+                          "samples_total": r.n_samples, "created": r.created} for r in infos])
+    if not infos:
+        return say(f"no runs in {store.path}; start one with `llamalens sweep`")
+    rows = [("id", "name", "status", "model", "prompts", "grid", "samples", "date")]
+    for r in infos:
+        rows.append((r.id, r.name or "", r.status, r.model.name, r.n_prompts, r.n_configs, f"{r.n_done}/{r.n_samples}",
+                     datetime.datetime.fromtimestamp(r.created).strftime("%Y-%m-%d %H:%M")))
+    print_table(rows, right={0, 4, 5})
+
+
+@click.command()
+@click.argument("run_id")
+@json_option
+@store_option
+@fail_cleanly
+def show(run_id, as_json, store_path):
+    """Summary of a run per configuration: logprob, perplexity, entropy, candidates, diversity, speed."""
+    from ..store import Store
+
+    _show_run(Store(store_path), run_id, as_json)
+
+
+def _show_run(store, run_id, as_json) -> None:
+    from ..analysis import load_run
+
+    run = load_run(store, run_id)
+    info, summ = run.info, run.summary
+    if as_json:
+        return json_out({"run": info.to_dict(), "summary": json.loads(summ.to_json(orient="records"))})
+    say(f"run {info.id} {info.name or ''} [{info.status}] model {info.model.name} ({info.model.quantization}), "
+               f"{info.n_done}/{info.n_samples} samples, flash-attn {info.hardware.flash_attn}, "
+               f"{info.options.parallel} per batch")
+    rows = [("#", "configuration", "samples", "mean lp", "ppl", "entropy", "cand", "distinct", "dist-2", "rank",
+             "tok/s")]
+    for r in summ.itertuples():
+        rows.append((r.config_idx, r.label, r.samples, f"{r.mean_logprob:.3f}", f"{r.perplexity:.2f}",
+                     f"{r.mean_entropy:.3f}", f"{r.mean_candidates:.1f}", f"{r.distinct_completions:.1f}",
+                     f"{r.distinct_2:.2f}", f"{r.mean_rank:.1f}", f"{r.tokens_per_s:.1f}"))
+    print_table(rows, right=set(range(2, 11)) | {0})
+    nf = info.noise
+    if nf and nf.get("tokens"):
+        say(f"noise floor: re-decoding {nf['tokens']} tokens of {nf['samples']} samples one at a time moved "
+                   f"logprobs by {nf['mean_abs_dlogprob']:.4f} nats on average (max {nf['max_abs_dlogprob']:.4f}), "
+                   f"top-1 agreement {nf['top1_agreement']:.1%}; mean-logprob differences below "
+                   f"{nf['max_abs_dlogprob']:.4f} between configurations are noise")
+    if info.resumes:
+        from ..reports.run import resume_note
+
+        say(f"note: {resume_note(info)}")
+    if info.status != "done":
+        say(f"run {info.id} is {info.status}: resume with `llamalens sweep --resume {info.id}`")
+
+
+@click.command()
+@click.argument("run_id")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="FILE.html or FILE.md.")
+@click.option("--format", "fmt", default=None, help="html or md (default: from the file name).")
+@click.option("--metric", default="mean_logprob", show_default=True,
+              help="Metric of the first heatmap (mean_logprob, mean_entropy, mean_candidates, distinct_completions, "
+                   "perplexity, distinct_2, mean_rank, tokens_per_s).")
+@click.option("--position", type=int, default=0, show_default=True,
+              help="Generated-token position of the sampler view (0 = the first generated token).")
+@click.option("--sample", "sample_idx", type=int, default=None, help="Sample whose history the sampler view uses.")
+@click.option("--model", "-m", default=None, help="Model for the sampler view (default: the run's model file).")
+@click.option("--no-model", is_flag=True, help="Do not load the model: leave out the sampler view.")
+@store_option
+@fail_cleanly
+def report(run_id, output, fmt, metric, position, sample_idx, model, no_model, store_path):
+    """Write a run's report: one self-contained HTML page, or Markdown with PNG plots beside it.
+
+    \b
+    llamalens report 7 -o run7.html
+    llamalens report my-run -o run.md --metric mean_entropy --position 3
+    """
+    from ..reports import check_writable, report_format
+    from ..reports.run import check_request
+    from ..store import Store
+    from ..sweep import check_run_model, report_model
+
+    store = Store(store_path)
+    info = store.run(run_id)
+    check_request(info, metric)
+    report_format(output, fmt)
+    check_writable(output)
+    if info.status != "done" or info.n_done < info.n_samples:
+        say(f"warning: run {info.id} is {info.status} ({info.n_done}/{info.n_samples} samples); "
+                   "the report shows the finished samples only", err=True)
+    loaded = None
+    if not no_model:
+        path, options = report_model(info, model)
+        if path is None:
+            say(f"warning: the run's model {info.model.path} is not there; the sampler view is left out "
+                       "(pass --model PATH)", err=True)
+        else:
+            loaded = load_model(path, options)
+            check_run_model(store, info, loaded)
+    _report(store, info.id, output, fmt, loaded, position=position, sample_idx=sample_idx, metric=metric)
+
+
+def _report(store, run_id, output, fmt, model, **options) -> None:
+    from ..analysis import load_run
+    from ..reports.run import run_document
+
+    say("writing the report ...", err=True)
+    write_report(run_document(load_run(store, run_id), model=model, **options), output, fmt)
+
+
+@click.command()
+@click.argument("run_id")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "jsonl"]), required=True,
+              help="csv / parquet: one row per token; jsonl: one sample per line, OpenAI logprobs shape.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output file.")
+@store_option
+@fail_cleanly
+def export(run_id, fmt, output, store_path):
+    """Write a run's token table (csv, parquet) or its samples in OpenAI logprobs shape (jsonl)."""
+    from ..analysis import export_run, load_run
+    from ..store import Store
+
+    run = load_run(Store(store_path), run_id)
+    n = export_run(run, fmt, output)
+    say(f"wrote {n} {'samples' if fmt == 'jsonl' else 'tokens'} of run {run.id} to {output}", err=True)

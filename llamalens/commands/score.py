@@ -1,0 +1,200 @@
+"""Teacher-forced analyses: score, choose, compare."""
+
+from __future__ import annotations
+
+import click
+
+from .options import json_option, model_options, pop_model_options, runtime_options, store_option, text_options
+from .output import say, alternatives, check_report_path, fail_cleanly, json_out, load_model, print_confidence, \
+    print_table, window_progress, write_report
+
+
+def _text(text, file, raw_bytes):
+    """TEXT or --file (UTF-8, or any bytes with --raw-bytes; '-' = stdin)."""
+    from ..inputs import read_text_file
+
+    if text is not None and file:
+        raise click.UsageError("give TEXT or --file, not both")
+    if text is None and not file:
+        raise click.UsageError("give a TEXT argument or --file FILE")
+    if text is not None:
+        return text.encode("utf-8") if raw_bytes else text
+    return read_text_file(file, raw_bytes)
+
+
+def _notes(notes) -> None:
+    for note in notes:
+        say(f"note: {note}", err=True)
+
+
+@click.command()
+@text_options
+@click.option("--logprobs", type=click.IntRange(0, 100), default=5, show_default=True,
+              help="Top alternatives kept per token.")
+@click.option("--all", "show_all", is_flag=True,
+              help="Print every token (default: all when <= 100, else the most surprising).")
+@click.option("--text", "as_text", is_flag=True, help="Print the text coloured by each token's probability.")
+@model_options
+@fail_cleanly
+def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprobs, show_all, as_text, model, **kw):
+    """How surprised the model is by a text: per-token logprob, rank, entropy; perplexity, bits per byte.
+
+    \b
+    llamalens score "The quick brown fox jumps over the lazy dog."
+    llamalens score --file wiki.test.raw --protocol llama-perplexity --ctx 512
+    """
+    from ..score import score_text
+
+    data = _text(text, file, raw_bytes)
+    check_report_path(report_path)
+    loaded = load_model(model, pop_model_options(kw))
+    res = score_text(loaded, data, loaded.options.ctx, protocol, stride, logprobs, window_progress("scoring"))
+    _notes(res.notes)
+    if as_json:
+        json_out(res.to_dict())
+    elif as_text:
+        if res.protocol != "full":
+            say(f"note: {res.protocol} scores part of each window; only the scored tokens are shown", err=True)
+        print_confidence("", res.tokens)
+    else:
+        _print_scores(res, show_all)
+    if report_path:
+        from ..reports.texts import score_document
+
+        write_report(score_document(res), report_path)
+
+
+def _print_scores(res, show_all: bool) -> None:
+    from ..visible import visible
+
+    toks = res.tokens
+    shown = toks if show_all or len(toks) <= 100 else sorted(toks, key=lambda t: t.logprob)[:15]
+    rows = [("#", "token", "prob", "logprob", "rank", "entropy", "top alternatives")]
+    rows += [(t.position, visible(t.text, t.bytes), f"{t.prob:.4f}", f"{t.logprob:.4f}", t.rank, f"{t.entropy:.3f}",
+              alternatives(t.top)) for t in shown]
+    if shown is not toks:
+        say(f"the {len(shown)} most surprising of {len(toks)} tokens (--all for every one, --json for all data):")
+    print_table(rows, right={0, 2, 3, 4, 5})
+    tot = res.totals()
+    say(f"{tot['scored']} of {tot['tokens']} tokens scored ({res.protocol}, ctx {res.ctx}, {res.windows} "
+               f"window{'s' if res.windows != 1 else ''}): mean NLL {tot['mean_nll']:.4f} nats, perplexity "
+               f"{tot['perplexity']:.4f} ± {tot['perplexity_error']:.4f}, {tot['bits_per_byte']:.4f} bits per "
+               f"byte; {tot['tokens_per_s']:.0f} tokens/s")
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--option", "options", multiple=True, help="A continuation to score (repeat, at least twice).")
+@click.option("--normalize", type=click.Choice(["none", "token", "byte"]), default="none", show_default=True,
+              help="Rank by total logprob, or per token / per byte (fairer across lengths).")
+@click.option("--no-space", is_flag=True, help="Append options as given (default: a space joins prompt and option).")
+@json_option
+@model_options
+@fail_cleanly
+def choose(prompt, options, normalize, no_space, as_json, model, **kw):
+    """Rank continuations of PROMPT by likelihood: zero-shot classification, multiple choice.
+
+    \b
+    llamalens choose "The capital of France is" --option Paris --option London --option Berlin
+    llamalens choose "Review: great film! Sentiment:" --option positive --option negative --normalize token
+    """
+    from ..score import check_options
+    from ..score import choose as rank_options
+    from ..visible import visible
+
+    check_options(list(options))
+    res = rank_options(load_model(model, pop_model_options(kw)), prompt, list(options), normalize,
+                       space=not no_space)
+    _notes(res.notes)
+    if as_json:
+        return json_out(res.to_dict())
+    rows = [("rank", "option", f"score ({normalize})", "logprob", "tokens", "per token", "per byte", "share", "margin",
+             "token logprobs")]
+    for i, (o, m, p) in enumerate(zip(res.options, res.margins(), res.probabilities()), 1):
+        per = "  ".join(f"{visible(t.text, t.bytes)} {t.logprob:.3f}" for t in o.tokens)
+        rows.append((i, visible(o.option, edge_spaces=False), f"{o.score(normalize):.4f}", f"{o.total:.4f}",
+                     len(o.tokens), f"{o.total / len(o.tokens):.4f}", f"{o.total / max(o.n_bytes, 1):.4f}", f"{p:.1%}",
+                     "" if m != m else f"+{m:.4f}", per))
+    print_table(rows, right={0, 2, 3, 4, 5, 6, 7, 8})
+    say(f"share = softmax of the scores over these options; margin = lead over the next option "
+               f"({'nats' if normalize == 'none' else 'nats per ' + normalize})")
+
+
+@click.command()
+@text_options
+@click.option("--model", "-m", "model_paths", multiple=True, required=True,
+              help="Model A (the reference), then model B; with --run, just B (A is the run's model).")
+@click.option("--run", "run_id", default=None, help="Compare on the generated tokens of a stored sweep.")
+@click.option("--top", type=click.IntRange(1, 50), default=20, show_default=True,
+              help="Positions of most disagreement to list.")
+@store_option
+@runtime_options
+@fail_cleanly
+def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model_paths, run_id, top, store_path, **kw):
+    """How far model B drifts from model A on the same tokens: KL divergence, Δp, same top token.
+
+    Quantization drift (a Q4_K_M against its Q8_0), or a fine-tune against its base.
+
+    \b
+    llamalens compare -m model-q8_0.gguf -m model-q4_k_m.gguf --file wiki.test.raw --ctx 512
+    llamalens compare --run 7 -m model-q2_k.gguf        # what B thinks of run 7's text
+    """
+    from ..score import compare_pair, compare_run, compare_text
+    from ..store import Store
+
+    store = data = None
+    if run_id is not None:
+        if text is not None or file:
+            raise click.UsageError("give TEXT, --file or --run, not several")
+        store = Store(store_path)
+        if len(model_paths) == 1:
+            model_paths = (store.run(run_id).model.path,) + tuple(model_paths)
+    else:
+        data = _text(text, file, raw_bytes)
+    path_a, path_b = compare_pair(model_paths)
+    check_report_path(report_path)
+    options = pop_model_options(kw)
+    a, b = load_model(str(path_a), options), load_model(str(path_b), options)
+    if store is not None:
+        res = compare_run(a, b, store, run_id, on_progress=window_progress("comparing samples"))
+    else:
+        res = compare_text(a, b, data, options.ctx, protocol, stride, on_progress=window_progress("comparing"))
+    _notes(res.notes)
+    if as_json:
+        json_out(res.to_dict())
+    else:
+        _print_comparison(res, top)
+    if report_path:
+        from ..reports.texts import compare_document
+
+        write_report(compare_document(res), report_path)
+
+
+def _print_comparison(res, top) -> None:
+    from ..visible import visible
+
+    s = res.summary()
+    say(f"A = {res.model_a.get('name')} ({res.model_a.get('quantization')}), B = {res.model_b.get('name')} "
+               f"({res.model_b.get('quantization')}); {s['tokens']} tokens ({res.source}, {res.protocol}, ctx {res.ctx})")
+    lines = [
+        ("PPL(A)", f"{s['ppl_a']:.4f}"), ("PPL(B)", f"{s['ppl_b']:.4f}"),
+        ("PPL(B)/PPL(A)", f"{s['ppl_ratio']:.5f}"), ("ln(PPL(B)/PPL(A))", f"{s['ln_ppl_ratio']:+.5f}"),
+        ("mean KLD(A||B)", f"{s['kld_mean']:.6f} ± {s['kld_error']:.6f}"),
+        ("KLD median / 90% / 95% / 99% / 99.9% / max",
+         " / ".join(f"{s[k]:.6f}" for k in ("kld_median", "kld_p90", "kld_p95", "kld_p99", "kld_p99_9", "kld_max"))),
+        ("mean Δp (B-A)", f"{s['dp_mean'] * 100:+.3f} ± {s['dp_error'] * 100:.3f} %"),
+        ("RMS Δp", f"{s['dp_rms'] * 100:.3f} %"),
+        ("Δp 1% / 5% / median / 95% / 99%",
+         " / ".join(f"{s[k] * 100:+.3f}%" for k in ("dp_p1", "dp_p5", "dp_median", "dp_p95", "dp_p99"))),
+        ("same top token", f"{s['same_top'] * 100:.2f} ± {s['same_top_error'] * 100:.2f} %"),
+    ]
+    print_table([("statistic", "value")] + lines)
+    say("")
+    rows = [("pos", "sample", "token", "KLD", "p A", "p B", "top A", "top B")]
+    for p in res.worst(top):
+        rows.append((p.position, "" if p.sample is None else p.sample, visible(p.text, p.bytes), f"{p.kld:.5f}",
+                     f"{p.p_a:.4f}", f"{p.p_b:.4f}",
+                     "  ".join(f"{visible(x.text, x.bytes)} {x.prob:.3f}" for x in p.top_a[:3]),
+                     "  ".join(f"{visible(x.text, x.bytes)} {x.prob:.3f}" for x in p.top_b[:3])))
+    say(f"the {len(rows) - 1} positions where the models disagree most:")
+    print_table(rows, right={0, 1, 3, 4, 5})

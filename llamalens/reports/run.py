@@ -1,0 +1,280 @@
+"""The report of a sweep run: one small builder per section, all fed by one LoadedRun.
+
+    load_run(store, id) ──► RunReport(run, model, position, sample_idx, metric)
+        header      model, versions, hardware, prompts, grid, duration, command, noise floor
+        summary     per-configuration table + heatmaps over the grid's axes
+        strips      every sample's tokens, coloured, with tooltips; first divergence marked
+        positions   p(chosen), entropy, candidates along the sequence, per configuration
+        seeds       distinct completions and where the seeds split
+        samplers    how each configuration's chain reshapes one raw distribution (needs the model)
+        timing      time to first token, tokens/s
+    ──► Document (reports/document.py renders it)
+
+Everything numeric comes from analysis.py or from the records; nothing here writes markup. The
+sampler section needs the model (one prefill); without it the section says why it is missing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+
+from .. import analysis
+from ..analysis import LoadedRun
+from ..errors import InvalidInput
+from ..records import StoredSample, TokenRecord
+from ..visible import visible
+from .document import (MAX_PLOT_PROMPTS, MAX_SAMPLER_CHAINS, MAX_STRIP_TOKENS, Document, Figure, Heading, KeyValues,
+                       Para, Strips, Table, TokenView, fmt, gltr_class, prob_class)
+from .texts import model_line, plain, sampler_blocks
+
+HEATMAP_METRICS = ("mean_logprob", "mean_entropy", "mean_candidates", "distinct_completions")
+METRICS = HEATMAP_METRICS + ("perplexity", "distinct_2", "mean_rank", "tokens_per_s")
+TOKEN_FIELDS = ["p", "logprob", "rank", "entropy", "candidates", "p sampled"]
+
+
+def check_request(info, metric: str) -> None:
+    """Whether a run's report can be made (it has finished samples, the metric exists): before any work."""
+    if info.n_done == 0:
+        raise InvalidInput(f"run {info.id} has no finished samples yet; nothing to report "
+                           f"(resume it with `llamalens sweep --resume {info.id}`)")
+    if metric not in METRICS:
+        raise InvalidInput(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
+
+
+def token_view(t: TokenRecord, mark: str = "") -> TokenView:
+    text = visible(t.text, t.bytes) + (" [end]" if t.eog else "")
+    return TokenView(
+        text=text, id=t.id, classes=f"{prob_class(t.prob)} {gltr_class(t.rank)}",
+        values=[f"{t.prob:.4f}", f"{t.logprob:.4f}", str(t.rank), f"{t.entropy:.3f}", f"{t.candidates:,}",
+                f"{math.exp(t.sampled_logprob):.4f}"],
+        alts=[[(visible(a.text, a.bytes), f"{a.prob:.4f}") for a in t.top]],
+        notable=1.0 - t.prob, newline=bytes.fromhex(t.bytes).endswith(b"\n"), mark=mark)
+
+
+def resume_note(info) -> str:
+    """What a resumed run's numbers can be trusted for (show and the report say the same)."""
+    times = f"{info.resumes} time{'s' if info.resumes != 1 else ''}"
+    if info.options.exact:
+        return (f"This run was resumed {times}. It is an --exact run (one sequence at a time), so every sample equals "
+                "the one an uninterrupted run would have made.")
+    return (f"This run was resumed {times}. Samples decoded in batches after a resume equal an uninterrupted run's "
+            "only when the interruption fell on a batch boundary (then the same tokens, logprobs within ~1e-5 nats: "
+            "the resumed context lays out its KV cache anew); otherwise their batches were composed differently, "
+            "logprobs move within the noise floor and a sampled token can differ. --exact runs are identical always.")
+
+
+def _when(ts) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "–"
+
+
+def run_document(run: LoadedRun, model=None, position: int = 0, sample_idx: int | None = None,
+                 metric: str = "mean_logprob") -> Document:
+    """The whole report of a run (`model`: a loaded Model for the sampler section, or None)."""
+    check_request(run.info, metric)
+    return RunReport(run, model, position, sample_idx, metric).document()
+
+
+class RunReport:
+    """Builds each section of a run's report into one Document."""
+
+    def __init__(self, run: LoadedRun, model, position: int, sample_idx: int | None, metric: str):
+        self.run, self.model, self.position, self.sample_idx, self.metric = run, model, position, sample_idx, metric
+        self.labels = run.labels()
+        self.by_prompt: dict[int, list[StoredSample]] = {}
+        for s in sorted(run.samples, key=lambda s: (s.prompt_idx, s.config_idx, s.seed)):
+            self.by_prompt.setdefault(s.prompt_idx, []).append(s)
+        self.prompts = sorted({(s.prompt_idx, s.prompt) for s in run.samples})
+        info = run.info
+        name = f" ({visible(info.name, edge_spaces=False)})" if info.name else ""
+        self.doc = Document(f"llamalens run {info.id}{name}",
+                            fields=TOKEN_FIELDS, alt_titles=["top alternatives (raw distribution)"])
+
+    def document(self) -> Document:
+        for section in (self.header, self.summary, self.strips, self.positions, self.seeds, self.samplers,
+                        self.timing):
+            section()
+        return self.doc
+
+    def ids(self, s: StoredSample) -> list[int]:
+        return [t.id for t in self.run.by_sample.get(s.sample_idx, [])]
+
+    # -- 1. header -------------------------------------------------------------------------------
+    def header(self) -> None:
+        run, doc = self.run, self.doc
+        info, opts, hw, m = run.info, run.info.options, run.info.hardware, run.info.model
+        if info.status != "done" or info.n_done < info.n_samples:
+            doc.add(Para(f"This run is {info.status}: {info.n_done} of {info.n_samples} samples are finished, and this "
+                         f"report shows only those. Finish it with `llamalens sweep --resume {info.id}`.", "warn"))
+        n_tok = int(len(run.tokens))
+        done_at = [s.completed for s in run.samples if s.completed]
+        end = info.finished or (max(done_at) if done_at else None)
+        dur = (end - info.created) if end else float("nan")
+        varying = analysis.varying_axes(run.configs)
+        fixed = {k: v for k, v in run.configs[0].to_dict().items() if k not in varying and k != "seed"}
+        grid = ", ".join(f"{a} ∈ {{{', '.join(fmt(v) for v in sorted({getattr(c, a) for c in run.configs}))}}}"
+                         for a in varying) or "one configuration"
+        doc.add(KeyValues([
+            ("model", model_line(m, with_path=False)),
+            ("model file", f"{visible(m.path, edge_spaces=False)} ({m.file_size / 2**20:,.1f} MiB, sha256 {info.model_hash[:16]})"),
+            ("versions", ", ".join(f"{k} {v}" for k, v in info.versions.items())),
+            ("hardware", f"{hw.threads} threads, {hw.gpu_layers} GPU layers, flash attention {hw.flash_attn}, "
+                         f"{hw.machine} {hw.system}; {opts.parallel} sequences per batch"
+                         f"{' (exact mode)' if opts.exact else ''}"),
+            ("llama.cpp build", hw.llama_cpp_system_info or "–"),
+            ("prompts", f"{info.n_prompts}"),
+            ("grid", f"{grid}; {info.n_configs} configurations × seeds {list(opts.seeds)}"),
+            ("fixed settings", ", ".join(f"{k}={fmt(v)}" for k, v in fixed.items())),
+            ("generation", f"up to {opts.max_tokens} tokens, {opts.n_logprobs} alternatives kept per token"
+                           + (f", stop at {list(opts.stop)}" if opts.stop else "")),
+            ("started / finished", f"{_when(info.created)} / {_when(info.finished)}"),
+            ("duration", f"{dur:.1f} s for {len(run.samples)} samples, {n_tok:,} tokens: "
+                         f"{n_tok / dur if dur > 0 else float('nan'):.1f} tokens/s overall"),
+            ("command", visible(info.command, edge_spaces=False) if info.command else "–"),
+        ]))
+        if info.resumes:
+            doc.add(Para(resume_note(info), "note"))
+        nf = info.noise
+        if nf and nf.get("tokens"):
+            doc.add(Para(f"Noise floor: re-decoding {nf['tokens']} tokens of {nf['samples']} samples one at a time moved "
+                         f"logprobs by {nf['mean_abs_dlogprob']:.4f} nats on average (max {nf['max_abs_dlogprob']:.4f}); "
+                         f"top-1 agreement {nf['top1_agreement']:.1%}. Differences in mean logprob smaller than "
+                         f"{nf['max_abs_dlogprob']:.4f} between configurations are within batching noise.", "note"))
+        doc.add(Table(["#", "prompt"], [[p, visible(t, edge_spaces=False)] for p, t in self.prompts], sortable=False))
+
+    # -- 2. summary + heatmaps -------------------------------------------------------------------------
+    def summary(self) -> None:
+        doc, summ = self.doc, self.run.summary
+        doc.add(Heading("Summary per configuration"))
+        cols = ["config_idx", "label", "samples", "tokens", "mean_logprob", "perplexity", "mean_entropy",
+                "mean_candidates", "distinct_completions", "distinct_2", "mean_rank", "tokens_per_s"]
+        doc.add(Table(["#", "configuration", "samples", "tokens", "mean logprob", "perplexity", "entropy", "candidates",
+                       "distinct", "distinct-2", "mean rank", "tok/s"],
+                      [[plain(r[c]) for c in cols] for _, r in summ.iterrows()],
+                      caption="Means over generated tokens (end-of-generation tokens excluded); "
+                              "'distinct' = distinct completions per prompt across seeds."))
+        varying = analysis.varying_axes(self.run.configs)
+        if varying and len(summ) > 1:
+            from . import plots
+
+            x, y, panel = varying[0], (varying[1] if len(varying) > 1 else None), varying[2:]
+            shown = [self.metric] + [mm for mm in HEATMAP_METRICS if mm != self.metric]
+            for mm in shown[:3]:
+                doc.add(Figure(plots.heatmaps(summ, mm, x, y, panel), f"heatmap_{mm}",
+                               f"{mm.replace('_', ' ')} over {x}" + (f" × {y}" if y else "")
+                               + (f", one panel per {', '.join(panel)}" if panel else "")))
+
+    # -- 3. token strips per prompt --------------------------------------------------------------------
+    def strips(self) -> None:
+        doc = self.doc
+        doc.add(Heading("Token views"))
+        doc.add(Para("Each token is coloured by the probability the model gave it (green = sure, red = unsure) or by "
+                     "its rank among all tokens (GLTR). Hover or focus a token for its top alternatives, rank, entropy "
+                     "and candidate-set size. A red bar marks the first token where a sample differs from the first "
+                     "sample of its prompt.", "note"))
+        budget, left_out = MAX_STRIP_TOKENS, 0
+        for p_idx, group in self.by_prompt.items():
+            ref = self.ids(group[0])
+            rows = []
+            for s in group:
+                toks = self.run.by_sample.get(s.sample_idx, [])
+                if budget - len(toks) < 0:
+                    left_out += 1
+                    continue
+                budget -= len(toks)
+                div = analysis.first_divergence(ref, [t.id for t in toks]) if rows else None
+                views = [token_view(t, mark=f"differs from the first sample from token {t.position}"
+                                    if div is not None and t.position == div else "") for t in toks]
+                label = f"#{s.sample_idx} · {self.labels.get(s.config_idx, s.config_idx)} · seed {s.seed} · " \
+                        f"{s.finish_reason}" + (f" · differs at {div}" if div is not None else "")
+                rows.append((label, views))
+            if rows:
+                doc.add(Strips(f"Prompt {p_idx}", rows, context=visible(group[0].prompt, edge_spaces=False)))
+        if left_out:
+            doc.add(Para(f"{left_out} samples are not shown as token views (report limit {MAX_STRIP_TOKENS:,} tokens); "
+                         f"`llamalens export {self.run.id} --format jsonl` has every token.", "warn"))
+
+    # -- 4. per-position plots ---------------------------------------------------------------------------
+    def positions(self) -> None:
+        from . import plots
+
+        doc = self.doc
+        doc.add(Heading("Along the sequence"))
+        for p_idx, _ in self.prompts[:MAX_PLOT_PROMPTS]:
+            curves = analysis.position_curves(self.run.tokens, p_idx)
+            data = {f"#{ci} {self.labels.get(ci, ci)}": {"prob": c["prob"].to_numpy(),
+                                                         "entropy": c["entropy"].to_numpy(),
+                                                         "candidates": c["candidates"].to_numpy()}
+                    for ci, c in sorted(curves.items())}
+            doc.add(Figure(plots.positions(data), f"positions_prompt{p_idx}",
+                           f"Prompt {p_idx}: probability of the chosen token, entropy and candidate-set size at each "
+                           f"position (mean over seeds), one series per configuration."))
+        if len(self.prompts) > MAX_PLOT_PROMPTS:
+            doc.add(Para(f"Plots of prompts {MAX_PLOT_PROMPTS}..{len(self.prompts) - 1} are left out.", "note"))
+
+    # -- 5. seeds ----------------------------------------------------------------------------------------
+    def seeds(self) -> None:
+        self.doc.add(Heading("Seeds"))
+        rows = []
+        for p_idx, group in self.by_prompt.items():
+            by_cfg: dict[int, list] = {}
+            for s in group:
+                by_cfg.setdefault(s.config_idx, []).append(self.ids(s))
+            for ci, seqs in sorted(by_cfg.items()):
+                distinct, splits = analysis.seed_splits(seqs)
+                rows.append([p_idx, ci, self.labels.get(ci, ""), len(seqs), distinct,
+                             ", ".join(map(str, splits[:12])) + (" …" if len(splits) > 12 else "") or "never"])
+        self.doc.add(Table(["prompt", "#", "configuration", "seeds", "distinct completions", "split at token"], rows,
+                           caption="Where the completions of one configuration split: positions where the seeds first "
+                                   "drew different tokens."))
+
+    # -- 6. sampler view -----------------------------------------------------------------------------------
+    def samplers(self) -> None:
+        from ..distribution import sampler_view
+
+        doc, run = self.doc, self.run
+        doc.add(Heading("How the samplers reshape the distribution"))
+        if self.sample_idx is None:
+            pick = run.samples[0]
+        else:
+            pick = next((s for s in run.samples if s.sample_idx == self.sample_idx), None)
+            if pick is None:
+                raise InvalidInput(f"--sample {self.sample_idx}: run {run.id} has no finished sample {self.sample_idx}")
+        toks = run.by_sample.get(pick.sample_idx, [])
+        position = self.position
+        if position < 0 or position > len(toks):
+            raise InvalidInput(f"--position {position}: sample {pick.sample_idx} has {len(toks)} tokens; "
+                               f"choose 0..{len(toks)}")
+        if self.model is None:
+            doc.add(Para("Left out: this view needs the model's logits, and the model was not loaded (its file is "
+                         "missing, or --no-model was given); pass --model PATH to `llamalens report`.", "warn"))
+            return
+        distinct, seen = [], set()
+        for i, c in enumerate(run.configs):  # configurations that differ only in seed reshape alike
+            if self.labels[i] not in seen:
+                seen.add(self.labels[i])
+                distinct.append(c)
+        view = sampler_view(self.model, pick.prompt, [t.id for t in toks[:position]], distinct[:MAX_SAMPLER_CHAINS])
+        history = "".join(visible(t.text, t.bytes, edge_spaces=False) for t in toks[:position])
+        doc.add(Para(f"Position {position} of sample #{pick.sample_idx} (prompt {pick.prompt_idx}"
+                     + (f", after the generated text “{history}”" if history else ", the first generated token")
+                     + f"): the raw top-{len(view.top)} next tokens (entropy {view.entropy:.3f} nats) and what each "
+                     "configuration's sampler chain (penalties → top_k → typical_p → top_p → min_p → temperature) "
+                     "makes of the same logits. Pick another with `llamalens report --position N --sample IDX`.",
+                     "note"))
+        sampler_blocks(doc, view)
+        if len(distinct) > MAX_SAMPLER_CHAINS:
+            doc.add(Para(f"Only the first {MAX_SAMPLER_CHAINS} distinct configurations are shown.", "note"))
+
+    # -- 7. timing -------------------------------------------------------------------------------------------
+    def timing(self) -> None:
+        self.doc.add(Heading("Timing"))
+        rows = []
+        for ci, g in self.run.samples_table.groupby("config_idx"):
+            rows.append([int(ci), self.labels.get(int(ci), ""), len(g), plain(g.first_token_ms.mean()),
+                         plain(g.first_token_ms.median()), plain(g.tokens_per_s.mean())])
+        self.doc.add(Table(["#", "configuration", "samples", "first token ms (mean)", "first token ms (median)",
+                            "tokens/s per sequence"], rows,
+                           caption="Time to first token counts from when the sample got a batch slot (prefill or "
+                                   "prompt copy included). Sequences share each decode call, so per-sequence tokens/s "
+                                   "is lower than the run's overall rate in the header."))

@@ -1,0 +1,97 @@
+"""What the repository says stays true: every command has help, every command the README shows exists,
+the README's Layout lists every module, and a store written by an earlier llamalens still opens."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from llamalens.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+DATA = Path(__file__).parent / "data"
+
+
+def test_every_command_has_help():
+    assert len(main.commands) >= 14
+    for name, command in main.commands.items():
+        assert command.help and command.help.strip(), f"`llamalens {name}` has no help text"
+        res = CliRunner().invoke(main, [name, "--help"])
+        assert res.exit_code == 0 and "Usage: main " + name in res.output.replace("llamalens", "main"), res.output
+        for param in command.params:  # every option says what it does
+            if param.param_type_name == "option" and param.name not in ("help",):
+                assert getattr(param, "help", None), f"`llamalens {name} {param.opts[0]}` has no help text"
+
+
+def _readme_commands() -> set[str]:
+    section = README.split("## Commands", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\s+llamalens ([a-z][a-z-]*)", section, flags=re.M))
+
+
+def test_every_readme_command_exists():
+    shown = _readme_commands()
+    assert len(shown) >= 10
+    missing = shown - set(main.commands)
+    assert not missing, f"the README shows commands that do not exist: {missing}"
+    unshown = set(main.commands) - shown
+    assert not unshown, f"commands missing from the README's Commands section: {unshown}"
+
+
+def test_readme_layout_lists_every_module():
+    layout = README.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\s+(llamalens/\S+\.py)", layout, flags=re.M))
+    actual = {str(p.relative_to(ROOT)) for p in (ROOT / "llamalens").rglob("*.py")
+              if p.name != "__main__.py" and not (p.name == "__init__.py" and p.parent != ROOT / "llamalens")}
+    assert actual - listed == set(), f"modules missing from the README's Layout: {sorted(actual - listed)}"
+    assert listed - actual == set(), f"the README's Layout names modules that do not exist: {sorted(listed - actual)}"
+
+
+def test_only_runtime_and_sampler_import_llama_cpp():
+    for p in (ROOT / "llamalens").rglob("*.py"):
+        text = p.read_text(encoding="utf-8")
+        if p.name in ("runtime.py", "sampler.py"):
+            continue
+        assert not re.search(r"^\s*(import llama_cpp|from llama_cpp)", text, flags=re.M), p
+        assert "._lib" not in text and "._L" not in text, f"{p} reaches into a native handle"
+
+
+def test_store_from_version_1_opens(tmp_path):
+    """tests/data/store-v1.db was written by llamalens 0.1.0 before the typed records (a 2-prompt x 4-config x
+    2-seed sweep on the tiny model); it opens, and show and export give what that version gave."""
+    db = tmp_path / "v1.db"
+    shutil.copy(DATA / "store-v1.db", db)
+    old = json.loads((DATA / "store-v1-show.json").read_text(encoding="utf-8"))
+    res = CliRunner().invoke(main, ["show", "v1-run", "--store", str(db), "--json"])
+    assert res.exit_code == 0, res.output
+    new = json.loads(res.output)
+    assert new["summary"] == old["summary"]
+    for key in ("id", "name", "status", "command", "model_hash", "n_samples", "n_done", "noise"):
+        assert new["run"][key] == old["run"][key], key
+    assert new["run"]["options"] == old["run"]["options"]
+    assert {k: new["run"]["model"][k] for k in old["run"]["model"] if k != "gpu_layers"} == \
+        {k: v for k, v in old["run"]["model"].items() if k != "gpu_layers"}
+    out = tmp_path / "v1.jsonl"
+    res = CliRunner().invoke(main, ["export", "v1-run", "--store", str(db), "--format", "jsonl", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    # sha256 of the jsonl export that llamalens 0.1.0 wrote from this store
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == \
+        "d830b172037d0a2490c2a0715c2d1b07e2f00c78e8d598a89c973d1c4caa6796"
+
+
+@pytest.mark.parametrize("module", ["llamalens", "llamalens.cli"])
+def test_import_is_light(module):
+    """`import llamalens` and `llamalens --help` load neither llama.cpp nor matplotlib nor pandas."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, {module}; heavy = [m for m in ('llama_cpp', 'matplotlib', 'pandas') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
