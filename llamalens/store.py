@@ -90,7 +90,7 @@ def recognise(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
             head = f.read(100)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there yet (creating it may still fail, clearly)
         return False
     except IsADirectoryError:
         raise StoreError(f"{path} is a directory, not a run store; pass a file path with --store") from None

@@ -185,11 +185,15 @@ def _stopped(store: Store, run_id: int) -> None:
 
 
 def noise_floor(model: Model, store: Store, run_id: int, k: int = NOISE_SAMPLES) -> dict:
-    """Re-decode the chosen tokens of k samples one at a time; compare with the stored (batched) values."""
+    """Re-decode the chosen tokens of k samples one at a time; compare with the stored (batched) values.
+
+    Records how many tokens the figures rest on and the distribution of |Δ logprob|: mean, 95th and 99th
+    percentile, max; and top-1 agreement. What they claim is in reports.run.describe_noise.
+    """
     samples = store.samples(run_id)
     if not samples:
         return {"samples": 0}
-    picks = [samples[int(i)] for i in np.unique(np.linspace(0, len(samples) - 1, min(k, len(samples))).astype(int))]
+    picks = noise_samples(samples, k)
     deltas, agree, n = [], 0, 0
     for s in picks:
         toks = [t for _, t in store.tokens(run_id, s.sample_idx)]
@@ -199,8 +203,24 @@ def noise_floor(model: Model, store: Store, run_id: int, k: int = NOISE_SAMPLES)
             agree += int((t.top[0].id if t.top else (t.id if t.rank == 1 else -1)) == top1)
             n += 1
     d = np.array(deltas) if deltas else np.zeros(1)
-    return {"samples": len(picks), "tokens": n, "mean_abs_dlogprob": float(d.mean()), "max_abs_dlogprob": float(d.max()),
-            "top1_agreement": agree / n if n else 1.0}
+    return {"samples": len(picks), "tokens": n, "mean_abs_dlogprob": float(d.mean()),
+            "p95_abs_dlogprob": float(np.quantile(d, 0.95)), "p99_abs_dlogprob": float(np.quantile(d, 0.99)),
+            "max_abs_dlogprob": float(d.max()), "top1_agreement": agree / n if n else 1.0}
+
+
+def noise_samples(samples: list, k: int = NOISE_SAMPLES, most: int = 8) -> list:
+    """The samples to re-decode: one of each configuration (up to `most`), taken from different prompts and
+    seeds in turn, and at least k in all, spread over the run."""
+    by_config: dict[int, list] = {}
+    for s in samples:
+        by_config.setdefault(s.config_idx, []).append(s)
+    picks = [group[i % len(group)] for i, (_, group) in enumerate(sorted(by_config.items())[:most])]
+    for i in np.unique(np.linspace(0, len(samples) - 1, min(k, len(samples))).astype(int)):
+        if len(picks) >= k:
+            break
+        if samples[int(i)] not in picks:
+            picks.append(samples[int(i)])
+    return picks
 
 
 def rescore(model: Model, prompt: str, token_ids: list[int]) -> list[tuple[float, int]]:

@@ -1,12 +1,61 @@
-"""Shared fixtures: a tiny GGUF written by the `gguf` package, and the embedded default model."""
+"""Shared fixtures: a tiny GGUF written by the `gguf` package, the embedded default model, and the
+external tools some tests compare with (headless Chromium, llama.cpp's own binaries).
+
+A missing tool skips its tests on a developer's machine, and fails them in CI (CI=true): CI must run
+every test, and a run with any skipped test fails there.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
 from tiny_gguf import write_tiny_gguf
+
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def require(found, what: str, how: str):
+    """`found` when it is there; otherwise skip (a developer's run) or fail (CI)."""
+    if found:
+        return found
+    if IN_CI:
+        pytest.fail(f"{what} is missing, and CI runs every test: {how}")
+    pytest.skip(f"{what} is missing ({how})")
+
+
+def llama_tool(name: str) -> str | None:
+    """A llama.cpp tool built by scripts/build_llama_tools.sh (or named by $LLAMA_<NAME>, or on PATH)."""
+    env = os.environ.get(name.upper().replace("-", "_"))
+    local = ROOT / ".tools" / "bin" / name
+    return env or (str(local) if local.exists() else shutil.which(name))
+
+
+@pytest.fixture(scope="session")
+def llama_perplexity() -> str:
+    return require(llama_tool("llama-perplexity"), "llama.cpp's llama-perplexity",
+                   "scripts/build_llama_tools.sh builds it (scripts/install.sh --test runs that)")
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    from browser import chromium
+
+    return require(chromium(), "headless Chromium", "scripts/install.sh --test installs Debian's chromium")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In CI a skipped test is a failure: a green run must have run everything."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if IN_CI and skipped and session.exitstatus == 0:
+        reporter.write_line(f"CI: {skipped} test(s) skipped; every test must run in CI", red=True)
+        session.exitstatus = 1
 
 
 @pytest.fixture(autouse=True)

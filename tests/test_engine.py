@@ -27,7 +27,7 @@ def _reference(ll, prompt, s: SamplingSettings, n, logprobs):
     return out["choices"][0]
 
 
-def _check_against_llama(model, ll, prompt, s, n=12, logprobs=4, first_atol=1e-5):
+def _check_against_llama(model, ll, prompt, s, n=12, logprobs=4):
     ours = generate(model, prompt, s, max_tokens=n, n_logprobs=logprobs)
     ref = _reference(ll, prompt, s, n, logprobs)
     n_prompt = len(model.prompt_tokens(prompt))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from browser import Browser, chromium
+from browser import Browser
 from llamalens import analysis
 from llamalens import grid
 from llamalens.reports import document
@@ -23,7 +23,6 @@ from llamalens.sweep import SweepSpec, run_sweep, start_sweep
 from llamalens.distribution import sampler_view
 
 XSS = ['<script>alert(1)</script>', '"><img src=x onerror=alert(1)>']
-needs_chromium = pytest.mark.skipif(chromium() is None, reason="headless Chromium is not installed")
 
 
 def cli(*args, ok=True):
@@ -129,8 +128,7 @@ def test_html_escaping_and_self_contained(tiny_run, tmp_path):
     assert not re.search(r"(src|href)=\"(https?:)?//", page)  # nothing fetched from a network
 
 
-@needs_chromium
-def test_html_in_chromium(tiny_run, tiny, tmp_path):
+def test_html_in_chromium(tiny_run, tiny, tmp_path, chromium_path):
     store, rid = tiny_run
     out = tmp_path / "r.html"
     document.write(run_document(load_run(store, rid), model=tiny), out)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -76,30 +77,62 @@ def test_sweep_samples_equal_generate_in_exact_mode(tiny, tmp_path):
         assert s.text == ref.text
 
 
+def _twins(model, tmp_path, spec_kw):
+    """The same sweep batched and --exact (one sequence at a time): (store, batched id, exact id)."""
+    store = Store(tmp_path / "twins.db")
+    batched = run_sweep(model, store, SweepSpec(**spec_kw, exact=False))
+    exact = run_sweep(model, store, SweepSpec(**spec_kw, exact=True))
+    return store, batched, exact
+
+
+def _deltas(store, a, b):
+    """Per sample: |Δ logprob| and signed Δ of the tokens before the two samples' first different token."""
+    ta, tb = store.tokens_by_sample(a), store.tokens_by_sample(b)
+    out = {}
+    for k in ta:
+        n = next((i for i, (x, y) in enumerate(zip(ta[k], tb[k])) if x.id != y.id), min(len(ta[k]), len(tb[k])))
+        out[k] = [x.logprob - y.logprob for x, y in zip(ta[k][:n], tb[k][:n])]
+    return out
+
+
 def test_batched_sweep_within_noise_floor(tiny, tmp_path):
-    store = Store(tmp_path / "s.db")
-    run_id = run_sweep(tiny, store, _spec())
-    nf = store.run(run_id).noise
+    """Several configurations x seeds sharing each llama_decode, against the --exact twin, on every sample."""
+    store, batched, exact = _twins(tiny, tmp_path, dict(prompts=["the cat", "hello"], configs=_spec().configs,
+                                                        seeds=[0, 1], max_tokens=8, n_logprobs=3, parallel=16))
+    nf = store.run(batched).noise
     assert nf["tokens"] > 0 and nf["top1_agreement"] == 1.0
-    for s in store.samples(run_id)[:4]:
-        ref = generate(tiny, s.prompt, _spec().configs[s.config_idx].with_(seed=s.seed), max_tokens=8)
-        got = [t for _, t in store.tokens(run_id, s.sample_idx)]
-        assert [t.id for t in got] == [t.id for t in ref.tokens]
-        assert max(abs(a.logprob - b.logprob) for a, b in zip(got, ref.tokens)) <= max(nf["max_abs_dlogprob"], 2e-3)
+    d = _deltas(store, batched, exact)
+    assert len(d) == 16
+    tb, te = store.tokens_by_sample(batched), store.tokens_by_sample(exact)
+    assert all([t.id for t in tb[k]] == [t.id for t in te[k]] for k in tb)  # float32 weights: the same tokens
+    _check_noise_claim(store, batched, d, len(_spec().configs))
 
 
-def test_default_model_batched_sweep_within_noise_floor(gemma, tmp_path):
-    """Q4_K_M: batching moves logprobs; the recorded noise floor must bound what we see."""
-    store = Store(tmp_path / "s.db")
-    spec = SweepSpec(["The capital of France is"], grid.expand({"temperature": [0.0], "top_k": [40]}), [0], 8, 3,
-                     parallel=8)
-    spec.configs = spec.configs * 1
-    run_id = run_sweep(gemma, store, spec)
-    nf = store.run(run_id).noise
-    got = [t for _, t in store.tokens(run_id, 0)]
-    ref = generate(gemma, spec.prompts[0], spec.configs[0].with_(seed=0), max_tokens=8)
-    assert [t.id for t in got] == [t.id for t in ref.tokens]
-    assert max(abs(a.logprob - b.logprob) for a, b in zip(got, ref.tokens)) <= nf["max_abs_dlogprob"] + 1e-9
+def _check_noise_claim(store, batched, d, n_configs):
+    """What `show` says of the noise floor holds on every sample: each configuration's mean logprob moved by
+    less than the recorded max |Δ|, and few tokens (about 1 in 20) moved by more than the recorded 95th
+    percentile; the recorded max is not a bound for single tokens (measured: 2.5% above it, flash attention on)."""
+    nf = store.run(batched).noise
+    flat = np.abs(np.concatenate([v for v in d.values() if v]))
+    assert flat.max() > 0  # it really batched: the kernels changed the numbers
+    samples = {s.sample_idx: s for s in store.samples(batched)}
+    for c in range(n_configs):
+        signed = [x for k, v in d.items() if samples[k].config_idx == c for x in v]
+        assert abs(np.mean(signed)) < nf["max_abs_dlogprob"], (c, np.mean(signed), nf)
+    assert (flat > nf["p95_abs_dlogprob"]).mean() < 0.25  # measured 1.4% (Q4_K_M, 144 tokens)
+
+
+def test_default_model_noise_floor_claim(gemma, tmp_path):
+    """Q4_K_M, where batching moves logprobs: a real batch (3 configurations x 3 seeds x 2 prompts, 18 sequences
+    per decode) against its --exact twin, on every sample, for the claim `show` prints (_check_noise_claim)."""
+    spec_kw = dict(prompts=["Once upon a time", "The capital of France is"], seeds=[0, 1, 2], max_tokens=16,
+                   configs=grid.expand({"temperature": [0.0, 0.7, 1.0], "top_k": [40]}), parallel=18)
+    store, batched, exact = _twins(gemma, tmp_path, spec_kw)
+    nf = store.run(batched).noise
+    assert nf["tokens"] >= 40 and {"p95_abs_dlogprob", "p99_abs_dlogprob"} <= set(nf)
+    _check_noise_claim(store, batched, _deltas(store, batched, exact), 3)
+    assert "Differences between configurations' mean logprobs below" in run("show", batched, "--store",
+                                                                               store.path).stdout
 
 
 def test_resume_after_interrupt_equals_uninterrupted(tiny, tmp_path):
@@ -189,7 +222,11 @@ def test_cli_sweep_show_runs_export(tiny_path, tmp_path):
     csv = tmp_path / "t.csv"
     run("export", 1, "--format", "csv", "-o", csv, "--store", db)
     df = pd.read_csv(csv)
-    assert len(df) == 8 * 6 - df.eog.sum() * 0 and {"temperature", "logprob", "bytes", "seed"} <= set(df.columns)
+    stored = Store(db).tokens(1)
+    assert len(df) == len(stored) and {"temperature", "logprob", "bytes", "seed"} <= set(df.columns)
+    assert df["token_id"].tolist() == [t.id for _, t in stored]  # export values, not only counts
+    assert df["bytes"].tolist() == [t.bytes for _, t in stored]
+    assert np.allclose(df["logprob"], [t.logprob for _, t in stored], rtol=0, atol=1e-12)
     pq = tmp_path / "t.parquet"
     run("export", 1, "--format", "parquet", "-o", pq, "--store", db)
     assert len(pd.read_parquet(pq)) == len(df)
@@ -226,11 +263,16 @@ def test_sweep_bad_input_leaves_store_unchanged(tiny_path, tmp_path):
     assert contents() == before
     assert "already complete" in run("sweep", "--resume", 1, "--store", db, ok=False).output
     assert "no run" in run("sweep", "--resume", 42, "--store", db, ok=False).output
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    os.chmod(ro, 0o500)
-    if os.geteuid() != 0:  # root can write anywhere
-        assert "writable" in run("sweep", "x", "--model", tiny_path, "--store", ro / "x" / "s.db", ok=False).output
+    if os.geteuid() != 0:  # a read-only folder
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        os.chmod(ro, 0o500)
+        unwritable = ro / "x" / "s.db"
+    else:  # root writes anywhere, but not below a regular file
+        (tmp_path / "a-file").write_text("")
+        unwritable = tmp_path / "a-file" / "x" / "s.db"
+    res = run("sweep", "x", "--model", tiny_path, "--store", unwritable, ok=False)
+    assert res.exit_code == 1 and "pass a writable --store path" in res.output, res.output
     newer = tmp_path / "n.db"
     Store(newer).db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     assert "newer" in run("runs", "--store", newer, ok=False).output

@@ -173,6 +173,7 @@ def show(run_id, as_json, store_path):
 
 def _show_run(store, run_id, as_json) -> None:
     from ..analysis import load_run
+    from ..reports.run import describe_noise
 
     run = load_run(store, run_id)
     info, summ = run.info, run.summary
@@ -188,12 +189,9 @@ def _show_run(store, run_id, as_json) -> None:
                      f"{r.mean_entropy:.3f}", f"{r.mean_candidates:.1f}", f"{r.distinct_completions:.1f}",
                      f"{r.distinct_2:.2f}", f"{r.mean_rank:.1f}", f"{r.tokens_per_s:.1f}"))
     print_table(rows, right=set(range(2, 11)) | {0})
-    nf = info.noise
-    if nf and nf.get("tokens"):
-        say(f"noise floor: re-decoding {nf['tokens']} tokens of {nf['samples']} samples one at a time moved "
-                   f"logprobs by {nf['mean_abs_dlogprob']:.4f} nats on average (max {nf['max_abs_dlogprob']:.4f}), "
-                   f"top-1 agreement {nf['top1_agreement']:.1%}; mean-logprob differences below "
-                   f"{nf['max_abs_dlogprob']:.4f} between configurations are noise")
+    noise = describe_noise(info.noise)
+    if noise:
+        say(noise)
     if info.resumes:
         from ..reports.run import resume_note
 
