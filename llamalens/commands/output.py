@@ -64,6 +64,15 @@ def json_out(obj) -> None:
     click.echo(json.dumps(obj, ensure_ascii=False, indent=2).translate(_JSON_ESCAPES))
 
 
+def records(frame) -> list[dict]:
+    """A DataFrame as JSON-ready rows with every float exact (pandas' to_json rounds to 10 digits); NaN -> null."""
+    out = []
+    for row in frame.to_dict(orient="records"):
+        out.append({k: (None if isinstance(v, float) and v != v else v.item() if hasattr(v, "item") else v)
+                    for k, v in row.items()})
+    return out
+
+
 def say(message: str = "", err: bool = False, nl: bool = True) -> None:
     """click.echo for lines that may quote untrusted text."""
     click.echo(terminal_safe(str(message)), err=err, nl=nl)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import signal
 import sys
 from contextlib import contextmanager
@@ -12,7 +11,7 @@ import click
 
 from .options import axis_options, json_option, model_option, pop_axes, pop_model_options, report_option, \
     runtime_options, store_option
-from .output import say, check_report_path, shell_command, fail_cleanly, json_out, load_model, print_table, sweep_progress, write_report
+from .output import records, say, check_report_path, shell_command, fail_cleanly, json_out, load_model, print_table, sweep_progress, write_report
 
 
 @contextmanager
@@ -178,7 +177,7 @@ def _show_run(store, run_id, as_json) -> None:
     run = load_run(store, run_id)
     info, summ = run.info, run.summary
     if as_json:
-        return json_out({"run": info.to_dict(), "summary": json.loads(summ.to_json(orient="records"))})
+        return json_out({"run": info.to_dict(), "summary": records(summ)})
     say(f"run {info.id} {info.name or ''} [{info.status}] model {info.model.name} ({info.model.quantization}), "
                f"{info.n_done}/{info.n_samples} samples, flash-attn {info.hardware.flash_attn}, "
                f"{info.options.parallel} per batch")
