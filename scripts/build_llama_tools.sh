@@ -10,25 +10,27 @@
 # Optional: the tests that use llama-perplexity run when .tools/bin/llama-perplexity exists (or
 # LLAMA_PERPLEXITY points at one) and are skipped otherwise. About 12 minutes on 2 cores;
 # `scripts/install.sh --test` runs it (a failure there only skips those tests).
-#   scripts/build_llama_tools.sh [--build-dir DIR --bin-dir DIR]   (scripts/bench.py uses these to build
-#                                                                  a second set with other CMAKE_ARGS)
+#   scripts/build_llama_tools.sh [--build-dir DIR] [--bin-dir DIR] [--targets "T1 T2"]
+#       a second set elsewhere (e.g. CMAKE_ARGS="$(python3 scripts/cpu_flags.py --safe)" for an AVX2 one
+#       to compare builds with scripts/bench.py --build), or only some of the targets
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=build_flags.sh
 . scripts/build_flags.sh
 build=.tools/build
 bin=.tools/bin
+targets=(llama-perplexity llama-bench llama-batched-bench llama-server)
 while [ $# -gt 0 ]; do
   case "$1" in
     --build-dir) build="$2"; shift 2 ;;
     --bin-dir) bin="$2"; shift 2 ;;
-    *) echo "usage: scripts/build_llama_tools.sh [--build-dir DIR] [--bin-dir DIR]" >&2; exit 2 ;;
+    --targets) read -r -a targets <<< "$2"; shift 2 ;;
+    *) echo "usage: scripts/build_llama_tools.sh [--build-dir DIR] [--bin-dir DIR] [--targets \"T1 T2\"]" >&2; exit 2 ;;
   esac
 done
 if [ -z "${CMAKE_ARGS:-}" ] && [ -f .venv/llamalens-cmake-args ]; then
   cmake_args=$(cat .venv/llamalens-cmake-args)  # what llama-cpp-python was really built with
 fi
-targets=(llama-perplexity llama-bench llama-batched-bench llama-server)
 
 stamp="$bin/stamp"
 want="$llama_version ${targets[*]} $cmake_args"
@@ -46,6 +48,7 @@ if [ ! -d ".tools/src/llama_cpp_python-$llama_version" ]; then
   tar -xzf ".tools/src/llama_cpp_python-$llama_version.tar.gz" -C .tools/src
 fi
 src=".tools/src/llama_cpp_python-$llama_version/vendor/llama.cpp"
+mkdir -p "$(dirname "$build")"
 rm -f "$build/CMakeCache.txt"  # options left in the cache by other flags must not leak into this build
 start=$(date +%s)
 # shellcheck disable=SC2086
