@@ -457,7 +457,7 @@ def _n_chunks(stderr: str) -> int:
 
 def tcase_llama_perplexity(b: Build, model, t):
     r = measure([b.tool("llama-perplexity"), "-m", model, "-t", t, "-c", 512, "-b", 512, "-f", bench_text_file()])
-    n = _n_chunks(r["stderr"]) * 256
+    n = _n_chunks(r["stderr"]) * (512 - 1 - 256)  # tokens scored per chunk: the second half, less one
     return {"tok_s": n / r["wall_s"], "tokens": n, "ppl": _ppl_figure(r["stderr"]), "rss_mb": r["rss_mb"],
             "wall_s": r["wall_s"]}
 
@@ -487,8 +487,8 @@ def tcase_llama_kld(b: Build, model, t):
         r2 = measure([b.tool("llama-perplexity"), "-m", q8, "--kl-divergence-base", base, "--kl-divergence",
                       "-t", t, "-c", 512, "-b", 512])
         size = os.path.getsize(base)
-    m = re.search(r"Mean\s+KLD:\s+([-0-9.]+)", r2["stderr"])
-    n = _n_chunks(r1["stderr"]) * 256
+    m = re.search(r"Mean\s+KLD:\s+([-0-9.]+)", r2["stdout"] + r2["stderr"])
+    n = _n_chunks(r1["stderr"]) * (512 - 1 - 256)
     wall = r1["wall_s"] + r2["wall_s"]
     return {"tok_s": n / wall, "tokens": n, "kld": float(m.group(1)) if m else float("nan"), "wall_s": wall,
             "rss_mb": max(r1["rss_mb"], r2["rss_mb"]), "base_mb": size / 1e6}
