@@ -183,6 +183,7 @@ class Hardware:
     machine: str = ""
     system: str = ""
     llama_cpp_system_info: str = ""  # llama_print_system_info(): the CPU features the build uses
+    cmake_args: str | None = None  # the flags scripts/install.sh built llama-cpp-python with (None: unknown)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Hardware":

@@ -84,6 +84,16 @@ def system_info() -> str:
     return llama_cpp_module().llama_print_system_info().decode(errors="replace").strip()
 
 
+def build_info() -> dict:
+    """What llama.cpp was built with: its system info and, for scripts/install.sh builds, the CMake flags."""
+    stamp = Path(sys.prefix) / "llamalens-cmake-args"
+    try:
+        cmake_args = stamp.read_text(encoding="utf-8").strip()
+    except OSError:
+        cmake_args = None
+    return {"system_info": system_info(), "cmake_args": cmake_args}
+
+
 class NativeHandle:
     """Something that owns a native llama.cpp object: freed by close(), by `with`, or when collected."""
 
@@ -140,6 +150,7 @@ class Model(NativeHandle):
     def describe(self) -> dict:
         d = self.info.to_dict()
         d["gpu_layers"] = self.options.gpu_layers
+        d["build"] = build_info()
         return d
 
     # -- tokens ------------------------------------------------------------------------------

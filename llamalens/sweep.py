@@ -28,7 +28,7 @@ import numpy as np
 from .engine import Engine, Request, context_notes
 from .errors import StoreError
 from .records import Hardware, RunOptions
-from .runtime import Model, library_versions, round_ctx, system_info
+from .runtime import Model, build_info, library_versions, round_ctx
 from .settings import ModelOptions, SamplingSettings
 from .stats import RowStats
 from .store import RunInfo, Store, StoreFull
@@ -86,9 +86,10 @@ class SweepInterrupted(Exception):
 
 
 def hardware(model: Model) -> Hardware:
+    build = build_info()
     return Hardware(threads=model.options.threads_or_default(), gpu_layers=model.options.gpu_layers,
                     flash_attn=model.options.flash_attn, machine=platform.machine(), system=platform.system(),
-                    llama_cpp_system_info=system_info())
+                    llama_cpp_system_info=build["system_info"], cmake_args=build["cmake_args"])
 
 
 def check_spec(model: Model, spec: SweepSpec) -> list[str]:

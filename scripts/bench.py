@@ -546,7 +546,7 @@ def report_tools(builds, best, threads):
         print(f"{name:<44}" + "".join(f"{x:>20}" for x in cells))
     for lab in labels:
         bb = best[lab]
-        g = lambda c, k="tok_s": bb[c][k] if c in bb else float("nan")  # noqa: E731
+        g = lambda c, k="tok_s", bb=bb: bb[c][k] if c in bb else float("nan")  # noqa: E731
         print(f"\n[{lab}] ratios against the goals")
         print(f"  generate / tg64              = {g('g') / g('B', 'tg64'):.2f}   (goal >= 0.9)")
         print(f"  sweep 32 / batched-bench 32  = {g('w') / g('Q', 'tg32'):.2f}   (goal >= 0.9)")

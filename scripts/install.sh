@@ -102,20 +102,27 @@ if ! smoke_test; then
 fi
 echo "llama.cpp CPU features used: $(describe_flags "$(cat "$stamp")")"
 
+# A tool the tests need that cannot be installed: a warning on a developer's machine (those tests skip),
+# an error in CI (CI=true), where every test must run.
+missing() {
+  if [ "${CI:-}" = true ] || [ "${CI:-}" = 1 ]; then echo "error: $1 (CI runs every test)" >&2; exit 1; fi
+  echo "warning: $1; those tests will be skipped" >&2
+}
+
 if [ "$want_browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   sudo=""
   [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo="sudo -n"
   if command -v apt-get >/dev/null 2>&1; then
     echo "installing Chromium for the report tests ..."
     ($sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null) \
-      || echo "warning: could not install chromium; the browser tests will be skipped" >&2
+      || missing "could not install chromium for the browser tests"
   else
-    echo "warning: no apt-get; install Chromium yourself or the browser tests will be skipped" >&2
+    missing "no apt-get to install Chromium with; install it yourself for the browser tests"
   fi
 fi
 
 if [ "$want_browser" = 1 ]; then  # llama.cpp's own tools, for the tests and the bench that compare with them
-  scripts/build_llama_tools.sh || echo "warning: could not build llama.cpp's tools; the tests that compare with llama-perplexity will be skipped" >&2
+  scripts/build_llama_tools.sh || missing "could not build llama.cpp's tools for the tests that compare with llama-perplexity"
 fi
 
 echo "llamalens installed in .venv: run .venv/bin/llamalens --help"

@@ -20,13 +20,15 @@ MAX_NEXT_COLUMNS = 12
 def models(as_json):
     """List the GGUF models found (./models, the checkout's models/, $LLAMALENS_MODELS, the default).
 
-    Read from each file's header: no weights are loaded.
+    Read from each file's header: no weights are loaded. --json also gives the llama.cpp build (the CPU
+    features it uses, and the CMake flags scripts/install.sh built it with).
     """
     from ..models import list_models
+    from ..runtime import build_info
 
     found = list_models()
     if as_json:
-        return json_out([m.to_dict() for m in found])
+        return json_out({"build": build_info(), "models": [m.to_dict() for m in found]})
     if not found:
         return say("no models found; put .gguf files in ./models or set LLAMALENS_MODELS (see models/README.md)")
     rows = [("name", "arch", "size", "quant", "vocab", "ctx", "file", "path")]

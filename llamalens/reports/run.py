@@ -143,7 +143,8 @@ class RunReport:
             ("hardware", f"{hw.threads} threads, {hw.gpu_layers} GPU layers, flash attention {hw.flash_attn}, "
                          f"{hw.machine} {hw.system}; {opts.parallel} sequences per batch"
                          f"{' (exact mode)' if opts.exact else ''}"),
-            ("llama.cpp build", hw.llama_cpp_system_info or "–"),
+            ("llama.cpp build", (hw.llama_cpp_system_info or "–")
+             + (f"; built with {hw.cmake_args}" if hw.cmake_args else "")),
             ("prompts", f"{info.n_prompts}"),
             ("grid", f"{grid}; {info.n_configs} configurations × seeds {list(opts.seeds)}"),
             ("fixed settings", ", ".join(f"{k}={fmt(v)}" for k, v in fixed.items())),
