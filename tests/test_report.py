@@ -17,7 +17,7 @@ from llamalens.cli import main
 from llamalens.analysis import load_run
 from llamalens.reports.run import run_document
 from llamalens.settings import SamplingSettings
-from llamalens.stats import log_softmax
+from reference import log_softmax
 from llamalens.store import Store
 from llamalens.sweep import SweepSpec, run_sweep, start_sweep
 from llamalens.distribution import sampler_view

@@ -12,7 +12,7 @@ from llamalens.cli import main
 from llamalens.errors import InvalidInput
 from llamalens.runtime import Model, ModelOptions
 from llamalens.score import choose, compare_run, compare_text, plan_windows, score_text
-from llamalens.stats import kl_divergence, log_softmax
+from reference import full_windows, kl_divergence, log_softmax
 
 TEXT = ("The quick brown fox jumps over the lazy dog. It was a bright cold day in April, and the clocks were "
         "striking thirteen. Call me Ishmael. Some years ago, never mind how long precisely, having little or no "
@@ -85,13 +85,15 @@ def test_full_protocol_windows_match_direct_computation(gemma, gemma_llama):
     stream = [gemma.bos] + gemma.tokenize(TEXT, add_bos=False, special=False)
     assert len(res.tokens) == len(stream) - 1 and res.windows > 3
     got = {t.position: t.logprob for t in res.tokens}
-    for w in plan_windows(len(stream), ctx, "full", stride, bos=True):
-        ids = stream[w.start : w.start + w.length]
-        if w.bos_first:
+    windows = full_windows(len(stream), ctx, stride)  # written out in tests/reference.py, not plan_windows
+    assert [(w.start, w.length, w.first, w.bos_first) for w in plan_windows(len(stream), ctx, "full", stride)] == windows
+    for start, length, first, bos_first in windows:
+        ids = stream[start : start + length]
+        if bos_first:
             ids = [gemma.bos] + ids[1:]
         lp = log_softmax(_llama_rows(gemma_llama, ids))
-        for j in range(w.first, w.length):
-            assert abs(got[w.start + j - 1] - lp[j - 1, stream[w.start + j]]) < 3e-7  # measured max 2.9e-8
+        for j in range(first, length):
+            assert abs(got[start + j - 1] - lp[j - 1, stream[start + j]]) < 3e-7  # measured max 2.9e-8
 
 
 def test_llama_perplexity_protocol(gemma, gemma_llama):
