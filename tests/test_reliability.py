@@ -358,9 +358,10 @@ def test_resumed_equals_uninterrupted(tiny, tmp_path, exact, parallel, after):
     got, want = _records(store, rid2), _records(whole, rid)
     if exact:
         assert got == want
-    else:  # the same tokens; logprobs move by the KV cache's new layout: measured max 3.8e-6 nats, bound 10x that
+    else:  # the same tokens; logprobs move by the KV cache's new layout: measured max 3.8e-6 nats (AVX2 build) and
+        # 6.0e-5 (AVX-512 build): bound 10x the larger
         assert {k: [i for i, _ in v] for k, v in got.items()} == {k: [i for i, _ in v] for k, v in want.items()}
         worst = max(abs(a[1] - b[1]) for k in got for a, b in zip(got[k], want[k]))
-        assert worst < 4e-5
+        assert worst < 6e-4
     note = cli("show", rid2, "--store", store.path).stdout
     assert ("--exact run" in note) if exact else ("batch boundary" in note)

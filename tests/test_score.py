@@ -70,9 +70,10 @@ def test_score_alignment_matches_llama_cpp(gemma, gemma_llama):
     lp = log_softmax(_llama_rows(gemma_llama, stream))
     want = np.array([lp[i, stream[i + 1]] for i in range(len(ids))])
     got = np.array([t.logprob for t in res.tokens])
-    # measured: max |Δ| 3.4e-8 nats, perplexity 2.4e-9 relative (same kernels, float64 log-softmax): bounds 10x that
+    # measured (AVX2 / AVX-512 builds): max |Δ| 3.4e-8 / 2.9e-8 nats, perplexity 2.4e-9 / 4.0e-9 relative (same
+    # kernels, float64 log-softmax): bounds about 10x the larger
     assert np.max(np.abs(got - want)) < 4e-7, np.max(np.abs(got - want))
-    assert res.perplexity == pytest.approx(math.exp(-want.mean()), rel=3e-8)
+    assert res.perplexity == pytest.approx(math.exp(-want.mean()), rel=4e-8)
     ranks = [int((lp[i] > lp[i, stream[i + 1]]).sum()) + 1 for i in range(len(ids))]
     assert [t.rank for t in res.tokens] == ranks
     assert res.bits_per_byte == pytest.approx(-got.sum() / math.log(2) / len(TEXT.encode()), rel=1e-12)
@@ -111,7 +112,7 @@ def test_llama_perplexity_protocol(gemma, gemma_llama):
             nll -= lp[j, ids[j + 1]]
             count += 1
     assert len(res.tokens) == count == n_chunk * (ctx - 1 - ctx // 2)
-    assert res.perplexity == pytest.approx(math.exp(nll / count), rel=3e-8)  # measured 2.7e-9
+    assert res.perplexity == pytest.approx(math.exp(nll / count), rel=4.5e-8)  # measured 2.7e-9 / 4.4e-9
     assert any("partial chunk" in n for n in res.notes) == (len(stream) % ctx != 0)
     with pytest.raises(InvalidInput, match=r"needs at least 2048 \(as llama-perplexity itself does\)"):
         score_text(gemma, TEXT, ctx=1024, protocol="llama-perplexity")
@@ -160,15 +161,16 @@ def test_quantization_drift_order_and_numpy(gemma, gemma_llama, gemma_q8_path, g
     la, lb = _llama_rows(gemma_llama, stream), _llama_rows(ref_b, stream)
     kld = np.array([kl_divergence(la[i], lb[i]) for i in range(len(stream) - 1)])
     ours = np.array([p.kld for p in c8.positions])
-    # measured: max 7.5e-7 (mean KLD 0.0107), mean 6.1e-10; ppl 3.7e-9 relative; Δp 1.3e-8: bounds 10x
-    assert np.max(np.abs(ours - kld)) < 8e-6 and abs(ours.mean() - kld.mean()) < 1e-8
+    # measured on the AVX2 / AVX-512 builds: max 7.5e-7 / 6.5e-7 (mean KLD 0.0107 / 0.0101), mean 6.1e-10 /
+    # 2.5e-8; perplexities 3.7e-9 / 4.5e-9 relative; Δp 1.3e-8 / 1.4e-8: bounds 10x the larger
+    assert np.max(np.abs(ours - kld)) < 8e-6 and abs(ours.mean() - kld.mean()) < 2.5e-7
     lpa, lpb = log_softmax(la), log_softmax(lb)
     nll_a = -np.mean([lpa[i, stream[i + 1]] for i in range(len(stream) - 1)])
     nll_b = -np.mean([lpb[i, stream[i + 1]] for i in range(len(stream) - 1)])
-    assert s8["ppl_a"] == pytest.approx(math.exp(nll_a), rel=4e-8)
-    assert s8["ppl_b"] == pytest.approx(math.exp(nll_b), rel=4e-8)
+    assert s8["ppl_a"] == pytest.approx(math.exp(nll_a), rel=5e-8)
+    assert s8["ppl_b"] == pytest.approx(math.exp(nll_b), rel=5e-8)
     dp = np.array([math.exp(lpb[i, stream[i + 1]]) - math.exp(lpa[i, stream[i + 1]]) for i in range(len(stream) - 1)])
-    assert np.max(np.abs(np.array([p.dp for p in c8.positions]) - dp)) < 1.3e-7
+    assert np.max(np.abs(np.array([p.dp for p in c8.positions]) - dp)) < 1.5e-7
     assert [p.position for p in c8.worst(3)] == list(np.argsort(-ours, kind="stable")[:3])
 
 
