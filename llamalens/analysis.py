@@ -74,17 +74,12 @@ class LoadedRun:
 
     def labels(self) -> dict[int, str]:
         """Each configuration's short label, by config_idx."""
-        return {i: config_label(c) for i, c in enumerate(self.configs)}
+        return {i: c.label(seed=False) for i, c in enumerate(self.configs)}
 
 
 def load_run(store: Store, run_id) -> LoadedRun:
     info = store.run(run_id)
     return LoadedRun(info, store.configs(info.id), store.samples(info.id), store.tokens_by_sample(info.id))
-
-
-def config_label(settings: SamplingSettings) -> str:
-    """A configuration's label without its seed (seeds are a sweep's own axis)."""
-    return settings.label().rsplit(" seed=", 1)[0]
 
 
 SAMPLE_COLUMNS = ["sample_idx", "prompt_idx", "config_idx", "seed", "prompt", "text", "finish_reason", "tokens",
@@ -109,7 +104,7 @@ def summary(tokens: pd.DataFrame, samples: pd.DataFrame, configs: list[SamplingS
         per_prompt_distinct = s.groupby("prompt_idx").text.nunique()
         seqs = [g.sort_values("position").token_id.tolist() for _, g in t.groupby("sample_idx")]
         rows.append({
-            "config_idx": ci, "label": config_label(cfg),
+            "config_idx": ci, "label": cfg.label(seed=False),
             **{c: getattr(cfg, c) for c in SETTING_COLUMNS},
             "samples": len(s), "tokens": len(t), "mean_logprob": mean_lp,
             "perplexity": math.exp(-mean_lp) if len(t) else float("nan"),

@@ -139,6 +139,6 @@ def sampler_view(model: Model, prompt: str, history: list[int], configs: list, t
                 argmax = max(by_id, key=lambda i: (by_id[i], -i))
         if cfg.greedy:
             stages.append(StageView("greedy", 1, [1.0 if i == argmax else 0.0 for i in ids]))
-        name = labels[k] if labels else cfg.label().rsplit(" seed=", 1)[0]
+        name = labels[k] if labels else cfg.label(seed=False)
         chains.append(ChainView(name, cfg.to_dict(), stages))
     return SamplerView(prompt, list(history), len(history), st.entropy, alts, chains)

@@ -96,8 +96,9 @@ class SamplingSettings(_Checked):
             bad("seed", self.seed, f"must be an integer in [0, {LLAMA_DEFAULT_SEED - 1}]")
         return out
 
-    def label(self) -> str:
-        """A short human label, e.g. 'T=0.7 k=40 p=0.95 min_p=0.05 seed=1'."""
+    def label(self, seed: bool = True) -> str:
+        """A short human label, e.g. 'T=0.7 k=40 p=0.95 min_p=0.05 seed=1' (without the seed: a sweep's
+        configuration, whose seeds are an axis of their own)."""
         core = f"T={self.temperature:g}{' (greedy)' if self.greedy else ''} k={self.top_k} p={self.top_p:g} " \
                f"min_p={self.min_p:g}"
         if self.typical_p != 1.0:
@@ -108,7 +109,7 @@ class SamplingSettings(_Checked):
             core += f" freq={self.frequency_penalty:g}"
         if self.presence_penalty:
             core += f" pres={self.presence_penalty:g}"
-        return f"{core} seed={self.seed}"
+        return f"{core} seed={self.seed}" if seed else core
 
 
 # Settings that change nothing: the raw distribution (temperature 1, no truncation, no penalties).

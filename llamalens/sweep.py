@@ -100,9 +100,13 @@ def check_spec(model: Model, spec: SweepSpec) -> list[str]:
     return context_notes(Engine(model, 1).prepare(reqs), model.options.ctx)
 
 
-def start_sweep(model: Model, store: Store, spec: SweepSpec, command: str = "") -> int:
-    """Validate, plan and record a run (all samples pending); return its id. Nothing is decoded yet."""
-    check_spec(model, spec)
+def start_sweep(model: Model, store: Store, spec: SweepSpec, command: str = "",
+                on_note: Callable[[str], None] | None = None) -> int:
+    """Validate, plan and record a run (all samples pending); return its id. Nothing is decoded yet.
+    `on_note` hears what check_spec has to say (a context too short for max_tokens)."""
+    for note in check_spec(model, spec):
+        if on_note:
+            on_note(note)
     options = RunOptions(max_tokens=spec.max_tokens, n_logprobs=spec.n_logprobs, stop=tuple(spec.stop),
                          exact=spec.exact, parallel=1 if spec.exact else spec.parallel, prompts=tuple(spec.prompts),
                          seeds=tuple(spec.seeds), model_options=model.options)
@@ -115,10 +119,14 @@ def resume_target(store: Store, run_id, model: str | None = None) -> tuple[int, 
     """(run id, model path, model options) to finish an interrupted run: its own file and options unless
     `model` names another file (execute() then checks that file's hash against the run's)."""
     info = store.run(run_id)
+    check_resumable(info)
+    return info.id, model or info.model.path, info.options.model_options
+
+
+def check_resumable(info: RunInfo) -> None:
     if info.status == "done" and info.n_done == info.n_samples:
         raise StoreError(f"run {info.id} is already complete ({info.n_done}/{info.n_samples} samples); "
                          "nothing to resume")
-    return info.id, model or info.model.path, info.options.model_options
 
 
 def report_model(info: RunInfo, model: str | None = None) -> tuple[str | None, ModelOptions]:
@@ -140,8 +148,7 @@ def execute(model: Model, store: Store, run_id: int,
             on_progress: Callable[[Progress], None] | None = None) -> Progress:
     """Decode the pending samples of a run, saving each as it completes; then measure the noise floor."""
     info = store.run(run_id)
-    if info.n_done == info.n_samples and info.status == "done":
-        raise StoreError(f"run {run_id} is already complete ({info.n_done}/{info.n_samples} samples); nothing to resume")
+    check_resumable(info)
     check_run_model(store, info, model)
     opts = info.options
     configs = store.configs(run_id)

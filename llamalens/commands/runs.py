@@ -82,7 +82,7 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
     from .. import grid
     from ..inputs import read_prompts
     from ..store import Store
-    from ..sweep import SweepInterrupted, SweepSpec, check_spec, execute, resume_target, start_sweep
+    from ..sweep import SweepInterrupted, SweepSpec, execute, resume_target, start_sweep
 
     axes_text = pop_axes(kw)
     if resume_id is not None:
@@ -106,9 +106,8 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
         grid.check(configs, seed_values)
         spec = SweepSpec(list(prompts), configs, seed_values, max_tokens, logprobs, tuple(stop), name, exact, parallel)
         loaded = load_model(model, pop_model_options(kw))
-        for note in check_spec(loaded, spec):
-            say(f"note: {note}", err=True)
-        run_id = start_sweep(loaded, store, spec, command=shell_command(["llamalens"] + sys.argv[1:]))
+        run_id = start_sweep(loaded, store, spec, command=shell_command(["llamalens"] + sys.argv[1:]),
+                             on_note=lambda note: say(f"note: {note}", err=True))
         say(f"run {run_id}: {len(spec.prompts)} prompt(s) x {len(configs)} configuration(s) x "
                    f"{len(seed_values)} seed(s) = {spec.n_samples} sequences, up to {spec.n_samples * max_tokens:,} "
                    f"tokens, {1 if exact else min(parallel, spec.n_samples)} per batch; store {store.path}", err=True)
@@ -119,20 +118,19 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
     except SweepInterrupted as e:
         say(f"\n{e}", err=True)
         sys.exit(128 + (got[0] if got else signal.SIGINT) if e.by_signal else 1)
-    _show_run(store, run_id, as_json)
+    run = _show_run(store, run_id, as_json)
     if report_path:
-        _report(store, run_id, report_path, None, loaded)
+        _report(run, report_path, None, loaded)
 
 
 @click.command()
 def presets():
     """List the named presets for `sweep --preset`."""
-    from ..analysis import config_label
     from ..grid import PRESETS
     from ..settings import SamplingSettings
 
     for name, values in PRESETS.items():
-        say(f"{name:<18} {config_label(SamplingSettings(**values))}")
+        say(f"{name:<18} {SamplingSettings(**values).label(seed=False)}")
 
 
 @click.command()
@@ -170,14 +168,16 @@ def show(run_id, as_json, store_path):
     _show_run(Store(store_path), run_id, as_json)
 
 
-def _show_run(store, run_id, as_json) -> None:
+def _show_run(store, run_id, as_json):
+    """Print a run's summary; return the LoadedRun (a report made next reads nothing again)."""
     from ..analysis import load_run
     from ..reports.run import describe_noise
 
     run = load_run(store, run_id)
     info, summ = run.info, run.summary
     if as_json:
-        return json_out({"run": info.to_dict(), "summary": records(summ)})
+        json_out({"run": info.to_dict(), "summary": records(summ)})
+        return run
     say(f"run {info.id} {info.name or ''} [{info.status}] model {info.model.name} ({info.model.quantization}), "
                f"{info.n_done}/{info.n_samples} samples, flash-attn {info.hardware.flash_attn}, "
                f"{info.options.parallel} per batch")
@@ -197,6 +197,7 @@ def _show_run(store, run_id, as_json) -> None:
         say(f"note: {resume_note(info)}")
     if info.status != "done":
         say(f"run {info.id} is {info.status}: resume with `llamalens sweep --resume {info.id}`")
+    return run
 
 
 @click.command()
@@ -220,6 +221,7 @@ def report(run_id, output, fmt, metric, position, sample_idx, model, no_model, s
     llamalens report 7 -o run7.html
     llamalens report my-run -o run.md --metric mean_entropy --position 3
     """
+    from ..analysis import load_run
     from ..reports import check_writable, report_format
     from ..reports.run import check_request
     from ..store import Store
@@ -242,15 +244,14 @@ def report(run_id, output, fmt, metric, position, sample_idx, model, no_model, s
         else:
             loaded = load_model(path, options)
             check_run_model(store, info, loaded)
-    _report(store, info.id, output, fmt, loaded, position=position, sample_idx=sample_idx, metric=metric)
+    _report(load_run(store, info.id), output, fmt, loaded, position=position, sample_idx=sample_idx, metric=metric)
 
 
-def _report(store, run_id, output, fmt, model, **options) -> None:
-    from ..analysis import load_run
+def _report(run, output, fmt, model, **options) -> None:
     from ..reports.run import run_document
 
     say("writing the report ...", err=True)
-    write_report(run_document(load_run(store, run_id), model=model, **options), output, fmt)
+    write_report(run_document(run, model=model, **options), output, fmt)
 
 
 @click.command()

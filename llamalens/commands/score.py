@@ -193,8 +193,6 @@ def _print_comparison(res, top) -> None:
     rows = [("pos", "sample", "token", "KLD", "p A", "p B", "top A", "top B")]
     for p in res.worst(top):
         rows.append((p.position, "" if p.sample is None else p.sample, visible(p.text, p.bytes), f"{p.kld:.5f}",
-                     f"{p.p_a:.4f}", f"{p.p_b:.4f}",
-                     "  ".join(f"{visible(x.text, x.bytes)} {x.prob:.3f}" for x in p.top_a[:3]),
-                     "  ".join(f"{visible(x.text, x.bytes)} {x.prob:.3f}" for x in p.top_b[:3])))
+                     f"{p.p_a:.4f}", f"{p.p_b:.4f}", alternatives(p.top_a[:3]), alternatives(p.top_b[:3])))
     say(f"the {len(rows) - 1} positions where the models disagree most:")
     print_table(rows, right={0, 1, 3, 4, 5})
