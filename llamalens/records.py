@@ -207,3 +207,4 @@ class StoredSample:
     finish_reason: str | None = None
     timing: Timing | None = None
     completed: float | None = None  # unix time the sample was committed
+    extra: dict | None = None  # what the run's kind records of this sample beyond its tokens (store.py)

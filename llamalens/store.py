@@ -16,14 +16,21 @@ Nothing completed is ever lost:
   * a full disk ends the sweep with the run marked 'interrupted' and the resume command.
 
 Schema (version in `meta`):
-  runs(id, name, status, created, finished, command, model, model_hash, versions, hardware, options, noise)
+  runs(id, name, status, created, finished, command, model, model_hash, versions, hardware, options, noise,
+       kind)
   configs(run_id, config_idx, settings, label)
   samples(run_id, sample_idx, prompt_idx, config_idx, seed, prompt, status, text, finish_reason, timing,
-          completed)
+          completed, extra)
   tokens(run_id, sample_idx, position, token_id, bytes BLOB, logprob, sampled_logprob, rank, entropy,
          candidates, eog, top)
 JSON columns hold dicts; `tokens.bytes` is the token's exact bytes; `tokens.top` is a JSON list of
 [id, hex bytes, logprob] (the text is derived from the bytes).
+
+Columns added after 0.1.0, by ALTER TABLE when an older store is opened (its readers ignore them):
+  runs.kind       what made the run: 'sweep' (every run before kinds existed), or a command's own kind
+                  ('beam', 'fork', ...), so `runs`, `show` and `export` know how to read its samples;
+  samples.extra   JSON dict of what a kind records per sample beyond its tokens (a fork continuation's
+                  position and forced token, a beam search's hypotheses), set when planned or when saved.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ _WRITERS = """
 CREATE TABLE IF NOT EXISTS writers (run_id INTEGER NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL,
     started REAL NOT NULL, heartbeat REAL NOT NULL, ended REAL);
 """
+_ADDED_COLUMNS = (("runs", "kind", "TEXT NOT NULL DEFAULT 'sweep'"), ("samples", "extra", "TEXT"))
 APPLICATION_ID = 0x4C4C4E53  # "LLNS" in the SQLite header (PRAGMA application_id)
 SQLITE_MAGIC = b"SQLite format 3\x00"
 _TABLES = {"meta", "runs", "configs", "samples", "tokens"}
@@ -170,6 +178,7 @@ class RunInfo:
     n_prompts: int
     n_configs: int
     resumes: int = 0  # how many times the run was resumed after an interruption
+    kind: str = "sweep"  # what made it (see the schema above)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -199,11 +208,23 @@ class Store:
                 with self.tx():
                     self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self.db.executescript(_WRITERS)
+            self._add_columns()
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot use {self.path} as a run store ({e}); pass another --store path "
                              "or set LLAMALENS_STORE") from None
         except OSError as e:
             raise StoreError(f"cannot write the run store {self.path} ({e.strerror}); pass a writable --store path") from None
+
+    def _add_columns(self) -> None:
+        """Give a store made before them the columns added since (two processes may race to: both win)."""
+        for table, column, decl in _ADDED_COLUMNS:
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                try:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                except sqlite3.OperationalError as e:
+                    if "duplicate column" not in str(e):
+                        raise
 
     def _version(self) -> int | None:
         try:
@@ -238,25 +259,33 @@ class Store:
         return digest
 
     # -- runs ---------------------------------------------------------------------------------
-    def create_run(self, *, name, command, model, model_hash, versions, hardware, options, configs, plan) -> int:
-        """Plan a run: its configs and every sample (prompt_idx, config_idx, seed, prompt), all pending."""
+    def create_run(self, *, name, command, model, model_hash, versions, hardware, options, configs, plan,
+                   kind: str = "sweep", extras: list[dict | None] | None = None) -> int:
+        """Plan a run: its configs and every sample (prompt_idx, config_idx, seed, prompt), all pending;
+        `extras`, one per planned sample, what its kind records of it from the start."""
+        extras = extras if extras is not None else [None] * len(plan)
+        if len(extras) != len(plan):
+            raise ValueError(f"{len(extras)} extras for {len(plan)} planned samples")
         with self.tx():
             cur = self.db.execute(
-                "INSERT INTO runs (name, status, created, command, model, model_hash, versions, hardware, options) "
-                "VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO runs (name, status, created, command, model, model_hash, versions, hardware, options, "
+                "kind) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, time.time(), command, json.dumps(model), model_hash, json.dumps(versions),
-                 json.dumps(hardware.to_dict()), json.dumps(options.to_dict())))
+                 json.dumps(hardware.to_dict()), json.dumps(options.to_dict()), kind))
             run_id = cur.lastrowid
             self.db.executemany("INSERT INTO configs VALUES (?,?,?,?)",
                                 [(run_id, i, json.dumps(c.to_dict()), c.label()) for i, c in enumerate(configs)])
             self.db.executemany(
-                "INSERT INTO samples (run_id, sample_idx, prompt_idx, config_idx, seed, prompt, status) "
-                "VALUES (?,?,?,?,?,?, 'pending')",
-                [(run_id, i, p, c, s, prompt) for i, (p, c, s, prompt) in enumerate(plan)])
+                "INSERT INTO samples (run_id, sample_idx, prompt_idx, config_idx, seed, prompt, status, extra) "
+                "VALUES (?,?,?,?,?,?, 'pending', ?)",
+                [(run_id, i, p, c, s, prompt, None if x is None else json.dumps(x))
+                 for i, ((p, c, s, prompt), x) in enumerate(zip(plan, extras))])
         return run_id
 
-    def save_sample(self, run_id: int, sample_idx: int, sample: Sample, writer: int | None = None) -> None:
-        """Commit one finished sample (its tokens and its row) in one transaction; StoreFull when the disk is."""
+    def save_sample(self, run_id: int, sample_idx: int, sample: Sample, writer: int | None = None,
+                    extra: dict | None = None) -> None:
+        """Commit one finished sample (its tokens and its row, and `extra` when given: it replaces the planned
+        one) in one transaction; StoreFull when the disk is."""
         rows = [(run_id, sample_idx, t.position, t.id, bytes.fromhex(t.bytes), t.logprob, t.sampled_logprob, t.rank,
                  t.entropy, t.candidates, int(t.eog), json.dumps([[a.id, a.bytes, a.logprob] for a in t.top]))
                 for t in sample.tokens]
@@ -269,6 +298,9 @@ class Store:
                     "WHERE run_id=? AND sample_idx=?",
                     (sample.text, sample.finish_reason, json.dumps(sample.timing.to_dict()), time.time(), run_id,
                      sample_idx))
+                if extra is not None:
+                    self.db.execute("UPDATE samples SET extra=? WHERE run_id=? AND sample_idx=?",
+                                    (json.dumps(extra), run_id, sample_idx))
                 if writer is not None:
                     self.db.execute("UPDATE writers SET heartbeat=? WHERE rowid=?", (time.time(), writer))
         except (sqlite3.OperationalError, OSError) as e:
@@ -316,7 +348,7 @@ class Store:
                 raise StoreError(f"no run {run_id!r} in {self.path}; `llamalens runs` lists them") from None
             rid = row[0]
         r = self.db.execute("SELECT id, name, status, created, finished, command, model, model_hash, versions, "
-                            "hardware, options, noise FROM runs WHERE id=?", (rid,)).fetchone()
+                            "hardware, options, noise, kind FROM runs WHERE id=?", (rid,)).fetchone()
         if not r:
             raise StoreError(f"no run {run_id} in {self.path}; `llamalens runs` lists them")
         status = r[2]
@@ -329,7 +361,7 @@ class Store:
         return RunInfo(r[0], r[1], status, r[3], r[4], r[5] or "", ModelInfo.from_dict(json.loads(r[6] or "{}")),
                        r[7] or "", json.loads(r[8] or "{}"), Hardware.from_dict(json.loads(r[9] or "{}")),
                        RunOptions.from_dict(json.loads(r[10] or "{}")), json.loads(r[11]) if r[11] else None,
-                       n or 0, done or 0, n_p or 0, n_c or 0, max(writers - 1, 0))
+                       n or 0, done or 0, n_p or 0, n_c or 0, max(writers - 1, 0), r[12] or "sweep")
 
     def runs(self) -> list[RunInfo]:
         return [self.run(r[0]) for r in self.db.execute("SELECT id FROM runs ORDER BY id")]
@@ -346,9 +378,10 @@ class Store:
         return self._samples(run_id, "status='done'" if only_done else "1")
 
     def _samples(self, run_id: int, where: str) -> list[StoredSample]:
-        q = ("SELECT sample_idx, prompt_idx, config_idx, seed, prompt, status, text, finish_reason, timing, completed "
-             f"FROM samples WHERE run_id=? AND {where} ORDER BY sample_idx")
-        return [StoredSample(*r[:8], Timing.from_dict(json.loads(r[8])) if r[8] else None, r[9])
+        q = ("SELECT sample_idx, prompt_idx, config_idx, seed, prompt, status, text, finish_reason, timing, completed, "
+             f"extra FROM samples WHERE run_id=? AND {where} ORDER BY sample_idx")
+        return [StoredSample(*r[:8], Timing.from_dict(json.loads(r[8])) if r[8] else None, r[9],
+                             json.loads(r[10]) if r[10] else None)
                 for r in self.db.execute(q, (run_id,))]
 
     def tokens(self, run_id: int, sample_idx: int | None = None) -> list[tuple[int, TokenRecord]]:

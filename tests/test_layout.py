@@ -100,3 +100,30 @@ def test_import_is_light(module):
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_store_kinds_and_extras(tmp_path):
+    """A store of 0.1.0 gains the columns added since (its runs read as sweeps); a run of another kind keeps
+    its kind, and each sample's extra as planned, then as saved."""
+    from llamalens.records import Hardware, RunOptions, Sample, Timing
+    from llamalens.settings import SamplingSettings
+    from llamalens.store import Store
+
+    db = tmp_path / "v1.db"
+    shutil.copy(DATA / "store-v1.db", db)
+    store = Store(db)
+    assert store.run("v1-run").kind == "sweep"
+    assert all(s.extra is None for s in store.samples(store.run("v1-run").id))
+    rid = store.create_run(name="k", command="test", model={"name": "none"}, model_hash="", versions={},
+                           hardware=Hardware(), options=RunOptions(), configs=[SamplingSettings()],
+                           plan=[(0, 0, 1, "a"), (0, 0, 2, "b")], kind="fork", extras=[{"position": 3}, None])
+    assert store.run(rid).kind == "fork"
+    assert [s.extra for s in store.pending(rid)] == [{"position": 3}, None]
+    store.save_sample(rid, 1, Sample("b", [], {}, 1, "x", "length", [], Timing(1, 0, 0.0, 0.0, 0.0)),
+                      extra={"outcome": "yes"})
+    assert [s.extra for s in store.samples(rid, only_done=False)] == [{"position": 3}, {"outcome": "yes"}]
+    store.close()
+    assert Store(db).run(rid).kind == "fork"  # reopening an upgraded store changes nothing
+    with pytest.raises(ValueError):
+        Store(db).create_run(name="k", command="test", model={}, model_hash="", versions={}, hardware=Hardware(),
+                             options=RunOptions(), configs=[SamplingSettings()], plan=[(0, 0, 1, "a")], extras=[])
