@@ -27,3 +27,7 @@ class InvalidInput(LlamalensError):
 
 class StoreError(LlamalensError):
     """The run store cannot be opened, written, or does not hold what was asked for."""
+
+
+class MissingExtra(LlamalensError):
+    """A feature whose optional dependency (a pyproject extra) is not installed; the message names the extra."""

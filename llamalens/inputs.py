@@ -85,3 +85,63 @@ def _decode(raw: bytes, name, option: str, fix: str) -> str:
     except UnicodeDecodeError as e:
         raise InvalidInput(f"{option}: {name} is not UTF-8 (byte 0x{raw[e.start]:02X} at offset {e.start}); "
                            f"{fix}") from None
+
+
+_TERM_HEADERS = {("term", "category"), ("text", "category")}
+
+
+def read_terms(file: str) -> tuple[list[str], list[str] | None]:
+    """Texts to embed from --file ('-' = stdin), with their categories when the file gives them.
+
+    A .jsonl file: one {"text": ..., "category": ...} object per line. Any other file: one text per line,
+    or `term<TAB>category` lines (a first line `term<TAB>category` or `text<TAB>category` is a header and
+    skipped). Blank lines are skipped. Categories are all or none: a file where some texts have one and
+    others do not is refused, naming the first line that differs.
+    """
+    where = "stdin" if file == "-" else file
+    raw = sys.stdin.buffer.read() if file == "-" else _read(Path(file), "--file")
+    text = _decode(raw, where, "--file", f"convert it (e.g. iconv -f latin1 -t utf-8 {file})")
+    jsonl = file != "-" and Path(file).suffix == ".jsonl"
+    texts, cats, lines = [], [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        term, cat = _json_term(line, where, n) if jsonl else _tsv_term(line, where, n)
+        if not jsonl and not texts and cat is not None and (term.strip().lower(), cat.lower()) in _TERM_HEADERS:
+            continue
+        texts.append(term)
+        cats.append(cat)
+        lines.append(n)
+    given = [c is not None for c in cats]
+    if any(given) and not all(given):
+        n = lines[given.index(not given[0])]
+        form = '{"text": ..., "category": ...}' if jsonl else "term<TAB>category"
+        odd, first = ("a category", "none") if given[0] is False else ("no category", "one")
+        raise InvalidInput(f"--file: {where} line {n} has {odd}, but line {lines[0]} has {first}; give every text "
+                           f"a category ({form}) or none")
+    return texts, (cats if cats and all(given) else None)
+
+
+def _tsv_term(line: str, where: str, n: int) -> tuple[str, str | None]:
+    if "\t" not in line:
+        return line, None
+    fields = line.split("\t")
+    if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
+        raise InvalidInput(f"--file: {where} line {n} is not term<TAB>category (it has {len(fields)} tab-separated "
+                           "field(s), or one is empty); write one term, one tab, one category per line")
+    return fields[0], fields[1].strip()
+
+
+def _json_term(line: str, where: str, n: int) -> tuple[str, str | None]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise InvalidInput(f"--file: {where} line {n} is not a JSON object with a \"text\" string; "
+                           'fix it, e.g. {"text": "bull market", "category": "market"}')
+    cat = obj.get("category")
+    if cat is not None and (not isinstance(cat, str) or not cat.strip()):
+        raise InvalidInput(f"--file: {where} line {n}: \"category\" is {json_kind(cat)} {json.dumps(cat)[:40]}, "
+                           'not a non-empty string; write it as text, e.g. "category": "market"')
+    return obj["text"], (cat.strip() if cat is not None else None)
