@@ -14,16 +14,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (InvalidInput, InvalidModelFile, InvalidSettings, LlamalensError, ModelNotFound,  # noqa: F401
-                     PromptTooLong, StoreError)
+from .errors import (InvalidInput, InvalidModelFile, InvalidSettings, LlamalensError, MissingExtra,  # noqa: F401
+                     ModelNotFound, PromptTooLong, StoreError)
 from .models import ModelInfo, list_models, resolve_model  # noqa: F401
 from .settings import SamplingSettings  # noqa: F401
 
 __all__ = [
     "__version__", "load_model", "list_models", "resolve_model", "ModelInfo", "SamplingSettings",
-    "generate", "next_token", "tokenize", "embed_texts", "Engine", "Request", "Model", "ModelOptions",
+    "generate", "next_token", "tokenize", "embed_texts", "embedding_map", "Engine", "Request", "Model", "ModelOptions",
     "LlamalensError", "ModelNotFound", "InvalidModelFile", "InvalidSettings", "PromptTooLong", "InvalidInput",
-    "StoreError",
+    "StoreError", "MissingExtra",
 ]
 
 
@@ -51,6 +51,10 @@ def __getattr__(name):
         from . import embed
 
         return embed.embed_texts
+    if name == "embedding_map":
+        from . import embed_map
+
+        return embed_map.embedding_map
     if name in ("Model", "ModelOptions"):
         from . import runtime
 

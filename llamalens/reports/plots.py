@@ -179,8 +179,34 @@ def histogram(values, xlabel: str, log_x: bool = False):
     return fig
 
 
-def similarity(matrix: np.ndarray, labels: list[str]):
-    """A square matrix of cosine similarities, each cell labelled (labels are plain text, not TeX)."""
+def category_colours(categories: list[str]) -> dict[str, str]:
+    """A colour per category, in order of first appearance (PALETTE, then tab20; colours repeat past 20)."""
+    import matplotlib
+
+    names = list(dict.fromkeys(categories))
+    colours = PALETTE if len(names) <= len(PALETTE) else [matplotlib.colors.to_hex(c)
+                                                          for c in matplotlib.colormaps["tab20"].colors]
+    return {c: colours[k % len(colours)] for k, c in enumerate(names)}
+
+
+def _category_legend(fig, colours: dict[str, str], label_width: int = 30) -> None:
+    from matplotlib.patches import Patch
+
+    from ..visible import label
+
+    names = list(colours)
+    # handles and labels given explicitly: matplotlib would drop an automatic label that starts with "_"
+    fig.legend([Patch(color=colours[c]) for c in names], [label(c, label_width) for c in names], title="category",
+               fontsize=8, loc="outside lower center", ncol=min(len(names), 5), frameon=False)
+
+
+def similarity(matrix: np.ndarray, labels: list[str], groups: list[str] | None = None):
+    """A square matrix of cosine similarities, each cell labelled (labels are plain text, not TeX).
+
+    groups: each row's category, rows already grouped: tick labels take the category's colour, each
+    category's block on the diagonal is outlined, and a legend names them."""
+    from matplotlib.patches import Rectangle
+
     n = len(labels)
     side = min(10.5, 1.6 + 0.55 * n)
     fig = _figure(side + 1.2, side)
@@ -201,4 +227,43 @@ def similarity(matrix: np.ndarray, labels: list[str]):
     ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n), labels, fontsize=8)
     fig.colorbar(im, ax=ax, label="cosine similarity", shrink=0.8)
+    if groups:
+        colours = category_colours(groups)
+        for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
+            for tick, g in zip(ticks, groups):
+                tick.set_color(colours[g])
+        start = 0
+        for k in range(1, n + 1):
+            if k == n or groups[k] != groups[start]:
+                ax.add_patch(Rectangle((start - 0.5, start - 0.5), k - start, k - start, fill=False, lw=2.2,
+                                       edgecolor=colours[groups[start]]))
+                start = k
+        _category_legend(fig, colours)
+    return fig
+
+
+MAX_MAP_LABELS = 150  # points labelled on a map; past that the labels would hide the points
+
+
+def embedding_map(x, y, labels: list[str], categories: list[str] | None = None, xlabel: str = "", ylabel: str = ""):
+    """Texts as points in 2-D, each labelled (up to MAX_MAP_LABELS) and coloured by its category, with a legend."""
+    n = len(labels)
+    fig = _figure(10, 7.2 if categories else 6.8)
+    ax = fig.subplots()
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    colours = category_colours(categories) if categories else {None: PALETTE[0]}
+    cats = np.array(categories if categories else [None] * n, dtype=object)
+    for c, colour in colours.items():
+        m = cats == c
+        ax.scatter(x[m], y[m], s=36, color=colour, edgecolors="white", linewidths=0.6, zorder=2)
+    if n <= MAX_MAP_LABELS:
+        for i in range(n):
+            ax.annotate(labels[i], (x[i], y[i]), xytext=(4, 3), textcoords="offset points", fontsize=7.5 if n > 40 else 8.5,
+                        color="#222222", zorder=3)
+    ax.margins(0.12)  # room for the labels of the outermost points
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, color="#eeeeee", zorder=0)
+    if categories:
+        _category_legend(fig, colours)
     return fig

@@ -137,8 +137,11 @@ def compare_document(cmp) -> Document:
     return doc
 
 
-def embed_document(es, query: str | None = None, ranking=None) -> Document:
-    """Embeddings of some texts: the cosine matrix as a heatmap, nearest neighbours, most similar pairs."""
+def embed_document(es, query: str | None = None, ranking=None, categories: list[str] | None = None,
+                   projection=None) -> Document:
+    """Embeddings of some texts: the cosine matrix as a heatmap (grouped by category when there are
+    categories), how the categories hold together, the 2-D map (embed_map.embedding_map's DataFrame),
+    nearest neighbours, most similar pairs."""
     from . import plots
 
     cos = es.cosine()
@@ -149,7 +152,7 @@ def embed_document(es, query: str | None = None, ranking=None) -> Document:
         ("vectors", f"{len(es.texts)} × {es.vectors.shape[1]} (float32), in {es.seconds:.2f} s, "
                     + ("one text per decode" if es.parallel == 1 else
                        f"up to {es.parallel} texts per decode (vectors carry llama.cpp's batch noise)")),
-    ]))
+    ] + ([("categories", f"{len(set(categories))}")] if categories else [])))
     for note in es.notes:
         doc.add(Para(note, "warn"))
     labels = [f"{i + 1}. {label(t, 28)}" for i, t in enumerate(es.texts)]
@@ -160,8 +163,22 @@ def embed_document(es, query: str | None = None, ranking=None) -> Document:
                       [[r, f"{s:.4f}", k + 1, es.texts[k]] for r, (k, s) in enumerate(ranking, 1)]))
     if 1 < len(es.texts) <= 60:
         doc.add(Heading("Cosine similarity"))
-        doc.add(Figure(plots.similarity(cos, labels), "similarity",
-                       "Cosine similarity of each pair of texts (colour scale spans the off-diagonal values)."))
+        if categories:
+            from ..embed_map import category_order
+
+            order = category_order(categories)
+            doc.add(Figure(plots.similarity(cos[np.ix_(order, order)], [labels[i] for i in order],
+                                            [categories[i] for i in order]), "similarity",
+                           "Cosine similarity of each pair of texts, grouped by category (outlined blocks on the "
+                           "diagonal; numbers are the texts' order in the input). Bright blocks mean the model puts "
+                           "a category's texts together. The colour scale spans the off-diagonal values."))
+        else:
+            doc.add(Figure(plots.similarity(cos, labels), "similarity",
+                           "Cosine similarity of each pair of texts (colour scale spans the off-diagonal values)."))
+    if categories and len(es.texts) > 1:
+        _category_blocks(doc, es, categories)
+    if projection is not None:
+        _map_blocks(doc, projection)
     if len(es.texts) > 1:
         doc.add(Heading("Nearest neighbours"))
         doc.add(Table(["#", "text", "tokens", "nearest", "cosine"],
@@ -171,6 +188,47 @@ def embed_document(es, query: str | None = None, ranking=None) -> Document:
         doc.add(Table(["cosine", "text", "text"],
                       [[f"{c:.4f}", f"{i + 1}. {es.texts[i]}", f"{j + 1}. {es.texts[j]}"] for i, j, c in es.pairs(50)]))
     return doc
+
+
+def _category_blocks(doc: Document, es, categories: list[str]) -> None:
+    from ..embed_map import category_summary
+
+    summary = category_summary(es, categories)
+    doc.add(Heading("Categories"))
+    doc.add(Table(["category", "texts", "mean cosine within", "mean cosine to the others", "nearest neighbour inside",
+                   "by chance"],
+                  [[r.category, plain(r.texts), plain(r.within), plain(r.between), plain(r.nearest_inside),
+                    round(float(r.chance), 2)] for r in summary.itertuples()],
+                  caption="Within: over the category's pairs. Nearest neighbour inside: its texts whose most similar "
+                          "other text is in the same category; by chance: what a random neighbour would give."))
+    inside, chance = int(summary.nearest_inside.sum()), float(summary.chance.sum())
+    doc.add(Para(f"{inside} of {len(es.texts)} texts have their nearest neighbour in their own category "
+                 f"(chance: {chance:.1f})."))
+
+
+def _map_blocks(doc: Document, frame) -> None:
+    from . import plots
+
+    method = frame.attrs.get("method", "pca")
+    cats = list(frame.category) if frame.category.notna().all() else None
+    labels = [label(t, 24) for t in frame.term]
+    if method == "tsne":
+        title = "Map (t-SNE)"
+        axes = ("t-SNE 1", "t-SNE 2")
+        caption = (f"t-SNE of the unit vectors (scikit-learn, perplexity {frame.attrs['perplexity']:g}, seed "
+                   f"{frame.attrs['seed']}): near points are similar texts; distances between clusters and the axes "
+                   "mean little.")
+    else:
+        ev = frame.attrs.get("explained") or [float("nan")] * 2
+        title = "Map (PCA)"
+        axes = (f"PC1 ({ev[0]:.1%} of the variance)", f"PC2 ({ev[1]:.1%})")
+        caption = (f"The unit vectors on their first two principal components, which explain {ev[0]:.1%} and "
+                   f"{ev[1]:.1%} of their variance.")
+    doc.add(Heading(title))
+    doc.add(Figure(plots.embedding_map(frame.x, frame.y, labels, cats, *axes), f"map_{method}", caption))
+    doc.add(Table(["#", "text", "category", "x", "y"],
+                  [[i + 1, r.term, r.category or "", float(r.x), float(r.y)]
+                   for i, r in enumerate(frame.itertuples())]))
 
 
 def sampler_blocks(doc: Document, view) -> None:
