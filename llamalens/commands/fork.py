@@ -62,7 +62,7 @@ def fork(prompt, outcome, options_list, first_line, samples, alternatives, min_p
 
     \b
     llamalens fork "Q: Is 17 a prime number? Answer yes or no, then explain. A:" --options yes,no --report fork.html
-    llamalens fork "The best pet is a" --outcome "^ *(\w+)" --samples 8 --positions 0-9
+    llamalens fork "The best pet is a" --outcome "^ *(\\w+)" --samples 8 --positions 0-9
     llamalens fork --resume 12          # after Ctrl-C, a kill or a crash
     """
     from ..fork import ForkSpec, OutcomeSpec, check_spec, execute_fork, parse_positions, resume_target, start_fork
