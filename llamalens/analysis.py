@@ -134,6 +134,7 @@ def openai_logprobs(run: LoadedRun):
                 "top_logprobs": [{a.text: a.logprob for a in t.top} for t in toks], "text_offset": offsets,
             },
             "tokens": [t.to_dict() for t in every],
+            **({"extra": s.extra} if s.extra else {}),  # what the run's kind records (a fork's position, outcome)
         }
 
 

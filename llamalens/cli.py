@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from . import __version__
-from .commands import embed, look, runs, score
+from .commands import embed, fork, look, runs, score
 from .visible import terminal_safe
 
 
@@ -60,13 +60,14 @@ def main():
       llamalens score "The quick brown fox jumps over the lazy dog."
       llamalens choose "The capital of France is" --option Paris --option London
       llamalens embed king queen man woman apple banana
+      llamalens fork "Q: Is 17 a prime number? Answer yes or no. A:" --options yes,no --report fork.html
     """
 
 
 COMMANDS = [look.models, look.tokenize, look.next_cmd, look.generate,
             runs.sweep, runs.presets, runs.runs, runs.show, runs.report, runs.export,
             score.score, score.choose, score.compare,
-            embed.embed]
+            embed.embed, fork.fork]
 for command in COMMANDS:
     main.add_command(command)
 

@@ -308,6 +308,12 @@ class Store:
                 raise StoreFull(f"the disk holding the run store {self.path} is full") from None
             raise
 
+    def set_extra(self, run_id: int, sample_idx: int, extra: dict) -> None:
+        """Replace what a run's kind records of one sample (e.g. a fork run's decode counters on its base)."""
+        with self.tx():
+            self.db.execute("UPDATE samples SET extra=? WHERE run_id=? AND sample_idx=?",
+                            (json.dumps(extra), run_id, sample_idx))
+
     # -- writers: who is decoding a run ----------------------------------------------------------
     def claim(self, run_id: int) -> int:
         """Register this process as the run's writer (refused while another live one is); returns its id."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -156,9 +157,7 @@ def execute(model: Model, store: Store, run_id: int,
                     key=s.sample_idx) for s in store.pending(run_id)]
     prog = Progress(info.n_done, info.n_samples, 0, 0.0)
     t0 = time.perf_counter()
-    writer = store.claim(run_id)
-    try:
-        store.set_status(run_id, "running")
+    with writing(store, run_id, prog) as writer:
         engine = Engine(model, opts.parallel)
         for sample in engine.run(reqs):
             store.save_sample(run_id, sample.key, sample, writer)
@@ -170,18 +169,32 @@ def execute(model: Model, store: Store, run_id: int,
                 on_progress(prog)
         noise = noise_floor(model, store, run_id)
         store.set_status(run_id, "done", noise=noise)
+    return prog
+
+
+@contextmanager
+def writing(store: Store, run_id: int, prog: Progress, interrupted: type = SweepInterrupted,
+            on_stop: Callable[[], None] | None = None):
+    """Decode into a run as its registered writer (status 'running'). Ctrl-C / SIGTERM or a full disk marks the
+    run interrupted (after `on_stop`, on Ctrl-C) and raises `interrupted` with the resume command; the writer
+    is always released."""
+    writer = store.claim(run_id)
+    try:
+        store.set_status(run_id, "running")
+        yield writer
     except KeyboardInterrupt:
+        if on_stop:
+            on_stop()
         _stopped(store, run_id)
-        raise SweepInterrupted(run_id, prog.done, prog.total) from None
+        raise interrupted(run_id, prog.done, prog.total) from None
     except StoreFull as e:
         _stopped(store, run_id)
-        raise SweepInterrupted(run_id, prog.done, prog.total, f"{e}; free some space, then resume. Stopped") from None
+        raise interrupted(run_id, prog.done, prog.total, f"{e}; free some space, then resume. Stopped") from None
     finally:
         try:
             store.release(writer)
         except Exception:  # noqa: BLE001 - a full disk may refuse even this; the writer then reads as gone
             pass
-    return prog
 
 
 def _stopped(store: Store, run_id: int) -> None:
@@ -231,9 +244,11 @@ def noise_samples(samples: list, k: int = NOISE_SAMPLES, most: int = 8) -> list:
     return picks
 
 
-def rescore(model: Model, prompt: str, token_ids: list[int]) -> list[tuple[float, int]]:
-    """(raw logprob, top-1 id) of each given token, decoded one at a time after the prompt."""
-    ptoks = model.prompt_tokens(prompt)
+def rescore(model: Model, prompt: str, token_ids: list[int], prompt_tokens: list[int] | None = None
+            ) -> list[tuple[float, int]]:
+    """(raw logprob, top-1 id) of each given token, decoded one at a time after the prompt (or after
+    `prompt_tokens`, when given: a fork continuation's prefix)."""
+    ptoks = prompt_tokens if prompt_tokens is not None else model.prompt_tokens(prompt)
     out = []
     with model.context(n_ctx=round_ctx(len(ptoks) + len(token_ids) + 1)) as ctx:
         row = ctx.prefill(ptoks)

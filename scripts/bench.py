@@ -23,6 +23,10 @@ Cases (each in a fresh subprocess, so that its peak RSS is its own; rounds inter
   E  the same with --parallel 32 (32 texts per decode)
   x  llama-cpp-python's Llama(embedding=True, pooling MEAN).embed() of the same words (it packs them)
   l  llamalens embed of one 2048-token text: peak RSS (long texts are decoded in --batch chunks)
+  f  fork: the continuations of a forking-paths analysis (FORK_PROMPT, greedy base path of 16 tokens, chosen
+     token + top 3 alternatives with p >= 0.05, 2 samples each), decoded on the base path's cells, 32 per batch
+  F  a plain batched run (llamalens Engine, 32 per decode) of as many sequences with the same lengths, from the
+     prompt alone: fork's aggregate tokens/s against it, and its prefill tokens against the naive count
 llama.cpp's own tools (scripts/build_llama_tools.sh, the same llama.cpp and CMake flags as the
 llama-cpp-python build) against the llamalens CLI, each run as a whole process (wall time, peak RSS
 from wait4), on the same model, threads, text and windows. These call llamalens only through its CLI
@@ -39,7 +43,8 @@ Targets: g >= 0.9x tg64; sweep >= 0.9x batched-bench at the same number of seque
 llama-perplexity's speed, and its peak RSS <= 868 MB (llama-perplexity: 1,886 MB); compare >= 0.8x
 the two-step KL divergence's speed.
 Targets (in-process cases): b/a >= 0.9, b/c >= 5, m < 1.5 GB; sweep >= 30x naive and >= 2.5x single-sequence decode;
-score >= 0.5x prompt processing, compare >= 0.4x of it per model; report < 5 MB, opens in < 2 s.
+score >= 0.5x prompt processing, compare >= 0.4x of it per model; report < 5 MB, opens in < 2 s; fork >= 0.9x
+the plain batched run (F).
 Embeddings have no target: their figures are printed for the notes.
 """
 
@@ -238,6 +243,56 @@ def case_report(model_path, n_tokens, threads):
     return res
 
 
+FORK_PROMPT = "Q: Is 17 a prime number? Answer yes or no, then explain. A:"
+
+
+def fork_plan(model_path, threads):
+    """The default model, and the continuation requests of a fork analysis of FORK_PROMPT (base path included)."""
+    from llamalens.engine import Request
+    from llamalens.fork import ForkSpec, OutcomeSpec, base_path, plan_continuations
+    from llamalens.runtime import Model, ModelOptions
+    from llamalens.settings import SamplingSettings
+
+    m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
+    spec = ForkSpec(FORK_PROMPT, SamplingSettings(), OutcomeSpec("options", options=("yes", "no")), samples=2,
+                    alternatives=3, min_prob=0.05, max_tokens=16)
+    base = base_path(m, spec)
+    prompt_ids, base_ids = base.prompt_token_ids, [t.id for t in base.tokens]
+    reqs = [Request(FORK_PROMPT, spec.settings.with_(seed=x["seed"]), spec.max_tokens - x["position"] - 1, 5,
+                    key=i, prompt_tokens=prompt_ids + base_ids[: x["position"]] + [x["forced_token"]])
+            for i, x in enumerate(plan_continuations(base, spec))
+            if spec.max_tokens - x["position"] - 1 > 0 and not m.is_eog(x["forced_token"])]
+    return m, prompt_ids, base_ids, reqs
+
+
+def case_fork(model_path, n_tokens, threads):
+    from llamalens.fork import decode_continuations
+
+    m, prompt_ids, base_ids, reqs = fork_plan(model_path, threads)
+    stats: dict = {}
+    t0 = time.perf_counter()
+    n = sum(len(s.tokens) for s in decode_continuations(m, prompt_ids, base_ids, reqs, 32, stats))
+    dt = time.perf_counter() - t0
+    naive = sum(len(r.prompt_tokens) for r in reqs)
+    return {"tok_s": n / dt, "tokens": n, "sequences": len(reqs), "prefill_tokens": stats["prefill_tokens"],
+            "naive_prefill": naive, "decoded_rows": stats["decoded_tokens"], "decodes": stats["decodes"]}
+
+
+def case_fork_plain(model_path, n_tokens, threads):
+    from llamalens.engine import Engine, Request
+
+    m, _, _, reqs = fork_plan(model_path, threads)
+    # a seed of its own each: same-seed requests of one prompt share their history, and the engine would decode
+    # them once (fork's continuations of one seed start from different prefixes, so they never do)
+    plain = [Request(FORK_PROMPT, r.settings.with_(seed=1000 + r.key), r.max_tokens, 5, key=r.key) for r in reqs]
+    engine = Engine(m, 32)
+    t0 = time.perf_counter()
+    n = sum(len(s.tokens) for s in engine.run(plain))
+    dt = time.perf_counter() - t0
+    return {"tok_s": n / dt, "tokens": n, "sequences": len(plain), "decoded_rows": engine.stats["decoded_tokens"],
+            "decodes": engine.stats["decodes"]}
+
+
 CASES = {
     "a": lambda p, n, t: case_lowlevel(p, n, t),
     "b": lambda p, n, t: case_llamalens(p, n, t),
@@ -256,6 +311,8 @@ CASES = {
     "E": lambda p, n, t: case_embed_parallel(p, n, t),
     "x": lambda p, n, t: case_embed_llama_cpp_python(p, n, t),
     "l": lambda p, n, t: case_embed_long(p, n, t),
+    "f": lambda p, n, t: case_fork(p, n, t),
+    "F": lambda p, n, t: case_fork_plain(p, n, t),
 }
 
 
@@ -592,7 +649,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--cases", default="abcms1npPSLkreExl" + "".join(TOOL_CASES))
+    ap.add_argument("--cases", default="abcms1npPSLkreExlfF" + "".join(TOOL_CASES))
     ap.add_argument("--model", default=None)
     ap.add_argument("--build", action="append", default=None, metavar="LABEL:LLAMALENS:TOOLS_DIR",
                     help="A build for the llama.cpp-tool cases (repeatable: measured side by side); default "
@@ -652,7 +709,8 @@ def main():
              "L": "L  llamalens score, 8192 tokens", "k": "k  llamalens compare vs Q8_0, 2048 tokens",
              "r": "r  report of a 200 x 64 sweep", "e": "e  llamalens embed, 256 words, one per decode",
              "E": "E  llamalens embed --parallel 32, 256 words", "x": "x  llama-cpp-python embed(), 256 words",
-             "l": "l  llamalens embed, one 2048-token text"}
+             "l": "l  llamalens embed, one 2048-token text", "f": "f  fork continuations, batched on the base path",
+             "F": "F  plain batched run, same sequences and lengths"}
     for c in in_process:
         if c != "r":
             print(f"{names[c]:<48} {best[c]['tok_s']:8.1f}   {best[c]['rss_mb']:7.0f} MB")
@@ -675,6 +733,15 @@ def main():
               + f"; E/e = {ratio('E', 'e'):.2f}, e/x = {ratio('e', 'x'):.2f}, E/x = {ratio('E', 'x'):.2f}")
     if "l" in best:
         print(f"embed of a {best['l']['tokens']}-token text: peak RSS {best['l']['rss_mb']:.0f} MB")
+    if "f" in best:
+        f = best["f"]
+        print(f"fork/plain = {ratio('f', 'F'):.2f}  (target >= 0.9); fork prefill: {f['prefill_tokens']:,} tokens decoded "
+              f"for {f['sequences']} continuations, against {f['naive_prefill']:,} if each prefix were prefilled "
+              f"({f['naive_prefill'] / f['prefill_tokens']:.0f}x)")
+        if "F" in best:  # the plain run decodes identical histories once (same tokens so far): fewer rows
+            rows = lambda c: best[c]["decoded_rows"] / (best[c]["tokens"] / best[c]["tok_s"])  # noqa: E731
+            print(f"decoded rows/s: fork {rows('f'):.1f} ({f['decoded_rows']} rows), plain {rows('F'):.1f} "
+                  f"({best['F']['decoded_rows']} rows); fork/plain per row = {rows('f') / rows('F'):.2f}")
     if "r" in best:
         r = best["r"]
         print(f"report: {r['samples']} samples, {r['tokens']} tokens -> {r['size_mb']:.2f} MB (target < 5), written "

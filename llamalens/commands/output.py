@@ -131,8 +131,9 @@ def window_progress(what):
     return show
 
 
-def sweep_progress():
-    """A progress line on stderr for a sweep (at most five updates a second, and always the last)."""
+def sweep_progress(counts=None):
+    """A progress line on stderr for a sweep (at most five updates a second, and always the last);
+    `counts(prog)` says what is done, when 'N/M sequences' is not the whole story."""
     last = [0.0]
 
     def show(prog):
@@ -143,7 +144,8 @@ def sweep_progress():
         eta = "?" if prog.eta != prog.eta else f"{prog.eta:.0f}s"
         width = 24
         filled = int(width * prog.done / max(prog.total, 1))
-        click.echo(f"\r[{'#' * filled}{'.' * (width - filled)}] {prog.done}/{prog.total} sequences  "
+        done = counts(prog) if counts else f"{prog.done}/{prog.total} sequences"
+        click.echo(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}  "
                    f"{prog.tokens_per_s:6.1f} tok/s  ETA {eta}   ", err=True, nl=prog.done >= prog.total)
 
     return show

@@ -29,6 +29,20 @@ def sigterm_as_interrupt(got: list):
         signal.signal(signal.SIGTERM, old)
 
 
+def until_done(call) -> None:
+    """Run a sweep-like decode; when it is interrupted, say how to resume and exit as the shell expects
+    (128 + the signal; 1 for a full disk)."""
+    from ..sweep import SweepInterrupted
+
+    got: list = []
+    try:
+        with sigterm_as_interrupt(got):
+            call()
+    except SweepInterrupted as e:  # a fork run's ForkInterrupted too
+        say(f"\n{e}", err=True)
+        sys.exit(128 + (got[0] if got else signal.SIGINT) if e.by_signal else 1)
+
+
 # what a resumed run takes from the store; giving any of these with --resume is refused, not ignored
 RUN_DEFINED = ("prompts", "prompts_file", "seeds", "seed_list", "max_tokens", "logprobs", "stop", "preset", "grid_file",
                "name", "parallel", "exact", "ctx", "batch", "flash_attn", "gpu_layers")
@@ -82,7 +96,7 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
     from .. import grid
     from ..inputs import read_prompts
     from ..store import Store
-    from ..sweep import SweepInterrupted, SweepSpec, execute, resume_target, start_sweep
+    from ..sweep import SweepSpec, execute, resume_target, start_sweep
 
     axes_text = pop_axes(kw)
     if resume_id is not None:
@@ -111,13 +125,7 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
         say(f"run {run_id}: {len(spec.prompts)} prompt(s) x {len(configs)} configuration(s) x "
                    f"{len(seed_values)} seed(s) = {spec.n_samples} sequences, up to {spec.n_samples * max_tokens:,} "
                    f"tokens, {1 if exact else min(parallel, spec.n_samples)} per batch; store {store.path}", err=True)
-    got: list = []
-    try:
-        with sigterm_as_interrupt(got):
-            execute(loaded, store, run_id, sweep_progress())
-    except SweepInterrupted as e:
-        say(f"\n{e}", err=True)
-        sys.exit(128 + (got[0] if got else signal.SIGINT) if e.by_signal else 1)
+    until_done(lambda: execute(loaded, store, run_id, sweep_progress()))
     run = _show_run(store, run_id, as_json)
     if report_path:
         _report(run, report_path, None, loaded)
@@ -144,16 +152,16 @@ def runs(as_json, store_path):
     store = Store(store_path)
     infos = store.runs()
     if as_json:
-        return json_out([{"id": r.id, "name": r.name, "status": r.status, "model": r.model.name,
+        return json_out([{"id": r.id, "name": r.name, "kind": r.kind, "status": r.status, "model": r.model.name,
                           "prompts": r.n_prompts, "configs": r.n_configs, "samples_done": r.n_done,
                           "samples_total": r.n_samples, "created": r.created} for r in infos])
     if not infos:
         return say(f"no runs in {store.path}; start one with `llamalens sweep`")
-    rows = [("id", "name", "status", "model", "prompts", "grid", "samples", "date")]
+    rows = [("id", "name", "kind", "status", "model", "prompts", "grid", "samples", "date")]
     for r in infos:
-        rows.append((r.id, r.name or "", r.status, r.model.name, r.n_prompts, r.n_configs, f"{r.n_done}/{r.n_samples}",
+        rows.append((r.id, r.name or "", r.kind, r.status, r.model.name, r.n_prompts, r.n_configs, f"{r.n_done}/{r.n_samples}",
                      datetime.datetime.fromtimestamp(r.created).strftime("%Y-%m-%d %H:%M")))
-    print_table(rows, right={0, 4, 5})
+    print_table(rows, right={0, 5, 6})
 
 
 @click.command()
@@ -169,10 +177,15 @@ def show(run_id, as_json, store_path):
 
 
 def _show_run(store, run_id, as_json):
-    """Print a run's summary; return the LoadedRun (a report made next reads nothing again)."""
+    """Print a run's summary; return the LoadedRun (a report made next reads nothing again); a fork run's
+    summary is the fork's own (commands/fork.py)."""
     from ..analysis import load_run
     from ..reports.run import describe_noise
 
+    if store.run(run_id).kind == "fork":
+        from .fork import show_fork
+
+        return show_fork(store, run_id, as_json)
     run = load_run(store, run_id)
     info, summ = run.info, run.summary
     if as_json:
@@ -229,6 +242,13 @@ def report(run_id, output, fmt, metric, position, sample_idx, model, no_model, s
 
     store = Store(store_path)
     info = store.run(run_id)
+    if info.kind == "fork":
+        from ..fork import load_fork
+        from .fork import write_fork_report
+
+        report_format(output, fmt)
+        check_writable(output)
+        return write_fork_report(load_fork(store, info.id), output, fmt)
     check_request(info, metric)
     report_format(output, fmt)
     check_writable(output)

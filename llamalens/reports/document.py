@@ -118,6 +118,11 @@ def kld_class(kld: float) -> str:
     return f"k{min(9, 1 + int((math.log10(kld) + 4) * 2))}"
 
 
+def fork_class(jump: float) -> str:
+    """f0 (no move) .. f9 (the outcome distribution moves by >= 0.9 in total variation)."""
+    return f"f{min(9, max(0, int(jump * 10)))}"
+
+
 def fmt(v) -> str:
     if isinstance(v, bool) or v is None:
         return "" if v is None else str(v)
@@ -176,6 +181,9 @@ def _mode_css(modes: list[str]) -> str:
         out.append(f'body[data-mode="gltr"] .g{i},.legend .g{i}{{background:{c}}}')
     out.append('body[data-mode="same"] .st1,.legend .st1{background:#b9efb0}')
     out.append('body[data-mode="same"] .st0,.legend .st0{background:#ffb8b0}')
+    for i in range(10):  # fork: how far the outcome distribution moves at the token, white -> deep blue
+        c = f"hsl(220,{20 + i * 8}%,{98 - i * 5.5:.0f}%)"
+        out.append(f'body[data-mode="fork"] .f{i},.legend .f{i}{{background:{c}}}')
     for i in range(10):  # KLD: white -> deep red
         c = f"hsl(0,{20 + i * 8}%,{98 - i * 5.5:.0f}%)"
         out.append(f'body[data-mode="kld"] .k{i},.legend .k{i}{{background:{c}}}')
@@ -189,6 +197,8 @@ _LEGENDS = {
     "same": '<span class="st1">same</span><span class="st0">different</span> top token under the two models',
     "kld": "".join(f'<span class="k{i}">{"<1e-4" if i == 0 else f"{10 ** ((i - 1) / 2 - 4):.0e}"}</span>'
                    for i in range(10)) + " KL divergence (nats)",
+    "fork": "".join(f'<span class="f{i}">{i / 10:.1f}</span>' for i in range(10))
+            + " how far the outcome distribution moves at the token (total variation)",
 }
 
 _JS = r"""

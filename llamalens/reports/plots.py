@@ -267,3 +267,34 @@ def embedding_map(x, y, labels: list[str], categories: list[str] | None = None, 
     if categories:
         _category_legend(fig, colours)
     return fig
+
+
+def outcome_areas(positions: list[int], series: np.ndarray, labels: list[str], change_points: list[int],
+                  forking: list[int], token_labels: list[str]):
+    """o_t stacked over the analysed positions (the last row, o_end, drawn at the right edge), with the
+    change points as dashed lines and the forking tokens as solid red lines; labels are plain text."""
+    fig = _figure(10, 3.2)
+    ax = fig.subplots()
+    x = np.arange(len(series))
+    shown = labels[:9]
+    stack = [series[:, k] for k in range(len(shown))]
+    if len(labels) > len(shown):
+        stack.append(series[:, len(shown):].sum(axis=1))
+        shown = shown + [f"{len(labels) - len(shown)} other outcomes"]
+    colours = [PALETTE[k % len(PALETTE)] for k in range(len(shown))]
+    colours = ["#c8c8c8" if name == "none" else c for name, c in zip(shown, colours)]  # nothing matched: grey
+    ax.stackplot(x, *stack, labels=shown, colors=colours,
+                 step="mid", alpha=0.85)
+    for i in change_points:  # a jump between rows i-1 and i
+        ax.axvline(i - 0.5, color="#333", lw=0.8, ls="--")
+    for i in forking:
+        ax.axvline(i - 0.5, color="#d00", lw=1.6)
+    ax.set_xlim(-0.5, len(series) - 0.5)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("outcome distribution o_t")
+    ticks = list(range(len(positions))) + [len(positions)]
+    names = [f"{p} {t}" for p, t in zip(positions, token_labels)] + ["end"]
+    step = max(1, len(ticks) // 40)
+    ax.set_xticks(ticks[::step], names[::step], rotation=70, ha="right", fontsize=7)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+    return fig

@@ -1,0 +1,541 @@
+"""`llamalens fork`: plan, decode and store the continuations of a forking-paths analysis.
+
+    prompt ──► base path (one completion: greedy, or sampled with the run's settings and --seed; the exact
+               single-sequence path of `generate`), with the top alternatives at every position
+           ──► plan: for each analysed position t, the chosen token and every alternative w among the top
+               --alternatives with raw p(w) >= --min-prob, --samples continuations each: all planned in the
+               store at once (samples.extra = role, position, forced token, p(w), sample number)
+           ──► decode the pending continuations (below), each saved with its outcome as it finishes
+           ──► forking.analyse (pure): o_t, jumps, bootstrap noise, change points
+
+Decoding (the batched path). One context: sequence 0 holds the KV cells of prompt + base path, decoded
+once. A continuation of (t, w) takes a free sequence: `seq_cp(0, s, 0, L+t)` gives it the shared prefix
+(metadata only: the KV cache is unified), and w is decoded once per group of continuations of (t, w) that
+start together; the group's other members get that cell by `seq_cp` and share the logits row. From then on
+every live continuation decodes one token per llama_decode call, continuations of several positions in one
+batch, up to --parallel. A finished continuation frees its sequence (`seq_rm`). Prefill work is thus the
+prompt + base path once plus one forced token per group, against L+t+1 tokens per continuation if each
+were prefilled on its own (both counted and stored with the run). `--exact` decodes one continuation at a
+time through the engine's single-sequence path (prefix prefilled once per (t, w)): token for token what
+`generate` gives for that prefix and seed.
+
+Sampling: a continuation is sampled with the run's settings and its own seed, settings.seed + 1 + j for
+sample j, the same j at every position (common random numbers: the difference between two positions is
+not blurred by different draws). Like `generate`, its sampler sees only the tokens it generates. The
+whole completion (base[:t] + w + continuation) is at most --max-tokens tokens, as long as the base path
+may be, so a continuation gets max_tokens - t - 1 tokens; a forced end-of-generation token, or no
+tokens left, ends it at once. Its outcome is read from that whole completion text, stored as the
+sample's text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .engine import Engine, Request, _Live
+from .errors import InvalidSettings, StoreError
+from .forking import NONE, Branch, ForkAnalysis, analyse
+from .records import RunOptions, Sample, Timing
+from .runtime import Model, library_versions, round_ctx
+from .sampler import Sampler
+from .settings import SamplingSettings
+from .stats import RowStats
+from .store import Store
+from .sweep import Progress, SweepInterrupted, check_resumable, check_run_model, hardware, rescore, writing
+from .visible import visible
+
+KIND = "fork"
+NOISE_CONTINUATIONS = 3
+MAX_SEQUENCES = 256  # llama.cpp's llama_max_parallel_sequences()
+
+
+# -- outcomes ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OutcomeSpec:
+    """How a completion's outcome is read: `regex` (first match, its group 1 if any), `options` (the option
+    stated first, whole word, case-insensitive) or `first_line` (the first non-empty line, normalised)."""
+
+    mode: str = "first_line"
+    regex: str = ""
+    options: tuple[str, ...] = ()
+
+    def problems(self) -> list[str]:
+        if self.mode == "regex":
+            try:
+                re.compile(self.regex)
+            except re.error as e:
+                return [f"--outcome {self.regex!r} is not a valid regular expression ({e}); fix it or quote it"]
+            if not self.regex:
+                return ["--outcome is empty; give a regular expression, e.g. --outcome 'answer is (\\w+)'"]
+        elif self.mode == "options":
+            if len(self.options) < 2 or any(not o.strip() for o in self.options):
+                return ["--options needs at least two non-empty comma-separated options, e.g. --options yes,no"]
+        elif self.mode != "first_line":
+            return [f"unknown outcome mode {self.mode!r}"]
+        return []
+
+    def extract(self, text: str) -> str:
+        if self.mode == "regex":
+            m = re.search(self.regex, text)
+            if not m:
+                return NONE
+            return m.group(1) if m.re.groups else m.group(0)
+        if self.mode == "options":
+            best = None
+            for opt in self.options:
+                m = re.search(r"(?<!\w)" + re.escape(opt.strip()) + r"(?!\w)", text, flags=re.IGNORECASE)
+                if m and (best is None or m.start() < best[0]):
+                    best = (m.start(), opt.strip())
+            return best[1] if best else NONE
+        for line in text.splitlines():
+            norm = " ".join(line.split()).strip(" .,;:!?\"'").lower()
+            if norm:
+                return norm
+        return NONE
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "regex": self.regex, "options": list(self.options)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OutcomeSpec":
+        return cls(d.get("mode", "first_line"), d.get("regex", ""), tuple(d.get("options", ())))
+
+    def describe(self) -> str:
+        if self.mode == "regex":
+            return f"first match of /{self.regex}/"
+        if self.mode == "options":
+            return "first of " + ", ".join(self.options)
+        return "first line, normalised"
+
+
+# -- the plan ----------------------------------------------------------------------------------------
+@dataclass
+class ForkSpec:
+    prompt: str
+    settings: SamplingSettings  # of the continuations (and of a sampled base path)
+    outcome: OutcomeSpec = field(default_factory=OutcomeSpec)
+    sampled_base: bool = False  # False: the base path is greedy
+    samples: int = 4
+    alternatives: int = 3
+    min_prob: float = 0.05
+    positions: tuple[int, int] | None = None  # inclusive range of base positions; None = all
+    max_tokens: int = 24
+    stop: tuple[str, ...] = ()
+    parallel: int = 32
+    exact: bool = False
+    max_sequences: int = 2000
+    name: str | None = None
+
+    def problems(self) -> list[str]:
+        out = self.settings.problems() + self.outcome.problems()
+        if not isinstance(self.samples, int) or self.samples < 1:
+            out.append(f"--samples {self.samples!r} is out of range (must be >= 1)")
+        if not isinstance(self.alternatives, int) or self.alternatives < 1:
+            out.append(f"--alternatives {self.alternatives!r} is out of range (must be >= 1)")
+        if not 0.0 <= self.min_prob <= 1.0:
+            out.append(f"--min-prob {self.min_prob!r} is out of range (0..1)")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            out.append(f"--max-tokens {self.max_tokens!r} is out of range (must be >= 1)")
+        if self.positions is not None and not 0 <= self.positions[0] <= self.positions[1]:
+            out.append(f"--positions {self.positions[0]}-{self.positions[1]} is not a range N-M with 0 <= N <= M")
+        if any(s == "" for s in self.stop):
+            out.append("an empty --stop string would stop at once; remove it")
+        return out
+
+    @property
+    def n_logprobs(self) -> int:
+        return max(self.alternatives, 5)
+
+    @property
+    def base_settings(self) -> SamplingSettings:
+        return self.settings if self.sampled_base else self.settings.with_(temperature=0.0)
+
+    def to_dict(self) -> dict:
+        return {"outcome": self.outcome.to_dict(), "sampled_base": self.sampled_base, "samples": self.samples,
+                "alternatives": self.alternatives, "min_prob": self.min_prob,
+                "positions": list(self.positions) if self.positions else None, "max_sequences": self.max_sequences}
+
+
+def parse_positions(text: str | None) -> tuple[int, int] | None:
+    """'all' (or None) -> None; 'N-M' or 'N' -> (N, M)."""
+    if text is None or text.strip().lower() == "all":
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", text)
+    if not m:
+        raise InvalidSettings(f"--positions {text!r} is not 'all', N or N-M (base-path positions from 0), e.g. 0-9")
+    a = int(m.group(1))
+    b = int(m.group(2)) if m.group(2) is not None else a
+    if b < a:
+        raise InvalidSettings(f"--positions {text!r}: the range ends before it starts; write N-M with N <= M")
+    return a, b
+
+
+def plan_continuations(base: Sample, spec: ForkSpec) -> list[dict]:
+    """Every continuation to decode, as the `extra` each stores: position, forced token, p(w), sample j."""
+    n = len(base.tokens)
+    lo, hi = spec.positions if spec.positions else (0, n - 1)
+    if lo >= n:
+        raise InvalidSettings(f"--positions starts at {lo} but the base path has {n} tokens (0..{n - 1}); "
+                              "lower it or raise --max-tokens")
+    out = []
+    for t in range(lo, min(hi, n - 1) + 1):
+        rec = base.tokens[t]
+        branches = [(rec.id, rec.text, rec.bytes, rec.prob, True)]
+        for a in rec.top[: spec.alternatives]:
+            if a.id != rec.id and a.prob >= spec.min_prob:
+                branches.append((a.id, a.text, a.bytes, a.prob, False))
+        for tok, text, hex_bytes, p, chosen in branches:
+            for j in range(spec.samples):
+                out.append({"role": "continuation", "position": t, "forced_token": tok, "forced_text": text,
+                            "forced_bytes": hex_bytes, "prob": p, "chosen": chosen, "sample": j,
+                            "seed": spec.settings.seed + 1 + j})
+    return out
+
+
+@dataclass
+class Cost:
+    sequences: int
+    positions: int
+    tokens: int  # at most, to generate
+    prefill: int  # prefill tokens the batched path decodes: prompt + base once, one forced token per (t, w)
+    naive_prefill: int  # positions x alternatives x samples x prefix length
+
+    def seconds(self, tokens_per_s: float) -> float:
+        return self.tokens / tokens_per_s if tokens_per_s > 0 else float("nan")
+
+
+def estimate(n_prompt: int, n_base: int, plan: list[dict], max_tokens: int) -> Cost:
+    groups = {(x["position"], x["forced_token"]) for x in plan}
+    return Cost(len(plan), len({x["position"] for x in plan}),
+                sum(max(max_tokens - x["position"] - 1, 0) for x in plan), n_prompt + n_base + len(groups),
+                sum(n_prompt + x["position"] + 1 for x in plan))
+
+
+def batch_rate(model: Model, prompt_ids: list[int], n_par: int, steps: int = 2) -> float:
+    """Aggregate tokens/s of `steps` decode steps of n_par sequences after the prompt (each row's statistics
+    included): the rate the cost estimate uses. The first step warms up and is not timed."""
+    n_par = max(1, min(n_par, MAX_SEQUENCES))
+    L = len(prompt_ids)
+    with model.context(n_ctx=round_ctx(L + n_par * (steps + 1) + 1), n_seq_max=n_par) as ctx:
+        tok = int(np.argmax(ctx.prefill(prompt_ids, seq=0)))
+        for s in range(1, n_par):
+            ctx.seq_cp(0, s, 0, L)
+        t0 = time.perf_counter()
+        for k in range(steps + 1):
+            if k == 1:
+                t0 = time.perf_counter()
+            ctx.decode([tok] * n_par, [L + k] * n_par, list(range(n_par)), [1] * n_par)
+            for i in range(n_par):
+                RowStats.of(ctx.logits(i), None, 5)
+        return n_par * steps / max(time.perf_counter() - t0, 1e-9)
+
+
+# -- starting and running a run -------------------------------------------------------------------------
+def base_path(model: Model, spec: ForkSpec) -> Sample:
+    """The base completion, by the exact single-sequence path (as `generate`)."""
+    req = Request(spec.prompt, spec.base_settings, spec.max_tokens, spec.n_logprobs, spec.stop)
+    return next(iter(Engine(model, 1).run([req])))
+
+
+def check_spec(spec: ForkSpec) -> None:
+    problems = spec.problems()
+    if problems:
+        raise InvalidSettings("; ".join(problems))
+
+
+def start_fork(model: Model, store: Store, spec: ForkSpec, command: str = "",
+               base: Sample | None = None) -> tuple[int, Cost]:
+    """Decode the base path, plan every continuation (all pending) and store the run; nothing else decoded."""
+    check_spec(spec)
+    base = base or base_path(model, spec)
+    plan = plan_continuations(base, spec)
+    if len(plan) > spec.max_sequences:
+        raise InvalidSettings(
+            f"the analysis needs {len(plan):,} continuations, more than --max-sequences {spec.max_sequences:,}; "
+            "lower --samples or --alternatives, raise --min-prob, narrow --positions, or raise --max-sequences")
+    cost = estimate(len(base.prompt_token_ids), len(base.tokens), plan, spec.max_tokens)
+    options = RunOptions(max_tokens=spec.max_tokens, n_logprobs=spec.n_logprobs, stop=tuple(spec.stop),
+                         exact=spec.exact, parallel=1 if spec.exact else spec.parallel, prompts=(spec.prompt,),
+                         seeds=tuple(sorted({x["seed"] for x in plan})), model_options=model.options)
+    base_extra = {"role": "base", "fork": spec.to_dict(), "cost": cost.__dict__,
+                  "outcome": spec.outcome.extract(base.text)}
+    run_id = store.create_run(
+        name=spec.name, command=command, model=model.describe(), model_hash=store.model_hash(model.path),
+        versions=library_versions(), hardware=hardware(model), options=options,
+        configs=[spec.settings, spec.base_settings],
+        plan=[(0, 1, spec.base_settings.seed, spec.prompt)] + [(0, 0, x["seed"], spec.prompt) for x in plan],
+        kind=KIND, extras=[base_extra] + plan)
+    store.save_sample(run_id, 0, base, extra=base_extra)
+    return run_id, cost
+
+
+@dataclass
+class ForkProgress(Progress):
+    positions_done: int = 0
+    positions_total: int = 0
+
+
+def _full_text(model: Model, prefix_ids: list[int], forced: int, cont: Sample, stop: tuple[str, ...]) -> str:
+    """The whole completion: base[:t] + w + the continuation (cut at a stop string), decoded once."""
+    cont_bytes = b"".join(model.piece(t.id, special=False) for t in cont.tokens if not t.eog)
+    cuts = [cont_bytes.find(s.encode("utf-8")) for s in stop]
+    cuts = [c for c in cuts if c != -1]
+    if cuts:
+        cont_bytes = cont_bytes[: min(cuts)]
+    head = b"".join(model.piece(i, special=False) for i in prefix_ids)
+    forced_bytes = b"" if model.is_eog(forced) else model.piece(forced, special=False)
+    return (head + forced_bytes + cont_bytes).decode("utf-8", errors="replace")
+
+
+def _ended(req: Request, finish: str) -> Sample:
+    """A continuation that ends at its forced token (end of generation, or no tokens left)."""
+    return Sample(req.prompt, list(req.prompt_tokens), req.settings.to_dict(), 0, "", finish, [],
+                  Timing(len(req.prompt_tokens), 0, 0.0, 0.0, 0.0), key=req.key)
+
+
+def decode_continuations(model: Model, prompt_ids: list[int], base_ids: list[int], requests: list[Request],
+                         parallel: int, stats: dict | None = None) -> Iterator[Sample]:
+    """Decode continuations (Request.prompt_tokens = prompt + base[:t] + [w], w no end-of-generation token,
+    max_tokens >= 1) batched, sharing the base path's cells; yield each Sample as it finishes. See the module
+    docstring."""
+    stats = stats if stats is not None else {}
+    L = len(prompt_ids)
+    engine = Engine(model, parallel)
+    engine._top_n = max((r.n_logprobs for r in requests), default=0)
+    todo: deque[Request] = deque(requests)
+    if not todo:
+        return
+    n_par = min(parallel, len(todo), MAX_SEQUENCES - 1)  # sequence 0 holds the base path
+    longest = max(r.max_tokens for r in todo)
+    full = prompt_ids + base_ids
+    with model.context(n_ctx=round_ctx(len(full) + n_par * (longest + 2) + 1), n_seq_max=n_par + 1) as ctx:
+        ctx.prefill(full, seq=0)
+        stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + len(full)
+        slots: list[_Live | None] = [None] * n_par
+        try:
+            while todo or any(slots):
+                groups: dict[tuple, list[_Live]] = {}
+                for s in range(n_par):
+                    if slots[s] is None and todo:
+                        r = todo.popleft()
+                        seq, t = s + 1, len(r.prompt_tokens) - 1 - L
+                        ctx.seq_rm(seq)
+                        ctx.seq_cp(0, seq, 0, L + t)
+                        live = _Live(r, seq, Sampler(r.settings, model.n_vocab), max_tokens=r.max_tokens,
+                                     t_start=time.perf_counter(), pos=L + t + 1)
+                        slots[s] = live
+                        groups.setdefault((t, r.prompt_tokens[-1]), []).append(live)
+                rows: list[list[_Live]] = list(groups.values())
+                toks = [g[0].req.prompt_tokens[-1] for g in rows]
+                pos = [g[0].pos - 1 for g in rows]
+                seqs = [g[0].slot for g in rows]
+                stats["forced_tokens"] = stats.get("forced_tokens", 0) + len(rows)
+                stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + len(rows)
+                for live in slots:
+                    if live is not None and live.pending is not None:
+                        rows.append([live])
+                        toks.append(live.pending)
+                        pos.append(live.pos)
+                        seqs.append(live.slot)
+                ctx.decode(toks, pos, seqs, [1] * len(toks))
+                stats["decodes"] = stats.get("decodes", 0) + 1
+                stats["decoded_tokens"] = stats.get("decoded_tokens", 0) + len(toks)
+                for i, members in enumerate(rows):
+                    row = ctx.logits(i)
+                    lead = members[0]
+                    for m in members[1:]:  # the forced token's cell, decoded once for the group
+                        ctx.seq_cp(lead.slot, m.slot, lead.pos - 1, lead.pos)
+                    if lead.pending is not None:
+                        lead.pos += 1
+                        lead.pending = None
+                    st = RowStats.of(row, None, engine._top_n)
+                    for m in members:
+                        engine._step(m, row, st)
+                for s in range(n_par):
+                    live = slots[s]
+                    if live is not None and live.finish is not None:
+                        ctx.seq_rm(live.slot)
+                        live.sampler.close()
+                        slots[s] = None
+                        yield engine._sample(live)
+        finally:
+            for live in slots:
+                if live is not None:
+                    live.sampler.close()
+
+
+def _requests(model: Model, store: Store, run_id: int, base_ids: list[int], prompt_ids: list[int],
+              opts: RunOptions, settings: SamplingSettings) -> list[Request]:
+    reqs = []
+    for s in store.pending(run_id):
+        x = s.extra or {}
+        if x.get("role") != "continuation":
+            continue
+        t = x["position"]
+        reqs.append(Request(s.prompt, settings.with_(seed=s.seed), max(opts.max_tokens - t - 1, 0), opts.n_logprobs,
+                            opts.stop, key=s.sample_idx, prompt_tokens=prompt_ids + base_ids[:t] + [x["forced_token"]]))
+    return reqs
+
+
+def execute_fork(model: Model, store: Store, run_id: int,
+                 on_progress: Callable[[ForkProgress], None] | None = None) -> ForkProgress:
+    """Decode the pending continuations of a fork run, saving each with its outcome as it finishes."""
+    info = store.run(run_id)
+    if info.kind != KIND:
+        raise StoreError(f"run {info.id} is a {info.kind} run, not a fork run; resume it with `llamalens "
+                         f"{info.kind} --resume {info.id}`")
+    check_resumable(info)
+    check_run_model(store, info, model)
+    opts = info.options
+    settings, base_settings = store.configs(run_id)
+    all_samples = store.samples(run_id, only_done=False)
+    base_row = all_samples[0]
+    fork = base_row.extra["fork"]
+    outcome = OutcomeSpec.from_dict(fork["outcome"])
+    if base_row.status != "done":
+        raise StoreError(f"run {run_id} has no base path stored (it was stopped while planning); start it again")
+    base_ids = [t.id for _, t in store.tokens(run_id, 0)]
+    prompt_ids = model.prompt_tokens(info.options.prompts[0])
+    reqs = _requests(model, store, run_id, base_ids, prompt_ids, opts, settings)
+    cont = [s for s in all_samples if (s.extra or {}).get("role") == "continuation"]
+    left = {}
+    for s in cont:
+        if s.status != "done":
+            left[s.extra["position"]] = left.get(s.extra["position"], 0) + 1
+    by_key = {s.sample_idx: s for s in cont}
+    positions = {s.extra["position"] for s in cont}
+    prog = ForkProgress(len(cont) - len(reqs), len(cont), 0, 0.0, positions_done=len(positions) - len(left),
+                        positions_total=len(positions))
+    stats = dict((base_row.extra or {}).get("decode_stats") or {})
+    t0 = time.perf_counter()
+    with writing(store, run_id, prog, ForkInterrupted, on_stop=lambda: _record_stats(store, run_id, stats)) as writer:
+        ended = [r for r in reqs if model.is_eog(r.prompt_tokens[-1]) or r.max_tokens <= 0]
+        live = [r for r in reqs if not (model.is_eog(r.prompt_tokens[-1]) or r.max_tokens <= 0)]
+        if opts.exact:
+            engine = Engine(model, 1)
+            samples = engine.run(live) if live else iter(())
+        else:
+            samples = decode_continuations(model, prompt_ids, base_ids, live, opts.parallel, stats)
+        ended_samples = [_ended(r, "stop" if model.is_eog(r.prompt_tokens[-1]) else "length") for r in ended]
+        for sample in itertools.chain(ended_samples, samples):
+            planned = by_key[sample.key]
+            x = dict(planned.extra)
+            t = x["position"]
+            text = _full_text(model, base_ids[:t], x["forced_token"], sample, opts.stop)
+            x["outcome"] = outcome.extract(text)
+            store.save_sample(run_id, sample.key, replace(sample, text=text), writer, extra=x)
+            prog.done += 1
+            prog.tokens += len(sample.tokens)
+            prog.elapsed = time.perf_counter() - t0
+            prog.saved.append(sample.key)
+            left[t] -= 1
+            if left[t] == 0:
+                prog.positions_done += 1
+            if on_progress:
+                on_progress(prog)
+        if opts.exact:
+            for k in ("decodes", "decoded_tokens"):
+                stats[k] = stats.get(k, 0) + engine.stats[k]
+            stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + engine.stats["prompt_tokens"]
+        _record_stats(store, run_id, stats)
+        store.set_status(run_id, "done", noise=fork_noise(model, store, run_id, base_ids, prompt_ids))
+    return prog
+
+
+class ForkInterrupted(SweepInterrupted):
+    """A fork run stopped before its end; what was committed is saved (the message names `fork --resume`)."""
+
+    def __init__(self, run_id: int, done: int, total: int, why: str = "interrupted"):
+        super().__init__(run_id, done, total, why)
+        self.args = (f"{why}: {done}/{total} continuations of run {run_id} are saved; "
+                     f"resume with: llamalens fork --resume {run_id}",)
+
+
+def _record_stats(store: Store, run_id: int, stats: dict) -> None:
+    """Keep the decode counters with the base sample (summed over resumes)."""
+    x = dict(store.samples(run_id, only_done=False)[0].extra or {})
+    x["decode_stats"] = {k: int(v) for k, v in stats.items()}
+    store.set_extra(run_id, 0, x)
+
+
+def fork_noise(model: Model, store: Store, run_id: int, base_ids: list[int], prompt_ids: list[int],
+               k: int = NOISE_CONTINUATIONS) -> dict:
+    """Re-decode k continuations' tokens one at a time after their prefix; compare with the stored values
+    (the same figures as a sweep's noise floor)."""
+    conts = [s for s in store.samples(run_id) if (s.extra or {}).get("role") == "continuation"]
+    with_tokens = [s for s in conts if s.timing and s.timing.generated_tokens > 0]
+    picks = [with_tokens[int(i)] for i in np.unique(np.linspace(0, len(with_tokens) - 1, min(k, len(with_tokens))
+                                                                ).astype(int))] if with_tokens else []
+    deltas, agree = [], 0
+    for s in picks:
+        toks = [t for _, t in store.tokens(run_id, s.sample_idx)]
+        t = s.extra["position"]
+        ref = rescore(model, s.prompt, [x.id for x in toks], prompt_ids + base_ids[:t] + [s.extra["forced_token"]])
+        for tok, (lp, top1) in zip(toks, ref):
+            deltas.append(abs(tok.logprob - lp))
+            agree += int((tok.top[0].id if tok.top else tok.id) == top1)
+    if not deltas:
+        return {"samples": 0}
+    d = np.array(deltas)
+    return {"samples": len(picks), "tokens": len(d), "mean_abs_dlogprob": float(d.mean()),
+            "p95_abs_dlogprob": float(np.quantile(d, 0.95)), "p99_abs_dlogprob": float(np.quantile(d, 0.99)),
+            "max_abs_dlogprob": float(d.max()), "top1_agreement": agree / len(d)}
+
+
+# -- reading a fork run back ---------------------------------------------------------------------------
+@dataclass
+class ForkRun:
+    info: object  # store.RunInfo
+    base: object  # StoredSample
+    base_tokens: list  # TokenRecord
+    spec: dict
+    outcome: OutcomeSpec
+    analysis: ForkAnalysis
+    stats: dict
+    cost: dict
+
+
+def load_fork(store: Store, run_id) -> ForkRun:
+    """A fork run from the store, analysed from its finished continuations (pending ones carry no weight)."""
+    info = store.run(run_id)
+    if info.kind != KIND:
+        raise StoreError(f"run {info.id} is a {info.kind} run, not a fork run")
+    samples = store.samples(info.id, only_done=False)
+    base = samples[0]
+    tokens = store.tokens_by_sample(info.id)
+    fork = base.extra["fork"]
+    groups: dict[int, dict[int, Branch]] = {}
+    for s in samples[1:]:
+        x = s.extra
+        g = groups.setdefault(x["position"], {})
+        b = g.get(x["forced_token"])
+        if b is None:
+            b = g[x["forced_token"]] = Branch(x["position"], x["forced_token"],
+                                              visible(x["forced_text"], x["forced_bytes"]), x["prob"], x["chosen"])
+        if s.status == "done":
+            b.outcomes.append(x["outcome"])
+            if not b.example:
+                cont = "".join(visible(t.text, t.bytes) for t in tokens.get(s.sample_idx, []) if not t.eog)
+                b.example = b.text + cont
+    positions = sorted(t for t, g in groups.items() if any(b.outcomes for b in g.values()))
+    branches = [sorted(groups[t].values(), key=lambda b: (not b.chosen, -b.prob)) for t in positions]
+    analysis = analyse(branches, positions, base.extra.get("outcome", NONE))
+    return ForkRun(info, base, tokens.get(0, []), fork, OutcomeSpec.from_dict(fork["outcome"]), analysis,
+                   base.extra.get("decode_stats") or {}, base.extra.get("cost") or {})
+
+
+def resume_target(store: Store, run_id, model: str | None = None):
+    """(run id, model path, model options) to finish an interrupted fork run."""
+    info = store.run(run_id)
+    if info.kind != KIND:
+        raise StoreError(f"run {info.id} is a {info.kind} run, not a fork run; resume it with "
+                         f"`llamalens {info.kind} --resume {info.id}`")
+    check_resumable(info)
+    return info.id, model or info.model.path, info.options.model_options

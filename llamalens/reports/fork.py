@@ -1,0 +1,132 @@
+"""The report of a fork run: the base path coloured by how far the outcome distribution moves at each token
+(hover: the branches there, their probabilities, outcome histograms and one continuation each), the
+stacked outcome distributions o_t with the change points, and the table of forking tokens.
+
+Only data is collected here; document.py writes the markup (every text escaped there)."""
+
+from __future__ import annotations
+
+from ..visible import label, visible
+from .document import Document, Figure, Heading, KeyValues, Para, Strips, Table, TokenView, fork_class, prob_class
+from .run import describe_noise
+from .texts import model_line
+
+EXAMPLE_CHARS = 160
+TOP_JUMPS = 15
+
+
+def histogram_text(hist: dict[str, int]) -> str:
+    return ", ".join(f"{visible(k)} {v}" for k, v in sorted(hist.items(), key=lambda kv: -kv[1]))
+
+
+def distribution_text(dist: dict[str, float], most: int = 3) -> str:
+    items = sorted(((k, v) for k, v in dist.items() if v > 0), key=lambda kv: -kv[1])
+    shown = ", ".join(f"{visible(k)} {v:.2f}" for k, v in items[:most])
+    return shown + (f" (+{len(items) - most} more)" if len(items) > most else "")
+
+
+def prefill_line(stats: dict, cost: dict) -> str:
+    naive = cost.get("naive_prefill")
+    done = stats.get("prefill_tokens")
+    if not naive or not done:
+        return "–"
+    return (f"{done:,} prompt/prefix tokens decoded for {cost.get('sequences', 0):,} continuations; "
+            f"prefilling each continuation's prefix on its own would decode {naive:,} ({naive / done:.0f}× as many)")
+
+
+def fork_document(fr) -> Document:
+    """A fork run (fork.ForkRun) as a report document."""
+    from . import plots
+
+    a, info = fr.analysis, fr.info
+    doc = Document(f"llamalens fork: run {info.id}" + (f" ({label(info.name)})" if info.name else ""),
+                   fields=["p", "outcome shift (TV)", "noise (95%)", "o_t", "forking"],
+                   alt_titles=["branches: p(w), outcomes of its continuations", "one continuation per branch"],
+                   modes=[("fork", "outcome shift"), ("prob", "probability")])
+    n_cont = sum(len(b.outcomes) for g in a.branches for b in g)
+    doc.add(KeyValues([
+        ("model", model_line(info.model)),
+        ("prompt", visible(info.options.prompts[0], edge_spaces=False) if info.options.prompts else ""),
+        ("outcome", fr.outcome.describe()),
+        ("base path", f"{len(fr.base_tokens)} tokens, {'sampled' if fr.spec.get('sampled_base') else 'greedy'}; "
+                      f"its outcome: {visible(a.base_outcome)}"),
+        ("branches", f"chosen token + top {fr.spec['alternatives']} alternatives with p >= {fr.spec['min_prob']}, "
+                     f"{fr.spec['samples']} continuation(s) each; {n_cont:,} continuations at {len(a.positions)} "
+                     "positions"),
+        ("status", f"{info.status}, {info.n_done}/{info.n_samples} sequences"
+                   + (", batched" if not info.options.exact else ", exact (one sequence at a time)")),
+        ("prefill", prefill_line(fr.stats, fr.cost)),
+        ("forking tokens", ", ".join(f"{j.position} {_tok(fr, j.position)} "
+                                     f"(TV {j.size:.2f})" for j in a.forking) or "none"),
+    ]))
+    noise = describe_noise(info.noise)
+    if noise:
+        doc.add(Para(noise + ". Continuations are batched; their logprobs carry this noise, their outcomes are "
+                     "counted as decoded.", "note"))
+    if info.status != "done":
+        doc.add(Para(f"run {info.id} is {info.status}: only finished continuations are counted; "
+                     f"resume with `llamalens fork --resume {info.id}`", "warn"))
+    doc.add(Heading("The base path"))
+    doc.add(Para("Each token is coloured by how far the outcome distribution moves from that position to the next "
+                 "analysed one (total variation: 0 = not at all, 1 = a different answer for sure). Hover a token for "
+                 "its branches: the alternatives, their raw probabilities and what their continuations answered.",
+                 "note"))
+    views = []
+    row_of = {p: i for i, p in enumerate(a.positions)}
+    for t in fr.base_tokens:
+        i = row_of.get(t.position)
+        j = a.jump_at(t.position)
+        shift = j.size if j else 0.0
+        alts, examples = [], []
+        if i is not None:
+            for b in a.branches[i]:
+                alts.append((b.text + (" (chosen)" if b.chosen else ""), f"{b.prob:.3f}: {histogram_text(b.histogram())}"))
+                examples.append((b.text, b.example[:EXAMPLE_CHARS] + ("…" if len(b.example) > EXAMPLE_CHARS else "")))
+        views.append(TokenView(
+            visible(t.text, t.bytes), t.id, f"{fork_class(shift)} {prob_class(t.prob)}",
+            [f"{t.prob:.4f}", f"{shift:.3f}" if j else "–", f"{j.noise95:.3f}" if j else "–",
+             distribution_text(a.distribution(i)) if i is not None else "not analysed",
+             ("yes" if j.forking else "no") if j else "–"],
+            [alts, examples], notable=shift, newline=bytes.fromhex(t.bytes).endswith(b"\n"),
+            mark="forking token" if j and j.forking else ""))
+    doc.add(Strips("Base path", [("base", views)], context=visible(info.options.prompts[0], edge_spaces=False)
+                   if info.options.prompts else ""))
+    doc.add(Heading("Outcome distribution along the base path"))
+    cps = [j.index for j in a.jumps if j.change_point]
+    doc.add(Figure(plots.outcome_areas(a.positions, a.series, [visible(x) for x in a.labels], cps,
+                                       [j.index for j in a.forking],
+                                       [_tok(fr, p) for p in a.positions]),
+                   "outcomes",
+                   "o_t: the share of each outcome among the continuations from position t (branches weighted by "
+                   "their raw probability); 'end' is the base path's own outcome. Dashed lines: change points of "
+                   "the series; red lines: forking tokens (a change point whose jump exceeds the bootstrap noise). "
+                   "A line after a token means choosing that token moved the distribution."))
+    doc.add(Heading("Forking tokens"))
+    top = sorted(a.jumps, key=lambda j: -j.size)[:TOP_JUMPS]
+    rows = [[j.position, _tok(fr, j.position), j.size, j.noise95, j.p_value,
+             "yes" if j.change_point else "", "yes" if j.forking else "",
+             distribution_text(a.distribution(j.index - 1)), distribution_text(a.distribution(j.index))]
+            for j in top if j.size > 0]
+    if rows:
+        doc.add(Table(["position", "token", "jump (TV)", "noise 95%", "p", "change point", "forking", "o before",
+                       "o after"], rows,
+                      caption="The largest moves of the outcome distribution, each attributed to the token after "
+                              "which it happens. noise 95%: what resampling the continuations makes of a jump that "
+                              "is not there (bootstrap); p: the share of such jumps at least as large."))
+    else:
+        doc.add(Para("The outcome distribution does not move along the base path: no token forks it.", "note"))
+    doc.add(Heading("Per position"))
+    doc.add(Table(["position", "token", "p", "branches", "continuations", "o_t"],
+                  [[p, _tok(fr, p), _prob(fr, p), len(a.branches[i]),
+                    sum(len(b.outcomes) for b in a.branches[i]), distribution_text(a.distribution(i), most=5)]
+                   for i, p in enumerate(a.positions)]))
+    return doc
+
+
+def _tok(fr, position: int) -> str:
+    t = fr.base_tokens[position] if position < len(fr.base_tokens) else None
+    return visible(t.text, t.bytes) if t else "?"
+
+
+def _prob(fr, position: int) -> float:
+    return fr.base_tokens[position].prob if position < len(fr.base_tokens) else float("nan")

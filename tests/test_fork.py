@@ -1,0 +1,382 @@
+"""`llamalens fork` (issue 18): outcomes, the outcome distributions and their jumps recomputed here with numpy
+from what the store holds, continuations equal to `generate` from the same prefix, synthetic cases whose
+forking tokens are known by construction, kill -9 and resume, the report in Chromium, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from browser import Browser
+from llamalens.cli import main
+from llamalens.engine import Engine, Request
+from llamalens.fork import ForkSpec, OutcomeSpec, execute_fork, load_fork, parse_positions, start_fork
+from llamalens.forking import Branch, analyse
+from llamalens.settings import SamplingSettings
+from llamalens.store import Store
+from llamalens.sweep import rescore
+
+PRIME = "Q: Is 17 a prime number? Answer yes or no, then explain. A:"
+FIRST_CHAR = r"(?s)^(.)"  # the completion's first character: decided by the token at position 0
+
+
+def cli(*args, ok=True):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+# -- references, written here ---------------------------------------------------------------------------
+def ref_outcome_options(text: str, options: list[str]) -> str:
+    """The option whose first whole-word, case-insensitive occurrence comes first."""
+    best = None
+    low = text.lower()
+    for opt in options:
+        for m in re.finditer(re.escape(opt.lower()), low):
+            a, b = m.start(), m.end()
+            if (a == 0 or not low[a - 1].isalnum() and low[a - 1] != "_") and \
+                    (b == len(low) or not low[b].isalnum() and low[b] != "_"):
+                if best is None or a < best[0]:
+                    best = (a, opt)
+                break
+    return best[1] if best else "none"
+
+
+def ref_series(samples: list, base_outcome: str, outcome_of) -> tuple[list[int], list[str], np.ndarray]:
+    """o_t from the stored continuations: per position, Σ_w p(w)/Σp · histogram_w / n_w; then o_end."""
+    by_pos: dict[int, dict[int, list]] = {}
+    for s in samples:
+        x = s.extra
+        if x.get("role") == "continuation":
+            by_pos.setdefault(x["position"], {}).setdefault(x["forced_token"], []).append((x["prob"], outcome_of(s)))
+    labels = sorted({o for g in by_pos.values() for lst in g.values() for _, o in lst} | {base_outcome})
+    rows = []
+    for t in sorted(by_pos):
+        row = np.zeros(len(labels))
+        total = sum(lst[0][0] for lst in by_pos[t].values())
+        for lst in by_pos[t].values():
+            for p, o in lst:
+                row[labels.index(o)] += p / total / len(lst)
+        rows.append(row)
+    rows.append(np.eye(len(labels))[labels.index(base_outcome)])
+    return sorted(by_pos), labels, np.array(rows)
+
+
+def as_matrix(fork_json: dict, labels: list[str]) -> np.ndarray:
+    rows = [p["distribution"] for p in fork_json["positions"]] + [fork_json["end"]]
+    return np.array([[r.get(lab, 0.0) for lab in labels] for r in rows])
+
+
+# -- 1. pure parts ---------------------------------------------------------------------------------------
+def test_outcome_extraction():
+    opts = OutcomeSpec("options", options=("yes", "no"))
+    assert opts.extract(" No, it is not. Yes it is.") == "no"
+    assert opts.extract(" I know nothing; yes.") == "yes"  # 'no' inside 'know' / 'nothing' is no answer
+    assert opts.extract(" maybe") == "none"
+    assert OutcomeSpec("regex", regex=r"is (\w+)").extract("it is prime, is it") == "prime"  # group 1
+    assert OutcomeSpec("regex", regex=r"\d+").extract("about 42 or 43") == "42"  # the whole match
+    assert OutcomeSpec("regex", regex=r"\d+").extract("none here") == "none"
+    assert OutcomeSpec().extract("\n\n  The  Answer:  Yes!\nmore") == "the answer:  yes".replace("  ", " ")
+    assert OutcomeSpec().extract(" \n ") == "none"
+    for text in [" No, it is not. Yes it is.", "yes", "nope, no", "NO!", "a yes-man says no"]:
+        assert opts.extract(text) == ref_outcome_options(text, ["yes", "no"])
+    assert parse_positions("all") is None and parse_positions("3") == (3, 3) and parse_positions("2-7") == (2, 7)
+
+
+def test_analysis_of_known_series():
+    """Hand-made branches: o_t and the jumps against numpy; a fixed answer forks nowhere; a first token that
+    decides it forks exactly there; a jump smaller than its bootstrap noise is no forking token."""
+    def b(t, p, outs, chosen=False):
+        return Branch(t, 0, "x", p, chosen, list(outs))
+
+    fixed = [[b(t, 0.7, "AAAA", True), b(t, 0.3, "AAAA")] for t in range(5)]
+    a = analyse(fixed, list(range(5)), "A")
+    assert np.allclose(a.series, 1.0) and a.forking == [] and all(j.size < 1e-12 for j in a.jumps)
+
+    first = [[b(0, 0.6, "AAAA", True), b(0, 0.2, "BBBB"), b(0, 0.1, "CCCC")]] + \
+            [[b(t, 0.8, "AAAA", True), b(t, 0.1, "AAAA")] for t in range(1, 6)]
+    a = analyse(first, list(range(6)), "A")
+    o0 = np.array([0.6, 0.2, 0.1]) / 0.9
+    assert np.allclose(a.series[0], o0) and a.labels == ["A", "B", "C"]
+    assert [j.position for j in a.forking] == [0]
+    assert a.jumps[0].size == pytest.approx(0.5 * (abs(o0[0] - 1) + o0[1] + o0[2]), abs=1e-12)
+
+    # one continuation in four says B at one position: a bump that resampling four samples makes easily
+    noisy = [[b(t, 1.0, "AAAB" if t == 2 else "AAAA", True)] for t in range(5)]
+    a = analyse(noisy, list(range(5)), "A")
+    assert a.jumps[1].size == pytest.approx(0.25) and a.jumps[1].noise95 >= 0.25 and a.forking == []
+
+
+# -- 2. the default model: a factual prompt with --options -------------------------------------------------
+@pytest.fixture(scope="module")
+def prime_run(gemma_path, tmp_path_factory):
+    db = tmp_path_factory.mktemp("fork") / "f.db"
+    res = cli("fork", PRIME, "--options", "yes,no", "-n", 8, "--samples", 2, "--alternatives", 2, "--min-prob", 0.02,
+              "--positions", "0-4", "--parallel", 16, "--name", "prime", "--json", "--store", db,
+              "--model", gemma_path, "--flash-attn", "off", "--ctx", 512)
+    return db, json.loads(res.stdout)
+
+
+@pytest.mark.slow
+def test_factual_prompt_distributions_match_the_stored_continuations(prime_run):
+    db, out = prime_run
+    store = Store(db)
+    info = store.run("prime")
+    assert info.kind == "fork" and info.status == "done" and info.n_done == info.n_samples
+    samples = store.samples(info.id)
+    base = samples[0]
+    fork = out["fork"]
+    assert sum(fork["positions"][0]["distribution"].values()) == pytest.approx(1.0, abs=1e-12)
+    # every stored outcome is what the outcome rule gives for the stored text (the rule re-implemented here)
+    for s in samples[1:]:
+        assert s.extra["outcome"] == ref_outcome_options(s.text, ["yes", "no"])
+    assert base.extra["outcome"] == ref_outcome_options(base.text, ["yes", "no"])
+    # a continuation's text starts with the base path's first t tokens and its forced token
+    base_tokens = [t for _, t in store.tokens(info.id, 0)]
+    for s in samples[1:]:
+        head = "".join(t.text for t in base_tokens[: s.extra["position"]])
+        assert s.text.startswith(head)
+    positions, labels, ref = ref_series(samples, base.extra["outcome"], lambda s: s.extra["outcome"])
+    assert positions == [p["position"] for p in fork["positions"]] == [0, 1, 2, 3, 4]
+    got = as_matrix(fork, labels)
+    assert np.allclose(got, ref, atol=1e-12)
+    assert np.allclose(got.sum(axis=1), 1.0, atol=1e-12)
+    # the forking table: each jump is the TV between consecutive rows; forking = change point and above noise
+    tv = 0.5 * np.abs(np.diff(ref, axis=0)).sum(axis=1)
+    jumps = fork["jumps"]
+    assert np.allclose([j["size"] for j in jumps], tv, atol=1e-12)
+    assert [j["position"] for j in jumps] == positions
+    assert fork["forking_positions"] == [j["position"] for j in jumps
+                                         if j["change_point"] and j["size"] > j["noise95"] and j["size"] > 0]
+    # prefill: prompt + base once, plus one forced token per branch group, far below the naive count
+    stats, cost = out["decode_stats"], out["cost"]
+    assert stats["prefill_tokens"] <= cost["prefill"] and cost["naive_prefill"] > 5 * stats["prefill_tokens"]
+
+
+@pytest.mark.slow
+def test_runs_show_export_and_report_understand_fork_runs(prime_run, tmp_path):
+    db, out = prime_run
+    runs = json.loads(cli("runs", "--json", "--store", db).stdout)
+    assert runs[0]["kind"] == "fork" and runs[0]["status"] == "done"
+    shown = cli("show", "prime", "--store", db).stdout
+    assert "forking tokens:" in shown and "fork run" in shown and "prefill:" in shown
+    assert json.loads(cli("show", "prime", "--json", "--store", db).stdout)["fork"] == out["fork"]
+    cli("export", "prime", "--format", "jsonl", "-o", tmp_path / "f.jsonl", "--store", db)
+    lines = [json.loads(x) for x in (tmp_path / "f.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert lines[0]["extra"]["role"] == "base" and {x["extra"]["role"] for x in lines[1:]} == {"continuation"}
+    cli("export", "prime", "--format", "csv", "-o", tmp_path / "f.csv", "--store", db)
+    cli("report", "prime", "-o", tmp_path / "f.md", "--store", db)
+    assert "Forking tokens" in (tmp_path / "f.md").read_text(encoding="utf-8")
+
+
+# -- 3. continuations are `generate` from the same prefix + forced token --------------------------------------
+@pytest.mark.slow
+def test_continuations_equal_generate_exact_and_batched_within_noise(gemma, tmp_path):
+    n = 5
+    spec = dict(prompt=PRIME, settings=SamplingSettings(temperature=0.9), outcome=OutcomeSpec("options", options=("yes", "no")),
+                samples=2, alternatives=2, min_prob=0.02, positions=(0, 1), max_tokens=n)
+    store = Store(tmp_path / "e.db")
+    runs = {}
+    for exact in (True, False):
+        rid, _ = start_fork(gemma, store, ForkSpec(**spec, exact=exact, parallel=8))
+        execute_fork(gemma, store, rid)
+        runs[exact] = rid
+    prompt_ids = gemma.prompt_tokens(PRIME)
+    base_ids = [t.id for _, t in store.tokens(runs[True], 0)]
+    # the base path is `generate` (greedy) of the prompt
+    from llamalens.engine import generate
+    assert [t.id for t in generate(gemma, PRIME, SamplingSettings(temperature=0), max_tokens=n).tokens] == base_ids
+    # exact: each continuation is the single-sequence engine (what `generate` runs) from prefix + forced token
+    conts = store.samples(runs[True])[1:]
+    reqs = [Request(PRIME, spec["settings"].with_(seed=s.seed), n - s.extra["position"] - 1, 5, key=s.sample_idx,
+                    prompt_tokens=prompt_ids + base_ids[: s.extra["position"]] + [s.extra["forced_token"]])
+            for s in conts if n - s.extra["position"] - 1 > 0]
+    refs = {r.key: r for r in Engine(gemma, 1).run(reqs)}
+    assert len(refs) == len(conts) > 4
+    exact_toks, worst = store.tokens_by_sample(runs[True]), 0.0
+    for s in conts:
+        got, ref = exact_toks.get(s.sample_idx, []), refs[s.sample_idx]
+        assert [t.id for t in got] == [t.id for t in ref.tokens]
+        assert [t.logprob for t in got] == [t.logprob for t in ref.tokens]
+    # batched: the same plan; each continuation's logprobs against its own tokens re-decoded one at a time
+    batched = store.tokens_by_sample(runs[False])
+    for s in store.samples(runs[False])[1:]:
+        toks = batched.get(s.sample_idx, [])
+        if not toks:
+            continue
+        x = s.extra
+        ref = rescore(gemma, PRIME, [t.id for t in toks], prompt_ids + base_ids[: x["position"]] + [x["forced_token"]])
+        worst = max(worst, max(abs(t.logprob - lp) for t, (lp, _) in zip(toks, ref)))
+    print(f"batched continuations: max |Δ logprob| {worst:.4f} against one sequence at a time")
+    # measured here: max 0.14 nats (NOTES.md §6: batched Q4_K_M rows move by up to 0.17); 10x would be more
+    # than most tokens' whole logprob, so the bound is 1 nat: a wrong prefix or position moves them by more
+    assert worst < 1.0
+    assert store.run(runs[False]).noise["tokens"] > 0
+
+
+# -- 4. synthetic cases: the answer's fork known by construction (tiny model, first character) -------------
+def _first_char_run(tiny_path, tmp_path, positions):
+    db = tmp_path / f"s{positions}.db"
+    cli("fork", "the cat", "--outcome", FIRST_CHAR, "--min-prob", 0, "--alternatives", 4, "--samples", 3, "-n", 6,
+        "--positions", positions, "--store", db, "--model", tiny_path, "--ctx", 256, "--temperature", 1.0,
+        "--threads", 1)
+    return Store(db), load_fork(Store(db), 1)
+
+
+def test_a_fixed_answer_has_no_forking_token(tiny_path, tmp_path):
+    """From position 1 on, the first character is already fixed by the base path's token 0: nothing forks."""
+    store, fr = _first_char_run(tiny_path, tmp_path, "1-5")
+    a = fr.analysis
+    assert a.positions == [1, 2, 3, 4, 5]
+    assert fr.base_tokens[0].text and np.allclose(a.series.max(axis=1), 1.0) and a.forking == []
+
+
+def test_a_first_token_that_decides_is_the_one_forking_token(tiny_path, tmp_path):
+    store, fr = _first_char_run(tiny_path, tmp_path, "all")
+    a = fr.analysis
+    base0 = fr.base_tokens[0]
+    assert base0.text, "the base path's first token must carry a character"
+    # the expected jump, from the alternatives at position 0 alone: the mass whose first character differs
+    alts = [(s.extra["prob"], s.extra["forced_text"]) for s in store.samples(1)[1:] if s.extra["position"] == 0
+            and s.extra["sample"] == 0]
+    total = sum(p for p, _ in alts)
+    differ = sum(p for p, text in alts if text and text[0] != base0.text[0]) / total
+    assert differ > 0.05, "precondition: some alternative at position 0 starts with another character"
+    assert [j.position for j in a.forking] == [0]
+    assert a.jumps[0].size == pytest.approx(differ, abs=1e-9)
+    assert all(j.size < 1e-12 for j in a.jumps[1:])
+
+
+# -- 5. kill -9, then --resume: equal to an uninterrupted run ---------------------------------------------------
+def test_resume_after_kill_9_equals_an_uninterrupted_run(tiny_path, tmp_path):
+    args = ["the cat", "--outcome", FIRST_CHAR, "--min-prob", 0, "--alternatives", 3, "--samples", 6, "-n", 16,
+            "--exact", "--temperature", 1.0, "--model", str(tiny_path), "--ctx", 256, "--threads", 1]
+    db = tmp_path / "k.db"
+    proc = subprocess.Popen([sys.executable, "-m", "llamalens", "fork", *map(str, args), "--store", str(db)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:  # until it has committed a continuation, not for a fixed time
+            time.sleep(0.05)
+            try:
+                if Store(db).run(1).n_done >= 2:
+                    break
+            except Exception:  # noqa: BLE001 - not planned yet
+                pass
+            assert proc.poll() is None, proc.communicate()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    info = Store(db).run(1)
+    assert info.status == "interrupted" and 2 <= info.n_done < info.n_samples
+    assert "llamalens fork --resume 1" in cli("show", 1, "--store", db).stdout
+    res = cli("fork", "--resume", 1, "--store", db)
+    assert "resuming fork run 1" in res.output
+    twin = tmp_path / "u.db"
+    cli("fork", *args, "--store", twin)
+    a, b = Store(db), Store(twin)
+    assert a.run(1).status == "done"
+    key = [(s.sample_idx, s.text, s.extra["outcome"], s.seed) for s in a.samples(1)]
+    assert key == [(s.sample_idx, s.text, s.extra["outcome"], s.seed) for s in b.samples(1)]
+    ta, tb = a.tokens_by_sample(1), b.tokens_by_sample(1)
+    assert {k: [(t.id, t.logprob) for t in v] for k, v in ta.items()} == \
+        {k: [(t.id, t.logprob) for t in v] for k, v in tb.items()}
+    assert load_fork(a, 1).analysis.to_dict() == load_fork(b, 1).analysis.to_dict()
+
+
+# -- 6. the report, in Chromium ---------------------------------------------------------------------------------
+def test_fork_report_in_chromium(tiny_path, tmp_path, chromium_path):
+    hostile = "<script>alert(1)</script> \x1b[31m"
+    out = tmp_path / "fork.html"
+    cli("fork", hostile, "--outcome", FIRST_CHAR, "--min-prob", 0, "--samples", 2, "-n", 5, "--stop", "zzz",
+        "--report", out, "--store", tmp_path / "r.db", "--model", tiny_path, "--ctx", 256, "--threads", 1)
+    page_text = out.read_text(encoding="utf-8")
+    assert "<script>alert(1)</script>" not in page_text and page_text.count("<script") == 2
+    with Browser() as b:
+        page = b.open(out)
+        assert page.problems() == []
+        assert page.eval("document.body.dataset.mode") == "fork"
+        assert page.eval("document.querySelectorAll('.tk').length") == 5
+        assert page.eval("document.querySelectorAll('svg').length") >= 1
+        page.hover(".tk", 0)
+        tip = page.eval("document.getElementById('tip').innerText")
+        assert "(chosen)" in tip and "outcome shift" in tip and "one continuation per branch" in tip
+        assert "forking token" in page.eval("document.querySelector('.mk') ? document.querySelector('.mk').title : ''")
+        page.screenshot(tmp_path / "fork.png")
+        assert (tmp_path / "fork.png").stat().st_size > 10_000
+
+
+# -- 7. bad input: one clear line, no traceback -------------------------------------------------------------------
+@pytest.mark.parametrize("args,words", [
+    (["--outcome", "(unclosed"], "not a valid regular expression"),
+    (["--options", "yes"], "at least two"),
+    (["--outcome", "x", "--options", "a,b"], "give one"),
+    (["--outcome-first-line", "--options", "a,b"], "give one"),
+    (["--positions", "3-1"], "ends before it starts"),
+    (["--positions", "x"], "is not 'all', N or N-M"),
+    (["--samples", "0"], "--samples 0 is out of range"),
+    (["--max-sequences", "3"], "more than --max-sequences 3"),
+    (["--positions", "50-60"], "the base path has"),
+])
+def test_bad_input_is_one_clear_line(tiny_path, tmp_path, args, words):
+    res = cli("fork", "the cat", *args, "-n", 4, "--store", tmp_path / "b.db", "--model", tiny_path, "--ctx", 256,
+              "--threads", 1, ok=False)
+    assert res.exit_code in (1, 2) and words in res.output and "Traceback" not in res.output
+
+
+def test_resume_refuses_other_runs_and_settings(tiny_path, tmp_path):
+    db = tmp_path / "o.db"
+    cli("sweep", "the cat", "-n", 2, "--store", db, "--model", tiny_path, "--threads", 1)
+    res = cli("fork", "--resume", 1, "--store", db, ok=False)
+    assert res.exit_code == 1 and "not a fork run" in res.output
+    res = cli("fork", "--resume", 1, "--samples", 3, "--store", db, ok=False)
+    assert res.exit_code == 2 and "--samples" in res.output
+    assert "give a PROMPT" in cli("fork", "--store", db, ok=False).output
+
+
+def test_change_points_are_the_optimal_partition():
+    """The dynamic programme against every partition of small random series, written out here."""
+    from itertools import combinations
+
+    from llamalens.forking import change_points
+
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        n, k = int(rng.integers(2, 8)), int(rng.integers(1, 4))
+        y = rng.dirichlet(np.ones(k), size=n)
+        pen = float(rng.choice([1e-4, 0.01, 0.1, 1.0]))
+
+        def objective(cuts, y=y, n=n, pen=pen):
+            bounds = [0, *cuts, n]
+            return sum(((y[a:b] - y[a:b].mean(axis=0)) ** 2).sum() for a, b in zip(bounds, bounds[1:])) \
+                + pen * (len(cuts) + 1)
+
+        best = min(objective(list(c)) for r in range(n) for c in combinations(range(1, n), r))
+        assert objective(change_points(y, pen)) == pytest.approx(best, abs=1e-12)
+
+
+def test_seed_samples_the_base_path(tiny, tiny_path, tmp_path):
+    """--seed given: the base path is sampled with the run's settings and that seed (as `generate` samples it);
+    without it the base path is greedy; --outcome-first-line is the default outcome."""
+    from llamalens.engine import generate
+
+    db = tmp_path / "seed.db"
+    for extra in (["--seed", 3], ["--outcome-first-line"]):
+        cli("fork", "the cat", "-n", 5, "--samples", 1, "--positions", "0-1", "--temperature", 1.2, "--top-k", 0,
+            *extra, "--store", db, "--model", tiny_path, "--ctx", 256, "--flash-attn", "off", "--threads", 1)
+    store = Store(db)
+    sampled = generate(tiny, "the cat", SamplingSettings(temperature=1.2, top_k=0, seed=3), max_tokens=5)
+    greedy = generate(tiny, "the cat", SamplingSettings(temperature=0), max_tokens=5)
+    assert [t.id for _, t in store.tokens(1, 0)] == [t.id for t in sampled.tokens]
+    assert [t.id for _, t in store.tokens(2, 0)] == [t.id for t in greedy.tokens]
+    assert sampled.text != greedy.text  # the check can tell the two apart
+    assert store.samples(2)[0].extra["fork"]["outcome"]["mode"] == "first_line"
+    assert store.configs(1)[1].temperature == 1.2 and store.configs(2)[1].temperature == 0
