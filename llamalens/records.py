@@ -159,11 +159,12 @@ class RunOptions:
     prompts: tuple[str, ...] = ()
     seeds: tuple[int, ...] = ()
     model_options: ModelOptions = ModelOptions()
+    chats: tuple[dict, ...] = ()  # per prompt, the chat.ChatPrompt it was rendered from (empty: raw prompts)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "RunOptions":
         k = _known(cls, d)
-        for name in ("stop", "prompts", "seeds"):
+        for name in ("stop", "prompts", "seeds", "chats"):
             if name in k:
                 k[name] = tuple(k[name])
         k["model_options"] = ModelOptions.from_dict(k.get("model_options"))

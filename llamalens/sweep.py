@@ -48,6 +48,7 @@ class SweepSpec:
     name: str | None = None
     exact: bool = False
     parallel: int = DEFAULT_PARALLEL
+    chats: list[dict] = field(default_factory=list)  # per prompt, the conversation it was rendered from (chat.py)
 
     def plan(self) -> list[tuple[int, int, int, str]]:
         return [(p, c, s, prompt) for p, prompt in enumerate(self.prompts) for c in range(len(self.configs))
@@ -109,7 +110,7 @@ def start_sweep(model: Model, store: Store, spec: SweepSpec, command: str = "",
             on_note(note)
     options = RunOptions(max_tokens=spec.max_tokens, n_logprobs=spec.n_logprobs, stop=tuple(spec.stop),
                          exact=spec.exact, parallel=1 if spec.exact else spec.parallel, prompts=tuple(spec.prompts),
-                         seeds=tuple(spec.seeds), model_options=model.options)
+                         seeds=tuple(spec.seeds), model_options=model.options, chats=tuple(spec.chats))
     return store.create_run(name=spec.name, command=command, model=model.describe(),
                             model_hash=store.model_hash(model.path), versions=library_versions(),
                             hardware=hardware(model), options=options, configs=spec.configs, plan=spec.plan())

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 
 import click
 
-from .options import axis_options, json_option, model_option, pop_axes, pop_model_options, report_option, \
-    runtime_options, store_option
+from .options import axis_options, chat_options, json_option, model_option, pop_axes, pop_chat, pop_model_options, \
+    report_option, runtime_options, store_option
 from .output import records, say, check_report_path, shell_command, fail_cleanly, json_out, load_model, print_table, sweep_progress, write_report
 
 
@@ -30,7 +30,8 @@ def sigterm_as_interrupt(got: list):
 
 
 # what a resumed run takes from the store; giving any of these with --resume is refused, not ignored
-RUN_DEFINED = ("prompts", "prompts_file", "seeds", "seed_list", "max_tokens", "logprobs", "stop", "preset", "grid_file",
+RUN_DEFINED = ("prompts", "prompts_file", "chat", "system", "chat_template", "messages_file",
+               "seeds", "seed_list", "max_tokens", "logprobs", "stop", "preset", "grid_file",
                "name", "parallel", "exact", "ctx", "batch", "flash_attn", "gpu_layers")
 
 
@@ -66,6 +67,7 @@ def _given(ctx: click.Context, names) -> list[str]:
 @click.option("--resume", "resume_id", default=None, help="Finish an interrupted run (its missing samples only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @report_option("Also write the run's report (FILE.html or FILE.md) when it finishes.")
+@chat_options
 @store_option
 @model_option
 @runtime_options
@@ -78,6 +80,7 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
     llamalens sweep "Once upon a time" -t 0,0.7,1.0 --top-k 2,40 --top-p 0.01,0.95 --seeds 3
     llamalens sweep --prompts-file prompts.txt --preset balanced --seeds 5 --name my-run
     llamalens sweep --resume 7          # after Ctrl-C, a kill or a crash
+    llamalens sweep --messages chats.jsonl --chat-template gemma -t 0,0.7 --seeds 2
     """
     from .. import grid
     from ..inputs import read_prompts
@@ -85,6 +88,7 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
     from ..sweep import SweepInterrupted, SweepSpec, execute, resume_target, start_sweep
 
     axes_text = pop_axes(kw)
+    chat = pop_chat(kw)
     if resume_id is not None:
         conflicts = _given(click.get_current_context(), RUN_DEFINED + tuple("ax_" + a for a in axes_text))
         if conflicts:
@@ -99,13 +103,23 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
         say(f"resuming run {run_id}: {info.n_samples - info.n_done} of {info.n_samples} samples to go", err=True)
     else:
         prompts = tuple(prompts) + (tuple(read_prompts(prompts_file)) if prompts_file else ())
-        if not prompts:
-            raise click.UsageError("give at least one PROMPT or --prompts-file")
+        convs = chat.conversations(prompts) if chat.on else None
+        if not prompts and not convs:
+            raise click.UsageError("give at least one PROMPT, --prompts-file or --messages")
         configs = grid.build_configs(preset, grid_file, axes_text)
         seed_values = grid.parse_seeds(seeds, seed_list)
         grid.check(configs, seed_values)
-        spec = SweepSpec(list(prompts), configs, seed_values, max_tokens, logprobs, tuple(stop), name, exact, parallel)
         loaded = load_model(model, pop_model_options(kw))
+        chats = None
+        if convs:
+            from ..chat import render_all
+
+            chats = render_all(loaded, convs, chat.template)
+            prompts = tuple(c.text for c in chats)
+            say(f"chat: {len(chats)} conversation(s) rendered with {chats[0].template}; the analysis covers the "
+                "replies", err=True)
+        spec = SweepSpec(list(prompts), configs, seed_values, max_tokens, logprobs, tuple(stop), name, exact, parallel,
+                         chats=[c.to_dict() for c in chats] if chats else [])
         run_id = start_sweep(loaded, store, spec, command=shell_command(["llamalens"] + sys.argv[1:]),
                              on_note=lambda note: say(f"note: {note}", err=True))
         say(f"run {run_id}: {len(spec.prompts)} prompt(s) x {len(configs)} configuration(s) x "

@@ -26,7 +26,7 @@ from ..records import StoredSample, TokenRecord
 from ..visible import visible
 from .document import (MAX_PLOT_PROMPTS, MAX_SAMPLER_CHAINS, MAX_STRIP_TOKENS, Document, Figure, Heading, KeyValues,
                        Para, Strips, Table, TokenView, fmt, gltr_class, prob_class)
-from .texts import model_line, plain, sampler_blocks
+from .texts import chat_blocks, model_line, plain, sampler_blocks
 
 HEATMAP_METRICS = ("mean_logprob", "mean_entropy", "mean_candidates", "distinct_completions")
 METRICS = HEATMAP_METRICS + ("perplexity", "distinct_2", "mean_rank", "tokens_per_s")
@@ -161,6 +161,10 @@ class RunReport:
         if noise:
             doc.add(Para(noise[0].upper() + noise[1:], "note"))
         doc.add(Table(["#", "prompt"], [[p, visible(t, edge_spaces=False)] for p, t in self.prompts], sortable=False))
+        if opts.chats:
+            from ..chat import ChatPrompt
+
+            chat_blocks(doc, [ChatPrompt(**dict(c, messages=tuple(c["messages"]))) for c in opts.chats])
 
     # -- 2. summary + heatmaps -------------------------------------------------------------------------
     def summary(self) -> None:
