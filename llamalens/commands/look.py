@@ -6,8 +6,8 @@ import math
 
 import click
 
-from .options import axis_options, chat_options, json_option, model_options, pop_axes, pop_chat, pop_model_options, \
-    pop_sampling, report_option, sampling_options
+from .options import axis_options, chat_options, grammar_options, json_option, model_options, pop_axes, pop_chat, \
+    pop_grammar, pop_model_options, pop_sampling, report_option, sampling_options
 from .output import say, alternatives, check_report_path, fail_cleanly, fmt_size, json_out, load_model, print_confidence, \
     print_table, write_report
 
@@ -65,6 +65,7 @@ def tokenize(text, bos, as_json, model, **kw):
 @json_option
 @report_option("With sampler settings: also write a report with the bar charts (FILE.html or FILE.md).")
 @chat_options
+@grammar_options
 @model_options
 @fail_cleanly
 def next_cmd(prompt, top, as_json, report_path, model, **kw):
@@ -85,7 +86,11 @@ def next_cmd(prompt, top, as_json, report_path, model, **kw):
 
     chat = pop_chat(kw)
     conv = chat.single(prompt, "next")
+    spec = pop_grammar(kw)
     axes = grid.parse_axes(pop_axes(kw))
+    if spec and (axes or report_path):
+        raise click.UsageError("next --grammar shows the distribution before and after the grammar; leave out the "
+                               "sampler settings and --report (sweep --grammar runs a grid under a grammar)")
     configs = grid.expand(axes, NEUTRAL) if axes else []
     if configs:
         grid.check(configs, [0])
@@ -100,6 +105,8 @@ def next_cmd(prompt, top, as_json, report_path, model, **kw):
     loaded = load_model(model, pop_model_options(kw))
     rendered = chat_prompt(loaded, conv, chat)
     prompt = rendered.text if rendered else prompt
+    if spec:
+        return _print_next_grammar(loaded, prompt, top, spec, as_json, rendered)
     if not configs:
         return _print_next(loaded, prompt, top, as_json, rendered)
     from ..distribution import sampler_view
@@ -145,6 +152,26 @@ def _print_next(model, prompt, top, as_json, rendered=None) -> None:
     say(f"entropy {nt.entropy:.4f} nats; these {len(nt.top)} tokens hold {shown:.1%} of the probability")
 
 
+def _print_next_grammar(model, prompt, top, spec, as_json, rendered) -> None:
+    from ..grammar import next_under_grammar
+    from ..visible import visible
+
+    view = next_under_grammar(model, prompt, spec, top)
+    if as_json:
+        return json_out(with_chat({"prompt": prompt, "grammar": spec.to_dict(), "removed": view.removed,
+                                   "allowed": view.allowed,
+                                   "top": [{"id": i, "text": model.token_text(i)[0], "bytes": model.token_text(i)[1],
+                                            "logprob": lp, "prob": math.exp(lp), "prob_under_grammar": g}
+                                           for i, lp, g in view.rows]}, rendered))
+    rows = [("token", "raw p", "under grammar", "id")]
+    for i, lp, g in view.rows:
+        rows.append((visible(*model.token_text(i)), f"{math.exp(lp):.4f}", f"{g:.4f}" if g > 0 else "-", i))
+    print_table(rows, right={1, 2, 3})
+    say(f"the grammar ({spec.source}) allows {view.allowed:,} of {model.n_vocab:,} tokens here and removes "
+        f"{view.removed:.2%} of the raw probability mass; 'under grammar' = renormalised over what it allows, "
+        "- = forbidden")
+
+
 def _print_sampler_view(view, n_vocab: int) -> None:
     from ..visible import visible
 
@@ -167,6 +194,7 @@ def _print_sampler_view(view, n_vocab: int) -> None:
 @click.option("--text", "as_text", is_flag=True, help="Print the text coloured by each token's probability.")
 @json_option
 @chat_options
+@grammar_options
 @model_options
 @fail_cleanly
 def generate(prompt, max_tokens, logprobs, stop, as_text, as_json, model, **kw):
@@ -175,13 +203,16 @@ def generate(prompt, max_tokens, logprobs, stop, as_text, as_json, model, **kw):
     \b
     llamalens generate "Once upon a time" --temperature 0.7 --logprobs 5
     llamalens generate --chat "Name a colour." --system "Answer in one word." --chat-template gemma -t 0
+    llamalens generate "A person, as JSON:" --json-schema person.json -n 40
     """
     from ..engine import Engine, Request, context_notes
     from ..errors import InvalidSettings
 
     chat = pop_chat(kw)
     conv = chat.single(prompt, "generate")
-    req = Request(prompt or "", pop_sampling(kw), max_tokens, logprobs, tuple(stop))
+    spec = pop_grammar(kw)
+    req = Request(prompt or "", pop_sampling(kw), max_tokens, logprobs, tuple(stop),
+                  grammar=spec.gbnf if spec else None)
     problems = req.problems()
     if problems:  # before loading the model: bad input fails fast
         raise InvalidSettings("; ".join(problems))
@@ -195,9 +226,11 @@ def generate(prompt, max_tokens, logprobs, stop, as_text, as_json, model, **kw):
     sample = next(iter(engine.run([req])))
     if as_json:
         d = sample.to_dict()
-        return json_out(with_chat({"model": loaded.describe(), "prompt": req.prompt, "settings": d["settings"],
-                                   "text": d["text"], "finish_reason": d["finish_reason"], "tokens": d["tokens"],
-                                   "timing": d["timing"]}, rendered))
+        out = {"model": loaded.describe(), "prompt": req.prompt, "settings": d["settings"], "text": d["text"],
+               "finish_reason": d["finish_reason"], "tokens": d["tokens"], "timing": d["timing"]}
+        if spec:
+            out["grammar"] = dict(spec.to_dict(), mean_removed=sum(sample.grammar_removed) / len(sample.tokens))
+        return json_out(with_chat(out, rendered))
     if as_text:
         return print_confidence(req.prompt, [t for t in sample.tokens if not t.eog])
     _print_sample(sample)
@@ -206,12 +239,20 @@ def generate(prompt, max_tokens, logprobs, stop, as_text, as_json, model, **kw):
 def _print_sample(sample) -> None:
     from ..visible import visible
 
-    rows = [("#", "token", "prob", "logprob", "rank", "entropy", "cand", "sampled p", "top alternatives")]
+    removed = sample.grammar_removed
+    rows = [("#", "token", "prob", "logprob", "rank", "entropy", "cand", "sampled p", "top alternatives")
+            + (("removed",) if removed is not None else ())]
     for t in sample.tokens:
         rows.append((t.position, visible(t.text, t.bytes) + (" [end]" if t.eog else ""), f"{t.prob:.4f}",
                      f"{t.logprob:.4f}", t.rank, f"{t.entropy:.3f}", t.candidates,
-                     f"{math.exp(t.sampled_logprob):.4f}", alternatives(t.top)))
-    print_table(rows, right={0, 2, 3, 4, 5, 6, 7})
+                     f"{math.exp(t.sampled_logprob):.4f}", alternatives(t.top))
+                    + ((f"{removed[t.position]:.1%}",) if removed is not None else ()))
+    print_table(rows, right={0, 2, 3, 4, 5, 6, 7, 9})
+    if removed is not None:
+        from ..grammar import describe_removed
+
+        say(describe_removed(removed, [visible(t.text, t.bytes) for t in sample.tokens])
+            + " (removed = raw probability the grammar forbade at that token)")
     say("")
     say(f"text: {sample.prompt}\u2502{sample.text}")
     tm = sample.timing

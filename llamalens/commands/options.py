@@ -175,3 +175,19 @@ def pop_chat(kw: dict) -> ChatOptions:
     chat, system, template, messages_file = (kw.pop(k) for k in ("chat", "system", "chat_template", "messages_file"))
     on = bool(chat or system is not None or template or messages_file)
     return ChatOptions(on, system, template, messages_file)
+
+
+grammar_options = _stack(
+    click.option("--grammar", "grammar_file", default=None, type=click.Path(dir_okay=False),
+                 help="Constrain the reply with a GBNF grammar FILE (llama.cpp's format; start rule root)."),
+    click.option("--json-schema", "json_schema_file", default=None, type=click.Path(dir_okay=False),
+                 help="Constrain the reply to JSON fitting this schema FILE (converted to a grammar; see the README)."),
+)
+"""--grammar, --json-schema: constrained generation (llamalens/grammar.py)."""
+
+
+def pop_grammar(kw: dict):
+    """The grammar the options name (grammar.GrammarSpec), read now, or None."""
+    from ..grammar import read_grammar
+
+    return read_grammar(kw.pop("grammar_file"), kw.pop("json_schema_file"))
