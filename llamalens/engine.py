@@ -35,7 +35,8 @@ import numpy as np
 from .errors import InvalidSettings
 from .records import Alternative, Sample, Timing, TokenRecord
 from .runtime import Context, Model, round_ctx
-from .sampler import Candidates, Sampler
+from .grammar import constrained_apply
+from .sampler import Candidates, GrammarSampler, Sampler
 from .settings import SamplingSettings
 from .stats import RowStats, logsumexp
 
@@ -50,6 +51,7 @@ class Request:
     stop: tuple[str, ...] = ()
     key: object = None
     prompt_tokens: list[int] | None = None  # filled by the engine when None
+    grammar: str | None = None  # GBNF text constraining the reply (grammar.py)
 
     def problems(self) -> list[str]:
         out = self.settings.problems()
@@ -79,6 +81,13 @@ class _Live:
     stop_at: int | None = None  # byte offset where a stop string begins
     hist: int = 0  # id of (prompt + tokens sampled so far, pending included)
     kv_hist: int = 0  # id of the history whose KV cells this slot holds
+    grammar: GrammarSampler | None = None
+    removed: list[float] = field(default_factory=list)  # raw mass the grammar forbade, per token
+
+    def close(self) -> None:
+        self.sampler.close()
+        if self.grammar is not None:
+            self.grammar.close()
 
 
 class Engine:
@@ -88,6 +97,7 @@ class Engine:
         self.model = model
         self.n_parallel = max(1, int(n_parallel))
         self._buffers = Candidates(model.n_vocab)
+        self._grammar_buffers: Candidates | None = None  # made for the first grammar
         self.stats = Counter()  # decode calls, tokens decoded, prefills, prompt copies
 
     # -- public --------------------------------------------------------------------------------
@@ -107,6 +117,8 @@ class Engine:
             if not r.prompt_tokens:
                 raise InvalidSettings("the prompt is empty and the model adds no BOS token; give a prompt")
             self.model.check_fits(len(r.prompt_tokens), ctx)
+        for gbnf in {r.grammar for r in reqs if r.grammar}:  # a grammar that cannot parse fails before decoding
+            GrammarSampler(self.model, gbnf).close()
         return reqs
 
     def run(self, requests: Iterable[Request], on_token: Callable[[int], None] | None = None) -> Iterator[Sample]:
@@ -161,7 +173,8 @@ class Engine:
                         root = intern.setdefault(("prompt", key), len(intern))
                         live = _Live(req, s, Sampler(req.settings, self.model.n_vocab),
                                      max_tokens=min(req.max_tokens, ctx_len - len(key)), t_start=t0,
-                                     pos=len(key), hist=root, kv_hist=root)
+                                     pos=len(key), hist=root, kv_hist=root,
+                                     grammar=GrammarSampler(self.model, req.grammar) if req.grammar else None)
                         live.prompt_ms = (time.perf_counter() - t0) * 1000
                         slots[s] = live
                         remaining[key] -= 1
@@ -220,19 +233,28 @@ class Engine:
                     live = slots[s]
                     if live is not None and live.finish is not None:
                         ctx.seq_rm(s, len(live.req.prompt_tokens), -1)
-                        live.sampler.close()
+                        live.close()
                         slots[s] = None
                         yield self._sample(live)
         finally:
             for live in slots:
                 if live is not None:
-                    live.sampler.close()
+                    live.close()
 
     def _step(self, live: _Live, row: np.ndarray, row_stats: RowStats) -> None:
         """Sample the next token of one sequence from its raw logits row and record it."""
         model, req = self.model, live.req
-        survivors, sel = live.sampler.apply(row, self._buffers)
+        if live.grammar is None:
+            survivors, sel = live.sampler.apply(row, self._buffers)
+        else:  # grammar.py: the chain's pick, resampled under the grammar when it does not fit
+            if self._grammar_buffers is None:
+                self._grammar_buffers = Candidates(model.n_vocab)
+            survivors, sel, removed = constrained_apply(live.sampler, live.grammar, row, self._buffers,
+                                                        self._grammar_buffers)
+            live.removed.append(removed)
         token = int(survivors["id"][sel])
+        if live.grammar is not None:
+            live.grammar.accept(token)
         live.sampler.accept(token)
         if req.settings.greedy:
             sampled_lp, n_cand = 0.0, 1
@@ -283,6 +305,7 @@ class Engine:
             settings=live.req.settings.to_dict(), max_tokens=live.req.max_tokens,
             text=text.decode("utf-8", errors="replace"), finish_reason=live.finish or "length",
             tokens=live.records, timing=timing, key=live.req.key,
+            grammar_removed=list(live.removed) if live.grammar is not None else None,
         )
 
 

@@ -42,6 +42,11 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def read_utf8(p: Path, option: str) -> str:
+    """A whole file as UTF-8 text; InvalidInput naming `option` when it is missing or not UTF-8."""
+    return _decode(_read(Path(p), option), p, option, "save it as UTF-8")
+
+
 def json_kind(value) -> str:
     """What a JSON / TOML value is, in the words of those formats (for error messages)."""
     if value is None:

@@ -113,8 +113,12 @@ class Sample:
     tokens: list[TokenRecord]
     timing: Timing
     key: object = None  # the caller's handle (a sweep's sample index)
+    grammar_removed: list[float] | None = None  # per token, the raw mass a grammar forbade (None: no grammar)
 
     def to_dict(self) -> dict:
+        tokens = [t.to_dict() for t in self.tokens]
+        for t, removed in zip(tokens, self.grammar_removed or []):
+            t["grammar_removed"] = removed
         return {
             "prompt": self.prompt,
             "prompt_tokens": len(self.prompt_token_ids),
@@ -122,7 +126,7 @@ class Sample:
             "max_tokens": self.max_tokens,
             "text": self.text,
             "finish_reason": self.finish_reason,
-            "tokens": [t.to_dict() for t in self.tokens],
+            "tokens": tokens,
             "timing": self.timing.to_dict(),
         }
 
@@ -159,18 +163,24 @@ class RunOptions:
     prompts: tuple[str, ...] = ()
     seeds: tuple[int, ...] = ()
     model_options: ModelOptions = ModelOptions()
+    chats: tuple[dict, ...] = ()  # per prompt, the chat.ChatPrompt it was rendered from (empty: raw prompts)
+    grammar: dict | None = None  # grammar.GrammarSpec.to_dict() constraining every sample (None: none)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "RunOptions":
         k = _known(cls, d)
-        for name in ("stop", "prompts", "seeds"):
+        for name in ("stop", "prompts", "seeds", "chats"):
             if name in k:
                 k[name] = tuple(k[name])
         k["model_options"] = ModelOptions.from_dict(k.get("model_options"))
         return cls(**k)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for name in ("chats", "grammar"):  # left out when unused, so a run of raw prompts reads as before
+            if not d[name]:
+                del d[name]
+        return d
 
 
 @dataclass(frozen=True)

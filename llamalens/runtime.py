@@ -94,6 +94,15 @@ def build_info() -> dict:
     return {"system_info": system_info(), "cmake_args": cmake_args}
 
 
+def builtin_chat_templates() -> list[str]:
+    """The names of llama.cpp's built-in chat templates (llama_chat_builtin_templates): chatml, gemma, llama3, ..."""
+    lib = llama_cpp_module()
+    n = int(lib.llama_chat_builtin_templates(None, 0))
+    out = (ctypes.c_char_p * n)()
+    lib.llama_chat_builtin_templates(out, n)
+    return [name.decode() for name in out]
+
+
 class NativeHandle:
     """Something that owns a native llama.cpp object: freed by close(), by `with`, or when collected."""
 
@@ -195,6 +204,27 @@ class Model(NativeHandle):
             b = buf.raw[: max(n, 0)]
             self._pieces[key] = b
         return b
+
+    def chat_template(self) -> str | None:
+        """The GGUF's own chat template (tokenizer.chat_template), or None when it has none."""
+        raw = self._lib.llama_model_chat_template(self.ptr, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    def apply_builtin_template(self, name: str, messages: list[dict], add_assistant: bool = True) -> str:
+        """A conversation rendered by llama.cpp's own C++ template `name` (llama_chat_apply_template)."""
+        lib = self._lib
+        keep = [(m["role"].encode("utf-8"), m["content"].encode("utf-8")) for m in messages]
+        chat = (lib.llama_chat_message * len(keep))(*[lib.llama_chat_message(r, c) for r, c in keep])
+        size = 256 + 2 * sum(len(r) + len(c) for r, c in keep)
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = lib.llama_chat_apply_template(name.encode(), chat, len(keep), add_assistant, buf, size)
+            if n < 0:
+                raise LlamalensError(f"llama.cpp's chat template {name!r} could not render this conversation")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = n
+        raise LlamalensError(f"llama.cpp's chat template {name!r} kept growing its output")
 
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self.vocab, token))

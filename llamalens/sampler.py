@@ -24,7 +24,8 @@ import ctypes
 
 import numpy as np
 
-from .runtime import NativeHandle, llama_cpp_module
+from .errors import InvalidInput
+from .runtime import LOG_TAIL, NativeHandle, last_log_error, llama_cpp_module
 from .settings import SamplingSettings
 
 STAGES = ("penalties", "top_k", "typical_p", "top_p", "min_p", "temperature")
@@ -107,3 +108,77 @@ class Sampler(NativeHandle):
         if getattr(self, "ptr", None):
             self._lib.llama_sampler_free(self.ptr)
             self.ptr = None
+
+
+class _stderr_caught:
+    """Native writes to file descriptor 2 go to a temporary file while inside; .text() reads them."""
+
+    def __enter__(self):
+        import os
+        import sys
+        import tempfile
+
+        sys.stderr.flush()
+        self._tmp = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._tmp.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+
+    def text(self) -> str:
+        self._tmp.seek(0)
+        return self._tmp.read().decode("utf-8", errors="replace")
+
+
+class GrammarSampler(NativeHandle):
+    """llama.cpp's grammar sampler for one sequence (llama_sampler_init_grammar, start rule "root"): kept apart
+    from the chain, as common/sampling.cpp keeps it (grammar.py says how the engine uses it). Stateful: each
+    accepted token advances it."""
+
+    def __init__(self, model, gbnf: str, where: str = "the grammar"):
+        lib = self._lib = llama_cpp_module()
+        LOG_TAIL.clear()  # so that the error below is this grammar's
+        # llama.cpp's grammar parser prints why it failed on stderr (not through the log): catch it
+        with _stderr_caught() as caught:
+            self.ptr = lib.llama_sampler_init_grammar(model.vocab, gbnf.encode("utf-8"), b"root")
+        if not self.ptr:  # llama.cpp returns NULL
+            why = next((ln.split("error parsing grammar:", 1)[1].strip() for ln in caught.text().splitlines()
+                        if "error parsing grammar:" in ln), "") or last_log_error()
+            raise InvalidInput(f"{where} does not parse as GBNF" + (f" (llama.cpp: {why})" if why else "")
+                               + "; fix it (the start rule must be named root)")
+
+    def allowed(self, ids: np.ndarray, buffers: Candidates | None = None) -> np.ndarray:
+        """Which of the token ids `ids` the grammar allows now (a bool per id): it sets the others' logits to
+        -inf. With `buffers` (n_vocab entries) nothing is allocated."""
+        lib, n = self._lib, len(ids)
+        cand = np.zeros(n, dtype=TOKEN_DATA) if buffers is None else buffers.data[:n]
+        cand["id"] = ids
+        cand["logit"] = 0.0
+        cand["p"] = 0.0
+        arr = lib.llama_token_data_array(data=cand.ctypes.data_as(lib.llama_token_data_p), size=n, selected=-1,
+                                         sorted=False)
+        lib.llama_sampler_apply(self.ptr, ctypes.byref(arr))
+        return cand["logit"] == 0.0
+
+    def accept(self, token: int) -> None:
+        self._lib.llama_sampler_accept(self.ptr, int(token))
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self._lib.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
+def json_schema_to_gbnf(schema_text: str) -> str:
+    """A JSON schema converted to GBNF by llama-cpp-python's converter (llama_cpp.llama_grammar), the only one
+    callable from Python here; grammar.py says how its output differs from the vendored llama.cpp's C++ one.
+    (Here because only this module and runtime.py import llama_cpp.)"""
+    llama_cpp_module()
+    from llama_cpp.llama_grammar import json_schema_to_gbnf as convert
+
+    return convert(schema_text)

@@ -326,43 +326,75 @@ def choose(model: Model, prompt: str, options: list[str], normalize: str = "none
     notes, conts = [], []
     for o in options:
         cont = join_option(prompt, o, space)
-        whole = model.prompt_tokens(prompt + cont)
-        if model.add_eos and whole and whole[-1] == model.eos:
-            whole = whole[:-1]
-        if whole[: len(ptoks)] == ptoks and len(whole) > len(ptoks):
-            conts.append((o, cont, whole[len(ptoks):]))
-        else:  # the boundary merged into the prompt's last token: tokenize the continuation alone
-            conts.append((o, cont, model.tokenize(cont, add_bos=False, special=False)))
+        toks, merged = continuation_tokens(model, prompt, ptoks, cont)
+        conts.append((o, cont, toks))
+        if merged:
             notes.append(f"option {o!r}: its first token merges with the prompt's last one; scored as separate tokens")
-    longest = max(len(c[2]) for c in conts)
-    model.check_fits(len(ptoks) + longest, model.options.ctx)
-    n_seq = len(conts)
-    n_batch = max(score_batch(model), n_seq)
-    cells = len(ptoks) + sum(len(c[2]) for c in conts) + 1
-    scored: list[list[ScoredToken]] = [[] for _ in conts]
-    with model.context(n_ctx=round_ctx(cells), n_seq_max=n_seq, n_batch=n_batch) as ctx:
-        first_row = ctx.prefill(ptoks, seq=0)
-        first = RowStats.of(first_row, None, n_logprobs)
-        for s in range(1, n_seq):
-            ctx.seq_cp(0, s, 0, len(ptoks))
-        for k, (_o, _c, toks) in enumerate(conts):
-            scored[k].append(_scored(model, 0, toks[0], first.for_token(first_row, toks[0]), n_logprobs))
-        # every option's tokens but its last, all sequences together, in batches of n_batch
-        items = [(k, j, t) for k, (_o, _c, toks) in enumerate(conts) for j, t in enumerate(toks[:-1])]
-        for b0 in range(0, len(items), n_batch):
-            chunk = items[b0 : b0 + n_batch]
-            ctx.decode([t for _, _, t in chunk], [len(ptoks) + j for _, j, _ in chunk], [k for k, _, _ in chunk],
-                       [1] * len(chunk))
-            for i, (k, j, _t) in enumerate(chunk):
-                target = conts[k][2][j + 1]
-                row = ctx.logits(i)
-                scored[k].append(_scored(model, j + 1, target, RowStats.of(row, target, n_logprobs), n_logprobs))
+    scored = continuation_scores(model, ptoks, [c[2] for c in conts], n_logprobs)
     results = [OptionScore(o, c, scored[k], len(c.encode("utf-8"))) for k, (o, c, _t) in enumerate(conts)]
     results.sort(key=lambda r: -r.score(normalize))
     dup = {o for o in options if options.count(o) > 1}
     if dup:
         notes.append(f"options given more than once: {', '.join(map(repr, sorted(dup)))}")
     return Choice(prompt, normalize, results, notes)
+
+
+def continuation_tokens(model: Model, prompt: str, ptoks: list[int], cont: str) -> tuple[list[int], bool]:
+    """(tokens of `cont` after the prompt, whether they merged with it): prompt + continuation tokenized as one
+    text, as the model reads it, and the prompt's tokens cut off; when the boundary merged into the prompt's
+    last token, the continuation is tokenized alone."""
+    whole = model.prompt_tokens(prompt + cont)
+    if model.add_eos and whole and whole[-1] == model.eos:
+        whole = whole[:-1]
+    if whole[: len(ptoks)] == ptoks and len(whole) > len(ptoks):
+        return whole[len(ptoks):], False
+    return model.tokenize(cont, add_bos=False, special=False), True
+
+
+def continuation_scores(model: Model, ptoks: list[int], conts: list[list[int]],
+                        n_logprobs: int) -> list[list[ScoredToken]]:
+    """Each continuation's tokens scored after the same prompt tokens: the prompt decoded once, copied to one
+    sequence per continuation, and all continuations decoded together."""
+    longest = max(len(c) for c in conts)
+    model.check_fits(len(ptoks) + longest, model.options.ctx)
+    n_seq = len(conts)
+    n_batch = max(score_batch(model), n_seq)
+    cells = len(ptoks) + sum(len(c) for c in conts) + 1
+    scored: list[list[ScoredToken]] = [[] for _ in conts]
+    with model.context(n_ctx=round_ctx(cells), n_seq_max=n_seq, n_batch=n_batch) as ctx:
+        first_row = ctx.prefill(ptoks, seq=0)
+        first = RowStats.of(first_row, None, n_logprobs)
+        for s in range(1, n_seq):
+            ctx.seq_cp(0, s, 0, len(ptoks))
+        for k, toks in enumerate(conts):
+            scored[k].append(_scored(model, 0, toks[0], first.for_token(first_row, toks[0]), n_logprobs))
+        # every continuation's tokens but its last, all sequences together, in batches of n_batch
+        items = [(k, j, t) for k, toks in enumerate(conts) for j, t in enumerate(toks[:-1])]
+        for b0 in range(0, len(items), n_batch):
+            chunk = items[b0 : b0 + n_batch]
+            ctx.decode([t for _, _, t in chunk], [len(ptoks) + j for _, j, _ in chunk], [k for k, _, _ in chunk],
+                       [1] * len(chunk))
+            for i, (k, j, _t) in enumerate(chunk):
+                target = conts[k][j + 1]
+                row = ctx.logits(i)
+                scored[k].append(_scored(model, j + 1, target, RowStats.of(row, target, n_logprobs), n_logprobs))
+    return scored
+
+
+def score_reply(model: Model, prompt: str, reply: str, n_logprobs: int = 5) -> ScoreResult:
+    """Teacher-forced scores of an assistant's reply after its rendered chat prompt (chat.py): the reply's own
+    tokens only, tokenized as choose() tokenizes an option (see continuation_tokens), in one window."""
+    if not reply:
+        raise InvalidInput("the assistant's reply is empty; the last message of the conversation needs some text")
+    ptoks = model.prompt_tokens(prompt)
+    toks, merged = continuation_tokens(model, prompt, ptoks, reply)
+    t0 = time.perf_counter()
+    scored = continuation_scores(model, ptoks, [toks], n_logprobs)[0]
+    notes = [f"chat: the assistant's reply ({len(toks)} tokens) scored after its {len(ptoks)}-token prompt"]
+    if merged:
+        notes.append("the reply's first token merges with the prompt's last one; scored as separate tokens")
+    return ScoreResult(model.describe(), "full", model.options.ctx, None, len(toks), len(reply.encode("utf-8")), 1,
+                       scored, [], notes, time.perf_counter() - t0)
 
 
 # -- compare ----------------------------------------------------------------------------------------

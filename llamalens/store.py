@@ -183,7 +183,7 @@ class RunInfo:
     def to_dict(self) -> dict:
         from dataclasses import asdict
 
-        return asdict(self)
+        return dict(asdict(self), options=self.options.to_dict())
 
 
 class Store:

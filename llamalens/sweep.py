@@ -49,6 +49,8 @@ class SweepSpec:
     name: str | None = None
     exact: bool = False
     parallel: int = DEFAULT_PARALLEL
+    chats: list[dict] = field(default_factory=list)  # per prompt, the conversation it was rendered from (chat.py)
+    grammar: dict | None = None  # grammar.GrammarSpec.to_dict(): every sample constrained by it
 
     def plan(self) -> list[tuple[int, int, int, str]]:
         return [(p, c, s, prompt) for p, prompt in enumerate(self.prompts) for c in range(len(self.configs))
@@ -96,7 +98,8 @@ def hardware(model: Model) -> Hardware:
 def check_spec(model: Model, spec: SweepSpec) -> list[str]:
     """Every bad value and too-long prompt fails here, before the store changes; returns notes to show
     (a context too short for max_tokens)."""
-    reqs = [Request(prompt, spec.configs[c].with_(seed=s), spec.max_tokens, spec.n_logprobs, spec.stop)
+    gbnf = spec.grammar["gbnf"] if spec.grammar else None
+    reqs = [Request(prompt, spec.configs[c].with_(seed=s), spec.max_tokens, spec.n_logprobs, spec.stop, grammar=gbnf)
             for p, c, s, prompt in spec.plan()]
     return context_notes(Engine(model, 1).prepare(reqs), model.options.ctx)
 
@@ -110,7 +113,8 @@ def start_sweep(model: Model, store: Store, spec: SweepSpec, command: str = "",
             on_note(note)
     options = RunOptions(max_tokens=spec.max_tokens, n_logprobs=spec.n_logprobs, stop=tuple(spec.stop),
                          exact=spec.exact, parallel=1 if spec.exact else spec.parallel, prompts=tuple(spec.prompts),
-                         seeds=tuple(spec.seeds), model_options=model.options)
+                         seeds=tuple(spec.seeds), model_options=model.options, chats=tuple(spec.chats),
+                         grammar=spec.grammar)
     return store.create_run(name=spec.name, command=command, model=model.describe(),
                             model_hash=store.model_hash(model.path), versions=library_versions(),
                             hardware=hardware(model), options=options, configs=spec.configs, plan=spec.plan())
@@ -153,14 +157,16 @@ def execute(model: Model, store: Store, run_id: int,
     check_run_model(store, info, model)
     opts = info.options
     configs = store.configs(run_id)
+    gbnf = opts.grammar["gbnf"] if opts.grammar else None
     reqs = [Request(s.prompt, configs[s.config_idx].with_(seed=s.seed), opts.max_tokens, opts.n_logprobs, opts.stop,
-                    key=s.sample_idx) for s in store.pending(run_id)]
+                    key=s.sample_idx, grammar=gbnf) for s in store.pending(run_id)]
     prog = Progress(info.n_done, info.n_samples, 0, 0.0)
     t0 = time.perf_counter()
     with writing(store, run_id, prog) as writer:
         engine = Engine(model, opts.parallel)
         for sample in engine.run(reqs):
-            store.save_sample(run_id, sample.key, sample, writer)
+            extra = {"grammar_removed": sample.grammar_removed} if sample.grammar_removed is not None else None
+            store.save_sample(run_id, sample.key, sample, writer, extra=extra)
             prog.done += 1
             prog.tokens += len(sample.tokens)
             prog.elapsed = time.perf_counter() - t0

@@ -52,6 +52,10 @@ def readme_dir(tmp_path, tiny_path, monkeypatch):
     monkeypatch.setenv("LLAMALENS_MODEL", str(tiny_path))
     words = " ".join(w.replace("▁", "") for w in WORDS if w.strip("▁"))
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "the cat"}\n{"prompt": "hello"}\n')
+    (tmp_path / "chats.jsonl").write_text('{"messages": [{"role": "user", "content": "the cat"}]}\n')
+    (tmp_path / "yesno.gbnf").write_text('root ::= (" yes" | " no") "."\n')
+    (tmp_path / "person.json").write_text('{"type": "object", "properties": {"ok": {"type": "boolean"}}, '
+                                          '"required": ["ok"]}')
     (tmp_path / "grids.toml").write_text("[fixed]\nmin_p = 0.0\n[grid.focused]\ntemperature = [0.0, 0.3]\n"
                                          "top_k = [10]\n[grid.open]\ntemperature = [0.7]\n")
     (tmp_path / "wiki.test.raw").write_text((words + " ") * 40)

@@ -19,12 +19,32 @@ WORDS = ["▁", "▁the", "▁cat", "▁sat", "▁on", "▁mat", "▁dog", "▁a
          "▁p", "▁s", "▁w", "▁Pre", "▁post"]
 N_VOCAB = 3 + 256 + len(WORDS)  # 312
 
+# A chat template in the style of real ones: BOS and EOS from the variables, block tags indented on their own
+# lines (so trim_blocks / lstrip_blocks change the output), a loop, a filter, and raise_exception.
+TINY_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'tool' %}
+    {{- raise_exception('a conversation cannot start with a tool message') }}
+{%- endif %}
+{% for message in messages %}
+    {% if message['role'] == 'system' %}
+[sys] {{ message['content'] | trim }}
+    {% elif message['role'] == 'user' %}
+[user] {{ message['content'] }}{{ eos_token }}
+    {% else %}
+[bot] {{ message['content'] }}{{ eos_token }}
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+[bot]
+{%- endif %}"""
+
 
 def write_tiny_gguf(path: str | Path, seed: int = 0, n_embd: int = 64, n_layer: int = 2, n_head: int = 4,
                     n_ff: int = 128, ctx: int = 512, file_type_tag: str = "tiny", n_vocab: int = N_VOCAB,
-                    pooling_type: int | None = None, causal: bool = True) -> Path:
+                    pooling_type: int | None = None, causal: bool = True, chat_template: str | None = None) -> Path:
     """`n_vocab` > 312 appends synthetic pieces "▁x0", "▁x1", ... (for benchmarks at a realistic size).
-    `pooling_type` (llama_pooling_type) and `causal=False` make it look like an embedding model."""
+    `pooling_type` (llama_pooling_type) and `causal=False` make it look like an embedding model.
+    `chat_template` is written as tokenizer.chat_template (a Jinja chat template, e.g. TINY_CHAT_TEMPLATE)."""
     import gguf
 
     path = Path(path)
@@ -59,6 +79,8 @@ def write_tiny_gguf(path: str | Path, seed: int = 0, n_embd: int = 64, n_layer: 
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
     def t(*shape, scale=0.2):
         return (rng.standard_normal(shape) * scale).astype(np.float32)

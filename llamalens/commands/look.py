@@ -6,8 +6,8 @@ import math
 
 import click
 
-from .options import axis_options, json_option, model_options, pop_axes, pop_model_options, pop_sampling, \
-    report_option, sampling_options
+from .options import axis_options, chat_options, grammar_options, json_option, model_options, pop_axes, pop_chat, \
+    pop_grammar, pop_model_options, pop_sampling, report_option, sampling_options
 from .output import say, alternatives, check_report_path, fail_cleanly, fmt_size, json_out, load_model, print_confidence, \
     print_table, write_report
 
@@ -59,11 +59,13 @@ def tokenize(text, bos, as_json, model, **kw):
 
 
 @click.command("next")
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @click.option("--top", type=click.IntRange(1, 1000), default=10, show_default=True, help="How many tokens to show.")
 @axis_options("temperature", "top_k", "top_p", "min_p", help_prefix="Also show the distribution after each value: ")
 @json_option
 @report_option("With sampler settings: also write a report with the bar charts (FILE.html or FILE.md).")
+@chat_options
+@grammar_options
 @model_options
 @fail_cleanly
 def next_cmd(prompt, top, as_json, report_path, model, **kw):
@@ -77,11 +79,18 @@ def next_cmd(prompt, top, as_json, report_path, model, **kw):
     llamalens next "The capital of France is" --top 10
     llamalens next "The capital of France is" -t 0.5,1,2
     llamalens next "The capital of France is" -t 0.7 --top-k 2 --top-p 0.5,0.95
+    llamalens next --chat "What is the capital of France?" --chat-template gemma
     """
     from .. import grid
     from ..settings import NEUTRAL, changes_label
 
+    chat = pop_chat(kw)
+    conv = chat.single(prompt, "next")
+    spec = pop_grammar(kw)
     axes = grid.parse_axes(pop_axes(kw))
+    if spec and (axes or report_path):
+        raise click.UsageError("next --grammar shows the distribution before and after the grammar; leave out the "
+                               "sampler settings and --report (sweep --grammar runs a grid under a grammar)")
     configs = grid.expand(axes, NEUTRAL) if axes else []
     if configs:
         grid.check(configs, [0])
@@ -94,32 +103,73 @@ def next_cmd(prompt, top, as_json, report_path, model, **kw):
                                "--top-p or --min-p values too")
     check_report_path(report_path)
     loaded = load_model(model, pop_model_options(kw))
+    rendered = chat_prompt(loaded, conv, chat)
+    prompt = rendered.text if rendered else prompt
+    if spec:
+        return _print_next_grammar(loaded, prompt, top, spec, as_json, rendered)
     if not configs:
-        return _print_next(loaded, prompt, top, as_json)
+        return _print_next(loaded, prompt, top, as_json, rendered)
     from ..distribution import sampler_view
     from ..reports.texts import next_document
 
     view = sampler_view(loaded, prompt, [], configs, top, labels=[changes_label(c) for c in configs])
     if report_path:
-        write_report(next_document(view, loaded.describe()), report_path)
+        write_report(next_document(view, loaded.describe(), rendered), report_path)
     if as_json:
-        return json_out(view.to_dict())
+        return json_out(with_chat(view.to_dict(), rendered))
     _print_sampler_view(view, loaded.n_vocab)
 
 
-def _print_next(model, prompt, top, as_json) -> None:
+def chat_prompt(model, conv, chat):
+    """The rendered conversation (chat.ChatPrompt), or None without the chat options; says what was rendered."""
+    if conv is None:
+        return None
+    from ..chat import render
+
+    rendered = render(model, conv, chat.template)
+    say(f"chat ({rendered.template}): the prompt is {rendered.n_tokens} tokens; the reply starts after it",
+        err=True)
+    return rendered
+
+
+def with_chat(d: dict, rendered) -> dict:
+    """A JSON result with the conversation it came from (when it did)."""
+    return dict(d, chat=rendered.to_dict()) if rendered else d
+
+
+def _print_next(model, prompt, top, as_json, rendered=None) -> None:
     from ..distribution import next_token
     from ..visible import visible
 
     nt = next_token(model, prompt, top)
     if as_json:
-        return json_out(nt.to_dict())
+        return json_out(with_chat(nt.to_dict(), rendered))
     rows = [("rank", "token", "prob", "logprob", "id")]
     for i, a in enumerate(nt.top, 1):
         rows.append((i, visible(a.text, a.bytes), f"{math.exp(a.logprob):.4f}", f"{a.logprob:.4f}", a.id))
     print_table(rows, right={0, 2, 3, 4})
     shown = sum(math.exp(a.logprob) for a in nt.top)
     say(f"entropy {nt.entropy:.4f} nats; these {len(nt.top)} tokens hold {shown:.1%} of the probability")
+
+
+def _print_next_grammar(model, prompt, top, spec, as_json, rendered) -> None:
+    from ..grammar import next_under_grammar
+    from ..visible import visible
+
+    view = next_under_grammar(model, prompt, spec, top)
+    if as_json:
+        return json_out(with_chat({"prompt": prompt, "grammar": spec.to_dict(), "removed": view.removed,
+                                   "allowed": view.allowed,
+                                   "top": [{"id": i, "text": model.token_text(i)[0], "bytes": model.token_text(i)[1],
+                                            "logprob": lp, "prob": math.exp(lp), "prob_under_grammar": g}
+                                           for i, lp, g in view.rows]}, rendered))
+    rows = [("token", "raw p", "under grammar", "id")]
+    for i, lp, g in view.rows:
+        rows.append((visible(*model.token_text(i)), f"{math.exp(lp):.4f}", f"{g:.4f}" if g > 0 else "-", i))
+    print_table(rows, right={1, 2, 3})
+    say(f"the grammar ({spec.source}) allows {view.allowed:,} of {model.n_vocab:,} tokens here and removes "
+        f"{view.removed:.2%} of the raw probability mass; 'under grammar' = renormalised over what it allows, "
+        "- = forbidden")
 
 
 def _print_sampler_view(view, n_vocab: int) -> None:
@@ -136,47 +186,73 @@ def _print_sampler_view(view, n_vocab: int) -> None:
 
 
 @click.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @sampling_options
 @click.option("--max-tokens", "-n", type=int, default=16, show_default=True, help="Tokens to generate.")
 @click.option("--logprobs", type=int, default=5, show_default=True, help="Top alternatives per token.")
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
 @click.option("--text", "as_text", is_flag=True, help="Print the text coloured by each token's probability.")
 @json_option
+@chat_options
+@grammar_options
 @model_options
 @fail_cleanly
 def generate(prompt, max_tokens, logprobs, stop, as_text, as_json, model, **kw):
-    """Generate from PROMPT and show each token: probability, rank, entropy, candidates, alternatives."""
+    """Generate from PROMPT and show each token: probability, rank, entropy, candidates, alternatives.
+
+    \b
+    llamalens generate "Once upon a time" --temperature 0.7 --logprobs 5
+    llamalens generate --chat "Name a colour." --system "Answer in one word." --chat-template gemma -t 0
+    llamalens generate "A person, as JSON:" --json-schema person.json -n 40
+    """
     from ..engine import Engine, Request, context_notes
     from ..errors import InvalidSettings
 
-    req = Request(prompt, pop_sampling(kw), max_tokens, logprobs, tuple(stop))
+    chat = pop_chat(kw)
+    conv = chat.single(prompt, "generate")
+    spec = pop_grammar(kw)
+    req = Request(prompt or "", pop_sampling(kw), max_tokens, logprobs, tuple(stop),
+                  grammar=spec.gbnf if spec else None)
     problems = req.problems()
     if problems:  # before loading the model: bad input fails fast
         raise InvalidSettings("; ".join(problems))
     loaded = load_model(model, pop_model_options(kw))
+    rendered = chat_prompt(loaded, conv, chat)
+    if rendered:
+        req.prompt = rendered.text
     engine = Engine(loaded, 1)
     for note in context_notes(engine.prepare([req]), loaded.options.ctx):
         say(f"note: {note}", err=True)
     sample = next(iter(engine.run([req])))
     if as_json:
         d = sample.to_dict()
-        return json_out({"model": loaded.describe(), "prompt": prompt, "settings": d["settings"], "text": d["text"],
-                         "finish_reason": d["finish_reason"], "tokens": d["tokens"], "timing": d["timing"]})
+        out = {"model": loaded.describe(), "prompt": req.prompt, "settings": d["settings"], "text": d["text"],
+               "finish_reason": d["finish_reason"], "tokens": d["tokens"], "timing": d["timing"]}
+        if spec:
+            out["grammar"] = dict(spec.to_dict(), mean_removed=sum(sample.grammar_removed) / len(sample.tokens))
+        return json_out(with_chat(out, rendered))
     if as_text:
-        return print_confidence(prompt, [t for t in sample.tokens if not t.eog])
+        return print_confidence(req.prompt, [t for t in sample.tokens if not t.eog])
     _print_sample(sample)
 
 
 def _print_sample(sample) -> None:
     from ..visible import visible
 
-    rows = [("#", "token", "prob", "logprob", "rank", "entropy", "cand", "sampled p", "top alternatives")]
+    removed = sample.grammar_removed
+    rows = [("#", "token", "prob", "logprob", "rank", "entropy", "cand", "sampled p", "top alternatives")
+            + (("removed",) if removed is not None else ())]
     for t in sample.tokens:
         rows.append((t.position, visible(t.text, t.bytes) + (" [end]" if t.eog else ""), f"{t.prob:.4f}",
                      f"{t.logprob:.4f}", t.rank, f"{t.entropy:.3f}", t.candidates,
-                     f"{math.exp(t.sampled_logprob):.4f}", alternatives(t.top)))
-    print_table(rows, right={0, 2, 3, 4, 5, 6, 7})
+                     f"{math.exp(t.sampled_logprob):.4f}", alternatives(t.top))
+                    + ((f"{removed[t.position]:.1%}",) if removed is not None else ()))
+    print_table(rows, right={0, 2, 3, 4, 5, 6, 7, 9})
+    if removed is not None:
+        from ..grammar import describe_removed
+
+        say(describe_removed(removed, [visible(t.text, t.bytes) for t in sample.tokens])
+            + " (removed = raw probability the grammar forbade at that token)")
     say("")
     say(f"text: {sample.prompt}\u2502{sample.text}")
     tm = sample.timing

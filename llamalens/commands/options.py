@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import click
 
 from ..settings import ModelOptions, SamplingSettings
@@ -117,3 +119,75 @@ text_options = _stack(
     report_option(),
 )
 """TEXT or --file, --raw-bytes, --protocol, --stride, --json, --report: score and compare."""
+
+
+chat_options = _stack(
+    click.option("--chat", is_flag=True,
+                 help="Apply the model's chat template: PROMPT is the user's message, and what follows it is the "
+                      "assistant's reply (the only part analysed)."),
+    click.option("--system", default=None, help="A system message before the conversation (implies --chat)."),
+    click.option("--chat-template", default=None,
+                 help="A Jinja template FILE, or NAME of one of llama.cpp's built-in templates (chatml, gemma, "
+                      "llama3, ...) instead of the model's own (implies --chat)."),
+    click.option("--messages", "messages_file", default=None, type=click.Path(dir_okay=False),
+                 help='Conversations from a .jsonl file, one per line: {"messages": [{"role": "user", "content": '
+                      '"..."}]} (implies --chat).'),
+)
+"""--chat, --system, --chat-template, --messages: prompts as conversations (llamalens/chat.py)."""
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """What the chat options asked for; `on` is False when none was given."""
+
+    on: bool = False
+    system: str | None = None
+    template: str | None = None
+    messages_file: str | None = None
+
+    def conversations(self, prompts) -> list[tuple]:
+        """The conversations of PROMPT(S) (user messages) and --messages, read before any model is loaded."""
+        from ..chat import conversation, read_messages, with_system
+
+        convs = [conversation(p, self.system) for p in prompts]
+        if self.messages_file:
+            convs += [with_system(c, self.system) for c in read_messages(self.messages_file)]
+        return convs
+
+    def single(self, prompt: str | None, command: str):
+        """The one conversation a command works on (None without the chat options; then PROMPT is needed)."""
+        if not self.on:
+            if prompt is None:
+                raise click.UsageError("give a PROMPT (or a conversation: --chat PROMPT, --messages FILE)")
+            return None
+        if prompt is not None and self.messages_file:
+            raise click.UsageError("give PROMPT or --messages FILE, not both")
+        if prompt is None and not self.messages_file:
+            raise click.UsageError("--chat needs the user's message as PROMPT, or --messages FILE")
+        convs = self.conversations([prompt] if prompt is not None else [])
+        if len(convs) != 1:
+            raise click.UsageError(f"{command} works on one conversation, and {self.messages_file} holds {len(convs)}; "
+                                   "keep one line, or use `llamalens sweep --messages FILE` for all of them")
+        return convs[0]
+
+
+def pop_chat(kw: dict) -> ChatOptions:
+    chat, system, template, messages_file = (kw.pop(k) for k in ("chat", "system", "chat_template", "messages_file"))
+    on = bool(chat or system is not None or template or messages_file)
+    return ChatOptions(on, system, template, messages_file)
+
+
+grammar_options = _stack(
+    click.option("--grammar", "grammar_file", default=None, type=click.Path(dir_okay=False),
+                 help="Constrain the reply with a GBNF grammar FILE (llama.cpp's format; start rule root)."),
+    click.option("--json-schema", "json_schema_file", default=None, type=click.Path(dir_okay=False),
+                 help="Constrain the reply to JSON fitting this schema FILE (converted to a grammar; see the README)."),
+)
+"""--grammar, --json-schema: constrained generation (llamalens/grammar.py)."""
+
+
+def pop_grammar(kw: dict):
+    """The grammar the options name (grammar.GrammarSpec), read now, or None."""
+    from ..grammar import read_grammar
+
+    return read_grammar(kw.pop("grammar_file"), kw.pop("json_schema_file"))

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 
 import click
 
-from .options import axis_options, json_option, model_option, pop_axes, pop_model_options, report_option, \
-    runtime_options, store_option
+from .options import axis_options, chat_options, grammar_options, json_option, model_option, pop_axes, pop_chat, \
+    pop_grammar, pop_model_options, report_option, runtime_options, store_option
 from .output import records, say, check_report_path, shell_command, fail_cleanly, json_out, load_model, print_table, sweep_progress, write_report
 
 
@@ -44,7 +44,8 @@ def until_done(call) -> None:
 
 
 # what a resumed run takes from the store; giving any of these with --resume is refused, not ignored
-RUN_DEFINED = ("prompts", "prompts_file", "seeds", "seed_list", "max_tokens", "logprobs", "stop", "preset", "grid_file",
+RUN_DEFINED = ("prompts", "prompts_file", "chat", "system", "chat_template", "messages_file", "grammar_file",
+               "json_schema_file", "seeds", "seed_list", "max_tokens", "logprobs", "stop", "preset", "grid_file",
                "name", "parallel", "exact", "ctx", "batch", "flash_attn", "gpu_layers")
 
 
@@ -80,6 +81,8 @@ def _given(ctx: click.Context, names) -> list[str]:
 @click.option("--resume", "resume_id", default=None, help="Finish an interrupted run (its missing samples only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @report_option("Also write the run's report (FILE.html or FILE.md) when it finishes.")
+@chat_options
+@grammar_options
 @store_option
 @model_option
 @runtime_options
@@ -92,6 +95,7 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
     llamalens sweep "Once upon a time" -t 0,0.7,1.0 --top-k 2,40 --top-p 0.01,0.95 --seeds 3
     llamalens sweep --prompts-file prompts.txt --preset balanced --seeds 5 --name my-run
     llamalens sweep --resume 7          # after Ctrl-C, a kill or a crash
+    llamalens sweep --messages chats.jsonl --chat-template gemma -t 0,0.7 --seeds 2
     """
     from .. import grid
     from ..inputs import read_prompts
@@ -99,6 +103,8 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
     from ..sweep import SweepSpec, execute, resume_target, start_sweep
 
     axes_text = pop_axes(kw)
+    chat = pop_chat(kw)
+    grammar_spec = pop_grammar(kw)
     if resume_id is not None:
         conflicts = _given(click.get_current_context(), RUN_DEFINED + tuple("ax_" + a for a in axes_text))
         if conflicts:
@@ -113,13 +119,24 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
         say(f"resuming run {run_id}: {info.n_samples - info.n_done} of {info.n_samples} samples to go", err=True)
     else:
         prompts = tuple(prompts) + (tuple(read_prompts(prompts_file)) if prompts_file else ())
-        if not prompts:
-            raise click.UsageError("give at least one PROMPT or --prompts-file")
+        convs = chat.conversations(prompts) if chat.on else None
+        if not prompts and not convs:
+            raise click.UsageError("give at least one PROMPT, --prompts-file or --messages")
         configs = grid.build_configs(preset, grid_file, axes_text)
         seed_values = grid.parse_seeds(seeds, seed_list)
         grid.check(configs, seed_values)
-        spec = SweepSpec(list(prompts), configs, seed_values, max_tokens, logprobs, tuple(stop), name, exact, parallel)
         loaded = load_model(model, pop_model_options(kw))
+        chats = None
+        if convs:
+            from ..chat import render_all
+
+            chats = render_all(loaded, convs, chat.template)
+            prompts = tuple(c.text for c in chats)
+            say(f"chat: {len(chats)} conversation(s) rendered with {chats[0].template}; the analysis covers the "
+                "replies", err=True)
+        spec = SweepSpec(list(prompts), configs, seed_values, max_tokens, logprobs, tuple(stop), name, exact, parallel,
+                         chats=[c.to_dict() for c in chats] if chats else [],
+                         grammar=grammar_spec.to_dict() if grammar_spec else None)
         run_id = start_sweep(loaded, store, spec, command=shell_command(["llamalens"] + sys.argv[1:]),
                              on_note=lambda note: say(f"note: {note}", err=True))
         say(f"run {run_id}: {len(spec.prompts)} prompt(s) x {len(configs)} configuration(s) x "
@@ -204,6 +221,8 @@ def _show_run(store, run_id, as_json):
     noise = describe_noise(info.noise)
     if noise:
         say(noise)
+    if info.options.grammar:
+        _show_grammar(run)
     if info.resumes:
         from ..reports.run import resume_note
 
@@ -211,6 +230,19 @@ def _show_run(store, run_id, as_json):
     if info.status != "done":
         say(f"run {info.id} is {info.status}: resume with `llamalens sweep --resume {info.id}`")
     return run
+
+
+def _show_grammar(run) -> None:
+    from ..grammar import fight
+    from ..visible import visible
+
+    f = fight(run.samples, run.by_sample, k=5)
+    if f is None:
+        return
+    say(f"grammar ({run.info.options.grammar['source']}): it removed {f.mean:.1%} of the raw probability mass per "
+        "token on average (" + ", ".join(f"config {c} {m:.1%}" for c, m in f.mean_by_config.items())
+        + "); where it fought the model most: "
+        + ", ".join(f"sample {s} #{pos} {visible(text, hx)} {r:.1%}" for s, _c, pos, text, hx, r in f.worst))
 
 
 @click.command()

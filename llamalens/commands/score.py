@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .options import json_option, model_options, pop_model_options, runtime_options, store_option, text_options
+from .options import chat_options, json_option, model_options, pop_chat, pop_model_options, runtime_options, \
+    store_option, text_options
 from .output import say, alternatives, check_report_path, fail_cleanly, json_out, load_model, print_confidence, \
     print_table, window_progress, write_report
 
@@ -34,24 +35,61 @@ def _notes(notes) -> None:
 @click.option("--all", "show_all", is_flag=True,
               help="Print every token (default: all when <= 100, else the most surprising).")
 @click.option("--text", "as_text", is_flag=True, help="Print the text coloured by each token's probability.")
+@chat_options
 @model_options
 @fail_cleanly
 def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprobs, show_all, as_text, model, **kw):
     """How surprised the model is by a text: per-token logprob, rank, entropy; perplexity, bits per byte.
 
+    With --messages, the assistant's reply is scored after the rest of the conversation (rendered with the
+    chat template): the file's last message when it is the assistant's, or TEXT / --file as the reply.
+
     \b
     llamalens score "The quick brown fox jumps over the lazy dog."
     llamalens score --file wiki.test.raw --protocol llama-perplexity --ctx 512
+    llamalens score --messages chat.jsonl --chat-template gemma
     """
     from ..score import score_text
 
+    chat = pop_chat(kw)
+    if chat.on:
+        return _score_reply(chat, text, file, raw_bytes, as_json, report_path, logprobs, show_all, as_text, model, kw)
     data = _text(text, file, raw_bytes)
     check_report_path(report_path)
     loaded = load_model(model, pop_model_options(kw))
     res = score_text(loaded, data, loaded.options.ctx, protocol, stride, logprobs, window_progress("scoring"))
+    _show_scores(res, as_json, as_text, show_all, report_path)
+
+
+def _score_reply(chat, text, file, raw_bytes, as_json, report_path, logprobs, show_all, as_text, model, kw):
+    """score --messages: the assistant's reply after its conversation."""
+    from ..chat import render
+    from ..score import score_reply
+
+    if not chat.messages_file:
+        raise click.UsageError("score --chat needs the conversation the reply follows: --messages FILE (.jsonl)")
+    if raw_bytes:
+        raise click.UsageError("--raw-bytes does not apply to a chat reply (it is text in a conversation)")
+    conv = chat.single(None, "score")
+    if text is not None or file:
+        reply = _text(text, file, False)
+    elif conv[-1]["role"] == "assistant":
+        conv, reply = conv[:-1], conv[-1]["content"]
+    else:
+        raise click.UsageError(f"the conversation in {chat.messages_file} ends with a {conv[-1]['role']} message: "
+                               "give the assistant's reply as TEXT or --file, or end the conversation with it")
+    check_report_path(report_path)
+    loaded = load_model(model, pop_model_options(kw))
+    rendered = render(loaded, conv, chat.template)
+    _show_scores(score_reply(loaded, rendered.text, reply, logprobs), as_json, as_text, show_all, report_path, rendered)
+
+
+def _show_scores(res, as_json, as_text, show_all, report_path, rendered=None) -> None:
+    from .look import with_chat
+
     _notes(res.notes)
     if as_json:
-        json_out(res.to_dict())
+        json_out(with_chat(res.to_dict(), rendered))
     elif as_text:
         if res.protocol != "full":
             say(f"note: {res.protocol} scores part of each window; only the scored tokens are shown", err=True)
@@ -61,7 +99,7 @@ def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprob
     if report_path:
         from ..reports.texts import score_document
 
-        write_report(score_document(res), report_path)
+        write_report(score_document(res, rendered), report_path)
 
 
 def _print_scores(res, show_all: bool) -> None:
@@ -83,12 +121,13 @@ def _print_scores(res, show_all: bool) -> None:
 
 
 @click.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @click.option("--option", "options", multiple=True, help="A continuation to score (repeat, at least twice).")
 @click.option("--normalize", type=click.Choice(["none", "token", "byte"]), default="none", show_default=True,
               help="Rank by total logprob, or per token / per byte (fairer across lengths).")
 @click.option("--no-space", is_flag=True, help="Append options as given (default: a space joins prompt and option).")
 @json_option
+@chat_options
 @model_options
 @fail_cleanly
 def choose(prompt, options, normalize, no_space, as_json, model, **kw):
@@ -97,17 +136,24 @@ def choose(prompt, options, normalize, no_space, as_json, model, **kw):
     \b
     llamalens choose "The capital of France is" --option Paris --option London --option Berlin
     llamalens choose "Review: great film! Sentiment:" --option positive --option negative --normalize token
+    llamalens choose --chat "Is the sky blue? Answer yes or no." --chat-template gemma --option yes --option no
     """
     from ..score import check_options
     from ..score import choose as rank_options
     from ..visible import visible
+    from .look import chat_prompt, with_chat
 
+    chat = pop_chat(kw)
+    conv = chat.single(prompt, "choose")
     check_options(list(options))
-    res = rank_options(load_model(model, pop_model_options(kw)), prompt, list(options), normalize,
-                       space=not no_space)
+    loaded = load_model(model, pop_model_options(kw))
+    rendered = chat_prompt(loaded, conv, chat)
+    if rendered:  # the options are the assistant's reply: they follow the rendered prompt as they are
+        prompt, no_space = rendered.text, True
+    res = rank_options(loaded, prompt, list(options), normalize, space=not no_space)
     _notes(res.notes)
     if as_json:
-        return json_out(res.to_dict())
+        return json_out(with_chat(res.to_dict(), rendered))
     rows = [("rank", "option", f"score ({normalize})", "logprob", "tokens", "per token", "per byte", "share", "margin",
              "token logprobs")]
     for i, (o, m, p) in enumerate(zip(res.options, res.margins(), res.probabilities()), 1):

@@ -26,7 +26,7 @@ from ..records import StoredSample, TokenRecord
 from ..visible import visible
 from .document import (MAX_PLOT_PROMPTS, MAX_SAMPLER_CHAINS, MAX_STRIP_TOKENS, Document, Figure, Heading, KeyValues,
                        Para, Strips, Table, TokenView, fmt, gltr_class, prob_class)
-from .texts import model_line, plain, sampler_blocks
+from .texts import chat_blocks, model_line, plain, sampler_blocks
 
 HEATMAP_METRICS = ("mean_logprob", "mean_entropy", "mean_candidates", "distinct_completions")
 METRICS = HEATMAP_METRICS + ("perplexity", "distinct_2", "mean_rank", "tokens_per_s")
@@ -113,8 +113,8 @@ class RunReport:
                             fields=TOKEN_FIELDS, alt_titles=["top alternatives (raw distribution)"])
 
     def document(self) -> Document:
-        for section in (self.header, self.summary, self.strips, self.positions, self.seeds, self.samplers,
-                        self.timing):
+        for section in (self.header, self.summary, self.grammar, self.strips, self.positions, self.seeds,
+                        self.samplers, self.timing):
             section()
         return self.doc
 
@@ -161,6 +161,10 @@ class RunReport:
         if noise:
             doc.add(Para(noise[0].upper() + noise[1:], "note"))
         doc.add(Table(["#", "prompt"], [[p, visible(t, edge_spaces=False)] for p, t in self.prompts], sortable=False))
+        if opts.chats:
+            from ..chat import ChatPrompt
+
+            chat_blocks(doc, [ChatPrompt(**dict(c, messages=tuple(c["messages"]))) for c in opts.chats])
 
     # -- 2. summary + heatmaps -------------------------------------------------------------------------
     def summary(self) -> None:
@@ -183,6 +187,26 @@ class RunReport:
                 doc.add(Figure(plots.heatmaps(summ, mm, x, y, panel), f"heatmap_{mm}",
                                f"{mm.replace('_', ' ')} over {x}" + (f" × {y}" if y else "")
                                + (f", one panel per {', '.join(panel)}" if panel else "")))
+
+    # -- 2b. where a grammar fought the model -----------------------------------------------------------
+    def grammar(self) -> None:
+        from ..grammar import fight
+
+        spec = self.run.info.options.grammar
+        f = fight(self.run.samples, self.run.by_sample, k=15) if spec else None
+        if f is None:
+            return
+        doc = self.doc
+        doc.add(Heading("Where the constraint fought the model"))
+        doc.add(Para(f"Every sample was constrained by {visible(spec['source'], edge_spaces=False)}. At each token, "
+                     "'removed' is the share of the raw probability (softmax of the logits, before any sampler) on "
+                     f"tokens the grammar forbade: {f.mean:.1%} on average over {f.tokens:,} tokens.", "note"))
+        doc.add(Table(["#", "configuration", "mean removed"],
+                      [[c, self.labels[c], f"{m:.2%}"] for c, m in f.mean_by_config.items()]))
+        doc.add(Table(["sample", "configuration", "position", "token", "removed"],
+                      [[s, c, pos, visible(text, hx), f"{r:.2%}"] for s, c, pos, text, hx, r in f.worst],
+                      caption="The positions where the grammar removed the most."))
+        doc.add(Table(["grammar (GBNF)"], [[visible(spec["gbnf"], edge_spaces=False)]], sortable=False))
 
     # -- 3. token strips per prompt --------------------------------------------------------------------
     def strips(self) -> None:

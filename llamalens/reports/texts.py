@@ -25,16 +25,29 @@ def plain(v):
     return v
 
 
-def next_document(view, model: dict) -> Document:
+def next_document(view, model: dict, chat=None) -> Document:
     """`llamalens next` with sampler settings: the raw next-token distribution and each chain's result."""
     doc = Document(f"llamalens next: {len(view.chains)} sampler settings", fields=[], alt_titles=[])
     doc.add(KeyValues([("model", model_line(model)), ("prompt", view.prompt),
                        ("entropy", f"{view.entropy:.4f} nats (raw distribution)")]))
+    if chat:
+        chat_blocks(doc, [chat])
     doc.add(Para("The raw top tokens after the prompt, and the same tokens' probabilities after each sampler chain "
                  "(top_k → top_p → min_p → temperature): temperature rescales the logits before the softmax, the "
                  "truncating samplers remove tokens and the rest are renormalised.", "note"))
     sampler_blocks(doc, view)
     return doc
+
+
+def chat_blocks(doc: Document, chats: list) -> None:
+    """The rendered chat prompts, as the model reads them: special tokens in ⟦ ⟧, and where the reply starts."""
+    doc.add(Heading("Chat prompt" + ("s" if len(chats) > 1 else ""), 3))
+    doc.add(Para("Each conversation rendered with its chat template, token by token as the model reads it: special "
+                 "tokens in ⟦ ⟧, ⏎ a newline. The assistant's reply starts at ▶reply; everything analysed here is "
+                 "in the reply.", "note"))
+    doc.add(Table(["#", "template", "messages", "tokens", "prompt as the model reads it"],
+                  [[i, c.template, len(c.messages), c.n_tokens, visible(c.shown, edge_spaces=False) + " \u25b6reply"]
+                   for i, c in enumerate(chats)], sortable=False))
 
 
 def model_line(m: ModelInfo | dict, with_path: bool = True) -> str:
@@ -53,7 +66,7 @@ def _limited(items: list, what: str, doc: Document) -> list:
     return items
 
 
-def score_document(res) -> Document:
+def score_document(res, chat=None) -> Document:
     """A scored text: totals, surprise along the text, the text coloured by probability / GLTR rank."""
     from . import plots
 
@@ -72,6 +85,8 @@ def score_document(res) -> Document:
     ]))
     for note in res.notes:
         doc.add(Para(note, "note"))
+    if chat:
+        chat_blocks(doc, [chat])
     doc.add(Heading("Surprise along the text"))
     doc.add(Figure(plots.series([-t.logprob for t in res.tokens], "surprise (nats)"), "surprise",
                    "Negative logprob of each scored token."))

@@ -1,0 +1,193 @@
+"""Chat templates: a conversation becomes the prompt text llama.cpp would feed the model.
+
+    messages (--chat PROMPT, --system, --messages FILE.jsonl)
+        └─► template: the GGUF's tokenizer.chat_template        (Jinja, rendered here with jinja2)
+                      --chat-template FILE                       (Jinja, rendered here with jinja2)
+                      --chat-template NAME (chatml, gemma, ...)  (llama.cpp's C++ templates,
+                                                                  llama_chat_apply_template)
+        └─► prompt text ──► Model.prompt_tokens: BOS + the text with special tokens parsed
+
+Jinja templates are rendered the way llama.cpp's chat-template engine (common/chat.cpp, common/jinja)
+renders them: trim_blocks and lstrip_blocks on, the variables `messages`, `bos_token` and `eos_token`
+(the model's BOS / EOS pieces), `add_generation_prompt` true, and the functions `raise_exception` and
+`strftime_now`. Then, as common_chat_template_direct_apply does, a leading bos_token is cut off when the
+model adds BOS itself, so that tokenizing the text does not double it. llama-server tokenizes the result
+with special tokens parsed; Model.prompt_tokens does the same, so the tokens equal the server's.
+
+The rendered text is the prompt from then on: the engine, the store and `sweep --resume` work on it as on
+any prompt, and whatever is generated, scored or chosen after it is the assistant's reply. `ChatPrompt`
+keeps what it came from (messages, template) so that reports can show the prompt token by token, special
+tokens visible, with the place where the reply starts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+from .errors import InvalidInput
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """One conversation rendered for a model: `text` is the prompt its reply follows."""
+
+    messages: tuple[dict, ...]
+    template: str  # "gguf", "file:PATH" or "builtin:NAME"
+    text: str
+    shown: str = ""  # the prompt as the model reads it, special tokens in ⟦ ⟧ (BOS included): see as_read
+    n_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["messages"] = list(self.messages)
+        return d
+
+
+# -- conversations, before any model is loaded ---------------------------------------------------------
+def check_messages(messages, where: str) -> tuple[dict, ...]:
+    """OpenAI-style messages: a non-empty list of {"role": ..., "content": "..."}; InvalidInput naming `where`."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidInput(f"{where}: \"messages\" must be a non-empty list of "
+                           '{"role": "user", "content": "..."} objects')
+    out = []
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise InvalidInput(f"{where}: message {i} is not an object with a string \"role\" and a string "
+                               f"\"content\"; write it as {{\"role\": \"user\", \"content\": \"Hello\"}}")
+        if m["role"] not in ROLES:
+            raise InvalidInput(f"{where}: message {i} has role {m['role']!r}; use one of {', '.join(ROLES)}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return tuple(out)
+
+
+def read_messages(path: str, option: str = "--messages") -> list[tuple[dict, ...]]:
+    """The conversations of a .jsonl file: one JSON object with a "messages" list per line."""
+    from .inputs import read_utf8
+
+    p = Path(path)
+    text = read_utf8(p, option)
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"{option}: {p} line {n} is not JSON ({e.msg}); each line holds one conversation, "
+                               'e.g. {"messages": [{"role": "user", "content": "Hello"}]}') from None
+        if not isinstance(obj, dict) or "messages" not in obj:
+            raise InvalidInput(f"{option}: {p} line {n} has no \"messages\" field; each line holds one conversation, "
+                               'e.g. {"messages": [{"role": "user", "content": "Hello"}]}')
+        out.append(check_messages(obj["messages"], f"{option}: {p} line {n}"))
+    if not out:
+        raise InvalidInput(f"{option}: {p} holds no conversations; one JSON object with \"messages\" per line")
+    return out
+
+
+def conversation(user: str | None, system: str | None = None) -> tuple[dict, ...]:
+    """The conversation of --chat PROMPT [--system TEXT]."""
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    if user is not None:
+        msgs.append({"role": "user", "content": user})
+    return tuple(msgs)
+
+
+def with_system(messages: tuple[dict, ...], system: str | None) -> tuple[dict, ...]:
+    """--system in front of a conversation from a file (refused when the file has its own system message)."""
+    if system is None:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        raise InvalidInput("--system: the conversation already starts with a system message; drop --system or "
+                           "the file's system message")
+    return ({"role": "system", "content": system},) + tuple(messages)
+
+
+# -- templates ---------------------------------------------------------------------------------------------
+def resolve_template(model, chat_template: str | None) -> tuple[str, str | None]:
+    """(label, Jinja source or None for a built-in) for --chat-template FILE|NAME, or the model's own template."""
+    from .runtime import builtin_chat_templates
+
+    names = builtin_chat_templates()
+    if chat_template is None:
+        src = model.chat_template()
+        if not src:
+            raise InvalidInput(f"{model.path.name} has no chat template (no tokenizer.chat_template in the GGUF); "
+                               f"give one with --chat-template NAME (llama.cpp's built-ins: {', '.join(names)}) or "
+                               "--chat-template FILE.jinja")
+        return "gguf", src
+    if chat_template in names:
+        return f"builtin:{chat_template}", None
+    p = Path(chat_template)
+    if not p.is_file():
+        raise InvalidInput(f"--chat-template {chat_template!r} is neither a file nor one of llama.cpp's built-in "
+                           f"templates ({', '.join(names)})")
+    from .inputs import read_utf8
+
+    return f"file:{p}", read_utf8(p, "--chat-template")
+
+
+def render_jinja(source: str, messages, bos_token: str, eos_token: str, add_generation_prompt: bool = True,
+                 where: str = "the chat template") -> str:
+    """A Jinja chat template rendered as llama.cpp's engine renders it (see the module docstring)."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Refused(Exception):
+        pass
+
+    def raise_exception(message):
+        raise Refused(str(message))
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+    try:
+        tmpl = env.from_string(source)
+        return tmpl.render(messages=[dict(m) for m in messages], bos_token=bos_token, eos_token=eos_token,
+                           add_generation_prompt=add_generation_prompt, raise_exception=raise_exception,
+                           strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    except Refused as e:
+        raise InvalidInput(f"{where} refused this conversation: {e}") from None
+    except jinja2.TemplateSyntaxError as e:
+        raise InvalidInput(f"{where} is not valid Jinja (line {e.lineno}: {e.message}); fix it or give another "
+                           "with --chat-template") from None
+    except jinja2.TemplateError as e:
+        raise InvalidInput(f"{where} failed to render ({type(e).__name__}: {e}); give another with "
+                           "--chat-template") from None
+
+
+def render(model, messages, chat_template: str | None = None) -> ChatPrompt:
+    """The prompt text of a conversation for `model`, ready for the assistant's reply."""
+    label, source = resolve_template(model, chat_template)
+    if source is None:
+        text = model.apply_builtin_template(label.split(":", 1)[1], list(messages))
+    else:
+        bos, eos = (model.piece(t).decode("utf-8", errors="replace") if t != -1 else "" for t in (model.bos, model.eos))
+        where = "the model's chat template" if label == "gguf" else f"--chat-template {label[5:]}"
+        text = render_jinja(source, messages, bos, eos, where=where)
+        if model.add_bos and bos and text.startswith(bos):
+            text = text[len(bos):]
+    shown, n = as_read(model, text)
+    return ChatPrompt(tuple(messages), label, text, shown, n)
+
+
+def as_read(model, text: str) -> tuple[str, int]:
+    """(the prompt token by token as the model reads it, its token count): special tokens (those whose text
+    only shows when rendered as special, such as <bos> and <start_of_turn>) are put in ⟦ ⟧."""
+    parts = []
+    ids = model.prompt_tokens(text)
+    for t in ids:
+        special, plain = model.piece(t, special=True), model.piece(t, special=False)
+        piece = special.decode("utf-8", errors="replace")
+        parts.append(f"\u27e6{piece}\u27e7" if special != plain else piece)
+    return "".join(parts), len(ids)
+
+
+def render_all(model, conversations, chat_template: str | None = None) -> list[ChatPrompt]:
+    """Every conversation rendered (the template is looked up once)."""
+    return [render(model, c, chat_template) for c in conversations]

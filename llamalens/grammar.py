@@ -1,0 +1,195 @@
+"""Grammars (GBNF) and JSON schemas: constrained generation the way llama.cpp's common/sampling.cpp does it.
+
+    --grammar FILE.gbnf ─────────────────────────────┐
+    --json-schema FILE.json ─► json_schema_to_gbnf ──┴─► GBNF text ─► one GrammarSampler per sequence
+                                                                     (llama_sampler_init_grammar, "root")
+
+Each step (engine.py calls `constrained_apply`), as common_sampler_sample with grammar_first = false, the
+path llama-server and llama-cli take:
+    raw row ─► the sampler chain, unchanged ─► token t
+    the grammar allows t?  yes: t            (the chain ran once)
+                           no:  the row with the grammar applied (every forbidden token's logit -inf)
+                                ─► the chain again ─► t'   (it runs twice; its seeded RNG draws twice)
+    then the grammar accepts the token, then the chain does (common_sampler_accept).
+
+Removed mass: at every step, how much of the raw probability (softmax of the raw logits) the grammar
+forbade: 1 − Σ p_raw(allowed). Where the grammar rejected the chain's token the whole vocabulary is checked
+and the figure is exact; elsewhere only the most likely tokens holding 1 − MASS_EPS of the raw mass are
+(applying a grammar to Gemma's 262k-token vocabulary takes about 0.25 s), so the figure is low by at most
+MASS_EPS. High values are "where the constraint fought the model".
+
+JSON schemas are converted by llama-cpp-python's converter (llama_cpp.llama_grammar.json_schema_to_gbnf),
+the only one callable from Python here. It is not the vendored llama.cpp's C++ converter (common/json-
+schema-to-grammar.cpp, what llama-server uses for "json_schema"): on that converter's own test cases
+(tests/test-json-schema-to-grammar.cpp) none of the grammars are identical. The largest difference is
+whitespace: llama-cpp-python allows one optional space after each value (space ::= " "?), llama.cpp up to
+two newlines and 20 spaces or tabs before closing brackets; number ranges and string escapes are written
+differently too. Both accept JSON that fits the schema; a llama-server run with the same schema can still
+choose other whitespace. For server-identical constraints convert the schema once with llama.cpp and pass
+the result with --grammar.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidInput
+
+MASS_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """The GBNF a run is constrained by, and where it came from ("grammar:FILE" or "json-schema:FILE")."""
+
+    gbnf: str
+    source: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_grammar(grammar_file: str | None, json_schema_file: str | None) -> GrammarSpec | None:
+    """--grammar FILE.gbnf or --json-schema FILE.json as GBNF text (None when neither is given)."""
+    from .inputs import read_utf8
+
+    if grammar_file and json_schema_file:
+        raise InvalidInput("give --grammar or --json-schema, not both (a schema is turned into a grammar)")
+    if grammar_file:
+        text = read_utf8(Path(grammar_file), "--grammar")
+        if not text.strip():
+            raise InvalidInput(f"--grammar: {grammar_file} is empty; write GBNF rules, starting with root ::= ...")
+        return GrammarSpec(text, f"grammar:{grammar_file}")
+    if json_schema_file:
+        text = read_utf8(Path(json_schema_file), "--json-schema")
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"--json-schema: {json_schema_file} is not JSON (line {e.lineno}: {e.msg})") from None
+        if not isinstance(schema, dict):
+            raise InvalidInput(f"--json-schema: {json_schema_file} holds a JSON {type(schema).__name__}, not a schema "
+                               'object; e.g. {"type": "object", "properties": {"name": {"type": "string"}}}')
+        from .sampler import json_schema_to_gbnf
+
+        try:
+            gbnf = json_schema_to_gbnf(json.dumps(schema))
+        except Exception as e:  # noqa: BLE001 - the converter raises whatever it meets
+            raise InvalidInput(f"--json-schema: {json_schema_file} could not be converted to a grammar "
+                               f"({type(e).__name__}: {e}); simplify the schema or write a --grammar") from None
+        return GrammarSpec(gbnf, f"json-schema:{json_schema_file}")
+    return None
+
+
+def check_grammar(model, spec: GrammarSpec | None) -> None:
+    """Parse the grammar once against the model's vocabulary: InvalidInput when llama.cpp cannot."""
+    if spec is None:
+        return
+    from .sampler import GrammarSampler
+
+    GrammarSampler(model, spec.gbnf, where=spec.source.replace(":", " ", 1)).close()
+
+
+def removed_mass(logprobs: np.ndarray, forbidden: np.ndarray) -> float:
+    """Σ p_raw over the forbidden token ids."""
+    return float(np.exp(logprobs[forbidden]).sum()) if len(forbidden) else 0.0
+
+
+def constrained_apply(sampler, grammar, row: np.ndarray, buffers, grammar_buffers) -> tuple[np.ndarray, int, float]:
+    """The chain's pick under the grammar, as common_sampler_sample makes it (see the module docstring):
+    (survivors, selected index, raw probability mass the grammar forbade at this step)."""
+    survivors, sel = sampler.apply(row, buffers)
+    token = int(survivors["id"][sel])
+    x = row.astype(np.float64)
+    m = x.max()
+    lp = x - m - np.log(np.exp(x - m).sum())
+    # tokens below 1e-12 hold at most n_vocab * 1e-12 of the mass (< MASS_EPS up to a million tokens): not sorted
+    likely = np.flatnonzero(lp > np.log(1e-12))
+    order = likely[np.argsort(-lp[likely], kind="stable")]
+    k = int(np.searchsorted(np.cumsum(np.exp(lp[order])), 1.0 - MASS_EPS)) + 1
+    head = order[:k].astype(np.int32)
+    ok = grammar.allowed(head, grammar_buffers)
+    removed = removed_mass(lp, head[~ok])
+    where = np.flatnonzero(head == token)
+    token_ok = bool(ok[where[0]]) if len(where) else bool(grammar.allowed(np.array([token], np.int32))[0])
+    if token_ok:
+        return survivors, sel, removed
+    # resample: the grammar on the whole row first, then the chain again
+    full = grammar.allowed(grammar_buffers.ids, grammar_buffers)
+    masked = np.where(full, row, -np.inf).astype(np.float32)
+    survivors, sel = sampler.apply(masked, buffers)
+    return survivors, sel, removed_mass(lp, np.flatnonzero(~full))
+
+
+# -- what show, the report and next say ------------------------------------------------------------------
+@dataclass
+class Fight:
+    """Where a grammar fought the model in a run: the mean removed mass per configuration, the worst positions."""
+
+    mean_by_config: dict[int, float]
+    worst: list[tuple[int, int, int, str, str, float]]  # (sample_idx, config_idx, position, text, hex, removed)
+    mean: float
+    tokens: int
+
+
+def fight(samples, by_sample: dict, k: int = 10) -> Fight | None:
+    """From a run's finished samples (their extra["grammar_removed"]) and tokens; None without a grammar."""
+    rows = []
+    for s in samples:
+        removed = (s.extra or {}).get("grammar_removed")
+        if removed is None:
+            continue
+        for t, r in zip(by_sample.get(s.sample_idx, []), removed):
+            rows.append((s.sample_idx, s.config_idx, t.position, t.text, t.bytes, float(r)))
+    if not rows:
+        return None
+    by_config: dict[int, list[float]] = {}
+    for r in rows:
+        by_config.setdefault(r[1], []).append(r[5])
+    worst = sorted(rows, key=lambda r: (-r[5], r[0], r[2]))[:k]
+    return Fight({c: float(np.mean(v)) for c, v in sorted(by_config.items())}, worst,
+                 float(np.mean([r[5] for r in rows])), len(rows))
+
+
+def describe_removed(removed: list[float], texts: list[str], k: int = 3) -> str:
+    """One line: the mean removed mass of a sample and its worst positions."""
+    if not removed:
+        return "the grammar constrained no token"
+    worst = sorted(range(len(removed)), key=lambda i: -removed[i])[:k]
+    spots = ", ".join(f"#{i} {texts[i]} {removed[i]:.1%}" for i in worst)
+    return (f"the grammar removed {np.mean(removed):.1%} of the raw probability mass per token on average; "
+            f"where it fought the model most: {spots}")
+
+
+@dataclass
+class NextUnderGrammar:
+    """The next-token distribution before and after a grammar: raw p, p renormalised over the allowed tokens."""
+
+    removed: float
+    allowed: int
+    rows: list[tuple[int, float, float]]  # (token id, raw logprob, p under the grammar; 0 = forbidden)
+
+
+def next_under_grammar(model, prompt: str, spec: GrammarSpec, top: int = 10) -> NextUnderGrammar:
+    """The raw top tokens and the grammar's top tokens after a prompt, with both probabilities."""
+    from .runtime import round_ctx
+    from .sampler import Candidates, GrammarSampler
+
+    tokens = model.prompt_tokens(prompt)
+    model.check_fits(len(tokens), model.options.ctx)
+    with model.context(n_ctx=round_ctx(len(tokens) + 1)) as ctx:
+        row = ctx.prefill(tokens).astype(np.float64)
+    lp = row - row.max() - np.log(np.exp(row - row.max()).sum())
+    with GrammarSampler(model, spec.gbnf, where=spec.source.replace(":", " ", 1)) as g:
+        buffers = Candidates(model.n_vocab)
+        ok = g.allowed(buffers.ids, buffers).copy()
+    kept = np.exp(lp) * ok
+    under = kept / kept.sum() if kept.sum() > 0 else kept
+    raw_top = np.argsort(-lp)[:top]
+    grammar_top = np.argsort(-under)[: min(top, int(ok.sum()))]
+    ids = sorted(set(raw_top.tolist()) | set(grammar_top.tolist()), key=lambda i: -lp[i])
+    return NextUnderGrammar(removed_mass(lp, np.flatnonzero(~ok)), int(ok.sum()),
+                            [(int(i), float(lp[i]), float(under[i])) for i in ids])

@@ -1,0 +1,136 @@
+"""Grammars and JSON schemas (llamalens/grammar.py, --grammar and --json-schema on generate, next and sweep): the
+grammar's mask and the removed mass against a prefix matcher written here and llama-cpp-python's logits, greedy
+constrained decoding against the same reference, JSON output that fits its schema, and every bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from llamalens.engine import Engine, Request
+from llamalens.errors import InvalidInput
+from llamalens.grammar import MASS_EPS, read_grammar
+from llamalens.settings import SamplingSettings
+from reference import log_softmax
+from test_cli import run as cli
+
+# a finite language over the tiny model's pieces: what may follow is checked by plain string prefixes below
+SENTENCES = [" the cat sat on the mat.", " the dog sat.", " a cat is on it!"]
+GBNF = 'root ::= " the" ( " cat sat on the mat." | " dog sat." ) | " a cat is on it!"\n'
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_path):
+    from llama_cpp import Llama
+
+    return Llama(str(tiny_path), n_ctx=256, logits_all=True, verbose=False, flash_attn=False)
+
+
+def pieces(llm) -> list[bytes]:
+    return [llm.detokenize([i]) for i in range(llm.n_vocab())]
+
+
+def allowed_after(done: bytes, vocab: list[bytes], eog: set[int]) -> np.ndarray:
+    """The reference mask: a token may follow `done` when done + its bytes is a prefix of a sentence (EOG only
+    when `done` is a whole sentence)."""
+    full = [s.encode() for s in SENTENCES]
+    ok = np.array([bool(p) and any(s.startswith(done + p) for s in full) for p in vocab])
+    ok[list(eog)] = done in full
+    return ok
+
+
+def test_greedy_under_a_grammar_and_the_removed_mass(tiny, tiny_llama, tmp_path):
+    g = tmp_path / "s.gbnf"
+    g.write_text(GBNF, encoding="utf-8")
+    spec = read_grammar(str(g), None)
+    sample = next(iter(Engine(tiny, 1).run([Request("the cat", SamplingSettings(temperature=0), 24, 3,
+                                                    grammar=spec.gbnf)])))
+    # reference: llama-cpp-python's raw logits, the prefix mask above, argmax over the allowed tokens
+    vocab, eog = pieces(tiny_llama), {tiny.eos}
+    ids, done, expected_removed = tiny.prompt_tokens("the cat"), b"", []
+    for _ in range(24):
+        tiny_llama.reset()
+        tiny_llama.eval(ids)
+        lp = log_softmax(np.array(tiny_llama.scores[len(ids) - 1]))
+        ok = allowed_after(done, vocab, eog)
+        expected_removed.append(float(np.exp(lp[~ok]).sum()))
+        tok = int(np.flatnonzero(ok)[np.argmax(lp[ok])])
+        ids.append(tok)
+        if tok in eog:
+            break
+        done += vocab[tok]
+    assert [t.id for t in sample.tokens] == ids[len(tiny.prompt_tokens("the cat")):]
+    assert sample.text in [s for s in SENTENCES] and sample.finish_reason == "stop"
+    # exact where the grammar rejected the chain's pick, low by at most MASS_EPS elsewhere; the logits agree
+    # to ~2e-6 (measured), which moves these sums by less than that
+    got = np.array(sample.grammar_removed)
+    assert np.all(got <= np.array(expected_removed) + 1e-5)
+    assert np.all(got >= np.array(expected_removed) - MASS_EPS - 1e-5)
+    assert max(expected_removed) > 0.5  # the constraint did fight this model
+
+
+def test_sampled_generation_stays_in_the_language(tiny, tmp_path):
+    reqs = [Request("the", SamplingSettings(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=s), 24, 0,
+                    grammar=GBNF) for s in range(6)]
+    out = list(Engine(tiny, 3).run(reqs))
+    assert {s.text for s in out} <= set(SENTENCES) and all(s.finish_reason == "stop" for s in out)
+    assert all(len(s.grammar_removed) == len(s.tokens) for s in out)
+
+
+def test_json_schema(tiny_path, tmp_path):
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
+    d = json.loads(cli("generate", "the", "--json-schema", schema, "-m", tiny_path, "-n", 40, "-t", 0.9,
+                       "--json").stdout)
+    assert isinstance(json.loads(d["text"])["ok"], bool) and d["finish_reason"] == "stop"
+    assert d["grammar"]["source"].startswith("json-schema:") and "root ::=" in d["grammar"]["gbnf"]
+    assert all(0.0 <= t["grammar_removed"] <= 1.0 for t in d["tokens"])
+
+
+def test_cli_next_sweep_show_report(tiny_path, tmp_path):
+    g = tmp_path / "s.gbnf"
+    g.write_text(GBNF, encoding="utf-8")
+    d = json.loads(cli("next", "the", "--grammar", g, "-m", tiny_path, "--top", 5, "--json").stdout)
+    assert d["allowed"] >= 2 and 0 < d["removed"] < 1
+    # an allowed token's share under the grammar is its raw p renormalised by what the grammar left (1 - removed)
+    shown = [t for t in d["top"] if t["prob_under_grammar"] > 0]
+    assert shown and all(t["bytes"] and any(s.encode().startswith(bytes.fromhex(t["bytes"])) for s in SENTENCES)
+                         for t in shown)
+    for t in shown:
+        assert t["prob_under_grammar"] == pytest.approx(t["prob"] / (1 - d["removed"]), rel=1e-6)
+    store, report = tmp_path / "runs.db", tmp_path / "g.html"
+    res = cli("sweep", "the", "--grammar", g, "-t", "0,1", "--seeds", 2, "-n", 12, "-m", tiny_path, "--store", store,
+              "--report", report)
+    assert "grammar (grammar:" in res.output and "where it fought the model most" in res.output
+    html = report.read_text(encoding="utf-8")
+    assert "Where the constraint fought the model" in html and "cat sat on the mat." in html
+    from llamalens.analysis import load_run
+    from llamalens.store import Store
+
+    run = load_run(Store(str(store)), 1)
+    assert {s.text for s in run.samples} <= set(SENTENCES)
+    assert all(len(s.extra["grammar_removed"]) == len(run.by_sample[s.sample_idx]) for s in run.samples)
+
+
+def test_bad_grammars(tiny_path, tmp_path):
+    bad = tmp_path / "bad.gbnf"
+    for text, why in [('root ::= "a" (', "expecting ')'"), ("root ::= bar", "Undefined rule identifier 'bar'"),
+                      ('start ::= "a"', "does not parse")]:
+        bad.write_text(text, encoding="utf-8")
+        res = cli("generate", "the", "--grammar", bad, "-m", tiny_path, ok=False)
+        assert res.exit_code != 0 and why in res.output and "Traceback" not in res.output, res.output
+    res = cli("sweep", "the", "--grammar", bad, "-m", tiny_path, "--store", tmp_path / "r.db", ok=False)
+    assert res.exit_code != 0 and "does not parse" in res.output
+    bad.write_text("", encoding="utf-8")
+    with pytest.raises(InvalidInput, match="is empty"):
+        read_grammar(str(bad), None)
+    bad.write_text("{not json", encoding="utf-8")
+    with pytest.raises(InvalidInput, match="is not JSON"):
+        read_grammar(None, str(bad))
+    bad.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(InvalidInput, match="not a schema object"):
+        read_grammar(None, str(bad))
+    with pytest.raises(InvalidInput, match="not both"):
+        read_grammar(str(bad), str(bad))
+    res = cli("next", "the", "--grammar", bad, "-t", "0.5", "-m", tiny_path, ok=False)
+    assert res.exit_code != 0 and "leave out the sampler settings" in res.output
