@@ -380,3 +380,25 @@ def test_seed_samples_the_base_path(tiny, tiny_path, tmp_path):
     assert sampled.text != greedy.text  # the check can tell the two apart
     assert store.samples(2)[0].extra["fork"]["outcome"]["mode"] == "first_line"
     assert store.configs(1)[1].temperature == 1.2 and store.configs(2)[1].temperature == 0
+
+
+def test_chat_forks_the_assistants_reply(tmp_path):
+    """--chat: the base path is the assistant's reply to the rendered conversation (the prompt is the text
+    llama-cpp-python's Jinja2ChatFormatter renders), greedy like `generate --chat -t 0`; --resume refuses chat options."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from tiny_gguf import TINY_CHAT_TEMPLATE, write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny-chat.gguf", chat_template=TINY_CHAT_TEMPLATE)
+    db = tmp_path / "chat.db"
+    cli("fork", "the cat", "--chat", "--system", "hello", "-n", 4, "--samples", 1, "--positions", "0-1",
+        "--store", db, "--model", path, "--ctx", 256, "--flash-attn", "off", "--threads", 1)
+    messages = [{"role": "system", "content": "hello"}, {"role": "user", "content": "the cat"}]
+    expected = Jinja2ChatFormatter(TINY_CHAT_TEMPLATE, eos_token="</s>", bos_token="<s>")(messages=messages).prompt
+    base = Store(db).samples(1)[0]
+    assert base.prompt == expected.removeprefix("<s>")  # llamalens adds BOS when it tokenizes, as llama-server does
+    gen = json.loads(cli("generate", "the cat", "--chat", "--system", "hello", "-t", 0, "-n", 4, "--json",
+                         "--model", path, "--ctx", 256, "--flash-attn", "off").stdout)
+    assert [t.id for _, t in Store(db).tokens(1, 0)] == [t["id"] for t in gen["tokens"]]
+    res = cli("fork", "--resume", 1, "--chat", "--store", db, ok=False)
+    assert res.exit_code == 2 and "--chat" in res.output

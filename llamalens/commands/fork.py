@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from .options import json_option, model_options, pop_model_options, pop_sampling, report_option, sampling_options, \
-    store_option
+from .options import chat_options, json_option, model_options, pop_chat, pop_model_options, pop_sampling, \
+    report_option, sampling_options, store_option
 from .output import check_report_path, fail_cleanly, json_out, load_model, print_table, say, shell_command, \
     sweep_progress, write_report
 
@@ -15,7 +15,7 @@ from .output import check_report_path, fail_cleanly, json_out, load_model, print
 RUN_DEFINED = ("prompt", "outcome", "options_list", "first_line", "samples", "alternatives", "min_prob", "positions",
                "max_tokens", "stop", "parallel", "exact", "max_sequences", "name", "ctx", "batch", "flash_attn",
                "gpu_layers", "temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty",
-               "frequency_penalty", "presence_penalty", "seed")
+               "frequency_penalty", "presence_penalty", "seed", "chat", "system", "chat_template", "messages_file")
 
 
 @click.command("fork")
@@ -45,6 +45,7 @@ RUN_DEFINED = ("prompt", "outcome", "options_list", "first_line", "samples", "al
 @click.option("--resume", "resume_id", default=None, help="Finish an interrupted fork run (its missing "
                                                            "continuations only).")
 @sampling_options
+@chat_options
 @json_option
 @report_option("Also write the fork report (FILE.html or FILE.md).")
 @store_option
@@ -63,6 +64,7 @@ def fork(prompt, outcome, options_list, first_line, samples, alternatives, min_p
     \b
     llamalens fork "Q: Is 17 a prime number? Answer yes or no, then explain. A:" --options yes,no --report fork.html
     llamalens fork "The best pet is a" --outcome "^ *(\\w+)" --samples 8 --positions 0-9
+    llamalens fork --chat "Is 17 prime? Answer yes or no." --chat-template gemma --options yes,no
     llamalens fork --resume 12          # after Ctrl-C, a kill or a crash
     """
     from ..fork import ForkSpec, OutcomeSpec, check_spec, execute_fork, parse_positions, resume_target, start_fork
@@ -70,13 +72,17 @@ def fork(prompt, outcome, options_list, first_line, samples, alternatives, min_p
     from .runs import _given, until_done
 
     ctx = click.get_current_context()
+    chat = pop_chat(kw)
+    conv = None
     if resume_id is not None:
         conflicts = _given(ctx, RUN_DEFINED)
         if conflicts:
             raise click.UsageError(f"--resume finishes a run with its own stored settings; {', '.join(conflicts)} "
                                    "would be ignored: drop them, or start a new fork run")
-    elif not prompt:
+    elif not prompt and not chat.on:
         raise click.UsageError("give a PROMPT (or --resume RUN)")
+    else:
+        conv = chat.single(prompt, "fork")
     check_report_path(report_path)
     if resume_id is None:
         modes = [m for m, given in (("--outcome", outcome is not None), ("--options", options_list is not None),
@@ -87,7 +93,7 @@ def fork(prompt, outcome, options_list, first_line, samples, alternatives, min_p
                         OutcomeSpec("options", options=tuple(o.strip() for o in options_list.split(",")))
                         if options_list is not None else OutcomeSpec())
         sampled = bool(_given(ctx, ["seed"]))  # --seed given: the base path is sampled with it
-        spec = ForkSpec(prompt, pop_sampling(kw), spec_outcome, sampled, samples, alternatives, min_prob,
+        spec = ForkSpec(prompt or "", pop_sampling(kw), spec_outcome, sampled, samples, alternatives, min_prob,
                         parse_positions(positions), max_tokens, tuple(stop), parallel, exact, max_sequences, name)
         check_spec(spec)  # before loading the model: bad input fails fast
     store = Store(store_path)
@@ -99,12 +105,16 @@ def fork(prompt, outcome, options_list, first_line, samples, alternatives, min_p
             err=True)
     else:
         loaded = load_model(model, pop_model_options(kw))
+        if conv is not None:  # the rendered conversation is the prompt: the base path is the assistant's reply
+            from .look import chat_prompt
+
+            spec.prompt = chat_prompt(loaded, conv, chat).text
         say("decoding the base path ...", err=True)
         run_id, cost = start_fork(loaded, store, spec, command=shell_command(["llamalens"] + sys.argv[1:]))
         from ..fork import batch_rate
 
         n_batch = 1 if exact else min(parallel, cost.sequences)
-        rate = batch_rate(loaded, loaded.prompt_tokens(prompt), n_batch)
+        rate = batch_rate(loaded, loaded.prompt_tokens(spec.prompt), n_batch)
         say(f"run {run_id}: {cost.positions} positions, {cost.sequences:,} continuations, up to {cost.tokens:,} tokens "
             f"({n_batch} per batch); prefill {cost.prefill:,} tokens instead of {cost.naive_prefill:,}; about "
             f"{cost.seconds(rate):.0f} s at the measured {rate:.0f} tokens/s; store {store.path}", err=True)
