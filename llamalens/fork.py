@@ -13,7 +13,10 @@ once. A continuation of (t, w) takes a free sequence: `seq_cp(0, s, 0, L+t)` giv
 (metadata only: the KV cache is unified), and w is decoded once per group of continuations of (t, w) that
 start together; the group's other members get that cell by `seq_cp` and share the logits row. From then on
 every live continuation decodes one token per llama_decode call, continuations of several positions in one
-batch, up to --parallel. A finished continuation frees its sequence (`seq_rm`). Prefill work is thus the
+batch, up to --parallel; continuations of one group that have sampled the same tokens so far (a peaked
+distribution, a low temperature) share one row, as the sweep engine's identical histories do: it is decoded
+at the first one's sequence and its cell copied to the others (`fanned_out_tokens` counts them).
+A finished continuation frees its sequence (`seq_rm`). Prefill work is thus the
 prompt + base path once plus one forced token per group, against L+t+1 tokens per continuation if each
 were prefilled on its own (both counted and stored with the run). `--exact` decodes one continuation at a
 time through the engine's single-sequence path (prefix prefilled once per (t, w)): token for token what
@@ -319,8 +322,10 @@ def decode_continuations(model: Model, prompt_ids: list[int], base_ids: list[int
         ctx.prefill(full, seq=0)
         stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + len(full)
         slots: list[_Live | None] = [None] * n_par
+        intern: dict[tuple, int] = {}  # (t, forced token) or (parent history, token) -> history id
         try:
             while todo or any(slots):
+                # continuations entering at one (position, forced token): the forced token decoded once for them
                 groups: dict[tuple, list[_Live]] = {}
                 for s in range(n_par):
                     if slots[s] is None and todo:
@@ -328,36 +333,40 @@ def decode_continuations(model: Model, prompt_ids: list[int], base_ids: list[int
                         seq, t = s + 1, len(r.prompt_tokens) - 1 - L
                         ctx.seq_rm(seq)
                         ctx.seq_cp(0, seq, 0, L + t)
+                        key = (t, r.prompt_tokens[-1])
                         live = _Live(r, seq, Sampler(r.settings, model.n_vocab), max_tokens=r.max_tokens,
-                                     t_start=time.perf_counter(), pos=L + t + 1)
+                                     t_start=time.perf_counter(), pos=L + t + 1,
+                                     hist=intern.setdefault(key, len(intern)))
                         slots[s] = live
-                        groups.setdefault((t, r.prompt_tokens[-1]), []).append(live)
+                        groups.setdefault(key, []).append(live)
                 rows: list[list[_Live]] = list(groups.values())
-                toks = [g[0].req.prompt_tokens[-1] for g in rows]
-                pos = [g[0].pos - 1 for g in rows]
-                seqs = [g[0].slot for g in rows]
                 stats["forced_tokens"] = stats.get("forced_tokens", 0) + len(rows)
                 stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + len(rows)
+                # continuations whose histories are identical so far (they sampled the same tokens): one row
+                by_hist: dict[int, list[_Live]] = {}
                 for live in slots:
                     if live is not None and live.pending is not None:
-                        rows.append([live])
-                        toks.append(live.pending)
-                        pos.append(live.pos)
-                        seqs.append(live.slot)
-                ctx.decode(toks, pos, seqs, [1] * len(toks))
+                        by_hist.setdefault(live.hist, []).append(live)
+                rows += by_hist.values()
+                stats["fanned_out_tokens"] = stats.get("fanned_out_tokens", 0) + sum(len(g) - 1 for g in by_hist.values())
+                toks = [g[0].pending if g[0].pending is not None else g[0].req.prompt_tokens[-1] for g in rows]
+                pos = [g[0].pos if g[0].pending is not None else g[0].pos - 1 for g in rows]
+                ctx.decode(toks, pos, [g[0].slot for g in rows], [1] * len(toks))
                 stats["decodes"] = stats.get("decodes", 0) + 1
                 stats["decoded_tokens"] = stats.get("decoded_tokens", 0) + len(toks)
                 for i, members in enumerate(rows):
                     row = ctx.logits(i)
                     lead = members[0]
-                    for m in members[1:]:  # the forced token's cell, decoded once for the group
-                        ctx.seq_cp(lead.slot, m.slot, lead.pos - 1, lead.pos)
-                    if lead.pending is not None:
-                        lead.pos += 1
-                        lead.pending = None
+                    for m in members[1:]:  # the cell decoded once for the group, shared with each member
+                        ctx.seq_cp(lead.slot, m.slot, pos[i], pos[i] + 1)
                     st = RowStats.of(row, None, engine._top_n)
                     for m in members:
+                        if m.pending is not None:
+                            m.pos += 1
+                            m.pending = None
                         engine._step(m, row, st)
+                        if m.pending is not None:
+                            m.hist = intern.setdefault((m.hist, m.pending), len(intern))
                 for s in range(n_par):
                     live = slots[s]
                     if live is not None and live.finish is not None:
