@@ -96,14 +96,33 @@ def fmt_size(n: float) -> str:
     return str(n)
 
 
-def load_model(name, options):
-    """Resolve --model and load it with these ModelOptions, saying so on stderr."""
-    from ..models import resolve_model
+def load_model(name, options, sequences: int = 1, rows: int | None = None, cells: int | None = None):
+    """Resolve --model, check that it fits in memory (unless --force) and load it with these ModelOptions,
+    saying so on stderr. `sequences`, `rows` (logits rows per decode) and `cells` (KV cells in all) size the
+    estimate (memory.estimate)."""
+    from ..models import resolve_source
     from ..runtime import Model
 
-    path = resolve_model(name)
-    say(f"loading {path.name} ...", err=True)
-    return Model(path, options)
+    found = resolve_source(name)
+    est = fit_estimate(found, options, sequences, rows, cells)
+    if not options.force:
+        from ..memory import check
+
+        check(est, found.source)
+    say(f"loading {found.path.name}{'' if found.store in ('folder', 'default') else f' ({found.source})'} ...",
+        err=True)
+    return Model(found.path, options, found=found, memory=est)
+
+
+def fit_estimate(found, options, sequences: int = 1, rows: int | None = None, cells: int | None = None):
+    """The memory estimate for a resolved model (stores.Found) with these options."""
+    from ..gguf_file import read_header
+    from ..memory import estimate
+    from ..runtime import supports_gpu_offload
+
+    options.validate()
+    return estimate(read_header(found.path), options, sequences, rows, cells, weights=found.size,
+                    gpu_offload=bool(options.gpu_layers) and supports_gpu_offload())
 
 
 def check_report_path(report_path) -> None:

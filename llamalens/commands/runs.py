@@ -105,7 +105,11 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
         seed_values = grid.parse_seeds(seeds, seed_list)
         grid.check(configs, seed_values)
         spec = SweepSpec(list(prompts), configs, seed_values, max_tokens, logprobs, tuple(stop), name, exact, parallel)
-        loaded = load_model(model, pop_model_options(kw))
+        options = pop_model_options(kw)
+        n_par = 1 if exact else min(parallel, spec.n_samples)
+        # KV cells: at most (prompt bytes + BOS/EOS + max_tokens + 1) per sequence, within --ctx
+        per_seq = min(options.ctx, max(len(p.encode("utf-8")) for p in prompts) + 3 + max_tokens)
+        loaded = load_model(model, options, sequences=n_par, cells=n_par * per_seq)
         run_id = start_sweep(loaded, store, spec, command=shell_command(["llamalens"] + sys.argv[1:]),
                              on_note=lambda note: say(f"note: {note}", err=True))
         say(f"run {run_id}: {len(spec.prompts)} prompt(s) x {len(configs)} configuration(s) x "
