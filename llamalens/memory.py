@@ -196,10 +196,10 @@ def check(est: MemoryEstimate, name: str) -> None:
         fixes.append(f"a smaller --ctx (now {est.ctx}, KV cache {gb(est.kv)})")
     if est.sequences > 1:
         fixes.append(f"fewer parallel sequences (now {est.sequences})")
-    if est.rows > 1 or est.batch > 64:
+    if est.outputs + est.compute > est.total * 0.2:
         fixes.append(f"a smaller --batch (now {est.batch}; logits take {gb(est.outputs + est.compute)})")
     fixes.append("more --gpu-layers (on a GPU build)" if est.weights else "")
-    fixes.append("a smaller quantization of the model (Q4_K_M instead of Q8_0 or F16)")
+    fixes.append("a smaller quantization of the model (e.g. Q4_K_M rather than Q8_0 or F16)")
     raise ModelTooBig(
         f"{name} needs about {gb(est.total)} of RAM ({est.breakdown()}) but {gb(est.available)} is available; "
         f"try {', '.join(f for f in fixes if f)}; or pass --force to load it anyway"
