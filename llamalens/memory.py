@@ -204,3 +204,27 @@ def check(est: MemoryEstimate, name: str) -> None:
         f"{name} needs about {gb(est.total)} of RAM ({est.breakdown()}) but {gb(est.available)} is available; "
         f"try {', '.join(f for f in fixes if f)}; or pass --force to load it anyway"
     )
+
+
+def for_model(found, options, sequences: int = 1, rows: int | None = None, cells: int | None = None) -> MemoryEstimate:
+    """The estimate for a resolved model (stores.Found: all its parts) with these ModelOptions."""
+    from .gguf_file import read_header
+    from .runtime import supports_gpu_offload
+
+    options.validate()
+    return estimate(read_header(found.path), options, sequences, rows, cells, weights=found.size,
+                    gpu_offload=bool(options.gpu_layers) and supports_gpu_offload())
+
+
+def checked_load(found, options, sequences: int = 1, rows: int | None = None, cells: int | None = None,
+                 announce=None):
+    """Estimate, refuse when it will not fit (unless options.force), then load: a runtime.Model. `announce()` is
+    called once the check has passed, just before llama.cpp opens the file."""
+    from .runtime import Model
+
+    est = for_model(found, options, sequences, rows, cells)
+    if not options.force:
+        check(est, found.source)
+    if announce:
+        announce()
+    return Model(found.path, options, found=found, memory=est)

@@ -142,3 +142,14 @@ def test_models_fit_and_json(gemma_path, tiny_path, monkeypatch):
 def test_memory_limit_and_available():
     assert parse_size("8G") == 8 << 30 and parse_size("512M") == 512 << 20 and parse_size("1.5GB") == 3 << 29
     assert available_ram() > 0
+
+
+def test_python_api_checks_too(tiny_path, monkeypatch):
+    import llamalens as ll
+    from llamalens.memory import ModelTooBig
+
+    monkeypatch.setenv("LLAMALENS_MEMORY_LIMIT", "10M")
+    with pytest.raises(ModelTooBig, match="but 10 MB is available"):
+        ll.load_model(str(tiny_path))
+    with ll.load_model(str(tiny_path), force=True) as m:
+        assert m.describe()["memory_estimate"]["fits"] is False and m.options.force

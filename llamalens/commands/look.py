@@ -8,9 +8,9 @@ import click
 
 from .options import axis_options, json_option, model_options, pop_axes, pop_model_options, pop_sampling, \
     report_option, sampling_options
-from ..memory import available_ram, gb
+from ..memory import available_ram, for_model as fit_estimate, gb
 from ..settings import ModelOptions
-from .output import say, alternatives, check_report_path, fail_cleanly, fit_estimate, fmt_size, json_out, load_model, \
+from .output import say, alternatives, check_report_path, fail_cleanly, fmt_size, json_out, load_model, \
     print_confidence, print_table, write_report
 
 MAX_NEXT_COLUMNS = 12

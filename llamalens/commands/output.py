@@ -100,29 +100,13 @@ def load_model(name, options, sequences: int = 1, rows: int | None = None, cells
     """Resolve --model, check that it fits in memory (unless --force) and load it with these ModelOptions,
     saying so on stderr. `sequences`, `rows` (logits rows per decode) and `cells` (KV cells in all) size the
     estimate (memory.estimate)."""
+    from ..memory import checked_load
     from ..models import resolve_source
-    from ..runtime import Model
 
     found = resolve_source(name)
-    est = fit_estimate(found, options, sequences, rows, cells)
-    if not options.force:
-        from ..memory import check
-
-        check(est, found.source)
-    say(f"loading {found.path.name}{'' if found.store in ('folder', 'default') else f' ({found.source})'} ...",
-        err=True)
-    return Model(found.path, options, found=found, memory=est)
-
-
-def fit_estimate(found, options, sequences: int = 1, rows: int | None = None, cells: int | None = None):
-    """The memory estimate for a resolved model (stores.Found) with these options."""
-    from ..gguf_file import read_header
-    from ..memory import estimate
-    from ..runtime import supports_gpu_offload
-
-    options.validate()
-    return estimate(read_header(found.path), options, sequences, rows, cells, weights=found.size,
-                    gpu_offload=bool(options.gpu_layers) and supports_gpu_offload())
+    where = "" if found.store in ("folder", "default") else f" ({found.source})"
+    return checked_load(found, options, sequences, rows, cells,
+                        announce=lambda: say(f"loading {found.path.name}{where} ...", err=True))
 
 
 def check_report_path(report_path) -> None:
