@@ -30,11 +30,14 @@ __all__ = [
 def load_model(model=None, **options):
     """Load a GGUF model by path or name (None: $LLAMALENS_MODEL or the embedded default).
 
-    options: gpu_layers, ctx, threads, batch, flash_attn (see ModelOptions).
+    options: gpu_layers, ctx, threads, batch, flash_attn, mmap, mlock, force (see ModelOptions). Like the
+    CLI, it refuses a model that will not fit in the RAM available (memory.ModelTooBig) unless force=True.
     """
-    from .runtime import Model, ModelOptions
+    from .memory import checked_load
+    from .models import resolve_source
+    from .runtime import ModelOptions
 
-    return Model(resolve_model(model), ModelOptions(**options))
+    return checked_load(resolve_source(model), ModelOptions(**options))
 
 
 def __getattr__(name):

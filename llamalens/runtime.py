@@ -103,6 +103,11 @@ def builtin_chat_templates() -> list[str]:
     return [name.decode() for name in out]
 
 
+def supports_gpu_offload() -> bool:
+    """Whether this llama.cpp build can put layers on a GPU (--gpu-layers does anything)."""
+    return bool(llama_cpp_module().llama_supports_gpu_offload())
+
+
 class NativeHandle:
     """Something that owns a native llama.cpp object: freed by close(), by `with`, or when collected."""
 
@@ -125,15 +130,20 @@ class NativeHandle:
 class Model(NativeHandle):
     """A loaded GGUF model: weights, vocabulary and a cache of token bytes."""
 
-    def __init__(self, path: str | os.PathLike, options: ModelOptions | None = None):
+    def __init__(self, path: str | os.PathLike, options: ModelOptions | None = None, found=None, memory=None):
+        """`found` (stores.Found): where the file came from; `memory` (memory.MemoryEstimate): the estimate the
+        load was checked against. Both are recorded by describe()."""
         self.path = Path(path)
         self.options = options or ModelOptions()
         self.options.validate()
         self.header = read_header(self.path)
+        self.found, self.memory = found, memory
         lib = llama_cpp_module()
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0x7FFFFFFF if self.options.gpu_layers == -1 else self.options.gpu_layers
+        if self.options.load_mode is not None:
+            params.load_mode = self.options.load_mode
         self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
             raise InvalidModelFile(
@@ -154,12 +164,14 @@ class Model(NativeHandle):
     # -- identity ----------------------------------------------------------------------------
     @property
     def info(self) -> ModelInfo:
-        return model_info(self.path, self.header)
+        return model_info(self.path, self.header, found=self.found)
 
     def describe(self) -> dict:
         d = self.info.to_dict()
         d["gpu_layers"] = self.options.gpu_layers
         d["build"] = build_info()
+        if self.memory is not None:
+            d["memory_estimate"] = self.memory.to_dict()
         return d
 
     # -- tokens ------------------------------------------------------------------------------

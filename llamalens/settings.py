@@ -127,13 +127,19 @@ def changes_label(settings: SamplingSettings, base: SamplingSettings = NEUTRAL) 
 
 @dataclass(frozen=True)
 class ModelOptions(_Checked):
-    """The options every model command takes (--gpu-layers, --ctx, --threads, --batch, --flash-attn)."""
+    """The options every model command takes (--gpu-layers, --ctx, --threads, --batch, --flash-attn, --mmap,
+    --mlock, --force)."""
 
     gpu_layers: int = 0  # -1 = all
     ctx: int = 2048  # per-sequence context window: prompt + generated tokens
     threads: int | None = None
     batch: int = 512  # prompt tokens per decode call
     flash_attn: str = "auto"
+    # --- loading and the memory check (issue 16: --mmap/--no-mmap, --mlock, --force) ---
+    mmap: bool = True  # map the file (False: read it into memory)
+    mlock: bool = False  # lock the weights in RAM (no swapping)
+    force: bool = False  # load even when the memory estimate says it will not fit
+    # --- end of issue 16's block ---
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ModelOptions":
@@ -159,4 +165,14 @@ class ModelOptions(_Checked):
             out.append(f"--gpu-layers {self.gpu_layers} must be >= -1 (-1 = all layers)")
         if self.flash_attn not in FLASH_ATTN:
             out.append(f"--flash-attn {self.flash_attn!r} must be one of on, off, auto")
+        for flag in ("mmap", "mlock", "force"):
+            if not isinstance(getattr(self, flag), bool):
+                out.append(f"--{flag} must be true or false, not {getattr(self, flag)!r}")
         return out
+
+    @property
+    def load_mode(self) -> int | None:
+        """llama_model_params.load_mode for --mmap/--no-mmap and --mlock (None: llama.cpp's default, mmap)."""
+        if self.mmap and not self.mlock:
+            return None
+        return {(False, False): 0, (False, True): 2, (True, True): 3}[(self.mmap, self.mlock)]  # LLAMA_LOAD_MODE_*

@@ -64,6 +64,7 @@ def _isolated_env(monkeypatch, tmp_path):
     monkeypatch.delenv("LLAMALENS_MODEL", raising=False)
     monkeypatch.setenv("LLAMALENS_MODELS", str(tmp_path / "no-models-here"))
     monkeypatch.setenv("LLAMALENS_STORE", str(tmp_path / "runs.db"))
+    monkeypatch.setenv("LLAMALENS_STORES", "none")  # nor Ollama's, LM Studio's, HF's or llama.cpp's models
 
 
 @pytest.fixture(scope="session")

@@ -41,15 +41,17 @@ TINY_CHAT_TEMPLATE = """{{ bos_token }}
 
 def write_tiny_gguf(path: str | Path, seed: int = 0, n_embd: int = 64, n_layer: int = 2, n_head: int = 4,
                     n_ff: int = 128, ctx: int = 512, file_type_tag: str = "tiny", n_vocab: int = N_VOCAB,
-                    pooling_type: int | None = None, causal: bool = True, chat_template: str | None = None) -> Path:
+                    pooling_type: int | None = None, causal: bool = True, chat_template: str | None = None,
+                    split_max_tensors: int = 0) -> Path:
     """`n_vocab` > 312 appends synthetic pieces "▁x0", "▁x1", ... (for benchmarks at a realistic size).
     `pooling_type` (llama_pooling_type) and `causal=False` make it look like an embedding model.
-    `chat_template` is written as tokenizer.chat_template (a Jinja chat template, e.g. TINY_CHAT_TEMPLATE)."""
+    `chat_template` is written as tokenizer.chat_template (a Jinja chat template, e.g. TINY_CHAT_TEMPLATE).
+    `split_max_tensors` > 0 writes a split model, NAME-0000k-of-0000n.gguf (returns the first part)."""
     import gguf
 
     path = Path(path)
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
     w.add_name(f"llamalens {file_type_tag} test model")
     w.add_context_length(ctx)
     w.add_embedding_length(n_embd)
@@ -101,4 +103,6 @@ def write_tiny_gguf(path: str | Path, seed: int = 0, n_embd: int = 64, n_layer: 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if split_max_tensors:
+        return sorted(path.parent.glob(path.stem + "-00001-of-*.gguf"))[0]
     return path

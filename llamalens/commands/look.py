@@ -8,35 +8,82 @@ import click
 
 from .options import axis_options, chat_options, grammar_options, json_option, model_options, pop_axes, pop_chat, \
     pop_grammar, pop_model_options, pop_sampling, report_option, sampling_options
-from .output import say, alternatives, check_report_path, fail_cleanly, fmt_size, json_out, load_model, print_confidence, \
-    print_table, write_report
+from ..memory import available_ram, for_model as fit_estimate, gb
+from ..settings import ModelOptions
+from .output import say, alternatives, check_report_path, fail_cleanly, fmt_size, json_out, load_model, \
+    print_confidence, print_table, write_report
 
 MAX_NEXT_COLUMNS = 12
 
 
 @click.command()
+@click.argument("name", required=False)
+@click.option("--fit", is_flag=True, help="Also estimate the RAM each model needs (default settings, or those given) "
+                                          "against the RAM available now.")
+@click.option("--ctx", type=int, default=ModelOptions().ctx, show_default=True, help="Context for the estimate.")
+@click.option("--batch", type=int, default=ModelOptions().batch, show_default=True, help="Batch for the estimate.")
+@click.option("--parallel", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Sequences decoded side by side, for the estimate.")
 @json_option
 @fail_cleanly
-def models(as_json):
-    """List the GGUF models found (./models, the checkout's models/, $LLAMALENS_MODELS, the default).
+def models(name, fit, ctx, batch, parallel, as_json):
+    """List the GGUF models found, or describe NAME: ./models, the checkout's models/, $LLAMALENS_MODELS, the
+    stores of Ollama, LM Studio, the Hugging Face cache and llama.cpp's cache, and the default.
 
-    Read from each file's header: no weights are loaded. --json also gives the llama.cpp build (the CPU
-    features it uses, and the CMake flags scripts/install.sh built it with).
+    Read from each file's header: no weights are loaded, nothing is downloaded. The `source` column is the
+    name --model takes. --json also gives the llama.cpp build (the CPU features it uses, and the CMake flags
+    scripts/install.sh built it with); NAME --json and --fit add the memory estimate.
+
+    \b
+    llamalens models --fit
+    llamalens models ollama:llama3.2:3b --json
     """
-    from ..models import list_models
+    from ..models import list_models, model_info, resolve_source
     from ..runtime import build_info
 
+    options = ModelOptions(ctx=ctx, batch=batch)
+    if name:
+        found = resolve_source(name)
+        info = model_info(found.path, default=found.store == "default", found=found).to_dict()
+        est = fit_estimate(found, options, sequences=parallel)
+        if as_json:
+            return json_out({"build": build_info(), "model": info, "memory_estimate": est.to_dict()})
+        for key in ("source", "store", "path", "architecture", "size_label", "quantization", "parts", "digest"):
+            if info[key] not in ("", None, 1) or key == "parts" and info[key] > 1:
+                say(f"{key:<13} {info[key]}")
+        say(f"{'file':<13} {fmt_size(info['file_size'])}")
+        return _say_fit(est, name)
     found = list_models()
+    fits = {}
+    if fit:
+        from ..models import found_for
+        fits = {m.path: fit_estimate(found_for(m), options, sequences=parallel) for m in found
+                if not m.architecture.startswith("invalid")}
     if as_json:
-        return json_out({"build": build_info(), "models": [m.to_dict() for m in found]})
+        rows = [{**m.to_dict(), **({"memory_estimate": fits[m.path].to_dict()} if m.path in fits else {})}
+                for m in found]
+        return json_out({"build": build_info(), "models": rows})
     if not found:
         return say("no models found; put .gguf files in ./models or set LLAMALENS_MODELS (see models/README.md)")
-    rows = [("name", "arch", "size", "quant", "vocab", "ctx", "file", "path")]
+    head = ("source", "arch", "size", "quant", "vocab", "ctx", "file") + (("needs", "fits") if fit else ()) + ("path",)
+    rows = [head]
     for m in found:
+        est = fits.get(m.path)
+        cells = ((gb(est.total), {True: "yes", False: "NO", None: "?"}[est.fits]) if est else ("", "")) if fit else ()
         rows.append((m.name + (" (default)" if m.default else ""), m.architecture, m.size_label, m.quantization,
                      f"{m.vocab_size:,}" if m.vocab_size else "?", f"{m.context_length:,}" if m.context_length else "?",
-                     fmt_size(m.file_size), m.path))
+                     fmt_size(m.file_size) + (f" in {m.parts} parts" if m.parts > 1 else "")) + cells + (m.path,))
     print_table(rows)
+    if fit:
+        say(f"estimated for --ctx {ctx} --batch {batch}, {parallel} sequence(s); {gb(available_ram())} RAM available")
+
+
+def _say_fit(est, name) -> None:
+    say(f"{'memory':<13} {est.breakdown()} (--ctx {est.ctx}, --batch {est.batch}, {est.sequences} sequence(s))")
+    if est.weights_gpu:
+        say(f"{'VRAM':<13} {gb(est.weights_gpu)} of weights on the GPU (not checked)")
+    verdict = {True: "fits", False: "does NOT fit", None: "unknown"}[est.fits]
+    say(f"{'available':<13} {gb(est.available)}: {verdict}")
 
 
 @click.command()

@@ -35,6 +35,11 @@ RUNTIME_HELP = {
     "threads": "CPU threads (default: all cores).",
     "batch": "Prompt tokens per decode call.",
     "flash_attn": "llama.cpp's flash attention setting (changes logits slightly; recorded per run).",
+    # --- issue 16: loading and the memory check ---
+    "mmap": "Map the model file (--no-mmap reads it into memory instead); recorded per run.",
+    "mlock": "Lock the weights in RAM so they are never swapped out; recorded per run.",
+    "force": "Load even when the memory estimate says the model will not fit in RAM.",
+    # --- end of issue 16's block ---
 }
 runtime_options = _stack(
     click.option("--gpu-layers", type=int, default=_mo.gpu_layers, show_default=True, help=RUNTIME_HELP["gpu_layers"]),
@@ -43,8 +48,14 @@ runtime_options = _stack(
     click.option("--batch", type=int, default=_mo.batch, show_default=True, help=RUNTIME_HELP["batch"]),
     click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default=_mo.flash_attn, show_default=True,
                  help=RUNTIME_HELP["flash_attn"]),
+    # --- issue 16: loading and the memory check ---
+    click.option("--mmap/--no-mmap", default=_mo.mmap, show_default=True, help=RUNTIME_HELP["mmap"]),
+    click.option("--mlock", is_flag=True, default=_mo.mlock, help=RUNTIME_HELP["mlock"]),
+    click.option("--force", is_flag=True, default=_mo.force, help=RUNTIME_HELP["force"]),
+    # --- end of issue 16's block ---
 )
-"""--gpu-layers, --ctx, --threads, --batch, --flash-attn: how a model is run (ModelOptions)."""
+"""--gpu-layers, --ctx, --threads, --batch, --flash-attn, --mmap/--no-mmap, --mlock, --force: how a model is
+loaded and run (ModelOptions)."""
 
 model_option = click.option("--model", "-m", default=None, envvar="LLAMALENS_MODEL", show_envvar=True,
                             help="GGUF path or model name (see `llamalens models`); default: embedded Gemma 3 270M "

@@ -96,14 +96,17 @@ def fmt_size(n: float) -> str:
     return str(n)
 
 
-def load_model(name, options):
-    """Resolve --model and load it with these ModelOptions, saying so on stderr."""
-    from ..models import resolve_model
-    from ..runtime import Model
+def load_model(name, options, sequences: int = 1, rows: int | None = None, cells: int | None = None):
+    """Resolve --model, check that it fits in memory (unless --force) and load it with these ModelOptions,
+    saying so on stderr. `sequences`, `rows` (logits rows per decode) and `cells` (KV cells in all) size the
+    estimate (memory.estimate)."""
+    from ..memory import checked_load
+    from ..models import resolve_source
 
-    path = resolve_model(name)
-    say(f"loading {path.name} ...", err=True)
-    return Model(path, options)
+    found = resolve_source(name)
+    where = "" if found.store in ("folder", "default") else f" ({found.source})"
+    return checked_load(found, options, sequences, rows, cells,
+                        announce=lambda: say(f"loading {found.path.name}{where} ...", err=True))
 
 
 def check_report_path(report_path) -> None:

@@ -125,7 +125,14 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
         configs = grid.build_configs(preset, grid_file, axes_text)
         seed_values = grid.parse_seeds(seeds, seed_list)
         grid.check(configs, seed_values)
-        loaded = load_model(model, pop_model_options(kw))
+        options = pop_model_options(kw)
+        n_par = 1 if exact else min(parallel, len(convs if convs else prompts) * len(configs) * len(seed_values))
+        # KV cells: at most (prompt bytes + BOS/EOS + max_tokens + 1) per sequence, within --ctx; a conversation's
+        # template adds its markers (64 bytes a message is generous for llama.cpp's built-in templates)
+        lengths = [len(p.encode("utf-8")) for p in prompts] + [
+            sum(len(str(m.get("content", "")).encode("utf-8")) + 64 for m in c) for c in convs or []]
+        per_seq = min(options.ctx, max(lengths) + 3 + max_tokens)
+        loaded = load_model(model, options, sequences=n_par, cells=n_par * per_seq)
         chats = None
         if convs:
             from ..chat import render_all

@@ -56,7 +56,8 @@ def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprob
         return _score_reply(chat, text, file, raw_bytes, as_json, report_path, logprobs, show_all, as_text, model, kw)
     data = _text(text, file, raw_bytes)
     check_report_path(report_path)
-    loaded = load_model(model, pop_model_options(kw))
+    options = pop_model_options(kw)
+    loaded = load_model(model, options, rows=options.batch)  # every token of a window is scored
     res = score_text(loaded, data, loaded.options.ctx, protocol, stride, logprobs, window_progress("scoring"))
     _show_scores(res, as_json, as_text, show_all, report_path)
 
@@ -200,7 +201,7 @@ def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model
     path_a, path_b = compare_pair(model_paths)
     check_report_path(report_path)
     options = pop_model_options(kw)
-    a, b = load_model(str(path_a), options), load_model(str(path_b), options)
+    a, b = load_model(str(path_a), options, rows=options.batch), load_model(str(path_b), options, rows=options.batch)
     if store is not None:
         res = compare_run(a, b, store, run_id, on_progress=window_progress("comparing samples"))
     else:
