@@ -104,7 +104,12 @@ def fork(prompt, outcome, options_list, first_line, samples, alternatives, min_p
         say(f"resuming fork run {run_id}: {info.n_samples - info.n_done} of {info.n_samples - 1} continuations to go",
             err=True)
     else:
-        loaded = load_model(model, pop_model_options(kw))
+        # the memory check sizes the context fork will make: the base path's sequence and --parallel more, each
+        # up to the prompt (bytes bound its tokens) and the run's length
+        n_par = 1 if exact else min(parallel, max_sequences)
+        prompt_bytes = len((prompt or "").encode("utf-8")) + (256 if conv is not None else 0)
+        loaded = load_model(model, pop_model_options(kw), sequences=n_par + 1,
+                            cells=(n_par + 1) * (prompt_bytes + 3 + max_tokens))
         if conv is not None:  # the rendered conversation is the prompt: the base path is the assistant's reply
             from .look import chat_prompt
 
