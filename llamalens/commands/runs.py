@@ -9,8 +9,8 @@ from contextlib import contextmanager
 
 import click
 
-from .options import axis_options, json_option, model_option, pop_axes, pop_model_options, report_option, \
-    runtime_options, store_option
+from .options import axis_options, json_option, model_option, pop_axes, pop_model_options, pop_strategy, \
+    report_option, runtime_options, store_option, strategy_options
 from .output import records, say, check_report_path, shell_command, fail_cleanly, json_out, load_model, print_table, sweep_progress, write_report
 
 
@@ -31,7 +31,8 @@ def sigterm_as_interrupt(got: list):
 
 # what a resumed run takes from the store; giving any of these with --resume is refused, not ignored
 RUN_DEFINED = ("prompts", "prompts_file", "seeds", "seed_list", "max_tokens", "logprobs", "stop", "preset", "grid_file",
-               "name", "parallel", "exact", "ctx", "batch", "flash_attn", "gpu_layers")
+               "name", "parallel", "exact", "ctx", "batch", "flash_attn", "gpu_layers", "early_stopping", "num_return",
+               "best_of_by")
 
 
 def _given(ctx: click.Context, names) -> list[str]:
@@ -52,6 +53,8 @@ def _given(ctx: click.Context, names) -> list[str]:
 @click.option("--prompts-file", type=click.Path(dir_okay=False),
               help="One prompt per line (.txt) or JSON lines with a \"prompt\" field (.jsonl).")
 @axis_options("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty")
+@axis_options("strategy", "beams", "length_penalty", "no_repeat_ngram", "best_of")
+@strategy_options
 @click.option("--seeds", type=int, default=None, help="Seeds 0..N-1 for every configuration.")
 @click.option("--seed", "seed_list", default=None, help="Explicit seeds, e.g. 1,2,3.")
 @click.option("--max-tokens", "-n", type=int, default=32, show_default=True, help="Tokens to generate per sample.")
@@ -78,6 +81,7 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
     llamalens sweep "Once upon a time" -t 0,0.7,1.0 --top-k 2,40 --top-p 0.01,0.95 --seeds 3
     llamalens sweep --prompts-file prompts.txt --preset balanced --seeds 5 --name my-run
     llamalens sweep --resume 7          # after Ctrl-C, a kill or a crash
+    llamalens sweep "The future of AI is" --strategy greedy,beam,sample --beams 5 --no-repeat-ngram 0,2 -t 0.7
     """
     from .. import grid
     from ..inputs import read_prompts
@@ -85,6 +89,7 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
     from ..sweep import SweepInterrupted, SweepSpec, execute, resume_target, start_sweep
 
     axes_text = pop_axes(kw)
+    fixed = pop_strategy(kw)
     if resume_id is not None:
         conflicts = _given(click.get_current_context(), RUN_DEFINED + tuple("ax_" + a for a in axes_text))
         if conflicts:
@@ -101,7 +106,7 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
         prompts = tuple(prompts) + (tuple(read_prompts(prompts_file)) if prompts_file else ())
         if not prompts:
             raise click.UsageError("give at least one PROMPT or --prompts-file")
-        configs = grid.build_configs(preset, grid_file, axes_text)
+        configs = grid.build_configs(preset, grid_file, axes_text, fixed)
         seed_values = grid.parse_seeds(seeds, seed_list)
         grid.check(configs, seed_values)
         spec = SweepSpec(list(prompts), configs, seed_values, max_tokens, logprobs, tuple(stop), name, exact, parallel)
@@ -170,7 +175,7 @@ def show(run_id, as_json, store_path):
 
 def _show_run(store, run_id, as_json):
     """Print a run's summary; return the LoadedRun (a report made next reads nothing again)."""
-    from ..analysis import load_run
+    from ..analysis import STRATEGY_TABLE, load_run, uses_strategies
     from ..reports.run import describe_noise
 
     run = load_run(store, run_id)
@@ -188,6 +193,13 @@ def _show_run(store, run_id, as_json):
                      f"{r.mean_entropy:.3f}", f"{r.mean_candidates:.1f}", f"{r.distinct_completions:.1f}",
                      f"{r.distinct_2:.2f}", f"{r.mean_rank:.1f}", f"{r.tokens_per_s:.1f}"))
     print_table(rows, right=set(range(2, 11)) | {0})
+    if uses_strategies(run.configs):
+        say("decoding strategies (means over samples; distinct-n and rep-4 within each sample):")
+        rows = [tuple(h for _, h in STRATEGY_TABLE)]
+        for r in summ.itertuples():
+            rows.append(tuple(v if isinstance(v, (int, str)) else f"{v:.3f}"
+                              for v in (getattr(r, c) for c, _ in STRATEGY_TABLE)))
+        print_table(rows, right=set(range(2, len(STRATEGY_TABLE))) | {0})
     noise = describe_noise(info.noise)
     if noise:
         say(noise)
