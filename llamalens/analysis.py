@@ -33,6 +33,7 @@ METRIC_COLUMNS = ["seq_logprob", "mean_logprob", "perplexity", "distinct_1", "di
 TOKEN_COLUMNS = ["run_id", "sample_idx", "prompt_idx", "config_idx", "seed", *SETTING_COLUMNS, *STRATEGY_COLUMNS,
                  "position", "token_id", "text", "bytes", "logprob", "prob", "sampled_logprob", "rank", "entropy",
                  "candidates", "eog", "blocked"]
+STRATEGY_SUMMARY = [*STRATEGY_COLUMNS, "seq_logprob", "sample_distinct_1", "sample_distinct_2", "rep_4", "length"]
 SUMMARY_COLUMNS = ["config_idx", "label", *SETTING_COLUMNS, *STRATEGY_COLUMNS, "samples", "tokens", "mean_logprob",
                    "perplexity", "mean_entropy", "mean_candidates", "distinct_completions", "distinct_2", "mean_rank",
                    "tokens_per_s", "seq_logprob", "sample_distinct_1", "sample_distinct_2", "rep_4", "length"]
@@ -52,6 +53,12 @@ class LoadedRun:
         return self.info.id
 
     @cached_property
+    def strategies(self) -> bool:
+        """Whether the run compares decoding strategies: only then do its tables carry the strategy columns
+        (a run of sampler settings alone exports and shows exactly what it did before issue 17)."""
+        return uses_strategies(self.configs)
+
+    @cached_property
     def tokens(self) -> pd.DataFrame:
         """One row per stored token, with its sample's prompt, config, seed and settings."""
         rows = []
@@ -62,7 +69,8 @@ class LoadedRun:
             rows += [head + [t.position, t.id, t.text, t.bytes, t.logprob, math.exp(t.logprob), t.sampled_logprob,
                              t.rank, t.entropy, t.candidates, t.eog, " ".join(map(str, t.blocked))]
                      for t in self.by_sample.get(s.sample_idx, [])]
-        return pd.DataFrame(rows, columns=TOKEN_COLUMNS)
+        df = pd.DataFrame(rows, columns=TOKEN_COLUMNS)
+        return df if self.strategies else df.drop(columns=STRATEGY_COLUMNS + ["blocked"])
 
     @cached_property
     def samples_table(self) -> pd.DataFrame:
@@ -78,7 +86,8 @@ class LoadedRun:
 
     @cached_property
     def summary(self) -> pd.DataFrame:
-        return summary(self.tokens, self.samples_table, self.configs)
+        df = summary(self.tokens, self.samples_table, self.configs)
+        return df if self.strategies else df[[c for c in SUMMARY_COLUMNS if c not in STRATEGY_SUMMARY]]
 
     def labels(self) -> dict[int, str]:
         """Each configuration's short label, by config_idx."""

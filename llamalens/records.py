@@ -46,6 +46,8 @@ class _WithProbs:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if not d.get("blocked", True):  # no-repeat-ngram banned nothing here: the record reads as before it existed
+            del d["blocked"]
         d["prob"] = self.prob
         for a in d["top"]:
             a["prob"] = math.exp(a["logprob"])

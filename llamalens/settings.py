@@ -94,7 +94,13 @@ class SamplingSettings(_Checked):
         return out
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """All fields, except the decoding-strategy ones left at their defaults (so settings recorded before
+        they existed read, and export, exactly as they did; from_dict fills them in)."""
+        d = asdict(self)
+        for f in STRATEGY_FIELDS:
+            if d[f] == getattr(_DEFAULTS, f):
+                del d[f]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingSettings":
@@ -184,6 +190,10 @@ class SamplingSettings(_Checked):
                             if self.best_of != 1 else "")
         return core + (f" no-repeat={self.no_repeat_ngram}" if self.no_repeat_ngram else "")
 
+
+_DEFAULTS = SamplingSettings()
+STRATEGY_FIELDS = ("strategy", "beams", "length_penalty", "early_stopping", "num_return", "no_repeat_ngram", "best_of",
+                   "best_of_by")
 
 # Settings that change nothing: the raw distribution (temperature 1, no truncation, no penalties).
 NEUTRAL = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
