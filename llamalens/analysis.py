@@ -21,16 +21,22 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import InvalidInput
+from .decoding import sequence_metrics
 from .records import StoredSample, TokenRecord
 from .settings import SamplingSettings
 from .store import RunInfo, Store
 
 SETTING_COLUMNS = ["temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty"]
-TOKEN_COLUMNS = ["run_id", "sample_idx", "prompt_idx", "config_idx", "seed", *SETTING_COLUMNS, "position", "token_id",
-                 "text", "bytes", "logprob", "prob", "sampled_logprob", "rank", "entropy", "candidates", "eog"]
-SUMMARY_COLUMNS = ["config_idx", "label", *SETTING_COLUMNS, "samples", "tokens", "mean_logprob", "perplexity",
-                   "mean_entropy", "mean_candidates", "distinct_completions", "distinct_2", "mean_rank",
-                   "tokens_per_s"]
+# decoding strategy (issue 17): its settings, and the per-sample figures strategies are compared by
+STRATEGY_COLUMNS = ["strategy", "beams", "length_penalty", "no_repeat_ngram", "best_of"]
+METRIC_COLUMNS = ["seq_logprob", "mean_logprob", "perplexity", "distinct_1", "distinct_2", "rep_4", "length"]
+TOKEN_COLUMNS = ["run_id", "sample_idx", "prompt_idx", "config_idx", "seed", *SETTING_COLUMNS, *STRATEGY_COLUMNS,
+                 "position", "token_id", "text", "bytes", "logprob", "prob", "sampled_logprob", "rank", "entropy",
+                 "candidates", "eog", "blocked"]
+STRATEGY_SUMMARY = [*STRATEGY_COLUMNS, "seq_logprob", "sample_distinct_1", "sample_distinct_2", "rep_4", "length"]
+SUMMARY_COLUMNS = ["config_idx", "label", *SETTING_COLUMNS, *STRATEGY_COLUMNS, "samples", "tokens", "mean_logprob",
+                   "perplexity", "mean_entropy", "mean_candidates", "distinct_completions", "distinct_2", "mean_rank",
+                   "tokens_per_s", "seq_logprob", "sample_distinct_1", "sample_distinct_2", "rep_4", "length"]
 
 
 @dataclass
@@ -47,30 +53,41 @@ class LoadedRun:
         return self.info.id
 
     @cached_property
+    def strategies(self) -> bool:
+        """Whether the run compares decoding strategies: only then do its tables carry the strategy columns
+        (a run of sampler settings alone exports and shows exactly what it did before issue 17)."""
+        return uses_strategies(self.configs)
+
+    @cached_property
     def tokens(self) -> pd.DataFrame:
         """One row per stored token, with its sample's prompt, config, seed and settings."""
         rows = []
         for s in self.samples:
             cfg = self.configs[s.config_idx]
             head = [self.id, s.sample_idx, s.prompt_idx, s.config_idx, s.seed,
-                    *(getattr(cfg, c) for c in SETTING_COLUMNS)]
+                    *(getattr(cfg, c) for c in SETTING_COLUMNS + STRATEGY_COLUMNS)]
             rows += [head + [t.position, t.id, t.text, t.bytes, t.logprob, math.exp(t.logprob), t.sampled_logprob,
-                             t.rank, t.entropy, t.candidates, t.eog] for t in self.by_sample.get(s.sample_idx, [])]
-        return pd.DataFrame(rows, columns=TOKEN_COLUMNS)
+                             t.rank, t.entropy, t.candidates, t.eog, " ".join(map(str, t.blocked))]
+                     for t in self.by_sample.get(s.sample_idx, [])]
+        df = pd.DataFrame(rows, columns=TOKEN_COLUMNS)
+        return df if self.strategies else df.drop(columns=STRATEGY_COLUMNS + ["blocked"])
 
     @cached_property
     def samples_table(self) -> pd.DataFrame:
         rows = []
         for s in self.samples:
             tm = s.timing
+            toks = self.by_sample.get(s.sample_idx, [])
+            m = sequence_metrics([t.logprob for t in toks], [t.id for t in toks], [t.eog for t in toks])
             rows.append([s.sample_idx, s.prompt_idx, s.config_idx, s.seed, s.prompt, s.text, s.finish_reason,
                          tm.generated_tokens if tm else 0, tm.tokens_per_s if tm else None,
-                         tm.first_token_ms if tm else None])
+                         tm.first_token_ms if tm else None, *(m[c] for c in METRIC_COLUMNS)])
         return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
 
     @cached_property
     def summary(self) -> pd.DataFrame:
-        return summary(self.tokens, self.samples_table, self.configs)
+        df = summary(self.tokens, self.samples_table, self.configs)
+        return df if self.strategies else df[[c for c in SUMMARY_COLUMNS if c not in STRATEGY_SUMMARY]]
 
     def labels(self) -> dict[int, str]:
         """Each configuration's short label, by config_idx."""
@@ -79,11 +96,17 @@ class LoadedRun:
 
 def load_run(store: Store, run_id) -> LoadedRun:
     info = store.run(run_id)
-    return LoadedRun(info, store.configs(info.id), store.samples(info.id), store.tokens_by_sample(info.id))
+    samples, by_sample = store.samples(info.id), store.tokens_by_sample(info.id)
+    for s in samples:  # no-repeat-ngram's banned ids are kept in the sample's extra, by position
+        for pos, ids in ((s.extra or {}).get("blocked") or {}).items():
+            toks = by_sample.get(s.sample_idx, [])
+            if int(pos) < len(toks):
+                toks[int(pos)].blocked = list(ids)
+    return LoadedRun(info, store.configs(info.id), samples, by_sample)
 
 
 SAMPLE_COLUMNS = ["sample_idx", "prompt_idx", "config_idx", "seed", "prompt", "text", "finish_reason", "tokens",
-                  "tokens_per_s", "first_token_ms"]
+                  "tokens_per_s", "first_token_ms", *METRIC_COLUMNS]
 
 
 def distinct_2(token_lists: list[list[int]]) -> float:
@@ -112,8 +135,26 @@ def summary(tokens: pd.DataFrame, samples: pd.DataFrame, configs: list[SamplingS
             "distinct_completions": float(per_prompt_distinct.mean()), "distinct_2": distinct_2(seqs),
             "mean_rank": float(t["rank"].mean()), "tokens_per_s": float(s.tokens_per_s.dropna().mean())
             if s.tokens_per_s.notna().any() else float("nan"),
+            **{c: getattr(cfg, c) for c in STRATEGY_COLUMNS},
+            "seq_logprob": float(s.seq_logprob.mean()), "sample_distinct_1": float(s.distinct_1.mean()),
+            "sample_distinct_2": float(s.distinct_2.mean()), "rep_4": float(s.rep_4.mean()),
+            "length": float(s.length.mean()),
         })
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def uses_strategies(configs: list[SamplingSettings]) -> bool:
+    """Whether a run compares decoding strategies (beam, greedy, best-of, n-gram blocking), not only samplers."""
+    d = SamplingSettings()
+    return any(c.strategy != d.strategy or c.no_repeat_ngram or c.best_of > 1 for c in configs)
+
+
+STRATEGY_TABLE = [("config_idx", "#"), ("label", "configuration"), ("samples", "samples"),
+                  ("seq_logprob", "seq logprob"), ("mean_logprob", "mean logprob"), ("perplexity", "ppl"),
+                  ("sample_distinct_1", "distinct-1"), ("sample_distinct_2", "distinct-2"), ("rep_4", "rep-4"),
+                  ("length", "length"), ("tokens_per_s", "tok/s")]
+"""The strategy comparison (`show` and the report): per configuration, means over its samples of the per-sample
+figures (decoding.sequence_metrics); distinct-n and rep-4 are within one sample."""
 
 
 def openai_logprobs(run: LoadedRun):

@@ -34,6 +34,7 @@ import numpy as np
 
 from .errors import InvalidSettings
 from .records import Alternative, Sample, Timing, TokenRecord
+from .decoding import banned_tokens
 from .runtime import Context, Model, round_ctx
 from .grammar import constrained_apply
 from .sampler import Candidates, GrammarSampler, Sampler
@@ -243,7 +244,13 @@ class Engine:
 
     def _step(self, live: _Live, row: np.ndarray, row_stats: RowStats) -> None:
         """Sample the next token of one sequence from its raw logits row and record it."""
+        raw = row
         model, req = self.model, live.req
+        n_gram = req.settings.no_repeat_ngram
+        blocked = sorted(banned_tokens(req.prompt_tokens + [r.id for r in live.records], n_gram)) if n_gram else []
+        if blocked:  # no-repeat-ngram (issue 17): banned before the chain; the raw row (shared) stays as it is
+            row = row.copy()
+            row[blocked] = -np.inf
         if live.grammar is None:
             survivors, sel = live.sampler.apply(row, self._buffers)
         else:  # grammar.py: the chain's pick, resampled under the grammar when it does not fit
@@ -261,7 +268,7 @@ class Engine:
         else:
             logits_t = survivors["logit"].astype(np.float64)  # after temperature
             sampled_lp, n_cand = float(logits_t[sel] - logsumexp(logits_t)), len(survivors)
-        st = row_stats.for_token(row, token)
+        st = row_stats.for_token(raw, token)
         if live.t_first == 0.0:
             live.t_first = time.perf_counter()
         text, hex_bytes = model.token_text(token)
@@ -271,6 +278,7 @@ class Engine:
             logprob=st.logprob, sampled_logprob=sampled_lp, rank=st.rank, entropy=st.entropy, candidates=n_cand,
             top=[self._alt(int(i), float(lp)) for i, lp in zip(st.top_ids[: req.n_logprobs],
                                                                 st.top_logprobs[: req.n_logprobs])], eog=eog,
+            blocked=blocked,
         ))
         if eog:
             live.finish = "stop"

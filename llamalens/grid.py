@@ -1,7 +1,8 @@
 """Grids of sampling settings: comma-separated axes, presets, TOML grid files, and their product.
 
-A grid is the product of its axes (temperature, top_k, top_p, min_p, typical_p, repeat_penalty)
-over a base of fixed settings; a sweep runs it × prompts × seeds. Every value is checked before
+A grid is the product of its axes (temperature, top_k, top_p, min_p, typical_p, repeat_penalty, and the
+decoding-strategy axes strategy, beams, length_penalty, no_repeat_ngram, best_of) over a base of fixed
+settings; a sweep runs it × prompts × seeds. Every value is checked before
 anything runs, and each bad one is named with its axis.
 
 Grid file (TOML), several named grids and fixed settings:
@@ -30,6 +31,13 @@ from .settings import SamplingSettings
 
 AXES = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty")
 _INT_AXES = {"top_k"}
+# -- decoding-strategy axes (issue 17) ------------------------------------------------------------
+STRATEGY_AXES = ("strategy", "beams", "length_penalty", "no_repeat_ngram", "best_of")
+AXES = AXES + STRATEGY_AXES
+_INT_AXES |= {"beams", "no_repeat_ngram", "best_of"}
+_STR_AXES = {"strategy"}
+_STR_SETTINGS = {"strategy", "early_stopping", "best_of_by"}  # grid files may give these as strings
+# -- end of the decoding-strategy axes ------------------------------------------------------------
 
 PRESETS: dict[str, dict] = {
     "greedy": dict(temperature=0.0),
@@ -37,11 +45,19 @@ PRESETS: dict[str, dict] = {
     "balanced": dict(temperature=0.7, top_k=40, top_p=0.9, repeat_penalty=1.1),
     "creative": dict(temperature=0.9, top_k=50, top_p=0.95, repeat_penalty=1.05),
     "llama-cpp-python": {},  # create_completion's defaults
+    # the tutorials' two beam settings (transformers' num_beams=5, and with no_repeat_ngram_size=2)
+    "beam5": dict(strategy="beam", beams=5, early_stopping="true"),
+    "beam5-norepeat": dict(strategy="beam", beams=5, no_repeat_ngram=2, early_stopping="true"),
 }
 
 
 def parse_axis(name: str, text: str) -> list:
     """'0,0.7,1.0' -> [0.0, 0.7, 1.0]; names the axis and value on error."""
+    if name in _STR_AXES:
+        out = [part.strip() for part in str(text).split(",") if part.strip()]
+        if not out:
+            raise InvalidSettings(f"--{name.replace('_', '-')} is empty; give at least one value")
+        return out
     conv = int if name in _INT_AXES else float
     out = []
     for part in str(text).split(","):
@@ -78,13 +94,22 @@ def parse_seeds(seeds: int | None, seed_list: str | None) -> list[int]:
 
 
 def expand(axes: dict[str, list], base: SamplingSettings | None = None) -> list[SamplingSettings]:
-    """The product of the axes over `base` (seed left at base's; the sweep sets it)."""
+    """The product of the axes over `base` (seed left at base's; the sweep sets it). With decoding-strategy
+    axes each configuration is normalized (the fields its strategy ignores at their defaults) and duplicates
+    are dropped: `--strategy greedy,beam --beams 3,5` is greedy once and beam twice."""
     base = base or SamplingSettings()
     names = [a for a in AXES if a in axes]
     out = []
     for values in itertools.product(*(axes[a] for a in names)):
         out.append(base.with_(**dict(zip(names, values))))
-    return out
+    if not any(a in axes for a in STRATEGY_AXES) and base.strategy == SamplingSettings().strategy:
+        return out
+    unique: list[SamplingSettings] = []
+    for c in out:
+        n = c.normalized() if not c.problems() else c  # a bad value is reported by check(), as given
+        if n not in unique:
+            unique.append(n)
+    return unique
 
 
 def check(configs: list[SamplingSettings], seeds: list[int]) -> None:
@@ -105,12 +130,13 @@ def check(configs: list[SamplingSettings], seeds: list[int]) -> None:
 
 
 def build_configs(preset: str | None = None, grid_file: str | None = None,
-                  axes_text: dict[str, str | None] | None = None) -> list[SamplingSettings]:
-    """A sweep's configurations: the preset (or create_completion's defaults) as the base, each grid of the
-    grid file over it, then the command line's axes over each of those (or over the base alone)."""
+                  axes_text: dict[str, str | None] | None = None, fixed: dict | None = None) -> list[SamplingSettings]:
+    """A sweep's configurations: the preset (or create_completion's defaults) with `fixed` over it as the
+    base, each grid of the grid file over it, then the command line's axes over each of those (or over the
+    base alone)."""
     if preset is not None and preset not in PRESETS:
         raise InvalidSettings(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    base = SamplingSettings(**PRESETS[preset]) if preset else SamplingSettings()
+    base = (SamplingSettings(**PRESETS[preset]) if preset else SamplingSettings()).with_(**(fixed or {}))
     configs: list[SamplingSettings] = []
     if grid_file:
         for _name, axes, fixed in load_grid_file(grid_file):
@@ -165,7 +191,10 @@ def _grid_tables(data: dict, path: Path, name: str) -> list[tuple[str, dict, dic
         for k, v in value.items():
             if k not in known:
                 fail(f"unknown fixed setting {k!r} in {where}; settings are {', '.join(sorted(known))}")
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
+            if k in _STR_SETTINGS:
+                if not isinstance(v, str):
+                    fail(f"{where}.{k} is {json_kind(v)}, not a string")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)):
                 fail(f"{where}.{k} is {json_kind(v)}, not a number")
         return dict(value)
 
@@ -188,6 +217,10 @@ def _grid_tables(data: dict, path: Path, name: str) -> list[tuple[str, dict, dic
             if not values:
                 fail(f"axis {k!r} in {where} is empty; give at least one value")
             for x in values:
+                if k in _STR_AXES:
+                    if not isinstance(x, str):
+                        fail(f"{where}.{k} holds {json_kind(x)} {x!r}, not a string")
+                    continue
                 if isinstance(x, bool) or not isinstance(x, (int, float)) or (k in _INT_AXES and not isinstance(x, int)):
                     fail(f"{where}.{k} holds {json_kind(x)} {x!r}, not {'an integer' if k in _INT_AXES else 'a number'}")
             axes[k] = values

@@ -46,6 +46,8 @@ class _WithProbs:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if not d.get("blocked", True):  # no-repeat-ngram banned nothing here: the record reads as before it existed
+            del d["blocked"]
         d["prob"] = self.prob
         for a in d["top"]:
             a["prob"] = math.exp(a["logprob"])
@@ -67,7 +69,7 @@ class TokenRecord(_WithProbs):
     candidates: int  # tokens that survived the truncating samplers (1 when greedy)
     top: list[Alternative] = field(default_factory=list)
     eog: bool = False  # an end-of-generation token: it ended the sample and is not part of `text`
-
+    blocked: list[int] = field(default_factory=list)  # ids no-repeat-ngram banned here (kept in samples.extra)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenRecord":

@@ -22,6 +22,18 @@ FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # --flash-attn -> llama_context_pa
 # llama.cpp reads this seed as "pick a random one": never pass it on.
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 
+# decoding strategies (issue 17)
+STRATEGIES = ("sample", "greedy", "beam")
+EARLY_STOPPING = ("false", "true", "never")
+MAX_BEAMS = 64  # one KV sequence per beam (llama.cpp allows 256 in all)
+MAX_BEST_OF = 64
+CHAIN_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty",
+                "presence_penalty", "penalty_last_n")
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
 
 class _Checked:
     """A settings record that lists its problems (each naming the allowed range) and can refuse them all at once."""
@@ -48,13 +60,47 @@ class SamplingSettings(_Checked):
     presence_penalty: float = 0.0
     penalty_last_n: int = 64  # llama-cpp-python's last_n_tokens_size
     seed: int = 0
+    # -- decoding strategy (issue 17): how a whole sequence is chosen; every field is a sweep axis ------
+    # (beam.py; semantics of Hugging Face transformers' `generate`, differences stated there)
+    strategy: str = "sample"  # sample: the chain above (temperature 0 = greedy); greedy; beam
+    beams: int = 5  # beam: hypotheses kept per step (num_beams)
+    length_penalty: float = 1.0  # beam: a hypothesis scores sum(logprob) / length ** length_penalty
+    early_stopping: str = "false"  # beam: "true", "false" (HF's heuristic) or "never"
+    num_return: int = 1  # beam: finished hypotheses returned, best first (num_return_sequences, <= beams)
+    no_repeat_ngram: int = 0  # every strategy: no n-gram of prompt + output occurs twice (0 = off)
+    best_of: int = 1  # sample: N draws, the one with the best sequence logprob is the sample
+    best_of_by: str = "sum"  # sample: rank the draws by "sum" (sequence) or "mean" logprob
+    # -- end of the decoding-strategy block ---------------------------------------------------------------
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature == 0.0 or self.strategy == "greedy"
+
+    def normalized(self) -> "SamplingSettings":
+        """The same decoding with the fields it ignores at their defaults (a grid's product then holds no
+        duplicates): greedy and beam ignore the sampler chain and seed-free best-of; sample ignores the
+        beam fields; greedy is the chain at temperature 0."""
+        d = SamplingSettings()
+        beam_fields = dict(beams=d.beams, length_penalty=d.length_penalty, early_stopping=d.early_stopping,
+                           num_return=d.num_return)
+        chain = {f: getattr(d, f) for f in CHAIN_FIELDS if f != "temperature"}
+        if self.strategy == "beam":
+            return replace(self, **chain, temperature=0.0, best_of=1, best_of_by=d.best_of_by)
+        out = replace(self, **beam_fields)
+        if self.strategy == "greedy":
+            out = replace(out, **chain, temperature=0.0, best_of=1, best_of_by=d.best_of_by)
+        if out.best_of == 1:
+            out = replace(out, best_of_by=d.best_of_by)
+        return out
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """All fields, except the decoding-strategy ones left at their defaults (so settings recorded before
+        they existed read, and export, exactly as they did; from_dict fills them in)."""
+        d = asdict(self)
+        for f in STRATEGY_FIELDS:
+            if d[f] == getattr(_DEFAULTS, f):
+                del d[f]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingSettings":
@@ -94,6 +140,23 @@ class SamplingSettings(_Checked):
             bad("penalty_last_n", self.penalty_last_n, "must be >= -1; -1 means the whole context")
         if not isinstance(self.seed, int) or not 0 <= self.seed < LLAMA_DEFAULT_SEED:
             bad("seed", self.seed, f"must be an integer in [0, {LLAMA_DEFAULT_SEED - 1}]")
+        # decoding strategy (issue 17)
+        if self.strategy not in STRATEGIES:
+            bad("strategy", self.strategy, f"must be one of {', '.join(STRATEGIES)}")
+        if not _int(self.beams) or not 1 <= self.beams <= MAX_BEAMS:
+            bad("beams", self.beams, f"must be an integer in [1, {MAX_BEAMS}]")
+        if not finite(self.length_penalty):
+            bad("length_penalty", self.length_penalty, "must be a finite number; 0 = plain sum of logprobs")
+        if self.early_stopping not in EARLY_STOPPING:
+            bad("early_stopping", self.early_stopping, f"must be one of {', '.join(EARLY_STOPPING)}")
+        if not _int(self.num_return) or not 1 <= self.num_return <= (self.beams if _int(self.beams) else 1):
+            bad("num_return", self.num_return, "must be an integer in [1, beams]")
+        if not _int(self.no_repeat_ngram) or self.no_repeat_ngram < 0:
+            bad("no_repeat_ngram", self.no_repeat_ngram, "must be an integer >= 0; 0 turns it off")
+        if not _int(self.best_of) or not 1 <= self.best_of <= MAX_BEST_OF:
+            bad("best_of", self.best_of, f"must be an integer in [1, {MAX_BEST_OF}]")
+        if self.best_of_by not in ("sum", "mean"):
+            bad("best_of_by", self.best_of_by, "must be sum or mean")
         return out
 
     def label(self, seed: bool = True) -> str:
@@ -109,8 +172,28 @@ class SamplingSettings(_Checked):
             core += f" freq={self.frequency_penalty:g}"
         if self.presence_penalty:
             core += f" pres={self.presence_penalty:g}"
+        core = self._strategy_label(core)
         return f"{core} seed={self.seed}" if seed else core
 
+    def _strategy_label(self, chain: str) -> str:
+        """The label's decoding-strategy part (issue 17): 'beam=5 lp=1', 'greedy', or the chain's label."""
+        if self.strategy == "beam":
+            core = f"beam={self.beams} lp={self.length_penalty:g}"
+            if self.early_stopping != "false":
+                core += f" early={self.early_stopping}"
+            if self.num_return != 1:
+                core += f" return={self.num_return}"
+        elif self.strategy == "greedy":
+            core = "greedy"
+        else:
+            core = chain + (f" best-of={self.best_of}" + (" by mean" if self.best_of_by == "mean" else "")
+                            if self.best_of != 1 else "")
+        return core + (f" no-repeat={self.no_repeat_ngram}" if self.no_repeat_ngram else "")
+
+
+_DEFAULTS = SamplingSettings()
+STRATEGY_FIELDS = ("strategy", "beams", "length_penalty", "early_stopping", "num_return", "no_repeat_ngram", "best_of",
+                   "best_of_by")
 
 # Settings that change nothing: the raw distribution (temperature 1, no truncation, no penalties).
 NEUTRAL = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)

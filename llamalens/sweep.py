@@ -17,6 +17,7 @@ between configurations smaller than that are noise, and `show` and the report sa
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from contextlib import contextmanager
@@ -26,8 +27,10 @@ from typing import Callable
 
 import numpy as np
 
+from .beam import beam_search
+from .decoding import blocked_extra, draw_seed, pick_best_of
 from .engine import Engine, Request, context_notes
-from .errors import StoreError
+from .errors import InvalidSettings, StoreError
 from .records import Hardware, RunOptions
 from .runtime import Model, build_info, library_versions, round_ctx
 from .settings import ModelOptions, SamplingSettings
@@ -98,6 +101,12 @@ def hardware(model: Model) -> Hardware:
 def check_spec(model: Model, spec: SweepSpec) -> list[str]:
     """Every bad value and too-long prompt fails here, before the store changes; returns notes to show
     (a context too short for max_tokens)."""
+    if spec.stop and any(c.strategy == "beam" for c in spec.configs):
+        raise InvalidSettings("--stop does not apply to beam search (its beams end at the end-of-generation token "
+                              "or max-tokens); drop --stop, or the beam strategy")
+    if spec.grammar and any(c.strategy == "beam" for c in spec.configs):
+        raise InvalidSettings("a grammar does not apply to beam search (its beams are not constrained); drop "
+                              "--grammar / --json-schema, or the beam strategy")
     gbnf = spec.grammar["gbnf"] if spec.grammar else None
     reqs = [Request(prompt, spec.configs[c].with_(seed=s), spec.max_tokens, spec.n_logprobs, spec.stop, grammar=gbnf)
             for p, c, s, prompt in spec.plan()]
@@ -157,22 +166,41 @@ def execute(model: Model, store: Store, run_id: int,
     check_run_model(store, info, model)
     opts = info.options
     configs = store.configs(run_id)
-    gbnf = opts.grammar["gbnf"] if opts.grammar else None
-    reqs = [Request(s.prompt, configs[s.config_idx].with_(seed=s.seed), opts.max_tokens, opts.n_logprobs, opts.stop,
-                    key=s.sample_idx, grammar=gbnf) for s in store.pending(run_id)]
+    reqs, beams, draws = plan_requests(store.pending(run_id), configs, opts)
     prog = Progress(info.n_done, info.n_samples, 0, 0.0)
     t0 = time.perf_counter()
     with writing(store, run_id, prog) as writer:
-        engine = Engine(model, opts.parallel)
-        for sample in engine.run(reqs):
-            extra = {"grammar_removed": sample.grammar_removed} if sample.grammar_removed is not None else None
-            store.save_sample(run_id, sample.key, sample, writer, extra=extra)
+        def saved(sample, extra, n_tokens):
+            store.save_sample(run_id, sample.key, sample, writer, extra=extra or None)
             prog.done += 1
-            prog.tokens += len(sample.tokens)
+            prog.tokens += n_tokens
             prog.elapsed = time.perf_counter() - t0
             prog.saved.append(sample.key)
             if on_progress:
                 on_progress(prog)
+
+        engine = Engine(model, opts.parallel)
+        for sample in engine.run(reqs):
+            if isinstance(sample.key, tuple):  # one draw of a best-of-N sample: saved when all N are in
+                idx, i = sample.key
+                got, cfg = draws[idx]
+                got[i] = sample
+                if len(got) < cfg.best_of:
+                    continue
+                win, extra = pick_best_of([got[k] for k in range(cfg.best_of)], cfg.best_of_by, cfg.to_dict())
+                win.key = idx
+                saved(win, {**extra, **sample_extra(win)}, sum(len(d.tokens) for d in got.values()))
+            else:
+                saved(sample, sample_extra(sample), len(sample.tokens))
+        done_beams: dict[tuple, object] = {}  # beam search is deterministic: one search serves every seed
+        for s, cfg in beams:
+            key = (s.prompt, json.dumps(cfg.with_(seed=0).to_dict(), sort_keys=True))
+            if key not in done_beams:
+                done_beams[key] = beam_search(model, s.prompt, cfg, opts.max_tokens, opts.n_logprobs, exact=opts.exact)
+            res = done_beams[key]
+            res.sample.key = s.sample_idx
+            res.sample.settings = cfg.to_dict()
+            saved(res.sample, {**res.extra(model), **blocked_extra(res.sample.tokens)}, res.scored_tokens)
         noise = noise_floor(model, store, run_id)
         store.set_status(run_id, "done", noise=noise)
     return prog
@@ -201,6 +229,32 @@ def writing(store: Store, run_id: int, prog: Progress, interrupted: type = Sweep
             store.release(writer)
         except Exception:  # noqa: BLE001 - a full disk may refuse even this; the writer then reads as gone
             pass
+
+
+def sample_extra(sample) -> dict:
+    """What a sampled sample records beyond its tokens: the grammar's removed mass per token, the ids
+    no-repeat-ngram banned."""
+    extra = {"grammar_removed": sample.grammar_removed} if sample.grammar_removed is not None else {}
+    return {**extra, **blocked_extra(sample.tokens)}
+
+
+def plan_requests(pending, configs, opts):
+    """The engine's requests (a best-of-N sample is N of them, keyed (sample_idx, draw)), the beam searches
+    [(sample, settings)], and the best-of draws still to collect {sample_idx: ({}, settings)}."""
+    reqs, beams, draws = [], [], {}
+    gbnf = opts.grammar["gbnf"] if opts.grammar else None
+    for s in pending:
+        cfg = configs[s.config_idx].with_(seed=s.seed)
+        if cfg.strategy == "beam":
+            beams.append((s, cfg))
+        elif cfg.best_of > 1:
+            draws[s.sample_idx] = ({}, cfg)
+            reqs += [Request(s.prompt, cfg.with_(seed=draw_seed(s.seed, i, cfg.best_of)), opts.max_tokens,
+                             opts.n_logprobs, opts.stop, key=(s.sample_idx, i), grammar=gbnf) for i in range(cfg.best_of)]
+        else:
+            reqs.append(Request(s.prompt, cfg, opts.max_tokens, opts.n_logprobs, opts.stop, key=s.sample_idx,
+                                grammar=gbnf))
+    return reqs, beams, draws
 
 
 def _stopped(store: Store, run_id: int) -> None:

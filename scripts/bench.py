@@ -13,6 +13,8 @@ Cases (each in a fresh subprocess, so that its peak RSS is its own; rounds inter
      tokens, batched (llamalens Engine, 32 sequences per decode)
   n  the naive loop of create_completion(logprobs=10) over the same grid (timed on the first 6 samples)
   1  single-sequence low-level decode (= case a's speed, 32 tokens) for the sweep ratio
+  j  beam search, 5 beams, 32 steps: beam tokens scored per second (one decode call per step for all beams)
+  J  a 5-sequence batched sweep (5 seeds, 32 tokens): the beam row's baseline
   p  llama.cpp prompt processing of the score text: the same windows, --batch 512, last row only
   P  the same with every row's logits requested (what any scorer must pay for) and no statistics
   S  llamalens score of that text: full protocol, ctx 512, stride 511 (the same windows as p)
@@ -43,6 +45,7 @@ Targets: g >= 0.9x tg64; sweep >= 0.9x batched-bench at the same number of seque
 llama-perplexity's speed, and its peak RSS <= 868 MB (llama-perplexity: 1,886 MB); compare >= 0.8x
 the two-step KL divergence's speed.
 Targets (in-process cases): b/a >= 0.9, b/c >= 5, m < 1.5 GB; sweep >= 30x naive and >= 2.5x single-sequence decode;
+beam 5 (j) >= 0.8x the 5-sequence sweep (J);
 score >= 0.5x prompt processing, compare >= 0.4x of it per model; report < 5 MB, opens in < 2 s; fork >= 0.9x
 the plain batched run (F).
 Embeddings have no target: their figures are printed for the notes.
@@ -133,6 +136,34 @@ def case_sweep(model_path, n_tokens, threads, parallel=32):
     n = sum(len(s.tokens) for s in Engine(m, parallel).run(reqs))
     dt = time.perf_counter() - t0
     return {"tok_s": n / dt, "tokens": n, "samples": len(reqs)}
+
+
+def case_beam(model_path, n_tokens, threads, beams=5):
+    """Beam search, 5 beams (issue 17): beam tokens scored per second (every live beam's token, one decode a step)."""
+    from llamalens.beam import beam_search
+    from llamalens.runtime import Model, ModelOptions
+    from llamalens.settings import SamplingSettings
+
+    m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
+    t0 = time.perf_counter()
+    res = beam_search(m, PROMPT, SamplingSettings(strategy="beam", beams=beams), max_tokens=n_tokens, n_logprobs=10)
+    dt = time.perf_counter() - t0
+    return {"tok_s": res.scored_tokens / dt, "tokens": res.scored_tokens, "steps": len(res.steps),
+            "decode_calls": res.decode_calls}
+
+
+def case_sweep5(model_path, n_tokens, threads, n=5):
+    """The beam row's baseline: a 5-sequence batched sweep of the same prompt and length (sampling, 5 seeds)."""
+    from llamalens.engine import Engine, Request
+    from llamalens.runtime import Model, ModelOptions
+    from llamalens.settings import SamplingSettings
+
+    m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
+    reqs = [Request(PROMPT, SamplingSettings(temperature=1.0, seed=i), n_tokens, 10, key=i) for i in range(n)]
+    t0 = time.perf_counter()
+    n_tok = sum(len(s.tokens) for s in Engine(m, n).run(reqs))
+    dt = time.perf_counter() - t0
+    return {"tok_s": n_tok / dt, "tokens": n_tok, "samples": n}
 
 
 def case_naive_grid(model_path, n_tokens, threads, n_samples=6):
@@ -299,6 +330,8 @@ CASES = {
     "c": lambda p, n, t: case_naive(p, n, t),
     "m": lambda p, n, t: case_llamalens(p, n, t, ctx_len=8192),
     "s": lambda p, n, t: case_sweep(p, 32, t),
+    "j": lambda p, n, t: case_beam(p, 32, t),
+    "J": lambda p, n, t: case_sweep5(p, 32, t),
     "n": lambda p, n, t: case_naive_grid(p, 32, t),
     "1": lambda p, n, t: case_lowlevel(p, 32, t),
     "p": lambda p, n, t: case_prefill(p, 2048, t),
@@ -649,7 +682,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--cases", default="abcms1npPSLkreExlfF" + "".join(TOOL_CASES))
+    ap.add_argument("--cases", default="abcms1jJnpPSLkreExlfF" + "".join(TOOL_CASES))
     ap.add_argument("--model", default=None)
     ap.add_argument("--build", action="append", default=None, metavar="LABEL:LLAMALENS:TOOLS_DIR",
                     help="A build for the llama.cpp-tool cases (repeatable: measured side by side); default "
@@ -704,6 +737,7 @@ def main():
     names = {"a": "a  low-level decode, no statistics", "b": "b  llamalens generate --logprobs 10",
              "c": "c  create_completion(logprobs=10)", "m": "m  llamalens generate --ctx 8192",
              "s": "s  sweep, 72 samples batched", "n": "n  naive create_completion loop, grid",
+             "j": "j  beam search, 5 beams (beam tokens scored)", "J": "J  sweep, 5 sequences batched",
              "1": "1  single-sequence low-level decode", "p": "p  prompt processing (last row only), 2048 tok",
              "P": "P  prompt processing, every row's logits", "S": "S  llamalens score, 2048 tokens",
              "L": "L  llamalens score, 8192 tokens", "k": "k  llamalens compare vs Q8_0, 2048 tokens",
@@ -722,6 +756,9 @@ def main():
         print(f"peak RSS at --ctx 8192 = {best['m']['rss_mb']:.0f} MB (target < 1536 MB)")
     print(f"sweep/naive  = {ratio('s', 'n'):.1f}   (target >= 30)")
     print(f"sweep/single = {ratio('s', '1'):.2f}  (target >= 2.5)")
+    if "j" in best:
+        print(f"beam 5 / 5-sequence sweep = {ratio('j', 'J'):.2f}  (target >= 0.8; {best['j']['decode_calls']} decode "
+              f"calls for {best['j']['steps']} beam steps)")
     print(f"score/prompt processing = {ratio('S', 'p'):.2f}  (target >= 0.5); score/every-row processing = "
           f"{ratio('S', 'P'):.2f}; every-row/last-row processing = {ratio('P', 'p'):.2f}")
     print(f"compare/prompt processing = {ratio('k', 'p'):.2f}, per model {2 * ratio('k', 'p'):.2f}  (target >= 0.4)")

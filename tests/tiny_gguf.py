@@ -42,11 +42,13 @@ TINY_CHAT_TEMPLATE = """{{ bos_token }}
 def write_tiny_gguf(path: str | Path, seed: int = 0, n_embd: int = 64, n_layer: int = 2, n_head: int = 4,
                     n_ff: int = 128, ctx: int = 512, file_type_tag: str = "tiny", n_vocab: int = N_VOCAB,
                     pooling_type: int | None = None, causal: bool = True, chat_template: str | None = None,
-                    split_max_tensors: int = 0) -> Path:
+                    split_max_tensors: int = 0, byte_tokens: bool = True) -> Path:
     """`n_vocab` > 312 appends synthetic pieces "▁x0", "▁x1", ... (for benchmarks at a realistic size).
     `pooling_type` (llama_pooling_type) and `causal=False` make it look like an embedding model.
     `chat_template` is written as tokenizer.chat_template (a Jinja chat template, e.g. TINY_CHAT_TEMPLATE).
-    `split_max_tensors` > 0 writes a split model, NAME-0000k-of-0000n.gguf (returns the first part)."""
+    `split_max_tensors` > 0 writes a split model, NAME-0000k-of-0000n.gguf (returns the first part).
+    `byte_tokens=False` leaves out the 256 byte tokens: a 56-token vocabulary, small enough for a beam per
+    token (exhaustive-search tests); it tokenizes only text made of its word pieces."""
     import gguf
 
     path = Path(path)
@@ -67,11 +69,11 @@ def write_tiny_gguf(path: str | Path, seed: int = 0, n_embd: int = 64, n_layer: 
     if not causal:
         w.add_causal_attention(False)
     words = WORDS + [f"▁x{i}" for i in range(n_vocab - N_VOCAB)]
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + words
-    types = [2, 3, 3] + [6] * 256 + [1] * len(words)
-    scores = [0.0, 0.0, 0.0] + [-1000.0] * 256 + [-float(len(t)) * 0.1 - i * 0.01 for i, t in enumerate(WORDS)]
+    n_bytes = 256 if byte_tokens else 0
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(n_bytes)] + words
+    types = [2, 3, 3] + [6] * n_bytes + [1] * len(words)
     # longer pieces score higher so that SPM merges prefer them
-    scores = scores[:259] + [float(len(t)) - i * 0.001 for i, t in enumerate(words)]
+    scores = [0.0, 0.0, 0.0] + [-1000.0] * n_bytes + [float(len(t)) - i * 0.001 for i, t in enumerate(words)]
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)

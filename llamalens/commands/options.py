@@ -85,6 +85,9 @@ sampling_options = _stack(
     click.option("--presence-penalty", type=float, default=_ss.presence_penalty, show_default=True,
                  help="Subtracted once from every token already present (0 = off)."),
     click.option("--seed", type=int, default=_ss.seed, show_default=True, help="Seed of the sampler's random draws."),
+    # -- decoding strategy (issue 17) --
+    click.option("--no-repeat-ngram", type=int, default=_ss.no_repeat_ngram, show_default=True,
+                 help="Never produce an n-gram already in the prompt + output (0 = off)."),
 )
 """One value per sampling setting (SamplingSettings' fields): generate."""
 
@@ -100,7 +103,30 @@ AXIS_HELP = {
     "min_p": "e.g. 0,0.05 (0 = off).",
     "typical_p": "e.g. 0.5,1 (1 = off).",
     "repeat_penalty": "e.g. 1,1.3 (1 = off).",
+    # -- decoding strategy (issue 17) --
+    "strategy": "Decoding strategies, e.g. greedy,beam,sample (sample = the sampler chain).",
+    "beams": "Beam widths for --strategy beam, e.g. 3,5 (num_beams; default 5).",
+    "length_penalty": "Beam score = sum logprob / length^LP, e.g. 0.6,1.0 (0 = plain sum; default 1).",
+    "no_repeat_ngram": "Block repeated n-grams, e.g. 0,2 (0 = off; every strategy).",
+    "best_of": "Sampling: keep the best of N draws by sequence logprob, e.g. 1,8.",
 }
+
+strategy_options = _stack(
+    click.option("--early-stopping", type=click.Choice(["false", "true", "never"]),
+                 default=_ss.early_stopping, show_default=True,
+                 help="Beam search stop rule (transformers' early_stopping): true = once BEAMS hypotheses end."),
+    click.option("--num-return", type=int, default=_ss.num_return, show_default=True,
+                 help="Beam hypotheses kept per sample, best first (num_return_sequences, <= beams)."),
+    click.option("--best-of-by", type=click.Choice(["sum", "mean"]), default=_ss.best_of_by, show_default=True,
+                 help="Rank best-of draws by sequence (sum) or mean logprob."),
+)
+"""--early-stopping, --num-return, --best-of-by: fixed decoding-strategy settings of a sweep (issue 17)."""
+
+
+def pop_strategy(kw: dict) -> dict:
+    """The fixed decoding-strategy settings a user gave (defaults left out)."""
+    out = {k: kw.pop(k) for k in ("early_stopping", "num_return", "best_of_by")}
+    return {k: v for k, v in out.items() if v != getattr(_ss, k)}
 
 
 def axis_options(*names: str, help_prefix: str = ""):

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import click
 
 from .options import axis_options, chat_options, grammar_options, json_option, model_option, pop_axes, pop_chat, \
-    pop_grammar, pop_model_options, report_option, runtime_options, store_option
+    pop_grammar, pop_model_options, pop_strategy, report_option, runtime_options, store_option, strategy_options
 from .output import records, say, check_report_path, shell_command, fail_cleanly, json_out, load_model, print_table, sweep_progress, write_report
 
 
@@ -46,7 +46,8 @@ def until_done(call) -> None:
 # what a resumed run takes from the store; giving any of these with --resume is refused, not ignored
 RUN_DEFINED = ("prompts", "prompts_file", "chat", "system", "chat_template", "messages_file", "grammar_file",
                "json_schema_file", "seeds", "seed_list", "max_tokens", "logprobs", "stop", "preset", "grid_file",
-               "name", "parallel", "exact", "ctx", "batch", "flash_attn", "gpu_layers")
+               "name", "parallel", "exact", "ctx", "batch", "flash_attn", "gpu_layers", "early_stopping", "num_return",
+               "best_of_by")
 
 
 def _given(ctx: click.Context, names) -> list[str]:
@@ -67,6 +68,8 @@ def _given(ctx: click.Context, names) -> list[str]:
 @click.option("--prompts-file", type=click.Path(dir_okay=False),
               help="One prompt per line (.txt) or JSON lines with a \"prompt\" field (.jsonl).")
 @axis_options("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty")
+@axis_options("strategy", "beams", "length_penalty", "no_repeat_ngram", "best_of")
+@strategy_options
 @click.option("--seeds", type=int, default=None, help="Seeds 0..N-1 for every configuration.")
 @click.option("--seed", "seed_list", default=None, help="Explicit seeds, e.g. 1,2,3.")
 @click.option("--max-tokens", "-n", type=int, default=32, show_default=True, help="Tokens to generate per sample.")
@@ -96,6 +99,7 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
     llamalens sweep --prompts-file prompts.txt --preset balanced --seeds 5 --name my-run
     llamalens sweep --resume 7          # after Ctrl-C, a kill or a crash
     llamalens sweep --messages chats.jsonl --chat-template gemma -t 0,0.7 --seeds 2
+    llamalens sweep "The future of AI is" --strategy greedy,beam,sample --beams 5 --no-repeat-ngram 0,2 -t 0.7
     """
     from .. import grid
     from ..inputs import read_prompts
@@ -105,6 +109,7 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
     axes_text = pop_axes(kw)
     chat = pop_chat(kw)
     grammar_spec = pop_grammar(kw)
+    fixed = pop_strategy(kw)
     if resume_id is not None:
         conflicts = _given(click.get_current_context(), RUN_DEFINED + tuple("ax_" + a for a in axes_text))
         if conflicts:
@@ -122,7 +127,7 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
         convs = chat.conversations(prompts) if chat.on else None
         if not prompts and not convs:
             raise click.UsageError("give at least one PROMPT, --prompts-file or --messages")
-        configs = grid.build_configs(preset, grid_file, axes_text)
+        configs = grid.build_configs(preset, grid_file, axes_text, fixed)
         seed_values = grid.parse_seeds(seeds, seed_list)
         grid.check(configs, seed_values)
         options = pop_model_options(kw)
@@ -203,7 +208,7 @@ def show(run_id, as_json, store_path):
 def _show_run(store, run_id, as_json):
     """Print a run's summary; return the LoadedRun (a report made next reads nothing again); a fork run's
     summary is the fork's own (commands/fork.py)."""
-    from ..analysis import load_run
+    from ..analysis import STRATEGY_TABLE, load_run, uses_strategies
     from ..reports.run import describe_noise
 
     if store.run(run_id).kind == "fork":
@@ -225,6 +230,13 @@ def _show_run(store, run_id, as_json):
                      f"{r.mean_entropy:.3f}", f"{r.mean_candidates:.1f}", f"{r.distinct_completions:.1f}",
                      f"{r.distinct_2:.2f}", f"{r.mean_rank:.1f}", f"{r.tokens_per_s:.1f}"))
     print_table(rows, right=set(range(2, 11)) | {0})
+    if uses_strategies(run.configs):
+        say("decoding strategies (means over samples; distinct-n and rep-4 within each sample):")
+        rows = [tuple(h for _, h in STRATEGY_TABLE)]
+        for r in summ.itertuples():
+            rows.append(tuple(v if isinstance(v, (int, str)) else f"{v:.3f}"
+                              for v in (getattr(r, c) for c, _ in STRATEGY_TABLE)))
+        print_table(rows, right=set(range(2, len(STRATEGY_TABLE))) | {0})
     noise = describe_noise(info.noise)
     if noise:
         say(noise)

@@ -298,3 +298,21 @@ def outcome_areas(positions: list[int], series: np.ndarray, labels: list[str], c
     ax.set_xticks(ticks[::step], names[::step], rotation=70, ha="right", fontsize=7)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     return fig
+
+
+def strategy_scatter(points: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str):
+    """One marker per sample, one colour per configuration (e.g. sequence logprob against distinct-2: beam
+    search finds likelier, more repetitive text; sampling less likely, more varied). Identical samples (the
+    seeds of a deterministic strategy) overlap: their count is in the legend."""
+    fig = _figure(8, 4.2 + 0.16 * math.ceil(len(points) / 2))
+    ax = fig.subplots()
+    markers = "osD^v<>Ph*"
+    for k, (label, (xs, ys)) in enumerate(points.items()):
+        ax.scatter(xs, ys, s=36, alpha=0.75, color=PALETTE[k % len(PALETTE)], marker=markers[k % len(markers)],
+                   label=f"{label} ({len(set(zip(xs, ys)))} distinct of {len(xs)})", edgecolors="none")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if points:
+        fig.legend(fontsize=7, ncol=2 if len(points) > 3 else 1, loc="outside lower center", frameon=False)
+    return fig

@@ -30,7 +30,7 @@ from .texts import chat_blocks, model_line, plain, sampler_blocks
 
 HEATMAP_METRICS = ("mean_logprob", "mean_entropy", "mean_candidates", "distinct_completions")
 METRICS = HEATMAP_METRICS + ("perplexity", "distinct_2", "mean_rank", "tokens_per_s")
-TOKEN_FIELDS = ["p", "logprob", "rank", "entropy", "candidates", "p sampled"]
+TOKEN_FIELDS = ["p", "logprob", "rank", "entropy", "candidates", "p sampled", "blocked (no-repeat-ngram)"]
 
 
 def check_request(info, metric: str) -> None:
@@ -47,7 +47,7 @@ def token_view(t: TokenRecord, mark: str = "") -> TokenView:
     return TokenView(
         text=text, id=t.id, classes=f"{prob_class(t.prob)} {gltr_class(t.rank)}",
         values=[f"{t.prob:.4f}", f"{t.logprob:.4f}", str(t.rank), f"{t.entropy:.3f}", f"{t.candidates:,}",
-                f"{math.exp(t.sampled_logprob):.4f}"],
+                f"{math.exp(t.sampled_logprob):.4f}", " ".join(str(i) for i in t.blocked) or "–"],
         alts=[[(visible(a.text, a.bytes), f"{a.prob:.4f}") for a in t.top]],
         notable=1.0 - t.prob, newline=bytes.fromhex(t.bytes).endswith(b"\n"), mark=mark)
 
@@ -113,7 +113,7 @@ class RunReport:
                             fields=TOKEN_FIELDS, alt_titles=["top alternatives (raw distribution)"])
 
     def document(self) -> Document:
-        for section in (self.header, self.summary, self.grammar, self.strips, self.positions, self.seeds,
+        for section in (self.header, self.summary, self.grammar, self.strategies, self.strips, self.positions, self.seeds,
                         self.samplers, self.timing):
             section()
         return self.doc
@@ -178,6 +178,8 @@ class RunReport:
                       caption="Means over generated tokens (end-of-generation tokens excluded); "
                               "'distinct' = distinct completions per prompt across seeds."))
         varying = analysis.varying_axes(self.run.configs)
+        if analysis.varying_axes(self.run.configs, analysis.STRATEGY_COLUMNS):
+            varying = []  # strategies ignore some settings: a heatmap over those would mix them; see the next section
         if varying and len(summ) > 1:
             from . import plots
 
@@ -207,6 +209,77 @@ class RunReport:
                       [[s, c, pos, visible(text, hx), f"{r:.2%}"] for s, c, pos, text, hx, r in f.worst],
                       caption="The positions where the grammar removed the most."))
         doc.add(Table(["grammar (GBNF)"], [[visible(spec["gbnf"], edge_spaces=False)]], sortable=False))
+
+    # -- 2b. decoding strategies side by side (issue 17) -------------------------------------------------
+    def strategies(self) -> None:
+        run, doc = self.run, self.doc
+        if not analysis.uses_strategies(run.configs):
+            return
+        from . import plots
+
+        doc.add(Heading("Decoding strategies side by side"))
+        doc.add(Table([h for _, h in analysis.STRATEGY_TABLE],
+                      [[plain(r[c]) for c, _ in analysis.STRATEGY_TABLE] for _, r in run.summary.iterrows()],
+                      caption="Means over each configuration's samples. seq logprob: sum of the raw logprobs of a "
+                              "sample's tokens; distinct-1/2: distinct unigrams/bigrams of one sample over all of "
+                              "them; rep-4: share of its 4-grams that repeat an earlier one. Beam search finds "
+                              "likelier (higher seq logprob) but more repetitive text; sampling less likely, more "
+                              "varied."))
+        st = run.samples_table
+        points = {f"#{ci} {self.labels.get(int(ci), ci)}": (g.distinct_2.tolist(), g.seq_logprob.tolist())
+                  for ci, g in st.groupby("config_idx")}
+        doc.add(Figure(plots.strategy_scatter(points, "distinct-2 (within the sample)", "sequence logprob (nats)"),
+                       "strategy_scatter", "Every sample's sequence logprob against its distinct-2, one colour per "
+                       "configuration: up is likelier, right is less repetitive."))
+        self._beams()
+        self._best_of()
+
+    def _beams(self) -> None:
+        rows, prune, seen = [], [], set()
+        for s in self.run.samples:
+            x = s.extra or {}
+            key = (s.prompt_idx, s.config_idx)
+            if x.get("strategy") != "beam" or key in seen:
+                continue
+            seen.add(key)
+            name = f"#{s.sample_idx} · {self.labels.get(s.config_idx, s.config_idx)}"
+            for rank, h in enumerate(x.get("hypotheses", []), 1):
+                rows.append([name, s.prompt_idx, rank, plain(h["score"]), plain(h["sum_logprob"]), h["length"],
+                             h["finish"], h["step"], visible(h.get("text", ""), edge_spaces=False)])
+            steps = x.get("steps", [])
+            dropped = [(st["step"], len(st["dropped"])) for st in steps if st["dropped"]]
+            finished = sum(len(st["finished"]) for st in steps)
+            prune.append([name, s.prompt_idx, len(steps), x.get("decode_calls"), x.get("scored_tokens"),
+                          sum(n for _, n in dropped), ", ".join(f"{t}:{n}" for t, n in dropped[:16])
+                          + (" …" if len(dropped) > 16 else "") or "never", finished,
+                          sum(st.get("blocked", 0) for st in steps)])
+        if not rows:
+            return
+        self.doc.add(Table(["sample", "prompt", "rank", "score", "sum logprob", "length", "finish", "step", "text"],
+                           rows, caption="Beam search: every returned hypothesis, best first. score = sum logprob / "
+                                         "length^length_penalty (length: generated tokens before the end token). "
+                                         "Seeds of one beam configuration share one search."))
+        self.doc.add(Table(["sample", "prompt", "steps", "decode calls", "beam tokens scored", "beams pruned",
+                            "pruned at step:count", "hypotheses finished", "tokens blocked"], prune,
+                           caption="Where the beams pruned each other: at each step a beam none of whose "
+                                   "continuations ranked among the best is dropped, and its KV sequence goes to "
+                                   "another beam's fork."))
+
+    def _best_of(self) -> None:
+        rows = []
+        for s in self.run.samples:
+            x = s.extra or {}
+            if x.get("strategy") != "best_of":
+                continue
+            d = x["draws"][x["winner"]]
+            rows.append([s.sample_idx, self.labels.get(s.config_idx, s.config_idx), s.seed, len(x["draws"]), x["by"],
+                         x["winner"], plain(d["seq_logprob"]), plain(d["mean_logprob"]), x["winner_rank_by_other"],
+                         visible(d["text"], edge_spaces=False)])
+        if rows:
+            self.doc.add(Table(["sample", "configuration", "seed", "draws", "ranked by", "winning draw",
+                                "seq logprob", "mean logprob", "its rank by the other", "text"], rows,
+                               caption="Best-of-N: the draw with the best sequence (or mean) logprob is the sample; "
+                                       "'its rank by the other' is where the winner ranks under the other criterion."))
 
     # -- 3. token strips per prompt --------------------------------------------------------------------
     def strips(self) -> None:
