@@ -110,6 +110,14 @@ def test_cli_next_sweep_show_report(tiny_path, tmp_path):
     run = load_run(Store(str(store)), 1)
     assert {s.text for s in run.samples} <= set(SENTENCES)
     assert all(len(s.extra["grammar_removed"]) == len(run.by_sample[s.sample_idx]) for s in run.samples)
+    # best-of-N draws are constrained too (the winner keeps its removed mass); beam search cannot be
+    res = cli("sweep", "the", "--grammar", g, "-t", 1, "--best-of", 3, "--seeds", 2, "-n", 12, "-m", tiny_path,
+              "--store", store)
+    run = load_run(Store(str(store)), 2)
+    assert {s.text for s in run.samples} <= set(SENTENCES)
+    assert all(len(s.extra["grammar_removed"]) == len(run.by_sample[s.sample_idx]) for s in run.samples)
+    res = cli("sweep", "the", "--grammar", g, "--strategy", "beam", "-m", tiny_path, "--store", store, ok=False)
+    assert res.exit_code != 0 and "does not apply to beam search" in res.output and "Traceback" not in res.output
 
 
 def test_bad_grammars(tiny_path, tmp_path):
