@@ -1,7 +1,9 @@
 """Grids of sampling settings: comma-separated axes, presets, TOML grid files, and their product.
 
-A grid is the product of its axes (temperature, top_k, top_p, min_p, typical_p, repeat_penalty)
-over a base of fixed settings; a sweep runs it × prompts × seeds. Every value is checked before
+A grid is the product of its axes (temperature, top_k, top_p, min_p, typical_p, repeat_penalty, and
+for the llama.cpp chain dry_multiplier, dry_base, dry_allowed_length, xtc_probability, xtc_threshold,
+top_n_sigma, dynatemp_range, mirostat, mirostat_tau, samplers) over a base of fixed settings (any
+setting: chain = "llama.cpp", logit_bias = [[" the", -2.0]], ignore_eos = true, ...); a sweep runs it × prompts × seeds. Every value is checked before
 anything runs, and each bad one is named with its axis.
 
 Grid file (TOML), several named grids and fixed settings:
@@ -28,8 +30,12 @@ from pathlib import Path
 from .errors import InvalidSettings
 from .settings import SamplingSettings
 
-AXES = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty")
-_INT_AXES = {"top_k"}
+AXES = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty",
+        # llama.cpp chain only (settings.LLAMA_CPP_ONLY): need --chain llama.cpp or the llama-server preset
+        "dry_multiplier", "dry_base", "dry_allowed_length", "xtc_probability", "xtc_threshold", "top_n_sigma",
+        "dynatemp_range", "mirostat", "mirostat_tau", "samplers")
+_INT_AXES = {"top_k", "dry_allowed_length", "mirostat"}
+_STR_AXES = {"samplers"}
 
 PRESETS: dict[str, dict] = {
     "greedy": dict(temperature=0.0),
@@ -37,11 +43,18 @@ PRESETS: dict[str, dict] = {
     "balanced": dict(temperature=0.7, top_k=40, top_p=0.9, repeat_penalty=1.1),
     "creative": dict(temperature=0.9, top_k=50, top_p=0.95, repeat_penalty=1.05),
     "llama-cpp-python": {},  # create_completion's defaults
+    "llama-server": dict(chain="llama.cpp"),  # llama-server's defaults (and, in the CLI, its context options)
 }
 
 
 def parse_axis(name: str, text: str) -> list:
-    """'0,0.7,1.0' -> [0.0, 0.7, 1.0]; names the axis and value on error."""
+    """'0,0.7,1.0' -> [0.0, 0.7, 1.0]; names the axis and value on error. Samplers orders are kept as text
+    ('top_k;temperature,min_p;temperature' -> two orders)."""
+    if name in _STR_AXES:
+        out = [part.strip() for part in str(text).split(",") if part.strip()]
+        if not out:
+            raise InvalidSettings(f"--{name.replace('_', '-')} is empty; give at least one value")
+        return out
     conv = int if name in _INT_AXES else float
     out = []
     for part in str(text).split(","):
@@ -104,13 +117,21 @@ def check(configs: list[SamplingSettings], seeds: list[int]) -> None:
         raise InvalidSettings("bad grid values: " + "; ".join(problems))
 
 
+def chain_of(preset: str | None, chain: str | None) -> str | None:
+    """The chain a sweep asks for: --chain, else the preset's (llama-server: llama.cpp), else None."""
+    return chain or (PRESETS.get(preset, {}).get("chain") if preset else None)
+
+
 def build_configs(preset: str | None = None, grid_file: str | None = None,
-                  axes_text: dict[str, str | None] | None = None) -> list[SamplingSettings]:
-    """A sweep's configurations: the preset (or create_completion's defaults) as the base, each grid of the
-    grid file over it, then the command line's axes over each of those (or over the base alone)."""
+                  axes_text: dict[str, str | None] | None = None, chain: str | None = None) -> list[SamplingSettings]:
+    """A sweep's configurations: the preset (or create_completion's defaults) as the base, with `chain` when
+    given, each grid of the grid file over it, then the command line's axes over each of those (or over the
+    base alone)."""
     if preset is not None and preset not in PRESETS:
         raise InvalidSettings(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     base = SamplingSettings(**PRESETS[preset]) if preset else SamplingSettings()
+    if chain:
+        base = base.with_(chain=chain)
     configs: list[SamplingSettings] = []
     if grid_file:
         for _name, axes, fixed in load_grid_file(grid_file):
@@ -119,6 +140,17 @@ def build_configs(preset: str | None = None, grid_file: str | None = None,
     if axes or not configs:
         configs = [c for start in (configs or [base]) for c in expand(axes, start)]
     return configs
+
+
+# fixed settings that are not numbers: (check, what it must be)
+_FIXED_KINDS = {
+    "chain": (lambda v: isinstance(v, str), "a text: llama-cpp-python or llama.cpp"),
+    "samplers": (lambda v: isinstance(v, str), "a text such as \"top_k;temperature\""),
+    "ignore_eos": (lambda v: isinstance(v, bool), "true or false"),
+    "dry_sequence_breakers": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                              "a list of texts"),
+    "logit_bias": (lambda v: isinstance(v, (list, dict)), "a list of [token id or text, bias] pairs or a table"),
+}
 
 
 def load_grid_file(spec: str) -> list[tuple[str, dict, dict]]:
@@ -165,7 +197,12 @@ def _grid_tables(data: dict, path: Path, name: str) -> list[tuple[str, dict, dic
         for k, v in value.items():
             if k not in known:
                 fail(f"unknown fixed setting {k!r} in {where}; settings are {', '.join(sorted(known))}")
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
+            want = _FIXED_KINDS.get(k)
+            if want is not None:
+                ok, what = want
+                if not ok(v):
+                    fail(f"{where}.{k} is {json_kind(v)}, not {what}")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)):
                 fail(f"{where}.{k} is {json_kind(v)}, not a number")
         return dict(value)
 
@@ -188,7 +225,10 @@ def _grid_tables(data: dict, path: Path, name: str) -> list[tuple[str, dict, dic
             if not values:
                 fail(f"axis {k!r} in {where} is empty; give at least one value")
             for x in values:
-                if isinstance(x, bool) or not isinstance(x, (int, float)) or (k in _INT_AXES and not isinstance(x, int)):
+                if k in _STR_AXES:
+                    if not isinstance(x, str):
+                        fail(f"{where}.{k} holds {json_kind(x)} {x!r}, not a text such as \"top_k;temperature\"")
+                elif isinstance(x, bool) or not isinstance(x, (int, float)) or (k in _INT_AXES and not isinstance(x, int)):
                     fail(f"{where}.{k} holds {json_kind(x)} {x!r}, not {'an integer' if k in _INT_AXES else 'a number'}")
             axes[k] = values
         if not axes and not fixed:

@@ -258,7 +258,7 @@ def llama_cpp_label(s: "SamplingSettings") -> str:
         v = getattr(s, name)
         if v != getattr(base, name):
             shown = ";".join(split_samplers(v)) if name == "samplers" else \
-                ",".join(f"{k}:{b:g}" for k, b in v) if name == "logit_bias" else \
+                ",".join(f"{k!r}:{b:g}" if isinstance(k, str) else f"{k}:{b:g}" for k, b in v) if name == "logit_bias" else \
                 "|".join(v) if name == "dry_sequence_breakers" else v
             parts.append(f"{name}={shown:g}" if isinstance(shown, float) else f"{name}={shown}")
     return " ".join(parts)

@@ -6,8 +6,8 @@ import math
 
 import click
 
-from .options import axis_options, json_option, model_options, pop_axes, pop_model_options, pop_sampling, \
-    report_option, sampling_options
+from .options import axis_options, chain_option, json_option, llama_cpp_sampling_options, model_options, pop_axes, \
+    pop_model_options, pop_sampling, report_option, sampling_options
 from .output import say, alternatives, check_report_path, fail_cleanly, fmt_size, json_out, load_model, print_confidence, \
     print_table, write_report
 
@@ -138,6 +138,8 @@ def _print_sampler_view(view, n_vocab: int) -> None:
 @click.command()
 @click.argument("prompt")
 @sampling_options
+@chain_option
+@llama_cpp_sampling_options
 @click.option("--max-tokens", "-n", type=int, default=16, show_default=True, help="Tokens to generate.")
 @click.option("--logprobs", type=int, default=5, show_default=True, help="Top alternatives per token.")
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
@@ -145,16 +147,22 @@ def _print_sampler_view(view, n_vocab: int) -> None:
 @json_option
 @model_options
 @fail_cleanly
-def generate(prompt, max_tokens, logprobs, stop, as_text, as_json, model, **kw):
-    """Generate from PROMPT and show each token: probability, rank, entropy, candidates, alternatives."""
+def generate(prompt, chain, max_tokens, logprobs, stop, as_text, as_json, model, **kw):
+    """Generate from PROMPT and show each token: probability, rank, entropy, candidates, alternatives.
+
+    --chain llama.cpp samples as llama-server does (its samplers, its defaults, its context options):
+
+    \b
+    llamalens generate "Once upon a time" --chain llama.cpp --dry-multiplier 0.8 --xtc-probability 0.5
+    """
     from ..engine import Engine, Request, context_notes
     from ..errors import InvalidSettings
 
-    req = Request(prompt, pop_sampling(kw), max_tokens, logprobs, tuple(stop))
+    req = Request(prompt, pop_sampling(kw, chain), max_tokens, logprobs, tuple(stop))
     problems = req.problems()
     if problems:  # before loading the model: bad input fails fast
         raise InvalidSettings("; ".join(problems))
-    loaded = load_model(model, pop_model_options(kw))
+    loaded = load_model(model, pop_model_options(kw, chain))
     engine = Engine(loaded, 1)
     for note in context_notes(engine.prepare([req]), loaded.options.ctx):
         say(f"note: {note}", err=True)

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 
 import click
 
-from .options import axis_options, json_option, model_option, pop_axes, pop_model_options, report_option, \
-    runtime_options, store_option
+from .options import AXIS_HELP, axis_options, chain_option, json_option, model_option, pop_axes, pop_model_options, \
+    report_option, runtime_options, store_option
 from .output import records, say, check_report_path, shell_command, fail_cleanly, json_out, load_model, print_table, sweep_progress, write_report
 
 
@@ -31,7 +31,8 @@ def sigterm_as_interrupt(got: list):
 
 # what a resumed run takes from the store; giving any of these with --resume is refused, not ignored
 RUN_DEFINED = ("prompts", "prompts_file", "seeds", "seed_list", "max_tokens", "logprobs", "stop", "preset", "grid_file",
-               "name", "parallel", "exact", "ctx", "batch", "flash_attn", "gpu_layers")
+               "name", "parallel", "exact", "ctx", "batch", "flash_attn", "gpu_layers", "chain", "ubatch", "swa_full",
+               "repack", "server_prefill")
 
 
 def _given(ctx: click.Context, names) -> list[str]:
@@ -51,7 +52,8 @@ def _given(ctx: click.Context, names) -> list[str]:
 @click.argument("prompts", nargs=-1)
 @click.option("--prompts-file", type=click.Path(dir_okay=False),
               help="One prompt per line (.txt) or JSON lines with a \"prompt\" field (.jsonl).")
-@axis_options("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty")
+@axis_options(*AXIS_HELP)
+@chain_option
 @click.option("--seeds", type=int, default=None, help="Seeds 0..N-1 for every configuration.")
 @click.option("--seed", "seed_list", default=None, help="Explicit seeds, e.g. 1,2,3.")
 @click.option("--max-tokens", "-n", type=int, default=32, show_default=True, help="Tokens to generate per sample.")
@@ -70,7 +72,7 @@ def _given(ctx: click.Context, names) -> list[str]:
 @model_option
 @runtime_options
 @fail_cleanly
-def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, preset, grid_file, name, parallel,
+def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, stop, preset, grid_file, name, parallel,
           exact, resume_id, as_json, report_path, store_path, model, **kw):
     """Run PROMPTS across a grid of sampling settings and seeds; every token is stored.
 
@@ -78,6 +80,9 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
     llamalens sweep "Once upon a time" -t 0,0.7,1.0 --top-k 2,40 --top-p 0.01,0.95 --seeds 3
     llamalens sweep --prompts-file prompts.txt --preset balanced --seeds 5 --name my-run
     llamalens sweep --resume 7          # after Ctrl-C, a kill or a crash
+    llamalens sweep "Once upon a time" --preset llama-server --dry-multiplier 0,0.8 --xtc-probability 0,0.5
+
+    --chain llama.cpp (or --preset llama-server) samples as llama-server does, with its context options.
     """
     from .. import grid
     from ..inputs import read_prompts
@@ -101,11 +106,12 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
         prompts = tuple(prompts) + (tuple(read_prompts(prompts_file)) if prompts_file else ())
         if not prompts:
             raise click.UsageError("give at least one PROMPT or --prompts-file")
-        configs = grid.build_configs(preset, grid_file, axes_text)
+        chain = grid.chain_of(preset, chain)
+        configs = grid.build_configs(preset, grid_file, axes_text, chain)
         seed_values = grid.parse_seeds(seeds, seed_list)
         grid.check(configs, seed_values)
         spec = SweepSpec(list(prompts), configs, seed_values, max_tokens, logprobs, tuple(stop), name, exact, parallel)
-        loaded = load_model(model, pop_model_options(kw))
+        loaded = load_model(model, pop_model_options(kw, chain))
         run_id = start_sweep(loaded, store, spec, command=shell_command(["llamalens"] + sys.argv[1:]),
                              on_note=lambda note: say(f"note: {note}", err=True))
         say(f"run {run_id}: {len(spec.prompts)} prompt(s) x {len(configs)} configuration(s) x "
@@ -171,7 +177,7 @@ def show(run_id, as_json, store_path):
 def _show_run(store, run_id, as_json):
     """Print a run's summary; return the LoadedRun (a report made next reads nothing again)."""
     from ..analysis import load_run
-    from ..reports.run import describe_noise
+    from ..reports.run import context_options, describe_noise
 
     run = load_run(store, run_id)
     info, summ = run.info, run.summary
@@ -179,7 +185,7 @@ def _show_run(store, run_id, as_json):
         json_out({"run": info.to_dict(), "summary": records(summ)})
         return run
     say(f"run {info.id} {info.name or ''} [{info.status}] model {info.model.name} ({info.model.quantization}), "
-               f"{info.n_done}/{info.n_samples} samples, flash-attn {info.hardware.flash_attn}, "
+               f"{info.n_done}/{info.n_samples} samples, {context_options(info.options.model_options)}, "
                f"{info.options.parallel} per batch")
     rows = [("#", "configuration", "samples", "mean lp", "ppl", "entropy", "cand", "distinct", "dist-2", "rank",
              "tok/s")]
