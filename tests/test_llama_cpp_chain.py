@@ -164,3 +164,23 @@ def test_server_prompt_pieces():
     assert server_prompt_pieces(600, 2048, 512) == [84, 512, 4]
     assert server_prompt_pieces(3000, 2048, 512) == [2048, 436, 512, 4]
     assert sum(server_prompt_pieces(20, 8, 4)) == 20
+
+
+def test_sampler_view_shows_every_llama_cpp_stage(tiny):
+    """The report's sampler section: candidates left after each stage of the llama.cpp chain, in its order,
+    each stage's probabilities from the native chain applied up to it."""
+    from llamalens.distribution import sampler_view
+
+    cfg = SamplingSettings(chain="llama.cpp", dry_multiplier=0.8, xtc_probability=1.0, xtc_threshold=0.01,
+                           top_k=0, top_p=1.0, min_p=0.0, logit_bias=((5, -math.inf),), seed=1)
+    view = sampler_view(tiny, "the cat sat on the mat. the cat sat on the", [], [cfg], top=10)
+    names = [st.stage for st in view.chains[0].stages]
+    assert names == ["raw", "logit_bias", "penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p",
+                     "xtc", "temperature"]
+    left = [st.survivors for st in view.chains[0].stages]
+    assert left[0] == tiny.n_vocab and left[1] == tiny.n_vocab - 1  # the ban
+    assert all(b <= a for a, b in zip(left[4:], left[5:]))  # truncation never adds tokens
+    xtc_before, xtc_after = view.chains[0].stages[8], view.chains[0].stages[9]
+    # probability 1: XTC fires and removes every token above the threshold but the least likely of them
+    above = [p for p in xtc_before.probs if p >= 0.01]
+    assert xtc_after.survivors == xtc_before.survivors - (len(above) - 1) and xtc_after.probs[0] == 0.0
