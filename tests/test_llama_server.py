@@ -199,7 +199,10 @@ def test_server_helper_starts_answers_and_stops(tiny_path):
     with llama_server(tiny_path, "--ctx-size", "256", "--parallel", "1", timeout=60) as srv:
         assert srv.base_url.startswith("http://127.0.0.1:")
         assert srv.get("/health")["status"] == "ok"
-        reply = srv.post("/completion", {"prompt": "a", "n_predict": 1, "n_probs": 3})
-        assert len(reply["completion_probabilities"][0]["top_logprobs"]) == 3
+        # greedy and seeded: a sampled byte token that leaves UTF-8 open would get no probabilities
+        reply = srv.post("/completion", {"prompt": "the cat", "n_predict": 1, "n_probs": 3, "temperature": 0,
+                                         "seed": 0, "return_tokens": True})
+        assert len(reply["tokens"]) == 1
+        assert all(len(p["top_logprobs"]) == 3 for p in reply["completion_probabilities"])
         proc = srv.proc
     assert proc.poll() is not None  # stopped on the way out
