@@ -66,7 +66,7 @@ def next_token(model: Model, prompt: str, top: int = 10) -> NextToken:
 class StageView:
     """What one prefix of a sampler chain leaves of the distribution."""
 
-    stage: str  # "raw", one of settings.STAGES, or "greedy"
+    stage: str  # "raw", a stage of the chain (sampler.STAGES, or sampler.stage_names for llama.cpp's), "greedy"
     survivors: int  # tokens left with non-zero probability
     probs: list[float]  # probability of each of SamplerView.top after this stage (0 = filtered out)
 
@@ -87,8 +87,9 @@ class SamplerView:
     """How each configuration's sampler chain reshapes one raw next-token distribution.
 
     The same raw logits (after `history`) go through every configuration's native chain, stage by
-    stage (penalties, top_k, typical_p, top_p, min_p, temperature; greedy is one-hot argmax), and the
-    probabilities of the raw top tokens are read after each stage.
+    stage (penalties, top_k, typical_p, top_p, min_p, temperature; greedy is one-hot argmax; the llama.cpp
+    chain's stages in its order: logit_bias, dry, top_n_sigma, xtc, ...), and the probabilities of the raw
+    top tokens are read after each stage.
     """
 
     prompt: str
@@ -111,7 +112,7 @@ def sampler_view(model: Model, prompt: str, history: list[int], configs: list, t
     Each chain is labelled with `labels` (one per configuration) or its settings' label without the seed."""
     import numpy as np
 
-    from .sampler import STAGES, Sampler
+    from .sampler import STAGES, Sampler, stage_names
 
     tokens = model.prompt_tokens(prompt) + list(history)
     model.check_fits(len(tokens), model.options.ctx)
@@ -124,10 +125,14 @@ def sampler_view(model: Model, prompt: str, history: list[int], configs: list, t
     chains = []
     for k, cfg in enumerate(configs):
         stages = [raw]
-        present = STAGES if not cfg.greedy else STAGES[:1]
+        llama_cpp = cfg.chain == "llama.cpp"
+        if llama_cpp:  # every stage before the pick; the chain has seen the prompt too (Sampler.for_sequence)
+            present, seen = stage_names(cfg, model)[:-1], tokens
+        else:
+            present, seen = (STAGES if not cfg.greedy else STAGES[:1]), list(history)
         for stage in present:
-            with Sampler(cfg, model.n_vocab, upto=stage) as chain:
-                for t in history:  # penalties see the generated tokens, as in generation
+            with Sampler(cfg, model.n_vocab, upto=stage, model=model) as chain:
+                for t in seen:  # penalties (and DRY) see the tokens they see in generation
                     chain.accept(t)
                 surv, _ = chain.apply(row)
                 logits = surv["logit"].astype(np.float64)
@@ -137,7 +142,7 @@ def sampler_view(model: Model, prompt: str, history: list[int], configs: list, t
                 by_id = dict(zip(surv["id"][keep].tolist(), p.tolist()))
                 stages.append(StageView(stage, int(keep.sum()), [by_id.get(i, 0.0) for i in ids]))
                 argmax = max(by_id, key=lambda i: (by_id[i], -i))
-        if cfg.greedy:
+        if cfg.greedy and not llama_cpp:
             stages.append(StageView("greedy", 1, [1.0 if i == argmax else 0.0 for i in ids]))
         name = labels[k] if labels else cfg.label(seed=False)
         chains.append(ChainView(name, cfg.to_dict(), stages))

@@ -172,7 +172,7 @@ class Engine:
                                 self.stats["prompt_tokens"] += len(key)
                             slot_prompt[s] = key
                         root = intern.setdefault(("prompt", key), len(intern))
-                        live = _Live(req, s, Sampler(req.settings, self.model.n_vocab),
+                        live = _Live(req, s, Sampler.for_sequence(req.settings, self.model, req.prompt_tokens),
                                      max_tokens=min(req.max_tokens, ctx_len - len(key)), t_start=t0,
                                      pos=len(key), hist=root, kv_hist=root,
                                      grammar=GrammarSampler(self.model, req.grammar) if req.grammar else None)

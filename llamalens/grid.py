@@ -1,8 +1,11 @@
 """Grids of sampling settings: comma-separated axes, presets, TOML grid files, and their product.
 
-A grid is the product of its axes (temperature, top_k, top_p, min_p, typical_p, repeat_penalty, and the
-decoding-strategy axes strategy, beams, length_penalty, no_repeat_ngram, best_of) over a base of fixed
-settings; a sweep runs it × prompts × seeds. Every value is checked before
+A grid is the product of its axes (temperature, top_k, top_p, min_p, typical_p, repeat_penalty; the
+decoding-strategy axes strategy, beams, length_penalty, no_repeat_ngram, best_of; and for the llama.cpp
+chain dry_multiplier, dry_base, dry_allowed_length, xtc_probability, xtc_threshold, top_n_sigma,
+dynatemp_range, mirostat, mirostat_tau, samplers) over a base of fixed settings (any setting: chain =
+"llama.cpp", logit_bias = [[" the", -2.0]], ignore_eos = true, ...); a sweep runs it × prompts × seeds.
+Every value is checked before
 anything runs, and each bad one is named with its axis.
 
 Grid file (TOML), several named grids and fixed settings:
@@ -29,14 +32,17 @@ from pathlib import Path
 from .errors import InvalidSettings
 from .settings import SamplingSettings
 
-AXES = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty")
-_INT_AXES = {"top_k"}
+AXES = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty",
+        # llama.cpp chain only (settings.LLAMA_CPP_ONLY): need --chain llama.cpp or the llama-server preset
+        "dry_multiplier", "dry_base", "dry_allowed_length", "xtc_probability", "xtc_threshold", "top_n_sigma",
+        "dynatemp_range", "mirostat", "mirostat_tau", "samplers")
+_INT_AXES = {"top_k", "dry_allowed_length", "mirostat"}
+_STR_AXES = {"samplers"}
 # -- decoding-strategy axes (issue 17) ------------------------------------------------------------
 STRATEGY_AXES = ("strategy", "beams", "length_penalty", "no_repeat_ngram", "best_of")
 AXES = AXES + STRATEGY_AXES
 _INT_AXES |= {"beams", "no_repeat_ngram", "best_of"}
-_STR_AXES = {"strategy"}
-_STR_SETTINGS = {"strategy", "early_stopping", "best_of_by"}  # grid files may give these as strings
+_STR_AXES |= {"strategy"}
 # -- end of the decoding-strategy axes ------------------------------------------------------------
 
 PRESETS: dict[str, dict] = {
@@ -48,11 +54,13 @@ PRESETS: dict[str, dict] = {
     # the tutorials' two beam settings (transformers' num_beams=5, and with no_repeat_ngram_size=2)
     "beam5": dict(strategy="beam", beams=5, early_stopping="true"),
     "beam5-norepeat": dict(strategy="beam", beams=5, no_repeat_ngram=2, early_stopping="true"),
+    "llama-server": dict(chain="llama.cpp"),  # llama-server's defaults (and, in the CLI, its context options)
 }
 
 
 def parse_axis(name: str, text: str) -> list:
-    """'0,0.7,1.0' -> [0.0, 0.7, 1.0]; names the axis and value on error."""
+    """'0,0.7,1.0' -> [0.0, 0.7, 1.0]; names the axis and value on error. Samplers orders are kept as text
+    ('top_k;temperature,min_p;temperature' -> two orders)."""
     if name in _STR_AXES:
         out = [part.strip() for part in str(text).split(",") if part.strip()]
         if not out:
@@ -129,14 +137,22 @@ def check(configs: list[SamplingSettings], seeds: list[int]) -> None:
         raise InvalidSettings("bad grid values: " + "; ".join(problems))
 
 
+def chain_of(preset: str | None, chain: str | None) -> str | None:
+    """The chain a sweep asks for: --chain, else the preset's (llama-server: llama.cpp), else None."""
+    return chain or (PRESETS.get(preset, {}).get("chain") if preset else None)
+
+
 def build_configs(preset: str | None = None, grid_file: str | None = None,
-                  axes_text: dict[str, str | None] | None = None, fixed: dict | None = None) -> list[SamplingSettings]:
-    """A sweep's configurations: the preset (or create_completion's defaults) with `fixed` over it as the
-    base, each grid of the grid file over it, then the command line's axes over each of those (or over the
-    base alone)."""
+                  axes_text: dict[str, str | None] | None = None, fixed: dict | None = None,
+                  chain: str | None = None) -> list[SamplingSettings]:
+    """A sweep's configurations: the preset (or create_completion's defaults) with `fixed` over it, and
+    `chain` when given, as the base; each grid of the grid file over it, then the command line's axes over
+    each of those (or over the base alone)."""
     if preset is not None and preset not in PRESETS:
         raise InvalidSettings(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     base = (SamplingSettings(**PRESETS[preset]) if preset else SamplingSettings()).with_(**(fixed or {}))
+    if chain:
+        base = base.with_(chain=chain)
     configs: list[SamplingSettings] = []
     if grid_file:
         for _name, axes, fixed in load_grid_file(grid_file):
@@ -145,6 +161,19 @@ def build_configs(preset: str | None = None, grid_file: str | None = None,
     if axes or not configs:
         configs = [c for start in (configs or [base]) for c in expand(axes, start)]
     return configs
+
+
+# fixed settings that are not numbers: (check, what it must be)
+_FIXED_KINDS = {
+    "chain": (lambda v: isinstance(v, str), "a text: llama-cpp-python or llama.cpp"),
+    "samplers": (lambda v: isinstance(v, str), "a text such as \"top_k;temperature\""),
+    "ignore_eos": (lambda v: isinstance(v, bool), "true or false"),
+    "dry_sequence_breakers": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                              "a list of texts"),
+    "logit_bias": (lambda v: isinstance(v, (list, dict)), "a list of [token id or text, bias] pairs or a table"),
+    # decoding strategies (issue 17)
+    **{k: (lambda v: isinstance(v, str), "a text") for k in ("strategy", "early_stopping", "best_of_by")},
+}
 
 
 def load_grid_file(spec: str) -> list[tuple[str, dict, dict]]:
@@ -191,9 +220,11 @@ def _grid_tables(data: dict, path: Path, name: str) -> list[tuple[str, dict, dic
         for k, v in value.items():
             if k not in known:
                 fail(f"unknown fixed setting {k!r} in {where}; settings are {', '.join(sorted(known))}")
-            if k in _STR_SETTINGS:
-                if not isinstance(v, str):
-                    fail(f"{where}.{k} is {json_kind(v)}, not a string")
+            want = _FIXED_KINDS.get(k)
+            if want is not None:
+                ok, what = want
+                if not ok(v):
+                    fail(f"{where}.{k} is {json_kind(v)}, not {what}")
             elif isinstance(v, bool) or not isinstance(v, (int, float)):
                 fail(f"{where}.{k} is {json_kind(v)}, not a number")
         return dict(value)
@@ -219,9 +250,9 @@ def _grid_tables(data: dict, path: Path, name: str) -> list[tuple[str, dict, dic
             for x in values:
                 if k in _STR_AXES:
                     if not isinstance(x, str):
-                        fail(f"{where}.{k} holds {json_kind(x)} {x!r}, not a string")
-                    continue
-                if isinstance(x, bool) or not isinstance(x, (int, float)) or (k in _INT_AXES and not isinstance(x, int)):
+                        example = '"top_k;temperature"' if k == "samplers" else '"beam"'
+                        fail(f"{where}.{k} holds {json_kind(x)} {x!r}, not a text such as {example}")
+                elif isinstance(x, bool) or not isinstance(x, (int, float)) or (k in _INT_AXES and not isinstance(x, int)):
                     fail(f"{where}.{k} holds {json_kind(x)} {x!r}, not {'an integer' if k in _INT_AXES else 'a number'}")
             axes[k] = values
         if not axes and not fixed:

@@ -28,7 +28,7 @@ from .errors import InvalidModelFile, LlamalensError, PromptTooLong
 from .gguf_file import read_header
 from .models import ModelInfo, model_info
 from .records import token_text
-from .settings import FLASH_ATTN, ModelOptions
+from .settings import FLASH_ATTN, ModelOptions, server_prompt_pieces
 
 
 
@@ -144,6 +144,7 @@ class Model(NativeHandle):
         params.n_gpu_layers = 0x7FFFFFFF if self.options.gpu_layers == -1 else self.options.gpu_layers
         if self.options.load_mode is not None:
             params.load_mode = self.options.load_mode
+        params.use_extra_bufts = self.options.repack == "on"  # llama-server's --repack / --no-repack
         self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
             raise InvalidModelFile(
@@ -159,6 +160,7 @@ class Model(NativeHandle):
         self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
         self.add_eos = bool(lib.llama_vocab_get_add_eos(self.vocab))
         self._pieces: dict[tuple[int, bool], bytes] = {}
+        self._eog: list[int] | None = None
         self._lib = lib
 
     # -- identity ----------------------------------------------------------------------------
@@ -241,6 +243,18 @@ class Model(NativeHandle):
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
 
+    def eog_tokens(self) -> list[int]:
+        """Every end-of-generation token id (what llama-server bans with ignore_eos)."""
+        if self._eog is None:
+            self._eog = [t for t in range(self.n_vocab) if self.is_eog(t)]
+        return self._eog
+
+    def suppress_tokens(self) -> list[int]:
+        """The vocab's suppress tokens (GGUF tokenizer.ggml.suppress_tokens): llama.cpp's chain bans them."""
+        n = ctypes.c_int32(0)
+        ptr = self._lib.llama_vocab_get_suppress_tokens(self.vocab, ctypes.byref(n))
+        return [int(ptr[i]) for i in range(n.value)] if ptr and n.value > 0 else []
+
     def check_fits(self, n_prompt: int, ctx: int) -> None:
         if n_prompt + 1 > ctx:
             raise PromptTooLong(
@@ -255,6 +269,11 @@ class Model(NativeHandle):
         (pooling NONE: every token's vector, pooled by the caller) instead of logits."""
         return Context(self, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch or self.options.batch,
                        embeddings=embeddings)
+
+    @property
+    def n_swa(self) -> int:
+        """The sliding-window size of the model's SWA layers (0: none)."""
+        return int(self._lib.llama_model_n_swa(self.ptr))
 
     @property
     def n_embd(self) -> int:
@@ -279,7 +298,8 @@ class Context(NativeHandle):
         # would abort in GGML_ASSERT(n_outputs_max <= cparams.n_outputs_max)
         p.n_ctx = max(n_ctx, n_seq_max)
         p.n_batch = self.n_batch
-        p.n_ubatch = self.n_batch
+        p.n_ubatch = self.n_ubatch = min(self.n_batch, model.options.ubatch or self.n_batch)
+        p.swa_full = model.options.swa_full == "on"
         p.n_seq_max = n_seq_max
         p.kv_unified = True
         p.n_threads = p.n_threads_batch = model.options.threads_or_default()
@@ -324,17 +344,26 @@ class Context(NativeHandle):
                 "lower the number of parallel sequences or raise --ctx"
             )
 
+    def prompt_pieces(self, n: int) -> list[int]:
+        """The batch sizes a prompt of n tokens is decoded in: n_batch at a time, or llama-server's pieces
+        (ModelOptions.server_prefill) on a model with sliding-window attention and a small SWA cache."""
+        opts = self.model.options
+        if opts.server_prefill == "on" and opts.swa_full == "off" and self.model.n_swa > 0:
+            return server_prompt_pieces(n, self.n_batch, self.n_ubatch)
+        return [min(self.n_batch, n - i) for i in range(0, n, self.n_batch)]
+
     def prefill(self, tokens: list[int], seq: int = 0, start: int = 0) -> np.ndarray:
-        """Decode a prompt into one sequence in chunks of n_batch; return a copy of the last row's logits."""
+        """Decode a prompt into one sequence (in prompt_pieces); return a copy of the last row's logits."""
         if not tokens:
             raise ValueError("empty prompt")
-        for i in range(0, len(tokens), self.n_batch):
-            chunk = tokens[i : i + self.n_batch]
-            last = i + len(chunk) == len(tokens)
+        i = 0
+        for size in self.prompt_pieces(len(tokens)):
+            chunk = tokens[i : i + size]
             outs = [0] * len(chunk)
-            if last:
+            if i + size == len(tokens):
                 outs[-1] = 1
             self.decode(chunk, range(start + i, start + i + len(chunk)), [seq] * len(chunk), outs)
+            i += size
         return self.logits(-1).copy()
 
     def logits(self, i: int) -> np.ndarray:

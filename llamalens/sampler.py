@@ -15,23 +15,46 @@ typical_p, top_p, min_p and the penalties, never on temperature.
 `Sampler(settings, n_vocab, upto=STAGE)` stops the chain after that stage and leaves out the final
 pick: applying it shows what that much of the chain leaves of a distribution (the sampler view).
 
+The llama.cpp chain (settings.chain == "llama.cpp") is built as common/sampling.cpp's
+`common_sampler_init` builds it for llama-server and llama-cli (the vendored source):
+    logit_bias(user biases, + every EOG token at -inf with ignore_eos, + the vocab's suppress tokens)
+    mirostat == 0 -> each stage of `samplers` in its order (penalties, dry, top_n_sigma, top_k,
+                     typ_p, top_p, min_p, xtc, temperature = temp_ext with dynatemp), all with min_keep,
+                     then adaptive_p (when `samplers` names it) or dist(seed)
+    mirostat == 1 -> temp -> mirostat(n_vocab, seed, tau, eta, m=100)
+    mirostat == 2 -> temp -> mirostat_v2(seed, tau, eta)
+There is no greedy branch: temperature 0 keeps only the top token, and dist picks it. llama-server
+also feeds every prompt token to the chain's accept() before the first sample (penalties and DRY
+see the prompt); `Sampler.for_sequence` does the same for this chain, and only for this chain
+(create_completion's accept() sees generated tokens only). It needs the Model (the vocab: DRY's
+sequence breakers, text logit biases, EOG tokens). Each stage has its own builder below, so a new
+stage (a grammar) is one more builder and one more name.
+
 This module and runtime.py are the only ones that touch llama_cpp; nobody else frees a pointer.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
+from typing import Callable
 
 import numpy as np
 
 from .errors import InvalidInput
 from .runtime import LOG_TAIL, NativeHandle, last_log_error, llama_cpp_module
-from .settings import SamplingSettings
+from .settings import SamplingSettings, split_samplers
 
 STAGES = ("penalties", "top_k", "typical_p", "top_p", "min_p", "temperature")
 
 # llama.cpp's llama_token_data: {int32 id; float logit; float p}
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
+
+
+def post_sampling(survivors: np.ndarray, n: int) -> list[tuple[int, float]]:
+    """llama-server's post_sampling_probs: the top n survivors by p after the chain, p == 0 left out."""
+    order = np.argsort(-survivors["p"], kind="stable")[:n]
+    return [(int(survivors["id"][i]), float(survivors["p"][i])) for i in order if survivors["p"][i] > 0]
 
 
 class Candidates:
@@ -42,32 +65,132 @@ class Candidates:
         self.ids = np.arange(n_vocab, dtype=np.int32)
 
 
+def _llama_cpp_python_stages(lib, s: SamplingSettings, n_vocab: int) -> list[tuple[str, Callable]]:
+    """create_completion's chain (Llama._init_sampler): min_keep 1, greedy at temperature 0."""
+    min_keep = 1
+    stages = [("penalties", lambda: lib.llama_sampler_init_penalties(
+        n_vocab, s.penalty_last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty))]
+    if not s.greedy:
+        stages += [("top_k", lambda: lib.llama_sampler_init_top_k(s.top_k)),
+                   ("typical_p", lambda: lib.llama_sampler_init_typical(s.typical_p, min_keep)),
+                   ("top_p", lambda: lib.llama_sampler_init_top_p(s.top_p, min_keep)),
+                   ("min_p", lambda: lib.llama_sampler_init_min_p(s.min_p, min_keep)),
+                   ("temperature", lambda: lib.llama_sampler_init_temp(s.temperature))]
+    final = (lambda: lib.llama_sampler_init_greedy()) if s.greedy else (lambda: lib.llama_sampler_init_dist(s.seed))
+    return stages + [("greedy" if s.greedy else "dist", final)]
+
+
+def logit_biases(s: SamplingSettings, model) -> list[tuple[int, float]]:
+    """common_sampler_init's merged biases: the user's (text keys tokenized as llama-server does: no BOS, no
+    special tokens), then every EOG token at -inf when ignore_eos, then the vocab's suppress tokens at -inf."""
+    out: list[tuple[int, float]] = []
+    for key, bias in s.logit_bias:
+        if isinstance(key, int):
+            if 0 <= key < model.n_vocab:  # llama-server drops ids outside the vocabulary
+                out.append((key, bias))
+        else:
+            out += [(t, bias) for t in model.tokenize(key, add_bos=False, special=False)]
+    if s.ignore_eos:
+        out += [(t, -math.inf) for t in model.eog_tokens()]
+    return out + [(t, -math.inf) for t in model.suppress_tokens()]
+
+
+def _logit_bias_stage(lib, s: SamplingSettings, model) -> list[tuple[str, Callable]]:
+    biases = logit_biases(s, model)
+    if not biases:
+        return []
+
+    def make():
+        arr = (lib.llama_logit_bias * len(biases))(*[lib.llama_logit_bias(t, b) for t, b in biases])
+        return lib.llama_sampler_init_logit_bias(model.n_vocab, len(biases), arr)  # copies the array
+    return [("logit_bias", make)]
+
+
+def _dry_stage(lib, s: SamplingSettings, model) -> Callable:
+    def make():
+        breakers = [b.encode("utf-8") for b in s.dry_sequence_breakers]
+        arr = (ctypes.c_char_p * len(breakers))(*breakers)  # DRY tokenizes and copies them
+        return lib.llama_sampler_init_dry(model.vocab, s.dry_multiplier, s.dry_base, s.dry_allowed_length,
+                                          s.dry_penalty_last_n, arr, len(breakers))
+    return make
+
+
+def _llama_cpp_stage(lib, name: str, s: SamplingSettings, model) -> Callable:
+    """One stage of `samplers`, with common_sampler_init's arguments."""
+    k = s.min_keep
+    return {
+        "penalties": lambda: lib.llama_sampler_init_penalties(model.n_vocab, s.penalty_last_n, s.repeat_penalty,
+                                                              s.frequency_penalty, s.presence_penalty),
+        "dry": _dry_stage(lib, s, model),
+        "top_n_sigma": lambda: lib.llama_sampler_init_top_n_sigma(s.top_n_sigma),
+        "top_k": lambda: lib.llama_sampler_init_top_k(s.top_k),
+        "typ_p": lambda: lib.llama_sampler_init_typical(s.typical_p, k),
+        "top_p": lambda: lib.llama_sampler_init_top_p(s.top_p, k),
+        "min_p": lambda: lib.llama_sampler_init_min_p(s.min_p, k),
+        "xtc": lambda: lib.llama_sampler_init_xtc(s.xtc_probability, s.xtc_threshold, k, s.seed),
+        "temperature": lambda: lib.llama_sampler_init_temp_ext(s.temperature, s.dynatemp_range, s.dynatemp_exponent),
+    }[name]
+
+
+def _llama_cpp_stages(lib, s: SamplingSettings, model) -> list[tuple[str, Callable]]:
+    """common_sampler_init's chain (see the module docstring); the last stage is the pick."""
+    stages = _logit_bias_stage(lib, s, model)
+    if s.mirostat == 1:
+        return stages + [("temperature", lambda: lib.llama_sampler_init_temp(s.temperature)),
+                         ("mirostat", lambda: lib.llama_sampler_init_mirostat(model.n_vocab, s.seed, s.mirostat_tau,
+                                                                              s.mirostat_eta, 100))]
+    if s.mirostat == 2:
+        return stages + [("temperature", lambda: lib.llama_sampler_init_temp(s.temperature)),
+                         ("mirostat", lambda: lib.llama_sampler_init_mirostat_v2(s.seed, s.mirostat_tau,
+                                                                                 s.mirostat_eta))]
+    names = split_samplers(s.samplers)
+    stages += [(n, _llama_cpp_stage(lib, n, s, model)) for n in names if n != "adaptive_p"]
+    if "adaptive_p" in names:
+        return stages + [("adaptive_p", lambda: lib.llama_sampler_init_adaptive_p(s.adaptive_target, s.adaptive_decay,
+                                                                                  s.seed))]
+    return stages + [("dist", lambda: lib.llama_sampler_init_dist(s.seed))]
+
+
+PICKS = ("greedy", "dist", "mirostat", "adaptive_p")  # stages that choose the token
+
+
+def stage_names(settings: SamplingSettings, model=None) -> list[str]:
+    """The stages of this settings' chain, in order, the pick (dist, greedy, mirostat, adaptive_p) last."""
+    lib = llama_cpp_module()
+    if settings.chain == "llama.cpp":
+        return [n for n, _ in _llama_cpp_stages(lib, settings, model)]
+    return [n for n, _ in _llama_cpp_python_stages(lib, settings, 0)]
+
+
 class Sampler(NativeHandle):
     """One native llama.cpp sampler chain for one sequence (stateful: penalties see accepted tokens)."""
 
-    def __init__(self, settings: SamplingSettings, n_vocab: int, upto: str | None = None):
-        if upto is not None and upto not in STAGES:
-            raise ValueError(f"unknown stage {upto!r}; stages: {', '.join(STAGES)}")
+    def __init__(self, settings: SamplingSettings, n_vocab: int, upto: str | None = None, model=None):
         lib = self._lib = llama_cpp_module()
-        self.settings = settings
+        self.settings = s = settings
+        if s.chain == "llama.cpp":
+            if model is None:
+                raise ValueError("the llama.cpp chain needs the model (its vocabulary)")
+            stages = _llama_cpp_stages(lib, s, model)
+        else:
+            stages = _llama_cpp_python_stages(lib, s, n_vocab)
+        names = [n for n, _ in stages]
+        if upto is not None and upto not in names[:-1]:
+            raise ValueError(f"unknown stage {upto!r}; this chain's stages: {', '.join(names[:-1])}")
+        self.stages = names if upto is None else names[: names.index(upto) + 1]
         self.ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        s = settings
-        min_keep = 1
-        stages = [("penalties", lambda: lib.llama_sampler_init_penalties(
-            n_vocab, s.penalty_last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty))]
-        if not s.greedy:
-            stages += [("top_k", lambda: lib.llama_sampler_init_top_k(s.top_k)),
-                       ("typical_p", lambda: lib.llama_sampler_init_typical(s.typical_p, min_keep)),
-                       ("top_p", lambda: lib.llama_sampler_init_top_p(s.top_p, min_keep)),
-                       ("min_p", lambda: lib.llama_sampler_init_min_p(s.min_p, min_keep)),
-                       ("temperature", lambda: lib.llama_sampler_init_temp(s.temperature))]
-        for name, make in stages:
+        for _name, make in stages[: len(self.stages)]:
             lib.llama_sampler_chain_add(self.ptr, make())  # the chain owns its stages
-            if name == upto:
-                return
-        if upto is None:
-            final = lib.llama_sampler_init_greedy() if s.greedy else lib.llama_sampler_init_dist(s.seed)
-            lib.llama_sampler_chain_add(self.ptr, final)
+
+    @classmethod
+    def for_sequence(cls, settings: SamplingSettings, model, prompt_tokens) -> "Sampler":
+        """The chain that samples one sequence after `prompt_tokens`: the llama.cpp chain has seen the prompt
+        (llama-server's init_sampler accepts every prompt token), create_completion's has not."""
+        sampler = cls(settings, model.n_vocab, model=model)
+        if settings.chain == "llama.cpp":
+            for t in prompt_tokens:
+                sampler.accept(t)
+        return sampler
 
     def apply(self, row: np.ndarray, buffers: Candidates | None = None) -> tuple[np.ndarray, int]:
         """Apply the chain to a raw logits row.

@@ -7,6 +7,14 @@ python derives an unseeded call's seed from the previous call's, so results depe
 llamalens always uses an explicit seed (default 0) and records it.
 
 How the settings become a native llama.cpp chain, and in which order, is in sampler.py.
+
+Two chain styles (`chain`): "llama-cpp-python" (the default: exactly `create_completion`'s chain,
+so runs stay comparable with llama-cpp-python and with older runs) and "llama.cpp" (exactly
+common/sampling.cpp's `common_sampler_init`, the chain llama-server and llama-cpp build). The
+llama.cpp samplers (DRY, XTC, top-n-sigma, dynamic temperature, mirostat, adaptive-p, logit bias,
+ignore_eos, a custom order) have llama.cpp's names, defaults and ranges (vendored common/common.h
+and tools/server/server-schema.cpp) and exist only in the llama.cpp chain: the llama-cpp-python
+chain refuses them with an error naming `--chain llama.cpp`.
 """
 
 from __future__ import annotations
@@ -33,6 +41,23 @@ CHAIN_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_p
 
 def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+CHAINS = ("llama-cpp-python", "llama.cpp")
+# llama-server's stage names (common_sampler_types_from_names' canonical names), in its default order
+SAMPLER_NAMES = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature",
+                 "adaptive_p")
+DEFAULT_SAMPLERS = "penalties;dry;top_n_sigma;top_k;typ_p;top_p;min_p;xtc;temperature"
+DRY_BREAKERS = ("\n", ":", "\"", "*")
+# aliases llama.cpp accepts for the stage names (kebab-case, no dash, and a few more)
+SAMPLER_ALIASES = {**{n.replace("_", "-"): n for n in SAMPLER_NAMES if "_" in n},
+                   **{n.replace("_", ""): n for n in SAMPLER_NAMES if "_" in n},
+                   "nucleus": "top_p", "temp": "temperature", "typ": "typ_p", "typical_p": "typ_p"}
+# the fields only the llama.cpp chain has (a llama-cpp-python chain refuses them when not at their defaults)
+LLAMA_CPP_ONLY = ("samplers", "min_keep", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
+                  "dry_sequence_breakers", "xtc_probability", "xtc_threshold", "top_n_sigma", "dynatemp_range",
+                  "dynatemp_exponent", "mirostat", "mirostat_tau", "mirostat_eta", "adaptive_target", "adaptive_decay",
+                  "logit_bias", "ignore_eos")
+
 
 
 class _Checked:
@@ -71,6 +96,34 @@ class SamplingSettings(_Checked):
     best_of: int = 1  # sample: N draws, the one with the best sequence logprob is the sample
     best_of_by: str = "sum"  # sample: rank the draws by "sum" (sequence) or "mean" logprob
     # -- end of the decoding-strategy block ---------------------------------------------------------------
+    # ---- llama.cpp's chain and its own samplers (issue 13) -------------------------------------------
+    # Defaults are llama-server's (common_params_sampling); every stage below is off at its default.
+    chain: str = "llama-cpp-python"  # or "llama.cpp" (see the module docstring)
+    samplers: str = DEFAULT_SAMPLERS  # llama.cpp chain: the order of its stages, llama-server's names
+    min_keep: int = 0  # llama.cpp chain (llama-cpp-python's chain always keeps >= 1)
+    dry_multiplier: float = 0.0  # 0 = off
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 64  # 0 = off
+    dry_sequence_breakers: tuple[str, ...] = DRY_BREAKERS
+    xtc_probability: float = 0.0  # 0 = off
+    xtc_threshold: float = 0.1  # > 0.5 = off
+    top_n_sigma: float = -1.0  # <= 0 = off
+    dynatemp_range: float = 0.0  # 0 = off
+    dynatemp_exponent: float = 1.0
+    mirostat: int = 0  # 0 = off, 1 = mirostat, 2 = mirostat 2.0 (replaces the samplers list)
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    adaptive_target: float = -1.0  # < 0 = off; "adaptive_p" in samplers uses it
+    adaptive_decay: float = 0.9
+    logit_bias: tuple[tuple[int | str, float], ...] = ()  # (token id or text, bias); -inf bans
+    ignore_eos: bool = False  # bans every end-of-generation token, as llama-server does
+    # ---- end of llama.cpp's samplers --------------------------------------------------------------------
+
+    def __post_init__(self):
+        # stored runs come back from JSON with lists: keep the record hashable and equal to the original
+        object.__setattr__(self, "dry_sequence_breakers", tuple(self.dry_sequence_breakers))
+        object.__setattr__(self, "logit_bias", parse_logit_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -94,12 +147,16 @@ class SamplingSettings(_Checked):
         return out
 
     def to_dict(self) -> dict:
-        """All fields, except the decoding-strategy ones left at their defaults (so settings recorded before
-        they existed read, and export, exactly as they did; from_dict fills them in)."""
+        """Every field, except the decoding-strategy ones left at their defaults (settings recorded before they
+        existed read, and export, exactly as they did; from_dict fills them in); a llama-cpp-python chain also
+        leaves out the llama.cpp fields (at their defaults: it refuses others), for the same reason."""
         d = asdict(self)
         for f in STRATEGY_FIELDS:
             if d[f] == getattr(_DEFAULTS, f):
                 del d[f]
+        if self.chain == "llama-cpp-python":
+            for name in ("chain",) + LLAMA_CPP_ONLY:
+                d.pop(name)
         return d
 
     @classmethod
@@ -157,6 +214,59 @@ class SamplingSettings(_Checked):
             bad("best_of", self.best_of, f"must be an integer in [1, {MAX_BEST_OF}]")
         if self.best_of_by not in ("sum", "mean"):
             bad("best_of_by", self.best_of_by, "must be sum or mean")
+        return out + self._llama_cpp_problems(bad, finite)
+
+    def _llama_cpp_problems(self, bad, finite) -> list[str]:
+        """The llama.cpp samplers' ranges (server-schema.cpp's limits), and the chain they need."""
+        out: list[str] = []
+
+        def check(name, ok, rule):
+            if not ok:
+                out.append(f"{name.replace('_', '-')} {getattr(self, name)!r} is out of range ({rule})")
+
+        def integer(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        check("chain", self.chain in CHAINS, f"must be one of {', '.join(CHAINS)}")
+        unknown = [n for n in split_samplers(self.samplers) if n not in SAMPLER_NAMES]
+        if unknown or not split_samplers(self.samplers):
+            out.append(f"samplers {self.samplers!r}: {'unknown stage ' + repr(unknown[0]) if unknown else 'empty'} "
+                       f"(stages are {';'.join(SAMPLER_NAMES)}, separated by ';')")
+        check("min_keep", integer(self.min_keep) and self.min_keep >= 0, "must be an integer >= 0")
+        check("dry_multiplier", finite(self.dry_multiplier) and self.dry_multiplier >= 0, "must be >= 0; 0 turns it off")
+        check("dry_base", finite(self.dry_base) and self.dry_base >= 1, "must be >= 1")
+        check("dry_allowed_length", integer(self.dry_allowed_length) and self.dry_allowed_length >= 0,
+              "must be an integer >= 0")
+        check("dry_penalty_last_n", integer(self.dry_penalty_last_n) and self.dry_penalty_last_n >= 0,
+              "must be an integer >= 0; 0 turns it off")
+        check("dry_sequence_breakers", bool(self.dry_sequence_breakers) and all(
+            isinstance(b, str) and b for b in self.dry_sequence_breakers), "must be non-empty strings, at least one")
+        check("xtc_probability", finite(self.xtc_probability) and 0 <= self.xtc_probability <= 1,
+              "must be in [0, 1]; 0 turns it off")
+        check("xtc_threshold", finite(self.xtc_threshold) and 0 <= self.xtc_threshold <= 1,
+              "must be in [0, 1]; above 0.5 it never fires")
+        check("top_n_sigma", finite(self.top_n_sigma), "must be a finite number; <= 0 turns it off")
+        check("dynatemp_range", finite(self.dynatemp_range) and self.dynatemp_range >= 0, "must be >= 0; 0 turns it off")
+        check("dynatemp_exponent", finite(self.dynatemp_exponent), "must be a finite number")
+        check("mirostat", self.mirostat in (0, 1, 2) and integer(self.mirostat), "must be 0 (off), 1 or 2")
+        check("mirostat_tau", finite(self.mirostat_tau) and self.mirostat_tau >= 0, "must be >= 0")
+        check("mirostat_eta", finite(self.mirostat_eta) and self.mirostat_eta >= 0, "must be >= 0")
+        check("adaptive_target", finite(self.adaptive_target) and self.adaptive_target <= 1,
+              "must be <= 1; negative turns it off")
+        check("adaptive_decay", finite(self.adaptive_decay) and 0 <= self.adaptive_decay <= 0.99, "must be in [0, 0.99]")
+        for key, bias in self.logit_bias:
+            if not (isinstance(bias, (int, float)) and not isinstance(bias, bool) and not math.isnan(bias)
+                    and bias != math.inf):
+                out.append(f"logit-bias {key!r}: bias {bias!r} must be a number (or -inf / false to ban the token)")
+            if isinstance(key, int) and key < 0 or isinstance(key, str) and not key:
+                out.append(f"logit-bias {key!r}: give a token id >= 0 or a non-empty text")
+        check("ignore_eos", isinstance(self.ignore_eos, bool), "must be true or false")
+        if self.chain == "llama-cpp-python":
+            changed = [f.name for f in fields(self) if f.name in LLAMA_CPP_ONLY
+                       and getattr(self, f.name) != f.default]
+            if changed:
+                out.append(f"{changed[0].replace('_', '-')} is a llama.cpp sampler setting: add --chain llama.cpp "
+                           "(create_completion's chain has no such stage)")
         return out
 
     def label(self, seed: bool = True) -> str:
@@ -172,6 +282,8 @@ class SamplingSettings(_Checked):
             core += f" freq={self.frequency_penalty:g}"
         if self.presence_penalty:
             core += f" pres={self.presence_penalty:g}"
+        if self.chain != "llama-cpp-python":
+            core += " " + llama_cpp_label(self)
         core = self._strategy_label(core)
         return f"{core} seed={self.seed}" if seed else core
 
@@ -195,6 +307,45 @@ _DEFAULTS = SamplingSettings()
 STRATEGY_FIELDS = ("strategy", "beams", "length_penalty", "early_stopping", "num_return", "no_repeat_ngram", "best_of",
                    "best_of_by")
 
+
+def split_samplers(text: str) -> list[str]:
+    """'top_k;temp' -> ['top_k', 'temperature']: llama-server's names, its aliases folded (case-insensitive)."""
+    names = [part.strip().lower() for part in str(text).replace(",", ";").split(";") if part.strip()]
+    return [SAMPLER_ALIASES.get(n, n) for n in names]
+
+
+def parse_logit_bias(value) -> tuple[tuple[int | str, float], ...]:
+    """llama-server's forms: [[id or text, bias], ...] or {"id or text": bias}; a bias of false bans the token
+    (-inf). Text keys that are whole numbers are token ids, as llama-server reads them."""
+    if isinstance(value, dict):
+        value = list(value.items())
+    out = []
+    for item in value or ():
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise InvalidSettings(f"logit-bias {item!r} must be a pair: token id or text, and a bias")
+        key, bias = item
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            key = int(key)
+        if bias is False:
+            bias = -math.inf
+        out.append((key, bias if isinstance(bias, bool) else float(bias) if isinstance(bias, (int, float)) else bias))
+    return tuple(out)
+
+
+def llama_cpp_label(s: "SamplingSettings") -> str:
+    """The llama.cpp chain's part of a label: what differs from llama-server's defaults."""
+    base = SamplingSettings(chain="llama.cpp")
+    parts = ["chain=llama.cpp"]
+    for name in LLAMA_CPP_ONLY:
+        v = getattr(s, name)
+        if v != getattr(base, name):
+            shown = ";".join(split_samplers(v)) if name == "samplers" else \
+                ",".join(f"{k!r}:{b:g}" if isinstance(k, str) else f"{k}:{b:g}" for k, b in v) if name == "logit_bias" else \
+                "|".join(v) if name == "dry_sequence_breakers" else v
+            parts.append(f"{name}={shown:g}" if isinstance(shown, float) else f"{name}={shown}")
+    return " ".join(parts)
+
+
 # Settings that change nothing: the raw distribution (temperature 1, no truncation, no penalties).
 NEUTRAL = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
 
@@ -210,14 +361,23 @@ def changes_label(settings: SamplingSettings, base: SamplingSettings = NEUTRAL) 
 
 @dataclass(frozen=True)
 class ModelOptions(_Checked):
-    """The options every model command takes (--gpu-layers, --ctx, --threads, --batch, --flash-attn, --mmap,
-    --mlock, --force)."""
+    """The options every model command takes (--gpu-layers, --ctx, --threads, --batch, --flash-attn,
+    --ubatch, --swa-full, --repack, --mmap, --mlock, --force). --ubatch, --swa-full and --repack change the
+    numbers (README, noise floor): llama-cpp-python's `Llama()` runs with a full-size SWA cache, llama-server
+    with a small one (`server_context` below gives its defaults)."""
 
     gpu_layers: int = 0  # -1 = all
     ctx: int = 2048  # per-sequence context window: prompt + generated tokens
     threads: int | None = None
     batch: int = 512  # prompt tokens per decode call
     flash_attn: str = "auto"
+    ubatch: int | None = None  # physical batch (llama_context_params.n_ubatch); None = batch
+    swa_full: str = "on"  # "on": full-size SWA cache (llama_context_default_params, Llama()); "off": llama-server's
+    repack: str = "on"  # weight repacking into CPU-friendly layouts (llama_model_params.use_extra_bufts)
+    # "on": decode a prompt in llama-server's pieces. On a model with sliding-window attention and a small SWA
+    # cache, llama-server decodes the last 4 + ubatch and the last 4 prompt tokens in batches of their own (to
+    # checkpoint its context there); other batch shapes give other logits (0.07 nats on the default model).
+    server_prefill: str = "off"
     # --- loading and the memory check (issue 16: --mmap/--no-mmap, --mlock, --force) ---
     mmap: bool = True  # map the file (False: read it into memory)
     mlock: bool = False  # lock the weights in RAM (no swapping)
@@ -248,6 +408,11 @@ class ModelOptions(_Checked):
             out.append(f"--gpu-layers {self.gpu_layers} must be >= -1 (-1 = all layers)")
         if self.flash_attn not in FLASH_ATTN:
             out.append(f"--flash-attn {self.flash_attn!r} must be one of on, off, auto")
+        if self.ubatch is not None and self.ubatch < 1:
+            out.append(f"--ubatch {self.ubatch} must be >= 1")
+        for name in ("swa_full", "repack", "server_prefill"):
+            if getattr(self, name) not in ("on", "off"):
+                out.append(f"--{name.replace('_', '-')} {getattr(self, name)!r} must be on or off")
         for flag in ("mmap", "mlock", "force"):
             if not isinstance(getattr(self, flag), bool):
                 out.append(f"--{flag} must be true or false, not {getattr(self, flag)!r}")
@@ -259,3 +424,24 @@ class ModelOptions(_Checked):
         if self.mmap and not self.mlock:
             return None
         return {(False, False): 0, (False, True): 2, (True, True): 3}[(self.mmap, self.mlock)]  # LLAMA_LOAD_MODE_*
+
+
+# llama-server's context defaults that differ from ModelOptions' (tools/server, common/common.h): a small SWA
+# cache, a 2048-token logical batch over 512-token micro-batches; repacking and flash attention 'auto' as ours.
+SERVER_CONTEXT = dict(swa_full="off", batch=2048, ubatch=512, repack="on", flash_attn="auto", server_prefill="on")
+
+
+def server_prompt_pieces(n: int, n_batch: int, n_ubatch: int) -> list[int]:
+    """The batch sizes llama-server decodes an n-token prompt in, on a model with sliding-window attention
+    and a small SWA cache (tools/server/server-context.cpp: a batch ends at n_batch tokens, or where
+    4 + n_ubatch or 4 prompt tokens are left)."""
+    pieces, done = [], 0
+    tails = {min(n_batch, off) for off in (4 + n_ubatch, 4)}
+    while done < n:
+        cur = 0
+        while done < n and cur < n_batch:
+            done, cur = done + 1, cur + 1
+            if n - done in tails:
+                break
+        pieces.append(cur)
+    return pieces

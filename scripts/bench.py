@@ -12,6 +12,11 @@ Cases (each in a fresh subprocess, so that its peak RSS is its own; rounds inter
   s  a sweep: 1 prompt x (T 0.2,0.7,1.0 x top_k 10,40 x top_p 0.5,0.9,0.99 x min_p 0,0.05) x 2 seeds x 32
      tokens, batched (llamalens Engine, 32 sequences per decode)
   n  the naive loop of create_completion(logprobs=10) over the same grid (timed on the first 6 samples)
+  D  the same sweep through llama-server's chain (--chain llama.cpp) with DRY (0.8) and XTC (0.5, 0.1) on,
+     at the same context options as s, so that D/s is the longer chain's cost alone (target >= 0.9)
+  C  the context options that move the numbers: the top token's raw logprob after "The capital of
+     Michigan is " under llama-server's defaults, --swa-full on, --repack off, flash attention on, and
+     each (README's table); a table, not a speed
   1  single-sequence low-level decode (= case a's speed, 32 tokens) for the sweep ratio
   j  beam search, 5 beams, 32 steps: beam tokens scored per second (one decode call per step for all beams)
   J  a 5-sequence batched sweep (5 seeds, 32 tokens): the beam row's baseline
@@ -71,13 +76,13 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def grid_settings(seeds=(1, 2)):
+def grid_settings(seeds=(1, 2), **extra):
     from llamalens.settings import SamplingSettings
 
     keys = list(GRID)
     for values in itertools.product(*GRID.values()):
         for seed in seeds:
-            yield SamplingSettings(**dict(zip(keys, values)), seed=seed)
+            yield SamplingSettings(**dict(zip(keys, values)), seed=seed, **extra)
 
 
 def case_lowlevel(model_path, n_tokens, threads):
@@ -126,12 +131,12 @@ def case_naive(model_path, n_tokens, threads):
     return {"tok_s": n / dt, "tokens": n}
 
 
-def case_sweep(model_path, n_tokens, threads, parallel=32):
+def case_sweep(model_path, n_tokens, threads, parallel=32, **chain):
     from llamalens.engine import Engine, Request
     from llamalens.runtime import Model, ModelOptions
 
     m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
-    reqs = [Request(PROMPT, s, n_tokens, 10, key=i) for i, s in enumerate(grid_settings())]
+    reqs = [Request(PROMPT, s, n_tokens, 10, key=i) for i, s in enumerate(grid_settings(**chain))]
     t0 = time.perf_counter()
     n = sum(len(s.tokens) for s in Engine(m, parallel).run(reqs))
     dt = time.perf_counter() - t0
@@ -164,6 +169,35 @@ def case_sweep5(model_path, n_tokens, threads, n=5):
     n_tok = sum(len(s.tokens) for s in Engine(m, n).run(reqs))
     dt = time.perf_counter() - t0
     return {"tok_s": n_tok / dt, "tokens": n_tok, "samples": n}
+
+
+def case_server_chain_sweep(model_path, n_tokens, threads):
+    return case_sweep(model_path, n_tokens, threads, chain="llama.cpp", dry_multiplier=0.8, xtc_probability=0.5,
+                      xtc_threshold=0.1)
+
+
+CONTEXTS = {  # README's table: llama-server's defaults, then one change at a time
+    "llama-server's defaults (--chain llama.cpp)": {},
+    "--swa-full on": dict(swa_full="on"),
+    "--repack off": dict(repack="off"),
+    "--flash-attn on": dict(flash_attn="on"),
+    "--swa-full on --flash-attn off (as Llama())": dict(swa_full="on", flash_attn="off"),
+}
+
+
+def case_contexts(model_path, n_tokens, threads):
+    import numpy as np
+
+    from llamalens.runtime import Model
+    from llamalens.settings import SERVER_CONTEXT, ModelOptions
+
+    out = {}
+    for label, change in CONTEXTS.items():
+        with Model(model_path, ModelOptions(ctx=512, threads=threads, **{**SERVER_CONTEXT, **change})) as m:
+            with m.context(n_ctx=512) as ctx:
+                row = ctx.prefill(m.prompt_tokens("The capital of Michigan is ")).astype(np.float64)
+        out[label] = float(row.max() - row.max() - np.log(np.exp(row - row.max()).sum()))
+    return {"tok_s": float("nan"), "logprobs": out}
 
 
 def case_naive_grid(model_path, n_tokens, threads, n_samples=6):
@@ -332,6 +366,8 @@ CASES = {
     "s": lambda p, n, t: case_sweep(p, 32, t),
     "j": lambda p, n, t: case_beam(p, 32, t),
     "J": lambda p, n, t: case_sweep5(p, 32, t),
+    "D": lambda p, n, t: case_server_chain_sweep(p, 32, t),
+    "C": lambda p, n, t: case_contexts(p, n, t),
     "n": lambda p, n, t: case_naive_grid(p, 32, t),
     "1": lambda p, n, t: case_lowlevel(p, 32, t),
     "p": lambda p, n, t: case_prefill(p, 2048, t),
@@ -682,7 +718,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--cases", default="abcms1jJnpPSLkreExlfF" + "".join(TOOL_CASES))
+    ap.add_argument("--cases", default="abcmsDC1jJnpPSLkreExlfF" + "".join(TOOL_CASES))
     ap.add_argument("--model", default=None)
     ap.add_argument("--build", action="append", default=None, metavar="LABEL:LLAMALENS:TOOLS_DIR",
                     help="A build for the llama.cpp-tool cases (repeatable: measured side by side); default "
@@ -738,6 +774,7 @@ def main():
              "c": "c  create_completion(logprobs=10)", "m": "m  llamalens generate --ctx 8192",
              "s": "s  sweep, 72 samples batched", "n": "n  naive create_completion loop, grid",
              "j": "j  beam search, 5 beams (beam tokens scored)", "J": "J  sweep, 5 sequences batched",
+             "D": "D  the same sweep, llama-server's chain + DRY + XTC",
              "1": "1  single-sequence low-level decode", "p": "p  prompt processing (last row only), 2048 tok",
              "P": "P  prompt processing, every row's logits", "S": "S  llamalens score, 2048 tokens",
              "L": "L  llamalens score, 8192 tokens", "k": "k  llamalens compare vs Q8_0, 2048 tokens",
@@ -746,7 +783,7 @@ def main():
              "l": "l  llamalens embed, one 2048-token text", "f": "f  fork continuations, batched on the base path",
              "F": "F  plain batched run, same sequences and lengths"}
     for c in in_process:
-        if c != "r":
+        if c not in "rC":
             print(f"{names[c]:<48} {best[c]['tok_s']:8.1f}   {best[c]['rss_mb']:7.0f} MB")
     ratio = lambda x, y: best[x]["tok_s"] / best[y]["tok_s"] if x in best and y in best else float("nan")  # noqa
     print("")
@@ -759,6 +796,12 @@ def main():
     if "j" in best:
         print(f"beam 5 / 5-sequence sweep = {ratio('j', 'J'):.2f}  (target >= 0.8; {best['j']['decode_calls']} decode "
               f"calls for {best['j']['steps']} beam steps)")
+    if "D" in best:
+        print(f"llama-server chain with DRY + XTC / today's chain, same sweep = {ratio('D', 's'):.2f}  (target >= 0.9)")
+    if "C" in best:
+        print("context options (raw logprob of the top token after 'The capital of Michigan is '):")
+        for label, lp in best["C"]["logprobs"].items():
+            print(f"  {label:<46} {lp:.5f}")
     print(f"score/prompt processing = {ratio('S', 'p'):.2f}  (target >= 0.5); score/every-row processing = "
           f"{ratio('S', 'P'):.2f}; every-row/last-row processing = {ratio('P', 'p'):.2f}")
     print(f"compare/prompt processing = {ratio('k', 'p'):.2f}, per model {2 * ratio('k', 'p'):.2f}  (target >= 0.4)")

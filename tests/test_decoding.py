@@ -237,7 +237,7 @@ def test_grid_file_with_strategies(tmp_path):
     assert {c.label(seed=False) for c in configs} == {"greedy", "greedy no-repeat=2", "beam=5 lp=1 early=true",
                                                       "beam=5 lp=1 early=true no-repeat=2"}
     f.write_text('[grid.d]\nstrategy = [1]\n')
-    with pytest.raises(InvalidSettings, match="not a string"):
+    with pytest.raises(InvalidSettings, match="not a text"):
         grid.load_grid_file(str(f))
 
 

@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from llamalens.settings import ModelOptions
 from click.testing import CliRunner
 
 from llamalens.cli import main
@@ -79,7 +81,13 @@ def test_store_from_version_1_opens(tmp_path):
             assert a[k] == (pytest.approx(b[k], rel=1e-9, abs=1e-10) if isinstance(b[k], float) else b[k]), k
     for key in ("id", "name", "status", "command", "model_hash", "n_samples", "n_done", "noise"):
         assert new["run"][key] == old["run"][key], key
-    assert new["run"]["options"] == old["run"]["options"]
+    # options added since (the context options of issue 13) read as their defaults, which is how 0.1.0 ran
+    new_mo, old_mo = new["run"]["options"].pop("model_options"), dict(old["run"]["options"])
+    old_mo = old_mo.pop("model_options")
+    assert new["run"]["options"] == {k: v for k, v in old["run"]["options"].items() if k != "model_options"}
+    assert {k: new_mo[k] for k in old_mo} == old_mo
+    assert {k: v for k, v in new_mo.items() if k not in old_mo} == \
+        {k: v for k, v in ModelOptions().to_dict().items() if k not in old_mo}
     assert {k: new["run"]["model"][k] for k in old["run"]["model"] if k != "gpu_layers"} == \
         {k: v for k, v in old["run"]["model"].items() if k != "gpu_layers"}
     out = tmp_path / "v1.jsonl"

@@ -6,8 +6,9 @@ import math
 
 import click
 
-from .options import axis_options, chat_options, grammar_options, json_option, model_options, pop_axes, pop_chat, \
-    pop_grammar, pop_model_options, pop_sampling, report_option, sampling_options
+from .options import axis_options, chain_option, chat_options, grammar_options, json_option, \
+    llama_cpp_sampling_options, model_options, pop_axes, pop_chat, pop_grammar, pop_model_options, pop_sampling, \
+    report_option, sampling_options
 from ..memory import available_ram, for_model as fit_estimate, gb
 from ..settings import ModelOptions
 from .output import say, alternatives, check_report_path, fail_cleanly, fmt_size, json_out, load_model, \
@@ -235,6 +236,8 @@ def _print_sampler_view(view, n_vocab: int) -> None:
 @click.command()
 @click.argument("prompt", required=False)
 @sampling_options
+@chain_option
+@llama_cpp_sampling_options
 @click.option("--max-tokens", "-n", type=int, default=16, show_default=True, help="Tokens to generate.")
 @click.option("--logprobs", type=int, default=5, show_default=True, help="Top alternatives per token.")
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
@@ -244,11 +247,14 @@ def _print_sampler_view(view, n_vocab: int) -> None:
 @grammar_options
 @model_options
 @fail_cleanly
-def generate(prompt, max_tokens, logprobs, stop, as_text, as_json, model, **kw):
+def generate(prompt, chain, max_tokens, logprobs, stop, as_text, as_json, model, **kw):
     """Generate from PROMPT and show each token: probability, rank, entropy, candidates, alternatives.
+
+    --chain llama.cpp samples as llama-server does (its samplers, its defaults, its context options).
 
     \b
     llamalens generate "Once upon a time" --temperature 0.7 --logprobs 5
+    llamalens generate "Once upon a time" --chain llama.cpp --dry-multiplier 0.8 --xtc-probability 0.5
     llamalens generate --chat "Name a colour." --system "Answer in one word." --chat-template gemma -t 0
     llamalens generate "A person, as JSON:" --json-schema person.json -n 40
     """
@@ -258,12 +264,12 @@ def generate(prompt, max_tokens, logprobs, stop, as_text, as_json, model, **kw):
     chat = pop_chat(kw)
     conv = chat.single(prompt, "generate")
     spec = pop_grammar(kw)
-    req = Request(prompt or "", pop_sampling(kw), max_tokens, logprobs, tuple(stop),
+    req = Request(prompt or "", pop_sampling(kw, chain), max_tokens, logprobs, tuple(stop),
                   grammar=spec.gbnf if spec else None)
     problems = req.problems()
     if problems:  # before loading the model: bad input fails fast
         raise InvalidSettings("; ".join(problems))
-    loaded = load_model(model, pop_model_options(kw))
+    loaded = load_model(model, pop_model_options(kw, chain))
     rendered = chat_prompt(loaded, conv, chat)
     if rendered:
         req.prompt = rendered.text

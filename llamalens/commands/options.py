@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import click
 
-from ..settings import ModelOptions, SamplingSettings
+from ..errors import InvalidSettings
+from ..settings import CHAINS, SERVER_CONTEXT, ModelOptions, SamplingSettings
 
 
 def _stack(*opts):
@@ -40,22 +41,36 @@ RUNTIME_HELP = {
     "mlock": "Lock the weights in RAM so they are never swapped out; recorded per run.",
     "force": "Load even when the memory estimate says the model will not fit in RAM.",
     # --- end of issue 16's block ---
+    "ubatch": "Physical batch (micro-batch) size [default: --batch; 512 with --chain llama.cpp].",
+    "swa_full": "Full-size sliding-window KV cache [default: on, as Llama(); off with --chain llama.cpp, as "
+                "llama-server].",
+    "repack": "Weight repacking into CPU-friendly layouts (llama-server's --repack/--no-repack) [default: on].",
+    "server_prefill": "Decode prompts in llama-server's pieces (SWA models with a small SWA cache) [default: off; "
+                      "on with --chain llama.cpp].",
 }
+# the options whose default follows the chain: llama-server's with --chain llama.cpp (settings.SERVER_CONTEXT)
+CHAIN_DEFAULTED = ("batch", "ubatch", "swa_full", "repack", "server_prefill")
 runtime_options = _stack(
     click.option("--gpu-layers", type=int, default=_mo.gpu_layers, show_default=True, help=RUNTIME_HELP["gpu_layers"]),
     click.option("--ctx", type=int, default=_mo.ctx, show_default=True, help=RUNTIME_HELP["ctx"]),
     click.option("--threads", type=int, default=_mo.threads, help=RUNTIME_HELP["threads"]),
-    click.option("--batch", type=int, default=_mo.batch, show_default=True, help=RUNTIME_HELP["batch"]),
+    click.option("--batch", type=int, default=None, help=RUNTIME_HELP["batch"] + f" [default: {_mo.batch}; "
+                 f"{SERVER_CONTEXT['batch']} with --chain llama.cpp]"),
     click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default=_mo.flash_attn, show_default=True,
                  help=RUNTIME_HELP["flash_attn"]),
+    click.option("--ubatch", type=int, default=None, help=RUNTIME_HELP["ubatch"]),
+    click.option("--swa-full", type=click.Choice(["on", "off"]), default=None, help=RUNTIME_HELP["swa_full"]),
+    click.option("--repack", type=click.Choice(["on", "off"]), default=None, help=RUNTIME_HELP["repack"]),
+    click.option("--server-prefill", type=click.Choice(["on", "off"]), default=None,
+                 help=RUNTIME_HELP["server_prefill"]),
     # --- issue 16: loading and the memory check ---
     click.option("--mmap/--no-mmap", default=_mo.mmap, show_default=True, help=RUNTIME_HELP["mmap"]),
     click.option("--mlock", is_flag=True, default=_mo.mlock, help=RUNTIME_HELP["mlock"]),
     click.option("--force", is_flag=True, default=_mo.force, help=RUNTIME_HELP["force"]),
     # --- end of issue 16's block ---
 )
-"""--gpu-layers, --ctx, --threads, --batch, --flash-attn, --mmap/--no-mmap, --mlock, --force: how a model is
-loaded and run (ModelOptions)."""
+"""--gpu-layers, --ctx, --threads, --batch, --flash-attn, --ubatch, --swa-full, --repack, --server-prefill,
+--mmap/--no-mmap, --mlock, --force: how a model is loaded and run (ModelOptions)."""
 
 model_option = click.option("--model", "-m", default=None, envvar="LLAMALENS_MODEL", show_envvar=True,
                             help="GGUF path or model name (see `llamalens models`); default: embedded Gemma 3 270M "
@@ -67,9 +82,37 @@ def model_options(fn):
     return model_option(runtime_options(fn))
 
 
-def pop_model_options(kw: dict) -> ModelOptions:
-    """Take the runtime options out of a command's kwargs as one ModelOptions."""
-    return ModelOptions(**{name: kw.pop(name) for name in RUNTIME_HELP})
+def pop_model_options(kw: dict, chain: str | None = None) -> ModelOptions:
+    """Take the runtime options out of a command's kwargs as one ModelOptions; those not given default to
+    llama-server's with the llama.cpp chain (so its users get their server's numbers), else to ModelOptions'."""
+    given = {name: kw.pop(name) for name in RUNTIME_HELP}
+    defaults = SERVER_CONTEXT if chain == "llama.cpp" else ModelOptions().to_dict()
+    for name in CHAIN_DEFAULTED:
+        if given[name] is None:
+            given[name] = defaults.get(name)
+    return ModelOptions(**given)
+
+
+chain_option = click.option("--chain", type=click.Choice(CHAINS), default=None,
+                            help="Sampler chain: llama-cpp-python (create_completion's, the default) or llama.cpp "
+                                 "(llama-server's, with its samplers and context defaults).")
+
+
+def parse_logit_bias(items) -> tuple:
+    """--logit-bias KEY=BIAS (repeatable): KEY a token id or a text (tokenized as llama-server does), BIAS a
+    number, or false / -inf to ban it."""
+    out = []
+    for item in items or ():
+        key, sep, bias = str(item).rpartition("=")
+        if not sep or not key:
+            raise InvalidSettings(f"--logit-bias {item!r}: give TOKEN=BIAS, e.g. 1000=-5 or ' mat'=false")
+        b = bias.strip().lower()
+        try:
+            value = -float("inf") if b in ("false", "-inf") else float(b)
+        except ValueError:
+            raise InvalidSettings(f"--logit-bias {item!r}: {bias!r} is not a number (or false to ban)") from None
+        out.append((int(key) if key.strip().lstrip("-").isdigit() else key, value))
+    return tuple(out)
 
 
 _ss = SamplingSettings()
@@ -92,8 +135,45 @@ sampling_options = _stack(
 """One value per sampling setting (SamplingSettings' fields): generate."""
 
 
-def pop_sampling(kw: dict) -> SamplingSettings:
-    return SamplingSettings(**{k: kw.pop(k) for k in list(kw) if k in SamplingSettings.__dataclass_fields__})
+_lc = SamplingSettings(chain="llama.cpp")
+llama_cpp_sampling_options = _stack(
+    click.option("--samplers", default=None, help=f"llama.cpp chain: stage order, llama-server's names "
+                 f"[default: {_lc.samplers}]."),
+    click.option("--min-keep", type=int, default=None, help="llama.cpp chain: samplers keep at least N [default: 0]."),
+    click.option("--dry-multiplier", type=float, default=None, help="DRY repetition penalty (0 = off) [default: 0]."),
+    click.option("--dry-base", type=float, default=None, help=f"DRY base (>= 1) [default: {_lc.dry_base}]."),
+    click.option("--dry-allowed-length", type=int, default=None,
+                 help=f"DRY: repeats longer than this are penalised [default: {_lc.dry_allowed_length}]."),
+    click.option("--dry-penalty-last-n", type=int, default=None,
+                 help=f"DRY: tokens scanned (0 = off) [default: {_lc.dry_penalty_last_n}]."),
+    click.option("--dry-sequence-breaker", "dry_sequence_breakers", multiple=True,
+                 help="DRY sequence breaker (repeatable; replaces llama-server's newline : \" *)."),
+    click.option("--xtc-probability", type=float, default=None, help="XTC: chance it fires (0 = off) [default: 0]."),
+    click.option("--xtc-threshold", type=float, default=None,
+                 help=f"XTC: tokens above this p are removed, but the least likely [default: {_lc.xtc_threshold}]."),
+    click.option("--top-n-sigma", type=float, default=None, help="Keep logits within n sigma of the top (<= 0 = off)."),
+    click.option("--dynatemp-range", type=float, default=None, help="Dynamic temperature: T ± range (0 = off)."),
+    click.option("--dynatemp-exponent", type=float, default=None, help="Dynamic temperature exponent [default: 1]."),
+    click.option("--mirostat", type=click.IntRange(0, 2), default=None, help="0 = off, 1 = Mirostat, 2 = Mirostat 2.0."),
+    click.option("--mirostat-tau", type=float, default=None, help=f"Mirostat target entropy [default: {_lc.mirostat_tau}]."),
+    click.option("--mirostat-eta", type=float, default=None, help=f"Mirostat learning rate [default: {_lc.mirostat_eta}]."),
+    click.option("--adaptive-target", type=float, default=None, help="adaptive-p target (< 0 = off; stage adaptive_p)."),
+    click.option("--adaptive-decay", type=float, default=None, help=f"adaptive-p decay [default: {_lc.adaptive_decay}]."),
+    click.option("--logit-bias", "logit_bias", multiple=True,
+                 help="TOKEN=BIAS (repeatable): a token id or text, a number or false (ban)."),
+    click.option("--ignore-eos", is_flag=True, default=None, help="Ban end-of-generation tokens (as llama-server)."),
+)
+"""The llama.cpp chain's own settings, one value each (generate); not given = llama-server's default."""
+
+
+def pop_sampling(kw: dict, chain: str | None = None) -> SamplingSettings:
+    values = {k: kw.pop(k) for k in list(kw) if k in SamplingSettings.__dataclass_fields__}
+    values["logit_bias"] = parse_logit_bias(values.get("logit_bias"))
+    if not values.get("dry_sequence_breakers"):
+        values.pop("dry_sequence_breakers", None)
+    if chain:
+        values["chain"] = chain
+    return SamplingSettings(**{k: v for k, v in values.items() if v is not None})
 
 
 AXIS_HELP = {
@@ -109,6 +189,16 @@ AXIS_HELP = {
     "length_penalty": "Beam score = sum logprob / length^LP, e.g. 0.6,1.0 (0 = plain sum; default 1).",
     "no_repeat_ngram": "Block repeated n-grams, e.g. 0,2 (0 = off; every strategy).",
     "best_of": "Sampling: keep the best of N draws by sequence logprob, e.g. 1,8.",
+    "dry_multiplier": "llama.cpp chain: e.g. 0,0.8 (0 = off).",
+    "dry_base": "llama.cpp chain: e.g. 1.75,2.",
+    "dry_allowed_length": "llama.cpp chain: e.g. 2,4.",
+    "xtc_probability": "llama.cpp chain: e.g. 0,0.5 (0 = off).",
+    "xtc_threshold": "llama.cpp chain: e.g. 0.1,0.2.",
+    "top_n_sigma": "llama.cpp chain: e.g. -1,1 (<= 0 = off).",
+    "dynatemp_range": "llama.cpp chain: e.g. 0,0.5 (0 = off).",
+    "mirostat": "llama.cpp chain: e.g. 0,2 (0 = off).",
+    "mirostat_tau": "llama.cpp chain: e.g. 3,5.",
+    "samplers": "llama.cpp chain: orders, e.g. \"top_k;temperature\",\"min_p;temperature\".",
 }
 
 strategy_options = _stack(

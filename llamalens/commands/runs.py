@@ -9,8 +9,9 @@ from contextlib import contextmanager
 
 import click
 
-from .options import axis_options, chat_options, grammar_options, json_option, model_option, pop_axes, pop_chat, \
-    pop_grammar, pop_model_options, pop_strategy, report_option, runtime_options, store_option, strategy_options
+from .options import AXIS_HELP, axis_options, chain_option, chat_options, grammar_options, json_option, model_option, \
+    pop_axes, pop_chat, pop_grammar, pop_model_options, pop_strategy, report_option, runtime_options, store_option, \
+    strategy_options
 from .output import records, say, check_report_path, shell_command, fail_cleanly, json_out, load_model, print_table, sweep_progress, write_report
 
 
@@ -47,7 +48,7 @@ def until_done(call) -> None:
 RUN_DEFINED = ("prompts", "prompts_file", "chat", "system", "chat_template", "messages_file", "grammar_file",
                "json_schema_file", "seeds", "seed_list", "max_tokens", "logprobs", "stop", "preset", "grid_file",
                "name", "parallel", "exact", "ctx", "batch", "flash_attn", "gpu_layers", "early_stopping", "num_return",
-               "best_of_by")
+               "best_of_by", "chain", "ubatch", "swa_full", "repack", "server_prefill")
 
 
 def _given(ctx: click.Context, names) -> list[str]:
@@ -67,9 +68,9 @@ def _given(ctx: click.Context, names) -> list[str]:
 @click.argument("prompts", nargs=-1)
 @click.option("--prompts-file", type=click.Path(dir_okay=False),
               help="One prompt per line (.txt) or JSON lines with a \"prompt\" field (.jsonl).")
-@axis_options("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty")
-@axis_options("strategy", "beams", "length_penalty", "no_repeat_ngram", "best_of")
+@axis_options(*AXIS_HELP)
 @strategy_options
+@chain_option
 @click.option("--seeds", type=int, default=None, help="Seeds 0..N-1 for every configuration.")
 @click.option("--seed", "seed_list", default=None, help="Explicit seeds, e.g. 1,2,3.")
 @click.option("--max-tokens", "-n", type=int, default=32, show_default=True, help="Tokens to generate per sample.")
@@ -90,7 +91,7 @@ def _given(ctx: click.Context, names) -> list[str]:
 @model_option
 @runtime_options
 @fail_cleanly
-def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, preset, grid_file, name, parallel,
+def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, stop, preset, grid_file, name, parallel,
           exact, resume_id, as_json, report_path, store_path, model, **kw):
     """Run PROMPTS across a grid of sampling settings and seeds; every token is stored.
 
@@ -100,6 +101,9 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
     llamalens sweep --resume 7          # after Ctrl-C, a kill or a crash
     llamalens sweep --messages chats.jsonl --chat-template gemma -t 0,0.7 --seeds 2
     llamalens sweep "The future of AI is" --strategy greedy,beam,sample --beams 5 --no-repeat-ngram 0,2 -t 0.7
+    llamalens sweep "Once upon a time" --preset llama-server --dry-multiplier 0,0.8 --xtc-probability 0,0.5
+
+    --chain llama.cpp (or --preset llama-server) samples as llama-server does, with its context options.
     """
     from .. import grid
     from ..inputs import read_prompts
@@ -127,10 +131,11 @@ def sweep(prompts, prompts_file, seeds, seed_list, max_tokens, logprobs, stop, p
         convs = chat.conversations(prompts) if chat.on else None
         if not prompts and not convs:
             raise click.UsageError("give at least one PROMPT, --prompts-file or --messages")
-        configs = grid.build_configs(preset, grid_file, axes_text, fixed)
+        chain = grid.chain_of(preset, chain)
+        configs = grid.build_configs(preset, grid_file, axes_text, fixed, chain)
         seed_values = grid.parse_seeds(seeds, seed_list)
         grid.check(configs, seed_values)
-        options = pop_model_options(kw)
+        options = pop_model_options(kw, chain)
         n_par = 1 if exact else min(parallel, len(convs if convs else prompts) * len(configs) * len(seed_values))
         # KV cells: at most (prompt bytes + BOS/EOS + max_tokens + 1) per sequence, within --ctx; a conversation's
         # template adds its markers (64 bytes a message is generous for llama.cpp's built-in templates)
@@ -209,7 +214,7 @@ def _show_run(store, run_id, as_json):
     """Print a run's summary; return the LoadedRun (a report made next reads nothing again); a fork run's
     summary is the fork's own (commands/fork.py)."""
     from ..analysis import STRATEGY_TABLE, load_run, uses_strategies
-    from ..reports.run import describe_noise
+    from ..reports.run import context_options, describe_noise
 
     if store.run(run_id).kind == "fork":
         from .fork import show_fork
@@ -221,7 +226,7 @@ def _show_run(store, run_id, as_json):
         json_out({"run": info.to_dict(), "summary": records(summ)})
         return run
     say(f"run {info.id} {info.name or ''} [{info.status}] model {info.model.name} ({info.model.quantization}), "
-               f"{info.n_done}/{info.n_samples} samples, flash-attn {info.hardware.flash_attn}, "
+               f"{info.n_done}/{info.n_samples} samples, {context_options(info.options.model_options)}, "
                f"{info.options.parallel} per batch")
     rows = [("#", "configuration", "samples", "mean lp", "ppl", "entropy", "cand", "distinct", "dist-2", "rank",
              "tok/s")]

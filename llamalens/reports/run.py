@@ -143,6 +143,7 @@ class RunReport:
             ("hardware", f"{hw.threads} threads, {hw.gpu_layers} GPU layers, flash attention {hw.flash_attn}, "
                          f"{hw.machine} {hw.system}; {opts.parallel} sequences per batch"
                          f"{' (exact mode)' if opts.exact else ''}"),
+            ("context options", context_options(opts.model_options)),
             ("llama.cpp build", (hw.llama_cpp_system_info or "–")
              + (f"; built with {hw.cmake_args}" if hw.cmake_args else "")),
             ("prompts", f"{info.n_prompts}"),
@@ -395,3 +396,9 @@ class RunReport:
                            caption="Time to first token counts from when the sample got a batch slot (prefill or "
                                    "prompt copy included). Sequences share each decode call, so per-sequence tokens/s "
                                    "is lower than the run's overall rate in the header."))
+
+
+def context_options(mo) -> str:
+    """The context options that move the numbers (README, noise floor), e.g. 'flash-attn auto, swa-full on, ...'."""
+    return (f"flash-attn {mo.flash_attn}, swa-full {mo.swa_full}, repack {mo.repack}, batch {mo.batch}, "
+            f"ubatch {mo.ubatch or mo.batch}, server-prefill {mo.server_prefill}")
