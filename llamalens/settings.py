@@ -303,11 +303,6 @@ class SamplingSettings(_Checked):
         return core + (f" no-repeat={self.no_repeat_ngram}" if self.no_repeat_ngram else "")
 
 
-_DEFAULTS = SamplingSettings()
-STRATEGY_FIELDS = ("strategy", "beams", "length_penalty", "early_stopping", "num_return", "no_repeat_ngram", "best_of",
-                   "best_of_by")
-
-
 def split_samplers(text: str) -> list[str]:
     """'top_k;temp' -> ['top_k', 'temperature']: llama-server's names, its aliases folded (case-insensitive)."""
     names = [part.strip().lower() for part in str(text).replace(",", ";").split(";") if part.strip()]
@@ -347,6 +342,11 @@ def llama_cpp_label(s: "SamplingSettings") -> str:
 
 
 # Settings that change nothing: the raw distribution (temperature 1, no truncation, no penalties).
+_DEFAULTS = SamplingSettings()
+STRATEGY_FIELDS = ("strategy", "beams", "length_penalty", "early_stopping", "num_return", "no_repeat_ngram", "best_of",
+                   "best_of_by")
+
+
 NEUTRAL = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
 
 
