@@ -154,6 +154,9 @@ class Model(NativeHandle):
             )
         self.vocab = lib.llama_model_get_vocab(self.ptr)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
+        # native samplers that are costly to build for this vocabulary (sampler.py: DRY's breakers), kept to be
+        # cloned per sequence; the model owns them and frees them with itself
+        self.sampler_prototypes: dict = {}
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self.ptr))
         self.bos = int(lib.llama_vocab_bos(self.vocab))
         self.eos = int(lib.llama_vocab_eos(self.vocab))
@@ -280,6 +283,9 @@ class Model(NativeHandle):
         return int(self._lib.llama_model_n_embd(self.ptr))
 
     def close(self) -> None:
+        for proto in getattr(self, "sampler_prototypes", {}).values():
+            self._lib.llama_sampler_free(proto)
+        self.sampler_prototypes = {}
         if getattr(self, "ptr", None):
             self._lib.llama_model_free(self.ptr)
             self.ptr = None

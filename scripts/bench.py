@@ -137,10 +137,11 @@ def case_sweep(model_path, n_tokens, threads, parallel=32, **chain):
 
     m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
     reqs = [Request(PROMPT, s, n_tokens, 10, key=i) for i, s in enumerate(grid_settings(**chain))]
+    engine = Engine(m, parallel)
     t0 = time.perf_counter()
-    n = sum(len(s.tokens) for s in Engine(m, parallel).run(reqs))
+    n = sum(len(s.tokens) for s in engine.run(reqs))
     dt = time.perf_counter() - t0
-    return {"tok_s": n / dt, "tokens": n, "samples": len(reqs)}
+    return {"tok_s": n / dt, "tokens": n, "samples": len(reqs), "decoded_rows": engine.stats["decoded_tokens"]}
 
 
 def case_beam(model_path, n_tokens, threads, beams=5):
@@ -798,6 +799,10 @@ def main():
               f"calls for {best['j']['steps']} beam steps)")
     if "D" in best:
         print(f"llama-server chain with DRY + XTC / today's chain, same sweep = {ratio('D', 's'):.2f}  (target >= 0.9)")
+        if "s" in best:  # XTC makes the seeds diverge sooner: fewer identical histories to decode once
+            rows = lambda c: best[c]["decoded_rows"] / (best[c]["tokens"] / best[c]["tok_s"])  # noqa: E731
+            print(f"  decoded rows: D {best['D']['decoded_rows']}, s {best['s']['decoded_rows']}; per decoded row "
+                  f"D/s = {rows('D') / rows('s'):.2f}")
     if "C" in best:
         print("context options (raw logprob of the top token after 'The capital of Michigan is '):")
         for label, lp in best["C"]["logprobs"].items():

@@ -184,3 +184,24 @@ def test_sampler_view_shows_every_llama_cpp_stage(tiny):
     # probability 1: XTC fires and removes every token above the threshold but the least likely of them
     above = [p for p in xtc_before.probs if p >= 0.01]
     assert xtc_after.survivors == xtc_before.survivors - (len(above) - 1) and xtc_after.probs[0] == 0.0
+
+
+def test_dry_is_built_once_per_model_and_cloned(tiny):
+    """DRY scans the vocabulary when built, so each sequence's chain gets a clone of the model's prototype:
+    two sequences with the same history penalise the same tokens by the same amounts, and differ from a
+    sequence without that history (tests/test_llama_server.py proves the chain equal to llama-server's)."""
+    import numpy as np
+
+    s = SamplingSettings(chain="llama.cpp", dry_multiplier=0.8, dry_allowed_length=1, top_k=0, top_p=1.0, min_p=0.0)
+    history = tiny.prompt_tokens("the cat sat on the cat sat on the")
+    row = tiny.context(n_ctx=256).prefill(history)
+    got, before = [], set(tiny.sampler_prototypes)
+    for tokens in (history, history, history[:1]):
+        with Sampler(s, tiny.n_vocab, upto="dry", model=tiny) as chain:
+            for t in tokens:
+                chain.accept(t)
+            surv, _ = chain.apply(row.copy())
+            got.append(surv["logit"][np.argsort(surv["id"])].copy())
+    assert len(set(tiny.sampler_prototypes) - before) <= 1  # one prototype for the three chains (or one already there)
+    assert np.array_equal(got[0], got[1])
+    assert (got[0] < got[2]).any()  # the repeated history is penalised (" cat" after "... on the")
