@@ -130,13 +130,15 @@ class NativeHandle:
 class Model(NativeHandle):
     """A loaded GGUF model: weights, vocabulary and a cache of token bytes."""
 
-    def __init__(self, path: str | os.PathLike, options: ModelOptions | None = None, found=None, memory=None):
+    def __init__(self, path: str | os.PathLike, options: ModelOptions | None = None, found=None, memory=None,
+                 header=None):
         """`found` (stores.Found): where the file came from; `memory` (memory.MemoryEstimate): the estimate the
-        load was checked against. Both are recorded by describe()."""
+        load was checked against. Both are recorded by describe(). `header`: the file's GGUF header, when the
+        caller has read it already (memory.checked_load)."""
         self.path = Path(path)
         self.options = options or ModelOptions()
         self.options.validate()
-        self.header = read_header(self.path)
+        self.header = header if header is not None else read_header(self.path)
         self.found, self.memory = found, memory
         lib = llama_cpp_module()
         lib.llama_backend_init()
