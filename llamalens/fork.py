@@ -334,7 +334,7 @@ def decode_continuations(model: Model, prompt_ids: list[int], base_ids: list[int
                         ctx.seq_rm(seq)
                         ctx.seq_cp(0, seq, 0, L + t)
                         key = (t, r.prompt_tokens[-1])
-                        live = _Live(r, seq, Sampler(r.settings, model.n_vocab), max_tokens=r.max_tokens,
+                        live = _Live(r, seq, Sampler.for_sequence(r.settings, model, r.prompt_tokens), max_tokens=r.max_tokens,
                                      t_start=time.perf_counter(), pos=L + t + 1,
                                      hist=intern.setdefault(key, len(intern)))
                         slots[s] = live
@@ -371,13 +371,13 @@ def decode_continuations(model: Model, prompt_ids: list[int], base_ids: list[int
                     live = slots[s]
                     if live is not None and live.finish is not None:
                         ctx.seq_rm(live.slot)
-                        live.sampler.close()
+                        live.close()
                         slots[s] = None
                         yield engine._sample(live)
         finally:
             for live in slots:
                 if live is not None:
-                    live.sampler.close()
+                    live.close()
 
 
 def _requests(model: Model, store: Store, run_id: int, base_ids: list[int], prompt_ids: list[int],
