@@ -402,3 +402,13 @@ def test_chat_forks_the_assistants_reply(tmp_path):
     assert [t.id for _, t in Store(db).tokens(1, 0)] == [t["id"] for t in gen["tokens"]]
     res = cli("fork", "--resume", 1, "--chat", "--store", db, ok=False)
     assert res.exit_code == 2 and "--chat" in res.output
+
+
+def test_outcome_plot_legend_keeps_every_outcome():
+    """An outcome is untrusted text: one starting with '_' (which matplotlib drops from automatic legends) and
+    one holding markup are both in the legend, as written."""
+    from llamalens.reports.plots import outcome_areas
+
+    fig = outcome_areas([0, 1], np.array([[0.5, 0.5], [1.0, 0.0], [1.0, 0.0]]), ["_yes", "<b>no</b>"], [], [],
+                        ["a", "b"])
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["_yes", "<b>no</b>"]

@@ -283,8 +283,7 @@ def outcome_areas(positions: list[int], series: np.ndarray, labels: list[str], c
         shown = shown + [f"{len(labels) - len(shown)} other outcomes"]
     colours = [PALETTE[k % len(PALETTE)] for k in range(len(shown))]
     colours = ["#c8c8c8" if name == "none" else c for name, c in zip(shown, colours)]  # nothing matched: grey
-    ax.stackplot(x, *stack, labels=shown, colors=colours,
-                 step="mid", alpha=0.85)
+    areas = ax.stackplot(x, *stack, colors=colours, step="mid", alpha=0.85)
     for i in change_points:  # a jump between rows i-1 and i
         ax.axvline(i - 0.5, color="#333", lw=0.8, ls="--")
     for i in forking:
@@ -296,7 +295,8 @@ def outcome_areas(positions: list[int], series: np.ndarray, labels: list[str], c
     names = [f"{p} {t}" for p, t in zip(positions, token_labels)] + ["end"]
     step = max(1, len(ticks) // 40)
     ax.set_xticks(ticks[::step], names[::step], rotation=70, ha="right", fontsize=7)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+    # handles and labels given explicitly: matplotlib would drop an automatic label that starts with "_"
+    ax.legend(areas, shown, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     return fig
 
 
