@@ -106,4 +106,4 @@ def pick_best_of(draws: list, by: str, settings: dict):
             for i, (d, f) in enumerate(zip(draws, figures))]
     win.settings = settings
     return win, {"strategy": "best_of", "by": by, "winner": order[0], "winner_rank_by_other": other.index(order[0]) + 1,
-                 "draws": rows, **blocked_extra(win.tokens)}
+                 "draws": rows}

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidInput
+from .stats import log_softmax
 
 MASS_EPS = 1e-6
 
@@ -103,9 +104,7 @@ def constrained_apply(sampler, grammar, row: np.ndarray, buffers, grammar_buffer
     (survivors, selected index, raw probability mass the grammar forbade at this step)."""
     survivors, sel = sampler.apply(row, buffers)
     token = int(survivors["id"][sel])
-    x = row.astype(np.float64)
-    m = x.max()
-    lp = x - m - np.log(np.exp(x - m).sum())
+    lp = log_softmax(row)
     # tokens below 1e-12 hold at most n_vocab * 1e-12 of the mass (< MASS_EPS up to a million tokens): not sorted
     likely = np.flatnonzero(lp > np.log(1e-12))
     order = likely[np.argsort(-lp[likely], kind="stable")]
@@ -182,7 +181,7 @@ def next_under_grammar(model, prompt: str, spec: GrammarSpec, top: int = 10) -> 
     model.check_fits(len(tokens), model.options.ctx)
     with model.context(n_ctx=round_ctx(len(tokens) + 1)) as ctx:
         row = ctx.prefill(tokens).astype(np.float64)
-    lp = row - row.max() - np.log(np.exp(row - row.max()).sum())
+    lp = log_softmax(row)
     with GrammarSampler(model, spec.gbnf, where=spec.source.replace(":", " ", 1)) as g:
         buffers = Candidates(model.n_vocab)
         ok = g.allowed(buffers.ids, buffers).copy()

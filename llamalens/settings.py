@@ -214,9 +214,9 @@ class SamplingSettings(_Checked):
             bad("best_of", self.best_of, f"must be an integer in [1, {MAX_BEST_OF}]")
         if self.best_of_by not in ("sum", "mean"):
             bad("best_of_by", self.best_of_by, "must be sum or mean")
-        return out + self._llama_cpp_problems(bad, finite)
+        return out + self._llama_cpp_problems(finite)
 
-    def _llama_cpp_problems(self, bad, finite) -> list[str]:
+    def _llama_cpp_problems(self, finite) -> list[str]:
         """The llama.cpp samplers' ranges (server-schema.cpp's limits), and the chain they need."""
         out: list[str] = []
 
@@ -224,20 +224,17 @@ class SamplingSettings(_Checked):
             if not ok:
                 out.append(f"{name.replace('_', '-')} {getattr(self, name)!r} is out of range ({rule})")
 
-        def integer(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
         check("chain", self.chain in CHAINS, f"must be one of {', '.join(CHAINS)}")
         unknown = [n for n in split_samplers(self.samplers) if n not in SAMPLER_NAMES]
         if unknown or not split_samplers(self.samplers):
             out.append(f"samplers {self.samplers!r}: {'unknown stage ' + repr(unknown[0]) if unknown else 'empty'} "
                        f"(stages are {';'.join(SAMPLER_NAMES)}, separated by ';')")
-        check("min_keep", integer(self.min_keep) and self.min_keep >= 0, "must be an integer >= 0")
+        check("min_keep", _int(self.min_keep) and self.min_keep >= 0, "must be an integer >= 0")
         check("dry_multiplier", finite(self.dry_multiplier) and self.dry_multiplier >= 0, "must be >= 0; 0 turns it off")
         check("dry_base", finite(self.dry_base) and self.dry_base >= 1, "must be >= 1")
-        check("dry_allowed_length", integer(self.dry_allowed_length) and self.dry_allowed_length >= 0,
+        check("dry_allowed_length", _int(self.dry_allowed_length) and self.dry_allowed_length >= 0,
               "must be an integer >= 0")
-        check("dry_penalty_last_n", integer(self.dry_penalty_last_n) and self.dry_penalty_last_n >= 0,
+        check("dry_penalty_last_n", _int(self.dry_penalty_last_n) and self.dry_penalty_last_n >= 0,
               "must be an integer >= 0; 0 turns it off")
         check("dry_sequence_breakers", bool(self.dry_sequence_breakers) and all(
             isinstance(b, str) and b for b in self.dry_sequence_breakers), "must be non-empty strings, at least one")
@@ -248,7 +245,7 @@ class SamplingSettings(_Checked):
         check("top_n_sigma", finite(self.top_n_sigma), "must be a finite number; <= 0 turns it off")
         check("dynatemp_range", finite(self.dynatemp_range) and self.dynatemp_range >= 0, "must be >= 0; 0 turns it off")
         check("dynatemp_exponent", finite(self.dynatemp_exponent), "must be a finite number")
-        check("mirostat", self.mirostat in (0, 1, 2) and integer(self.mirostat), "must be 0 (off), 1 or 2")
+        check("mirostat", self.mirostat in (0, 1, 2) and _int(self.mirostat), "must be 0 (off), 1 or 2")
         check("mirostat_tau", finite(self.mirostat_tau) and self.mirostat_tau >= 0, "must be >= 0")
         check("mirostat_eta", finite(self.mirostat_eta) and self.mirostat_eta >= 0, "must be >= 0")
         check("adaptive_target", finite(self.adaptive_target) and self.adaptive_target <= 1,

@@ -158,7 +158,7 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
                              on_note=lambda note: say(f"note: {note}", err=True))
         say(f"run {run_id}: {len(spec.prompts)} prompt(s) x {len(configs)} configuration(s) x "
                    f"{len(seed_values)} seed(s) = {spec.n_samples} sequences, up to {spec.n_samples * max_tokens:,} "
-                   f"tokens, {1 if exact else min(parallel, spec.n_samples)} per batch; store {store.path}", err=True)
+                   f"tokens, {n_par} per batch; store {store.path}", err=True)
     until_done(lambda: execute(loaded, store, run_id, sweep_progress()))
     run = _show_run(store, run_id, as_json)
     if report_path:
@@ -213,7 +213,7 @@ def show(run_id, as_json, store_path):
 def _show_run(store, run_id, as_json):
     """Print a run's summary; return the LoadedRun (a report made next reads nothing again); a fork run's
     summary is the fork's own (commands/fork.py)."""
-    from ..analysis import STRATEGY_TABLE, load_run, uses_strategies
+    from ..analysis import STRATEGY_TABLE, load_run
     from ..reports.run import context_options, describe_noise
 
     if store.run(run_id).kind == "fork":
@@ -235,7 +235,7 @@ def _show_run(store, run_id, as_json):
                      f"{r.mean_entropy:.3f}", f"{r.mean_candidates:.1f}", f"{r.distinct_completions:.1f}",
                      f"{r.distinct_2:.2f}", f"{r.mean_rank:.1f}", f"{r.tokens_per_s:.1f}"))
     print_table(rows, right=set(range(2, 11)) | {0})
-    if uses_strategies(run.configs):
+    if run.strategies:
         say("decoding strategies (means over samples; distinct-n and rep-4 within each sample):")
         rows = [tuple(h for _, h in STRATEGY_TABLE)]
         for r in summ.itertuples():

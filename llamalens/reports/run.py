@@ -214,7 +214,7 @@ class RunReport:
     # -- 2b. decoding strategies side by side (issue 17) -------------------------------------------------
     def strategies(self) -> None:
         run, doc = self.run, self.doc
-        if not analysis.uses_strategies(run.configs):
+        if not run.strategies:
             return
         from . import plots
 
