@@ -14,7 +14,7 @@ import csv
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 
@@ -29,6 +29,8 @@ from .store import RunInfo, Store
 SETTING_COLUMNS = ["temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty"]
 # decoding strategy (issue 17): its settings, and the per-sample figures strategies are compared by
 STRATEGY_COLUMNS = ["strategy", "beams", "length_penalty", "no_repeat_ngram", "best_of"]
+# every setting a configuration has, in SamplingSettings' order (the seed is an axis of its own)
+SETTINGS = [f.name for f in fields(SamplingSettings) if f.name != "seed"]
 METRIC_COLUMNS = ["seq_logprob", "mean_logprob", "perplexity", "distinct_1", "distinct_2", "rep_4", "length"]
 TOKEN_COLUMNS = ["run_id", "sample_idx", "prompt_idx", "config_idx", "seed", *SETTING_COLUMNS, *STRATEGY_COLUMNS,
                  "position", "token_id", "text", "bytes", "logprob", "prob", "sampled_logprob", "rank", "entropy",

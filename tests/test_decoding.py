@@ -312,6 +312,8 @@ def test_cli_strategies_show_export_report(tiny_path, tmp_path):
     assert "decoding strategies" in res.output and "beam=3 lp=0.6 early=never return=2 no-repeat=2" in res.output
     html = (tmp_path / "d.html").read_text()
     assert "Decoding strategies side by side" in html and "pruned at step" in html and "Best-of-N" in html
+    # the header's grid names the strategy axis; no fixed setting claims a strategy
+    assert "strategy ∈ {" in html and "strategy=" not in html.split("fixed settings", 1)[1].split("</tr>", 1)[0]
     run("export", "1", "--format", "jsonl", "-o", tmp_path / "x.jsonl", "--store", store)
     rows = [json.loads(line) for line in (tmp_path / "x.jsonl").read_text().splitlines()]
     beams = [r for r in rows if r["settings"].get("strategy") == "beam"]

@@ -132,7 +132,8 @@ class RunReport:
         done_at = [s.completed for s in run.samples if s.completed]
         end = info.finished or (max(done_at) if done_at else None)
         dur = (end - info.created) if end else float("nan")
-        varying = analysis.varying_axes(run.configs)
+        # every setting that differs (strategies, llama.cpp's samplers too), so none is shown as fixed
+        varying = analysis.varying_axes(run.configs, analysis.SETTINGS)
         fixed = {k: v for k, v in run.configs[0].to_dict().items() if k not in varying and k != "seed"}
         grid = ", ".join(f"{a} ∈ {{{', '.join(fmt(v) for v in sorted({getattr(c, a) for c in run.configs}))}}}"
                          for a in varying) or "one configuration"
