@@ -161,9 +161,11 @@ def render_jinja(source: str, messages, bos_token: str, eos_token: str, add_gene
                            "--chat-template") from None
 
 
-def render(model, messages, chat_template: str | None = None) -> ChatPrompt:
-    """The prompt text of a conversation for `model`, ready for the assistant's reply."""
-    label, source = resolve_template(model, chat_template)
+def render(model, messages, chat_template: str | None = None, resolved: tuple[str, str | None] | None = None
+           ) -> ChatPrompt:
+    """The prompt text of a conversation for `model`, ready for the assistant's reply (`resolved`: what
+    resolve_template gave, when the caller already looked the template up)."""
+    label, source = resolved or resolve_template(model, chat_template)
     if source is None:
         text = model.apply_builtin_template(label.split(":", 1)[1], list(messages))
     else:
@@ -190,4 +192,5 @@ def as_read(model, text: str) -> tuple[str, int]:
 
 def render_all(model, conversations, chat_template: str | None = None) -> list[ChatPrompt]:
     """Every conversation rendered (the template is looked up once)."""
-    return [render(model, c, chat_template) for c in conversations]
+    resolved = resolve_template(model, chat_template)
+    return [render(model, c, resolved=resolved) for c in conversations]
