@@ -51,7 +51,9 @@ from .sampler import Sampler
 from .settings import SamplingSettings
 from .stats import RowStats
 from .store import Store
-from .sweep import Progress, SweepInterrupted, check_resumable, check_run_model, hardware, rescore, writing
+from .sweep import (Progress, SweepInterrupted, against_rescored, check_resumable, check_run_model, hardware,
+                    noise_figures, rescore, writing)
+from .sweep import resume_target as sweep_resume_target
 from .visible import visible
 
 KIND = "fork"
@@ -397,10 +399,7 @@ def execute_fork(model: Model, store: Store, run_id: int,
                  on_progress: Callable[[ForkProgress], None] | None = None) -> ForkProgress:
     """Decode the pending continuations of a fork run, saving each with its outcome as it finishes."""
     info = store.run(run_id)
-    if info.kind != KIND:
-        raise StoreError(f"run {info.id} is a {info.kind} run, not a fork run; resume it with `llamalens "
-                         f"{info.kind} --resume {info.id}`")
-    check_resumable(info)
+    check_resumable(info, KIND)
     check_run_model(store, info, model)
     opts = info.options
     settings, base_settings = store.configs(run_id)
@@ -487,15 +486,8 @@ def fork_noise(model: Model, store: Store, run_id: int, base_ids: list[int], pro
         toks = [t for _, t in store.tokens(run_id, s.sample_idx)]
         t = s.extra["position"]
         ref = rescore(model, s.prompt, [x.id for x in toks], prompt_ids + base_ids[:t] + [s.extra["forced_token"]])
-        for tok, (lp, top1) in zip(toks, ref):
-            deltas.append(abs(tok.logprob - lp))
-            agree += int((tok.top[0].id if tok.top else tok.id) == top1)
-    if not deltas:
-        return {"samples": 0}
-    d = np.array(deltas)
-    return {"samples": len(picks), "tokens": len(d), "mean_abs_dlogprob": float(d.mean()),
-            "p95_abs_dlogprob": float(np.quantile(d, 0.95)), "p99_abs_dlogprob": float(np.quantile(d, 0.99)),
-            "max_abs_dlogprob": float(d.max()), "top1_agreement": agree / len(d)}
+        agree += against_rescored(toks, ref, deltas)
+    return noise_figures(len(picks), deltas, agree)
 
 
 # -- reading a fork run back ---------------------------------------------------------------------------
@@ -542,9 +534,4 @@ def load_fork(store: Store, run_id) -> ForkRun:
 
 def resume_target(store: Store, run_id, model: str | None = None):
     """(run id, model path, model options) to finish an interrupted fork run."""
-    info = store.run(run_id)
-    if info.kind != KIND:
-        raise StoreError(f"run {info.id} is a {info.kind} run, not a fork run; resume it with "
-                         f"`llamalens {info.kind} --resume {info.id}`")
-    check_resumable(info)
-    return info.id, model or info.model.path, info.options.model_options
+    return sweep_resume_target(store, run_id, model, kind=KIND)

@@ -129,15 +129,20 @@ def start_sweep(model: Model, store: Store, spec: SweepSpec, command: str = "",
                             hardware=hardware(model), options=options, configs=spec.configs, plan=spec.plan())
 
 
-def resume_target(store: Store, run_id, model: str | None = None) -> tuple[int, str, ModelOptions]:
-    """(run id, model path, model options) to finish an interrupted run: its own file and options unless
-    `model` names another file (execute() then checks that file's hash against the run's)."""
+def resume_target(store: Store, run_id, model: str | None = None, kind: str = "sweep"
+                  ) -> tuple[int, str, ModelOptions]:
+    """(run id, model path, model options) to finish an interrupted run of `kind`: its own file and options
+    unless `model` names another file (execute() then checks that file's hash against the run's)."""
     info = store.run(run_id)
-    check_resumable(info)
+    check_resumable(info, kind)
     return info.id, model or info.model.path, info.options.model_options
 
 
-def check_resumable(info: RunInfo) -> None:
+def check_resumable(info: RunInfo, kind: str = "sweep") -> None:
+    """An interrupted run of `kind` (each kind resumes with its own command)."""
+    if info.kind != kind:
+        raise StoreError(f"run {info.id} is a {info.kind} run, not a {kind} run; resume it with "
+                         f"`llamalens {info.kind} --resume {info.id}`")
     if info.status == "done" and info.n_done == info.n_samples:
         raise StoreError(f"run {info.id} is already complete ({info.n_done}/{info.n_samples} samples); "
                          "nothing to resume")
@@ -275,18 +280,33 @@ def noise_floor(model: Model, store: Store, run_id: int, k: int = NOISE_SAMPLES)
     if not samples:
         return {"samples": 0}
     picks = noise_samples(samples, k)
-    deltas, agree, n = [], 0, 0
+    deltas, agree = [], 0
     for s in picks:
         toks = [t for _, t in store.tokens(run_id, s.sample_idx)]
-        ref = rescore(model, s.prompt, [t.id for t in toks])
-        for t, (lp, top1) in zip(toks, ref):
-            deltas.append(abs(t.logprob - lp))
-            agree += int((t.top[0].id if t.top else (t.id if t.rank == 1 else -1)) == top1)
-            n += 1
-    d = np.array(deltas) if deltas else np.zeros(1)
-    return {"samples": len(picks), "tokens": n, "mean_abs_dlogprob": float(d.mean()),
+        agree += against_rescored(toks, rescore(model, s.prompt, [t.id for t in toks]), deltas)
+    return noise_figures(len(picks), deltas, agree)
+
+
+def against_rescored(toks, ref, deltas: list) -> int:
+    """Append |Δ logprob| of each stored token against its one-at-a-time re-decode (`ref`: rescore's
+    (logprob, top-1 id) pairs) to `deltas`; the number of tokens whose stored top-1 is the re-decoded one
+    (a record without a top list counts its own token when it was rank 1)."""
+    agree = 0
+    for t, (lp, top1) in zip(toks, ref):
+        deltas.append(abs(t.logprob - lp))
+        agree += int((t.top[0].id if t.top else (t.id if t.rank == 1 else -1)) == top1)
+    return agree
+
+
+def noise_figures(n_samples: int, deltas: list, agree: int) -> dict:
+    """The noise-floor figures stored with a run: how many samples and tokens they rest on, the
+    distribution of |Δ logprob| (mean, 95th and 99th percentile, max) and the top-1 agreement."""
+    if not deltas:
+        return {"samples": 0}
+    d = np.array(deltas)
+    return {"samples": n_samples, "tokens": len(d), "mean_abs_dlogprob": float(d.mean()),
             "p95_abs_dlogprob": float(np.quantile(d, 0.95)), "p99_abs_dlogprob": float(np.quantile(d, 0.99)),
-            "max_abs_dlogprob": float(d.max()), "top1_agreement": agree / n if n else 1.0}
+            "max_abs_dlogprob": float(d.max()), "top1_agreement": agree / len(d)}
 
 
 def noise_samples(samples: list, k: int = NOISE_SAMPLES, most: int = 8) -> list:
