@@ -340,6 +340,10 @@ def test_resume_refuses_other_runs_and_settings(tiny_path, tmp_path):
     res = cli("fork", "--resume", 1, "--samples", 3, "--store", db, ok=False)
     assert res.exit_code == 2 and "--samples" in res.output
     assert "give a PROMPT" in cli("fork", "--store", db, ok=False).output
+    cli("fork", "the cat", "-n", 2, "--samples", 1, "--positions", "0", "--store", db, "--model", tiny_path,
+        "--ctx", 256, "--threads", 1)
+    res = cli("sweep", "--resume", 2, "--store", db, ok=False)  # and the other way round
+    assert res.exit_code == 1 and "not a sweep run" in res.output and "llamalens fork --resume 2" in res.output
 
 
 def test_change_points_are_the_optimal_partition():
