@@ -6,8 +6,8 @@ reference computed here from the raw logits and the vendored llama-sampler.cpp's
   multiplier * base^(length - allowed_length) (llama_sampler_dry_apply), on a history that holds the repeat;
 - XTC at probability 1 with a fixed seed: fires and removes every token at or above the threshold but the least
   likely of them (llama_sample_xtc_apply);
-- mirostat 2: μ replayed along a sequence the same chain generated (μ0 = 2τ, μ -= η (surprise - τ) with the
-  surprise of the picked token after the cut), and the cut -log2 p <= μ.
+- Mirostat 1 and 2: μ replayed along a sequence the same chain generated (μ0 = 2τ, μ -= η (surprise - τ) with
+  the surprise of the picked token after the cut), and the cut (1: top k from μ; 2: -log2 p <= μ).
 """
 
 from __future__ import annotations
@@ -97,28 +97,40 @@ def test_xtc_at_probability_one_removes_all_but_the_least_likely_above(gemma):
     assert not xtc.effect["fired"] and "off" in xtc.effect["why"] and xtc.survivors == gemma.n_vocab
 
 
-def mirostat2_reference(rows_lp: list[np.ndarray], picked: list[int], T: float, tau: float, eta: float):
-    """(μ before the last row, tokens kept at the last row): temperature then mirostat 2 as
-    llama_sampler_mirostat_v2_apply does it, along the picked tokens."""
+def mirostat_reference(version: int, rows_lp: list[np.ndarray], picked: list[int], T: float, tau: float,
+                       eta: float, m: int = 100):
+    """(μ before the last row, tokens kept at the last row): temperature, then Mirostat as the vendored
+    llama_sampler_mirostat_apply (1: top k from μ and the Zipf exponent s estimated on the m most likely) or
+    llama_sampler_mirostat_v2_apply (2: the tokens with -log2 p <= μ, at least one) do it, along the picked tokens."""
     mu = 2 * tau
     for j, lp in enumerate(rows_lp):
         z = lp / T
         p = np.exp(z - z.max())
         p /= p.sum()
-        order = np.argsort(-p, kind="stable")
-        n = max(1, int(np.argmax(-np.log2(p[order]) > mu)) if (-np.log2(p[order]) > mu).any() else len(p))
+        order = np.lexsort((np.arange(len(p)), -p))
+        ps = p[order]
+        if version == 1:
+            i = np.arange(min(m - 1, len(ps) - 1))
+            t_i, b_i = np.log((i + 2) / (i + 1)), np.log(ps[i] / ps[i + 1])
+            s_hat = (t_i * b_i).sum() / (t_i * t_i).sum()
+            eps = s_hat - 1
+            n = max(int((eps * 2 ** mu / (1 - len(p) ** -eps)) ** (1 / s_hat)), 1)
+        else:
+            over = -np.log2(ps) > mu
+            n = max(1, int(np.argmax(over)) if over.any() else len(ps))
         if j == len(rows_lp) - 1:
             return mu, n
-        kept = p[order[:n]] / p[order[:n]].sum()
-        where = int(np.flatnonzero(order[:n] == picked[j])[0])
-        mu -= eta * (-math.log2(kept[where]) - tau)
+        kept = ps[:n] / ps[:n].sum()
+        mu -= eta * (-math.log2(kept[int(np.flatnonzero(order[:n] == picked[j])[0])]) - tau)
 
 
-def test_mirostat_mu_along_its_own_generation(tiny):
+@pytest.mark.parametrize("version", [1, 2])
+def test_mirostat_mu_along_its_own_generation(tiny, version):
     """μ read at position k of a sequence the same chain and seed generated equals μ replayed with the formula
     on the sequence's full raw distributions; so does the cut. A history the chain did not sample: μ is not
     shown, and the reason is."""
-    s = SamplingSettings(chain="llama.cpp", mirostat=2, mirostat_tau=3.0, mirostat_eta=0.2, temperature=0.9, seed=4)
+    s = SamplingSettings(chain="llama.cpp", mirostat=version, mirostat_tau=3.0, mirostat_eta=0.2, temperature=0.9,
+                         seed=4)
     prompt, k = "the cat", 6
     smp = generate(tiny, prompt, s, max_tokens=k, n_logprobs=tiny.n_vocab)
     ids = [t.id for t in smp.tokens]
@@ -131,9 +143,9 @@ def test_mirostat_mu_along_its_own_generation(tiny):
     view = sampler_view(tiny, prompt, ids[: k - 1], [s], top=10)
     miro = view.chains[0].stages[-1]
     assert [st.stage for st in view.chains[0].stages] == ["raw", "temperature", "mirostat"]
-    mu, kept = mirostat2_reference(rows, ids, 0.9, 3.0, 0.2)
+    mu, kept = mirostat_reference(version, rows, ids, 0.9, 3.0, 0.2)
     assert miro.effect["why"] is None and miro.effect["mu"] != pytest.approx(6.0)  # it moved from 2τ
-    assert miro.effect["mu"] == pytest.approx(mu, abs=3e-6)  # float32 in llama.cpp: measured 3.0e-7
+    assert miro.effect["mu"] == pytest.approx(mu, abs=3e-6)  # float32 in llama.cpp: measured 2.9e-7 (1), 3.0e-7 (2)
     assert miro.effect["kept"] == miro.survivors == kept
     unlikely = [int(np.argmin(r)) for r in rows[:3]]  # tokens mirostat would hardly pick
     other = sampler_view(tiny, prompt, unlikely, [s], top=5).chains[0].stages[-1]
