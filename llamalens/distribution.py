@@ -178,11 +178,11 @@ def sampler_view(model: Model, prompt: str, history: list[int], configs: list, t
             logits = surv["logit"].astype(np.float64)
             keep = np.isfinite(logits)
             p = np.exp(logits[keep] - logits[keep].max())
-            p /= p.sum()
-            by_id = dict(zip(surv["id"][keep].tolist(), p.tolist()))
+            full = np.zeros(model.n_vocab)  # p by token id, 0 where the stage removed the token
+            full[surv["id"][keep]] = p / p.sum()
             effect = stage_effect(model, cfg, stage, before, surv, mu=mu, diverged=diverged)
-            stages.append(StageView(stage, int(keep.sum()), [by_id.get(i, 0.0) for i in ids], effect))
-            argmax = max(by_id, key=lambda i: (by_id[i], -i))
+            stages.append(StageView(stage, int(keep.sum()), full[ids].tolist(), effect))
+            argmax = int(np.argmax(full))  # the lowest id among equals
             before = surv
         if cfg.greedy and not llama_cpp:
             stages.append(StageView("greedy", 1, [1.0 if i == argmax else 0.0 for i in ids]))
@@ -236,8 +236,11 @@ def stage_effect(model: Model, cfg, stage: str, before, after, mu: float | None 
         ok = np.isfinite(lb)
         p = np.exp(lb[ok] - lb[ok].max())
         p /= p.sum()
-        probs = dict(zip(before["id"][ok].tolist(), p.tolist()))
-        gone = sorted(set(probs) - set(after["id"].tolist()), key=lambda i: (-probs[i], i))
+        ids = before["id"][ok]
+        out = ~np.isin(ids, after["id"])
+        gone_ids, gone_p = ids[out], p[out]
+        order = np.lexsort((gone_ids, -gone_p))
+        gone, probs = gone_ids[order].tolist(), dict(zip(gone_ids[order].tolist(), gone_p[order].tolist()))
         above = int((p >= np.float32(cfg.xtc_threshold)).sum())
         why = None
         if not gone:

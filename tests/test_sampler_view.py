@@ -77,7 +77,7 @@ def test_xtc_at_probability_one_removes_all_but_the_least_likely_above(gemma):
     prompt, threshold = "Once upon a time", 0.03
     history = gemma.tokenize(" there was a", add_bos=False)  # replayed: XTC's draws at the earlier positions
     cfg = SamplingSettings(chain="llama.cpp", xtc_probability=1.0, xtc_threshold=threshold, seed=11, **OFF)
-    view = sampler_view(gemma, prompt, history, [cfg], top=20)
+    view = sampler_view(gemma, prompt, history, [cfg, cfg.with_(xtc_probability=0.0)], top=20)
     stages = {s.stage: s for s in view.chains[0].stages}
     raw = np.exp([a.logprob for a in view.top])
     above = [a.id for a, p in zip(view.top, raw) if p >= threshold]
@@ -92,8 +92,7 @@ def test_xtc_at_probability_one_removes_all_but_the_least_likely_above(gemma):
     for t, p in zip(e["removed"], raw):
         assert t["p"] == pytest.approx(p, abs=1e-8)  # measured 8.3e-10
     # at probability 0 it never fires, and says why
-    quiet = sampler_view(gemma, prompt, history, [cfg.with_(xtc_probability=0.0)], top=5).chains[0]
-    xtc = next(s for s in quiet.stages if s.stage == "xtc")
+    xtc = next(s for s in view.chains[1].stages if s.stage == "xtc")
     assert not xtc.effect["fired"] and "off" in xtc.effect["why"] and xtc.survivors == gemma.n_vocab
 
 
