@@ -183,6 +183,27 @@ def openai_logprobs(run: LoadedRun):
 
 EXPORT_FORMATS = ("csv", "parquet", "jsonl")
 
+# a fork run's per-sample columns in the token table (fork.plan_continuations' extra): the base path's rows have
+# role "base" and its outcome, the others are empty there
+FORK_COLUMNS = {"role": ("fork_role", "string"), "position": ("fork_position", "Int64"),
+                "forced_token": ("forced_token", "Int64"), "forced_text": ("forced_text", "string"),
+                "forced_bytes": ("forced_bytes", "string"), "prob": ("forced_prob", "Float64"),
+                "chosen": ("forced_chosen", "boolean"), "sample": ("continuation", "Int64"),
+                "outcome": ("outcome", "string")}
+
+
+def with_fork_columns(run: LoadedRun, tokens: pd.DataFrame) -> pd.DataFrame:
+    """A fork run's token table with each token's sample's fork columns (FORK_COLUMNS), after sample_idx's."""
+    extras = pd.DataFrame([{"sample_idx": s.sample_idx, **{col: (s.extra or {}).get(key)
+                                                          for key, (col, _) in FORK_COLUMNS.items()}}
+                           for s in run.samples], columns=["sample_idx"] + [c for c, _ in FORK_COLUMNS.values()])
+    extras = extras.astype({col: kind for col, kind in FORK_COLUMNS.values()})
+    out = tokens.merge(extras, on="sample_idx", how="left", validate="many_to_one")
+    at = list(tokens.columns).index("sample_idx") + 1
+    names = [c for c, _ in FORK_COLUMNS.values()]
+    rest = [c for c in tokens.columns if c not in names]
+    return out[rest[:at] + names + rest[at:]]
+
 
 def export_run(run: LoadedRun, fmt: str, output: str | os.PathLike) -> int:
     """Write a run's token table (csv, parquet) or its samples in OpenAI logprobs shape (jsonl).
@@ -207,7 +228,7 @@ def export_run(run: LoadedRun, fmt: str, output: str | os.PathLike) -> int:
                     f.write(json.dumps(obj, ensure_ascii=False) + "\n")
                     n += 1
         else:
-            df = run.tokens
+            df = with_fork_columns(run, run.tokens) if run.info.kind == "fork" else run.tokens
             n = len(df)
             if fmt == "csv":
                 df.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\r\n")

@@ -69,6 +69,9 @@ class StageView:
     stage: str  # "raw", a stage of the chain (sampler.STAGES, or sampler.stage_names for llama.cpp's), "greedy"
     survivors: int  # tokens left with non-zero probability
     probs: list[float]  # probability of each of SamplerView.top after this stage (0 = filtered out)
+    # what the stage did at this position, for the stages that act on their own (stage_effect): the tokens whose
+    # logits logit_bias, penalties or DRY moved; whether XTC fired and what it removed; mirostat's μ and cut
+    effect: dict | None = None
 
 
 @dataclass
@@ -88,8 +91,14 @@ class SamplerView:
 
     The same raw logits (after `history`) go through every configuration's native chain, stage by
     stage (penalties, top_k, typical_p, top_p, min_p, temperature; greedy is one-hot argmax; the llama.cpp
-    chain's stages in its order: logit_bias, dry, top_n_sigma, xtc, ...), and the probabilities of the raw
-    top tokens are read after each stage.
+    chain's stages in its order: logit_bias, dry, top_n_sigma, xtc, ..., and mirostat or adaptive_p, the picks
+    that reshape before they choose), and the probabilities of the raw top tokens are read after each stage.
+
+    Each chain is first fed what it would have seen in generation: the llama.cpp chain accepts the prompt
+    (llama-server does), and every chain accepts the generated tokens before the position (penalties and DRY
+    count them). Stages whose state moves in apply() rather than accept() (XTC's random draws, mirostat's μ,
+    adaptive-p's average) are also applied to the raw logits of every earlier position, as generation applied
+    them; the logits are decoded as generation decodes them (the prompt at once, then one token at a time).
     """
 
     prompt: str
@@ -105,6 +114,25 @@ class SamplerView:
         return asdict(self)
 
 
+REPLAYED = ("xtc", "mirostat", "adaptive_p")  # state moved by apply(): replayed over the history's positions
+SHIFTING = ("logit_bias", "penalties", "dry")  # move logits, remove nothing: the view lists what they moved
+SHOWN_PICKS = ("mirostat", "adaptive_p")  # picks that reshape the distribution before choosing: shown as stages
+MAX_EFFECT_TOKENS = 20
+
+
+def history_rows(model: Model, prompt_tokens: list[int], history: list[int]) -> list:
+    """The raw logits before each generated token of `history` and after the last (len(history) + 1 rows),
+    decoded as generation decodes them: the prompt in one prefill, then one token at a time."""
+    n = len(prompt_tokens) + len(history)
+    model.check_fits(n, model.options.ctx)
+    with model.context(n_ctx=round_ctx(n + 1)) as ctx:
+        rows = [ctx.prefill(prompt_tokens)]
+        for j, t in enumerate(history):
+            ctx.decode([t], [len(prompt_tokens) + j], [0], [1])
+            rows.append(ctx.logits(-1).copy())
+    return rows
+
+
 def sampler_view(model: Model, prompt: str, history: list[int], configs: list, top: int = 20,
                  labels: list[str] | None = None) -> SamplerView:
     """Raw top-`top` distribution after prompt + history, and each configuration's chain applied to it.
@@ -112,38 +140,134 @@ def sampler_view(model: Model, prompt: str, history: list[int], configs: list, t
     Each chain is labelled with `labels` (one per configuration) or its settings' label without the seed."""
     import numpy as np
 
-    from .sampler import STAGES, Sampler, stage_names
+    from .sampler import STAGES, TOKEN_DATA, Sampler, mirostat_mu, stage_names
 
-    tokens = model.prompt_tokens(prompt) + list(history)
-    model.check_fits(len(tokens), model.options.ctx)
-    with model.context(n_ctx=round_ctx(len(tokens) + 1)) as ctx:
-        row = ctx.prefill(tokens)
+    prompt_tokens, history = model.prompt_tokens(prompt), [int(t) for t in history]
+    rows = history_rows(model, prompt_tokens, history)
+    row = rows[-1]
     st = RowStats.of(row, None, top)
     ids = [int(i) for i in st.top_ids]
     alts = [Alternative(i, *model.token_text(i), float(lp)) for i, lp in zip(ids, st.top_logprobs)]
     raw = StageView("raw", int(row.shape[0]), [math.exp(a.logprob) for a in alts])
+    raw_cands = np.zeros(row.shape[0], dtype=TOKEN_DATA)
+    raw_cands["id"], raw_cands["logit"] = np.arange(row.shape[0]), row
     chains = []
     for k, cfg in enumerate(configs):
-        stages = [raw]
+        stages, before = [raw], raw_cands
         llama_cpp = cfg.chain == "llama.cpp"
-        if llama_cpp:  # every stage before the pick; the chain has seen the prompt too (Sampler.for_sequence)
-            present, seen = stage_names(cfg, model)[:-1], tokens
+        if llama_cpp:  # every stage before the pick, and the picks that reshape first
+            names = stage_names(cfg, model)
+            present = names[:-1] + ([names[-1]] if names[-1] in SHOWN_PICKS else [])
         else:
-            present, seen = (STAGES if not cfg.greedy else STAGES[:1]), list(history)
+            present = STAGES if not cfg.greedy else STAGES[:1]
         for stage in present:
-            with Sampler(cfg, model.n_vocab, upto=stage, model=model) as chain:
-                for t in seen:  # penalties (and DRY) see the tokens they see in generation
+            upto = None if llama_cpp and stage == names[-1] else stage
+            with Sampler(cfg, model.n_vocab, upto=upto, model=model) as chain:
+                replay = llama_cpp and any(n in REPLAYED for n in chain.stages)
+                diverged = None
+                for t in prompt_tokens if llama_cpp else ():  # llama-server's chain has seen the prompt
                     chain.accept(t)
+                for j, t in enumerate(history):  # what generation fed it before this position
+                    if replay:
+                        surv, sel = chain.apply(rows[j])
+                        if sel >= 0 and diverged is None and int(surv["id"][sel]) != t:
+                            diverged = (j, int(surv["id"][sel]), t)
+                    chain.accept(t)
+                mu = mirostat_mu(chain) if stage == "mirostat" else None
                 surv, _ = chain.apply(row)
-                logits = surv["logit"].astype(np.float64)
-                keep = np.isfinite(logits)
-                p = np.exp(logits[keep] - logits[keep].max())
-                p /= p.sum()
-                by_id = dict(zip(surv["id"][keep].tolist(), p.tolist()))
-                stages.append(StageView(stage, int(keep.sum()), [by_id.get(i, 0.0) for i in ids]))
-                argmax = max(by_id, key=lambda i: (by_id[i], -i))
+            logits = surv["logit"].astype(np.float64)
+            keep = np.isfinite(logits)
+            p = np.exp(logits[keep] - logits[keep].max())
+            full = np.zeros(model.n_vocab)  # p by token id, 0 where the stage removed the token
+            full[surv["id"][keep]] = p / p.sum()
+            effect = stage_effect(model, cfg, stage, before, surv, mu=mu, diverged=diverged)
+            stages.append(StageView(stage, int(keep.sum()), full[ids].tolist(), effect))
+            argmax = int(np.argmax(full))  # the lowest id among equals
+            before = surv
         if cfg.greedy and not llama_cpp:
             stages.append(StageView("greedy", 1, [1.0 if i == argmax else 0.0 for i in ids]))
         name = labels[k] if labels else cfg.label(seed=False)
         chains.append(ChainView(name, cfg.to_dict(), stages))
     return SamplerView(prompt, list(history), len(history), st.entropy, alts, chains)
+
+
+def _token(model: Model, i: int, **values) -> dict:
+    text, hexbytes = model.token_text(int(i))
+    return {"id": int(i), "text": text, "bytes": hexbytes, **values}
+
+
+def _by_id(cands, n: int):
+    """A candidates array as one logit per token id (NaN where the token is not a candidate)."""
+    import numpy as np
+
+    out = np.full(n, np.nan)
+    out[cands["id"]] = cands["logit"]
+    return out
+
+
+def stage_effect(model: Model, cfg, stage: str, before, after, mu: float | None = None, diverged=None) -> dict | None:
+    """What a stage did at this position, from the candidates before and after it (id, logit, p arrays):
+
+    - logit_bias, penalties, dry: the tokens whose logits it moved, by how much (after - before), the largest
+      moves first (a ban is a move to -inf: delta None, banned True);
+    - xtc: whether it fired, the tokens it removed with their probability before it, and, when it removed
+      nothing, why (off, fewer than two tokens at or above the threshold, min_keep, or its draw said no);
+    - mirostat: μ before this position's pick (read from the native state: sampler.mirostat_mu) and the cut it
+      made; μ is None, with the reason, when it cannot be read or when replaying the history the chain picked
+      other tokens than the history's (`diverged` = (position, its pick, the history's token)).
+    Other stages: None."""
+    import numpy as np
+
+    n = model.n_vocab
+    if stage == "dry" and (cfg.dry_multiplier == 0 or cfg.dry_base < 1 or cfg.dry_penalty_last_n == 0):
+        return None  # off: llama_sampler_dry_apply returns at once
+    if stage in SHIFTING:
+        b, a = _by_id(before, n), _by_id(after, n)
+        both = ~np.isnan(b) & ~np.isnan(a) & np.isfinite(b)
+        delta = np.subtract(a, b, out=np.zeros(n), where=both)
+        moved = np.flatnonzero(delta != 0)
+        moved = moved[np.lexsort((moved, delta[moved]))][:MAX_EFFECT_TOKENS]  # the most lowered first
+        toks = [_token(model, i, before=float(b[i]), after=float(a[i]) if np.isfinite(a[i]) else None,
+                       delta=float(delta[i]) if np.isfinite(delta[i]) else None, banned=bool(np.isneginf(a[i])))
+                for i in moved]
+        return {"moved": int((delta != 0).sum()), "tokens": toks}
+    if stage == "xtc":
+        lb = before["logit"].astype(np.float64)
+        ok = np.isfinite(lb)
+        p = np.exp(lb[ok] - lb[ok].max())
+        p /= p.sum()
+        ids = before["id"][ok]
+        out = ~np.isin(ids, after["id"])
+        gone_ids, gone_p = ids[out], p[out]
+        order = np.lexsort((gone_ids, -gone_p))
+        gone, probs = gone_ids[order].tolist(), dict(zip(gone_ids[order].tolist(), gone_p[order].tolist()))
+        above = int((p >= np.float32(cfg.xtc_threshold)).sum())
+        why = None
+        if not gone:
+            if cfg.xtc_probability <= 0 or cfg.xtc_threshold > 0.5:
+                why = "off (probability <= 0 or threshold > 0.5)"
+            elif above < 2:
+                why = f"{above} candidate(s) at or above the threshold: nothing to remove (it keeps the least likely)"
+            elif len(p) - (above - 1) < cfg.min_keep:
+                why = f"removing them would leave fewer than min_keep={cfg.min_keep}"
+            else:
+                why = f"its random draw did not fire (probability {cfg.xtc_probability:g})"
+        return {"fired": bool(gone), "probability": cfg.xtc_probability, "threshold": cfg.xtc_threshold,
+                "above": above, "removed": [_token(model, i, p=probs[i]) for i in gone[:MAX_EFFECT_TOKENS]],
+                "n_removed": len(gone), "why": why}
+    if stage == "mirostat":
+        why = None
+        if diverged is not None:
+            from .visible import visible
+
+            j, picked, had = (visible(*model.token_text(t)) if i else t for i, t in enumerate(diverged))
+            why = (f"not shown: replaying the history, mirostat picked {picked} at generated token {j} where the "
+                   f"history has {had} (the history was not sampled by this configuration and seed), so its μ here "
+                   "is not the one generation had; the cut shown is the one it made with the μ it reached")
+            mu = None
+        elif mu is None:
+            why = ("not shown: μ could not be read from this build's mirostat state (its τ and η fields did not "
+                   "check); the cut shown is the one it made")
+        return {"version": cfg.mirostat, "tau": cfg.mirostat_tau, "eta": cfg.mirostat_eta, "mu": mu,
+                "kept": int(len(after)), "why": why}
+    return None

@@ -243,6 +243,31 @@ class Sampler(NativeHandle):
             self.ptr = None
 
 
+# Where llama-sampler.cpp (vendored) keeps mirostat's state: struct llama_sampler_mirostat {int32 n_vocab; uint32
+# seed, seed_cur; float tau, eta; int32 m; float mu; std::mt19937 rng} and _v2 {uint32 seed, seed_cur; float tau,
+# eta, mu; rng}: the byte offsets of tau, eta and mu, by the stage's llama_sampler_name.
+_MIROSTAT_FIELDS = {b"mirostat": (12, 16, 24), b"mirostat-v2": (8, 12, 16)}
+
+
+def mirostat_mu(sampler: Sampler) -> float | None:
+    """μ (bits), the surprise bound the chain's mirostat stage uses at its next apply. llama.cpp has no getter, so
+    it is read from the stage's native state at the vendored struct's offsets, and only when that read checks:
+    the tau and eta fields must hold the settings' values (float32), so a layout that moved is never taken for μ.
+    None when the chain has no mirostat stage or the check fails."""
+    lib, s = sampler._lib, sampler.settings
+    for i in range(int(lib.llama_sampler_chain_n(sampler.ptr))):
+        stage = lib.llama_sampler_chain_get(sampler.ptr, i)
+        fields = _MIROSTAT_FIELDS.get(lib.llama_sampler_name(stage))
+        base = stage.contents.ctx if fields else None
+        if not base:
+            continue
+        tau, eta, mu = (ctypes.c_float.from_address(base + off).value for off in fields)
+        if tau != float(np.float32(s.mirostat_tau)) or eta != float(np.float32(s.mirostat_eta)):
+            return None
+        return mu
+    return None
+
+
 class _stderr_caught:
     """Native writes to file descriptor 2 go to a temporary file while inside; .text() reads them."""
 

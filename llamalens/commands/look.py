@@ -7,10 +7,10 @@ import math
 import click
 
 from .options import axis_options, chain_option, chat_options, grammar_options, json_option, \
-    llama_cpp_sampling_options, model_options, pop_axes, pop_chat, pop_grammar, pop_model_options, pop_sampling, \
+    llama_cpp_fixed_options, llama_cpp_sampling_options, model_options, pop_axes, pop_chat, pop_grammar, pop_model_options, pop_sampling, \
     report_option, sampling_options
 from ..memory import available_ram, for_model as fit_estimate, gb
-from ..settings import ModelOptions
+from ..settings import ModelOptions, SamplingSettings
 from .output import say, alternatives, check_report_path, fail_cleanly, fmt_size, json_out, load_model, \
     print_confidence, print_table, write_report
 
@@ -106,51 +106,67 @@ def tokenize(text, bos, as_json, model, **kw):
     say(f"{len(tokens)} tokens, {len(text.encode('utf-8'))} bytes")
 
 
+# next's sampler settings given as lists (one column per combination); the llama.cpp chain's others take one value
+NEXT_AXES = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "dry_multiplier", "dry_base",
+             "dry_allowed_length", "xtc_probability", "xtc_threshold", "top_n_sigma", "dynatemp_range", "mirostat",
+             "mirostat_tau", "samplers")
+
+
 @click.command("next")
 @click.argument("prompt", required=False)
 @click.option("--top", type=click.IntRange(1, 1000), default=10, show_default=True, help="How many tokens to show.")
-@axis_options("temperature", "top_k", "top_p", "min_p", help_prefix="Also show the distribution after each value: ")
+@axis_options(*NEXT_AXES, help_prefix="Also show the distribution after each value: ")
+@chain_option
+@llama_cpp_fixed_options(*NEXT_AXES)
+@click.option("--seed", type=int, default=None, help="Seed of the chain's random draws (XTC's) [default: "
+                                                      f"{SamplingSettings().seed}].")
 @json_option
 @report_option("With sampler settings: also write a report with the bar charts (FILE.html or FILE.md).")
 @chat_options
 @grammar_options
 @model_options
 @fail_cleanly
-def next_cmd(prompt, top, as_json, report_path, model, **kw):
+def next_cmd(prompt, top, chain, as_json, report_path, model, **kw):
     """The distribution of the token after PROMPT: top N with probabilities, and the entropy.
 
     With sampler settings, one more column per combination of them: the same tokens' probabilities
     after llama.cpp's sampler chain (top_k -> top_p -> min_p -> temperature) - the softmax-with-
     temperature lesson on real logits. Settings not given are off (temperature 1, no truncation).
 
+    --chain llama.cpp shows what llama-server's chain (DRY, XTC, top-n-sigma, dynamic temperature, mirostat,
+    logit bias, ...; its stage order, its context options) makes of the distribution: settings not given are
+    llama-server's defaults, and with no sampler setting at all one column shows its default chain. Below the
+    table: what DRY, XTC and mirostat did there.
+
     \b
     llamalens next "The capital of France is" --top 10
     llamalens next "The capital of France is" -t 0.5,1,2
     llamalens next "The capital of France is" -t 0.7 --top-k 2 --top-p 0.5,0.95
+    llamalens next "The capital of France is" --chain llama.cpp --xtc-probability 0,1 --xtc-threshold 0.05
     llamalens next --chat "What is the capital of France?" --chat-template gemma
     """
     from .. import grid
-    from ..settings import NEUTRAL, changes_label
 
     chat = pop_chat(kw)
     conv = chat.single(prompt, "next")
     spec = pop_grammar(kw)
     axes = grid.parse_axes(pop_axes(kw))
-    if spec and (axes or report_path):
+    given = pop_sampling(kw, chain)  # --seed and the llama.cpp chain's one-value settings
+    configs = next_configs(axes, given, chain)
+    if spec and (configs or report_path):
         raise click.UsageError("next --grammar shows the distribution before and after the grammar; leave out the "
-                               "sampler settings and --report (sweep --grammar runs a grid under a grammar)")
-    configs = grid.expand(axes, NEUTRAL) if axes else []
+                               "sampler settings, --chain and --report (sweep --grammar runs a grid under a grammar)")
     if configs:
-        grid.check(configs, [0])
+        grid.check(configs, [given.seed])
         if len(configs) > MAX_NEXT_COLUMNS:
             raise click.UsageError(f"{len(configs)} combinations of settings is more columns than a table can show "
                                    f"(at most {MAX_NEXT_COLUMNS}); give fewer values, or use `llamalens sweep ... "
                                    "--report FILE` for a whole grid")
     elif report_path:
         raise click.UsageError("--report shows how sampler settings reshape the distribution: give -t, --top-k, "
-                               "--top-p or --min-p values too")
+                               "--top-p or --min-p values too (or --chain llama.cpp)")
     check_report_path(report_path)
-    loaded = load_model(model, pop_model_options(kw))
+    loaded = load_model(model, pop_model_options(kw, chain))
     rendered = chat_prompt(loaded, conv, chat)
     prompt = rendered.text if rendered else prompt
     if spec:
@@ -160,12 +176,35 @@ def next_cmd(prompt, top, as_json, report_path, model, **kw):
     from ..distribution import sampler_view
     from ..reports.texts import next_document
 
-    view = sampler_view(loaded, prompt, [], configs, top, labels=[changes_label(c) for c in configs])
+    view = sampler_view(loaded, prompt, [], configs, top, labels=[next_label(c) for c in configs])
     if report_path:
         write_report(next_document(view, loaded.describe(), rendered), report_path)
     if as_json:
         return json_out(with_chat(view.to_dict(), rendered))
     _print_sampler_view(view, loaded.n_vocab)
+
+
+def next_configs(axes: dict, given, chain: str | None) -> list:
+    """next's columns: the axes' product over the settings given (the llama.cpp chain: llama-server's defaults for
+    the others, and its default chain alone when no axis is given; create_completion's: NEUTRAL's)."""
+    from .. import grid
+    from ..settings import NEUTRAL
+
+    if chain == "llama.cpp":
+        return grid.expand(axes, given) if axes else [given]
+    base = given.with_(**{f: getattr(NEUTRAL, f) for f in ("temperature", "top_k", "top_p", "min_p")})
+    return grid.expand(axes, base) if axes else []
+
+
+def next_label(settings) -> str:
+    """A column's label: what differs from the distribution's neutral settings, or for the llama.cpp chain from
+    llama-server's defaults."""
+    from ..settings import changes_label, llama_cpp_label
+
+    if settings.chain != "llama.cpp":
+        return changes_label(settings)
+    return (changes_label(settings, SamplingSettings(chain="llama.cpp", seed=settings.seed)) + " "
+            + llama_cpp_label(settings)).strip()
 
 
 def chat_prompt(model, conv, chat):
@@ -231,6 +270,10 @@ def _print_sampler_view(view, n_vocab: int) -> None:
     print_table(rows, right=set(range(0, 3 + len(view.chains))) - {1})
     say(f"raw = softmax of the logits (entropy {view.entropy:.4f} nats); each column = the same tokens after "
                "that sampler chain; - = removed")
+    from ..reports.texts import effect_rows
+
+    for label, stage, what in effect_rows(view):  # what the stages that act on their own did here
+        say(f"{label} | {stage}: {what}")
 
 
 @click.command()

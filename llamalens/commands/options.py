@@ -136,34 +136,55 @@ sampling_options = _stack(
 
 
 _lc = SamplingSettings(chain="llama.cpp")
-llama_cpp_sampling_options = _stack(
-    click.option("--samplers", default=None, help=f"llama.cpp chain: stage order, llama-server's names "
-                 f"[default: {_lc.samplers}]."),
-    click.option("--min-keep", type=int, default=None, help="llama.cpp chain: samplers keep at least N [default: 0]."),
-    click.option("--dry-multiplier", type=float, default=None, help="DRY repetition penalty (0 = off) [default: 0]."),
-    click.option("--dry-base", type=float, default=None, help=f"DRY base (>= 1) [default: {_lc.dry_base}]."),
-    click.option("--dry-allowed-length", type=int, default=None,
-                 help=f"DRY: repeats longer than this are penalised [default: {_lc.dry_allowed_length}]."),
-    click.option("--dry-penalty-last-n", type=int, default=None,
-                 help=f"DRY: tokens scanned (0 = off) [default: {_lc.dry_penalty_last_n}]."),
-    click.option("--dry-sequence-breaker", "dry_sequence_breakers", multiple=True,
-                 help="DRY sequence breaker (repeatable; replaces llama-server's newline : \" *)."),
-    click.option("--xtc-probability", type=float, default=None, help="XTC: chance it fires (0 = off) [default: 0]."),
-    click.option("--xtc-threshold", type=float, default=None,
-                 help=f"XTC: tokens above this p are removed, but the least likely [default: {_lc.xtc_threshold}]."),
-    click.option("--top-n-sigma", type=float, default=None, help="Keep logits within n sigma of the top (<= 0 = off)."),
-    click.option("--dynatemp-range", type=float, default=None, help="Dynamic temperature: T ± range (0 = off)."),
-    click.option("--dynatemp-exponent", type=float, default=None, help="Dynamic temperature exponent [default: 1]."),
-    click.option("--mirostat", type=click.IntRange(0, 2), default=None, help="0 = off, 1 = Mirostat, 2 = Mirostat 2.0."),
-    click.option("--mirostat-tau", type=float, default=None, help=f"Mirostat target entropy [default: {_lc.mirostat_tau}]."),
-    click.option("--mirostat-eta", type=float, default=None, help=f"Mirostat learning rate [default: {_lc.mirostat_eta}]."),
-    click.option("--adaptive-target", type=float, default=None, help="adaptive-p target (< 0 = off; stage adaptive_p)."),
-    click.option("--adaptive-decay", type=float, default=None, help=f"adaptive-p decay [default: {_lc.adaptive_decay}]."),
-    click.option("--logit-bias", "logit_bias", multiple=True,
-                 help="TOKEN=BIAS (repeatable): a token id or text, a number or false (ban)."),
-    click.option("--ignore-eos", is_flag=True, default=None, help="Ban end-of-generation tokens (as llama-server)."),
-)
+_LLAMA_CPP_OPTIONS = {
+    "samplers": click.option("--samplers", default=None, help=f"llama.cpp chain: stage order, llama-server's names "
+                             f"[default: {_lc.samplers}]."),
+    "min_keep": click.option("--min-keep", type=int, default=None,
+                             help="llama.cpp chain: samplers keep at least N [default: 0]."),
+    "dry_multiplier": click.option("--dry-multiplier", type=float, default=None,
+                                   help="DRY repetition penalty (0 = off) [default: 0]."),
+    "dry_base": click.option("--dry-base", type=float, default=None, help=f"DRY base (>= 1) [default: {_lc.dry_base}]."),
+    "dry_allowed_length": click.option("--dry-allowed-length", type=int, default=None,
+                                       help=f"DRY: repeats longer than this are penalised [default: "
+                                            f"{_lc.dry_allowed_length}]."),
+    "dry_penalty_last_n": click.option("--dry-penalty-last-n", type=int, default=None,
+                                       help=f"DRY: tokens scanned (0 = off) [default: {_lc.dry_penalty_last_n}]."),
+    "dry_sequence_breakers": click.option("--dry-sequence-breaker", "dry_sequence_breakers", multiple=True,
+                                          help="DRY sequence breaker (repeatable; replaces llama-server's newline : "
+                                               "\" *)."),
+    "xtc_probability": click.option("--xtc-probability", type=float, default=None,
+                                    help="XTC: chance it fires (0 = off) [default: 0]."),
+    "xtc_threshold": click.option("--xtc-threshold", type=float, default=None,
+                                  help=f"XTC: tokens above this p are removed, but the least likely [default: "
+                                       f"{_lc.xtc_threshold}]."),
+    "top_n_sigma": click.option("--top-n-sigma", type=float, default=None,
+                                help="Keep logits within n sigma of the top (<= 0 = off)."),
+    "dynatemp_range": click.option("--dynatemp-range", type=float, default=None,
+                                   help="Dynamic temperature: T ± range (0 = off)."),
+    "dynatemp_exponent": click.option("--dynatemp-exponent", type=float, default=None,
+                                      help="Dynamic temperature exponent [default: 1]."),
+    "mirostat": click.option("--mirostat", type=click.IntRange(0, 2), default=None,
+                             help="0 = off, 1 = Mirostat, 2 = Mirostat 2.0."),
+    "mirostat_tau": click.option("--mirostat-tau", type=float, default=None,
+                                 help=f"Mirostat target entropy [default: {_lc.mirostat_tau}]."),
+    "mirostat_eta": click.option("--mirostat-eta", type=float, default=None,
+                                 help=f"Mirostat learning rate [default: {_lc.mirostat_eta}]."),
+    "adaptive_target": click.option("--adaptive-target", type=float, default=None,
+                                    help="adaptive-p target (< 0 = off; stage adaptive_p)."),
+    "adaptive_decay": click.option("--adaptive-decay", type=float, default=None,
+                                   help=f"adaptive-p decay [default: {_lc.adaptive_decay}]."),
+    "logit_bias": click.option("--logit-bias", "logit_bias", multiple=True,
+                               help="TOKEN=BIAS (repeatable): a token id or text, a number or false (ban)."),
+    "ignore_eos": click.option("--ignore-eos", is_flag=True, default=None,
+                               help="Ban end-of-generation tokens (as llama-server)."),
+}
+llama_cpp_sampling_options = _stack(*_LLAMA_CPP_OPTIONS.values())
 """The llama.cpp chain's own settings, one value each (generate); not given = llama-server's default."""
+
+
+def llama_cpp_fixed_options(*axes: str):
+    """The llama.cpp chain's settings that are not among `axes`, one value each (next: the others are axes)."""
+    return _stack(*(opt for name, opt in _LLAMA_CPP_OPTIONS.items() if name not in axes))
 
 
 def pop_sampling(kw: dict, chain: str | None = None) -> SamplingSettings:

@@ -26,7 +26,7 @@ from ..records import StoredSample, TokenRecord
 from ..visible import visible
 from .document import (MAX_PLOT_PROMPTS, MAX_SAMPLER_CHAINS, MAX_STRIP_TOKENS, Document, Figure, Heading, KeyValues,
                        Para, Strips, Table, TokenView, fmt, gltr_class, prob_class)
-from .texts import chat_blocks, model_line, plain, sampler_blocks
+from .texts import chain_stages_text, chat_blocks, model_line, plain, sampler_blocks
 
 HEATMAP_METRICS = ("mean_logprob", "mean_entropy", "mean_candidates", "distinct_completions")
 METRICS = HEATMAP_METRICS + ("perplexity", "distinct_2", "mean_rank", "tokens_per_s")
@@ -378,8 +378,8 @@ class RunReport:
         doc.add(Para(f"Position {position} of sample #{pick.sample_idx} (prompt {pick.prompt_idx}"
                      + (f", after the generated text “{history}”" if history else ", the first generated token")
                      + f"): the raw top-{len(view.top)} next tokens (entropy {view.entropy:.3f} nats) and what each "
-                     "configuration's sampler chain (penalties → top_k → typical_p → top_p → min_p → temperature) "
-                     "makes of the same logits. Pick another with `llamalens report --position N --sample IDX`.",
+                     f"configuration's sampler chain ({chain_stages_text(view)}) makes of the same logits. Pick "
+                     "another with `llamalens report --position N --sample IDX`.",
                      "note"))
         sampler_blocks(doc, view)
         if len(distinct) > MAX_SAMPLER_CHAINS:

@@ -33,7 +33,7 @@ def next_document(view, model: dict, chat=None) -> Document:
     if chat:
         chat_blocks(doc, [chat])
     doc.add(Para("The raw top tokens after the prompt, and the same tokens' probabilities after each sampler chain "
-                 "(top_k → top_p → min_p → temperature): temperature rescales the logits before the softmax, the "
+                 f"({chain_stages_text(view)}): temperature rescales the logits before the softmax, the "
                  "truncating samplers remove tokens and the rest are renormalised.", "note"))
     sampler_blocks(doc, view)
     return doc
@@ -246,8 +246,56 @@ def _map_blocks(doc: Document, frame) -> None:
                    for i, r in enumerate(frame.itertuples())]))
 
 
+def chain_stages_text(view) -> str:
+    """The chains' stages for a paragraph: create_completion's fixed order, or each llama.cpp order shown."""
+    orders = []
+    for c in view.chains:
+        names = " → ".join(s.stage for s in c.stages[1:])
+        if names and names not in orders:
+            orders.append(names)
+    if all(c.settings.get("chain", "llama-cpp-python") == "llama-cpp-python" for c in view.chains):
+        return "penalties → top_k → typical_p → top_p → min_p → temperature"
+    return "; ".join(orders) if len(orders) <= 2 else "each chain's stages in its order, as the table below lists them"
+
+
+def _tok(t: dict) -> str:
+    return visible(t["text"], t["bytes"])
+
+
+def effect_text(stage: str, e: dict) -> str:
+    """One line saying what a stage did at the position (distribution.stage_effect)."""
+    if stage in ("logit_bias", "penalties", "dry"):
+        if not e["moved"]:
+            return "moved no logit" + (" (no repeat long enough)" if stage == "dry" else "")
+        shown = ", ".join(f"{_tok(t)} " + ("banned" if t["banned"] else f"{t['delta']:+.3f}") for t in e["tokens"])
+        more = f" (the first {len(e['tokens'])} shown)" if e["moved"] > len(e["tokens"]) else ""
+        verb = "penalised" if stage != "logit_bias" else "moved"
+        return f"{verb} {e['moved']} token{'s' if e['moved'] != 1 else ''}{more}, logit change: {shown}"
+    if stage == "xtc":
+        if not e["fired"]:
+            return f"did not fire: {e['why']}"
+        shown = ", ".join(f"{_tok(t)} (p {t['p']:.3f})" for t in e["removed"])
+        return (f"fired: removed {e['n_removed']} of the {e['above']} tokens at or above p {e['threshold']:g} (it "
+                f"keeps the least likely of them): {shown}")
+    if stage == "mirostat":
+        cut = (f"kept the {e['kept']:,} tokens whose surprise −log₂ p is at most μ" if e["version"] == 2 else
+               f"kept the top k = {e['kept']:,} (k from μ and the estimated Zipf exponent)")
+        mu = f"μ = {e['mu']:.4f} bits (τ {e['tau']:g}, η {e['eta']:g}); " if e["mu"] is not None else ""
+        return f"mirostat {e['version']}: {mu}{cut}" + (f"; μ {e['why']}" if e["why"] else "")
+    return ""
+
+
+def effect_rows(view) -> list[list[str]]:
+    """[configuration, stage, what it did] for each stage that acted on its own at the view's position (the
+    penalties only when they moved a logit: create_completion's chain always has them; XTC not when it is off)."""
+    return [[c.label, s.stage, effect_text(s.stage, s.effect)] for c in view.chains for s in c.stages
+            if s.effect is not None and (s.stage != "penalties" or s.effect["moved"])
+            and not (s.stage == "xtc" and (s.effect["why"] or "").startswith("off"))]
+
+
 def sampler_blocks(doc: Document, view) -> None:
-    """A SamplerView as a figure (raw vs after each chain) and two tables (stages, final probabilities)."""
+    """A SamplerView as a figure (raw vs after each chain) and tables (stages, what the stateful stages did at
+    this position, final probabilities)."""
     from . import plots
 
     labels = [visible(a.text, a.bytes) for a in view.top]
@@ -260,6 +308,13 @@ def sampler_blocks(doc: Document, view) -> None:
     width = max(len(r) for r in rows)
     doc.add(Table(["configuration"] + [f"stage {i}" for i in range(1, width)], rows, sortable=False,
                   caption="Candidates left after each stage of the chain (greedy keeps only the argmax)."))
+    acts = effect_rows(view)
+    if acts:
+        doc.add(Table(["configuration", "stage", "what it did at this position"], acts, sortable=False,
+                      caption="The stages that act on their own, at this position: the logits that logit bias, the "
+                              "penalties and DRY moved (after − before), whether XTC fired and what it removed, "
+                              "mirostat's μ and its cut. Each chain has first been fed the prompt and the tokens "
+                              "generated before this position, as in generation."))
     head = ["token", "raw p"] + [c.label for c in view.chains]
     trows = [[lab, math.exp(a.logprob)] + [c.final.probs[i] for c in view.chains]
              for i, (lab, a) in enumerate(zip(labels, view.top))]
