@@ -48,7 +48,9 @@ def svg(fig) -> str:
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.hashsalt": f"llamalens-{next(_salt)}"}), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # missing glyphs (emoji, CJK) are drawn as boxes, not errors
-        fig.savefig(buf, format="svg")
+        # no RDF metadata block: it names web addresses (creativecommons.org, purl.org, matplotlib.org) a page
+        # that fetches nothing has no use for; only the SVG and XLink namespace names remain
+        fig.savefig(buf, format="svg", metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
     text = buf.getvalue()
     return text[text.index("<svg"):]
 
