@@ -15,7 +15,9 @@ One call per command (llamalens/api.py), the same library code the CLI runs: swe
 score, choose, compare, fork, sampler_view (next with sampler settings). Results are typed records with
 to_dict() and, where tabular, to_pandas(); in Jupyter they display as the report shows them.
 
-Heavy modules (llama_cpp, numpy) load on first use of a function that needs them.
+Heavy modules (llama_cpp, numpy) load on first use of a function that needs them. ll.sweep, ll.score and
+ll.fork are the API calls; the modules of those names are imported as `from llamalens.sweep import X` (or
+importlib.import_module("llamalens.sweep")), never `import llamalens.sweep as m`, which gives the call.
 """
 
 from __future__ import annotations

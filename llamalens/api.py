@@ -190,9 +190,9 @@ class Run:
 
     def to_dict(self) -> dict:
         """The run's info and its summary rows, as `llamalens show --json` prints them."""
-        from .commands.output import records
+        from .analysis import json_records
 
-        return {"run": self.info.to_dict(), "summary": records(self.summary)}
+        return {"run": self.info.to_dict(), "summary": json_records(self.summary)}
 
     def to_pandas(self):
         """The summary DataFrame."""

@@ -201,3 +201,25 @@ def test_every_public_name_has_a_docstring():
     assert set(api.__all__) <= set(ll.__all__)
     for name in api.__all__:  # the CLI command each call mirrors is named, or what it returns
         assert re.search(r"llamalens \w+|Run|DataFrame", getattr(ll, name).__doc__), name
+
+
+def test_fork_and_compare_on_a_run_match_the_cli(tiny_path, tmp_path):
+    """ll.fork = `llamalens fork` (same analysis from the same plan), shown in a notebook as its report; and
+    ll.compare(run=...) = `llamalens compare --run` on that run's tokens."""
+    opts = dict(options="sat,is", samples=2, alternatives=2, min_prob=0.0, positions="0-2", max_tokens=4, parallel=8)
+    run = ll.fork("the cat", model=str(tiny_path), store=tmp_path / "api.db", progress=False, ctx=256, **opts)
+    out = json.loads(cli("fork", "the cat", "--options", "sat,is", "--samples", 2, "--alternatives", 2,
+                         "--min-prob", 0, "--positions", "0-2", "-n", 4, "--parallel", 8, "--ctx", 256, "--json",
+                         "--model", tiny_path, "--store", tmp_path / "cli.db").stdout)
+    from llamalens.fork import load_fork
+
+    assert run.kind == "fork" and load_fork(run.store, run.id).analysis.to_dict() == out["fork"]
+    page, _ = _inner(run._repr_html_())
+    assert "fork" in "".join(page.text)
+
+    other = tmp_path / "copy.gguf"
+    shutil.copy(tiny_path, other)
+    cmp = ll.compare(None, other, run=run, ctx=256)
+    theirs = json.loads(cli("compare", "--run", run.id, "-m", other, "--store", tmp_path / "api.db", "--ctx", 256,
+                            "--json").stdout)
+    assert cmp.summary() == theirs["summary"] and cmp.source == f"run {run.id}"
