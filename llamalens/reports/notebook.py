@@ -23,7 +23,9 @@ def frame(doc: Document) -> str:
     height = _guess_height(doc)
     return (f'<iframe srcdoc="{html.escape(page, quote=True)}" title="{html.escape(doc.title, quote=True)}" '
             f'style="width:100%;height:{height}px;border:1px solid #ddd;border-radius:4px" '
-            "onload=\"try{this.style.height=(this.contentDocument.documentElement.scrollHeight+4)+'px'}catch(e){}\">"
+            # shrink, then read the content's height (a document is never shorter than its frame)
+            "onload=\"try{this.style.height='8px';"
+            "this.style.height=(this.contentDocument.documentElement.scrollHeight+4)+'px'}catch(e){}\">"
             "</iframe>")
 
 
