@@ -223,3 +223,31 @@ def test_fork_and_compare_on_a_run_match_the_cli(tiny_path, tmp_path):
     theirs = json.loads(cli("compare", "--run", run.id, "-m", other, "--store", tmp_path / "api.db", "--ctx", 256,
                             "--json").stdout)
     assert cmp.summary() == theirs["summary"] and cmp.source == f"run {run.id}"
+
+
+def test_notebook_frames_in_chromium(tiny, tmp_path, chromium_path):
+    """Two outputs on one page, as a notebook shows them: each frame sizes itself to its content, nothing is
+    fetched, no console error (a CSP violation would be one), and hovering a token in the sample's frame shows
+    that token's tooltip (its id and top alternatives) inside the frame."""
+    from browser import Browser
+
+    s = ll.generate(tiny, XSS, ll.SamplingSettings(temperature=0.9, seed=4), max_tokens=6)
+    nt = ll.next_token(tiny, "the cat", top=5)
+    out = tmp_path / "page.html"
+    out.write_text(f"<!DOCTYPE html><html><body><p>cell 1</p>{s._repr_html_()}<p>cell 2</p>{nt._repr_html_()}"
+                   "</body></html>", encoding="utf-8")
+    with Browser() as b:
+        page = b.open(out)
+        assert page.problems() == []
+        sizes = page.eval("Array.from(document.querySelectorAll('iframe')).map(f => [f.getBoundingClientRect().height,"
+                          " f.contentDocument.documentElement.scrollHeight])")
+        assert len(sizes) == 2 and all(h >= 100 and abs(h - content) <= 12 for h, content in sizes), sizes
+        frame = "document.querySelectorAll('iframe')[0]"
+        x, y = page.eval(f"(() => {{ const f = {frame}; f.scrollIntoView(); const r = f.getBoundingClientRect();"
+                         " const t = f.contentDocument.querySelectorAll('.tk')[2].getBoundingClientRect();"
+                         " return [r.left + t.left + t.width / 2, r.top + t.top + t.height / 2]; })()")
+        page.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        tip = page.eval(f"(() => {{ const t = {frame}.contentDocument.getElementById('tip');"
+                        " return [t.hidden, t.innerText]; })()")
+        tok = s.tokens[2]
+        assert tip[0] is False and str(tok.id) in tip[1] and f"{tok.top[0].prob:.4f}" in tip[1], tip
