@@ -29,10 +29,10 @@ def cli(*args):
 def test_sweep_runs_show_export_match_the_cli(tiny_path, tmp_path):
     """The same sweep through ll.sweep and `llamalens sweep` (separate stores): identical tokens, summary,
     runs listing and CSV export. Exact equality: both run sweep.start_sweep + execute on the same plan."""
-    args = dict(seeds=2, max_tokens=6, logprobs=3, parallel=4)
-    run = ll.sweep(["the cat", "hello"], {"temperature": [0, 0.8], "top_k": [2, 40]}, model=str(tiny_path),
+    args = dict(seeds=[3], max_tokens=6, logprobs=3, parallel=4)
+    run = ll.sweep(["the cat", "hello"], {"temperature": [0, 0.8], "top_k": "2,40"}, model=str(tiny_path),
                    store=tmp_path / "api.db", progress=False, ctx=256, name="api-run", **args)
-    cli("sweep", "the cat", "hello", "-t", "0,0.8", "--top-k", "2,40", "--seeds", 2, "-n", 6, "--logprobs", 3,
+    cli("sweep", "the cat", "hello", "-t", "0,0.8", "--top-k", "2,40", "--seed", 3, "-n", 6, "--logprobs", 3,
         "--parallel", 4, "--ctx", 256, "--model", tiny_path, "--store", tmp_path / "cli.db", "--name", "api-run")
     shown = json.loads(cli("show", "api-run", "--json", "--store", tmp_path / "cli.db").stdout)
     timeless = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
@@ -91,14 +91,14 @@ def test_loaded_model_is_reused_and_errors_keep_their_classes(tiny, tmp_path):
 
 # -- DataFrames ----------------------------------------------------------------------------------------
 def test_dataframe_columns(tiny, tmp_path):
-    run = ll.sweep(["the cat", "hello"], {"temperature": [0, 0.9]}, seeds=2, max_tokens=5, model=tiny,
+    run = ll.sweep(["the cat", "hello"], {"temperature": [0, 0.9]}, seeds=1, max_tokens=5, model=tiny,
                    store=tmp_path / "c.db", progress=False)
     strategy = set(analysis.STRATEGY_COLUMNS) | {"blocked"}
     assert list(run.tokens.columns) == [c for c in analysis.TOKEN_COLUMNS if c not in strategy]
     assert list(run.samples.columns) == analysis.SAMPLE_COLUMNS
     assert list(run.summary.columns) == [c for c in analysis.SUMMARY_COLUMNS if c not in analysis.STRATEGY_SUMMARY]
     assert list(ll.runs(store=tmp_path / "c.db").columns) == api.RUN_COLUMNS
-    assert len(run.samples) == 8 and run.noise_floor["samples"] >= 2
+    assert len(run.samples) == 4 and run.noise_floor["samples"] >= 2
     t = run.tokens
     assert (t.prob - t.logprob.map(math.exp)).abs().max() < 1e-12
 
@@ -206,10 +206,10 @@ def test_every_public_name_has_a_docstring():
 def test_fork_and_compare_on_a_run_match_the_cli(tiny_path, tmp_path):
     """ll.fork = `llamalens fork` (same analysis from the same plan), shown in a notebook as its report; and
     ll.compare(run=...) = `llamalens compare --run` on that run's tokens."""
-    opts = dict(options="sat,is", samples=2, alternatives=2, min_prob=0.0, positions="0-2", max_tokens=4, parallel=8)
+    opts = dict(options="sat,is", samples=2, alternatives=2, min_prob=0.0, positions="0-1", max_tokens=4, parallel=8)
     run = ll.fork("the cat", model=str(tiny_path), store=tmp_path / "api.db", progress=False, ctx=256, **opts)
     out = json.loads(cli("fork", "the cat", "--options", "sat,is", "--samples", 2, "--alternatives", 2,
-                         "--min-prob", 0, "--positions", "0-2", "-n", 4, "--parallel", 8, "--ctx", 256, "--json",
+                         "--min-prob", 0, "--positions", "0-1", "-n", 4, "--parallel", 8, "--ctx", 256, "--json",
                          "--model", tiny_path, "--store", tmp_path / "cli.db").stdout)
     from llamalens.fork import load_fork
 
