@@ -111,6 +111,15 @@ SAMPLE_COLUMNS = ["sample_idx", "prompt_idx", "config_idx", "seed", "prompt", "t
                   "tokens_per_s", "first_token_ms", *METRIC_COLUMNS]
 
 
+def json_records(frame: pd.DataFrame) -> list[dict]:
+    """A DataFrame as JSON-ready rows with every float exact (pandas' to_json rounds to 10 digits); NaN -> null."""
+    out = []
+    for row in frame.to_dict(orient="records"):
+        out.append({k: (None if isinstance(v, float) and v != v else v.item() if hasattr(v, "item") else v)
+                    for k, v in row.items()})
+    return out
+
+
 def distinct_2(token_lists: list[list[int]]) -> float:
     """Distinct bigrams / all bigrams, over the samples given (diversity of the text)."""
     grams = [(a, b) for toks in token_lists for a, b in zip(toks, toks[1:])]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .records import Alternative
+from .records import Alternative, Rich
 from .runtime import Model, round_ctx
 from .stats import RowStats
 
@@ -33,8 +33,10 @@ def tokenize(model: Model, text: str, add_bos: bool = False) -> list[Token]:
 
 
 @dataclass
-class NextToken:
-    """The distribution of the token that would follow a prompt."""
+class NextToken(Rich):
+    """The distribution of the token that would follow a prompt (in a notebook: the top-N as bars)."""
+
+    _display = "next_token"
 
     prompt: str
     prompt_tokens: int
@@ -49,6 +51,13 @@ class NextToken:
             "top": [{"id": a.id, "text": a.text, "bytes": a.bytes, "logprob": a.logprob,
                      "prob": math.exp(a.logprob)} for a in self.top],
         }
+
+    def to_pandas(self):
+        """The top tokens: rank, token_id, text, bytes, logprob, prob."""
+        import pandas as pd
+
+        return pd.DataFrame([[i, a.id, a.text, a.bytes, a.logprob, a.prob] for i, a in enumerate(self.top, 1)],
+                            columns=["rank", "token_id", "text", "bytes", "logprob", "prob"])
 
 
 def next_token(model: Model, prompt: str, top: int = 10) -> NextToken:
@@ -86,8 +95,9 @@ class ChainView:
 
 
 @dataclass
-class SamplerView:
-    """How each configuration's sampler chain reshapes one raw next-token distribution.
+class SamplerView(Rich):
+    """How each configuration's sampler chain reshapes one raw next-token distribution (in a notebook: raw vs
+    after each chain, as bars).
 
     The same raw logits (after `history`) go through every configuration's native chain, stage by
     stage (penalties, top_k, typical_p, top_p, min_p, temperature; greedy is one-hot argmax; the llama.cpp
@@ -107,6 +117,7 @@ class SamplerView:
     entropy: float
     top: list[Alternative]
     chains: list[ChainView]
+    _display = "sampler_view"
 
     def to_dict(self) -> dict:
         from dataclasses import asdict

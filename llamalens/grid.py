@@ -144,10 +144,10 @@ def chain_of(preset: str | None, chain: str | None) -> str | None:
 
 def build_configs(preset: str | None = None, grid_file: str | None = None,
                   axes_text: dict[str, str | None] | None = None, fixed: dict | None = None,
-                  chain: str | None = None) -> list[SamplingSettings]:
+                  chain: str | None = None, axes: dict[str, list] | None = None) -> list[SamplingSettings]:
     """A sweep's configurations: the preset (or create_completion's defaults) with `fixed` over it, and
-    `chain` when given, as the base; each grid of the grid file over it, then the command line's axes over
-    each of those (or over the base alone)."""
+    `chain` when given, as the base; each grid of the grid file over it, then the command line's axes
+    (`axes_text`, or `axes` already parsed: the Python API's) over each of those (or over the base alone)."""
     if preset is not None and preset not in PRESETS:
         raise InvalidSettings(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     base = (SamplingSettings(**PRESETS[preset]) if preset else SamplingSettings()).with_(**(fixed or {}))
@@ -157,7 +157,7 @@ def build_configs(preset: str | None = None, grid_file: str | None = None,
     if grid_file:
         for _name, axes, fixed in load_grid_file(grid_file):
             configs += expand(axes, base.with_(**fixed))
-    axes = parse_axes(axes_text or {})
+    axes = {**parse_axes(axes_text or {}), **(axes or {})}
     if axes or not configs:
         configs = [c for start in (configs or [base]) for c in expand(axes, start)]
     return configs

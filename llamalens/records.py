@@ -54,6 +54,30 @@ class _WithProbs:
         return d
 
 
+# the columns of a to_pandas() token table (Sample, Score): attribute names, `id` as token_id
+TOKEN_FRAME = ["position", "token_id", "text", "bytes", "logprob", "prob", "rank", "entropy"]
+
+
+def token_frame(tokens, extra: tuple[str, ...] = ()):
+    """Token records as a pandas DataFrame: TOKEN_FRAME's columns, then `extra` attributes."""
+    import pandas as pd
+
+    cols = TOKEN_FRAME + list(extra)
+    return pd.DataFrame([[getattr(t, "id" if c == "token_id" else c) for c in cols] for t in tokens], columns=cols)
+
+
+class Rich:
+    """Rich display in Jupyter / VS Code: `_repr_html_` is the report's own rendering (reports/notebook.py)
+    of the result kind named by `_display`."""
+
+    _display = ""
+
+    def _repr_html_(self) -> str:
+        from .reports.notebook import html_of
+
+        return html_of(self._display, self)
+
+
 @dataclass
 class TokenRecord(_WithProbs):
     """One generated (or scored) token and what the model thought when it chose it."""
@@ -103,8 +127,13 @@ class Timing:
 
 
 @dataclass
-class Sample:
-    """One generated completion: its settings, its tokens, and how it ended."""
+class Sample(Rich):
+    """One generated completion: its settings, its tokens, and how it ended.
+
+    to_pandas(): one row per token (TOKEN_FRAME, then sampled_logprob, candidates, eog); in a notebook the
+    text shows coloured by probability, each token's alternatives on hover."""
+
+    _display = "sample"
 
     prompt: str
     prompt_token_ids: list[int]
@@ -131,6 +160,13 @@ class Sample:
             "tokens": tokens,
             "timing": self.timing.to_dict(),
         }
+
+    def to_pandas(self):
+        return token_frame(self.tokens, ("sampled_logprob", "candidates", "eog"))
+
+    def __repr__(self) -> str:
+        return (f"<Sample {len(self.tokens)} tokens, finish {self.finish_reason}: "
+                f"{self.prompt[-40:]!r} + {self.text[:60]!r}>")
 
 
 @dataclass

@@ -39,7 +39,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import InvalidInput
-from .records import Alternative, ScoredToken
+from .records import Alternative, Rich, ScoredToken, token_frame
 from .runtime import Model, round_ctx
 from .stats import RowStats
 
@@ -156,7 +156,12 @@ def _scored(model: Model, position: int, token: int, st: RowStats, n_logprobs: i
 
 # -- score ------------------------------------------------------------------------------------------
 @dataclass
-class ScoreResult:
+class ScoreResult(Rich):
+    """A scored text (ll.score, `llamalens score`): per-token records, perplexity, NLL, bits per byte.
+
+    to_pandas(): one row per scored token (records.TOKEN_FRAME's columns); in a notebook, the score report."""
+
+    _display = "score"
     model: dict
     protocol: str
     ctx: int
@@ -209,6 +214,16 @@ class ScoreResult:
         return {"model": self.model, "protocol": self.protocol, "ctx": self.ctx, "stride": self.stride,
                 "totals": self.totals(), "notes": self.notes, "unscored": self.unscored,
                 "tokens": [t.to_dict() for t in self.tokens]}
+
+    def to_pandas(self):
+        return token_frame(self.tokens)
+
+    def __repr__(self) -> str:
+        return (f"<Score {len(self.tokens)} of {self.n_tokens} tokens scored ({self.protocol}, ctx {self.ctx}): "
+                f"perplexity {self.perplexity:.4f}, {self.bits_per_byte:.4f} bits per byte>")
+
+
+Score = ScoreResult
 
 
 def check_text(model: Model, text: str | bytes) -> tuple[list[int], int]:
@@ -274,7 +289,13 @@ class OptionScore:
 
 
 @dataclass
-class Choice:
+class Choice(Rich):
+    """Continuations of a prompt ranked by likelihood (ll.choose, `llamalens choose`), best first.
+
+    to_pandas(): one row per option: rank, option, continuation, score, logprob, tokens, bytes, per_token,
+    per_byte, margin, share."""
+
+    _display = "choice"
     prompt: str
     normalize: str
     options: list[OptionScore]  # ranked, best first
@@ -295,6 +316,20 @@ class Choice:
         return {"prompt": self.prompt, "normalize": self.normalize, "notes": self.notes,
                 "options": [dict(o.to_dict(self.normalize), rank=i + 1, margin=m, share=p)
                             for i, (o, m, p) in enumerate(zip(self.options, self.margins(), self.probabilities()))]}
+
+    def to_pandas(self):
+        import pandas as pd
+
+        rows = [{k: v for k, v in o.items() if k != "token_logprobs"} for o in self.to_dict()["options"]]
+        return pd.DataFrame(rows, columns=CHOICE_COLUMNS)
+
+    def __repr__(self) -> str:
+        ranked = ", ".join(f"{o.option!r} {p:.1%}" for o, p in zip(self.options, self.probabilities()))
+        return f"<Choice ({self.normalize}): {ranked}>"
+
+
+CHOICE_COLUMNS = ["rank", "option", "continuation", "score", "logprob", "tokens", "bytes", "per_token", "per_byte",
+                  "margin", "share"]
 
 
 def join_option(prompt: str, option: str, space: bool = True) -> str:
@@ -432,7 +467,12 @@ def kl_from_stats(a: np.ndarray, sa: RowStats, b: np.ndarray, sb: RowStats) -> f
 
 
 @dataclass
-class Comparison:
+class Comparison(Rich):
+    """Model B against model A on the same tokens (ll.compare, `llamalens compare`): summary() has the figures
+    llama-perplexity --kl-divergence prints. to_pandas(): one row per position: position, sample, token_id,
+    text, bytes, kld, p_a, p_b, dp, same_top; in a notebook, the compare report."""
+
+    _display = "compare"
     model_a: dict
     model_b: dict
     protocol: str
@@ -479,6 +519,21 @@ class Comparison:
         if with_positions:
             d["positions"] = [p.to_dict() for p in self.positions]
         return d
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame([[p.position, p.sample, p.id, p.text, p.bytes, p.kld, p.p_a, p.p_b, p.dp, p.same_top]
+                             for p in self.positions], columns=COMPARISON_COLUMNS)
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return (f"<Comparison {self.model_b.get('name')} vs {self.model_a.get('name')} on {s['tokens']} tokens "
+                f"({self.source}): mean KLD {s['kld_mean']:.6f}, PPL ratio {s['ppl_ratio']:.5f}, same top "
+                f"{s['same_top']:.2%}>")
+
+
+COMPARISON_COLUMNS = ["position", "sample", "token_id", "text", "bytes", "kld", "p_a", "p_b", "dp", "same_top"]
 
 
 def check_same_vocab(a: Model, b: Model) -> None:

@@ -75,6 +75,13 @@ class _Checked:
 
 @dataclass(frozen=True)
 class SamplingSettings(_Checked):
+    """One sampling configuration: llama-cpp-python's create_completion defaults, llama.cpp's own samplers (with
+    chain="llama.cpp") and the decoding strategies (greedy, beam, best-of, no-repeat-ngram); seed included.
+
+    Immutable and validated: problems() lists what is out of range, with the fix; with_(**changes) copies;
+    label() is the short text `show` and the reports use. SamplingSettings(temperature=0) is greedy.
+    """
+
     temperature: float = 0.8  # 0 = greedy (argmax after penalties)
     top_k: int = 40  # 0 = off
     top_p: float = 0.95  # 1.0 = off

@@ -185,6 +185,12 @@ class RunInfo:
 
         return dict(asdict(self), options=self.options.to_dict())
 
+    def listing(self) -> dict:
+        """The run's row in `llamalens runs --json` and ll.runs()."""
+        return {"id": self.id, "name": self.name, "kind": self.kind, "status": self.status, "model": self.model.name,
+                "prompts": self.n_prompts, "configs": self.n_configs, "samples_done": self.n_done,
+                "samples_total": self.n_samples, "created": self.created}
+
 
 class Store:
     def __init__(self, path: str | os.PathLike | None = None):

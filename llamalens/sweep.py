@@ -113,6 +113,19 @@ def check_spec(model: Model, spec: SweepSpec) -> list[str]:
     return context_notes(Engine(model, 1).prepare(reqs), model.options.ctx)
 
 
+def sizing(prompts, convs, n_configs: int, n_seeds: int, max_tokens: int, parallel: int, exact: bool,
+           ctx: int) -> tuple[int, int]:
+    """(sequences per batch, KV cells in all) for the memory check before a sweep's model is loaded.
+
+    KV cells: at most (prompt bytes + BOS/EOS + max_tokens + 1) per sequence, within ctx; a conversation's
+    template adds its markers (64 bytes a message is generous for llama.cpp's built-in templates)."""
+    n_par = 1 if exact else min(parallel, len(convs if convs else prompts) * n_configs * n_seeds)
+    lengths = [len(p.encode("utf-8")) for p in prompts] + [
+        sum(len(str(m.get("content", "")).encode("utf-8")) + 64 for m in c) for c in convs or []]
+    per_seq = min(ctx, max(lengths) + 3 + max_tokens)
+    return n_par, n_par * per_seq
+
+
 def start_sweep(model: Model, store: Store, spec: SweepSpec, command: str = "",
                 on_note: Callable[[str], None] | None = None) -> int:
     """Validate, plan and record a run (all samples pending); return its id. Nothing is decoded yet.

@@ -65,12 +65,10 @@ def json_out(obj) -> None:
 
 
 def records(frame) -> list[dict]:
-    """A DataFrame as JSON-ready rows with every float exact (pandas' to_json rounds to 10 digits); NaN -> null."""
-    out = []
-    for row in frame.to_dict(orient="records"):
-        out.append({k: (None if isinstance(v, float) and v != v else v.item() if hasattr(v, "item") else v)
-                    for k, v in row.items()})
-    return out
+    """A DataFrame as JSON-ready rows (analysis.json_records)."""
+    from ..analysis import json_records
+
+    return json_records(frame)
 
 
 def say(message: str = "", err: bool = False, nl: bool = True) -> None:

@@ -108,7 +108,7 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
     from .. import grid
     from ..inputs import read_prompts
     from ..store import Store
-    from ..sweep import SweepSpec, execute, resume_target, start_sweep
+    from ..sweep import SweepSpec, execute, resume_target, sizing, start_sweep
 
     axes_text = pop_axes(kw)
     chat = pop_chat(kw)
@@ -136,13 +136,8 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
         seed_values = grid.parse_seeds(seeds, seed_list)
         grid.check(configs, seed_values)
         options = pop_model_options(kw, chain)
-        n_par = 1 if exact else min(parallel, len(convs if convs else prompts) * len(configs) * len(seed_values))
-        # KV cells: at most (prompt bytes + BOS/EOS + max_tokens + 1) per sequence, within --ctx; a conversation's
-        # template adds its markers (64 bytes a message is generous for llama.cpp's built-in templates)
-        lengths = [len(p.encode("utf-8")) for p in prompts] + [
-            sum(len(str(m.get("content", "")).encode("utf-8")) + 64 for m in c) for c in convs or []]
-        per_seq = min(options.ctx, max(lengths) + 3 + max_tokens)
-        loaded = load_model(model, options, sequences=n_par, cells=n_par * per_seq)
+        n_par, cells = sizing(prompts, convs, len(configs), len(seed_values), max_tokens, parallel, exact, options.ctx)
+        loaded = load_model(model, options, sequences=n_par, cells=cells)
         chats = None
         if convs:
             from ..chat import render_all
@@ -186,9 +181,7 @@ def runs(as_json, store_path):
     store = Store(store_path)
     infos = store.runs()
     if as_json:
-        return json_out([{"id": r.id, "name": r.name, "kind": r.kind, "status": r.status, "model": r.model.name,
-                          "prompts": r.n_prompts, "configs": r.n_configs, "samples_done": r.n_done,
-                          "samples_total": r.n_samples, "created": r.created} for r in infos])
+        return json_out([r.listing() for r in infos])
     if not infos:
         return say(f"no runs in {store.path}; start one with `llamalens sweep`")
     rows = [("id", "name", "kind", "status", "model", "prompts", "grid", "samples", "date")]
@@ -290,44 +283,22 @@ def report(run_id, output, fmt, metric, position, sample_idx, model, no_model, s
     llamalens report 7 -o run7.html
     llamalens report my-run -o run.md --metric mean_entropy --position 3
     """
-    from ..analysis import load_run
-    from ..reports import check_writable, report_format
-    from ..reports.run import check_request
-    from ..store import Store
-    from ..sweep import check_run_model, report_model
+    from ..api import report as write_run_report
 
-    store = Store(store_path)
-    info = store.run(run_id)
-    if info.kind == "fork":
-        from ..fork import load_fork
-        from .fork import write_fork_report
+    write_run_report(run_id, output, store=store_path, fmt=fmt, metric=metric, position=position, sample=sample_idx,
+                     model=model, load_model=not no_model, on_note=lambda note: say(note, err=True),
+                     loader=load_model, writer=_write)
 
-        report_format(output, fmt)
-        check_writable(output)
-        return write_fork_report(load_fork(store, info.id), output, fmt)
-    check_request(info, metric)
-    report_format(output, fmt)
-    check_writable(output)
-    if info.status != "done" or info.n_done < info.n_samples:
-        say(f"warning: run {info.id} is {info.status} ({info.n_done}/{info.n_samples} samples); "
-                   "the report shows the finished samples only", err=True)
-    loaded = None
-    if not no_model:
-        path, options = report_model(info, model)
-        if path is None:
-            say(f"warning: the run's model {info.model.path} is not there; the sampler view is left out "
-                       "(pass --model PATH)", err=True)
-        else:
-            loaded = load_model(path, options)
-            check_run_model(store, info, loaded)
-    _report(load_run(store, info.id), output, fmt, loaded, position=position, sample_idx=sample_idx, metric=metric)
+
+def _write(doc, output, fmt) -> None:
+    say("writing the report ...", err=True)
+    write_report(doc, output, fmt)
 
 
 def _report(run, output, fmt, model, **options) -> None:
     from ..reports.run import run_document
 
-    say("writing the report ...", err=True)
-    write_report(run_document(run, model=model, **options), output, fmt)
+    _write(run_document(run, model=model, **options), output, fmt)
 
 
 @click.command()

@@ -48,7 +48,9 @@ def svg(fig) -> str:
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.hashsalt": f"llamalens-{next(_salt)}"}), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # missing glyphs (emoji, CJK) are drawn as boxes, not errors
-        fig.savefig(buf, format="svg")
+        # no RDF metadata block: it names web addresses (creativecommons.org, purl.org, matplotlib.org) a page
+        # that fetches nothing has no use for; only the SVG and XLink namespace names remain
+        fig.savefig(buf, format="svg", metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
     text = buf.getvalue()
     return text[text.index("<svg"):]
 
@@ -315,4 +317,16 @@ def strategy_scatter(points: dict[str, tuple[list[float], list[float]]], xlabel:
     ax.grid(alpha=0.3)
     if points:
         fig.legend(fontsize=7, ncol=2 if len(points) > 3 else 1, loc="outside lower center", frameon=False)
+    return fig
+
+
+def top_tokens(labels: list[str], probs: list[float]):
+    """The top-N next tokens' raw probabilities as bars (a NextToken in a notebook)."""
+    fig = _figure(max(4.0, 0.45 * len(labels) + 1.5), 2.8)
+    ax = fig.subplots()
+    x = np.arange(len(labels))
+    ax.bar(x, probs, color=PALETTE[0])
+    ax.set_ylabel("p (raw)")
+    ax.set_ylim(0, max(probs + [0.0]) * 1.1 or 1.0)
+    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
     return fig

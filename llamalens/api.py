@@ -1,0 +1,503 @@
+"""The Python API of the commands: one call per command, the same library code the CLI runs.
+
+    ll.sweep(prompts, grid=..., seeds=...)   ──► sweep.start_sweep + sweep.execute ──► Run
+    ll.open_run(id or name) / ll.runs()      ──► store.Store ──► Run / DataFrame
+    ll.score(text) / ll.choose / ll.compare  ──► score.score_text / choose / compare_text | compare_run
+    ll.report(run, path)                     ──► reports.run.run_document | reports.fork.fork_document
+    ll.fork(prompt, options=...)             ──► fork.start_fork + fork.execute_fork ──► Run (kind 'fork')
+
+Design:
+  * `model=` takes a loaded Model (ll.load_model: load once, use it in every cell) or what `--model` takes
+    (a path, a name, None for $LLAMALENS_MODEL or the embedded default); a model loaded here is loaded
+    with the same memory check as the CLI (memory.checked_load, sized as the command sizes it) and closed
+    when the call returns.
+  * `store=` is a path (None: $LLAMALENS_STORE or the default store) or a Store.
+  * `progress=True` shows a tqdm bar (tqdm.auto: a widget in Jupyter, a text bar on a terminal); False is
+    silent. Notes a command prints on stderr (a context too short for max_tokens...) become warnings.
+  * Errors are the library's own classes (LlamalensError and its subclasses), with the fix in the message.
+  * Results are typed records with to_dict() and, where tabular, to_pandas(); Run wraps analysis.LoadedRun
+    (the rows `show`, `export` and the report are built from) with its DataFrames and methods.
+  * Rich display (`_repr_html_`) is the report's own rendering: reports/notebook.py.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import InvalidInput, InvalidSettings
+from .settings import SamplingSettings
+
+__all__ = ["Run", "sweep", "open_run", "runs", "score", "choose", "compare", "report", "fork", "sampler_view"]
+
+
+# -- shared plumbing -------------------------------------------------------------------------------
+def _store(store):
+    from .store import Store
+
+    return store if isinstance(store, Store) else Store(store)
+
+
+@contextmanager
+def _model(model, options: dict, sequences: int = 1, rows: int | None = None, cells: int | None = None):
+    """A loaded Model as given, or one loaded here (the CLI's memory check) and closed afterwards."""
+    from .memory import checked_load
+    from .models import resolve_source
+    from .runtime import Model, ModelOptions
+
+    if isinstance(model, Model):
+        if options:
+            raise InvalidInput(f"model options ({', '.join(options)}) apply when a model is loaded: pass them to "
+                               "ll.load_model(...), or give model= as a path or name")
+        yield model
+        return
+    loaded = checked_load(resolve_source(model), ModelOptions(**options), sequences, rows, cells)
+    try:
+        yield loaded
+    finally:
+        loaded.close()
+
+
+def _note(note: str) -> None:
+    warnings.warn(note, stacklevel=3)
+
+
+@contextmanager
+def _bar(progress: bool, total: int, desc: str, unit: str, initial: int = 0):
+    """A tqdm bar (None when progress is off)."""
+    if not progress:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _sweep_ticks(bar):
+    """An on_progress callback for sweep.execute / fork.execute_fork that moves a tqdm bar."""
+    if bar is None:
+        return None
+
+    def tick(prog):
+        bar.total = prog.total
+        bar.update(prog.done - bar.n)
+        bar.set_postfix_str(f"{prog.tokens_per_s:.0f} tok/s", refresh=False)
+
+    return tick
+
+
+def _window_ticks(bar):
+    """An on_progress(k, n) callback (score, compare) that moves a tqdm bar."""
+    if bar is None:
+        return None
+
+    def tick(k, n):
+        bar.total = n
+        bar.update(k - bar.n)
+
+    return tick
+
+
+# -- runs ------------------------------------------------------------------------------------------
+class Run:
+    """A stored run (a sweep's, or a fork's): its settings, DataFrames, and its report.
+
+    DataFrames (columns declared once in llamalens.analysis):
+      tokens   one row per generated token (analysis.TOKEN_COLUMNS): run_id, sample_idx, prompt_idx, config_idx,
+               seed, the settings (temperature, top_k, top_p, min_p, typical_p, repeat_penalty; with decoding
+               strategies also strategy, beams, length_penalty, no_repeat_ngram, best_of), position, token_id,
+               text, bytes (hex), logprob, prob, sampled_logprob, rank, entropy, candidates, eog (and blocked)
+      samples  one row per finished sample (analysis.SAMPLE_COLUMNS): sample_idx, prompt_idx, config_idx, seed,
+               prompt, text, finish_reason, tokens, tokens_per_s, first_token_ms, seq_logprob, mean_logprob,
+               perplexity, distinct_1, distinct_2, rep_4, length
+      summary  one row per configuration (analysis.SUMMARY_COLUMNS): config_idx, label, the settings, samples,
+               tokens, mean_logprob, perplexity, mean_entropy, mean_candidates, distinct_completions, distinct_2,
+               mean_rank, tokens_per_s (with strategies also their settings and seq_logprob, sample_distinct_1,
+               sample_distinct_2, rep_4, length)
+    Other attributes: id, name, kind, status, info (store.RunInfo), configs (SamplingSettings, by config_idx),
+    noise_floor (the batched-vs-single re-decode figures: samples, tokens, mean/p95/p99/max |Δ logprob|,
+    top1_agreement), loaded (the analysis.LoadedRun).
+    """
+
+    def __init__(self, loaded, store):
+        self.loaded = loaded
+        self.store = store
+
+    @property
+    def id(self) -> int:
+        return self.loaded.info.id
+
+    @property
+    def info(self):
+        return self.loaded.info
+
+    @property
+    def name(self) -> str | None:
+        return self.info.name
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    @property
+    def status(self) -> str:
+        return self.info.status
+
+    @property
+    def configs(self) -> list[SamplingSettings]:
+        return list(self.loaded.configs)
+
+    @property
+    def tokens(self):
+        """pandas DataFrame, one row per generated token (see the class docstring for the columns)."""
+        return self.loaded.tokens
+
+    @property
+    def samples(self):
+        """pandas DataFrame, one row per finished sample (see the class docstring for the columns)."""
+        return self.loaded.samples_table
+
+    @property
+    def summary(self):
+        """pandas DataFrame, one row per configuration (what `llamalens show` prints)."""
+        return self.loaded.summary
+
+    @property
+    def noise_floor(self) -> dict:
+        """The run's noise floor (sweep.noise_floor): {} before it was measured."""
+        return dict(self.info.noise or {})
+
+    def export(self, path, fmt: str | None = None) -> int:
+        """Write the token table (.csv, .parquet) or the samples in OpenAI logprobs shape (.jsonl), as
+        `llamalens export`; `fmt` defaults to the file's suffix. Returns the rows written."""
+        from .analysis import EXPORT_FORMATS, export_run
+
+        fmt = fmt or Path(path).suffix.lower().lstrip(".")
+        if fmt not in EXPORT_FORMATS:
+            raise InvalidInput(f"cannot tell the export format from {str(path)!r}; name it .csv, .parquet or .jsonl, "
+                               "or pass fmt=")
+        return export_run(self.loaded, fmt, path)
+
+    def report(self, path, **options) -> Path:
+        """Write the run's report (FILE.html or FILE.md), as `llamalens report`; see ll.report for options."""
+        return report(self, path, **options)
+
+    def to_dict(self) -> dict:
+        """The run's info and its summary rows, as `llamalens show --json` prints them."""
+        from .analysis import json_records
+
+        return {"run": self.info.to_dict(), "summary": json_records(self.summary)}
+
+    def to_pandas(self):
+        """The summary DataFrame."""
+        return self.summary
+
+    def __repr__(self) -> str:
+        i = self.info
+        name = f" {i.name!r}" if i.name else ""
+        return (f"<Run {i.id}{name} [{i.status}] {i.kind}, model {i.model.name}: {i.n_prompts} prompt(s) x "
+                f"{i.n_configs} configuration(s), {i.n_done}/{i.n_samples} samples>")
+
+    def _repr_html_(self) -> str:
+        from .reports.notebook import run_html
+
+        return run_html(self)
+
+
+def _load(store, run_id) -> Run:
+    from .analysis import load_run
+
+    return Run(load_run(store, run_id), store)
+
+
+def open_run(id_or_name, store=None) -> Run:
+    """A stored run by id or name (what `llamalens show RUN` reads)."""
+    st = _store(store)
+    return _load(st, st.run(id_or_name).id)
+
+
+def runs(store=None):
+    """The runs in the store as a pandas DataFrame (the columns of `llamalens runs --json`): id, name, kind,
+    status, model, prompts, configs, samples_done, samples_total, created (a pandas Timestamp)."""
+    import pandas as pd
+
+    df = pd.DataFrame([r.listing() for r in _store(store).runs()], columns=RUN_COLUMNS)
+    df["created"] = pd.to_datetime(df["created"], unit="s")
+    return df
+
+
+RUN_COLUMNS = ["id", "name", "kind", "status", "model", "prompts", "configs", "samples_done", "samples_total",
+               "created"]
+
+
+def _configs(grid, preset: str | None, chain: str | None) -> list[SamplingSettings]:
+    """A sweep's configurations from what Python gives: None (the preset or the defaults), a SamplingSettings or a
+    list of them, a TOML grid file (path, or 'FILE:NAME'), or {setting: values} (a list, one value, or the CLI's
+    '0,0.7' text) expanded as the CLI's axes are (grid.build_configs)."""
+    from . import grid as grids
+
+    if isinstance(grid, SamplingSettings):
+        return [grid]
+    if isinstance(grid, (list, tuple)) and grid and all(isinstance(c, SamplingSettings) for c in grid):
+        return list(grid)
+    if grid is None or isinstance(grid, dict):
+        axes = {}
+        for name, values in (grid or {}).items():
+            if name not in grids.AXES:
+                raise InvalidSettings(f"grid: {name!r} is not a sweep axis; axes: {', '.join(grids.AXES)}")
+            axes[name] = (grids.parse_axis(name, values) if isinstance(values, str) else
+                          list(values) if isinstance(values, (list, tuple, range)) else [values])
+        return grids.build_configs(preset, None, None, None, grids.chain_of(preset, chain), axes=axes)
+    if isinstance(grid, (str, os.PathLike)):
+        return grids.build_configs(preset, str(grid), None, None, grids.chain_of(preset, chain))
+    raise InvalidSettings(f"grid={grid!r}: give {{setting: values}}, a SamplingSettings or a list of them, or a TOML "
+                          "grid file's path")
+
+
+def sweep(prompts, grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int = 5, stop=(), preset: str | None = None,
+          chain: str | None = None, name: str | None = None, parallel: int = 32, exact: bool = False, model=None,
+          store=None, progress: bool = True, **model_options) -> Run:
+    """Run prompts across a grid of sampling settings and seeds, store every token: `llamalens sweep`.
+
+    prompts: one text or a list. grid: {setting: values} such as {"temperature": [0, 0.7], "top_k": [2, 40]}
+    (every axis of `llamalens sweep`, strategies too), a SamplingSettings, a list of them, or a TOML grid file.
+    seeds: N (seeds 0..N-1) or a list of seeds. preset / chain: as --preset / --chain. model: a loaded Model or
+    a path / name (then model_options such as ctx=, batch= apply). store: a path or a Store.
+
+    >>> run = ll.sweep("The capital of France is", {"temperature": [0, 0.7]}, seeds=2)  # doctest: +SKIP
+    >>> run.summary[["label", "mean_logprob", "distinct_completions"]]                  # doctest: +SKIP
+    """
+    from . import grid as grids
+    from .sweep import SweepSpec, execute, sizing, start_sweep
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise InvalidInput("give at least one prompt")
+    configs = _configs(grid, preset, chain)
+    seed_values = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if isinstance(seeds, int) and seeds < 1:
+        raise InvalidSettings(f"seeds={seeds} must be >= 1 (or a list of seeds)")
+    grids.check(configs, seed_values)
+    st = _store(store)
+    from .runtime import ModelOptions
+
+    ctx = model_options.get("ctx", ModelOptions().ctx)
+    n_par, cells = sizing(prompts, None, len(configs), len(seed_values), max_tokens, parallel, exact, ctx)
+    with _model(model, model_options, sequences=n_par, cells=cells) as loaded:
+        spec = SweepSpec(prompts, configs, seed_values, max_tokens, logprobs, tuple(stop), name, exact, parallel)
+        run_id = start_sweep(loaded, st, spec, command=f"python: llamalens.sweep({len(prompts)} prompt(s))",
+                             on_note=_note)
+        with _bar(progress, spec.n_samples, f"run {run_id}", "seq") as bar:
+            execute(loaded, st, run_id, _sweep_ticks(bar))
+    return _load(st, run_id)
+
+
+def report(run, path, *, store=None, fmt: str | None = None, metric: str = "mean_logprob", position: int = 0,
+           sample: int | None = None, model=None, load_model: bool = True, on_note=None, loader=None,
+           writer=None) -> Path:
+    """Write a run's report, as `llamalens report`: one self-contained HTML page, or Markdown with PNG plots.
+
+    run: a Run, or a run id / name in `store`. The sampler view loads the run's model file (or `model`: a
+    loaded Model or a path) unless load_model=False; metric, position, sample: as --metric, --position,
+    --sample. Returns the report's path. The CLI's hooks: `on_note` hears the warnings (default: Python
+    warnings), `loader(file, options)` loads a model file, `writer(doc, path, fmt)` writes the document.
+    """
+    from .reports import check_writable, report_format
+    from .reports.run import check_request, run_document
+    from .runtime import Model
+    from .sweep import check_run_model, report_model
+
+    say = on_note or _note
+    write = writer or _write
+    st = run.store if isinstance(run, Run) else _store(store)
+    info = st.run(run.id if isinstance(run, Run) else run)
+    if info.kind == "fork":
+        from .fork import load_fork
+        from .reports.fork import fork_document
+
+        report_format(path, fmt)
+        check_writable(path)
+        write(fork_document(load_fork(st, info.id)), path, fmt)
+        return Path(path)
+    check_request(info, metric)
+    report_format(path, fmt)
+    check_writable(path)
+    if info.status != "done" or info.n_done < info.n_samples:
+        say(f"warning: run {info.id} is {info.status} ({info.n_done}/{info.n_samples} samples); the report shows the "
+            "finished samples only")
+    loaded = run.loaded if isinstance(run, Run) else None
+    if loaded is None:
+        from .analysis import load_run
+
+        loaded = load_run(st, info.id)
+    if isinstance(model, Model):
+        check_run_model(st, info, model)
+        write(run_document(loaded, model, position, sample, metric), path, fmt)
+        return Path(path)
+    viewer = None
+    if load_model:
+        file, options = report_model(info, model)
+        if file is None:
+            say(f"warning: the run's model {info.model.path} is not there; the sampler view is left out "
+                "(pass --model PATH)")
+        else:
+            from .memory import checked_load
+            from .models import resolve_source
+
+            viewer = loader(file, options) if loader else checked_load(resolve_source(file), options)
+            check_run_model(st, info, viewer)
+    try:
+        write(run_document(loaded, viewer, position, sample, metric), path, fmt)
+        return Path(path)
+    finally:
+        if viewer is not None and loader is None:
+            viewer.close()
+
+
+def _write(doc, path, fmt) -> None:
+    from .reports import write
+
+    write(doc, path, fmt)
+
+
+# -- one-shot analyses -----------------------------------------------------------------------------
+def score(text, *, model=None, protocol: str = "full", stride: int | None = None, logprobs: int = 5,
+          progress: bool = False, **model_options):
+    """How surprised the model is by a text, as `llamalens score`: a Score (score.ScoreResult) with per-token
+    logprob, rank, entropy and alternatives, .perplexity, .nll, .bits_per_byte, .totals(), .to_pandas().
+
+    text: str, or bytes (scored as they are, like --raw-bytes). protocol: "full" (every token, overlapping
+    windows of the context) or "llama-perplexity" (exactly as llama.cpp's tool).
+
+    >>> ll.score("The quick brown fox jumps over the lazy dog.").perplexity  # doctest: +SKIP
+    """
+    from .score import score_text
+
+    batch = model_options.get("batch")
+    with _model(model, model_options, rows=batch or _default("batch")) as loaded:
+        with _bar(progress, 1, "scoring", "window") as bar:
+            return score_text(loaded, text, loaded.options.ctx, protocol, stride, logprobs, _window_ticks(bar))
+
+
+def _default(option: str):
+    from .runtime import ModelOptions
+
+    return getattr(ModelOptions(), option)
+
+
+def choose(prompt: str, options, *, normalize: str = "none", space: bool = True, model=None, **model_options):
+    """Rank continuations of a prompt by likelihood, as `llamalens choose`: a Choice (best first), with
+    .probabilities(), .margins(), .to_dict(), .to_pandas().
+
+    normalize: "none" (total logprob), "token" or "byte" (per token / per byte); space: join prompt and option
+    with a space (False: --no-space).
+
+    >>> ll.choose("The capital of France is", ["Paris", "London"]).options[0].option  # doctest: +SKIP
+    'Paris'
+    """
+    from .score import check_options
+    from .score import choose as rank
+
+    options = list(options)
+    check_options(options, normalize)
+    with _model(model, model_options) as loaded:
+        return rank(loaded, prompt, options, normalize, space=space)
+
+
+def compare(model_a=None, model_b=None, *, text=None, run=None, store=None, protocol: str = "full",
+            stride: int | None = None, progress: bool = False, **model_options):
+    """How far model B drifts from model A on the same tokens, as `llamalens compare`: a Comparison with
+    .summary() (KL divergence, Δp, same top token, PPL ratio), .worst(k), .positions, .to_pandas().
+
+    text: a str or bytes; or run: a Run / run id (B on that sweep's generated tokens; model_a None = the run's
+    model). model_a / model_b: loaded Models or paths / names.
+    """
+    from .runtime import Model
+    from .score import compare_pair, compare_run, compare_text, same_file
+
+    if (text is None) == (run is None):
+        raise InvalidInput("give text= or run=, one of them")
+    st = None
+    if run is not None:
+        st = run.store if isinstance(run, Run) else _store(store)
+        run = run.id if isinstance(run, Run) else run
+        if model_a is None:
+            model_a = st.run(run).model.path
+    loaded_given = [isinstance(m, Model) for m in (model_a, model_b)]
+    if not any(loaded_given):
+        model_a, model_b = (str(p) for p in compare_pair([model_a, model_b]))
+    elif same_file(model_a.path if loaded_given[0] else model_a, model_b.path if loaded_given[1] else model_b):
+        raise InvalidInput("model A and model B are the same file: the KL divergence of a model with itself is 0 by "
+                           "construction; pass two different files")
+    rows = model_options.get("batch") or _default("batch")
+    with _model(model_a, model_options if not loaded_given[0] else {}, rows=rows) as a, \
+            _model(model_b, model_options if not loaded_given[1] else {}, rows=rows) as b:
+        with _bar(progress, 1, "comparing", "window" if run is None else "sample") as bar:
+            if run is not None:
+                return compare_run(a, b, st, run, on_progress=_window_ticks(bar))
+            ctx = model_options.get("ctx") or min(a.options.ctx, b.options.ctx)
+            return compare_text(a, b, text, ctx, protocol, stride, on_progress=_window_ticks(bar))
+
+
+def sampler_view(model, prompt: str, settings, *, top: int = 10, history=()):
+    """The next-token distribution after prompt (+ history token ids) raw, and after each setting's sampler chain,
+    as `llamalens next -t ...`: a distribution.SamplerView (bars of raw vs after the chain in a notebook).
+
+    settings: a SamplingSettings, a list of them, or {setting: values} expanded as a grid over neutral
+    settings (temperature 1, no truncation), e.g. {"temperature": [0.5, 1, 2]}.
+    """
+    from . import grid as grids
+    from .distribution import sampler_view as view
+    from .settings import NEUTRAL, changes_label
+
+    if isinstance(settings, dict):
+        configs = grids.expand({k: (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in settings.items()},
+                               NEUTRAL)
+        labels = [changes_label(c) for c in configs]
+    else:
+        configs = [settings] if isinstance(settings, SamplingSettings) else list(settings)
+        labels = None
+    grids.check(configs, [0])
+    with _model(model, {}) as loaded:
+        return view(loaded, prompt, list(history), configs, top, labels=labels)
+
+
+def fork(prompt: str, *, options=None, outcome: str | None = None, settings: SamplingSettings | None = None,
+         sampled_base: bool = False, samples: int = 4, alternatives: int = 3, min_prob: float = 0.05,
+         positions=None, max_tokens: int = 24, stop=(), parallel: int = 32, exact: bool = False,
+         max_sequences: int = 2000, name: str | None = None, model=None, store=None, progress: bool = True,
+         **model_options) -> Run:
+    """Find the tokens of a completion where the answer is decided, as `llamalens fork`: a Run of kind 'fork'
+    (its report and notebook display are the fork report; fork.load_fork(run.store, run.id) has the analysis).
+
+    options: the outcomes to look for (a list or "yes,no"); or outcome: a regex (its group 1 if it has one);
+    neither: the completion's first line. positions: None (all), N, or (N, M). settings: the continuations'
+    sampling settings (the base path is greedy unless sampled_base=True).
+    """
+    from .fork import ForkSpec, OutcomeSpec, check_spec, execute_fork, parse_positions, start_fork
+
+    if options is not None and outcome is not None:
+        raise InvalidInput("options= and outcome= are different ways to read the outcome: give one")
+    if isinstance(options, str):
+        options = options.split(",")
+    spec_outcome = (OutcomeSpec("regex", regex=outcome) if outcome is not None else
+                    OutcomeSpec("options", options=tuple(o.strip() for o in options)) if options is not None else
+                    OutcomeSpec())
+    span = positions if positions is None or isinstance(positions, tuple) else parse_positions(str(positions))
+    spec = ForkSpec(prompt, settings or SamplingSettings(), spec_outcome, sampled_base, samples, alternatives,
+                    min_prob, span, max_tokens, tuple(stop), parallel, exact, max_sequences, name)
+    check_spec(spec)
+    st = _store(store)
+    n_par = 1 if exact else min(parallel, max_sequences)
+    cells = (n_par + 1) * (len(prompt.encode("utf-8")) + 3 + max_tokens)
+    with _model(model, model_options, sequences=n_par + 1, cells=cells) as loaded:
+        run_id, cost = start_fork(loaded, st, spec, command="python: llamalens.fork(...)")
+        with _bar(progress, cost.sequences, f"fork run {run_id}", "seq") as bar:
+            execute_fork(loaded, st, run_id, _sweep_ticks(bar))
+    return _load(st, run_id)
