@@ -94,15 +94,20 @@ def top_ids(logits: np.ndarray, n: int, scratch: tuple[np.ndarray, np.ndarray] |
 
 
 def lse32(x: np.ndarray) -> float:
-    """log-sum-exp of a float32 vector the way RowStats computes a row's: exp in float32, sums in float64
-    (one max pass, one exp pass, one sum; about 4x faster than `logsumexp` on 262k entries)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    """log-sum-exp of a float32 vector (a strided field of a structured array will do) the way RowStats computes a
+    row's: exp in float32, sums in float64, in this thread's scratch array (one max pass, one subtract, one exp,
+    one sum; about 4x faster than `logsumexp` on 262k entries)."""
     if x.size == 0:
         return -math.inf
+    e = _buffers(x.shape[0])[1]
+    if x.dtype != np.float32 or not x.flags.c_contiguous:  # one strided read, then contiguous passes
+        np.copyto(e, x, casting="same_kind")
+        x = e
     m = x.max()
     if not np.isfinite(m):
         return float(m)
-    e = np.exp(x - m)
+    np.subtract(x, m, out=e)
+    np.exp(e, out=e)
     return float(m) + math.log(float(np.sum(e, dtype=np.float64)))
 
 
