@@ -96,7 +96,7 @@ def top_ids(logits: np.ndarray, n: int, scratch: tuple[np.ndarray, np.ndarray] |
 def lse32(x: np.ndarray) -> float:
     """log-sum-exp of a float32 vector (a strided field of a structured array will do) the way RowStats computes a
     row's: exp in float32, sums in float64, in this thread's scratch array (one max pass, one subtract, one exp,
-    one sum; about 4x faster than `logsumexp` on 262k entries)."""
+    one sum; 0.4 ms against `logsumexp`'s 0.7 ms on 262k entries)."""
     if x.size == 0:
         return -math.inf
     e = _buffers(x.shape[0])[1]
