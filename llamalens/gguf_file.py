@@ -19,7 +19,8 @@ Walking a 262k-token vocabulary's strings takes ~0.2 s, on every start of every 
 read and checked, is kept in a small JSON file in the user's cache ($LLAMALENS_CACHE_DIR, else
 $XDG_CACHE_HOME/llamalens or ~/.cache/llamalens; folder headers/), named by the file's identity: its resolved
 path, size, mtime_ns and a BLAKE2 hash of its first and last MiB. A file changed in any of these is read
-again; a file that fails the checks is never cached; a cache that cannot be written or read is ignored.
+again; a file that fails the checks is never cached; a cache that cannot be written or read is ignored; the
+folder keeps the CACHE_MAX most recently written headers.
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ class _Cursor:
 
 
 CACHE_VERSION = 1
+CACHE_MAX = 256  # headers kept (a few KB each); temporary files of tests and conversions come and go
 MIB = 1 << 20
 
 
@@ -228,6 +230,9 @@ def _store(header: GGUFHeader, key: str) -> None:
         tmp = folder / f".{key}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(d), encoding="utf-8")
         os.replace(tmp, folder / f"{key}.json")  # atomic: a reader sees the old file or the whole new one
+        kept = sorted(folder.glob("*.json"), key=lambda f: f.stat().st_mtime_ns)
+        for old in kept[: max(0, len(kept) - CACHE_MAX)]:  # the least recently written go first
+            old.unlink(missing_ok=True)
     except (OSError, ValueError):
         pass  # a read-only or full cache: the header is read again next time
 

@@ -91,6 +91,11 @@ def test_header_cache_hit_equals_parse_and_follows_changes(tiny_path, tmp_path, 
     f.write_bytes(bytes(data[: len(data) - 1000]))
     with pytest.raises(InvalidModelFile, match="truncated"):
         read_header(f)
+    monkeypatch.setattr("llamalens.gguf_file.CACHE_MAX", 2)  # the folder keeps the most recent headers only
+    for i in range(3):
+        (tmp_path / f"copy{i}.gguf").write_bytes(tiny_path.read_bytes())
+        read_header(tmp_path / f"copy{i}.gguf")
+    assert len(list((tmp_path / "cache" / "headers").glob("*.json"))) == 2
     (tmp_path / "ro").write_text("a file where the cache folder should be")
     monkeypatch.setenv("LLAMALENS_CACHE_DIR", str(tmp_path / "ro"))
     assert read_header(tiny_path).vocab_size == N_VOCAB
