@@ -379,6 +379,19 @@ class Context(NativeHandle):
         ptr = self._lib.llama_get_logits_ith(self.ptr, i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
+    def logits_block(self, n: int) -> np.ndarray:
+        """A [n, n_vocab] view of the first n output rows of the last decode, in batch order (valid until the next
+        decode): llama_get_logits' buffer, one contiguous block, row i the same memory as logits(i)."""
+        lib = self._lib
+        base = lib.llama_get_logits(self.ptr)
+        row_bytes = self.n_vocab * 4
+        first = ctypes.cast(lib.llama_get_logits_ith(self.ptr, 0), ctypes.c_void_p).value
+        last = ctypes.cast(lib.llama_get_logits_ith(self.ptr, n - 1), ctypes.c_void_p).value
+        start = ctypes.cast(base, ctypes.c_void_p).value
+        if first != start or last != start + (n - 1) * row_bytes:  # not one block in batch order: copy the rows
+            return np.stack([self.logits(i) for i in range(n)])
+        return np.ctypeslib.as_array(base, shape=(n, self.n_vocab))
+
     def embedding(self, i: int) -> np.ndarray:
         """A copy of the hidden-state vector of output i of the last decode (an embeddings context)."""
         ptr = self._lib.llama_get_embeddings_ith(self.ptr, i)

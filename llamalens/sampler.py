@@ -58,11 +58,24 @@ def post_sampling(survivors: np.ndarray, n: int) -> list[tuple[int, float]]:
 
 
 class Candidates:
-    """A reusable llama_token_data buffer of n_vocab entries, so a step does not allocate one."""
+    """A reusable llama_token_data buffer of n_vocab entries, so a step does not allocate one (the engine keeps
+    one for all its sequences and steps)."""
 
     def __init__(self, n_vocab: int):
         self.data = np.zeros(n_vocab, dtype=TOKEN_DATA)
         self.ids = np.arange(n_vocab, dtype=np.int32)
+        fresh = np.zeros(n_vocab, dtype=TOKEN_DATA)
+        fresh["id"] = self.ids
+        self._fresh = fresh.view(np.uint8)  # (id, 0, 0) for every token, as bytes
+        self._bytes = self.data.view(np.uint8)
+        self._logits = self.data.view(np.float32).reshape(n_vocab, 3)[:, 1]
+
+    def fill(self, row: np.ndarray) -> np.ndarray:
+        """(id, logit, 0) for every token of the row: one memcpy of the ids and zeros, one strided write of the
+        logits (the chain sorts and truncates the buffer in place, so all of it is rewritten each time)."""
+        np.copyto(self._bytes, self._fresh)
+        self._logits[:] = row
+        return self.data
 
 
 def _llama_cpp_python_stages(lib, s: SamplingSettings, n_vocab: int) -> list[tuple[str, Callable]]:
@@ -213,10 +226,12 @@ class Sampler(NativeHandle):
         lib = self._lib
         n = row.shape[0]
         own = buffers is None
-        cand = np.zeros(n, dtype=TOKEN_DATA) if own else buffers.data
-        cand["id"] = np.arange(n, dtype=np.int32) if own else buffers.ids
-        cand["logit"] = row
-        cand["p"] = 0.0
+        if own:
+            cand = np.zeros(n, dtype=TOKEN_DATA)
+            cand["id"] = np.arange(n, dtype=np.int32)
+            cand["logit"] = row
+        else:
+            cand = buffers.fill(row)
         arr = lib.llama_token_data_array(data=cand.ctypes.data_as(lib.llama_token_data_p), size=n, selected=-1,
                                          sorted=False)
         lib.llama_sampler_apply(self.ptr, ctypes.byref(arr))

@@ -61,3 +61,41 @@ def test_corrupt_counts(tmp_path, tiny_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ModelNotFound, match="not found"):
         read_header(tmp_path / "nope.gguf")
+
+
+def test_header_cache_hit_equals_parse_and_follows_changes(tiny_path, tmp_path, monkeypatch):
+    """The cached header is the parsed one; a file changed in place (same size) is read again; a file cut
+    after it was cached is still refused; an unwritable cache is ignored."""
+    import os
+
+    from llamalens.gguf_file import parse_header
+
+    monkeypatch.setenv("LLAMALENS_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    data = bytearray(tiny_path.read_bytes())
+    f.write_bytes(bytes(data))
+    first = read_header(f)
+    assert len(list((tmp_path / "cache" / "headers").glob("*.json"))) == 1
+    again = read_header(f)
+    ref = parse_header(f)
+    assert (again.metadata, again.tensors, again.data_offset, again.file_size, again.version) == (
+        ref.metadata, ref.tensors, ref.data_offset, ref.file_size, ref.version)
+    assert first.metadata == again.metadata and isinstance(again.get("tokenizer.ggml.tokens"), ArraySummary)
+    # the same size, one metadata value changed (block_count 2 -> 3), mtime kept: the content hash tells
+    at = data.index(b"llama.block_count") + len(b"llama.block_count") + 4  # key, then the u32 value type
+    st = os.stat(f)
+    data[at] = 3
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert read_header(f).arch_key("block_count") == 3
+    f.write_bytes(bytes(data[: len(data) - 1000]))
+    with pytest.raises(InvalidModelFile, match="truncated"):
+        read_header(f)
+    monkeypatch.setattr("llamalens.gguf_file.CACHE_MAX", 2)  # the folder keeps the most recent headers only
+    for i in range(3):
+        (tmp_path / f"copy{i}.gguf").write_bytes(tiny_path.read_bytes())
+        read_header(tmp_path / f"copy{i}.gguf")
+    assert len(list((tmp_path / "cache" / "headers").glob("*.json"))) == 2
+    (tmp_path / "ro").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("LLAMALENS_CACHE_DIR", str(tmp_path / "ro"))
+    assert read_header(tiny_path).vocab_size == N_VOCAB

@@ -5,7 +5,8 @@ import pytest
 
 from llamalens.errors import InvalidSettings
 from llamalens.settings import SamplingSettings
-from llamalens.stats import RowStats, apply_temperature, entropy, kl_divergence, log_softmax, top_ids
+from llamalens.stats import (RowStats, apply_temperature, block_stats, entropy, kl_divergence, log_softmax, lse32,
+                             top_ids)
 from reference import log_softmax as reference_log_softmax
 
 
@@ -45,6 +46,44 @@ def test_row_stats_match_float64_log_softmax():
         order = np.argsort(-ref, kind="stable")[: min(10, n)]
         assert list(st.top_ids) == list(order)
         assert np.allclose(st.top_logprobs, ref[order], atol=1e-7)
+
+
+@pytest.mark.parametrize("n_rows, n_vocab", [(32, 32000), (4, 262144), (9, 300)])
+def test_block_stats_against_float64(n_rows, n_vocab):
+    """One decode step's rows at once, against numpy's float64 log-softmax of the raw logits. Errors measured
+    on these blocks (float32 exp, float64 sums): log-sum-exp, logprob and top logprobs <= 3.2e-8 nats, entropy
+    <= 8.0e-8; the tolerances are 10x that (3e-7, 8e-7)."""
+    rng = np.random.default_rng(n_vocab)
+    block = (rng.standard_normal((n_rows, n_vocab)) * rng.uniform(1, 8, (n_rows, 1))).astype(np.float32)
+    block[1] = np.round(block[1])  # coarse logits: many ties at the top-N cut
+    block[2, rng.integers(n_vocab, size=n_vocab // 3)] = -np.inf  # banned tokens
+    block[3, :] = -np.inf
+    block[3, 7] = 1.5  # a single allowed token
+    stats = block_stats(block, 10)
+    assert len(stats) == n_rows
+    for i, st in enumerate(stats):
+        row = block[i]
+        ref = reference_log_softmax(row.astype(np.float64))
+        finite = np.isfinite(ref)
+        h = float(-(np.exp(ref[finite]) * ref[finite]).sum())
+        assert abs(st.entropy - h) < 8e-7
+        x = row[np.isfinite(row)].astype(np.float64)
+        lse_ref = x.max() + np.log(np.exp(x - x.max()).sum())
+        assert abs(lse32(row) - lse_ref) < 3e-7 and abs(st.lse - lse_ref) < 3e-7
+        order = np.lexsort((np.arange(n_vocab), -row.astype(np.float64)))[:10]
+        assert list(st.top_ids) == list(order)
+        assert np.allclose(st.top_logprobs, ref[order], atol=3e-7, rtol=0)
+        # chosen tokens among the candidates (ranked from them) and far below them (a pass over the row)
+        for chosen in (int(order[0]), int(order[-1]), int(np.argmin(np.where(finite, row, np.inf))),
+                       int(rng.integers(n_vocab))):
+            if not finite[chosen]:
+                continue
+            got = st.for_token(row, chosen)
+            assert got.rank == 1 + int(np.sum(row > row[chosen]))
+            assert abs(got.logprob - ref[chosen]) < 3e-7
+            same = RowStats.of(row, chosen, 10)
+            assert (same.rank, same.logprob, same.entropy, list(same.top_ids)) == (
+                got.rank, got.logprob, got.entropy, list(got.top_ids))
 
 
 def test_top_ids_breaks_ties_by_id():

@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Where a llamalens command's time goes, per stage: wall time and this thread's CPU time (thread_time, which
+other processes' load moves less than the wall clock).
+
+    .venv/bin/python scripts/profile_stages.py sweep "The history of the printing press begins" -t 1.0 \\
+        --seeds 32 -n 32 --parallel 32 --threads 1 --ctx 128 --store /tmp/runs.db
+
+Stages: decode (Context.decode, in the engine and separately in the noise floor), chain (Sampler.apply),
+stats (block_stats once per decode step; per token: for_token and the sampled logprob), records (the rest of
+Engine._step), store (Store.save_sample), startup (memory.checked_load: header + model load). Prints one JSON
+object {stage: [wall_s, cpu_s, calls]} on stderr at the end. It wraps the functions in place: nothing else of
+the command changes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+
+import llamalens.engine as engine
+import llamalens.gguf_file as gguf_file
+import llamalens.memory as memory
+import llamalens.runtime as runtime
+import llamalens.sampler as sampler
+import llamalens.stats as stats
+import llamalens.store as store
+import llamalens.sweep as sweep
+
+ACC: dict[str, list] = defaultdict(lambda: [0.0, 0.0, 0])
+IN_NOISE = [False]
+
+
+def wrap(owner, name: str, label: str, classmethod_: bool = False) -> None:
+    f = getattr(owner, name)
+    raw = f.__func__ if classmethod_ else f
+
+    def timed(*a, **k):
+        lab = label + (" (noise floor)" if IN_NOISE[0] and label == "decode" else "")
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            return raw(*a, **k)
+        finally:
+            x = ACC[lab]
+            x[0] += time.perf_counter() - t0
+            x[1] += time.thread_time() - c0
+            x[2] += 1
+    setattr(owner, name, classmethod(timed) if classmethod_ else timed)
+
+
+def main() -> None:
+    wrap(runtime.Context, "decode", "decode")
+    wrap(sampler.Sampler, "apply", "chain")
+    wrap(engine, "block_stats", "stats")
+    wrap(engine, "sampled_logprob", "stats per token")
+    wrap(stats.RowStats, "for_token", "stats per token")
+    wrap(engine.Engine, "_step", "step (chain + stats per token + records)")
+    wrap(store.Store, "save_sample", "store")
+    wrap(memory, "checked_load", "startup: model load + header")
+    wrap(gguf_file, "read_header", "startup: header")
+    noise_floor, loop = sweep.noise_floor, engine.Engine._loop
+
+    def noise(*a, **k):
+        IN_NOISE[0] = True
+        t0 = time.perf_counter()
+        try:
+            return noise_floor(*a, **k)
+        finally:
+            IN_NOISE[0] = False
+            ACC["noise floor (total)"][0] += time.perf_counter() - t0
+
+    def timed_loop(self, *a, **k):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        yield from loop(self, *a, **k)
+        ACC["engine loop (total)"][0] += time.perf_counter() - t0
+        ACC["engine loop (total)"][1] += time.thread_time() - c0
+
+    sweep.noise_floor, engine.Engine._loop = noise, timed_loop
+    from llamalens.cli import main as cli
+
+    t0 = time.perf_counter()
+    try:
+        cli(sys.argv[1:], standalone_mode=False)
+    finally:
+        ACC["whole command"][0] = time.perf_counter() - t0
+        print(json.dumps(ACC), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
