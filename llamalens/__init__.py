@@ -35,6 +35,7 @@ from .settings import SamplingSettings  # noqa: F401
 __all__ = [
     "__version__", "load_model", "list_models", "resolve_model", "ModelInfo", "SamplingSettings",
     "generate", "next_token", "tokenize", "embed_texts", "embedding_map", "Engine", "Request", "Model", "ModelOptions",
+    "quantize",
     "LlamalensError", "ModelNotFound", "InvalidModelFile", "InvalidSettings", "PromptTooLong", "InvalidInput",
     "StoreError", "MissingExtra",
     "sweep", "open_run", "runs", "report", "score", "choose", "compare", "fork", "sampler_view",
@@ -107,7 +108,7 @@ def __getattr__(name):
         from .records import Sample
 
         return Sample
-    if name in ("Model", "ModelOptions"):
+    if name in ("Model", "ModelOptions", "quantize"):
         from . import runtime
 
         return getattr(runtime, name)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidModelFile, LlamalensError, PromptTooLong
+from .errors import InvalidInput, InvalidModelFile, LlamalensError, PromptTooLong
 from .gguf_file import read_header
 from .models import ModelInfo, model_info
 from .records import token_text
@@ -106,6 +106,31 @@ def builtin_chat_templates() -> list[str]:
 def supports_gpu_offload() -> bool:
     """Whether this llama.cpp build can put layers on a GPU (--gpu-layers does anything)."""
     return bool(llama_cpp_module().llama_supports_gpu_offload())
+
+
+# llama_ftype values (llama.h) of the quantizations `quantize` makes
+QUANT_TYPES = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
+               "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+               "BF16": 32}
+
+
+def quantize(src, dst, kind: str = "Q8_0", threads: int = 0) -> Path:
+    """Write a `kind` quantization (a QUANT_TYPES name, e.g. "Q8_0", "Q2_K") of the GGUF model `src` to `dst`
+    with llama.cpp's own quantizer (llama_model_quantize; requantizing an already quantized file is allowed,
+    as llama-quantize --allow-requantize does). threads 0: all cores. Returns dst."""
+    name = str(kind).upper()
+    if name not in QUANT_TYPES:
+        raise InvalidInput(f"quantization {kind!r} is not one llamalens makes; choose one of "
+                           + ", ".join(QUANT_TYPES))
+    read_header(Path(src))  # a truncated or corrupt file is refused before native code reads it
+    lib = llama_cpp_module()
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[name]
+    params.allow_requantize = True
+    params.nthread = int(threads)
+    if lib.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise LlamalensError(f"llama.cpp could not quantize {src} to {name} ({last_log_error() or 'no message'})")
+    return Path(dst)
 
 
 class NativeHandle:

@@ -107,13 +107,10 @@ def gemma_llama(gemma_path):
 
 @pytest.fixture(scope="session")
 def gemma_q8_path(gemma_path, tmp_path_factory):
-    """A Q8_0 copy of the default model (llama_model_quantize, about a second): batch-invariant on CPU
+    """A Q8_0 copy of the default model (llama.cpp's quantizer through runtime.quantize, about a second): batch-invariant on CPU
     with flash attention on (../shared/NOTES.md §6)."""
-    import llama_cpp as L
+    from llamalens.runtime import quantize
 
     out = tmp_path_factory.mktemp("q8") / "gemma-3-270m-q8_0.gguf"
-    p = L.llama_model_quantize_default_params()
-    p.ftype = 7  # LLAMA_FTYPE_MOSTLY_Q8_0
-    p.allow_requantize = True
-    assert L.llama_model_quantize(str(gemma_path).encode(), str(out).encode(), p) == 0
+    quantize(gemma_path, out, "Q8_0")
     return out

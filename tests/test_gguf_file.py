@@ -99,3 +99,23 @@ def test_header_cache_hit_equals_parse_and_follows_changes(tiny_path, tmp_path, 
     (tmp_path / "ro").write_text("a file where the cache folder should be")
     monkeypatch.setenv("LLAMALENS_CACHE_DIR", str(tmp_path / "ro"))
     assert read_header(tiny_path).vocab_size == N_VOCAB
+
+
+def test_quantize_writes_the_asked_type(gemma_q8_path, tmp_path):
+    """ll.quantize (llama.cpp's quantizer) writes the file type asked for; the header is read back with the
+    gguf package (not llamalens's reader); a name it does not know and a corrupt source are clear errors."""
+    import gguf
+
+    import llamalens as ll
+    from llamalens.errors import InvalidInput
+
+    reader = gguf.GGUFReader(str(gemma_q8_path))  # conftest's Q8_0 copy, made by ll.quantize
+    field = reader.fields["general.file_type"]
+    assert int(field.parts[field.data[0]][0]) == 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+    with pytest.raises(InvalidInput, match="Q8_0, Q5_0"):
+        ll.quantize(gemma_q8_path, tmp_path / "x.gguf", "Q9_9")
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(gemma_q8_path.read_bytes()[:4096])
+    with pytest.raises(InvalidModelFile):
+        ll.quantize(bad, tmp_path / "y.gguf", "Q8_0")
+    assert not (tmp_path / "y.gguf").exists()

@@ -26,19 +26,11 @@ def cli(*args, ok=True):
     return res
 
 
-def _quantized(src, dst, ftype):
-    import llama_cpp as L
-
-    p = L.llama_model_quantize_default_params()
-    p.ftype = ftype
-    p.allow_requantize = True
-    assert L.llama_model_quantize(str(src).encode(), str(dst).encode(), p) == 0
-    return dst
-
-
 @pytest.fixture(scope="module")
 def gemma_q2_path(gemma_path, tmp_path_factory):
-    return _quantized(gemma_path, tmp_path_factory.mktemp("q2") / "gemma-3-270m-q2_k.gguf", 10)  # MOSTLY_Q2_K
+    from llamalens.runtime import quantize
+
+    return quantize(gemma_path, tmp_path_factory.mktemp("q2") / "gemma-3-270m-q2_k.gguf", "Q2_K")
 
 
 def _llama_rows(llm, ids):
