@@ -54,6 +54,11 @@ class RayError(LlamalensError):
     """Ray is missing, unreachable, or has no worker left to do the work."""
 
 
+def have_ray() -> None:
+    """MissingExtra (with the pip command) unless Ray can be imported."""
+    _ray()
+
+
 def _ray():
     try:
         import ray

@@ -335,4 +335,9 @@ def pop_ray(kw: dict) -> tuple[str | None, int | None]:
     address, workers = kw.pop("ray_address"), kw.pop("workers")
     if workers is not None and address is None:
         raise click.UsageError("--workers applies to Ray runs: add --ray (a local Ray) or --ray auto (a cluster)")
+    if address is not None:  # a bad address or no Ray fails now, before a model is loaded or a run planned
+        from ..distributed import check_address, have_ray
+
+        check_address(address)
+        have_ray()
     return address, workers
