@@ -5,7 +5,7 @@
       starts N actors ────────────────────────────────────────────►    with --gpu-layers), loads the model
                                                                        once, hashes the file: a file other
       ◄──────────────────── ready (pid, host) or why not ──────────    than the run's is refused
-      chunks = pending samples of one prompt (at most CHUNK),
+      chunks = pending samples of one prompt (chunk_size),
       one chunk in flight per worker ─────────────────────────────►    sweep.decode(chunk): the engine as
       ray.wait: each finished chunk's samples saved by the driver ◄──  in one process (prefix sharing kept)
       (one writer, the same schema, the same resume)
@@ -46,7 +46,7 @@ from typing import Callable
 from .errors import LlamalensError, MissingExtra
 from .settings import ModelOptions
 
-CHUNK = 8  # samples per chunk at most: what a dying worker can lose, and what the driver waits for at once
+SHARES = 4  # chunks per worker at least, when the run is small: the work stays balanced to its end
 START_TIMEOUT_S = float(os.environ.get("LLAMALENS_RAY_START_TIMEOUT", "300"))
 
 
@@ -105,24 +105,28 @@ def connected(address: str | None, num_cpus: int | None = None):
 
 
 class _Worker:
-    """What runs inside one Ray actor: a loaded model and the decode calls the driver sends it."""
+    """What runs inside one Ray actor: its loaded models (one; two for compare) and the calls the driver sends."""
 
-    def __init__(self, name: str, path: str, options: ModelOptions, sha256: str):
-        self.name, self.model, self.error = name, None, None
+    def __init__(self, name: str, files: list[tuple[str, str]], options: ModelOptions):
+        self.name, self.models, self.error = name, [], None
         self.pid, self.host = os.getpid(), socket.gethostname()
         try:
+            from .runtime import Model
             from .store import file_sha256
 
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"no model file {path} on this node")
-            got = file_sha256(path)
-            if sha256 and got != sha256:
-                raise ValueError(f"{path} here has sha256 {got[:12]}, not the run's {sha256[:12]}: another file")
-            from .runtime import Model
-
-            self.model = Model(path, options)
+            for path, sha256 in files:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"no model file {path} on this node")
+                got = file_sha256(path)
+                if sha256 and got != sha256:
+                    raise ValueError(f"{path} here has sha256 {got[:12]}, not the run's {sha256[:12]}: another file")
+                self.models.append(Model(path, options))
         except Exception as e:  # noqa: BLE001 - reported by name to the driver, which goes on with the others
             self.error = str(e) or type(e).__name__
+
+    @property
+    def model(self):
+        return self.models[0]
 
     def ready(self) -> tuple[int, str, str | None]:
         return self.pid, self.host, self.error
@@ -136,6 +140,13 @@ class _Worker:
         from .score import score_windows
 
         return score_windows(self.model, stream, offset, windows, n_logprobs, n_ctx=n_ctx)
+
+    def compare_shard(self, stream, windows, offset, n_top, n_ctx) -> tuple[list, list]:
+        from .score import _compare_windows
+
+        out, nll = [], [[], []]
+        _compare_windows(self.models[0], self.models[1], stream, windows, offset, n_top, out, nll, n_ctx=n_ctx)
+        return out, nll
 
 
 @dataclass
@@ -170,16 +181,20 @@ def worker_cpus(options: ModelOptions) -> int:
     return options.threads_or_default()
 
 
-def start_pool(ray, model, sha256: str, workers: int | None, on_note: Callable[[str], None]) -> Pool:
-    """One actor per worker, each loading `model`'s file with its options and checking its sha256;
-    those that fail are reported by name; RayError when none is left."""
+def start_pool(ray, model, sha256: str, workers: int | None, on_note: Callable[[str], None], also=()) -> Pool:
+    """One actor per worker, each loading `model`'s file with its options and checking its sha256 (and the
+    models in `also`, checked against their own files: compare's B); those that fail are reported by name;
+    RayError when none is left."""
+    from .store import file_sha256
+
     opts = model.options
+    files = [(str(model.path.resolve()), sha256)] + [(str(m.path.resolve()), file_sha256(m.path)) for m in also]
     cpus = worker_cpus(opts)
     if workers is None:
         workers = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
     actor = ray.remote(num_cpus=cpus, num_gpus=1 if opts.gpu_layers else 0, max_restarts=0)(_Worker)
     names = [f"w{i}" for i in range(workers)]
-    made = {n: actor.remote(n, str(model.path.resolve()), opts, sha256) for n in names}
+    made = {n: actor.remote(n, files, opts) for n in names}
     refs = {made[n].ready.remote(): n for n in names}
     pool = Pool()
     ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=START_TIMEOUT_S)
@@ -213,7 +228,13 @@ def _why(e: Exception) -> str:
     return text[0] if text else type(e).__name__
 
 
-def chunks(pending, size: int = CHUNK) -> list[list]:
+def chunk_size(n_pending: int, n_workers: int, parallel: int) -> int:
+    """Samples per chunk: a whole batch (--parallel) when the run is big, smaller when that would leave fewer
+    than SHARES chunks a worker. A chunk is what a dying worker loses, and what the driver waits for at once."""
+    return max(1, min(parallel, -(-n_pending // (n_workers * SHARES))))
+
+
+def chunks(pending, size: int) -> list[list]:
     """Pending samples grouped by prompt (plan order), each group cut into pieces of at most `size`."""
     by_prompt: dict[int, list] = {}
     for s in pending:
@@ -261,10 +282,10 @@ def deal(ray, pool: Pool, work: list, call: Callable, on_result: Callable, on_no
 
 def execute_ray(model, store, run_id: int, address: str | None = None, workers: int | None = None,
                 on_progress=None, on_note: Callable[[str], None] = lambda s: None,
-                on_pool: Callable[[Pool], None] | None = None, chunk: int = CHUNK):
+                on_pool: Callable[[Pool], None] | None = None, chunk: int | None = None):
     """sweep.execute on Ray workers: the pending samples of a run decoded in chunks, each saved by this
     process as its chunk comes back, then the noise floor (with `model`, here). Returns the Progress."""
-    from .sweep import Progress, SweepInterrupted, check_resumable, check_run_model, finish, saver, writing
+    from .sweep import DEFAULT_PARALLEL, Progress, SweepInterrupted, check_resumable, check_run_model, finish, saver, writing
 
     info = store.run(run_id)
     check_resumable(info)
@@ -284,8 +305,11 @@ def execute_ray(model, store, run_id: int, address: str | None = None, workers: 
                 for sample, extra, n_tokens in results:
                     save(sample, extra, n_tokens)
 
+            pending = store.pending(run_id)
+            batch = DEFAULT_PARALLEL if opts.exact else opts.parallel  # --exact: one at a time, chunks still whole
+            size = chunk or chunk_size(len(pending), len(pool.workers), batch)
             try:
-                deal(ray, pool, chunks(store.pending(run_id), chunk),
+                deal(ray, pool, chunks(pending, size),
                      lambda actor, c: actor.sweep_chunk.remote(c, configs, opts), saved, on_note)
             except RayError as e:
                 store.set_status(run_id, "interrupted")
@@ -294,28 +318,50 @@ def execute_ray(model, store, run_id: int, address: str | None = None, workers: 
     return prog
 
 
+def _sharded(models, address, workers, on_note, on_window, method: str, windows, args: tuple) -> list:
+    """Deal contiguous shards of `windows` out to Ray workers holding `models` (their files' sha256 checked);
+    each runs `method(stream, shard, *args)`; the results, in window order."""
+    from .store import file_sha256
+
+    model = models[0]
+    local_cpus = workers * worker_cpus(model.options) if workers else None
+    with connected(check_address(address), local_cpus) as ray:
+        pool = start_pool(ray, model, file_sha256(model.path), workers, on_note, also=models[1:])
+        per = max(1, -(-len(windows) // (len(pool.workers) * SHARES)))  # a lost shard costs 1/SHARES of a worker's
+        shards = [(i, windows[i : i + per]) for i in range(0, len(windows), per)]
+        got: dict[int, object] = {}
+        stream_ref = ray.put(args[0])
+
+        def done(shard, value):
+            got[shard[0]] = value
+            if on_window:
+                on_window(min(len(windows), len(got) * per), len(windows))
+
+        deal(ray, pool, shards, lambda actor, sh: getattr(actor, method).remote(stream_ref, sh[1], *args[1:]), done,
+             on_note)
+    return [got[i] for i in sorted(got)]
+
+
 def ray_scorer(model, address: str | None = None, workers: int | None = None,
                on_note: Callable[[str], None] = lambda s: None, on_window=None) -> Callable:
     """A scorer for score.score_text: the windows dealt out in contiguous shards to Ray workers, their scored
     tokens put back in stream order."""
     def scorer(stream, offset, windows, n_logprobs, n_ctx) -> list:
-        from .store import file_sha256
+        parts = _sharded([model], address, workers, on_note, on_window, "score_shard", windows,
+                         (stream, offset, n_logprobs, n_ctx))
+        return [t for part in parts for t in part]
 
-        local_cpus = workers * worker_cpus(model.options) if workers else None
-        with connected(check_address(address), local_cpus) as ray:
-            pool = start_pool(ray, model, file_sha256(model.path), workers, on_note)
-            per = max(1, -(-len(windows) // (len(pool.workers) * 4)))  # ~4 shards a worker: a lost one costs 1/4
-            shards = [(i, windows[i : i + per]) for i in range(0, len(windows), per)]
-            stream_ref = ray.put(stream)
-            got: dict[int, list] = {}
+    return scorer
 
-            def done(shard, tokens):
-                got[shard[0]] = tokens
-                if on_window:
-                    on_window(min(len(windows), len(got) * per), len(windows))
 
-            deal(ray, pool, shards, lambda actor, sh: actor.score_shard.remote(stream_ref, sh[1], offset, n_logprobs,
-                                                                               n_ctx), done, on_note)
-        return [t for i in sorted(got) for t in got[i]]
+def ray_comparer(a, b, address: str | None = None, workers: int | None = None,
+                 on_note: Callable[[str], None] = lambda s: None, on_window=None) -> Callable:
+    """A scorer for score.compare_text: each worker holds both models and compares its shards of the windows;
+    positions and both NLL lists put back in stream order."""
+    def scorer(stream, offset, windows, n_top, n_ctx):
+        parts = _sharded([a, b], address, workers, on_note, on_window, "compare_shard", windows,
+                         (stream, offset, n_top, n_ctx))
+        return ([p for pos, _ in parts for p in pos],
+                [[x for _, nll in parts for x in nll[0]], [x for _, nll in parts for x in nll[1]]])
 
     return scorer

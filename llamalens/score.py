@@ -531,17 +531,19 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def _compare_windows(a: Model, b: Model, stream: list[int], windows: list[Window], offset: int, n_top: int,
                      out: list[PositionDiff], nll: list[list[float]], sample: int | None = None,
-                     on_window=None, alternate: bool = False) -> None:
+                     on_window=None, alternate: bool = False, n_ctx: int | None = None) -> None:
     """Both models' rows for the same windows: in lockstep (both resident), or, with `alternate`, one window
-    of A (its scored rows buffered) then the same window of B, so only one model's weights are hot at a time."""
+    of A (its scored rows buffered) then the same window of B, so only one model's weights are hot at a time.
+    `n_ctx`: as for rows()."""
 
     def pair_rows():
         if not alternate:
-            yield from zip(rows(a, stream, windows, on_window), rows(b, stream, windows))
+            yield from zip(rows(a, stream, windows, on_window, n_ctx), rows(b, stream, windows, n_ctx=n_ctx))
             return
         for k, w in enumerate(windows):
-            buf = [(i, r.copy()) for i, r in rows(a, stream, [w])]
-            yield from zip(buf, rows(b, stream, [w]))
+            n = n_ctx or window_ctx([w])
+            buf = [(i, r.copy()) for i, r in rows(a, stream, [w], n_ctx=n)]
+            yield from zip(buf, rows(b, stream, [w], n_ctx=n))
             if on_window:
                 on_window(k + 1)
 
@@ -568,8 +570,11 @@ def both_fit(a: Model, b: Model) -> bool:
 
 
 def compare_text(a: Model, b: Model, text: str | bytes, ctx: int | None = None, protocol: str = "full",
-                 stride: int | None = None, n_top: int = 5, on_progress=None, alternate: bool | None = None) -> Comparison:
-    """Per-token KL(A‖B), Δp and same-top over a text, both models' rows streamed in lockstep."""
+                 stride: int | None = None, n_top: int = 5, on_progress=None, alternate: bool | None = None,
+                 scorer: Callable | None = None) -> Comparison:
+    """Per-token KL(A‖B), Δp and same-top over a text, both models' rows streamed in lockstep.
+    `scorer(stream, off, windows, n_top, n_ctx)` -> (positions, [nll A, nll B]) compares the windows elsewhere
+    (distributed.py: on Ray)."""
     check_same_vocab(a, b)
     ctx = ctx or min(a.options.ctx, b.options.ctx)
     stream, off = check_text(a, text)
@@ -582,11 +587,14 @@ def compare_text(a: Model, b: Model, text: str | bytes, ctx: int | None = None, 
     positions: list[PositionDiff] = []
     nll: list[list[float]] = [[], []]
     if alternate is None:
-        alternate = not both_fit(a, b)
+        alternate = scorer is None and not both_fit(a, b)
     if alternate:
         notes.append("the two models do not both fit in memory: compared one window of each at a time")
-    _compare_windows(a, b, stream, windows, off, n_top, positions, nll,
-                     on_window=on_progress and (lambda k: on_progress(k, len(windows))), alternate=alternate)
+    if scorer is not None:
+        positions, nll = scorer(stream, off, windows, n_top, window_ctx(windows))
+    else:
+        _compare_windows(a, b, stream, windows, off, n_top, positions, nll,
+                         on_window=on_progress and (lambda k: on_progress(k, len(windows))), alternate=alternate)
     return Comparison(a.describe(), b.describe(), protocol, ctx, positions, float(np.mean(nll[0])),
                       float(np.mean(nll[1])), notes, time.perf_counter() - t0)
 

@@ -177,3 +177,21 @@ def test_score_sharded_over_two_workers_equals_one_process(ray_session, gemma_pa
     # the same windows with the same batch shapes and context size: identical, not merely close
     assert [t["logprob"] for t in got["tokens"]] == [t.logprob for t in ref.tokens]
     assert got["totals"]["perplexity"] == ref.perplexity and got["totals"]["windows"] == ref.windows
+
+
+def test_compare_sharded_over_two_workers_equals_one_process(ray_session, gemma_path, gemma_q8_path, tmp_path):
+    from llamalens.score import compare_text
+
+    opts = ModelOptions(threads=1, ctx=32)
+    with Model(gemma_path, opts) as a, Model(gemma_q8_path, opts) as b:
+        ref = compare_text(a, b, TEXT, 32, stride=8, alternate=False)
+    assert len({p.position for p in ref.positions}) == len(ref.positions) > 60  # 70 tokens in 6 windows
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT)
+    res = cli("compare", "-m", gemma_path, "-m", gemma_q8_path, "--file", f, "--ctx", 32, "--stride", 8,
+              "--threads", 1, "--json", "--ray", "--workers", 2)
+    got = json.loads(res.stdout)
+    assert got["summary"] == ref.summary()  # KLD, Δp, same-top, both perplexities: every figure the same
+    assert [p["kld"] for p in got["positions"]] == [p.kld for p in ref.positions]
+    res = cli("compare", "--run", 1, "-m", gemma_q8_path, "--ray", "--store", tmp_path / "none.db", ok=False)
+    assert res.exit_code == 2 and "drop --ray" in res.output
