@@ -5,7 +5,7 @@
       starts N actors ────────────────────────────────────────────►    with --gpu-layers), loads the model
                                                                        once, hashes the file: a file other
       ◄──────────────────── ready (pid, host) or why not ──────────    than the run's is refused
-      chunks = pending samples of one prompt (chunk_size),
+      chunks = pending samples of one prompt (a batch each),
       one chunk in flight per worker ─────────────────────────────►    sweep.decode(chunk): the engine as
       ray.wait: each finished chunk's samples saved by the driver ◄──  in one process (prefix sharing kept)
       (one writer, the same schema, the same resume)
@@ -46,7 +46,7 @@ from typing import Callable
 from .errors import LlamalensError, MissingExtra
 from .settings import ModelOptions
 
-SHARES = 4  # chunks per worker at least, when the run is small: the work stays balanced to its end
+SHARES = 4  # score / compare: shards per worker (a lost one costs a quarter of a worker's share)
 START_TIMEOUT_S = float(os.environ.get("LLAMALENS_RAY_START_TIMEOUT", "300"))
 
 
@@ -229,9 +229,10 @@ def _why(e: Exception) -> str:
 
 
 def chunk_size(n_pending: int, n_workers: int, parallel: int) -> int:
-    """Samples per chunk: a whole batch (--parallel) when the run is big, smaller when that would leave fewer
-    than SHARES chunks a worker. A chunk is what a dying worker loses, and what the driver waits for at once."""
-    return max(1, min(parallel, -(-n_pending // (n_workers * SHARES))))
+    """Samples per chunk: a whole batch (--parallel), or the run split evenly when it has less than a batch a
+    worker. Whole batches: on one thread, 72 samples in chunks of 18 decoded at 0.75-0.8x the speed of chunks of
+    32 (bench, Gemma 3 270M). A chunk is what a dying worker loses, and what the driver waits for at once."""
+    return max(1, min(parallel, -(-n_pending // n_workers)))
 
 
 def chunks(pending, size: int) -> list[list]:
@@ -313,7 +314,7 @@ def execute_ray(model, store, run_id: int, address: str | None = None, workers: 
                      lambda actor, c: actor.sweep_chunk.remote(c, configs, opts), saved, on_note)
             except RayError as e:
                 store.set_status(run_id, "interrupted")
-                raise SweepInterrupted(run_id, prog.done, prog.total, f"{e} Stopped") from None
+                raise SweepInterrupted(run_id, prog.done, prog.total, f"{e}. Stopped") from None
             finish(model, store, run_id)
     return prog
 
