@@ -138,6 +138,27 @@ def test_a_killed_worker_loses_only_its_chunk(ray_session, model1, reference, tm
     assert _tokens(store, run_id) == reference
 
 
+def test_with_every_worker_killed_the_run_stops_resumable(ray_session, model1, reference, tmp_path):
+    from llamalens.distributed import execute_ray
+
+    store = Store(tmp_path / "k2.db")
+    run_id = start_sweep(model1, store, _spec())
+    pools = []
+
+    def on_progress(prog):  # after each chunk that came back, kill -9 the worker that was just given the next one
+        victim = pools[0].latest()
+        if victim is not None:
+            os.kill(victim.pid, signal.SIGKILL)
+
+    with pytest.raises(SweepInterrupted, match=r"every worker is gone \(w\d \(pid \d+ on .*\), w\d .*resume with: "
+                       r"llamalens sweep --resume 1"):
+        execute_ray(model1, store, run_id, workers=2, on_progress=on_progress, on_pool=pools.append, chunk=2)
+    info = store.run(run_id)
+    assert info.status == "interrupted" and 0 < info.n_done < 8 and len(pools[0].died) == 2
+    execute(model1, store, run_id)  # the rest in one process
+    assert _tokens(store, run_id) == reference
+
+
 def test_a_run_interrupted_in_one_process_resumes_on_ray(ray_session, model1, reference, tmp_path):
     db = tmp_path / "i.db"
     store = Store(db)
