@@ -85,6 +85,8 @@ def connected(address: str | None, num_cpus: int | None = None):
     import logging
 
     ray = _ray()
+    if address not in (None, "auto") and not address.startswith("ray://"):
+        reachable(address)  # ray.init retries an unreachable address for minutes
     if ray.is_initialized():
         yield ray
         return
@@ -102,6 +104,16 @@ def connected(address: str | None, num_cpus: int | None = None):
         yield ray
     finally:
         ray.shutdown()
+
+
+def reachable(address: str, timeout: float = 5.0) -> None:
+    """RayError unless something listens at HOST:PORT (the head node's GCS port, 6379 by default)."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise RayError(f"no Ray head at {address} ({getattr(e, 'strerror', None) or e}); start one there with "
+                       "`ray start --head --port PORT`, or pass --ray auto on a node of the cluster") from None
 
 
 class _Worker:
