@@ -54,9 +54,12 @@ class RayError(LlamalensError):
     """Ray is missing, unreachable, or has no worker left to do the work."""
 
 
-def have_ray() -> None:
-    """MissingExtra (with the pip command) unless Ray can be imported."""
+def check_ray(address: str | None) -> None:
+    """What can be checked before any work: the address's form, that Ray is installed, that a HOST:PORT answers."""
+    address = check_address(address)
     _ray()
+    if address not in (None, "auto") and not address.startswith("ray://"):
+        reachable(address)
 
 
 def _ray():

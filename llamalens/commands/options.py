@@ -336,8 +336,7 @@ def pop_ray(kw: dict) -> tuple[str | None, int | None]:
     if workers is not None and address is None:
         raise click.UsageError("--workers applies to Ray runs: add --ray (a local Ray) or --ray auto (a cluster)")
     if address is not None:  # a bad address or no Ray fails now, before a model is loaded or a run planned
-        from ..distributed import check_address, have_ray
+        from ..distributed import check_ray
 
-        check_address(address)
-        have_ray()
+        check_ray(address)
     return address, workers
