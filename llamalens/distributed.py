@@ -31,6 +31,12 @@ Scoring (`score --ray`): the text's windows are planned once by the driver (scor
 out in contiguous shards; each worker decodes its windows with the same batch shapes and the same context
 size as one process (every window from a cleared cache), and sends back its scored tokens; the driver puts
 them in stream order, so every figure (NLL, perplexity, its error, bits per byte) is one process's.
+`compare --ray` (texts) does the same with both models in each worker (both files' sha256 checked): its
+KLD, Δp, same-top and perplexities are one process's. Shards, not merged sums, come back: the per-token
+records one process keeps anyway, and percentiles exact without histograms.
+
+Not here yet: fork --ray, compare --run --ray (refused), a replacement actor for a dead worker (the others
+take its work), results streamed per sample within a chunk.
 """
 
 from __future__ import annotations
