@@ -233,7 +233,7 @@ def runs(store=None):
 
 
 RUN_COLUMNS = ["id", "name", "kind", "status", "model", "prompts", "configs", "samples_done", "samples_total",
-               "created"]
+               "workers", "created"]
 
 
 def _configs(grid, preset: str | None, chain: str | None) -> list[SamplingSettings]:

@@ -232,6 +232,7 @@ class Hardware:
     system: str = ""
     llama_cpp_system_info: str = ""  # llama_print_system_info(): the CPU features the build uses
     cmake_args: str | None = None  # the flags scripts/install.sh built llama-cpp-python with (None: unknown)
+    workers: int = 1  # processes that decoded the run (more than one: on Ray, llamalens/distributed.py)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Hardware":

@@ -109,16 +109,17 @@ def score_batch(model: Model) -> int:
 
 
 def rows(model: Model, stream: list[int], windows: list[Window],
-         on_window: Callable[[int], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+         on_window: Callable[[int], None] | None = None, n_ctx: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """(stream index scored, raw logits row) for every scored token, window by window, in order.
 
-    The row is a view valid until the next item is requested.
+    The row is a view valid until the next item is requested. `n_ctx`: the context's size (default: the
+    longest window's, rounded; a shard of the windows is given the whole text's, so its figures are the same).
     """
     if not windows:
         return
     n_batch = score_batch(model)
-    longest = max(w.length for w in windows)
-    with model.context(n_ctx=round_ctx(longest), n_batch=n_batch) as ctx:
+    n_ctx = n_ctx or window_ctx(windows)
+    with model.context(n_ctx=n_ctx, n_batch=n_batch) as ctx:
         for k, w in enumerate(windows):
             ctx.clear()
             ids = stream[w.start : w.start + w.length]
@@ -135,6 +136,11 @@ def rows(model: Model, stream: list[int], windows: list[Window],
                         yield w.start + b0 + i + 1, ctx.logits(i)
             if on_window:
                 on_window(k + 1)
+
+
+def window_ctx(windows: list[Window]) -> int:
+    """The context size that holds the longest of these windows."""
+    return round_ctx(max(w.length for w in windows))
 
 
 def text_stream(model: Model, text: str | bytes) -> tuple[list[int], int]:
@@ -235,18 +241,27 @@ def check_text(model: Model, text: str | bytes) -> tuple[list[int], int]:
     return stream, off
 
 
+def score_windows(model: Model, stream: list[int], off: int, windows: list[Window], n_logprobs: int = 0,
+                  on_window: Callable[[int], None] | None = None, n_ctx: int | None = None) -> list[ScoredToken]:
+    """The scored tokens of these windows of the stream (the text's first token at index `off`), in order."""
+    return [_scored(model, s_idx - off, stream[s_idx], RowStats.of(row, stream[s_idx], n_logprobs), n_logprobs)
+            for s_idx, row in rows(model, stream, windows, on_window, n_ctx)]
+
+
 def score_text(model: Model, text: str | bytes, ctx: int | None = None, protocol: str = "full",
                stride: int | None = None, n_logprobs: int = 0,
-               on_progress: Callable[[int, int], None] | None = None) -> ScoreResult:
-    """Teacher-forced logprob, rank and entropy of every token of `text` (see the module docstring)."""
+               on_progress: Callable[[int, int], None] | None = None, scorer: Callable | None = None) -> ScoreResult:
+    """Teacher-forced logprob, rank and entropy of every token of `text` (see the module docstring).
+    `scorer(stream, off, windows, n_logprobs, n_ctx)` scores the windows elsewhere (distributed.py: on Ray)."""
     ctx = ctx or model.options.ctx
     stream, off = check_text(model, text)
     notes = check_protocol(len(stream), ctx, protocol, stride, model.n_ctx_train)
     windows = plan_windows(len(stream), ctx, protocol, stride, bos=off == 1)
     t0 = time.perf_counter()
-    out: list[ScoredToken] = []
-    for s_idx, row in rows(model, stream, windows, on_progress and (lambda k: on_progress(k, len(windows)))):
-        out.append(_scored(model, s_idx - off, stream[s_idx], RowStats.of(row, stream[s_idx], n_logprobs), n_logprobs))
+    if scorer is not None:
+        out = scorer(stream, off, windows, n_logprobs, window_ctx(windows))
+    else:
+        out = score_windows(model, stream, off, windows, n_logprobs, on_progress and (lambda k: on_progress(k, len(windows))))
     seconds = time.perf_counter() - t0
     scored = {t.position for t in out}
     unscored = [i for i in range(len(stream) - off) if i not in scored]
@@ -571,17 +586,19 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def _compare_windows(a: Model, b: Model, stream: list[int], windows: list[Window], offset: int, n_top: int,
                      out: list[PositionDiff], nll: list[list[float]], sample: int | None = None,
-                     on_window=None, alternate: bool = False) -> None:
+                     on_window=None, alternate: bool = False, n_ctx: int | None = None) -> None:
     """Both models' rows for the same windows: in lockstep (both resident), or, with `alternate`, one window
-    of A (its scored rows buffered) then the same window of B, so only one model's weights are hot at a time."""
+    of A (its scored rows buffered) then the same window of B, so only one model's weights are hot at a time.
+    `n_ctx`: as for rows()."""
 
     def pair_rows():
         if not alternate:
-            yield from zip(rows(a, stream, windows, on_window), rows(b, stream, windows))
+            yield from zip(rows(a, stream, windows, on_window, n_ctx), rows(b, stream, windows, n_ctx=n_ctx))
             return
         for k, w in enumerate(windows):
-            buf = [(i, r.copy()) for i, r in rows(a, stream, [w])]
-            yield from zip(buf, rows(b, stream, [w]))
+            n = n_ctx or window_ctx([w])
+            buf = [(i, r.copy()) for i, r in rows(a, stream, [w], n_ctx=n)]
+            yield from zip(buf, rows(b, stream, [w], n_ctx=n))
             if on_window:
                 on_window(k + 1)
 
@@ -608,8 +625,11 @@ def both_fit(a: Model, b: Model) -> bool:
 
 
 def compare_text(a: Model, b: Model, text: str | bytes, ctx: int | None = None, protocol: str = "full",
-                 stride: int | None = None, n_top: int = 5, on_progress=None, alternate: bool | None = None) -> Comparison:
-    """Per-token KL(A‖B), Δp and same-top over a text, both models' rows streamed in lockstep."""
+                 stride: int | None = None, n_top: int = 5, on_progress=None, alternate: bool | None = None,
+                 scorer: Callable | None = None) -> Comparison:
+    """Per-token KL(A‖B), Δp and same-top over a text, both models' rows streamed in lockstep.
+    `scorer(stream, off, windows, n_top, n_ctx)` -> (positions, [nll A, nll B]) compares the windows elsewhere
+    (distributed.py: on Ray)."""
     check_same_vocab(a, b)
     ctx = ctx or min(a.options.ctx, b.options.ctx)
     stream, off = check_text(a, text)
@@ -622,11 +642,14 @@ def compare_text(a: Model, b: Model, text: str | bytes, ctx: int | None = None, 
     positions: list[PositionDiff] = []
     nll: list[list[float]] = [[], []]
     if alternate is None:
-        alternate = not both_fit(a, b)
+        alternate = scorer is None and not both_fit(a, b)
     if alternate:
         notes.append("the two models do not both fit in memory: compared one window of each at a time")
-    _compare_windows(a, b, stream, windows, off, n_top, positions, nll,
-                     on_window=on_progress and (lambda k: on_progress(k, len(windows))), alternate=alternate)
+    if scorer is not None:
+        positions, nll = scorer(stream, off, windows, n_top, window_ctx(windows))
+    else:
+        _compare_windows(a, b, stream, windows, off, n_top, positions, nll,
+                         on_window=on_progress and (lambda k: on_progress(k, len(windows))), alternate=alternate)
     return Comparison(a.describe(), b.describe(), protocol, ctx, positions, float(np.mean(nll[0])),
                       float(np.mean(nll[1])), notes, time.perf_counter() - t0)
 

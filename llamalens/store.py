@@ -189,7 +189,7 @@ class RunInfo:
         """The run's row in `llamalens runs --json` and ll.runs()."""
         return {"id": self.id, "name": self.name, "kind": self.kind, "status": self.status, "model": self.model.name,
                 "prompts": self.n_prompts, "configs": self.n_configs, "samples_done": self.n_done,
-                "samples_total": self.n_samples, "created": self.created}
+                "samples_total": self.n_samples, "workers": self.hardware.workers, "created": self.created}
 
 
 class Store:
@@ -248,18 +248,12 @@ class Store:
     # -- model identity -----------------------------------------------------------------------
     def model_hash(self, path: Path) -> str:
         """sha256 of the model file, cached by (path, size, mtime)."""
-        import hashlib
-
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime)
         row = self.db.execute("SELECT sha256 FROM model_hashes WHERE path=? AND size=? AND mtime=?", key).fetchone()
         if row:
             return row[0]
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        digest = h.hexdigest()
+        digest = file_sha256(path)
         with self.tx():
             self.db.execute("INSERT OR REPLACE INTO model_hashes VALUES (?,?,?,?)", (*key, digest))
         return digest
@@ -344,6 +338,14 @@ class Store:
                 return pid, host
         return None
 
+    def note_workers(self, run_id: int, n: int) -> None:
+        """Record that a session decoded the run on n workers (hardware.workers: the most any session used)."""
+        with self.tx():
+            row = self.db.execute("SELECT hardware FROM runs WHERE id=?", (run_id,)).fetchone()
+            hw = json.loads(row[0] or "{}") if row else {}
+            hw["workers"] = max(int(hw.get("workers", 1)), n)
+            self.db.execute("UPDATE runs SET hardware=? WHERE id=?", (json.dumps(hw), run_id))
+
     def set_status(self, run_id: int, status: str, noise: dict | None = None) -> None:
         with self.tx():
             self.db.execute("UPDATE runs SET status=?, finished=? WHERE id=?",
@@ -416,6 +418,17 @@ class Store:
         for idx, t in self.tokens(run_id):
             out.setdefault(idx, []).append(t)
         return out
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file (a model's identity: the store records it with each run)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _alive(pid: int, host: str, heartbeat: float) -> bool:

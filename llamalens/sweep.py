@@ -21,7 +21,7 @@ import json
 import platform
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -182,46 +182,62 @@ def execute(model: Model, store: Store, run_id: int,
     info = store.run(run_id)
     check_resumable(info)
     check_run_model(store, info, model)
-    opts = info.options
     configs = store.configs(run_id)
-    reqs, beams, draws = plan_requests(store.pending(run_id), configs, opts)
     prog = Progress(info.n_done, info.n_samples, 0, 0.0)
-    t0 = time.perf_counter()
     with writing(store, run_id, prog) as writer:
-        def saved(sample, extra, n_tokens):
-            store.save_sample(run_id, sample.key, sample, writer, extra=extra or None)
-            prog.done += 1
-            prog.tokens += n_tokens
-            prog.elapsed = time.perf_counter() - t0
-            prog.saved.append(sample.key)
-            if on_progress:
-                on_progress(prog)
-
-        engine = Engine(model, opts.parallel)
-        for sample in engine.run(reqs):
-            if isinstance(sample.key, tuple):  # one draw of a best-of-N sample: saved when all N are in
-                idx, i = sample.key
-                got, cfg = draws[idx]
-                got[i] = sample
-                if len(got) < cfg.best_of:
-                    continue
-                win, extra = pick_best_of([got[k] for k in range(cfg.best_of)], cfg.best_of_by, cfg.to_dict())
-                win.key = idx
-                saved(win, {**extra, **sample_extra(win)}, sum(len(d.tokens) for d in got.values()))
-            else:
-                saved(sample, sample_extra(sample), len(sample.tokens))
-        done_beams: dict[tuple, object] = {}  # beam search is deterministic: one search serves every seed
-        for s, cfg in beams:
-            key = (s.prompt, json.dumps(cfg.with_(seed=0).to_dict(), sort_keys=True))
-            if key not in done_beams:
-                done_beams[key] = beam_search(model, s.prompt, cfg, opts.max_tokens, opts.n_logprobs, exact=opts.exact)
-            res = done_beams[key]
-            res.sample.key = s.sample_idx
-            res.sample.settings = cfg.to_dict()
-            saved(res.sample, {**res.extra(model), **blocked_extra(res.sample.tokens)}, res.scored_tokens)
-        noise = noise_floor(model, store, run_id)
-        store.set_status(run_id, "done", noise=noise)
+        save = saver(store, run_id, writer, prog, on_progress)
+        for sample, extra, n_tokens in decode(model, store.pending(run_id), configs, info.options):
+            save(sample, extra, n_tokens)
+        finish(model, store, run_id)
     return prog
+
+
+def saver(store: Store, run_id: int, writer: int, prog: Progress, on_progress=None):
+    """save(sample, extra, tokens decoded): commit one finished sample (keyed by its sample_idx) and count it."""
+    t0 = time.perf_counter() - prog.elapsed
+
+    def save(sample, extra, n_tokens):
+        store.save_sample(run_id, sample.key, sample, writer, extra=extra or None)
+        prog.done += 1
+        prog.tokens += n_tokens
+        prog.elapsed = time.perf_counter() - t0
+        prog.saved.append(sample.key)
+        if on_progress:
+            on_progress(prog)
+
+    return save
+
+
+def finish(model: Model, store: Store, run_id: int) -> None:
+    """Measure the noise floor of a run whose samples are all in, and mark it done."""
+    store.set_status(run_id, "done", noise=noise_floor(model, store, run_id))
+
+
+def decode(model: Model, pending, configs, opts: RunOptions):
+    """Decode these pending samples (StoredSample) of a run made with `opts`; yield (sample keyed by its
+    sample_idx, what it records in samples.extra, tokens decoded for it) as each one is finished."""
+    reqs, beams, draws = plan_requests(pending, configs, opts)
+    engine = Engine(model, opts.parallel)
+    for sample in engine.run(reqs):
+        if isinstance(sample.key, tuple):  # one draw of a best-of-N sample: yielded when all N are in
+            idx, i = sample.key
+            got, cfg = draws[idx]
+            got[i] = sample
+            if len(got) < cfg.best_of:
+                continue
+            win, extra = pick_best_of([got[k] for k in range(cfg.best_of)], cfg.best_of_by, cfg.to_dict())
+            win.key = idx
+            yield win, {**extra, **sample_extra(win)}, sum(len(d.tokens) for d in got.values())
+        else:
+            yield sample, sample_extra(sample), len(sample.tokens)
+    done_beams: dict[tuple, object] = {}  # beam search is deterministic: one search serves every seed
+    for s, cfg in beams:
+        key = (s.prompt, json.dumps(cfg.with_(seed=0).to_dict(), sort_keys=True))
+        if key not in done_beams:
+            done_beams[key] = beam_search(model, s.prompt, cfg, opts.max_tokens, opts.n_logprobs, exact=opts.exact)
+        res = done_beams[key]
+        sample = replace(res.sample, key=s.sample_idx, settings=cfg.to_dict())  # a copy: one search, many seeds
+        yield sample, {**res.extra(model), **blocked_extra(sample.tokens)}, res.scored_tokens
 
 
 @contextmanager

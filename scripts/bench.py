@@ -17,6 +17,11 @@ Cases (each in a fresh subprocess, so that its peak RSS is its own; rounds inter
   C  the context options that move the numbers: the top token's raw logprob after "The capital of
      Michigan is " under llama-server's defaults, --swa-full on, --repack off, flash attention on, and
      each (README's table); a table, not a speed
+  y  case s's sweep through the store on a local Ray: 2 workers x 1 thread (llamalens/distributed.py)
+  Y  the same sweep through the store in one process with --threads threads: y/Y is Ray's cost (goal: Ray's
+     own overhead <= 10% of the run time, i.e. y/Y >= 0.9 when 2 x 1 thread do the work of 1 x 2)
+  z  the same on a local Ray with 1 worker x --threads threads: z/Y is Ray's own overhead alone (the same
+     compute shape; chunks, transfers and the driver's writes), target >= 0.9
   1  single-sequence low-level decode (= case a's speed, 32 tokens) for the sweep ratio
   j  beam search, 5 beams, 32 steps: beam tokens scored per second (one decode call per step for all beams)
   J  a 5-sequence batched sweep (5 seeds, 32 tokens): the beam row's baseline
@@ -362,12 +367,50 @@ def case_fork_plain(model_path, n_tokens, threads):
             "decodes": engine.stats["decodes"]}
 
 
+def _store_sweep(model_path, n_tokens, threads, ray_workers=0, worker_threads=1):
+    """Case s's sweep (72 samples, 32 per batch) through the run store: in this process with `threads`, or on a
+    local Ray with `ray_workers` workers x `worker_threads` threads. Timed from the first decode to the last sample saved (Ray's
+    start and the workers' model loads are reported apart; the noise floor, the same for both, is left out)."""
+    import tempfile
+
+    from llamalens.runtime import Model, ModelOptions
+    from llamalens.store import Store
+    from llamalens.sweep import SweepSpec, execute, start_sweep
+
+    configs = [c.with_(seed=0) for c in grid_settings(seeds=(0,))]
+    m = Model(model_path, ModelOptions(ctx=512, threads=worker_threads if ray_workers else threads, flash_attn="auto"))
+    store = Store(Path(tempfile.mkdtemp()) / "bench.db")
+    rid = start_sweep(m, store, SweepSpec([PROMPT], configs, [1, 2], n_tokens, 10, parallel=32))
+    marks = {"start": time.perf_counter()}
+
+    def progress(prog):
+        marks.setdefault("first", time.perf_counter() - prog.elapsed)
+        marks["last"], marks["tokens"] = time.perf_counter(), prog.tokens
+
+    if ray_workers:
+        from llamalens.distributed import execute_ray
+
+        execute_ray(m, store, rid, workers=ray_workers, on_progress=progress, on_pool=lambda pool: marks.update(
+            ready=time.perf_counter()))
+    else:
+        execute(m, store, rid, progress)
+    t0 = marks.get("ready", marks["start"])
+    out = {"tok_s": marks["tokens"] / (marks["last"] - t0), "tokens": marks["tokens"], "samples": 72,
+           "decode_s": marks["last"] - t0, "threads": worker_threads if ray_workers else threads}
+    if ray_workers:
+        out["start_s"] = marks["ready"] - marks["start"]
+    return out
+
+
 CASES = {
     "a": lambda p, n, t: case_lowlevel(p, n, t),
     "b": lambda p, n, t: case_llamalens(p, n, t),
     "c": lambda p, n, t: case_naive(p, n, t),
     "m": lambda p, n, t: case_llamalens(p, n, t, ctx_len=8192),
     "s": lambda p, n, t: case_sweep(p, 32, t),
+    "y": lambda p, n, t: _store_sweep(p, 32, t, ray_workers=2),
+    "Y": lambda p, n, t: _store_sweep(p, 32, t),
+    "z": lambda p, n, t: _store_sweep(p, 32, t, ray_workers=1, worker_threads=t),
     "j": lambda p, n, t: case_beam(p, 32, t),
     "J": lambda p, n, t: case_sweep5(p, 32, t),
     "D": lambda p, n, t: case_server_chain_sweep(p, 32, t),
@@ -739,7 +782,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--cases", default="abcmsDC1jJnpPSLkreExlfF" + "".join(TOOL_CASES))
+    ap.add_argument("--cases", default="abcmsyYzDC1jJnpPSLkreExlfF" + "".join(TOOL_CASES))
     ap.add_argument("--model", default=None)
     ap.add_argument("--build", action="append", default=None, metavar="LABEL:LLAMALENS:TOOLS_DIR",
                     help="A build for the llama.cpp-tool cases (repeatable: measured side by side); default "
@@ -802,7 +845,9 @@ def main():
              "r": "r  report of a 200 x 64 sweep", "e": "e  llamalens embed, 256 words, one per decode",
              "E": "E  llamalens embed --parallel 32, 256 words", "x": "x  llama-cpp-python embed(), 256 words",
              "l": "l  llamalens embed, one 2048-token text", "f": "f  fork continuations, batched on the base path",
-             "F": "F  plain batched run, same sequences and lengths"}
+             "F": "F  plain batched run, same sequences and lengths",
+             "y": "y  sweep s in the store, Ray 2 workers x 1 thread", "Y": "Y  sweep s in the store, one process",
+             "z": "z  sweep s in the store, Ray 1 worker x --threads"}
     for c in in_process:
         if c not in "rC":
             print(f"{names[c]:<48} {best[c]['tok_s']:8.1f}   {best[c]['rss_mb']:7.0f} MB")
@@ -823,6 +868,13 @@ def main():
             rows = lambda c: best[c]["decoded_rows"] / (best[c]["tokens"] / best[c]["tok_s"])  # noqa: E731
             print(f"  decoded rows: D {best['D']['decoded_rows']}, s {best['s']['decoded_rows']}; per decoded row "
                   f"D/s = {rows('D') / rows('s'):.2f}")
+    if "y" in best and "Y" in best:
+        print(f"Ray 2 workers x 1 thread / one process x {best['Y']['threads']} threads, same sweep = "
+              f"{ratio('y', 'Y'):.2f}  (decode {best['y']['decode_s']:.1f} s against {best['Y']['decode_s']:.1f} s; "
+              f"Ray's start and the workers' loads {best['y']['start_s']:.1f} s more)")
+    if "z" in best and "Y" in best:
+        print(f"Ray 1 worker x {best['z']['threads']} threads / one process, same sweep = {ratio('z', 'Y'):.2f}  "
+              "(Ray's own overhead; target >= 0.9)")
     if "C" in best:
         print("context options (raw logprob of the top token after 'The capital of Michigan is '):")
         for label, lp in best["C"]["logprobs"].items():

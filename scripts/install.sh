@@ -3,8 +3,9 @@
 #
 #   scripts/install.sh          the tool and the embedded default model (Gemma 3 270M Q4_K_M)
 #   scripts/install.sh --test   the same plus the test dependencies (pytest, pyarrow, websocket-client,
-#                               scikit-learn: the `maps` extra that embed --map tsne needs; nbclient,
-#                               nbformat, ipykernel, ipywidgets: the notebooks in examples/ are run)
+#                               scikit-learn: the `maps` extra that embed --map tsne needs; ray: the
+#                               `ray` extra that sweep --ray and score --ray need; nbclient, nbformat,
+#                               ipykernel, ipywidgets: the notebooks in examples/ are run)
 #                               and Debian's Chromium for the report tests (apt-get, as root), and
 #                               llama.cpp's own tools (scripts/build_llama_tools.sh: llama-perplexity,
 #                               llama-bench, llama-batched-bench, llama-server)

@@ -339,3 +339,25 @@ def pop_grammar(kw: dict):
     from ..grammar import read_grammar
 
     return read_grammar(kw.pop("grammar_file"), kw.pop("json_schema_file"))
+
+
+ray_options = _stack(
+    click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                 help="Decode on Ray workers (pip install 'llamalens[ray]'): --ray alone starts a local Ray for the run, "
+                      "--ray auto joins the cluster of `ray start`, or HOST:PORT / ray://HOST:PORT. "
+                      "Put a bare --ray after the prompts."),
+    click.option("--workers", type=click.IntRange(1, 4096), default=None,
+                 help="Ray workers (one model each, --threads CPUs each; default: as many as the cluster's CPUs allow)."),
+)
+
+
+def pop_ray(kw: dict) -> tuple[str | None, int | None]:
+    """(--ray address or None, --workers); --workers without --ray is refused."""
+    address, workers = kw.pop("ray_address"), kw.pop("workers")
+    if workers is not None and address is None:
+        raise click.UsageError("--workers applies to Ray runs: add --ray (a local Ray) or --ray auto (a cluster)")
+    if address is not None:  # a bad address or no Ray fails now, before a model is loaded or a run planned
+        from ..distributed import check_ray
+
+        check_ray(address)
+    return address, workers

@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import click
 
 from .options import AXIS_HELP, axis_options, chain_option, chat_options, grammar_options, json_option, model_option, \
-    pop_axes, pop_chat, pop_grammar, pop_model_options, pop_strategy, report_option, runtime_options, store_option, \
-    strategy_options
+    pop_axes, pop_chat, pop_grammar, pop_model_options, pop_ray, pop_strategy, ray_options, report_option, runtime_options, \
+    store_option, strategy_options
 from .output import records, say, check_report_path, shell_command, fail_cleanly, json_out, load_model, print_table, sweep_progress, write_report
 
 
@@ -87,6 +87,7 @@ def _given(ctx: click.Context, names) -> list[str]:
 @report_option("Also write the run's report (FILE.html or FILE.md) when it finishes.")
 @chat_options
 @grammar_options
+@ray_options
 @store_option
 @model_option
 @runtime_options
@@ -102,6 +103,7 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
     llamalens sweep --messages chats.jsonl --chat-template gemma -t 0,0.7 --seeds 2
     llamalens sweep "The future of AI is" --strategy greedy,beam,sample --beams 5 --no-repeat-ngram 0,2 -t 0.7
     llamalens sweep "Once upon a time" --preset llama-server --dry-multiplier 0,0.8 --xtc-probability 0,0.5
+    llamalens sweep --prompts-file prompts.txt -t 0,0.7 --seeds 50 --threads 4 --ray auto   # on a Ray cluster
 
     --chain llama.cpp (or --preset llama-server) samples as llama-server does, with its context options.
     """
@@ -114,6 +116,7 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
     chat = pop_chat(kw)
     grammar_spec = pop_grammar(kw)
     fixed = pop_strategy(kw)
+    ray_address, workers = pop_ray(kw)
     if resume_id is not None:
         conflicts = _given(click.get_current_context(), RUN_DEFINED + tuple("ax_" + a for a in axes_text))
         if conflicts:
@@ -154,7 +157,13 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
         say(f"run {run_id}: {len(spec.prompts)} prompt(s) x {len(configs)} configuration(s) x "
                    f"{len(seed_values)} seed(s) = {spec.n_samples} sequences, up to {spec.n_samples * max_tokens:,} "
                    f"tokens, {n_par} per batch; store {store.path}", err=True)
-    until_done(lambda: execute(loaded, store, run_id, sweep_progress()))
+    if ray_address is not None:
+        from ..distributed import execute_ray
+
+        until_done(lambda: execute_ray(loaded, store, run_id, ray_address, workers, sweep_progress(),
+                                       lambda note: say(f"ray: {note}", err=True)))
+    else:
+        until_done(lambda: execute(loaded, store, run_id, sweep_progress()))
     run = _show_run(store, run_id, as_json)
     if report_path:
         _report(run, report_path, None, loaded)
@@ -184,11 +193,11 @@ def runs(as_json, store_path):
         return json_out([r.listing() for r in infos])
     if not infos:
         return say(f"no runs in {store.path}; start one with `llamalens sweep`")
-    rows = [("id", "name", "kind", "status", "model", "prompts", "grid", "samples", "date")]
+    rows = [("id", "name", "kind", "status", "model", "prompts", "grid", "samples", "workers", "date")]
     for r in infos:
         rows.append((r.id, r.name or "", r.kind, r.status, r.model.name, r.n_prompts, r.n_configs, f"{r.n_done}/{r.n_samples}",
-                     datetime.datetime.fromtimestamp(r.created).strftime("%Y-%m-%d %H:%M")))
-    print_table(rows, right={0, 5, 6})
+                     r.hardware.workers, datetime.datetime.fromtimestamp(r.created).strftime("%Y-%m-%d %H:%M")))
+    print_table(rows, right={0, 5, 6, 8})
 
 
 @click.command()

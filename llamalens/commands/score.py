@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .options import chat_options, json_option, model_options, pop_chat, pop_model_options, runtime_options, \
-    store_option, text_options
+from .options import chat_options, json_option, model_options, pop_chat, pop_model_options, pop_ray, ray_options, \
+    runtime_options, store_option, text_options
 from .output import say, alternatives, check_report_path, fail_cleanly, json_out, load_model, print_confidence, \
     print_table, window_progress, write_report
 
@@ -36,6 +36,7 @@ def _notes(notes) -> None:
               help="Print every token (default: all when <= 100, else the most surprising).")
 @click.option("--text", "as_text", is_flag=True, help="Print the text coloured by each token's probability.")
 @chat_options
+@ray_options
 @model_options
 @fail_cleanly
 def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprobs, show_all, as_text, model, **kw):
@@ -48,17 +49,27 @@ def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprob
     llamalens score "The quick brown fox jumps over the lazy dog."
     llamalens score --file wiki.test.raw --protocol llama-perplexity --ctx 512
     llamalens score --messages chat.jsonl --chat-template gemma
+    llamalens score --file corpus.txt --ctx 512 --threads 4 --ray auto   # windows shared out on a Ray cluster
     """
     from ..score import score_text
 
     chat = pop_chat(kw)
+    ray_address, workers = pop_ray(kw)
     if chat.on:
+        if ray_address is not None:
+            raise click.UsageError("--ray scores the windows of a text; a chat reply is one window: drop --ray")
         return _score_reply(chat, text, file, raw_bytes, as_json, report_path, logprobs, show_all, as_text, model, kw)
     data = _text(text, file, raw_bytes)
     check_report_path(report_path)
     options = pop_model_options(kw)
     loaded = load_model(model, options, rows=options.batch)  # every token of a window is scored
-    res = score_text(loaded, data, loaded.options.ctx, protocol, stride, logprobs, window_progress("scoring"))
+    scorer = None
+    if ray_address is not None:
+        from ..distributed import ray_scorer
+
+        scorer = ray_scorer(loaded, ray_address, workers, lambda note: say(f"ray: {note}", err=True),
+                            window_progress("scoring"))
+    res = score_text(loaded, data, loaded.options.ctx, protocol, stride, logprobs, window_progress("scoring"), scorer)
     _show_scores(res, as_json, as_text, show_all, report_path)
 
 
@@ -174,6 +185,7 @@ def choose(prompt, options, normalize, no_space, as_json, model, **kw):
 @click.option("--run", "run_id", default=None, help="Compare on the generated tokens of a stored sweep.")
 @click.option("--top", type=click.IntRange(1, 50), default=20, show_default=True,
               help="Positions of most disagreement to list.")
+@ray_options
 @store_option
 @runtime_options
 @fail_cleanly
@@ -185,14 +197,19 @@ def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model
     \b
     llamalens compare -m model-q8_0.gguf -m model-q4_k_m.gguf --file wiki.test.raw --ctx 512
     llamalens compare --run 7 -m model-q2_k.gguf        # what B thinks of run 7's text
+    llamalens compare -m A.gguf -m B.gguf --file corpus.txt --ctx 512 --threads 4 --ray auto   # on a Ray cluster
     """
     from ..score import compare_pair, compare_run, compare_text
     from ..store import Store
 
     store = data = None
+    ray_address, workers = pop_ray(kw)
     if run_id is not None:
         if text is not None or file:
             raise click.UsageError("give TEXT, --file or --run, not several")
+        if ray_address is not None:
+            raise click.UsageError("--ray compares the windows of a text; --run compares a run's samples in this "
+                                   "process: drop --ray")
         store = Store(store_path)
         if len(model_paths) == 1:
             model_paths = (store.run(run_id).model.path,) + tuple(model_paths)
@@ -205,7 +222,14 @@ def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model
     if store is not None:
         res = compare_run(a, b, store, run_id, on_progress=window_progress("comparing samples"))
     else:
-        res = compare_text(a, b, data, options.ctx, protocol, stride, on_progress=window_progress("comparing"))
+        scorer = None
+        if ray_address is not None:
+            from ..distributed import ray_comparer
+
+            scorer = ray_comparer(a, b, ray_address, workers, lambda note: say(f"ray: {note}", err=True),
+                                  window_progress("comparing"))
+        res = compare_text(a, b, data, options.ctx, protocol, stride, on_progress=window_progress("comparing"),
+                           scorer=scorer)
     _notes(res.notes)
     if as_json:
         json_out(res.to_dict())
