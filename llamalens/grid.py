@@ -155,8 +155,8 @@ def build_configs(preset: str | None = None, grid_file: str | None = None,
         base = base.with_(chain=chain)
     configs: list[SamplingSettings] = []
     if grid_file:
-        for _name, axes, fixed in load_grid_file(grid_file):
-            configs += expand(axes, base.with_(**fixed))
+        for _name, file_axes, file_fixed in load_grid_file(grid_file):
+            configs += expand(file_axes, base.with_(**file_fixed))
     axes = {**parse_axes(axes_text or {}), **(axes or {})}
     if axes or not configs:
         configs = [c for start in (configs or [base]) for c in expand(axes, start)]
