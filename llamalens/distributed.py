@@ -1,4 +1,4 @@
-"""Scale-out on Ray: a sweep's samples, or a corpus's scoring windows, decoded by many workers, one store.
+"""Scale-out on Ray: a sweep's samples, a fork's continuations, a corpus's scoring windows: many workers, one store.
 
     driver (`llamalens sweep ... --ray [ADDRESS] --workers N`)        workers: one Ray actor each
       plans the run in the store as today (pending samples)            asks for --threads CPUs (and a GPU
@@ -35,7 +35,14 @@ them in stream order, so every figure (NLL, perplexity, its error, bits per byte
 KLD, Δp, same-top and perplexities are one process's. Shards, not merged sums, come back: the per-token
 records one process keeps anyway, and percentiles exact without histograms.
 
-Not here yet: fork --ray, compare --run --ray (refused), a replacement actor for a dead worker (the others
+Forking (`fork --ray`): the driver decodes the base path and plans the continuations in the store as one
+process does; the pending ones go out in chunks of whole positions (by prefix length; small positions packed
+together up to a batch), so a worker runs fork.decode_chunk on its chunk with the shared-prefix decoding of
+one process (`--exact`: the single-sequence path, token for token). The driver reads each continuation's
+outcome and saves it as its chunk returns (one writer), then the statistics, change points and noise floor,
+with its own model. The same pool, deal and faults as a sweep.
+
+Not here yet: compare --run --ray (refused), a replacement actor for a dead worker (the others
 take its work), results streamed per sample within a chunk.
 """
 
@@ -157,6 +164,13 @@ class _Worker:
 
         return list(decode(self.model, samples, configs, opts))
 
+    def fork_chunk(self, prefix, requests, opts) -> tuple[list, dict]:
+        from .fork import decode_chunk
+
+        prompt_ids, base_ids = prefix
+        stats: dict = {}
+        return list(decode_chunk(self.model, prompt_ids, base_ids, requests, opts, stats)), stats
+
     def score_shard(self, stream, windows, offset, n_logprobs, n_ctx) -> list:
         from .score import score_windows
 
@@ -256,12 +270,23 @@ def chunk_size(n_pending: int, n_workers: int, parallel: int) -> int:
     return max(1, min(parallel, -(-n_pending // n_workers)))
 
 
-def chunks(pending, size: int) -> list[list]:
-    """Pending samples grouped by prompt (plan order), each group cut into pieces of at most `size`."""
-    by_prompt: dict[int, list] = {}
+def chunks(pending, size: int, key: Callable = lambda s: s.prompt_idx, pack: bool = False) -> list[list]:
+    """Pending items grouped by `key` (a sweep's prompt, a fork's position; plan order), each group cut into
+    pieces of at most `size`; with `pack`, consecutive pieces are put together while they fit in `size` (a
+    fork's positions, a few continuations each, still fill a batch)."""
+    groups: dict = {}
     for s in pending:
-        by_prompt.setdefault(s.prompt_idx, []).append(s)
-    return [group[i : i + size] for group in by_prompt.values() for i in range(0, len(group), size)]
+        groups.setdefault(key(s), []).append(s)
+    pieces = [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+    if not pack:
+        return pieces
+    out: list[list] = []
+    for piece in pieces:
+        if out and len(out[-1]) + len(piece) <= size:
+            out[-1] = out[-1] + piece
+        else:
+            out.append(piece)
+    return out
 
 
 def deal(ray, pool: Pool, work: list, call: Callable, on_result: Callable, on_note: Callable[[str], None]) -> None:
@@ -302,6 +327,20 @@ def deal(ray, pool: Pool, work: list, call: Callable, on_result: Callable, on_no
         on_result(item, value)
 
 
+@contextmanager
+def pool_for(model, store, run_id: int, address: str | None, workers: int | None, on_note: Callable[[str], None],
+             on_pool: Callable[[Pool], None] | None = None):
+    """(ray, pool): Ray connected, the workers started on `model`'s file (the run's sha256) and their number
+    noted with the run; Ray shut down after, if this opened it."""
+    local_cpus = workers * worker_cpus(model.options) if workers else None
+    with connected(check_address(address), local_cpus) as ray:
+        pool = start_pool(ray, model, store.run(run_id).model_hash, workers, on_note)
+        if on_pool:
+            on_pool(pool)
+        store.note_workers(run_id, len(pool.workers))
+        yield ray, pool
+
+
 def execute_ray(model, store, run_id: int, address: str | None = None, workers: int | None = None,
                 on_progress=None, on_note: Callable[[str], None] = lambda s: None,
                 on_pool: Callable[[Pool], None] | None = None, chunk: int | None = None):
@@ -314,12 +353,7 @@ def execute_ray(model, store, run_id: int, address: str | None = None, workers: 
     check_run_model(store, info, model)
     configs, opts = store.configs(run_id), info.options
     prog = Progress(info.n_done, info.n_samples, 0, 0.0)
-    local_cpus = workers * worker_cpus(model.options) if workers else None
-    with connected(check_address(address), local_cpus) as ray:
-        pool = start_pool(ray, model, info.model_hash, workers, on_note)
-        if on_pool:
-            on_pool(pool)
-        store.note_workers(run_id, len(pool.workers))
+    with pool_for(model, store, run_id, address, workers, on_note, on_pool) as (ray, pool):
         with writing(store, run_id, prog) as writer:
             save = saver(store, run_id, writer, prog, on_progress)
 
@@ -338,6 +372,35 @@ def execute_ray(model, store, run_id: int, address: str | None = None, workers: 
                 raise SweepInterrupted(run_id, prog.done, prog.total, f"{e}. Stopped") from None
             finish(model, store, run_id)
     return prog
+
+
+def fork_decoder(model, store, run_id: int, address: str | None = None, workers: int | None = None,
+                 on_note: Callable[[str], None] = lambda s: None, on_pool: Callable[[Pool], None] | None = None,
+                 chunk: int | None = None):
+    """A decoder for fork.execute_fork: the pending continuations dealt out in chunks of whole positions (each
+    worker prefills prompt + base path once per chunk and shares it, as one process does), each chunk's
+    samples handed to `save` here as it comes back, the workers' decode counters added to the run's."""
+    from .sweep import DEFAULT_PARALLEL
+
+    def decoder(requests, prompt_ids, base_ids, opts, stats, save):
+        if not requests:
+            return
+        with pool_for(model, store, run_id, address, workers, on_note, on_pool) as (ray, pool):
+            prefix = ray.put((prompt_ids, base_ids))
+
+            def done(_chunk, value):
+                samples, got = value
+                for k, v in got.items():
+                    stats[k] = stats.get(k, 0) + v
+                for sample in samples:
+                    save(sample)
+
+            batch = DEFAULT_PARALLEL if opts.exact else opts.parallel
+            size = chunk or chunk_size(len(requests), len(pool.workers), batch)
+            work = chunks(requests, size, key=lambda r: len(r.prompt_tokens), pack=True)  # a position: its prefix
+            deal(ray, pool, work, lambda actor, c: actor.fork_chunk.remote(prefix, c, opts), done, on_note)
+
+    return decoder
 
 
 def _sharded(models, address, workers, on_note, on_window, method: str, windows, args: tuple) -> list:

@@ -33,7 +33,6 @@ sample's text.
 
 from __future__ import annotations
 
-import itertools
 import re
 import time
 from collections import deque
@@ -395,9 +394,30 @@ def _requests(model: Model, store: Store, run_id: int, base_ids: list[int], prom
     return reqs
 
 
-def execute_fork(model: Model, store: Store, run_id: int,
-                 on_progress: Callable[[ForkProgress], None] | None = None) -> ForkProgress:
-    """Decode the pending continuations of a fork run, saving each with its outcome as it finishes."""
+def decode_chunk(model: Model, prompt_ids: list[int], base_ids: list[int], requests: list[Request],
+                 opts: RunOptions, stats: dict) -> Iterator[Sample]:
+    """Decode these continuations (none ending at its forced token) as the run's options say: --exact one at a
+    time through the engine's single-sequence path, else batched over the shared base path; the decode counters
+    are added to `stats`. What one process runs on the whole run, and a Ray worker on its chunk."""
+    if not opts.exact:
+        yield from decode_continuations(model, prompt_ids, base_ids, requests, opts.parallel, stats)
+        return
+    engine = Engine(model, 1)
+    if requests:
+        yield from engine.run(requests)
+    for k in ("decodes", "decoded_tokens"):
+        stats[k] = stats.get(k, 0) + engine.stats[k]
+    stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + engine.stats["prompt_tokens"]
+
+
+Decoder = Callable[[list[Request], list[int], list[int], RunOptions, dict, Callable[[Sample], None]], None]
+
+
+def execute_fork(model: Model, store: Store, run_id: int, on_progress: Callable[[ForkProgress], None] | None = None,
+                 decoder: Decoder | None = None) -> ForkProgress:
+    """Decode the pending continuations of a fork run, saving each with its outcome as it finishes.
+    `decoder(requests, prompt_ids, base_ids, opts, stats, save)` decodes elsewhere (Ray workers:
+    distributed.fork_decoder) and calls `save(sample)` here, in this process, for each one that comes back."""
     info = store.run(run_id)
     check_resumable(info, KIND)
     check_run_model(store, info, model)
@@ -426,13 +446,8 @@ def execute_fork(model: Model, store: Store, run_id: int,
     with writing(store, run_id, prog, ForkInterrupted, on_stop=lambda: _record_stats(store, run_id, stats)) as writer:
         ended = [r for r in reqs if model.is_eog(r.prompt_tokens[-1]) or r.max_tokens <= 0]
         live = [r for r in reqs if not (model.is_eog(r.prompt_tokens[-1]) or r.max_tokens <= 0)]
-        if opts.exact:
-            engine = Engine(model, 1)
-            samples = engine.run(live) if live else iter(())
-        else:
-            samples = decode_continuations(model, prompt_ids, base_ids, live, opts.parallel, stats)
-        ended_samples = [_ended(r, "stop" if model.is_eog(r.prompt_tokens[-1]) else "length") for r in ended]
-        for sample in itertools.chain(ended_samples, samples):
+
+        def save(sample: Sample) -> None:
             planned = by_key[sample.key]
             x = dict(planned.extra)
             t = x["position"]
@@ -448,10 +463,21 @@ def execute_fork(model: Model, store: Store, run_id: int,
                 prog.positions_done += 1
             if on_progress:
                 on_progress(prog)
-        if opts.exact:
-            for k in ("decodes", "decoded_tokens"):
-                stats[k] = stats.get(k, 0) + engine.stats[k]
-            stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + engine.stats["prompt_tokens"]
+
+        for r in ended:
+            save(_ended(r, "stop" if model.is_eog(r.prompt_tokens[-1]) else "length"))
+        if decoder is None:
+            for sample in decode_chunk(model, prompt_ids, base_ids, live, opts, stats):
+                save(sample)
+        else:
+            from .distributed import RayError
+
+            try:
+                decoder(live, prompt_ids, base_ids, opts, stats, save)
+            except RayError as e:  # no worker started, or none is left: what came back is saved
+                _record_stats(store, run_id, stats)
+                store.set_status(run_id, "interrupted")
+                raise ForkInterrupted(run_id, prog.done, prog.total, f"{e}. Stopped") from None
         _record_stats(store, run_id, stats)
         store.set_status(run_id, "done", noise=fork_noise(model, store, run_id, base_ids, prompt_ids))
     return prog

@@ -98,6 +98,9 @@ def test_bad_ray_options_fail_before_any_work(tmp_path):
     res = cli("sweep", "--ray", "Once upon a time", "--store", tmp_path / "s.db", ok=False)
     assert res.exit_code == 1 and "an address is 'auto', HOST:PORT" in res.output
     assert not (tmp_path / "s.db").exists()
+    res = cli("fork", "--ray", "Once upon a time", "--store", tmp_path / "s.db", ok=False)  # fork reads it the same
+    assert res.exit_code == 1 and "an address is 'auto', HOST:PORT" in res.output
+    assert not (tmp_path / "s.db").exists()
     res = cli("sweep", "the cat", "--ray", "127.0.0.1:1", "--store", tmp_path / "s.db", ok=False)
     assert res.exit_code == 1 and "no Ray head at 127.0.0.1:1 (Connection refused)" in res.output
     assert not (tmp_path / "s.db").exists()
@@ -219,3 +222,64 @@ def test_compare_sharded_over_two_workers_equals_one_process(ray_session, gemma_
     assert [p["kld"] for p in got["positions"]] == [p.kld for p in ref.positions]
     res = cli("compare", "--run", 1, "-m", gemma_q8_path, "--ray", "--store", tmp_path / "none.db", ok=False)
     assert res.exit_code == 2 and "drop --ray" in res.output
+
+
+FORK_ARGS = ["The cat sat on", "-n", 4, "--samples", 2, "--alternatives", 2, "--min-prob", 0.01, "--positions", "0-2",
+             "--exact", "--threads", 1]
+
+
+def _continuations(store, run_id):
+    """{(position, forced token, sample j): (outcome, text, [(id, bytes, logprob, rank, top)])} of a fork run."""
+    toks = store.tokens_by_sample(run_id)
+    return {(s.extra["position"], s.extra["forced_token"], s.extra["sample"]):
+            (s.extra["outcome"], s.text, [(t.id, t.bytes, t.logprob, t.rank, [(a.id, a.logprob) for a in t.top])
+                                          for t in toks.get(s.sample_idx, [])])
+            for s in store.samples(run_id) if s.extra.get("role") == "continuation"}
+
+
+def test_exact_fork_on_two_workers_is_one_process_sample_for_sample(ray_session, tmp_path):
+    from llamalens.fork import load_fork
+
+    cli("fork", *FORK_ARGS, "--store", tmp_path / "one.db")  # the reference: one process, no Ray
+    res = cli("fork", *FORK_ARGS, "--ray", "--workers", 2, "--store", tmp_path / "r.db")
+    assert "ray: 2 worker(s) x 1 thread(s)" in res.output
+    one, par = Store(tmp_path / "one.db"), Store(tmp_path / "r.db")
+    info = par.run(1)
+    assert info.status == "done" and info.n_done == info.n_samples == one.run(1).n_samples
+    ref = _continuations(one, 1)
+    # 3 positions, 4 continuations each: 3 chunks of whole positions (at most half the run each) for 2 workers
+    assert len({k[0] for k in ref}) == 3 and len(ref) > 9 and any(toks for _, _, toks in ref.values())
+    assert _continuations(par, 1) == ref  # tokens, logprobs, alternatives, texts, outcomes: sample for sample
+    assert load_fork(par, 1).analysis.to_dict() == load_fork(one, 1).analysis.to_dict()
+    assert info.noise == one.run(1).noise and info.noise  # measured by the driver, as in one process
+    assert json.loads(cli("runs", "--json", "--store", tmp_path / "r.db").output)[0]["workers"] == 2
+
+
+def test_a_killed_worker_loses_only_its_fork_chunk(ray_session, model1, tmp_path):
+    from llamalens.distributed import fork_decoder
+    from llamalens.fork import ForkSpec, execute_fork, start_fork
+    from llamalens.settings import SamplingSettings
+
+    spec = ForkSpec("The cat sat on", SamplingSettings(), samples=2, alternatives=2, min_prob=0.01, positions=(0, 2),
+                    max_tokens=4, exact=True)
+    ref_store = Store(tmp_path / "one.db")
+    execute_fork(model1, ref_store, start_fork(model1, ref_store, spec)[0])
+    store = Store(tmp_path / "k.db")
+    run_id = start_fork(model1, store, spec)[0]
+    pools, notes, killed = [], [], []
+
+    def on_progress(prog):
+        if pools and not killed:  # the worker handed a chunk last has surely not finished it: kill -9 it
+            victim = pools[0].latest()
+            os.kill(victim.pid, signal.SIGKILL)
+            killed.append(victim.name)
+
+    execute_fork(model1, store, run_id, on_progress,
+                 fork_decoder(model1, store, run_id, workers=2, on_note=notes.append, on_pool=pools.append, chunk=2))
+    assert len(pools[0].died) == 1 and pools[0].requeued == 1, notes
+    info = store.run(run_id)
+    assert info.status == "done" and info.n_done == info.n_samples
+    rows = store.db.execute("SELECT COUNT(*), COUNT(DISTINCT sample_idx || '/' || position) FROM tokens "
+                            "WHERE run_id=?", (run_id,)).fetchone()
+    assert rows[0] == rows[1]  # every token stored once
+    assert _continuations(store, run_id) == _continuations(ref_store, 1)

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from .options import chat_options, json_option, model_options, pop_chat, pop_model_options, pop_sampling, \
-    report_option, sampling_options, store_option
+from .options import chat_options, json_option, model_options, pop_chat, pop_model_options, pop_ray, pop_sampling, \
+    ray_options, report_option, sampling_options, store_option
 from .output import check_report_path, fail_cleanly, json_out, load_model, print_table, say, shell_command, \
     sweep_progress, write_report
 
@@ -46,6 +46,7 @@ RUN_DEFINED = ("prompt", "outcome", "options_list", "first_line", "samples", "al
                                                            "continuations only).")
 @sampling_options
 @chat_options
+@ray_options
 @json_option
 @report_option("Also write the fork report (FILE.html or FILE.md).")
 @store_option
@@ -66,6 +67,7 @@ def fork(prompt, outcome, options_list, first_line, samples, alternatives, min_p
     llamalens fork "The best pet is a" --outcome "^ *(\\w+)" --samples 8 --positions 0-9
     llamalens fork --chat "Is 17 prime? Answer yes or no." --chat-template gemma --options yes,no
     llamalens fork --resume 12          # after Ctrl-C, a kill or a crash
+    llamalens fork "The best pet is a" --samples 8 --threads 8 --ray auto   # continuations on a Ray cluster
     """
     from ..fork import ForkSpec, OutcomeSpec, check_spec, execute_fork, parse_positions, resume_target, start_fork
     from ..store import Store
@@ -73,6 +75,7 @@ def fork(prompt, outcome, options_list, first_line, samples, alternatives, min_p
 
     ctx = click.get_current_context()
     chat = pop_chat(kw)
+    ray_address, workers = pop_ray(kw)  # before any work: a bad address, or no Ray, fails here
     conv = None
     if resume_id is not None:
         conflicts = _given(ctx, RUN_DEFINED)
@@ -123,8 +126,13 @@ def fork(prompt, outcome, options_list, first_line, samples, alternatives, min_p
         say(f"run {run_id}: {cost.positions} positions, {cost.sequences:,} continuations, up to {cost.tokens:,} tokens "
             f"({n_batch} per batch); prefill {cost.prefill:,} tokens instead of {cost.naive_prefill:,}; about "
             f"{cost.seconds(rate):.0f} s at the measured {rate:.0f} tokens/s; store {store.path}", err=True)
+    decoder = None
+    if ray_address is not None:
+        from ..distributed import fork_decoder
+
+        decoder = fork_decoder(loaded, store, run_id, ray_address, workers, lambda note: say(f"ray: {note}", err=True))
     until_done(lambda: execute_fork(loaded, store, run_id, sweep_progress(
-        lambda p: f"positions {p.positions_done}/{p.positions_total}, {p.done}/{p.total} continuations")))
+        lambda p: f"positions {p.positions_done}/{p.positions_total}, {p.done}/{p.total} continuations"), decoder))
     fr = show_fork(store, run_id, as_json)
     if report_path:
         write_fork_report(fr, report_path)
