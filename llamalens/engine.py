@@ -11,6 +11,10 @@
          then per sequence:
              raw row ──► candidate array ──► its own native sampler chain [sampler.Sampler]
                          -> chosen token, survivors (candidates), sampled_logprob
+                         (a top-k chain whose earlier stages leave the logits alone is fed only the row's
+                         top k, taken from block_stats' candidates, when its k+1 largest logits are all
+                         different: the same survivors and pick, sampler._prefilter_k says why; 0.76 ->
+                         0.05 ms a token at 262k, top_k 40)
                      └─► the row's statistics for the chosen token (logprob, rank) -> TokenRecord
          a finished sequence (EOG, stop string, max_tokens) frees its slot but keeps its prompt
          cells, so the next request with the same prompt starts without any prefill.
@@ -28,9 +32,11 @@ sequence of that prompt for its first token; nothing of size context × vocabula
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -40,9 +46,9 @@ from .records import Alternative, Sample, Timing, TokenRecord
 from .decoding import banned_tokens
 from .runtime import Context, Model, round_ctx
 from .grammar import constrained_apply
-from .sampler import Candidates, GrammarSampler, Sampler
+from .sampler import Candidates, GrammarSampler, Sampler, prefilter_k
 from .settings import SamplingSettings
-from .stats import RowStats, block_stats, logsumexp, lse32
+from .stats import CHUNK, RowStats, block_stats, logsumexp, lse32
 
 @dataclass
 class Request:
@@ -102,6 +108,13 @@ class Engine:
         self.n_parallel = max(1, int(n_parallel))
         self._buffers = Candidates(model.n_vocab)
         self._grammar_buffers: Candidates | None = None  # made for the first grammar
+        self.prefilter = True  # feed top-k chains only the row's top k when that is exact (sampler.prefilter_k)
+        self._top_n = self._floor_n = 0
+        # a step's per-sequence work (_picks) and block statistics on this many Python threads: 1 (off) until a
+        # gain is measured on a quiet 2-core machine (issue 21: none could be; same records either way, tested)
+        self.analysis_threads = 1
+        self._pool: ThreadPoolExecutor | None = None
+        self._owner, self._local = threading.get_ident(), threading.local()
         self.stats = Counter()  # decode calls, tokens decoded, prefills, prompt copies
 
     # -- public --------------------------------------------------------------------------------
@@ -155,6 +168,10 @@ class Engine:
         parent: dict[int, int] = {}
         groups: list[list[_Live]] = []  # sequences sharing one history: decoded once, by groups[i][0]
         self._top_n = max((r.n_logprobs for r in queue), default=0)
+        ks = {prefilter_k(s, self.model) for s in {r.settings for r in queue if not r.grammar}} if self.prefilter else ()
+        self._floor_n = max(ks, default=0) + 1  # block_stats' candidates then hold the top k + 1 of every row
+        if self.analysis_threads > 1 and n_par > 1:
+            self._pool = ThreadPoolExecutor(self.analysis_threads, thread_name_prefix="llamalens-analysis")
         try:
             while queue or any(slots):
                 # 1. fill free slots; a new sequence's first token comes from its prompt's row
@@ -173,7 +190,7 @@ class Engine:
                                 self.stats["prompt_copies"] += 1
                             else:
                                 first_rows[key] = ctx.prefill(req.prompt_tokens, seq=s)
-                                first_stats[key] = block_stats(first_rows[key], self._top_n)[0]
+                                first_stats[key] = block_stats(first_rows[key], self._top_n, self._floor_n)[0]
                                 self.stats["prefills"] += 1
                                 self.stats["prompt_tokens"] += len(key)
                             slot_prompt[s] = key
@@ -196,7 +213,7 @@ class Engine:
                     self.stats["decoded_tokens"] += len(leaders)
                     self.stats["fanned_out_tokens"] += sum(len(g) - 1 for g in groups)
                     block = ctx.logits_block(len(leaders))  # the decode's output rows, one contiguous block
-                    block_rows = block_stats(block, self._top_n)  # every row's statistics in one go (stats.py)
+                    block_rows = self._block_stats(block)  # every row's statistics in one go (stats.py)
                     for i, g in enumerate(groups):
                         g[0].kv_hist = g[0].hist
                         for b in g:
@@ -204,9 +221,10 @@ class Engine:
                             b.pending = None
                             rows[b.slot], row_stats[b.slot] = block[i], block_rows[i]
                 # 3. each sequence's own sampler chain on its row; the record from the row's statistics
-                for s, row in rows.items():
-                    live = slots[s]
-                    self._step(live, row, row_stats[s])
+                step = [slots[s] for s in rows]
+                picks = self._picks(step, list(rows.values()), [row_stats[s] for s in rows])
+                for live, row, pick in zip(step, rows.values(), picks):
+                    self._record(live, row, row_stats[live.slot], pick)
                     if live.pending is not None:
                         h = intern.setdefault((live.hist, live.pending), len(intern))
                         parent[h] = live.hist
@@ -242,35 +260,80 @@ class Engine:
                         slots[s] = None
                         yield self._sample(live)
         finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
             for live in slots:
                 if live is not None:
                     live.close()
 
     def _step(self, live: _Live, row: np.ndarray, row_stats: RowStats) -> None:
         """Sample the next token of one sequence from its raw logits row and record it."""
-        raw = row
-        model, req = self.model, live.req
+        self._record(live, row, row_stats, self._pick(live, row, row_stats))
+
+    def _candidates(self) -> tuple[Candidates, Candidates | None]:
+        """The calling thread's llama_token_data buffers (the engine's own on the thread that made it)."""
+        if threading.get_ident() == self._owner:
+            return self._buffers, self._grammar_buffers
+        b = getattr(self._local, "bufs", None)
+        if b is None:
+            b = self._local.bufs = (Candidates(self.model.n_vocab), Candidates(self.model.n_vocab))
+        return b
+
+    def _pick(self, live: _Live, row: np.ndarray, row_stats: RowStats) -> tuple:
+        """The chain's choice for one sequence: what needs the row, the chain and nothing shared, so the
+        sequences of a step can run it on different threads (_picks). The chain's state changes only in
+        _record (accept), on the engine's thread, in slot order."""
+        req = live.req
         n_gram = req.settings.no_repeat_ngram
         blocked = sorted(banned_tokens(req.prompt_tokens + [r.id for r in live.records], n_gram)) if n_gram else []
         if blocked:  # no-repeat-ngram (issue 17): banned before the chain; the raw row (shared) stays as it is
             row = row.copy()
             row[blocked] = -np.inf
+        buffers, grammar_buffers = self._candidates()
+        removed, top = None, None
         if live.grammar is None:
-            survivors, sel = live.sampler.apply(row, self._buffers)
+            k = live.sampler.prefilter_k if self.prefilter and not blocked else 0
+            top = row_stats.top_k_ids(k) if k else None  # None: a tie among the k+1 largest, the full row
+            survivors, sel = live.sampler.apply(row, buffers, top)
         else:  # grammar.py: the chain's pick, resampled under the grammar when it does not fit
-            if self._grammar_buffers is None:
-                self._grammar_buffers = Candidates(model.n_vocab)
-            survivors, sel, removed = constrained_apply(live.sampler, live.grammar, row, self._buffers,
-                                                        self._grammar_buffers)
-            live.removed.append(removed)
+            if grammar_buffers is None:
+                grammar_buffers = self._grammar_buffers = Candidates(self.model.n_vocab)
+            survivors, sel, removed = constrained_apply(live.sampler, live.grammar, row, buffers, grammar_buffers)
         token = int(survivors["id"][sel])
-        if live.grammar is not None:
-            live.grammar.accept(token)
-        live.sampler.accept(token)
         if req.settings.greedy:
             sampled_lp, n_cand = 0.0, 1
         else:
             sampled_lp, n_cand = sampled_logprob(survivors, sel), len(survivors)
+        return token, sampled_lp, n_cand, blocked, removed, top is not None
+
+    def _picks(self, live: list[_Live], rows: list[np.ndarray], stats: list[RowStats]) -> list[tuple]:
+        """_pick of every sequence of a step, spread over the thread pool when there is one (the chain's native
+        code and numpy's passes release the GIL); the same results in the same order as one by one."""
+        if self._pool is None or len(live) < 2:
+            return [self._pick(*a) for a in zip(live, rows, stats)]
+        return list(self._pool.map(self._pick, live, rows, stats))
+
+    def _block_stats(self, block: np.ndarray) -> list[RowStats]:
+        """block_stats of a step's rows, split by rows over the thread pool (at CHUNK row groups: each row's
+        numbers are computed exactly as in one call)."""
+        n = block.shape[0]
+        per = max(1, CHUNK // max(block.shape[1], 1))
+        if self._pool is None or n < 2 * per:
+            return block_stats(block, self._top_n, self._floor_n)
+        cut = -(-(n // 2) // per) * per
+        parts = self._pool.map(lambda b: block_stats(b, self._top_n, self._floor_n), (block[:cut], block[cut:]))
+        return [st for part in parts for st in part]
+
+    def _record(self, live: _Live, raw: np.ndarray, row_stats: RowStats, pick: tuple) -> None:
+        """The TokenRecord of a pick (in slot order, on the engine's thread): accept, statistics, stop checks."""
+        model, req = self.model, live.req
+        token, sampled_lp, n_cand, blocked, removed, prefiltered = pick
+        self.stats["prefiltered"] += prefiltered
+        if live.grammar is not None:
+            live.removed.append(removed)
+            live.grammar.accept(token)
+        live.sampler.accept(token)
         st = row_stats.for_token(raw, token)
         if live.t_first == 0.0:
             live.t_first = time.perf_counter()

@@ -12,6 +12,9 @@ settings and seed choose the same tokens:
 Temperature comes after the truncating samplers, so the candidate set depends on top_k,
 typical_p, top_p, min_p and the penalties, never on temperature.
 
+A chain with top_k whose earlier stages leave the logits alone can be fed only the row's top k (apply's
+`ids`; `_prefilter_k` says when that gives the same survivors and pick).
+
 `Sampler(settings, n_vocab, upto=STAGE)` stops the chain after that stage and leaves out the final
 pick: applying it shows what that much of the chain leaves of a distribution (the sampler view).
 
@@ -76,6 +79,14 @@ class Candidates:
         np.copyto(self._bytes, self._fresh)
         self._logits[:] = row
         return self.data
+
+    def fill_ids(self, row: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """(id, logit, 0) for the given ids only (the prefilter's top k, in id order), at the buffer's start."""
+        part = self.data[: ids.shape[0]]
+        part["id"] = ids
+        part["logit"] = row[ids]
+        part["p"] = 0.0
+        return part
 
 
 def _llama_cpp_python_stages(lib, s: SamplingSettings, n_vocab: int) -> list[tuple[str, Callable]]:
@@ -174,6 +185,41 @@ def _llama_cpp_stages(lib, s: SamplingSettings, model) -> list[tuple[str, Callab
     return stages + [("dist", lambda: lib.llama_sampler_init_dist(s.seed))]
 
 
+PREFILTER_MAX_K = 1024  # top_k above this gets the full array (the prefilter's candidates grow with k)
+_LOGIT_KEEPING = {  # stages that leave the logits alone with these settings (their apply returns at once)
+    "penalties": lambda s: s.penalty_last_n == 0 or (s.repeat_penalty == 1.0 and s.frequency_penalty == 0.0
+                                                     and s.presence_penalty == 0.0),
+    "dry": lambda s: s.dry_multiplier == 0.0 or s.dry_penalty_last_n == 0,
+    "top_n_sigma": lambda s: s.top_n_sigma <= 0.0,
+}
+
+
+def _prefilter_k(s: SamplingSettings, names: list[str], n_vocab: int) -> int:
+    """k when the chain may be fed only the row's top k tokens instead of all of them, else 0.
+
+    llama.cpp's top_k keeps the k largest logits sorted by a non-stable partial sort (std::partial_sort for
+    k <= 128, its bucket sort above). When every stage before it leaves the logits alone (penalties, DRY and
+    top_n_sigma off: their apply returns first, not even touching `sorted`; no logit_bias stage) and the k+1
+    largest logits are all different (RowStats.top_k_ids checks), the k it keeps and their order are unique:
+    the same from the whole row as from those k in id order. Every later stage (typical, top_p, min_p, xtc,
+    temperature, dist) sees only those k, so the chain's survivors, pick and RNG state are the same. With a
+    tie among the k+1 the order of equal logits depends on the input's layout, and the engine takes the full
+    row. The same holds for `upto` chains that reach top_k."""
+    k = s.top_k
+    if "top_k" not in names or not 0 < k < n_vocab or k > PREFILTER_MAX_K:
+        return 0
+    for name in names[: names.index("top_k")]:
+        keeps = _LOGIT_KEEPING.get(name)
+        if keeps is None or not keeps(s):  # (the float comparisons: a value that is 1.0 / 0.0 as float32 but not
+            return 0                      # as a Python float only turns the prefilter off)
+    return k
+
+
+def prefilter_k(settings: SamplingSettings, model) -> int:
+    """The top-k prefilter's k for this settings' chain on this model (0: the chain gets every token)."""
+    return _prefilter_k(settings, stage_names(settings, model), model.n_vocab)
+
+
 PICKS = ("greedy", "dist", "mirostat", "adaptive_p")  # stages that choose the token
 
 
@@ -201,6 +247,7 @@ class Sampler(NativeHandle):
         if upto is not None and upto not in names[:-1]:
             raise ValueError(f"unknown stage {upto!r}; this chain's stages: {', '.join(names[:-1])}")
         self.stages = names if upto is None else names[: names.index(upto) + 1]
+        self.prefilter_k = _prefilter_k(s, self.stages, n_vocab)  # apply(row, buffers, ids) takes the top k
         self.ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         for _name, make in stages[: len(self.stages)]:
             lib.llama_sampler_chain_add(self.ptr, make())  # the chain owns its stages
@@ -215,8 +262,10 @@ class Sampler(NativeHandle):
                 sampler.accept(t)
         return sampler
 
-    def apply(self, row: np.ndarray, buffers: Candidates | None = None) -> tuple[np.ndarray, int]:
-        """Apply the chain to a raw logits row.
+    def apply(self, row: np.ndarray, buffers: Candidates | None = None,
+              ids: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Apply the chain to a raw logits row (with `ids`, to those tokens of it only: the prefilter's top
+        prefilter_k, from RowStats.top_k_ids, which gives the same result; needs `buffers`).
 
         Returns (survivors, selected): the candidates left after the chain (a structured array with
         fields id, logit (after temperature when the chain has one), p) and the chosen index (-1
@@ -230,6 +279,9 @@ class Sampler(NativeHandle):
             cand = np.zeros(n, dtype=TOKEN_DATA)
             cand["id"] = np.arange(n, dtype=np.int32)
             cand["logit"] = row
+        elif ids is not None:
+            cand = buffers.fill_ids(row, ids)
+            n = cand.shape[0]
         else:
             cand = buffers.fill(row)
         arr = lib.llama_token_data_array(data=cand.ctypes.data_as(lib.llama_token_data_p), size=n, selected=-1,

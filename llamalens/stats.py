@@ -111,8 +111,10 @@ def lse32(x: np.ndarray) -> float:
     return float(m) + math.log(float(np.sum(e, dtype=np.float64)))
 
 
-def block_stats(block: np.ndarray, n_top: int) -> list["RowStats"]:
+def block_stats(block: np.ndarray, n_top: int, n_floor: int = 0) -> list["RowStats"]:
     """RowStats (no chosen token yet: see for_token) of every row of a [rows, n_vocab] float32 block at once.
+    `n_floor` > n_top makes the candidates cover the row's n_floor largest logits (RowStats.top_k_ids needs
+    k + 1 of them); the top N and ranks do not change with it.
 
     Rows are taken CHUNK elements at a time (one 262k row, or eight 32k ones), each chunk in these passes:
         m = max per row | sh = x - m | e = exp(sh) | s = sum e (float64) | e *= sh; sum (float64)
@@ -125,7 +127,7 @@ def block_stats(block: np.ndarray, n_top: int) -> list["RowStats"]:
     if block.ndim == 1:
         block = block[None, :]
     n_rows, size = block.shape
-    k = max(1, min(n_top, size))
+    k = max(1, min(max(n_top, n_floor), size))
     stride = max(1, min(SUBSAMPLE, size // (8 * k)))
     per = max(1, CHUNK // max(size, 1))
     out: list[RowStats] = []
@@ -159,10 +161,17 @@ def block_stats(block: np.ndarray, n_top: int) -> list["RowStats"]:
             h = log_s - esi / float(s[i])
             cand = np.flatnonzero(mask[i])  # (np.nonzero of the 2-D mask is 8x slower)
             cand_logits = x[i, cand]
-            order = np.lexsort((cand, -cand_logits.astype(np.float64)))[:n_top] if n_top > 0 else _NO_IDS
+            if n_top <= 0:
+                order = _NO_IDS
+            elif cand.shape[0] > 4 * n_top:  # sort only the top N and their ties (the same order as sorting all)
+                at = cand.shape[0] - n_top
+                sel = np.flatnonzero(cand_logits >= np.partition(cand_logits, at)[at])
+                order = sel[np.lexsort((cand[sel], -cand_logits[sel].astype(np.float64)))[:n_top]]
+            else:
+                order = np.lexsort((cand, -cand_logits.astype(np.float64)))[:n_top]
             ids = cand[order].astype(np.int64)
             out.append(RowStats(math.nan, 0, max(h, 0.0), lse, ids, cand_logits[order].astype(np.float64) - lse,
-                                _floor=float(floor[i]), _cand_logits=cand_logits))
+                                _floor=float(floor[i]), _cand_logits=cand_logits, _cand_ids=cand, _floor_n=k))
     return out
 
 
@@ -177,6 +186,8 @@ class RowStats:
     # block_stats' candidates: every logit >= _floor of the row (so a token at or above it is ranked among them)
     _floor: float = field(default=math.inf, repr=False, compare=False)
     _cand_logits: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _cand_ids: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _floor_n: int = field(default=0, repr=False, compare=False)  # the candidates hold the row's _floor_n largest
 
     @classmethod
     def of(cls, logits: np.ndarray, chosen: int | None, n_top: int) -> "RowStats":
@@ -206,7 +217,21 @@ class RowStats:
         else:
             rank = int(np.count_nonzero(np.greater(logits, c, out=_buffers(logits.shape[0])[2]))) + 1
         return RowStats(float(c) - self.lse, rank, self.entropy, self.lse, self.top_ids, self.top_logprobs,
-                        self._floor, self._cand_logits)
+                        self._floor, self._cand_logits, self._cand_ids, self._floor_n)
+
+    def top_k_ids(self, k: int) -> np.ndarray | None:
+        """Ids of the row's k largest logits in id order, when those k+1 largest are all different (so the k-th
+        is strictly above the rest and no two of the top k tie); None otherwise, or when the candidates do not
+        cover k+1 logits. The sampler prefilter (sampler.prefilter_k) is exact only then."""
+        c = self._cand_logits
+        if c is None or not 0 < k < self._floor_n or c.shape[0] <= k:
+            return None
+        at = c.shape[0] - k - 1
+        top = np.argpartition(c, at)[at:]  # positions of the k+1 largest (ties at the edge: any of them)
+        v = np.sort(c[top])
+        if not np.all(v[1:] > v[:-1]):  # two equal among the k+1 largest (-inf ones included)
+            return None
+        return np.sort(self._cand_ids[top[c[top] > v[0]]]).astype(np.int32)
 
 
 def kl_divergence(logits_p: np.ndarray, logits_q: np.ndarray) -> float:

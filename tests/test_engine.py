@@ -208,3 +208,67 @@ def test_sampled_logprob_of_a_large_survivor_set():
         for sel in (0, int(np.argmax(surv["logit"])), n - 1):
             ref = log_softmax(surv["logit"].astype(np.float64))[sel]
             assert abs(sampled_logprob(surv, sel) - ref) < 4e-8
+
+
+def _records_with_and_without_prefilter(model, settings, prompt, n=10, par=8):
+    """The same requests through the engine with the top-k prefilter on and off (the full-array chain)."""
+    out = []
+    for on in (True, False):
+        eng = Engine(model, par)
+        eng.prefilter = on
+        reqs = [Request(prompt, s, max_tokens=n, n_logprobs=3, key=i) for i, s in enumerate(settings)]
+        samples = sorted(eng.run(reqs), key=lambda x: x.key)
+        out.append(([x.tokens for x in samples], eng.stats["prefiltered"]))
+    return out
+
+
+PREFILTER_CASES = [  # top_k 40 (std::partial_sort), 200 (bucket sort), the llama.cpp chain, typical/top_p/min_p after
+    *[SamplingSettings(seed=s, temperature=1.0) for s in range(3)],
+    *[SamplingSettings(seed=s, temperature=1.5, top_k=200, top_p=1.0, min_p=0.0) for s in range(2)],
+    SamplingSettings(seed=9, top_k=7, top_p=0.5, min_p=0.1, typical_p=0.9),
+    *[SamplingSettings(seed=s, temperature=1.2, chain="llama.cpp", xtc_probability=0.5) for s in range(2)],
+]
+
+
+@pytest.mark.parametrize("which", ["tiny", "gemma"])
+def test_top_k_prefilter_gives_the_full_chains_records(request, which):
+    """Feeding the chain only the row's top k (sampler.prefilter_k) changes no record: the same tokens, survivors'
+    count, sampled logprob (float64 both ways, compared exactly) and statistics as the full-array chain."""
+    model = request.getfixturevalue(which)
+    (on, n_on), (off, n_off) = _records_with_and_without_prefilter(model, PREFILTER_CASES, "The cat sat on the")
+    assert on == off
+    assert n_off == 0 and n_on > 0.9 * sum(len(t) for t in on)  # the fast path was taken (no ties here)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_top_k_prefilter_falls_back_on_ties(tmp_path, k):
+    """A model whose tokens 2i and 2i+1 share their output row: every logit has an equal twin, so the top k+1
+    hold a tie, inside the top k (k=2: a twin pair) or across its edge (k=3: the 3rd and 4th). Fed only the top
+    k, llama.cpp's non-stable partial sort may order the twins another way (a random 262k row with a tied top
+    40 gave other survivors' order for 20 seeds of 20); the engine must take the full row every time."""
+    from llamalens.runtime import Model, ModelOptions
+    from tiny_gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "tied.gguf", tied_pairs=True)
+    with Model(path, ModelOptions(ctx=256, flash_attn="off")) as m:
+        with m.context(n_ctx=64) as ctx:
+            row = ctx.prefill(m.prompt_tokens("the cat"))
+        assert np.array_equal(row[0::2], row[1::2])  # the ties are really there, bit for bit
+        settings = [SamplingSettings(seed=s, temperature=1.0, top_k=k, top_p=1.0, min_p=0.0) for s in range(4)]
+        (on, n_on), (off, _) = _records_with_and_without_prefilter(m, settings, "the cat", n=8, par=4)
+    assert n_on == 0 and on == off
+
+
+def test_analysis_threads_change_nothing(tiny):
+    """A step's picks and block statistics on 2 Python threads (Engine.analysis_threads) give the records of one
+    thread, in the same order; untruncated, truncated (prefiltered), penalties and a grammar."""
+    settings = [SamplingSettings(seed=s, temperature=1.3, top_k=0, top_p=1.0, min_p=0.0) for s in range(3)] + [
+        SamplingSettings(seed=s) for s in range(3)] + [SamplingSettings(seed=4, repeat_penalty=1.3)]
+    out = []
+    for threads in (1, 2):
+        eng = Engine(tiny, 8)
+        eng.analysis_threads = threads
+        reqs = [Request("the cat", s, max_tokens=10, key=i) for i, s in enumerate(settings)]
+        reqs.append(Request("the cat", SamplingSettings(seed=8), max_tokens=6, key=99, grammar='root ::= " the" [a-z ]*'))
+        out.append([(x.key, x.tokens) for x in eng.run(reqs)])
+    assert out[0] == out[1]

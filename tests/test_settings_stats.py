@@ -120,3 +120,27 @@ def test_temperature_and_kl():
     p, q = np.exp(log_softmax(logits)), np.exp(log_softmax(logits[::-1]))
     assert kl_divergence(logits, logits[::-1]) == pytest.approx(float(np.sum(p * np.log(p / q))))
     assert math.isclose(entropy(np.zeros(4)), math.log(4))
+
+
+def test_top_k_ids_only_without_ties():
+    """RowStats.top_k_ids: the k largest in id order when the k+1 largest are all different, else None (a tie
+    inside the top k, across its edge, among -inf logits, or candidates that do not cover k+1)."""
+    rng = np.random.default_rng(5)
+    row = (rng.standard_normal(262144) * 3).astype(np.float32)
+    order = np.argsort(-row, kind="stable")
+    for k in (1, 40, 300):
+        ids = block_stats(row, 5, k + 1)[0].top_k_ids(k)
+        assert ids.dtype == np.int32 and np.array_equal(ids, np.sort(order[:k]))
+    assert block_stats(row, 5)[0].top_k_ids(40) is None  # the floor covers only the top 5
+    for a, b in ((10, 20), (39, 40), (0, 1)):  # ties: inside, at the edge (40th = 41st), at the top
+        tied = row.copy()
+        tied[order[b]] = tied[order[a]]
+        assert block_stats(tied, 5, 41)[0].top_k_ids(40) is None
+    tied = row.copy()
+    tied[order[41]] = tied[order[40]]  # below the 41st: no effect
+    assert np.array_equal(block_stats(tied, 5, 41)[0].top_k_ids(40), np.sort(order[:40]))
+    small = np.full(50, -np.inf, np.float32)
+    small[:3] = [1.0, 2.0, 3.0]  # banned tokens: the 4th and 5th largest are -inf, a tie
+    assert block_stats(small, 5, 5)[0].top_k_ids(4) is None
+    assert np.array_equal(block_stats(small, 5, 4)[0].top_k_ids(3), [0, 1, 2])
+    assert np.array_equal(block_stats(small, 5, 3)[0].top_k_ids(2), [1, 2])
