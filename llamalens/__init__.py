@@ -38,7 +38,7 @@ __all__ = [
     "quantize",
     "LlamalensError", "ModelNotFound", "InvalidModelFile", "InvalidSettings", "PromptTooLong", "InvalidInput",
     "StoreError", "MissingExtra",
-    "sweep", "open_run", "runs", "report", "score", "choose", "compare", "fork", "sampler_view",
+    "sweep", "resume", "open_run", "runs", "report", "score", "choose", "compare", "fork", "sampler_view",
     "Run", "Sample", "NextToken", "SamplerView", "Score", "Choice", "Comparison",
 ]
 
@@ -56,7 +56,7 @@ def load_model(model=None, **options):
     return checked_load(resolve_source(model), ModelOptions(**options))
 
 
-_API = ("sweep", "open_run", "runs", "report", "score", "choose", "compare", "fork", "sampler_view", "Run")
+_API = ("sweep", "resume", "open_run", "runs", "report", "score", "choose", "compare", "fork", "sampler_view", "Run")
 
 
 class _Package(types.ModuleType):

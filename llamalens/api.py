@@ -260,25 +260,35 @@ def _configs(grid, preset: str | None, chain: str | None) -> list[SamplingSettin
                           "grid file's path")
 
 
-def sweep(prompts, grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int = 5, stop=(), preset: str | None = None,
+def sweep(prompts=(), grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int = 5, stop=(), preset: str | None = None,
           chain: str | None = None, name: str | None = None, parallel: int = 32, exact: bool = False, model=None,
-          store=None, progress: bool = True, **model_options) -> Run:
+          store=None, progress: bool = True, chat: bool = False, system: str | None = None, messages=None,
+          chat_template: str | None = None, grammar: str | None = None, json_schema: str | None = None,
+          **model_options) -> Run:
     """Run prompts across a grid of sampling settings and seeds, store every token: `llamalens sweep`.
 
     prompts: one text or a list. grid: {setting: values} such as {"temperature": [0, 0.7], "top_k": [2, 40]}
     (every axis of `llamalens sweep`, strategies too), a SamplingSettings, a list of them, or a TOML grid file.
     seeds: N (seeds 0..N-1) or a list of seeds. preset / chain: as --preset / --chain. model: a loaded Model or
     a path / name (then model_options such as ctx=, batch= apply). store: a path or a Store.
+    Chat (as --chat, --system, --messages, --chat-template): chat=True sends each prompt as a user message
+    through the model's chat template (or chat_template: a file or a built-in name); messages: OpenAI-style
+    conversations (a list of message lists) or a .jsonl file of them; the analysis covers the replies.
+    grammar / json_schema: a GBNF file or a JSON-schema file that constrains every reply (--grammar,
+    --json-schema). An interrupted run is finished by ll.resume(run).
 
     >>> run = ll.sweep("The capital of France is", {"temperature": [0, 0.7]}, seeds=2)  # doctest: +SKIP
     >>> run.summary[["label", "mean_logprob", "distinct_completions"]]                  # doctest: +SKIP
     """
     from . import grid as grids
+    from .grammar import read_grammar
     from .sweep import SweepSpec, execute, sizing, start_sweep
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise InvalidInput("give at least one prompt")
+    convs = _conversations(prompts, chat, system, messages, chat_template)
+    if not prompts and not convs:
+        raise InvalidInput("give at least one prompt (or messages=)")
+    grammar_spec = read_grammar(grammar, json_schema)
     configs = _configs(grid, preset, chain)
     seed_values = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if isinstance(seeds, int) and seeds < 1:
@@ -288,12 +298,55 @@ def sweep(prompts, grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int = 
     from .runtime import ModelOptions
 
     ctx = model_options.get("ctx", ModelOptions().ctx)
-    n_par, cells = sizing(prompts, None, len(configs), len(seed_values), max_tokens, parallel, exact, ctx)
+    n_par, cells = sizing(prompts, convs, len(configs), len(seed_values), max_tokens, parallel, exact, ctx)
     with _model(model, model_options, sequences=n_par, cells=cells) as loaded:
-        spec = SweepSpec(prompts, configs, seed_values, max_tokens, logprobs, tuple(stop), name, exact, parallel)
+        chats = None
+        if convs:
+            from .chat import render_all
+
+            chats = render_all(loaded, convs, chat_template)
+            prompts = [c.text for c in chats]
+        spec = SweepSpec(prompts, configs, seed_values, max_tokens, logprobs, tuple(stop), name, exact, parallel,
+                         chats=[c.to_dict() for c in chats] if chats else [],
+                         grammar=grammar_spec.to_dict() if grammar_spec else None)
         run_id = start_sweep(loaded, st, spec, command=f"python: llamalens.sweep({len(prompts)} prompt(s))",
                              on_note=_note)
         with _bar(progress, spec.n_samples, f"run {run_id}", "seq") as bar:
+            execute(loaded, st, run_id, _sweep_ticks(bar))
+    return _load(st, run_id)
+
+
+def _conversations(prompts: list, chat: bool, system, messages, chat_template) -> list | None:
+    """The conversations a chat sweep decodes (None when no chat parameter is given): each prompt as a user
+    message (after `system` when given), then `messages` (a list of message lists, or a .jsonl file)."""
+    from .chat import check_messages, conversation, read_messages, with_system
+
+    if not (chat or system is not None or messages is not None or chat_template):
+        return None
+    convs = [conversation(p, system) for p in prompts]
+    if isinstance(messages, (str, Path)):
+        convs += [with_system(c, system) for c in read_messages(str(messages), "messages=")]
+    elif messages is not None:
+        if not isinstance(messages, (list, tuple)):
+            raise InvalidInput("messages= takes a list of conversations (each a list of {\"role\", \"content\"} "
+                               "dicts) or the path of a .jsonl file of them")
+        convs += [with_system(check_messages(list(c), f"messages[{i}]"), system) for i, c in enumerate(messages)]
+    return convs
+
+
+def resume(run, *, store=None, model=None, progress: bool = True) -> Run:
+    """Finish an interrupted sweep (Ctrl-C, a kill, a crash) with its own stored settings: `llamalens sweep
+    --resume RUN`. run: a Run or a run id / name in `store`; model: another path to the same file (its sha256
+    is checked) or a loaded Model of it."""
+    from .runtime import Model
+    from .sweep import execute, resume_target
+
+    st = run.store if isinstance(run, Run) else _store(store)
+    info = st.run(run.id if isinstance(run, Run) else run)
+    run_id, path, options = resume_target(st, info.id, None if isinstance(model, Model) else model)
+    with _model(model if isinstance(model, Model) else path, {} if isinstance(model, Model) else options.to_dict()
+                ) as loaded:
+        with _bar(progress, info.n_samples, f"run {run_id}", "seq", initial=info.n_done) as bar:
             execute(loaded, st, run_id, _sweep_ticks(bar))
     return _load(st, run_id)
 

@@ -52,6 +52,50 @@ def test_sweep_runs_show_export_match_the_cli(tiny_path, tmp_path):
     assert out.is_file() and "Summary per configuration" in out.read_text()
 
 
+def test_chat_grammar_sweep_and_resume_match_the_cli(tiny, tiny_path, tmp_path):
+    """ll.sweep's chat and grammar parameters run what `sweep --chat --system --messages --chat-template
+    --grammar` runs (the same rendered prompts, tokens and grammar record), and ll.resume finishes a planned
+    run as one uninterrupted sweep would have decoded it."""
+    from llamalens.store import Store
+    from llamalens.sweep import SweepSpec, start_sweep
+
+    gbnf = tmp_path / "g.gbnf"
+    gbnf.write_text('root ::= " the" ( " cat sat on the mat." | " dog sat." ) | " a cat is on it!"\n')
+    conv = [{"role": "user", "content": "where is the <cat>?"}]
+    (tmp_path / "m.jsonl").write_text(json.dumps({"messages": conv}) + "\n")
+    run = ll.sweep("hello", {"temperature": [0, 0.9]}, seeds=[1, 2], max_tokens=8, system="be brief", messages=[conv],
+                   chat_template="chatml", grammar=str(gbnf), model=str(tiny_path), store=tmp_path / "api.db",
+                   progress=False, ctx=256, parallel=4)
+    cli("sweep", "hello", "--system", "be brief", "--messages", tmp_path / "m.jsonl", "--chat-template", "chatml",
+        "--grammar", gbnf, "-t", "0,0.9", "--seed", "1,2", "-n", 8, "--parallel", 4, "--ctx", 256,
+        "--model", tiny_path, "--store", tmp_path / "cli.db")
+    other = ll.open_run(1, store=tmp_path / "cli.db")
+    prompts = sorted(set(run.samples.prompt))
+    assert prompts == sorted(set(other.samples.prompt)) and len(prompts) == 2
+    assert all(p.startswith("<|im_start|>system\nbe brief") for p in prompts)
+    assert run.info.options.chats == other.info.options.chats and len(run.info.options.chats) == 2
+    assert run.info.options.grammar == other.info.options.grammar and "cat sat" in run.info.options.grammar["gbnf"]
+    key = ["sample_idx", "position", "token_id", "logprob", "sampled_logprob"]
+    assert run.tokens[key].equals(other.tokens[key]) and len(run.tokens) > 0
+    # every reply is the start of a sentence of the grammar's language (8 tokens of the tiny model's vocabulary)
+    assert all(any(w.startswith(t) for w in (" the cat sat on the mat.", " the dog sat.", " a cat is on it!"))
+               for t in run.samples.text)
+    with pytest.raises(ll.InvalidInput, match=r"messages\[0\]: message 1"):
+        ll.sweep(messages=[[{"role": "user"}]], chat_template="chatml", model=tiny, store=tmp_path / "x.db",
+                 progress=False)
+    # resume: a run planned but never decoded, finished by ll.resume, equals the same sweep run at once
+    store = Store(tmp_path / "r.db")
+    spec = SweepSpec(["the cat"], [ll.SamplingSettings(temperature=0.8)], [5, 6], 6, 3, (), None, False, 4)
+    planned = start_sweep(tiny, store, spec)
+    done = ll.resume(planned, store=store, model=tiny, progress=False)
+    whole = ll.sweep("the cat", ll.SamplingSettings(temperature=0.8), seeds=[5, 6], max_tokens=6, logprobs=3,
+                     parallel=4, model=tiny, store=tmp_path / "w.db", progress=False)
+    key = ["sample_idx", "position", "token_id", "logprob"]
+    assert done.info.status == "done" and done.tokens[key].equals(whole.tokens[key])
+    with pytest.raises(ll.StoreError, match="already complete"):
+        ll.resume(planned, store=store, model=tiny, progress=False)
+
+
 def test_score_choose_compare_match_the_cli(tiny_path, tmp_path):
     text = "the cat sat on the mat and the dog is in it"
     mine = ll.score(text, model=str(tiny_path), ctx=256)
