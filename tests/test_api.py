@@ -10,19 +10,12 @@ import shutil
 from html.parser import HTMLParser
 
 import pytest
-from click.testing import CliRunner
 
 import llamalens as ll
 from llamalens import analysis, api
-from llamalens.cli import main
+from clirun import cli
 
 XSS = "<script>alert('x')</script> <b>bold</b> & <img src=x onerror=alert(1)>"
-
-
-def cli(*args):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    assert res.exit_code == 0, res.output
-    return res
 
 
 # -- the API and the CLI agree -----------------------------------------------------------------------

@@ -6,19 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from llamalens.cli import main
 from llamalens.embed import embed_texts
+from clirun import cli
 
 TERMS = ["king", "queen", "man", "woman", "apple", "banana", "Paris is the capital of France."]
-
-
-def cli(*args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
 
 
 def _llama(path, pooling):

@@ -12,26 +12,18 @@ import time
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from browser import Browser
-from llamalens.cli import main
 from llamalens.engine import Engine, Request
 from llamalens.fork import ForkSpec, OutcomeSpec, execute_fork, load_fork, parse_positions, start_fork
 from llamalens.forking import Branch, analyse
 from llamalens.settings import SamplingSettings
 from llamalens.store import Store
 from llamalens.sweep import rescore
+from clirun import cli
 
 PRIME = "Q: Is 17 a prime number? Answer yes or no, then explain. A:"
 FIRST_CHAR = r"(?s)^(.)"  # the completion's first character: decided by the token at position 0
-
-
-def cli(*args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
 
 
 # -- references, written here ---------------------------------------------------------------------------

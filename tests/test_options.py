@@ -10,17 +10,9 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
-from llamalens.cli import main
 from llamalens.store import Store
-
-
-def cli(*args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
+from clirun import cli
 
 
 def js(*args):

@@ -14,28 +14,20 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
 from conftest import require
 from llamalens import grid
-from llamalens.cli import main
 from llamalens.runtime import Model
 from llamalens.settings import ModelOptions
 from llamalens.store import Store
 from llamalens.sweep import SweepInterrupted, SweepSpec, execute, start_sweep
+from clirun import cli
 
 PROMPTS = ["The cat sat on", "Once upon a time"]
 TEXT = ("The quick brown fox jumps over the lazy dog. It was a bright cold day in April, and the clocks were "
         "striking thirteen. Call me Ishmael. Some years ago, never mind how long precisely, having little or no "
         "money in my purse, I thought I would sail about a little and see the watery part of the world.")
 SWEEP_ARGS = [*PROMPTS, "-t", "0,0.8", "--seeds", 2, "-n", 6, "--exact", "--threads", 1]
-
-
-def cli(*args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
 
 
 @pytest.fixture(scope="module")

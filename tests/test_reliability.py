@@ -24,19 +24,13 @@ from llamalens.records import Hardware, RunOptions, Sample, Timing, TokenRecord
 from llamalens.settings import SamplingSettings
 from llamalens.store import APPLICATION_ID, Store
 from llamalens.sweep import SweepInterrupted, SweepSpec, execute, start_sweep
+from clirun import cli
 
 # every C0 control, DEL, the 8-bit C1 controls, and the escape families a terminal acts on
 CONTROLS = [chr(c) for c in range(0x20) if chr(c) not in "\n\t"] + ["\x7f"] + [chr(c) for c in range(0x80, 0xA0)]
 ESCAPES = ["\x1b[31mred\x1b[0m", "\x1b]0;window title\x07", "\x1b]52;c;cHduZWQ=\x07", "\x1bP1$qm\x1b\\", "\x9b31m",
            "bell\x07", "back\x08space", "bare\rCR", "\u202eevil"]
 HOSTILE = "".join(CONTROLS) + " " + " ".join(ESCAPES)
-
-
-def cli(*args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
 
 
 def raw_controls(text: str) -> list[str]:

@@ -7,13 +7,11 @@ import re
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from browser import Browser
 from llamalens import analysis
 from llamalens import grid
 from llamalens.reports import document
-from llamalens.cli import main
 from llamalens.analysis import load_run
 from llamalens.reports.run import run_document
 from llamalens.settings import SamplingSettings
@@ -21,15 +19,9 @@ from reference import log_softmax
 from llamalens.store import Store
 from llamalens.sweep import SweepSpec, run_sweep, start_sweep
 from llamalens.distribution import sampler_view
+from clirun import cli
 
 XSS = ['<script>alert(1)</script>', '"><img src=x onerror=alert(1)>']
-
-
-def cli(*args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
 
 
 @pytest.fixture(scope="module")

@@ -6,24 +6,16 @@ import re
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from llamalens.cli import main
 from llamalens.errors import InvalidInput
 from llamalens.runtime import Model, ModelOptions
 from llamalens.score import choose, compare_run, compare_text, plan_windows, score_text
 from reference import full_windows, kl_divergence, log_softmax
+from clirun import cli
 
 TEXT = ("The quick brown fox jumps over the lazy dog. It was a bright cold day in April, and the clocks were "
         "striking thirteen. Call me Ishmael. Some years ago, never mind how long precisely, having little or no "
         "money in my purse, I thought I would sail about a little and see the watery part of the world.")
-
-
-def cli(*args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
 
 
 @pytest.fixture(scope="module")
