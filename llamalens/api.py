@@ -317,21 +317,12 @@ def sweep(prompts=(), grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int
 
 
 def _conversations(prompts: list, chat: bool, system, messages, chat_template) -> list | None:
-    """The conversations a chat sweep decodes (None when no chat parameter is given): each prompt as a user
-    message (after `system` when given), then `messages` (a list of message lists, or a .jsonl file)."""
-    from .chat import check_messages, conversation, read_messages, with_system
+    """The conversations a chat sweep decodes (chat.conversations), None when no chat parameter is given."""
+    from .chat import conversations
 
     if not (chat or system is not None or messages is not None or chat_template):
         return None
-    convs = [conversation(p, system) for p in prompts]
-    if isinstance(messages, (str, Path)):
-        convs += [with_system(c, system) for c in read_messages(str(messages), "messages=")]
-    elif messages is not None:
-        if not isinstance(messages, (list, tuple)):
-            raise InvalidInput("messages= takes a list of conversations (each a list of {\"role\", \"content\"} "
-                               "dicts) or the path of a .jsonl file of them")
-        convs += [with_system(check_messages(list(c), f"messages[{i}]"), system) for i, c in enumerate(messages)]
-    return convs
+    return conversations(prompts, system, messages, "messages=")
 
 
 def resume(run, *, store=None, model=None, progress: bool = True) -> Run:

@@ -97,6 +97,22 @@ def conversation(user: str | None, system: str | None = None) -> tuple[dict, ...
     return tuple(msgs)
 
 
+def conversations(prompts, system: str | None = None, messages=None, where: str = "--messages"
+                  ) -> list[tuple[dict, ...]]:
+    """The conversations of a chat run: each prompt as a user message (after `system` when given), then
+    `messages`: the path of a .jsonl file of conversations (named `where` in errors) or a list of message
+    lists (the Python API's)."""
+    convs = [conversation(p, system) for p in prompts]
+    if isinstance(messages, (str, Path)):
+        convs += [with_system(c, system) for c in read_messages(str(messages), where)]
+    elif messages is not None:
+        if not isinstance(messages, (list, tuple)):
+            raise InvalidInput(f"{where} takes a list of conversations (each a list of {{\"role\", \"content\"}} "
+                               "dicts) or the path of a .jsonl file of them")
+        convs += [with_system(check_messages(list(c), f"messages[{i}]"), system) for i, c in enumerate(messages)]
+    return convs
+
+
 def with_system(messages: tuple[dict, ...], system: str | None) -> tuple[dict, ...]:
     """--system in front of a conversation from a file (refused when the file has its own system message)."""
     if system is None:

@@ -295,12 +295,9 @@ class ChatOptions:
 
     def conversations(self, prompts) -> list[tuple]:
         """The conversations of PROMPT(S) (user messages) and --messages, read before any model is loaded."""
-        from ..chat import conversation, read_messages, with_system
+        from ..chat import conversations
 
-        convs = [conversation(p, self.system) for p in prompts]
-        if self.messages_file:
-            convs += [with_system(c, self.system) for c in read_messages(self.messages_file)]
-        return convs
+        return conversations(prompts, self.system, self.messages_file)
 
     def single(self, prompt: str | None, command: str):
         """The one conversation a command works on (None without the chat options; then PROMPT is needed)."""
