@@ -9,12 +9,14 @@
          [n_outputs, n_vocab] block (Context.logits_block), get their statistics at once:
              block ──► block_stats: per row lse, entropy, top-N, rank candidates [stats.py, numpy]
          then per sequence:
-             raw row ──► candidate array ──► its own native sampler chain [sampler.Sampler]
+             raw row ──► candidate array ──► its own native sampler chain [sampler.Sampler.choose]
                          -> chosen token, survivors (candidates), sampled_logprob
                          (a top-k chain whose earlier stages leave the logits alone is fed only the row's
                          top k, taken from block_stats' candidates, when its k+1 largest logits are all
                          different: the same survivors and pick, sampler._prefilter_k says why; 0.76 ->
-                         0.05 ms a token at 262k, top_k 40)
+                         0.05 ms a token at 262k, top_k 40. Over a large survivor set dist's pick is made
+                         in numpy when it provably is dist's, sampler.dist_select: 2.9 -> ~1 ms a token
+                         on an untruncated 262k chain, the sampled logprob included)
                      └─► the row's statistics for the chosen token (logprob, rank) -> TokenRecord
          a finished sequence (EOG, stop string, max_tokens) frees its slot but keeps its prompt
          cells, so the next request with the same prompt starts without any prefill.
@@ -48,7 +50,7 @@ from .runtime import Context, Model, round_ctx
 from .grammar import constrained_apply
 from .sampler import Candidates, GrammarSampler, Sampler, prefilter_k
 from .settings import SamplingSettings
-from .stats import CHUNK, RowStats, block_stats, logsumexp, lse32
+from .stats import CHUNK, RowStats, block_stats, sampled_logprob
 
 @dataclass
 class Request:
@@ -295,17 +297,18 @@ class Engine:
         if live.grammar is None:
             k = live.sampler.prefilter_k if self.prefilter and not blocked else 0
             top = row_stats.top_k_ids(k) if k else None  # None: a tie among the k+1 largest, the full row
-            survivors, sel = live.sampler.apply(row, buffers, top)
-        else:  # grammar.py: the chain's pick, resampled under the grammar when it does not fit
-            if grammar_buffers is None:
-                grammar_buffers = self._grammar_buffers = Candidates(self.model.n_vocab)
-            survivors, sel, removed = constrained_apply(live.sampler, live.grammar, row, buffers, grammar_buffers)
+            token, sampled_lp, n_cand = live.sampler.choose(row, buffers, top)
+            return token, sampled_lp, n_cand, blocked, removed, top is not None
+        # grammar.py: the chain's pick, resampled under the grammar when it does not fit
+        if grammar_buffers is None:
+            grammar_buffers = self._grammar_buffers = Candidates(self.model.n_vocab)
+        survivors, sel, removed = constrained_apply(live.sampler, live.grammar, row, buffers, grammar_buffers)
         token = int(survivors["id"][sel])
         if req.settings.greedy:
             sampled_lp, n_cand = 0.0, 1
         else:
             sampled_lp, n_cand = sampled_logprob(survivors, sel), len(survivors)
-        return token, sampled_lp, n_cand, blocked, removed, top is not None
+        return token, sampled_lp, n_cand, blocked, removed, False
 
     def _picks(self, live: list[_Live], rows: list[np.ndarray], stats: list[RowStats]) -> list[tuple]:
         """_pick of every sequence of a step, spread over the thread pool when there is one (the chain's native
@@ -381,21 +384,6 @@ class Engine:
             tokens=live.records, timing=timing, key=live.req.key,
             grammar_removed=list(live.removed) if live.grammar is not None else None,
         )
-
-
-EXACT_SURVIVORS = 4096  # up to this many survivors the sampled logprob is summed in float64 throughout
-
-
-def sampled_logprob(survivors: np.ndarray, sel: int) -> float:
-    """log p of the chosen survivor under the softmax of the survivors' logits (after temperature): float64 for a
-    truncated set; for a bigger one (an untruncated chain keeps all 262k) exp in float32 with float64 sums, as
-    RowStats computes a row's log-sum-exp (0.6 ms instead of 0.8-2.7 ms on 262k survivors; |error| 3.6e-9 nats
-    measured, tests/test_engine.py)."""
-    logits = survivors["logit"]
-    if len(logits) <= EXACT_SURVIVORS:
-        logits = logits.astype(np.float64)
-        return float(logits[sel] - logsumexp(logits))
-    return float(logits[sel]) - lse32(logits)
 
 
 def context_notes(requests: Iterable[Request], ctx: int) -> list[str]:

@@ -15,6 +15,21 @@ typical_p, top_p, min_p and the penalties, never on temperature.
 A chain with top_k whose earlier stages leave the logits alone can be fed only the row's top k (apply's
 `ids`; `_prefilter_k` says when that gives the same survivors and pick).
 
+dist's pick over a large candidate set (an untruncated chain keeps all 262,144 tokens: llama.cpp's scalar
+expf loop and running sum cost ~2.4 ms a token) is made in numpy when it is provably the same pick, by
+`Sampler.choose` (the engine's path):
+    the chain without its dist ──► survivors ──► dist_select(logits, Draws.next())
+        certain ──► that index (dist's own RNG advanced by one draw on a 1-entry array, to stay in step)
+        a draw too close to a boundary to tell ──► llama.cpp's dist on the survivors (Draws advanced)
+Draws replays dist's random numbers (std::mt19937 seeded with the seed, one generate_canonical<double>
+of two 32-bit outputs per pick, libstdc++). dist_select computes the softmax mass in float64 and picks
+the first token whose running sum reaches sum * r, as dist does; dist's own float expf and sequential
+double sums differ from it by at most EXPF_ULPS ulp per token and n*2^-53 of the sum, and a pick is taken
+only when the draw is farther than twice that from both edges of the chosen token's interval (else the
+native dist decides). `apply` always runs the native dist (its survivors carry dist's p). A pure
+temperature chain (every other stage off) is not even copied into a llama_token_data array: its logits
+are the row divided by the temperature, as temp's loop divides them.
+
 `Sampler(settings, n_vocab, upto=STAGE)` stops the chain after that stage and leaves out the final
 pick: applying it shows what that much of the chain leaves of a distribution (the sampler view).
 
@@ -47,6 +62,7 @@ import numpy as np
 from .errors import InvalidInput
 from .runtime import LOG_TAIL, NativeHandle, last_log_error, llama_cpp_module
 from .settings import SamplingSettings, split_samplers
+from .stats import sampled_logprob
 
 STAGES = ("penalties", "top_k", "typical_p", "top_p", "min_p", "temperature")
 
@@ -222,6 +238,71 @@ def prefilter_k(settings: SamplingSettings, model) -> int:
 
 PICKS = ("greedy", "dist", "mirostat", "adaptive_p")  # stages that choose the token
 
+# -- dist's pick in numpy (see the module docstring) ------------------------------------------------------
+REPLICA_MIN = 4096  # survivors from which dist_select is tried (below, llama.cpp's dist is cheaper than numpy)
+EXPF_ULPS = 1.0  # the most dist's expf may differ from exp: faithful rounding (glibc's and musl's expf: 0.502 ulp)
+_BLOCK = 2048  # dist_select's running sum: block sums, then one block's cumulative sum
+NO_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: dist seeds itself from the clock (nothing to replay)
+
+
+class Draws:
+    """dist's random numbers: std::mt19937(seed) (numpy's MT19937 with init_genrand seeding, the same
+    generator) and per pick std::uniform_real_distribution<double>(0, 1), which in libstdc++ is
+    generate_canonical<double, 53>: (g1 + g2 * 2^32) / 2^64 of two 32-bit outputs, below 1."""
+
+    def __init__(self, seed: int):
+        self._bits = np.random.MT19937(0)
+        self._bits._legacy_seeding(int(seed))  # init_genrand(seed), as std::mt19937's constructor
+
+    def next(self) -> float:
+        g1, g2 = self._bits.random_raw(2)
+        r = (float(g1) + float(g2) * 4294967296.0) / 18446744073709551616.0
+        return r if r < 1.0 else math.nextafter(1.0, 0.0)
+
+
+def dist_select(logits: np.ndarray, r: float) -> tuple[int, float] | None:
+    """llama.cpp's dist pick over these logits (float32) for its draw r: the first index whose running sum of
+    expf(logit - max) reaches sum * r. Returns (index, log-sum-exp of the logits in float64), or None when the
+    draw lies too close to the edge of a token's interval for the float64 sums here to say which token dist's
+    float ones choose (then dist must run; it happens for ~1e-3 of draws at temperature 1 on 262k tokens).
+
+    The bound: dist's p_i = expf(float32(l_i - max)) differs from exp(l_i - max) (double, from the exact
+    difference) by at most y_i * (EXPF_ULPS * 2^-23 + |d_i| * 2^-24) (the float32 difference's rounding) plus
+    2^-149 (subnormals); its sequential double sums and these block sums each differ from the exact sums by
+    under n * 2^-53 of the total. A pick is returned only with a margin of twice all that on both sides."""
+    n = logits.shape[0]
+    mx = float(logits.max())
+    if not math.isfinite(mx):
+        return None
+    d = logits.astype(np.float64)
+    d -= mx  # the exact difference of two float32 values
+    y = np.exp(d)
+    if not math.isfinite(float(logits.min())):  # -inf logits: their y is 0, and 0 * -inf would be nan
+        np.maximum(d, -1e30, out=d)
+    d *= y  # (not np.dot: BLAS threads here cost ~8 ms a call against llama.cpp's)
+    yd = float(d.sum())  # the sum of y_i * d_i (<= 0)
+    full = n - n % _BLOCK
+    sums = y[:full].reshape(-1, _BLOCK).sum(axis=1)
+    if full < n:
+        sums = np.append(sums, y[full:].sum())
+    cum = np.cumsum(sums)
+    total = float(cum[-1])
+    target = total * r
+    j = min(int(np.searchsorted(cum, target, "left")), len(cum) - 1)
+    base = float(cum[j - 1]) if j else 0.0
+    run = np.cumsum(y[j * _BLOCK:(j + 1) * _BLOCK])
+    run += base
+    k = int(np.searchsorted(run, target, "left"))
+    if k == run.shape[0]:
+        return None
+    i = j * _BLOCK + k
+    lo, hi = (float(run[k - 1]) if k else base), float(run[k])
+    eps = 1.01 * (EXPF_ULPS * 2.0 ** -23 * total - 2.0 ** -24 * yd) + n * 2.0 ** -52 * total + n * 2.0 ** -149
+    margin = 2 * eps + 2.0 ** -50 * total
+    if hi - target <= margin or (i > 0 and target - lo <= margin):
+        return None
+    return i, mx + math.log(total)
+
 
 def stage_names(settings: SamplingSettings, model=None) -> list[str]:
     """The stages of this settings' chain, in order, the pick (dist, greedy, mirostat, adaptive_p) last."""
@@ -232,7 +313,11 @@ def stage_names(settings: SamplingSettings, model=None) -> list[str]:
 
 
 class Sampler(NativeHandle):
-    """One native llama.cpp sampler chain for one sequence (stateful: penalties see accepted tokens)."""
+    """One native llama.cpp sampler chain for one sequence (stateful: penalties see accepted tokens).
+
+    A chain that ends in dist with a fixed seed keeps its dist apart from the other stages (`_dist`), with the
+    Draws that replay its random numbers: `apply` runs it after them, `choose` may pick in numpy instead
+    (dist_select), and both advance the other by one draw, so every pick sees the draw it would have seen."""
 
     def __init__(self, settings: SamplingSettings, n_vocab: int, upto: str | None = None, model=None):
         lib = self._lib = llama_cpp_module()
@@ -248,9 +333,16 @@ class Sampler(NativeHandle):
             raise ValueError(f"unknown stage {upto!r}; this chain's stages: {', '.join(names[:-1])}")
         self.stages = names if upto is None else names[: names.index(upto) + 1]
         self.prefilter_k = _prefilter_k(s, self.stages, n_vocab)  # apply(row, buffers, ids) takes the top k
+        replay = self.stages[-1] == "dist" and 0 <= s.seed < NO_SEED
         self.ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        for _name, make in stages[: len(self.stages)]:
+        for _name, make in stages[: len(self.stages) - replay]:
             lib.llama_sampler_chain_add(self.ptr, make())  # the chain owns its stages
+        self._dist = stages[-1][1]() if replay else None
+        self._draws = Draws(s.seed) if replay else None
+        self._one = np.zeros(1, dtype=TOKEN_DATA)  # the 1-entry array on which dist makes a draw and no pick
+        # the chain leaves the logits as they are but for a plain temperature: choose skips the array
+        self._temperature = (np.float32(s.temperature) if replay and s.chain != "llama.cpp"
+                             and _temperature_only(s, self.stages) else None)
 
     @classmethod
     def for_sequence(cls, settings: SamplingSettings, model, prompt_tokens) -> "Sampler":
@@ -262,16 +354,9 @@ class Sampler(NativeHandle):
                 sampler.accept(t)
         return sampler
 
-    def apply(self, row: np.ndarray, buffers: Candidates | None = None,
-              ids: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-        """Apply the chain to a raw logits row (with `ids`, to those tokens of it only: the prefilter's top
-        prefilter_k, from RowStats.top_k_ids, which gives the same result; needs `buffers`).
-
-        Returns (survivors, selected): the candidates left after the chain (a structured array with
-        fields id, logit (after temperature when the chain has one), p) and the chosen index (-1
-        without a final pick). With `buffers` the survivors are a view, valid until the next apply
-        (and while this sampler lives); without, a copy.
-        """
+    def _run(self, row: np.ndarray, buffers: Candidates | None, ids: np.ndarray | None):
+        """The chain's stages on a raw row (without a kept-apart dist): (the llama_token_data_array, the buffer it
+        points into (keep it alive while the array is used), whether that buffer is this call's own)."""
         lib = self._lib
         n = row.shape[0]
         own = buffers is None
@@ -287,27 +372,99 @@ class Sampler(NativeHandle):
         arr = lib.llama_token_data_array(data=cand.ctypes.data_as(lib.llama_token_data_p), size=n, selected=-1,
                                          sorted=False)
         lib.llama_sampler_apply(self.ptr, ctypes.byref(arr))
-        size, sel = int(arr.size), int(arr.selected)
-        # samplers may repoint `data`: read the survivors where the array now says they are
-        survivors = np.frombuffer((ctypes.c_char * (size * TOKEN_DATA.itemsize)).from_address(
-            ctypes.addressof(arr.data.contents)), dtype=TOKEN_DATA, count=size)
-        return (survivors.copy() if own else survivors), sel
+        return arr, cand, own
 
-    def sample(self, context, index: int = -1) -> int:
-        """llama.cpp's own sample-from-context path (its logits row `index`); accepts the token too."""
-        return int(self._lib.llama_sampler_sample(self.ptr, context.ptr, index))
+    def _native_dist(self, arr) -> None:
+        self._lib.llama_sampler_apply(self._dist, ctypes.byref(arr))
+        self._draws.next()
+
+    @staticmethod
+    def _survivors(arr) -> np.ndarray:
+        # samplers may repoint `data`: read the survivors where the array now says they are
+        size = int(arr.size)
+        return np.frombuffer((ctypes.c_char * (size * TOKEN_DATA.itemsize)).from_address(
+            ctypes.addressof(arr.data.contents)), dtype=TOKEN_DATA, count=size)
+
+    def apply(self, row: np.ndarray, buffers: Candidates | None = None,
+              ids: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Apply the chain to a raw logits row (with `ids`, to those tokens of it only: the prefilter's top
+        prefilter_k, from RowStats.top_k_ids, which gives the same result; needs `buffers`).
+
+        Returns (survivors, selected): the candidates left after the chain (a structured array with
+        fields id, logit (after temperature when the chain has one), p) and the chosen index (-1
+        without a final pick). With `buffers` the survivors are a view, valid until the next apply
+        (and while this sampler lives); without, a copy.
+        """
+        arr, cand, own = self._run(row, buffers, ids)
+        if self._dist is not None:
+            self._native_dist(arr)
+        survivors = self._survivors(arr)
+        return (survivors.copy() if own else survivors), int(arr.selected)
+
+    def choose(self, row: np.ndarray, buffers: Candidates, ids: np.ndarray | None = None) -> tuple[int, float, int]:
+        """The chain's pick for a raw row, as apply would make it: (token, its log-probability among the
+        survivors after temperature (0.0 for greedy), how many survivors). Large survivor sets are picked by
+        dist_select when it can tell (see the module docstring)."""
+        drawn = False  # whether this pick's draw was taken from Draws (dist then draws its own, in step)
+        if self._temperature is not None and ids is None and row.shape[0] >= REPLICA_MIN:
+            logits = row if self._temperature == 1.0 else row / self._temperature  # temp's `logit /= temp`
+            drawn, picked = True, dist_select(logits, self._draws.next())
+            if picked is not None:
+                self._dist_draw()
+                return picked[0], float(logits[picked[0]]) - picked[1], row.shape[0]
+        arr, _, _ = self._run(row, buffers, ids)
+        survivors = self._survivors(arr)
+        if self._dist is not None and not drawn and survivors.shape[0] >= REPLICA_MIN:
+            logits = np.ascontiguousarray(survivors["logit"])
+            if not arr.sorted or logits[0] == logits.max():  # dist takes a sorted array's first logit as its max
+                drawn, picked = True, dist_select(logits, self._draws.next())
+                if picked is not None:
+                    self._dist_draw()
+                    return int(survivors["id"][picked[0]]), float(logits[picked[0]]) - picked[1], len(survivors)
+        if self._dist is not None:
+            self._lib.llama_sampler_apply(self._dist, ctypes.byref(arr))
+            if not drawn:
+                self._draws.next()
+        sel = int(arr.selected)
+        token = int(survivors["id"][sel])
+        if self.settings.greedy:  # (the engine's record of a greedy pick, on either chain)
+            return token, 0.0, 1
+        return token, sampled_logprob(survivors, sel), len(survivors)
+
+    def _dist_draw(self) -> None:
+        """dist's own draw for a pick made here: one apply on a 1-entry array draws once and picks nothing."""
+        lib = self._lib
+        one = lib.llama_token_data_array(data=self._one.ctypes.data_as(lib.llama_token_data_p), size=1,
+                                         selected=-1, sorted=False)
+        lib.llama_sampler_apply(self._dist, ctypes.byref(one))
 
     def accept(self, token: int) -> None:
-        """Tell the chain which token was chosen (the penalties count it)."""
+        """Tell the chain which token was chosen (the penalties count it; dist's accept does nothing)."""
         self._lib.llama_sampler_accept(self.ptr, int(token))
 
     def reset(self) -> None:
         self._lib.llama_sampler_reset(self.ptr)
+        if self._dist is not None:
+            self._lib.llama_sampler_reset(self._dist)
+            self._draws = Draws(self.settings.seed)
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
             self._lib.llama_sampler_free(self.ptr)
             self.ptr = None
+        if getattr(self, "_dist", None):
+            self._lib.llama_sampler_free(self._dist)
+            self._dist = None
+
+
+def _temperature_only(s: SamplingSettings, stages: list[str]) -> bool:
+    """create_completion's chain leaves the logits alone but for the temperature's division: penalties off,
+    top_k <= 0, typical_p and top_p >= 1, min_p <= 0, as their float32 values (each stage's apply returns at
+    once then), and a temperature above 0."""
+    f32 = np.float32
+    off = {"penalties": _LOGIT_KEEPING["penalties"](s), "top_k": s.top_k <= 0, "typical_p": f32(s.typical_p) >= 1,
+           "top_p": f32(s.top_p) >= 1, "min_p": f32(s.min_p) <= 0, "temperature": f32(s.temperature) > 0}
+    return stages[:-1] == list(STAGES) and all(off.values())
 
 
 # Where llama-sampler.cpp (vendored) keeps mirostat's state: struct llama_sampler_mirostat {int32 n_vocab; uint32

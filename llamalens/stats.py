@@ -253,3 +253,18 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
         out[int(np.argmax(x))] = 1.0
         return out
     return np.exp(log_softmax(x / temperature))
+
+
+EXACT_SURVIVORS = 4096  # up to this many survivors the sampled logprob is summed in float64 throughout
+
+
+def sampled_logprob(survivors: np.ndarray, sel: int) -> float:
+    """log p of the chosen survivor under the softmax of the survivors' logits (after temperature): float64 for a
+    truncated set; for a bigger one (an untruncated chain keeps all 262k) exp in float32 with float64 sums, as
+    RowStats computes a row's log-sum-exp (0.6 ms instead of 0.8-2.7 ms on 262k survivors; |error| 3.6e-9 nats
+    measured, tests/test_engine.py)."""
+    logits = survivors["logit"]
+    if len(logits) <= EXACT_SURVIVORS:
+        logits = logits.astype(np.float64)
+        return float(logits[sel] - logsumexp(logits))
+    return float(logits[sel]) - lse32(logits)

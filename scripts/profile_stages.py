@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import importlib
 from collections import defaultdict
 
 import llamalens.engine as engine
@@ -26,7 +27,8 @@ import llamalens.runtime as runtime
 import llamalens.sampler as sampler
 import llamalens.stats as stats
 import llamalens.store as store
-import llamalens.sweep as sweep
+
+sweep = importlib.import_module("llamalens.sweep")  # `import llamalens.sweep as m` gives ll.sweep (the API call)
 
 ACC: dict[str, list] = defaultdict(lambda: [0.0, 0.0, 0])
 IN_NOISE = [False]
