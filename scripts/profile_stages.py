@@ -5,11 +5,11 @@ other processes' load moves less than the wall clock).
     .venv/bin/python scripts/profile_stages.py sweep "The history of the printing press begins" -t 1.0 \\
         --seeds 32 -n 32 --parallel 32 --threads 1 --ctx 128 --store /tmp/runs.db
 
-Stages: decode (Context.decode, in the engine and separately in the noise floor), chain (Sampler.apply),
-stats (block_stats once per decode step; per token: for_token and the sampled logprob), records (the rest of
-Engine._step), store (Store.save_sample), startup (memory.checked_load: header + model load). Prints one JSON
-object {stage: [wall_s, cpu_s, calls]} on stderr at the end. It wraps the functions in place: nothing else of
-the command changes.
+Stages: decode (Context.decode, in the engine and separately in the noise floor), chain (Sampler.apply, and
+Sampler.choose, the engine's pick, with its dist_select apart), stats (block_stats once per decode step; per
+token: for_token and the sampled logprob), records (the rest of Engine._step), store (Store.save_sample), startup
+(memory.checked_load: header + model load). Prints one JSON object {stage: [wall_s, cpu_s, calls]} on stderr at
+the end. It wraps the functions in place: nothing else of the command changes.
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ def wrap(owner, name: str, label: str, classmethod_: bool = False) -> None:
 def main() -> None:
     wrap(runtime.Context, "decode", "decode")
     wrap(sampler.Sampler, "apply", "chain")
+    wrap(sampler.Sampler, "choose", "chain (the engine's pick, sampled logprob included)")
+    wrap(sampler, "dist_select", "  of which dist_select (numpy)")
     wrap(engine, "block_stats", "stats")
-    wrap(engine, "sampled_logprob", "stats per token")
+    wrap(sampler, "sampled_logprob", "stats per token")
     wrap(stats.RowStats, "for_token", "stats per token")
     wrap(stats.RowStats, "top_k_ids", "chain prefilter (top_k_ids)")
     wrap(engine.Engine, "_picks", "picks (chain + sampled logprob, all sequences of a step)")
