@@ -246,18 +246,38 @@ NO_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: dist seeds itself from the clock (no
 
 
 class Draws:
-    """dist's random numbers: std::mt19937(seed) (numpy's MT19937 with init_genrand seeding, the same
-    generator) and per pick std::uniform_real_distribution<double>(0, 1), which in libstdc++ is
+    """dist's random numbers: std::mt19937(seed) (numpy's MT19937, the same generator, given the state that
+    std::mt19937's init_genrand seeding makes) and per pick std::uniform_real_distribution<double>(0, 1), which in libstdc++ is
     generate_canonical<double, 53>: (g1 + g2 * 2^32) / 2^64 of two 32-bit outputs, below 1."""
 
     def __init__(self, seed: int):
-        self._bits = np.random.MT19937(0)
-        self._bits._legacy_seeding(int(seed))  # init_genrand(seed), as std::mt19937's constructor
+        self.seed = int(seed) & 0xFFFFFFFF
+        self._bits = None  # the generator's state is made at the first next(): a chain may never need it
+        self._skipped = 0
+
+    def skip(self) -> None:
+        """A draw dist made itself: passed over here."""
+        if self._bits is None:
+            self._skipped += 1
+        else:
+            self._bits.random_raw(2)
 
     def next(self) -> float:
+        if self._bits is None:
+            self._start()
         g1, g2 = self._bits.random_raw(2)
         r = (float(g1) + float(g2) * 4294967296.0) / 18446744073709551616.0
         return r if r < 1.0 else math.nextafter(1.0, 0.0)
+
+    def _start(self) -> None:
+        key, x = np.empty(624, np.uint32), self.seed
+        for i in range(624):  # init_genrand(seed), as std::mt19937's constructor seeds its state (0.4 ms)
+            key[i] = x
+            x = (1812433253 * (x ^ (x >> 30)) + i + 1) & 0xFFFFFFFF
+        self._bits = np.random.MT19937()
+        self._bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": 624}}  # 624: twist first
+        if self._skipped:
+            self._bits.random_raw(2 * self._skipped)
 
 
 def dist_select(logits: np.ndarray, r: float) -> tuple[int, float] | None:
@@ -376,7 +396,7 @@ class Sampler(NativeHandle):
 
     def _native_dist(self, arr) -> None:
         self._lib.llama_sampler_apply(self._dist, ctypes.byref(arr))
-        self._draws.next()
+        self._draws.skip()
 
     @staticmethod
     def _survivors(arr) -> np.ndarray:
@@ -424,7 +444,7 @@ class Sampler(NativeHandle):
         if self._dist is not None:
             self._lib.llama_sampler_apply(self._dist, ctypes.byref(arr))
             if not drawn:
-                self._draws.next()
+                self._draws.skip()
         sel = int(arr.selected)
         token = int(survivors["id"][sel])
         if self.settings.greedy:  # (the engine's record of a greedy pick, on either chain)
