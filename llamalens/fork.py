@@ -330,9 +330,12 @@ def decode_continuations(model: Model, prompt_ids: list[int], base_ids: list[int
     engine._top_n = max((r.n_logprobs for r in requests), default=0)
     if not requests:
         return
-    position = {id(r): len(r.prompt_tokens) - 1 - L for r in requests}
-    todo: deque[Request] = deque(sorted(requests, key=lambda r: position[id(r)]))
-    t0 = position[id(todo[0])]
+
+    def position(r: Request) -> int:
+        return len(r.prompt_tokens) - 1 - L
+
+    todo: deque[Request] = deque(sorted(requests, key=position))
+    t0 = position(todo[0])
     n_par = min(parallel, len(todo), MAX_SEQUENCES - 1)  # sequence 0 holds the base path
     # all in the slots at once: a continuation of position t enters at step t - t0, so that its histories are as
     # long as those of the earlier positions' continuations in the same step and identical ones meet (more
@@ -363,9 +366,9 @@ def decode_continuations(model: Model, prompt_ids: list[int], base_ids: list[int
         try:
             while todo or any(slots):
                 for s in range(n_par):
-                    if slots[s] is None and todo and (not diagonal or position[id(todo[0])] <= t0 + step):
+                    if slots[s] is None and todo and (not diagonal or position(todo[0]) <= t0 + step):
                         r = todo.popleft()
-                        seq, t, w = s + 1, position[id(r)], r.prompt_tokens[-1]
+                        seq, t, w = s + 1, position(r), r.prompt_tokens[-1]
                         ctx.seq_rm(seq)
                         ctx.seq_cp(0, seq, 0, L + t)
                         slots[s] = _Live(r, seq, Sampler.for_sequence(r.settings, model, r.prompt_tokens),
