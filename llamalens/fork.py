@@ -10,17 +10,29 @@
 
 Decoding (the batched path). One context: sequence 0 holds the KV cells of prompt + base path, decoded
 once. A continuation of (t, w) takes a free sequence: `seq_cp(0, s, 0, L+t)` gives it the shared prefix
-(metadata only: the KV cache is unified), and w is decoded once per group of continuations of (t, w) that
-start together; the group's other members get that cell by `seq_cp` and share the logits row. From then on
-every live continuation decodes one token per llama_decode call, continuations of several positions in one
-batch, up to --parallel; continuations of one group that have sampled the same tokens so far (a peaked
-distribution, a low temperature) share one row, as the sweep engine's identical histories do: it is decoded
-at the first one's sequence and its cell copied to the others (`fanned_out_tokens` counts them).
-A finished continuation frees its sequence (`seq_rm`). Prefill work is thus the
-prompt + base path once plus one forced token per group, against L+t+1 tokens per continuation if each
-were prefilled on its own (both counted and stored with the run). `--exact` decodes one continuation at a
-time through the engine's single-sequence path (prefix prefilled once per (t, w)): token for token what
-`generate` gives for that prefix and seed.
+(metadata only: the KV cache is unified), and its forced token w waits, like a sampled token, for its row.
+Every step, one llama_decode call serves every live continuation, continuations of several positions in one
+batch, up to --parallel, with one row per distinct history: histories are interned by their token sequence
+(the base path's prefixes a chain of ids, a continuation's root the id of prompt + base[:t] + [w], each token
+sampled a child id), so continuations whose histories are identical share one row, whatever position or
+branch they started from: the continuations of one (t, w) that sampled the same tokens so far (a peaked
+distribution), and a continuation that follows the base path and then picks w at t with the continuations
+of (t, w). The shared row is decoded at the first one's sequence and its cell copied to the others
+(`fanned_out_tokens` counts the rows served so); the cells below it are the same tokens at the same
+positions in every member, so they hold what the first one's do. A history on the base path itself
+(prompt + base[:k]: the chosen branch's forced token, a continuation that keeps to the base path) needs no
+decode at all: its row is the base path's prefill's, kept for positions t0+1..(BASE_ROWS_BYTES, 64 MiB, of
+rows: 64 positions at a 262k vocabulary; beyond them rows are decoded), its cell copied from sequence 0
+(`base_rows_reused`). When every continuation fits in the slots, the continuations of position t enter at
+step t - t0, so that their histories are as long as the earlier positions' continuations' in each step and
+identical ones meet; with more continuations than slots they enter as slots free, by position. A finished
+continuation frees its sequence (`seq_rm`). Prefill work is thus the prompt + base path once plus one
+forced token per (t, w) at most (`forced_tokens`: decoded rows holding some continuation's forced token),
+against L+t+1 tokens per continuation if each were prefilled on its own (both counted and stored with the
+run); `decoded_tokens` counts the rows decoded. All of these rows are batched rows (the noise floor's
+re-decoding one at a time measures them). `--exact` decodes one continuation at a time through the
+engine's single-sequence path (prefix prefilled once per (t, w)): token for token what `generate` gives for
+that prefix and seed.
 
 Sampling: a continuation is sampled with the run's settings and its own seed, settings.seed + 1 + j for
 sample j, the same j at every position (common random numbers: the difference between two positions is
@@ -58,6 +70,8 @@ from .visible import visible
 KIND = "fork"
 NOISE_CONTINUATIONS = 3
 MAX_SEQUENCES = 256  # llama.cpp's llama_max_parallel_sequences()
+BASE_ROWS_BYTES = 64 << 20  # at most this much of the base path's prefill rows is kept (as much again in llama.cpp's
+# output buffer while the prefill runs): n_vocab x 4 bytes a row, 64 rows at Gemma 3's 262k vocabulary
 
 
 # -- outcomes ----------------------------------------------------------------------------------------
@@ -305,69 +319,97 @@ def _ended(req: Request, finish: str) -> Sample:
 
 
 def decode_continuations(model: Model, prompt_ids: list[int], base_ids: list[int], requests: list[Request],
-                         parallel: int, stats: dict | None = None) -> Iterator[Sample]:
+                         parallel: int, stats: dict | None = None, share: bool = True) -> Iterator[Sample]:
     """Decode continuations (Request.prompt_tokens = prompt + base[:t] + [w], w no end-of-generation token,
     max_tokens >= 1) batched, sharing the base path's cells; yield each Sample as it finishes. See the module
-    docstring."""
+    docstring. share=False decodes as before the shared histories (one root per (t, w), every row decoded, no
+    entry schedule): the comparison the tests and the bench make."""
     stats = stats if stats is not None else {}
-    L = len(prompt_ids)
+    L, n = len(prompt_ids), len(base_ids)
     engine = Engine(model, parallel)
     engine._top_n = max((r.n_logprobs for r in requests), default=0)
-    todo: deque[Request] = deque(requests)
-    if not todo:
+    if not requests:
         return
+
+    def position(r: Request) -> int:
+        return len(r.prompt_tokens) - 1 - L
+
+    todo: deque[Request] = deque(sorted(requests, key=position))
+    t0 = position(todo[0])
     n_par = min(parallel, len(todo), MAX_SEQUENCES - 1)  # sequence 0 holds the base path
+    # all in the slots at once: a continuation of position t enters at step t - t0, so that its histories are as
+    # long as those of the earlier positions' continuations in the same step and identical ones meet (more
+    # continuations than slots: they enter as slots free, by position; holding them back costs more decodes
+    # than the rows it saves, measured in notes/issue18b.md)
+    diagonal = share and len(todo) <= n_par
     longest = max(r.max_tokens for r in todo)
     full = prompt_ids + base_ids
+    intern: dict[tuple, int] = {}  # (parent history id, token) -> history id: one id per token sequence
+
+    def hid(key: tuple) -> int:
+        return intern.setdefault(key, len(intern))
+
+    chain = [hid(("prompt",))]  # chain[k]: the id of prompt + base[:k]
+    for tok in base_ids:
+        chain.append(hid((chain[-1], tok)))
+    # the prefill's rows of prompt + base[:k], t0 < k <= hi (a continuation's histories are longer than L + t0)
+    hi = min(n, t0 + BASE_ROWS_BYTES // (4 * model.n_vocab)) if share else t0
+    on_base = {chain[k]: k for k in range(t0 + 1, hi + 1)}
+    base_stats: dict[int, RowStats] = {}
     with model.context(n_ctx=round_ctx(len(full) + n_par * (longest + 2) + 1), n_seq_max=n_par + 1) as ctx:
-        ctx.prefill(full, seq=0)
+        base_rows = ctx.prefill_rows(full, L + t0, L + hi, seq=0) if hi > t0 else None
+        if base_rows is None:
+            ctx.prefill(full, seq=0)
         stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + len(full)
         slots: list[_Live | None] = [None] * n_par
-        intern: dict[tuple, int] = {}  # (t, forced token) or (parent history, token) -> history id
+        step = 0
         try:
             while todo or any(slots):
-                # continuations entering at one (position, forced token): the forced token decoded once for them
-                groups: dict[tuple, list[_Live]] = {}
                 for s in range(n_par):
-                    if slots[s] is None and todo:
+                    if slots[s] is None and todo and (not diagonal or position(todo[0]) <= t0 + step):
                         r = todo.popleft()
-                        seq, t = s + 1, len(r.prompt_tokens) - 1 - L
+                        seq, t, w = s + 1, position(r), r.prompt_tokens[-1]
                         ctx.seq_rm(seq)
                         ctx.seq_cp(0, seq, 0, L + t)
-                        key = (t, r.prompt_tokens[-1])
-                        live = _Live(r, seq, Sampler.for_sequence(r.settings, model, r.prompt_tokens), max_tokens=r.max_tokens,
-                                     t_start=time.perf_counter(), pos=L + t + 1,
-                                     hist=intern.setdefault(key, len(intern)))
-                        slots[s] = live
-                        groups.setdefault(key, []).append(live)
-                rows: list[list[_Live]] = list(groups.values())
-                stats["forced_tokens"] = stats.get("forced_tokens", 0) + len(rows)
-                stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + len(rows)
-                # continuations whose histories are identical so far (they sampled the same tokens): one row
+                        slots[s] = _Live(r, seq, Sampler.for_sequence(r.settings, model, r.prompt_tokens),
+                                         max_tokens=r.max_tokens, t_start=time.perf_counter(), pos=L + t, pending=w,
+                                         hist=hid((chain[t], w) if share else ("entry", t, w)))
+                step += 1
+                # one row per history among the live continuations: from the prefill on the base path, else
+                # decoded once, at the first one's sequence, its cell copied to the others
                 by_hist: dict[int, list[_Live]] = {}
                 for live in slots:
-                    if live is not None and live.pending is not None:
+                    if live is not None:
                         by_hist.setdefault(live.hist, []).append(live)
-                rows += by_hist.values()
+                decoded = [g for h, g in by_hist.items() if h not in on_base]
+                reused = [g for h, g in by_hist.items() if h in on_base]
+                if decoded:
+                    ctx.decode([g[0].pending for g in decoded], [g[0].pos for g in decoded],
+                               [g[0].slot for g in decoded], [1] * len(decoded))
+                    forced = sum(any(not m.records for m in g) for g in decoded)
+                    for k, v in (("decodes", 1), ("decoded_tokens", len(decoded)), ("forced_tokens", forced),
+                                 ("prefill_tokens", forced)):
+                        stats[k] = stats.get(k, 0) + v
+                stats["base_rows_reused"] = stats.get("base_rows_reused", 0) + len(reused)
                 stats["fanned_out_tokens"] = stats.get("fanned_out_tokens", 0) + sum(len(g) - 1 for g in by_hist.values())
-                toks = [g[0].pending if g[0].pending is not None else g[0].req.prompt_tokens[-1] for g in rows]
-                pos = [g[0].pos if g[0].pending is not None else g[0].pos - 1 for g in rows]
-                ctx.decode(toks, pos, [g[0].slot for g in rows], [1] * len(toks))
-                stats["decodes"] = stats.get("decodes", 0) + 1
-                stats["decoded_tokens"] = stats.get("decoded_tokens", 0) + len(toks)
-                for i, members in enumerate(rows):
-                    row = ctx.logits(i)
-                    lead = members[0]
-                    for m in members[1:]:  # the cell decoded once for the group, shared with each member
-                        ctx.seq_cp(lead.slot, m.slot, pos[i], pos[i] + 1)
-                    st = RowStats.of(row, None, engine._top_n)
+                served = [(g, g[0].slot, ctx.logits(i), None) for i, g in enumerate(decoded)]
+                served += [(g, 0, base_rows[on_base[g[0].hist] - t0 - 1], on_base[g[0].hist]) for g in reused]
+                for members, src, row, k in served:
+                    pos = members[0].pos
                     for m in members:
-                        if m.pending is not None:
-                            m.pos += 1
-                            m.pending = None
+                        if m.slot != src:
+                            ctx.seq_cp(src, m.slot, pos, pos + 1)
+                    st = base_stats.get(k) if k is not None else None  # a base row's statistics: computed once
+                    if st is None:
+                        st = RowStats.of(row, None, engine._top_n)
+                        if k is not None:
+                            base_stats[k] = st
+                    for m in members:
+                        m.pos += 1
+                        m.pending = None
                         engine._step(m, row, st)
                         if m.pending is not None:
-                            m.hist = intern.setdefault((m.hist, m.pending), len(intern))
+                            m.hist = hid((m.hist, m.pending))
                 for s in range(n_par):
                     live = slots[s]
                     if live is not None and live.finish is not None:

@@ -387,17 +387,29 @@ class Context(NativeHandle):
 
     def prefill(self, tokens: list[int], seq: int = 0, start: int = 0) -> np.ndarray:
         """Decode a prompt into one sequence (in prompt_pieces); return a copy of the last row's logits."""
+        return self.prefill_rows(tokens, len(tokens) - 1, seq=seq, start=start)[0]
+
+    def prefill_rows(self, tokens: list[int], first: int, stop: int | None = None, seq: int = 0,
+                     start: int = 0) -> np.ndarray:
+        """prefill, keeping the logits of tokens[first:stop] (stop None: to the end): a copy, [rows, n_vocab], row i
+        the logits after tokens[: first + i + 1]. The caller bounds their number: n_vocab x 4 bytes a row here, and
+        as much again in llama.cpp's output buffer (which keeps its size) while a piece is decoded."""
         if not tokens:
             raise ValueError("empty prompt")
+        stop = len(tokens) if stop is None else stop
+        out = np.empty((max(stop - first, 0), self.n_vocab), dtype=np.float32)
         i = 0
         for size in self.prompt_pieces(len(tokens)):
             chunk = tokens[i : i + size]
-            outs = [0] * len(chunk)
-            if i + size == len(tokens):
-                outs[-1] = 1
+            outs = [1 if first <= i + k < stop else 0 for k in range(len(chunk))]
             self.decode(chunk, range(start + i, start + i + len(chunk)), [seq] * len(chunk), outs)
+            n_out = sum(outs)
+            if n_out:
+                at = max(first, i) - first
+                for j in range(n_out):  # output j of the piece (logits(i) counts batch entries, -1 the last output)
+                    out[at + j] = self.logits(j - n_out)
             i += size
-        return self.logits(-1).copy()
+        return out
 
     def logits(self, i: int) -> np.ndarray:
         """A view of output row i of the last decode (valid until the next decode)."""

@@ -214,6 +214,61 @@ def test_continuations_equal_generate_exact_and_batched_within_noise(gemma, tmp_
     assert store.run(runs[False]).noise["tokens"] > 0
 
 
+# -- 3b. shared rows: identical histories decoded once, the base path's rows from its prefill -----------------
+def _continuations_of(model, base, prompt_ids, temperature, alternatives=2, samples=2):
+    """Every position's chosen token + top alternatives, `samples` seeds each (as plan_continuations plans them)."""
+    base_ids, n = [t.id for t in base.tokens], len(base.tokens)
+    out = []
+    for t, rec in enumerate(base.tokens[:-1]):
+        for w in [rec.id] + [a.id for a in rec.top if a.id != rec.id][:alternatives]:
+            for j in range(samples):
+                out.append(Request("the cat", SamplingSettings(temperature=temperature, seed=1 + j), n - t - 1, 5,
+                                   key=len(out), prompt_tokens=prompt_ids + base_ids[:t] + [w]))
+    return out
+
+
+@pytest.mark.parametrize("parallel", [8, 255])  # 8: more continuations than slots; 255: all at once, by position
+def test_shared_rows_give_the_records_of_each_continuation_decoded_alone(tiny_path, monkeypatch, parallel):
+    """At a low temperature the continuations mostly keep to the base path and to each other: fewer rows are
+    decoded than without the sharing (every row a continuation uses is decoded, taken from the prefill or shared,
+    and counted once), and every continuation's tokens and logprobs are those of the single-sequence engine run
+    on its own prefix + forced token, which shares nothing. Again with the kept prefill rows capped at 3."""
+    import importlib
+
+    from llamalens.engine import generate
+    from llamalens.runtime import Model, ModelOptions
+
+    fork_module = importlib.import_module("llamalens.fork")  # (llamalens.fork is also the name of a function)
+    with Model(tiny_path, ModelOptions(ctx=256, flash_attn="off", threads=1)) as m:
+        base = generate(m, "the cat", SamplingSettings(temperature=0), max_tokens=12)
+        prompt_ids, base_ids = base.prompt_token_ids, [t.id for t in base.tokens]
+        alone = {s.key: s for s in Engine(m, 1).run(_continuations_of(m, base, prompt_ids, 0.5))}
+        runs, stats = {}, {}
+        for label, share, cap in [("old", False, None), ("shared", True, None), ("capped", True, 3 * 4 * m.n_vocab)]:
+            if cap:
+                monkeypatch.setattr(fork_module, "BASE_ROWS_BYTES", cap)
+            stats[label] = {}
+            runs[label] = {s.key: s for s in fork_module.decode_continuations(
+                m, prompt_ids, base_ids, _continuations_of(m, base, prompt_ids, 0.5), parallel, stats[label],
+                share=share)}
+    for label, got in runs.items():
+        st = stats[label]
+        assert st["decoded_tokens"] + st.get("base_rows_reused", 0) + st["fanned_out_tokens"] == \
+            sum(len(s.tokens) for s in got.values()), label  # each token sampled from exactly one row
+        assert got.keys() == alone.keys()
+        for k, ref in alone.items():
+            assert [t.id for t in got[k].tokens] == [t.id for t in ref.tokens], (label, k)
+            # measured: max |Δ logprob| 1.1e-3 against the single-sequence rows (batch shapes, non-flash attention)
+            assert np.allclose([t.logprob for t in got[k].tokens], [t.logprob for t in ref.tokens], atol=0.01)
+    old, new, capped = stats["old"], stats["shared"], stats["capped"]
+    n_chosen = len(base_ids) - 1  # one chosen branch per position: its forced token's row is the prefill's
+    assert new["base_rows_reused"] >= n_chosen and 0 < capped["base_rows_reused"] < new["base_rows_reused"]
+    assert new["decoded_tokens"] < capped["decoded_tokens"] < old["decoded_tokens"]
+    assert new["forced_tokens"] < old["forced_tokens"] and old["base_rows_reused"] == 0
+    print(f"parallel {parallel}: rows decoded {old['decoded_tokens']} -> {new['decoded_tokens']} "
+          f"({new['base_rows_reused']} from the prefill, {new['fanned_out_tokens']} shared)")
+
+
 # -- 4. synthetic cases: the answer's fork known by construction (tiny model, first character) -------------
 def _first_char_run(tiny_path, tmp_path, positions):
     db = tmp_path / f"s{positions}.db"
