@@ -50,7 +50,7 @@ from .runtime import Context, Model, round_ctx
 from .grammar import constrained_apply
 from .sampler import Candidates, GrammarSampler, Sampler, prefilter_k
 from .settings import SamplingSettings
-from .stats import CHUNK, RowStats, block_stats, sampled_logprob
+from .stats import CHUNK, RowStats, block_stats
 
 @dataclass
 class Request:
@@ -303,12 +303,7 @@ class Engine:
         if grammar_buffers is None:
             grammar_buffers = self._grammar_buffers = Candidates(self.model.n_vocab)
         survivors, sel, removed = constrained_apply(live.sampler, live.grammar, row, buffers, grammar_buffers)
-        token = int(survivors["id"][sel])
-        if req.settings.greedy:
-            sampled_lp, n_cand = 0.0, 1
-        else:
-            sampled_lp, n_cand = sampled_logprob(survivors, sel), len(survivors)
-        return token, sampled_lp, n_cand, blocked, removed, False
+        return *live.sampler.outcome(survivors, sel), blocked, removed, False
 
     def _picks(self, live: list[_Live], rows: list[np.ndarray], stats: list[RowStats]) -> list[tuple]:
         """_pick of every sequence of a step, spread over the thread pool when there is one (the chain's native

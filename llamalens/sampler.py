@@ -362,8 +362,7 @@ class Sampler(NativeHandle):
         self._draws = Draws(s.seed) if replay else None
         self._one = np.zeros(1, dtype=TOKEN_DATA)  # the 1-entry array on which dist makes a draw and no pick
         # the chain leaves the logits as they are but for a plain temperature: choose skips the array
-        self._temperature = (np.float32(s.temperature) if replay and s.chain != "llama.cpp"
-                             and _temperature_only(s, self.stages) else None)
+        self._temperature = np.float32(s.temperature) if replay and _temperature_only(s, self.stages) else None
 
     @classmethod
     def for_sequence(cls, settings: SamplingSettings, model, prompt_tokens) -> "Sampler":
@@ -395,9 +394,11 @@ class Sampler(NativeHandle):
         lib.llama_sampler_apply(self.ptr, ctypes.byref(arr))
         return arr, cand, own
 
-    def _native_dist(self, arr) -> None:
+    def _native_dist(self, arr, skip: bool = True) -> None:
+        """llama.cpp's dist on the array; Draws passes over its draw unless this pick took it already."""
         self._lib.llama_sampler_apply(self._dist, ctypes.byref(arr))
-        self._draws.skip()
+        if skip:
+            self._draws.skip()
 
     @staticmethod
     def _survivors(arr) -> np.ndarray:
@@ -427,33 +428,41 @@ class Sampler(NativeHandle):
         survivors after temperature (0.0 for greedy), how many survivors). Large survivor sets are picked by
         dist_select when it can tell (see the module docstring)."""
         row = np.asarray(row, dtype=np.float32)  # what the chain sees (Candidates hold float32 logits)
-        drawn, lse = False, None  # whether this pick's draw was taken from Draws (dist then draws its own, in step)
+        lse = None  # set when this pick's draw was taken from Draws (dist then draws its own, in step)
         if self._temperature is not None and ids is None and row.shape[0] >= REPLICA_MIN:
             logits = row if self._temperature == 1.0 else row / self._temperature  # temp's `logit /= temp`
-            drawn, (i, lse) = True, dist_select(logits, self._draws.next())
+            i, lse = self._select(logits)
             if i is not None:
-                self._dist_draw()
                 return i, float(logits[i]) - lse, row.shape[0]
         arr, _, _ = self._run(row, buffers, ids)
         survivors = self._survivors(arr)
-        if self._dist is not None and not drawn and survivors.shape[0] >= REPLICA_MIN:
+        if self._dist is not None and lse is None and survivors.shape[0] >= REPLICA_MIN:
             logits = np.ascontiguousarray(survivors["logit"])
             if not arr.sorted or logits[0] == logits.max():  # dist takes a sorted array's first logit as its max
-                drawn, (i, lse) = True, dist_select(logits, self._draws.next())
+                i, lse = self._select(logits)
                 if i is not None:
-                    self._dist_draw()
                     return int(survivors["id"][i]), float(logits[i]) - lse, len(survivors)
         if self._dist is not None:
-            self._lib.llama_sampler_apply(self._dist, ctypes.byref(arr))
-            if not drawn:
-                self._draws.skip()
-        sel = int(arr.selected)
+            self._native_dist(arr, skip=lse is None)
+        return self.outcome(survivors, int(arr.selected), lse)
+
+    def outcome(self, survivors: np.ndarray, sel: int, lse: float | None = None) -> tuple[int, float, int]:
+        """What the engine records of a pick among these survivors: (token, its log-probability among them after
+        temperature, how many), or (token, 0.0, 1) for greedy settings on either chain. `lse`: their float64
+        log-sum-exp when dist_select has it."""
         token = int(survivors["id"][sel])
-        if self.settings.greedy:  # (the engine's record of a greedy pick, on either chain)
+        if self.settings.greedy:
             return token, 0.0, 1
-        if lse is not None and math.isfinite(lse):  # dist_select's float64 sum, when it left the pick to dist
+        if lse is not None and math.isfinite(lse):
             return token, float(survivors["logit"][sel]) - lse, len(survivors)
         return token, sampled_logprob(survivors, sel), len(survivors)
+
+    def _select(self, logits: np.ndarray) -> tuple[int | None, float]:
+        """dist_select on this pick's draw; when it is sure, dist makes its own draw without a pick, to stay in step."""
+        i, lse = dist_select(logits, self._draws.next())
+        if i is not None:
+            self._dist_draw()
+        return i, lse
 
     def _dist_draw(self) -> None:
         """dist's own draw for a pick made here: one apply on a 1-entry array draws once and picks nothing."""

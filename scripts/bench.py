@@ -357,33 +357,33 @@ def case_fork(model_path, n_tokens, threads):
             "base_rows_reused": stats.get("base_rows_reused", 0), "shared_rows": stats.get("fanned_out_tokens", 0)}
 
 
-def case_fork_plain(model_path, n_tokens, threads):
-    from llamalens.engine import Engine, Request
-
-    m, _, _, reqs = fork_plan(model_path, threads)
-    # a seed of its own each: same-seed requests of one prompt share their history, and the engine would decode
-    # them once (fork's continuations of one seed start from different prefixes, so they never do)
-    plain = [Request(FORK_PROMPT, r.settings.with_(seed=1000 + r.key), r.max_tokens, 5, key=r.key) for r in reqs]
-    engine = Engine(m, 32)
-    t0 = time.perf_counter()
-    n = sum(len(s.tokens) for s in engine.run(plain))
-    dt = time.perf_counter() - t0
-    return {"tok_s": n / dt, "tokens": n, "sequences": len(plain), "decoded_rows": engine.stats["decoded_tokens"],
-            "decodes": engine.stats["decodes"]}
-
-
-def case_fork_sweep(model_path, n_tokens, threads):
+def _engine_batched(m, reqs) -> dict:
+    """These requests through llamalens' Engine, 32 per decode: tokens/s and the rows and prompt tokens decoded."""
     from llamalens.engine import Engine
 
-    m, _, _, reqs = fork_plan(model_path, threads)
-    # the same continuations as a plain sweep runs them: each its own prompt (prefix + forced token, prefilled once
-    # per distinct prompt), the same seeds; identical histories of one prompt are decoded once, as in any sweep
     engine = Engine(m, 32)
     t0 = time.perf_counter()
     n = sum(len(s.tokens) for s in engine.run(reqs))
     dt = time.perf_counter() - t0
     return {"tok_s": n / dt, "tokens": n, "sequences": len(reqs), "decoded_rows": engine.stats["decoded_tokens"],
             "decodes": engine.stats["decodes"], "prefill_tokens": engine.stats["prompt_tokens"]}
+
+
+def case_fork_plain(model_path, n_tokens, threads):
+    from llamalens.engine import Request
+
+    m, _, _, reqs = fork_plan(model_path, threads)
+    # a seed of its own each: same-seed requests of one prompt share their history, and the engine would decode
+    # them once (fork's continuations of one seed start from different prefixes, so they never do)
+    return _engine_batched(m, [Request(FORK_PROMPT, r.settings.with_(seed=1000 + r.key), r.max_tokens, 5, key=r.key)
+                               for r in reqs])
+
+
+def case_fork_sweep(model_path, n_tokens, threads):
+    m, _, _, reqs = fork_plan(model_path, threads)
+    # the same continuations as a plain sweep runs them: each its own prompt (prefix + forced token, prefilled once
+    # per distinct prompt), the same seeds; identical histories of one prompt are decoded once, as in any sweep
+    return _engine_batched(m, reqs)
 
 
 def _store_sweep(model_path, n_tokens, threads, ray_workers=0, worker_threads=1):
