@@ -22,11 +22,11 @@ expf loop and running sum cost ~2.4 ms a token) is made in numpy when it is prov
         certain ──► that index (dist's own RNG advanced by one draw on a 1-entry array, to stay in step)
         a draw too close to a boundary to tell ──► llama.cpp's dist on the survivors (Draws advanced)
 Draws replays dist's random numbers (std::mt19937 seeded with the seed, one generate_canonical<double>
-of two 32-bit outputs per pick, libstdc++). dist_select computes the softmax mass in float64 and picks
-the first token whose running sum reaches sum * r, as dist does; dist's own float expf and sequential
-double sums differ from it by at most EXPF_ULPS ulp per token and n*2^-53 of the sum, and a pick is taken
-only when the draw is farther than twice that from both edges of the chosen token's interval (else the
-native dist decides). `apply` always runs the native dist (its survivors carry dist's p). A pure
+of two 32-bit outputs per pick, libstdc++). dist_select takes dist's float32 differences, numpy's float32 exp
+and float64 sums, and picks the first token whose running sum reaches sum * r, as dist does; dist's expf and
+numpy's exp each lie within a few ulp of the exact exp (EXPF_ULPS, NUMPY_EXP_ULPS), the sums on both sides
+within n*2^-53 of the total, and a pick is taken only when the draw is farther than twice that from both
+edges of the chosen token's interval (else the native dist decides). `apply` always runs the native dist (its survivors carry dist's p). A pure
 temperature chain (every other stage off) is not even copied into a llama_token_data array: its logits
 are the row divided by the temperature, as temp's loop divides them.
 
@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 from typing import Callable
 
 import numpy as np
@@ -241,6 +242,7 @@ PICKS = ("greedy", "dist", "mirostat", "adaptive_p")  # stages that choose the t
 # -- dist's pick in numpy (see the module docstring) ------------------------------------------------------
 REPLICA_MIN = 4096  # survivors from which dist_select is tried (below, llama.cpp's dist is cheaper than numpy)
 EXPF_ULPS = 1.0  # the most dist's expf may differ from exp: faithful rounding (glibc's and musl's expf: 0.502 ulp)
+NUMPY_EXP_ULPS = 3.0  # numpy's float32 exp: 2.54 ulp at most over every float32 in [-104, 0] (measured, AVX-512 and AVX2)
 _BLOCK = 2048  # dist_select's running sum: block sums, then one block's cumulative sum
 NO_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: dist seeds itself from the clock (nothing to replay)
 
@@ -282,47 +284,58 @@ class Draws:
 
 def dist_select(logits: np.ndarray, r: float) -> tuple[int | None, float]:
     """llama.cpp's dist pick over these logits (float32) for its draw r: the first index whose running sum of
-    expf(logit - max) reaches sum * r. Returns (index, log-sum-exp of the logits in float64); the index is None
-    when the draw lies too close to the edge of a token's interval for the float64 sums here to say which token
-    dist's float ones choose (then dist must run; measured 1-15 draws in 2,000 at temperature 1 on 262k tokens).
+    expf(logit - max) reaches sum * r. Returns (index, log-sum-exp of the logits); the index is None when the
+    draw lies too close to the edge of a token's interval for the sums here to say which token dist's choose
+    (then dist must run; measured 1-15 draws in 2,000 at temperature 1 on 262k tokens).
 
-    The bound: dist's p_i = expf(float32(l_i - max)) differs from exp(l_i - max) (double, from the exact
-    difference) by at most y_i * (EXPF_ULPS * 2^-23 + |d_i| * 2^-24) (the float32 difference's rounding) plus
-    2^-149 (subnormals); its sequential double sums and these block sums each differ from the exact sums by
-    under n * 2^-53 of the total. A pick is returned only with a margin of twice all that on both sides."""
+    The same float32 differences d_i = logit_i - max as dist's, numpy's float32 exp of them (y_i), block sums
+    and one block's running sum in float64. The bound: numpy's exp and dist's expf each lie within a few ulp
+    of exp(d_i) (NUMPY_EXP_ULPS, EXPF_ULPS), so |y_i - p_i| <= (both) * 2^-23 * y_i, plus 2^-126 near the
+    subnormals; dist's sequential double sums and the float64 sums here each differ from the exact sums of
+    their terms by under n * 2^-53 of the total. A pick is returned only with a margin of twice all that on
+    both sides. The log-sum-exp is max + log(sum y): within 2e-8 nats of float64 (as RowStats' lse is)."""
     n = logits.shape[0]
-    mx = float(logits.max())
-    if not math.isfinite(mx):
+    mx = logits.max()
+    if not math.isfinite(float(mx)):
         return None, math.nan
-    d = logits.astype(np.float64)
-    d -= mx  # the exact difference of two float32 values
-    y = np.exp(d)
-    if not math.isfinite(float(logits.min())):  # -inf logits: their y is 0, and 0 * -inf would be nan
-        np.maximum(d, -1e30, out=d)
-    d *= y  # (not np.dot: BLAS threads here cost ~8 ms a call against llama.cpp's)
-    yd = float(d.sum())  # the sum of y_i * d_i (<= 0)
+    y = _work("dist", n)
+    np.subtract(logits, mx, out=y)  # float32, as dist's `logit - max_l`
+    np.exp(y, out=y)
     full = n - n % _BLOCK
-    sums = y[:full].reshape(-1, _BLOCK).sum(axis=1)
+    sums = y[:full].reshape(-1, _BLOCK).sum(axis=1, dtype=np.float64)
     if full < n:
-        sums = np.append(sums, y[full:].sum())
+        sums = np.append(sums, y[full:].sum(dtype=np.float64))
     cum = np.cumsum(sums)
     total = float(cum[-1])
-    lse = mx + math.log(total)
+    lse = float(mx) + math.log(total)
     target = total * r
     j = min(int(np.searchsorted(cum, target, "left")), len(cum) - 1)
     base = float(cum[j - 1]) if j else 0.0
-    run = np.cumsum(y[j * _BLOCK:(j + 1) * _BLOCK])
+    run = np.cumsum(y[j * _BLOCK:(j + 1) * _BLOCK], dtype=np.float64)
     run += base
     k = int(np.searchsorted(run, target, "left"))
     if k == run.shape[0]:
         return None, lse
     i = j * _BLOCK + k
     lo, hi = (float(run[k - 1]) if k else base), float(run[k])
-    eps = 1.01 * (EXPF_ULPS * 2.0 ** -23 * total - 2.0 ** -24 * yd) + n * 2.0 ** -52 * total + n * 2.0 ** -149
+    eps = 1.01 * (NUMPY_EXP_ULPS + EXPF_ULPS) * 2.0 ** -23 * total + n * 2.0 ** -52 * total + n * 2.0 ** -126
     margin = 2 * eps + 2.0 ** -50 * total
     if hi - target <= margin or (i > 0 and target - lo <= margin):
         return None, lse
     return i, lse
+
+
+_scratch = threading.local()
+
+
+def _work(name: str, n: int) -> np.ndarray:
+    """A float32 work array of n entries, this thread's, reused under its name (a fresh 1 MB array per pick
+    costs more in page faults than the arithmetic)."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.shape[0] < n:
+        buf = np.empty(max(n, 1), np.float32)
+        setattr(_scratch, name, buf)
+    return buf[:n]
 
 
 def stage_names(settings: SamplingSettings, model=None) -> list[str]:
@@ -430,7 +443,8 @@ class Sampler(NativeHandle):
         row = np.asarray(row, dtype=np.float32)  # what the chain sees (Candidates hold float32 logits)
         lse = None  # set when this pick's draw was taken from Draws (dist then draws its own, in step)
         if self._temperature is not None and ids is None and row.shape[0] >= REPLICA_MIN:
-            logits = row if self._temperature == 1.0 else row / self._temperature  # temp's `logit /= temp`
+            logits = row if self._temperature == 1.0 else np.divide(  # temp's `logit /= temp`
+                row, self._temperature, out=_work("temp", row.shape[0]))
             i, lse = self._select(logits)
             if i is not None:
                 return i, float(logits[i]) - lse, row.shape[0]

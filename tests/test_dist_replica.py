@@ -37,7 +37,8 @@ def _rows(rng):
 
 def _check_against_dist(row, seed, n_draws=200) -> int:
     """dist_select against llama.cpp's dist on one row, draw by draw: every pick it is sure of must be dist's,
-    with a float64 log-sum-exp (measured |error| ~1e-12 nats; tolerance 1e-9). How many it was sure of."""
+    with a log-sum-exp within 4e-8 nats of float64's (numpy's float32 exp: measured 3.5e-9 at most). How many it
+    was sure of."""
     settings = SamplingSettings(seed=seed, temperature=1.0, **UNTRUNCATED)
     native, draws = Sampler(settings, row.shape[0]), Draws(seed)
     finite = row[np.isfinite(row)].astype(np.float64)
@@ -47,7 +48,7 @@ def _check_against_dist(row, seed, n_draws=200) -> int:
         i, got_lse = dist_select(row, draws.next())
         survivors, sel = native.apply(row)
         assert int(survivors["id"][sel]) == sel  # the untruncated chain keeps the id order
-        assert abs(got_lse - lse) < 1e-9  # sure or not
+        assert abs(got_lse - lse) < 4e-8  # sure or not
         if i is not None:
             sure += 1
             assert i == sel
@@ -85,7 +86,8 @@ def _engine_records(model, settings_list, prompt, n=12):
 ], ids=["t1", "t1.5", "penalties", "llama.cpp"])
 def test_engine_records_equal_with_native_dist(gemma, monkeypatch, chain):
     """A batched sweep's records are the same with dist_select as with llama.cpp's dist for every pick (the
-    sampled logprob: float64 here, lse32 there, measured 3.6e-9 apart at most; tolerance 4e-8)."""
+    sampled logprob: numpy's float32 exp with float64 sums on both sides, measured 3.6e-9 apart at most before
+    dist_select took dist's float32 differences; tolerance 4e-8)."""
     settings = [SamplingSettings(seed=seed, **chain) for seed in range(4)]
     prompt = "The history of the printing press begins"
     ours = _engine_records(gemma, settings, prompt)
@@ -102,7 +104,7 @@ def test_engine_records_equal_with_native_dist(gemma, monkeypatch, chain):
 
 def test_sampled_logprob_of_a_temperature_only_chain(gemma):
     """Sampler.choose's sampled logprob on the whole vocabulary is the float64 log-softmax of row / T at the
-    chosen token (measured |error| ~1e-12 nats; tolerance 1e-9)."""
+    chosen token (numpy's float32 exp, float64 sums: measured |error| up to 3.5e-9 nats; tolerance 4e-8)."""
     with gemma.context(n_ctx=64) as ctx:
         row = ctx.prefill(gemma.prompt_tokens("Once upon a time")).copy()
     s = SamplingSettings(seed=9, temperature=0.7, **UNTRUNCATED)
@@ -110,7 +112,7 @@ def test_sampled_logprob_of_a_temperature_only_chain(gemma):
     ref = log_softmax((row / np.float32(0.7)).astype(np.float64))
     for _ in range(20):
         token, lp, n = smp.choose(row, buf)
-        assert n == gemma.n_vocab and abs(lp - ref[token]) < 1e-9
+        assert n == gemma.n_vocab and abs(lp - ref[token]) < 4e-8
 
 
 def test_choose_takes_a_row_as_the_chain_sees_it():
