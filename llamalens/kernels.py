@@ -1,0 +1,55 @@
+"""The optional C kernels of llamalens/_kernels.c, through ctypes: one pass over a logits row for block_stats.
+
+    LIB: the loaded library, or None: not built (setup.py builds it when a C compiler is there; the build is
+         optional), a CPU without AVX2 and FMA, or LLAMALENS_NO_KERNELS=1 (then stats.py's numpy passes run, to
+         within float rounding the same numbers: tests check both against float64).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+from pathlib import Path
+
+import numpy as np
+
+_P = ctypes.c_void_p
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("LLAMALENS_NO_KERNELS", "").strip() not in ("", "0"):
+        return None
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_kernels{suffix}"
+        if path.exists():
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError:
+                return None
+            lib.ll_available.restype = ctypes.c_int
+            lib.ll_row_pass.argtypes = [_P, ctypes.c_int64, ctypes.c_float, ctypes.c_float, _P, _P]
+            lib.ll_row_pass.restype = ctypes.c_int64
+            lib.ll_exp_f32.argtypes = [_P, ctypes.c_int64, _P]
+            lib.ll_exp_f32.restype = None
+            return lib if lib.ll_available() else None
+    return None
+
+
+LIB = _load()
+
+
+def row_pass(row: np.ndarray, m: float, floor: float, sums: np.ndarray, cand: np.ndarray) -> int:
+    """For a C-contiguous float32 row: sums[0] = sum exp(row - m), sums[1] = sum exp(row - m) * (row - m) (float64),
+    cand[:count] = the indices where row >= floor; returns count. `sums`: 2 float64, `cand`: int32 of the row's
+    length."""
+    return int(LIB.ll_row_pass(row.ctypes.data, row.shape[0], m, floor, sums.ctypes.data, cand.ctypes.data))
+
+
+def exp_f32(d: np.ndarray) -> np.ndarray:
+    """The kernel's float32 exp of a float32 array (its accuracy is tested against float64)."""
+    d = np.ascontiguousarray(d, dtype=np.float32)
+    out = np.empty_like(d)
+    LIB.ll_exp_f32(d.ctypes.data, d.size, out.ctypes.data)
+    return out
