@@ -12,6 +12,9 @@
    Terms with d_i below -87.33 (exp would be subnormal, or d_i is -inf) count as 0: at most 2^-126 each against a
    sum of at least 1 (the maximum's own term).
 
+   ll_exp_block_sums(x, n, m, block, sums): sums[j] = the float64 sum of exp(x_i - m) over block j (block
+   entries each, the last one shorter), for sampler.dist_select's running sum.
+
    ll_exp: exp(d) = 2^k * exp(r), k = round(d / ln 2), r = d - k ln 2 (two-part ln 2, FMA), exp(r) by the degree-6
    polynomial of Cephes' expf on |r| <= ln 2 / 2. Measured over every float32 in [-87.33, 0]: within 2 ulp of the
    exact value (tests/test_settings_stats.py checks a sample).
@@ -106,6 +109,31 @@ LL_TARGET static void exp_avx2(const float *d, int64_t n, float *out) {
     }
 }
 
+LL_TARGET static void block_sums_avx2(const float *x, int64_t n, float m, int64_t block, double *sums) {
+    const __m256 vm = _mm256_set1_ps(m), lo = _mm256_set1_ps(-87.33654f);
+    for (int64_t b0 = 0, j = 0; b0 < n; b0 += block, j++) {
+        int64_t end = b0 + block < n ? b0 + block : n, i = b0;
+        __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+        for (; i + 8 <= end; i += 8) {
+            __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), vm);
+            __m256 keep = _mm256_cmp_ps(d, lo, _CMP_GE_OQ);
+            __m256 e = _mm256_and_ps(ll_exp(_mm256_and_ps(d, keep)), keep);
+            s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+            s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+        }
+        double s[4];
+        _mm256_storeu_pd(s, _mm256_add_pd(s0, s1));
+        double sum = (s[0] + s[1]) + (s[2] + s[3]);
+        if (i < end) {
+            float d[8], e[8];
+            for (int k = 0; k < 8; k++) d[k] = i + k < end ? x[i + k] - m : -INFINITY;
+            exp_avx2(d, 8, e);
+            for (int k = 0; i + k < end; k++) sum += (double)e[k];
+        }
+        sums[j] = sum;
+    }
+}
+
 int ll_available(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -115,8 +143,12 @@ int64_t ll_row_pass(const float *x, int64_t n, float m, float floor, double *sum
     return row_pass_avx2(x, n, m, floor, sums, cand);
 }
 
-void ll_exp_f32(const float *d, int64_t n, float *out) {  /* the same exp, for tests */
+void ll_exp_f32(const float *d, int64_t n, float *out) {  /* the same exp: tests, and sampler.dist_select */
     exp_avx2(d, n, out);
+}
+
+void ll_exp_block_sums(const float *x, int64_t n, float m, int64_t block, double *sums) {
+    block_sums_avx2(x, n, m, block, sums);
 }
 #else
 int ll_available(void) { return 0; }
@@ -125,4 +157,7 @@ int64_t ll_row_pass(const float *x, int64_t n, float m, float floor, double *sum
     return -1;
 }
 void ll_exp_f32(const float *d, int64_t n, float *out) { (void)d; (void)n; (void)out; }
+void ll_exp_block_sums(const float *x, int64_t n, float m, int64_t block, double *sums) {
+    (void)x; (void)n; (void)m; (void)block; (void)sums;
+}
 #endif

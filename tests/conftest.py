@@ -36,6 +36,20 @@ def llama_tool(name: str) -> str | None:
     return env or (str(local) if local.exists() else shutil.which(name))
 
 
+@pytest.fixture(params=["C kernel", "numpy"])
+def row_kernel(request, monkeypatch):
+    """Row statistics and dist_select through llamalens' C kernel (required in CI: setup.py builds it) and through
+    their numpy passes."""
+    import llamalens.kernels as kernels
+
+    if request.param == "C kernel":
+        require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)",
+                "pip install -e . builds it with the C compiler; it needs an x86-64 CPU with AVX2 and FMA")
+    else:
+        monkeypatch.setattr(kernels, "LIB", None)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def llama_perplexity() -> str:
     return require(llama_tool("llama-perplexity"), "llama.cpp's llama-perplexity",

@@ -55,7 +55,7 @@ def _check_against_dist(row, seed, n_draws=200) -> int:
     return sure
 
 
-def test_dist_select_picks_what_dist_picks():
+def test_dist_select_picks_what_dist_picks(row_kernel):
     """Random rows, from flat (N(0, 1) over 262k tokens: each token's interval is ~4e-6 of the mass, and dist_select
     is unsure of ~30% of draws, measured) to peaked; one with -inf logits."""
     rng = np.random.default_rng(5)
@@ -64,7 +64,7 @@ def test_dist_select_picks_what_dist_picks():
         assert sure >= 100, f"row {j}: dist_select was sure of only {sure} of 200 draws"
 
 
-def test_dist_select_is_sure_on_model_rows(gemma):
+def test_dist_select_is_sure_on_model_rows(gemma, row_kernel):
     """On the default model's rows at temperature 1 dist_select decides nearly every draw itself (unsure of
     1-15 of 2,000 measured on four prompts; the test asks for >= 97%), and always as dist does."""
     for i, prompt in enumerate(["The history of the printing press begins", "Q: Is 17 a prime number? A:"]):
@@ -102,7 +102,7 @@ def test_engine_records_equal_with_native_dist(gemma, monkeypatch, chain):
             assert abs(a.sampled_logprob - b.sampled_logprob) < 4e-8
 
 
-def test_sampled_logprob_of_a_temperature_only_chain(gemma):
+def test_sampled_logprob_of_a_temperature_only_chain(gemma, row_kernel):
     """Sampler.choose's sampled logprob on the whole vocabulary is the float64 log-softmax of row / T at the
     chosen token (numpy's float32 exp, float64 sums: measured |error| up to 3.5e-9 nats; tolerance 4e-8)."""
     with gemma.context(n_ctx=64) as ctx:

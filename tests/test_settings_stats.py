@@ -13,17 +13,6 @@ import llamalens.kernels as kernels
 from conftest import require
 
 
-@pytest.fixture(params=["C pass", "numpy"])
-def stats_path(request, monkeypatch):
-    """block_stats through the C kernel (required in CI: setup.py builds it) and through its numpy passes."""
-    if request.param == "C pass":
-        require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)",
-                "pip install -e . builds it with the C compiler; it needs an x86-64 CPU with AVX2 and FMA")
-    else:
-        monkeypatch.setattr(kernels, "LIB", None)
-    return request.param
-
-
 @pytest.mark.parametrize("change, word", [
     ({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top-p"), ({"top_p": 1.5}, "top-p"),
     ({"min_p": -0.01}, "min-p"), ({"min_p": 1.01}, "min-p"), ({"typical_p": 2.0}, "typical-p"),
@@ -46,7 +35,7 @@ def test_defaults_are_create_completion_defaults():
     assert s.validate() is s
 
 
-def test_row_stats_match_float64_log_softmax(stats_path):
+def test_row_stats_match_float64_log_softmax(row_kernel):
     rng = np.random.default_rng(0)
     for n in (7, 1000, 262144):
         row = (rng.standard_normal(n) * 4).astype(np.float32)
@@ -63,7 +52,7 @@ def test_row_stats_match_float64_log_softmax(stats_path):
 
 
 @pytest.mark.parametrize("n_rows, n_vocab", [(32, 32000), (4, 262144), (9, 300), (3, 13)])
-def test_block_stats_against_float64(n_rows, n_vocab, stats_path):
+def test_block_stats_against_float64(n_rows, n_vocab, row_kernel):
     """One decode step's rows at once, against numpy's float64 log-softmax of the raw logits. Errors measured
     on these blocks (float32 exp, float64 sums; the C pass and numpy's alike): log-sum-exp, logprob and top
     logprobs <= 3.2e-8 nats, entropy <= 8.0e-8; the tolerances are 10x that (3e-7, 8e-7)."""
