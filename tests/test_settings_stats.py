@@ -182,3 +182,28 @@ def test_c_pass_and_numpy_agree():
         assert np.array_equal(a._cand_ids, b._cand_ids) and np.array_equal(a.top_ids, b.top_ids)
         assert abs(a.lse - b.lse) < 6e-7 and abs(a.entropy - b.entropy) < 6e-7
         assert np.array_equal(a.top_k_ids(40), b.top_k_ids(40))
+
+
+def test_kernel_paths_agree():
+    """The C pass with AVX-512 (where the CPU has it) and with AVX2 alone (LLAMALENS_KERNELS_AVX2=1, in a fresh
+    process): the same exp values, so the same candidates; sums in another order of float64 additions (measured
+    1e-15 apart relative; tolerance 1e-12)."""
+    require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, numpy as np, sys; from llamalens import kernels; "
+            "x = (np.random.default_rng(4).standard_normal(100003) * 4).astype(np.float32); x[::11] = -np.inf; "
+            "s = np.empty(2); c = np.empty(x.size, np.int32); n = kernels.row_pass(x, float(x.max()), 7.0, s, c); "
+            "sys.stdout.write(json.dumps([kernels.LIB.ll_available(), s.tolist(), c[:n].tolist()]))")
+    runs = []
+    for avx2 in ("0", "1"):
+        env = dict(os.environ, LLAMALENS_KERNELS_AVX2=avx2)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+        runs.append(json.loads(out))
+    (level_a, sums_a, cand_a), (level_b, sums_b, cand_b) = runs
+    assert level_b == 1 and level_a >= 1
+    assert cand_a == cand_b and len(cand_a) > 0
+    assert np.allclose(sums_a, sums_b, rtol=1e-12, atol=0)
