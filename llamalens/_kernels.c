@@ -27,22 +27,26 @@
 #include <immintrin.h>
 #define LL_TARGET __attribute__((target("avx2,fma")))
 
-LL_TARGET static inline __m256 ll_exp(__m256 d) {
-    const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-    const __m256 c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f);
-    __m256 k = _mm256_round_ps(_mm256_mul_ps(d, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(k, c1, d);
-    r = _mm256_fnmadd_ps(k, c2, r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
+/* ll_exp for 8 (AVX2) and 16 (AVX-512F) floats from one text: the same operations, so the same values */
+#define LL_EXP(NAME, TARGET, VEC, IVEC, P, ROUND, CAST)                                                        \
+    TARGET static inline VEC NAME(VEC d) {                                                                   \
+        VEC k = ROUND(P##_mul_ps(d, P##_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); \
+        VEC r = P##_fnmadd_ps(k, P##_set1_ps(0.693359375f), d);                                              \
+        r = P##_fnmadd_ps(k, P##_set1_ps(-2.12194440e-4f), r);                                               \
+        VEC p = P##_set1_ps(1.9875691500e-4f);                                                               \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(1.3981999507e-3f));                                               \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(8.3334519073e-3f));                                               \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(4.1665795894e-2f));                                               \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(1.6666665459e-1f));                                               \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(5.0000001201e-1f));                                               \
+        p = P##_fmadd_ps(p, P##_mul_ps(r, r), P##_add_ps(r, P##_set1_ps(1.0f)));                             \
+        IVEC e = P##_slli_epi32(P##_add_epi32(P##_cvtps_epi32(k), P##_set1_epi32(127)), 23);                 \
+        return P##_mul_ps(p, CAST(e));                                                                       \
+    }
+
+#define LL_TARGET512 __attribute__((target("avx512f,fma")))
+LL_EXP(ll_exp, LL_TARGET, __m256, __m256i, _mm256, _mm256_round_ps, _mm256_castsi256_ps)
+LL_EXP(ll_exp16, LL_TARGET512, __m512, __m512i, _mm512, _mm512_roundscale_ps, _mm512_castsi512_ps)
 
 LL_TARGET static int64_t row_pass_avx2(const float *x, int64_t n, float m, float floor, double *sums, int32_t *cand) {
     const __m256 vm = _mm256_set1_ps(m), vf = _mm256_set1_ps(floor), lo = _mm256_set1_ps(-87.33654f);
@@ -133,25 +137,6 @@ LL_TARGET static void block_sums_avx2(const float *x, int64_t n, float m, int64_
         }
         sums[j] = sum;
     }
-}
-
-#define LL_TARGET512 __attribute__((target("avx512f,fma")))
-
-LL_TARGET512 static inline __m512 ll_exp16(__m512 d) {  /* ll_exp, 16 at a time: the same operations, the same values */
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-    const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
-    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(d, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, c1, d);
-    r = _mm512_fnmadd_ps(k, c2, r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
 LL_TARGET512 static int64_t row_pass_avx512(const float *x, int64_t n, float m, float floor, double *sums,
