@@ -302,7 +302,7 @@ def dist_select(logits: np.ndarray, r: float) -> tuple[int | None, float]:
         return None, math.nan
     lib = kernels.LIB
     if lib is not None:  # the C kernel: exp and block sums in one pass (kernels.py)
-        logits = np.ascontiguousarray(logits)
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
         sums, ulps = kernels.exp_block_sums(logits, float(mx), _BLOCK), kernels.EXP_ULPS
     else:
         y = _work("dist", n)
