@@ -44,15 +44,27 @@ LIB = _load()
 EXP_ULPS = 2.0  # the most the kernel's exp differs from exp (1.26 ulp measured over every float32 in [-87.33, 0])
 
 
+def _check(x: np.ndarray, dtype, n: int | None = None) -> None:
+    """What the C side reads: a C-contiguous vector of this dtype (at least n entries), shorter than 2^31."""
+    if x.dtype != dtype or x.ndim != 1 or not x.flags.c_contiguous or x.shape[0] >= 2 ** 31 or (
+            n is not None and x.shape[0] < n):
+        raise ValueError(f"the kernel needs a C-contiguous {np.dtype(dtype).name} vector"
+                         f"{f' of at least {n} entries' if n is not None else ''}, got {x.dtype} {x.shape}")
+
+
 def row_pass(row: np.ndarray, m: float, floor: float, sums: np.ndarray, cand: np.ndarray) -> int:
-    """For a C-contiguous float32 row: sums[0] = sum exp(row - m), sums[1] = sum exp(row - m) * (row - m) (float64),
-    cand[:count] = the indices where row >= floor; returns count. `sums`: 2 float64, `cand`: int32 of the row's
-    length."""
+    """For a C-contiguous float32 row whose maximum is m: sums[0] = sum exp(row - m), sums[1] = sum exp(row - m) *
+    (row - m) (float64), cand[:count] = the indices where row >= floor; returns count. `sums`: 2 float64, `cand`:
+    int32, at least the row's length."""
+    _check(row, np.float32)
+    _check(sums, np.float64, 2)
+    _check(cand, np.int32, row.shape[0])
     return int(LIB.ll_row_pass(row.ctypes.data, row.shape[0], m, floor, sums.ctypes.data, cand.ctypes.data))
 
 
 def exp_f32(d: np.ndarray) -> np.ndarray:
-    """The kernel's float32 exp of a float32 array (its accuracy is tested against float64)."""
+    """The kernel's float32 exp of a float32 array of differences d <= 0 (its domain: above 88 it overflows
+    without a clamp; below -87.33 it gives 0). Its accuracy is tested against float64."""
     d = np.ascontiguousarray(d, dtype=np.float32)
     out = np.empty_like(d)
     LIB.ll_exp_f32(d.ctypes.data, d.size, out.ctypes.data)
@@ -61,7 +73,8 @@ def exp_f32(d: np.ndarray) -> np.ndarray:
 
 def exp_block_sums(x: np.ndarray, m: float, block: int) -> np.ndarray:
     """float64 sums of exp(x - m) (the difference in float32, the kernel's exp) over blocks of `block` entries of a
-    C-contiguous float32 vector, the last block shorter."""
+    C-contiguous float32 vector whose maximum is m, the last block shorter."""
+    _check(x, np.float32)
     out = np.empty(-(-x.shape[0] // block))
     LIB.ll_exp_block_sums(x.ctypes.data, x.shape[0], m, block, out.ctypes.data)
     return out

@@ -296,13 +296,13 @@ def dist_select(logits: np.ndarray, r: float) -> tuple[int | None, float]:
     float64 sums here each differ from the exact sums of their terms by under n * 2^-53 of the total. A pick is
     returned only with a margin of twice all that on both sides. The log-sum-exp is max + log(sum y): within
     2e-8 nats of float64 (as RowStats' lse is)."""
+    logits = np.ascontiguousarray(logits, dtype=np.float32)  # dist's values, and its max among them
     n = logits.shape[0]
     mx = logits.max()
     if not math.isfinite(float(mx)):
         return None, math.nan
     lib = kernels.LIB
     if lib is not None:  # the C kernel: exp and block sums in one pass (kernels.py)
-        logits = np.ascontiguousarray(logits, dtype=np.float32)
         sums, ulps = kernels.exp_block_sums(logits, float(mx), _BLOCK), kernels.EXP_ULPS
     else:
         y = _work("dist", n)

@@ -207,3 +207,17 @@ def test_kernel_paths_agree():
     assert level_b == 1 and level_a >= 1
     assert cand_a == cand_b and len(cand_a) > 0
     assert np.allclose(sums_a, sums_b, rtol=1e-12, atol=0)
+
+
+def test_kernel_wrappers_refuse_what_the_c_side_cannot_read():
+    """The ctypes wrappers check dtype, layout and room before the C side reads or writes (a float64 row read as
+    float32, or a short candidate buffer, would be wrong numbers or a heap overflow)."""
+    require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
+    row, sums = np.zeros(16, np.float32), np.empty(2)
+    for bad in (lambda: kernels.row_pass(row.astype(np.float64), 0.0, 0.0, sums, np.empty(16, np.int32)),
+                lambda: kernels.row_pass(row, 0.0, 0.0, sums, np.empty(8, np.int32)),
+                lambda: kernels.row_pass(np.zeros(32, np.float32)[::2], 0.0, 0.0, sums, np.empty(16, np.int32)),
+                lambda: kernels.exp_block_sums(np.ones(8), 1.0, 8)):
+        with pytest.raises(ValueError, match="C-contiguous"):
+            bad()
+    assert kernels.row_pass(row, 0.0, 0.0, sums, np.empty(16, np.int32)) == 16 and sums.tolist() == [16.0, 0.0]
