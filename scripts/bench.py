@@ -750,8 +750,12 @@ def report_tools(builds, best, threads):
             r = best[lab].get(c)
             cells.append(f"{r[key]:9.1f} {r['rss_mb']:6.0f} MB" if r else " " * 20)
         print(f"{name:<44}" + "".join(f"{x:>20}" for x in cells))
+    pooled = pooled_references(builds, best)
+    if any(len([b for b in builds if b.tools == t]) > 1 for t in {b.tools for b in builds}):
+        print("\n(ratios below: llama.cpp's own cases B, Q, T, K as the best of the builds that share their tools,"
+              " since those are the same binaries measured more than once)")
     for lab in labels:
-        bb = best[lab]
+        bb = dict(best[lab], **pooled[lab])
         g = lambda c, k="tok_s", bb=bb: bb[c][k] if c in bb else float("nan")  # noqa: E731
         print(f"\n[{lab}] ratios against the goals")
         print(f"  generate / tg64              = {g('g') / g('B', 'tg64'):.2f}   (goal >= 0.9)")
@@ -774,6 +778,26 @@ def report_tools(builds, best, threads):
         for name, c, key in rows:
             if c in best[a] and c in best[z]:
                 print(f"  {name:<42} {best[z][c][key] / best[a][c][key]:.2f}x")
+
+
+REFERENCE_CASES = "BQTK"  # llama.cpp's own tools: the same binaries for every build with the same tools folder
+_LOWER_IS_BETTER = ("wall_s", "rss_mb")
+
+
+def pooled_references(builds, best) -> dict:
+    """Per build label, its reference cases pooled over the builds that share its tools folder: each speed the
+    best measured (a shared machine only ever slows a run down), each wall time and peak RSS the least."""
+    out = {}
+    for b in builds:
+        peers = [best[p.label] for p in builds if p.tools == b.tools]
+        out[b.label] = {}
+        for c in REFERENCE_CASES:
+            recs = [r[c] for r in peers if c in r]
+            if recs:
+                out[b.label][c] = {k: (min if k in _LOWER_IS_BETTER else max)(r[k] for r in recs)
+                                   if all(isinstance(r.get(k), (int, float)) for r in recs) else recs[0][k]
+                                   for k in recs[0]}
+    return out
 
 
 def default_model_path() -> Path:
