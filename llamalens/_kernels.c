@@ -5,10 +5,13 @@
    floats at a time) and less with AVX-512F (16 at a time, where the CPU has it; the same exp values). Built by setup.py as an optional extension and loaded with ctypes (llamalens/kernels.py); without it,
    or on a CPU without AVX2 and FMA, stats.py runs its numpy passes.
 
-   ll_row_pass(x, n, m, floor, sums, cand):
+   ll_row_pass(x, n, m, floor, sums, cand, block, bsums):
        d_i = x_i - m (float32, as numpy's subtract), e_i = exp(d_i) (ll_exp below, float32)
        sums[0] = sum e_i, sums[1] = sum e_i * d_i            (float64: each float32 term exact, 4 lanes)
        cand    = the indices i with x_i >= floor, in order  (returns how many; the caller gives room for n)
+       bsums   = (when not NULL) sum e_i over each block of `block` entries (a multiple of 16), as
+                 ll_exp_block_sums gives them: sampler.dist_select's running sum at temperature 1, without a
+                 second pass
    Terms with d_i below -87.33 (exp would be subnormal, or d_i is -inf) count as 0: at most 2^-126 each against a
    sum of at least 1 (the maximum's own term).
 
@@ -48,7 +51,8 @@
 LL_EXP(ll_exp, LL_TARGET, __m256, __m256i, _mm256, _mm256_round_ps, _mm256_castsi256_ps)
 LL_EXP(ll_exp16, LL_TARGET512, __m512, __m512i, _mm512, _mm512_roundscale_ps, _mm512_castsi512_ps)
 
-LL_TARGET static int64_t row_pass_avx2(const float *x, int64_t n, float m, float floor, double *sums, int32_t *cand) {
+LL_TARGET static int64_t row_pass_avx2(const float *x, int64_t n, float m, float floor, double *sums, int32_t *cand,
+                                       int64_t base) {
     const __m256 vm = _mm256_set1_ps(m), vf = _mm256_set1_ps(floor), lo = _mm256_set1_ps(-87.33654f);
     __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd(), t0 = _mm256_setzero_pd(), t1 = _mm256_setzero_pd();
     int64_t nc = 0, i = 0;
@@ -67,7 +71,7 @@ LL_TARGET static int64_t row_pass_avx2(const float *x, int64_t n, float m, float
         int mask = _mm256_movemask_ps(_mm256_cmp_ps(v, vf, _CMP_GE_OQ));
         while (mask) {
             int b = __builtin_ctz(mask);
-            cand[nc++] = (int32_t)(i + b);
+            cand[nc++] = (int32_t)(base + i + b);
             mask &= mask - 1;
         }
     }
@@ -89,7 +93,7 @@ LL_TARGET static int64_t row_pass_avx2(const float *x, int64_t n, float m, float
         for (int j = 0; i + j < n; j++) {
             sum += (double)eb[j];
             dot += (double)eb[j] * (double)db[j];
-            if (buf[j] >= floor) cand[nc++] = (int32_t)(i + j);
+            if (buf[j] >= floor) cand[nc++] = (int32_t)(base + i + j);
         }
     }
     sums[0] = sum;
@@ -140,7 +144,7 @@ LL_TARGET static void block_sums_avx2(const float *x, int64_t n, float m, int64_
 }
 
 LL_TARGET512 static int64_t row_pass_avx512(const float *x, int64_t n, float m, float floor, double *sums,
-                                            int32_t *cand) {
+                                            int32_t *cand, int64_t base) {
     const __m512 vm = _mm512_set1_ps(m), vf = _mm512_set1_ps(floor), lo = _mm512_set1_ps(-87.33654f);
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd(), t0 = _mm512_setzero_pd(), t1 = _mm512_setzero_pd();
@@ -162,7 +166,7 @@ LL_TARGET512 static int64_t row_pass_avx512(const float *x, int64_t n, float m, 
         t1 = _mm512_fmadd_pd(ehi, dhi, t1);
         unsigned mask = _mm512_mask_cmp_ps_mask(in, v, vf, _CMP_GE_OQ);
         while (mask) {
-            cand[nc++] = (int32_t)(i + __builtin_ctz(mask));
+            cand[nc++] = (int32_t)(base + i + __builtin_ctz(mask));
             mask &= mask - 1;
         }
     }
@@ -184,8 +188,24 @@ int ll_available(void) {
     return level;
 }
 
-int64_t ll_row_pass(const float *x, int64_t n, float m, float floor, double *sums, int32_t *cand) {
-    return ll_available() > 1 ? row_pass_avx512(x, n, m, floor, sums, cand) : row_pass_avx2(x, n, m, floor, sums, cand);
+int64_t ll_row_pass(const float *x, int64_t n, float m, float floor, double *sums, int32_t *cand, int64_t block,
+                    double *bsums) {
+    if (block <= 0 || !bsums) block = n > 0 ? n : 1;
+    int avx512 = ll_available() > 1;
+    int64_t nc = 0;
+    double s = 0.0, t = 0.0;
+    for (int64_t b0 = 0, j = 0; b0 < n; b0 += block, j++) {
+        int64_t len = n - b0 < block ? n - b0 : block;
+        double part[2];
+        nc += avx512 ? row_pass_avx512(x + b0, len, m, floor, part, cand + nc, b0)
+                     : row_pass_avx2(x + b0, len, m, floor, part, cand + nc, b0);
+        s += part[0];
+        t += part[1];
+        if (bsums) bsums[j] = part[0];
+    }
+    sums[0] = s;
+    sums[1] = t;
+    return nc;
 }
 
 void ll_exp_f32(const float *d, int64_t n, float *out) {  /* the same exp: tests, and sampler.dist_select */
@@ -197,8 +217,9 @@ void ll_exp_block_sums(const float *x, int64_t n, float m, int64_t block, double
 }
 #else
 int ll_available(void) { return 0; }
-int64_t ll_row_pass(const float *x, int64_t n, float m, float floor, double *sums, int32_t *cand) {
-    (void)x; (void)n; (void)m; (void)floor; (void)sums; (void)cand;
+int64_t ll_row_pass(const float *x, int64_t n, float m, float floor, double *sums, int32_t *cand, int64_t block,
+                    double *bsums) {
+    (void)x; (void)n; (void)m; (void)floor; (void)sums; (void)cand; (void)block; (void)bsums;
     return -1;
 }
 void ll_exp_f32(const float *d, int64_t n, float *out) { (void)d; (void)n; (void)out; }

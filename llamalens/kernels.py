@@ -30,7 +30,7 @@ def _load() -> ctypes.CDLL | None:
             except OSError:
                 return None
             lib.ll_available.restype = ctypes.c_int
-            lib.ll_row_pass.argtypes = [_P, ctypes.c_int64, ctypes.c_float, ctypes.c_float, _P, _P]
+            lib.ll_row_pass.argtypes = [_P, ctypes.c_int64, ctypes.c_float, ctypes.c_float, _P, _P, ctypes.c_int64, _P]
             lib.ll_row_pass.restype = ctypes.c_int64
             lib.ll_exp_f32.argtypes = [_P, ctypes.c_int64, _P]
             lib.ll_exp_f32.restype = None
@@ -41,6 +41,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 LIB = _load()
+DIST_BLOCK = 2048  # sampler.dist_select's blocks (a multiple of 16: the row pass makes their sums too)
 EXP_ULPS = 2.0  # the most the kernel's exp differs from exp (1.26 ulp measured over every float32 in [-87.33, 0])
 
 
@@ -52,14 +53,21 @@ def _check(x: np.ndarray, dtype, n: int | None = None) -> None:
                          f"{f' of at least {n} entries' if n is not None else ''}, got {x.dtype} {x.shape}")
 
 
-def row_pass(row: np.ndarray, m: float, floor: float, sums: np.ndarray, cand: np.ndarray) -> int:
+def row_pass(row: np.ndarray, m: float, floor: float, sums: np.ndarray, cand: np.ndarray,
+             block_sums: np.ndarray | None = None) -> int:
     """For a C-contiguous float32 row whose maximum is m: sums[0] = sum exp(row - m), sums[1] = sum exp(row - m) *
     (row - m) (float64), cand[:count] = the indices where row >= floor; returns count. `sums`: 2 float64, `cand`:
-    int32, at least the row's length."""
+    int32, at least the row's length; `block_sums` (float64, one per DIST_BLOCK entries): exp_block_sums' values
+    from the same pass."""
     _check(row, np.float32)
     _check(sums, np.float64, 2)
     _check(cand, np.int32, row.shape[0])
-    return int(LIB.ll_row_pass(row.ctypes.data, row.shape[0], m, floor, sums.ctypes.data, cand.ctypes.data))
+    bs = None
+    if block_sums is not None:
+        _check(block_sums, np.float64, -(-row.shape[0] // DIST_BLOCK))
+        bs = block_sums.ctypes.data
+    return int(LIB.ll_row_pass(row.ctypes.data, row.shape[0], m, floor, sums.ctypes.data, cand.ctypes.data,
+                               DIST_BLOCK if bs else 0, bs))
 
 
 def exp_f32(d: np.ndarray) -> np.ndarray:

@@ -244,7 +244,7 @@ PICKS = ("greedy", "dist", "mirostat", "adaptive_p")  # stages that choose the t
 REPLICA_MIN = 4096  # survivors from which dist_select is tried (below, llama.cpp's dist is cheaper than numpy)
 EXPF_ULPS = 1.0  # the most dist's expf may differ from exp: faithful rounding (glibc's and musl's expf: 0.502 ulp)
 NUMPY_EXP_ULPS = 3.0  # numpy's float32 exp: 2.54 ulp at most over every float32 in [-104, 0] (measured, AVX-512 and AVX2)
-_BLOCK = 2048  # dist_select's running sum: block sums, then one block's cumulative sum
+_BLOCK = kernels.DIST_BLOCK  # dist_select's running sum: block sums, then one block's cumulative sum
 NO_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: dist seeds itself from the clock (nothing to replay)
 
 
@@ -283,7 +283,7 @@ class Draws:
             self._bits.random_raw(2 * self._skipped)
 
 
-def dist_select(logits: np.ndarray, r: float) -> tuple[int | None, float]:
+def dist_select(logits: np.ndarray, r: float, block_sums: np.ndarray | None = None) -> tuple[int | None, float]:
     """llama.cpp's dist pick over these logits (float32) for its draw r: the first index whose running sum of
     expf(logit - max) reaches sum * r. Returns (index, log-sum-exp of the logits); the index is None when the
     draw lies too close to the edge of a token's interval for the sums here to say which token dist's choose
@@ -295,14 +295,17 @@ def dist_select(logits: np.ndarray, r: float) -> tuple[int | None, float]:
     |y_i - p_i| <= (both) * 2^-23 * y_i, plus 2^-126 near the subnormals; dist's sequential double sums and the
     float64 sums here each differ from the exact sums of their terms by under n * 2^-53 of the total. A pick is
     returned only with a margin of twice all that on both sides. The log-sum-exp is max + log(sum y): within
-    2e-8 nats of float64 (as RowStats' lse is)."""
+    2e-8 nats of float64 (as RowStats' lse is). `block_sums`: these logits' sums per kernels.DIST_BLOCK from the
+    C row pass (RowStats._block_sums, the same exp), when the caller has them: then only one block is exp'd."""
     logits = np.ascontiguousarray(logits, dtype=np.float32)  # dist's values, and its max among them
     n = logits.shape[0]
     mx = logits.max()
     if not math.isfinite(float(mx)):
         return None, math.nan
     lib = kernels.LIB
-    if lib is not None:  # the C kernel: exp and block sums in one pass (kernels.py)
+    if lib is not None and block_sums is not None:  # the row pass made them (kernels.py)
+        sums, ulps = block_sums, kernels.EXP_ULPS
+    elif lib is not None:  # the C kernel: exp and block sums in one pass
         sums, ulps = kernels.exp_block_sums(logits, float(mx), _BLOCK), kernels.EXP_ULPS
     else:
         y = _work("dist", n)
@@ -447,16 +450,18 @@ class Sampler(NativeHandle):
         survivors = self._survivors(arr)
         return (survivors.copy() if own else survivors), int(arr.selected)
 
-    def choose(self, row: np.ndarray, buffers: Candidates, ids: np.ndarray | None = None) -> tuple[int, float, int]:
+    def choose(self, row: np.ndarray, buffers: Candidates, ids: np.ndarray | None = None,
+               block_sums: np.ndarray | None = None) -> tuple[int, float, int]:
         """The chain's pick for a raw row, as apply would make it: (token, its log-probability among the
         survivors after temperature (0.0 for greedy), how many survivors). Large survivor sets are picked by
-        dist_select when it can tell (see the module docstring)."""
+        dist_select when it can tell (see the module docstring). `block_sums`: this very row's
+        RowStats._block_sums, which a temperature-1 chain's dist_select then takes instead of its own pass."""
         row = np.asarray(row, dtype=np.float32)  # what the chain sees (Candidates hold float32 logits)
         lse = None  # set when this pick's draw was taken from Draws (dist then draws its own, in step)
         if self._temperature is not None and ids is None and row.shape[0] >= REPLICA_MIN:
             logits = row if self._temperature == 1.0 else np.divide(  # temp's `logit /= temp`
                 row, self._temperature, out=_work("temp", row.shape[0]))
-            i, lse = self._select(logits)
+            i, lse = self._select(logits, block_sums if self._temperature == 1.0 else None)
             if i is not None:
                 return i, float(logits[i]) - lse, row.shape[0]
         arr, _, _ = self._run(row, buffers, ids)
@@ -482,9 +487,9 @@ class Sampler(NativeHandle):
             return token, float(survivors["logit"][sel]) - lse, len(survivors)
         return token, sampled_logprob(survivors, sel), len(survivors)
 
-    def _select(self, logits: np.ndarray) -> tuple[int | None, float]:
+    def _select(self, logits: np.ndarray, block_sums: np.ndarray | None = None) -> tuple[int | None, float]:
         """dist_select on this pick's draw; when it is sure, dist makes its own draw without a pick, to stay in step."""
-        i, lse = dist_select(logits, self._draws.next())
+        i, lse = dist_select(logits, self._draws.next(), block_sums)
         if i is not None:
             self._dist_draw()
         return i, lse

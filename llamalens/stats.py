@@ -142,12 +142,14 @@ def block_stats(block: np.ndarray, n_top: int, n_floor: int = 0) -> list["RowSta
         m = x.max(axis=1)
         sub = x[:, ::stride]
         floor = np.partition(sub, sub.shape[1] - k, axis=1)[:, sub.shape[1] - k]
-        if lib is not None:  # the C pass (kernels.py): exp, both sums and the candidates, row by row
+        block_sums = None
+        if lib is not None:  # the C pass (kernels.py): exp, both sums, the candidates and dist's block sums
             sums, cands = np.empty((r, 2)), []
+            block_sums = np.empty((r, -(-size // kernels.DIST_BLOCK)))
             work = _cand_buffer(size)
             for i in range(r):
                 if math.isfinite(float(m[i])):
-                    nc = kernels.row_pass(x[i], float(m[i]), float(floor[i]), sums[i], work)
+                    nc = kernels.row_pass(x[i], float(m[i]), float(floor[i]), sums[i], work, block_sums[i])
                     cands.append(work[:nc].astype(np.intp))
                 else:
                     cands.append(_NO_IDS)
@@ -174,7 +176,8 @@ def block_stats(block: np.ndarray, n_top: int, n_floor: int = 0) -> list["RowSta
                 order = np.lexsort((cand, -cand_logits.astype(np.float64)))[:n_top]
             ids = cand[order].astype(np.int64)
             out.append(RowStats(math.nan, 0, max(h, 0.0), lse, ids, cand_logits[order].astype(np.float64) - lse,
-                                _floor=float(floor[i]), _cand_logits=cand_logits, _cand_ids=cand, _floor_n=k))
+                                _floor=float(floor[i]), _cand_logits=cand_logits, _cand_ids=cand, _floor_n=k,
+                                _block_sums=None if block_sums is None else block_sums[i]))
     return out
 
 
@@ -219,6 +222,8 @@ class RowStats:
     _cand_logits: np.ndarray | None = field(default=None, repr=False, compare=False)
     _cand_ids: np.ndarray | None = field(default=None, repr=False, compare=False)
     _floor_n: int = field(default=0, repr=False, compare=False)  # the candidates hold the row's _floor_n largest
+    # the C pass's sums of exp(logit - max) per kernels.DIST_BLOCK logits: dist_select's at temperature 1
+    _block_sums: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, logits: np.ndarray, chosen: int | None, n_top: int) -> "RowStats":
@@ -248,7 +253,7 @@ class RowStats:
         else:
             rank = int(np.count_nonzero(np.greater(logits, c, out=_buffers(logits.shape[0])[2]))) + 1
         return RowStats(float(c) - self.lse, rank, self.entropy, self.lse, self.top_ids, self.top_logprobs,
-                        self._floor, self._cand_logits, self._cand_ids, self._floor_n)
+                        self._floor, self._cand_logits, self._cand_ids, self._floor_n, self._block_sums)
 
     def top_k_ids(self, k: int) -> np.ndarray | None:
         """Ids of the row's k largest logits in id order, when those k+1 largest are all different (so the k-th

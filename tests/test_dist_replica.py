@@ -135,3 +135,32 @@ def test_dist_select_takes_float32_values(row_kernel):
     x32 = x64.astype(np.float32)
     for r in np.linspace(0.001, 0.999, 500):
         assert dist_select(x64, r) == dist_select(x32, r)
+
+
+def test_dist_select_with_the_row_pass_block_sums():
+    """At temperature 1 the engine hands dist_select the block sums block_stats' C pass made (RowStats._block_sums):
+    the same sums as dist_select's own pass but for the order of float64 additions (measured 2e-16 apart relative;
+    tolerance 1e-12), and the same picks, with llama.cpp's dist the judge of every sure one."""
+    from conftest import require
+    from llamalens import kernels
+    from llamalens.stats import block_stats
+
+    require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
+    rng = np.random.default_rng(11)
+    for row in (rng.standard_normal(262144).astype(np.float32) * 3, (rng.standard_normal(32000) * 2).astype(np.float32)):
+        bs = block_stats(row[None, :], 5)[0]._block_sums
+        own = kernels.exp_block_sums(row, float(row.max()), kernels.DIST_BLOCK)
+        assert np.allclose(bs, own, rtol=1e-12, atol=0)
+        settings = SamplingSettings(seed=3, temperature=1.0, **UNTRUNCATED)
+        native, draws = Sampler(settings, row.shape[0]), Draws(3)
+        sure = 0
+        for _ in range(150):
+            r = draws.next()
+            i, lse = dist_select(row, r, bs)
+            j, lse2 = dist_select(row, r)
+            survivors, sel = native.apply(row)
+            assert abs(lse - lse2) < 1e-12
+            if i is not None:
+                sure += 1
+                assert i == sel and (j is None or j == i)
+        assert sure >= 75
