@@ -1,26 +1,26 @@
 /* One pass over a logits row for stats.block_stats: exp, the two float64 sums and the top-N candidates together.
 
    numpy needs six passes over a row for the same numbers (subtract, exp, sum, multiply, sum, compare) and a
-   seventh to list the candidates; at 262,144 logits a row takes ~1.2 ms there, here ~0.3 ms with AVX2 + FMA (8
-   floats at a time) and less with AVX-512F (16 at a time, where the CPU has it; the same exp values). Built by setup.py as an optional extension and loaded with ctypes (llamalens/kernels.py); without it,
-   or on a CPU without AVX2 and FMA, stats.py runs its numpy passes.
+   seventh to list the candidates; at 262,144 logits a row takes ~1.2 ms there, here ~0.3 ms with AVX2 + FMA
+   (8 floats at a time) and less with AVX-512F (16 at a time, where the CPU has it; the same exp values).
+   Built by setup.py as an optional extension and loaded with ctypes (llamalens/kernels.py); without it, or on
+   a CPU without AVX2 and FMA, stats.py runs its numpy passes.
 
    ll_row_pass(x, n, m, floor, sums, cand, block, bsums):
        d_i = x_i - m (float32, as numpy's subtract), e_i = exp(d_i) (ll_exp below, float32)
        sums[0] = sum e_i, sums[1] = sum e_i * d_i            (float64: each float32 term exact, 4 lanes)
        cand    = the indices i with x_i >= floor, in order  (returns how many; the caller gives room for n)
-       bsums   = (when not NULL) sum e_i over each block of `block` entries (a multiple of 16), as
-                 ll_exp_block_sums gives them: sampler.dist_select's running sum at temperature 1, without a
-                 second pass
+       bsums   = (when not NULL) sum e_i over each block of `block` entries, the last one shorter:
+                 sampler.dist_select's running sum (kernels.exp_block_sums, with floor +inf: no candidates)
    Terms with d_i below -87.33 (exp would be subnormal, or d_i is -inf) count as 0: at most 2^-126 each against a
    sum of at least 1 (the maximum's own term).
 
-   ll_exp_block_sums(x, n, m, block, sums): sums[j] = the float64 sum of exp(x_i - m) over block j (block
-   entries each, the last one shorter), for sampler.dist_select's running sum.
+   ll_exp_f32(d, n, out): ll_exp of each d_i (dist_select's terms of one block; the tests).
 
-   ll_exp (for d <= 0, which is all these callers give it: it does not clamp d > 88): exp(d) = 2^k * exp(r), k = round(d / ln 2), r = d - k ln 2 (two-part ln 2, FMA), exp(r) by the degree-6
-   polynomial of Cephes' expf on |r| <= ln 2 / 2. Measured over every float32 in [-87.33, 0]: within 2 ulp of the
-   exact value (tests/test_settings_stats.py checks a sample).
+   ll_exp, for d <= 0 (all these callers give it; it does not clamp d > 88): exp(d) = 2^k * exp(r),
+   k = round(d / ln 2), r = d - k ln 2 (two-part ln 2, FMA), exp(r) by the degree-6 polynomial of Cephes'
+   expf on |r| <= ln 2 / 2. Measured over every float32 in [-87.33, 0]: within 1.26 ulp of the exact value
+   (tests/test_settings_stats.py checks a sample against 2 ulp).
 */
 #include <stdint.h>
 #include <stdlib.h>
@@ -118,31 +118,6 @@ LL_TARGET static void exp_avx2(const float *d, int64_t n, float *out) {
     }
 }
 
-LL_TARGET static void block_sums_avx2(const float *x, int64_t n, float m, int64_t block, double *sums) {
-    const __m256 vm = _mm256_set1_ps(m), lo = _mm256_set1_ps(-87.33654f);
-    for (int64_t b0 = 0, j = 0; b0 < n; b0 += block, j++) {
-        int64_t end = b0 + block < n ? b0 + block : n, i = b0;
-        __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
-        for (; i + 8 <= end; i += 8) {
-            __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), vm);
-            __m256 keep = _mm256_cmp_ps(d, lo, _CMP_GE_OQ);
-            __m256 e = _mm256_and_ps(ll_exp(_mm256_and_ps(d, keep)), keep);
-            s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
-            s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
-        }
-        double s[4];
-        _mm256_storeu_pd(s, _mm256_add_pd(s0, s1));
-        double sum = (s[0] + s[1]) + (s[2] + s[3]);
-        if (i < end) {
-            float d[8], e[8];
-            for (int k = 0; k < 8; k++) d[k] = i + k < end ? x[i + k] - m : -INFINITY;
-            exp_avx2(d, 8, e);
-            for (int k = 0; i + k < end; k++) sum += (double)e[k];
-        }
-        sums[j] = sum;
-    }
-}
-
 LL_TARGET512 static int64_t row_pass_avx512(const float *x, int64_t n, float m, float floor, double *sums,
                                             int32_t *cand, int64_t base) {
     const __m512 vm = _mm512_set1_ps(m), vf = _mm512_set1_ps(floor), lo = _mm512_set1_ps(-87.33654f);
@@ -211,10 +186,6 @@ int64_t ll_row_pass(const float *x, int64_t n, float m, float floor, double *sum
 void ll_exp_f32(const float *d, int64_t n, float *out) {  /* the same exp: tests, and sampler.dist_select */
     exp_avx2(d, n, out);
 }
-
-void ll_exp_block_sums(const float *x, int64_t n, float m, int64_t block, double *sums) {
-    block_sums_avx2(x, n, m, block, sums);
-}
 #else
 int ll_available(void) { return 0; }
 int64_t ll_row_pass(const float *x, int64_t n, float m, float floor, double *sums, int32_t *cand, int64_t block,
@@ -223,7 +194,4 @@ int64_t ll_row_pass(const float *x, int64_t n, float m, float floor, double *sum
     return -1;
 }
 void ll_exp_f32(const float *d, int64_t n, float *out) { (void)d; (void)n; (void)out; }
-void ll_exp_block_sums(const float *x, int64_t n, float m, int64_t block, double *sums) {
-    (void)x; (void)n; (void)m; (void)block; (void)sums;
-}
 #endif

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import math
 import os
 from pathlib import Path
 
@@ -34,8 +35,6 @@ def _load() -> ctypes.CDLL | None:
             lib.ll_row_pass.restype = ctypes.c_int64
             lib.ll_exp_f32.argtypes = [_P, ctypes.c_int64, _P]
             lib.ll_exp_f32.restype = None
-            lib.ll_exp_block_sums.argtypes = [_P, ctypes.c_int64, ctypes.c_float, ctypes.c_int64, _P]
-            lib.ll_exp_block_sums.restype = None
             return lib if lib.ll_available() else None
     return None
 
@@ -57,7 +56,7 @@ def row_pass(row: np.ndarray, m: float, floor: float, sums: np.ndarray, cand: np
              block_sums: np.ndarray | None = None) -> int:
     """For a C-contiguous float32 row whose maximum is m: sums[0] = sum exp(row - m), sums[1] = sum exp(row - m) *
     (row - m) (float64), cand[:count] = the indices where row >= floor; returns count. `sums`: 2 float64, `cand`:
-    int32, at least the row's length; `block_sums` (float64, one per DIST_BLOCK entries): exp_block_sums' values
+    int32, at least the row's length; `block_sums` (float64, one per DIST_BLOCK entries): exp_block_sums' values,
     from the same pass."""
     _check(row, np.float32)
     _check(sums, np.float64, 2)
@@ -81,8 +80,11 @@ def exp_f32(d: np.ndarray) -> np.ndarray:
 
 def exp_block_sums(x: np.ndarray, m: float, block: int) -> np.ndarray:
     """float64 sums of exp(x - m) (the difference in float32, the kernel's exp) over blocks of `block` entries of a
-    C-contiguous float32 vector whose maximum is m, the last block shorter."""
+    C-contiguous float32 vector whose maximum m is finite, the last block shorter: the row pass with a floor of
+    +inf, which no entry reaches (so its candidate buffer needs no room)."""
     _check(x, np.float32)
-    out = np.empty(-(-x.shape[0] // block))
-    LIB.ll_exp_block_sums(x.ctypes.data, x.shape[0], m, block, out.ctypes.data)
+    if not math.isfinite(m):
+        raise ValueError(f"exp_block_sums needs the row's finite maximum, got {m}")
+    out, sums, none = np.empty(-(-x.shape[0] // block)), np.empty(2), np.empty(1, np.int32)
+    LIB.ll_row_pass(x.ctypes.data, x.shape[0], m, math.inf, sums.ctypes.data, none.ctypes.data, block, out.ctypes.data)
     return out

@@ -22,11 +22,12 @@ expf loop and running sum cost ~2.4 ms a token) is made in numpy when it is prov
         certain ──► that index (dist's own RNG advanced by one draw on a 1-entry array, to stay in step)
         a draw too close to a boundary to tell ──► llama.cpp's dist on the survivors (Draws advanced)
 Draws replays dist's random numbers (std::mt19937 seeded with the seed, one generate_canonical<double>
-of two 32-bit outputs per pick, libstdc++). dist_select takes dist's float32 differences, numpy's float32 exp
-and float64 sums, and picks the first token whose running sum reaches sum * r, as dist does; dist's expf and
-numpy's exp each lie within a few ulp of the exact exp (EXPF_ULPS, NUMPY_EXP_ULPS), the sums on both sides
-within n*2^-53 of the total, and a pick is taken only when the draw is farther than twice that from both
-edges of the chosen token's interval (else the native dist decides). `apply` always runs the native dist (its survivors carry dist's p). A pure
+of two 32-bit outputs per pick, libstdc++). dist_select takes dist's float32 differences, a float32 exp (the C
+kernel's, else numpy's) and float64 sums, and picks the first token whose running sum reaches sum * r, as dist
+does; dist's expf and that exp each lie within a few ulp of the exact exp (EXPF_ULPS, kernels.EXP_ULPS or
+NUMPY_EXP_ULPS), the sums on both sides within n*2^-53 of the total, and a pick is taken only when the draw is
+farther than twice that from both edges of the chosen token's interval (else the native dist decides).
+`apply` always runs the native dist (its survivors carry dist's p). A pure
 temperature chain (every other stage off) is not even copied into a llama_token_data array: its logits
 are the row divided by the temperature, as temp's loop divides them.
 
@@ -55,7 +56,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import threading
 from typing import Callable
 
 import numpy as np
@@ -64,7 +64,7 @@ from . import kernels
 from .errors import InvalidInput
 from .runtime import LOG_TAIL, NativeHandle, last_log_error, llama_cpp_module
 from .settings import SamplingSettings, split_samplers
-from .stats import sampled_logprob
+from .stats import sampled_logprob, work_array
 
 STAGES = ("penalties", "top_k", "typical_p", "top_p", "min_p", "temperature")
 
@@ -308,7 +308,7 @@ def dist_select(logits: np.ndarray, r: float, block_sums: np.ndarray | None = No
     elif lib is not None:  # the C kernel: exp and block sums in one pass
         sums, ulps = kernels.exp_block_sums(logits, float(mx), _BLOCK), kernels.EXP_ULPS
     else:
-        y = _work("dist", n)
+        y = work_array("dist", n)
         np.subtract(logits, mx, out=y)  # float32, as dist's `logit - max_l`
         np.exp(y, out=y)
         full = n - n % _BLOCK
@@ -337,19 +337,6 @@ def dist_select(logits: np.ndarray, r: float, block_sums: np.ndarray | None = No
     if hi - target <= margin or (i > 0 and target - lo <= margin):
         return None, lse
     return i, lse
-
-
-_scratch = threading.local()
-
-
-def _work(name: str, n: int) -> np.ndarray:
-    """A float32 work array of n entries, this thread's, reused under its name (a fresh 1 MB array per pick
-    costs more in page faults than the arithmetic)."""
-    buf = getattr(_scratch, name, None)
-    if buf is None or buf.shape[0] < n:
-        buf = np.empty(max(n, 1), np.float32)
-        setattr(_scratch, name, buf)
-    return buf[:n]
 
 
 def stage_names(settings: SamplingSettings, model=None) -> list[str]:
@@ -460,7 +447,7 @@ class Sampler(NativeHandle):
         lse = None  # set when this pick's draw was taken from Draws (dist then draws its own, in step)
         if self._temperature is not None and ids is None and row.shape[0] >= REPLICA_MIN:
             logits = row if self._temperature == 1.0 else np.divide(  # temp's `logit /= temp`
-                row, self._temperature, out=_work("temp", row.shape[0]))
+                row, self._temperature, out=work_array("temp", row.shape[0]))
             i, lse = self._select(logits, block_sums if self._temperature == 1.0 else None)
             if i is not None:
                 return i, float(logits[i]) - lse, row.shape[0]

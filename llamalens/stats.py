@@ -146,7 +146,7 @@ def block_stats(block: np.ndarray, n_top: int, n_floor: int = 0) -> list["RowSta
         if lib is not None:  # the C pass (kernels.py): exp, both sums, the candidates and dist's block sums
             sums, cands = np.empty((r, 2)), []
             block_sums = np.empty((r, -(-size // kernels.DIST_BLOCK)))
-            work = _cand_buffer(size)
+            work = work_array("cand", size, np.int32)
             for i in range(r):
                 if math.isfinite(float(m[i])):
                     nc = kernels.row_pass(x[i], float(m[i]), float(floor[i]), sums[i], work, block_sums[i])
@@ -201,12 +201,15 @@ def _numpy_passes(x: np.ndarray, m: np.ndarray, floor: np.ndarray, bufs) -> tupl
     return s, es, [np.flatnonzero(mask[i]) for i in range(r)]  # (np.nonzero of the 2-D mask is 8x slower)
 
 
-def _cand_buffer(n: int) -> np.ndarray:
-    """The C pass's candidate indices: int32, n entries, this thread's, reused."""
-    b = getattr(_scratch, "cand", None)
-    if b is None or b.shape[0] < n:
-        b = _scratch.cand = np.empty(n, np.int32)
-    return b
+def work_array(name: str, n: int, dtype=np.float32) -> np.ndarray:
+    """A work array of n entries, this thread's, reused under its name while it is large enough (a fresh 1 MB
+    array per row or pick costs more in page faults than the arithmetic): the C pass's candidate indices,
+    sampler.dist_select's terms, a temperature's row."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.shape[0] < n or buf.dtype != dtype:
+        buf = np.empty(max(n, 1), dtype)
+        setattr(_scratch, name, buf)
+    return buf[:n]
 
 
 @dataclass(frozen=True)
