@@ -296,7 +296,7 @@ def dist_select(logits: np.ndarray, r: float, block_sums: np.ndarray | None = No
     float64 sums here each differ from the exact sums of their terms by under n * 2^-53 of the total. A pick is
     returned only with a margin of twice all that on both sides. The log-sum-exp is max + log(sum y): within
     2e-8 nats of float64 (as RowStats' lse is). `block_sums`: these logits' sums per kernels.DIST_BLOCK from the
-    C row pass (RowStats._block_sums, the same exp), when the caller has them: then only one block is exp'd."""
+    C row pass (RowStats.dist_block_sums, the same exp), when the caller has them: then only one block is exp'd."""
     logits = np.ascontiguousarray(logits, dtype=np.float32)  # dist's values, and its max among them
     n = logits.shape[0]
     mx = logits.max()
@@ -442,7 +442,7 @@ class Sampler(NativeHandle):
         """The chain's pick for a raw row, as apply would make it: (token, its log-probability among the
         survivors after temperature (0.0 for greedy), how many survivors). Large survivor sets are picked by
         dist_select when it can tell (see the module docstring). `block_sums`: this very row's
-        RowStats._block_sums, which a temperature-1 chain's dist_select then takes instead of its own pass."""
+        RowStats.dist_block_sums, which a temperature-1 chain's dist_select then takes instead of its own pass."""
         row = np.asarray(row, dtype=np.float32)  # what the chain sees (Candidates hold float32 logits)
         lse = None  # set when this pick's draw was taken from Draws (dist then draws its own, in step)
         if self._temperature is not None and ids is None and row.shape[0] >= REPLICA_MIN:

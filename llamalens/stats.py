@@ -258,6 +258,12 @@ class RowStats:
         return RowStats(float(c) - self.lse, rank, self.entropy, self.lse, self.top_ids, self.top_logprobs,
                         self._floor, self._cand_logits, self._cand_ids, self._floor_n, self._block_sums)
 
+    @property
+    def dist_block_sums(self) -> np.ndarray | None:
+        """The row's float64 sums of exp(logit - max) per kernels.DIST_BLOCK logits, made by the C pass (None on
+        numpy's path): what sampler.dist_select takes at temperature 1 instead of a pass of its own over the row."""
+        return self._block_sums
+
     def top_k_ids(self, k: int) -> np.ndarray | None:
         """Ids of the row's k largest logits in id order, when those k+1 largest are all different (so the k-th
         is strictly above the rest and no two of the top k tie); None otherwise, or when the candidates do not

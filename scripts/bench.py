@@ -610,13 +610,16 @@ def tcase_generate(b: Build, model, t):
             "wall_s": r["wall_s"]}
 
 
-def tcase_batched_bench(b: Build, model, t, n_prompt=8, n_gen=32):
+def tcase_batched_bench(b: Build, model, t, n_prompt=8, n_gen=32, npl=(32, 64)):
+    """llama-batched-bench at npl sequences (64 only when the 64-sequence sweep W is measured: a shorter case
+    keeps it nearer in time to the sweeps it is paired with)."""
     r = measure([b.tool("llama-batched-bench"), "-m", model, "-t", t, "-c", 4096, "-b", 2048, "-ub", 512,
-                 "-npp", n_prompt, "-ntg", n_gen, "-npl", "32,64", "-pps", "--output-format", "jsonl"])
+                 "-npp", n_prompt, "-ntg", n_gen, "-npl", ",".join(map(str, npl)), "-pps", "--output-format", "jsonl"])
     rows = [json.loads(line) for line in r["stdout"].splitlines() if line.startswith("{")]
     by = {x["pl"]: x for x in rows}
-    return {"tok_s": by[32]["speed_tg"], "tg32": by[32]["speed_tg"], "tg64": by[64]["speed_tg"],
-            "all32": by[32]["speed"], "all64": by[64]["speed"], "rss_mb": r["rss_mb"], "wall_s": r["wall_s"]}
+    nan = {"speed_tg": float("nan"), "speed": float("nan")}
+    return {"tok_s": by[32]["speed_tg"], "tg32": by[32]["speed_tg"], "tg64": by.get(64, nan)["speed_tg"],
+            "all32": by[32]["speed"], "all64": by.get(64, nan)["speed"], "rss_mb": r["rss_mb"], "wall_s": r["wall_s"]}
 
 
 UNTRUNCATED = ("--top-k", 0, "--top-p", 1.0, "--min-p", 0)  # the chain keeps the whole vocabulary
@@ -740,7 +743,7 @@ def report_tools(builds, best, threads):
             rows.append((TOOL_NAMES[c], c, "tok_s"))
             if c == "B":
                 rows.append(("B  llama-bench tg64", c, "tg64"))
-            if c == "Q":
+            if c == "Q" and "W" in best[labels[0]]:
                 rows.append(("Q  llama-batched-bench 64 seqs (S_TG)", c, "tg64"))
             if c in "wWu":
                 rows.append((TOOL_NAMES[c][:3] + "  the same, decode phase (as S_TG)", c, "gen_tok_s"))
@@ -778,6 +781,41 @@ def report_tools(builds, best, threads):
         for name, c, key in rows:
             if c in best[a] and c in best[z]:
                 print(f"  {name:<42} {best[z][c][key] / best[a][c][key]:.2f}x")
+
+
+PAIRED = (("w", "gen_tok_s", "Q", "tg32", "sweep 32, decode phase / bb 32", 0.9),
+          ("u", "gen_tok_s", "Q", "tg32", "untruncated 32, decode phase / bb 32", 0.8),
+          ("W", "gen_tok_s", "Q", "tg64", "sweep 64, decode phase / bb 64", 0.9),
+          ("w", "tok_s", "Q", "tg32", "sweep 32, whole run / bb 32", None),
+          ("u", "tok_s", "Q", "tg32", "untruncated 32, whole run / bb 32", None),
+          ("g", "tok_s", "B", "tg64", "generate / tg64", 0.9))
+
+
+def paired_ratios(builds, tall, label, case, key, ref, ref_key) -> list[float]:
+    """A build's case over its reference round by round: each round's figure over the reference measured in the same
+    round (the mean over the builds that share its tools), so that both saw the same state of a drifting host."""
+    b = next(x for x in builds if x.label == label)
+    peers = [tall[p.label].get(ref, []) for p in builds if p.tools == b.tools]
+    out = []
+    for i, res in enumerate(tall[label].get(case, [])):
+        refs = [p[i][ref_key] for p in peers if i < len(p)]
+        if refs:
+            out.append(res[key] / (sum(refs) / len(refs)))
+    return out
+
+
+def report_paired(builds, tall):
+    """The goals' ratios paired by round: the median over rounds and the range. On a host whose speed drifts by
+    +-25% from one minute to the next, a best-of-N ratio compares two lucky moments; pairing compares neighbours."""
+    import statistics
+
+    print("\nratios paired by round (median over rounds [min-max]; each against the same round's reference)")
+    for b in builds:
+        for case, key, ref, ref_key, name, goal in PAIRED:
+            rs = sorted(paired_ratios(builds, tall, b.label, case, key, ref, ref_key))
+            if rs:
+                print(f"  [{b.label}] {name:<40} {statistics.median(rs):.2f} [{rs[0]:.2f}-{rs[-1]:.2f}]"
+                      + (f"   (goal >= {goal})" if goal else ""))
 
 
 REFERENCE_CASES = "BQTK"  # llama.cpp's own tools: the same binaries for every build with the same tools folder
@@ -854,12 +892,15 @@ def main():
                                                       f"{root / '.tools' / 'bin'}"])]
     in_process = [c for c in args.cases if c in CASES]
     tools = [c for c in args.cases if c in TOOL_CASES]
+    if "W" not in tools:
+        TOOL_CASES["Q"] = lambda b, m, t: tcase_batched_bench(b, m, t, npl=(32,))
     print(f"model {path.name}, {args.tokens} tokens, {args.threads} threads, {args.rounds} rounds", file=sys.stderr)
     if tools:
         for b in builds:
             print(f"build {b.label}: {b.cli} + {b.tools}: {b.system_info(args.threads)}")
     best: dict[str, dict] = {}
     tbest: dict[str, dict] = {b.label: {} for b in builds}
+    tall: dict[str, dict] = {b.label: {} for b in builds}  # every round's result, in round order
     for r in range(args.rounds):
         for case in in_process:
             res = run_case(case, path, args.tokens, args.threads)
@@ -870,11 +911,13 @@ def main():
             for b in builds:  # interleaved: each case on every build before the next case
                 res = TOOL_CASES[case](b, path, args.threads)
                 print(f"  round {r + 1} case {case} [{b.label}]: {res}", file=sys.stderr)
+                tall[b.label].setdefault(case, []).append(res)
                 keep = tbest[b.label]
                 if case not in keep or res["tok_s"] > keep[case]["tok_s"]:
                     keep[case] = res
     if tools:
         report_tools(builds, tbest, args.threads)
+        report_paired(builds, tall)
     if not in_process:
         return
     print("\ncase                                             tokens/s   peak RSS")
