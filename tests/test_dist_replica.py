@@ -138,7 +138,7 @@ def test_dist_select_takes_float32_values(row_kernel):
 
 
 def test_dist_select_with_the_row_pass_block_sums():
-    """At temperature 1 the engine hands dist_select the block sums block_stats' C pass made (RowStats._block_sums):
+    """At temperature 1 the engine hands dist_select the block sums block_stats' C pass made (RowStats.dist_block_sums):
     the same sums as dist_select's own pass but for the order of float64 additions (measured 2e-16 apart relative;
     tolerance 1e-12), and the same picks, with llama.cpp's dist the judge of every sure one."""
     from conftest import require
@@ -148,7 +148,7 @@ def test_dist_select_with_the_row_pass_block_sums():
     require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
     rng = np.random.default_rng(11)
     for row in (rng.standard_normal(262144).astype(np.float32) * 3, (rng.standard_normal(32000) * 2).astype(np.float32)):
-        bs = block_stats(row[None, :], 5)[0]._block_sums
+        bs = block_stats(row[None, :], 5)[0].dist_block_sums
         own = kernels.exp_block_sums(row, float(row.max()), kernels.DIST_BLOCK)
         assert np.allclose(bs, own, rtol=1e-12, atol=0)
         settings = SamplingSettings(seed=3, temperature=1.0, **UNTRUNCATED)
