@@ -15,6 +15,12 @@
    Terms with d_i below -87.33 (exp would be subnormal, or d_i is -inf) count as 0: at most 2^-126 each against a
    sum of at least 1 (the maximum's own term).
 
+   ll_block_stats(x, rows, n, stride, k, ...): a decode step's [rows, n] block, row by row so that each row is read
+       from memory once (its max pass brings it into cache for the rest): the max, the floor (the k-th largest of
+       every stride-th logit: quickselect), the row pass, and the row's k largest candidates sorted by (logit
+       descending, id ascending), found by insertion into a k-entry list (most candidates fail the first compare).
+       One call per step instead of a max, a partition and a row pass per row from Python.
+
    ll_exp_f32(d, n, out): ll_exp of each d_i (dist_select's terms of one block; the tests).
 
    ll_exp, for d <= 0 (all these callers give it; it does not clamp d > 88): exp(d) = 2^k * exp(r),
@@ -183,6 +189,102 @@ int64_t ll_row_pass(const float *x, int64_t n, float m, float floor, double *sum
     return nc;
 }
 
+/* The value at ascending position `at` of a[0..n) (Hoare's quickselect; reorders a; no NaN in a). */
+static float select_at(float *a, int64_t n, int64_t at) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        float pivot = a[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < pivot) i++;
+            while (a[j] > pivot) j--;
+            if (i <= j) {
+                float t = a[i];
+                a[i] = a[j];
+                a[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (at <= j) hi = j;
+        else if (at >= i) lo = i;
+        else return a[at];
+    }
+    return a[at];
+}
+
+/* The row's maximum, or NaN when it holds a NaN (as numpy's max). */
+LL_TARGET static float row_max(const float *x, int64_t n) {
+    __m256 mx = _mm256_set1_ps(-INFINITY), bad = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        mx = _mm256_max_ps(mx, v);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float b[8], r = -INFINITY;
+    int nan = _mm256_movemask_ps(bad) != 0;
+    _mm256_storeu_ps(b, mx);
+    for (int j = 0; j < 8; j++) r = b[j] > r ? b[j] : r;
+    for (; i < n; i++) {
+        nan |= x[i] != x[i];
+        r = x[i] > r ? x[i] : r;
+    }
+    return nan ? NAN : r;
+}
+
+/* The k largest of the candidates (indices into x, in increasing order) by (logit descending, id ascending):
+   ids into tid, logits into tv; returns how many (k, or fewer candidates). */
+static int64_t top_of(const float *x, const int32_t *cand, int64_t nc, int64_t k, int32_t *tid, float *tv) {
+    int64_t cnt = 0;
+    for (int64_t c = 0; c < nc; c++) {
+        float v = x[cand[c]];
+        if (cnt == k && !(v > tv[k - 1])) continue;  /* an equal logit with a larger id ranks after */
+        int64_t p = cnt < k ? cnt : k - 1;
+        while (p > 0 && tv[p - 1] < v) {
+            tv[p] = tv[p - 1];
+            tid[p] = tid[p - 1];
+            p--;
+        }
+        tv[p] = v;
+        tid[p] = cand[c];
+        if (cnt < k) cnt++;
+    }
+    return cnt;
+}
+
+/* A decode step's rows at once (stats.block_stats), each row read from memory once and then from cache:
+   m[r] = max (NaN with a NaN), floor[r] = the k-th largest of x[r, ::stride] (scratch: room for n / stride + 1),
+   the row pass (sums, the block sums, the candidates x >= floor appended to cand, cand_off[r + 1] their end), and
+   the k largest candidates sorted (tid, tv: rows x k). A row whose maximum is not finite gets no candidates and
+   floor NaN (the caller takes it the plain way). Returns the candidates' total. */
+int64_t ll_block_stats(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t k, int64_t block,
+                       float *scratch, float *m, float *floor, double *sums, double *bsums, int32_t *cand,
+                       int64_t *cand_off, int32_t *tid, float *tv) {
+    int64_t total = 0, nb = block > 0 ? (n + block - 1) / block : 0;
+    cand_off[0] = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * n;
+        float mr = row_max(row, n);
+        m[r] = mr;
+        if (!isfinite(mr)) {
+            floor[r] = NAN;
+            sums[2 * r] = sums[2 * r + 1] = NAN;
+            cand_off[r + 1] = total;
+            continue;
+        }
+        int64_t ns = 0;
+        for (int64_t i = 0; i < n; i += stride) scratch[ns++] = row[i];
+        float fl = select_at(scratch, ns, ns - k);
+        floor[r] = fl;
+        int64_t nc = ll_row_pass(row, n, mr, fl, sums + 2 * r, cand + total, block, bsums ? bsums + r * nb : NULL);
+        top_of(row, cand + total, nc, k, tid + r * k, tv + r * k);
+        total += nc;
+        cand_off[r + 1] = total;
+    }
+    return total;
+}
+
 void ll_exp_f32(const float *d, int64_t n, float *out) {  /* the same exp: tests, and sampler.dist_select */
     exp_avx2(d, n, out);
 }
@@ -194,4 +296,11 @@ int64_t ll_row_pass(const float *x, int64_t n, float m, float floor, double *sum
     return -1;
 }
 void ll_exp_f32(const float *d, int64_t n, float *out) { (void)d; (void)n; (void)out; }
+int64_t ll_block_stats(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t k, int64_t block,
+                       float *scratch, float *m, float *floor, double *sums, double *bsums, int32_t *cand,
+                       int64_t *cand_off, int32_t *tid, float *tv) {
+    (void)x; (void)rows; (void)n; (void)stride; (void)k; (void)block; (void)scratch; (void)m; (void)floor;
+    (void)sums; (void)bsums; (void)cand; (void)cand_off; (void)tid; (void)tv;
+    return -1;
+}
 #endif

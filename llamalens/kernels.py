@@ -1,5 +1,5 @@
-"""The optional C kernels of llamalens/_kernels.c, through ctypes: one pass over a logits row for block_stats, and
-dist_select's exp and block sums.
+"""The optional C kernels of llamalens/_kernels.c, through ctypes: a decode step's rows for block_stats (max, floor,
+one pass for the sums and candidates, the top k), and dist_select's exp and block sums.
 
     LIB: the loaded library, or None: not built (setup.py builds it when a C compiler is there; the build is
          optional), a CPU without AVX2 and FMA, or LLAMALENS_NO_KERNELS=1 (then stats.py's numpy passes run, to
@@ -12,6 +12,7 @@ import ctypes
 import importlib.machinery
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,9 @@ def _load() -> ctypes.CDLL | None:
             lib.ll_available.restype = ctypes.c_int
             lib.ll_row_pass.argtypes = [_P, ctypes.c_int64, ctypes.c_float, ctypes.c_float, _P, _P, ctypes.c_int64, _P]
             lib.ll_row_pass.restype = ctypes.c_int64
+            i64 = ctypes.c_int64
+            lib.ll_block_stats.argtypes = [_P, i64, i64, i64, i64, i64] + [_P] * 9
+            lib.ll_block_stats.restype = i64
             lib.ll_exp_f32.argtypes = [_P, ctypes.c_int64, _P]
             lib.ll_exp_f32.restype = None
             return lib if lib.ll_available() else None
@@ -67,6 +71,46 @@ def row_pass(row: np.ndarray, m: float, floor: float, sums: np.ndarray, cand: np
         bs = block_sums.ctypes.data
     return int(LIB.ll_row_pass(row.ctypes.data, row.shape[0], m, floor, sums.ctypes.data, cand.ctypes.data,
                                DIST_BLOCK if bs else 0, bs))
+
+
+@dataclass
+class BlockPass:
+    """What block_pass gives for each row r of a [rows, n] block: the max m[r] (NaN when the row holds one), the
+    floor (the k-th largest of every stride-th logit; NaN where m is not finite), sums[r] = (sum e, sum e * (x - m)),
+    the block sums (rows x ceil(n / DIST_BLOCK)), the candidates (x >= floor, increasing ids)
+    cand[off[r]:off[r + 1]], and the row's k largest candidates by (logit descending, id ascending): top_ids[r],
+    top_logits[r]. Rows whose m is not finite have nothing else filled in."""
+
+    m: np.ndarray
+    floor: np.ndarray
+    sums: np.ndarray
+    block_sums: np.ndarray
+    cand: np.ndarray
+    off: np.ndarray
+    top_ids: np.ndarray
+    top_logits: np.ndarray
+
+
+def block_pass(block: np.ndarray, stride: int, k: int) -> BlockPass:
+    """ll_block_stats on a C-contiguous float32 [rows, n] block (1 <= k <= ceil(n / stride)); every result is a
+    fresh array (the candidates copied out of this thread's work array), so it outlives the next call."""
+    if block.dtype != np.float32 or block.ndim != 2 or not block.flags.c_contiguous or block.shape[1] >= 2 ** 31:
+        raise ValueError(f"block_pass needs a C-contiguous float32 [rows, n] block, got {block.dtype} {block.shape}")
+    rows, n = block.shape
+    ns = -(-n // stride)
+    if not 1 <= k <= ns:
+        raise ValueError(f"block_pass: k {k} must be in 1..{ns} (the subsample's size)")
+    from .stats import work_array  # stats imports this module
+
+    f32, f64, i32 = np.float32, np.float64, np.int32
+    m, floor, sums = np.empty(rows, f32), np.empty(rows, f32), np.empty((rows, 2), f64)
+    bsums, off = np.empty((rows, -(-n // DIST_BLOCK)), f64), np.empty(rows + 1, np.int64)
+    tid, tv = np.empty((rows, k), i32), np.empty((rows, k), f32)
+    cand = work_array("block_cand", rows * n, i32)
+    total = LIB.ll_block_stats(block.ctypes.data, rows, n, stride, k, DIST_BLOCK, work_array("subsample", ns).ctypes.data,
+                               m.ctypes.data, floor.ctypes.data, sums.ctypes.data, bsums.ctypes.data, cand.ctypes.data,
+                               off.ctypes.data, tid.ctypes.data, tv.ctypes.data)
+    return BlockPass(m, floor, sums, bsums, cand[:total].copy(), off, tid, tv)
 
 
 def exp_f32(d: np.ndarray) -> np.ndarray:

@@ -89,6 +89,22 @@ def test_block_stats_against_float64(n_rows, n_vocab, row_kernel):
                 got.rank, got.logprob, got.entropy, list(got.top_ids))
 
 
+def test_rank_from_top_list_candidates_and_row(row_kernel):
+    """for_token ranks a chosen token three ways: from the sorted top list (at or above its last logit), from the
+    candidates (at or above the floor), or over the whole row; each against a count over the row, with ties."""
+    rng = np.random.default_rng(11)
+    row = np.round(rng.standard_normal(40000) * 6, 1).astype(np.float32)  # coarse: ties everywhere
+    st = block_stats(row, 5, 41)[0]
+    top_last, floor = float(st._top_logits[-1]), st._floor
+    assert floor < top_last and st._cand_ids.shape[0] > 41
+    below_top = [int(i) for i in st._cand_ids if row[i] < top_last][:20]
+    below_floor = [int(i) for i in np.flatnonzero(row < floor)[:20]]
+    in_top = [int(i) for i in st._top_ids] + [int(i) for i in np.flatnonzero(row == top_last)]
+    assert below_top and below_floor
+    for chosen in in_top + below_top + below_floor:
+        assert st.for_token(row, chosen).rank == 1 + int(np.sum(row > row[chosen])), chosen
+
+
 def test_top_ids_breaks_ties_by_id():
     row = np.array([1.0, 3.0, 3.0, 0.0, 3.0], dtype=np.float32)
     assert list(top_ids(row, 3)) == [1, 2, 4]
@@ -180,6 +196,8 @@ def test_c_pass_and_numpy_agree():
         kernels.LIB = lib
     for a, b in zip(c_pass, plain):
         assert np.array_equal(a._cand_ids, b._cand_ids) and np.array_equal(a.top_ids, b.top_ids)
+        assert np.array_equal(a._top_ids, b._top_ids) and np.array_equal(a._top_logits, b._top_logits)
+        assert a._floor == b._floor
         assert abs(a.lse - b.lse) < 6e-7 and abs(a.entropy - b.entropy) < 6e-7
         assert np.array_equal(a.top_k_ids(40), b.top_k_ids(40))
 
