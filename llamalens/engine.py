@@ -7,7 +7,8 @@
                                                │  otherwise                       -> prefill it once
          every step: one llama_decode with one token per live sequence; its output rows, one contiguous
          [n_outputs, n_vocab] block (Context.logits_block), get their statistics at once:
-             block ──► block_stats: per row lse, entropy, top-N, rank candidates [stats.py, numpy]
+             block ──► block_stats: per row lse, entropy, the sorted top list, rank candidates [stats.py: one C
+                       call for the whole block, kernels.block_pass; numpy's passes without the kernel]
          then per sequence:
              raw row ──► candidate array ──► its own native sampler chain [sampler.Sampler.choose]
                          -> chosen token, survivors (candidates), sampled_logprob
@@ -44,7 +45,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .errors import InvalidSettings
-from .records import Alternative, Sample, Timing, TokenRecord
+from .records import Sample, Timing, TokenRecord, alternatives
 from .decoding import banned_tokens
 from .runtime import Context, Model, round_ctx
 from .grammar import constrained_apply
@@ -340,8 +341,7 @@ class Engine:
         live.records.append(TokenRecord(
             position=len(live.records), id=token, text=text, bytes=hex_bytes,
             logprob=st.logprob, sampled_logprob=sampled_lp, rank=st.rank, entropy=st.entropy, candidates=n_cand,
-            top=[self._alt(int(i), float(lp)) for i, lp in zip(st.top_ids[: req.n_logprobs],
-                                                                st.top_logprobs[: req.n_logprobs])], eog=eog,
+            top=alternatives(model.token_text, st.top_ids[: req.n_logprobs], st.top_logprobs[: req.n_logprobs]), eog=eog,
             blocked=blocked,
         ))
         if eog:
@@ -360,9 +360,6 @@ class Engine:
             live.finish = "length"
         else:
             live.pending = token
-
-    def _alt(self, token: int, logprob: float) -> Alternative:
-        return Alternative(token, *self.model.token_text(token), logprob)
 
     def _sample(self, live: _Live) -> Sample:
         t_end = time.perf_counter()

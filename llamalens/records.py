@@ -37,6 +37,13 @@ class Alternative:
         return math.exp(self.logprob)
 
 
+def alternatives(text_of, ids, logprobs) -> list[Alternative]:
+    """Alternatives from parallel arrays of token ids and logprobs; text_of(id) -> (text, hex), Model.token_text."""
+    ids = ids.tolist() if hasattr(ids, "tolist") else ids
+    logprobs = logprobs.tolist() if hasattr(logprobs, "tolist") else logprobs
+    return [Alternative(int(i), *text_of(int(i)), float(lp)) for i, lp in zip(ids, logprobs)]
+
+
 class _WithProbs:
     """`prob` and a `to_dict` that adds probabilities next to logprobs (for tokens with `top` alternatives)."""
 

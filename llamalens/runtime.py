@@ -190,6 +190,7 @@ class Model(NativeHandle):
         self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
         self.add_eos = bool(lib.llama_vocab_get_add_eos(self.vocab))
         self._pieces: dict[tuple[int, bool], bytes] = {}
+        self._texts: dict[int, tuple[str, str]] = {}  # token_text's, per token: every record's alternatives ask
         self._eog: list[int] | None = None
         self._lib = lib
 
@@ -232,7 +233,10 @@ class Model(NativeHandle):
 
     def token_text(self, token: int) -> tuple[str, str]:
         """(display text, hex bytes) of one token, control tokens rendered (see runtime.token_text)."""
-        return token_text(self.piece(token))
+        t = self._texts.get(token)
+        if t is None:
+            t = self._texts[token] = token_text(self.piece(token))
+        return t
 
     def piece(self, token: int, special: bool = True) -> bytes:
         """The exact bytes of one token (special=True renders control tokens such as <eos>)."""

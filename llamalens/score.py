@@ -39,7 +39,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import InvalidInput
-from .records import Alternative, Rich, ScoredToken, token_frame
+from .records import Alternative, Rich, ScoredToken, alternatives, token_frame
 from .runtime import Model, round_ctx
 from .stats import RowStats
 
@@ -152,7 +152,7 @@ def text_stream(model: Model, text: str | bytes) -> tuple[list[int], int]:
 
 
 def _alts(model: Model, ids, lps) -> list[Alternative]:
-    return [Alternative(int(i), *model.token_text(int(i)), float(lp)) for i, lp in zip(ids, lps)]
+    return alternatives(model.token_text, ids, lps)
 
 
 def _scored(model: Model, position: int, token: int, st: RowStats, n_logprobs: int) -> ScoredToken:
