@@ -49,7 +49,8 @@ from wait4), on the same model, threads, text and windows. These call llamalens 
   B  llama-bench pp512 / tg64                    g  llamalens generate -n 64 (decode tok/s, from --json)
   Q  llama-batched-bench, 32 and 64 sequences     w  llamalens sweep, 32 sequences (-t 1 --seeds 32): seeds
      sharing a prompt, 32 tokens each                that diverge, the default chain (top_k 40, top_p 0.95, ...)
-                                                  u  the same untruncated (--top-k 0 --top-p 1 --min-p 0)
+  q  the same at 32, -kvu: one KV cache for all   u  the same untruncated (--top-k 0 --top-p 1 --min-p 0)
+     (llamalens' layout; Q gives each its own)
                                                   W  llamalens sweep, 64 sequences (--parallel 64)
      (w, u, W: the whole run, and the decode phase counted as S_TG counts it)
   T  llama-perplexity -c 512 on a text file       U  llamalens score --protocol llama-perplexity, same file
@@ -610,11 +611,13 @@ def tcase_generate(b: Build, model, t):
             "wall_s": r["wall_s"]}
 
 
-def tcase_batched_bench(b: Build, model, t, n_prompt=8, n_gen=32, npl=(32, 64)):
+def tcase_batched_bench(b: Build, model, t, n_prompt=8, n_gen=32, npl=(32, 64), unified=False):
     """llama-batched-bench at npl sequences (64 only when the 64-sequence sweep W is measured: a shorter case
-    keeps it nearer in time to the sweeps it is paired with)."""
+    keeps it nearer in time to the sweeps it is paired with). By default each sequence has its own KV stream;
+    `unified` (-kvu, case q) puts them all in one cache, the layout the llamalens engine decodes in."""
     r = measure([b.tool("llama-batched-bench"), "-m", model, "-t", t, "-c", 4096, "-b", 2048, "-ub", 512,
-                 "-npp", n_prompt, "-ntg", n_gen, "-npl", ",".join(map(str, npl)), "-pps", "--output-format", "jsonl"])
+                 "-npp", n_prompt, "-ntg", n_gen, "-npl", ",".join(map(str, npl)), "-pps", "--output-format", "jsonl",
+                 *(["-kvu"] if unified else [])])
     rows = [json.loads(line) for line in r["stdout"].splitlines() if line.startswith("{")]
     by = {x["pl"]: x for x in rows}
     nan = {"speed_tg": float("nan"), "speed": float("nan")}
@@ -717,6 +720,7 @@ TOOL_CASES = {
     "B": tcase_llama_bench,
     "g": tcase_generate,
     "Q": tcase_batched_bench,
+    "q": lambda b, m, t: tcase_batched_bench(b, m, t, npl=(32,), unified=True),
     "w": lambda b, m, t: tcase_sweep(b, m, t, 32),
     "W": lambda b, m, t: tcase_sweep(b, m, t, 64),
     "u": lambda b, m, t: tcase_sweep(b, m, t, 32, chain=UNTRUNCATED),
@@ -726,7 +730,8 @@ TOOL_CASES = {
     "V": tcase_compare,
 }
 TOOL_NAMES = {"B": "B  llama-bench pp512", "g": "g  llamalens generate -n 64 (decode)",
-              "Q": "Q  llama-batched-bench 32 seqs (S_TG)", "w": "w  llamalens sweep, 32 sequences",
+              "Q": "Q  llama-batched-bench 32 seqs (S_TG)",
+              "q": "q  the same, one unified KV cache (-kvu)", "w": "w  llamalens sweep, 32 sequences",
               "W": "W  llamalens sweep, 64 sequences", "u": "u  llamalens sweep, 32 seqs, untruncated",
               "T": "T  llama-perplexity -c 512 (wall)",
               "U": "U  llamalens score, same windows (wall)", "K": "K  llama-perplexity KLD, 2 steps (wall)",
@@ -787,6 +792,9 @@ PAIRED = (("w", "gen_tok_s", "Q", "tg32", "sweep 32, decode phase / bb 32", 0.9)
           ("u", "gen_tok_s", "Q", "tg32", "untruncated 32, decode phase / bb 32", 0.8),
           ("W", "gen_tok_s", "Q", "tg64", "sweep 64, decode phase / bb 64", 0.9),
           ("w", "tok_s", "Q", "tg32", "sweep 32, whole run / bb 32", None),
+          ("w", "gen_tok_s", "q", "tg32", "sweep 32, decode phase / bb -kvu 32", None),
+          ("u", "gen_tok_s", "q", "tg32", "untruncated 32, decode phase / bb -kvu 32", None),
+          ("q", "tg32", "Q", "tg32", "bb -kvu 32 / bb 32 (the KV layout alone)", None),
           ("u", "tok_s", "Q", "tg32", "untruncated 32, whole run / bb 32", None),
           ("g", "tok_s", "B", "tg64", "generate / tg64", 0.9))
 
@@ -818,7 +826,7 @@ def report_paired(builds, tall):
                       + (f"   (goal >= {goal})" if goal else ""))
 
 
-REFERENCE_CASES = "BQTK"  # llama.cpp's own tools: the same binaries for every build with the same tools folder
+REFERENCE_CASES = "BQqTK"  # llama.cpp's own tools: the same binaries for every build with the same tools folder
 _LOWER_IS_BETTER = ("wall_s", "rss_mb")
 
 
