@@ -151,13 +151,9 @@ def text_stream(model: Model, text: str | bytes) -> tuple[list[int], int]:
     return toks, 0
 
 
-def _alts(model: Model, ids, lps) -> list[Alternative]:
-    return alternatives(model.token_text, ids, lps)
-
-
 def _scored(model: Model, position: int, token: int, st: RowStats, n_logprobs: int) -> ScoredToken:
     return ScoredToken(position, token, *model.token_text(token), st.logprob, st.rank,
-                       st.entropy, _alts(model, st.top_ids[:n_logprobs], st.top_logprobs[:n_logprobs]))
+                       st.entropy, alternatives(model.token_text, st.top_ids[:n_logprobs], st.top_logprobs[:n_logprobs]))
 
 
 # -- score ------------------------------------------------------------------------------------------
@@ -608,7 +604,8 @@ def _compare_windows(a: Model, b: Model, stream: list[int], windows: list[Window
         sa, sb = RowStats.of(ra, tok, n_top), RowStats.of(rb, tok, n_top)
         out.append(PositionDiff(ia - offset, tok, *a.token_text(tok),
                                 kl_from_stats(ra, sa, rb, sb), math.exp(sa.logprob), math.exp(sb.logprob),
-                                _alts(a, sa.top_ids, sa.top_logprobs), _alts(b, sb.top_ids, sb.top_logprobs), sample))
+                                alternatives(a.token_text, sa.top_ids, sa.top_logprobs),
+                                alternatives(b.token_text, sb.top_ids, sb.top_logprobs), sample))
         nll[0].append(-sa.logprob)
         nll[1].append(-sb.logprob)
 

@@ -57,7 +57,6 @@ def entropy(logits: np.ndarray) -> float:
 _scratch = threading.local()
 CHUNK = 1 << 18  # elements per pass of block_stats: a 262k row alone, eight rows of a 32k vocabulary (1 MB float32)
 SUBSAMPLE = 64  # block_stats looks for the top-N threshold in every 64th logit first
-_NO_IDS = np.empty(0, dtype=np.int64)
 
 
 def _buffers(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,31 +135,21 @@ def block_stats(block: np.ndarray, n_top: int, n_floor: int = 0) -> list["RowSta
     k = max(1, min(max(n_top, n_floor), size))
     stride = max(1, min(SUBSAMPLE, size // (8 * k)))
     bp = kernels.block_pass(block, stride, k) if kernels.LIB is not None else _numpy_block_pass(block, stride, k)
-    lse = np.empty(n_rows)
-    out: list[RowStats | None] = []
-    for i in range(n_rows):
-        mi = float(bp.m[i])
-        if not math.isfinite(mi):  # a row of -inf (everything banned) or with +inf / nan: the plain way
-            out.append(None)
-            lse[i] = 0.0
-            continue
+    finite = np.isfinite(bp.m)  # a row of -inf (everything banned) or with +inf / nan is taken the plain way
+    lse, h = np.zeros(n_rows), np.zeros(n_rows)
+    for i in np.flatnonzero(finite).tolist():
         s, es = float(bp.sums[i, 0]), float(bp.sums[i, 1])
         log_s = math.log(s)
-        lse[i] = mi + log_s
-        out.append(max(log_s - es / s, 0.0))  # the entropy, for now
+        lse[i] = float(bp.m[i]) + log_s
+        h[i] = max(log_s - es / s, 0.0)
     n = min(n_top, k) if n_top > 0 else 0
     top_lp = bp.top_logits[:, :n].astype(np.float64) - lse[:, None]
     ids = bp.top_ids[:, :n].astype(np.int64)
     off, bsums = bp.off, bp.block_sums
-    for i in range(n_rows):
-        h = out[i]
-        if h is None:
-            out[i] = RowStats.of_plain(block[i], n_top)
-            continue
-        out[i] = RowStats(math.nan, 0, h, float(lse[i]), ids[i], top_lp[i], _floor=float(bp.floor[i]),
-                          _cand_ids=bp.cand[off[i]:off[i + 1]], _floor_n=k, _top_ids=bp.top_ids[i],
-                          _top_logits=bp.top_logits[i], _block_sums=None if bsums is None else bsums[i])
-    return out
+    return [RowStats(math.nan, 0, float(h[i]), float(lse[i]), ids[i], top_lp[i], _floor=float(bp.floor[i]),
+                     _cand_ids=bp.cand[off[i]:off[i + 1]], _floor_n=k, _top_ids=bp.top_ids[i],
+                     _top_logits=bp.top_logits[i], _block_sums=None if bsums is None else bsums[i])
+            if finite[i] else RowStats.of_plain(block[i], n_top) for i in range(n_rows)]
 
 
 def _numpy_block_pass(block: np.ndarray, stride: int, k: int) -> kernels.BlockPass:
@@ -220,8 +209,8 @@ def _numpy_passes(x: np.ndarray, m: np.ndarray, floor: np.ndarray, bufs) -> tupl
 
 def work_array(name: str, n: int, dtype=np.float32) -> np.ndarray:
     """A work array of n entries, this thread's, reused under its name while it is large enough (a fresh 1 MB
-    array per row or pick costs more in page faults than the arithmetic): the C pass's candidate indices,
-    sampler.dist_select's terms, a temperature's row."""
+    array per row or pick costs more in page faults than the arithmetic): kernels.block_pass's candidates and
+    subsample, sampler.dist_select's terms, a temperature's row."""
     buf = getattr(_scratch, name, None)
     if buf is None or buf.shape[0] < n or buf.dtype != dtype:
         buf = np.empty(max(n, 1), dtype)
