@@ -21,6 +21,8 @@
        descending, id ascending), found by insertion into a k-entry list (most candidates fail the first compare).
        One call per step instead of a max, a partition and a row pass per row from Python.
 
+   ll_fill_ids(row, ids, k, out): the llama_token_data of k ids sorted by id, the sampler prefilter's array.
+
    ll_exp_f32(d, n, out): ll_exp of each d_i (dist_select's terms of one block; the tests).
 
    ll_exp, for d <= 0 (all these callers give it; it does not clamp d > 88): exp(d) = 2^k * exp(r),
@@ -256,11 +258,15 @@ static int64_t top_of(const float *x, const int32_t *cand, int64_t nc, int64_t k
 /* A decode step's rows at once (stats.block_stats), each row read from memory once and then from cache:
    m[r] = max (NaN with a NaN), floor[r] = the k-th largest of x[r, ::stride] (scratch: room for n / stride + 1),
    the row pass (sums, the block sums, the candidates x >= floor appended to cand, cand_off[r + 1] their end), and
-   the k largest candidates sorted (tid, tv: rows x k). A row whose maximum is not finite gets no candidates and
-   floor NaN (the caller takes it the plain way). Returns the candidates' total. */
+   the k largest candidates sorted (tid, tv: rows x k), and from the sums the row's log-sum-exp lse[r] = m + log s,
+   its entropy ent[r] = max(log s - dot / s, 0) and the top list's logprobs top_lp[r] = tv - lse (float64: the same
+   operations, so the same values, as stats.py's numpy path). A row whose maximum is not finite gets no candidates,
+   floor and lse NaN (the caller takes it the plain way). strict[r]: how many of the top list's head strictly
+   decrease (RowStats.top_k_ids' test that the k + 1 largest are all different). Returns the candidates' total. */
 int64_t ll_block_stats(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t k, int64_t block,
                        float *scratch, float *m, float *floor, double *sums, double *bsums, int32_t *cand,
-                       int64_t *cand_off, int32_t *tid, float *tv) {
+                       int64_t *cand_off, int32_t *tid, float *tv, double *lse, double *ent, double *top_lp,
+                       int64_t *strict) {
     int64_t total = 0, nb = block > 0 ? (n + block - 1) / block : 0;
     cand_off[0] = 0;
     for (int64_t r = 0; r < rows; r++) {
@@ -270,6 +276,8 @@ int64_t ll_block_stats(const float *x, int64_t rows, int64_t n, int64_t stride, 
         if (!isfinite(mr)) {
             floor[r] = NAN;
             sums[2 * r] = sums[2 * r + 1] = NAN;
+            lse[r] = ent[r] = NAN;
+            strict[r] = 0;
             cand_off[r + 1] = total;
             continue;
         }
@@ -279,10 +287,36 @@ int64_t ll_block_stats(const float *x, int64_t rows, int64_t n, int64_t stride, 
         floor[r] = fl;
         int64_t nc = ll_row_pass(row, n, mr, fl, sums + 2 * r, cand + total, block, bsums ? bsums + r * nb : NULL);
         top_of(row, cand + total, nc, k, tid + r * k, tv + r * k);
+        double log_s = log(sums[2 * r]), h = log_s - sums[2 * r + 1] / sums[2 * r], l = (double)mr + log_s;
+        lse[r] = l;
+        ent[r] = h < 0.0 ? 0.0 : h;
+        for (int64_t j = 0; j < k; j++) top_lp[r * k + j] = (double)tv[r * k + j] - l;
+        int64_t run = 1;  /* the top list's strictly decreasing head: 1 + the entries below a larger one */
+        while (run < k && tv[r * k + run - 1] > tv[r * k + run]) run++;
+        strict[r] = run;
         total += nc;
         cand_off[r + 1] = total;
     }
     return total;
+}
+
+/* llama_token_data {id, logit, p = 0} of the given ids (any order) written to out in increasing id order: the
+   sampler prefilter's top k (sampler.Candidates.fill_ids), one call instead of a sort and three strided writes. */
+typedef struct { int32_t id; float logit; float p; } ll_token_data;
+void ll_fill_ids(const float *row, const int32_t *ids, int64_t k, ll_token_data *out) {
+    for (int64_t i = 0; i < k; i++) {  /* insertion by id: k is at most sampler.PREFILTER_MAX_K */
+        int32_t v = ids[i];
+        int64_t p = i;
+        while (p > 0 && out[p - 1].id > v) {
+            out[p] = out[p - 1];
+            p--;
+        }
+        out[p].id = v;
+    }
+    for (int64_t i = 0; i < k; i++) {
+        out[i].logit = row[out[i].id];
+        out[i].p = 0.0f;
+    }
 }
 
 void ll_exp_f32(const float *d, int64_t n, float *out) {  /* the same exp: tests, and sampler.dist_select */
@@ -296,11 +330,14 @@ int64_t ll_row_pass(const float *x, int64_t n, float m, float floor, double *sum
     return -1;
 }
 void ll_exp_f32(const float *d, int64_t n, float *out) { (void)d; (void)n; (void)out; }
+void ll_fill_ids(const float *row, const int32_t *ids, int64_t k, void *out) { (void)row; (void)ids; (void)k; (void)out; }
 int64_t ll_block_stats(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t k, int64_t block,
                        float *scratch, float *m, float *floor, double *sums, double *bsums, int32_t *cand,
-                       int64_t *cand_off, int32_t *tid, float *tv) {
+                       int64_t *cand_off, int32_t *tid, float *tv, double *lse, double *ent, double *top_lp,
+                       int64_t *strict) {
     (void)x; (void)rows; (void)n; (void)stride; (void)k; (void)block; (void)scratch; (void)m; (void)floor;
-    (void)sums; (void)bsums; (void)cand; (void)cand_off; (void)tid; (void)tv;
+    (void)sums; (void)bsums; (void)cand; (void)cand_off; (void)tid; (void)tv; (void)lse; (void)ent; (void)top_lp;
+    (void)strict;
     return -1;
 }
 #endif

@@ -304,7 +304,7 @@ class Engine:
         removed, top = None, None
         if live.grammar is None:
             k = live.sampler.prefilter_k if self.prefilter and not blocked else 0
-            top = row_stats.top_k_ids(k) if k else None  # None: a tie among the k+1 largest, the full row
+            top = row_stats.top_k_list(k) if k else None  # None: a tie among the k+1 largest, the full row
             token, sampled_lp, n_cand = live.sampler.choose(row, buffers, top, None if blocked else row_stats.dist_block_sums)
             return token, sampled_lp, n_cand, blocked, removed, top is not None
         # grammar.py: the chain's pick, resampled under the grammar when it does not fit

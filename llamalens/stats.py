@@ -55,6 +55,7 @@ def entropy(logits: np.ndarray) -> float:
 
 
 _scratch = threading.local()
+_F32 = np.dtype(np.float32)
 CHUNK = 1 << 18  # elements per pass of block_stats: a 262k row alone, eight rows of a 32k vocabulary (1 MB float32)
 SUBSAMPLE = 64  # block_stats looks for the top-N threshold in every 64th logit first
 
@@ -128,28 +129,26 @@ def block_stats(block: np.ndarray, n_top: int, n_floor: int = 0) -> list["RowSta
     row: a chosen token gets its rank from them without a pass over the row (for_token). A step of 32 rows of a 32k
     vocabulary took 2.9 ms with Python around a C pass per row, 1.6 ms in one call (medians; at 262k the pass's
     arithmetic dominates: 9.0 -> 8.8 ms; issue 21)."""
-    block = np.ascontiguousarray(block, dtype=np.float32)
+    if block.dtype is not _F32 or not block.flags.c_contiguous:  # (a cheap test: the engine's blocks pass it)
+        block = np.ascontiguousarray(block, dtype=np.float32)
     if block.ndim == 1:
         block = block[None, :]
     n_rows, size = block.shape
     k = max(1, min(max(n_top, n_floor), size))
     stride = max(1, min(SUBSAMPLE, size // (8 * k)))
     bp = kernels.block_pass(block, stride, k) if kernels.LIB is not None else _numpy_block_pass(block, stride, k)
-    finite = np.isfinite(bp.m)  # a row of -inf (everything banned) or with +inf / nan is taken the plain way
-    lse, h = np.zeros(n_rows), np.zeros(n_rows)
-    for i in np.flatnonzero(finite).tolist():
-        s, es = float(bp.sums[i, 0]), float(bp.sums[i, 1])
-        log_s = math.log(s)
-        lse[i] = float(bp.m[i]) + log_s
-        h[i] = max(log_s - es / s, 0.0)
     n = min(n_top, k) if n_top > 0 else 0
-    top_lp = bp.top_logits[:, :n].astype(np.float64) - lse[:, None]
-    ids = bp.top_ids[:, :n].astype(np.int64)
-    off, bsums = bp.off, bp.block_sums
-    return [RowStats(math.nan, 0, float(h[i]), float(lse[i]), ids[i], top_lp[i], _floor=float(bp.floor[i]),
-                     _cand_ids=bp.cand[off[i]:off[i + 1]], _floor_n=k, _top_ids=bp.top_ids[i],
-                     _top_logits=bp.top_logits[i], _block_sums=None if bsums is None else bsums[i])
-            if finite[i] else RowStats.of_plain(block[i], n_top) for i in range(n_rows)]
+    ids, top_lp = bp.top_ids[:, :n].astype(np.int64), bp.top_lp[:, :n]
+    off, bsums, tid, tv = bp.off.tolist(), bp.block_sums, bp.top_ids, bp.top_logits
+    out = []
+    # a row of -inf (everything banned) or with +inf / nan has lse nan: it is taken the plain way
+    for i, (h, lse, fl, run) in enumerate(zip(bp.entropy.tolist(), bp.lse.tolist(), bp.floor.tolist(),
+                                              bp.strict.tolist())):
+        out.append(RowStats(math.nan, 0, h, lse, ids[i], top_lp[i], _floor=fl, _cand_ids=bp.cand[off[i]:off[i + 1]],
+                            _floor_n=k, _top_ids=tid[i], _top_logits=tv[i],
+                            _block_sums=None if bsums is None else bsums[i], _strict=run) if lse == lse
+                   else RowStats.of_plain(block[i], n_top))
+    return out
 
 
 def _numpy_block_pass(block: np.ndarray, stride: int, k: int) -> kernels.BlockPass:
@@ -158,6 +157,8 @@ def _numpy_block_pass(block: np.ndarray, stride: int, k: int) -> kernels.BlockPa
     per = max(1, CHUNK // max(size, 1))
     m, floor, sums = np.empty(n_rows, np.float32), np.full(n_rows, np.nan, np.float32), np.full((n_rows, 2), np.nan)
     tid, tv = np.zeros((n_rows, k), np.int32), np.full((n_rows, k), -np.inf, np.float32)
+    lse, ent, top_lp = np.full(n_rows, np.nan), np.full(n_rows, np.nan), np.full((n_rows, k), np.nan)
+    strict = np.zeros(n_rows, np.int64)
     cands: list[np.ndarray] = []
     for r0 in range(0, n_rows, per):
         x = block[r0 : r0 + per]
@@ -180,11 +181,17 @@ def _numpy_block_pass(block: np.ndarray, stride: int, k: int) -> kernels.BlockPa
             else:
                 order = np.lexsort((c, -cl.astype(np.float64)))[:k]
             tid[r], tv[r] = c[order], cl[order]
+            log_s = math.log(float(s[j]))  # the C kernel's float64 operations, in its order
+            lse[r] = float(m[r]) + log_s
+            ent[r] = max(log_s - float(es[j]) / float(s[j]), 0.0)
+            top_lp[r] = tv[r].astype(np.float64) - lse[r]
+            down = np.flatnonzero(~(tv[r][:-1] > tv[r][1:]))  # where the head stops strictly decreasing
+            strict[r] = int(down[0]) + 1 if down.size else k
             cands.append(c)
     off = np.zeros(n_rows + 1, np.int64)
     np.cumsum([c.shape[0] for c in cands], out=off[1:])
     return kernels.BlockPass(m, floor, sums, None, np.concatenate(cands) if cands else np.empty(0, np.int32), off,
-                             tid, tv)
+                             tid, tv, lse, ent, top_lp, strict)
 
 
 def _numpy_passes(x: np.ndarray, m: np.ndarray, floor: np.ndarray, bufs) -> tuple[np.ndarray, np.ndarray, list]:
@@ -210,12 +217,8 @@ def _numpy_passes(x: np.ndarray, m: np.ndarray, floor: np.ndarray, bufs) -> tupl
 def work_array(name: str, n: int, dtype=np.float32) -> np.ndarray:
     """A work array of n entries, this thread's, reused under its name while it is large enough (a fresh 1 MB
     array per row or pick costs more in page faults than the arithmetic): kernels.block_pass's candidates and
-    subsample, sampler.dist_select's terms, a temperature's row."""
-    buf = getattr(_scratch, name, None)
-    if buf is None or buf.shape[0] < n or buf.dtype != dtype:
-        buf = np.empty(max(n, 1), dtype)
-        setattr(_scratch, name, buf)
-    return buf[:n]
+    subsample, sampler.dist_select's terms, a temperature's row (kernels.work_buffer, without the address)."""
+    return kernels.work_buffer(name, n, dtype)[0]
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,8 @@ class RowStats:
     _top_logits: np.ndarray | None = field(default=None, repr=False, compare=False)
     # the C pass's sums of exp(logit - max) per kernels.DIST_BLOCK logits: dist_select's at temperature 1
     _block_sums: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # how many of the top list's head strictly decrease (the k + 1 largest are all different when k < _strict)
+    _strict: int = field(default=0, repr=False, compare=False)
 
     @classmethod
     def of(cls, logits: np.ndarray, chosen: int | None, n_top: int) -> "RowStats":
@@ -267,7 +272,7 @@ class RowStats:
         else:
             rank = int(np.count_nonzero(np.greater(logits, c, out=_buffers(logits.shape[0])[2]))) + 1
         return RowStats(float(c) - self.lse, rank, self.entropy, self.lse, self.top_ids, self.top_logprobs,
-                        self._floor, self._cand_ids, self._floor_n, self._top_ids, tv, self._block_sums)
+                        self._floor, self._cand_ids, self._floor_n, self._top_ids, tv, self._block_sums, self._strict)
 
     @property
     def dist_block_sums(self) -> np.ndarray | None:
@@ -279,13 +284,15 @@ class RowStats:
         """Ids of the row's k largest logits in id order, when those k+1 largest are all different (so the k-th
         is strictly above the rest and no two of the top k tie); None otherwise, or when the candidates do not
         cover k+1 logits. The sampler prefilter (sampler.prefilter_k) is exact only then."""
-        v = self._top_logits
-        if v is None or not 0 < k < self._floor_n or v.shape[0] <= k:
+        top = self.top_k_list(k)
+        return None if top is None else np.sort(top).astype(np.int32)
+
+    def top_k_list(self, k: int) -> np.ndarray | None:
+        """top_k_ids' tokens as the top list holds them, by logit (an int32 view; Candidates.fill_ids sorts them):
+        a test of integers, no numpy call, in the cold cache just after a decode (issue 21)."""
+        if self._top_ids is None or not 0 < k < self._floor_n or k >= self._strict:
             return None
-        v = v[: k + 1]
-        if not np.all(v[:-1] > v[1:]):  # two equal among the k+1 largest (-inf ones included)
-            return None
-        return np.sort(self._top_ids[:k]).astype(np.int32)
+        return self._top_ids[:k]
 
 
 def kl_divergence(logits_p: np.ndarray, logits_q: np.ndarray) -> float:

@@ -59,7 +59,7 @@ def main() -> None:
     wrap(engine, "block_stats", "stats")
     wrap(sampler, "sampled_logprob", "stats per token")
     wrap(stats.RowStats, "for_token", "stats per token")
-    wrap(stats.RowStats, "top_k_ids", "chain prefilter (top_k_ids)")
+    wrap(stats.RowStats, "top_k_list", "chain prefilter (top_k_list)")
     wrap(engine.Engine, "_picks", "picks (chain + sampled logprob, all sequences of a step)")
     wrap(engine.Engine, "_record", "records (accept, for_token, TokenRecord)")
     wrap(store.Store, "save_sample", "store")

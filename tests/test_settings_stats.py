@@ -199,7 +199,30 @@ def test_c_pass_and_numpy_agree():
         assert np.array_equal(a._top_ids, b._top_ids) and np.array_equal(a._top_logits, b._top_logits)
         assert a._floor == b._floor
         assert abs(a.lse - b.lse) < 6e-7 and abs(a.entropy - b.entropy) < 6e-7
-        assert np.array_equal(a.top_k_ids(40), b.top_k_ids(40))
+        assert np.array_equal(a.top_k_ids(40), b.top_k_ids(40)) and a._strict == b._strict
+        assert np.array_equal(a.top_k_list(40), b.top_k_list(40))
+
+
+def test_fill_ids_sorts_and_fills_like_numpy():
+    """Candidates.fill_ids: the C fill (ll_fill_ids) and numpy's give the same llama_token_data, in id order, from ids
+    in any order (the prefilter hands it the top list by logit), over a buffer that held other entries before."""
+    require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
+    from llamalens.sampler import Candidates
+
+    rng = np.random.default_rng(11)
+    row = (rng.standard_normal(32000) * 4).astype(np.float32)
+    for ids in (rng.permutation(32000)[:41].astype(np.int32), np.array([7], np.int32), np.arange(1024)[::-1].copy()):
+        c_buf, np_buf = Candidates(32000), Candidates(32000)
+        c_buf.fill(row[::-1].copy())
+        got = c_buf.fill_ids(row, ids).copy()
+        lib, kernels.LIB = kernels.LIB, None
+        try:
+            plain = np_buf.fill_ids(row, ids).copy()
+        finally:
+            kernels.LIB = lib
+        assert got.tobytes() == plain.tobytes()
+        assert got["id"].tolist() == sorted(ids.tolist()) and got["logit"].tolist() == row[np.sort(ids)].tolist()
+        assert not got["p"].any()
 
 
 def test_kernel_paths_agree():
