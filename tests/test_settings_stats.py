@@ -262,3 +262,19 @@ def test_kernel_wrappers_refuse_what_the_c_side_cannot_read():
         with pytest.raises(ValueError, match="C-contiguous"):
             bad()
     assert kernels.row_pass(row, 0.0, 0.0, sums, np.empty(16, np.int32)) == 16 and sums.tolist() == [16.0, 0.0]
+
+
+def test_block_stats_of_read_only_strided_and_float64_blocks():
+    """The C pass takes a block's address through the buffer protocol, which refuses read-only arrays
+    (kernels.address then asks numpy); a Fortran-ordered or float64 block is copied to C float32 first. Every
+    one gives the numbers of the plain block."""
+    require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
+    block = (np.random.default_rng(12).standard_normal((3, 20000)) * 3).astype(np.float32)
+    read_only = block.copy()
+    read_only.setflags(write=False)
+    assert kernels.address(read_only) == read_only.ctypes.data and kernels.address(block) == block.ctypes.data
+    ref = block_stats(block, 5, 41)
+    for other in (read_only, np.asfortranarray(block), block.astype(np.float64)):
+        for a, b in zip(ref, block_stats(other, 5, 41)):
+            assert (a.lse, a.entropy, a._strict) == (b.lse, b.entropy, b._strict)
+            assert a.top_ids.tolist() == b.top_ids.tolist() and a.top_logprobs.tolist() == b.top_logprobs.tolist()
