@@ -159,7 +159,7 @@ def block_pass(block: np.ndarray, stride: int, k: int) -> BlockPass:
         raise ValueError(f"block_pass: k {k} must be in 1..{ns} (the subsample's size)")
     size, parts = _LAYOUTS.get((rows, n, k)) or _LAYOUTS.setdefault((rows, n, k), _layout(rows, n, k))
     buf = np.empty(size, np.uint8)
-    base = _addressof(_from_buffer(buf))
+    base = address(buf)
     m, floor, sums, bsums, off, tid, tv, lse, ent, top_lp, strict = (np.ndarray(shape, dt, buf, at)
                                                                      for at, dt, shape in parts)
     cand, cand_at = work_buffer("block_cand", rows * n, np.int32)

@@ -442,7 +442,7 @@ class Sampler(NativeHandle):
     def apply(self, row: np.ndarray, buffers: Candidates | None = None,
               ids: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         """Apply the chain to a raw logits row (with `ids`, to those tokens of it only: the prefilter's top
-        prefilter_k, from RowStats.top_k_ids, which gives the same result; needs `buffers`).
+        prefilter_k in any order, from RowStats.top_k_list, which gives the same result; needs `buffers`).
 
         Returns (survivors, selected): the candidates left after the chain (a structured array with
         fields id, logit (after temperature when the chain has one), p) and the chosen index (-1
