@@ -15,13 +15,22 @@
    Terms with d_i below -87.33 (exp would be subnormal, or d_i is -inf) count as 0: at most 2^-126 each against a
    sum of at least 1 (the maximum's own term).
 
-   ll_block_stats(x, rows, n, stride, k, ...): a decode step's [rows, n] block, row by row so that each row is read
+   ll_block_stats(x, args): a decode step's [rows, n] block (args: its shape and the outputs' addresses, one kept
+       array), row by row so that each row is read
        from memory once (its max pass brings it into cache for the rest): the max, the floor (the k-th largest of
        every stride-th logit: quickselect), the row pass, and the row's k largest candidates sorted by (logit
        descending, id ascending), found by insertion into a k-entry list (most candidates fail the first compare).
        One call per step instead of a max, a partition and a row pass per row from Python.
 
    ll_fill_ids(row, ids, k, out): the llama_token_data of k ids sorted by id, the sampler prefilter's array.
+
+   ll_pick_ids(row, ids, k, buf, apply, chain, dist, ...): a prefiltered pick in one call: ll_fill_ids, the chain
+       and its kept-apart dist through llama.cpp's llama_sampler_apply (its address from Python), the pick's
+       log-probability among the survivors (ll_survivor_lp) and its rank from the row's top list. A one-row step
+       made ten calls into numpy and ctypes for this, each 10-25 us in the cold cache after a decode (issue 21).
+
+   ll_survivor_lp(d, n, sel): log p of d[sel] under the softmax of n llama_token_data logits, float64 (libm's exp,
+       numpy's pairwise summation order): stats.sampled_logprob.
 
    ll_exp_f32(d, n, out): ll_exp of each d_i (dist_select's terms of one block; the tests).
 
@@ -263,10 +272,10 @@ static int64_t top_of(const float *x, const int32_t *cand, int64_t nc, int64_t k
    operations, so the same values, as stats.py's numpy path). A row whose maximum is not finite gets no candidates,
    floor and lse NaN (the caller takes it the plain way). strict[r]: how many of the top list's head strictly
    decrease (RowStats.top_k_ids' test that the k + 1 largest are all different). Returns the candidates' total. */
-int64_t ll_block_stats(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t k, int64_t block,
-                       float *scratch, float *m, float *floor, double *sums, double *bsums, int32_t *cand,
-                       int64_t *cand_off, int32_t *tid, float *tv, double *lse, double *ent, double *top_lp,
-                       int64_t *strict) {
+static int64_t block_stats(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t k, int64_t block,
+                           float *scratch, float *m, float *floor, double *sums, double *bsums, int32_t *cand,
+                           int64_t *cand_off, int32_t *tid, float *tv, double *lse, double *ent, double *top_lp,
+                           int64_t *strict, int64_t *tid64) {
     int64_t total = 0, nb = block > 0 ? (n + block - 1) / block : 0;
     cand_off[0] = 0;
     for (int64_t r = 0; r < rows; r++) {
@@ -290,7 +299,10 @@ int64_t ll_block_stats(const float *x, int64_t rows, int64_t n, int64_t stride, 
         double log_s = log(sums[2 * r]), h = log_s - sums[2 * r + 1] / sums[2 * r], l = (double)mr + log_s;
         lse[r] = l;
         ent[r] = h < 0.0 ? 0.0 : h;
-        for (int64_t j = 0; j < k; j++) top_lp[r * k + j] = (double)tv[r * k + j] - l;
+        for (int64_t j = 0; j < k; j++) {
+            top_lp[r * k + j] = (double)tv[r * k + j] - l;
+            tid64[r * k + j] = tid[r * k + j];
+        }
         int64_t run = 1;  /* the top list's strictly decreasing head: 1 + the entries below a larger one */
         while (run < k && tv[r * k + run - 1] > tv[r * k + run]) run++;
         strict[r] = run;
@@ -298,6 +310,19 @@ int64_t ll_block_stats(const float *x, int64_t rows, int64_t n, int64_t stride, 
         cand_off[r + 1] = total;
     }
     return total;
+}
+
+/* ll_block_stats with its arguments in one int64 array (kernels.block_pass keeps it from step to step, one
+   argument for ctypes to convert instead of nineteen): a[0..5] = rows, n, stride, k, block, and then the
+   addresses of scratch, m, floor, sums, bsums, cand, cand_off, tid, tv, lse, ent, top_lp, strict and tid64
+   (the top list's ids again as int64, RowStats.top_ids' type). */
+int64_t ll_block_stats(const float *x, const int64_t *a) {
+#define LL_ARG(T, i) ((T *)(intptr_t)a[i])
+    return block_stats(x, a[0], a[1], a[2], a[3], a[4], LL_ARG(float, 5), LL_ARG(float, 6), LL_ARG(float, 7),
+                       LL_ARG(double, 8), LL_ARG(double, 9), LL_ARG(int32_t, 10), LL_ARG(int64_t, 11),
+                       LL_ARG(int32_t, 12), LL_ARG(float, 13), LL_ARG(double, 14), LL_ARG(double, 15),
+                       LL_ARG(double, 16), LL_ARG(int64_t, 17), LL_ARG(int64_t, 18));
+#undef LL_ARG
 }
 
 /* llama_token_data {id, logit, p = 0} of the given ids (any order) written to out in increasing id order: the
@@ -319,6 +344,85 @@ void ll_fill_ids(const float *row, const int32_t *ids, int64_t k, ll_token_data 
     }
 }
 
+/* numpy's order of a float64 sum (its pairwise summation: up to 128 terms in 8 running sums, above that the two
+   halves, cut at a multiple of 8), so that a sum here is the value np.sum gives for the same terms */
+static double pairwise_sum(const double *a, int64_t n) {
+    if (n < 8) {
+        double s = 0.0;
+        for (int64_t i = 0; i < n; i++) s += a[i];
+        return s;
+    }
+    if (n <= 128) {
+        double r[8];
+        for (int j = 0; j < 8; j++) r[j] = a[j];
+        int64_t i = 8;
+        for (; i < n - n % 8; i += 8)
+            for (int j = 0; j < 8; j++) r[j] += a[i + j];
+        double s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++) s += a[i];
+        return s;
+    }
+    int64_t h = n / 2;
+    h -= h % 8;
+    return pairwise_sum(a, h) + pairwise_sum(a + h, n - h);
+}
+
+/* log p of survivor `sel` under the softmax of the survivors' logits d[0..n) (after temperature), n <= LL_EXACT:
+   float64 throughout, as stats.sampled_logprob's numpy path computes it (the max, exp(l - max) with libm's exp,
+   numpy's summation order, max + log(sum)); NaN when a logit is NaN or n is out of range. numpy's own float64
+   exp is libm's on an AVX2 machine and its AVX-512 loop on an AVX-512 one, which differs from libm's in the last
+   bit for some inputs: there the two paths may differ by a few 1e-16 nats. */
+#define LL_EXACT 4096
+double ll_survivor_lp(const ll_token_data *d, int64_t n, int64_t sel) {
+    if (n <= 0 || n > LL_EXACT || sel < 0 || sel >= n) return NAN;
+    double m = -INFINITY, e[LL_EXACT];
+    for (int64_t i = 0; i < n; i++) {
+        double v = (double)d[i].logit;
+        if (v != v) return NAN;
+        if (v > m) m = v;
+    }
+    for (int64_t i = 0; i < n; i++) e[i] = exp((double)d[i].logit - m);
+    return (double)d[sel].logit - (m + log(pairwise_sum(e, n)));
+}
+
+/* llama.cpp's llama_token_data_array and llama_sampler_apply, as the vendored llama.h declares them */
+typedef struct { ll_token_data *data; size_t size; int64_t selected; _Bool sorted; } ll_token_data_array;
+typedef void (*ll_apply_fn)(void *smpl, ll_token_data_array *cur);
+typedef struct { int64_t survivors; int64_t selected; double lp; double logit; int64_t rank; } ll_pick_result;
+
+/* A prefiltered pick in one call (sampler.Sampler.choose with the prefilter's ids): ll_fill_ids into buf, the chain
+   applied to those k entries, then the kept-apart dist (when not NULL), as Sampler._run and _native_dist do; the
+   survivors are what the chain leaves (its data and size before dist, as Sampler._survivors reads them), the pick
+   dist's (or the chain's own) selected index, negative counted from the end as numpy's index would. With `want_lp`
+   the pick's ll_survivor_lp. The chosen token's raw logit row[token], and its rank in the row from the row's top
+   list tv[0..ntv) (its ntv largest logits, descending: RowStats' _top_logits) when the token is at or above the
+   list's last entry, 1 + how many entries are larger (as RowStats.for_token ranks it), else 0 (not known here).
+   Returns the chosen token id; -1 when the survivors are out of range (nothing left, or more than LL_EXACT). */
+int64_t ll_pick_ids(const float *row, const int32_t *ids, int64_t k, ll_token_data *buf, ll_apply_fn apply,
+                    void *chain, void *dist, int want_lp, const float *tv, int64_t ntv, ll_pick_result *out) {
+    ll_fill_ids(row, ids, k, buf);
+    ll_token_data_array cur = {buf, (size_t)k, -1, 0};
+    apply(chain, &cur);
+    ll_token_data *data = cur.data;
+    int64_t size = (int64_t)cur.size;
+    if (dist) apply(dist, &cur);
+    int64_t sel = cur.selected < 0 ? cur.selected + size : cur.selected;
+    out->survivors = size;
+    out->selected = sel;
+    if (size <= 0 || size > LL_EXACT || sel < 0 || sel >= size) return -1;
+    out->lp = want_lp ? ll_survivor_lp(data, size, sel) : 0.0;
+    int32_t token = data[sel].id;
+    float c = row[token];
+    out->logit = (double)c;
+    out->rank = 0;
+    if (tv && ntv > 0 && c >= tv[ntv - 1]) {
+        int64_t above = 0;
+        while (above < ntv && tv[above] > c) above++;  /* tv descends: the larger ones come first */
+        out->rank = above + 1;
+    }
+    return token;
+}
+
 void ll_exp_f32(const float *d, int64_t n, float *out) {  /* the same exp: tests, and sampler.dist_select */
     exp_avx2(d, n, out);
 }
@@ -331,13 +435,12 @@ int64_t ll_row_pass(const float *x, int64_t n, float m, float floor, double *sum
 }
 void ll_exp_f32(const float *d, int64_t n, float *out) { (void)d; (void)n; (void)out; }
 void ll_fill_ids(const float *row, const int32_t *ids, int64_t k, void *out) { (void)row; (void)ids; (void)k; (void)out; }
-int64_t ll_block_stats(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t k, int64_t block,
-                       float *scratch, float *m, float *floor, double *sums, double *bsums, int32_t *cand,
-                       int64_t *cand_off, int32_t *tid, float *tv, double *lse, double *ent, double *top_lp,
-                       int64_t *strict) {
-    (void)x; (void)rows; (void)n; (void)stride; (void)k; (void)block; (void)scratch; (void)m; (void)floor;
-    (void)sums; (void)bsums; (void)cand; (void)cand_off; (void)tid; (void)tv; (void)lse; (void)ent; (void)top_lp;
-    (void)strict;
+double ll_survivor_lp(const void *d, int64_t n, int64_t sel) { (void)d; (void)n; (void)sel; return NAN; }
+int64_t ll_pick_ids(const float *row, const int32_t *ids, int64_t k, void *buf, void *apply, void *chain, void *dist,
+                    int want_lp, const float *tv, int64_t ntv, void *out) {
+    (void)row; (void)ids; (void)k; (void)buf; (void)apply; (void)chain; (void)dist; (void)want_lp; (void)tv;
+    (void)ntv; (void)out;
     return -1;
 }
+int64_t ll_block_stats(const float *x, const int64_t *a) { (void)x; (void)a; return -1; }
 #endif

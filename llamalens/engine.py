@@ -8,14 +8,16 @@
          every step: one llama_decode with one token per live sequence; its output rows, one contiguous
          [n_outputs, n_vocab] block (Context.logits_block), get their statistics at once:
              block ──► block_stats: per row lse, entropy, the sorted top list, rank candidates [stats.py: one C
-                       call for the whole block, kernels.block_pass; numpy's passes without the kernel]
+                       call for the whole block, kernels.block_pass, into arrays kept from step to step (reuse);
+                       numpy's passes without the kernel]
          then per sequence:
              raw row ──► candidate array ──► its own native sampler chain [sampler.Sampler.choose]
                          -> chosen token, survivors (candidates), sampled_logprob
                          (a top-k chain whose earlier stages leave the logits alone is fed only the row's
                          top k, taken from block_stats' candidates, when its k+1 largest logits are all
                          different: the same survivors and pick, sampler._prefilter_k says why; 0.76 ->
-                         0.05 ms a token at 262k, top_k 40. Over a large survivor set dist's pick is made
+                         0.05 ms a token at 262k, top_k 40; one C call, kernels.pick_ids, which also ranks
+                         the pick from the top list. Over a large survivor set dist's pick is made
                          in numpy when it provably is dist's, sampler.dist_select: 2.9 -> ~1 ms a token
                          on an untruncated 262k chain, the sampled logprob included)
                      └─► the row's statistics for the chosen token (logprob, rank) -> TokenRecord
@@ -305,13 +307,16 @@ class Engine:
         if live.grammar is None:
             k = live.sampler.prefilter_k if self.prefilter and not blocked else 0
             top = row_stats.top_k_list(k) if k else None  # None: a tie among the k+1 largest, the full row
-            token, sampled_lp, n_cand = live.sampler.choose(row, buffers, top, None if blocked else row_stats.dist_block_sums)
-            return token, sampled_lp, n_cand, blocked, removed, top is not None
+            token, sampled_lp, n_cand = live.sampler.choose(row, buffers, top, None if blocked else row_stats.dist_block_sums,
+                                                            row_stats.ranks)
+            known = buffers.pick
+            return token, sampled_lp, n_cand, blocked, removed, top is not None, (known.logit, known.rank) if (
+                known.rank) else None
         # grammar.py: the chain's pick, resampled under the grammar when it does not fit
         if grammar_buffers is None:
             grammar_buffers = self._grammar_buffers = Candidates(self.model.n_vocab)
         survivors, sel, removed = constrained_apply(live.sampler, live.grammar, row, buffers, grammar_buffers)
-        return *live.sampler.outcome(survivors, sel), blocked, removed, False
+        return *live.sampler.outcome(survivors, sel), blocked, removed, False, None
 
     def _picks(self, live: list[_Live], rows: list[np.ndarray], stats: list[RowStats]) -> list[tuple]:
         """_pick of every sequence of a step, spread over the thread pool when there is one (the chain's native
@@ -326,21 +331,21 @@ class Engine:
         n = block.shape[0]
         per = max(1, CHUNK // max(block.shape[1], 1))
         if self._pool is None or n < 2 * per:
-            return block_stats(block, self._top_n, self._floor_n)
+            return block_stats(block, self._top_n, self._floor_n, reuse=True)
         cut = -(-(n // 2) // per) * per
-        parts = self._pool.map(lambda b: block_stats(b, self._top_n, self._floor_n), (block[:cut], block[cut:]))
+        parts = self._pool.map(lambda b: block_stats(b, self._top_n, self._floor_n, reuse=True), (block[:cut], block[cut:]))
         return [st for part in parts for st in part]
 
     def _record(self, live: _Live, raw: np.ndarray, row_stats: RowStats, pick: tuple) -> None:
         """The TokenRecord of a pick (in slot order, on the engine's thread): accept, statistics, stop checks."""
         model, req = self.model, live.req
-        token, sampled_lp, n_cand, blocked, removed, prefiltered = pick
+        token, sampled_lp, n_cand, blocked, removed, prefiltered, known = pick
         self.stats["prefiltered"] += prefiltered
         if live.grammar is not None:
             live.removed.append(removed)
             live.grammar.accept(token)
         live.sampler.accept(token)
-        st = row_stats.for_token(raw, token)
+        st = row_stats.for_token(raw, token) if known is None else row_stats.chosen(*known)  # (raw logit, rank)
         if live.t_first == 0.0:
             live.t_first = time.perf_counter()
         text, hex_bytes = model.token_text(token)
@@ -348,7 +353,7 @@ class Engine:
         live.records.append(TokenRecord(
             position=len(live.records), id=token, text=text, bytes=hex_bytes,
             logprob=st.logprob, sampled_logprob=sampled_lp, rank=st.rank, entropy=st.entropy, candidates=n_cand,
-            top=alternatives(model.token_text, st.top_ids[: req.n_logprobs], st.top_logprobs[: req.n_logprobs]), eog=eog,
+            top=alternatives(model.token_text, *st.top_lists(req.n_logprobs)), eog=eog,
             blocked=blocked,
         ))
         if eog:

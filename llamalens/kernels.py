@@ -13,12 +13,25 @@ import importlib.machinery
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 _P = ctypes.c_void_p
+
+
+# llama.cpp's llama_token_data: {int32 id; float logit; float p} (the C side's ll_token_data)
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
+EXACT_SURVIVORS = 4096  # ll_survivor_lp's most survivors (LL_EXACT), stats.sampled_logprob's float64 bound
+
+
+class PickResult(ctypes.Structure):
+    """ll_pick_ids' other results: how many survivors the chain left, the selected index among them, the pick's
+    log-probability among them (float64), the chosen token's raw logit and its rank in the row (0: not known)."""
+
+    _fields_ = [("survivors", ctypes.c_int64), ("selected", ctypes.c_int64), ("lp", ctypes.c_double),
+                ("logit", ctypes.c_double), ("rank", ctypes.c_int64)]
 
 
 def _load() -> ctypes.CDLL | None:
@@ -36,12 +49,16 @@ def _load() -> ctypes.CDLL | None:
             lib.ll_row_pass.argtypes = [_P, ctypes.c_int64, ctypes.c_float, ctypes.c_float, _P, _P, ctypes.c_int64, _P]
             lib.ll_row_pass.restype = ctypes.c_int64
             i64 = ctypes.c_int64
-            lib.ll_block_stats.argtypes = [_P, i64, i64, i64, i64, i64] + [_P] * 13
+            lib.ll_block_stats.argtypes = [_P, _P]
             lib.ll_block_stats.restype = i64
             lib.ll_fill_ids.argtypes = [_P, _P, i64, _P]
             lib.ll_fill_ids.restype = None
             lib.ll_exp_f32.argtypes = [_P, ctypes.c_int64, _P]
             lib.ll_exp_f32.restype = None
+            lib.ll_survivor_lp.argtypes = [_P, i64, i64]
+            lib.ll_survivor_lp.restype = ctypes.c_double
+            lib.ll_pick_ids.argtypes = [_P, _P, i64, _P, _P, _P, _P, ctypes.c_int, _P, i64, ctypes.POINTER(PickResult)]
+            lib.ll_pick_ids.restype = i64
             return lib if lib.ll_available() else None
     return None
 
@@ -106,11 +123,11 @@ class BlockPass:
     """What block_pass gives for each row r of a [rows, n] block: the max m[r] (NaN when the row holds one), the
     floor (the k-th largest of every stride-th logit; NaN where m is not finite), sums[r] = (sum e, sum e * (x - m)),
     the block sums (rows x ceil(n / DIST_BLOCK)), the candidates (x >= floor, increasing ids)
-    cand[off[r]:off[r + 1]], the row's k largest candidates by (logit descending, id ascending): top_ids[r],
-    top_logits[r], and in float64 the row's log-sum-exp lse[r] = m + log(sum e), its entropy
-    max(log(sum e) - sum e * (x - m) / sum e, 0) and the top list's logprobs top_lp[r] = top_logits[r] - lse[r];
-    strict[r], how many of the top list's head strictly decrease. Rows whose m is not finite have lse NaN, strict 0
-    and nothing else filled in."""
+    cand[off[r]:off[r + 1]], the row's k largest candidates by (logit descending, id ascending): top_ids[r] (int32;
+    top_ids64[r] the same as int64), top_logits[r], and in float64 the row's log-sum-exp lse[r] = m + log(sum e), its
+    entropy max(log(sum e) - sum e * (x - m) / sum e, 0) and the top list's logprobs top_lp[r] = top_logits[r] -
+    lse[r]; strict[r], how many of the top list's head strictly decrease. Rows whose m is not finite have lse NaN,
+    strict 0 and nothing else filled in. `rows`: stats.block_stats' per-row views, kept with a reused pass."""
 
     m: np.ndarray
     floor: np.ndarray
@@ -124,32 +141,54 @@ class BlockPass:
     entropy: np.ndarray
     top_lp: np.ndarray
     strict: np.ndarray
+    top_ids64: np.ndarray
+    rows: dict = field(default_factory=dict)
 
 
-def _layout(rows: int, n: int, k: int) -> tuple[int, list[tuple[int, type, tuple]]]:
-    """block_pass's outputs packed in one buffer: (its size in bytes, [(offset, dtype, shape)] in BlockPass's
-    order less the candidates), float64 first so that every part stays aligned."""
-    f32, f64, i32, i64 = np.float32, np.float64, np.int32, np.int64
-    parts = [("sums", f64, (rows, 2)), ("block_sums", f64, (rows, -(-n // DIST_BLOCK))), ("lse", f64, (rows,)),
-             ("entropy", f64, (rows,)), ("top_lp", f64, (rows, k)), ("off", i64, (rows + 1,)), ("strict", i64, (rows,)),
-             ("m", f32, (rows,)),
-             ("floor", f32, (rows,)), ("top_ids", i32, (rows, k)), ("top_logits", f32, (rows, k))]
-    out, at = {}, 0
-    for name, dt, shape in parts:
-        out[name] = (at, dt, shape)
+# block_pass's outputs, packed in one buffer in this order (float64 and int64 first, so that every part stays
+# aligned): (name, dtype, shape(rows, n, k))
+_PARTS = (("sums", np.float64, lambda r, n, k: (r, 2)), ("block_sums", np.float64, lambda r, n, k: (r, -(-n // DIST_BLOCK))),
+          ("lse", np.float64, lambda r, n, k: (r,)), ("entropy", np.float64, lambda r, n, k: (r,)),
+          ("top_lp", np.float64, lambda r, n, k: (r, k)), ("off", np.int64, lambda r, n, k: (r + 1,)),
+          ("strict", np.int64, lambda r, n, k: (r,)), ("top_ids64", np.int64, lambda r, n, k: (r, k)),
+          ("m", np.float32, lambda r, n, k: (r,)), ("floor", np.float32, lambda r, n, k: (r,)),
+          ("top_ids", np.int32, lambda r, n, k: (r, k)), ("top_logits", np.float32, lambda r, n, k: (r, k)))
+# ll_block_stats' order of the addresses after the scratch (the candidates' go between bsums and cand_off)
+_ARG_ORDER = ("m", "floor", "sums", "block_sums", "cand", "off", "top_ids", "top_logits", "lse", "entropy", "top_lp",
+              "strict", "top_ids64")
+
+
+def _new_pass(rows: int, n: int, stride: int, k: int, own: bool) -> tuple[BlockPass, np.ndarray, np.ndarray, tuple]:
+    """A BlockPass over one fresh buffer, its ll_block_stats argument array, the candidates' array, and what the
+    arguments point into (to keep alive with them). `own`: the candidates and the subsample in arrays of their
+    own (a kept pass), else in this thread's work arrays (used at once)."""
+    views, at = {}, 0
+    sizes = [(name, dt, shape(rows, n, k)) for name, dt, shape in _PARTS]
+    buf = np.empty(sum(int(np.prod(sh)) * np.dtype(dt).itemsize for _, dt, sh in sizes), np.uint8)
+    base = address(buf)
+    addr = {}
+    for name, dt, shape in sizes:
+        views[name], addr[name] = np.ndarray(shape, dt, buf, at), base + at
         at += int(np.prod(shape)) * np.dtype(dt).itemsize
-    order = ("m", "floor", "sums", "block_sums", "off", "top_ids", "top_logits", "lse", "entropy", "top_lp", "strict")
-    return at, [out[name] for name in order]
+    ns = -(-n // stride)
+    if own:
+        cand, sub = np.empty(max(rows * n, 1), np.int32), np.empty(ns, np.float32)
+        addr["cand"], sub_at = address(cand), address(sub)
+    else:
+        (cand, addr["cand"]), (sub, sub_at) = work_buffer("block_cand", rows * n, np.int32), work_buffer("subsample", ns)
+    args = np.array([rows, n, stride, k, DIST_BLOCK, sub_at] + [addr[name] for name in _ARG_ORDER], np.int64)
+    return BlockPass(cand=cand, **views), args, cand, (buf, sub)
 
 
-_LAYOUTS: dict[tuple[int, int, int], tuple[int, list]] = {}
+def block_pass(block: np.ndarray, stride: int, k: int, reuse: bool = False) -> BlockPass:
+    """ll_block_stats on a C-contiguous float32 [rows, n] block (1 <= k <= ceil(n / stride)).
 
-
-def block_pass(block: np.ndarray, stride: int, k: int) -> BlockPass:
-    """ll_block_stats on a C-contiguous float32 [rows, n] block (1 <= k <= ceil(n / stride)); every result is a
-    fresh array (the candidates copied out of this thread's work array), so it outlives the next call. The results
-    share one fresh buffer, and the work arrays' addresses are kept: a step's Python around the C call took 60 us
-    of its 90 (32k vocabulary, one row; in the cold cache just after a decode, 100 of 150)."""
+    By default every result is a fresh array (the candidates copied out of this thread's work array), so it
+    outlives the next call. With `reuse` the results are this thread's kept arrays for (rows, n, stride, k), the
+    same BlockPass object each time, overwritten by the next reusing call of that shape on this thread: the
+    engine's per-step statistics, which live for one step. Their buffer, views and argument array are made once,
+    and the C call takes one argument array: a step's Python around the C call took 80-90 us of its 140 at a
+    32k vocabulary (one row, in the cold cache just after a decode), and ctypes converted 19 arguments."""
     if (block.dtype is not _F32 and block.dtype != _F32) or block.ndim != 2 or not block.flags.c_contiguous or (
             block.shape[1] >= 2 ** 31):
         raise ValueError(f"block_pass needs a C-contiguous float32 [rows, n] block, got {block.dtype} {block.shape}")
@@ -157,22 +196,55 @@ def block_pass(block: np.ndarray, stride: int, k: int) -> BlockPass:
     ns = -(-n // stride)
     if not 1 <= k <= ns:
         raise ValueError(f"block_pass: k {k} must be in 1..{ns} (the subsample's size)")
-    size, parts = _LAYOUTS.get((rows, n, k)) or _LAYOUTS.setdefault((rows, n, k), _layout(rows, n, k))
-    buf = np.empty(size, np.uint8)
-    base = address(buf)
-    m, floor, sums, bsums, off, tid, tv, lse, ent, top_lp, strict = (np.ndarray(shape, dt, buf, at)
-                                                                     for at, dt, shape in parts)
-    cand, cand_at = work_buffer("block_cand", rows * n, np.int32)
-    a = [base + at for at, _, _ in parts]
-    total = LIB.ll_block_stats(address(block), rows, n, stride, k, DIST_BLOCK, work_buffer("subsample", ns)[1],
-                               a[0], a[1], a[2], a[3], cand_at, a[4], a[5], a[6], a[7], a[8], a[9], a[10])
-    return BlockPass(m, floor, sums, bsums, cand[:total].copy(), off, tid, tv, lse, ent, top_lp, strict)
+    if not reuse:
+        bp, args, cand, _keep = _new_pass(rows, n, stride, k, own=False)
+        bp.cand = cand[:LIB.ll_block_stats(address(block), address(args))].copy()
+        return bp
+    kept = getattr(_work, "passes", None)
+    if kept is None:
+        kept = _work.passes = {}
+    got = kept.get((rows, n, stride, k))
+    if got is None:
+        if len(kept) >= 64:  # a sweep's shapes: rows 1..parallel, one k
+            kept.clear()
+        bp, args, cand, keep = _new_pass(rows, n, stride, k, own=True)
+        got = kept[rows, n, stride, k] = (bp, cand, address(args), (args, keep))
+    bp, cand, args_at, _keep = got
+    bp.cand = cand[:LIB.ll_block_stats(address(block), args_at)]
+    return bp
 
 
 def fill_ids(row: np.ndarray, ids: np.ndarray, out_at: int) -> None:
     """ll_fill_ids: llama_token_data (id, row[id], 0) of the int32 ids (any order) at out_at, sorted by id; the
     caller's buffer holds at least len(ids) entries and row every id."""
     LIB.ll_fill_ids(address(row), address(ids), ids.shape[0], out_at)
+
+
+def survivor_lp(survivors: np.ndarray, sel: int) -> float:
+    """ll_survivor_lp: log p of survivors[sel] under the softmax of the survivors' logits, float64 (a C-contiguous
+    TOKEN_DATA array of 1..EXACT_SURVIVORS entries, 0 <= sel < its length)."""
+    if survivors.dtype != TOKEN_DATA or survivors.ndim != 1 or not survivors.flags.c_contiguous or not (
+            0 < survivors.shape[0] <= EXACT_SURVIVORS) or not 0 <= sel < survivors.shape[0]:
+        raise ValueError(f"survivor_lp needs a C-contiguous llama_token_data vector of 1..{EXACT_SURVIVORS} entries "
+                         f"and an index into it, got {survivors.dtype} {survivors.shape} and {sel}")
+    return LIB.ll_survivor_lp(survivors.ctypes.data, survivors.shape[0], sel)
+
+
+_APPLY: list[int] = []  # llama_sampler_apply's address, taken once
+
+
+def pick_ids(lib, row: np.ndarray, ids: np.ndarray, buf_at: int, chain_at: int, dist_at: int | None, want_lp: bool,
+             ranks: tuple[int, int] | None, out: PickResult) -> int:
+    """ll_pick_ids: the prefiltered pick in one call (fill the ids' llama_token_data at buf_at, apply the chain at
+    chain_at and then the dist at dist_at, take the pick's log-probability when want_lp, rank the chosen token in
+    the row's top list `ranks` = (address of its float32 logits, descending; how many)) through llama-cpp-python's
+    library `lib`; the chosen token, or -1 when the survivors are out of ll_pick_ids' range (out says how many).
+    row: C-contiguous float32 holding every id; ids: C-contiguous int32; the buffer holds at least len(ids)."""
+    if not _APPLY:
+        _APPLY.append(ctypes.cast(lib.llama_sampler_apply, ctypes.c_void_p).value)
+    tv_at, ntv = ranks if ranks is not None else (None, 0)
+    return LIB.ll_pick_ids(address(row), address(ids), ids.shape[0], buf_at, _APPLY[0], chain_at, dist_at, want_lp,
+                           tv_at, ntv, out)
 
 
 def exp_f32(d: np.ndarray) -> np.ndarray:

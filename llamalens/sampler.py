@@ -13,7 +13,8 @@ Temperature comes after the truncating samplers, so the candidate set depends on
 typical_p, top_p, min_p and the penalties, never on temperature.
 
 A chain with top_k whose earlier stages leave the logits alone can be fed only the row's top k (apply's
-`ids`; `_prefilter_k` says when that gives the same survivors and pick).
+`ids`; `_prefilter_k` says when that gives the same survivors and pick). `choose` then makes the whole pick in one
+C call (kernels.pick_ids: fill, chain, dist, the pick's log-probability and rank), not ten numpy and ctypes calls.
 
 dist's pick over a large candidate set (an untruncated chain keeps all 262,144 tokens: llama.cpp's scalar
 expf loop and running sum cost ~2.4 ms a token) is made in numpy when it is provably the same pick, by
@@ -61,15 +62,14 @@ from typing import Callable
 import numpy as np
 
 from . import kernels
-from .errors import InvalidInput
+from .errors import InvalidInput, LlamalensError
 from .runtime import LOG_TAIL, NativeHandle, last_log_error, llama_cpp_module
 from .settings import SamplingSettings, split_samplers
 from .stats import sampled_logprob, work_array
 
 STAGES = ("penalties", "top_k", "typical_p", "top_p", "min_p", "temperature")
 
-# llama.cpp's llama_token_data: {int32 id; float logit; float p}
-TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
+TOKEN_DATA = kernels.TOKEN_DATA  # llama.cpp's llama_token_data: {int32 id; float logit; float p}
 
 
 def post_sampling(survivors: np.ndarray, n: int) -> list[tuple[int, float]]:
@@ -92,6 +92,7 @@ class Candidates:
         self._logits = self.data.view(np.float32).reshape(n_vocab, 3)[:, 1]
         self._at = self.data.ctypes.data
         self._array = None  # the llama_token_data_array over data, made once (Sampler._run)
+        self.pick = kernels.PickResult()  # kernels.pick_ids' results (Sampler.choose)
 
     def fill(self, row: np.ndarray) -> np.ndarray:
         """(id, logit, 0) for every token of the row: one memcpy of the ids and zeros, one strided write of the
@@ -393,6 +394,9 @@ class Sampler(NativeHandle):
         for _name, make in stages[: len(self.stages) - replay]:
             lib.llama_sampler_chain_add(self.ptr, make())  # the chain owns its stages
         self._dist = stages[-1][1]() if replay else None
+        # the chain's and the dist's addresses, for the prefiltered pick in one C call (choose, kernels.pick_ids)
+        self._at = ctypes.cast(self.ptr, ctypes.c_void_p).value
+        self._dist_at = ctypes.cast(self._dist, ctypes.c_void_p).value if replay else None
         self._draws = Draws(s.seed) if replay else None
         self._one = np.zeros(1, dtype=TOKEN_DATA)  # the 1-entry array on which dist makes a draw and no pick
         # the chain leaves the logits as they are but for a plain temperature: choose skips the array
@@ -456,12 +460,30 @@ class Sampler(NativeHandle):
         return (survivors.copy() if own else survivors), int(arr.selected)
 
     def choose(self, row: np.ndarray, buffers: Candidates, ids: np.ndarray | None = None,
-               block_sums: np.ndarray | None = None) -> tuple[int, float, int]:
+               block_sums: np.ndarray | None = None, ranks: tuple[int, int] | None = None) -> tuple[int, float, int]:
         """The chain's pick for a raw row, as apply would make it: (token, its log-probability among the
         survivors after temperature (0.0 for greedy), how many survivors). Large survivor sets are picked by
         dist_select when it can tell (see the module docstring). `block_sums`: this very row's
-        RowStats.dist_block_sums, which a temperature-1 chain's dist_select then takes instead of its own pass."""
+        RowStats.dist_block_sums, which a temperature-1 chain's dist_select then takes instead of its own pass.
+
+        With the prefilter's `ids` and the C kernels the pick is one C call (kernels.pick_ids: the same fill,
+        chain, dist and log-probability as _run, _survivors, _native_dist and outcome below; at most
+        PREFILTER_MAX_K survivors, so never dist_select's). It also ranks the chosen token in the row's top list
+        `ranks` (RowStats.ranks): buffers.pick then holds its raw logit and rank; its rank is 0 after any other
+        path."""
         row = np.asarray(row, dtype=np.float32)  # what the chain sees (Candidates hold float32 logits)
+        out = buffers.pick
+        out.rank = 0
+        if ids is not None and kernels.LIB is not None and row.flags.c_contiguous and ids.dtype == np.int32 and (
+                ids.flags.c_contiguous):
+            token = kernels.pick_ids(self._lib, row, ids, buffers._at, self._at, self._dist_at,
+                                     not self.settings.greedy, ranks, out)
+            if token >= 0:
+                if self._dist is not None:
+                    self._draws.skip()
+                return (token, 0.0, 1) if self.settings.greedy else (token, out.lp, out.survivors)
+            raise LlamalensError(f"the sampler chain left {out.survivors} candidates and selected index "
+                                 f"{out.selected} of a prefiltered top {ids.shape[0]}: there is no pick to record")
         lse = None  # set when this pick's draw was taken from Draws (dist then draws its own, in step)
         if self._temperature is not None and ids is None and row.shape[0] >= REPLICA_MIN:
             logits = row if self._temperature == 1.0 else np.divide(  # temp's `logit /= temp`

@@ -25,6 +25,7 @@ instead of a partition of a copy, and the rank from the candidates, took a 262k 
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ def lse32(x: np.ndarray) -> float:
     return float(m) + math.log(float(np.sum(e, dtype=np.float64)))
 
 
-def block_stats(block: np.ndarray, n_top: int, n_floor: int = 0) -> list["RowStats"]:
+def block_stats(block: np.ndarray, n_top: int, n_floor: int = 0, reuse: bool = False) -> list["RowStats"]:
     """RowStats (no chosen token yet: see for_token) of every row of a [rows, n_vocab] float32 block at once.
     `n_floor` > n_top makes the row's sorted top list hold its n_floor largest logits (RowStats.top_k_ids needs
     k + 1 of them); the top N and ranks do not change with it.
@@ -130,7 +131,10 @@ def block_stats(block: np.ndarray, n_top: int, n_floor: int = 0) -> list["RowSta
     numpy's passes, CHUNK elements at a time (_numpy_block_pass). The candidates and the top list are kept with the
     row: a chosen token gets its rank from them without a pass over the row (for_token). A step of 32 rows of a 32k
     vocabulary took 2.9 ms with Python around a C pass per row, 1.6 ms in one call (medians; at 262k the pass's
-    arithmetic dominates: 9.0 -> 8.8 ms; issue 21)."""
+    arithmetic dominates: 9.0 -> 8.8 ms; issue 21).
+
+    `reuse` (the engine's per-step statistics): the RowStats' arrays are this thread's kept ones for the block's
+    shape (kernels.block_pass), valid until the next reusing call of that shape; made once, not per step."""
     if block.dtype is not _F32 or not block.flags.c_contiguous:  # (a cheap test: the engine's blocks pass it)
         block = np.ascontiguousarray(block, dtype=np.float32)
     if block.ndim == 1:
@@ -138,18 +142,37 @@ def block_stats(block: np.ndarray, n_top: int, n_floor: int = 0) -> list["RowSta
     n_rows, size = block.shape
     k = max(1, min(max(n_top, n_floor), size))
     stride = max(1, min(SUBSAMPLE, size // (8 * k)))
-    bp = kernels.block_pass(block, stride, k) if kernels.LIB is not None else _numpy_block_pass(block, stride, k)
+    if kernels.LIB is not None:
+        bp = kernels.block_pass(block, stride, k, reuse)
+    else:
+        bp = _numpy_block_pass(block, stride, k)
     n = min(n_top, k) if n_top > 0 else 0
-    ids, top_lp = bp.top_ids[:, :n].astype(np.int64), bp.top_lp[:, :n]
-    off, bsums, tid, tv = bp.off.tolist(), bp.block_sums, bp.top_ids, bp.top_logits
+    views = bp.rows.get(n)  # each row's views of the pass's arrays (kept with a reused pass)
+    if views is None:
+        views = bp.rows[n] = _row_views(bp, n, k, native=reuse and kernels.LIB is not None)
+    off, cand = bp.off.tolist(), bp.cand
     out = []
     # a row of -inf (everything banned) or with +inf / nan has lse nan: it is taken the plain way
     for i, (h, lse, fl, run) in enumerate(zip(bp.entropy.tolist(), bp.lse.tolist(), bp.floor.tolist(),
                                               bp.strict.tolist())):
-        out.append(RowStats(math.nan, 0, h, lse, ids[i], top_lp[i], _floor=fl, _cand_ids=bp.cand[off[i]:off[i + 1]],
-                            _floor_n=k, _top_ids=tid[i], _top_logits=tv[i],
-                            _block_sums=None if bsums is None else bsums[i], _strict=run) if lse == lse
-                   else RowStats.of_plain(block[i], n_top))
+        ids, top_lp, tid, tv, bsums, native = views[i]
+        out.append(RowStats(math.nan, 0, h, lse, ids, top_lp, fl, cand[off[i]:off[i + 1]], k, tid, tv, bsums, run,
+                            native) if lse == lse else RowStats.of_plain(block[i], n_top))
+    return out
+
+
+def _row_views(bp: kernels.BlockPass, n: int, k: int, native: bool) -> list[tuple]:
+    """Each row's views of a block pass's arrays, for its RowStats: the top n ids (int64) and logprobs, the top
+    list's ids and logits, the block sums, and with `native` the top list's ids and logprobs as ctypes arrays over
+    the same memory and its logits' address (RowStats.top_lists and .ranks, which need no numpy call)."""
+    ids, top_lp, tid, tv, bsums = bp.top_ids64[:, :n], bp.top_lp[:, :n], bp.top_ids, bp.top_logits, bp.block_sums
+    out = []
+    for i in range(bp.m.shape[0]):
+        nat = None
+        if native:
+            nat = ((ctypes.c_int64 * k).from_buffer(bp.top_ids64[i]), (ctypes.c_double * k).from_buffer(bp.top_lp[i]),
+                   (kernels.address(tv[i]), k))
+        out.append((ids[i], top_lp[i], tid[i], tv[i], None if bsums is None else bsums[i], nat))
     return out
 
 
@@ -193,7 +216,7 @@ def _numpy_block_pass(block: np.ndarray, stride: int, k: int) -> kernels.BlockPa
     off = np.zeros(n_rows + 1, np.int64)
     np.cumsum([c.shape[0] for c in cands], out=off[1:])
     return kernels.BlockPass(m, floor, sums, None, np.concatenate(cands) if cands else np.empty(0, np.int32), off,
-                             tid, tv, lse, ent, top_lp, strict)
+                             tid, tv, lse, ent, top_lp, strict, tid.astype(np.int64))
 
 
 def _numpy_passes(x: np.ndarray, m: np.ndarray, floor: np.ndarray, bufs) -> tuple[np.ndarray, np.ndarray, list]:
@@ -223,8 +246,11 @@ def work_array(name: str, n: int, dtype=np.float32) -> np.ndarray:
     return kernels.work_buffer(name, n, dtype)[0]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RowStats:
+    """A row's statistics (read-only by convention: slots and no frozen checks, so that making one per step costs
+    0.3 us instead of 1.8 us, and far less in the cold cache after a decode)."""
+
     logprob: float  # of the chosen token
     rank: int
     entropy: float
@@ -242,6 +268,8 @@ class RowStats:
     _block_sums: np.ndarray | None = field(default=None, repr=False, compare=False)
     # how many of the top list's head strictly decrease (the k + 1 largest are all different when k < _strict)
     _strict: int = field(default=0, repr=False, compare=False)
+    # a reused block pass's row (block_stats): the top list's ids and logprobs as ctypes arrays, and `ranks`
+    _native: tuple | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, logits: np.ndarray, chosen: int | None, n_top: int) -> "RowStats":
@@ -273,8 +301,28 @@ class RowStats:
             rank = int(np.count_nonzero(logits[self._cand_ids] > c)) + 1
         else:
             rank = int(np.count_nonzero(np.greater(logits, c, out=_buffers(logits.shape[0])[2]))) + 1
-        return RowStats(float(c) - self.lse, rank, self.entropy, self.lse, self.top_ids, self.top_logprobs,
-                        self._floor, self._cand_ids, self._floor_n, self._top_ids, tv, self._block_sums, self._strict)
+        return self.chosen(float(c), rank)
+
+    def chosen(self, logit: float, rank: int) -> "RowStats":
+        """for_token's result for a token whose raw logit and rank are known already (kernels.pick_ids ranks the
+        prefilter's pick from the same top list, in C)."""
+        return RowStats(logit - self.lse, rank, self.entropy, self.lse, self.top_ids, self.top_logprobs, self._floor,
+                        self._cand_ids, self._floor_n, self._top_ids, self._top_logits, self._block_sums,
+                        self._strict, self._native)
+
+    @property
+    def ranks(self) -> tuple[int, int] | None:
+        """(address of the top list's float32 logits, their count) for kernels.pick_ids to rank a pick with; None
+        unless the row comes from a reused block pass."""
+        return None if self._native is None else self._native[2]
+
+    def top_lists(self, n: int) -> tuple[list[int], list[float]]:
+        """The top n ids and logprobs as Python lists (a record's alternatives; n <= len(top_ids)): read from the
+        ctypes arrays of a reused block pass, else converted from the arrays."""
+        n = min(n, len(self.top_ids))
+        if self._native is not None:
+            return self._native[0][:n], self._native[1][:n]
+        return self.top_ids[:n].tolist(), self.top_logprobs[:n].tolist()
 
     @property
     def dist_block_sums(self) -> np.ndarray | None:
@@ -318,14 +366,19 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     return np.exp(log_softmax(x / temperature))
 
 
-EXACT_SURVIVORS = 4096  # up to this many survivors the sampled logprob is summed in float64 throughout
+EXACT_SURVIVORS = kernels.EXACT_SURVIVORS  # up to this many survivors the sampled logprob is float64 throughout
 
 
 def sampled_logprob(survivors: np.ndarray, sel: int) -> float:
     """log p of the chosen survivor under the softmax of the survivors' logits (after temperature): float64 for a
     truncated set; for a bigger one (an untruncated chain keeps all 262k) exp in float32 with float64 sums, as
     RowStats computes a row's log-sum-exp (0.6 ms instead of 0.8-2.7 ms on 262k survivors; |error| 3.6e-9 nats
-    measured, tests/test_engine.py)."""
+    measured, tests/test_engine.py). A truncated set of llama_token_data (the chain's survivors) goes to the C
+    kernel when it is built (kernels.survivor_lp: the same float64 steps with libm's exp, bit for bit what numpy
+    gives where its exp is libm's; within 2e-15 nats of numpy's AVX-512 exp)."""
+    if kernels.LIB is not None and survivors.dtype == kernels.TOKEN_DATA and survivors.flags.c_contiguous and (
+            0 < survivors.shape[0] <= EXACT_SURVIVORS) and 0 <= sel < survivors.shape[0]:
+        return kernels.survivor_lp(survivors, sel)  # the same float64 steps in C (libm's exp)
     logits = survivors["logit"]
     if len(logits) <= EXACT_SURVIVORS:
         logits = logits.astype(np.float64)

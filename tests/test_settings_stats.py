@@ -278,3 +278,63 @@ def test_block_stats_of_read_only_strided_and_float64_blocks():
         for a, b in zip(ref, block_stats(other, 5, 41)):
             assert (a.lse, a.entropy, a._strict) == (b.lse, b.entropy, b._strict)
             assert a.top_ids.tolist() == b.top_ids.tolist() and a.top_logprobs.tolist() == b.top_logprobs.tolist()
+
+
+def test_survivor_lp_is_libm_exp_in_numpys_summation_order():
+    """ll_survivor_lp (a pick's log-probability among the chain's survivors, stats.sampled_logprob's C path): float64
+    with libm's exp, summed in numpy's pairwise order, so it equals, bit for bit, the same steps in Python (math.exp,
+    np.sum) at every length up to its bound, the 8-sum and halving cut-offs included. numpy's own float64 exp is its
+    AVX-512 loop on such a CPU, off by an ulp for some inputs: measured 1.8e-15 nats at most from that path; the
+    tolerance is 10x."""
+    require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
+    from llamalens.stats import sampled_logprob
+
+    rng = np.random.default_rng(5)
+    for n in [*range(1, 140), 255, 256, 257, 1000, 1024, 4095, kernels.EXACT_SURVIVORS]:
+        surv = np.zeros(n, kernels.TOKEN_DATA)
+        surv["id"] = rng.permutation(n)
+        surv["logit"] = rng.normal(0, 4, n).astype(np.float32)
+        sel = int(rng.integers(n))
+        x = surv["logit"].astype(np.float64)
+        m = float(x.max())
+        same_steps = float(x[sel] - (m + math.log(float(np.sum(np.array([math.exp(v - m) for v in x]))))))
+        got = kernels.survivor_lp(surv, sel)
+        assert got == same_steps and sampled_logprob(surv, sel) == got
+        assert abs(got - float(x[sel] - (m + math.log(float(np.exp(x - m).sum()))))) < 2e-14
+    with pytest.raises(ValueError, match="llama_token_data"):
+        kernels.survivor_lp(np.zeros(kernels.EXACT_SURVIVORS + 1, kernels.TOKEN_DATA), 0)
+
+
+def test_reused_block_pass_keeps_its_arrays_and_gives_the_fresh_numbers():
+    """block_stats(reuse=True), the engine's per-step statistics: the same numbers as a fresh pass, in this thread's
+    kept arrays for the shape (the same BlockPass object again, overwritten by the next call of that shape, left
+    alone by a call of another shape); top_lists and ranks read its ctypes views, which hold what the arrays
+    hold."""
+    require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
+    rng = np.random.default_rng(21)
+    a, b = ((rng.standard_normal((2, 32000)) * 4).astype(np.float32) for _ in range(2))
+    other = (rng.standard_normal((1, 32000)) * 4).astype(np.float32)
+
+    def numbers(stats):
+        return [(s.lse, s.entropy, s._floor, s._strict, s.top_ids.tolist(), s.top_logprobs.tolist(),
+                 s._top_ids.tolist(), s._top_logits.tolist(), s._cand_ids.tolist(), s._block_sums.tolist())
+                for s in stats]
+
+    fresh_a, fresh_b = numbers(block_stats(a, 5, 41)), numbers(block_stats(b, 5, 41))
+    kept_a = block_stats(a, 5, 41, reuse=True)
+    assert numbers(kept_a) == fresh_a
+    first = kernels.block_pass(a, 1, 41, reuse=True)
+    assert kernels.block_pass(a, 1, 41, reuse=True) is first  # kept per shape
+    kept_a = block_stats(a, 5, 41, reuse=True)
+    block_stats(other, 5, 41, reuse=True)  # another shape: its own arrays
+    assert numbers(kept_a) == fresh_a
+    kept_b = block_stats(b, 5, 41, reuse=True)
+    assert numbers(kept_b) == fresh_b  # and kept_a's arrays now hold b's: valid for one step only
+    assert [s.top_logprobs.tolist() for s in kept_a] == [f[5] for f in fresh_b] != [f[5] for f in fresh_a]
+    for s in kept_b:
+        ids, lps = s.top_lists(5)
+        assert ids == s.top_ids.tolist() and lps == s.top_logprobs.tolist()
+        assert s.top_lists(99) == (ids, lps)  # at most the top n it holds
+        assert s.ranks == (s._top_logits.ctypes.data, 41)
+    plain = block_stats(b, 5, 41)[0]
+    assert plain.ranks is None and plain.top_lists(3) == (fresh_b[0][4][:3], fresh_b[0][5][:3])
