@@ -360,6 +360,7 @@ class Context(NativeHandle):
         self._nseq = np.ctypeslib.as_array(self.batch.n_seq_id, shape=(self.n_batch,))
         self._out = np.ctypeslib.as_array(self.batch.logits, shape=(self.n_batch,))
         self._seq = [self.batch.seq_id[i] for i in range(self.n_batch)]
+        self._fields = (self.batch.token, self.batch.pos, self.batch.n_seq_id, self.batch.logits)  # ctypes pointers
         self.n_vocab = model.n_vocab
         # llama_get_logits(_ith) returning plain addresses (llama-cpp-python's return float pointers to cast)
         at = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)
@@ -373,12 +374,18 @@ class Context(NativeHandle):
         n = len(tokens)
         if n > self.n_batch:
             raise ValueError(f"batch of {n} tokens exceeds n_batch {self.n_batch}")
-        self._tok[:n] = tokens
-        self._pos[:n] = positions
-        self._nseq[:n] = 1
-        self._out[:n] = outputs
-        for i, s in enumerate(seqs):
-            self._seq[i][0] = s
+        if n <= 8:  # a step's few tokens through ctypes: numpy's slice assignments cost 20 us in the cold cache
+            tok, pos, nseq, out = self._fields
+            for i, (t, p, s, o) in enumerate(zip(tokens, positions, seqs, outputs)):
+                tok[i], pos[i], nseq[i], out[i] = t, p, 1, o
+                self._seq[i][0] = s
+        else:
+            self._tok[:n] = tokens
+            self._pos[:n] = positions
+            self._nseq[:n] = 1
+            self._out[:n] = outputs
+            for i, s in enumerate(seqs):
+                self._seq[i][0] = s
         self.batch.n_tokens = n
         rc = self._lib.llama_decode(self.ptr, self.batch)
         if rc != 0:
@@ -432,7 +439,8 @@ class Context(NativeHandle):
         (buffer address, n) is made once and kept: making it took 90 us a step in the cold cache after a decode,
         most of a one-row step's share (issue 21)."""
         start = self._logits_at(self.ptr)
-        first, last = self._logits_ith_at(self.ptr, 0), self._logits_ith_at(self.ptr, n - 1)
+        first = self._logits_ith_at(self.ptr, 0)
+        last = first if n == 1 else self._logits_ith_at(self.ptr, n - 1)
         if not start or first != start or last != start + (n - 1) * self.n_vocab * 4:
             return np.stack([self.logits(i) for i in range(n)])  # not one block in batch order: copy the rows
         view = self._views.get((start, n))

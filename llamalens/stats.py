@@ -150,11 +150,18 @@ def block_stats(block: np.ndarray, n_top: int, n_floor: int = 0, reuse: bool = F
     views = bp.rows.get(n)  # each row's views of the pass's arrays (kept with a reused pass)
     if views is None:
         views = bp.rows[n] = _row_views(bp, n, k, native=reuse and kernels.LIB is not None)
-    off, cand = bp.off.tolist(), bp.cand
+    scalars = bp.rows.get("scalars")  # ctypes views of a reused pass's per-row numbers: lists without numpy
+    if scalars is None and reuse and kernels.LIB is not None:
+        scalars = bp.rows["scalars"] = [np.ctypeslib.as_ctypes(a) for a in (bp.off, bp.entropy, bp.lse, bp.floor,
+                                                                              bp.strict)]
+    if scalars is not None:
+        off, ent, lses, floors, strict = (a[:] for a in scalars)
+    else:
+        off, ent, lses, floors, strict = (a.tolist() for a in (bp.off, bp.entropy, bp.lse, bp.floor, bp.strict))
+    cand = bp.cand
     out = []
     # a row of -inf (everything banned) or with +inf / nan has lse nan: it is taken the plain way
-    for i, (h, lse, fl, run) in enumerate(zip(bp.entropy.tolist(), bp.lse.tolist(), bp.floor.tolist(),
-                                              bp.strict.tolist())):
+    for i, (h, lse, fl, run) in enumerate(zip(ent, lses, floors, strict)):
         ids, top_lp, tid, tv, bsums, native = views[i]
         out.append(RowStats(math.nan, 0, h, lse, ids, top_lp, fl, cand[off[i]:off[i + 1]], k, tid, tv, bsums, run,
                             native) if lse == lse else RowStats.of_plain(block[i], n_top))
