@@ -158,18 +158,28 @@ _ARG_ORDER = ("m", "floor", "sums", "block_sums", "cand", "off", "top_ids", "top
               "strict", "top_ids64")
 
 
+def _layout(rows: int, n: int, k: int) -> tuple[int, list[tuple[str, type, tuple, int]]]:
+    """_PARTS for a shape: (the buffer's size in bytes, [(name, dtype, shape, byte offset)])."""
+    out, at = [], 0
+    for name, dt, shape in _PARTS:
+        sh = shape(rows, n, k)
+        out.append((name, dt, sh, at))
+        at += math.prod(sh) * np.dtype(dt).itemsize
+    return at, out
+
+
+_LAYOUTS: dict[tuple[int, int, int], tuple[int, list]] = {}  # made once per shape: a fresh pass per scored token
+
+
 def _new_pass(rows: int, n: int, stride: int, k: int, own: bool) -> tuple[BlockPass, np.ndarray, np.ndarray, tuple]:
     """A BlockPass over one fresh buffer, its ll_block_stats argument array, the candidates' array, and what the
     arguments point into (to keep alive with them). `own`: the candidates and the subsample in arrays of their
     own (a kept pass), else in this thread's work arrays (used at once)."""
-    views, at = {}, 0
-    sizes = [(name, dt, shape(rows, n, k)) for name, dt, shape in _PARTS]
-    buf = np.empty(sum(int(np.prod(sh)) * np.dtype(dt).itemsize for _, dt, sh in sizes), np.uint8)
+    size, parts = _LAYOUTS.get((rows, n, k)) or _LAYOUTS.setdefault((rows, n, k), _layout(rows, n, k))
+    buf = np.empty(size, np.uint8)
     base = address(buf)
-    addr = {}
-    for name, dt, shape in sizes:
-        views[name], addr[name] = np.ndarray(shape, dt, buf, at), base + at
-        at += int(np.prod(shape)) * np.dtype(dt).itemsize
+    views = {name: np.ndarray(shape, dt, buf, at) for name, dt, shape, at in parts}
+    addr = {name: base + at for name, _, _, at in parts}
     ns = -(-n // stride)
     if own:
         cand, sub = np.empty(max(rows * n, 1), np.int32), np.empty(ns, np.float32)
@@ -220,11 +230,17 @@ def fill_ids(row: np.ndarray, ids: np.ndarray, out_at: int) -> None:
     LIB.ll_fill_ids(address(row), address(ids), ids.shape[0], out_at)
 
 
+def survivor_lp_takes(survivors: np.ndarray, sel: int) -> bool:
+    """Whether survivor_lp takes these: a C-contiguous TOKEN_DATA vector of 1..EXACT_SURVIVORS entries and an
+    index into it."""
+    return survivors.dtype == TOKEN_DATA and survivors.ndim == 1 and survivors.flags.c_contiguous and (
+        0 < survivors.shape[0] <= EXACT_SURVIVORS) and 0 <= sel < survivors.shape[0]
+
+
 def survivor_lp(survivors: np.ndarray, sel: int) -> float:
-    """ll_survivor_lp: log p of survivors[sel] under the softmax of the survivors' logits, float64 (a C-contiguous
-    TOKEN_DATA array of 1..EXACT_SURVIVORS entries, 0 <= sel < its length)."""
-    if survivors.dtype != TOKEN_DATA or survivors.ndim != 1 or not survivors.flags.c_contiguous or not (
-            0 < survivors.shape[0] <= EXACT_SURVIVORS) or not 0 <= sel < survivors.shape[0]:
+    """ll_survivor_lp: log p of survivors[sel] under the softmax of the survivors' logits, float64 (what
+    survivor_lp_takes accepts)."""
+    if not survivor_lp_takes(survivors, sel):
         raise ValueError(f"survivor_lp needs a C-contiguous llama_token_data vector of 1..{EXACT_SURVIVORS} entries "
                          f"and an index into it, got {survivors.dtype} {survivors.shape} and {sel}")
     return LIB.ll_survivor_lp(survivors.ctypes.data, survivors.shape[0], sel)

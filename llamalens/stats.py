@@ -383,8 +383,7 @@ def sampled_logprob(survivors: np.ndarray, sel: int) -> float:
     measured, tests/test_engine.py). A truncated set of llama_token_data (the chain's survivors) goes to the C
     kernel when it is built (kernels.survivor_lp: the same float64 steps with libm's exp, bit for bit what numpy
     gives where its exp is libm's; within 2e-15 nats of numpy's AVX-512 exp)."""
-    if kernels.LIB is not None and survivors.dtype == kernels.TOKEN_DATA and survivors.flags.c_contiguous and (
-            0 < survivors.shape[0] <= EXACT_SURVIVORS) and 0 <= sel < survivors.shape[0]:
+    if kernels.LIB is not None and kernels.survivor_lp_takes(survivors, sel):
         return kernels.survivor_lp(survivors, sel)  # the same float64 steps in C (libm's exp)
     logits = survivors["logit"]
     if len(logits) <= EXACT_SURVIVORS:
