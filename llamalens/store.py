@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import sqlite3
 import time
@@ -81,6 +82,7 @@ _ADDED_COLUMNS = (("runs", "kind", "TEXT NOT NULL DEFAULT 'sweep'"), ("samples",
 APPLICATION_ID = 0x4C4C4E53  # "LLNS" in the SQLite header (PRAGMA application_id)
 SQLITE_MAGIC = b"SQLite format 3\x00"
 _TABLES = {"meta", "runs", "configs", "samples", "tokens"}
+BUSY_TIMEOUT_S = 60  # how long opening or writing the store waits for another process's lock
 STALE_AFTER_S = 600  # a writer on another host with no heartbeat for this long is taken for dead
 
 
@@ -198,28 +200,43 @@ class Store:
         known = recognise(self.path)  # before anything is written: a foreign file stays untouched
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
-            self.db.execute("PRAGMA busy_timeout = 60000")
-            if not known:  # a new store: mark it as ours while its header is still written in place
-                self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            self.db.execute("PRAGMA journal_mode = WAL")
-            self.db.execute("PRAGMA synchronous = NORMAL")
-            version = self._version()
-            if version is not None and version > SCHEMA_VERSION:
-                self.db.close()
-                raise StoreError(f"store {self.path} has schema version {version}, newer than this llamalens "
-                                 f"({SCHEMA_VERSION}); upgrade llamalens or use another --store")
-            if version is None:
-                self.db.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS); executescript commits itself
-                with self.tx():
-                    self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            self.db.executescript(_WRITERS)
-            self._add_columns()
+            self.db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
+            deadline = time.monotonic() + BUSY_TIMEOUT_S
+            while True:
+                try:
+                    self._set_up(known)
+                    break
+                except sqlite3.OperationalError as e:
+                    # SQLite answers some lock requests at once instead of waiting on busy_timeout: a switch to WAL
+                    # while another process opens the same new store (3 processes at once: 4 of 40 tries failed
+                    # here). Every step of _set_up is idempotent, so it is tried again.
+                    if "locked" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(random.uniform(0.01, 0.05))
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot use {self.path} as a run store ({e}); pass another --store path "
                              "or set LLAMALENS_STORE") from None
         except OSError as e:
             raise StoreError(f"cannot write the run store {self.path} ({e.strerror}); pass a writable --store path") from None
+
+    def _set_up(self, known: bool) -> None:
+        """Mark a new store as ours, switch it to WAL, create or check its schema (each step idempotent)."""
+        if not known:  # a new store: mark it as ours while its header is still written in place
+            self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        version = self._version()
+        if version is not None and version > SCHEMA_VERSION:
+            self.db.close()
+            raise StoreError(f"store {self.path} has schema version {version}, newer than this llamalens "
+                             f"({SCHEMA_VERSION}); upgrade llamalens or use another --store")
+        if version is None:
+            self.db.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS); executescript commits itself
+            with self.tx():
+                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self.db.executescript(_WRITERS)
+        self._add_columns()
 
     def _add_columns(self) -> None:
         """Give a store made before them the columns added since (two processes may race to: both win)."""
