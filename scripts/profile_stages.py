@@ -10,6 +10,10 @@ Sampler.choose, the engine's pick, with its dist_select apart), stats (block_sta
 token: for_token and the sampled logprob), records (the rest of Engine._step), store (Store.save_sample), startup
 (memory.checked_load: header + model load). Prints one JSON object {stage: [wall_s, cpu_s, calls]} on stderr at
 the end. It wraps the functions in place: nothing else of the command changes.
+
+It profiles an older tree of llamalens too, in this venv (stages that tree lacks are skipped), for a before and
+after on one host: `git archive OLD llamalens | tar -x -C /tmp/old`, then
+`PYTHONPATH=/tmp/old .venv/bin/python -P scripts/profile_stages.py sweep ...` (-P: not the checkout's llamalens).
 """
 
 from __future__ import annotations
@@ -35,7 +39,10 @@ IN_NOISE = [False]
 
 
 def wrap(owner, name: str, label: str, classmethod_: bool = False) -> None:
-    f = getattr(owner, name)
+    f = getattr(owner, name, None)
+    if f is None:  # an older tree without this stage
+        print(f"(no {getattr(owner, '__name__', owner)}.{name} here: not timed)", file=sys.stderr)
+        return
     raw = f.__func__ if classmethod_ else f
 
     def timed(*a, **k):
@@ -63,6 +70,9 @@ def main() -> None:
     wrap(engine.Engine, "_picks", "picks (chain + sampled logprob, all sequences of a step)")
     wrap(engine.Engine, "_record", "records (accept, for_token, TokenRecord)")
     wrap(store.Store, "save_sample", "store")
+    wrap(stats.RowStats, "of", "RowStats.of (one row's statistics; the noise floor's, or before issue 21 every "
+         "token's)", classmethod_=True)
+    wrap(engine.Engine, "_step", "Engine._step (before issue 21: a token's chain, stats and record)")
     wrap(memory, "checked_load", "startup: model load + header")
     wrap(gguf_file, "read_header", "startup: header")
     noise_floor, loop = sweep.noise_floor, engine.Engine._loop
