@@ -7,13 +7,14 @@ other processes' load moves less than the wall clock).
 
 Stages: decode (Context.decode, in the engine and separately in the noise floor), chain (Sampler.apply, and
 Sampler.choose, the engine's pick, with its dist_select apart), stats (block_stats once per decode step; per
-token: for_token and the sampled logprob), records (the rest of Engine._step), store (Store.save_sample), startup
+token: for_token and the sampled logprob), records (Engine._record), store (Store.save_sample), startup
 (memory.checked_load: header + model load). Prints one JSON object {stage: [wall_s, cpu_s, calls]} on stderr at
 the end. It wraps the functions in place: nothing else of the command changes.
 
 It profiles an older tree of llamalens too, in this venv (stages that tree lacks are skipped), for a before and
 after on one host: `git archive OLD llamalens | tar -x -C /tmp/old`, then
-`PYTHONPATH=/tmp/old .venv/bin/python -P scripts/profile_stages.py sweep ...` (-P: not the checkout's llamalens).
+`PYTHONPATH=/tmp/old .venv/bin/python scripts/profile_stages.py sweep ...` (PYTHONPATH comes before the
+venv's install of the checkout).
 """
 
 from __future__ import annotations
