@@ -15,22 +15,18 @@ One call per command (llamalens/api.py), the same library code the CLI runs: swe
 score, choose, compare, fork, sampler_view (next with sampler settings). Results are typed records with
 to_dict() and, where tabular, to_pandas(); in Jupyter they display as the report shows them.
 
-Heavy modules (llama_cpp, numpy) load on first use of a function that needs them. ll.sweep, ll.score and
-ll.fork are the API calls; the modules of those names are imported as `from llamalens.sweep import X` (or
-importlib.import_module("llamalens.sweep")), never `import llamalens.sweep as m`, which gives the call.
+Heavy modules (llama_cpp, numpy, pandas) load on first use of a function that needs them.
 """
 
 from __future__ import annotations
 
-import sys
-import types
+from llamalens.version import __version__
 
-__version__ = "0.1.0"
-
-from .errors import (InvalidInput, InvalidModelFile, InvalidSettings, LlamalensError, MissingExtra,  # noqa: F401
+from llamalens.errors import (InvalidInput, InvalidModelFile, InvalidSettings, LlamalensError, MissingExtra,  # noqa: F401
                      ModelNotFound, PromptTooLong, StoreError)
-from .models import ModelInfo, list_models, resolve_model  # noqa: F401
-from .settings import SamplingSettings  # noqa: F401
+from llamalens.modelfiles.find import ModelInfo, list_models, resolve_model  # noqa: F401
+from llamalens.settings import SamplingSettings  # noqa: F401
+from llamalens import records as _records
 
 __all__ = [
     "__version__", "load_model", "list_models", "resolve_model", "ModelInfo", "SamplingSettings",
@@ -49,67 +45,39 @@ def load_model(model=None, **options):
     options: gpu_layers, ctx, threads, batch, flash_attn, mmap, mlock, force (see ModelOptions). Like the
     CLI, it refuses a model that will not fit in the RAM available (memory.ModelTooBig) unless force=True.
     """
-    from .memory import checked_load
-    from .models import resolve_source
-    from .runtime import ModelOptions
+    from llamalens.modelfiles.memory import checked_load
+    from llamalens.modelfiles.find import resolve_source
+    from llamalens.core.runtime import ModelOptions
 
     return checked_load(resolve_source(model), ModelOptions(**options))
 
 
+def _html_display(kind: str, obj) -> str:
+    """A result's rich display in a notebook: the reports' own rendering (reports/notebook.py), loaded on use."""
+    from llamalens.reports.notebook import html_of
+
+    return html_of(kind, obj)
+
+
+_records.HTML_DISPLAY[:] = [_html_display]
+
 _API = ("sweep", "resume", "open_run", "runs", "report", "score", "choose", "compare", "fork", "sampler_view", "Run")
 
 
-class _Package(types.ModuleType):
-    """ll.sweep, ll.score and ll.fork are API calls that share their names with modules (llamalens/sweep.py,
-    score.py, fork.py): importing such a module must not replace the call on the package, so the import
-    system's `llamalens.score = <module>` is not kept (import the modules as `from llamalens.score import X`
-    or `importlib.import_module("llamalens.score")`)."""
-
-    def __setattr__(self, name, value):
-        if name in _API and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+_LAZY = {  # name -> the module that defines it; importing llamalens must not load llama.cpp
+    **dict.fromkeys(("generate", "Engine", "Request"), "llamalens.core.engine"),
+    **dict.fromkeys(("Model", "ModelOptions", "quantize"), "llamalens.core.runtime"),
+    **dict.fromkeys(("next_token", "tokenize", "NextToken", "SamplerView"), "llamalens.looks.next_token"),
+    **dict.fromkeys(("Score", "Choice", "Comparison"), "llamalens.looks.score"),
+    "embed_texts": "llamalens.looks.embed", "embedding_map": "llamalens.looks.embed_map",
+    "Sample": "llamalens.records",
+    **dict.fromkeys(_API, "llamalens.api"),
+}
 
 
 def __getattr__(name):
-    # lazy: importing llamalens must not load llama.cpp
-    if name in ("generate", "Engine", "Request"):
-        from . import engine
+    if name not in _LAZY:
+        raise AttributeError(f"module 'llamalens' has no attribute {name!r}")
+    import importlib
 
-        return getattr(engine, name)
-    if name in ("next_token", "tokenize"):  # next_token -> NextToken; tokenize -> [Token]
-        from . import distribution
-
-        return getattr(distribution, name)
-    if name == "embed_texts":
-        from . import embed
-
-        return embed.embed_texts
-    if name == "embedding_map":
-        from . import embed_map
-
-        return embed_map.embedding_map
-    if name in _API:
-        from . import api
-
-        return getattr(api, name)
-    if name in ("Score", "Choice", "Comparison"):
-        import importlib
-
-        return getattr(importlib.import_module(".score", __name__), name)
-    if name in ("NextToken", "SamplerView"):
-        from . import distribution
-
-        return getattr(distribution, name)
-    if name == "Sample":
-        from .records import Sample
-
-        return Sample
-    if name in ("Model", "ModelOptions", "quantize"):
-        from . import runtime
-
-        return getattr(runtime, name)
-    raise AttributeError(f"module 'llamalens' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -1,3 +1,3 @@
-from .cli import main
+from llamalens.cli import main
 
 main()

@@ -27,15 +27,15 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InvalidInput, InvalidSettings
-from .settings import SamplingSettings
+from llamalens.errors import InvalidInput, InvalidSettings
+from llamalens.settings import SamplingSettings
 
 __all__ = ["Run", "sweep", "open_run", "runs", "score", "choose", "compare", "report", "fork", "sampler_view"]
 
 
 # -- shared plumbing -------------------------------------------------------------------------------
 def _store(store):
-    from .store import Store
+    from llamalens.store import Store
 
     return store if isinstance(store, Store) else Store(store)
 
@@ -43,9 +43,9 @@ def _store(store):
 @contextmanager
 def _model(model, options: dict, sequences: int = 1, rows: int | None = None, cells: int | None = None):
     """A loaded Model as given, or one loaded here (the CLI's memory check) and closed afterwards."""
-    from .memory import checked_load
-    from .models import resolve_source
-    from .runtime import Model, ModelOptions
+    from llamalens.modelfiles.memory import checked_load
+    from llamalens.modelfiles.find import resolve_source
+    from llamalens.core.runtime import Model, ModelOptions
 
     if isinstance(model, Model):
         if options:
@@ -108,7 +108,7 @@ def _window_ticks(bar):
 class Run:
     """A stored run (a sweep's, or a fork's): its settings, DataFrames, and its report.
 
-    DataFrames (columns declared once in llamalens.analysis):
+    DataFrames (columns declared once in llamalens.run.loaded):
       tokens   one row per generated token (analysis.TOKEN_COLUMNS): run_id, sample_idx, prompt_idx, config_idx,
                seed, the settings (temperature, top_k, top_p, min_p, typical_p, repeat_penalty; with decoding
                strategies also strategy, beams, length_penalty, no_repeat_ngram, best_of), position, token_id,
@@ -170,13 +170,13 @@ class Run:
 
     @property
     def noise_floor(self) -> dict:
-        """The run's noise floor (sweep.noise_floor): {} before it was measured."""
+        """The run's noise floor (run/noise.py): {} before it was measured."""
         return dict(self.info.noise or {})
 
     def export(self, path, fmt: str | None = None) -> int:
         """Write the token table (.csv, .parquet) or the samples in OpenAI logprobs shape (.jsonl), as
         `llamalens export`; `fmt` defaults to the file's suffix. Returns the rows written."""
-        from .analysis import EXPORT_FORMATS, export_run
+        from llamalens.run.loaded import EXPORT_FORMATS, export_run
 
         fmt = fmt or Path(path).suffix.lower().lstrip(".")
         if fmt not in EXPORT_FORMATS:
@@ -190,7 +190,7 @@ class Run:
 
     def to_dict(self) -> dict:
         """The run's info and its summary rows, as `llamalens show --json` prints them."""
-        from .analysis import json_records
+        from llamalens.run.loaded import json_records
 
         return {"run": self.info.to_dict(), "summary": json_records(self.summary)}
 
@@ -205,13 +205,13 @@ class Run:
                 f"{i.n_configs} configuration(s), {i.n_done}/{i.n_samples} samples>")
 
     def _repr_html_(self) -> str:
-        from .reports.notebook import run_html
+        from llamalens.reports.notebook import run_html
 
         return run_html(self)
 
 
 def _load(store, run_id) -> Run:
-    from .analysis import load_run
+    from llamalens.run.loaded import load_run
 
     return Run(load_run(store, run_id), store)
 
@@ -240,8 +240,7 @@ def _configs(grid, preset: str | None, chain: str | None) -> list[SamplingSettin
     """A sweep's configurations from what Python gives: None (the preset or the defaults), a SamplingSettings or a
     list of them, a TOML grid file (path, or 'FILE:NAME'), or {setting: values} (a list, one value, or the CLI's
     '0,0.7' text) expanded as the CLI's axes are (grid.build_configs)."""
-    from . import grid as grids
-
+    from llamalens.run import grid as grids
     if isinstance(grid, SamplingSettings):
         return [grid]
     if isinstance(grid, (list, tuple)) and grid and all(isinstance(c, SamplingSettings) for c in grid):
@@ -264,7 +263,7 @@ def sweep(prompts=(), grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int
           chain: str | None = None, name: str | None = None, parallel: int = 32, exact: bool = False, model=None,
           store=None, progress: bool = True, chat: bool = False, system: str | None = None, messages=None,
           chat_template: str | None = None, grammar: str | None = None, json_schema: str | None = None,
-          **model_options) -> Run:
+          ray=None, workers: int | None = None, **model_options) -> Run:
     """Run prompts across a grid of sampling settings and seeds, store every token: `llamalens sweep`.
 
     prompts: one text or a list. grid: {setting: values} such as {"temperature": [0, 0.7], "top_k": [2, 40]}
@@ -275,50 +274,66 @@ def sweep(prompts=(), grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int
     through the model's chat template (or chat_template: a file or a built-in name); messages: OpenAI-style
     conversations (a list of message lists) or a .jsonl file of them; the analysis covers the replies.
     grammar / json_schema: a GBNF file or a JSON-schema file that constrains every reply (--grammar,
-    --json-schema). An interrupted run is finished by ll.resume(run).
+    --json-schema). ray: a Ray cluster's address ("auto", HOST:PORT; True: a local one) decodes on its workers
+    (workers= of them), as --ray. An interrupted run is finished by ll.resume(run).
 
     >>> run = ll.sweep("The capital of France is", {"temperature": [0, 0.7]}, seeds=2)  # doctest: +SKIP
     >>> run.summary[["label", "mean_logprob", "distinct_completions"]]                  # doctest: +SKIP
     """
-    from . import grid as grids
-    from .grammar import read_grammar
-    from .sweep import SweepSpec, execute, sizing, start_sweep
+    from llamalens.core.grammar import read_grammar
+    from llamalens.core.runtime import ModelOptions
+    from llamalens.run.requests import SweepRequest
+    from llamalens.run.sweep import SweepSpec
 
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    convs = _conversations(prompts, chat, system, messages, chat_template)
-    if not prompts and not convs:
-        raise InvalidInput("give at least one prompt (or messages=)")
-    grammar_spec = read_grammar(grammar, json_schema)
-    configs = _configs(grid, preset, chain)
-    seed_values = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    if isinstance(seeds, int) and seeds < 1:
-        raise InvalidSettings(f"seeds={seeds} must be >= 1 (or a list of seeds)")
-    grids.check(configs, seed_values)
+    prompts = [prompts] if isinstance(prompts, str) else _texts(prompts, "prompts")
+    stop = _texts(stop, "stop")
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise InvalidSettings(f"seeds={seeds} must be >= 1 (or a list of seeds)")
+        seed_values = list(range(seeds))
+    elif isinstance(seeds, (list, tuple, range)) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        seed_values = list(seeds)
+    else:
+        raise InvalidSettings(f"seeds={seeds!r}: give a number of seeds (N: seeds 0..N-1) or a list of integer seeds")
+    spec = SweepSpec(prompts, _configs(grid, preset, chain), seed_values, max_tokens, logprobs, tuple(stop), name,
+                     exact, parallel)
+    req = SweepRequest(spec, _conversations(prompts, chat, system, messages, chat_template), chat_template,
+                       read_grammar(grammar, json_schema))
+    req.check()
     st = _store(store)
-    from .runtime import ModelOptions
-
-    ctx = model_options.get("ctx", ModelOptions().ctx)
-    n_par, cells = sizing(prompts, convs, len(configs), len(seed_values), max_tokens, parallel, exact, ctx)
+    n_par, cells = req.sizing(model_options.get("ctx", ModelOptions().ctx))
     with _model(model, model_options, sequences=n_par, cells=cells) as loaded:
-        chats = None
-        if convs:
-            from .chat import render_all
-
-            chats = render_all(loaded, convs, chat_template)
-            prompts = [c.text for c in chats]
-        spec = SweepSpec(prompts, configs, seed_values, max_tokens, logprobs, tuple(stop), name, exact, parallel,
-                         chats=[c.to_dict() for c in chats] if chats else [],
-                         grammar=grammar_spec.to_dict() if grammar_spec else None)
-        run_id = start_sweep(loaded, st, spec, command=f"python: llamalens.sweep({len(prompts)} prompt(s))",
-                             on_note=_note)
-        with _bar(progress, spec.n_samples, f"run {run_id}", "seq") as bar:
-            execute(loaded, st, run_id, _sweep_ticks(bar))
+        run_id = req.start(loaded, st, f"python: llamalens.sweep({len(prompts)} prompt(s))", _note)
+        with _bar(progress, req.spec.n_samples, f"run {run_id}", "seq") as bar:
+            req.execute(loaded, st, run_id, _sweep_ticks(bar), _ray(ray, workers))
     return _load(st, run_id)
+
+
+def _texts(value, what: str) -> list[str]:
+    """A list of texts given as one: a string is one text, never its characters."""
+    if isinstance(value, str):
+        return [value]
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise InvalidInput(f"{what}={value!r}: give a text or a list of texts")
+    return list(value)
+
+
+def _ray(address, workers):
+    """The executor of ray= (an address, or "auto" / True for the local cluster): the work on Ray workers."""
+    if address is None or address is False:
+        return None
+    from llamalens.run.ray import RayExecutor, check_ray
+
+    address = "local" if address is True else str(address)
+    check_ray(address)
+    return RayExecutor(address, workers, _note)
 
 
 def _conversations(prompts: list, chat: bool, system, messages, chat_template) -> list | None:
     """The conversations a chat sweep decodes (chat.conversations), None when no chat parameter is given."""
-    from .chat import conversations
+    from llamalens.core.chat import conversations
 
     if not (chat or system is not None or messages is not None or chat_template):
         return None
@@ -329,8 +344,8 @@ def resume(run, *, store=None, model=None, progress: bool = True) -> Run:
     """Finish an interrupted sweep (Ctrl-C, a kill, a crash) with its own stored settings: `llamalens sweep
     --resume RUN`. run: a Run or a run id / name in `store`; model: another path to the same file (its sha256
     is checked) or a loaded Model of it."""
-    from .runtime import Model
-    from .sweep import execute, resume_target
+    from llamalens.core.runtime import Model
+    from llamalens.run.sweep import execute, resume_target
 
     st = run.store if isinstance(run, Run) else _store(store)
     info = st.run(run.id if isinstance(run, Run) else run)
@@ -352,60 +367,18 @@ def report(run, path, *, store=None, fmt: str | None = None, metric: str = "mean
     --sample. Returns the report's path. The CLI's hooks: `on_note` hears the warnings (default: Python
     warnings), `loader(file, options)` loads a model file, `writer(doc, path, fmt)` writes the document.
     """
-    from .reports import check_writable, report_format
-    from .reports.run import check_request, run_document
-    from .runtime import Model
-    from .sweep import check_run_model, report_model
+    from llamalens.run.kinds import kind
 
-    say = on_note or _note
-    write = writer or _write
     st = run.store if isinstance(run, Run) else _store(store)
     info = st.run(run.id if isinstance(run, Run) else run)
-    if info.kind == "fork":
-        from .fork import load_fork
-        from .reports.fork import fork_document
-
-        report_format(path, fmt)
-        check_writable(path)
-        write(fork_document(load_fork(st, info.id)), path, fmt)
-        return Path(path)
-    check_request(info, metric)
-    report_format(path, fmt)
-    check_writable(path)
-    if info.status != "done" or info.n_done < info.n_samples:
-        say(f"warning: run {info.id} is {info.status} ({info.n_done}/{info.n_samples} samples); the report shows the "
-            "finished samples only")
-    loaded = run.loaded if isinstance(run, Run) else None
-    if loaded is None:
-        from .analysis import load_run
-
-        loaded = load_run(st, info.id)
-    if isinstance(model, Model):
-        check_run_model(st, info, model)
-        write(run_document(loaded, model, position, sample, metric), path, fmt)
-        return Path(path)
-    viewer = None
-    if load_model:
-        file, options = report_model(info, model)
-        if file is None:
-            say(f"warning: the run's model {info.model.path} is not there; the sampler view is left out "
-                "(pass --model PATH)")
-        else:
-            from .memory import checked_load
-            from .models import resolve_source
-
-            viewer = loader(file, options) if loader else checked_load(resolve_source(file), options)
-            check_run_model(st, info, viewer)
-    try:
-        write(run_document(loaded, viewer, position, sample, metric), path, fmt)
-        return Path(path)
-    finally:
-        if viewer is not None and loader is None:
-            viewer.close()
+    kind(info.kind).hook("report")(st, info, path, fmt, loaded=run.loaded if isinstance(run, Run) else None,
+                                   model=model, position=position, sample=sample, metric=metric,
+                                   load_model=load_model, say=on_note or _note, loader=loader, write=writer or _write)
+    return Path(path)
 
 
 def _write(doc, path, fmt) -> None:
-    from .reports import write
+    from llamalens.reports.document import write
 
     write(doc, path, fmt)
 
@@ -421,7 +394,7 @@ def score(text, *, model=None, protocol: str = "full", stride: int | None = None
 
     >>> ll.score("The quick brown fox jumps over the lazy dog.").perplexity  # doctest: +SKIP
     """
-    from .score import score_text
+    from llamalens.looks.score import score_text
 
     batch = model_options.get("batch")
     with _model(model, model_options, rows=batch or _default("batch")) as loaded:
@@ -430,7 +403,7 @@ def score(text, *, model=None, protocol: str = "full", stride: int | None = None
 
 
 def _default(option: str):
-    from .runtime import ModelOptions
+    from llamalens.core.runtime import ModelOptions
 
     return getattr(ModelOptions(), option)
 
@@ -445,8 +418,8 @@ def choose(prompt: str, options, *, normalize: str = "none", space: bool = True,
     >>> ll.choose("The capital of France is", ["Paris", "London"]).options[0].option  # doctest: +SKIP
     'Paris'
     """
-    from .score import check_options
-    from .score import choose as rank
+    from llamalens.looks.score import check_options
+    from llamalens.looks.score import choose as rank
 
     options = list(options)
     check_options(options, normalize)
@@ -462,8 +435,8 @@ def compare(model_a=None, model_b=None, *, text=None, run=None, store=None, prot
     text: a str or bytes; or run: a Run / run id (B on that sweep's generated tokens; model_a None = the run's
     model). model_a / model_b: loaded Models or paths / names.
     """
-    from .runtime import Model
-    from .score import compare_pair, compare_run, compare_text, same_file
+    from llamalens.core.runtime import Model
+    from llamalens.looks.score import compare_pair, compare_run, compare_text, same_file
 
     if (text is None) == (run is None):
         raise InvalidInput("give text= or run=, one of them")
@@ -496,9 +469,9 @@ def sampler_view(model, prompt: str, settings, *, top: int = 10, history=()):
     settings: a SamplingSettings, a list of them, or {setting: values} expanded as a grid over neutral
     settings (temperature 1, no truncation), e.g. {"temperature": [0.5, 1, 2]}.
     """
-    from . import grid as grids
-    from .distribution import sampler_view as view
-    from .settings import NEUTRAL, changes_label
+    from llamalens.run import grid as grids
+    from llamalens.looks.next_token import sampler_view as view
+    from llamalens.settings import NEUTRAL, changes_label
 
     if isinstance(settings, dict):
         configs = grids.expand({k: (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in settings.items()},
@@ -512,36 +485,48 @@ def sampler_view(model, prompt: str, settings, *, top: int = 10, history=()):
         return view(loaded, prompt, list(history), configs, top, labels=labels)
 
 
-def fork(prompt: str, *, options=None, outcome: str | None = None, settings: SamplingSettings | None = None,
-         sampled_base: bool = False, samples: int = 4, alternatives: int = 3, min_prob: float = 0.05,
-         positions=None, max_tokens: int = 24, stop=(), parallel: int = 32, exact: bool = False,
+def fork(prompt: str | None = None, *, options=None, outcome: str | None = None,
+         settings: SamplingSettings | None = None, sampled_base: bool = False, samples: int = 4, alternatives: int = 3,
+         min_prob: float = 0.05, positions=None, max_tokens: int = 24, stop=(), parallel: int = 32, exact: bool = False,
          max_sequences: int = 2000, name: str | None = None, model=None, store=None, progress: bool = True,
-         **model_options) -> Run:
+         chat: bool = False, system: str | None = None, messages=None, chat_template: str | None = None, ray=None,
+         workers: int | None = None, **model_options) -> Run:
     """Find the tokens of a completion where the answer is decided, as `llamalens fork`: a Run of kind 'fork'
-    (its report and notebook display are the fork report; fork.load_fork(run.store, run.id) has the analysis).
+    (its report and notebook display are the fork report; run.fork.load_fork(run.store, run.id) has the analysis).
 
     options: the outcomes to look for (a list or "yes,no"); or outcome: a regex (its group 1 if it has one);
     neither: the completion's first line. positions: None (all), N, or (N, M). settings: the continuations'
-    sampling settings (the base path is greedy unless sampled_base=True).
+    sampling settings (the base path is greedy unless sampled_base=True). Chat (as --chat, --system,
+    --messages, --chat-template): chat=True sends prompt as a user message through the model's template, or
+    messages= gives one conversation (a message list); the base path is the reply. ray / workers: as in sweep().
     """
-    from .fork import ForkSpec, OutcomeSpec, check_spec, execute_fork, parse_positions, start_fork
+    from llamalens.run.fork import ForkSpec, OutcomeSpec, parse_positions
+    from llamalens.run.requests import ForkRequest
 
     if options is not None and outcome is not None:
         raise InvalidInput("options= and outcome= are different ways to read the outcome: give one")
     if isinstance(options, str):
         options = options.split(",")
+    if prompt is not None and not isinstance(prompt, str):
+        raise InvalidInput(f"prompt={prompt!r}: give the prompt as a text")
     spec_outcome = (OutcomeSpec("regex", regex=outcome) if outcome is not None else
-                    OutcomeSpec("options", options=tuple(o.strip() for o in options)) if options is not None else
-                    OutcomeSpec())
+                    OutcomeSpec("options", options=tuple(o.strip() for o in _texts(options, "options")))
+                    if options is not None else OutcomeSpec())
     span = positions if positions is None or isinstance(positions, tuple) else parse_positions(str(positions))
-    spec = ForkSpec(prompt, settings or SamplingSettings(), spec_outcome, sampled_base, samples, alternatives,
-                    min_prob, span, max_tokens, tuple(stop), parallel, exact, max_sequences, name)
-    check_spec(spec)
+    spec = ForkSpec(prompt or "", settings or SamplingSettings(), spec_outcome, sampled_base, samples, alternatives,
+                    min_prob, span, max_tokens, tuple(_texts(stop, "stop")), parallel, exact, max_sequences, name)
+    one = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], dict)  # a message list
+    convs = _conversations([prompt] if prompt is not None else [], chat, system, [messages] if one else messages,
+                           chat_template)
+    if convs is not None and len(convs) != 1:
+        raise InvalidInput(f"fork works on one conversation; messages= holds {len(convs)}")
+    req = ForkRequest(spec, convs[0] if convs else None, chat_template)
+    req.check()
     st = _store(store)
-    n_par = 1 if exact else min(parallel, max_sequences)
-    cells = (n_par + 1) * (len(prompt.encode("utf-8")) + 3 + max_tokens)
-    with _model(model, model_options, sequences=n_par + 1, cells=cells) as loaded:
-        run_id, cost = start_fork(loaded, st, spec, command="python: llamalens.fork(...)")
+    sequences, cells = req.sizing()
+    with _model(model, model_options, sequences=sequences, cells=cells) as loaded:
+        req.render(loaded)
+        run_id, cost = req.start(loaded, st, "python: llamalens.fork(...)")
         with _bar(progress, cost.sequences, f"fork run {run_id}", "seq") as bar:
-            execute_fork(loaded, st, run_id, _sweep_ticks(bar))
+            req.execute(loaded, st, run_id, _sweep_ticks(bar), _ray(ray, workers))
     return _load(st, run_id)

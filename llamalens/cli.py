@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import click
 
-from . import __version__
-from .commands import embed, fork, look, runs, score
-from .visible import terminal_safe
+from llamalens.version import __version__
+from llamalens.commands import embed, fork, look, runs, score
+from llamalens.visible import terminal_safe
 
 
 def not_utf8(args: list[str]) -> str | None:

@@ -29,5 +29,9 @@ class StoreError(LlamalensError):
     """The run store cannot be opened, written, or does not hold what was asked for."""
 
 
+class RayError(LlamalensError):
+    """Ray is missing, unreachable, or has no worker left to do the work."""
+
+
 class MissingExtra(LlamalensError):
     """A feature whose optional dependency (a pyproject extra) is not installed; the message names the extra."""

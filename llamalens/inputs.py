@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import InvalidInput
+from llamalens.errors import InvalidInput
 
 
 def read_prompts(path: str) -> list[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from .settings import ModelOptions
+from llamalens.settings import ModelOptions
 
 
 def token_text(raw: bytes) -> tuple[str, str]:
@@ -73,16 +73,18 @@ def token_frame(tokens, extra: tuple[str, ...] = ()):
     return pd.DataFrame([[getattr(t, "id" if c == "token_id" else c) for c in cols] for t in tokens], columns=cols)
 
 
+HTML_DISPLAY: list = []  # the renderer of Rich results, (kind, obj) -> HTML; set by the package (llamalens/__init__.py)
+
+
 class Rich:
     """Rich display in Jupyter / VS Code: `_repr_html_` is the report's own rendering (reports/notebook.py)
-    of the result kind named by `_display`."""
+    of the result kind named by `_display`. Records sit below the reports, so the renderer is handed in
+    (HTML_DISPLAY) by the package that wires the layers, not imported from here."""
 
     _display = ""
 
-    def _repr_html_(self) -> str:
-        from .reports.notebook import html_of
-
-        return html_of(self._display, self)
+    def _repr_html_(self) -> str | None:
+        return HTML_DISPLAY[0](self._display, self) if HTML_DISPLAY else None
 
 
 @dataclass
@@ -239,7 +241,7 @@ class Hardware:
     system: str = ""
     llama_cpp_system_info: str = ""  # llama_print_system_info(): the CPU features the build uses
     cmake_args: str | None = None  # the flags scripts/install.sh built llama-cpp-python with (None: unknown)
-    workers: int = 1  # processes that decoded the run (more than one: on Ray, llamalens/distributed.py)
+    workers: int = 1  # processes that decoded the run (more than one: on Ray, llamalens/run/ray.py)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Hardware":

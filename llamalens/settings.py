@@ -23,14 +23,14 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 
-from .errors import InvalidSettings
+from llamalens.errors import InvalidSettings
 
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # --flash-attn -> llama_context_params.flash_attn_type
 
 # llama.cpp reads this seed as "pick a random one": never pass it on.
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 
-# decoding strategies (issue 17)
+# decoding strategies
 STRATEGIES = ("sample", "greedy", "beam")
 EARLY_STOPPING = ("false", "true", "never")
 MAX_BEAMS = 64  # one KV sequence per beam (llama.cpp allows 256 in all)
@@ -92,7 +92,7 @@ class SamplingSettings(_Checked):
     presence_penalty: float = 0.0
     penalty_last_n: int = 64  # llama-cpp-python's last_n_tokens_size
     seed: int = 0
-    # -- decoding strategy (issue 17): how a whole sequence is chosen; every field is a sweep axis ------
+    # -- decoding strategy: how a whole sequence is chosen; every field is a sweep axis ------
     # (beam.py; semantics of Hugging Face transformers' `generate`, differences stated there)
     strategy: str = "sample"  # sample: the chain above (temperature 0 = greedy); greedy; beam
     beams: int = 5  # beam: hypotheses kept per step (num_beams)
@@ -103,7 +103,7 @@ class SamplingSettings(_Checked):
     best_of: int = 1  # sample: N draws, the one with the best sequence logprob is the sample
     best_of_by: str = "sum"  # sample: rank the draws by "sum" (sequence) or "mean" logprob
     # -- end of the decoding-strategy block ---------------------------------------------------------------
-    # ---- llama.cpp's chain and its own samplers (issue 13) -------------------------------------------
+    # ---- llama.cpp's chain and its own samplers -------------------------------------------
     # Defaults are llama-server's (common_params_sampling); every stage below is off at its default.
     chain: str = "llama-cpp-python"  # or "llama.cpp" (see the module docstring)
     samplers: str = DEFAULT_SAMPLERS  # llama.cpp chain: the order of its stages, llama-server's names
@@ -204,7 +204,7 @@ class SamplingSettings(_Checked):
             bad("penalty_last_n", self.penalty_last_n, "must be >= -1; -1 means the whole context")
         if not isinstance(self.seed, int) or not 0 <= self.seed < LLAMA_DEFAULT_SEED:
             bad("seed", self.seed, f"must be an integer in [0, {LLAMA_DEFAULT_SEED - 1}]")
-        # decoding strategy (issue 17)
+        # decoding strategy
         if self.strategy not in STRATEGIES:
             bad("strategy", self.strategy, f"must be one of {', '.join(STRATEGIES)}")
         if not _int(self.beams) or not 1 <= self.beams <= MAX_BEAMS:
@@ -292,7 +292,7 @@ class SamplingSettings(_Checked):
         return f"{core} seed={self.seed}" if seed else core
 
     def _strategy_label(self, chain: str) -> str:
-        """The label's decoding-strategy part (issue 17): 'beam=5 lp=1', 'greedy', or the chain's label."""
+        """The label's decoding-strategy part: 'beam=5 lp=1', 'greedy', or the chain's label."""
         if self.strategy == "beam":
             core = f"beam={self.beams} lp={self.length_penalty:g}"
             if self.early_stopping != "false":
@@ -382,11 +382,11 @@ class ModelOptions(_Checked):
     # cache, llama-server decodes the last 4 + ubatch and the last 4 prompt tokens in batches of their own (to
     # checkpoint its context there); other batch shapes give other logits (0.07 nats on the default model).
     server_prefill: str = "off"
-    # --- loading and the memory check (issue 16: --mmap/--no-mmap, --mlock, --force) ---
+    # --- loading and the memory check (--mmap/--no-mmap, --mlock, --force) ---
     mmap: bool = True  # map the file (False: read it into memory)
     mlock: bool = False  # lock the weights in RAM (no swapping)
     force: bool = False  # load even when the memory estimate says it will not fit
-    # --- end of issue 16's block ---
+    # --- end of loading and the memory check ---
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ModelOptions":

@@ -45,10 +45,10 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import StoreError
-from .models import ModelInfo
-from .records import Alternative, Hardware, RunOptions, Sample, StoredSample, Timing, TokenRecord, token_text
-from .settings import SamplingSettings
+from llamalens.errors import StoreError
+from llamalens.modelfiles.find import ModelInfo
+from llamalens.records import Alternative, Hardware, RunOptions, Sample, StoredSample, Timing, TokenRecord, token_text
+from llamalens.settings import SamplingSettings
 
 SCHEMA_VERSION = 1
 

@@ -17,7 +17,7 @@ Cases (each in a fresh subprocess, so that its peak RSS is its own; rounds inter
   C  the context options that move the numbers: the top token's raw logprob after "The capital of
      Michigan is " under llama-server's defaults, --swa-full on, --repack off, flash attention on, and
      each (README's table); a table, not a speed
-  y  case s's sweep through the store on a local Ray: 2 workers x 1 thread (llamalens/distributed.py)
+  y  case s's sweep through the store on a local Ray: 2 workers x 1 thread (llamalens/run/ray.py)
   Y  the same sweep through the store in one process with --threads threads: y/Y is Ray's cost (goal: Ray's
      own overhead <= 10% of the run time, i.e. y/Y >= 0.9 when 2 x 1 thread do the work of 1 x 2)
   z  the same on a local Ray with 1 worker x --threads threads: z/Y is Ray's own overhead alone (the same
@@ -65,7 +65,7 @@ and the same prompt (untruncated: >= 0.8x); score >= 0.9x llama-perplexity's spe
 Targets (in-process cases): b/a >= 0.9, b/c >= 5, m < 1.5 GB; sweep >= 30x naive and >= 2.5x single-sequence decode;
 beam 5 (j) >= 0.8x the 5-sequence sweep (J);
 score >= 0.5x prompt processing, compare >= 0.4x of it per model; report < 5 MB, opens in < 2 s; fork >= 0.9x
-the plain batched run (F) (issue 18's goal: not reachable, fork needs ~1.5x F's rows, notes/issue18b.md), fork > 1x the
+the plain batched run (F) (not reachable: fork needs ~1.5x F's rows), fork > 1x the
 continuations run as a plain sweep (G).
 Embeddings have no target: their figures are printed for the notes.
 """
@@ -102,8 +102,8 @@ def grid_settings(seeds=(1, 2), **extra):
 
 def case_lowlevel(model_path, n_tokens, threads):
     """llama.cpp's own loop: decode one token, sample it with the native chain, repeat."""
-    from llamalens.runtime import Model, ModelOptions
-    from llamalens.sampler import Sampler
+    from llamalens.core.runtime import Model, ModelOptions
+    from llamalens.core.sampler import Sampler
     from llamalens.settings import SamplingSettings
 
     m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
@@ -123,8 +123,8 @@ def case_lowlevel(model_path, n_tokens, threads):
 
 
 def case_llamalens(model_path, n_tokens, threads, ctx_len=512):
-    from llamalens.engine import generate
-    from llamalens.runtime import Model, ModelOptions
+    from llamalens.core.engine import generate
+    from llamalens.core.runtime import Model, ModelOptions
     from llamalens.settings import SamplingSettings
 
     m = Model(model_path, ModelOptions(ctx=ctx_len, threads=threads, flash_attn="auto"))
@@ -147,8 +147,8 @@ def case_naive(model_path, n_tokens, threads):
 
 
 def case_sweep(model_path, n_tokens, threads, parallel=32, **chain):
-    from llamalens.engine import Engine, Request
-    from llamalens.runtime import Model, ModelOptions
+    from llamalens.core.engine import Engine, Request
+    from llamalens.core.runtime import Model, ModelOptions
 
     m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
     reqs = [Request(PROMPT, s, n_tokens, 10, key=i) for i, s in enumerate(grid_settings(**chain))]
@@ -160,9 +160,9 @@ def case_sweep(model_path, n_tokens, threads, parallel=32, **chain):
 
 
 def case_beam(model_path, n_tokens, threads, beams=5):
-    """Beam search, 5 beams (issue 17): beam tokens scored per second (every live beam's token, one decode a step)."""
-    from llamalens.beam import beam_search
-    from llamalens.runtime import Model, ModelOptions
+    """Beam search, 5 beams: beam tokens scored per second (every live beam's token, one decode a step)."""
+    from llamalens.core.beam import beam_search
+    from llamalens.core.runtime import Model, ModelOptions
     from llamalens.settings import SamplingSettings
 
     m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
@@ -175,8 +175,8 @@ def case_beam(model_path, n_tokens, threads, beams=5):
 
 def case_sweep5(model_path, n_tokens, threads, n=5):
     """The beam row's baseline: a 5-sequence batched sweep of the same prompt and length (sampling, 5 seeds)."""
-    from llamalens.engine import Engine, Request
-    from llamalens.runtime import Model, ModelOptions
+    from llamalens.core.engine import Engine, Request
+    from llamalens.core.runtime import Model, ModelOptions
     from llamalens.settings import SamplingSettings
 
     m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
@@ -204,7 +204,7 @@ CONTEXTS = {  # README's table: llama-server's defaults, then one change at a ti
 def case_contexts(model_path, n_tokens, threads):
     import numpy as np
 
-    from llamalens.runtime import Model
+    from llamalens.core.runtime import Model
     from llamalens.settings import SERVER_CONTEXT, ModelOptions
 
     out = {}
@@ -241,8 +241,8 @@ def score_text_tokens(model, n_tokens):
 
 
 def case_prefill(model_path, n_text, threads, all_rows=False):
-    from llamalens.runtime import Model, ModelOptions
-    from llamalens.score import plan_windows, text_stream
+    from llamalens.core.runtime import Model, ModelOptions
+    from llamalens.looks.score import plan_windows, text_stream
 
     m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
     stream, _ = text_stream(m, score_text_tokens(m, n_text))
@@ -259,8 +259,8 @@ def case_prefill(model_path, n_text, threads, all_rows=False):
 
 
 def case_score(model_path, n_text, threads):
-    from llamalens.runtime import Model, ModelOptions
-    from llamalens.score import score_text
+    from llamalens.core.runtime import Model, ModelOptions
+    from llamalens.looks.score import score_text
 
     m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
     text = score_text_tokens(m, n_text)
@@ -273,8 +273,8 @@ def case_score(model_path, n_text, threads):
 def case_compare(model_path, n_text, threads):
     import llama_cpp as L
 
-    from llamalens.runtime import Model, ModelOptions
-    from llamalens.score import compare_text
+    from llamalens.core.runtime import Model, ModelOptions
+    from llamalens.looks.score import compare_text
 
     q8 = os.path.join(os.environ.get("TMPDIR", "/tmp"), "llamalens-bench-q8_0-" + os.path.basename(str(model_path)))
     if not os.path.exists(q8):
@@ -296,13 +296,13 @@ def case_report(model_path, n_tokens, threads):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
     from browser import Browser, chromium
 
-    from llamalens import grid as G
-    from llamalens.analysis import load_run
-    from llamalens.reports import write
+    from llamalens.run import grid as G
+    from llamalens.run.loaded import load_run
+    from llamalens.reports.document import write
     from llamalens.reports.run import run_document
-    from llamalens.runtime import Model, ModelOptions
+    from llamalens.core.runtime import Model, ModelOptions
     from llamalens.store import Store
-    from llamalens.sweep import SweepSpec, run_sweep
+    from llamalens.run.sweep import SweepSpec, run_sweep
 
     m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
     tmp = tempfile.mkdtemp()
@@ -329,9 +329,9 @@ FORK_PROMPT = "Q: Is 17 a prime number? Answer yes or no, then explain. A:"
 
 def fork_plan(model_path, threads):
     """The default model, and the continuation requests of a fork analysis of FORK_PROMPT (base path included)."""
-    from llamalens.engine import Request
-    from llamalens.fork import ForkSpec, OutcomeSpec, base_path, plan_continuations
-    from llamalens.runtime import Model, ModelOptions
+    from llamalens.core.engine import Request
+    from llamalens.run.fork import ForkSpec, OutcomeSpec, base_path, plan_continuations
+    from llamalens.core.runtime import Model, ModelOptions
     from llamalens.settings import SamplingSettings
 
     m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
@@ -347,7 +347,7 @@ def fork_plan(model_path, threads):
 
 
 def case_fork(model_path, n_tokens, threads):
-    from llamalens.fork import decode_continuations
+    from llamalens.run.fork import decode_continuations
 
     m, prompt_ids, base_ids, reqs = fork_plan(model_path, threads)
     stats: dict = {}
@@ -362,7 +362,7 @@ def case_fork(model_path, n_tokens, threads):
 
 def _engine_batched(m, reqs) -> dict:
     """These requests through llamalens' Engine, 32 per decode: tokens/s and the rows and prompt tokens decoded."""
-    from llamalens.engine import Engine
+    from llamalens.core.engine import Engine
 
     engine = Engine(m, 32)
     t0 = time.perf_counter()
@@ -373,7 +373,7 @@ def _engine_batched(m, reqs) -> dict:
 
 
 def case_fork_plain(model_path, n_tokens, threads):
-    from llamalens.engine import Request
+    from llamalens.core.engine import Request
 
     m, _, _, reqs = fork_plan(model_path, threads)
     # a seed of its own each: same-seed requests of one prompt share their history, and the engine would decode
@@ -395,9 +395,9 @@ def _store_sweep(model_path, n_tokens, threads, ray_workers=0, worker_threads=1)
     start and the workers' model loads are reported apart; the noise floor, the same for both, is left out)."""
     import tempfile
 
-    from llamalens.runtime import Model, ModelOptions
+    from llamalens.core.runtime import Model, ModelOptions
     from llamalens.store import Store
-    from llamalens.sweep import SweepSpec, execute, start_sweep
+    from llamalens.run.sweep import SweepSpec, execute, start_sweep
 
     configs = [c.with_(seed=0) for c in grid_settings(seeds=(0,))]
     m = Model(model_path, ModelOptions(ctx=512, threads=worker_threads if ray_workers else threads, flash_attn="auto"))
@@ -410,10 +410,10 @@ def _store_sweep(model_path, n_tokens, threads, ray_workers=0, worker_threads=1)
         marks["last"], marks["tokens"] = time.perf_counter(), prog.tokens
 
     if ray_workers:
-        from llamalens.distributed import execute_ray
+        from llamalens.run.ray import RayExecutor
 
-        execute_ray(m, store, rid, workers=ray_workers, on_progress=progress, on_pool=lambda pool: marks.update(
-            ready=time.perf_counter()))
+        execute(m, store, rid, progress, RayExecutor(workers=ray_workers, on_pool=lambda pool: marks.update(
+            ready=time.perf_counter())))
     else:
         execute(m, store, rid, progress)
     t0 = marks.get("ready", marks["start"])
@@ -465,8 +465,8 @@ def bench_words(n=256):
 
 
 def _embed_case(model_path, threads, texts, parallel):
-    from llamalens.embed import embed_texts
-    from llamalens.runtime import Model, ModelOptions
+    from llamalens.looks.embed import embed_texts
+    from llamalens.core.runtime import Model, ModelOptions
 
     m = Model(model_path, ModelOptions(ctx=4096, threads=threads, flash_attn="off"))
     embed_texts(m, texts[:2], "mean-all", parallel)  # warm-up
@@ -499,8 +499,8 @@ def case_embed_llama_cpp_python(model_path, n_tokens, threads):
 
 
 def case_embed_long(model_path, n_tokens, threads):
-    from llamalens.embed import embed_texts
-    from llamalens.runtime import Model, ModelOptions
+    from llamalens.looks.embed import embed_texts
+    from llamalens.core.runtime import Model, ModelOptions
 
     m = Model(model_path, ModelOptions(ctx=4096, threads=threads, flash_attn="off"))
     text = score_text_tokens(m, 2047)
@@ -959,7 +959,7 @@ def main():
     elif args.model and os.path.exists(args.model):
         path = Path(args.model)
     elif args.model:
-        from llamalens.models import resolve_model
+        from llamalens.modelfiles.find import resolve_model
 
         path = resolve_model(args.model)
     else:

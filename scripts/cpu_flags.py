@@ -38,7 +38,7 @@ X86_OPTIONS = [
     ("GGML_AVX512_BF16", ("avx512_bf16",), "AVX-512-BF16"),
 ]
 AVX512_EXTENSIONS = {"GGML_AVX512_VBMI", "GGML_AVX512_VNNI", "GGML_AVX512_BF16"}
-# What the safe fallback may use: the AVX2-era set the project built with before issue 15.
+# What the safe fallback may use: the AVX2-era set, which every supported x86-64 CPU runs.
 SAFE_OPTIONS = {"GGML_SSE42", "GGML_AVX", "GGML_F16C", "GGML_FMA", "GGML_BMI2", "GGML_AVX2"}
 AMX_OPTIONS = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
 # Used where an x86-64 CPU's flags cannot be read (no /proc/cpuinfo): what every build used to get.

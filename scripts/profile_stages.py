@@ -25,15 +25,15 @@ import time
 import importlib
 from collections import defaultdict
 
-import llamalens.engine as engine
-import llamalens.gguf_file as gguf_file
-import llamalens.memory as memory
-import llamalens.runtime as runtime
-import llamalens.sampler as sampler
-import llamalens.stats as stats
+import llamalens.core.engine as engine
+import llamalens.modelfiles.gguf_header as gguf_file
+import llamalens.modelfiles.memory as memory
+import llamalens.core.runtime as runtime
+import llamalens.core.sampler as sampler
+import llamalens.core.stats as stats
 import llamalens.store as store
 
-sweep = importlib.import_module("llamalens.sweep")  # `import llamalens.sweep as m` gives ll.sweep (the API call)
+sweep = importlib.import_module("llamalens.run.sweep")  # `import llamalens.run.sweep as m` gives ll.sweep (the API call)
 
 ACC: dict[str, list] = defaultdict(lambda: [0.0, 0.0, 0])
 IN_NOISE = [False]
@@ -71,9 +71,9 @@ def main() -> None:
     wrap(engine.Engine, "_picks", "picks (chain + sampled logprob, all sequences of a step)")
     wrap(engine.Engine, "_record", "records (accept, for_token, TokenRecord)")
     wrap(store.Store, "save_sample", "store")
-    wrap(stats.RowStats, "of", "RowStats.of (one row's statistics; the noise floor's, or before issue 21 every "
+    wrap(stats.RowStats, "of", "RowStats.of (one row's statistics; the noise floor's, or in older trees every "
          "token's)", classmethod_=True)
-    wrap(engine.Engine, "_step", "Engine._step (before issue 21: a token's chain, stats and record)")
+    wrap(engine.Engine, "_step", "Engine._step (older trees: a token's chain, stats and record)")
     wrap(memory, "checked_load", "startup: model load + header")
     wrap(gguf_file, "read_header", "startup: header")
     noise_floor, loop = sweep.noise_floor, engine.Engine._loop

@@ -40,10 +40,10 @@ def llama_tool(name: str) -> str | None:
 def row_kernel(request, monkeypatch):
     """Row statistics and dist_select through llamalens' C kernel (required in CI: setup.py builds it) and through
     their numpy passes."""
-    import llamalens.kernels as kernels
+    import llamalens.core.kernels as kernels
 
     if request.param == "C kernel":
-        require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)",
+        require(kernels.LIB, "llamalens' C kernel (llamalens/core/_kernels.c)",
                 "pip install -e . builds it with the C compiler; it needs an x86-64 CPU with AVX2 and FMA")
     else:
         monkeypatch.setattr(kernels, "LIB", None)
@@ -61,6 +61,19 @@ def chromium_path() -> str:
     from browser import chromium
 
     return require(chromium(), "headless Chromium", "scripts/install.sh --test installs Debian's chromium")
+
+
+# Tests that use these load the 262k-vocabulary default model, start a server, a Ray cluster or a browser, or run
+# notebooks: the slow tier. `pytest -m "not slow"` runs the rest, on the tiny GGUFs, in about a minute.
+SLOW_FIXTURES = {"gemma", "gemma_path", "gemma_llama", "gemma_q8_path", "gemma_q2_path", "gemma_server", "gemma_server_ctx",
+                 "prime_run", "finance", "ray_session", "chromium_path", "llama_perplexity", "tiny_server",
+                 "tiny_server_ctx"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -88,7 +101,7 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny(tiny_path):
-    from llamalens.runtime import Model, ModelOptions
+    from llamalens.core.runtime import Model, ModelOptions
 
     with Model(tiny_path, ModelOptions(ctx=256, flash_attn="off")) as m:
         yield m
@@ -96,7 +109,7 @@ def tiny(tiny_path):
 
 @pytest.fixture(scope="session")
 def gemma_path():
-    from llamalens.models import default_model_path
+    from llamalens.modelfiles.find import default_model_path
 
     return default_model_path()
 
@@ -104,7 +117,7 @@ def gemma_path():
 @pytest.fixture(scope="session")
 def gemma(gemma_path):
     """The default model with flash attention off, as llama_cpp.Llama() makes its context."""
-    from llamalens.runtime import Model, ModelOptions
+    from llamalens.core.runtime import Model, ModelOptions
 
     with Model(gemma_path, ModelOptions(ctx=512, flash_attn="off")) as m:
         yield m
@@ -123,7 +136,7 @@ def gemma_llama(gemma_path):
 def gemma_q8_path(gemma_path, tmp_path_factory):
     """A Q8_0 copy of the default model (llama.cpp's quantizer through runtime.quantize, about a second): batch-invariant on CPU
     with flash attention on (../shared/NOTES.md §6)."""
-    from llamalens.runtime import quantize
+    from llamalens.core.runtime import quantize
 
     out = tmp_path_factory.mktemp("q8") / "gemma-3-270m-q8_0.gguf"
     quantize(gemma_path, out, "Q8_0")

@@ -1,4 +1,4 @@
-"""Reference numerics written here, independently of llamalens.stats: what the tests compare llamalens with.
+"""Reference numerics written here, independently of llamalens.core.stats: what the tests compare llamalens with.
 
 Plain float64 numpy, the textbook formulas, nothing shared with the code under test.
 """

@@ -12,7 +12,8 @@ from html.parser import HTMLParser
 import pytest
 
 import llamalens as ll
-from llamalens import analysis, api
+from llamalens import api
+from llamalens.run import loaded as analysis
 from clirun import cli
 
 XSS = "<script>alert('x')</script> <b>bold</b> & <img src=x onerror=alert(1)>"
@@ -50,7 +51,7 @@ def test_chat_grammar_sweep_and_resume_match_the_cli(tiny, tiny_path, tmp_path):
     --grammar` runs (the same rendered prompts, tokens and grammar record), and ll.resume finishes a planned
     run as one uninterrupted sweep would have decoded it."""
     from llamalens.store import Store
-    from llamalens.sweep import SweepSpec, start_sweep
+    from llamalens.run.sweep import SweepSpec, start_sweep
 
     gbnf = tmp_path / "g.gbnf"
     gbnf.write_text('root ::= " the" ( " cat sat on the mat." | " dog sat." ) | " a cat is on it!"\n')
@@ -248,7 +249,7 @@ def test_fork_and_compare_on_a_run_match_the_cli(tiny_path, tmp_path):
     out = json.loads(cli("fork", "the cat", "--options", "sat,is", "--samples", 2, "--alternatives", 2,
                          "--min-prob", 0, "--positions", "0-1", "-n", 4, "--parallel", 8, "--ctx", 256, "--json",
                          "--model", tiny_path, "--store", tmp_path / "cli.db").stdout)
-    from llamalens.fork import load_fork
+    from llamalens.run.fork import load_fork
 
     assert run.kind == "fork" and load_fork(run.store, run.id).analysis.to_dict() == out["fork"]
     page, _ = _inner(run._repr_html_())
@@ -260,6 +261,36 @@ def test_fork_and_compare_on_a_run_match_the_cli(tiny_path, tmp_path):
     theirs = json.loads(cli("compare", "--run", run.id, "-m", other, "--store", tmp_path / "api.db", "--ctx", 256,
                             "--json").stdout)
     assert cmp.summary() == theirs["summary"] and cmp.source == f"run {run.id}"
+
+
+def test_chat_fork_and_text_arguments_match_the_cli(tiny_path, tmp_path):
+    """ll.fork(chat=...) renders the conversation as `fork --chat --system --chat-template` does (both build a
+    run.requests.ForkRequest): the same prompt, the same continuations token for token; a text where a list of
+    texts is expected is one text, never its characters."""
+    from llamalens.store import Store
+
+    opts = dict(samples=2, alternatives=2, min_prob=0.0, positions="0-1", max_tokens=4, parallel=8)
+    run = ll.fork("the <cat>", chat=True, system="be brief", chat_template="chatml", options="sat,is",
+                  model=str(tiny_path), store=tmp_path / "api.db", progress=False, ctx=256, **opts)
+    cli("fork", "--chat", "the <cat>", "--system", "be brief", "--chat-template", "chatml", "--options", "sat,is",
+        "--samples", 2, "--alternatives", 2, "--min-prob", 0, "--positions", "0-1", "-n", 4, "--parallel", 8,
+        "--ctx", 256, "--model", tiny_path, "--store", tmp_path / "cli.db")
+    api_store, cli_store = Store(tmp_path / "api.db"), Store(tmp_path / "cli.db")
+    prompt = api_store.run(run.id).options.prompts[0]
+    assert prompt.startswith("<|im_start|>system\nbe brief") and "the <cat>" in prompt
+    assert cli_store.run(1).options.prompts == (prompt,)
+    key = ["sample_idx", "position", "token_id", "logprob", "sampled_logprob"]
+    other = ll.open_run(1, store=tmp_path / "cli.db")
+    assert len(run.tokens) > 0 and run.tokens[key].equals(other.tokens[key])
+    assert [s.extra for s in api_store.samples(run.id)] == [s.extra for s in cli_store.samples(1)]
+    # a stop string is one string (not ('Q', ':')), options one text each
+    swept = ll.sweep("the cat", {"temperature": [0]}, stop="Q:", max_tokens=3, model=str(tiny_path),
+                     store=tmp_path / "s.db", progress=False, ctx=256)
+    assert swept.info.options.stop == ("Q:",)
+    with pytest.raises(ll.InvalidSettings, match="seeds=2.5"):
+        ll.sweep("the cat", seeds=2.5, model=str(tiny_path), store=tmp_path / "s.db", progress=False)
+    with pytest.raises(ll.InvalidInput, match="prompt=123"):
+        ll.fork(123, model=str(tiny_path), store=tmp_path / "s.db", progress=False)
 
 
 def test_notebook_frames_in_chromium(tiny, tmp_path, chromium_path):

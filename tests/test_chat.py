@@ -1,4 +1,4 @@
-"""Chat templates (llamalens/chat.py and --chat, --system, --chat-template, --messages on generate, next, score,
+"""Chat templates (llamalens/core/chat.py and --chat, --system, --chat-template, --messages on generate, next, score,
 choose and sweep): rendered prompt tokens against llama-cpp-python's own Jinja2ChatFormatter and tokenizer, the
 built-in templates against their documented formats, the reply's numbers against llama-cpp-python's logits,
 and every bad input."""
@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from llamalens.chat import check_messages, read_messages, render
+from llamalens.core.chat import check_messages, read_messages, render
 from llamalens.errors import InvalidInput
-from llamalens.runtime import Model, ModelOptions
+from llamalens.core.runtime import Model, ModelOptions
 from reference import log_softmax
 from test_cli import run as cli
 from tiny_gguf import TINY_CHAT_TEMPLATE, write_tiny_gguf

@@ -1,4 +1,4 @@
-"""Decoding strategies (issue 17): beam search against exhaustive search and greedy, no-repeat-ngram
+"""Decoding strategies: beam search against exhaustive search and greedy, no-repeat-ngram
 blocking (greedy, sampling, beams), best-of-N, the strategy axes of a sweep, and what show / export / the
 report make of them. References are computed here: numpy log-softmax of logits decoded one sequence at a
 time (tests/reference.py), brute-force n-gram checks, and the engine's own greedy path."""
@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from llamalens import grid
-from llamalens.beam import beam_search
+from llamalens.run import grid
+from llamalens.core.beam import beam_search
 from llamalens.cli import main
-from llamalens.decoding import banned_tokens, distinct_n, hypothesis_score, repeated_ngrams, sequence_metrics
-from llamalens.engine import generate
+from llamalens.core.strategies import banned_tokens, distinct_n, hypothesis_score, repeated_ngrams, sequence_metrics
+from llamalens.core.engine import generate
 from llamalens.errors import InvalidSettings
-from llamalens.runtime import Model, ModelOptions, round_ctx
+from llamalens.core.runtime import Model, ModelOptions, round_ctx
 from llamalens.settings import SamplingSettings
 from llamalens.store import Store
-from llamalens.sweep import SweepSpec, execute, start_sweep
+from llamalens.run.sweep import SweepSpec, execute, start_sweep
 from reference import log_softmax
 from tiny_gguf import write_tiny_gguf
 
@@ -260,7 +260,7 @@ def test_mixed_sweep_exact_equals_one_at_a_time_and_resumes(tiny, tmp_path):
         if len(calls) == 3:
             raise KeyboardInterrupt
 
-    from llamalens.sweep import SweepInterrupted
+    from llamalens.run.sweep import SweepInterrupted
 
     with pytest.raises(SweepInterrupted):
         execute(tiny, store, run_id, stop_after_3)
@@ -279,7 +279,7 @@ def test_mixed_sweep_exact_equals_one_at_a_time_and_resumes(tiny, tmp_path):
             ref_tokens, ref_text = ref.sample.tokens, ref.sample.text
             kinds.add("beam")
         elif cfg.best_of > 1:
-            from llamalens.decoding import draw_seed
+            from llamalens.core.strategies import draw_seed
 
             draws = [generate(tiny, s.prompt, cfg.with_(seed=draw_seed(s.seed, i, 3)), max_tokens=8, n_logprobs=2)
                      for i in range(3)]

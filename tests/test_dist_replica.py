@@ -4,9 +4,9 @@ the same random numbers, the same picks, and the same records through the engine
 import numpy as np
 import pytest
 
-import llamalens.sampler as sampler_mod
-from llamalens.engine import Engine, Request
-from llamalens.sampler import Candidates, Draws, Sampler, dist_select
+import llamalens.core.sampler as sampler_mod
+from llamalens.core.engine import Engine, Request
+from llamalens.core.sampler import Candidates, Draws, Sampler, dist_select
 from llamalens.settings import SamplingSettings
 from reference import log_softmax
 
@@ -142,10 +142,10 @@ def test_dist_select_with_the_row_pass_block_sums():
     the same sums as dist_select's own pass but for the order of float64 additions (measured 2e-16 apart relative;
     tolerance 1e-12), and the same picks, with llama.cpp's dist the judge of every sure one."""
     from conftest import require
-    from llamalens import kernels
-    from llamalens.stats import block_stats
+    from llamalens.core import kernels
+    from llamalens.core.stats import block_stats
 
-    require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
+    require(kernels.LIB, "llamalens' C kernel (llamalens/core/_kernels.c)", "pip install -e . builds it")
     rng = np.random.default_rng(11)
     for row in (rng.standard_normal(262144).astype(np.float32) * 3, (rng.standard_normal(32000) * 2).astype(np.float32)):
         bs = block_stats(row[None, :], 5)[0].dist_block_sums

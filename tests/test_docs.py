@@ -71,7 +71,7 @@ def readme_dir(tmp_path, tiny_path, monkeypatch):
 def test_every_readme_command_line_runs(readme_dir):
     from llamalens.settings import SamplingSettings
     from llamalens.store import Store
-    from llamalens.sweep import SweepSpec, start_sweep
+    from llamalens.run.sweep import SweepSpec, start_sweep
 
     lines = readme_command_lines()
     assert len(lines) >= 25
@@ -79,8 +79,8 @@ def test_every_readme_command_line_runs(readme_dir):
     for line in lines:
         for args in _expand(line):
             if args[:2] == ["sweep", "--resume"]:  # RUN: a planned run that was never finished
-                from llamalens.models import resolve_model
-                from llamalens.runtime import Model
+                from llamalens.modelfiles.find import resolve_model
+                from llamalens.core.runtime import Model
 
                 with Model(resolve_model(None)) as m:
                     rid = start_sweep(m, Store(), SweepSpec(["the cat"], [SamplingSettings()], [0, 1], 4))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from llamalens.embed import embed_texts
+from llamalens.looks.embed import embed_texts
 from clirun import cli
 
 TERMS = ["king", "queen", "man", "woman", "apple", "banana", "Paris is the capital of France."]
@@ -143,7 +143,7 @@ def test_long_text_in_chunks_equals_llama_cpp_python(tiny_path):
     import llama_cpp as L
     from llama_cpp import Llama
 
-    from llamalens.runtime import Model, ModelOptions
+    from llamalens.core.runtime import Model, ModelOptions
 
     text = " ".join(["the cat sat on the mat and the dog ran"] * 6)
     ref = Llama(str(tiny_path), embedding=True, pooling_type=L.LLAMA_POOLING_TYPE_NONE, n_ctx=256, n_batch=256,
@@ -165,8 +165,8 @@ def test_declared_pooling_of_an_embedding_model(tmp_path, declared, causal, want
     from llama_cpp import Llama
     from tiny_gguf import write_tiny_gguf
 
-    from llamalens.embed import resolve_pooling
-    from llamalens.runtime import Model, ModelOptions
+    from llamalens.looks.embed import resolve_pooling
+    from llamalens.core.runtime import Model, ModelOptions
 
     path = write_tiny_gguf(tmp_path / "enc.gguf", pooling_type=declared, causal=causal)
     texts = ["the cat sat on the mat", "hello world", "the dog ran and the cat sat on the mat"]
@@ -186,7 +186,7 @@ def test_reranker_and_unknown_pooling_refused(tmp_path):
     from tiny_gguf import write_tiny_gguf
 
     from llamalens.errors import InvalidSettings
-    from llamalens.runtime import Model, ModelOptions
+    from llamalens.core.runtime import Model, ModelOptions
 
     with Model(write_tiny_gguf(tmp_path / "rank.gguf", pooling_type=4), ModelOptions(ctx=64)) as m:
         with pytest.raises(InvalidSettings, match="reranker"):

@@ -16,8 +16,8 @@ import pytest
 from browser import Browser
 from test_embed import cli
 from test_report import XSS
-from llamalens.embed import embed_texts
-from llamalens.embed_map import category_order, category_summary, embedding_map
+from llamalens.looks.embed import embed_texts
+from llamalens.looks.embed_map import category_order, category_summary, embedding_map
 from llamalens.errors import InvalidSettings
 from llamalens.inputs import read_terms
 from llamalens.visible import label

@@ -5,7 +5,7 @@ raw logits (Llama.scores rows) within 1e-5, and top alternatives equal to top_lo
 import numpy as np
 import pytest
 
-from llamalens.engine import Engine, Request, generate
+from llamalens.core.engine import Engine, Request, generate
 from llamalens.settings import SamplingSettings
 from reference import log_softmax
 
@@ -198,8 +198,8 @@ def test_logits_block_is_the_rows_of_the_decode(tiny):
 def test_sampled_logprob_of_a_large_survivor_set():
     """Above EXACT_SURVIVORS survivors the sampled logprob's log-sum-exp runs in float32 (exp) with float64 sums:
     measured |error| against a float64 log-softmax 3.6e-9 nats on 262,144 survivors; the tolerance is 10x."""
-    from llamalens.stats import EXACT_SURVIVORS, sampled_logprob
-    from llamalens.sampler import TOKEN_DATA
+    from llamalens.core.stats import EXACT_SURVIVORS, sampled_logprob
+    from llamalens.core.sampler import TOKEN_DATA
 
     rng = np.random.default_rng(3)
     for n in (EXACT_SURVIVORS, 262144):
@@ -247,7 +247,7 @@ def test_top_k_prefilter_falls_back_on_ties(tmp_path, k):
     hold a tie, inside the top k (k=2: a twin pair) or across its edge (k=3: the 3rd and 4th). Fed only the top
     k, llama.cpp's non-stable partial sort may order the twins another way (a random 262k row with a tied top
     40 gave other survivors' order for 20 seeds of 20); the engine must take the full row every time."""
-    from llamalens.runtime import Model, ModelOptions
+    from llamalens.core.runtime import Model, ModelOptions
     from tiny_gguf import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path / "tied.gguf", tied_pairs=True)

@@ -1,4 +1,4 @@
-"""`llamalens fork` (issue 18): outcomes, the outcome distributions and their jumps recomputed here with numpy
+"""`llamalens fork`: outcomes, the outcome distributions and their jumps recomputed here with numpy
 from what the store holds, continuations equal to `generate` from the same prefix, synthetic cases whose
 forking tokens are known by construction, kill -9 and resume, the report in Chromium, bad input."""
 
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from browser import Browser
-from llamalens.engine import Engine, Request
-from llamalens.fork import ForkSpec, OutcomeSpec, execute_fork, load_fork, parse_positions, start_fork
-from llamalens.forking import Branch, analyse
+from llamalens.core.engine import Engine, Request
+from llamalens.run.fork import ForkSpec, OutcomeSpec, execute_fork, load_fork, parse_positions, start_fork
+from llamalens.run.fork_analysis import Branch, analyse
 from llamalens.settings import SamplingSettings
 from llamalens.store import Store
-from llamalens.sweep import rescore
+from llamalens.run.noise import rescore
 from clirun import cli
 
 PRIME = "Q: Is 17 a prime number? Answer yes or no, then explain. A:"
@@ -184,7 +184,7 @@ def test_continuations_equal_generate_exact_and_batched_within_noise(gemma, tmp_
     prompt_ids = gemma.prompt_tokens(PRIME)
     base_ids = [t.id for _, t in store.tokens(runs[True], 0)]
     # the base path is `generate` (greedy) of the prompt
-    from llamalens.engine import generate
+    from llamalens.core.engine import generate
     assert [t.id for t in generate(gemma, PRIME, SamplingSettings(temperature=0), max_tokens=n).tokens] == base_ids
     # exact: each continuation is the single-sequence engine (what `generate` runs) from prefix + forced token
     conts = store.samples(runs[True])[1:]
@@ -235,10 +235,10 @@ def test_shared_rows_give_the_records_of_each_continuation_decoded_alone(tiny_pa
     on its own prefix + forced token, which shares nothing. Again with the kept prefill rows capped at 3."""
     import importlib
 
-    from llamalens.engine import generate
-    from llamalens.runtime import Model, ModelOptions
+    from llamalens.core.engine import generate
+    from llamalens.core.runtime import Model, ModelOptions
 
-    fork_module = importlib.import_module("llamalens.fork")  # (llamalens.fork is also the name of a function)
+    fork_module = importlib.import_module("llamalens.run.fork")  # (llamalens.run.fork is also the name of a function)
     with Model(tiny_path, ModelOptions(ctx=256, flash_attn="off", threads=1)) as m:
         base = generate(m, "the cat", SamplingSettings(temperature=0), max_tokens=12)
         prompt_ids, base_ids = base.prompt_token_ids, [t.id for t in base.tokens]
@@ -397,7 +397,7 @@ def test_change_points_are_the_optimal_partition():
     """The dynamic programme against every partition of small random series, written out here."""
     from itertools import combinations
 
-    from llamalens.forking import change_points
+    from llamalens.run.fork_analysis import change_points
 
     rng = np.random.default_rng(1)
     for _ in range(30):
@@ -417,7 +417,7 @@ def test_change_points_are_the_optimal_partition():
 def test_seed_samples_the_base_path(tiny, tiny_path, tmp_path):
     """--seed given: the base path is sampled with the run's settings and that seed (as `generate` samples it);
     without it the base path is greedy; --outcome-first-line is the default outcome."""
-    from llamalens.engine import generate
+    from llamalens.core.engine import generate
 
     db = tmp_path / "seed.db"
     for extra in (["--seed", 3], ["--outcome-first-line"]):

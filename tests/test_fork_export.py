@@ -1,4 +1,4 @@
-"""`export` of a fork run (issue 18): the CSV and parquet token tables carry each token's sample's fork columns
+"""`export` of a fork run: the CSV and parquet token tables carry each token's sample's fork columns
 (role, position, forced token, its p, chosen, continuation number, outcome), read back and compared with what
 the store holds for every sample."""
 

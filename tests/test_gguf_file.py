@@ -3,8 +3,8 @@ import struct
 import pytest
 
 from llamalens.errors import InvalidModelFile, ModelNotFound
-from llamalens.gguf_file import ArraySummary, read_header
-from llamalens.models import model_info
+from llamalens.modelfiles.gguf_header import ArraySummary, read_header
+from llamalens.modelfiles.find import model_info
 from tiny_gguf import N_VOCAB
 
 
@@ -68,7 +68,7 @@ def test_header_cache_hit_equals_parse_and_follows_changes(tiny_path, tmp_path, 
     after it was cached is still refused; an unwritable cache is ignored."""
     import os
 
-    from llamalens.gguf_file import parse_header
+    from llamalens.modelfiles.gguf_header import parse_header
 
     monkeypatch.setenv("LLAMALENS_CACHE_DIR", str(tmp_path / "cache"))
     f = tmp_path / "m.gguf"
@@ -91,7 +91,7 @@ def test_header_cache_hit_equals_parse_and_follows_changes(tiny_path, tmp_path, 
     f.write_bytes(bytes(data[: len(data) - 1000]))
     with pytest.raises(InvalidModelFile, match="truncated"):
         read_header(f)
-    monkeypatch.setattr("llamalens.gguf_file.CACHE_MAX", 2)  # the folder keeps the most recent headers only
+    monkeypatch.setattr("llamalens.modelfiles.gguf_header.CACHE_MAX", 2)  # the folder keeps the most recent headers only
     for i in range(3):
         (tmp_path / f"copy{i}.gguf").write_bytes(tiny_path.read_bytes())
         read_header(tmp_path / f"copy{i}.gguf")

@@ -1,4 +1,4 @@
-"""Grammars and JSON schemas (llamalens/grammar.py, --grammar and --json-schema on generate, next and sweep): the
+"""Grammars and JSON schemas (llamalens/core/grammar.py, --grammar and --json-schema on generate, next and sweep): the
 grammar's mask and the removed mass against a prefix matcher written here and llama-cpp-python's logits, greedy
 constrained decoding against the same reference, JSON output that fits its schema, and every bad input."""
 
@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from llamalens.engine import Engine, Request
+from llamalens.core.engine import Engine, Request
 from llamalens.errors import InvalidInput
-from llamalens.grammar import MASS_EPS, read_grammar
+from llamalens.core.grammar import MASS_EPS, read_grammar
 from llamalens.settings import SamplingSettings
 from reference import log_softmax
 from test_cli import run as cli
@@ -104,7 +104,7 @@ def test_cli_next_sweep_show_report(tiny_path, tmp_path):
     assert "grammar (grammar:" in res.output and "where it fought the model most" in res.output
     html = report.read_text(encoding="utf-8")
     assert "Where the constraint fought the model" in html and "cat sat on the mat." in html
-    from llamalens.analysis import load_run
+    from llamalens.run.loaded import load_run
     from llamalens.store import Store
 
     run = load_run(Store(str(store)), 1)

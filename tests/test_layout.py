@@ -1,5 +1,6 @@
 """What the repository says stays true: every command has help, every command the README shows exists,
-the README's Layout lists every module, and a store written by an earlier llamalens still opens."""
+docs/design.md's Layout lists every module, the import graph has no circles, and a store written by an
+earlier llamalens still opens."""
 
 from __future__ import annotations
 
@@ -46,13 +47,54 @@ def test_every_readme_command_exists():
     assert not unshown, f"commands missing from the README's Commands section: {unshown}"
 
 
-def test_readme_layout_lists_every_module():
-    layout = README.split("## Layout", 1)[1].split("\n## ", 1)[0]
+def test_design_layout_lists_every_module():
+    layout = (ROOT / "docs" / "design.md").read_text(encoding="utf-8").split("## Layout", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"^\s+(llamalens/\S+\.py)", layout, flags=re.M))
-    actual = {str(p.relative_to(ROOT)) for p in (ROOT / "llamalens").rglob("*.py")
-              if p.name != "__main__.py" and not (p.name == "__init__.py" and p.parent != ROOT / "llamalens")}
-    assert actual - listed == set(), f"modules missing from the README's Layout: {sorted(actual - listed)}"
-    assert listed - actual == set(), f"the README's Layout names modules that do not exist: {sorted(listed - actual)}"
+    actual = {str(p.relative_to(ROOT)) for p in (ROOT / "llamalens").rglob("*.py") if p.name != "__main__.py"}
+    assert actual - listed == set(), f"modules missing from docs/design.md's Layout: {sorted(actual - listed)}"
+    assert listed - actual == set(), f"docs/design.md's Layout names modules that do not exist: {sorted(listed - actual)}"
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Each module of the package -> the package's modules it imports, imports inside functions included."""
+    import ast
+
+    pkg = ROOT / "llamalens"
+    names = {}
+    for p in pkg.rglob("*.py"):
+        parts = list(p.relative_to(ROOT).with_suffix("").parts)
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph = {}
+    for name, p in names.items():
+        out = set()
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                out |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{p}: relative import (the package imports itself by absolute names)"
+                out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {m for m in out if m in names and m not in (name, "llamalens")}
+    return graph
+
+
+def test_the_import_graph_has_no_circles():
+    """The layers import downwards only: no module reaches itself through the package's imports (the package's
+    own __init__, the public facade that wires the layers, is left out)."""
+    graph = _package_imports()
+    assert len(graph) > 40
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        state[m] = 1
+        for n in sorted(graph.get(m, ())):
+            assert state.get(n) != 1, "import circle: " + " -> ".join(path + [n])
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
 
 
 def test_only_runtime_and_sampler_import_llama_cpp():
@@ -81,7 +123,7 @@ def test_store_from_version_1_opens(tmp_path):
             assert a[k] == (pytest.approx(b[k], rel=1e-9, abs=1e-10) if isinstance(b[k], float) else b[k]), k
     for key in ("id", "name", "status", "command", "model_hash", "n_samples", "n_done", "noise"):
         assert new["run"][key] == old["run"][key], key
-    # options added since (the context options of issue 13) read as their defaults, which is how 0.1.0 ran
+    # options added since (the context options) read as their defaults, which is how 0.1.0 ran
     new_mo, old_mo = new["run"]["options"].pop("model_options"), dict(old["run"]["options"])
     old_mo = old_mo.pop("model_options")
     assert new["run"]["options"] == {k: v for k, v in old["run"]["options"].items() if k != "model_options"}

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from llamalens.cli import main
-from llamalens.engine import Engine, Request
+from llamalens.core.engine import Engine, Request
 from llamalens.errors import InvalidSettings
-from llamalens.grid import build_configs
-from llamalens.sampler import Sampler, logit_biases, stage_names
+from llamalens.run.grid import build_configs
+from llamalens.core.sampler import Sampler, logit_biases, stage_names
 from llamalens.settings import SERVER_CONTEXT, SamplingSettings, server_prompt_pieces
 
 
@@ -43,7 +43,7 @@ def test_generate_takes_every_llama_cpp_option(tiny_path):
     assert s["logit_bias"] == [[" the", -math.inf], [7, 2.5]]
     # the CLI's tokens are the engine's with the same settings (the options reach the chain)
     settings = SamplingSettings.from_dict(s)
-    from llamalens.runtime import Model
+    from llamalens.core.runtime import Model
     from llamalens.settings import ModelOptions
 
     with Model(tiny_path, ModelOptions(**{**SERVER_CONTEXT, "ctx": 2048})) as m:
@@ -169,7 +169,7 @@ def test_server_prompt_pieces():
 def test_sampler_view_shows_every_llama_cpp_stage(tiny):
     """The report's sampler section: candidates left after each stage of the llama.cpp chain, in its order,
     each stage's probabilities from the native chain applied up to it."""
-    from llamalens.distribution import sampler_view
+    from llamalens.looks.next_token import sampler_view
 
     cfg = SamplingSettings(chain="llama.cpp", dry_multiplier=0.8, xtc_probability=1.0, xtc_threshold=0.01,
                            top_k=0, top_p=1.0, min_p=0.0, logit_bias=((5, -math.inf),), seed=1)

@@ -1,6 +1,6 @@
 """llama-server, started for real by tests/server.py, as the reference for llama.cpp's own behaviour.
 
-The parity proof of issue 13: for each setting, llamalens's `llama.cpp` chain (SamplingSettings(chain=
+The parity proof of the llama.cpp chain: for each setting, llamalens's `llama.cpp` chain (SamplingSettings(chain=
 "llama.cpp", ...)) at llama-server's context options (settings.SERVER_CONTEXT) picks the same token ids
 as llama-server given the same prompt tokens, settings and seed, and gives the same top-N probabilities:
 `n_probs` (softmax of the raw logits) and `post_sampling_probs` (the candidates' p after the chain), each
@@ -36,9 +36,9 @@ import pytest
 
 from server import llama_server
 
-from llamalens.engine import Engine, Request
-from llamalens.runtime import Model
-from llamalens.sampler import Sampler, post_sampling
+from llamalens.core.engine import Engine, Request
+from llamalens.core.runtime import Model
+from llamalens.core.sampler import Sampler, post_sampling
 from llamalens.settings import SERVER_CONTEXT, ModelOptions, SamplingSettings
 
 N_PROBS = 5

@@ -1,4 +1,4 @@
-"""The memory estimate (issue 16): its parts against the sizes llama.cpp itself reports when it makes a context,
+"""The memory estimate: its parts against the sizes llama.cpp itself reports when it makes a context,
 its total against the measured peak RSS of real runs (within 25%) on the default model and on a larger synthetic
 model written with `gguf`, and the refusal before loading (with --force to load anyway)."""
 
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import llamalens.runtime as rt
+import llamalens.core.runtime as rt
 from llamalens.cli import main
-from llamalens.gguf_file import read_header
-from llamalens.memory import MIB, available_ram, estimate, parse_size
-from llamalens.runtime import Model
+from llamalens.modelfiles.gguf_header import read_header
+from llamalens.modelfiles.memory import MIB, available_ram, estimate, parse_size
+from llamalens.core.runtime import Model
 from llamalens.settings import ModelOptions
 from tiny_gguf import write_tiny_gguf
 
@@ -146,7 +146,7 @@ def test_memory_limit_and_available():
 
 def test_python_api_checks_too(tiny_path, monkeypatch):
     import llamalens as ll
-    from llamalens.memory import ModelTooBig
+    from llamalens.modelfiles.memory import ModelTooBig
 
     monkeypatch.setenv("LLAMALENS_MEMORY_LIMIT", "10M")
     with pytest.raises(ModelTooBig, match="but 10 MB is available"):

@@ -133,7 +133,7 @@ def test_compare_file_top_report(tiny_path, tmp_path):
 
 
 def test_sweep_preset_grid_seed_list_exact(tiny_path, tmp_path):
-    from llamalens.grid import PRESETS
+    from llamalens.run.grid import PRESETS
 
     db = tmp_path / "p.db"
     cli("sweep", "the cat", "--model", tiny_path, "--preset", "balanced", "--seed", "5,9", "-n", 3, "--exact",
@@ -156,9 +156,9 @@ def test_sweep_preset_grid_seed_list_exact(tiny_path, tmp_path):
 def test_resume_refuses_another_model_file(tiny_path, tmp_path):
     from tiny_gguf import write_tiny_gguf
 
-    from llamalens.runtime import Model
+    from llamalens.core.runtime import Model
     from llamalens.settings import SamplingSettings
-    from llamalens.sweep import SweepSpec, start_sweep
+    from llamalens.run.sweep import SweepSpec, start_sweep
 
     db = tmp_path / "m.db"
     with Model(tiny_path) as m:

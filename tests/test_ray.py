@@ -1,4 +1,4 @@
-"""Ray scale-out (llamalens/distributed.py) on a local Ray on 127.0.0.1: 2 workers x 1 thread, the default model.
+"""Ray scale-out (llamalens/run/ray.py) on a local Ray on 127.0.0.1: 2 workers x 1 thread, the default model.
 
 One Ray session serves the module (started once, about 5 s here); the CLI and the library find it
 initialised and use it. References are one-process runs of the same settings, made without Ray.
@@ -16,11 +16,11 @@ import sys
 import pytest
 
 from conftest import require
-from llamalens import grid
-from llamalens.runtime import Model
+from llamalens.run import grid
+from llamalens.core.runtime import Model
 from llamalens.settings import ModelOptions
 from llamalens.store import Store
-from llamalens.sweep import SweepInterrupted, SweepSpec, execute, start_sweep
+from llamalens.run.sweep import SweepInterrupted, SweepSpec, execute, start_sweep
 from clirun import cli
 
 PROMPTS = ["The cat sat on", "Once upon a time"]
@@ -111,7 +111,7 @@ def test_exact_sweep_on_two_workers_is_one_process_token_for_token(ray_session, 
 
 
 def test_a_killed_worker_loses_only_its_chunk(ray_session, model1, reference, tmp_path):
-    from llamalens.distributed import execute_ray
+    from llamalens.run.ray import RayExecutor
 
     store = Store(tmp_path / "k.db")
     run_id = start_sweep(model1, store, _spec())
@@ -123,8 +123,8 @@ def test_a_killed_worker_loses_only_its_chunk(ray_session, model1, reference, tm
             os.kill(victim.pid, signal.SIGKILL)
             killed.append(victim.name)
 
-    execute_ray(model1, store, run_id, workers=2, on_progress=on_progress, on_note=notes.append,
-                on_pool=pools.append, chunk=2)
+    execute(model1, store, run_id, on_progress, RayExecutor(workers=2, on_note=notes.append, on_pool=pools.append,
+                                                            chunk=2))
     pool = pools[0]
     assert len(pool.died) == 1 and pool.died[0].startswith(killed[0]) and pool.requeued == 1
     assert any("died" in n and "goes to the others" in n for n in notes), notes
@@ -137,7 +137,7 @@ def test_a_killed_worker_loses_only_its_chunk(ray_session, model1, reference, tm
 
 
 def test_with_every_worker_killed_the_run_stops_resumable(ray_session, model1, reference, tmp_path):
-    from llamalens.distributed import execute_ray
+    from llamalens.run.ray import RayExecutor
 
     store = Store(tmp_path / "k2.db")
     run_id = start_sweep(model1, store, _spec())
@@ -150,7 +150,7 @@ def test_with_every_worker_killed_the_run_stops_resumable(ray_session, model1, r
 
     with pytest.raises(SweepInterrupted, match=r"every worker is gone \(w\d \(pid \d+ on .*\), w\d .*resume with: "
                        r"llamalens sweep --resume 1"):
-        execute_ray(model1, store, run_id, workers=2, on_progress=on_progress, on_pool=pools.append, chunk=2)
+        execute(model1, store, run_id, on_progress, RayExecutor(workers=2, on_pool=pools.append, chunk=2))
     info = store.run(run_id)
     assert info.status == "interrupted" and 0 < info.n_done < 8 and len(pools[0].died) == 2
     execute(model1, store, run_id)  # the rest in one process
@@ -174,7 +174,7 @@ def test_a_run_interrupted_in_one_process_resumes_on_ray(ray_session, model1, re
 
 
 def test_workers_with_another_model_file_are_refused_by_name(ray_session, model1):
-    from llamalens.distributed import RayError, start_pool
+    from llamalens.run.ray import RayError, start_pool
 
     notes = []
     with pytest.raises(RayError, match="no worker could start"):
@@ -184,7 +184,7 @@ def test_workers_with_another_model_file_are_refused_by_name(ray_session, model1
 
 
 def test_score_sharded_over_two_workers_equals_one_process(ray_session, gemma_path, tmp_path):
-    from llamalens.score import score_text
+    from llamalens.looks.score import score_text
 
     with Model(gemma_path, ModelOptions(threads=1, ctx=64)) as m:
         ref = score_text(m, TEXT * 2, 64, stride=16)
@@ -199,7 +199,7 @@ def test_score_sharded_over_two_workers_equals_one_process(ray_session, gemma_pa
 
 
 def test_compare_sharded_over_two_workers_equals_one_process(ray_session, gemma_path, gemma_q8_path, tmp_path):
-    from llamalens.score import compare_text
+    from llamalens.looks.score import compare_text
 
     opts = ModelOptions(threads=1, ctx=32)
     with Model(gemma_path, opts) as a, Model(gemma_q8_path, opts) as b:
@@ -230,7 +230,7 @@ def _continuations(store, run_id):
 
 
 def test_exact_fork_on_two_workers_is_one_process_sample_for_sample(ray_session, tmp_path):
-    from llamalens.fork import load_fork
+    from llamalens.run.fork import load_fork
 
     cli("fork", *FORK_ARGS, "--store", tmp_path / "one.db")  # the reference: one process, no Ray
     res = cli("fork", *FORK_ARGS, "--ray", "--workers", 2, "--store", tmp_path / "r.db")
@@ -248,8 +248,8 @@ def test_exact_fork_on_two_workers_is_one_process_sample_for_sample(ray_session,
 
 
 def test_a_killed_worker_loses_only_its_fork_chunk(ray_session, model1, tmp_path):
-    from llamalens.distributed import fork_decoder
-    from llamalens.fork import ForkSpec, execute_fork, start_fork
+    from llamalens.run.ray import RayExecutor
+    from llamalens.run.fork import ForkSpec, execute_fork, start_fork
     from llamalens.settings import SamplingSettings
 
     spec = ForkSpec("The cat sat on", SamplingSettings(), samples=2, alternatives=2, min_prob=0.01, positions=(0, 2),
@@ -267,7 +267,7 @@ def test_a_killed_worker_loses_only_its_fork_chunk(ray_session, model1, tmp_path
             killed.append(victim.name)
 
     execute_fork(model1, store, run_id, on_progress,
-                 fork_decoder(model1, store, run_id, workers=2, on_note=notes.append, on_pool=pools.append, chunk=2))
+                 RayExecutor(workers=2, on_note=notes.append, on_pool=pools.append, chunk=2))
     assert len(pools[0].died) == 1 and pools[0].requeued == 1, notes
     info = store.run(run_id)
     assert info.status == "done" and info.n_done == info.n_samples

@@ -23,7 +23,7 @@ from llamalens.cli import main
 from llamalens.records import Hardware, RunOptions, Sample, Timing, TokenRecord
 from llamalens.settings import SamplingSettings
 from llamalens.store import APPLICATION_ID, Store
-from llamalens.sweep import SweepInterrupted, SweepSpec, execute, start_sweep
+from llamalens.run.sweep import SweepInterrupted, SweepSpec, execute, start_sweep
 from clirun import cli
 
 # every C0 control, DEL, the 8-bit C1 controls, and the escape families a terminal acts on

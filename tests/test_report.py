@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 
 from browser import Browser
-from llamalens import analysis
-from llamalens import grid
+from llamalens.run import loaded as analysis
+from llamalens.run import grid
 from llamalens.reports import document
-from llamalens.analysis import load_run
+from llamalens.run.loaded import load_run
 from llamalens.reports.run import run_document
 from llamalens.settings import SamplingSettings
 from reference import log_softmax
 from llamalens.store import Store
-from llamalens.sweep import SweepSpec, run_sweep, start_sweep
-from llamalens.distribution import sampler_view
+from llamalens.run.sweep import SweepSpec, run_sweep, start_sweep
+from llamalens.looks.next_token import sampler_view
 from clirun import cli
 
 XSS = ['<script>alert(1)</script>', '"><img src=x onerror=alert(1)>']
@@ -208,7 +208,7 @@ def test_report_of_empty_and_unfinished_runs(tiny, tmp_path, monkeypatch):
     res = cli("report", empty, "-o", tmp_path / "e.html", ok=False)
     assert res.exit_code == 1 and "no finished samples" in res.output and not (tmp_path / "e.html").exists()
     # a run with one of its two samples saved: reported, with a warning
-    from llamalens.engine import generate
+    from llamalens.core.engine import generate
 
     store.save_sample(empty, 0, generate(tiny, "the cat", SamplingSettings(temperature=0.0), max_tokens=4))
     res = cli("report", empty, "-o", tmp_path / "p.html", "--no-model")

@@ -18,8 +18,8 @@ import math
 import numpy as np
 import pytest
 
-from llamalens.distribution import sampler_view
-from llamalens.engine import generate
+from llamalens.looks.next_token import sampler_view
+from llamalens.core.engine import generate
 from llamalens.settings import SamplingSettings
 
 from test_options import cli, js

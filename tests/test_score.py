@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from llamalens.errors import InvalidInput
-from llamalens.runtime import Model, ModelOptions
-from llamalens.score import choose, compare_run, compare_text, plan_windows, score_text
+from llamalens.core.runtime import Model, ModelOptions
+from llamalens.looks.score import choose, compare_run, compare_text, plan_windows, score_text
 from reference import full_windows, kl_divergence, log_softmax
 from clirun import cli
 
@@ -20,7 +20,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. It was a bright cold day i
 
 @pytest.fixture(scope="module")
 def gemma_q2_path(gemma_path, tmp_path_factory):
-    from llamalens.runtime import quantize
+    from llamalens.core.runtime import quantize
 
     return quantize(gemma_path, tmp_path_factory.mktemp("q2") / "gemma-3-270m-q2_k.gguf", "Q2_K")
 
@@ -159,9 +159,9 @@ def test_quantization_drift_order_and_numpy(gemma, gemma_llama, gemma_q8_path, g
 
 
 def test_compare_on_a_stored_run(gemma, gemma_path, gemma_q8_path, tmp_path):
-    from llamalens import grid
+    from llamalens.run import grid
     from llamalens.store import Store
-    from llamalens.sweep import SweepSpec, run_sweep
+    from llamalens.run.sweep import SweepSpec, run_sweep
 
     store = Store(tmp_path / "runs.db")
     rid = run_sweep(gemma, store, SweepSpec(["Once upon a time"], grid.expand({"temperature": [0.0, 0.8]}), [0],

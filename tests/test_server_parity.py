@@ -12,9 +12,9 @@ import math
 
 import pytest
 
-from llamalens.chat import render
-from llamalens.engine import Engine, Request
-from llamalens.runtime import Model, ModelOptions
+from llamalens.core.chat import render
+from llamalens.core.engine import Engine, Request
+from llamalens.core.runtime import Model, ModelOptions
 from llamalens.settings import SamplingSettings
 from server import llama_server
 from tiny_gguf import TINY_CHAT_TEMPLATE, write_tiny_gguf

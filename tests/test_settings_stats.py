@@ -5,11 +5,11 @@ import pytest
 
 from llamalens.errors import InvalidSettings
 from llamalens.settings import SamplingSettings
-from llamalens.stats import (RowStats, apply_temperature, block_stats, entropy, kl_divergence, log_softmax, lse32,
+from llamalens.core.stats import (RowStats, apply_temperature, block_stats, entropy, kl_divergence, log_softmax, lse32,
                              top_ids)
 from reference import log_softmax as reference_log_softmax
 
-import llamalens.kernels as kernels
+import llamalens.core.kernels as kernels
 from conftest import require
 
 
@@ -168,7 +168,7 @@ def test_top_k_ids_only_without_ties():
 def test_kernel_exp_within_two_ulp():
     """The C pass's exp against float64's over 4M float32 values spread over [-87.34, 0] (every float32 there,
     measured once: 1.26 ulp at most) and every one in [-1, 0] of a coarser grid; the bound asked: 2 ulp."""
-    require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
+    require(kernels.LIB, "llamalens' C kernel (llamalens/core/_kernels.c)", "pip install -e . builds it")
     rng = np.random.default_rng(3)
     d = np.concatenate([rng.uniform(-87.33, 0, 3_000_000), -np.arange(1_000_000) / 1e6, [0.0, -1e-30, -87.336]])
     d = d.astype(np.float32)
@@ -183,7 +183,7 @@ def test_c_pass_and_numpy_agree():
     """The same block through both paths: the same candidates, top N and ranks; sums within float rounding (the
     two differ by the exp's ulp and the order of float64 additions: measured <= 2.2e-8 nats (lse), 6.4e-8 (entropy);
     tolerance 6e-7)."""
-    require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
+    require(kernels.LIB, "llamalens' C kernel (llamalens/core/_kernels.c)", "pip install -e . builds it")
     rng = np.random.default_rng(8)
     block = (rng.standard_normal((16, 50000)) * 5).astype(np.float32)
     block[2, ::3] = -np.inf
@@ -206,8 +206,8 @@ def test_c_pass_and_numpy_agree():
 def test_fill_ids_sorts_and_fills_like_numpy():
     """Candidates.fill_ids: the C fill (ll_fill_ids) and numpy's give the same llama_token_data, in id order, from ids
     in any order (the prefilter hands it the top list by logit), over a buffer that held other entries before."""
-    require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
-    from llamalens.sampler import Candidates
+    require(kernels.LIB, "llamalens' C kernel (llamalens/core/_kernels.c)", "pip install -e . builds it")
+    from llamalens.core.sampler import Candidates
 
     rng = np.random.default_rng(11)
     row = (rng.standard_normal(32000) * 4).astype(np.float32)
@@ -229,7 +229,7 @@ def test_kernel_paths_agree():
     """The C pass with AVX-512 (where the CPU has it) and with AVX2 alone (LLAMALENS_KERNELS_AVX2=1, in a fresh
     process): the same exp values, so the same candidates; sums in another order of float64 additions (measured
     1e-15 apart relative; tolerance 1e-12)."""
-    require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
+    require(kernels.LIB, "llamalens' C kernel (llamalens/core/_kernels.c)", "pip install -e . builds it")
     import json
     import os
     import subprocess
@@ -253,7 +253,7 @@ def test_kernel_paths_agree():
 def test_kernel_wrappers_refuse_what_the_c_side_cannot_read():
     """The ctypes wrappers check dtype, layout and room before the C side reads or writes (a float64 row read as
     float32, or a short candidate buffer, would be wrong numbers or a heap overflow)."""
-    require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
+    require(kernels.LIB, "llamalens' C kernel (llamalens/core/_kernels.c)", "pip install -e . builds it")
     row, sums = np.zeros(16, np.float32), np.empty(2)
     for bad in (lambda: kernels.row_pass(row.astype(np.float64), 0.0, 0.0, sums, np.empty(16, np.int32)),
                 lambda: kernels.row_pass(row, 0.0, 0.0, sums, np.empty(8, np.int32)),
@@ -268,7 +268,7 @@ def test_block_stats_of_read_only_strided_and_float64_blocks():
     """The C pass takes a block's address through the buffer protocol, which refuses read-only arrays
     (kernels.address then asks numpy); a Fortran-ordered or float64 block is copied to C float32 first. Every
     one gives the numbers of the plain block."""
-    require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
+    require(kernels.LIB, "llamalens' C kernel (llamalens/core/_kernels.c)", "pip install -e . builds it")
     block = (np.random.default_rng(12).standard_normal((3, 20000)) * 3).astype(np.float32)
     read_only = block.copy()
     read_only.setflags(write=False)
@@ -286,8 +286,8 @@ def test_survivor_lp_is_libm_exp_in_numpys_summation_order():
     np.sum) at every length up to its bound, the 8-sum and halving cut-offs included. numpy's own float64 exp is its
     AVX-512 loop on such a CPU, off by an ulp for some inputs: measured 1.8e-15 nats at most from that path; the
     tolerance is 10x."""
-    require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
-    from llamalens.stats import sampled_logprob
+    require(kernels.LIB, "llamalens' C kernel (llamalens/core/_kernels.c)", "pip install -e . builds it")
+    from llamalens.core.stats import sampled_logprob
 
     rng = np.random.default_rng(5)
     for n in [*range(1, 140), 255, 256, 257, 1000, 1024, 4095, kernels.EXACT_SURVIVORS]:
@@ -310,7 +310,7 @@ def test_reused_block_pass_keeps_its_arrays_and_gives_the_fresh_numbers():
     kept arrays for the shape (the same BlockPass object again, overwritten by the next call of that shape, left
     alone by a call of another shape); top_lists and ranks read its ctypes views, which hold what the arrays
     hold."""
-    require(kernels.LIB, "llamalens' C kernel (llamalens/_kernels.c)", "pip install -e . builds it")
+    require(kernels.LIB, "llamalens' C kernel (llamalens/core/_kernels.c)", "pip install -e . builds it")
     rng = np.random.default_rng(21)
     a, b = ((rng.standard_normal((2, 32000)) * 4).astype(np.float32) for _ in range(2))
     other = (rng.standard_normal((1, 32000)) * 4).astype(np.float32)

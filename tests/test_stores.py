@@ -1,4 +1,4 @@
-"""Models in other tools' stores (issue 16): fake Ollama, LM Studio, Hugging Face cache and llama.cpp cache trees
+"""Models in other tools' stores: fake Ollama, LM Studio, Hugging Face cache and llama.cpp cache trees
 in a temporary home, holding the default model (hard-linked) and tiny GGUFs; listing, resolution, ambiguity, a
 broken manifest, a split GGUF, and no network access (a guard fails the test on any connect off 127.0.0.1)."""
 
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from llamalens import stores
+from llamalens.modelfiles import other_tools as stores
 from llamalens.cli import main
 from llamalens.errors import InvalidModelFile, ModelNotFound
-from llamalens.models import list_models, resolve_source
+from llamalens.modelfiles.find import list_models, resolve_source
 from tiny_gguf import write_tiny_gguf
 
 REV = "0123456789abcdef0123456789abcdef01234567"
@@ -214,7 +214,7 @@ def test_listing_every_store(home, no_network, tiny_path, gguf_sources):
 
 
 def write_params(path: Path) -> int:
-    from llamalens.gguf_file import read_header
+    from llamalens.modelfiles.gguf_header import read_header
 
     return read_header(path).n_params
 

@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from llamalens import grid
+from llamalens.run import grid
 from llamalens.cli import main
-from llamalens.engine import generate
+from llamalens.core.engine import generate
 from llamalens.errors import InvalidSettings, StoreError
 from llamalens.store import Store
-from llamalens.sweep import SweepSpec, execute, run_sweep, start_sweep
+from llamalens.run.sweep import SweepSpec, execute, run_sweep, start_sweep
 
 
 def run(*args, ok=True):
@@ -147,7 +147,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny, tmp_path):
         if calls["n"] == 5:
             raise KeyboardInterrupt
 
-    from llamalens.sweep import SweepInterrupted
+    from llamalens.run.sweep import SweepInterrupted
 
     with pytest.raises(SweepInterrupted, match="5/16.*--resume"):
         execute(tiny, store, run_id, stop_after_5)
@@ -311,7 +311,7 @@ def test_q8_sweep_exact_equals_generate_and_batched_within_noise(gemma_q8_path, 
     """Q8_0 + flash attention on: `--exact` equals `generate` one by one, token for token and logprob for
     logprob; batched (8 per decode, with fan-out) stays within the run's recorded noise floor. (The notes
     found Q8_0 batch-invariant on an AVX-512 build; on an AVX2-only CPU it is not: max 0.12 nats here.)"""
-    from llamalens.runtime import Model, ModelOptions
+    from llamalens.core.runtime import Model, ModelOptions
 
     with Model(gemma_q8_path, ModelOptions(ctx=256, flash_attn="on")) as m:
         store = Store(tmp_path / "q8.db")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ..embed_map import DEFAULT_PERPLEXITY, DEFAULT_SEED, MAX_SEED, METHODS
-from .options import model_options, pop_model_options, report_option
-from .output import say, check_report_path, fail_cleanly, json_out, load_model, print_table, records, write_report
+from llamalens.looks.embed_map import DEFAULT_PERPLEXITY, DEFAULT_SEED, MAX_SEED, METHODS
+from llamalens.commands.options import model_options, pop_model_options, report_option
+from llamalens.commands.output import say, check_report_path, fail_cleanly, json_out, load_model, print_table, records, write_report
 
 MAX_MATRIX = 12  # texts up to which the terminal shows the whole cosine matrix
 
@@ -46,10 +46,10 @@ def embed(texts, file, query, pooling, parallel, pairs, map_method, perplexity, 
     llamalens embed --file terms.txt --query "a fruit" --report terms.html
     llamalens embed --file finance_terms.tsv --map tsne --report terms.html
     """
-    from ..embed import check_request, embed_texts, rank_by_query
-    from ..embed_map import check_map, embedding_map
-    from ..errors import InvalidInput
-    from ..inputs import read_terms
+    from llamalens.looks.embed import check_request, embed_texts, rank_by_query
+    from llamalens.looks.embed_map import check_map, embedding_map
+    from llamalens.errors import InvalidInput
+    from llamalens.inputs import read_terms
 
     items, categories = list(texts), None
     if file:
@@ -83,13 +83,13 @@ def embed(texts, file, query, pooling, parallel, pairs, map_method, perplexity, 
         _print_embeddings(es, ranking, pairs)
         _print_categories_and_map(es, categories, projection)
     if report_path:
-        from ..reports.texts import embed_document
+        from llamalens.reports.texts import embed_document
 
         write_report(embed_document(es, query, ranking.order if ranking else None, categories, projection), report_path)
 
 
 def _json(es, ranking, categories, projection, vectors) -> dict:
-    from ..embed_map import category_summary
+    from llamalens.looks.embed_map import category_summary
 
     d = es.to_dict(vectors)
     if ranking is not None:
@@ -104,8 +104,8 @@ def _json(es, ranking, categories, projection, vectors) -> dict:
 
 
 def _print_categories_and_map(es, categories, projection) -> None:
-    from ..embed_map import category_summary
-    from ..visible import label
+    from llamalens.looks.embed_map import category_summary
+    from llamalens.visible import label
 
     if categories and len(es.texts) > 1:
         summary = category_summary(es, categories)
@@ -132,7 +132,7 @@ def _f4(v: float) -> str:
 
 
 def _print_embeddings(es, ranking, pairs) -> None:
-    from ..visible import label
+    from llamalens.visible import label
 
     n = len(es.texts)
     say(f"{n + (ranking is not None)} texts embedded ({es.vectors.shape[1]} dimensions, pooling {es.pooling}"

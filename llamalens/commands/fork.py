@@ -1,4 +1,4 @@
-"""fork: the tokens where a model's answer is decided (forking-paths analysis; llamalens/fork.py)."""
+"""fork: the tokens where a model's answer is decided (forking-paths analysis; llamalens/run/fork.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import sys
 
 import click
 
-from .options import chat_options, json_option, model_options, pop_chat, pop_model_options, pop_ray, pop_sampling, \
+from llamalens.commands.options import chat_options, json_option, model_options, pop_chat, pop_model_options, pop_ray, pop_sampling, \
     ray_options, report_option, sampling_options, store_option
-from .output import check_report_path, fail_cleanly, json_out, load_model, print_table, say, shell_command, \
-    sweep_progress, write_report
+from llamalens.commands.output import (check_report_path, fail_cleanly, given_options, json_out, load_model, print_table, ray_executor,
+                                       say, shell_command, sweep_progress, until_done, write_report)
 
 # what a resumed fork run takes from the store; giving any of these with --resume is refused, not ignored
 RUN_DEFINED = ("prompt", "outcome", "options_list", "first_line", "samples", "alternatives", "min_prob", "positions",
@@ -69,16 +69,16 @@ def fork(prompt, outcome, options_list, first_line, samples, alternatives, min_p
     llamalens fork --resume 12          # after Ctrl-C, a kill or a crash
     llamalens fork "The best pet is a" --samples 8 --threads 8 --ray auto   # continuations on a Ray cluster
     """
-    from ..fork import ForkSpec, OutcomeSpec, check_spec, execute_fork, parse_positions, resume_target, start_fork
-    from ..store import Store
-    from .runs import _given, until_done
+    from llamalens.run.fork import ForkSpec, OutcomeSpec, check_spec, execute_fork, parse_positions, resume_target
+    from llamalens.run.requests import ForkRequest
+    from llamalens.store import Store
 
     ctx = click.get_current_context()
     chat = pop_chat(kw)
     ray_address, workers = pop_ray(kw)  # before any work: a bad address, or no Ray, fails here
     conv = None
     if resume_id is not None:
-        conflicts = _given(ctx, RUN_DEFINED)
+        conflicts = given_options(ctx, RUN_DEFINED)
         if conflicts:
             raise click.UsageError(f"--resume finishes a run with its own stored settings; {', '.join(conflicts)} "
                                    "would be ignored: drop them, or start a new fork run")
@@ -95,7 +95,7 @@ def fork(prompt, outcome, options_list, first_line, samples, alternatives, min_p
         spec_outcome = (OutcomeSpec("regex", regex=outcome) if outcome is not None else
                         OutcomeSpec("options", options=tuple(o.strip() for o in options_list.split(",")))
                         if options_list is not None else OutcomeSpec())
-        sampled = bool(_given(ctx, ["seed"]))  # --seed given: the base path is sampled with it
+        sampled = bool(given_options(ctx, ["seed"]))  # --seed given: the base path is sampled with it
         spec = ForkSpec(prompt or "", pop_sampling(kw), spec_outcome, sampled, samples, alternatives, min_prob,
                         parse_positions(positions), max_tokens, tuple(stop), parallel, exact, max_sequences, name)
         check_spec(spec)  # before loading the model: bad input fails fast
@@ -107,39 +107,32 @@ def fork(prompt, outcome, options_list, first_line, samples, alternatives, min_p
         say(f"resuming fork run {run_id}: {info.n_samples - info.n_done} of {info.n_samples - 1} continuations to go",
             err=True)
     else:
-        # the memory check sizes the context fork will make: the base path's sequence and --parallel more, each
-        # up to the prompt (bytes bound its tokens) and the run's length
-        n_par = 1 if exact else min(parallel, max_sequences)
-        prompt_bytes = len((prompt or "").encode("utf-8")) + (256 if conv is not None else 0)
-        loaded = load_model(model, pop_model_options(kw), sequences=n_par + 1,
-                            cells=(n_par + 1) * (prompt_bytes + 3 + max_tokens))
-        if conv is not None:  # the rendered conversation is the prompt: the base path is the assistant's reply
-            from .look import chat_prompt
-
-            spec.prompt = chat_prompt(loaded, conv, chat).text
+        req = ForkRequest(spec, conv, chat.template)
+        sequences, cells = req.sizing()
+        loaded = load_model(model, pop_model_options(kw), sequences=sequences, cells=cells)
+        req.render(loaded)
+        if req.rendered is not None:
+            say(f"chat ({req.rendered.template}): the prompt is {req.rendered.n_tokens} tokens; the reply starts after "
+                "it", err=True)
         say("decoding the base path ...", err=True)
-        run_id, cost = start_fork(loaded, store, spec, command=shell_command(["llamalens"] + sys.argv[1:]))
-        from ..fork import batch_rate
+        run_id, cost = req.start(loaded, store, shell_command(["llamalens"] + sys.argv[1:]))
+        from llamalens.run.fork import batch_rate
 
         n_batch = 1 if exact else min(parallel, cost.sequences)
         rate = batch_rate(loaded, loaded.prompt_tokens(spec.prompt), n_batch)
         say(f"run {run_id}: {cost.positions} positions, {cost.sequences:,} continuations, up to {cost.tokens:,} tokens "
             f"({n_batch} per batch); prefill {cost.prefill:,} tokens instead of {cost.naive_prefill:,}; about "
             f"{cost.seconds(rate):.0f} s at the measured {rate:.0f} tokens/s; store {store.path}", err=True)
-    decoder = None
-    if ray_address is not None:
-        from ..distributed import fork_decoder
-
-        decoder = fork_decoder(loaded, store, run_id, ray_address, workers, lambda note: say(f"ray: {note}", err=True))
+    executor = ray_executor(ray_address, workers)
     until_done(lambda: execute_fork(loaded, store, run_id, sweep_progress(
-        lambda p: f"positions {p.positions_done}/{p.positions_total}, {p.done}/{p.total} continuations"), decoder))
+        lambda p: f"positions {p.positions_done}/{p.positions_total}, {p.done}/{p.total} continuations"), executor))
     fr = show_fork(store, run_id, as_json)
     if report_path:
         write_fork_report(fr, report_path)
 
 
 def write_fork_report(fr, report_path, fmt=None) -> None:
-    from ..reports.fork import fork_document
+    from llamalens.reports.fork import fork_document
 
     say("writing the report ...", err=True)
     write_report(fork_document(fr), report_path, fmt)
@@ -147,10 +140,10 @@ def write_fork_report(fr, report_path, fmt=None) -> None:
 
 def show_fork(store, run_id, as_json):
     """Print a fork run's summary (the forking tokens and the outcome distributions); return the ForkRun."""
-    from ..fork import load_fork
-    from ..reports.fork import distribution_text, prefill_line
-    from ..reports.run import describe_noise
-    from ..visible import visible
+    from llamalens.run.fork import load_fork
+    from llamalens.reports.fork import distribution_text, prefill_line
+    from llamalens.reports.run import describe_noise
+    from llamalens.visible import visible
 
     fr = load_fork(store, run_id)
     info, a = fr.info, fr.analysis

@@ -6,12 +6,12 @@ import math
 
 import click
 
-from .options import axis_options, chain_option, chat_options, grammar_options, json_option, \
+from llamalens.commands.options import axis_options, chain_option, chat_options, grammar_options, json_option, \
     llama_cpp_fixed_options, llama_cpp_sampling_options, model_options, pop_axes, pop_chat, pop_grammar, pop_model_options, pop_sampling, \
     report_option, sampling_options
-from ..memory import available_ram, for_model as fit_estimate, gb
-from ..settings import ModelOptions, SamplingSettings
-from .output import say, alternatives, check_report_path, fail_cleanly, fmt_size, json_out, load_model, \
+from llamalens.modelfiles.memory import available_ram, for_model as fit_estimate, gb
+from llamalens.settings import ModelOptions, SamplingSettings
+from llamalens.commands.output import say, alternatives, check_report_path, fail_cleanly, fmt_size, json_out, load_model, \
     print_confidence, print_table, write_report
 
 MAX_NEXT_COLUMNS = 12
@@ -39,8 +39,8 @@ def models(name, fit, ctx, batch, parallel, as_json):
     llamalens models --fit
     llamalens models ollama:llama3.2:3b --json
     """
-    from ..models import list_models, model_info, resolve_source
-    from ..runtime import build_info
+    from llamalens.modelfiles.find import list_models, model_info, resolve_source
+    from llamalens.core.runtime import build_info
 
     options = ModelOptions(ctx=ctx, batch=batch)
     if name:
@@ -57,7 +57,7 @@ def models(name, fit, ctx, batch, parallel, as_json):
     found = list_models()
     fits = {}
     if fit:
-        from ..models import found_for
+        from llamalens.modelfiles.find import found_for
         fits = {m.path: fit_estimate(found_for(m), options, sequences=parallel) for m in found
                 if not m.architecture.startswith("invalid")}
     if as_json:
@@ -95,8 +95,8 @@ def _say_fit(est, name) -> None:
 @fail_cleanly
 def tokenize(text, bos, as_json, model, **kw):
     """Split TEXT into tokens: each token's id, text and exact bytes."""
-    from ..distribution import tokenize as split
-    from ..visible import visible
+    from llamalens.looks.next_token import tokenize as split
+    from llamalens.visible import visible
 
     tokens = split(load_model(model, pop_model_options(kw)), text, add_bos=bos)
     if as_json:
@@ -145,8 +145,7 @@ def next_cmd(prompt, top, chain, as_json, report_path, model, **kw):
     llamalens next "The capital of France is" --chain llama.cpp --xtc-probability 0,1 --xtc-threshold 0.05
     llamalens next --chat "What is the capital of France?" --chat-template gemma
     """
-    from .. import grid
-
+    from llamalens.run import grid
     chat = pop_chat(kw)
     conv = chat.single(prompt, "next")
     spec = pop_grammar(kw)
@@ -173,8 +172,8 @@ def next_cmd(prompt, top, chain, as_json, report_path, model, **kw):
         return _print_next_grammar(loaded, prompt, top, spec, as_json, rendered)
     if not configs:
         return _print_next(loaded, prompt, top, as_json, rendered)
-    from ..distribution import sampler_view
-    from ..reports.texts import next_document
+    from llamalens.looks.next_token import sampler_view
+    from llamalens.reports.texts import next_document
 
     view = sampler_view(loaded, prompt, [], configs, top, labels=[next_label(c) for c in configs])
     if report_path:
@@ -187,8 +186,8 @@ def next_cmd(prompt, top, chain, as_json, report_path, model, **kw):
 def next_configs(axes: dict, given, chain: str | None) -> list:
     """next's columns: the axes' product over the settings given (the llama.cpp chain: llama-server's defaults for
     the others, and its default chain alone when no axis is given; create_completion's: NEUTRAL's)."""
-    from .. import grid
-    from ..settings import NEUTRAL
+    from llamalens.run import grid
+    from llamalens.settings import NEUTRAL
 
     if chain == "llama.cpp":
         return grid.expand(axes, given) if axes else [given]
@@ -199,7 +198,7 @@ def next_configs(axes: dict, given, chain: str | None) -> list:
 def next_label(settings) -> str:
     """A column's label: what differs from the distribution's neutral settings, or for the llama.cpp chain from
     llama-server's defaults."""
-    from ..settings import changes_label, llama_cpp_label
+    from llamalens.settings import changes_label, llama_cpp_label
 
     if settings.chain != "llama.cpp":
         return changes_label(settings)
@@ -211,7 +210,7 @@ def chat_prompt(model, conv, chat):
     """The rendered conversation (chat.ChatPrompt), or None without the chat options; says what was rendered."""
     if conv is None:
         return None
-    from ..chat import render
+    from llamalens.core.chat import render
 
     rendered = render(model, conv, chat.template)
     say(f"chat ({rendered.template}): the prompt is {rendered.n_tokens} tokens; the reply starts after it",
@@ -225,8 +224,8 @@ def with_chat(d: dict, rendered) -> dict:
 
 
 def _print_next(model, prompt, top, as_json, rendered=None) -> None:
-    from ..distribution import next_token
-    from ..visible import visible
+    from llamalens.looks.next_token import next_token
+    from llamalens.visible import visible
 
     nt = next_token(model, prompt, top)
     if as_json:
@@ -240,8 +239,8 @@ def _print_next(model, prompt, top, as_json, rendered=None) -> None:
 
 
 def _print_next_grammar(model, prompt, top, spec, as_json, rendered) -> None:
-    from ..grammar import next_under_grammar
-    from ..visible import visible
+    from llamalens.core.grammar import next_under_grammar
+    from llamalens.visible import visible
 
     view = next_under_grammar(model, prompt, spec, top)
     if as_json:
@@ -260,7 +259,7 @@ def _print_next_grammar(model, prompt, top, spec, as_json, rendered) -> None:
 
 
 def _print_sampler_view(view, n_vocab: int) -> None:
-    from ..visible import visible
+    from llamalens.visible import visible
 
     rows = [("rank", "token", "raw") + tuple(ch.label for ch in view.chains)]
     for i, a in enumerate(view.top):
@@ -270,7 +269,7 @@ def _print_sampler_view(view, n_vocab: int) -> None:
     print_table(rows, right=set(range(0, 3 + len(view.chains))) - {1})
     say(f"raw = softmax of the logits (entropy {view.entropy:.4f} nats); each column = the same tokens after "
                "that sampler chain; - = removed")
-    from ..reports.texts import effect_rows
+    from llamalens.reports.texts import effect_rows
 
     for label, stage, what in effect_rows(view):  # what the stages that act on their own did here
         say(f"{label} | {stage}: {what}")
@@ -301,8 +300,8 @@ def generate(prompt, chain, max_tokens, logprobs, stop, as_text, as_json, model,
     llamalens generate --chat "Name a colour." --system "Answer in one word." --chat-template gemma -t 0
     llamalens generate "A person, as JSON:" --json-schema person.json -n 40
     """
-    from ..engine import Engine, Request, context_notes
-    from ..errors import InvalidSettings
+    from llamalens.core.engine import Engine, Request, context_notes
+    from llamalens.errors import InvalidSettings
 
     chat = pop_chat(kw)
     conv = chat.single(prompt, "generate")
@@ -333,7 +332,7 @@ def generate(prompt, chain, max_tokens, logprobs, stop, as_text, as_json, model,
 
 
 def _print_sample(sample) -> None:
-    from ..visible import visible
+    from llamalens.visible import visible
 
     removed = sample.grammar_removed
     rows = [("#", "token", "prob", "logprob", "rank", "entropy", "cand", "sampled p", "top alternatives")
@@ -345,7 +344,7 @@ def _print_sample(sample) -> None:
                     + ((f"{removed[t.position]:.1%}",) if removed is not None else ()))
     print_table(rows, right={0, 2, 3, 4, 5, 6, 7, 9})
     if removed is not None:
-        from ..grammar import describe_removed
+        from llamalens.core.grammar import describe_removed
 
         say(describe_removed(removed, [visible(t.text, t.bytes) for t in sample.tokens])
             + " (removed = raw probability the grammar forbade at that token)")

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import click
 
-from ..errors import InvalidSettings
-from ..settings import CHAINS, SERVER_CONTEXT, ModelOptions, SamplingSettings
+from llamalens.errors import InvalidSettings
+from llamalens.settings import CHAINS, SERVER_CONTEXT, ModelOptions, SamplingSettings
 
 
 def _stack(*opts):
@@ -36,11 +36,11 @@ RUNTIME_HELP = {
     "threads": "CPU threads (default: all cores).",
     "batch": "Prompt tokens per decode call.",
     "flash_attn": "llama.cpp's flash attention setting (changes logits slightly; recorded per run).",
-    # --- issue 16: loading and the memory check ---
+    # --- loading and the memory check ---
     "mmap": "Map the model file (--no-mmap reads it into memory instead); recorded per run.",
     "mlock": "Lock the weights in RAM so they are never swapped out; recorded per run.",
     "force": "Load even when the memory estimate says the model will not fit in RAM.",
-    # --- end of issue 16's block ---
+    # --- end of loading and the memory check ---
     "ubatch": "Physical batch (micro-batch) size [default: --batch; 512 with --chain llama.cpp].",
     "swa_full": "Full-size sliding-window KV cache [default: on, as Llama(); off with --chain llama.cpp, as "
                 "llama-server].",
@@ -63,11 +63,11 @@ runtime_options = _stack(
     click.option("--repack", type=click.Choice(["on", "off"]), default=None, help=RUNTIME_HELP["repack"]),
     click.option("--server-prefill", type=click.Choice(["on", "off"]), default=None,
                  help=RUNTIME_HELP["server_prefill"]),
-    # --- issue 16: loading and the memory check ---
+    # --- loading and the memory check ---
     click.option("--mmap/--no-mmap", default=_mo.mmap, show_default=True, help=RUNTIME_HELP["mmap"]),
     click.option("--mlock", is_flag=True, default=_mo.mlock, help=RUNTIME_HELP["mlock"]),
     click.option("--force", is_flag=True, default=_mo.force, help=RUNTIME_HELP["force"]),
-    # --- end of issue 16's block ---
+    # --- end of loading and the memory check ---
 )
 """--gpu-layers, --ctx, --threads, --batch, --flash-attn, --ubatch, --swa-full, --repack, --server-prefill,
 --mmap/--no-mmap, --mlock, --force: how a model is loaded and run (ModelOptions)."""
@@ -128,7 +128,7 @@ sampling_options = _stack(
     click.option("--presence-penalty", type=float, default=_ss.presence_penalty, show_default=True,
                  help="Subtracted once from every token already present (0 = off)."),
     click.option("--seed", type=int, default=_ss.seed, show_default=True, help="Seed of the sampler's random draws."),
-    # -- decoding strategy (issue 17) --
+    # -- decoding strategy --
     click.option("--no-repeat-ngram", type=int, default=_ss.no_repeat_ngram, show_default=True,
                  help="Never produce an n-gram already in the prompt + output (0 = off)."),
 )
@@ -204,7 +204,7 @@ AXIS_HELP = {
     "min_p": "e.g. 0,0.05 (0 = off).",
     "typical_p": "e.g. 0.5,1 (1 = off).",
     "repeat_penalty": "e.g. 1,1.3 (1 = off).",
-    # -- decoding strategy (issue 17) --
+    # -- decoding strategy --
     "strategy": "Decoding strategies, e.g. greedy,beam,sample (sample = the sampler chain).",
     "beams": "Beam widths for --strategy beam, e.g. 3,5 (num_beams; default 5).",
     "length_penalty": "Beam score = sum logprob / length^LP, e.g. 0.6,1.0 (0 = plain sum; default 1).",
@@ -231,7 +231,7 @@ strategy_options = _stack(
     click.option("--best-of-by", type=click.Choice(["sum", "mean"]), default=_ss.best_of_by, show_default=True,
                  help="Rank best-of draws by sequence (sum) or mean logprob."),
 )
-"""--early-stopping, --num-return, --best-of-by: fixed decoding-strategy settings of a sweep (issue 17)."""
+"""--early-stopping, --num-return, --best-of-by: fixed decoding-strategy settings of a sweep."""
 
 
 def pop_strategy(kw: dict) -> dict:
@@ -281,7 +281,7 @@ chat_options = _stack(
                  help='Conversations from a .jsonl file, one per line: {"messages": [{"role": "user", "content": '
                       '"..."}]} (implies --chat).'),
 )
-"""--chat, --system, --chat-template, --messages: prompts as conversations (llamalens/chat.py)."""
+"""--chat, --system, --chat-template, --messages: prompts as conversations (llamalens/core/chat.py)."""
 
 
 @dataclass(frozen=True)
@@ -295,7 +295,7 @@ class ChatOptions:
 
     def conversations(self, prompts) -> list[tuple]:
         """The conversations of PROMPT(S) (user messages) and --messages, read before any model is loaded."""
-        from ..chat import conversations
+        from llamalens.core.chat import conversations
 
         return conversations(prompts, self.system, self.messages_file)
 
@@ -328,12 +328,12 @@ grammar_options = _stack(
     click.option("--json-schema", "json_schema_file", default=None, type=click.Path(dir_okay=False),
                  help="Constrain the reply to JSON fitting this schema FILE (converted to a grammar; see the README)."),
 )
-"""--grammar, --json-schema: constrained generation (llamalens/grammar.py)."""
+"""--grammar, --json-schema: constrained generation (llamalens/core/grammar.py)."""
 
 
 def pop_grammar(kw: dict):
     """The grammar the options name (grammar.GrammarSpec), read now, or None."""
-    from ..grammar import read_grammar
+    from llamalens.core.grammar import read_grammar
 
     return read_grammar(kw.pop("grammar_file"), kw.pop("json_schema_file"))
 
@@ -354,7 +354,7 @@ def pop_ray(kw: dict) -> tuple[str | None, int | None]:
     if workers is not None and address is None:
         raise click.UsageError("--workers applies to Ray runs: add --ray (a local Ray) or --ray auto (a cluster)")
     if address is not None:  # a bad address or no Ray fails now, before a model is loaded or a run planned
-        from ..distributed import check_ray
+        from llamalens.run.ray import check_ray
 
         check_ray(address)
     return address, workers

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 import time
+from contextlib import contextmanager
 
 import click
 
-from ..errors import LlamalensError
-from ..visible import terminal_safe
+from llamalens.errors import LlamalensError
+from llamalens.visible import terminal_safe
 
 
 def fail_cleanly(fn):
@@ -66,7 +68,7 @@ def json_out(obj) -> None:
 
 def records(frame) -> list[dict]:
     """A DataFrame as JSON-ready rows (analysis.json_records)."""
-    from ..analysis import json_records
+    from llamalens.run.loaded import json_records
 
     return json_records(frame)
 
@@ -98,8 +100,8 @@ def load_model(name, options, sequences: int = 1, rows: int | None = None, cells
     """Resolve --model, check that it fits in memory (unless --force) and load it with these ModelOptions,
     saying so on stderr. `sequences`, `rows` (logits rows per decode) and `cells` (KV cells in all) size the
     estimate (memory.estimate)."""
-    from ..memory import checked_load
-    from ..models import resolve_source
+    from llamalens.modelfiles.memory import checked_load
+    from llamalens.modelfiles.find import resolve_source
 
     found = resolve_source(name)
     where = "" if found.store in ("folder", "default") else f" ({found.source})"
@@ -110,14 +112,14 @@ def load_model(name, options, sequences: int = 1, rows: int | None = None, cells
 def check_report_path(report_path) -> None:
     """A bad --report path fails before any work, not after it."""
     if report_path:
-        from ..reports import check_writable, report_format
+        from llamalens.reports.document import check_writable, report_format
 
         report_format(report_path, None)
         check_writable(report_path)
 
 
 def write_report(doc, report_path, fmt=None) -> None:
-    from ..reports import write
+    from llamalens.reports.document import write
 
     files = write(doc, report_path, fmt)
     extra = f" and {len(files) - 1} images in {files[1].parent}" if len(files) > 1 else ""
@@ -155,7 +157,7 @@ def sweep_progress(counts=None):
 def print_confidence(prefix: str, tokens) -> None:
     """Text coloured by the probability of each token (background colour; a legend follows). Without a
     colour terminal the text is printed plain, with the legend saying so."""
-    from ..visible import CONFIDENCE, confidence_bucket, flowing
+    from llamalens.visible import CONFIDENCE, confidence_bucket, flowing
 
     out = [click.style(flowing(prefix), dim=True)] if prefix else []
     for t in tokens:
@@ -175,6 +177,58 @@ def alternatives(top, digits: int = 3) -> str:
     """A token's top alternatives as 'text p  text p ...'."""
     import math
 
-    from ..visible import visible
+    from llamalens.visible import visible
 
     return "  ".join(f"{visible(a.text, a.bytes)} {math.exp(a.logprob):.{digits}f}" for a in top)
+
+
+@contextmanager
+def sigterm_as_interrupt(got: list):
+    """SIGTERM ends a sweep like Ctrl-C: the samples committed so far stay, the run is marked interrupted.
+    `got` receives the signal, so that the exit status can follow the shell's convention (128 + signal)."""
+    def on_term(signum, frame):
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def until_done(call) -> None:
+    """Run a sweep-like decode; when it is interrupted, say how to resume and exit as the shell expects
+    (128 + the signal; 1 for a full disk)."""
+    from llamalens.run.lifecycle import RunInterrupted
+
+    got: list = []
+    try:
+        with sigterm_as_interrupt(got):
+            call()
+    except RunInterrupted as e:
+        say(f"\n{e}", err=True)
+        sys.exit(128 + (got[0] if got else signal.SIGINT) if e.by_signal else 1)
+
+
+def given_options(ctx: click.Context, names) -> list[str]:
+    """The options among `names` that the user gave on the command line (not defaults, not the environment)."""
+    from click.core import ParameterSource
+
+    params = {p.name: p for p in ctx.command.params}
+    out = []
+    for name in names:
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            p = params[name]
+            out.append(p.opts[0] if p.opts[0].startswith("-") else p.name.upper())
+    return out
+
+
+def ray_executor(address, workers):
+    """The executor of `--ray`: the run's work on Ray workers (run/ray.py), their notes on stderr; None (this
+    process) without --ray."""
+    if address is None:
+        return None
+    from llamalens.run.ray import RayExecutor
+
+    return RayExecutor(address, workers, lambda note: say(f"ray: {note}", err=True))

@@ -3,45 +3,15 @@
 from __future__ import annotations
 
 import datetime
-import signal
 import sys
-from contextlib import contextmanager
 
 import click
 
-from .options import AXIS_HELP, axis_options, chain_option, chat_options, grammar_options, json_option, model_option, \
+from llamalens.commands.options import AXIS_HELP, axis_options, chain_option, chat_options, grammar_options, json_option, model_option, \
     pop_axes, pop_chat, pop_grammar, pop_model_options, pop_ray, pop_strategy, ray_options, report_option, runtime_options, \
     store_option, strategy_options
-from .output import records, say, check_report_path, shell_command, fail_cleanly, json_out, load_model, print_table, sweep_progress, write_report
-
-
-@contextmanager
-def sigterm_as_interrupt(got: list):
-    """SIGTERM ends a sweep like Ctrl-C: the samples committed so far stay, the run is marked interrupted.
-    `got` receives the signal, so that the exit status can follow the shell's convention (128 + signal)."""
-    def on_term(signum, frame):
-        got.append(signum)
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def until_done(call) -> None:
-    """Run a sweep-like decode; when it is interrupted, say how to resume and exit as the shell expects
-    (128 + the signal; 1 for a full disk)."""
-    from ..sweep import SweepInterrupted
-
-    got: list = []
-    try:
-        with sigterm_as_interrupt(got):
-            call()
-    except SweepInterrupted as e:  # a fork run's ForkInterrupted too
-        say(f"\n{e}", err=True)
-        sys.exit(128 + (got[0] if got else signal.SIGINT) if e.by_signal else 1)
+from llamalens.commands.output import (ray_executor, check_report_path, fail_cleanly, given_options, json_out, load_model, print_table, records, say,
+                                       shell_command, sweep_progress, until_done, write_report)
 
 
 # what a resumed run takes from the store; giving any of these with --resume is refused, not ignored
@@ -49,19 +19,6 @@ RUN_DEFINED = ("prompts", "prompts_file", "chat", "system", "chat_template", "me
                "json_schema_file", "seeds", "seed_list", "max_tokens", "logprobs", "stop", "preset", "grid_file",
                "name", "parallel", "exact", "ctx", "batch", "flash_attn", "gpu_layers", "early_stopping", "num_return",
                "best_of_by", "chain", "ubatch", "swa_full", "repack", "server_prefill")
-
-
-def _given(ctx: click.Context, names) -> list[str]:
-    """The options among `names` that the user gave on the command line (not defaults, not the environment)."""
-    from click.core import ParameterSource
-
-    params = {p.name: p for p in ctx.command.params}
-    out = []
-    for name in names:
-        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
-            p = params[name]
-            out.append(p.opts[0] if p.opts[0].startswith("-") else p.name.upper())
-    return out
 
 
 @click.command()
@@ -107,10 +64,12 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
 
     --chain llama.cpp (or --preset llama-server) samples as llama-server does, with its context options.
     """
-    from .. import grid
-    from ..inputs import read_prompts
-    from ..store import Store
-    from ..sweep import SweepSpec, execute, resume_target, sizing, start_sweep
+    from llamalens.run import grid
+    from llamalens.inputs import read_prompts
+    from llamalens.store import Store
+    from llamalens.run.lifecycle import resume_target
+    from llamalens.run.requests import SweepRequest
+    from llamalens.run.sweep import SweepSpec, execute
 
     axes_text = pop_axes(kw)
     chat = pop_chat(kw)
@@ -118,7 +77,7 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
     fixed = pop_strategy(kw)
     ray_address, workers = pop_ray(kw)
     if resume_id is not None:
-        conflicts = _given(click.get_current_context(), RUN_DEFINED + tuple("ax_" + a for a in axes_text))
+        conflicts = given_options(click.get_current_context(), RUN_DEFINED + tuple("ax_" + a for a in axes_text))
         if conflicts:
             raise click.UsageError(f"--resume finishes a run with its own stored settings; {', '.join(conflicts)} "
                                    "would be ignored: drop them, or start a new sweep")
@@ -135,35 +94,23 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
         if not prompts and not convs:
             raise click.UsageError("give at least one PROMPT, --prompts-file or --messages")
         chain = grid.chain_of(preset, chain)
-        configs = grid.build_configs(preset, grid_file, axes_text, fixed, chain)
-        seed_values = grid.parse_seeds(seeds, seed_list)
-        grid.check(configs, seed_values)
+        spec = SweepSpec(list(prompts), grid.build_configs(preset, grid_file, axes_text, fixed, chain),
+                         grid.parse_seeds(seeds, seed_list), max_tokens, logprobs, tuple(stop), name, exact, parallel)
+        req = SweepRequest(spec, convs, chat.template, grammar_spec)
+        req.check()
         options = pop_model_options(kw, chain)
-        n_par, cells = sizing(prompts, convs, len(configs), len(seed_values), max_tokens, parallel, exact, options.ctx)
+        n_par, cells = req.sizing(options.ctx)
         loaded = load_model(model, options, sequences=n_par, cells=cells)
-        chats = None
-        if convs:
-            from ..chat import render_all
-
-            chats = render_all(loaded, convs, chat.template)
-            prompts = tuple(c.text for c in chats)
-            say(f"chat: {len(chats)} conversation(s) rendered with {chats[0].template}; the analysis covers the "
-                "replies", err=True)
-        spec = SweepSpec(list(prompts), configs, seed_values, max_tokens, logprobs, tuple(stop), name, exact, parallel,
-                         chats=[c.to_dict() for c in chats] if chats else [],
-                         grammar=grammar_spec.to_dict() if grammar_spec else None)
-        run_id = start_sweep(loaded, store, spec, command=shell_command(["llamalens"] + sys.argv[1:]),
-                             on_note=lambda note: say(f"note: {note}", err=True))
-        say(f"run {run_id}: {len(spec.prompts)} prompt(s) x {len(configs)} configuration(s) x "
-                   f"{len(seed_values)} seed(s) = {spec.n_samples} sequences, up to {spec.n_samples * max_tokens:,} "
-                   f"tokens, {n_par} per batch; store {store.path}", err=True)
-    if ray_address is not None:
-        from ..distributed import execute_ray
-
-        until_done(lambda: execute_ray(loaded, store, run_id, ray_address, workers, sweep_progress(),
-                                       lambda note: say(f"ray: {note}", err=True)))
-    else:
-        until_done(lambda: execute(loaded, store, run_id, sweep_progress()))
+        run_id = req.start(loaded, store, shell_command(["llamalens"] + sys.argv[1:]),
+                           lambda note: say(f"note: {note}", err=True))
+        if req.chats:
+            say(f"chat: {len(req.chats)} conversation(s) rendered with {req.chats[0].template}; the analysis covers "
+                "the replies", err=True)
+        say(f"run {run_id}: {len(spec.prompts)} prompt(s) x {len(spec.configs)} configuration(s) x "
+            f"{len(spec.seeds)} seed(s) = {spec.n_samples} sequences, up to {spec.n_samples * max_tokens:,} "
+            f"tokens, {n_par} per batch; store {store.path}", err=True)
+    executor = ray_executor(ray_address, workers)
+    until_done(lambda: execute(loaded, store, run_id, sweep_progress(), executor))
     run = _show_run(store, run_id, as_json)
     if report_path:
         _report(run, report_path, None, loaded)
@@ -172,8 +119,8 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
 @click.command()
 def presets():
     """List the named presets for `sweep --preset`."""
-    from ..grid import PRESETS
-    from ..settings import SamplingSettings
+    from llamalens.run.grid import PRESETS
+    from llamalens.settings import SamplingSettings
 
     for name, values in PRESETS.items():
         say(f"{name:<18} {SamplingSettings(**values).label(seed=False)}")
@@ -185,7 +132,7 @@ def presets():
 @fail_cleanly
 def runs(as_json, store_path):
     """List the runs in the store."""
-    from ..store import Store
+    from llamalens.store import Store
 
     store = Store(store_path)
     infos = store.runs()
@@ -207,21 +154,24 @@ def runs(as_json, store_path):
 @fail_cleanly
 def show(run_id, as_json, store_path):
     """Summary of a run per configuration: logprob, perplexity, entropy, candidates, diversity, speed."""
-    from ..store import Store
+    from llamalens.store import Store
 
     _show_run(Store(store_path), run_id, as_json)
 
 
 def _show_run(store, run_id, as_json):
-    """Print a run's summary; return the LoadedRun (a report made next reads nothing again); a fork run's
-    summary is the fork's own (commands/fork.py)."""
-    from ..analysis import STRATEGY_TABLE, load_run
-    from ..reports.run import context_options, describe_noise
+    """Print a run's summary as its kind shows it (run/kinds.py); return what it loaded (a report made next
+    reads nothing again)."""
+    from llamalens.run.kinds import kind
 
-    if store.run(run_id).kind == "fork":
-        from .fork import show_fork
+    return kind(store.run(run_id).kind).hook("show")(store, run_id, as_json)
 
-        return show_fork(store, run_id, as_json)
+
+def show_sweep(store, run_id, as_json):
+    """Print a sweep run's summary: per configuration, then strategies, noise floor, grammar, resumes."""
+    from llamalens.run.loaded import STRATEGY_TABLE, load_run
+    from llamalens.reports.run import context_options, describe_noise
+
     run = load_run(store, run_id)
     info, summ = run.info, run.summary
     if as_json:
@@ -250,7 +200,7 @@ def _show_run(store, run_id, as_json):
     if info.options.grammar:
         _show_grammar(run)
     if info.resumes:
-        from ..reports.run import resume_note
+        from llamalens.reports.run import resume_note
 
         say(f"note: {resume_note(info)}")
     if info.status != "done":
@@ -259,8 +209,8 @@ def _show_run(store, run_id, as_json):
 
 
 def _show_grammar(run) -> None:
-    from ..grammar import fight
-    from ..visible import visible
+    from llamalens.core.grammar import fight
+    from llamalens.visible import visible
 
     f = fight(run.samples, run.by_sample, k=5)
     if f is None:
@@ -292,7 +242,7 @@ def report(run_id, output, fmt, metric, position, sample_idx, model, no_model, s
     llamalens report 7 -o run7.html
     llamalens report my-run -o run.md --metric mean_entropy --position 3
     """
-    from ..api import report as write_run_report
+    from llamalens.api import report as write_run_report
 
     write_run_report(run_id, output, store=store_path, fmt=fmt, metric=metric, position=position, sample=sample_idx,
                      model=model, load_model=not no_model, on_note=lambda note: say(note, err=True),
@@ -305,7 +255,7 @@ def _write(doc, output, fmt) -> None:
 
 
 def _report(run, output, fmt, model, **options) -> None:
-    from ..reports.run import run_document
+    from llamalens.reports.run import run_document
 
     _write(run_document(run, model=model, **options), output, fmt)
 
@@ -319,8 +269,8 @@ def _report(run, output, fmt, model, **options) -> None:
 @fail_cleanly
 def export(run_id, fmt, output, store_path):
     """Write a run's token table (csv, parquet) or its samples in OpenAI logprobs shape (jsonl)."""
-    from ..analysis import export_run, load_run
-    from ..store import Store
+    from llamalens.run.loaded import export_run, load_run
+    from llamalens.store import Store
 
     run = load_run(Store(store_path), run_id)
     n = export_run(run, fmt, output)

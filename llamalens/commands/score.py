@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import click
 
-from .options import chat_options, json_option, model_options, pop_chat, pop_model_options, pop_ray, ray_options, \
+from llamalens.commands.options import chat_options, json_option, model_options, pop_chat, pop_model_options, pop_ray, ray_options, \
     runtime_options, store_option, text_options
-from .output import say, alternatives, check_report_path, fail_cleanly, json_out, load_model, print_confidence, \
+from llamalens.commands.output import say, alternatives, check_report_path, fail_cleanly, json_out, load_model, print_confidence, \
     print_table, window_progress, write_report
 
 
 def _text(text, file, raw_bytes):
     """TEXT or --file (UTF-8, or any bytes with --raw-bytes; '-' = stdin)."""
-    from ..inputs import read_text_file
+    from llamalens.inputs import read_text_file
 
     if text is not None and file:
         raise click.UsageError("give TEXT or --file, not both")
@@ -51,7 +51,7 @@ def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprob
     llamalens score --messages chat.jsonl --chat-template gemma
     llamalens score --file corpus.txt --ctx 512 --threads 4 --ray auto   # windows shared out on a Ray cluster
     """
-    from ..score import score_text
+    from llamalens.looks.score import score_text
 
     chat = pop_chat(kw)
     ray_address, workers = pop_ray(kw)
@@ -65,7 +65,7 @@ def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprob
     loaded = load_model(model, options, rows=options.batch)  # every token of a window is scored
     scorer = None
     if ray_address is not None:
-        from ..distributed import ray_scorer
+        from llamalens.run.ray import ray_scorer
 
         scorer = ray_scorer(loaded, ray_address, workers, lambda note: say(f"ray: {note}", err=True),
                             window_progress("scoring"))
@@ -75,8 +75,8 @@ def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprob
 
 def _score_reply(chat, text, file, raw_bytes, as_json, report_path, logprobs, show_all, as_text, model, kw):
     """score --messages: the assistant's reply after its conversation."""
-    from ..chat import render
-    from ..score import score_reply
+    from llamalens.core.chat import render
+    from llamalens.looks.score import score_reply
 
     if not chat.messages_file:
         raise click.UsageError("score --chat needs the conversation the reply follows: --messages FILE (.jsonl)")
@@ -97,7 +97,7 @@ def _score_reply(chat, text, file, raw_bytes, as_json, report_path, logprobs, sh
 
 
 def _show_scores(res, as_json, as_text, show_all, report_path, rendered=None) -> None:
-    from .look import with_chat
+    from llamalens.commands.look import with_chat
 
     _notes(res.notes)
     if as_json:
@@ -109,13 +109,13 @@ def _show_scores(res, as_json, as_text, show_all, report_path, rendered=None) ->
     else:
         _print_scores(res, show_all)
     if report_path:
-        from ..reports.texts import score_document
+        from llamalens.reports.texts import score_document
 
         write_report(score_document(res, rendered), report_path)
 
 
 def _print_scores(res, show_all: bool) -> None:
-    from ..visible import visible
+    from llamalens.visible import visible
 
     toks = res.tokens
     shown = toks if show_all or len(toks) <= 100 else sorted(toks, key=lambda t: t.logprob)[:15]
@@ -150,10 +150,10 @@ def choose(prompt, options, normalize, no_space, as_json, model, **kw):
     llamalens choose "Review: great film! Sentiment:" --option positive --option negative --normalize token
     llamalens choose --chat "Is the sky blue? Answer yes or no." --chat-template gemma --option yes --option no
     """
-    from ..score import check_options
-    from ..score import choose as rank_options
-    from ..visible import visible
-    from .look import chat_prompt, with_chat
+    from llamalens.looks.score import check_options
+    from llamalens.looks.score import choose as rank_options
+    from llamalens.visible import visible
+    from llamalens.commands.look import chat_prompt, with_chat
 
     chat = pop_chat(kw)
     conv = chat.single(prompt, "choose")
@@ -199,8 +199,8 @@ def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model
     llamalens compare --run 7 -m model-q2_k.gguf        # what B thinks of run 7's text
     llamalens compare -m A.gguf -m B.gguf --file corpus.txt --ctx 512 --threads 4 --ray auto   # on a Ray cluster
     """
-    from ..score import compare_pair, compare_run, compare_text
-    from ..store import Store
+    from llamalens.looks.score import compare_pair, compare_run, compare_text
+    from llamalens.store import Store
 
     store = data = None
     ray_address, workers = pop_ray(kw)
@@ -224,7 +224,7 @@ def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model
     else:
         scorer = None
         if ray_address is not None:
-            from ..distributed import ray_comparer
+            from llamalens.run.ray import ray_comparer
 
             scorer = ray_comparer(a, b, ray_address, workers, lambda note: say(f"ray: {note}", err=True),
                                   window_progress("comparing"))
@@ -236,13 +236,13 @@ def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model
     else:
         _print_comparison(res, top)
     if report_path:
-        from ..reports.texts import compare_document
+        from llamalens.reports.texts import compare_document
 
         write_report(compare_document(res), report_path)
 
 
 def _print_comparison(res, top) -> None:
-    from ..visible import visible
+    from llamalens.visible import visible
 
     s = res.summary()
     say(f"A = {res.model_a.get('name')} ({res.model_a.get('quantization')}), B = {res.model_b.get('name')} "

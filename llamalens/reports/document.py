@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidInput, LlamalensError
+from llamalens.errors import InvalidInput, LlamalensError
 
 MAX_STRIP_TOKENS = 40_000
 MAX_PLOT_PROMPTS = 6
@@ -263,7 +263,7 @@ def _cell(v) -> str:
 
 
 def to_html(doc: Document) -> str:
-    from . import plots
+    from llamalens.reports import plots
 
     tokens: list = []
     body: list[str] = [f"<h1>{_e(doc.title)}</h1>"]
@@ -336,7 +336,7 @@ def _fence(text: str) -> str:
 
 
 def to_markdown(doc: Document, image_dir: Path, image_prefix: str) -> str:
-    from . import plots
+    from llamalens.reports import plots
 
     out = [f"# {_md(doc.title)}", ""]
     used: set[str] = set()
@@ -395,7 +395,7 @@ def report_format(path: str | os.PathLike, fmt: str | None) -> str:
 
 def check_writable(path: str | os.PathLike) -> Path:
     """Fail before any work if the report cannot be written there (or would overwrite a run store)."""
-    from ..store import check_not_a_store
+    from llamalens.store import check_not_a_store
 
     p = Path(path)
     check_not_a_store(p)

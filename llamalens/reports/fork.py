@@ -6,10 +6,10 @@ Only data is collected here; document.py writes the markup (every text escaped t
 
 from __future__ import annotations
 
-from ..visible import label, visible
-from .document import Document, Figure, Heading, KeyValues, Para, Strips, Table, TokenView, fork_class, prob_class
-from .run import describe_noise
-from .texts import model_line
+from llamalens.visible import label, visible
+from llamalens.reports.document import Document, Figure, Heading, KeyValues, Para, Strips, Table, TokenView, fork_class, prob_class
+from llamalens.reports.run import describe_noise
+from llamalens.reports.texts import model_line
 
 EXAMPLE_CHARS = 160
 TOP_JUMPS = 15
@@ -36,7 +36,7 @@ def prefill_line(stats: dict, cost: dict) -> str:
 
 def fork_document(fr) -> Document:
     """A fork run (fork.ForkRun) as a report document."""
-    from . import plots
+    from llamalens.reports import plots
 
     a, info = fr.analysis, fr.info
     doc = Document(f"llamalens fork: run {info.id}" + (f" ({label(info.name)})" if info.name else ""),
@@ -130,3 +130,14 @@ def _tok(fr, position: int) -> str:
 
 def _prob(fr, position: int) -> float:
     return fr.base_tokens[position].prob if position < len(fr.base_tokens) else float("nan")
+
+
+def write_fork_report(store, info, path, fmt, *, write, **_options) -> None:
+    """A fork run's report written to `path` (the fork kind's report, run/kinds.py); the sweep report's
+    options (metric, sampler view) do not apply."""
+    from llamalens.reports.document import check_writable, report_format
+    from llamalens.run.fork import load_fork
+
+    report_format(path, fmt)
+    check_writable(path)
+    write(fork_document(load_fork(store, info.id)), path, fmt)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import html
 
-from .document import Document, Figure, Heading, KeyValues, Para, Strips, Table, to_html
+from llamalens.reports.document import Document, Figure, Heading, KeyValues, Para, Strips, Table, to_html
 
 
 def frame(doc: Document) -> str:
@@ -49,8 +49,8 @@ def _guess_height(doc: Document) -> int:
 def sample_document(sample) -> Document:
     """A generated completion: its settings and the text coloured by each token's probability (hover: the
     token's figures and its top alternatives), as the run report's token strips."""
-    from ..settings import SamplingSettings
-    from .run import TOKEN_FIELDS, token_view
+    from llamalens.settings import SamplingSettings
+    from llamalens.reports.run import TOKEN_FIELDS, token_view
 
     doc = Document("llamalens generate", fields=TOKEN_FIELDS, alt_titles=["top alternatives (raw distribution)"])
     tm = sample.timing
@@ -67,8 +67,8 @@ def sample_document(sample) -> Document:
 
 def next_token_document(nt) -> Document:
     """The next-token distribution: the top-N raw probabilities as bars and a table."""
-    from ..visible import visible
-    from . import plots
+    from llamalens.visible import visible
+    from llamalens.reports import plots
 
     doc = Document("llamalens next", fields=[], alt_titles=[])
     doc.add(KeyValues([("prompt", nt.prompt), ("prompt tokens", str(nt.prompt_tokens)),
@@ -84,7 +84,7 @@ def next_token_document(nt) -> Document:
 
 def sampler_view_document(view) -> Document:
     """The raw top tokens and the same tokens after each sampler chain (bars and tables, as `next`'s report)."""
-    from .texts import sampler_blocks
+    from llamalens.reports.texts import sampler_blocks
 
     doc = Document(f"llamalens next: {len(view.chains)} sampler settings", fields=[], alt_titles=[])
     doc.add(KeyValues([("prompt", view.prompt), ("position", str(view.position)),
@@ -94,7 +94,7 @@ def sampler_view_document(view) -> Document:
 
 
 def choice_document(choice) -> Document:
-    from ..visible import visible
+    from llamalens.visible import visible
 
     doc = Document(f"llamalens choose: {len(choice.options)} options", fields=[], alt_titles=[])
     doc.add(KeyValues([("prompt", choice.prompt), ("normalize", choice.normalize)]))
@@ -108,14 +108,24 @@ def choice_document(choice) -> Document:
 
 
 def run_document(run) -> Document:
-    """A Run in a notebook: the report's header and summary sections (table and heatmaps), and the strategy
-    comparison when the run has one; a fork run: its whole report."""
-    if run.kind == "fork":
-        from ..fork import load_fork
-        from .fork import fork_document
+    """A Run in a notebook: its kind's display (run/kinds.py)."""
+    from llamalens.run.kinds import kind
 
-        return fork_document(load_fork(run.store, run.id))
-    from .run import RunReport
+    return kind(run.kind).hook("notebook")(run)
+
+
+def fork_run_document(run) -> Document:
+    """A fork Run in a notebook: its whole report."""
+    from llamalens.reports.fork import fork_document
+    from llamalens.run.fork import load_fork
+
+    return fork_document(load_fork(run.store, run.id))
+
+
+def sweep_run_document(run) -> Document:
+    """A sweep Run in a notebook: the report's header and summary sections (table and heatmaps), and the
+    strategy comparison when the run has one."""
+    from llamalens.reports.run import RunReport
 
     if not run.loaded.samples:
         doc = Document(f"llamalens run {run.id}", fields=[], alt_titles=[])
@@ -131,13 +141,13 @@ def run_document(run) -> Document:
 
 
 def score_document(res) -> Document:
-    from .texts import score_document as build
+    from llamalens.reports.texts import score_document as build
 
     return build(res)
 
 
 def compare_document(cmp) -> Document:
-    from .texts import compare_document as build
+    from llamalens.reports.texts import compare_document as build
 
     return build(cmp)
 

@@ -194,7 +194,7 @@ def category_colours(categories: list[str]) -> dict[str, str]:
 def _category_legend(fig, colours: dict[str, str], label_width: int = 30) -> None:
     from matplotlib.patches import Patch
 
-    from ..visible import label
+    from llamalens.visible import label
 
     names = list(colours)
     # handles and labels given explicitly: matplotlib would drop an automatic label that starts with "_"

@@ -19,14 +19,14 @@ from __future__ import annotations
 import datetime
 import math
 
-from .. import analysis
-from ..analysis import LoadedRun
-from ..errors import InvalidInput
-from ..records import StoredSample, TokenRecord
-from ..visible import visible
-from .document import (MAX_PLOT_PROMPTS, MAX_SAMPLER_CHAINS, MAX_STRIP_TOKENS, Document, Figure, Heading, KeyValues,
+from llamalens.run import loaded as analysis
+from llamalens.run.loaded import LoadedRun, load_run
+from llamalens.errors import InvalidInput
+from llamalens.records import StoredSample, TokenRecord
+from llamalens.visible import visible
+from llamalens.reports.document import (MAX_PLOT_PROMPTS, MAX_SAMPLER_CHAINS, MAX_STRIP_TOKENS, Document, Figure, Heading, KeyValues,
                        Para, Strips, Table, TokenView, fmt, gltr_class, prob_class)
-from .texts import chain_stages_text, chat_blocks, model_line, plain, sampler_blocks
+from llamalens.reports.texts import chain_stages_text, chat_blocks, model_line, plain, sampler_blocks
 
 HEATMAP_METRICS = ("mean_logprob", "mean_entropy", "mean_candidates", "distinct_completions")
 METRICS = HEATMAP_METRICS + ("perplexity", "distinct_2", "mean_rank", "tokens_per_s")
@@ -164,7 +164,7 @@ class RunReport:
             doc.add(Para(noise[0].upper() + noise[1:], "note"))
         doc.add(Table(["#", "prompt"], [[p, visible(t, edge_spaces=False)] for p, t in self.prompts], sortable=False))
         if opts.chats:
-            from ..chat import ChatPrompt
+            from llamalens.core.chat import ChatPrompt
 
             chat_blocks(doc, [ChatPrompt(**dict(c, messages=tuple(c["messages"]))) for c in opts.chats])
 
@@ -183,7 +183,7 @@ class RunReport:
         if analysis.varying_axes(self.run.configs, analysis.STRATEGY_COLUMNS):
             varying = []  # strategies ignore some settings: a heatmap over those would mix them; see the next section
         if varying and len(summ) > 1:
-            from . import plots
+            from llamalens.reports import plots
 
             x, y, panel = varying[0], (varying[1] if len(varying) > 1 else None), varying[2:]
             shown = [self.metric] + [mm for mm in HEATMAP_METRICS if mm != self.metric]
@@ -194,7 +194,7 @@ class RunReport:
 
     # -- 2b. where a grammar fought the model -----------------------------------------------------------
     def grammar(self) -> None:
-        from ..grammar import fight
+        from llamalens.core.grammar import fight
 
         spec = self.run.info.options.grammar
         f = fight(self.run.samples, self.run.by_sample, k=15) if spec else None
@@ -212,12 +212,12 @@ class RunReport:
                       caption="The positions where the grammar removed the most."))
         doc.add(Table(["grammar (GBNF)"], [[visible(spec["gbnf"], edge_spaces=False)]], sortable=False))
 
-    # -- 2b. decoding strategies side by side (issue 17) -------------------------------------------------
+    # -- 2b. decoding strategies side by side -------------------------------------------------
     def strategies(self) -> None:
         run, doc = self.run, self.doc
         if not run.strategies:
             return
-        from . import plots
+        from llamalens.reports import plots
 
         doc.add(Heading("Decoding strategies side by side"))
         doc.add(Table([h for _, h in analysis.STRATEGY_TABLE],
@@ -315,7 +315,7 @@ class RunReport:
 
     # -- 4. per-position plots ---------------------------------------------------------------------------
     def positions(self) -> None:
-        from . import plots
+        from llamalens.reports import plots
 
         doc = self.doc
         doc.add(Heading("Along the sequence"))
@@ -349,7 +349,7 @@ class RunReport:
 
     # -- 6. sampler view -----------------------------------------------------------------------------------
     def samplers(self) -> None:
-        from ..distribution import sampler_view
+        from llamalens.looks.next_token import sampler_view
 
         doc, run = self.doc, self.run
         doc.add(Heading("How the samplers reshape the distribution"))
@@ -403,3 +403,43 @@ def context_options(mo) -> str:
     """The context options that move the numbers (README, noise floor), e.g. 'flash-attn auto, swa-full on, ...'."""
     return (f"flash-attn {mo.flash_attn}, swa-full {mo.swa_full}, repack {mo.repack}, batch {mo.batch}, "
             f"ubatch {mo.ubatch or mo.batch}, server-prefill {mo.server_prefill}")
+
+
+def write_run_report(store, info, path, fmt, *, loaded=None, model=None, position: int = 0, sample=None,
+                     metric: str = "mean_logprob", load_model: bool = True, say, loader=None, write) -> None:
+    """A sweep run's report written to `path` (the sweep kind's report, run/kinds.py): the sampler view
+    decodes with `model` (a loaded Model or a file), else the run's own file unless load_model is False;
+    `loader(file, options)` loads a file (the CLI's memory check), `write(doc, path, fmt)` writes."""
+    from llamalens.core.runtime import Model
+    from llamalens.reports.document import check_writable, report_format
+    from llamalens.run.lifecycle import check_run_model, report_model
+
+    check_request(info, metric)
+    report_format(path, fmt)
+    check_writable(path)
+    if info.status != "done" or info.n_done < info.n_samples:
+        say(f"warning: run {info.id} is {info.status} ({info.n_done}/{info.n_samples} samples); the report shows the "
+            "finished samples only")
+    if loaded is None:
+        loaded = load_run(store, info.id)
+    if isinstance(model, Model):
+        check_run_model(store, info, model)
+        write(run_document(loaded, model, position, sample, metric), path, fmt)
+        return
+    viewer = None
+    if load_model:
+        file, options = report_model(info, model)
+        if file is None:
+            say(f"warning: the run's model {info.model.path} is not there; the sampler view is left out "
+                "(pass --model PATH)")
+        else:
+            from llamalens.modelfiles.find import resolve_source
+            from llamalens.modelfiles.memory import checked_load
+
+            viewer = loader(file, options) if loader else checked_load(resolve_source(file), options)
+            check_run_model(store, info, viewer)
+    try:
+        write(run_document(loaded, viewer, position, sample, metric), path, fmt)
+    finally:
+        if viewer is not None and loader is None:
+            viewer.close()

@@ -10,9 +10,9 @@ import math
 
 import numpy as np
 
-from ..models import ModelInfo
-from ..visible import label, visible
-from .document import MAX_STRIP_TOKENS, Document, Figure, Heading, KeyValues, Para, Strips, Table, TokenView, \
+from llamalens.modelfiles.find import ModelInfo
+from llamalens.visible import label, visible
+from llamalens.reports.document import MAX_STRIP_TOKENS, Document, Figure, Heading, KeyValues, Para, Strips, Table, TokenView, \
     gltr_class, kld_class, prob_class
 
 
@@ -68,7 +68,7 @@ def _limited(items: list, what: str, doc: Document) -> list:
 
 def score_document(res, chat=None) -> Document:
     """A scored text: totals, surprise along the text, the text coloured by probability / GLTR rank."""
-    from . import plots
+    from llamalens.reports import plots
 
     doc = Document(f"llamalens score: perplexity {res.perplexity:.3f}", fields=["p", "logprob", "rank", "entropy"],
                    alt_titles=["top alternatives"])
@@ -104,7 +104,7 @@ def score_document(res, chat=None) -> Document:
 
 def compare_document(cmp) -> Document:
     """Two models on the same tokens: llama-perplexity-style statistics, KLD along the text, the text by KLD."""
-    from . import plots
+    from llamalens.reports import plots
 
     s = cmp.summary()
     doc = Document(f"llamalens compare: mean KLD {s['kld_mean']:.5f}", fields=["KLD", "p A", "p B", "Δp", "same top"],
@@ -157,7 +157,7 @@ def embed_document(es, query: str | None = None, ranking=None, categories: list[
     """Embeddings of some texts: the cosine matrix as a heatmap (grouped by category when there are
     categories), how the categories hold together, the 2-D map (embed_map.embedding_map's DataFrame),
     nearest neighbours, most similar pairs."""
-    from . import plots
+    from llamalens.reports import plots
 
     cos = es.cosine()
     doc = Document(f"llamalens embed: {len(es.texts)} texts", fields=[], alt_titles=[])
@@ -179,7 +179,7 @@ def embed_document(es, query: str | None = None, ranking=None, categories: list[
     if 1 < len(es.texts) <= 60:
         doc.add(Heading("Cosine similarity"))
         if categories:
-            from ..embed_map import category_order
+            from llamalens.looks.embed_map import category_order
 
             order = category_order(categories)
             doc.add(Figure(plots.similarity(cos[np.ix_(order, order)], [labels[i] for i in order],
@@ -206,7 +206,7 @@ def embed_document(es, query: str | None = None, ranking=None, categories: list[
 
 
 def _category_blocks(doc: Document, es, categories: list[str]) -> None:
-    from ..embed_map import category_summary
+    from llamalens.looks.embed_map import category_summary
 
     summary = category_summary(es, categories)
     doc.add(Heading("Categories"))
@@ -222,7 +222,7 @@ def _category_blocks(doc: Document, es, categories: list[str]) -> None:
 
 
 def _map_blocks(doc: Document, frame) -> None:
-    from . import plots
+    from llamalens.reports import plots
 
     method = frame.attrs.get("method", "pca")
     cats = list(frame.category) if frame.category.notna().all() else None
@@ -296,7 +296,7 @@ def effect_rows(view) -> list[list[str]]:
 def sampler_blocks(doc: Document, view) -> None:
     """A SamplerView as a figure (raw vs after each chain) and tables (stages, what the stateful stages did at
     this position, final probabilities)."""
-    from . import plots
+    from llamalens.reports import plots
 
     labels = [visible(a.text, a.bytes) for a in view.top]
     doc.add(Figure(plots.sampler_stages(labels, [math.exp(a.logprob) for a in view.top],

@@ -30,8 +30,8 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
-from .errors import LlamalensError
-from .gguf_file import GGUFHeader
+from llamalens.errors import LlamalensError
+from llamalens.modelfiles.gguf_header import GGUFHeader
 
 MIB = 1 << 20
 # Measured on this machine's build (Python 3.11, numpy, click, llama.cpp's CPU backend): peak RSS of the CLI
@@ -210,8 +210,8 @@ def for_model(found, options, sequences: int = 1, rows: int | None = None, cells
               header=None) -> MemoryEstimate:
     """The estimate for a resolved model (stores.Found: all its parts) with these ModelOptions; `header`, its
     GGUF header when already read."""
-    from .gguf_file import read_header
-    from .runtime import supports_gpu_offload
+    from llamalens.modelfiles.gguf_header import read_header
+    from llamalens.core.runtime import supports_gpu_offload
 
     options.validate()
     return estimate(header or read_header(found.path), options, sequences, rows, cells, weights=found.size,
@@ -222,8 +222,8 @@ def checked_load(found, options, sequences: int = 1, rows: int | None = None, ce
                  announce=None):
     """Estimate, refuse when it will not fit (unless options.force), then load: a runtime.Model. `announce()` is
     called once the check has passed, just before llama.cpp opens the file."""
-    from .gguf_file import read_header
-    from .runtime import Model
+    from llamalens.modelfiles.gguf_header import read_header
+    from llamalens.core.runtime import Model
 
     header = read_header(found.path)  # read once: for the estimate, then for the model (~0.1 s on a 262k vocabulary)
     est = for_model(found, options, sequences, rows, cells, header=header)

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidInput, InvalidModelFile, LlamalensError, PromptTooLong
-from .gguf_file import read_header
-from .models import ModelInfo, model_info
-from .records import token_text
-from .settings import FLASH_ATTN, ModelOptions, server_prompt_pieces
+from llamalens.errors import InvalidInput, InvalidModelFile, LlamalensError, PromptTooLong
+from llamalens.modelfiles.gguf_header import read_header
+from llamalens.modelfiles.find import ModelInfo, model_info
+from llamalens.records import token_text
+from llamalens.settings import FLASH_ATTN, ModelOptions, server_prompt_pieces
 
 
 
@@ -73,8 +73,7 @@ def round_ctx(n_cells: int) -> int:
 
 def library_versions() -> dict:
     """The versions a run records: llamalens, llama-cpp-python, Python, numpy."""
-    from . import __version__
-
+    from llamalens.version import __version__
     return {"llamalens": __version__, "llama_cpp_python": llama_cpp_module().__version__,
             "python": sys.version.split()[0], "numpy": np.__version__}
 
@@ -437,7 +436,7 @@ class Context(NativeHandle):
         """A [n, n_vocab] view of the first n output rows of the last decode, in batch order (valid until the next
         decode): llama_get_logits' buffer, one contiguous block, row i the same memory as logits(i). The view of a
         (buffer address, n) is made once and kept: making it took 90 us a step in the cold cache after a decode,
-        most of a one-row step's share (issue 21)."""
+        most of a one-row step's share."""
         start = self._logits_at(self.ptr)
         first = self._logits_ith_at(self.ptr, 0)
         last = first if n == 1 else self._logits_ith_at(self.ptr, n - 1)

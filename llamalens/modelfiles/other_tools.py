@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidModelFile, ModelNotFound
+from llamalens.errors import InvalidModelFile, ModelNotFound
 
 STORES = ("ollama", "lmstudio", "hf", "llama.cpp")
 OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidInput
-from .stats import log_softmax
+from llamalens.errors import InvalidInput
+from llamalens.core.stats import log_softmax
 
 MASS_EPS = 1e-6
 
@@ -56,7 +56,7 @@ class GrammarSpec:
 
 def read_grammar(grammar_file: str | None, json_schema_file: str | None) -> GrammarSpec | None:
     """--grammar FILE.gbnf or --json-schema FILE.json as GBNF text (None when neither is given)."""
-    from .inputs import read_utf8
+    from llamalens.inputs import read_utf8
 
     if grammar_file and json_schema_file:
         raise InvalidInput("give --grammar or --json-schema, not both (a schema is turned into a grammar)")
@@ -74,7 +74,7 @@ def read_grammar(grammar_file: str | None, json_schema_file: str | None) -> Gram
         if not isinstance(schema, dict):
             raise InvalidInput(f"--json-schema: {json_schema_file} holds a JSON {type(schema).__name__}, not a schema "
                                'object; e.g. {"type": "object", "properties": {"name": {"type": "string"}}}')
-        from .sampler import json_schema_to_gbnf
+        from llamalens.core.sampler import json_schema_to_gbnf
 
         try:
             gbnf = json_schema_to_gbnf(json.dumps(schema))
@@ -89,7 +89,7 @@ def check_grammar(model, spec: GrammarSpec | None) -> None:
     """Parse the grammar once against the model's vocabulary: InvalidInput when llama.cpp cannot."""
     if spec is None:
         return
-    from .sampler import GrammarSampler
+    from llamalens.core.sampler import GrammarSampler
 
     GrammarSampler(model, spec.gbnf, where=spec.source.replace(":", " ", 1)).close()
 
@@ -174,8 +174,8 @@ class NextUnderGrammar:
 
 def next_under_grammar(model, prompt: str, spec: GrammarSpec, top: int = 10) -> NextUnderGrammar:
     """The raw top tokens and the grammar's top tokens after a prompt, with both probabilities."""
-    from .runtime import round_ctx
-    from .sampler import Candidates, GrammarSampler
+    from llamalens.core.runtime import round_ctx
+    from llamalens.core.sampler import Candidates, GrammarSampler
 
     tokens = model.prompt_tokens(prompt)
     model.check_fits(len(tokens), model.options.ctx)

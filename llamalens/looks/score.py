@@ -38,10 +38,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import InvalidInput
-from .records import Alternative, Rich, ScoredToken, alternatives, token_frame
-from .runtime import Model, round_ctx
-from .stats import RowStats
+from llamalens.errors import InvalidInput
+from llamalens.records import Alternative, Rich, ScoredToken, alternatives, token_frame
+from llamalens.core.runtime import Model, round_ctx
+from llamalens.core.stats import RowStats
 
 PROTOCOLS = ("full", "llama-perplexity")
 NORMALIZE = ("none", "token", "byte")
@@ -562,7 +562,7 @@ def check_same_vocab(a: Model, b: Model) -> None:
 
 def compare_pair(models) -> tuple:
     """The two model files of a comparison (A, B), resolved; refused unless exactly two distinct files."""
-    from .models import resolve_model
+    from llamalens.modelfiles.find import resolve_model
 
     if len(models) != 2:
         raise InvalidInput(f"give exactly two models: --model A --model B (got {len(models)})")
@@ -580,7 +580,7 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
-def _compare_windows(a: Model, b: Model, stream: list[int], windows: list[Window], offset: int, n_top: int,
+def compare_windows(a: Model, b: Model, stream: list[int], windows: list[Window], offset: int, n_top: int,
                      out: list[PositionDiff], nll: list[list[float]], sample: int | None = None,
                      on_window=None, alternate: bool = False, n_ctx: int | None = None) -> None:
     """Both models' rows for the same windows: in lockstep (both resident), or, with `alternate`, one window
@@ -645,7 +645,7 @@ def compare_text(a: Model, b: Model, text: str | bytes, ctx: int | None = None, 
     if scorer is not None:
         positions, nll = scorer(stream, off, windows, n_top, window_ctx(windows))
     else:
-        _compare_windows(a, b, stream, windows, off, n_top, positions, nll,
+        compare_windows(a, b, stream, windows, off, n_top, positions, nll,
                          on_window=on_progress and (lambda k: on_progress(k, len(windows))), alternate=alternate)
     return Comparison(a.describe(), b.describe(), protocol, ctx, positions, float(np.mean(nll[0])),
                       float(np.mean(nll[1])), notes, time.perf_counter() - t0)
@@ -669,7 +669,7 @@ def compare_run(a: Model, b: Model, store, run_id, n_top: int = 5, on_progress=N
         ptoks = a.prompt_tokens(s.prompt)
         stream = ptoks + gen
         a.check_fits(len(stream) - 1, a.options.ctx)
-        _compare_windows(a, b, stream, [Window(0, len(stream), len(ptoks))], len(ptoks), n_top, positions, nll,
+        compare_windows(a, b, stream, [Window(0, len(stream), len(ptoks))], len(ptoks), n_top, positions, nll,
                          sample=s.sample_idx)
         if on_progress:
             on_progress(k + 1, len(samples))

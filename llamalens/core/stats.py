@@ -17,10 +17,8 @@ llama-cpp-python instead sorts the whole vocabulary in Python per token (about 1
 
 Every pass writes into per-thread scratch arrays of n_vocab entries, allocated once. Fresh 1-2 MB
 temporaries can be served by mmap and handed back to the kernel on free, and then the page faults cost
-more than the arithmetic: RowStats.of alone at 262k took 3.4 ms with temporaries, 1.2 ms with scratch
-arrays. (Inside a generate run the end-to-end difference was within this machine's noise.) The floor
-instead of a partition of a copy, and the rank from the candidates, took a 262k row from 1.1-1.5 ms to
-0.9 ms (issue 21); the float64 sums stay (float32 ones err by 2e-6 nats).
+more than the arithmetic (at 262k, three times the cost of the pass itself). The rank comes from a floor and
+the candidates above it rather than a partition of a copy; the sums stay float64 (float32 ones err by 2e-6 nats).
 """
 
 from __future__ import annotations
@@ -32,9 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import kernels
-
-
+from llamalens.core import kernels
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """float64 log-softmax of a row (or of each row of a 2-D array)."""
     x = np.asarray(logits, dtype=np.float64)
@@ -129,9 +125,8 @@ def block_stats(block: np.ndarray, n_top: int, n_floor: int = 0, reuse: bool = F
         ties, about 64 k entries); the top N is its head.
     All of it in one C call for the whole block (kernels.block_pass: each row read from memory once), or else in
     numpy's passes, CHUNK elements at a time (_numpy_block_pass). The candidates and the top list are kept with the
-    row: a chosen token gets its rank from them without a pass over the row (for_token). A step of 32 rows of a 32k
-    vocabulary took 2.9 ms with Python around a C pass per row, 1.6 ms in one call (medians; at 262k the pass's
-    arithmetic dominates: 9.0 -> 8.8 ms; issue 21).
+    row: a chosen token gets its rank from them without a pass over the row (for_token). One call for the whole
+    block, not one per row: at a 32k vocabulary the Python around a call per row cost as much as the arithmetic.
 
     `reuse` (the engine's per-step statistics): the RowStats' arrays are this thread's kept ones for the block's
     shape (kernels.block_pass), valid until the next reusing call of that shape; made once, not per step."""
@@ -235,7 +230,7 @@ def _numpy_passes(x: np.ndarray, m: np.ndarray, floor: np.ndarray, bufs) -> tupl
     np.exp(sh, out=e)
     s = np.sum(e, axis=1, dtype=np.float64)
     # not np.dot / einsum with BLAS: OpenBLAS worker threads then busy-wait and steal the cores
-    # llama.cpp's next decode needs (measured: decode 15 -> 45 ms/token on 2 cores)
+    # llama.cpp's next decode needs (measured: a decode three times slower on 2 cores)
     with np.errstate(invalid="ignore"):
         np.multiply(e, sh, out=e)
     es = np.sum(e, axis=1, dtype=np.float64)
@@ -346,7 +341,7 @@ class RowStats:
 
     def top_k_list(self, k: int) -> np.ndarray | None:
         """top_k_ids' tokens as the top list holds them, by logit (an int32 view; Candidates.fill_ids sorts them):
-        a test of integers, no numpy call, in the cold cache just after a decode (issue 21)."""
+        a test of integers, no numpy call, in the cold cache just after a decode."""
         if self._top_ids is None or not 0 < k < self._floor_n or k >= self._strict:
             return None
         return self._top_ids[:k]

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import InvalidInput
-from .decoding import sequence_metrics
-from .records import StoredSample, TokenRecord
-from .settings import SamplingSettings
-from .store import RunInfo, Store
+from llamalens.errors import InvalidInput
+from llamalens.core.strategies import sequence_metrics
+from llamalens.records import StoredSample, TokenRecord
+from llamalens.settings import SamplingSettings
+from llamalens.store import RunInfo, Store
 
 SETTING_COLUMNS = ["temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty"]
-# decoding strategy (issue 17): its settings, and the per-sample figures strategies are compared by
+# decoding strategy: its settings, and the per-sample figures strategies are compared by
 STRATEGY_COLUMNS = ["strategy", "beams", "length_penalty", "no_repeat_ngram", "best_of"]
 # every setting a configuration has, in SamplingSettings' order (the seed is an axis of its own)
 SETTINGS = [f.name for f in fields(SamplingSettings) if f.name != "seed"]
@@ -57,7 +57,8 @@ class LoadedRun:
     @cached_property
     def strategies(self) -> bool:
         """Whether the run compares decoding strategies: only then do its tables carry the strategy columns
-        (a run of sampler settings alone exports and shows exactly what it did before issue 17)."""
+        (a run of sampler settings alone exports and shows the same columns as a store written before strategies
+        existed)."""
         return uses_strategies(self.configs)
 
     @cached_property
@@ -192,28 +193,6 @@ def openai_logprobs(run: LoadedRun):
 
 EXPORT_FORMATS = ("csv", "parquet", "jsonl")
 
-# a fork run's per-sample columns in the token table (fork.plan_continuations' extra): the base path's rows have
-# role "base" and its outcome, the others are empty there
-FORK_COLUMNS = {"role": ("fork_role", "string"), "position": ("fork_position", "Int64"),
-                "forced_token": ("forced_token", "Int64"), "forced_text": ("forced_text", "string"),
-                "forced_bytes": ("forced_bytes", "string"), "prob": ("forced_prob", "Float64"),
-                "chosen": ("forced_chosen", "boolean"), "sample": ("continuation", "Int64"),
-                "outcome": ("outcome", "string")}
-
-
-def with_fork_columns(run: LoadedRun, tokens: pd.DataFrame) -> pd.DataFrame:
-    """A fork run's token table with each token's sample's fork columns (FORK_COLUMNS), after sample_idx's."""
-    extras = pd.DataFrame([{"sample_idx": s.sample_idx, **{col: (s.extra or {}).get(key)
-                                                          for key, (col, _) in FORK_COLUMNS.items()}}
-                           for s in run.samples], columns=["sample_idx"] + [c for c, _ in FORK_COLUMNS.values()])
-    extras = extras.astype({col: kind for col, kind in FORK_COLUMNS.values()})
-    out = tokens.merge(extras, on="sample_idx", how="left", validate="many_to_one")
-    at = list(tokens.columns).index("sample_idx") + 1
-    names = [c for c, _ in FORK_COLUMNS.values()]
-    rest = [c for c in tokens.columns if c not in names]
-    return out[rest[:at] + names + rest[at:]]
-
-
 def export_run(run: LoadedRun, fmt: str, output: str | os.PathLike) -> int:
     """Write a run's token table (csv, parquet) or its samples in OpenAI logprobs shape (jsonl).
 
@@ -222,7 +201,8 @@ def export_run(run: LoadedRun, fmt: str, output: str | os.PathLike) -> int:
     CR, a newline, a quote or a comma reads back as one field; the `bytes` column (hex) is exact.
     Returns the number of rows (tokens, or samples for jsonl).
     """
-    from .store import check_not_a_store
+    from llamalens.run.kinds import kind
+    from llamalens.store import check_not_a_store
 
     if fmt not in EXPORT_FORMATS:
         raise InvalidInput(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
@@ -237,7 +217,8 @@ def export_run(run: LoadedRun, fmt: str, output: str | os.PathLike) -> int:
                     f.write(json.dumps(obj, ensure_ascii=False) + "\n")
                     n += 1
         else:
-            df = with_fork_columns(run, run.tokens) if run.info.kind == "fork" else run.tokens
+            columns = kind(run.info.kind).token_columns  # what the run's kind adds to each token's row
+            df = columns(run, run.tokens) if columns else run.tokens
             n = len(df)
             if fmt == "csv":
                 df.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\r\n")

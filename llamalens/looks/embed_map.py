@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from .errors import InvalidInput, InvalidSettings, MissingExtra
+from llamalens.errors import InvalidInput, InvalidSettings, MissingExtra
 
 if TYPE_CHECKING:
     import numpy as np

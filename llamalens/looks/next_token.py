@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .records import Alternative, Rich
-from .runtime import Model, round_ctx
-from .stats import RowStats
+from llamalens.records import Alternative, Rich
+from llamalens.core.runtime import Model, round_ctx
+from llamalens.core.stats import RowStats
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def sampler_view(model: Model, prompt: str, history: list[int], configs: list, t
     Each chain is labelled with `labels` (one per configuration) or its settings' label without the seed."""
     import numpy as np
 
-    from .sampler import STAGES, TOKEN_DATA, Sampler, mirostat_mu, stage_names
+    from llamalens.core.sampler import STAGES, TOKEN_DATA, Sampler, mirostat_mu, stage_names
 
     prompt_tokens, history = model.prompt_tokens(prompt), [int(t) for t in history]
     rows = history_rows(model, prompt_tokens, history)
@@ -269,7 +269,7 @@ def stage_effect(model: Model, cfg, stage: str, before, after, mu: float | None 
     if stage == "mirostat":
         why = None
         if diverged is not None:
-            from .visible import visible
+            from llamalens.visible import visible
 
             j, picked, had = (visible(*model.token_text(t)) if i else t for i, t in enumerate(diverged))
             why = (f"not shown: replaying the history, mirostat picked {picked} at generated token {j} where the "

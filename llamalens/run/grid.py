@@ -29,8 +29,8 @@ import itertools
 from dataclasses import fields
 from pathlib import Path
 
-from .errors import InvalidSettings
-from .settings import SamplingSettings
+from llamalens.errors import InvalidSettings
+from llamalens.settings import SamplingSettings
 
 AXES = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty",
         # llama.cpp chain only (settings.LLAMA_CPP_ONLY): need --chain llama.cpp or the llama-server preset
@@ -38,7 +38,7 @@ AXES = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty",
         "dynatemp_range", "mirostat", "mirostat_tau", "samplers")
 _INT_AXES = {"top_k", "dry_allowed_length", "mirostat"}
 _STR_AXES = {"samplers"}
-# -- decoding-strategy axes (issue 17) ------------------------------------------------------------
+# -- decoding-strategy axes ------------------------------------------------------------
 STRATEGY_AXES = ("strategy", "beams", "length_penalty", "no_repeat_ngram", "best_of")
 AXES = AXES + STRATEGY_AXES
 _INT_AXES |= {"beams", "no_repeat_ngram", "best_of"}
@@ -171,7 +171,7 @@ _FIXED_KINDS = {
     "dry_sequence_breakers": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
                               "a list of texts"),
     "logit_bias": (lambda v: isinstance(v, (list, dict)), "a list of [token id or text, bias] pairs or a table"),
-    # decoding strategies (issue 17)
+    # decoding strategies
     **{k: (lambda v: isinstance(v, str), "a text") for k in ("strategy", "early_stopping", "best_of_by")},
 }
 
@@ -198,7 +198,7 @@ def load_grid_file(spec: str) -> list[tuple[str, dict, dict]]:
 def _grid_tables(data: dict, path: Path, name: str) -> list[tuple[str, dict, dict]]:
     """Check a grid file's shape (every key where a grid file may hold it, every value of the right kind) and
     return its grids; each problem names the key."""
-    from .inputs import json_kind
+    from llamalens.inputs import json_kind
 
     def fail(msg: str):
         raise InvalidSettings(f"--grid: {path}: {msg}; see `llamalens sweep --help`")

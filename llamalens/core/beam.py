@@ -1,4 +1,4 @@
-"""Beam search on the batched engine's primitives (issue 17): B beams as B sequences of one context.
+"""Beam search on the batched engine's primitives: B beams as B sequences of one context.
 
     prompt ──► prefill once (sequence 0) ──► row ──► step 0: one beam, its top 2B continuations
     every step, for the B live beams (one llama_decode with one token per beam, one output row each):
@@ -43,11 +43,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .decoding import banned_tokens, hypothesis_score
-from .records import Alternative, Sample, Timing, TokenRecord
-from .runtime import Model, round_ctx
-from .settings import SamplingSettings
-from .stats import RowStats
+from llamalens.core.strategies import banned_tokens, hypothesis_score
+from llamalens.records import Alternative, Sample, Timing, TokenRecord
+from llamalens.core.runtime import Model, round_ctx
+from llamalens.settings import SamplingSettings
+from llamalens.core.stats import RowStats
 
 
 @dataclass

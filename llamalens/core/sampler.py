@@ -61,11 +61,11 @@ from typing import Callable
 
 import numpy as np
 
-from . import kernels
-from .errors import InvalidInput, LlamalensError
-from .runtime import LOG_TAIL, NativeHandle, last_log_error, llama_cpp_module
-from .settings import SamplingSettings, split_samplers
-from .stats import sampled_logprob, work_array
+from llamalens.core import kernels
+from llamalens.errors import InvalidInput, LlamalensError
+from llamalens.core.runtime import LOG_TAIL, NativeHandle, last_log_error, llama_cpp_module
+from llamalens.settings import SamplingSettings, split_samplers
+from llamalens.core.stats import sampled_logprob, work_array
 
 STAGES = ("penalties", "top_k", "typical_p", "top_p", "min_p", "temperature")
 

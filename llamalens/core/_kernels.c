@@ -27,7 +27,7 @@
    ll_pick_ids(row, ids, k, buf, apply, chain, dist, ...): a prefiltered pick in one call: ll_fill_ids, the chain
        and its kept-apart dist through llama.cpp's llama_sampler_apply (its address from Python), the pick's
        log-probability among the survivors (ll_survivor_lp) and its rank from the row's top list. A one-row step
-       made ten calls into numpy and ctypes for this, each 10-25 us in the cold cache after a decode (issue 21).
+       made ten calls into numpy and ctypes for this, each 10-25 us in the cold cache after a decode.
 
    ll_survivor_lp(d, n, sel): log p of d[sel] under the softmax of n llama_token_data logits, float64 (libm's exp,
        numpy's pairwise summation order): stats.sampled_logprob.

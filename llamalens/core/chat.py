@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .errors import InvalidInput
+from llamalens.errors import InvalidInput
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -67,7 +67,7 @@ def check_messages(messages, where: str) -> tuple[dict, ...]:
 
 def read_messages(path: str, option: str = "--messages") -> list[tuple[dict, ...]]:
     """The conversations of a .jsonl file: one JSON object with a "messages" list per line."""
-    from .inputs import read_utf8
+    from llamalens.inputs import read_utf8
 
     p = Path(path)
     text = read_utf8(p, option)
@@ -126,7 +126,7 @@ def with_system(messages: tuple[dict, ...], system: str | None) -> tuple[dict, .
 # -- templates ---------------------------------------------------------------------------------------------
 def resolve_template(model, chat_template: str | None) -> tuple[str, str | None]:
     """(label, Jinja source or None for a built-in) for --chat-template FILE|NAME, or the model's own template."""
-    from .runtime import builtin_chat_templates
+    from llamalens.core.runtime import builtin_chat_templates
 
     names = builtin_chat_templates()
     if chat_template is None:
@@ -142,7 +142,7 @@ def resolve_template(model, chat_template: str | None) -> tuple[str, str | None]
     if not p.is_file():
         raise InvalidInput(f"--chat-template {chat_template!r} is neither a file nor one of llama.cpp's built-in "
                            f"templates ({', '.join(names)})")
-    from .inputs import read_utf8
+    from llamalens.inputs import read_utf8
 
     return f"file:{p}", read_utf8(p, "--chat-template")
 

@@ -33,7 +33,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidModelFile
+from llamalens.errors import InvalidModelFile
 
 GGUF_MAGIC = b"GGUF"
 # value type -> struct format (fixed-size types); 8 = string, 9 = array
@@ -268,7 +268,7 @@ def parse_header(path: str | os.PathLike) -> GGUFHeader:
         size = path.stat().st_size
         f = open(path, "rb")
     except FileNotFoundError:
-        from .errors import ModelNotFound
+        from llamalens.errors import ModelNotFound
 
         raise ModelNotFound(f"model file not found: {path}; check the path or run `llamalens models`") from None
     except OSError as e:

@@ -56,15 +56,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import LlamalensError, MissingExtra
-from .settings import ModelOptions
+from llamalens.errors import MissingExtra, RayError
+from llamalens.run.lifecycle import chunk_batch, chunk_size
+from llamalens.settings import ModelOptions
 
 SHARES = 4  # score / compare: shards per worker (a lost one costs a quarter of a worker's share)
 START_TIMEOUT_S = float(os.environ.get("LLAMALENS_RAY_START_TIMEOUT", "300"))
-
-
-class RayError(LlamalensError):
-    """Ray is missing, unreachable, or has no worker left to do the work."""
 
 
 def check_ray(address: str | None) -> None:
@@ -139,8 +136,8 @@ class _Worker:
         self.name, self.models, self.error = name, [], None
         self.pid, self.host = os.getpid(), socket.gethostname()
         try:
-            from .runtime import Model
-            from .store import file_sha256
+            from llamalens.core.runtime import Model
+            from llamalens.store import file_sha256
 
             for path, sha256 in files:
                 if not os.path.isfile(path):
@@ -159,28 +156,24 @@ class _Worker:
     def ready(self) -> tuple[int, str, str | None]:
         return self.pid, self.host, self.error
 
-    def sweep_chunk(self, samples, configs, opts) -> list:
-        from .sweep import decode
+    def decode_chunk(self, kind_name: str, items: list, shared: tuple) -> tuple[list, dict]:
+        """A chunk of a run's pending work, decoded by its kind as one process decodes it; its results and
+        the decode counters it added."""
+        from llamalens.run.kinds import kind
 
-        return list(decode(self.model, samples, configs, opts))
-
-    def fork_chunk(self, prefix, requests, opts) -> tuple[list, dict]:
-        from .fork import decode_chunk
-
-        prompt_ids, base_ids = prefix
         stats: dict = {}
-        return list(decode_chunk(self.model, prompt_ids, base_ids, requests, opts, stats)), stats
+        return list(kind(kind_name).decode(self.model, items, shared, stats)), stats
 
     def score_shard(self, stream, windows, offset, n_logprobs, n_ctx) -> list:
-        from .score import score_windows
+        from llamalens.looks.score import score_windows
 
         return score_windows(self.model, stream, offset, windows, n_logprobs, n_ctx=n_ctx)
 
     def compare_shard(self, stream, windows, offset, n_top, n_ctx) -> tuple[list, list]:
-        from .score import _compare_windows
+        from llamalens.looks.score import compare_windows
 
         out, nll = [], [[], []]
-        _compare_windows(self.models[0], self.models[1], stream, windows, offset, n_top, out, nll, n_ctx=n_ctx)
+        compare_windows(self.models[0], self.models[1], stream, windows, offset, n_top, out, nll, n_ctx=n_ctx)
         return out, nll
 
 
@@ -220,7 +213,7 @@ def start_pool(ray, model, sha256: str, workers: int | None, on_note: Callable[[
     """One actor per worker, each loading `model`'s file with its options and checking its sha256 (and the
     models in `also`, checked against their own files: compare's B); those that fail are reported by name;
     RayError when none is left."""
-    from .store import file_sha256
+    from llamalens.store import file_sha256
 
     opts = model.options
     files = [(str(model.path.resolve()), sha256)] + [(str(m.path.resolve()), file_sha256(m.path)) for m in also]
@@ -261,32 +254,6 @@ def start_pool(ray, model, sha256: str, workers: int | None, on_note: Callable[[
 def _why(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
-
-
-def chunk_size(n_pending: int, n_workers: int, parallel: int) -> int:
-    """Samples per chunk: a whole batch (--parallel), or the run split evenly when it has less than a batch a
-    worker. Whole batches: on one thread, 72 samples in chunks of 18 decoded at 0.75-0.8x the speed of chunks of
-    32 (bench, Gemma 3 270M). A chunk is what a dying worker loses, and what the driver waits for at once."""
-    return max(1, min(parallel, -(-n_pending // n_workers)))
-
-
-def chunks(pending, size: int, key: Callable = lambda s: s.prompt_idx, pack: bool = False) -> list[list]:
-    """Pending items grouped by `key` (a sweep's prompt, a fork's position; plan order), each group cut into
-    pieces of at most `size`; with `pack`, consecutive pieces are put together while they fit in `size` (a
-    fork's positions, a few continuations each, still fill a batch)."""
-    groups: dict = {}
-    for s in pending:
-        groups.setdefault(key(s), []).append(s)
-    pieces = [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
-    if not pack:
-        return pieces
-    out: list[list] = []
-    for piece in pieces:
-        if out and len(out[-1]) + len(piece) <= size:
-            out[-1] = out[-1] + piece
-        else:
-            out.append(piece)
-    return out
 
 
 def deal(ray, pool: Pool, work: list, call: Callable, on_result: Callable, on_note: Callable[[str], None]) -> None:
@@ -341,72 +308,40 @@ def pool_for(model, store, run_id: int, address: str | None, workers: int | None
         yield ray, pool
 
 
-def execute_ray(model, store, run_id: int, address: str | None = None, workers: int | None = None,
-                on_progress=None, on_note: Callable[[str], None] = lambda s: None,
-                on_pool: Callable[[Pool], None] | None = None, chunk: int | None = None):
-    """sweep.execute on Ray workers: the pending samples of a run decoded in chunks, each saved by this
-    process as its chunk comes back, then the noise floor (with `model`, here). Returns the Progress."""
-    from .sweep import DEFAULT_PARALLEL, Progress, SweepInterrupted, check_resumable, check_run_model, finish, saver, writing
+class RayExecutor:
+    """A run's pending work decoded on Ray workers (run/lifecycle.py's executor): chunks of the kind's own
+    grouping (kind.chunks) dealt one in flight per worker, each chunk's results handed to `save` here as it
+    comes back, the workers' decode counters added to the run's. Every worker decodes a chunk as one process
+    decodes its whole run (prefix sharing kept; --exact: one sequence at a time)."""
 
-    info = store.run(run_id)
-    check_resumable(info)
-    check_run_model(store, info, model)
-    configs, opts = store.configs(run_id), info.options
-    prog = Progress(info.n_done, info.n_samples, 0, 0.0)
-    with pool_for(model, store, run_id, address, workers, on_note, on_pool) as (ray, pool):
-        with writing(store, run_id, prog) as writer:
-            save = saver(store, run_id, writer, prog, on_progress)
-
-            def saved(_chunk, results):
-                for sample, extra, n_tokens in results:
-                    save(sample, extra, n_tokens)
-
-            pending = store.pending(run_id)
-            batch = DEFAULT_PARALLEL if opts.exact else opts.parallel  # --exact: one at a time, chunks still whole
-            size = chunk or chunk_size(len(pending), len(pool.workers), batch)
-            try:
-                deal(ray, pool, chunks(pending, size),
-                     lambda actor, c: actor.sweep_chunk.remote(c, configs, opts), saved, on_note)
-            except RayError as e:
-                store.set_status(run_id, "interrupted")
-                raise SweepInterrupted(run_id, prog.done, prog.total, f"{e}. Stopped") from None
-            finish(model, store, run_id)
-    return prog
-
-
-def fork_decoder(model, store, run_id: int, address: str | None = None, workers: int | None = None,
+    def __init__(self, address: str | None = None, workers: int | None = None,
                  on_note: Callable[[str], None] = lambda s: None, on_pool: Callable[[Pool], None] | None = None,
                  chunk: int | None = None):
-    """A decoder for fork.execute_fork: the pending continuations dealt out in chunks of whole positions (each
-    worker prefills prompt + base path once per chunk and shares it, as one process does), each chunk's
-    samples handed to `save` here as it comes back, the workers' decode counters added to the run's."""
-    from .sweep import DEFAULT_PARALLEL
+        self.address, self.workers, self.on_note, self.on_pool, self.chunk = address, workers, on_note, on_pool, chunk
 
-    def decoder(requests, prompt_ids, base_ids, opts, stats, save):
-        if not requests:
+    def run(self, kind, model, store, run_id: int, work, stats: dict, save: Callable) -> None:
+        if not work.items:
             return
-        with pool_for(model, store, run_id, address, workers, on_note, on_pool) as (ray, pool):
-            prefix = ray.put((prompt_ids, base_ids))
+        opts = store.run(run_id).options
+        with pool_for(model, store, run_id, self.address, self.workers, self.on_note, self.on_pool) as (ray, pool):
+            shared = ray.put(work.shared)
 
             def done(_chunk, value):
-                samples, got = value
+                results, got = value
                 for k, v in got.items():
                     stats[k] = stats.get(k, 0) + v
-                for sample in samples:
-                    save(sample)
+                for result in results:
+                    save(result)
 
-            batch = DEFAULT_PARALLEL if opts.exact else opts.parallel
-            size = chunk or chunk_size(len(requests), len(pool.workers), batch)
-            work = chunks(requests, size, key=lambda r: len(r.prompt_tokens), pack=True)  # a position: its prefix
-            deal(ray, pool, work, lambda actor, c: actor.fork_chunk.remote(prefix, c, opts), done, on_note)
-
-    return decoder
+            size = self.chunk or chunk_size(len(work.items), len(pool.workers), chunk_batch(opts))
+            deal(ray, pool, kind.chunks(work.items, size),
+                 lambda actor, c: actor.decode_chunk.remote(kind.name, c, shared), done, self.on_note)
 
 
 def _sharded(models, address, workers, on_note, on_window, method: str, windows, args: tuple) -> list:
     """Deal contiguous shards of `windows` out to Ray workers holding `models` (their files' sha256 checked);
     each runs `method(stream, shard, *args)`; the results, in window order."""
-    from .store import file_sha256
+    from llamalens.store import file_sha256
 
     model = models[0]
     local_cpus = workers * worker_cpus(model.options) if workers else None

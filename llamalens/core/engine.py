@@ -47,14 +47,14 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import InvalidSettings
-from .records import Sample, Timing, TokenRecord, alternatives
-from .decoding import banned_tokens
-from .runtime import Context, Model, round_ctx
-from .grammar import constrained_apply
-from .sampler import Candidates, GrammarSampler, Sampler, prefilter_k
-from .settings import SamplingSettings
-from .stats import CHUNK, RowStats, block_stats
+from llamalens.errors import InvalidSettings
+from llamalens.records import Sample, Timing, TokenRecord, alternatives
+from llamalens.core.strategies import banned_tokens
+from llamalens.core.runtime import Context, Model, round_ctx
+from llamalens.core.grammar import constrained_apply
+from llamalens.core.sampler import Candidates, GrammarSampler, Sampler, prefilter_k
+from llamalens.settings import SamplingSettings
+from llamalens.core.stats import CHUNK, RowStats, block_stats
 
 @dataclass
 class Request:

@@ -1,4 +1,4 @@
-"""The optional C kernels of llamalens/_kernels.c, through ctypes: a decode step's rows for block_stats (max, floor,
+"""The optional C kernels of llamalens/core/_kernels.c, through ctypes: a decode step's rows for block_stats (max, floor,
 one pass for the sums and candidates, the top k), and dist_select's exp and block sums.
 
     LIB: the loaded library, or None: not built (setup.py builds it when a C compiler is there; the build is

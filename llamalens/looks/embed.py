@@ -37,8 +37,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import InvalidInput, InvalidSettings, PromptTooLong
-from .runtime import Model
+from llamalens.errors import InvalidInput, InvalidSettings, PromptTooLong
+from llamalens.core.runtime import Model
 
 POOLINGS = ("mean", "mean-all", "last", "first", "model")
 _DECLARED = {1: "mean-all", 2: "first", 3: "last"}  # llama_pooling_type -> ours (0 = none, 4 = rank)

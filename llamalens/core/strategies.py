@@ -1,4 +1,4 @@
-"""Pure functions of token sequences for the decoding strategies (issue 17): no llama.cpp, no I/O.
+"""Pure functions of token sequences for the decoding strategies: no llama.cpp, no I/O.
 
     banned_tokens(history, n)        the tokens that would repeat an n-gram of the history
     hypothesis_score(sum_lp, length, alpha)   a beam hypothesis's score, as transformers computes it
