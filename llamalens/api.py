@@ -1,10 +1,13 @@
 """The Python API of the commands: one call per command, the same library code the CLI runs.
 
-    ll.sweep(prompts, grid=..., seeds=...)   ──► sweep.start_sweep + sweep.execute ──► Run
+(One module, longer than the house's limit: the public surface in one file, a call per command, each a thin
+layer over run/requests.py and the looks.)
+
+    ll.sweep(prompts, grid=..., seeds=...)   ──► run.requests.SweepRequest: start + execute ──► Run
     ll.open_run(id or name) / ll.runs()      ──► store.Store ──► Run / DataFrame
     ll.score(text) / ll.choose / ll.compare  ──► score.score_text / choose / compare_text | compare_run
-    ll.report(run, path)                     ──► reports.run.run_document | reports.fork.fork_document
-    ll.fork(prompt, options=...)             ──► fork.start_fork + fork.execute_fork ──► Run (kind 'fork')
+    ll.report(run, path)                     ──► the run kind's report (run/kinds.py)
+    ll.fork(prompt, options=...)             ──► run.requests.ForkRequest: start + execute ──► Run (kind 'fork')
 
 Design:
   * `model=` takes a loaded Model (ll.load_model: load once, use it in every cell) or what `--model` takes

@@ -100,7 +100,10 @@ def _text(model: Model, records: list[TokenRecord]) -> bytes:
 
 def beam_search(model: Model, prompt: str, settings: SamplingSettings, max_tokens: int = 16, n_logprobs: int = 5,
                 exact: bool = False, prompt_tokens: list[int] | None = None, key=None) -> BeamResult:
-    """Beam search with `settings.beams` beams (see the module docstring)."""
+    """Beam search with `settings.beams` beams (see the module docstring).
+
+    One function, longer than the house's limit: the search's state (live beams, finished hypotheses, the
+    stopping bound, the context's sequences) is read by every step, and the steps are commented in order."""
     settings.validate()
     t0 = time.perf_counter()
     ptoks = list(prompt_tokens) if prompt_tokens is not None else model.prompt_tokens(prompt)

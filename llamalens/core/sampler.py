@@ -1,5 +1,8 @@
 """The native sampler chain, owned by one object: built from SamplingSettings, applied to raw logits.
 
+(One module, longer than the house's limit: it is the only owner of llama.cpp's sampler handles, the chain,
+its kept-apart dist and the grammar sampler, and the exact replays of their picks; split, ownership spreads.)
+
     SamplingSettings ──► Sampler (a llama.cpp sampler chain; freed by close() / `with`)
     raw logits row ──► Candidates (one reusable llama_token_data buffer) ──► Sampler.apply
                    ──► survivors (id, logit after temperature, p) + the chosen index

@@ -1,5 +1,8 @@
 """Teacher-forced analyses, no sampling: score a text, choose between continuations, compare two models.
 
+(One module, longer than the house's limit: the three analyses share the alignment and the window decoding
+below, and kept together they cannot drift apart.)
+
 Alignment. A text becomes a token stream S = [BOS] + tokens(text) when the model adds a BOS token
 (else just the tokens). The logits row at stream position j scores S[j+1]: the first text token is
 scored from the BOS row; without a BOS it cannot be scored, and the result says so (`unscored`).

@@ -35,7 +35,8 @@ def prefill_line(stats: dict, cost: dict) -> str:
 
 
 def fork_document(fr) -> Document:
-    """A fork run (fork.ForkRun) as a report document."""
+    """A fork run (fork.ForkRun) as a report document: its sections in the order the page shows them (one
+    function, longer than the house's limit, so that the page's order is read top to bottom)."""
     from llamalens.reports import plots
 
     a, info = fr.analysis, fr.info

@@ -56,12 +56,12 @@ import numpy as np
 from llamalens.core.engine import Engine, Request, _Live
 from llamalens.errors import InvalidSettings, StoreError
 from llamalens.run.fork_analysis import NONE, Branch, ForkAnalysis, analyse
-from llamalens.records import RunOptions, Sample, Timing
+from llamalens.records import RunOptions, Sample, StoredSample, Timing, TokenRecord
 from llamalens.core.runtime import Model, library_versions, round_ctx
 from llamalens.core.sampler import Sampler
 from llamalens.settings import SamplingSettings
 from llamalens.core.stats import RowStats
-from llamalens.store import Store
+from llamalens.store import RunInfo, Store
 from llamalens.run import lifecycle
 from llamalens.run.lifecycle import Progress, RunInterrupted, Work
 from llamalens.run.lifecycle import resume_target as lifecycle_resume_target
@@ -572,14 +572,16 @@ def with_fork_columns(run, tokens):
 # -- reading a fork run back ---------------------------------------------------------------------------
 @dataclass
 class ForkRun:
-    info: object  # store.RunInfo
-    base: object  # StoredSample
-    base_tokens: list  # TokenRecord
-    spec: dict
+    """A stored fork run read back: its base path, its settings and the analysis of its finished continuations."""
+
+    info: RunInfo
+    base: StoredSample
+    base_tokens: list[TokenRecord]
+    spec: dict  # ForkSpec.to_dict() as stored
     outcome: OutcomeSpec
     analysis: ForkAnalysis
-    stats: dict
-    cost: dict
+    stats: dict  # decode counters (decode_continuations' keys), summed over resumes
+    cost: dict  # Cost as planned
 
 
 def load_fork(store: Store, run_id) -> ForkRun:
