@@ -70,9 +70,14 @@ SLOW_FIXTURES = {"gemma", "gemma_path", "gemma_llama", "gemma_q8_path", "gemma_q
                  "tiny_server_ctx"}
 
 
+# tiny-model tests that run dozens of commands (measured 20-100 s each on 2 cores): also the slow tier
+SLOW_TESTS = {"test_every_readme_command_line_runs", "test_cli_table_query_json", "test_report_size_limit"}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.originalname in SLOW_TESTS
+                or "[gemma" in item.name):  # a test parametrized over the default model
             item.add_marker(pytest.mark.slow)
 
 

@@ -235,7 +235,7 @@ def test_kernel_paths_agree():
     import subprocess
     import sys
 
-    code = ("import json, numpy as np, sys; from llamalens import kernels; "
+    code = ("import json, numpy as np, sys; from llamalens.core import kernels; "
             "x = (np.random.default_rng(4).standard_normal(100003) * 4).astype(np.float32); x[::11] = -np.inf; "
             "s = np.empty(2); c = np.empty(x.size, np.int32); n = kernels.row_pass(x, float(x.max()), 7.0, s, c); "
             "sys.stdout.write(json.dumps([kernels.LIB.ll_available(), s.tolist(), c[:n].tolist()]))")
