@@ -162,7 +162,7 @@ class _Worker:
         from llamalens.run.kinds import kind
 
         stats: dict = {}
-        return list(kind(kind_name).decode(self.model, items, shared, stats)), stats
+        return list(kind(kind_name).lifecycle.decode(self.model, items, shared, stats)), stats
 
     def score_shard(self, stream, windows, offset, n_logprobs, n_ctx) -> list:
         from llamalens.looks.score import score_windows
