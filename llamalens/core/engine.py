@@ -1,28 +1,49 @@
 """The decoding engine: many sequences decoded together, one exact TokenRecord per generated token.
 
-    requests ──► queue (ordered by prompt) ──► P slots of one llama.cpp context (unified KV cache)
-                                               │
-         a free slot takes the next request:   │  same prompt still in the slot  -> nothing to do
-                                               │  same prompt held by another slot -> seq_cp(0..len)
-                                               │  otherwise                       -> prefill it once
-         every step: one llama_decode with one token per live sequence; its output rows, one contiguous
-         [n_outputs, n_vocab] block (Context.logits_block), get their statistics at once:
+One decode scheduler (Engine._loop) serves both kinds of run. It owns P slots of one llama.cpp context (unified KV
+cache), the histories of the sequences in them, the rows they share and the picks; an entry policy it is given says
+how and when a sequence enters a slot and where a row comes from:
+
+    Engine.run (_Prompts, sweeps): requests ──► queue (ordered by prompt) ──► a free slot takes the next request:
+                                   same prompt still in the slot  -> nothing to do
+                                   same prompt held by another slot -> seq_cp(0..len)
+                                   otherwise                       -> prefill it once
+        its first token comes from its prompt's last row, copied once per prompt (n_vocab floats) and reused by
+        every sequence of that prompt; nothing of size context × vocabulary is ever kept.
+    Engine.run_continuations (_Continuations, `llamalens fork`): sequence 0 holds prompt + base path, prefilled
+        once; a continuation of position t (prompt + base[:t] + [w]) enters a free sequence (1..P) with
+        seq_cp(0, s, 0, L+t) and w pending, like a sampled token. When all fit in the slots, the continuations of
+        position t enter at step t - t0, so that their histories are as long as the earlier positions'
+        continuations' and identical ones meet; else as slots free, by position. The base path's prefill rows of
+        positions t0+1..hi are kept: a history on the base path is served its row without a decode.
+
+    every step (_loop):
+      1. free slots take the sequences the policy lets in, in slot order (_enter)
+      2. the sequences with a token pending are grouped by history (_groups): histories are interned, (parent id,
+         token) -> id, so sequences whose token sequences are identical share one row (`fanned_out_tokens`)
+      3. one row per group (_serve): kept by the policy, or decoded: one llama_decode with one token per group, at
+         its leader's sequence; the output rows, one contiguous [n_outputs, n_vocab] block (Context.logits_block),
+         get their statistics at once:
              block ──► block_stats: per row lse, entropy, the sorted top list, rank candidates [stats.py: one C
                        call for the whole block, kernels.block_pass, into arrays kept from step to step (reuse);
-                       numpy's passes without the kernel]
-         then per sequence:
-             raw row ──► candidate array ──► its own native sampler chain [sampler.Sampler.choose]
-                         -> chosen token, survivors (candidates), sampled_logprob
+                       numpy's passes without the kernel]  (continuations: RowStats.of, row by row)
+         A sweep group's leader alone holds the history's cells; every member of a continuations' group gets the
+         row's cell (seq_cp of one position).
+      4. per sequence (_choose):
+             raw row ──► candidate array ──► its own native sampler chain [sampler.Sampler.choose] -> Pick:
+                         chosen token, survivors (candidates), sampled_logprob
                          (a top-k chain whose earlier stages leave the logits alone is fed only the row's
                          top k, taken from block_stats' candidates, when its k+1 largest logits are all
-                         different: the same survivors and pick, sampler._prefilter_k says why; 0.76 ->
-                         0.05 ms a token at 262k, top_k 40; one C call, kernels.pick_ids, which also ranks
-                         the pick from the top list. Over a large survivor set dist's pick is made
-                         in numpy when it provably is dist's, sampler.dist_select: 2.9 -> ~1 ms a token
-                         on an untruncated 262k chain, the sampled logprob included)
-                     └─► the row's statistics for the chosen token (logprob, rank) -> TokenRecord
-         a finished sequence (EOG, stop string, max_tokens) frees its slot but keeps its prompt
-         cells, so the next request with the same prompt starts without any prefill.
+                         different: the same survivors and pick, sampler._prefilter_k says why; one C call,
+                         kernels.pick_ids, which also ranks the pick from the top list. Over a large survivor
+                         set dist's pick is made in numpy when it provably is dist's, sampler.dist_select, the
+                         sampled logprob included)
+                     └─► the row's statistics for the chosen token (logprob, rank) -> TokenRecord (_record); the
+                         pick extends the sequence's history
+      5. a group's leader must hold its parent's cells: when the sequence that held them went another way, they
+         are copied to it (_hold: `history_copies`; before any slot is retired, as the holder may have finished)
+      6. a finished sequence (EOG, stop string, max_tokens) frees its slot (_retire): a sweep's keeps its prompt
+         cells, so the next request with the same prompt starts without any prefill; a continuation's are removed.
 
 Fidelity: the chain is the one llama-cpp-python builds, applied to the same raw logits, and its
 accept() sees only generated tokens, as in `Llama.generate`. With one slot, the same flash-attention
@@ -30,9 +51,6 @@ setting and the same prompt tokens, the tokens equal `create_completion`'s (test
 Batched logits can differ from single-sequence ones by a few hundredths of a nat on quantized
 weights (the repacked Q4_K and non-flash attention kernels change with the batch shape);
 `n_parallel=1` is the exact, slow path.
-
-The prompt's last-row logits are copied once per prompt (n_vocab floats) and reused by every
-sequence of that prompt for its first token; nothing of size context × vocabulary is ever kept.
 """
 
 from __future__ import annotations
@@ -83,7 +101,7 @@ class Request:
 @dataclass
 class _Live:
     req: Request
-    slot: int
+    slot: int  # the llama.cpp sequence id it decodes in
     sampler: Sampler
     max_tokens: int
     t_start: float
@@ -92,7 +110,7 @@ class _Live:
     pos: int = 0  # position of the next token to decode
     records: list[TokenRecord] = field(default_factory=list)
     text: bytearray = field(default_factory=bytearray)
-    pending: int | None = None  # token sampled but not yet decoded
+    pending: int | None = None  # token sampled (or forced) but not yet decoded
     finish: str | None = None
     stop_at: int | None = None  # byte offset where a stop string begins
     hist: int = 0  # id of (prompt + tokens sampled so far, pending included)
@@ -106,6 +124,211 @@ class _Live:
             self.grammar.close()
 
 
+@dataclass(frozen=True)
+class Pick:
+    """One sequence's choice at one step (Engine._pick), what Engine._record turns into its TokenRecord."""
+
+    token: int
+    sampled_logprob: float  # among the chain's survivors, after temperature (0.0 greedy)
+    candidates: int  # how many survivors
+    blocked: list[int]  # tokens no-repeat-ngram banned before the chain
+    removed: float | None  # raw mass the grammar forbade (None without a grammar)
+    prefiltered: bool  # the chain was fed only the row's top k (sampler.prefilter_k)
+    known: tuple[float, int] | None  # the pick's raw logit and rank when the prefiltered pick ranked it
+
+
+class _Histories:
+    """Token sequences as ids: a root key, or (parent id, token), interned; each child's parent kept."""
+
+    def __init__(self) -> None:
+        self.ids: dict[tuple, int] = {}
+        self.parent: dict[int, int] = {}
+
+    def root(self, key: tuple, parent: int | None = None) -> int:
+        h = self.ids.setdefault(key, len(self.ids))
+        if parent is not None:  # a root whose cells below its first token are another history's
+            self.parent[h] = parent
+        return h
+
+    def child(self, h: int, token: int) -> int:
+        c = self.ids.setdefault((h, token), len(self.ids))
+        self.parent[c] = h
+        return c
+
+
+def _add(counts: dict, **amounts: int) -> None:
+    """Add to decode counters (a Counter or a plain dict: a key appears when first added to, even by 0)."""
+    for k, v in amounts.items():
+        counts[k] = counts.get(k, 0) + v
+
+
+class _Entry:
+    """An entry policy of the scheduler (Engine._loop): how and when sequences enter a slot, where a row comes
+    from, what a finished sequence leaves in the cache. `counts`: where the decode counters go."""
+
+    first_seq = 0  # the sequence id of slot 0
+    copy_cells = False  # every member of a group gets the served row's cell (else its leader alone holds them)
+    base_seq = 0  # the sequence holding a kept row's cell
+
+    def __init__(self, engine: "Engine", counts: dict):
+        self.engine, self.counts, self.histories = engine, counts, _Histories()
+
+    def start(self, ctx: Context) -> None:
+        """Set up the fresh context before the first step."""
+
+    def waiting(self) -> bool:
+        """Sequences still to enter."""
+        raise NotImplementedError
+
+    def enter(self, ctx: Context, seq: int, step: int) -> tuple[_Live, np.ndarray | None, RowStats | None] | None:
+        """The next sequence, in free sequence `seq` at this step, with its first row when it starts with one
+        (else it starts with a token pending); None when none may enter now."""
+        raise NotImplementedError
+
+    def kept_row(self, hist: int) -> tuple[np.ndarray, RowStats] | None:
+        """The row of a history that needs no decode, and its statistics; None: decode it."""
+        return None
+
+    def row_stats(self, block: np.ndarray) -> list[RowStats]:
+        """The statistics of a decode's output rows."""
+        return self.engine._block_stats(block)
+
+    def count(self, decoded: list[list[_Live]], kept: list) -> None:
+        """The policy's own counters of a step's rows."""
+
+    def leave(self, ctx: Context, live: _Live) -> None:
+        """Free a finished sequence's cells."""
+        raise NotImplementedError
+
+
+class _Prompts(_Entry):
+    """Sweep entry (Engine.run): a request enters with its prompt's cells (still in the slot, copied from another
+    slot, or prefilled once) and samples its first token from the prompt's last row; it leaves its prompt's cells
+    for the next request with that prompt."""
+
+    def __init__(self, engine: "Engine", queue: deque, ctx_len: int, n_par: int):
+        super().__init__(engine, engine.stats)
+        self.queue, self.ctx_len = queue, ctx_len
+        self.remaining = Counter(tuple(r.prompt_tokens) for r in queue)
+        self.slot_prompt: list[tuple | None] = [None] * n_par
+        self.first_rows: dict[tuple, np.ndarray] = {}
+        self.first_stats: dict[tuple, RowStats] = {}  # of each first row: computed once, shared by its sequences
+
+    def waiting(self) -> bool:
+        return bool(self.queue)
+
+    def enter(self, ctx: Context, seq: int, step: int) -> tuple[_Live, np.ndarray, RowStats] | None:
+        if not self.queue:
+            return None
+        req = self.queue.popleft()
+        key = tuple(req.prompt_tokens)
+        t0 = time.perf_counter()
+        if self.slot_prompt[seq] != key:
+            self._load(ctx, seq, key)
+        root = self.histories.root(("prompt", key))
+        live = self.engine._live(req, seq, len(key), min(req.max_tokens, self.ctx_len - len(key)), t0, root, root)
+        live.prompt_ms = (time.perf_counter() - t0) * 1000
+        row, st = self.first_rows[key], self.first_stats[key]
+        self.remaining[key] -= 1
+        if self.remaining[key] <= 0:  # the prompt's last request: its row is not kept past this step
+            del self.first_rows[key], self.first_stats[key]
+        return live, row, st
+
+    def _load(self, ctx: Context, seq: int, key: tuple) -> None:
+        """The prompt's cells into sequence `seq`: copied from a slot that holds them, or prefilled."""
+        ctx.seq_rm(seq)
+        donor = next((t for t, p in enumerate(self.slot_prompt) if p == key), None)
+        if donor is not None and key in self.first_rows:
+            ctx.seq_cp(donor, seq, 0, len(key))
+            self.counts["prompt_copies"] += 1
+        else:
+            engine = self.engine
+            self.first_rows[key] = ctx.prefill(list(key), seq=seq)
+            self.first_stats[key] = block_stats(self.first_rows[key], engine._top_n, engine._floor_n)[0]
+            self.counts["prefills"] += 1
+            self.counts["prompt_tokens"] += len(key)
+        self.slot_prompt[seq] = key
+
+    def leave(self, ctx: Context, live: _Live) -> None:
+        ctx.seq_rm(live.slot, len(live.req.prompt_tokens), -1)
+
+
+class _Continuations(_Entry):
+    """Continuation entry (Engine.run_continuations): sequence 0 holds prefix + base path; a continuation of
+    position t enters with the cells of prefix + base[:t] copied from it and its forced token pending, at step
+    t - t0 when all fit in the slots (the diagonal schedule); a history on the base path is served the base path's
+    prefill row (kept for positions t0+1..hi) with its cell from sequence 0; every member of a group gets the
+    row's cell; a finished continuation's cells are removed."""
+
+    first_seq = 1
+    copy_cells = True
+
+    def __init__(self, engine: "Engine", prefix_ids: list[int], base_ids: list[int], requests: list[Request],
+                 base_rows: int, share: bool, counts: dict):
+        super().__init__(engine, counts)
+        self.L, self.full, self.share = len(prefix_ids), list(prefix_ids) + list(base_ids), share
+        self.todo = deque(sorted(requests, key=self.position))
+        self.t0 = self.position(self.todo[0])
+        self.n_par = min(engine.n_parallel, len(self.todo))
+        # more continuations than slots: they enter as slots free, by position (holding them back costs more decodes
+        # than the rows it saves, measured with scripts/bench.py)
+        self.diagonal = share and len(self.todo) <= self.n_par
+        self.chain = [self.histories.root(("prompt",))]  # chain[k]: the id of prefix + base[:k]
+        for tok in base_ids:
+            self.chain.append(self.histories.child(self.chain[-1], tok))
+        # the prefill's rows of prefix + base[:k], t0 < k <= hi (a continuation's histories are longer than L + t0)
+        self.hi = min(len(base_ids), self.t0 + base_rows) if share else self.t0
+        self.on_base = {self.chain[k]: k for k in range(self.t0 + 1, self.hi + 1)}
+        self.base_rows: np.ndarray | None = None
+        self.base_stats: dict[int, RowStats] = {}  # a base row's statistics: computed once
+
+    def position(self, r: Request) -> int:
+        return len(r.prompt_tokens) - 1 - self.L
+
+    def start(self, ctx: Context) -> None:
+        L, t0, hi = self.L, self.t0, self.hi
+        self.base_rows = ctx.prefill_rows(self.full, L + t0, L + hi, seq=self.base_seq) if hi > t0 else None
+        if self.base_rows is None:
+            ctx.prefill(self.full, seq=self.base_seq)
+        _add(self.counts, prefill_tokens=len(self.full))
+
+    def waiting(self) -> bool:
+        return bool(self.todo)
+
+    def enter(self, ctx: Context, seq: int, step: int) -> tuple[_Live, None, None] | None:
+        if not self.todo or (self.diagonal and self.position(self.todo[0]) > self.t0 + step):
+            return None
+        r = self.todo.popleft()
+        t, w = self.position(r), r.prompt_tokens[-1]
+        ctx.seq_rm(seq)
+        ctx.seq_cp(self.base_seq, seq, 0, self.L + t)
+        below = self.chain[t]
+        hist = self.histories.child(below, w) if self.share else self.histories.root(("entry", t, w), parent=below)
+        return self.engine._live(r, seq, self.L + t, r.max_tokens, time.perf_counter(), hist, below, pending=w), None, None
+
+    def kept_row(self, hist: int) -> tuple[np.ndarray, RowStats] | None:
+        k = self.on_base.get(hist)
+        if k is None:
+            return None
+        row = self.base_rows[k - self.t0 - 1]
+        st = self.base_stats.get(k)
+        if st is None:
+            st = self.base_stats[k] = RowStats.of(row, None, self.engine._top_n)
+        return row, st
+
+    def row_stats(self, block: np.ndarray) -> list[RowStats]:
+        return [RowStats.of(row, None, self.engine._top_n) for row in block]
+
+    def count(self, decoded: list[list[_Live]], kept: list) -> None:
+        if decoded:  # rows holding some continuation's forced token
+            forced = sum(any(not m.records for m in g) for g in decoded)
+            _add(self.counts, forced_tokens=forced, prefill_tokens=forced)
+        _add(self.counts, base_rows_reused=len(kept))
+
+    def leave(self, ctx: Context, live: _Live) -> None:
+        ctx.seq_rm(live.slot)
+
+
 class Engine:
     """Decodes requests with up to `n_parallel` sequences per llama_decode call."""
 
@@ -117,7 +340,7 @@ class Engine:
         self.prefilter = True  # feed top-k chains only the row's top k when that is exact (sampler.prefilter_k)
         self._top_n = self._floor_n = 0
         # a step's per-sequence work (_picks) and block statistics on this many Python threads: 1 (off) until a
-        # gain is measured on a quiet 2-core machine (issue 21: none could be; same records either way, tested)
+        # gain is measured on a quiet 2-core machine (none could be so far; same records either way, tested)
         self.analysis_threads = 1
         self._pool: ThreadPoolExecutor | None = None
         self._owner, self._local = threading.get_ident(), threading.local()
@@ -153,7 +376,6 @@ class Engine:
         for r in reqs:  # group by prompt, keep first-seen order of prompts
             order.setdefault(tuple(r.prompt_tokens), len(order))
         queue = deque(sorted(reqs, key=lambda r: order[tuple(r.prompt_tokens)]))
-        remaining = Counter(tuple(r.prompt_tokens) for r in reqs)
         n_par = min(self.n_parallel, len(reqs))
         ctx_len = self.model.options.ctx
         max_prompt = max(len(r.prompt_tokens) for r in reqs)
@@ -161,116 +383,60 @@ class Engine:
         n_prompts = min(len(order), n_par)
         cells = n_prompts * max_prompt + n_par * (max_new + 1) + 1
         cells = max(cells, max_prompt + max_new + 1)
-        # the objects alive before the run stay out of the collector's passes while it runs: a full collection over a
-        # large heap (numpy, pandas, a notebook's) paused a 32k step by 28 ms; the run's own garbage is still collected
+        self._top_n = max(r.n_logprobs for r in reqs)
+        ks = {prefilter_k(s, self.model) for s in {r.settings for r in reqs if not r.grammar}} if self.prefilter else ()
+        self._floor_n = max(ks, default=0) + 1  # block_stats' candidates then hold the top k + 1 of every row
+        yield from self._run(_Prompts(self, queue, ctx_len, n_par), n_par, on_token, n_ctx=round_ctx(cells), n_seq_max=n_par)
+
+    def run_continuations(self, prefix_ids: list[int], base_ids: list[int], requests: Iterable[Request], *,
+                          base_rows: int = 0, share: bool = True, stats: dict | None = None) -> Iterator[Sample]:
+        """Decode continuations of one base path batched over its cells; yield each Sample as it finishes.
+
+        Sequence 0 holds prefix + base path, prefilled once; the continuations decode in sequences 1..n_parallel
+        (so n_parallel is at most llama.cpp's sequence limit minus one). A request's prompt_tokens are
+        prefix + base[:t] + [w], w no end-of-generation token, max_tokens >= 1 (taken as they are: nothing is
+        tokenized, validated or cut to the context here); its sampler sees only the tokens it generates.
+        `base_rows`: how many of the base path's prefill rows after the first continuation's position are kept,
+        so that a history on the base path needs no decode. share=False: one history root per (t, w), every row
+        decoded, no entry schedule. The decode counters (prefill_tokens, decodes, decoded_tokens, forced_tokens,
+        base_rows_reused, fanned_out_tokens) are added to `stats` as they happen."""
+        reqs = list(requests)
+        if not reqs:
+            return
+        counts = stats if stats is not None else {}
+        self._top_n, self._floor_n = max(r.n_logprobs for r in reqs), 0
+        entry = _Continuations(self, prefix_ids, base_ids, reqs, base_rows, share, counts)
+        longest = max(r.max_tokens for r in reqs)
+        n_ctx = round_ctx(len(entry.full) + entry.n_par * (longest + 2) + 1)
+        yield from self._run(entry, entry.n_par, None, n_ctx=n_ctx, n_seq_max=entry.n_par + 1)
+
+    # -- the scheduler ---------------------------------------------------------------------------
+    def _run(self, entry: _Entry, n_par: int, on_token, **context) -> Iterator[Sample]:
+        """The scheduler in a fresh context. The objects alive before the run stay out of the collector's passes
+        while it runs (a full collection over a large heap, numpy's, pandas', a notebook's, pauses a step for
+        milliseconds); the run's own garbage is still collected."""
         gc.freeze()
         try:
-            with self.model.context(n_ctx=round_ctx(cells), n_seq_max=n_par) as ctx:
-                yield from self._loop(ctx, queue, remaining, n_par, ctx_len, on_token)
+            with self.model.context(**context) as ctx:
+                entry.start(ctx)
+                yield from self._loop(ctx, entry, n_par, on_token)
         finally:
             gc.unfreeze()
 
-    # -- the loop ------------------------------------------------------------------------------
-    def _loop(self, ctx: Context, queue, remaining, n_par, ctx_len, on_token) -> Iterator[Sample]:
+    def _loop(self, ctx: Context, entry: _Entry, n_par: int, on_token) -> Iterator[Sample]:
+        """The decode scheduler (module docstring): P slots, one step after another until every sequence is done."""
         slots: list[_Live | None] = [None] * n_par
-        slot_prompt: list[tuple | None] = [None] * n_par
-        first_rows: dict[tuple, np.ndarray] = {}
-        first_stats: dict[tuple, RowStats] = {}  # of each first row: computed once, shared by its sequences
-        intern: dict[tuple, int] = {}  # (parent history id, token) or ("prompt", tokens) -> history id
-        parent: dict[int, int] = {}
-        groups: list[list[_Live]] = []  # sequences sharing one history: decoded once, by groups[i][0]
-        self._top_n = max((r.n_logprobs for r in queue), default=0)
-        ks = {prefilter_k(s, self.model) for s in {r.settings for r in queue if not r.grammar}} if self.prefilter else ()
-        self._floor_n = max(ks, default=0) + 1  # block_stats' candidates then hold the top k + 1 of every row
         if self.analysis_threads > 1 and n_par > 1:
             self._pool = ThreadPoolExecutor(self.analysis_threads, thread_name_prefix="llamalens-analysis")
         try:
-            while queue or any(slots):
-                # 1. fill free slots; a new sequence's first token comes from its prompt's row
-                rows: dict[int, np.ndarray] = {}
-                row_stats: dict[int, RowStats] = {}  # by slot; members of a group share their leader's
-                for s in range(n_par):
-                    if slots[s] is None and queue:
-                        req = queue.popleft()
-                        key = tuple(req.prompt_tokens)
-                        t0 = time.perf_counter()
-                        if slot_prompt[s] != key:
-                            ctx.seq_rm(s)
-                            donor = next((t for t in range(n_par) if slot_prompt[t] == key), None)
-                            if donor is not None and key in first_rows:
-                                ctx.seq_cp(donor, s, 0, len(key))
-                                self.stats["prompt_copies"] += 1
-                            else:
-                                first_rows[key] = ctx.prefill(req.prompt_tokens, seq=s)
-                                first_stats[key] = block_stats(first_rows[key], self._top_n, self._floor_n)[0]
-                                self.stats["prefills"] += 1
-                                self.stats["prompt_tokens"] += len(key)
-                            slot_prompt[s] = key
-                        root = intern.setdefault(("prompt", key), len(intern))
-                        live = _Live(req, s, Sampler.for_sequence(req.settings, self.model, req.prompt_tokens),
-                                     max_tokens=min(req.max_tokens, ctx_len - len(key)), t_start=t0,
-                                     pos=len(key), hist=root, kv_hist=root,
-                                     grammar=GrammarSampler(self.model, req.grammar) if req.grammar else None)
-                        live.prompt_ms = (time.perf_counter() - t0) * 1000
-                        slots[s] = live
-                        remaining[key] -= 1
-                        rows[s] = first_rows[key]
-                        row_stats[s] = first_stats[key]
-                # 2. one decode: one token per group of identical histories; members share the row
-                if groups:
-                    leaders = [g[0] for g in groups]
-                    ctx.decode([b.pending for b in leaders], [b.pos for b in leaders], [b.slot for b in leaders],
-                               [1] * len(leaders))
-                    self.stats["decodes"] += 1
-                    self.stats["decoded_tokens"] += len(leaders)
-                    self.stats["fanned_out_tokens"] += sum(len(g) - 1 for g in groups)
-                    block = ctx.logits_block(len(leaders))  # the decode's output rows, one contiguous block
-                    block_rows = self._block_stats(block)  # every row's statistics in one go (stats.py)
-                    for i, g in enumerate(groups):
-                        g[0].kv_hist = g[0].hist
-                        for b in g:
-                            b.pos += 1
-                            b.pending = None
-                            rows[b.slot], row_stats[b.slot] = block[i], block_rows[i]
-                # 3. each sequence's own sampler chain on its row; the record from the row's statistics
-                step = [slots[s] for s in rows]
-                picks = self._picks(step, list(rows.values()), [row_stats[s] for s in rows])
-                for live, row, pick in zip(step, rows.values(), picks):
-                    self._record(live, row, row_stats[live.slot], pick)
-                    if live.pending is not None:
-                        h = intern.setdefault((live.hist, live.pending), len(intern))
-                        parent[h] = live.hist
-                        live.hist = h
-                    if on_token:
-                        on_token(1)
-                for key in [k for k, n in remaining.items() if n <= 0 and k in first_rows]:
-                    del first_rows[key], first_stats[key]
-                # 4. group the live sequences by history; a group's leader must hold its parent's cells
-                by_hist: dict[int, list[_Live]] = {}
-                for live in slots:
-                    if live is not None and live.pending is not None:
-                        by_hist.setdefault(live.hist, []).append(live)
-                groups = []
-                for h, members in by_hist.items():
-                    need = parent[h]
-                    members.sort(key=lambda b: b.kv_hist != need)
-                    lead = members[0]
-                    if lead.kv_hist != need:  # the old leader went another way: give this one the cells
-                        src = next(x for x in slots if x is not None and x.kv_hist == need)
-                        plen = len(lead.req.prompt_tokens)
-                        ctx.seq_rm(lead.slot, plen, -1)
-                        ctx.seq_cp(src.slot, lead.slot, plen, -1)
-                        lead.kv_hist = need
-                        self.stats["history_copies"] += 1
-                    groups.append(members)
-                # 5. retire finished sequences, keeping their prompt cells for the next request
-                for s in range(n_par):
-                    live = slots[s]
-                    if live is not None and live.finish is not None:
-                        ctx.seq_rm(s, len(live.req.prompt_tokens), -1)
-                        live.close()
-                        slots[s] = None
-                        yield self._sample(live)
+            step = 0
+            while entry.waiting() or any(slots):
+                served = self._enter(ctx, entry, slots, step)
+                served += self._serve(ctx, entry, self._groups(slots, entry.histories))
+                self._choose(served, entry.histories, on_token)
+                self._hold(ctx, entry, slots)
+                yield from self._retire(ctx, entry, slots)
+                step += 1
         finally:
             if self._pool is not None:
                 self._pool.shutdown()
@@ -279,10 +445,113 @@ class Engine:
                 if live is not None:
                     live.close()
 
-    def _step(self, live: _Live, row: np.ndarray, row_stats: RowStats) -> None:
-        """Sample the next token of one sequence from its raw logits row and record it."""
-        self._record(live, row, row_stats, self._pick(live, row, row_stats))
+    def _live(self, req: Request, seq: int, pos: int, max_tokens: int, t_start: float, hist: int, kv_hist: int,
+              pending: int | None = None) -> _Live:
+        """A sequence entering sequence `seq` at position `pos`, its own sampler chain (and grammar) made."""
+        return _Live(req, seq, Sampler.for_sequence(req.settings, self.model, req.prompt_tokens), max_tokens=max_tokens,
+                     t_start=t_start, pos=pos, pending=pending, hist=hist, kv_hist=kv_hist,
+                     grammar=GrammarSampler(self.model, req.grammar) if req.grammar else None)
 
+    @staticmethod
+    def _enter(ctx: Context, entry: _Entry, slots: list[_Live | None], step: int) -> list[tuple]:
+        """1. Free slots take the sequences the entry lets in now, in slot order; one that starts with a row (a
+        prompt's last row) is served it at once, as a group of its own."""
+        served = []
+        for s, live in enumerate(slots):
+            if live is None:
+                got = entry.enter(ctx, entry.first_seq + s, step)
+                if got is None:
+                    break
+                live, row, st = got
+                slots[s] = live
+                if row is not None:
+                    served.append(([live], row, st))
+        return served
+
+    @staticmethod
+    def _groups(slots: list[_Live | None], histories: _Histories) -> list[list[_Live]]:
+        """2. The sequences with a token pending, grouped by history in slot order; first in each group (its leader)
+        the first that holds its parent history's cells, if one does."""
+        by_hist: dict[int, list[_Live]] = {}
+        for live in slots:
+            if live is not None and live.pending is not None:
+                by_hist.setdefault(live.hist, []).append(live)
+        groups = []
+        for h, members in by_hist.items():
+            need = histories.parent[h]
+            groups.append([b for b in members if b.kv_hist == need] + [b for b in members if b.kv_hist != need])
+        return groups
+
+    def _serve(self, ctx: Context, entry: _Entry, groups: list[list[_Live]]) -> list[tuple]:
+        """3. One row per group: kept by the entry, else decoded (one llama_decode, one token per group, at its
+        leader's sequence); members share the row. Returns (members, row, the row's RowStats) per group."""
+        decoded, served = [], []
+        kept = []  # (members, the sequence holding the row's cell, row, statistics)
+        for g in groups:
+            got = entry.kept_row(g[0].hist)
+            if got is None:
+                decoded.append(g)
+            else:
+                kept.append((g, entry.base_seq, *got))
+        if decoded:
+            leaders = [g[0] for g in decoded]
+            ctx.decode([b.pending for b in leaders], [b.pos for b in leaders], [b.slot for b in leaders], [1] * len(leaders))
+            _add(entry.counts, decodes=1, decoded_tokens=len(leaders))
+            block = ctx.logits_block(len(leaders))  # the decode's output rows, one contiguous block
+            served = [(g, g[0].slot, row, st) for g, row, st in zip(decoded, block, entry.row_stats(block))]
+        entry.count(decoded, kept)
+        if groups:
+            _add(entry.counts, fanned_out_tokens=sum(len(g) - 1 for g in groups))
+        out = []
+        for members, src, row, st in served + kept:
+            for b in members if entry.copy_cells else members[:1]:
+                if b.slot != src:
+                    ctx.seq_cp(src, b.slot, b.pos, b.pos + 1)
+                b.kv_hist = b.hist
+            for b in members:
+                b.pos += 1
+                b.pending = None
+            out.append((members, row, st))
+        return out
+
+    def _choose(self, served: list[tuple], histories: _Histories, on_token) -> None:
+        """4. Each served sequence's own chain picks from its row (_picks); then, in order, its record (_record),
+        and its history extended by the pick when it goes on."""
+        step = [b for members, _, _ in served for b in members]
+        rows = [row for members, row, _ in served for _ in members]
+        stats = [st for members, _, st in served for _ in members]
+        for live, row, st, pick in zip(step, rows, stats, self._picks(step, rows, stats)):
+            self._record(live, row, st, pick)
+            if live.pending is not None:
+                live.hist = histories.child(live.hist, live.pending)
+            if on_token:
+                on_token(1)
+
+    @staticmethod
+    def _hold(ctx: Context, entry: _Entry, slots: list[_Live | None]) -> None:
+        """5. A group's leader must hold its parent's cells: when none of its members does (the one that did went
+        another way, or finished), the first gets them copied from a sequence that holds them."""
+        for members in Engine._groups(slots, entry.histories):
+            lead = members[0]
+            need = entry.histories.parent[lead.hist]
+            if lead.kv_hist != need:
+                src = next(x for x in slots if x is not None and x.kv_hist == need)
+                plen = len(lead.req.prompt_tokens)
+                ctx.seq_rm(lead.slot, plen, -1)
+                ctx.seq_cp(src.slot, lead.slot, plen, -1)
+                lead.kv_hist = need
+                _add(entry.counts, history_copies=1)
+
+    def _retire(self, ctx: Context, entry: _Entry, slots: list[_Live | None]) -> Iterator[Sample]:
+        """6. Finished sequences leave (entry.leave says what of their cells stays) and are yielded."""
+        for s, live in enumerate(slots):
+            if live is not None and live.finish is not None:
+                entry.leave(ctx, live)
+                live.close()
+                slots[s] = None
+                yield self._sample(live)
+
+    # -- one sequence's pick and record ------------------------------------------------------------
     def _candidates(self) -> tuple[Candidates, Candidates | None]:
         """The calling thread's llama_token_data buffers (the engine's own on the thread that made it)."""
         if threading.get_ident() == self._owner:
@@ -292,33 +561,32 @@ class Engine:
             b = self._local.bufs = (Candidates(self.model.n_vocab), Candidates(self.model.n_vocab))
         return b
 
-    def _pick(self, live: _Live, row: np.ndarray, row_stats: RowStats) -> tuple:
+    def _pick(self, live: _Live, row: np.ndarray, row_stats: RowStats) -> Pick:
         """The chain's choice for one sequence: what needs the row, the chain and nothing shared, so the
         sequences of a step can run it on different threads (_picks). The chain's state changes only in
-        _record (accept), on the engine's thread, in slot order."""
+        _record (accept), on the engine's thread, in order."""
         req = live.req
         n_gram = req.settings.no_repeat_ngram
         blocked = sorted(banned_tokens(req.prompt_tokens + [r.id for r in live.records], n_gram)) if n_gram else []
-        if blocked:  # no-repeat-ngram (issue 17): banned before the chain; the raw row (shared) stays as it is
+        if blocked:  # no-repeat-ngram: banned before the chain; the raw row (shared) stays as it is
             row = row.copy()
             row[blocked] = -np.inf
         buffers, grammar_buffers = self._candidates()
-        removed, top = None, None
         if live.grammar is None:
             k = live.sampler.prefilter_k if self.prefilter and not blocked else 0
             top = row_stats.top_k_list(k) if k else None  # None: a tie among the k+1 largest, the full row
             token, sampled_lp, n_cand = live.sampler.choose(row, buffers, top, None if blocked else row_stats.dist_block_sums,
                                                             row_stats.ranks)
             known = buffers.pick
-            return token, sampled_lp, n_cand, blocked, removed, top is not None, (known.logit, known.rank) if (
-                known.rank) else None
+            return Pick(token, sampled_lp, n_cand, blocked, None, top is not None,
+                        (known.logit, known.rank) if known.rank else None)
         # grammar.py: the chain's pick, resampled under the grammar when it does not fit
         if grammar_buffers is None:
             grammar_buffers = self._grammar_buffers = Candidates(self.model.n_vocab)
         survivors, sel, removed = constrained_apply(live.sampler, live.grammar, row, buffers, grammar_buffers)
-        return *live.sampler.outcome(survivors, sel), blocked, removed, False, None
+        return Pick(*live.sampler.outcome(survivors, sel), blocked, removed, False, None)
 
-    def _picks(self, live: list[_Live], rows: list[np.ndarray], stats: list[RowStats]) -> list[tuple]:
+    def _picks(self, live: list[_Live], rows: list[np.ndarray], stats: list[RowStats]) -> list[Pick]:
         """_pick of every sequence of a step, spread over the thread pool when there is one (the chain's native
         code and numpy's passes release the GIL); the same results in the same order as one by one."""
         if self._pool is None or len(live) < 2:
@@ -336,25 +604,24 @@ class Engine:
         parts = self._pool.map(lambda b: block_stats(b, self._top_n, self._floor_n, reuse=True), (block[:cut], block[cut:]))
         return [st for part in parts for st in part]
 
-    def _record(self, live: _Live, raw: np.ndarray, row_stats: RowStats, pick: tuple) -> None:
-        """The TokenRecord of a pick (in slot order, on the engine's thread): accept, statistics, stop checks."""
-        model, req = self.model, live.req
-        token, sampled_lp, n_cand, blocked, removed, prefiltered, known = pick
-        self.stats["prefiltered"] += prefiltered
+    def _record(self, live: _Live, raw: np.ndarray, row_stats: RowStats, pick: Pick) -> None:
+        """The TokenRecord of a pick (in order, on the engine's thread): accept, statistics, stop checks."""
+        model, req, token = self.model, live.req, pick.token
+        self.stats["prefiltered"] += pick.prefiltered
         if live.grammar is not None:
-            live.removed.append(removed)
+            live.removed.append(pick.removed)
             live.grammar.accept(token)
         live.sampler.accept(token)
-        st = row_stats.for_token(raw, token) if known is None else row_stats.chosen(*known)  # (raw logit, rank)
+        st = row_stats.for_token(raw, token) if pick.known is None else row_stats.chosen(*pick.known)  # (raw logit, rank)
         if live.t_first == 0.0:
             live.t_first = time.perf_counter()
         text, hex_bytes = model.token_text(token)
         eog = model.is_eog(token)
         live.records.append(TokenRecord(
             position=len(live.records), id=token, text=text, bytes=hex_bytes,
-            logprob=st.logprob, sampled_logprob=sampled_lp, rank=st.rank, entropy=st.entropy, candidates=n_cand,
-            top=alternatives(model.token_text, *st.top_lists(req.n_logprobs)), eog=eog,
-            blocked=blocked,
+            logprob=st.logprob, sampled_logprob=pick.sampled_logprob, rank=st.rank, entropy=st.entropy,
+            candidates=pick.candidates, top=alternatives(model.token_text, *st.top_lists(req.n_logprobs)), eog=eog,
+            blocked=pick.blocked,
         ))
         if eog:
             live.finish = "stop"

@@ -47,18 +47,16 @@ from __future__ import annotations
 
 import re
 import time
-from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import numpy as np
 
-from llamalens.core.engine import Engine, Request, _Live
+from llamalens.core.engine import Engine, Request
 from llamalens.errors import InvalidSettings, StoreError
 from llamalens.run.fork_analysis import NONE, Branch, ForkAnalysis, analyse
 from llamalens.records import RunOptions, Sample, StoredSample, Timing, TokenRecord
 from llamalens.core.runtime import Model, library_versions, round_ctx
-from llamalens.core.sampler import Sampler
 from llamalens.settings import SamplingSettings
 from llamalens.core.stats import RowStats
 from llamalens.store import RunInfo, Store
@@ -318,105 +316,13 @@ def decode_continuations(model: Model, prompt_ids: list[int], base_ids: list[int
                          parallel: int, stats: dict | None = None, share: bool = True) -> Iterator[Sample]:
     """Decode continuations (Request.prompt_tokens = prompt + base[:t] + [w], w no end-of-generation token,
     max_tokens >= 1) batched, sharing the base path's cells; yield each Sample as it finishes. See the module
-    docstring. share=False decodes as before the shared histories (one root per (t, w), every row decoded, no
+    docstring: the engine's scheduler decodes them (Engine.run_continuations), up to `parallel` at once (sequence 0
+    holds the base path), with up to BASE_ROWS_BYTES of the base path's prefill rows kept; the decode counters are
+    added to `stats`. share=False decodes as before the shared histories (one root per (t, w), every row decoded, no
     entry schedule): the comparison the tests and the bench make."""
-    stats = stats if stats is not None else {}
-    L, n = len(prompt_ids), len(base_ids)
-    engine = Engine(model, parallel)
-    engine._top_n = max((r.n_logprobs for r in requests), default=0)
-    if not requests:
-        return
-
-    def position(r: Request) -> int:
-        return len(r.prompt_tokens) - 1 - L
-
-    todo: deque[Request] = deque(sorted(requests, key=position))
-    t0 = position(todo[0])
-    n_par = min(parallel, len(todo), MAX_SEQUENCES - 1)  # sequence 0 holds the base path
-    # all in the slots at once: a continuation of position t enters at step t - t0, so that its histories are as
-    # long as those of the earlier positions' continuations in the same step and identical ones meet (more
-    # continuations than slots: they enter as slots free, by position; holding them back costs more decodes
-    # than the rows it saves, measured with scripts/bench.py)
-    diagonal = share and len(todo) <= n_par
-    longest = max(r.max_tokens for r in todo)
-    full = prompt_ids + base_ids
-    intern: dict[tuple, int] = {}  # (parent history id, token) -> history id: one id per token sequence
-
-    def hid(key: tuple) -> int:
-        return intern.setdefault(key, len(intern))
-
-    chain = [hid(("prompt",))]  # chain[k]: the id of prompt + base[:k]
-    for tok in base_ids:
-        chain.append(hid((chain[-1], tok)))
-    # the prefill's rows of prompt + base[:k], t0 < k <= hi (a continuation's histories are longer than L + t0)
-    hi = min(n, t0 + BASE_ROWS_BYTES // (4 * model.n_vocab)) if share else t0
-    on_base = {chain[k]: k for k in range(t0 + 1, hi + 1)}
-    base_stats: dict[int, RowStats] = {}
-    with model.context(n_ctx=round_ctx(len(full) + n_par * (longest + 2) + 1), n_seq_max=n_par + 1) as ctx:
-        base_rows = ctx.prefill_rows(full, L + t0, L + hi, seq=0) if hi > t0 else None
-        if base_rows is None:
-            ctx.prefill(full, seq=0)
-        stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + len(full)
-        slots: list[_Live | None] = [None] * n_par
-        step = 0
-        try:
-            while todo or any(slots):
-                for s in range(n_par):
-                    if slots[s] is None and todo and (not diagonal or position(todo[0]) <= t0 + step):
-                        r = todo.popleft()
-                        seq, t, w = s + 1, position(r), r.prompt_tokens[-1]
-                        ctx.seq_rm(seq)
-                        ctx.seq_cp(0, seq, 0, L + t)
-                        slots[s] = _Live(r, seq, Sampler.for_sequence(r.settings, model, r.prompt_tokens),
-                                         max_tokens=r.max_tokens, t_start=time.perf_counter(), pos=L + t, pending=w,
-                                         hist=hid((chain[t], w) if share else ("entry", t, w)))
-                step += 1
-                # one row per history among the live continuations: from the prefill on the base path, else
-                # decoded once, at the first one's sequence, its cell copied to the others
-                by_hist: dict[int, list[_Live]] = {}
-                for live in slots:
-                    if live is not None:
-                        by_hist.setdefault(live.hist, []).append(live)
-                decoded = [g for h, g in by_hist.items() if h not in on_base]
-                reused = [g for h, g in by_hist.items() if h in on_base]
-                if decoded:
-                    ctx.decode([g[0].pending for g in decoded], [g[0].pos for g in decoded],
-                               [g[0].slot for g in decoded], [1] * len(decoded))
-                    forced = sum(any(not m.records for m in g) for g in decoded)
-                    for k, v in (("decodes", 1), ("decoded_tokens", len(decoded)), ("forced_tokens", forced),
-                                 ("prefill_tokens", forced)):
-                        stats[k] = stats.get(k, 0) + v
-                stats["base_rows_reused"] = stats.get("base_rows_reused", 0) + len(reused)
-                stats["fanned_out_tokens"] = stats.get("fanned_out_tokens", 0) + sum(len(g) - 1 for g in by_hist.values())
-                served = [(g, g[0].slot, ctx.logits(i), None) for i, g in enumerate(decoded)]
-                served += [(g, 0, base_rows[on_base[g[0].hist] - t0 - 1], on_base[g[0].hist]) for g in reused]
-                for members, src, row, k in served:
-                    pos = members[0].pos
-                    for m in members:
-                        if m.slot != src:
-                            ctx.seq_cp(src, m.slot, pos, pos + 1)
-                    st = base_stats.get(k) if k is not None else None  # a base row's statistics: computed once
-                    if st is None:
-                        st = RowStats.of(row, None, engine._top_n)
-                        if k is not None:
-                            base_stats[k] = st
-                    for m in members:
-                        m.pos += 1
-                        m.pending = None
-                        engine._step(m, row, st)
-                        if m.pending is not None:
-                            m.hist = hid((m.hist, m.pending))
-                for s in range(n_par):
-                    live = slots[s]
-                    if live is not None and live.finish is not None:
-                        ctx.seq_rm(live.slot)
-                        live.close()
-                        slots[s] = None
-                        yield engine._sample(live)
-        finally:
-            for live in slots:
-                if live is not None:
-                    live.close()
+    engine = Engine(model, min(parallel, MAX_SEQUENCES - 1))
+    yield from engine.run_continuations(prompt_ids, base_ids, requests, base_rows=BASE_ROWS_BYTES // (4 * model.n_vocab),
+                                        share=share, stats=stats)
 
 
 def _requests(store: Store, run_id: int, base_ids: list[int], prompt_ids: list[int],
