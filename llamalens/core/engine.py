@@ -1,5 +1,8 @@
 """The decoding engine: many sequences decoded together, one exact TokenRecord per generated token.
 
+(One module, longer than the house's limit: the one decode scheduler, whose two entry policies share every
+step's pieces; split, the steps and the policies they serve would be read in different files.)
+
 One decode scheduler (Engine._loop) serves both kinds of run. It owns P slots of one llama.cpp context (unified KV
 cache), the histories of the sequences in them, the rows they share and the picks; an entry policy it is given says
 how and when a sequence enters a slot and where a row comes from:
