@@ -112,8 +112,9 @@ def fork(prompt, outcome, options_list, first_line, samples, alternatives, min_p
         loaded = load_model(model, pop_model_options(kw), sequences=sequences, cells=cells)
         req.render(loaded)
         if req.rendered is not None:
-            say(f"chat ({req.rendered.template}): the prompt is {req.rendered.n_tokens} tokens; the reply starts after "
-                "it", err=True)
+            from llamalens.commands.look import announce_chat
+
+            announce_chat(req.rendered)
         say("decoding the base path ...", err=True)
         run_id, cost = req.start(loaded, store, shell_command(["llamalens"] + sys.argv[1:]))
         from llamalens.run.fork import batch_rate

@@ -213,9 +213,14 @@ def chat_prompt(model, conv, chat):
     from llamalens.core.chat import render
 
     rendered = render(model, conv, chat.template)
+    announce_chat(rendered)
+    return rendered
+
+
+def announce_chat(rendered) -> None:
+    """Say on stderr which template rendered the conversation and how long the prompt it made is."""
     say(f"chat ({rendered.template}): the prompt is {rendered.n_tokens} tokens; the reply starts after it",
         err=True)
-    return rendered
 
 
 def with_chat(d: dict, rendered) -> dict:

@@ -97,15 +97,15 @@ class Kind(Protocol):
 class Executor(Protocol):
     """Decodes a run's pending work and hands every result to `save` in this process (the one writer)."""
 
-    def run(self, kind: Kind, model: Model, store: Store, run_id: int, work: Work, stats: dict,
+    def run(self, kind: Kind, model: Model, store: Store, run_id: int, work: Work,
             save: Callable[[Any], None]) -> None: ...
 
 
 class Local:
     """The work decoded in this process."""
 
-    def run(self, kind, model, store, run_id, work, stats, save) -> None:
-        for result in kind.decode(model, work.items, work.shared, stats):
+    def run(self, kind, model, store, run_id, work, save) -> None:
+        for result in kind.decode(model, work.items, work.shared, work.stats):
             save(result)
 
 
@@ -135,7 +135,7 @@ def execute(kind: Kind, model: Model, store: Store, run_id: int,
         for result in work.done:
             save(result)
         try:
-            (executor or LOCAL).run(kind, model, store, run_id, work, stats, save)
+            (executor or LOCAL).run(kind, model, store, run_id, work, save)
         except RayError as e:  # no worker started, or none is left: what came back is saved
             kind.keep_stats(store, run_id, stats)
             store.set_status(run_id, "interrupted")

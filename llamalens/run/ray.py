@@ -319,7 +319,7 @@ class RayExecutor:
                  chunk: int | None = None):
         self.address, self.workers, self.on_note, self.on_pool, self.chunk = address, workers, on_note, on_pool, chunk
 
-    def run(self, kind, model, store, run_id: int, work, stats: dict, save: Callable) -> None:
+    def run(self, kind, model, store, run_id: int, work, save: Callable) -> None:
         if not work.items:
             return
         opts = store.run(run_id).options
@@ -329,7 +329,7 @@ class RayExecutor:
             def done(_chunk, value):
                 results, got = value
                 for k, v in got.items():
-                    stats[k] = stats.get(k, 0) + v
+                    work.stats[k] = work.stats.get(k, 0) + v
                 for result in results:
                     save(result)
 
