@@ -325,6 +325,28 @@ class Store:
                 raise StoreFull(f"the disk holding the run store {self.path} is full") from None
             raise
 
+    def add_config(self, run_id: int, settings: SamplingSettings) -> int:
+        """The index of `settings` among a growing run's configs, added when new (a tree's branches)."""
+        text = json.dumps(settings.to_dict())
+        with self.tx():
+            rows = self.db.execute("SELECT config_idx, settings FROM configs WHERE run_id=? ORDER BY config_idx",
+                                   (run_id,)).fetchall()
+            found = next((i for i, t in rows if t == text), None)
+            if found is not None:
+                return found
+            self.db.execute("INSERT INTO configs VALUES (?,?,?,?)", (run_id, len(rows), text, settings.label()))
+            return len(rows)
+
+    def add_sample(self, run_id: int, prompt: str, config_idx: int, seed: int, extra: dict | None) -> int:
+        """One more sample of a growing run, pending until saved (a tree's branch); its index."""
+        with self.tx():
+            n = self.db.execute("SELECT COALESCE(MAX(sample_idx) + 1, 0) FROM samples WHERE run_id=?",
+                                (run_id,)).fetchone()[0]
+            self.db.execute("INSERT INTO samples (run_id, sample_idx, prompt_idx, config_idx, seed, prompt, status, extra) "
+                            "VALUES (?,?,0,?,?,?, 'pending', ?)",
+                            (run_id, n, config_idx, seed, prompt, None if extra is None else json.dumps(extra)))
+        return n
+
     def set_extra(self, run_id: int, sample_idx: int, extra: dict) -> None:
         """Replace what a run's kind records of one sample (e.g. a fork run's decode counters on its base)."""
         with self.tx():

@@ -165,7 +165,7 @@ def _add(counts: dict, **amounts: int) -> None:
         counts[k] = counts.get(k, 0) + v
 
 
-class _Entry:
+class Entry:
     """An entry policy of the scheduler (Engine._loop): how and when sequences enter a slot, where a row comes
     from, what a finished sequence leaves in the cache. `counts`: where the decode counters go."""
 
@@ -203,8 +203,11 @@ class _Entry:
         """Free a finished sequence's cells."""
         raise NotImplementedError
 
+    def recorded(self, live: _Live) -> None:
+        """A sequence's new record is made (live.records[-1]); the policy may end it here (live.finish)."""
 
-class _Prompts(_Entry):
+
+class _Prompts(Entry):
     """Sweep entry (Engine.run): a request enters with its prompt's cells (still in the slot, copied from another
     slot, or prefilled once) and samples its first token from the prompt's last row; it leaves its prompt's cells
     for the next request with that prompt."""
@@ -229,7 +232,7 @@ class _Prompts(_Entry):
         if self.slot_prompt[seq] != key:
             self._load(ctx, seq, key)
         root = self.histories.root(("prompt", key))
-        live = self.engine._live(req, seq, len(key), min(req.max_tokens, self.ctx_len - len(key)), t0, root, root)
+        live = self.engine.sequence(req, seq, len(key), min(req.max_tokens, self.ctx_len - len(key)), t0, root, root)
         live.prompt_ms = (time.perf_counter() - t0) * 1000
         row, st = self.first_rows[key], self.first_stats[key]
         self.remaining[key] -= 1
@@ -247,7 +250,7 @@ class _Prompts(_Entry):
         else:
             engine = self.engine
             self.first_rows[key] = ctx.prefill(list(key), seq=seq)
-            self.first_stats[key] = block_stats(self.first_rows[key], engine._top_n, engine._floor_n)[0]
+            self.first_stats[key] = engine.first_stats(self.first_rows[key])
             self.counts["prefills"] += 1
             self.counts["prompt_tokens"] += len(key)
         self.slot_prompt[seq] = key
@@ -256,7 +259,7 @@ class _Prompts(_Entry):
         ctx.seq_rm(live.slot, len(live.req.prompt_tokens), -1)
 
 
-class _Continuations(_Entry):
+class _Continuations(Entry):
     """Continuation entry (Engine.run_continuations): sequence 0 holds prefix + base path; a continuation of
     position t enters with the cells of prefix + base[:t] copied from it and its forced token pending, at step
     t - t0 when all fit in the slots (the diagonal schedule); a history on the base path is served the base path's
@@ -307,7 +310,7 @@ class _Continuations(_Entry):
         ctx.seq_cp(self.base_seq, seq, 0, self.L + t)
         below = self.chain[t]
         hist = self.histories.child(below, w) if self.share else self.histories.root(("entry", t, w), parent=below)
-        return self.engine._live(r, seq, self.L + t, r.max_tokens, time.perf_counter(), hist, below, pending=w), None, None
+        return self.engine.sequence(r, seq, self.L + t, r.max_tokens, time.perf_counter(), hist, below, pending=w), None, None
 
     def kept_row(self, hist: int) -> tuple[np.ndarray, RowStats] | None:
         k = self.on_base.get(hist)
@@ -413,8 +416,22 @@ class Engine:
         n_ctx = round_ctx(len(entry.full) + entry.n_par * (longest + 2) + 1)
         yield from self._run(entry, entry.n_par, None, n_ctx=n_ctx, n_seq_max=entry.n_par + 1)
 
+    def run_in(self, ctx: Context, entry: Entry, n_logprobs: int) -> Iterator[Sample]:
+        """Decode with an entry policy in a context its caller keeps between runs (core/held.py): one slot, the
+        sequence the policy names; `n_logprobs` alternatives a record."""
+        self._top_n, self._floor_n = n_logprobs, 0
+        gc.freeze()
+        try:
+            yield from self._loop(ctx, entry, 1, None)
+        finally:
+            gc.unfreeze()
+
+    def first_stats(self, row: np.ndarray) -> RowStats:
+        """The statistics of a sequence's first row (a prompt's last), as the scheduler computes them."""
+        return block_stats(row, self._top_n, self._floor_n)[0]
+
     # -- the scheduler ---------------------------------------------------------------------------
-    def _run(self, entry: _Entry, n_par: int, on_token, **context) -> Iterator[Sample]:
+    def _run(self, entry: Entry, n_par: int, on_token, **context) -> Iterator[Sample]:
         """The scheduler in a fresh context. The objects alive before the run stay out of the collector's passes
         while it runs (a full collection over a large heap, numpy's, pandas', a notebook's, pauses a step for
         milliseconds); the run's own garbage is still collected."""
@@ -426,7 +443,7 @@ class Engine:
         finally:
             gc.unfreeze()
 
-    def _loop(self, ctx: Context, entry: _Entry, n_par: int, on_token) -> Iterator[Sample]:
+    def _loop(self, ctx: Context, entry: Entry, n_par: int, on_token) -> Iterator[Sample]:
         """The decode scheduler (module docstring): P slots, one step after another until every sequence is done."""
         slots: list[_Live | None] = [None] * n_par
         if self.analysis_threads > 1 and n_par > 1:
@@ -436,7 +453,7 @@ class Engine:
             while entry.waiting() or any(slots):
                 served = self._enter(ctx, entry, slots, step)
                 served += self._serve(ctx, entry, self._groups(slots, entry.histories))
-                self._choose(served, entry.histories, on_token)
+                self._choose(served, entry, on_token)
                 self._hold(ctx, entry, slots)
                 yield from self._retire(ctx, entry, slots)
                 step += 1
@@ -448,7 +465,7 @@ class Engine:
                 if live is not None:
                     live.close()
 
-    def _live(self, req: Request, seq: int, pos: int, max_tokens: int, t_start: float, hist: int, kv_hist: int,
+    def sequence(self, req: Request, seq: int, pos: int, max_tokens: int, t_start: float, hist: int, kv_hist: int,
               pending: int | None = None) -> _Live:
         """A sequence entering sequence `seq` at position `pos`, its own sampler chain (and grammar) made."""
         return _Live(req, seq, Sampler.for_sequence(req.settings, self.model, req.prompt_tokens), max_tokens=max_tokens,
@@ -456,7 +473,7 @@ class Engine:
                      grammar=GrammarSampler(self.model, req.grammar) if req.grammar else None)
 
     @staticmethod
-    def _enter(ctx: Context, entry: _Entry, slots: list[_Live | None], step: int) -> list[tuple]:
+    def _enter(ctx: Context, entry: Entry, slots: list[_Live | None], step: int) -> list[tuple]:
         """1. Free slots take the sequences the entry lets in now, in slot order; one that starts with a row (a
         prompt's last row) is served it at once, as a group of its own."""
         served = []
@@ -485,7 +502,7 @@ class Engine:
             groups.append([b for b in members if b.kv_hist == need] + [b for b in members if b.kv_hist != need])
         return groups
 
-    def _serve(self, ctx: Context, entry: _Entry, groups: list[list[_Live]]) -> list[tuple]:
+    def _serve(self, ctx: Context, entry: Entry, groups: list[list[_Live]]) -> list[tuple]:
         """3. One row per group: kept by the entry, else decoded (one llama_decode, one token per group, at its
         leader's sequence); members share the row. Returns (members, row, the row's RowStats) per group."""
         decoded, served = [], []
@@ -517,7 +534,7 @@ class Engine:
             out.append((members, row, st))
         return out
 
-    def _choose(self, served: list[tuple], histories: _Histories, on_token) -> None:
+    def _choose(self, served: list[tuple], entry: Entry, on_token) -> None:
         """4. Each served sequence's own chain picks from its row (_picks); then, in order, its record (_record),
         and its history extended by the pick when it goes on."""
         step = [b for members, _, _ in served for b in members]
@@ -525,13 +542,14 @@ class Engine:
         stats = [st for members, _, st in served for _ in members]
         for live, row, st, pick in zip(step, rows, stats, self._picks(step, rows, stats)):
             self._record(live, row, st, pick)
+            entry.recorded(live)
             if live.pending is not None:
-                live.hist = histories.child(live.hist, live.pending)
+                live.hist = entry.histories.child(live.hist, live.pending)
             if on_token:
                 on_token(1)
 
     @staticmethod
-    def _hold(ctx: Context, entry: _Entry, slots: list[_Live | None]) -> None:
+    def _hold(ctx: Context, entry: Entry, slots: list[_Live | None]) -> None:
         """5. A group's leader must hold its parent's cells: when none of its members does (the one that did went
         another way, or finished), the first gets them copied from a sequence that holds them."""
         for members in Engine._groups(slots, entry.histories):
@@ -545,7 +563,7 @@ class Engine:
                 lead.kv_hist = need
                 _add(entry.counts, history_copies=1)
 
-    def _retire(self, ctx: Context, entry: _Entry, slots: list[_Live | None]) -> Iterator[Sample]:
+    def _retire(self, ctx: Context, entry: Entry, slots: list[_Live | None]) -> Iterator[Sample]:
         """6. Finished sequences leave (entry.leave says what of their cells stays) and are yielded."""
         for s, live in enumerate(slots):
             if live is not None and live.finish is not None:

@@ -463,6 +463,11 @@ class Context(NativeHandle):
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         self._lib.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
 
+    def seq_pos_min(self, seq: int) -> int:
+        """The smallest position whose cell a sequence still holds (-1: none); above 0 when a sliding window
+        dropped the older ones."""
+        return int(self._lib.llama_memory_seq_pos_min(self.mem, seq))
+
     def clear(self) -> None:
         self._lib.llama_memory_clear(self.mem, True)
 

@@ -24,6 +24,7 @@ from llamalens.errors import StoreError
 from llamalens.run.fork import FORK, with_fork_columns
 from llamalens.run.lifecycle import Kind
 from llamalens.run.sweep import SWEEP
+from llamalens.run.tree import TREE
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ KINDS: dict[str, RunKind] = {k.name: k for k in (
             report="llamalens.reports.run:write_run_report", notebook="llamalens.reports.notebook:sweep_run_document"),
     RunKind("fork", FORK, with_fork_columns, show="llamalens.commands.fork:show_fork",
             report="llamalens.reports.fork:write_fork_report", notebook="llamalens.reports.notebook:fork_run_document"),
+    RunKind("tree", TREE, None, show="llamalens.commands.serve:show_tree",
+            report="llamalens.reports.tree:write_tree_report", notebook="llamalens.reports.tree:tree_document"),
 )}
 
 
