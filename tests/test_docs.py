@@ -31,8 +31,8 @@ def readme_command_lines() -> list[str]:
     lines = [main_job]
     for line in _section("Commands").splitlines():
         line = line.strip()
-        if line.startswith("llamalens "):
-            lines.append(re.sub(r"\s+#.*$", "", line))
+        if line.startswith("llamalens ") and not line.startswith("llamalens serve"):  # a server runs until stopped:
+            lines.append(re.sub(r"\s+#.*$", "", line))                               # tests/test_serve.py starts one
     return lines
 
 

@@ -149,12 +149,19 @@ def sampler_view(model: Model, prompt: str, history: list[int], configs: list, t
     """Raw top-`top` distribution after prompt + history, and each configuration's chain applied to it.
 
     Each chain is labelled with `labels` (one per configuration) or its settings' label without the seed."""
+    prompt_tokens, history = model.prompt_tokens(prompt), [int(t) for t in history]
+    rows = history_rows(model, prompt_tokens, history)
+    return chains_view(model, prompt, prompt_tokens, history, rows, configs, top, labels)
+
+
+def chains_view(model: Model, prompt: str, prompt_tokens: list[int], history: list[int], rows: list, configs: list,
+                top: int = 20, labels: list[str] | None = None) -> SamplerView:
+    """sampler_view on rows already decoded: rows[-1] the raw logits after prompt + history, rows[j] those before
+    history[j] (only read by chains that replay earlier positions, REPLAYED; None elsewhere will do)."""
     import numpy as np
 
     from llamalens.core.sampler import STAGES, TOKEN_DATA, Sampler, mirostat_mu, stage_names
 
-    prompt_tokens, history = model.prompt_tokens(prompt), [int(t) for t in history]
-    rows = history_rows(model, prompt_tokens, history)
     row = rows[-1]
     st = RowStats.of(row, None, top)
     ids = [int(i) for i in st.top_ids]
