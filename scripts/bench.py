@@ -40,6 +40,9 @@ Cases (each in a fresh subprocess, so that its peak RSS is its own; rounds inter
      identical histories decoded once and rows on the base path taken from its prefill
   F  a plain batched run (llamalens Engine, 32 per decode) of as many sequences with the same lengths, from the
      prompt alone: fork's aggregate tokens/s against it, and its prefill tokens against the naive count
+  v  serve: a branch's first token at position 200 of a 300-token text, against a fresh prompt of the same length
+     (target <= 0.3x); an API prompt sharing 1,000 tokens with the last, against the first (target < 0.5x); the
+     sampler's live redraw on a cached row (target < 100 ms); the page's weight (target < 1 MiB)
   G  the same continuations as a plain sweep runs them (llamalens Engine, 32 per decode): each its own prompt
      (prefix + forced token, prefilled once per distinct prompt), the same seeds: what fork's machinery saves
 llama.cpp's own tools (scripts/build_llama_tools.sh, the same llama.cpp and CMake flags as the
@@ -452,7 +455,50 @@ CASES = {
     "f": lambda p, n, t: case_fork(p, n, t),
     "F": lambda p, n, t: case_fork_plain(p, n, t),
     "G": lambda p, n, t: case_fork_sweep(p, n, t),
+    "v": lambda p, n, t: case_serve(p, n, t),
 }
+
+
+def case_serve(model_path, n_tokens, threads):
+    """serve: a branch's time to first token at position 200 of a 300-token text against a fresh prompt of the same
+    length; an API prompt sharing 1,000 tokens with the last one against the first; the sampler's live redraw on a
+    cached row; the page's weight."""
+    from llamalens.core.engine import Request
+    from llamalens.core.held import Held
+    from llamalens.core.runtime import Model, ModelOptions
+    from llamalens.looks.next_token import chains_view
+    from llamalens.settings import SamplingSettings
+
+    m = Model(model_path, ModelOptions(threads=threads, ctx=2048))
+    held = Held(m)
+    s0 = SamplingSettings(temperature=0)
+    ids = m.prompt_tokens(PROMPT)
+
+    def first_ms(req, reuse=True):
+        t0, seen = time.perf_counter(), []
+        held.generate(req, lambda r: seen.append(time.perf_counter()) or True, reuse=reuse)  # stop after one token
+        return (seen[0] - t0) * 1000
+
+    base = held.generate(Request("", SamplingSettings(temperature=1.0, seed=3), 300, 5, prompt_tokens=list(ids)))
+    path = [t.id for t in base.tokens]
+    fork = ids + path[:200] + [base.tokens[200].top[1].id]
+    best = lambda f: min(f() for _ in range(3))  # noqa: E731
+    branch = best(lambda: (held.prefill(ids + path[:299]), first_ms(Request("", s0, 4, 5, prompt_tokens=fork)))[1])
+    fresh = best(lambda: first_ms(Request("", s0, 4, 5, prompt_tokens=fork), reuse=False))
+    words = (" ".join(bench_words(256)) + " ") * 3
+    long = m.prompt_tokens(words)[:1000]
+    first = best(lambda: (held.prefill([1]), first_ms(Request("", s0, 1, 5, prompt_tokens=long)))[1])
+    shared = best(lambda: (held.prefill(long), first_ms(Request("", s0, 1, 5, prompt_tokens=long + path[:20])))[1])
+    row = held.row(ids + path[:100])
+    hist = path[:100]
+    t0 = time.perf_counter()
+    for _ in range(5):
+        chains_view(m, PROMPT, ids, hist, [None] * len(hist) + [row], [SamplingSettings()], 10)
+    redraw = (time.perf_counter() - t0) / 5 * 1000
+    page = Path(__file__).resolve().parent.parent / "llamalens" / "serve" / "page"
+    weight = sum(f.stat().st_size for f in page.iterdir())
+    return {"tok_s": 1000 / branch, "branch_first_ms": branch, "fresh_first_ms": fresh, "api_first_ms": first,
+            "api_shared_ms": shared, "redraw_ms": redraw, "page_bytes": weight, "n_vocab": m.n_vocab}
 
 
 def bench_words(n=256):
@@ -941,7 +987,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--cases", default="abcmsyYzDC1jJnpPSLkreExlfFG" + "".join(TOOL_CASES))
+    ap.add_argument("--cases", default="abcmsyYzDC1jJnpPSLkreExlfFGv" + "".join(TOOL_CASES))
     ap.add_argument("--model", default=None)
     ap.add_argument("--build", action="append", default=None, metavar="LABEL:LLAMALENS:TOOLS_DIR",
                     help="A build for the llama.cpp-tool cases (repeatable: measured side by side); default "
@@ -1012,7 +1058,7 @@ def main():
              "F": "F  plain batched run, same sequences and lengths",
              "G": "G  the continuations as a plain sweep runs them",
              "y": "y  sweep s in the store, Ray 2 workers x 1 thread", "Y": "Y  sweep s in the store, one process",
-             "z": "z  sweep s in the store, Ray 1 worker x --threads"}
+             "z": "z  sweep s in the store, Ray 1 worker x --threads", "v": "v  serve: branches per s (1 / first token)"}
     for c in in_process:
         if c not in "rC":
             print(f"{names[c]:<48} {best[c]['tok_s']:8.1f}   {best[c]['rss_mb']:7.0f} MB")
@@ -1071,6 +1117,14 @@ def main():
             g = best["G"]
             print(f"fork/the continuations as a plain sweep = {ratio('f', 'G'):.2f}  (target > 1; G: {g['decoded_rows']} "
                   f"rows in {g['decodes']} decodes, {g['prefill_tokens']:,} prompt tokens prefilled)")
+    if "v" in best:
+        v = best["v"]
+        print(f"serve: a branch's first token at position 200 of 300 / a fresh prompt of that length = "
+              f"{v['branch_first_ms']:.0f} / {v['fresh_first_ms']:.0f} ms = {v['branch_first_ms'] / v['fresh_first_ms']:.2f} "
+              f"(target <= 0.3); an API prompt sharing 1,000 tokens with the last / the first = {v['api_shared_ms']:.0f} / "
+              f"{v['api_first_ms']:.0f} ms = {v['api_shared_ms'] / v['api_first_ms']:.2f} (target < 0.5); live redraw "
+              f"{v['redraw_ms']:.0f} ms at a {v['n_vocab']:,}-token vocabulary (target < 100); page {v['page_bytes'] / 1024:.0f} KiB "
+              "(target < 1 MiB)")
     if "r" in best:
         r = best["r"]
         print(f"report: {r['samples']} samples, {r['tokens']} tokens -> {r['size_mb']:.2f} MB (target < 5), written "
