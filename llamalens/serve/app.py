@@ -195,7 +195,7 @@ def make_app(explorer: Explorer, token: str, hosts: set[str], origins: set[str])
             "model": {"name": model.path.name, "path": str(model.path), "n_vocab": model.n_vocab,
                       "n_ctx": explorer.held.n_ctx, "chat_template": explorer.chat_label},
             "settings": dict(defaults, chain="llama-cpp-python"), "llama_cpp": SamplingSettings(chain="llama.cpp").to_dict(),
-            "presets": PRESETS, "limits": {"max_tokens": MAX_TOKENS, "max_top": MAX_TOP,
+            "presets": {k: v for k, v in PRESETS.items() if not set(v) & set(parse.NOT_HERE)}, "limits": {"max_tokens": MAX_TOKENS, "max_top": MAX_TOP,
                                            "max_prompt_chars": MAX_PROMPT_CHARS, "max_body": MAX_BODY},
             "store": str(explorer.store_path), "exact": explorer.exact})
 

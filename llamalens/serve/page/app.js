@@ -328,7 +328,7 @@
     }
   }
 
-  function appendToken(key, rec) {
+  function appendToken(key) {
     if (S.current !== key) return;
     const items = fullTokens(key);
     const box = $('tokens');
@@ -341,7 +341,6 @@
       box.append(span);
     }
     S.items = items;
-    void rec;
   }
 
   function markSelected(i, focus) {
@@ -561,7 +560,7 @@
     let ended = false;
     const handle = (ev) => {
       if (!ev) return;
-      if (ev.type === 'queued') setStatus('queued', `Queued (${ev.ahead ?? '?'} ahead)`);
+      if (ev.type === 'queued') setStatus('queued', ev.ahead ? `Queued (${ev.ahead} ahead)` : 'Starting…');
       else if (ev.type === 'start') {
         if (S.tree === null || keyOf(ev.tree) !== keyOf(S.tree)) { // a new tree
           S.tree = ev.tree;
@@ -586,7 +585,7 @@
         if (!b || !rec) return;
         b.tokens.push(rec);
         n += 1;
-        appendToken(key, rec);
+        appendToken(key);
         setStatus('generating', `Generating (${n} token${n === 1 ? '' : 's'})`);
       } else if (ev.type === 'done') {
         ended = true;
@@ -792,7 +791,7 @@
     const same = d === A.length && d === B.length;
     box.hidden = false;
     box.replaceChildren(el('h2', {}, 'Compare ', el('span', { id: 'cmp-at', data: { at: d }, text: same ? 'identical sequences' : `diverge at position ${d}` }),
-      el('button', { type: 'button', class: 'small', text: 'Close', onclick: () => toggleCompare(ka, false) || toggleCompare(kb, false) })));
+      el('button', { type: 'button', class: 'small', text: 'Close', onclick: () => { toggleCompare(ka, false); toggleCompare(kb, false); } })));
     const cols = el('div', { class: 'cmp-cols' });
     for (const [k, T] of [[ka, A], [kb, B]]) {
       const b = S.branches.get(k);
@@ -893,7 +892,6 @@
     const tokens = $('tokens');
     tokens.addEventListener('click', (e) => { const s = e.target.closest('.tk'); if (s) selectToken(Number(s.dataset.i)); });
     tokens.addEventListener('keydown', onTokensKey);
-    $('max-tokens').addEventListener('change', () => {});
     try {
       const info = await api('/api/info');
       S.info = info;
