@@ -291,3 +291,34 @@ def test_a_taken_port_is_a_clear_error_before_the_model_loads(tmp_path):
                 ok=False)
     assert r.exit_code == 1 and "cannot listen on 127.0.0.1" in r.output and "--port 0" in r.output
     assert "Traceback" not in r.output and "loading" not in r.output
+
+
+def test_a_server_killed_mid_generation_keeps_every_finished_branch(tmp_path):
+    import signal
+    import threading
+
+    db = tmp_path / "runs.db"
+    with llamalens_serve("--store", str(db), *OPTS) as srv:
+        tree, records, _ = _generate(srv, n=6)
+        body = {"tree": tree, "branch": 0, "at": 2, "token": records[2]["top"][1]["id"], "max_tokens": 1000,
+                "settings": {"temperature": 0, "ignore_eos": True, "chain": "llama.cpp"}}
+        def post():
+            try:
+                srv.post("/api/branch", body, timeout=60)
+            except Exception:  # noqa: BLE001 - the server is killed under it
+                pass
+
+        threading.Thread(target=post, daemon=True).start()
+        deadline = time.time() + 60
+        while (srv.get("/api/state")[1]["running"] or {}).get("branch") is None and time.time() < deadline:
+            time.sleep(0.05)
+        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.wait(10)
+    r = cli("show", tree, "--store", db)
+    assert "tree of 2 branch(es)" in r.output  # the root, done; the branch in flight, pending
+    from llamalens.run.tree import load_tree
+    from llamalens.store import Store
+
+    t = load_tree(Store(db), tree)
+    assert t.branches[0].status == "done" and [x.id for x in t.branches[0].tokens] == [x["id"] for x in records]
+    assert t.branches[1].status == "pending" and t.info.status == "interrupted"

@@ -94,7 +94,7 @@ class Explorer:
         self.running: Job | None = None
         self._rows: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
-        self._trees: set[int] = set()  # trees this server made: marked done when it stops
+        self._trees: dict[int, int] = {}  # trees this server made, and its writer id in each
         self._worker = threading.Thread(target=self._work, name="llamalens-model", daemon=True)
         self._worker.start()
 
@@ -136,8 +136,9 @@ class Explorer:
         return job
 
     def adopted(self, tree: int) -> None:
-        """A tree made outside a job (serve/stored.py): marked done with the others when the server stops."""
-        self._trees.add(tree)
+        """A tree this server grows: it registers as its writer (a server that dies leaves it 'interrupted'), and
+        marks it done when it stops."""
+        self._trees[tree] = self.store().claim(tree)
 
     def state(self) -> dict:
         r = self.running
@@ -189,9 +190,10 @@ class Explorer:
         self._jobs.put((9, next(self._order), None))
         self._worker.join(timeout=30)
         st = self.store()
-        for t in self._trees:
+        for t, writer in self._trees.items():
             try:
                 st.set_status(t, "done")
+                st.release(writer)
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
         self.held.close()
@@ -206,7 +208,7 @@ class Explorer:
                                  prompts=(spec.prompt,), model_options=self.model.options,
                                  chats=(spec.chat,) if spec.chat else ())
             tree = create_tree(st, self.model, spec.prompt, spec.prompt_tokens, options, spec.name, self.command)
-            self._trees.add(tree)
+            self.adopted(tree)
             extra = TreeExtra(prompt_tokens=list(spec.prompt_tokens))
             spec.exact = True  # a tree's root is prefilled anew: the tokens and numbers of `llamalens generate`
             self._decode(job, st, tree, spec.prompt, list(spec.prompt_tokens), spec, extra)
