@@ -359,3 +359,35 @@ def test_resumed_equals_uninterrupted(tiny, tmp_path, exact, parallel, after):
         assert worst < 6e-4
     note = cli("show", rid2, "--store", store.path).stdout
     assert ("--exact run" in note) if exact else ("batch boundary" in note)
+
+
+# -- 14. a grammar that allows no token: the sample ends, the process lives ------------------------------------------
+def _llamalens(*args, timeout=120):
+    """The CLI in its own process: a native abort shows as a negative return code, not a dead test run."""
+    res = subprocess.run([sys.executable, "-m", "llamalens", *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode >= 0, f"killed by signal {-res.returncode}: {res.stderr[-600:]}"
+    return res
+
+
+def test_grammar_dead_end_ends_the_sample(tmp_path):
+    from tiny_gguf import write_tiny_gguf
+
+    bytes_model = write_tiny_gguf(tmp_path / "t.gguf")
+    words_only = write_tiny_gguf(tmp_path / "w.gguf", byte_tokens=False)
+    (tmp_path / "yes.gbnf").write_text('root ::= "yes" | "no"\n')
+    (tmp_path / "qq.gbnf").write_text('root ::= "QQ"\n')
+    db = tmp_path / "g.db"
+    # complete after one word, end-of-generation banned: nothing is left to pick
+    res = _llamalens("generate", "the cat", "--model", bytes_model, "--grammar", tmp_path / "yes.gbnf", "--chain",
+                     "llama.cpp", "--ignore-eos", "-t", 0, "-n", 8)
+    assert res.returncode == 0 and "finish: grammar" in res.stdout + res.stderr, res.stderr
+    # a vocabulary without byte tokens cannot spell "QQ" at all
+    res = _llamalens("generate", "the cat", "--model", words_only, "--grammar", tmp_path / "qq.gbnf", "-n", 4)
+    assert res.returncode == 0 and "finish: grammar" in res.stdout + res.stderr, res.stderr
+    res = _llamalens("sweep", "the cat", "--model", words_only, "--grammar", tmp_path / "qq.gbnf", "-t", "0,1",
+                     "--seeds", 2, "-n", 8, "--store", db)
+    assert res.returncode == 0, res.stderr
+    run = Store(db).run(1)
+    assert run.status == "done" and run.n_done == 4
+    assert {s.finish_reason for s in Store(db).samples(1)} == {"grammar"}

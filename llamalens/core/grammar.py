@@ -101,7 +101,8 @@ def removed_mass(logprobs: np.ndarray, forbidden: np.ndarray) -> float:
 
 def constrained_apply(sampler, grammar, row: np.ndarray, buffers, grammar_buffers) -> tuple[np.ndarray, int, float]:
     """The chain's pick under the grammar, as common_sampler_sample makes it (see the module docstring):
-    (survivors, selected index, raw probability mass the grammar forbade at this step)."""
+    (survivors, selected index, raw probability mass the grammar forbade at this step). The index is None when
+    the grammar allows no token the chain can pick (a dead end: the sample ends with finish_reason "grammar")."""
     survivors, sel = sampler.apply(row, buffers)
     token = int(survivors["id"][sel])
     lp = log_softmax(row)
@@ -119,8 +120,12 @@ def constrained_apply(sampler, grammar, row: np.ndarray, buffers, grammar_buffer
     # resample: the grammar on the whole row first, then the chain again
     full = grammar.allowed(grammar_buffers.ids, grammar_buffers)
     masked = np.where(full, row, -np.inf).astype(np.float32)
+    removed = removed_mass(lp, np.flatnonzero(~full))
+    if not np.isfinite(masked).any():  # nothing the grammar allows is left (e.g. only EOS, and --ignore-eos)
+        return survivors, None, removed
     survivors, sel = sampler.apply(masked, buffers)
-    return survivors, sel, removed_mass(lp, np.flatnonzero(~full))
+    # llama.cpp aborts the process when its grammar is made to accept a token it forbids: never hand it one
+    return survivors, (sel if full[int(survivors["id"][sel])] else None), removed
 
 
 # -- what show, the report and next say ------------------------------------------------------------------
