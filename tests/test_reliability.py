@@ -391,3 +391,23 @@ def test_grammar_dead_end_ends_the_sample(tmp_path):
     run = Store(db).run(1)
     assert run.status == "done" and run.n_done == 4
     assert {s.finish_reason for s in Store(db).samples(1)} == {"grammar"}
+
+
+# -- 15. t-SNE of identical texts: refused before the model loads, not a segfault -------------------------------------
+def test_tsne_of_identical_points_is_refused(tiny_path):
+    import numpy as np
+
+    from llamalens.errors import InvalidInput
+    from llamalens.looks.embed_map import tsne
+
+    for args in (["apple"] * 7, ["apple"] * 3 + ["--perplexity", 1]):
+        res = _llamalens("embed", *args, "--map", "tsne", "--model", tiny_path)
+        assert res.returncode == 1 and "t-SNE cannot place identical points" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and "loading" not in res.stderr  # refused before the model loads
+    # different texts whose vectors are one point: refused in the library too (scikit-learn would crash)
+    code = ("import numpy as np; from llamalens.looks.embed_map import tsne\n"
+            "try:\n    tsne(np.ones((7, 8)) / 8 ** 0.5, 2)\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("InvalidInput") and "identical points" in res.stdout, res
+    with pytest.raises(InvalidInput, match="identical points"):
+        tsne(np.vstack([np.ones(8), np.ones(8) + 1e-12]), 1)
