@@ -8,6 +8,7 @@ silently re-decoded.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -40,6 +41,24 @@ def read_prompts(path: str) -> list[str]:
     if not prompts:
         raise InvalidInput(f"--prompts-file: {p} holds no prompts; one per line (.txt) or JSON lines (.jsonl)")
     return prompts
+
+
+_JSON_BRACKETS = re.compile(r'"(?:\\.|[^"\\])*"|[\[\]{}]')
+
+
+def check_json_nesting(text: str, where: str, limit: int) -> None:
+    """Refuse JSON text whose arrays and objects nest deeper than `limit`, before a recursive reader meets it."""
+    depth = deepest = 0
+    for m in _JSON_BRACKETS.finditer(text):
+        tok = m.group()
+        if tok in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif tok in "]}":
+            depth -= 1
+    if deepest > limit:
+        raise InvalidInput(f"{where} nests arrays and objects {deepest} deep, more than llamalens accepts ({limit}); "
+                           "flatten it")
 
 
 def read_utf8(p: Path, option: str) -> str:

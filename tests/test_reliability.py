@@ -411,3 +411,24 @@ def test_tsne_of_identical_points_is_refused(tiny_path):
     assert res.returncode == 0 and res.stdout.startswith("InvalidInput") and "identical points" in res.stdout, res
     with pytest.raises(InvalidInput, match="identical points"):
         tsne(np.vstack([np.ones(8), np.ones(8) + 1e-12]), 1)
+
+
+# -- 16. grammars and schemas nested past what a recursive parser survives ----------------------------------------------
+def test_deep_grammars_and_schemas_are_refused(tmp_path):
+    from tiny_gguf import write_tiny_gguf
+
+    model = write_tiny_gguf(tmp_path / "t.gguf")
+    deep = tmp_path / "deep.gbnf"
+    deep.write_text("root ::= " + "(" * 20000 + '"a"' + ")" * 20000 + "\n")
+    deep_schema = tmp_path / "deep.json"
+    deep_schema.write_text('{"type": "array", "items": ' * 5000 + '{"type": "string"}' + "}" * 5000)
+    for option, path, word in (("--grammar", deep, "nests parentheses 20000 deep"),
+                               ("--json-schema", deep_schema, "nests arrays and objects 5001 deep")):
+        res = _llamalens("generate", "x", "--model", model, option, path, "-n", 2)
+        assert res.returncode == 1 and word in res.stderr and "Traceback" not in res.stderr, res.stderr[-500:]
+        assert "loading" not in res.stderr  # refused before the model loads
+    # parentheses inside strings, character classes and comments are text, not nesting
+    fine = tmp_path / "fine.gbnf"
+    fine.write_text('root ::= "' + "(" * 600 + '" [(] | "a" # ' + "(" * 600 + "\n")
+    res = _llamalens("generate", "x", "--model", model, "--grammar", fine, "-n", 1)
+    assert res.returncode == 0, res.stderr[-500:]
