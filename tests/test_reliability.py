@@ -432,3 +432,60 @@ def test_deep_grammars_and_schemas_are_refused(tmp_path):
     fine.write_text('root ::= "' + "(" * 600 + '" [(] | "a" # ' + "(" * 600 + "\n")
     res = _llamalens("generate", "x", "--model", model, "--grammar", fine, "-n", 1)
     assert res.returncode == 0, res.stderr[-500:]
+
+
+# -- 17. fork's sizes and its outcome regex are bounded before anything is built -------------------------------------
+def test_fork_sizes_and_outcome_regex_are_bounded(tmp_path):
+    from tiny_gguf import write_tiny_gguf
+
+    model, db = write_tiny_gguf(tmp_path / "t.gguf"), tmp_path / "f.db"
+    for args, word in ((["--samples", 100_000_000], "--samples 100,000,000 continues each branch"),
+                       (["--alternatives", 300_000], "--alternatives 300000 is out of range"),
+                       (["--max-sequences", 10**9], "--max-sequences 1000000000 is out of range")):
+        res = _llamalens("fork", "the cat", "--model", model, *args, "--store", db, timeout=60)
+        assert res.returncode == 1 and word in res.stderr and "Traceback" not in res.stderr, res.stderr[-500:]
+        assert "loading" not in res.stderr  # refused before the model loads
+    # a regex that backtracks for ever on any text: a clear error after its time limit, and no run is left
+    res = _llamalens("fork", "the cat", "--model", model, "--outcome", r"^([\s\S]+)+\x01", "-n", 40, "--store", db,
+                     timeout=60)
+    assert res.returncode == 1 and "took more than 2 s" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not db.exists() or Store(db).runs() == []
+
+
+# -- 18. an outcome group that takes no part in the match -----------------------------------------------------------
+def test_fork_outcome_of_an_unmatched_group_is_none(tiny_path, tmp_path):
+    db = tmp_path / "o.db"
+    res = cli("fork", "the cat", "--model", tiny_path, "--outcome", "(zzz)?", "-n", 4, "--samples", 2,
+              "--positions", "0-1", "--store", db)
+    assert "Traceback" not in res.output
+    assert json.loads(cli("show", 1, "--json", "--store", db).stdout)
+    # a run stored with a null outcome (as older versions stored it) shows and reports too
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE samples SET extra = json_set(extra, '$.outcome', json('null'))")
+    con.close()
+    cli("show", 1, "--store", db)
+    cli("report", 1, "-o", tmp_path / "o.md", "--no-model", "--store", db)
+    assert (tmp_path / "o.md").exists()
+
+
+# -- 19. a chat template is untrusted code: whatever it does is a clear error, in bounded time and size --------------
+@pytest.mark.parametrize("template,word", [
+    ("{{ 1/0 }}", "ZeroDivisionError"),
+    ("{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}", "recurses without end"),
+    ("{% include 'other.jinja' %}", "failed to render"),
+    ('{{ "%d" % "x" }}', "TypeError"),
+    ("{{ 'A' * 300000000 }}", "16,000,000-character limit"),
+    ("{{ '%0999999999d' % 1 }}", "16,000,000-character limit"),
+    ("{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}", "character limit"),
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{% set x = a %}{% endfor %}{% endfor %}",
+     "took more than 5 s"),
+    ("{{ ''.__class__.__mro__ }}", "unsafe"),
+])
+def test_chat_template_failures_are_clear(tiny_path, tmp_path, template, word):
+    f = tmp_path / "t.jinja"
+    f.write_text(template)
+    db = tmp_path / "c.db"
+    res = _llamalens("sweep", "--chat", "hi", "--chat-template", f, "--model", tiny_path, "-n", 2, "--store", db,
+                     timeout=60)
+    assert res.returncode == 1 and word in res.stderr and "Traceback" not in res.stderr, res.stderr[-600:]
+    assert not db.exists() or Store(db).runs() == []
