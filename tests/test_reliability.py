@@ -489,3 +489,27 @@ def test_chat_template_failures_are_clear(tiny_path, tmp_path, template, word):
                      timeout=60)
     assert res.returncode == 1 and word in res.stderr and "Traceback" not in res.stderr, res.stderr[-600:]
     assert not db.exists() or Store(db).runs() == []
+
+
+# -- 20. a Markdown report replaces only the images it wrote itself ---------------------------------------------------
+def test_markdown_report_keeps_files_it_did_not_write(tiny_path, tmp_path):
+    db = tmp_path / "m.db"
+    cli("sweep", "the cat", "--model", tiny_path, "-n", 4, "-t", "0,1", "--seeds", 2, "--store", db)
+    first = tmp_path / "first.md"
+    cli("report", 1, "-o", first, "--no-model", "--store", db)
+    figures = sorted(p.name for p in (tmp_path / "first_files").glob("*.png"))
+    assert figures
+    saved = tmp_path / "page_files"  # what a browser's "save page, complete" leaves, one name clashing with ours
+    saved.mkdir()
+    mine = {"photo.png": b"\x89PNG mine", figures[0]: b"\x89PNG also mine", "style.css": b"body {}"}
+    for name, data in mine.items():
+        (saved / name).write_bytes(data)
+    (tmp_path / "page.md.part").write_bytes(b"my notes")
+    for _ in range(2):  # and again: the second report replaces the first's images, and only those
+        cli("report", 1, "-o", tmp_path / "page.md", "--no-model", "--store", db)
+        assert {n: (saved / n).read_bytes() for n in mine} == mine
+        ours = sorted(p.name for p in saved.glob("*.png") if p.name not in mine)
+        assert len(ours) == len(figures)
+        page = (tmp_path / "page.md").read_text(encoding="utf-8")
+        assert all(f"page_files/{n})" in page for n in ours) and f"page_files/{figures[0]})" not in page
+    assert (tmp_path / "page.md.part").read_bytes() == b"my notes"

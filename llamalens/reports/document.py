@@ -335,7 +335,11 @@ def _fence(text: str) -> str:
     return "`" * n
 
 
-def to_markdown(doc: Document, image_dir: Path, image_prefix: str) -> str:
+def to_markdown(doc: Document, image_dir: Path, image_prefix: str, replaceable: frozenset[str] = frozenset(),
+                written: list[str] | None = None) -> str:
+    """The Markdown text; each figure written as a PNG into image_dir (its name added to `written`), never over
+    a file there that is not in `replaceable` (the images an earlier report wrote there): such a name is taken
+    with a "_" added."""
     from llamalens.reports import plots
 
     out = [f"# {_md(doc.title)}", ""]
@@ -355,10 +359,12 @@ def to_markdown(doc: Document, image_dir: Path, image_prefix: str) -> str:
             out += [""] + ([f"*{_md(b.caption)}*", ""] if b.caption else [])
         elif isinstance(b, Figure):
             name = re.sub(r"[^A-Za-z0-9_.-]", "_", b.name)
-            while name in used:
+            while name in used or (f"{name}.png" not in replaceable and os.path.lexists(image_dir / f"{name}.png")):
                 name += "_"
             used.add(name)
             (image_dir / f"{name}.png").write_bytes(plots.png(b.fig))
+            if written is not None:
+                written.append(f"{name}.png")
             out += [f"![{_md(b.caption or name)}]({image_prefix}/{name}.png)", ""]
             if b.caption:
                 out += [f"*{_md(b.caption)}*", ""]
@@ -409,22 +415,48 @@ def check_writable(path: str | os.PathLike) -> Path:
     return p
 
 
+IMAGES_WRITTEN = ".llamalens-images"  # in FILE_files/: the names of the images llamalens wrote there, one a line
+
+
+def _images_written(image_dir: Path) -> frozenset[str]:
+    """The images an earlier Markdown report wrote into image_dir (its IMAGES_WRITTEN list): the only files
+    there a new report may replace or remove. Anything else in the folder (a browser's "save page, complete"
+    files, the user's own) is left alone."""
+    try:
+        names = (image_dir / IMAGES_WRITTEN).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return frozenset()
+    return frozenset(n for n in names if re.fullmatch(r"[A-Za-z0-9_.-]+\.png", n) and not n.startswith("."))
+
+
+def _write_markdown(doc: Document, out: Path, tmp: Path) -> list[Path]:
+    image_dir = out.with_name(out.stem + "_files")
+    image_dir.mkdir(exist_ok=True)
+    ours = _images_written(image_dir)
+    for name in ours:
+        (image_dir / name).unlink(missing_ok=True)
+    names: list[str] = []
+    try:
+        tmp.write_text(to_markdown(doc, image_dir, image_dir.name, ours, names), encoding="utf-8")
+    finally:  # whatever was written is listed, so that the next report may replace it
+        (image_dir / IMAGES_WRITTEN).write_text("".join(n + "\n" for n in names), encoding="utf-8")
+    return [image_dir / n for n in names]
+
+
 def write(doc: Document, path: str | os.PathLike, fmt: str | None = None) -> list[Path]:
-    """Write the document; return the files written. Written to a temporary name, then renamed."""
+    """Write the document; return the files written. Written to a temporary name, then renamed; a Markdown
+    report's images replace only those an earlier report wrote (_images_written)."""
     out = check_writable(path)
     kind = report_format(out, fmt)
     tmp = out.with_name(out.name + ".part")
+    while os.path.lexists(tmp):  # someone else's file: not ours to overwrite or remove
+        tmp = tmp.with_name(tmp.name + "_")
     written = [out]
     try:
         if kind == "html":
             tmp.write_text(to_html(doc), encoding="utf-8")
         else:
-            image_dir = out.with_name(out.stem + "_files")
-            image_dir.mkdir(exist_ok=True)
-            for old in image_dir.glob("*.png"):
-                old.unlink()
-            tmp.write_text(to_markdown(doc, image_dir, image_dir.name), encoding="utf-8")
-            written += sorted(image_dir.glob("*.png"))
+            written += _write_markdown(doc, out, tmp)
         tmp.replace(out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
