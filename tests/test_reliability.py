@@ -513,3 +513,23 @@ def test_markdown_report_keeps_files_it_did_not_write(tiny_path, tmp_path):
         page = (tmp_path / "page.md").read_text(encoding="utf-8")
         assert all(f"page_files/{n})" in page for n in ours) and f"page_files/{figures[0]})" not in page
     assert (tmp_path / "page.md.part").read_bytes() == b"my notes"
+
+
+# -- 21. every report, HTML and Markdown, shows untrusted text without a terminal-active character --------------------
+def test_every_report_escapes_control_characters(tiny_path, tmp_path):
+    m = ["--model", tiny_path]
+    terms = tmp_path / "terms.tsv"
+    terms.write_text("".join(f"t{i}{e}\tcat{i % 2}{e}\n" for i, e in enumerate(ESCAPES) if "\r" not in e),
+                     encoding="utf-8")
+    db = tmp_path / "f.db"
+    for fmt in ("html", "md"):
+        reports = {name: tmp_path / f"{name}.{fmt}" for name in ("embed", "query", "fork", "next", "score")}
+        cli("embed", "--file", terms, *m, "--map", "pca", "--report", reports["embed"])
+        cli("embed", HOSTILE, "b\u202ec", *m, "--query", "q\x1b]52;c;eA==\x07", "--report", reports["query"])
+        cli("fork", HOSTILE, *m, "--options", "a\x1b[31m,b\x9b1m\u202e", "-n", 3, "--samples", 1,
+            "--positions", "0-1", "--store", db, "--report", reports["fork"])
+        cli("next", HOSTILE, *m, "-t", "0.5,1", "--report", reports["next"])
+        cli("score", HOSTILE, *m, "--report", reports["score"])
+        for name, path in reports.items():
+            page = path.read_text(encoding="utf-8")
+            assert raw_controls(page) == [], (name, fmt, raw_controls(page))

@@ -8,7 +8,8 @@ Markdown + PNGs.
 Builders (reports/run.py: a sweep run; reports/texts.py: a scored text, a model comparison, embeddings)
 only collect data; the two renderers here are the only code that writes markup.
 
-Safety: every text from a model or a user reaches HTML through `html.escape`, or through a JSON
+Safety: every text from a model or a user reaches HTML through `visible.terminal_safe` (ESC, BEL, C1
+controls and bidi overrides shown as `\\x1b`, `\\u202e`, ...) and `html.escape`, or through a JSON
 block whose `<`, `>` and `&` are \\u-escaped and which the page's script reads with JSON.parse and
 puts on screen with textContent only (never innerHTML). Token texts pass through
 `visible.visible` first, so spaces at token edges, newlines, tabs, control characters and partial
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamalens.errors import InvalidInput, LlamalensError
+from llamalens.visible import terminal_safe
 
 MAX_STRIP_TOKENS = 40_000
 MAX_PLOT_PROMPTS = 6
@@ -244,13 +246,19 @@ document.querySelectorAll('table.sortable').forEach(tbl=>{
 """
 
 
+# what json.dumps leaves raw that a terminal acts on (it \u-escapes C0 itself): DEL, C1, the bidi overrides
+_TERMINAL_ACTIVE = re.compile("[\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
 def _e(s) -> str:
-    return html.escape(str(s), quote=True)
+    """Text for HTML: terminal-active characters made visible (terminal_safe), then HTML-escaped."""
+    return html.escape(terminal_safe(str(s)), quote=True)
 
 
 def _json_for_script(obj) -> str:
     """JSON safe inside <script>: no '<', '>' or '&' can close the element or start markup."""
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    text = _TERMINAL_ACTIVE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)  # DEL, C1, bidi: escaped, same value
     return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
@@ -326,7 +334,7 @@ def to_html(doc: Document) -> str:
 # -- Markdown --------------------------------------------------------------------------------------
 def _md(s) -> str:
     """Text safe in a Markdown table cell or paragraph: no HTML, no pipes, no line breaks."""
-    s = html.escape(str(s), quote=False).replace("|", "\\|").replace("\n", " ")
+    s = html.escape(terminal_safe(str(s)), quote=False).replace("|", "\\|").replace("\n", " ")
     return re.sub(r"([\\`*_\[\]#])", r"\\\1", s) if s.strip() else s
 
 
@@ -382,7 +390,8 @@ def to_markdown(doc: Document, image_dir: Path, image_prefix: str, replaceable: 
                         f"`{t.text.replace('`', 'ˋ')}` " + ", ".join(f"{f} {v}" for f, v in zip(doc.fields[:3], t.values[:3]))
                         for t in top if t.notable > 0))
                 out.append("")
-    return "\n".join(out) + "\n"
+    # code blocks hold texts as they are: the whole page, too, shows no character a terminal acts on
+    return terminal_safe("\n".join(out) + "\n")
 
 
 # -- writing ---------------------------------------------------------------------------------------
