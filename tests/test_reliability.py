@@ -533,3 +533,30 @@ def test_every_report_escapes_control_characters(tiny_path, tmp_path):
         for name, path in reports.items():
             page = path.read_text(encoding="utf-8")
             assert raw_controls(page) == [], (name, fmt, raw_controls(page))
+
+
+# -- 22. JSONL inputs: a lone surrogate is a clear error, a byte order mark is no error ----------------------------
+def test_jsonl_lone_surrogates_and_bom(tiny_path, tmp_path):
+    m = ["--model", tiny_path]
+    db = tmp_path / "s.db"
+    files = {"p.jsonl": '{"prompt": "fine"}\n{"prompt": "a\\ud800b"}\n',
+             "m.jsonl": '{"messages": [{"role": "user", "content": "hi \\udc00"}]}\n',
+             "e.jsonl": '{"text": "ok"}\n{"text": "x\\udfff", "category": "c"}\n',
+             "r.jsonl": '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\\ud83d"}]}\n'}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    for args in (["sweep", "--prompts-file", tmp_path / "p.jsonl", "--store", db],
+                 ["sweep", "--messages", tmp_path / "m.jsonl", "--chat-template", "chatml", "--store", db],
+                 ["embed", "--file", tmp_path / "e.jsonl"],
+                 ["score", "--messages", tmp_path / "r.jsonl", "--chat-template", "chatml"]):
+        res = cli(*args, *m, ok=False)
+        assert res.exit_code == 1 and "holds a lone surrogate \\u" in res.output, res.output
+        assert "Traceback" not in res.output and not isinstance(res.exception, UnicodeError)
+    assert not db.exists() or Store(db).runs() == []
+    # a UTF-8 byte order mark (Notepad's) is not part of the text
+    (tmp_path / "bom.jsonl").write_text('\ufeff{"prompt": "the cat"}\n', encoding="utf-8")
+    (tmp_path / "bom-e.jsonl").write_text('\ufeff{"text": "cat", "category": "a"}\n{"text": "dog", "category": "b"}\n',
+                                          encoding="utf-8")
+    cli("sweep", "--prompts-file", tmp_path / "bom.jsonl", *m, "-n", 2, "--store", db)
+    assert Store(db).run(1).options.prompts == ("the cat",)
+    assert '"cat"' in cli("embed", "--file", tmp_path / "bom-e.jsonl", *m, "--json").stdout

@@ -69,7 +69,7 @@ def check_messages(messages, where: str) -> tuple[dict, ...]:
 
 def read_messages(path: str, option: str = "--messages") -> list[tuple[dict, ...]]:
     """The conversations of a .jsonl file: one JSON object with a "messages" list per line."""
-    from llamalens.inputs import read_utf8
+    from llamalens.inputs import json_line, read_utf8
 
     p = Path(path)
     text = read_utf8(p, option)
@@ -77,11 +77,10 @@ def read_messages(path: str, option: str = "--messages") -> list[tuple[dict, ...
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidInput(f"{option}: {p} line {n} is not JSON ({e.msg}); each line holds one conversation, "
-                               'e.g. {"messages": [{"role": "user", "content": "Hello"}]}') from None
+        obj = json_line(line, f"{option}: {p} line {n}")
+        if obj is None:
+            raise InvalidInput(f"{option}: {p} line {n} is not JSON; each line holds one conversation, "
+                               'e.g. {"messages": [{"role": "user", "content": "Hello"}]}')
         if not isinstance(obj, dict) or "messages" not in obj:
             raise InvalidInput(f"{option}: {p} line {n} has no \"messages\" field; each line holds one conversation, "
                                'e.g. {"messages": [{"role": "user", "content": "Hello"}]}')
