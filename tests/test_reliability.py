@@ -560,3 +560,14 @@ def test_jsonl_lone_surrogates_and_bom(tiny_path, tmp_path):
     cli("sweep", "--prompts-file", tmp_path / "bom.jsonl", *m, "-n", 2, "--store", db)
     assert Store(db).run(1).options.prompts == ("the cat",)
     assert '"cat"' in cli("embed", "--file", tmp_path / "bom-e.jsonl", *m, "--json").stdout
+
+
+# -- 23. --length-penalty is bounded before the run starts (length ** 400 overflows mid-run) --------------------------
+@pytest.mark.parametrize("lp", ["400", "1e308", "-1e308", "-11"])
+def test_length_penalty_is_bounded(tiny_path, tmp_path, lp):
+    db = tmp_path / "lp.db"
+    res = cli("sweep", "the cat", "--model", tiny_path, "--strategy", "beam", "--beams", 2, "--length-penalty", lp,
+              "-n", 4, "--store", db, ok=False)
+    assert res.exit_code == 1 and "length-penalty" in res.output and "[-10, 10]" in res.output, res.output
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)
+    assert not db.exists() or Store(db).runs() == []
