@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from llamalens.cli import main
+from llamalens.errors import InvalidInput
 from llamalens.records import Hardware, RunOptions, Sample, Timing, TokenRecord
 from llamalens.settings import SamplingSettings
 from llamalens.store import APPLICATION_ID, Store
@@ -571,3 +572,34 @@ def test_length_penalty_is_bounded(tiny_path, tmp_path, lp):
     assert res.exit_code == 1 and "length-penalty" in res.output and "[-10, 10]" in res.output, res.output
     assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)
     assert not db.exists() or Store(db).runs() == []
+
+
+# -- 24. the Python API: a wrong type is a TypeError naming the argument, a text is never split into characters ------
+def test_api_arguments_of_the_wrong_type(tiny, tmp_path):
+    import llamalens as ll
+    from llamalens.errors import InvalidArgument
+
+    db = tmp_path / "api.db"
+    calls = {
+        "options='Paris' is one text": lambda: ll.choose("The capital is", "Paris", model=tiny),
+        "texts='king'": lambda: ll.embed_texts(tiny, "king"),
+        "texts holds int": lambda: ll.embed_texts(tiny, ["king", 5]),
+        "prompt=123": lambda: ll.fork(123, model=tiny, store=db),
+        "settings={}": lambda: ll.fork("x", settings={}, model=tiny, store=db),
+        "samples='3'": lambda: ll.fork("x", samples="3", model=tiny, store=db),
+        "max_tokens='3'": lambda: ll.sweep("x", max_tokens="3", model=tiny, store=db),
+        "store=5": lambda: ll.sweep("x", model=tiny, store=5),
+        "text=5": lambda: ll.score(5, model=tiny),
+        "prompt=5": lambda: ll.choose(5, ["a", "b"], model=tiny),
+        "settings='temperature'": lambda: ll.sampler_view(tiny, "x", "temperature"),
+        "must be a str, not int": lambda: ll.generate(tiny, 5),
+    }
+    for word, call in calls.items():
+        with pytest.raises(InvalidArgument, match=re.escape(word)) as info:
+            call()
+        assert isinstance(info.value, TypeError)
+    with pytest.raises(InvalidInput, match=r"lone surrogate \\ud800"):
+        ll.generate(tiny, "a\ud800b")
+    assert not db.exists() or Store(db).runs() == []
+    run = ll.sweep("the cat", stop="Q:", max_tokens=2, model=tiny, store=db, progress=False)
+    assert run.info.options.stop == ("Q:",)  # one stop string, not its characters
