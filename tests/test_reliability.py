@@ -603,3 +603,23 @@ def test_api_arguments_of_the_wrong_type(tiny, tmp_path):
     assert not db.exists() or Store(db).runs() == []
     run = ll.sweep("the cat", stop="Q:", max_tokens=2, model=tiny, store=db, progress=False)
     assert run.info.options.stop == ("Q:",)  # one stop string, not its characters
+
+
+# -- 25. a full disk when a run is created: a clear error, no half-made run, the other runs kept ----------------------
+def test_full_disk_when_a_run_is_created(tiny, tmp_path):
+    import llamalens as ll
+    from llamalens.store import StoreFull
+
+    db = tmp_path / "full.db"
+    ll.sweep("the cat", max_tokens=3, model=tiny, store=db, progress=False)
+    kept = [(s.sample_idx, s.text) for s in Store(db).samples(1)]
+    calls = (lambda st: ll.sweep("the cat", seeds=300, max_tokens=3, model=tiny, store=st, progress=False),
+             lambda st: ll.fork("the cat", max_tokens=4, model=tiny, store=st, progress=False))
+    for call in calls:
+        store = Store(db)
+        store.db.execute(f"PRAGMA max_page_count = {store.db.execute('PRAGMA page_count').fetchone()[0]}")
+        with pytest.raises(StoreFull, match="is full: no run was created; free some space"):
+            call(store)
+        store.close()
+        assert [r.id for r in Store(db).runs()] == [1]
+        assert [(s.sample_idx, s.text) for s in Store(db).samples(1)] == kept

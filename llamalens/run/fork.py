@@ -303,8 +303,7 @@ def start_fork(model: Model, store: Store, spec: ForkSpec, command: str = "",
         versions=library_versions(), hardware=hardware(model), options=options,
         configs=[spec.settings, spec.base_settings],
         plan=[(0, 1, spec.base_settings.seed, spec.prompt)] + [(0, 0, x["seed"], spec.prompt) for x in plan],
-        kind=KIND, extras=[base_extra] + plan)
-    store.save_sample(run_id, 0, base, extra=base_extra)
+        kind=KIND, extras=[base_extra] + plan, first=(0, base, base_extra))  # the run exists with its base or not at all
     return run_id, cost
 
 
