@@ -567,7 +567,7 @@ def fork(prompt: str | None = None, *, options=None, outcome: str | None = None,
     sequences, cells = req.sizing()
     with _model(model, model_options, sequences=sequences, cells=cells) as loaded:
         req.render(loaded)
-        run_id, cost = req.start(loaded, st, "python: llamalens.fork(...)")
+        run_id, cost = req.start(loaded, st, "python: llamalens.fork(...)", _note)
         with _bar(progress, cost.sequences, f"fork run {run_id}", "seq") as bar:
             req.execute(loaded, st, run_id, _sweep_ticks(bar), _ray(ray, workers))
     return _load(st, run_id)

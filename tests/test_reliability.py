@@ -623,3 +623,19 @@ def test_full_disk_when_a_run_is_created(tiny, tmp_path):
         store.close()
         assert [r.id for r in Store(db).runs()] == [1]
         assert [(s.sample_idx, s.text) for s in Store(db).samples(1)] == kept
+
+
+# -- 26. fork --resume refuses what it would ignore; a short context is announced; the cost line reads right ------------
+def test_fork_resume_refusals_and_context_note(tiny_path, tmp_path):
+    db = tmp_path / "f.db"
+    for args in (["--no-repeat-ngram", "2"], ["--ubatch", "64"], ["--swa-full", "off"], ["--repack", "off"],
+                 ["--server-prefill", "on"], ["--samples", "2"]):
+        res = cli("fork", "--resume", 1, "--store", db, *args, ok=False)
+        assert res.exit_code == 2 and "--resume finishes a run with its own stored settings" in res.output, res.output
+    assert not db.exists() or Store(db).runs() == []
+    res = cli("fork", "the cat", "--model", tiny_path, "-n", 100, "--ctx", 64, "--samples", 1, "--positions", "0-1",
+              "--store", db)
+    assert "--ctx 64 leaves room for" in res.stderr and "fewer than the 100 asked for" in res.stderr, res.stderr
+    shown = cli("show", 1, "--store", db).stdout  # the short path saves nothing: the ratio says so, not "0× as many"
+    done, naive, ratio = re.search(r"prefill: ([\d,]+) prompt.* would decode ([\d,]+) \((.*?)\)", shown).groups()
+    assert int(naive.replace(",", "")) < int(done.replace(",", "")) and ratio.endswith("× fewer"), shown

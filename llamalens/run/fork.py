@@ -287,9 +287,16 @@ def check_spec(spec: ForkSpec) -> None:
 
 
 def start_fork(model: Model, store: Store, spec: ForkSpec, command: str = "",
-               base: Sample | None = None) -> tuple[int, Cost]:
-    """Decode the base path, plan every continuation (all pending) and store the run; nothing else decoded."""
+               base: Sample | None = None, on_note: Callable[[str], None] | None = None) -> tuple[int, Cost]:
+    """Decode the base path, plan every continuation (all pending) and store the run; nothing else decoded.
+    `on_note` hears what is worth saying first (a context too short for max_tokens)."""
+    from llamalens.core.engine import context_notes
+
     check_spec(spec)
+    if base is None and on_note is not None:
+        req = Request(spec.prompt, spec.base_settings, spec.max_tokens, spec.n_logprobs, spec.stop)
+        for note in context_notes(Engine(model, 1).prepare([req]), model.options.ctx):
+            on_note(note)
     base = base or base_path(model, spec)
     plan = plan_continuations(base, spec)
     cost = estimate(len(base.prompt_token_ids), len(base.tokens), plan, spec.max_tokens)
