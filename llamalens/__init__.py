@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from llamalens.version import __version__
 
-from llamalens.errors import (InvalidInput, InvalidModelFile, InvalidSettings, LlamalensError, MissingExtra,  # noqa: F401
-                     ModelNotFound, PromptTooLong, StoreError)
+from llamalens.errors import (InvalidArgument, InvalidInput, InvalidModelFile, InvalidSettings,  # noqa: F401
+                              LlamalensError, MissingExtra, ModelNotFound, PromptTooLong, StoreError)
 from llamalens.modelfiles.find import ModelInfo, list_models, resolve_model  # noqa: F401
 from llamalens.settings import SamplingSettings  # noqa: F401
 from llamalens import records as _records
@@ -33,7 +33,7 @@ __all__ = [
     "generate", "next_token", "tokenize", "embed_texts", "embedding_map", "Engine", "Request", "Model", "ModelOptions",
     "quantize",
     "LlamalensError", "ModelNotFound", "InvalidModelFile", "InvalidSettings", "PromptTooLong", "InvalidInput",
-    "StoreError", "MissingExtra",
+    "StoreError", "MissingExtra", "InvalidArgument",
     "sweep", "resume", "open_run", "runs", "report", "score", "choose", "compare", "fork", "sampler_view",
     "Run", "Sample", "NextToken", "SamplerView", "Score", "Choice", "Comparison",
 ]

@@ -30,7 +30,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from llamalens.errors import InvalidInput, InvalidSettings
+from llamalens.errors import InvalidArgument, InvalidInput, InvalidSettings
 from llamalens.settings import SamplingSettings
 
 __all__ = ["Run", "sweep", "open_run", "runs", "score", "choose", "compare", "report", "fork", "sampler_view"]
@@ -40,7 +40,25 @@ __all__ = ["Run", "sweep", "open_run", "runs", "score", "choose", "compare", "re
 def _store(store):
     from llamalens.store import Store
 
+    if store is not None and not isinstance(store, (Store, str, os.PathLike)):
+        raise InvalidArgument(f"store={store!r}: give a Store, the path of a store file, or None (the default store)")
     return store if isinstance(store, Store) else Store(store)
+
+
+def _whole(value, what: str, least: int = 1) -> int:
+    """An integer argument (not a bool, not a text): InvalidArgument naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{what}={value!r}: give a whole number (>= {least})")
+    return value
+
+
+def _list_of_texts(value, what: str, example: str) -> list[str]:
+    """A list of texts that must be a list: one text is refused (it would be split into its characters)."""
+    if isinstance(value, (str, bytes)):
+        raise InvalidArgument(f"{what}={value!r} is one text; give a list of texts, e.g. {what}={example}")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"{what}={value!r:.60}: give a list of texts, e.g. {what}={example}")
+    return list(value)
 
 
 @contextmanager
@@ -290,6 +308,8 @@ def sweep(prompts=(), grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int
 
     prompts = [prompts] if isinstance(prompts, str) else _texts(prompts, "prompts")
     stop = _texts(stop, "stop")
+    for value, what in ((max_tokens, "max_tokens"), (logprobs, "logprobs"), (parallel, "parallel")):
+        _whole(value, what, 0 if what == "logprobs" else 1)
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         if seeds < 1:
             raise InvalidSettings(f"seeds={seeds} must be >= 1 (or a list of seeds)")
@@ -319,7 +339,7 @@ def _texts(value, what: str) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise InvalidInput(f"{what}={value!r}: give a text or a list of texts")
+        raise InvalidArgument(f"{what}={value!r:.60}: give a text or a list of texts")
     return list(value)
 
 
@@ -399,6 +419,8 @@ def score(text, *, model=None, protocol: str = "full", stride: int | None = None
     """
     from llamalens.looks.score import score_text
 
+    if not isinstance(text, (str, bytes)):
+        raise InvalidArgument(f"text={text!r:.40}: give the text to score as a str (or bytes)")
     batch = model_options.get("batch")
     with _model(model, model_options, rows=batch or _default("batch")) as loaded:
         with _bar(progress, 1, "scoring", "window") as bar:
@@ -424,7 +446,9 @@ def choose(prompt: str, options, *, normalize: str = "none", space: bool = True,
     from llamalens.looks.score import check_options
     from llamalens.looks.score import choose as rank
 
-    options = list(options)
+    if not isinstance(prompt, str):
+        raise InvalidArgument(f"prompt={prompt!r:.40}: give the prompt as a str")
+    options = _list_of_texts(options, "options", '["Paris", "London"]')
     check_options(options, normalize)
     with _model(model, model_options) as loaded:
         return rank(loaded, prompt, options, normalize, space=space)
@@ -443,6 +467,8 @@ def compare(model_a=None, model_b=None, *, text=None, run=None, store=None, prot
 
     if (text is None) == (run is None):
         raise InvalidInput("give text= or run=, one of them")
+    if text is not None and not isinstance(text, (str, bytes)):
+        raise InvalidArgument(f"text={text!r:.40}: give the text to compare on as a str (or bytes)")
     st = None
     if run is not None:
         st = run.store if isinstance(run, Run) else _store(store)
@@ -476,12 +502,18 @@ def sampler_view(model, prompt: str, settings, *, top: int = 10, history=()):
     from llamalens.looks.next_token import sampler_view as view
     from llamalens.settings import NEUTRAL, changes_label
 
+    if not isinstance(prompt, str):
+        raise InvalidArgument(f"prompt={prompt!r:.40}: give the prompt as a str")
     if isinstance(settings, dict):
         configs = grids.expand({k: (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in settings.items()},
                                NEUTRAL)
         labels = [changes_label(c) for c in configs]
     else:
-        configs = [settings] if isinstance(settings, SamplingSettings) else list(settings)
+        configs = [settings] if isinstance(settings, SamplingSettings) else list(settings) if isinstance(
+            settings, (list, tuple)) else []
+        if not configs or not all(isinstance(c, SamplingSettings) for c in configs):
+            raise InvalidArgument(f"settings={settings!r:.60}: give a SamplingSettings, a list of them, or "
+                                  '{setting: values} such as {"temperature": [0.5, 1]}')
         labels = None
     grids.check(configs, [0])
     with _model(model, {}) as loaded:
@@ -511,7 +543,13 @@ def fork(prompt: str | None = None, *, options=None, outcome: str | None = None,
     if isinstance(options, str):
         options = options.split(",")
     if prompt is not None and not isinstance(prompt, str):
-        raise InvalidInput(f"prompt={prompt!r}: give the prompt as a text")
+        raise InvalidArgument(f"prompt={prompt!r:.40}: give the prompt as a str")
+    if settings is not None and not isinstance(settings, SamplingSettings):
+        raise InvalidArgument(f"settings={settings!r:.60}: give a SamplingSettings (e.g. "
+                              "ll.SamplingSettings(temperature=0.8)) or None")
+    for value, what in ((samples, "samples"), (alternatives, "alternatives"), (max_tokens, "max_tokens"),
+                        (parallel, "parallel"), (max_sequences, "max_sequences")):
+        _whole(value, what)
     spec_outcome = (OutcomeSpec("regex", regex=outcome) if outcome is not None else
                     OutcomeSpec("options", options=tuple(o.strip() for o in _texts(options, "options")))
                     if options is not None else OutcomeSpec())
@@ -529,7 +567,7 @@ def fork(prompt: str | None = None, *, options=None, outcome: str | None = None,
     sequences, cells = req.sizing()
     with _model(model, model_options, sequences=sequences, cells=cells) as loaded:
         req.render(loaded)
-        run_id, cost = req.start(loaded, st, "python: llamalens.fork(...)")
+        run_id, cost = req.start(loaded, st, "python: llamalens.fork(...)", _note)
         with _bar(progress, cost.sequences, f"fork run {run_id}", "seq") as bar:
             req.execute(loaded, st, run_id, _sweep_ticks(bar), _ray(ray, workers))
     return _load(st, run_id)

@@ -25,6 +25,11 @@ class InvalidInput(LlamalensError):
     """Any other bad input: empty text, unreadable file, malformed prompts file."""
 
 
+class InvalidArgument(InvalidInput, TypeError):
+    """A Python API argument of the wrong type (a text where a list belongs, a number where a text belongs):
+    also a TypeError, as Python code expects, with a message naming the argument."""
+
+
 class StoreError(LlamalensError):
     """The run store cannot be opened, written, or does not hold what was asked for."""
 

@@ -8,25 +8,25 @@ silently re-decoded.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 from llamalens.errors import InvalidInput
 
+BOM = "\ufeff"  # a byte order mark that some editors put at the start of a UTF-8 file: not part of the text
+
 
 def read_prompts(path: str) -> list[str]:
     """One prompt per line of a .txt file (blank lines skipped), or the "prompt" of each JSON line of a .jsonl."""
     p = Path(path)
-    text = _decode(_read(p, "--prompts-file"), p, "--prompts-file", "save it as UTF-8")
+    text = read_utf8(p, "--prompts-file")
     prompts = []
     if p.suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                obj = None
+            obj = json_line(line, f"--prompts-file: {p} line {n}")
             if not isinstance(obj, dict) or "prompt" not in obj:
                 raise InvalidInput(f"--prompts-file: {p} line {n} is not a JSON object with a \"prompt\" field; "
                                    'fix it, e.g. {"prompt": "Once upon a time"}')
@@ -42,9 +42,48 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+_JSON_BRACKETS = re.compile(r'"(?:\\.|[^"\\])*"|[\[\]{}]')
+
+
+def check_json_nesting(text: str, where: str, limit: int) -> None:
+    """Refuse JSON text whose arrays and objects nest deeper than `limit`, before a recursive reader meets it."""
+    depth = deepest = 0
+    for m in _JSON_BRACKETS.finditer(text):
+        tok = m.group()
+        if tok in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif tok in "]}":
+            depth -= 1
+    if deepest > limit:
+        raise InvalidInput(f"{where} nests arrays and objects {deepest} deep, more than llamalens accepts ({limit}); "
+                           "flatten it")
+
+
+MAX_JSON_LINE_NESTING = 100  # arrays and objects in one line of a JSONL file (json.loads recurses per level)
+
+
+def json_line(line: str, where: str):
+    """One line of a JSONL file as its value, or None when it is not JSON (the caller says what it should be).
+    InvalidInput for what JSON allows and a text cannot hold: nesting past MAX_JSON_LINE_NESTING, and a lone
+    surrogate escape such as "\\ud800" (half of a UTF-16 pair: no character, it cannot be written as UTF-8)."""
+    check_json_nesting(line, where, MAX_JSON_LINE_NESTING)
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInput(f"{where} holds a lone surrogate \\u{ord(e.object[e.start]):04x} (half of a UTF-16 "
+                           "pair, not a character); write the character itself or both halves of its pair") from None
+    return obj
+
+
 def read_utf8(p: Path, option: str) -> str:
-    """A whole file as UTF-8 text; InvalidInput naming `option` when it is missing or not UTF-8."""
-    return _decode(_read(Path(p), option), p, option, "save it as UTF-8")
+    """A whole file as UTF-8 text (a leading byte order mark dropped); InvalidInput naming `option` when it is
+    missing or not UTF-8."""
+    return _decode(_read(Path(p), option), p, option, "save it as UTF-8").removeprefix(BOM)
 
 
 def json_kind(value) -> str:
@@ -105,7 +144,7 @@ def read_terms(file: str) -> tuple[list[str], list[str] | None]:
     """
     where = "stdin" if file == "-" else file
     raw = sys.stdin.buffer.read() if file == "-" else _read(Path(file), "--file")
-    text = _decode(raw, where, "--file", f"convert it (e.g. iconv -f latin1 -t utf-8 {file})")
+    text = _decode(raw, where, "--file", f"convert it (e.g. iconv -f latin1 -t utf-8 {file})").removeprefix(BOM)
     jsonl = file != "-" and Path(file).suffix == ".jsonl"
     texts, cats, lines = [], [], []
     for n, line in enumerate(text.splitlines(), 1):
@@ -138,10 +177,7 @@ def _tsv_term(line: str, where: str, n: int) -> tuple[str, str | None]:
 
 
 def _json_term(line: str, where: str, n: int) -> tuple[str, str | None]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        obj = None
+    obj = json_line(line, f"--file: {where} line {n}")
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         raise InvalidInput(f"--file: {where} line {n} is not a JSON object with a \"text\" string; "
                            'fix it, e.g. {"text": "bull market", "category": "market"}')

@@ -149,7 +149,7 @@ class Sample(Rich):
     settings: dict
     max_tokens: int
     text: str
-    finish_reason: str  # "stop" (end of generation or a stop string) or "length"
+    finish_reason: str  # "stop" (end of generation or a stop string), "length", or "grammar" (it allowed no token)
     tokens: list[TokenRecord]
     timing: Timing
     key: object = None  # the caller's handle (a sweep's sample index)

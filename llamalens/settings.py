@@ -35,6 +35,7 @@ STRATEGIES = ("sample", "greedy", "beam")
 EARLY_STOPPING = ("false", "true", "never")
 MAX_BEAMS = 64  # one KV sequence per beam (llama.cpp allows 256 in all)
 MAX_BEST_OF = 64
+MAX_LENGTH_PENALTY = 10.0  # |length_penalty|: length ** 10 stays finite and non-zero for any length a context holds
 CHAIN_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty",
                 "presence_penalty", "penalty_last_n")
 
@@ -209,8 +210,9 @@ class SamplingSettings(_Checked):
             bad("strategy", self.strategy, f"must be one of {', '.join(STRATEGIES)}")
         if not _int(self.beams) or not 1 <= self.beams <= MAX_BEAMS:
             bad("beams", self.beams, f"must be an integer in [1, {MAX_BEAMS}]")
-        if not finite(self.length_penalty):
-            bad("length_penalty", self.length_penalty, "must be a finite number; 0 = plain sum of logprobs")
+        if not finite(self.length_penalty) or abs(self.length_penalty) > MAX_LENGTH_PENALTY:
+            bad("length_penalty", self.length_penalty, f"must be a number in [-{MAX_LENGTH_PENALTY:g}, "
+                f"{MAX_LENGTH_PENALTY:g}]; 0 = plain sum of logprobs, 1 = mean")
         if self.early_stopping not in EARLY_STOPPING:
             bad("early_stopping", self.early_stopping, f"must be one of {', '.join(EARLY_STOPPING)}")
         if not _int(self.num_return) or not 1 <= self.num_return <= (self.beams if _int(self.beams) else 1):

@@ -86,6 +86,12 @@ BUSY_TIMEOUT_S = 60  # how long opening or writing the store waits for another p
 STALE_AFTER_S = 600  # a writer on another host with no heartbeat for this long is taken for dead
 
 
+def _token_rows(run_id: int, sample_idx: int, sample: Sample) -> list[tuple]:
+    return [(run_id, sample_idx, t.position, t.id, bytes.fromhex(t.bytes), t.logprob, t.sampled_logprob, t.rank,
+             t.entropy, t.candidates, int(t.eog), json.dumps([[a.id, a.bytes, a.logprob] for a in t.top]))
+            for t in sample.tokens]
+
+
 class StoreFull(StoreError):
     """The disk (or the database's size limit) is full: nothing more can be committed."""
 
@@ -257,7 +263,7 @@ class Store:
         return int(row[0]) if row else None
 
     def tx(self):
-        return _Tx(self.db)
+        return _Tx(self.db, self.path)
 
     def close(self):
         self.db.close()
@@ -277,12 +283,23 @@ class Store:
 
     # -- runs ---------------------------------------------------------------------------------
     def create_run(self, *, name, command, model, model_hash, versions, hardware, options, configs, plan,
-                   kind: str = "sweep", extras: list[dict | None] | None = None) -> int:
+                   kind: str = "sweep", extras: list[dict | None] | None = None,
+                   first: tuple[int, Sample, dict | None] | None = None) -> int:
         """Plan a run: its configs and every sample (prompt_idx, config_idx, seed, prompt), all pending;
-        `extras`, one per planned sample, what its kind records of it from the start."""
+        `extras`, one per planned sample, what its kind records of it from the start; `first`, a sample already
+        decoded (sample_idx, Sample, extra), saved in the same transaction: the run exists with it or not at all.
+        StoreFull (nothing written) when the disk is full."""
         extras = extras if extras is not None else [None] * len(plan)
         if len(extras) != len(plan):
             raise ValueError(f"{len(extras)} extras for {len(plan)} planned samples")
+        try:
+            return self._create_run(name, command, model, model_hash, versions, hardware, options, configs, plan,
+                                    kind, extras, first)
+        except StoreFull as e:
+            raise StoreFull(f"{e}: no run was created; free some space, or give another --store") from None
+
+    def _create_run(self, name, command, model, model_hash, versions, hardware, options, configs, plan, kind, extras,
+                    first) -> int:
         with self.tx():
             cur = self.db.execute(
                 "INSERT INTO runs (name, status, created, command, model, model_hash, versions, hardware, options, "
@@ -297,33 +314,33 @@ class Store:
                 "VALUES (?,?,?,?,?,?, 'pending', ?)",
                 [(run_id, i, p, c, s, prompt, None if x is None else json.dumps(x))
                  for i, ((p, c, s, prompt), x) in enumerate(zip(plan, extras))])
+            if first is not None:
+                self._write_sample(run_id, *first)
         return run_id
 
     def save_sample(self, run_id: int, sample_idx: int, sample: Sample, writer: int | None = None,
                     extra: dict | None = None) -> None:
         """Commit one finished sample (its tokens and its row, and `extra` when given: it replaces the planned
         one) in one transaction; StoreFull when the disk is."""
-        rows = [(run_id, sample_idx, t.position, t.id, bytes.fromhex(t.bytes), t.logprob, t.sampled_logprob, t.rank,
-                 t.entropy, t.candidates, int(t.eog), json.dumps([[a.id, a.bytes, a.logprob] for a in t.top]))
-                for t in sample.tokens]
-        try:
-            with self.tx():
-                self.db.execute("DELETE FROM tokens WHERE run_id=? AND sample_idx=?", (run_id, sample_idx))
-                self.db.executemany("INSERT INTO tokens VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-                self.db.execute(
-                    "UPDATE samples SET status='done', text=?, finish_reason=?, timing=?, completed=? "
-                    "WHERE run_id=? AND sample_idx=?",
-                    (sample.text, sample.finish_reason, json.dumps(sample.timing.to_dict()), time.time(), run_id,
-                     sample_idx))
-                if extra is not None:
-                    self.db.execute("UPDATE samples SET extra=? WHERE run_id=? AND sample_idx=?",
-                                    (json.dumps(extra), run_id, sample_idx))
-                if writer is not None:
-                    self.db.execute("UPDATE writers SET heartbeat=? WHERE rowid=?", (time.time(), writer))
-        except (sqlite3.OperationalError, OSError) as e:
-            if _is_full(e):
-                raise StoreFull(f"the disk holding the run store {self.path} is full") from None
-            raise
+        rows = _token_rows(run_id, sample_idx, sample)  # made before the write lock is taken
+        with self.tx():  # StoreFull (from the transaction) when the disk is full
+            self._write_sample(run_id, sample_idx, sample, extra, rows)
+            if writer is not None:
+                self.db.execute("UPDATE writers SET heartbeat=? WHERE rowid=?", (time.time(), writer))
+
+    def _write_sample(self, run_id: int, sample_idx: int, sample: Sample, extra: dict | None,
+                      rows: list | None = None) -> None:
+        """One sample's tokens and row, inside the caller's transaction."""
+        rows = _token_rows(run_id, sample_idx, sample) if rows is None else rows
+        self.db.execute("DELETE FROM tokens WHERE run_id=? AND sample_idx=?", (run_id, sample_idx))
+        self.db.executemany("INSERT INTO tokens VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        self.db.execute(
+            "UPDATE samples SET status='done', text=?, finish_reason=?, timing=?, completed=? "
+            "WHERE run_id=? AND sample_idx=?",
+            (sample.text, sample.finish_reason, json.dumps(sample.timing.to_dict()), time.time(), run_id, sample_idx))
+        if extra is not None:
+            self.db.execute("UPDATE samples SET extra=? WHERE run_id=? AND sample_idx=?",
+                            (json.dumps(extra), run_id, sample_idx))
 
     def add_config(self, run_id: int, settings: SamplingSettings) -> int:
         """The index of `settings` among a growing run's configs, added when new (a tree's branches)."""
@@ -484,15 +501,38 @@ def _alive(pid: int, host: str, heartbeat: float) -> bool:
 
 
 class _Tx:
-    def __init__(self, db):
-        self.db = db
+    """One write transaction, committed whole or rolled back whole; a full disk (when it begins, writes or
+    commits) is StoreFull, whatever was being written."""
+
+    def __init__(self, db, path=None):
+        self.db, self.path = db, path
 
     def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except (sqlite3.OperationalError, OSError) as e:
+            self._raise_if_full(e)
+            raise
         return self.db
 
-    def __exit__(self, exc_type, *_):
+    def __exit__(self, exc_type, exc, tb):
         if not exc_type:
-            self.db.execute("COMMIT")
-        elif self.db.in_transaction:  # SQLite rolls back by itself on some errors (SQLITE_FULL)
+            try:
+                self.db.execute("COMMIT")
+            except (sqlite3.OperationalError, OSError) as e:
+                self._rollback()
+                self._raise_if_full(e)
+                raise
+            return False
+        self._rollback()
+        if isinstance(exc, (sqlite3.OperationalError, OSError)):
+            self._raise_if_full(exc)
+        return False
+
+    def _rollback(self):
+        if self.db.in_transaction:  # SQLite rolls back by itself on some errors (SQLITE_FULL)
             self.db.execute("ROLLBACK")
+
+    def _raise_if_full(self, e: Exception) -> None:
+        if _is_full(e):
+            raise StoreFull(f"the disk holding the run store {self.path} is full") from None

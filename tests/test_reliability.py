@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from llamalens.cli import main
+from llamalens.errors import InvalidInput
 from llamalens.records import Hardware, RunOptions, Sample, Timing, TokenRecord
 from llamalens.settings import SamplingSettings
 from llamalens.store import APPLICATION_ID, Store
@@ -359,3 +360,282 @@ def test_resumed_equals_uninterrupted(tiny, tmp_path, exact, parallel, after):
         assert worst < 6e-4
     note = cli("show", rid2, "--store", store.path).stdout
     assert ("--exact run" in note) if exact else ("batch boundary" in note)
+
+
+# -- 14. a grammar that allows no token: the sample ends, the process lives ------------------------------------------
+def _llamalens(*args, timeout=120):
+    """The CLI in its own process: a native abort shows as a negative return code, not a dead test run."""
+    res = subprocess.run([sys.executable, "-m", "llamalens", *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode >= 0, f"killed by signal {-res.returncode}: {res.stderr[-600:]}"
+    return res
+
+
+def test_grammar_dead_end_ends_the_sample(tmp_path):
+    from tiny_gguf import write_tiny_gguf
+
+    bytes_model = write_tiny_gguf(tmp_path / "t.gguf")
+    words_only = write_tiny_gguf(tmp_path / "w.gguf", byte_tokens=False)
+    (tmp_path / "yes.gbnf").write_text('root ::= "yes" | "no"\n')
+    (tmp_path / "qq.gbnf").write_text('root ::= "QQ"\n')
+    db = tmp_path / "g.db"
+    # complete after one word, end-of-generation banned: nothing is left to pick
+    res = _llamalens("generate", "the cat", "--model", bytes_model, "--grammar", tmp_path / "yes.gbnf", "--chain",
+                     "llama.cpp", "--ignore-eos", "-t", 0, "-n", 8)
+    assert res.returncode == 0 and "finish: grammar" in res.stdout + res.stderr, res.stderr
+    # a vocabulary without byte tokens cannot spell "QQ" at all
+    res = _llamalens("generate", "the cat", "--model", words_only, "--grammar", tmp_path / "qq.gbnf", "-n", 4)
+    assert res.returncode == 0 and "finish: grammar" in res.stdout + res.stderr, res.stderr
+    res = _llamalens("sweep", "the cat", "--model", words_only, "--grammar", tmp_path / "qq.gbnf", "-t", "0,1",
+                     "--seeds", 2, "-n", 8, "--store", db)
+    assert res.returncode == 0, res.stderr
+    run = Store(db).run(1)
+    assert run.status == "done" and run.n_done == 4
+    assert {s.finish_reason for s in Store(db).samples(1)} == {"grammar"}
+
+
+# -- 15. t-SNE of identical texts: refused before the model loads, not a segfault -------------------------------------
+def test_tsne_of_identical_points_is_refused(tiny_path):
+    import numpy as np
+
+    from llamalens.errors import InvalidInput
+    from llamalens.looks.embed_map import tsne
+
+    for args in (["apple"] * 7, ["apple"] * 3 + ["--perplexity", 1]):
+        res = _llamalens("embed", *args, "--map", "tsne", "--model", tiny_path)
+        assert res.returncode == 1 and "t-SNE cannot place identical points" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and "loading" not in res.stderr  # refused before the model loads
+    # different texts whose vectors are one point: refused in the library too (scikit-learn would crash)
+    code = ("import numpy as np; from llamalens.looks.embed_map import tsne\n"
+            "try:\n    tsne(np.ones((7, 8)) / 8 ** 0.5, 2)\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("InvalidInput") and "identical points" in res.stdout, res
+    with pytest.raises(InvalidInput, match="identical points"):
+        tsne(np.vstack([np.ones(8), np.ones(8) + 1e-12]), 1)
+
+
+# -- 16. grammars and schemas nested past what a recursive parser survives ----------------------------------------------
+def test_deep_grammars_and_schemas_are_refused(tmp_path):
+    from tiny_gguf import write_tiny_gguf
+
+    model = write_tiny_gguf(tmp_path / "t.gguf")
+    deep = tmp_path / "deep.gbnf"
+    deep.write_text("root ::= " + "(" * 20000 + '"a"' + ")" * 20000 + "\n")
+    deep_schema = tmp_path / "deep.json"
+    deep_schema.write_text('{"type": "array", "items": ' * 5000 + '{"type": "string"}' + "}" * 5000)
+    for option, path, word in (("--grammar", deep, "nests parentheses 20000 deep"),
+                               ("--json-schema", deep_schema, "nests arrays and objects 5001 deep")):
+        res = _llamalens("generate", "x", "--model", model, option, path, "-n", 2)
+        assert res.returncode == 1 and word in res.stderr and "Traceback" not in res.stderr, res.stderr[-500:]
+        assert "loading" not in res.stderr  # refused before the model loads
+    # parentheses inside strings, character classes and comments are text, not nesting
+    fine = tmp_path / "fine.gbnf"
+    fine.write_text('root ::= "' + "(" * 600 + '" [(] | "a" # ' + "(" * 600 + "\n")
+    res = _llamalens("generate", "x", "--model", model, "--grammar", fine, "-n", 1)
+    assert res.returncode == 0, res.stderr[-500:]
+
+
+# -- 17. fork's sizes and its outcome regex are bounded before anything is built -------------------------------------
+def test_fork_sizes_and_outcome_regex_are_bounded(tmp_path):
+    from tiny_gguf import write_tiny_gguf
+
+    model, db = write_tiny_gguf(tmp_path / "t.gguf"), tmp_path / "f.db"
+    for args, word in ((["--samples", 100_000_000], "--samples 100,000,000 continues each branch"),
+                       (["--alternatives", 300_000], "--alternatives 300000 is out of range"),
+                       (["--max-sequences", 10**9], "--max-sequences 1000000000 is out of range")):
+        res = _llamalens("fork", "the cat", "--model", model, *args, "--store", db, timeout=60)
+        assert res.returncode == 1 and word in res.stderr and "Traceback" not in res.stderr, res.stderr[-500:]
+        assert "loading" not in res.stderr  # refused before the model loads
+    # a regex that backtracks for ever on any text: a clear error after its time limit, and no run is left
+    res = _llamalens("fork", "the cat", "--model", model, "--outcome", r"^([\s\S]+)+\x01", "-n", 40, "--store", db,
+                     timeout=60)
+    assert res.returncode == 1 and "took more than 2 s" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not db.exists() or Store(db).runs() == []
+
+
+# -- 18. an outcome group that takes no part in the match -----------------------------------------------------------
+def test_fork_outcome_of_an_unmatched_group_is_none(tiny_path, tmp_path):
+    db = tmp_path / "o.db"
+    res = cli("fork", "the cat", "--model", tiny_path, "--outcome", "(zzz)?", "-n", 4, "--samples", 2,
+              "--positions", "0-1", "--store", db)
+    assert "Traceback" not in res.output
+    assert json.loads(cli("show", 1, "--json", "--store", db).stdout)
+    # a run stored with a null outcome (as older versions stored it) shows and reports too
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE samples SET extra = json_set(extra, '$.outcome', json('null'))")
+    con.close()
+    cli("show", 1, "--store", db)
+    cli("report", 1, "-o", tmp_path / "o.md", "--no-model", "--store", db)
+    assert (tmp_path / "o.md").exists()
+
+
+# -- 19. a chat template is untrusted code: whatever it does is a clear error, in bounded time and size --------------
+@pytest.mark.parametrize("template,word", [
+    ("{{ 1/0 }}", "ZeroDivisionError"),
+    ("{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}", "recurses without end"),
+    ("{% include 'other.jinja' %}", "failed to render"),
+    ('{{ "%d" % "x" }}', "TypeError"),
+    ("{{ 'A' * 300000000 }}", "16,000,000-character limit"),
+    ("{{ '%0999999999d' % 1 }}", "16,000,000-character limit"),
+    ("{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}", "character limit"),
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{% set x = a %}{% endfor %}{% endfor %}",
+     "took more than 5 s"),
+    ("{{ ''.__class__.__mro__ }}", "unsafe"),
+])
+def test_chat_template_failures_are_clear(tiny_path, tmp_path, template, word):
+    f = tmp_path / "t.jinja"
+    f.write_text(template)
+    db = tmp_path / "c.db"
+    res = _llamalens("sweep", "--chat", "hi", "--chat-template", f, "--model", tiny_path, "-n", 2, "--store", db,
+                     timeout=60)
+    assert res.returncode == 1 and word in res.stderr and "Traceback" not in res.stderr, res.stderr[-600:]
+    assert not db.exists() or Store(db).runs() == []
+
+
+# -- 20. a Markdown report replaces only the images it wrote itself ---------------------------------------------------
+def test_markdown_report_keeps_files_it_did_not_write(tiny_path, tmp_path):
+    db = tmp_path / "m.db"
+    cli("sweep", "the cat", "--model", tiny_path, "-n", 4, "-t", "0,1", "--seeds", 2, "--store", db)
+    first = tmp_path / "first.md"
+    cli("report", 1, "-o", first, "--no-model", "--store", db)
+    figures = sorted(p.name for p in (tmp_path / "first_files").glob("*.png"))
+    assert figures
+    saved = tmp_path / "page_files"  # what a browser's "save page, complete" leaves, one name clashing with ours
+    saved.mkdir()
+    mine = {"photo.png": b"\x89PNG mine", figures[0]: b"\x89PNG also mine", "style.css": b"body {}"}
+    for name, data in mine.items():
+        (saved / name).write_bytes(data)
+    (tmp_path / "page.md.part").write_bytes(b"my notes")
+    for _ in range(2):  # and again: the second report replaces the first's images, and only those
+        cli("report", 1, "-o", tmp_path / "page.md", "--no-model", "--store", db)
+        assert {n: (saved / n).read_bytes() for n in mine} == mine
+        ours = sorted(p.name for p in saved.glob("*.png") if p.name not in mine)
+        assert len(ours) == len(figures)
+        page = (tmp_path / "page.md").read_text(encoding="utf-8")
+        assert all(f"page_files/{n})" in page for n in ours) and f"page_files/{figures[0]})" not in page
+    assert (tmp_path / "page.md.part").read_bytes() == b"my notes"
+
+
+# -- 21. every report, HTML and Markdown, shows untrusted text without a terminal-active character --------------------
+def test_every_report_escapes_control_characters(tiny_path, tmp_path):
+    m = ["--model", tiny_path]
+    terms = tmp_path / "terms.tsv"
+    terms.write_text("".join(f"t{i}{e}\tcat{i % 2}{e}\n" for i, e in enumerate(ESCAPES) if "\r" not in e),
+                     encoding="utf-8")
+    db = tmp_path / "f.db"
+    for fmt in ("html", "md"):
+        reports = {name: tmp_path / f"{name}.{fmt}" for name in ("embed", "query", "fork", "next", "score")}
+        cli("embed", "--file", terms, *m, "--map", "pca", "--report", reports["embed"])
+        cli("embed", HOSTILE, "b\u202ec", *m, "--query", "q\x1b]52;c;eA==\x07", "--report", reports["query"])
+        cli("fork", HOSTILE, *m, "--options", "a\x1b[31m,b\x9b1m\u202e", "-n", 3, "--samples", 1,
+            "--positions", "0-1", "--store", db, "--report", reports["fork"])
+        cli("next", HOSTILE, *m, "-t", "0.5,1", "--report", reports["next"])
+        cli("score", HOSTILE, *m, "--report", reports["score"])
+        for name, path in reports.items():
+            page = path.read_text(encoding="utf-8")
+            assert raw_controls(page) == [], (name, fmt, raw_controls(page))
+
+
+# -- 22. JSONL inputs: a lone surrogate is a clear error, a byte order mark is no error ----------------------------
+def test_jsonl_lone_surrogates_and_bom(tiny_path, tmp_path):
+    m = ["--model", tiny_path]
+    db = tmp_path / "s.db"
+    files = {"p.jsonl": '{"prompt": "fine"}\n{"prompt": "a\\ud800b"}\n',
+             "m.jsonl": '{"messages": [{"role": "user", "content": "hi \\udc00"}]}\n',
+             "e.jsonl": '{"text": "ok"}\n{"text": "x\\udfff", "category": "c"}\n',
+             "r.jsonl": '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\\ud83d"}]}\n'}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    for args in (["sweep", "--prompts-file", tmp_path / "p.jsonl", "--store", db],
+                 ["sweep", "--messages", tmp_path / "m.jsonl", "--chat-template", "chatml", "--store", db],
+                 ["embed", "--file", tmp_path / "e.jsonl"],
+                 ["score", "--messages", tmp_path / "r.jsonl", "--chat-template", "chatml"]):
+        res = cli(*args, *m, ok=False)
+        assert res.exit_code == 1 and "holds a lone surrogate \\u" in res.output, res.output
+        assert "Traceback" not in res.output and not isinstance(res.exception, UnicodeError)
+    assert not db.exists() or Store(db).runs() == []
+    # a UTF-8 byte order mark (Notepad's) is not part of the text
+    (tmp_path / "bom.jsonl").write_text('\ufeff{"prompt": "the cat"}\n', encoding="utf-8")
+    (tmp_path / "bom-e.jsonl").write_text('\ufeff{"text": "cat", "category": "a"}\n{"text": "dog", "category": "b"}\n',
+                                          encoding="utf-8")
+    cli("sweep", "--prompts-file", tmp_path / "bom.jsonl", *m, "-n", 2, "--store", db)
+    assert Store(db).run(1).options.prompts == ("the cat",)
+    assert '"cat"' in cli("embed", "--file", tmp_path / "bom-e.jsonl", *m, "--json").stdout
+
+
+# -- 23. --length-penalty is bounded before the run starts (length ** 400 overflows mid-run) --------------------------
+@pytest.mark.parametrize("lp", ["400", "1e308", "-1e308", "-11"])
+def test_length_penalty_is_bounded(tiny_path, tmp_path, lp):
+    db = tmp_path / "lp.db"
+    res = cli("sweep", "the cat", "--model", tiny_path, "--strategy", "beam", "--beams", 2, "--length-penalty", lp,
+              "-n", 4, "--store", db, ok=False)
+    assert res.exit_code == 1 and "length-penalty" in res.output and "[-10, 10]" in res.output, res.output
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)
+    assert not db.exists() or Store(db).runs() == []
+
+
+# -- 24. the Python API: a wrong type is a TypeError naming the argument, a text is never split into characters ------
+def test_api_arguments_of_the_wrong_type(tiny, tmp_path):
+    import llamalens as ll
+    from llamalens.errors import InvalidArgument
+
+    db = tmp_path / "api.db"
+    calls = {
+        "options='Paris' is one text": lambda: ll.choose("The capital is", "Paris", model=tiny),
+        "texts='king'": lambda: ll.embed_texts(tiny, "king"),
+        "texts holds int": lambda: ll.embed_texts(tiny, ["king", 5]),
+        "prompt=123": lambda: ll.fork(123, model=tiny, store=db),
+        "settings={}": lambda: ll.fork("x", settings={}, model=tiny, store=db),
+        "samples='3'": lambda: ll.fork("x", samples="3", model=tiny, store=db),
+        "max_tokens='3'": lambda: ll.sweep("x", max_tokens="3", model=tiny, store=db),
+        "store=5": lambda: ll.sweep("x", model=tiny, store=5),
+        "text=5": lambda: ll.score(5, model=tiny),
+        "prompt=5": lambda: ll.choose(5, ["a", "b"], model=tiny),
+        "settings='temperature'": lambda: ll.sampler_view(tiny, "x", "temperature"),
+        "must be a str, not int": lambda: ll.generate(tiny, 5),
+    }
+    for word, call in calls.items():
+        with pytest.raises(InvalidArgument, match=re.escape(word)) as info:
+            call()
+        assert isinstance(info.value, TypeError)
+    with pytest.raises(InvalidInput, match=r"lone surrogate \\ud800"):
+        ll.generate(tiny, "a\ud800b")
+    assert not db.exists() or Store(db).runs() == []
+    run = ll.sweep("the cat", stop="Q:", max_tokens=2, model=tiny, store=db, progress=False)
+    assert run.info.options.stop == ("Q:",)  # one stop string, not its characters
+
+
+# -- 25. a full disk when a run is created: a clear error, no half-made run, the other runs kept ----------------------
+def test_full_disk_when_a_run_is_created(tiny, tmp_path):
+    import llamalens as ll
+    from llamalens.store import StoreFull
+
+    db = tmp_path / "full.db"
+    ll.sweep("the cat", max_tokens=3, model=tiny, store=db, progress=False)
+    kept = [(s.sample_idx, s.text) for s in Store(db).samples(1)]
+    calls = (lambda st: ll.sweep("the cat", seeds=300, max_tokens=3, model=tiny, store=st, progress=False),
+             lambda st: ll.fork("the cat", max_tokens=4, model=tiny, store=st, progress=False))
+    for call in calls:
+        store = Store(db)
+        store.db.execute(f"PRAGMA max_page_count = {store.db.execute('PRAGMA page_count').fetchone()[0]}")
+        with pytest.raises(StoreFull, match="is full: no run was created; free some space"):
+            call(store)
+        store.close()
+        assert [r.id for r in Store(db).runs()] == [1]
+        assert [(s.sample_idx, s.text) for s in Store(db).samples(1)] == kept
+
+
+# -- 26. fork --resume refuses what it would ignore; a short context is announced; the cost line reads right ------------
+def test_fork_resume_refusals_and_context_note(tiny_path, tmp_path):
+    db = tmp_path / "f.db"
+    for args in (["--no-repeat-ngram", "2"], ["--ubatch", "64"], ["--swa-full", "off"], ["--repack", "off"],
+                 ["--server-prefill", "on"], ["--samples", "2"]):
+        res = cli("fork", "--resume", 1, "--store", db, *args, ok=False)
+        assert res.exit_code == 2 and "--resume finishes a run with its own stored settings" in res.output, res.output
+    assert not db.exists() or Store(db).runs() == []
+    res = cli("fork", "the cat", "--model", tiny_path, "-n", 100, "--ctx", 64, "--samples", 1, "--positions", "0-1",
+              "--store", db)
+    assert "--ctx 64 leaves room for" in res.stderr and "fewer than the 100 asked for" in res.stderr, res.stderr
+    shown = cli("show", 1, "--store", db).stdout  # the short path saves nothing: the ratio says so, not "0× as many"
+    done, naive, ratio = re.search(r"prefill: ([\d,]+) prompt.* would decode ([\d,]+) \((.*?)\)", shown).groups()
+    assert int(naive.replace(",", "")) < int(done.replace(",", "")) and ratio.endswith("× fewer"), shown

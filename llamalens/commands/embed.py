@@ -66,7 +66,7 @@ def embed(texts, file, query, pooling, parallel, pairs, map_method, perplexity, 
     perplexity = DEFAULT_PERPLEXITY if perplexity is None else perplexity
     seed = DEFAULT_SEED if seed is None else seed
     if map_method:
-        check_map(map_method, len(items), perplexity, seed)
+        check_map(map_method, len(items), perplexity, seed, distinct=len(set(items)))
     check_report_path(report_path)
     loaded = load_model(model, pop_model_options(kw))
     progress = (lambda k, n: click.echo(f"\rembedding: {k}/{n} texts", err=True, nl=k >= n)) if len(items) > 50 else None

@@ -15,7 +15,8 @@ from llamalens.commands.output import (check_report_path, fail_cleanly, given_op
 RUN_DEFINED = ("prompt", "outcome", "options_list", "first_line", "samples", "alternatives", "min_prob", "positions",
                "max_tokens", "stop", "parallel", "exact", "max_sequences", "name", "ctx", "batch", "flash_attn",
                "gpu_layers", "temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty",
-               "frequency_penalty", "presence_penalty", "seed", "chat", "system", "chat_template", "messages_file")
+               "frequency_penalty", "presence_penalty", "seed", "chat", "system", "chat_template", "messages_file",
+               "no_repeat_ngram", "ubatch", "swa_full", "repack", "server_prefill")
 
 
 @click.command("fork")
@@ -116,7 +117,8 @@ def fork(prompt, outcome, options_list, first_line, samples, alternatives, min_p
 
             announce_chat(req.rendered)
         say("decoding the base path ...", err=True)
-        run_id, cost = req.start(loaded, store, shell_command(["llamalens"] + sys.argv[1:]))
+        run_id, cost = req.start(loaded, store, shell_command(["llamalens"] + sys.argv[1:]),
+                                 lambda note: say(f"note: {note}", err=True))
         from llamalens.run.fork import batch_rate
 
         n_batch = 1 if exact else min(parallel, cost.sequences)

@@ -358,3 +358,6 @@ def _print_sample(sample) -> None:
     tm = sample.timing
     say(f"finish: {sample.finish_reason}; {tm.generated_tokens} tokens; prompt {tm.prompt_tokens} tokens; "
                f"first token {tm.first_token_ms:.0f} ms; {tm.tokens_per_s:.1f} tokens/s")
+    if sample.finish_reason == "grammar":
+        say("the grammar allowed no further token that the sampler chain could pick (it was complete and "
+            "end-of-generation was banned, or the model's vocabulary cannot spell what it asks for)")

@@ -30,6 +30,8 @@ from pathlib import Path
 from llamalens.errors import InvalidInput
 
 ROLES = ("system", "user", "assistant", "tool")
+MAX_RENDERED = 16_000_000  # characters one rendered conversation may have (millions of tokens: past any context)
+TEMPLATE_SECONDS = 5.0  # the most rendering one conversation may take
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def check_messages(messages, where: str) -> tuple[dict, ...]:
 
 def read_messages(path: str, option: str = "--messages") -> list[tuple[dict, ...]]:
     """The conversations of a .jsonl file: one JSON object with a "messages" list per line."""
-    from llamalens.inputs import read_utf8
+    from llamalens.inputs import json_line, read_utf8
 
     p = Path(path)
     text = read_utf8(p, option)
@@ -75,11 +77,10 @@ def read_messages(path: str, option: str = "--messages") -> list[tuple[dict, ...
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidInput(f"{option}: {p} line {n} is not JSON ({e.msg}); each line holds one conversation, "
-                               'e.g. {"messages": [{"role": "user", "content": "Hello"}]}') from None
+        obj = json_line(line, f"{option}: {p} line {n}")
+        if obj is None:
+            raise InvalidInput(f"{option}: {p} line {n} is not JSON; each line holds one conversation, "
+                               'e.g. {"messages": [{"role": "user", "content": "Hello"}]}')
         if not isinstance(obj, dict) or "messages" not in obj:
             raise InvalidInput(f"{option}: {p} line {n} has no \"messages\" field; each line holds one conversation, "
                                'e.g. {"messages": [{"role": "user", "content": "Hello"}]}')
@@ -147,34 +148,85 @@ def resolve_template(model, chat_template: str | None) -> tuple[str, str | None]
     return f"file:{p}", read_utf8(p, "--chat-template")
 
 
-def render_jinja(source: str, messages, bos_token: str, eos_token: str, add_generation_prompt: bool = True,
-                 where: str = "the chat template") -> str:
-    """A Jinja chat template rendered as llama.cpp's engine renders it (see the module docstring)."""
-    import jinja2
+class _Refused(Exception):
+    """raise_exception() called by the template itself."""
+
+
+class _TooLarge(Exception):
+    """The template would build a string (or number) past MAX_RENDERED."""
+
+
+def _bounded_environment():
+    """jinja2's immutable sandbox (no attribute or file access, ranges capped) that also refuses to build a
+    string, list or number past MAX_RENDERED by one operator ('A' * 10**9, '%0999999999d', 10 ** 10 ** 9):
+    those allocate in one C call, which no time limit can stop."""
+    import re
+
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    class Refused(Exception):
-        pass
+    width = re.compile(r"%[-#0 +]*(\d+)?(?:\.(\d+))?")
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**", "%"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, k in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(k, int) and len(seq) * k > MAX_RENDERED:
+                        raise _TooLarge(f"{len(seq)} × {k}")
+            elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+                if right * max(abs(left).bit_length(), 1) > 8 * MAX_RENDERED:
+                    raise _TooLarge(f"{left} ** {right}")
+            elif operator == "%" and isinstance(left, str):
+                if any(int(g) > MAX_RENDERED for m in width.finditer(left) for g in m.groups() if g):
+                    raise _TooLarge(f"a format width in {left[:40]!r}")
+            return super().call_binop(context, operator, left, right)
+
+    return Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+
+
+def render_jinja(source: str, messages, bos_token: str, eos_token: str, add_generation_prompt: bool = True,
+                 where: str = "the chat template") -> str:
+    """A Jinja chat template rendered as llama.cpp's engine renders it (see the module docstring), in a sandbox
+    bounded in time (TEMPLATE_SECONDS) and size (MAX_RENDERED characters): a template is untrusted code (a
+    GGUF's own included), and whatever it raises is its failure, named as such."""
+    import jinja2
+
+    from llamalens.limits import TimeLimitExceeded, time_limit
 
     def raise_exception(message):
-        raise Refused(str(message))
+        raise _Refused(str(message))
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = _bounded_environment()
     env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+    fix = "give another with --chat-template"
     try:
-        tmpl = env.from_string(source)
-        return tmpl.render(messages=[dict(m) for m in messages], bos_token=bos_token, eos_token=eos_token,
-                           add_generation_prompt=add_generation_prompt, raise_exception=raise_exception,
-                           strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    except Refused as e:
+        with time_limit(TEMPLATE_SECONDS, f"rendering {where}", f"it may loop without end; {fix}"):
+            tmpl = env.from_string(source)
+            parts, size = [], 0
+            for part in tmpl.generate(messages=[dict(m) for m in messages], bos_token=bos_token,
+                                      eos_token=eos_token, add_generation_prompt=add_generation_prompt,
+                                      raise_exception=raise_exception,
+                                      strftime_now=lambda fmt: datetime.now().strftime(fmt)):
+                size += len(part)
+                if size > MAX_RENDERED:
+                    raise _TooLarge(f"more than {MAX_RENDERED:,} characters")
+                parts.append(part)
+            return "".join(parts)
+    except _Refused as e:
         raise InvalidInput(f"{where} refused this conversation: {e}") from None
+    except _TooLarge as e:
+        raise InvalidInput(f"{where} builds text past the {MAX_RENDERED:,}-character limit ({e}); {fix}") from None
     except jinja2.TemplateSyntaxError as e:
-        raise InvalidInput(f"{where} is not valid Jinja (line {e.lineno}: {e.message}); fix it or give another "
-                           "with --chat-template") from None
-    except jinja2.TemplateError as e:
-        raise InvalidInput(f"{where} failed to render ({type(e).__name__}: {e}); give another with "
-                           "--chat-template") from None
+        raise InvalidInput(f"{where} is not valid Jinja (line {e.lineno}: {e.message}); fix it or "
+                           f"{fix}") from None
+    except TimeLimitExceeded:
+        raise
+    except RecursionError:
+        raise InvalidInput(f"{where} recurses without end (a macro that calls itself?); {fix}") from None
+    except Exception as e:  # noqa: BLE001 - the template is code: {{ 1/0 }}, {% include %}, "%d" % "x", ...
+        raise InvalidInput(f"{where} failed to render ({type(e).__name__}: {e}); {fix}") from None
 
 
 def render(model, messages, chat_template: str | None = None, resolved: tuple[str, str | None] | None = None

@@ -127,6 +127,9 @@ class _Live:
             self.grammar.close()
 
 
+NO_TOKEN = -1  # a Pick's token when the grammar left nothing to pick
+
+
 @dataclass(frozen=True)
 class Pick:
     """One sequence's choice at one step (Engine._pick), what Engine._record turns into its TokenRecord."""
@@ -605,6 +608,8 @@ class Engine:
         if grammar_buffers is None:
             grammar_buffers = self._grammar_buffers = Candidates(self.model.n_vocab)
         survivors, sel, removed = constrained_apply(live.sampler, live.grammar, row, buffers, grammar_buffers)
+        if sel is None:  # a dead end: no token to record or accept (_record ends the sample)
+            return Pick(NO_TOKEN, 0.0, 0, blocked, removed, False, None)
         return Pick(*live.sampler.outcome(survivors, sel), blocked, removed, False, None)
 
     def _picks(self, live: list[_Live], rows: list[np.ndarray], stats: list[RowStats]) -> list[Pick]:
@@ -628,6 +633,9 @@ class Engine:
     def _record(self, live: _Live, raw: np.ndarray, row_stats: RowStats, pick: Pick) -> None:
         """The TokenRecord of a pick (in order, on the engine's thread): accept, statistics, stop checks."""
         model, req, token = self.model, live.req, pick.token
+        if token == NO_TOKEN:  # the grammar allows no token the chain can pick: the sample ends here
+            live.finish = "grammar"
+            return
         self.stats["prefiltered"] += pick.prefiltered
         if live.grammar is not None:
             live.removed.append(pick.removed)

@@ -41,6 +41,7 @@ from llamalens.errors import InvalidInput
 from llamalens.core.stats import log_softmax
 
 MASS_EPS = 1e-6
+MAX_SCHEMA_NESTING = 100  # JSON levels in a schema; the converter recurses per level (about 1,000 overflow it)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class GrammarSpec:
 
 def read_grammar(grammar_file: str | None, json_schema_file: str | None) -> GrammarSpec | None:
     """--grammar FILE.gbnf or --json-schema FILE.json as GBNF text (None when neither is given)."""
-    from llamalens.inputs import read_utf8
+    from llamalens.core.sampler import check_gbnf_nesting
+    from llamalens.inputs import check_json_nesting, read_utf8
 
     if grammar_file and json_schema_file:
         raise InvalidInput("give --grammar or --json-schema, not both (a schema is turned into a grammar)")
@@ -64,9 +66,11 @@ def read_grammar(grammar_file: str | None, json_schema_file: str | None) -> Gram
         text = read_utf8(Path(grammar_file), "--grammar")
         if not text.strip():
             raise InvalidInput(f"--grammar: {grammar_file} is empty; write GBNF rules, starting with root ::= ...")
+        check_gbnf_nesting(text, f"--grammar {grammar_file}")
         return GrammarSpec(text, f"grammar:{grammar_file}")
     if json_schema_file:
         text = read_utf8(Path(json_schema_file), "--json-schema")
+        check_json_nesting(text, f"--json-schema {json_schema_file}", MAX_SCHEMA_NESTING)  # the converter recurses
         try:
             schema = json.loads(text)
         except json.JSONDecodeError as e:
@@ -101,7 +105,8 @@ def removed_mass(logprobs: np.ndarray, forbidden: np.ndarray) -> float:
 
 def constrained_apply(sampler, grammar, row: np.ndarray, buffers, grammar_buffers) -> tuple[np.ndarray, int, float]:
     """The chain's pick under the grammar, as common_sampler_sample makes it (see the module docstring):
-    (survivors, selected index, raw probability mass the grammar forbade at this step)."""
+    (survivors, selected index, raw probability mass the grammar forbade at this step). The index is None when
+    the grammar allows no token the chain can pick (a dead end: the sample ends with finish_reason "grammar")."""
     survivors, sel = sampler.apply(row, buffers)
     token = int(survivors["id"][sel])
     lp = log_softmax(row)
@@ -119,8 +124,12 @@ def constrained_apply(sampler, grammar, row: np.ndarray, buffers, grammar_buffer
     # resample: the grammar on the whole row first, then the chain again
     full = grammar.allowed(grammar_buffers.ids, grammar_buffers)
     masked = np.where(full, row, -np.inf).astype(np.float32)
+    removed = removed_mass(lp, np.flatnonzero(~full))
+    if not np.isfinite(masked).any():  # nothing the grammar allows is left (e.g. only EOS, and --ignore-eos)
+        return survivors, None, removed
     survivors, sel = sampler.apply(masked, buffers)
-    return survivors, sel, removed_mass(lp, np.flatnonzero(~full))
+    # llama.cpp aborts the process when its grammar is made to accept a token it forbids: never hand it one
+    return survivors, (sel if full[int(survivors["id"][sel])] else None), removed
 
 
 # -- what show, the report and next say ------------------------------------------------------------------

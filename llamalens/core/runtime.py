@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llamalens.errors import InvalidInput, InvalidModelFile, LlamalensError, PromptTooLong
+from llamalens.errors import InvalidArgument, InvalidInput, InvalidModelFile, LlamalensError, PromptTooLong
 from llamalens.modelfiles.gguf_header import read_header
 from llamalens.modelfiles.find import ModelInfo, model_info
 from llamalens.records import token_text
@@ -151,6 +151,19 @@ class NativeHandle:
             pass
 
 
+def _utf8(text) -> bytes:
+    """A text's UTF-8 bytes for llama.cpp, checked first: a text (or bytes), with no lone surrogate."""
+    if isinstance(text, (bytes, bytearray)):
+        return bytes(text)
+    if not isinstance(text, str):
+        raise InvalidArgument(f"a prompt or text must be a str, not {type(text).__name__} ({text!r:.40})")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInput(f"the text holds a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start} "
+                           "(half of a UTF-16 pair, not a character); write the character itself") from None
+
+
 class Model(NativeHandle):
     """A loaded GGUF model: weights, vocabulary and a cache of token bytes."""
 
@@ -208,7 +221,7 @@ class Model(NativeHandle):
 
     # -- tokens ------------------------------------------------------------------------------
     def tokenize(self, text: str | bytes, add_bos: bool = False, special: bool = True) -> list[int]:
-        raw = text.encode("utf-8") if isinstance(text, str) else text
+        raw = _utf8(text)
         lib = self._lib
         n_max = len(raw) + 8
         buf = (lib.llama_token * n_max)()

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import re
 from typing import Callable
 
 import numpy as np
@@ -610,12 +611,33 @@ class _stderr_caught:
         return self._tmp.read().decode("utf-8", errors="replace")
 
 
+MAX_GBNF_NESTING = 500  # parentheses; llama.cpp's recursive parser overflows the stack (a segfault) near 20,000
+_GBNF_PARENS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\r\n]*|[()]')
+
+
+def check_gbnf_nesting(gbnf: str, where: str = "the grammar") -> None:
+    """Refuse GBNF whose parentheses nest deeper than MAX_GBNF_NESTING (outside its strings, character classes
+    and comments), before llama.cpp's parser recurses into them."""
+    depth = deepest = 0
+    for m in _GBNF_PARENS.finditer(gbnf):
+        tok = m.group()
+        if tok == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif tok == ")":
+            depth -= 1
+    if deepest > MAX_GBNF_NESTING:
+        raise InvalidInput(f"{where} nests parentheses {deepest} deep, more than llamalens accepts "
+                           f"({MAX_GBNF_NESTING}); name the inner groups as rules of their own")
+
+
 class GrammarSampler(NativeHandle):
     """llama.cpp's grammar sampler for one sequence (llama_sampler_init_grammar, start rule "root"): kept apart
     from the chain, as common/sampling.cpp keeps it (grammar.py says how the engine uses it). Stateful: each
     accepted token advances it."""
 
     def __init__(self, model, gbnf: str, where: str = "the grammar"):
+        check_gbnf_nesting(gbnf, where)
         lib = self._lib = llama_cpp_module()
         LOG_TAIL.clear()  # so that the error below is this grammar's
         # llama.cpp's grammar parser prints why it failed on stderr (not through the log): catch it

@@ -37,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from llamalens.errors import InvalidInput, InvalidSettings, PromptTooLong
+from llamalens.errors import InvalidArgument, InvalidInput, InvalidSettings, PromptTooLong
 from llamalens.core.runtime import Model
 
 POOLINGS = ("mean", "mean-all", "last", "first", "model")
@@ -165,6 +165,8 @@ def pool(rows: np.ndarray, own: slice, pooling: str) -> np.ndarray:
 
 def check_request(texts: list[str], query: str | None = None) -> None:
     """What a comparison needs (two texts, or a query and one text or more), checked before loading a model."""
+    if texts:
+        check_texts(texts)  # a list of texts, before the query is put in front of it
     if query is None and len(texts) < 2:
         raise InvalidInput(f"give at least two texts to compare (got {len(texts)}), or --query and one text or more")
     if query is not None and not texts:
@@ -190,6 +192,7 @@ class Ranking:
 def rank_by_query(model: Model, query: str, texts: list[str], pooling: str = "model", parallel: int = 1,
                   on_progress: Callable[[int, int], None] | None = None) -> tuple["EmbeddingSet", Ranking]:
     """Embed the query with the texts (one set, the same pooling) and rank the texts by similarity to it."""
+    check_texts(texts)
     both = embed_texts(model, [query] + list(texts), pooling, parallel, on_progress)
     qvec = both.vectors[0]
     es = replace(both, texts=both.texts[1:], n_tokens=both.n_tokens[1:], vectors=both.vectors[1:])
@@ -197,7 +200,13 @@ def rank_by_query(model: Model, query: str, texts: list[str], pooling: str = "mo
 
 
 def check_texts(texts: list[str]) -> None:
-    """Refuse an empty list or an empty text (before any model is loaded)."""
+    """Refuse an empty list, an empty text, or what is not a list of texts (before any model is loaded)."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, (list, tuple)):
+        raise InvalidArgument(f"texts={texts!r:.40}: give a list of texts, e.g. [\"king\", \"queen\"] (one text "
+                              "would be split into its characters)")
+    if not all(isinstance(t, str) for t in texts):
+        bad = next(t for t in texts if not isinstance(t, str))
+        raise InvalidArgument(f"texts holds {type(bad).__name__} {bad!r:.40}; every text must be a str")
     if not texts:
         raise InvalidInput("no texts to embed; give at least one")
     for i, t in enumerate(texts, 1):

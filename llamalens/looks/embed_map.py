@@ -37,6 +37,7 @@ METHODS = ("pca", "tsne")
 DEFAULT_PERPLEXITY = 5.0  # the tutorial's; scikit-learn's own default (30) needs more than 30 texts
 DEFAULT_SEED = 0
 MAX_SEED = 2**32 - 1  # numpy's RandomState, which TSNE seeds
+SAME_BELOW = 1e-9  # unit vectors no further than this from their mean are one point to t-SNE
 ONE_THREAD_BELOW = 1000  # texts; t-SNE of 500 takes 2 CPU-seconds on one thread
 
 
@@ -49,8 +50,9 @@ def _tsne_class():
     return TSNE
 
 
-def check_map(method: str, n_texts: int, perplexity: float = DEFAULT_PERPLEXITY, seed: int = DEFAULT_SEED) -> None:
-    """Refuse a map that cannot be made (before any model is loaded)."""
+def check_map(method: str, n_texts: int, perplexity: float = DEFAULT_PERPLEXITY, seed: int = DEFAULT_SEED,
+              distinct: int | None = None) -> None:
+    """Refuse a map that cannot be made (before any model is loaded); `distinct`: how many of the texts differ."""
     if method not in METHODS:
         raise InvalidSettings(f"--map {method!r} is not one of {', '.join(METHODS)}")
     if n_texts < 2:
@@ -65,7 +67,16 @@ def check_map(method: str, n_texts: int, perplexity: float = DEFAULT_PERPLEXITY,
                               f"below {n_texts}), or more texts")
     if not 0 <= seed <= MAX_SEED:
         raise InvalidSettings(f"--seed {seed} must be between 0 and {MAX_SEED}")
+    if distinct is not None and distinct < 2:
+        raise _all_alike(n_texts, "the same text")
     _tsne_class()
+
+
+def _all_alike(n: int, what: str) -> InvalidInput:
+    # scikit-learn's PCA initialisation divides by the spread of the first axis: zero spread gives NaN
+    # coordinates, and its Barnes-Hut tree then crashes the process
+    return InvalidInput(f"the {n} texts are all {what}: t-SNE cannot place identical points (scikit-learn would "
+                        "crash); give at least two different texts, or use --map pca")
 
 
 def pca(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -92,6 +103,9 @@ def tsne(vectors: np.ndarray, perplexity: float = DEFAULT_PERPLEXITY, seed: int 
     import numpy as np
 
     check_map("tsne", len(vectors), perplexity, seed)
+    x = np.asarray(vectors, dtype=np.float64)
+    if float(np.abs(x - x.mean(axis=0)).max()) < SAME_BELOW:
+        raise _all_alike(len(x), "one vector")
     from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
     model = _tsne_class()(n_components=2, perplexity=float(perplexity), random_state=seed, init="pca",
@@ -100,7 +114,7 @@ def tsne(vectors: np.ndarray, perplexity: float = DEFAULT_PERPLEXITY, seed: int 
     # cost more than they save, and on a busy CPU each one waits for descheduled threads (25 texts, 2 loaded
     # cores: 126 s with 2 threads, 0.26 s with one). The map is the same for any thread count.
     with threadpool_limits(limits=1 if len(vectors) < ONE_THREAD_BELOW else None, user_api="openmp"):
-        return model.fit_transform(np.asarray(vectors, dtype=np.float64)).astype(np.float64)
+        return model.fit_transform(x).astype(np.float64)
 
 
 def embedding_map(es, method: str = "pca", categories: list[str] | None = None,
@@ -114,7 +128,7 @@ def embedding_map(es, method: str = "pca", categories: list[str] | None = None,
     import pandas as pd
 
     n = len(es.texts)
-    check_map(method, n, perplexity, seed)
+    check_map(method, n, perplexity, seed, distinct=len(set(es.texts)))
     check_categories(categories, n)
     unit = es.unit()
     if not np.all(np.isfinite(unit)):

@@ -8,7 +8,8 @@ Markdown + PNGs.
 Builders (reports/run.py: a sweep run; reports/texts.py: a scored text, a model comparison, embeddings)
 only collect data; the two renderers here are the only code that writes markup.
 
-Safety: every text from a model or a user reaches HTML through `html.escape`, or through a JSON
+Safety: every text from a model or a user reaches HTML through `visible.terminal_safe` (ESC, BEL, C1
+controls and bidi overrides shown as `\\x1b`, `\\u202e`, ...) and `html.escape`, or through a JSON
 block whose `<`, `>` and `&` are \\u-escaped and which the page's script reads with JSON.parse and
 puts on screen with textContent only (never innerHTML). Token texts pass through
 `visible.visible` first, so spaces at token edges, newlines, tabs, control characters and partial
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamalens.errors import InvalidInput, LlamalensError
+from llamalens.visible import terminal_safe
 
 MAX_STRIP_TOKENS = 40_000
 MAX_PLOT_PROMPTS = 6
@@ -244,13 +246,19 @@ document.querySelectorAll('table.sortable').forEach(tbl=>{
 """
 
 
+# what json.dumps leaves raw that a terminal acts on (it \u-escapes C0 itself): DEL, C1, the bidi overrides
+_TERMINAL_ACTIVE = re.compile("[\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
 def _e(s) -> str:
-    return html.escape(str(s), quote=True)
+    """Text for HTML: terminal-active characters made visible (terminal_safe), then HTML-escaped."""
+    return html.escape(terminal_safe(str(s)), quote=True)
 
 
 def _json_for_script(obj) -> str:
     """JSON safe inside <script>: no '<', '>' or '&' can close the element or start markup."""
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    text = _TERMINAL_ACTIVE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)  # DEL, C1, bidi: escaped, same value
     return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
@@ -326,7 +334,7 @@ def to_html(doc: Document) -> str:
 # -- Markdown --------------------------------------------------------------------------------------
 def _md(s) -> str:
     """Text safe in a Markdown table cell or paragraph: no HTML, no pipes, no line breaks."""
-    s = html.escape(str(s), quote=False).replace("|", "\\|").replace("\n", " ")
+    s = html.escape(terminal_safe(str(s)), quote=False).replace("|", "\\|").replace("\n", " ")
     return re.sub(r"([\\`*_\[\]#])", r"\\\1", s) if s.strip() else s
 
 
@@ -335,7 +343,11 @@ def _fence(text: str) -> str:
     return "`" * n
 
 
-def to_markdown(doc: Document, image_dir: Path, image_prefix: str) -> str:
+def to_markdown(doc: Document, image_dir: Path, image_prefix: str, replaceable: frozenset[str] = frozenset(),
+                written: list[str] | None = None) -> str:
+    """The Markdown text; each figure written as a PNG into image_dir (its name added to `written`), never over
+    a file there that is not in `replaceable` (the images an earlier report wrote there): such a name is taken
+    with a "_" added."""
     from llamalens.reports import plots
 
     out = [f"# {_md(doc.title)}", ""]
@@ -355,10 +367,12 @@ def to_markdown(doc: Document, image_dir: Path, image_prefix: str) -> str:
             out += [""] + ([f"*{_md(b.caption)}*", ""] if b.caption else [])
         elif isinstance(b, Figure):
             name = re.sub(r"[^A-Za-z0-9_.-]", "_", b.name)
-            while name in used:
+            while name in used or (f"{name}.png" not in replaceable and os.path.lexists(image_dir / f"{name}.png")):
                 name += "_"
             used.add(name)
             (image_dir / f"{name}.png").write_bytes(plots.png(b.fig))
+            if written is not None:
+                written.append(f"{name}.png")
             out += [f"![{_md(b.caption or name)}]({image_prefix}/{name}.png)", ""]
             if b.caption:
                 out += [f"*{_md(b.caption)}*", ""]
@@ -376,7 +390,8 @@ def to_markdown(doc: Document, image_dir: Path, image_prefix: str) -> str:
                         f"`{t.text.replace('`', 'ˋ')}` " + ", ".join(f"{f} {v}" for f, v in zip(doc.fields[:3], t.values[:3]))
                         for t in top if t.notable > 0))
                 out.append("")
-    return "\n".join(out) + "\n"
+    # code blocks hold texts as they are: the whole page, too, shows no character a terminal acts on
+    return terminal_safe("\n".join(out) + "\n")
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -409,22 +424,48 @@ def check_writable(path: str | os.PathLike) -> Path:
     return p
 
 
+IMAGES_WRITTEN = ".llamalens-images"  # in FILE_files/: the names of the images llamalens wrote there, one a line
+
+
+def _images_written(image_dir: Path) -> frozenset[str]:
+    """The images an earlier Markdown report wrote into image_dir (its IMAGES_WRITTEN list): the only files
+    there a new report may replace or remove. Anything else in the folder (a browser's "save page, complete"
+    files, the user's own) is left alone."""
+    try:
+        names = (image_dir / IMAGES_WRITTEN).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return frozenset()
+    return frozenset(n for n in names if re.fullmatch(r"[A-Za-z0-9_.-]+\.png", n) and not n.startswith("."))
+
+
+def _write_markdown(doc: Document, out: Path, tmp: Path) -> list[Path]:
+    image_dir = out.with_name(out.stem + "_files")
+    image_dir.mkdir(exist_ok=True)
+    ours = _images_written(image_dir)
+    for name in ours:
+        (image_dir / name).unlink(missing_ok=True)
+    names: list[str] = []
+    try:
+        tmp.write_text(to_markdown(doc, image_dir, image_dir.name, ours, names), encoding="utf-8")
+    finally:  # whatever was written is listed, so that the next report may replace it
+        (image_dir / IMAGES_WRITTEN).write_text("".join(n + "\n" for n in names), encoding="utf-8")
+    return [image_dir / n for n in names]
+
+
 def write(doc: Document, path: str | os.PathLike, fmt: str | None = None) -> list[Path]:
-    """Write the document; return the files written. Written to a temporary name, then renamed."""
+    """Write the document; return the files written. Written to a temporary name, then renamed; a Markdown
+    report's images replace only those an earlier report wrote (_images_written)."""
     out = check_writable(path)
     kind = report_format(out, fmt)
     tmp = out.with_name(out.name + ".part")
+    while os.path.lexists(tmp):  # someone else's file: not ours to overwrite or remove
+        tmp = tmp.with_name(tmp.name + "_")
     written = [out]
     try:
         if kind == "html":
             tmp.write_text(to_html(doc), encoding="utf-8")
         else:
-            image_dir = out.with_name(out.stem + "_files")
-            image_dir.mkdir(exist_ok=True)
-            for old in image_dir.glob("*.png"):
-                old.unlink()
-            tmp.write_text(to_markdown(doc, image_dir, image_dir.name), encoding="utf-8")
-            written += sorted(image_dir.glob("*.png"))
+            written += _write_markdown(doc, out, tmp)
         tmp.replace(out)
     except OSError as e:
         tmp.unlink(missing_ok=True)

@@ -31,7 +31,14 @@ def prefill_line(stats: dict, cost: dict) -> str:
     if not naive or not done:
         return "–"
     return (f"{done:,} prompt/prefix tokens decoded for {cost.get('sequences', 0):,} continuations; "
-            f"prefilling each continuation's prefix on its own would decode {naive:,} ({naive / done:.0f}× as many)")
+            f"prefilling each continuation's prefix on its own would decode {naive:,} ({_times(naive / done)})")
+
+
+def _times(ratio: float) -> str:
+    """A ratio in words that never reads "0× as many" (a short path can save nothing)."""
+    if ratio >= 1.05:
+        return f"{ratio:.{0 if ratio >= 10 else 1}f}× as many"
+    return "about as many" if ratio > 0.95 else f"{1 / ratio:.1f}× fewer"
 
 
 def fork_document(fr) -> Document:

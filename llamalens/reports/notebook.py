@@ -15,13 +15,15 @@ from __future__ import annotations
 import html
 
 from llamalens.reports.document import Document, Figure, Heading, KeyValues, Para, Strips, Table, to_html
+from llamalens.visible import terminal_safe
 
 
 def frame(doc: Document) -> str:
     """The document's HTML page in a self-sizing iframe (it grows to its content once loaded)."""
     page = to_html(doc)
     height = _guess_height(doc)
-    return (f'<iframe srcdoc="{html.escape(page, quote=True)}" title="{html.escape(doc.title, quote=True)}" '
+    title = html.escape(terminal_safe(doc.title), quote=True)
+    return (f'<iframe srcdoc="{html.escape(page, quote=True)}" title="{title}" '
             f'style="width:100%;height:{height}px;border:1px solid #ddd;border-radius:4px" '
             # shrink, then read the content's height (a document is never shorter than its frame)
             "onload=\"try{this.style.height='8px';"

@@ -54,6 +54,7 @@ import numpy as np
 
 from llamalens.core.engine import Engine, Request
 from llamalens.errors import InvalidSettings, StoreError
+from llamalens.limits import time_limit
 from llamalens.run.fork_analysis import NONE, Branch, ForkAnalysis, analyse
 from llamalens.records import RunOptions, Sample, StoredSample, Timing, TokenRecord
 from llamalens.core.runtime import Model, library_versions, round_ctx
@@ -69,6 +70,9 @@ from llamalens.visible import visible
 
 KIND = "fork"
 NOISE_CONTINUATIONS = 3
+MAX_ALTERNATIVES = 100  # alternatives tried per position (each is stored with every token's top list)
+MAX_PLAN = 1_000_000  # continuations in one run, at most (--max-sequences)
+OUTCOME_SECONDS = 2.0  # the most one --outcome regex may take on one completion
 MAX_SEQUENCES = 256  # llama.cpp's llama_max_parallel_sequences()
 BASE_ROWS_BYTES = 64 << 20  # at most this much of the base path's prefill rows is kept (as much again in llama.cpp's
 # output buffer while the prefill runs): n_vocab x 4 bytes a row, 64 rows at Gemma 3's 262k vocabulary
@@ -101,10 +105,11 @@ class OutcomeSpec:
 
     def extract(self, text: str) -> str:
         if self.mode == "regex":
-            m = re.search(self.regex, text)
-            if not m:
-                return NONE
-            return m.group(1) if m.re.groups else m.group(0)
+            with time_limit(OUTCOME_SECONDS, f"--outcome {visible(self.regex)!r} on one completion",
+                            "simplify the regular expression (nested repeats such as (a+)+ can backtrack for ever)"):
+                m = re.search(self.regex, text)
+            got = (m.group(1) if m.re.groups else m.group(0)) if m else None
+            return NONE if got is None else got  # a group that took no part in the match: no outcome
         if self.mode == "options":
             best = None
             for opt in self.options:
@@ -155,8 +160,13 @@ class ForkSpec:
         out = self.settings.problems() + self.outcome.problems()
         if not isinstance(self.samples, int) or self.samples < 1:
             out.append(f"--samples {self.samples!r} is out of range (must be >= 1)")
-        if not isinstance(self.alternatives, int) or self.alternatives < 1:
-            out.append(f"--alternatives {self.alternatives!r} is out of range (must be >= 1)")
+        if not isinstance(self.alternatives, int) or not 1 <= self.alternatives <= MAX_ALTERNATIVES:
+            out.append(f"--alternatives {self.alternatives!r} is out of range (1..{MAX_ALTERNATIVES})")
+        if not isinstance(self.max_sequences, int) or not 1 <= self.max_sequences <= MAX_PLAN:
+            out.append(f"--max-sequences {self.max_sequences!r} is out of range (1..{MAX_PLAN:,})")
+        elif isinstance(self.samples, int) and self.samples > self.max_sequences:
+            out.append(f"--samples {self.samples:,} continues each branch that many times, more than --max-sequences "
+                       f"{self.max_sequences:,} allows in all; lower --samples or raise --max-sequences")
         if not 0.0 <= self.min_prob <= 1.0:
             out.append(f"--min-prob {self.min_prob!r} is out of range (0..1)")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -202,13 +212,21 @@ def plan_continuations(base: Sample, spec: ForkSpec) -> list[dict]:
     if lo >= n:
         raise InvalidSettings(f"--positions starts at {lo} but the base path has {n} tokens (0..{n - 1}); "
                               "lower it or raise --max-tokens")
-    out = []
+    by_position = []
     for t in range(lo, min(hi, n - 1) + 1):
         rec = base.tokens[t]
         branches = [(rec.id, rec.text, rec.bytes, rec.prob, True)]
         for a in rec.top[: spec.alternatives]:
             if a.id != rec.id and a.prob >= spec.min_prob:
                 branches.append((a.id, a.text, a.bytes, a.prob, False))
+        by_position.append((t, branches))
+    needed = sum(len(b) for _, b in by_position) * spec.samples
+    if needed > spec.max_sequences:  # counted before the plan is built: it may not fit in memory
+        raise InvalidSettings(
+            f"the analysis needs {needed:,} continuations, more than --max-sequences {spec.max_sequences:,}; "
+            "lower --samples or --alternatives, raise --min-prob, narrow --positions, or raise --max-sequences")
+    out = []
+    for t, branches in by_position:
         for tok, text, hex_bytes, p, chosen in branches:
             for j in range(spec.samples):
                 out.append({"role": "continuation", "position": t, "forced_token": tok, "forced_text": text,
@@ -269,15 +287,18 @@ def check_spec(spec: ForkSpec) -> None:
 
 
 def start_fork(model: Model, store: Store, spec: ForkSpec, command: str = "",
-               base: Sample | None = None) -> tuple[int, Cost]:
-    """Decode the base path, plan every continuation (all pending) and store the run; nothing else decoded."""
+               base: Sample | None = None, on_note: Callable[[str], None] | None = None) -> tuple[int, Cost]:
+    """Decode the base path, plan every continuation (all pending) and store the run; nothing else decoded.
+    `on_note` hears what is worth saying first (a context too short for max_tokens)."""
+    from llamalens.core.engine import context_notes
+
     check_spec(spec)
+    if base is None and on_note is not None:
+        req = Request(spec.prompt, spec.base_settings, spec.max_tokens, spec.n_logprobs, spec.stop)
+        for note in context_notes(Engine(model, 1).prepare([req]), model.options.ctx):
+            on_note(note)
     base = base or base_path(model, spec)
     plan = plan_continuations(base, spec)
-    if len(plan) > spec.max_sequences:
-        raise InvalidSettings(
-            f"the analysis needs {len(plan):,} continuations, more than --max-sequences {spec.max_sequences:,}; "
-            "lower --samples or --alternatives, raise --min-prob, narrow --positions, or raise --max-sequences")
     cost = estimate(len(base.prompt_token_ids), len(base.tokens), plan, spec.max_tokens)
     options = RunOptions(max_tokens=spec.max_tokens, n_logprobs=spec.n_logprobs, stop=tuple(spec.stop),
                          exact=spec.exact, parallel=1 if spec.exact else spec.parallel, prompts=(spec.prompt,),
@@ -289,8 +310,7 @@ def start_fork(model: Model, store: Store, spec: ForkSpec, command: str = "",
         versions=library_versions(), hardware=hardware(model), options=options,
         configs=[spec.settings, spec.base_settings],
         plan=[(0, 1, spec.base_settings.seed, spec.prompt)] + [(0, 0, x["seed"], spec.prompt) for x in plan],
-        kind=KIND, extras=[base_extra] + plan)
-    store.save_sample(run_id, 0, base, extra=base_extra)
+        kind=KIND, extras=[base_extra] + plan, first=(0, base, base_extra))  # the run exists with its base or not at all
     return run_id, cost
 
 
@@ -508,13 +528,14 @@ def load_fork(store: Store, run_id) -> ForkRun:
             b = g[x["forced_token"]] = Branch(x["position"], x["forced_token"],
                                               visible(x["forced_text"], x["forced_bytes"]), x["prob"], x["chosen"])
         if s.status == "done":
-            b.outcomes.append(x["outcome"])
+            b.outcomes.append(NONE if x["outcome"] is None else x["outcome"])  # None: stored by older versions
             if not b.example:
                 cont = "".join(visible(t.text, t.bytes) for t in tokens.get(s.sample_idx, []) if not t.eog)
                 b.example = b.text + cont
     positions = sorted(t for t, g in groups.items() if any(b.outcomes for b in g.values()))
     branches = [sorted(groups[t].values(), key=lambda b: (not b.chosen, -b.prob)) for t in positions]
-    analysis = analyse(branches, positions, base.extra.get("outcome", NONE))
+    base_outcome = base.extra.get("outcome")
+    analysis = analyse(branches, positions, NONE if base_outcome is None else base_outcome)
     return ForkRun(info, base, tokens.get(0, []), fork, OutcomeSpec.from_dict(fork["outcome"]), analysis,
                    base.extra.get("decode_stats") or {}, base.extra.get("cost") or {})
 

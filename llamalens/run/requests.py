@@ -97,9 +97,9 @@ class ForkRequest:
             self.rendered = render(model, self.conversation, self.chat_template)
             self.spec.prompt = self.rendered.text
 
-    def start(self, model: Model, store: Store, command: str):
+    def start(self, model: Model, store: Store, command: str, on_note: Callable[[str], None] | None = None):
         """Decode the base path and plan every continuation (after render()); (run id, Cost)."""
-        return start_fork(model, store, self.spec, command=command)
+        return start_fork(model, store, self.spec, command=command, on_note=on_note)
 
     @staticmethod
     def execute(model: Model, store: Store, run_id: int, on_progress=None, executor=None):
