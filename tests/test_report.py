@@ -47,6 +47,18 @@ def test_pure_helpers():
     assert "<" not in text and ">" not in text and "&" not in text and json.loads(text)["t"].startswith("</script>")
 
 
+def test_float_bucket_edges():
+    """Bucket and bin edges computed by powers of ten hold the values that sit on them."""
+    from llamalens.reports import plots
+
+    for v in ([1.0, 5.0, 2297.0], [3.0, 3.0], [0.07, 1e-8, 0.5, 1.0], list(range(1, 262_145, 997))):
+        edges = plots.log_bins(np.maximum(np.asarray(v, dtype=float), 1e-8))
+        assert np.histogram(v, edges)[0].sum() == len(v), v  # the largest (most surprising) value is kept
+    for i in range(1, 10):  # a KLD on an edge of the legend is in the bucket the legend starts there
+        edge = 10 ** ((i - 1) / 2 - 4)
+        assert document.kld_class(edge) == f"k{i}" and document.kld_class(edge * (1 - 1e-12)) == f"k{i - 1}"
+
+
 def test_sampler_view_matches_numpy(tiny):
     """Each chain's result equals an independent numpy implementation on the same raw logits."""
     prompt = "the cat sat"

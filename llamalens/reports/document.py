@@ -113,9 +113,12 @@ def gltr_class(rank: int) -> str:
 
 def kld_class(kld: float) -> str:
     """k0 (< 1e-4 nats) .. k9 (>= 1 nat), in steps of half a decade."""
-    if not kld > 1e-4:
+    if not kld >= 1e-4:
         return "k0"
-    return f"k{min(9, 1 + int((math.log10(kld) + 4) * 2))}"
+    # the edges are 10**((i - 1) / 2 - 4); log10 of an edge can come out a hair below its exact value, so
+    # the bucket is the last edge not above kld, compared in kld's own units
+    i = min(9, 1 + int((math.log10(kld) + 4) * 2 + 1e-9))
+    return f"k{i if kld >= 10 ** ((i - 1) / 2 - 4) else i - 1}"
 
 
 def fork_class(jump: float) -> str:
