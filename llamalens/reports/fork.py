@@ -6,7 +6,7 @@ Only data is collected here; document.py writes the markup (every text escaped t
 
 from __future__ import annotations
 
-from llamalens.visible import label, visible
+from llamalens.visible import label, prob_text, visible
 from llamalens.reports.document import Document, Figure, Heading, KeyValues, Para, Strips, Table, TokenView, fork_class, prob_class
 from llamalens.reports.run import describe_noise
 from llamalens.reports.texts import model_line
@@ -85,11 +85,11 @@ def fork_document(fr) -> Document:
                 examples.append((b.text, b.example[:EXAMPLE_CHARS] + ("…" if len(b.example) > EXAMPLE_CHARS else "")))
         views.append(TokenView(
             visible(t.text, t.bytes), t.id, f"{fork_class(shift)} {prob_class(t.prob)}",
-            [f"{t.prob:.4f}", f"{shift:.3f}" if j else "–", f"{j.noise95:.3f}" if j else "–",
+            [prob_text(t.prob), f"{shift:.3f}" if j else "–", f"{j.noise95:.3f}" if j else "–",
              distribution_text(a.distribution(i)) if i is not None else "not analysed",
              ("yes" if j.forking else "no") if j else "–"],
             [alts, examples], notable=shift, newline=bytes.fromhex(t.bytes).endswith(b"\n"),
-            mark="forking token" if j and j.forking else ""))
+            mark="forking token" if j and j.forking else "", plain=visible(t.text, t.bytes, edge_spaces=False)))
     doc.add(Strips("Base path", [("base", views)], context=visible(info.options.prompts[0], edge_spaces=False)
                    if info.options.prompts else ""))
     doc.add(Heading("Outcome distribution along the base path"))
