@@ -67,6 +67,17 @@ def prob_text(p: float, digits: int = 4) -> str:
     return f"{p:.{digits}f}"
 
 
+def size_text(n: float | None) -> str:
+    """A size in bytes as text, in binary units everywhere (one convention: 241.4 MiB, 1.27 GiB)."""
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB" if abs(n) < 1024 else f"{n / 1024:.2f} TiB"
+
+
 def label(text: str, width: int = 32) -> str:
     """A text made visible and cut to `width` characters (… marks the cut): for table and plot labels."""
     shown = visible(text)

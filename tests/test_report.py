@@ -181,6 +181,12 @@ def test_prob_text():
     assert all(visible.prob_text(10.0 ** -e) not in ("0.0000", "0") for e in range(4, 12))
 
 
+def test_size_text():
+    """One unit convention for sizes: binary, named as such."""
+    assert [visible.size_text(n) for n in (None, 512, 2048, 241.4 * 2**20, 1.5 * 2**30, 3 * 2**40)] == \
+        ["?", "512 B", "2.0 KiB", "241.4 MiB", "1.50 GiB", "3.00 TiB"]
+
+
 def test_html_escaping_and_self_contained(tiny_run, tmp_path):
     store, rid = tiny_run
     out = tmp_path / "r.html"
@@ -291,10 +297,42 @@ def test_cli_report_and_bad_input(tiny_run, tiny_path, tmp_path, monkeypatch):
         (["report", rid, "-o", tmp_path / "a.html", "--metric", "vibes"], "unknown metric 'vibes'"),
         (["report", rid, "-o", tmp_path / "a.html", "--model", tiny_path, "--position", 999], "--position 999"),
     ]
+    # without -o: the run's name (or run-ID), .html, in the current folder
+    monkeypatch.chdir(tmp_path)
+    res = cli("report", rid, "--no-model")
+    assert (tmp_path / f"run-{rid}.html").exists() and f"wrote run-{rid}.html" in res.output
+    from llamalens.commands.runs import default_report_path
+
+    info = store.run(rid)
+    assert default_report_path(info) == f"run-{rid}.html"
+    info.name = "tales/../x y"
+    assert default_report_path(info) == "tales_.._x_y.html" and default_report_path(info, "md").endswith(".md")
     for args, msg in cases:
         res = cli(*args, ok=False)
         assert res.exit_code != 0 and re.search(msg, res.output), (args, res.output)
     assert not (tmp_path / "a.html").exists() and not (tmp_path / "a.html.part").exists()
+
+
+def test_show_texts(tiny_run, monkeypatch):
+    """`show` ends with the distinct texts, shortened; --texts prints each in full; --json --texts lists them."""
+    from llamalens.commands.runs import SHORT_CHARS
+    from llamalens.run.findings import distinct_texts
+
+    store, rid = tiny_run
+    monkeypatch.setenv("LLAMALENS_STORE", str(store.path))
+    texts = distinct_texts(load_run(store, rid))
+    short = cli("show", rid).output
+    full = cli("show", rid, "--texts").output
+    assert "texts of prompt 0" in short and "texts of prompt 1" in short
+    assert all(len(line) < SHORT_CHARS + 80 for line in short.splitlines() if line.lstrip().startswith("×"))
+    for t in texts:
+        shown = visible.visible(t.text, edge_spaces=False)
+        assert shown in full and f"×{len(t.samples)} " in full
+    greedy = next(t for t in texts if t.samples[0][1] == 0)
+    assert "(+3 equivalent), every seed" in full and len(greedy.samples) >= 8
+    data = json.loads(cli("show", rid, "--texts", "--json").stdout)
+    assert sum(len(t["samples"]) for t in data["texts"]) == store.run(rid).n_done
+    assert "texts" not in json.loads(cli("show", rid, "--json").stdout)
 
 
 def test_report_of_empty_and_unfinished_runs(tiny, tmp_path, monkeypatch):

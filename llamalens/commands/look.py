@@ -264,12 +264,12 @@ def _print_next_grammar(model, prompt, top, spec, as_json, rendered) -> None:
 
 
 def _print_sampler_view(view, n_vocab: int) -> None:
-    from llamalens.visible import visible
+    from llamalens.visible import prob_text, visible
 
     rows = [("rank", "token", "raw") + tuple(ch.label for ch in view.chains)]
     for i, a in enumerate(view.top):
-        rows.append((i + 1, visible(a.text, a.bytes), f"{math.exp(a.logprob):.4f}")
-                    + tuple(f"{ch.final.probs[i]:.4f}" if ch.final.probs[i] > 0 else "-" for ch in view.chains))
+        rows.append((i + 1, visible(a.text, a.bytes), prob_text(math.exp(a.logprob)))
+                    + tuple(prob_text(ch.final.probs[i]) if ch.final.probs[i] > 0 else "-" for ch in view.chains))
     rows.append(("", "tokens left", f"{n_vocab:,}") + tuple(f"{ch.final.survivors:,}" for ch in view.chains))
     print_table(rows, right=set(range(0, 3 + len(view.chains))) - {1})
     say(f"raw = softmax of the logits (entropy {view.entropy:.4f} nats); each column = the same tokens after "
@@ -337,15 +337,15 @@ def generate(prompt, chain, max_tokens, logprobs, stop, as_text, as_json, model,
 
 
 def _print_sample(sample) -> None:
-    from llamalens.visible import visible
+    from llamalens.visible import prob_text, visible
 
     removed = sample.grammar_removed
     rows = [("#", "token", "prob", "logprob", "rank", "entropy", "cand", "sampled p", "top alternatives")
             + (("removed",) if removed is not None else ())]
     for t in sample.tokens:
-        rows.append((t.position, visible(t.text, t.bytes) + (" [end]" if t.eog else ""), f"{t.prob:.4f}",
+        rows.append((t.position, visible(t.text, t.bytes) + (" [end]" if t.eog else ""), prob_text(t.prob),
                      f"{t.logprob:.4f}", t.rank, f"{t.entropy:.3f}", t.candidates,
-                     f"{math.exp(t.sampled_logprob):.4f}", alternatives(t.top))
+                     prob_text(math.exp(t.sampled_logprob)), alternatives(t.top))
                     + ((f"{removed[t.position]:.1%}",) if removed is not None else ()))
     print_table(rows, right={0, 2, 3, 4, 5, 6, 7, 9})
     if removed is not None:

@@ -81,7 +81,7 @@ def fork_document(fr) -> Document:
         alts, examples = [], []
         if i is not None:
             for b in a.branches[i]:
-                alts.append((b.text + (" (chosen)" if b.chosen else ""), f"{b.prob:.3f}: {histogram_text(b.histogram())}"))
+                alts.append((b.text + (" (chosen)" if b.chosen else ""), f"{prob_text(b.prob, 3)}: {histogram_text(b.histogram())}"))
                 examples.append((b.text, b.example[:EXAMPLE_CHARS] + ("…" if len(b.example) > EXAMPLE_CHARS else "")))
         views.append(TokenView(
             visible(t.text, t.bytes), t.id, f"{fork_class(shift)} {prob_class(t.prob)}",

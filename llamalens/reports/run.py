@@ -27,7 +27,7 @@ from llamalens.run.findings import findings, moving_axes
 from llamalens.run.loaded import LoadedRun, load_run
 from llamalens.errors import InvalidInput
 from llamalens.records import StoredSample, TokenRecord
-from llamalens.visible import prob_text, visible
+from llamalens.visible import prob_text, size_text, visible
 from llamalens.reports.document import (MAX_PLOT_PROMPTS, MAX_SAMPLER_CHAINS, MAX_STRIP_TOKENS, Document, Figure, Folded,
                                         Heading, KeyValues, Para, Strips, Table, TokenView, fmt, gltr_class, prob_class)
 from llamalens.reports.findings import Names, findings_blocks, numbers, produced_by, texts_blocks
@@ -171,7 +171,7 @@ class RunReport:
                          for a in varying) or "one configuration"
         doc.add(KeyValues([
             ("model", model_line(m, with_path=False)),
-            ("model file", f"{visible(m.path, edge_spaces=False)} ({m.file_size / 2**20:,.1f} MiB, sha256 {info.model_hash[:16]})"),
+            ("model file", f"{visible(m.path, edge_spaces=False)} ({size_text(m.file_size)}, sha256 {info.model_hash[:16]})"),
             ("versions", ", ".join(f"{k} {v}" for k, v in info.versions.items())),
             ("hardware", f"{hw.threads} threads, {hw.gpu_layers} GPU layers, flash attention {hw.flash_attn}, "
                          f"{hw.machine} {hw.system}; {opts.parallel} sequences per batch"

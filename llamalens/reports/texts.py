@@ -133,8 +133,8 @@ def compare_document(cmp) -> Document:
     doc.add(Heading(f"The {min(20, len(cmp.positions))} positions where the models disagree most"))
     doc.add(Table(["position", "sample", "token", "KLD", "p A", "p B", "top A", "top B"], [
         [p.position, "" if p.sample is None else p.sample, visible(p.text, p.bytes), p.kld, p.p_a, p.p_b,
-         "  ".join(f"{visible(a.text, a.bytes)} {a.prob:.3f}" for a in p.top_a[:3]),
-         "  ".join(f"{visible(a.text, a.bytes)} {a.prob:.3f}" for a in p.top_b[:3])] for p in cmp.worst(20)]))
+         "  ".join(f"{visible(a.text, a.bytes)} {prob_text(a.prob, 3)}" for a in p.top_a[:3]),
+         "  ".join(f"{visible(a.text, a.bytes)} {prob_text(a.prob, 3)}" for a in p.top_b[:3])] for p in cmp.worst(20)]))
     doc.add(Heading("The text by divergence"))
     by_sample: dict = {}
     for p in _limited(cmp.positions, "compared tokens", doc):
