@@ -101,6 +101,14 @@ def test_analysis_of_known_series():
     assert [j.position for j in a.forking] == [0]
     assert a.jumps[0].size == pytest.approx(0.5 * (abs(o0[0] - 1) + o0[1] + o0[2]), abs=1e-12)
 
+    # declared outcomes (--options) are labels even where no continuation produced them, at probability 0, and
+    # every other figure is what it was without them
+    d = analyse(first, list(range(6)), "A", declared=("Z", "B", "Y"))
+    assert d.labels == ["A", "B", "C", "Z", "Y"] and np.allclose(d.series[:, 3:], 0.0)
+    assert np.allclose(d.series[:, :3], a.series) and d.penalty == a.penalty
+    assert [(j.size, j.noise95, j.change_point) for j in d.jumps] == [(j.size, j.noise95, j.change_point) for j in a.jumps]
+    assert all(set(d.to_dict()["positions"][i]["distribution"]) >= {"Z", "Y"} for i in range(6))
+
     # one continuation in four says B at one position: a bump that resampling four samples makes easily
     noisy = [[b(t, 1.0, "AAAB" if t == 2 else "AAAA", True)] for t in range(5)]
     a = analyse(noisy, list(range(5)), "A")
@@ -276,6 +284,23 @@ def _first_char_run(tiny_path, tmp_path, positions):
         "--positions", positions, "--store", db, "--model", tiny_path, "--ctx", 256, "--temperature", 1.0,
         "--threads", 1)
     return Store(db), load_fork(Store(db), 1)
+
+
+def test_declared_options_appear_at_probability_zero(tiny_path, tmp_path):
+    """An option the model never produces is in `labels` and in every position's distribution, in show, --json and
+    the report."""
+    never = "Canberra"
+    args = ("fork", "the cat", "--options", f"the,{never}", "--min-prob", 0, "--alternatives", 2, "--samples", 2,
+            "-n", 4, "--positions", "0-2", "--store", tmp_path / "o.db", "--model", tiny_path, "--ctx", 256,
+            "--threads", 1)
+    data = json.loads(cli(*args, "--json", "--report", tmp_path / "o.html").stdout)["fork"]
+    assert never in data["labels"] and data["declared"] == ["the", never]
+    assert all(p["distribution"][never] == 0.0 for p in data["positions"]) and data["end"][never] == 0.0
+    shown = cli("show", 1, "--store", tmp_path / "o.db").output
+    rows = [line for line in shown.splitlines() if re.match(r"\s*\d+\s", line)]
+    assert len(rows) == 3 and all(f"{never} 0.00" in line for line in rows)
+    page = (tmp_path / "o.html").read_text(encoding="utf-8")
+    assert page.count(f"{never} 0.00") >= 3
 
 
 def test_a_fixed_answer_has_no_forking_token(tiny_path, tmp_path):

@@ -160,7 +160,8 @@ def show_fork(store, run_id, as_json, texts: bool = False):
     for i, p in enumerate(a.positions):
         j = a.jump_at(p)
         t = fr.base_tokens[p]
-        rows.append((p, visible(t.text, t.bytes), prob_text(t.prob, 3), len(a.branches[i]), distribution_text(a.distribution(i)),
+        rows.append((p, visible(t.text, t.bytes), prob_text(t.prob, 3), len(a.branches[i]),
+                     distribution_text(a.distribution(i), always=a.declared),
                      f"{j.size:.3f}" if j else "", f"{j.noise95:.3f}" if j else "",
                      "FORK" if j and j.forking else ("cp" if j and j.change_point else "")))
     print_table(rows, right={0, 2, 3, 5, 6})

@@ -19,10 +19,15 @@ def histogram_text(hist: dict[str, int]) -> str:
     return ", ".join(f"{visible(k)} {v}" for k, v in sorted(hist.items(), key=lambda kv: -kv[1]))
 
 
-def distribution_text(dist: dict[str, float], most: int = 3) -> str:
+def distribution_text(dist: dict[str, float], most: int = 3, always: tuple[str, ...] = ()) -> str:
+    """The `most` likeliest outcomes with their probabilities, and every outcome in `always` (the declared
+    --options) even at 0, so that an option the model never produced reads as asked and not produced."""
     items = sorted(((k, v) for k, v in dist.items() if v > 0), key=lambda kv: -kv[1])
-    shown = ", ".join(f"{visible(k)} {v:.2f}" for k, v in items[:most])
-    return shown + (f" (+{len(items) - most} more)" if len(items) > most else "")
+    top = items[:most]
+    top += [(k, dist.get(k, 0.0)) for k in always if k not in {k for k, _ in top}]
+    shown = ", ".join(f"{visible(k)} {v:.2f}" for k, v in top)
+    rest = len([k for k, _ in items if k not in {k for k, _ in top}])
+    return shown + (f" (+{rest} more)" if rest else "")
 
 
 def prefill_line(stats: dict, cost: dict) -> str:
@@ -86,7 +91,7 @@ def fork_document(fr) -> Document:
         views.append(TokenView(
             visible(t.text, t.bytes), t.id, f"{fork_class(shift)} {prob_class(t.prob)}",
             [prob_text(t.prob), f"{shift:.3f}" if j else "–", f"{j.noise95:.3f}" if j else "–",
-             distribution_text(a.distribution(i)) if i is not None else "not analysed",
+             distribution_text(a.distribution(i), always=a.declared) if i is not None else "not analysed",
              ("yes" if j.forking else "no") if j else "–"],
             [alts, examples], notable=shift, newline=bytes.fromhex(t.bytes).endswith(b"\n"),
             mark="forking token" if j and j.forking else "", plain=visible(t.text, t.bytes, edge_spaces=False)))
@@ -106,7 +111,8 @@ def fork_document(fr) -> Document:
     top = sorted(a.jumps, key=lambda j: -j.size)[:TOP_JUMPS]
     rows = [[j.position, _tok(fr, j.position), j.size, j.noise95, j.p_value,
              "yes" if j.change_point else "", "yes" if j.forking else "",
-             distribution_text(a.distribution(j.index - 1)), distribution_text(a.distribution(j.index))]
+             distribution_text(a.distribution(j.index - 1), always=a.declared),
+             distribution_text(a.distribution(j.index), always=a.declared)]
             for j in top if j.size > 0]
     if rows:
         doc.add(Table(["position", "token", "jump (TV)", "noise 95%", "p", "change point", "forking", "o before",
@@ -116,12 +122,18 @@ def fork_document(fr) -> Document:
                               "is not there (bootstrap); p: the share of such jumps at least as large."))
     else:
         doc.add(Para("The outcome distribution does not move along the base path: no token forks it.", "note"))
+    _per_position(doc, fr)
+    return doc
+
+
+def _per_position(doc: Document, fr) -> None:
+    """The table of every analysed position: its token, branches, continuations and o_t."""
+    a = fr.analysis
     doc.add(Heading("Per position"))
     doc.add(Table(["position", "token", "p", "branches", "continuations", "o_t"],
-                  [[p, _tok(fr, p), _prob(fr, p), len(a.branches[i]),
-                    sum(len(b.outcomes) for b in a.branches[i]), distribution_text(a.distribution(i), most=5)]
+                  [[p, _tok(fr, p), _prob(fr, p), len(a.branches[i]), sum(len(b.outcomes) for b in a.branches[i]),
+                    distribution_text(a.distribution(i), most=5, always=a.declared)]
                    for i, p in enumerate(a.positions)]))
-    return doc
 
 
 def _tok(fr, position: int) -> str:

@@ -514,8 +514,10 @@ def load_fork(store: Store, run_id) -> ForkRun:
                 b.example = b.text + cont
     positions = sorted(t for t, g in groups.items() if any(b.outcomes for b in g.values()))
     branches = [sorted(groups[t].values(), key=lambda b: (not b.chosen, -b.prob)) for t in positions]
-    analysis = analyse(branches, positions, base.extra.get("outcome", NONE))
-    return ForkRun(info, base, tokens.get(0, []), fork, OutcomeSpec.from_dict(fork["outcome"]), analysis,
+    spec = OutcomeSpec.from_dict(fork["outcome"])
+    declared = tuple(o.strip() for o in spec.options) if spec.mode == "options" else ()
+    analysis = analyse(branches, positions, base.extra.get("outcome", NONE), declared=declared)
+    return ForkRun(info, base, tokens.get(0, []), fork, spec, analysis,
                    base.extra.get("decode_stats") or {}, base.extra.get("cost") or {})
 
 

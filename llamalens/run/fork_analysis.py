@@ -79,6 +79,7 @@ class ForkAnalysis:
     base_outcome: str
     branches: list[list[Branch]]  # per analysed position
     penalty: float
+    declared: tuple[str, ...] = ()  # the outcomes asked for (--options): labels even at probability 0
 
     @property
     def forking(self) -> list[Jump]:
@@ -92,7 +93,8 @@ class ForkAnalysis:
 
     def to_dict(self) -> dict:
         return {
-            "labels": self.labels, "base_outcome": self.base_outcome, "penalty": self.penalty,
+            "labels": self.labels, "declared": list(self.declared), "base_outcome": self.base_outcome,
+            "penalty": self.penalty,
             "positions": [{"position": p, "distribution": self.distribution(i),
                            "branches": [{"token": b.token, "text": b.text, "prob": b.prob, "chosen": b.chosen,
                                          "histogram": b.histogram(), "example": b.example} for b in self.branches[i]]}
@@ -125,13 +127,23 @@ def tv(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.round(0.5 * np.abs(np.asarray(a) - np.asarray(b)).sum(axis=-1), 12)
 
 
-def _labels(branches: list[list[Branch]], base_outcome: str) -> list[str]:
-    mass: dict[str, float] = {base_outcome: 0.0}
+def _labels(branches: list[list[Branch]], base_outcome: str, declared: tuple[str, ...] = ()) -> list[str]:
+    """Every outcome seen, and every declared one (--options) even where no continuation produced it: most
+    probable overall first, declared ones in their order among equals."""
+    mass: dict[str, float] = {base_outcome: 0.0, **{d: 0.0 for d in declared if d != base_outcome}}
     for group in branches:
         for b in group:
             for o in b.outcomes:
                 mass[o] = mass.get(o, 0.0) + b.prob / len(b.outcomes)
-    return sorted(mass, key=lambda k: (-mass[k], k == NONE, k))
+    order = {d: i for i, d in enumerate(declared)}
+    return sorted(mass, key=lambda k: (-mass[k], k == NONE, order.get(k, len(order)), k))
+
+
+def _seen(branches: list[list[Branch]], base_outcome: str, labels: list[str]) -> np.ndarray:
+    """Which labels some continuation (or the base path) produced: the noise estimate counts only these, so a
+    declared option that never came up leaves every figure as it was without it."""
+    seen = {base_outcome} | {o for group in branches for b in group for o in b.outcomes}
+    return np.array([lab in seen for lab in labels])
 
 
 def _bootstrap(branches: list[list[Branch]], labels: list[str], n_boot: int, rng) -> np.ndarray:
@@ -184,11 +196,13 @@ def change_points(series: np.ndarray, penalty: float) -> list[int]:
 
 
 def analyse(branches: list[list[Branch]], positions: list[int], base_outcome: str, n_boot: int = N_BOOT,
-            seed: int = 0) -> ForkAnalysis:
-    """The outcome series, its jumps with their noise levels, and the change points (see the module docstring)."""
+            seed: int = 0, declared: tuple[str, ...] = ()) -> ForkAnalysis:
+    """The outcome series, its jumps with their noise levels, and the change points (see the module docstring).
+    `declared`: outcomes asked for (--options), each a label, at probability 0 where nothing produced it."""
     if len(branches) != len(positions):
         raise ValueError(f"{len(branches)} branch groups for {len(positions)} positions")
-    labels = _labels(branches, base_outcome)
+    labels = _labels(branches, base_outcome, declared)
+    seen = _seen(branches, base_outcome, labels)
     end = np.zeros(len(labels))
     end[labels.index(base_outcome)] = 1.0
     series = np.vstack([outcome_distribution(g, labels) for g in branches] + [end]) if branches else end[None, :]
@@ -196,8 +210,8 @@ def analyse(branches: list[list[Branch]], positions: list[int], base_outcome: st
     boot = _bootstrap(branches, labels, n_boot, rng)
     boot = np.concatenate([boot, np.broadcast_to(end, (n_boot, 1, len(labels)))], axis=1)  # o_end has no noise
     centred = boot - series[None, :, :]
-    sigma2 = float(centred[:, :-1, :].var(axis=0).mean()) if branches else 0.0
-    penalty = len(labels) * np.log(len(series)) * max(sigma2, MIN_VARIANCE)
+    sigma2 = float(centred[:, :-1, seen].var(axis=0).mean()) if branches else 0.0
+    penalty = int(seen.sum()) * np.log(len(series)) * max(sigma2, MIN_VARIANCE)
     cps = set(change_points(series, penalty))
     jumps = []
     for i in range(1, len(series)):
@@ -205,4 +219,4 @@ def analyse(branches: list[list[Branch]], positions: list[int], base_outcome: st
         null = tv(centred[:, i - 1, :], centred[:, i, :])
         jumps.append(Jump(i, positions[i - 1], size, float(np.quantile(null, 1 - ALPHA)),
                           float((null >= size - 1e-12).mean()), i in cps))
-    return ForkAnalysis(labels, list(positions), series, jumps, base_outcome, branches, float(penalty))
+    return ForkAnalysis(labels, list(positions), series, jumps, base_outcome, branches, float(penalty), tuple(declared))
