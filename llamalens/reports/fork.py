@@ -105,25 +105,33 @@ def fork_document(fr) -> Document:
                    "outcomes",
                    "o_t: the share of each outcome among the continuations from position t (branches weighted by "
                    "their raw probability); 'end' is the base path's own outcome. Dashed lines: change points of "
-                   "the series; red lines: forking tokens (a change point whose jump exceeds the bootstrap noise). "
+                   "the series; red lines: forking tokens (a change point whose jump exceeds the noise). "
                    "A line after a token means choosing that token moved the distribution."))
+    _forking_table(doc, fr)
+    _per_position(doc, fr)
+    return doc
+
+
+def _forking_table(doc: Document, fr) -> None:
+    """The largest jumps of the outcome distribution, with their noise and the continuations behind them."""
+    a = fr.analysis
     doc.add(Heading("Forking tokens"))
     top = sorted(a.jumps, key=lambda j: -j.size)[:TOP_JUMPS]
-    rows = [[j.position, _tok(fr, j.position), j.size, j.noise95, j.p_value,
+    rows = [[j.position, _tok(fr, j.position), j.size, j.noise95, j.p_value, "+".join(map(str, j.samples)),
              "yes" if j.change_point else "", "yes" if j.forking else "",
              distribution_text(a.distribution(j.index - 1), always=a.declared),
              distribution_text(a.distribution(j.index), always=a.declared)]
             for j in top if j.size > 0]
     if rows:
-        doc.add(Table(["position", "token", "jump (TV)", "noise 95%", "p", "change point", "forking", "o before",
-                       "o after"], rows,
+        doc.add(Table(["position", "token", "jump (TV)", "noise 95%", "p", "continuations", "change point",
+                       "forking", "o before", "o after"], rows,
                       caption="The largest moves of the outcome distribution, each attributed to the token after "
-                              "which it happens. noise 95%: what resampling the continuations makes of a jump that "
-                              "is not there (bootstrap); p: the share of such jumps at least as large."))
+                              "which it happens. noise 95%: what the samples' uncertainty makes of a jump that is "
+                              "not there (each branch's outcomes redrawn from their Dirichlet posterior; it widens "
+                              "as samples shrink); p: the share of such jumps at least as large; continuations: "
+                              "how many the two distributions rest on."))
     else:
         doc.add(Para("The outcome distribution does not move along the base path: no token forks it.", "note"))
-    _per_position(doc, fr)
-    return doc
 
 
 def _per_position(doc: Document, fr) -> None:

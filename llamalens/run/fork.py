@@ -6,7 +6,7 @@
                --alternatives with raw p(w) >= --min-prob, --samples continuations each: all planned in the
                store at once (samples.extra = role, position, forced token, p(w), sample number)
            ──► decode the pending continuations (below), each saved with its outcome as it finishes
-           ──► forking.analyse (pure): o_t, jumps, bootstrap noise, change points
+           ──► forking.analyse (pure): o_t, jumps, posterior noise, change points
 
 Decoding (the batched path). One context: sequence 0 holds the KV cells of prompt + base path, decoded
 once. A continuation of (t, w) takes a free sequence: `seq_cp(0, s, 0, L+t)` gives it the shared prefix
