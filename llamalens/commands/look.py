@@ -218,9 +218,17 @@ def chat_prompt(model, conv, chat):
 
 
 def announce_chat(rendered) -> None:
-    """Say on stderr which template rendered the conversation and how long the prompt it made is."""
+    """Say on stderr which template rendered the conversation and how long the prompt it made is (and warn when
+    the template's markers are plain text to the model)."""
     say(f"chat ({rendered.template}): the prompt is {rendered.n_tokens} tokens; the reply starts after it",
         err=True)
+    warn_chat([rendered])
+
+
+def warn_chat(rendered: list) -> None:
+    """A warning on stderr for each distinct template whose markers are not special tokens of the model."""
+    for w in dict.fromkeys(r.warning() for r in rendered if r.warning()):
+        say(f"warning: {w}", err=True)
 
 
 def with_chat(d: dict, rendered) -> dict:

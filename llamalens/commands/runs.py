@@ -104,6 +104,9 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
         run_id = req.start(loaded, store, shell_command(["llamalens"] + sys.argv[1:]),
                            lambda note: say(f"note: {note}", err=True))
         if req.chats:
+            from llamalens.commands.look import warn_chat
+
+            warn_chat(req.chats)
             say(f"chat: {len(req.chats)} conversation(s) rendered with {req.chats[0].template}; the analysis covers "
                 "the replies", err=True)
         say(f"run {run_id}: {len(spec.prompts)} prompt(s) x {len(spec.configs)} configuration(s) x "

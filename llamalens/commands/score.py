@@ -75,6 +75,7 @@ def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprob
 
 def _score_reply(chat, text, file, raw_bytes, as_json, report_path, logprobs, show_all, as_text, model, kw):
     """score --messages: the assistant's reply after its conversation."""
+    from llamalens.commands.look import warn_chat
     from llamalens.core.chat import render
     from llamalens.looks.score import score_reply
 
@@ -93,6 +94,7 @@ def _score_reply(chat, text, file, raw_bytes, as_json, report_path, logprobs, sh
     check_report_path(report_path)
     loaded = load_model(model, pop_model_options(kw))
     rendered = render(loaded, conv, chat.template)
+    warn_chat([rendered])
     _show_scores(score_reply(loaded, rendered.text, reply, logprobs), as_json, as_text, show_all, report_path, rendered)
 
 

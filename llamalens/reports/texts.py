@@ -45,6 +45,8 @@ def chat_blocks(doc: Document, chats: list) -> None:
     doc.add(Para("Each conversation rendered with its chat template, token by token as the model reads it: special "
                  "tokens in ⟦ ⟧, ⏎ a newline. The assistant's reply starts at ▶reply; everything analysed here is "
                  "in the reply.", "note"))
+    for w in dict.fromkeys(c.warning() for c in chats if c.warning()):
+        doc.add(Para(w[0].upper() + w[1:], "warn"))
     doc.add(Table(["#", "template", "messages", "tokens", "prompt as the model reads it"],
                   [[i, c.template, len(c.messages), c.n_tokens, visible(c.shown, edge_spaces=False) + " \u25b6reply"]
                    for i, c in enumerate(chats)], sortable=False))
