@@ -326,7 +326,7 @@ def test_show_texts(tiny_run, monkeypatch):
     assert "texts of prompt 0" in short and "texts of prompt 1" in short
     assert all(len(line) < SHORT_CHARS + 80 for line in short.splitlines() if line.lstrip().startswith("×"))
     for t in texts:
-        shown = visible.visible(t.text, edge_spaces=False)
+        shown = visible.visible(t.text, t.bytes, edge_spaces=False)
         assert shown in full and f"×{len(t.samples)} " in full
     greedy = next(t for t in texts if t.samples[0][1] == 0)
     assert "(+3 equivalent), every seed" in full and len(greedy.samples) >= 8

@@ -197,7 +197,7 @@ def show_texts(run, full: bool) -> None:
         say(f"texts of prompt {p_idx} ({visible(prompt, edge_spaces=False)!s}): {len(texts)} distinct of {n} samples")
         rows = [("samples", "text", "produced by")]
         for t in texts if full else texts[:SHORT_TEXTS]:
-            shown = visible(t.text, edge_spaces=False)
+            shown = visible(t.text, t.bytes, edge_spaces=False)
             if not full and len(shown) > SHORT_CHARS:
                 shown = shown[: SHORT_CHARS - 1] + "…"
             rows.append((f"×{len(t.samples)}", shown, produced_by(names, t.samples)))

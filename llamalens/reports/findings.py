@@ -25,9 +25,11 @@ class Names:
         self.axes = varying_axes(run.configs, SETTINGS)
 
     def config(self, ci: int, axes: list[str] | None = None) -> str:
+        """A configuration by the settings that vary (strategies: its whole label, which names only the
+        settings its strategy uses)."""
         cfg = self.run.configs[ci]
         axes = self.axes if axes is None else axes
-        return short_label(cfg, axes) if axes else cfg.label(seed=False)
+        return short_label(cfg, axes) if axes and not self.run.strategies else cfg.label(seed=False)
 
     def group(self, g: ConfigGroup) -> str:
         more = len(g.configs) - 1
@@ -139,7 +141,7 @@ def texts_blocks(doc, run: LoadedRun, found: Findings, names: Names) -> None:
     doc.add(Heading("Texts"))
     prompts = dict(sorted({(s.prompt_idx, s.prompt) for s in run.samples}))
     for p_idx, prompt in prompts.items():
-        rows = [[len(t.samples), _cut(visible(t.text, edge_spaces=False)), produced_by(names, t.samples)]
+        rows = [[len(t.samples), _cut(visible(t.text, t.bytes, edge_spaces=False)), produced_by(names, t.samples)]
                 for t in found.texts if t.prompt_idx == p_idx]
         doc.add(Para(f"Prompt {p_idx}: {visible(prompt, edge_spaces=False)}", "p"))
         doc.add(Table(["samples", "text", "produced by"], rows, sortable=False))

@@ -42,6 +42,7 @@ class DistinctText:
     prompt_idx: int
     ids: tuple[int, ...]
     text: str
+    bytes: str  # the tokens' exact bytes, hex (a text may end inside a character)
     samples: tuple[tuple[int, int, int], ...]  # (sample_idx, config_idx, seed) of each sample that produced it
 
 
@@ -134,13 +135,14 @@ def equivalent_groups(run: LoadedRun) -> list[ConfigGroup]:
 def distinct_texts(run: LoadedRun) -> list[DistinctText]:
     """Each prompt's distinct texts (by token ids), the most produced first, with who produced them."""
     by: dict[tuple[int, tuple[int, ...]], list] = {}
-    text: dict[tuple[int, tuple[int, ...]], str] = {}
+    text: dict[tuple[int, tuple[int, ...]], tuple[str, str]] = {}
     for s in sorted(run.samples, key=lambda s: (s.prompt_idx, s.config_idx, s.seed)):
-        key = (s.prompt_idx, tuple(t.id for t in run.by_sample.get(s.sample_idx, [])))
+        toks = run.by_sample.get(s.sample_idx, [])
+        key = (s.prompt_idx, tuple(t.id for t in toks))
         by.setdefault(key, []).append((s.sample_idx, s.config_idx, s.seed))
-        text.setdefault(key, s.text)
+        text.setdefault(key, (s.text, "".join(t.bytes for t in toks if not t.eog)))
     order = sorted(by, key=lambda k: (k[0], -len(by[k]), by[k][0]))
-    return [DistinctText(p, ids, text[(p, ids)], tuple(by[(p, ids)])) for p, ids in order]
+    return [DistinctText(p, ids, *text[(p, ids)], tuple(by[(p, ids)])) for p, ids in order]
 
 
 def axis_effects(run: LoadedRun) -> list[AxisEffect]:
