@@ -175,6 +175,22 @@ def test_findings_from_records(tiny_run):
     assert [g.configs for g in fnd.equivalent_groups(run3)][:2] == [(0, 2, 3), (1,)]
 
 
+def test_heatmap_axes_are_those_that_move_the_figure(tiny_run):
+    """An axis along which no pair of configurations (differing in it alone) moves a figure is left out of its
+    heatmap: it would only repeat cells."""
+    import pandas as pd
+    from llamalens.run.findings import AxisEffect, moving_axes
+
+    store, rid = tiny_run
+    run = load_run(store, rid)
+    run.__dict__["summary"] = pd.DataFrame({"config_idx": [0, 1, 2, 3], "m": [1.0, 1.0, 2.0, float("nan")]})
+    effects = [AxisEffect("a", ((0, 1, False), (2, 3, True))), AxisEffect("b", ((0, 2, True),)),
+               AxisEffect("c", ((0, 1, False),))]
+    assert moving_axes(run, effects, "m") == ["a", "b"]
+    run.__dict__["summary"] = pd.DataFrame({"config_idx": [0, 1, 2, 3], "m": [1.0, 1.0, 1.0, 1.0]})
+    assert moving_axes(run, effects, "m") == []
+
+
 def test_prob_text():
     assert [visible.prob_text(p) for p in (0.0, 7e-6, 4.9e-5, 5e-5, 0.25, 1.0)] == \
         ["0", "7.0e-06", "4.9e-05", "0.0001", "0.2500", "1.0000"]
