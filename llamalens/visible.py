@@ -55,6 +55,29 @@ def visible(text: str, hex_bytes: str | None = None, edge_spaces: bool = True) -
     return "".join(shown)
 
 
+def prob_text(p: float, digits: int = 4) -> str:
+    """A probability as text, never a nonzero one as 0.0000: `digits` decimals, or two significant digits in
+    scientific notation below what those decimals show (7e-06 -> '7.0e-06'); exactly 0 is '0'."""
+    if p != p:
+        return "–"
+    if p == 0:
+        return "0"
+    if abs(p) < 0.5 * 10 ** -digits:
+        return f"{p:.1e}"
+    return f"{p:.{digits}f}"
+
+
+def size_text(n: float | None) -> str:
+    """A size in bytes as text, in binary units everywhere (one convention: 241.4 MiB, 1.27 GiB)."""
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB" if abs(n) < 1024 else f"{n / 1024:.2f} TiB"
+
+
 def label(text: str, width: int = 32) -> str:
     """A text made visible and cut to `width` characters (… marks the cut): for table and plot labels."""
     shown = visible(text)

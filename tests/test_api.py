@@ -43,7 +43,7 @@ def test_sweep_runs_show_export_match_the_cli(tiny_path, tmp_path):
     assert strip(tmp_path / "api.csv") == strip(tmp_path / "cli.csv")
     # a report from the API is the CLI's report (same sections); by name, without the model
     out = ll.report("api-run", tmp_path / "r.html", store=tmp_path / "api.db", load_model=False)
-    assert out.is_file() and "Summary per configuration" in out.read_text()
+    assert out.is_file() and "Summary per distinct chain" in out.read_text()
 
 
 def test_chat_grammar_sweep_and_resume_match_the_cli(tiny, tiny_path, tmp_path):

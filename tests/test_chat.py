@@ -10,6 +10,8 @@ import pytest
 
 from llamalens.core.chat import check_messages, read_messages, render
 from llamalens.errors import InvalidInput
+from llamalens.reports import document
+from llamalens.reports.texts import chat_blocks
 from llamalens.core.runtime import Model, ModelOptions
 from reference import log_softmax
 from test_cli import run as cli
@@ -82,9 +84,28 @@ def test_builtin_templates_match_their_documented_formats(gemma):
     assert render(gemma, conv, "gemma").text == \
         "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
     assert render(gemma, conv[1:], "chatml").text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    # Gemma's turn markers are special tokens of its vocabulary; chatml's are plain text to it, and said so
+    assert render(gemma, conv, "gemma").foreign == ()
+    assert render(gemma, conv[1:], "chatml").foreign == ("<|im_start|>", "<|im_end|>")
     ids = gemma.prompt_tokens(render(gemma, conv[1:], "gemma").text)
     turn = gemma.tokenize("<start_of_turn>", special=True)
     assert len(turn) == 1 and ids[:2] == [gemma.bos, turn[0]]  # a special token, parsed as one
+
+
+def test_markers_the_model_does_not_know_are_warned(chat_path, chat_model):
+    """A template's markers that are not special tokens of the model are named, once, on stderr and in reports;
+    its own template's, and markers a user typed in a message, are not."""
+    own = render(chat_model, CONVERSATIONS[0])
+    assert "</s>" in own.text and own.foreign == () and own.warning() is None
+    other = render(chat_model, CONVERSATIONS[0], "chatml")
+    assert other.foreign == ("<|im_start|>", "<|im_end|>") and "are not special tokens" in other.warning()
+    assert render(chat_model, [{"role": "user", "content": "I typed <|im_start|> and [INST]"}]).foreign == ()
+    res = cli("next", "the cat", "--chat", "-m", chat_path, "--ctx", 256, "--chat-template", "chatml", "--top", 2)
+    assert res.output.count("warning: the chat template (builtin:chatml) writes <|im_start|>, <|im_end|>") == 1
+    assert "warning" not in cli("next", "the cat", "--chat", "-m", chat_path, "--ctx", 256, "--top", 2).output
+    doc = document.Document("t")
+    chat_blocks(doc, [other, own])
+    assert [b.kind for b in doc.blocks if isinstance(b, document.Para)].count("warn") == 1
 
 
 def test_template_file_and_errors(chat_model, tiny, tmp_path):

@@ -93,13 +93,34 @@ def test_analysis_of_known_series():
     a = analyse(fixed, list(range(5)), "A")
     assert np.allclose(a.series, 1.0) and a.forking == [] and all(j.size < 1e-12 for j in a.jumps)
 
-    first = [[b(0, 0.6, "AAAA", True), b(0, 0.2, "BBBB"), b(0, 0.1, "CCCC")]] + \
-            [[b(t, 0.8, "AAAA", True), b(t, 0.1, "AAAA")] for t in range(1, 6)]
+    def first_decides(n):
+        return [[b(0, 0.6, "A" * n, True), b(0, 0.2, "B" * n), b(0, 0.1, "C" * n)]] + \
+            [[b(t, 0.8, "A" * n, True), b(t, 0.1, "A" * n)] for t in range(1, 6)]
+
+    first = first_decides(8)
     a = analyse(first, list(range(6)), "A")
     o0 = np.array([0.6, 0.2, 0.1]) / 0.9
     assert np.allclose(a.series[0], o0) and a.labels == ["A", "B", "C"]
     assert [j.position for j in a.forking] == [0]
     assert a.jumps[0].size == pytest.approx(0.5 * (abs(o0[0] - 1) + o0[1] + o0[2]), abs=1e-12)
+
+    # declared outcomes (--options) are labels even where no continuation produced them, at probability 0, and
+    # every other figure is what it was without them
+    d = analyse(first, list(range(6)), "A", declared=("Z", "B", "Y"))
+    assert d.labels == ["A", "B", "C", "Z", "Y"] and np.allclose(d.series[:, 3:], 0.0)
+    assert np.allclose(d.series[:, :3], a.series) and d.penalty == a.penalty
+    assert [(j.size, j.noise95, j.change_point) for j in d.jumps] == [(j.size, j.noise95, j.change_point) for j in a.jumps]
+    assert all(set(d.to_dict()["positions"][i]["distribution"]) >= {"Z", "Y"} for i in range(6))
+
+    # the noise level rests on the samples: continuations that all agree still leave doubt, which shrinks as they
+    # grow (resampling 2 unanimous samples with replacement would say there is none); each jump says how many
+    # continuations its two o_t rest on; the same 1/3 jump is no forking token on 2 samples a branch
+    few, many = analyse(first_decides(2), list(range(6)), "A"), analyse(first_decides(16), list(range(6)), "A")
+    assert few.jumps[1].size == 0 and few.jumps[1].noise95 > 0.3 > a.jumps[1].noise95 > many.jumps[1].noise95 > 0
+    assert few.jumps[0].samples == (6, 4) and a.jumps[0].samples == (24, 16) and a.jumps[-1].samples == (16, 0)
+    assert few.forking == [] and [j.position for j in many.forking] == [0]
+    flip = analyse([[b(t, 1.0, ("Y" if t < 3 else "N") * 2, True)] for t in range(6)], list(range(6)), "N")
+    assert [j.position for j in flip.forking] == [2]  # a full flip is beyond the noise even on 2 samples
 
     # one continuation in four says B at one position: a bump that resampling four samples makes easily
     noisy = [[b(t, 1.0, "AAAB" if t == 2 else "AAAA", True)] for t in range(5)]
@@ -272,10 +293,27 @@ def test_shared_rows_give_the_records_of_each_continuation_decoded_alone(tiny_pa
 # -- 4. synthetic cases: the answer's fork known by construction (tiny model, first character) -------------
 def _first_char_run(tiny_path, tmp_path, positions):
     db = tmp_path / f"s{positions}.db"
-    cli("fork", "the cat", "--outcome", FIRST_CHAR, "--min-prob", 0, "--alternatives", 4, "--samples", 3, "-n", 6,
+    cli("fork", "the cat", "--outcome", FIRST_CHAR, "--min-prob", 0, "--alternatives", 4, "--samples", 6, "-n", 6,
         "--positions", positions, "--store", db, "--model", tiny_path, "--ctx", 256, "--temperature", 1.0,
         "--threads", 1)
     return Store(db), load_fork(Store(db), 1)
+
+
+def test_declared_options_appear_at_probability_zero(tiny_path, tmp_path):
+    """An option the model never produces is in `labels` and in every position's distribution, in show, --json and
+    the report."""
+    never = "Canberra"
+    args = ("fork", "the cat", "--options", f"the,{never}", "--min-prob", 0, "--alternatives", 2, "--samples", 2,
+            "-n", 4, "--positions", "0-2", "--store", tmp_path / "o.db", "--model", tiny_path, "--ctx", 256,
+            "--threads", 1)
+    data = json.loads(cli(*args, "--json", "--report", tmp_path / "o.html").stdout)["fork"]
+    assert never in data["labels"] and data["declared"] == ["the", never]
+    assert all(p["distribution"][never] == 0.0 for p in data["positions"]) and data["end"][never] == 0.0
+    shown = cli("show", 1, "--store", tmp_path / "o.db").output
+    rows = [line for line in shown.splitlines() if re.match(r"\s*\d+\s", line)]
+    assert len(rows) == 3 and all(f"{never} 0.00" in line for line in rows)
+    page = (tmp_path / "o.html").read_text(encoding="utf-8")
+    assert page.count(f"{never} 0.00") >= 3
 
 
 def test_a_fixed_answer_has_no_forking_token(tiny_path, tmp_path):

@@ -107,7 +107,7 @@ def test_refused_before_loading_with_the_numbers(gemma_path, monkeypatch):
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "loading" not in r.output  # refused before llama.cpp opened the file
     msg = r.output
-    assert re.search(r"needs about [\d.]+ MB of RAM \(weights \d+ MB \+ KV cache \d+ MB .* but 105 MB is available",
+    assert re.search(r"needs about [\d.]+ MiB of RAM \(weights [\d.]+ MiB \+ KV cache [\d.]+ MiB .* but 100.0 MiB is available",
                      msg), msg
     assert "--force" in msg and "smaller quantization" in msg
     r = CliRunner().invoke(main, ["next", "Hello", "--ctx", "4096", "--force", "--top", "2"])
@@ -129,7 +129,7 @@ def test_models_fit_and_json(gemma_path, tiny_path, monkeypatch):
     monkeypatch.setenv("LLAMALENS_MODELS", str(Path(tiny_path).parent))
     r = CliRunner().invoke(main, ["models", "--fit"])
     assert r.exit_code == 0, r.output
-    assert re.search(r"gemma-3-270m-q4_k_m \(default\).* \d+ MB +yes", r.output), r.output
+    assert re.search(r"gemma-3-270m-q4_k_m \(default\).* [\d.]+ MiB +yes", r.output), r.output
     assert "estimated for --ctx 2048 --batch 512, 1 sequence(s)" in r.output
     r = CliRunner().invoke(main, ["models", "default", "--json", "--parallel", "4"])
     est = json.loads(r.stdout)["memory_estimate"]
@@ -149,7 +149,7 @@ def test_python_api_checks_too(tiny_path, monkeypatch):
     from llamalens.modelfiles.memory import ModelTooBig
 
     monkeypatch.setenv("LLAMALENS_MEMORY_LIMIT", "10M")
-    with pytest.raises(ModelTooBig, match="but 10 MB is available"):
+    with pytest.raises(ModelTooBig, match="but 10.0 MiB is available"):
         ll.load_model(str(tiny_path))
     with ll.load_model(str(tiny_path), force=True) as m:
         assert m.describe()["memory_estimate"]["fits"] is False and m.options.force

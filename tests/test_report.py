@@ -11,6 +11,7 @@ import pytest
 from browser import Browser
 from llamalens.run import loaded as analysis
 from llamalens.run import grid
+from llamalens import visible
 from llamalens.reports import document
 from llamalens.run.loaded import load_run
 from llamalens.reports.run import run_document
@@ -45,6 +46,18 @@ def test_pure_helpers():
     assert [document.kld_class(k) for k in (0.0, 5e-5, 1e-4 * 1.01, 1e-3, 0.05, 2.0)] == ["k0", "k0", "k1", "k3", "k6", "k9"]
     text = document._json_for_script({"t": "</script><script>alert(1)</script>&"})
     assert "<" not in text and ">" not in text and "&" not in text and json.loads(text)["t"].startswith("</script>")
+
+
+def test_float_bucket_edges():
+    """Bucket and bin edges computed by powers of ten hold the values that sit on them."""
+    from llamalens.reports import plots
+
+    for v in ([1.0, 5.0, 2297.0], [3.0, 3.0], [0.07, 1e-8, 0.5, 1.0], list(range(1, 262_145, 997))):
+        edges = plots.log_bins(np.maximum(np.asarray(v, dtype=float), 1e-8))
+        assert np.histogram(v, edges)[0].sum() == len(v), v  # the largest (most surprising) value is kept
+    for i in range(1, 10):  # a KLD on an edge of the legend is in the bucket the legend starts there
+        edge = 10 ** ((i - 1) / 2 - 4)
+        assert document.kld_class(edge) == f"k{i}" and document.kld_class(edge * (1 - 1e-12)) == f"k{i - 1}"
 
 
 def test_sampler_view_matches_numpy(tiny):
@@ -89,23 +102,105 @@ def test_document_sections(tiny_run, tiny):
     store, rid = tiny_run
     doc = run_document(load_run(store, rid), model=tiny)
     headings = [b.text for b in doc.blocks if isinstance(b, document.Heading)]
-    assert headings == ["Summary per configuration", "Token views", "Along the sequence", "Seeds",
+    assert headings == ["Findings", "Texts", "Summary per distinct chain", "Token views", "Along the sequence", "Seeds",
                         "How the samplers reshape the distribution", "Timing"]
+    # set-up, build and command come last, folded
+    made = doc.blocks[-1]
+    assert isinstance(made, document.Folded) and made.summary.startswith("How this was made")
+    assert any(isinstance(b, document.KeyValues) and dict(b.rows).get("command") for b in made.blocks)
+    assert not any(isinstance(b, document.KeyValues) for b in doc.blocks)
     strips = [b for b in doc.blocks if isinstance(b, document.Strips)]
-    assert len(strips) == 2 and sum(len(s.rows) for s in strips) == store.run(rid).n_done
-    # every stored token is in a strip, in order, with its exact tooltip numbers
+    # each distinct text once, with its count: the counts add up to the samples
+    counts = [int(re.search(r" · ×(\d+) · ", label).group(1)) for s in strips for label, _ in s.rows]
+    assert len(strips) == 2 and sum(counts) == store.run(rid).n_done and len(counts) < store.run(rid).n_done
+    # every shown token is the stored one, in order, with its exact tooltip numbers and its text in prose
     stored = {}
     for idx, t in store.tokens(rid):
         stored.setdefault(idx, []).append(t)
     for s in strips:
+        texts = [tuple(v.id for v in views) for _, views in s.rows]
+        assert len(set(texts)) == len(texts)
         for label, views in s.rows:
             idx = int(re.match(r"#(\d+) ", label).group(1))
             assert [v.id for v in views] == [t.id for t in stored[idx]]
-            assert [v.values[0] for v in views] == [f"{math.exp(t.logprob):.4f}" for t in stored[idx]]
+            assert [v.values[0] for v in views] == [visible.prob_text(math.exp(t.logprob)) for t in stored[idx]]
+            assert [v.plain for v in views] == [visible.visible(t.text, t.bytes, edge_spaces=False)
+                                                + (" [end]" if t.eog else "") for t in stored[idx]]
+    # the four greedy configurations are one row of the summary, which names all four
+    summary = next(b for b in doc.blocks if isinstance(b, document.Table) and "distinct-2 across seeds" in b.header)
+    assert [r[0] for r in summary.rows] == ["0–3", "4", "5", "6", "7"]
+    assert summary.rows[0][1].startswith("4 settings, one chain on this run") and summary.rows[0][2] == 16
     figures = [b.name for b in doc.blocks if isinstance(b, document.Figure)]
     assert "sampler_view" in figures and "positions_prompt1" in figures and "heatmap_mean_logprob" in figures
     # the control characters of prompt 1 are visible, never dropped
     assert "⇥tab⏎line <0x07>bell" in strips[1].context
+
+
+def test_findings_from_records(tiny_run):
+    """Groups, texts, axis effects, differences and surprises follow from the stored records, not the settings."""
+    from llamalens.run import findings as fnd
+
+    store, rid = tiny_run
+    run = load_run(store, rid)
+    f = fnd.findings(run)
+    assert [(g.configs, g.deterministic) for g in f.groups] == [((0, 1, 2, 3), True), ((4,), False), ((5,), False),
+                                                                 ((6,), False), ((7,), False)]
+    seqs = {(s.config_idx, s.prompt_idx, s.seed): [t.id for t in run.by_sample[s.sample_idx]] for s in run.samples}
+    for c in (1, 2, 3):
+        assert all(seqs[(c, p, sd)] == seqs[(0, p, sd)] for p in (0, 1) for sd in (0, 1))
+    # each distinct text once, its samples all with those tokens, all samples counted
+    assert sum(len(t.samples) for t in f.texts) == len(run.samples)
+    assert all(seqs[(c, t.prompt_idx, sd)] == list(t.ids) for t in f.texts for _, c, sd in t.samples)
+    assert len({(t.prompt_idx, t.ids) for t in f.texts}) == len(f.texts)
+    # an axis changed the text exactly where a pair differing in it alone chose other tokens
+    effects = {e.axis: e.pairs for e in f.axes}
+    assert effects["top_k"][:2] == ((0, 2, False), (1, 3, False)) and effects["temperature"][0] == (0, 4, True)
+    for pairs in effects.values():
+        for a, b, changed in pairs:
+            assert changed == any(seqs[(a, p, sd)] != seqs[(b, p, sd)] for p in (0, 1) for sd in (0, 1))
+    assert f.noise == run.info.noise["max_abs_dlogprob"]
+    assert f.differences and all(d.delta > f.noise for d in f.differences)
+    assert [d.delta for d in f.differences] == sorted((d.delta for d in f.differences), reverse=True)
+    least = min(t.prob for s in run.samples for t in run.by_sample[s.sample_idx] if not t.eog)
+    assert f.surprising[0].prob == least and len(f.surprising) == fnd.SURPRISING
+    # one extra candidate at one token of a greedy-looking configuration: no longer provably the same chain
+    run2 = load_run(store, rid)
+    first = next(s for s in run2.samples if s.config_idx == 2)
+    run2.by_sample[first.sample_idx][3].candidates = 2
+    assert [g.configs for g in fnd.equivalent_groups(run2)][:3] == [(0, 1, 3), (2,), (4,)]
+    # one other token chosen: not the same chain either
+    run3 = load_run(store, rid)
+    first = next(s for s in run3.samples if s.config_idx == 1)
+    run3.by_sample[first.sample_idx][-1].id += 1
+    assert [g.configs for g in fnd.equivalent_groups(run3)][:2] == [(0, 2, 3), (1,)]
+
+
+def test_heatmap_axes_are_those_that_move_the_figure(tiny_run):
+    """An axis along which no pair of configurations (differing in it alone) moves a figure is left out of its
+    heatmap: it would only repeat cells."""
+    import pandas as pd
+    from llamalens.run.findings import AxisEffect, moving_axes
+
+    store, rid = tiny_run
+    run = load_run(store, rid)
+    run.__dict__["summary"] = pd.DataFrame({"config_idx": [0, 1, 2, 3], "m": [1.0, 1.0, 2.0, float("nan")]})
+    effects = [AxisEffect("a", ((0, 1, False), (2, 3, True))), AxisEffect("b", ((0, 2, True),)),
+               AxisEffect("c", ((0, 1, False),))]
+    assert moving_axes(run, effects, "m") == ["a", "b"]
+    run.__dict__["summary"] = pd.DataFrame({"config_idx": [0, 1, 2, 3], "m": [1.0, 1.0, 1.0, 1.0]})
+    assert moving_axes(run, effects, "m") == []
+
+
+def test_prob_text():
+    assert [visible.prob_text(p) for p in (0.0, 7e-6, 4.9e-5, 5e-5, 0.25, 1.0)] == \
+        ["0", "7.0e-06", "4.9e-05", "0.0001", "0.2500", "1.0000"]
+    assert all(visible.prob_text(10.0 ** -e) not in ("0.0000", "0") for e in range(4, 12))
+
+
+def test_size_text():
+    """One unit convention for sizes: binary, named as such."""
+    assert [visible.size_text(n) for n in (None, 512, 2048, 241.4 * 2**20, 1.5 * 2**30, 3 * 2**40)] == \
+        ["?", "512 B", "2.0 KiB", "241.4 MiB", "1.50 GiB", "3.00 TiB"]
 
 
 def test_html_escaping_and_self_contained(tiny_run, tmp_path):
@@ -151,6 +246,30 @@ def test_html_in_chromium(tiny_run, tiny, tmp_path, chromium_path):
         col = page.eval("Array.from(document.querySelector('table.sortable').tBodies[0].rows)"
                         ".map(r => parseFloat(r.cells[4].dataset.v))")
         assert col == sorted(col)
+        # findings come first; how the run was made is folded at the end
+        assert page.eval("document.querySelector('h2').textContent") == "Findings"
+        assert page.eval("document.querySelector('details.made').open") is False
+        assert page.eval("document.querySelector('details.made table.kv') !== null")
+        # prose: a token's text with real spaces; "show whitespace" swaps in the visible form and back
+        data = json.loads(page.eval("document.getElementById('ll-data').textContent"))["tokens"]
+        j = next(i for i, d in enumerate(data) if d[0] != d[4])
+        sel = f"document.querySelector('.tk[data-i=\"{j}\"]')"
+        assert page.eval(f"{sel}.textContent") == data[j][4] and "·" not in data[j][4]
+        page.eval("document.querySelector('[data-ws]').click()")
+        assert page.eval(f"{sel}.textContent") == data[j][0]
+        assert page.eval("getComputedStyle(document.querySelector('.toks')).fontFamily").startswith("ui-monospace")
+        page.eval("document.querySelector('[data-ws]').click()")
+        assert page.eval(f"{sel}.textContent") == data[j][4]
+        assert "monospace" not in page.eval("getComputedStyle(document.querySelector('.toks')).fontFamily")
+        # a click pins the pop-up: it stays when the pointer moves to another token and leaves it
+        page.eval(f"{sel}.scrollIntoView()")
+        page.eval(f"{sel}.click()")
+        page.hover(".tk", 2)
+        page.eval("document.querySelectorAll('.tk')[2].dispatchEvent(new MouseEvent('mouseout', {bubbles: true}))")
+        tip = page.eval("(() => { const t = document.getElementById('tip'); return [t.hidden, t.innerText]; })()")
+        assert tip[0] is False and str(data[j][1]) in tip[1]
+        page.eval("document.body.click()")
+        assert page.eval("document.getElementById('tip').hidden") is True
         page.screenshot(tmp_path / "shot.png")
         assert (tmp_path / "shot.png").stat().st_size > 10_000
 
@@ -194,10 +313,42 @@ def test_cli_report_and_bad_input(tiny_run, tiny_path, tmp_path, monkeypatch):
         (["report", rid, "-o", tmp_path / "a.html", "--metric", "vibes"], "unknown metric 'vibes'"),
         (["report", rid, "-o", tmp_path / "a.html", "--model", tiny_path, "--position", 999], "--position 999"),
     ]
+    # without -o: the run's name (or run-ID), .html, in the current folder
+    monkeypatch.chdir(tmp_path)
+    res = cli("report", rid, "--no-model")
+    assert (tmp_path / f"run-{rid}.html").exists() and f"wrote run-{rid}.html" in res.output
+    from llamalens.commands.runs import default_report_path
+
+    info = store.run(rid)
+    assert default_report_path(info) == f"run-{rid}.html"
+    info.name = "tales/../x y"
+    assert default_report_path(info) == "tales_.._x_y.html" and default_report_path(info, "md").endswith(".md")
     for args, msg in cases:
         res = cli(*args, ok=False)
         assert res.exit_code != 0 and re.search(msg, res.output), (args, res.output)
     assert not (tmp_path / "a.html").exists() and not (tmp_path / "a.html.part").exists()
+
+
+def test_show_texts(tiny_run, monkeypatch):
+    """`show` ends with the distinct texts, shortened; --texts prints each in full; --json --texts lists them."""
+    from llamalens.commands.runs import SHORT_CHARS
+    from llamalens.run.findings import distinct_texts
+
+    store, rid = tiny_run
+    monkeypatch.setenv("LLAMALENS_STORE", str(store.path))
+    texts = distinct_texts(load_run(store, rid))
+    short = cli("show", rid).output
+    full = cli("show", rid, "--texts").output
+    assert "texts of prompt 0" in short and "texts of prompt 1" in short
+    assert all(len(line) < SHORT_CHARS + 80 for line in short.splitlines() if line.lstrip().startswith("×"))
+    for t in texts:
+        shown = visible.visible(t.text, t.bytes, edge_spaces=False)
+        assert shown in full and f"×{len(t.samples)} " in full
+    greedy = next(t for t in texts if t.samples[0][1] == 0)
+    assert "(+3 equivalent), every seed" in full and len(greedy.samples) >= 8
+    data = json.loads(cli("show", rid, "--texts", "--json").stdout)
+    assert sum(len(t["samples"]) for t in data["texts"]) == store.run(rid).n_done
+    assert "texts" not in json.loads(cli("show", rid, "--json").stdout)
 
 
 def test_report_of_empty_and_unfinished_runs(tiny, tmp_path, monkeypatch):

@@ -210,7 +210,8 @@ def test_a_tree_is_a_run_for_show_export_and_report(serve_app, tmp_path):
     tree, records, _ = _generate(serve_app, n=6)
     _events(serve_app, "/api/branch", {"tree": tree, "branch": 0, "at": 1, "token": records[1]["top"][2]["id"],
                                        "settings": {"temperature": 0}, "max_tokens": 3})
-    r = cli("show", tree, "--store", serve_app.db)
+    r = cli("show", tree, "--store", serve_app.db, "--texts")
+    assert "--- branch 1" in r.output
     assert "tree of 2 branch(es)" in r.output and "0@1" in r.output
     out = tmp_path / "tree.csv"
     cli("export", tree, "-o", out, "--format", "csv", "--store", serve_app.db)

@@ -141,12 +141,14 @@ def write_fork_report(fr, report_path, fmt=None) -> None:
     write_report(fork_document(fr), report_path, fmt)
 
 
-def show_fork(store, run_id, as_json):
-    """Print a fork run's summary (the forking tokens and the outcome distributions); return the ForkRun."""
+def show_fork(store, run_id, as_json, texts: bool = False):
+    """Print a fork run's summary (the forking tokens and the outcome distributions); return the ForkRun.
+    `texts`: a fork's texts are its continuations, which `export` writes; the summary says so."""
     from llamalens.run.fork import load_fork
+    from llamalens.run.fork_analysis import continuations
     from llamalens.reports.fork import distribution_text, prefill_line
     from llamalens.reports.run import describe_noise
-    from llamalens.visible import visible
+    from llamalens.visible import prob_text, visible
 
     fr = load_fork(store, run_id)
     info, a = fr.info, fr.analysis
@@ -157,21 +159,27 @@ def show_fork(store, run_id, as_json):
     say(f"fork run {info.id} {info.name or ''} [{info.status}] model {info.model.name}, {info.n_done - 1}/"
         f"{info.n_samples - 1} continuations at {len(a.positions)} positions; outcome: {fr.outcome.describe()}")
     say(f"base path ({len(fr.base_tokens)} tokens): {fr.base.text!r} -> {a.base_outcome}")
-    rows = [("pos", "token", "p", "branches", "o_t", "jump", "noise95", "forking")]
+    rows = [("pos", "token", "p", "branches", "n", "o_t", "jump", "noise95", "forking")]
     for i, p in enumerate(a.positions):
         j = a.jump_at(p)
         t = fr.base_tokens[p]
-        rows.append((p, visible(t.text, t.bytes), f"{t.prob:.3f}", len(a.branches[i]), distribution_text(a.distribution(i)),
+        rows.append((p, visible(t.text, t.bytes), prob_text(t.prob, 3), len(a.branches[i]), continuations(a.branches[i]),
+                     distribution_text(a.distribution(i), always=a.declared),
                      f"{j.size:.3f}" if j else "", f"{j.noise95:.3f}" if j else "",
                      "FORK" if j and j.forking else ("cp" if j and j.change_point else "")))
-    print_table(rows, right={0, 2, 3, 5, 6})
+    print_table(rows, right={0, 2, 3, 4, 6, 7})
     forks = a.forking
     say("forking tokens: " + (", ".join(f"{j.position} {visible(fr.base_tokens[j.position].text, fr.base_tokens[j.position].bytes)!s}"
-                                         f" (TV {j.size:.2f} > noise {j.noise95:.2f})" for j in forks) or "none"))
+                                         f" (TV {j.size:.2f} > noise {j.noise95:.2f} on {'+'.join(map(str, j.samples))})"
+                                         for j in forks) or "none")
+        + "; n: the continuations each o_t rests on (the noise level widens as they shrink)")
     say(f"prefill: {prefill_line(fr.stats, fr.cost)}")
     noise = describe_noise(info.noise)
     if noise:
         say(noise)
+    if texts:
+        say(f"--texts: a fork run's texts are its {info.n_done - 1} continuations; "
+            f"`llamalens export {info.id} --format jsonl -o FILE` writes each with its position and outcome")
     if info.status != "done":
         say(f"run {info.id} is {info.status}: resume with `llamalens fork --resume {info.id}`")
     return fr

@@ -218,9 +218,17 @@ def chat_prompt(model, conv, chat):
 
 
 def announce_chat(rendered) -> None:
-    """Say on stderr which template rendered the conversation and how long the prompt it made is."""
+    """Say on stderr which template rendered the conversation and how long the prompt it made is (and warn when
+    the template's markers are plain text to the model)."""
     say(f"chat ({rendered.template}): the prompt is {rendered.n_tokens} tokens; the reply starts after it",
         err=True)
+    warn_chat([rendered])
+
+
+def warn_chat(rendered: list) -> None:
+    """A warning on stderr for each distinct template whose markers are not special tokens of the model."""
+    for w in dict.fromkeys(r.warning() for r in rendered if r.warning()):
+        say(f"warning: {w}", err=True)
 
 
 def with_chat(d: dict, rendered) -> dict:
@@ -264,12 +272,12 @@ def _print_next_grammar(model, prompt, top, spec, as_json, rendered) -> None:
 
 
 def _print_sampler_view(view, n_vocab: int) -> None:
-    from llamalens.visible import visible
+    from llamalens.visible import prob_text, visible
 
     rows = [("rank", "token", "raw") + tuple(ch.label for ch in view.chains)]
     for i, a in enumerate(view.top):
-        rows.append((i + 1, visible(a.text, a.bytes), f"{math.exp(a.logprob):.4f}")
-                    + tuple(f"{ch.final.probs[i]:.4f}" if ch.final.probs[i] > 0 else "-" for ch in view.chains))
+        rows.append((i + 1, visible(a.text, a.bytes), prob_text(math.exp(a.logprob)))
+                    + tuple(prob_text(ch.final.probs[i]) if ch.final.probs[i] > 0 else "-" for ch in view.chains))
     rows.append(("", "tokens left", f"{n_vocab:,}") + tuple(f"{ch.final.survivors:,}" for ch in view.chains))
     print_table(rows, right=set(range(0, 3 + len(view.chains))) - {1})
     say(f"raw = softmax of the logits (entropy {view.entropy:.4f} nats); each column = the same tokens after "
@@ -337,15 +345,15 @@ def generate(prompt, chain, max_tokens, logprobs, stop, as_text, as_json, model,
 
 
 def _print_sample(sample) -> None:
-    from llamalens.visible import visible
+    from llamalens.visible import prob_text, visible
 
     removed = sample.grammar_removed
     rows = [("#", "token", "prob", "logprob", "rank", "entropy", "cand", "sampled p", "top alternatives")
             + (("removed",) if removed is not None else ())]
     for t in sample.tokens:
-        rows.append((t.position, visible(t.text, t.bytes) + (" [end]" if t.eog else ""), f"{t.prob:.4f}",
+        rows.append((t.position, visible(t.text, t.bytes) + (" [end]" if t.eog else ""), prob_text(t.prob),
                      f"{t.logprob:.4f}", t.rank, f"{t.entropy:.3f}", t.candidates,
-                     f"{math.exp(t.sampled_logprob):.4f}", alternatives(t.top))
+                     prob_text(math.exp(t.sampled_logprob)), alternatives(t.top))
                     + ((f"{removed[t.position]:.1%}",) if removed is not None else ()))
     print_table(rows, right={0, 2, 3, 4, 5, 6, 7, 9})
     if removed is not None:

@@ -89,11 +89,10 @@ def print_table(rows, right: set[int] = frozenset()) -> None:
 
 
 def fmt_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    """A size as every command prints one (visible.size_text: MiB / GiB)."""
+    from llamalens.visible import size_text
+
+    return size_text(n)
 
 
 def load_model(name, options, sequences: int = 1, rows: int | None = None, cells: int | None = None):
@@ -123,7 +122,7 @@ def write_report(doc, report_path, fmt=None) -> None:
 
     files = write(doc, report_path, fmt)
     extra = f" and {len(files) - 1} images in {files[1].parent}" if len(files) > 1 else ""
-    say(f"wrote {files[0]} ({sum(f.stat().st_size for f in files) / 1e6:.2f} MB){extra}", err=True)
+    say(f"wrote {files[0]} ({fmt_size(sum(f.stat().st_size for f in files))}){extra}", err=True)
 
 
 def window_progress(what):
@@ -177,9 +176,9 @@ def alternatives(top, digits: int = 3) -> str:
     """A token's top alternatives as 'text p  text p ...'."""
     import math
 
-    from llamalens.visible import visible
+    from llamalens.visible import prob_text, visible
 
-    return "  ".join(f"{visible(a.text, a.bytes)} {math.exp(a.logprob):.{digits}f}" for a in top)
+    return "  ".join(f"{visible(a.text, a.bytes)} {prob_text(math.exp(a.logprob), digits)}" for a in top)
 
 
 @contextmanager

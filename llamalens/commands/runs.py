@@ -104,6 +104,9 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
         run_id = req.start(loaded, store, shell_command(["llamalens"] + sys.argv[1:]),
                            lambda note: say(f"note: {note}", err=True))
         if req.chats:
+            from llamalens.commands.look import warn_chat
+
+            warn_chat(req.chats)
             say(f"chat: {len(req.chats)} conversation(s) rendered with {req.chats[0].template}; the analysis covers "
                 "the replies", err=True)
         say(f"run {run_id}: {len(spec.prompts)} prompt(s) x {len(spec.configs)} configuration(s) x "
@@ -149,33 +152,77 @@ def runs(as_json, store_path):
 
 @click.command()
 @click.argument("run_id")
+@click.option("--texts", is_flag=True, help="Every distinct text in full, with the configurations and seeds that "
+                                            "produced it (without it: the first few, shortened).")
 @json_option
 @store_option
 @fail_cleanly
-def show(run_id, as_json, store_path):
-    """Summary of a run per configuration: logprob, perplexity, entropy, candidates, diversity, speed."""
+def show(run_id, texts, as_json, store_path):
+    """Summary of a run per configuration: logprob, perplexity, entropy, candidates, diversity, speed; then its
+    distinct texts.
+
+    \b
+    llamalens show tales --texts
+    """
     from llamalens.store import Store
 
-    _show_run(Store(store_path), run_id, as_json)
+    _show_run(Store(store_path), run_id, as_json, texts=texts)
 
 
-def _show_run(store, run_id, as_json):
+def _show_run(store, run_id, as_json, texts: bool = False):
     """Print a run's summary as its kind shows it (run/kinds.py); return what it loaded (a report made next
     reads nothing again)."""
     from llamalens.run.kinds import kind
 
-    return kind(store.run(run_id).kind).hook("show")(store, run_id, as_json)
+    return kind(store.run(run_id).kind).hook("show")(store, run_id, as_json, texts=texts)
 
 
-def show_sweep(store, run_id, as_json):
-    """Print a sweep run's summary: per configuration, then strategies, noise floor, grammar, resumes."""
+SHORT_TEXTS = 6  # distinct texts per prompt that `show` and a sweep's end print without --texts
+SHORT_CHARS = 72
+
+
+def show_texts(run, full: bool) -> None:
+    """Each prompt's distinct texts, the most produced first, with the configurations and seeds behind each:
+    all of them in full, or the first SHORT_TEXTS shortened to SHORT_CHARS characters."""
+    from llamalens.run.findings import findings
+    from llamalens.reports.findings import Names, produced_by
+    from llamalens.visible import visible
+
+    found = findings(run)
+    names = Names(run, found)
+    prompts = dict(sorted({(s.prompt_idx, s.prompt) for s in run.samples}))
+    for p_idx, prompt in prompts.items():
+        texts = [t for t in found.texts if t.prompt_idx == p_idx]
+        n = sum(len(t.samples) for t in texts)
+        say(f"texts of prompt {p_idx} ({visible(prompt, edge_spaces=False)!s}): {len(texts)} distinct of {n} samples")
+        rows = [("samples", "text", "produced by")]
+        for t in texts if full else texts[:SHORT_TEXTS]:
+            shown = visible(t.text, t.bytes, edge_spaces=False)
+            if not full and len(shown) > SHORT_CHARS:
+                shown = shown[: SHORT_CHARS - 1] + "…"
+            rows.append((f"×{len(t.samples)}", shown, produced_by(names, t.samples)))
+        print_table(rows, right={0})
+        if not full and len(texts) > SHORT_TEXTS:
+            say(f"... {len(texts) - SHORT_TEXTS} more: `llamalens show {run.id} --texts`")
+
+
+def show_sweep(store, run_id, as_json, texts: bool = False):
+    """Print a sweep run's summary: per configuration, then strategies, noise floor, grammar, resumes, and the
+    distinct texts (all in full with `texts`)."""
     from llamalens.run.loaded import STRATEGY_TABLE, load_run
     from llamalens.reports.run import context_options, describe_noise
 
     run = load_run(store, run_id)
     info, summ = run.info, run.summary
     if as_json:
-        json_out({"run": info.to_dict(), "summary": records(summ)})
+        out = {"run": info.to_dict(), "summary": records(summ)}
+        if texts:
+            from llamalens.run.findings import distinct_texts
+
+            out["texts"] = [{"prompt_idx": t.prompt_idx, "text": t.text, "token_ids": list(t.ids),
+                             "samples": [{"sample_idx": i, "config_idx": c, "seed": sd} for i, c, sd in t.samples]}
+                            for t in distinct_texts(run)]
+        json_out(out)
         return run
     say(f"run {info.id} {info.name or ''} [{info.status}] model {info.model.name} ({info.model.quantization}), "
                f"{info.n_done}/{info.n_samples} samples, {context_options(info.options.model_options)}, "
@@ -203,6 +250,8 @@ def show_sweep(store, run_id, as_json):
         from llamalens.reports.run import resume_note
 
         say(f"note: {resume_note(info)}")
+    if run.samples:
+        show_texts(run, texts)
     if info.status != "done":
         say(f"run {info.id} is {info.status}: resume with `llamalens sweep --resume {info.id}`")
     return run
@@ -223,7 +272,8 @@ def _show_grammar(run) -> None:
 
 @click.command()
 @click.argument("run_id")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="FILE.html or FILE.md.")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="FILE.html or FILE.md (default: the run's name, or run-ID, .html in this folder).")
 @click.option("--format", "fmt", default=None, help="html or md (default: from the file name).")
 @click.option("--metric", default="mean_logprob", show_default=True,
               help="Metric of the first heatmap (mean_logprob, mean_entropy, mean_candidates, distinct_completions, "
@@ -239,14 +289,27 @@ def report(run_id, output, fmt, metric, position, sample_idx, model, no_model, s
     """Write a run's report: one self-contained HTML page, or Markdown with PNG plots beside it.
 
     \b
-    llamalens report 7 -o run7.html
-    llamalens report my-run -o run.md --metric mean_entropy --position 3
+    llamalens report my-run                 # writes my-run.html
+    llamalens report 7 -o run7.md --metric mean_entropy --position 3
     """
     from llamalens.api import report as write_run_report
+    from llamalens.store import Store
+
+    if output is None:
+        output = default_report_path(Store(store_path).run(run_id), fmt)
 
     write_run_report(run_id, output, store=store_path, fmt=fmt, metric=metric, position=position, sample=sample_idx,
                      model=model, load_model=not no_model, on_note=lambda note: say(note, err=True),
                      loader=load_model, writer=_write)
+
+
+def default_report_path(info, fmt: str | None = None) -> str:
+    """The report's file when -o is not given: the run's name (characters unsafe in a file name replaced), or
+    run-ID for a run without one, with .html (or .md with --format md)."""
+    import re
+
+    stem = re.sub(r"[^\w.-]+", "_", info.name).strip("._") if info.name else ""
+    return f"{stem or f'run-{info.id}'}.{'md' if fmt == 'md' else 'html'}"
 
 
 def _write(doc, output, fmt) -> None:

@@ -75,6 +75,7 @@ def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprob
 
 def _score_reply(chat, text, file, raw_bytes, as_json, report_path, logprobs, show_all, as_text, model, kw):
     """score --messages: the assistant's reply after its conversation."""
+    from llamalens.commands.look import warn_chat
     from llamalens.core.chat import render
     from llamalens.looks.score import score_reply
 
@@ -93,6 +94,7 @@ def _score_reply(chat, text, file, raw_bytes, as_json, report_path, logprobs, sh
     check_report_path(report_path)
     loaded = load_model(model, pop_model_options(kw))
     rendered = render(loaded, conv, chat.template)
+    warn_chat([rendered])
     _show_scores(score_reply(loaded, rendered.text, reply, logprobs), as_json, as_text, show_all, report_path, rendered)
 
 
@@ -115,12 +117,12 @@ def _show_scores(res, as_json, as_text, show_all, report_path, rendered=None) ->
 
 
 def _print_scores(res, show_all: bool) -> None:
-    from llamalens.visible import visible
+    from llamalens.visible import prob_text, visible
 
     toks = res.tokens
     shown = toks if show_all or len(toks) <= 100 else sorted(toks, key=lambda t: t.logprob)[:15]
     rows = [("#", "token", "prob", "logprob", "rank", "entropy", "top alternatives")]
-    rows += [(t.position, visible(t.text, t.bytes), f"{t.prob:.4f}", f"{t.logprob:.4f}", t.rank, f"{t.entropy:.3f}",
+    rows += [(t.position, visible(t.text, t.bytes), prob_text(t.prob), f"{t.logprob:.4f}", t.rank, f"{t.entropy:.3f}",
               alternatives(t.top)) for t in shown]
     if shown is not toks:
         say(f"the {len(shown)} most surprising of {len(toks)} tokens (--all for every one, --json for all data):")
@@ -242,7 +244,7 @@ def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model
 
 
 def _print_comparison(res, top) -> None:
-    from llamalens.visible import visible
+    from llamalens.visible import prob_text, visible
 
     s = res.summary()
     say(f"A = {res.model_a.get('name')} ({res.model_a.get('quantization')}), B = {res.model_b.get('name')} "
@@ -264,6 +266,6 @@ def _print_comparison(res, top) -> None:
     rows = [("pos", "sample", "token", "KLD", "p A", "p B", "top A", "top B")]
     for p in res.worst(top):
         rows.append((p.position, "" if p.sample is None else p.sample, visible(p.text, p.bytes), f"{p.kld:.5f}",
-                     f"{p.p_a:.4f}", f"{p.p_b:.4f}", alternatives(p.top_a[:3]), alternatives(p.top_b[:3])))
+                     prob_text(p.p_a), prob_text(p.p_b), alternatives(p.top_a[:3]), alternatives(p.top_b[:3])))
     say(f"the {len(rows) - 1} positions where the models disagree most:")
     print_table(rows, right={0, 1, 3, 4, 5})

@@ -90,8 +90,9 @@ def serve(host, port, token, exact, chat_template, store_path, model, **kw):
         sock.close()
 
 
-def show_tree(store, run_id, as_json):
-    """Print a tree run: its branches, each indented under its parent, with where it forked and its text."""
+def show_tree(store, run_id, as_json, texts: bool = False):
+    """Print a tree run: its branches, each indented under its parent, with where it forked and the start of its
+    text (texts=True: then each branch's whole text)."""
     from llamalens.run.tree import load_tree
 
     tree = load_tree(store, run_id)
@@ -112,6 +113,10 @@ def show_tree(store, run_id, as_json):
         rows.append(("  " * depth + str(i), "" if b.parent is None else f"{b.parent}@{b.at}", visible(forced),
                      len(path), f"{mean:.3f}", b.finish_reason or b.status, visible(b.text[:60])))
     print_table(rows, right={3, 4})
+    if texts:
+        for i in _depth_first(tree):
+            say(f"--- branch {i}")
+            say("".join(t.text for t in tree.path(i) if not t.eog))
     return tree
 
 

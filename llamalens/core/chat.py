@@ -14,6 +14,11 @@ renders them: trim_blocks and lstrip_blocks on, the variables `messages`, `bos_t
 model adds BOS itself, so that tokenizing the text does not double it. llama-server tokenizes the result
 with special tokens parsed; Model.prompt_tokens does the same, so the tokens equal the server's.
 
+A template written for another model family (chatml's <|im_start|> on Gemma) renders markers the model
+does not know: tokenized, they are plain text, and the model sees a conversation in a format it was never
+trained on. `foreign_markers` finds them (the template's own tag-like markers, outside the messages, that are
+not one special token of this model) and the commands warn.
+
 The rendered text is the prompt from then on: the engine, the store and `sweep --resume` work on it as on
 any prompt, and whatever is generated, scored or chosen after it is the assistant's reply. `ChatPrompt`
 keeps what it came from (messages, template) so that reports can show the prompt token by token, special
@@ -23,6 +28,7 @@ tokens visible, with the place where the reply starts.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -43,6 +49,17 @@ class ChatPrompt:
     text: str
     shown: str = ""  # the prompt as the model reads it, special tokens in ⟦ ⟧ (BOS included): see as_read
     n_tokens: int = 0
+    foreign: tuple[str, ...] = ()  # the template's markers that are not special tokens of the model
+
+    def warning(self) -> str | None:
+        """What to say when the template's markers are plain text to this model (None when they are not)."""
+        if not self.foreign:
+            return None
+        return (f"the chat template ({self.template}) writes {', '.join(self.foreign)}, which "
+                f"{'is not a special token' if len(self.foreign) == 1 else 'are not special tokens'} of this model: "
+                "it reads them as plain text, in a format it was not trained on. Use the model's own template "
+                "(leave out --chat-template) or one whose markers are its special tokens (for Gemma: "
+                "--chat-template gemma).")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -243,7 +260,27 @@ def render(model, messages, chat_template: str | None = None, resolved: tuple[st
         if model.add_bos and bos and text.startswith(bos):
             text = text[len(bos):]
     shown, n = as_read(model, text)
-    return ChatPrompt(tuple(messages), label, text, shown, n)
+    return ChatPrompt(tuple(messages), label, text, shown, n, foreign_markers(model, text, messages))
+
+
+# tag-like markers a chat template writes: <|im_start|>, <start_of_turn>, </s>, [INST], [/INST]
+MARKER = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?[A-Za-z_][\w.-]{0,40}>|\[/?[A-Z][A-Z_]{1,20}\]")
+
+
+def foreign_markers(model, text: str, messages) -> tuple[str, ...]:
+    """The markers the template wrote around the messages (their own text left out) that are not one special
+    token of `model`, in order of first appearance."""
+    scaffold = text
+    for m in messages:
+        content = m.get("content") or ""
+        if isinstance(content, str) and content:
+            scaffold = scaffold.replace(content, "\x00", 1)
+    out = []
+    for marker in dict.fromkeys(MARKER.findall(scaffold)):
+        ids = model.tokenize(marker, add_bos=False, special=True)
+        if not (len(ids) == 1 and model.piece(ids[0], special=True) != model.piece(ids[0], special=False)):
+            out.append(marker)
+    return tuple(out)
 
 
 def as_read(model, text: str) -> tuple[str, int]:

@@ -31,6 +31,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from llamalens.errors import LlamalensError
+from llamalens.visible import size_text
 from llamalens.modelfiles.gguf_header import GGUFHeader
 
 MIB = 1 << 20
@@ -79,16 +80,15 @@ class MemoryEstimate:
         return {**asdict(self), "total": self.total, "fits": self.fits}
 
     def breakdown(self) -> str:
-        """'weights 241 MB + KV cache 36 MB + ... = 1.3 GB'."""
+        """'weights 241.4 MiB + KV cache 36.0 MiB + ... = 1.27 GiB'."""
         parts = [("weights", self.weights), ("KV cache", self.kv), ("logits", self.outputs),
                  ("compute", self.compute), ("runtime", self.runtime)]
         return " + ".join(f"{name} {gb(n)}" for name, n in parts) + f" = {gb(self.total)}"
 
 
 def gb(n: int | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+    """A size as every command prints one (visible.size_text: MiB / GiB)."""
+    return size_text(n)
 
 
 def _per_layer(value, n_layer: int) -> list[int]:

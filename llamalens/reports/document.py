@@ -49,6 +49,7 @@ class TokenView:
     notable: float = 0.0  # higher = more worth a look (the Markdown report lists the top few)
     newline: bool = False  # the token ends a line: break the strip after it
     mark: str = ""  # a marker shown before the token (e.g. where two samples diverge)
+    plain: str | None = None  # the text as it reads in running prose (real spaces); None: the same as `text`
 
 
 @dataclass
@@ -61,6 +62,22 @@ class Heading:
 class Para:
     text: str
     kind: str = "p"  # p | note | warn
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclass
+class Folded:
+    """Blocks shown folded under a one-line summary (HTML <details>; a plain section in Markdown)."""
+
+    summary: str
+    blocks: list = field(default_factory=list)
+
+    def add(self, *blocks):
+        self.blocks.extend(blocks)
 
 
 @dataclass
@@ -115,9 +132,12 @@ def gltr_class(rank: int) -> str:
 
 def kld_class(kld: float) -> str:
     """k0 (< 1e-4 nats) .. k9 (>= 1 nat), in steps of half a decade."""
-    if not kld > 1e-4:
+    if not kld >= 1e-4:
         return "k0"
-    return f"k{min(9, 1 + int((math.log10(kld) + 4) * 2))}"
+    # the edges are 10**((i - 1) / 2 - 4); log10 of an edge can come out a hair below its exact value, so
+    # the bucket is the last edge not above kld, compared in kld's own units
+    i = min(9, 1 + int((math.log10(kld) + 4) * 2 + 1e-9))
+    return f"k{i if kld >= 10 ** ((i - 1) / 2 - 4) else i - 1}"
 
 
 def fork_class(jump: float) -> str:
@@ -157,9 +177,14 @@ table.kv td:first-child{color:#555;white-space:nowrap}
 .strips{border:1px solid #e3e3e3;border-radius:6px;margin:6px 0 14px}
 .row{display:flex;border-top:1px solid #eee}.row:first-child{border-top:none}
 .lbl{flex:0 0 230px;padding:4px 8px;font-size:12px;color:#444;background:#fafafa;border-right:1px solid #eee;word-break:break-word}
-.toks{flex:1;padding:4px 8px;font:13px/1.9 ui-monospace,Menlo,Consolas,monospace;word-break:break-all}
-.tk{border-radius:3px;padding:1px 0;cursor:default;white-space:pre}
-.tk:focus,.tk:hover{outline:2px solid #333}
+.toks{flex:1;padding:4px 8px;font-size:15px;line-height:1.9;white-space:pre-wrap;overflow-wrap:anywhere}
+body.ws .toks{font:13px/1.9 ui-monospace,Menlo,Consolas,monospace}
+.tk{border-radius:3px;padding:1px 0;cursor:pointer}
+.tk:focus,.tk:hover,.tk.pin{outline:2px solid #333}
+#tip .bar{display:inline-block;height:8px;background:#5b7fd6;vertical-align:middle;border-radius:2px}
+#tip td.sv{color:#2a7d2a}#tip td.cu{color:#999}
+details.made{margin:30px 0 10px;border-top:1px solid #ddd;padding-top:6px}details.made>summary{font-size:18px;font-weight:600;cursor:pointer}
+ul.find{margin:6px 0 12px;padding-left:22px}ul.find li{margin:3px 0}
 .mk{display:inline-block;width:3px;height:1.25em;background:#d00;vertical-align:text-bottom;margin:0 2px}
 #tip{position:absolute;z-index:10;background:#fff;border:1px solid #999;box-shadow:0 3px 10px rgba(0,0,0,.2);
  border-radius:5px;padding:6px 9px;font-size:12px;max-width:420px;pointer-events:none}
@@ -219,7 +244,10 @@ function show(t){
   (d[3]||[]).forEach((alts,j)=>{
     tip.appendChild(el('div','at',D.alt_titles[j]||'alternatives'));
     const at=el('table');
-    alts.forEach(a=>{const r=el('tr');r.appendChild(el('td','',a[0]));r.appendChild(el('td','',a[1]));at.appendChild(r);});
+    alts.forEach(a=>{const r=el('tr');r.appendChild(el('td','',a[0]));r.appendChild(el('td','',a[1]));
+      const p=parseFloat(a[1]);const bc=el('td');
+      if(p>=0&&p<=1){const bar=el('span','bar');bar.style.width=Math.max(1,Math.round(p*80))+'px';bc.appendChild(bar);}
+      r.appendChild(bc);if(a[2])r.appendChild(el('td',a[2][0]==='\u2713'?'sv':'cu',a[2]));at.appendChild(r);});
     tip.appendChild(at);
   });
   tip.hidden=false;
@@ -229,11 +257,20 @@ function show(t){
   if(x+w>window.scrollX+document.documentElement.clientWidth-8)x=window.scrollX+document.documentElement.clientWidth-w-8;
   tip.style.left=Math.max(0,x)+'px';tip.style.top=y+'px';
 }
-function hide(){tip.hidden=true;}
-document.addEventListener('mouseover',e=>{const t=e.target.closest&&e.target.closest('.tk');if(t)show(t);});
-document.addEventListener('mouseout',e=>{if(e.target.closest&&e.target.closest('.tk'))hide();});
-document.addEventListener('focusin',e=>{const t=e.target.closest&&e.target.closest('.tk');if(t)show(t);else hide();});
+let pinned=null;
+function hide(){if(pinned)show(pinned);else tip.hidden=true;}
+function tk(e){return e.target.closest&&e.target.closest('.tk');}
+document.addEventListener('mouseover',e=>{const t=tk(e);if(t)show(t);});
+document.addEventListener('mouseout',e=>{if(tk(e))hide();});
+document.addEventListener('focusin',e=>{const t=tk(e);if(t)show(t);else hide();});
 document.addEventListener('focusout',hide);
+// a click pins a token's pop-up (it stays while the mouse moves on); a click on it again or elsewhere unpins
+document.addEventListener('click',e=>{const t=tk(e);if(pinned)pinned.classList.remove('pin');
+  if(t&&t!==pinned){pinned=t;t.classList.add('pin');show(t);}else{pinned=null;tip.hidden=true;}});
+// "show whitespace": each token as its visible form (· for an edge space) in monospace, or back to prose
+document.querySelectorAll('[data-ws]').forEach(b=>b.addEventListener('click',()=>{
+  const on=document.body.classList.toggle('ws');b.textContent=on?'hide whitespace':'show whitespace';
+  document.querySelectorAll('.tk').forEach(t=>{const d=D.tokens[+t.dataset.i];if(d)t.textContent=on?d[0]:d[4];});}));
 document.querySelectorAll('[data-setmode]').forEach(b=>b.addEventListener('click',()=>{document.body.dataset.mode=b.dataset.setmode;}));
 document.querySelectorAll('table.sortable').forEach(tbl=>{
   tbl.querySelectorAll('th').forEach((th,ci)=>{th.classList.add('s');th.addEventListener('click',()=>{
@@ -270,13 +307,40 @@ def _cell(v) -> str:
     return f"<td>{_e(v)}</td>"
 
 
-def to_html(doc: Document) -> str:
+def _strips_html(b: Strips, doc: Document, tokens: list) -> list[str]:
+    """A strip block: its colour-mode buttons, the context, one row of token spans per sample."""
+    body: list[str] = []
+    mode_names = [m for m, _ in doc.modes]
+    body.append(f"<h3>{_e(b.title)}</h3>")
+    body.append('<div class="modes">colour by: ' + "".join(
+        f'<button type="button" data-setmode="{_e(m)}">{_e(label)}</button>' for m, label in doc.modes)
+        + ' <button type="button" data-ws="1">show whitespace</button>'
+        + "".join(f'<span class="legend {m}">{_LEGENDS.get(m, "")}</span>' for m in mode_names) + "</div>")
+    if b.context:
+        body.append(f'<div class="ctx">{_e(b.context)}</div>')
+    rows = []
+    for label, toks in b.rows:
+        spans = []
+        for t in toks:
+            i = len(tokens)
+            shown = t.text if t.plain is None else t.plain
+            tokens.append([t.text, t.id, t.values, [[list(a) for a in alts] for alts in t.alts], shown])
+            if t.mark:
+                spans.append(f'<span class="mk" title="{_e(t.mark)}"></span>')
+            spans.append(f'<span class="tk {t.classes}" data-i="{i}" tabindex="0">{_e(shown)}</span>')
+            if t.newline:
+                spans.append("<br>")
+        rows.append(f'<div class="row"><div class="lbl">{_e(label)}</div><div class="toks">{"".join(spans)}</div></div>')
+    body.append(f'<div class="strips">{"".join(rows)}</div>')
+    return body
+
+
+def _html_blocks(blocks: list, doc: Document, tokens: list) -> list[str]:
+    """The blocks' markup; each strip token's tooltip data is appended to `tokens` (the page's JSON block)."""
     from llamalens.reports import plots
 
-    tokens: list = []
-    body: list[str] = [f"<h1>{_e(doc.title)}</h1>"]
-    mode_names = [m for m, _ in doc.modes]
-    for b in doc.blocks:
+    body: list[str] = []
+    for b in blocks:
         if isinstance(b, Heading):
             body.append(f"<h{b.level}>{_e(b.text)}</h{b.level}>")
         elif isinstance(b, Para):
@@ -297,27 +361,21 @@ def to_html(doc: Document) -> str:
             if b.caption:
                 body.append(f'<p class="cap">{_e(b.caption)}</p>')
         elif isinstance(b, Strips):
-            body.append(f"<h3>{_e(b.title)}</h3>")
-            body.append('<div class="modes">colour by: ' + "".join(
-                f'<button type="button" data-setmode="{_e(m)}">{_e(label)}</button>' for m, label in doc.modes)
-                + "".join(f'<span class="legend {m}">{_LEGENDS.get(m, "")}</span>' for m in mode_names) + "</div>")
-            if b.context:
-                body.append(f'<div class="ctx">{_e(b.context)}</div>')
-            rows = []
-            for label, toks in b.rows:
-                spans = []
-                for t in toks:
-                    i = len(tokens)
-                    tokens.append([t.text, t.id, t.values, [[list(a) for a in alts] for alts in t.alts]])
-                    if t.mark:
-                        spans.append(f'<span class="mk" title="{_e(t.mark)}"></span>')
-                    spans.append(f'<span class="tk {t.classes}" data-i="{i}" tabindex="0">{_e(t.text)}</span>')
-                    if t.newline:
-                        spans.append("<br>")
-                rows.append(f'<div class="row"><div class="lbl">{_e(label)}</div><div class="toks">{"".join(spans)}</div></div>')
-            body.append(f'<div class="strips">{"".join(rows)}</div>')
+            body += _strips_html(b, doc, tokens)
+        elif isinstance(b, Bullets):
+            body.append('<ul class="find">' + "".join(f"<li>{_e(i)}</li>" for i in b.items) + "</ul>")
+        elif isinstance(b, Folded):
+            body.append(f'<details class="made"><summary>{_e(b.summary)}</summary>'
+                        + "\n".join(_html_blocks(b.blocks, doc, tokens)) + "</details>")
         else:  # pragma: no cover - a builder bug
             raise TypeError(f"unknown block {type(b).__name__}")
+    return body
+
+
+def to_html(doc: Document) -> str:
+    tokens: list = []
+    mode_names = [m for m, _ in doc.modes]
+    body: list[str] = [f"<h1>{_e(doc.title)}</h1>", *_html_blocks(doc.blocks, doc, tokens)]
     data = {"fields": doc.fields, "alt_titles": doc.alt_titles, "tokens": tokens}
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
@@ -348,15 +406,26 @@ def to_markdown(doc: Document, image_dir: Path, image_prefix: str, replaceable: 
     """The Markdown text; each figure written as a PNG into image_dir (its name added to `written`), never over
     a file there that is not in `replaceable` (the images an earlier report wrote there): such a name is taken
     with a "_" added."""
+    out = [f"# {_md(doc.title)}", ""] + _md_blocks(doc.blocks, doc, image_dir, image_prefix, set(), replaceable, written)
+    # code blocks hold texts as they are: the whole page, too, shows no character a terminal acts on
+    return terminal_safe("\n".join(out) + "\n")
+
+
+def _md_blocks(blocks: list, doc: Document, image_dir: Path, image_prefix: str, used: set[str],
+               replaceable: frozenset[str], written: list[str] | None) -> list[str]:
+    """The blocks as Markdown lines; each figure written as a PNG under image_dir (names in `used` taken)."""
     from llamalens.reports import plots
 
-    out = [f"# {_md(doc.title)}", ""]
-    used: set[str] = set()
-    for b in doc.blocks:
+    out: list[str] = []
+    for b in blocks:
         if isinstance(b, Heading):
             out += ["#" * b.level + " " + _md(b.text), ""]
         elif isinstance(b, Para):
             out += [("> " if b.kind == "warn" else "") + _md(b.text), ""]
+        elif isinstance(b, Bullets):
+            out += [f"- {_md(i)}" for i in b.items] + [""]
+        elif isinstance(b, Folded):
+            out += [f"## {_md(b.summary)}", ""] + _md_blocks(b.blocks, doc, image_dir, image_prefix, used, replaceable, written)
         elif isinstance(b, KeyValues):
             out += ["| | |", "|---|---|"] + [f"| {_md(k)} | {_md(v)} |" for k, v in b.rows] + [""]
         elif isinstance(b, Table):
@@ -381,7 +450,7 @@ def to_markdown(doc: Document, image_dir: Path, image_prefix: str, replaceable: 
             if b.context:
                 out += [_fence(b.context) + "text", b.context, _fence(b.context), ""]
             for label, toks in b.rows:
-                text = "".join(t.text + ("\n" if t.newline else "") for t in toks)
+                text = "".join((t.text if t.plain is None else t.plain) + ("\n" if t.newline else "") for t in toks)
                 fence = _fence(text)
                 out += [f"**{_md(label)}**", "", fence + "text", text, fence]
                 top = sorted(toks, key=lambda t: -t.notable)[:5]
@@ -390,8 +459,7 @@ def to_markdown(doc: Document, image_dir: Path, image_prefix: str, replaceable: 
                         f"`{t.text.replace('`', 'ˋ')}` " + ", ".join(f"{f} {v}" for f, v in zip(doc.fields[:3], t.values[:3]))
                         for t in top if t.notable > 0))
                 out.append("")
-    # code blocks hold texts as they are: the whole page, too, shows no character a terminal acts on
-    return terminal_safe("\n".join(out) + "\n")
+    return out
 
 
 # -- writing ---------------------------------------------------------------------------------------

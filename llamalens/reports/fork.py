@@ -6,7 +6,7 @@ Only data is collected here; document.py writes the markup (every text escaped t
 
 from __future__ import annotations
 
-from llamalens.visible import label, visible
+from llamalens.visible import label, prob_text, visible
 from llamalens.reports.document import Document, Figure, Heading, KeyValues, Para, Strips, Table, TokenView, fork_class, prob_class
 from llamalens.reports.run import describe_noise
 from llamalens.reports.texts import model_line
@@ -19,10 +19,15 @@ def histogram_text(hist: dict[str, int]) -> str:
     return ", ".join(f"{visible(k)} {v}" for k, v in sorted(hist.items(), key=lambda kv: -kv[1]))
 
 
-def distribution_text(dist: dict[str, float], most: int = 3) -> str:
+def distribution_text(dist: dict[str, float], most: int = 3, always: tuple[str, ...] = ()) -> str:
+    """The `most` likeliest outcomes with their probabilities, and every outcome in `always` (the declared
+    --options) even at 0, so that an option the model never produced reads as asked and not produced."""
     items = sorted(((k, v) for k, v in dist.items() if v > 0), key=lambda kv: -kv[1])
-    shown = ", ".join(f"{visible(k)} {v:.2f}" for k, v in items[:most])
-    return shown + (f" (+{len(items) - most} more)" if len(items) > most else "")
+    top = items[:most]
+    top += [(k, dist.get(k, 0.0)) for k in always if k not in {k for k, _ in top}]
+    shown = ", ".join(f"{visible(k)} {v:.2f}" for k, v in top)
+    rest = len([k for k, _ in items if k not in {k for k, _ in top}])
+    return shown + (f" (+{rest} more)" if rest else "")
 
 
 def prefill_line(stats: dict, cost: dict) -> str:
@@ -88,15 +93,15 @@ def fork_document(fr) -> Document:
         alts, examples = [], []
         if i is not None:
             for b in a.branches[i]:
-                alts.append((b.text + (" (chosen)" if b.chosen else ""), f"{b.prob:.3f}: {histogram_text(b.histogram())}"))
+                alts.append((b.text + (" (chosen)" if b.chosen else ""), f"{prob_text(b.prob, 3)}: {histogram_text(b.histogram())}"))
                 examples.append((b.text, b.example[:EXAMPLE_CHARS] + ("…" if len(b.example) > EXAMPLE_CHARS else "")))
         views.append(TokenView(
             visible(t.text, t.bytes), t.id, f"{fork_class(shift)} {prob_class(t.prob)}",
-            [f"{t.prob:.4f}", f"{shift:.3f}" if j else "–", f"{j.noise95:.3f}" if j else "–",
-             distribution_text(a.distribution(i)) if i is not None else "not analysed",
+            [prob_text(t.prob), f"{shift:.3f}" if j else "–", f"{j.noise95:.3f}" if j else "–",
+             distribution_text(a.distribution(i), always=a.declared) if i is not None else "not analysed",
              ("yes" if j.forking else "no") if j else "–"],
             [alts, examples], notable=shift, newline=bytes.fromhex(t.bytes).endswith(b"\n"),
-            mark="forking token" if j and j.forking else ""))
+            mark="forking token" if j and j.forking else "", plain=visible(t.text, t.bytes, edge_spaces=False)))
     doc.add(Strips("Base path", [("base", views)], context=visible(info.options.prompts[0], edge_spaces=False)
                    if info.options.prompts else ""))
     doc.add(Heading("Outcome distribution along the base path"))
@@ -107,28 +112,43 @@ def fork_document(fr) -> Document:
                    "outcomes",
                    "o_t: the share of each outcome among the continuations from position t (branches weighted by "
                    "their raw probability); 'end' is the base path's own outcome. Dashed lines: change points of "
-                   "the series; red lines: forking tokens (a change point whose jump exceeds the bootstrap noise). "
+                   "the series; red lines: forking tokens (a change point whose jump exceeds the noise). "
                    "A line after a token means choosing that token moved the distribution."))
+    _forking_table(doc, fr)
+    _per_position(doc, fr)
+    return doc
+
+
+def _forking_table(doc: Document, fr) -> None:
+    """The largest jumps of the outcome distribution, with their noise and the continuations behind them."""
+    a = fr.analysis
     doc.add(Heading("Forking tokens"))
     top = sorted(a.jumps, key=lambda j: -j.size)[:TOP_JUMPS]
-    rows = [[j.position, _tok(fr, j.position), j.size, j.noise95, j.p_value,
+    rows = [[j.position, _tok(fr, j.position), j.size, j.noise95, j.p_value, "+".join(map(str, j.samples)),
              "yes" if j.change_point else "", "yes" if j.forking else "",
-             distribution_text(a.distribution(j.index - 1)), distribution_text(a.distribution(j.index))]
+             distribution_text(a.distribution(j.index - 1), always=a.declared),
+             distribution_text(a.distribution(j.index), always=a.declared)]
             for j in top if j.size > 0]
     if rows:
-        doc.add(Table(["position", "token", "jump (TV)", "noise 95%", "p", "change point", "forking", "o before",
-                       "o after"], rows,
+        doc.add(Table(["position", "token", "jump (TV)", "noise 95%", "p", "continuations", "change point",
+                       "forking", "o before", "o after"], rows,
                       caption="The largest moves of the outcome distribution, each attributed to the token after "
-                              "which it happens. noise 95%: what resampling the continuations makes of a jump that "
-                              "is not there (bootstrap); p: the share of such jumps at least as large."))
+                              "which it happens. noise 95%: what the samples' uncertainty makes of a jump that is "
+                              "not there (each branch's outcomes redrawn from their Dirichlet posterior; it widens "
+                              "as samples shrink); p: the share of such jumps at least as large; continuations: "
+                              "how many the two distributions rest on."))
     else:
         doc.add(Para("The outcome distribution does not move along the base path: no token forks it.", "note"))
+
+
+def _per_position(doc: Document, fr) -> None:
+    """The table of every analysed position: its token, branches, continuations and o_t."""
+    a = fr.analysis
     doc.add(Heading("Per position"))
     doc.add(Table(["position", "token", "p", "branches", "continuations", "o_t"],
-                  [[p, _tok(fr, p), _prob(fr, p), len(a.branches[i]),
-                    sum(len(b.outcomes) for b in a.branches[i]), distribution_text(a.distribution(i), most=5)]
+                  [[p, _tok(fr, p), _prob(fr, p), len(a.branches[i]), sum(len(b.outcomes) for b in a.branches[i]),
+                    distribution_text(a.distribution(i), most=5, always=a.declared)]
                    for i, p in enumerate(a.positions)]))
-    return doc
 
 
 def _tok(fr, position: int) -> str:

@@ -163,6 +163,16 @@ def series(values, ylabel: str, xlabel: str = "token position", log: bool = Fals
     return fig
 
 
+def log_bins(v: np.ndarray, n: int = 40) -> np.ndarray:
+    """n log-spaced bin edges from v's min to its max (at least a decade wide). 10**log10(x) need not give x
+    back (2297 comes out as 2296.999999), so the end edges are set to the data's own min and max: no value
+    falls outside the histogram."""
+    lo, hi = float(v.min()), float(max(v.max(), v.min() * 10))
+    edges = np.logspace(math.log10(lo), math.log10(hi), n)
+    edges[0], edges[-1] = lo, hi
+    return edges
+
+
 def histogram(values, xlabel: str, log_x: bool = False):
     fig = _figure(6, 2.6)
     ax = fig.subplots()
@@ -170,7 +180,7 @@ def histogram(values, xlabel: str, log_x: bool = False):
     v = v[np.isfinite(v)]
     if log_x:
         v = np.maximum(v, 1e-8)
-        bins = np.logspace(math.log10(v.min()), math.log10(max(v.max(), v.min() * 10)), 40) if len(v) else 10
+        bins = log_bins(v) if len(v) else 10
         ax.set_xscale("log")
         _plain_ticks(ax.xaxis)
     else:

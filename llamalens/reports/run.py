@@ -1,17 +1,20 @@
 """The report of a sweep run: one small builder per section, all fed by one LoadedRun.
 
     load_run(store, id) ──► RunReport(run, model, position, sample_idx, metric)
-        header      model, versions, hardware, prompts, grid, duration, command, noise floor
-        summary     per-configuration table + heatmaps over the grid's axes
-        strips      every sample's tokens, coloured, with tooltips; first divergence marked
-        positions   p(chosen), entropy, candidates along the sequence, per configuration
+        findings    what the run shows, in sentences (run/findings.py computes it; reports/findings.py words it)
+        texts       each prompt's distinct texts once, with the configurations and seeds behind each
+        summary     one row per distinct chain (equivalent configurations grouped) + heatmaps over the axes
+                    that changed something
+        strips      each distinct text's tokens, coloured, with tooltips; first divergence marked
+        positions   p(chosen), entropy, candidates along the sequence, per distinct chain
         seeds       distinct completions and where the seeds split
-        samplers    how each configuration's chain reshapes one raw distribution (needs the model)
+        samplers    how each distinct chain reshapes one raw distribution (needs the model)
         timing      time to first token, tokens/s
+        made        folded: model, versions, hardware, build, grid, duration, command, noise floor, prompts
     ──► Document (reports/document.py renders it)
 
-Everything numeric comes from analysis.py or from the records; nothing here writes markup. The
-sampler section needs the model (one prefill); without it the section says why it is missing.
+Everything numeric comes from run/loaded.py, run/findings.py or the records; nothing here writes markup.
+The sampler section needs the model (one prefill); without it the section says why it is missing.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import datetime
 import math
 
 from llamalens.run import loaded as analysis
+from llamalens.run.findings import findings, moving_axes
 from llamalens.run.loaded import LoadedRun, load_run
 from llamalens.errors import InvalidInput
 from llamalens.records import StoredSample, TokenRecord
-from llamalens.visible import visible
-from llamalens.reports.document import (MAX_PLOT_PROMPTS, MAX_SAMPLER_CHAINS, MAX_STRIP_TOKENS, Document, Figure, Heading, KeyValues,
-                       Para, Strips, Table, TokenView, fmt, gltr_class, prob_class)
+from llamalens.visible import prob_text, size_text, visible
+from llamalens.reports.document import (MAX_PLOT_PROMPTS, MAX_SAMPLER_CHAINS, MAX_STRIP_TOKENS, Document, Figure, Folded,
+                                        Heading, KeyValues, Para, Strips, Table, TokenView, fmt, gltr_class, prob_class)
+from llamalens.reports.findings import Names, findings_blocks, numbers, produced_by, texts_blocks
 from llamalens.reports.texts import chain_stages_text, chat_blocks, model_line, plain, sampler_blocks
 
 HEATMAP_METRICS = ("mean_logprob", "mean_entropy", "mean_candidates", "distinct_completions")
@@ -42,14 +47,27 @@ def check_request(info, metric: str) -> None:
         raise InvalidInput(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
 
 
-def token_view(t: TokenRecord, mark: str = "") -> TokenView:
-    text = visible(t.text, t.bytes) + (" [end]" if t.eog else "")
+def token_view(t: TokenRecord, mark: str = "", survivors: bool = False) -> TokenView:
+    """A token for a strip: in prose its real text, in the tooltip its visible form and figures. `survivors`:
+    the chain keeps the raw top `candidates` tokens (no penalty, grammar or llama.cpp stage reorders or drops
+    them), so each alternative is marked by whether it survived."""
+    end = " [end]" if t.eog else ""
+    kept = [("✓ kept" if i < t.candidates else "cut") if survivors else "" for i in range(len(t.top))]
     return TokenView(
-        text=text, id=t.id, classes=f"{prob_class(t.prob)} {gltr_class(t.rank)}",
-        values=[f"{t.prob:.4f}", f"{t.logprob:.4f}", str(t.rank), f"{t.entropy:.3f}", f"{t.candidates:,}",
-                f"{math.exp(t.sampled_logprob):.4f}", " ".join(str(i) for i in t.blocked) or "–"],
-        alts=[[(visible(a.text, a.bytes), f"{a.prob:.4f}") for a in t.top]],
-        notable=1.0 - t.prob, newline=bytes.fromhex(t.bytes).endswith(b"\n"), mark=mark)
+        text=visible(t.text, t.bytes) + end, id=t.id, classes=f"{prob_class(t.prob)} {gltr_class(t.rank)}",
+        values=[prob_text(t.prob), f"{t.logprob:.4f}", str(t.rank), f"{t.entropy:.3f}", f"{t.candidates:,}",
+                prob_text(math.exp(t.sampled_logprob)), " ".join(str(i) for i in t.blocked) or "–"],
+        alts=[[(visible(a.text, a.bytes), prob_text(a.prob), k) for a, k in zip(t.top, kept)]],
+        notable=1.0 - t.prob, newline=bytes.fromhex(t.bytes).endswith(b"\n"), mark=mark,
+        plain=visible(t.text, t.bytes, edge_spaces=False) + end)
+
+
+def keeps_raw_top(cfg, grammar: bool) -> bool:
+    """Whether a configuration's candidates are the raw distribution's top ones (truncation only: no penalty,
+    grammar, or llama.cpp stage such as XTC that removes the top tokens)."""
+    return (not grammar and cfg.chain == "llama-cpp-python" and cfg.repeat_penalty == 1.0
+            and not cfg.frequency_penalty and not cfg.presence_penalty and cfg.strategy == "sample"
+            and not cfg.no_repeat_ngram)
 
 
 def describe_noise(nf: dict | None) -> str | None:
@@ -109,25 +127,39 @@ class RunReport:
         self.prompts = sorted({(s.prompt_idx, s.prompt) for s in run.samples})
         info = run.info
         name = f" ({visible(info.name, edge_spaces=False)})" if info.name else ""
-        self.doc = Document(f"llamalens run {info.id}{name}",
-                            fields=TOKEN_FIELDS, alt_titles=["top alternatives (raw distribution)"])
+        self.found = findings(run)
+        self.names = Names(run, self.found)
+        self.doc = Document(f"llamalens run {info.id}{name}", fields=TOKEN_FIELDS,
+                            alt_titles=["top alternatives (raw distribution; kept: survived the sampler chain)"])
 
     def document(self) -> Document:
-        for section in (self.header, self.summary, self.grammar, self.strategies, self.strips, self.positions, self.seeds,
-                        self.samplers, self.timing):
+        for section in (self.status, self.findings, self.texts, self.summary, self.grammar, self.strategies, self.strips,
+                        self.positions, self.seeds, self.samplers, self.timing, self.header):
             section()
         return self.doc
+
+    def status(self) -> None:
+        info = self.run.info
+        if info.status != "done" or info.n_done < info.n_samples:
+            self.doc.add(Para(f"This run is {info.status}: {info.n_done} of {info.n_samples} samples are finished, and "
+                              f"this report shows only those. Finish it with `llamalens sweep --resume {info.id}`.",
+                              "warn"))
+
+    def findings(self) -> None:
+        findings_blocks(self.doc, self.run, self.found, self.names)
+
+    def texts(self) -> None:
+        texts_blocks(self.doc, self.run, self.found, self.names)
 
     def ids(self, s: StoredSample) -> list[int]:
         return [t.id for t in self.run.by_sample.get(s.sample_idx, [])]
 
-    # -- 1. header -------------------------------------------------------------------------------
+    # -- last: how this was made, folded ------------------------------------------------------------------
     def header(self) -> None:
-        run, doc = self.run, self.doc
+        run = self.run
         info, opts, hw, m = run.info, run.info.options, run.info.hardware, run.info.model
-        if info.status != "done" or info.n_done < info.n_samples:
-            doc.add(Para(f"This run is {info.status}: {info.n_done} of {info.n_samples} samples are finished, and this "
-                         f"report shows only those. Finish it with `llamalens sweep --resume {info.id}`.", "warn"))
+        doc = Folded("How this was made: model, settings, build, command, noise floor, prompts")
+        self.doc.add(doc)
         n_tok = int(len(run.tokens))
         done_at = [s.completed for s in run.samples if s.completed]
         end = info.finished or (max(done_at) if done_at else None)
@@ -139,7 +171,7 @@ class RunReport:
                          for a in varying) or "one configuration"
         doc.add(KeyValues([
             ("model", model_line(m, with_path=False)),
-            ("model file", f"{visible(m.path, edge_spaces=False)} ({m.file_size / 2**20:,.1f} MiB, sha256 {info.model_hash[:16]})"),
+            ("model file", f"{visible(m.path, edge_spaces=False)} ({size_text(m.file_size)}, sha256 {info.model_hash[:16]})"),
             ("versions", ", ".join(f"{k} {v}" for k, v in info.versions.items())),
             ("hardware", f"{hw.threads} threads, {hw.gpu_layers} GPU layers, flash attention {hw.flash_attn}, "
                          f"{hw.machine} {hw.system}; {opts.parallel} sequences per batch"
@@ -171,26 +203,42 @@ class RunReport:
     # -- 2. summary + heatmaps -------------------------------------------------------------------------
     def summary(self) -> None:
         doc, summ = self.doc, self.run.summary
-        doc.add(Heading("Summary per configuration"))
-        cols = ["config_idx", "label", "samples", "tokens", "mean_logprob", "perplexity", "mean_entropy",
-                "mean_candidates", "distinct_completions", "distinct_2", "mean_rank", "tokens_per_s"]
+        doc.add(Heading("Summary per distinct chain"))
+        cols = ["mean_logprob", "perplexity", "mean_entropy", "mean_candidates", "distinct_completions", "distinct_2",
+                "mean_rank", "tokens_per_s"]
+        by = {int(r["config_idx"]): r for _, r in summ.iterrows()}
+        rows = []
+        for g in self.found.groups:
+            members = [by[c] for c in g.configs if c in by]
+            if not members:
+                continue
+            r = members[0]  # the group's records are the same decode: its figures are its first member's
+            rows.append([numbers(g.configs), self.names.group_row(g), sum(int(m["samples"]) for m in members),
+                         sum(int(m["tokens"]) for m in members)] + [plain(r[c]) for c in cols])
         doc.add(Table(["#", "configuration", "samples", "tokens", "mean logprob", "perplexity", "entropy", "candidates",
-                       "distinct", "distinct-2", "mean rank", "tok/s"],
-                      [[plain(r[c]) for c in cols] for _, r in summ.iterrows()],
-                      caption="Means over generated tokens (end-of-generation tokens excluded); "
-                              "'distinct' = distinct completions per prompt across seeds."))
-        varying = analysis.varying_axes(self.run.configs)
-        if analysis.varying_axes(self.run.configs, analysis.STRATEGY_COLUMNS):
-            varying = []  # strategies ignore some settings: a heatmap over those would mix them; see the next section
-        if varying and len(summ) > 1:
-            from llamalens.reports import plots
+                       "distinct", "distinct-2 across seeds", "mean rank", "tok/s"], rows,
+                      caption="Means over generated tokens (end-of-generation tokens excluded); 'distinct' = distinct "
+                              "completions per prompt across seeds; 'distinct-2 across seeds' = distinct bigrams over "
+                              "all of a configuration's samples. Configurations that are one chain on this run (one "
+                              "candidate at every token, the same tokens for every prompt and seed) share a row."))
+        if len(summ) < 2 or analysis.varying_axes(self.run.configs, analysis.STRATEGY_COLUMNS):
+            return  # strategies ignore some settings: a heatmap over those would mix them; see the next section
+        from llamalens.reports import plots
 
-            x, y, panel = varying[0], (varying[1] if len(varying) > 1 else None), varying[2:]
-            shown = [self.metric] + [mm for mm in HEATMAP_METRICS if mm != self.metric]
-            for mm in shown[:3]:
-                doc.add(Figure(plots.heatmaps(summ, mm, x, y, panel), f"heatmap_{mm}",
-                               f"{mm.replace('_', ' ')} over {x}" + (f" × {y}" if y else "")
-                               + (f", one panel per {', '.join(panel)}" if panel else "")))
+        grid_axes = analysis.varying_axes(self.run.configs)
+        shown = [self.metric] + [mm for mm in HEATMAP_METRICS if mm != self.metric]
+        drawn = 0
+        for mm in shown:
+            moving = set(moving_axes(self.run, self.found.axes, mm))
+            axes = [a for a in grid_axes if a in moving]  # only the axes along which this figure moves
+            if not axes or drawn == 3:
+                continue
+            drawn += 1
+            x, y, panel = axes[0], (axes[1] if len(axes) > 1 else None), axes[2:]
+            doc.add(Figure(plots.heatmaps(summ, mm, x, y, panel), f"heatmap_{mm}",
+                           f"{mm.replace('_', ' ')} over {x}" + (f" × {y}" if y else "")
+                           + (f", one panel per {', '.join(panel)}" if panel else "")
+                           + _fixed_note(grid_axes, axes)))
 
     # -- 2b. where a grammar fought the model -----------------------------------------------------------
     def grammar(self) -> None:
@@ -287,25 +335,30 @@ class RunReport:
     def strips(self) -> None:
         doc = self.doc
         doc.add(Heading("Token views"))
-        doc.add(Para("Each token is coloured by the probability the model gave it (green = sure, red = unsure) or by "
-                     "its rank among all tokens (GLTR). Hover or focus a token for its top alternatives, rank, entropy "
-                     "and candidate-set size. A red bar marks the first token where a sample differs from the first "
-                     "sample of its prompt.", "note"))
+        doc.add(Para("Each distinct text once, with how many samples produced it. Each token is coloured by the "
+                     "probability the model gave it (green = sure, red = unsure) or by its rank among all tokens (GLTR). "
+                     "Hover or focus a token for its top alternatives, rank, entropy and candidate-set size; click it "
+                     "to pin that pop-up. A red bar marks the first token where a text differs from the first text of "
+                     "its prompt.", "note"))
         budget, left_out = MAX_STRIP_TOKENS, 0
+        by_idx = {s.sample_idx: s for s in self.run.samples}
+        grammar = bool(self.run.info.options.grammar)
         for p_idx, group in self.by_prompt.items():
-            ref = self.ids(group[0])
-            rows = []
-            for s in group:
-                toks = self.run.by_sample.get(s.sample_idx, [])
+            ref, rows = None, []
+            for t in (t for t in self.found.texts if t.prompt_idx == p_idx):
+                first = by_idx[t.samples[0][0]]
+                toks = self.run.by_sample.get(first.sample_idx, [])
                 if budget - len(toks) < 0:
-                    left_out += 1
+                    left_out += len(t.samples)
                     continue
                 budget -= len(toks)
-                div = analysis.first_divergence(ref, [t.id for t in toks]) if rows else None
-                views = [token_view(t, mark=f"differs from the first sample from token {t.position}"
-                                    if div is not None and t.position == div else "") for t in toks]
-                label = f"#{s.sample_idx} · {self.labels.get(s.config_idx, s.config_idx)} · seed {s.seed} · " \
-                        f"{s.finish_reason}" + (f" · differs at {div}" if div is not None else "")
+                div = analysis.first_divergence(ref, list(t.ids)) if ref is not None else None
+                ref = list(t.ids) if ref is None else ref
+                keeps = keeps_raw_top(self.run.configs[first.config_idx], grammar)
+                views = [token_view(tk, mark=f"differs from the first text from token {tk.position}"
+                                    if div is not None and tk.position == div else "", survivors=keeps) for tk in toks]
+                label = (f"#{first.sample_idx} · ×{len(t.samples)} · {produced_by(self.names, t.samples)} · "
+                         f"{first.finish_reason}" + (f" · differs at {div}" if div is not None else ""))
                 rows.append((label, views))
             if rows:
                 doc.add(Strips(f"Prompt {p_idx}", rows, context=visible(group[0].prompt, edge_spaces=False)))
@@ -319,15 +372,15 @@ class RunReport:
 
         doc = self.doc
         doc.add(Heading("Along the sequence"))
+        reps = {g.configs[0]: self.names.group(g) for g in self.found.groups}
         for p_idx, _ in self.prompts[:MAX_PLOT_PROMPTS]:
             curves = analysis.position_curves(self.run.tokens, p_idx)
-            data = {f"#{ci} {self.labels.get(ci, ci)}": {"prob": c["prob"].to_numpy(),
-                                                         "entropy": c["entropy"].to_numpy(),
-                                                         "candidates": c["candidates"].to_numpy()}
-                    for ci, c in sorted(curves.items())}
+            data = {f"#{ci} {reps[ci]}": {"prob": c["prob"].to_numpy(), "entropy": c["entropy"].to_numpy(),
+                                          "candidates": c["candidates"].to_numpy()}
+                    for ci, c in sorted(curves.items()) if ci in reps}
             doc.add(Figure(plots.positions(data), f"positions_prompt{p_idx}",
                            f"Prompt {p_idx}: probability of the chosen token, entropy and candidate-set size at each "
-                           f"position (mean over seeds), one series per configuration."))
+                           f"position (mean over seeds), one series per distinct chain."))
         if len(self.prompts) > MAX_PLOT_PROMPTS:
             doc.add(Para(f"Plots of prompts {MAX_PLOT_PROMPTS}..{len(self.prompts) - 1} are left out.", "note"))
 
@@ -336,16 +389,16 @@ class RunReport:
         self.doc.add(Heading("Seeds"))
         rows = []
         for p_idx, group in self.by_prompt.items():
-            by_cfg: dict[int, list] = {}
-            for s in group:
-                by_cfg.setdefault(s.config_idx, []).append(self.ids(s))
-            for ci, seqs in sorted(by_cfg.items()):
+            for g in self.found.groups:
+                seqs = [self.ids(s) for s in group if s.config_idx in g.configs]
+                if not seqs:
+                    continue
                 distinct, splits = analysis.seed_splits(seqs)
-                rows.append([p_idx, ci, self.labels.get(ci, ""), len(seqs), distinct,
+                rows.append([p_idx, numbers(g.configs), self.names.group(g), len(seqs), distinct,
                              ", ".join(map(str, splits[:12])) + (" …" if len(splits) > 12 else "") or "never"])
-        self.doc.add(Table(["prompt", "#", "configuration", "seeds", "distinct completions", "split at token"], rows,
-                           caption="Where the completions of one configuration split: positions where the seeds first "
-                                   "drew different tokens."))
+        self.doc.add(Table(["prompt", "#", "configuration", "samples", "distinct completions", "split at token"], rows,
+                           caption="Where the completions of one chain split: positions where its samples (its seeds, "
+                                   "and its equivalent configurations) first drew different tokens."))
 
     # -- 6. sampler view -----------------------------------------------------------------------------------
     def samplers(self) -> None:
@@ -369,10 +422,11 @@ class RunReport:
                          "missing, or --no-model was given); pass --model PATH to `llamalens report`.", "warn"))
             return
         distinct, seen = [], set()
-        for i, c in enumerate(run.configs):  # configurations that differ only in seed reshape alike
-            if self.labels[i] not in seen:
-                seen.add(self.labels[i])
-                distinct.append(c)
+        for g in self.found.groups:  # one chain per group; configurations that differ only in seed reshape alike
+            ci = g.configs[0]
+            if self.labels[ci] not in seen:
+                seen.add(self.labels[ci])
+                distinct.append(run.configs[ci])
         view = sampler_view(self.model, pick.prompt, [t.id for t in toks[:position]], distinct[:MAX_SAMPLER_CHAINS])
         history = "".join(visible(t.text, t.bytes, edge_spaces=False) for t in toks[:position])
         doc.add(Para(f"Position {position} of sample #{pick.sample_idx} (prompt {pick.prompt_idx}"
@@ -397,6 +451,12 @@ class RunReport:
                            caption="Time to first token counts from when the sample got a batch slot (prefill or "
                                    "prompt copy included). Sequences share each decode call, so per-sequence tokens/s "
                                    "is lower than the run's overall rate in the header."))
+
+
+def _fixed_note(grid_axes: list[str], axes: list[str]) -> str:
+    rest = [a for a in grid_axes if a not in axes]
+    return f"; {', '.join(rest)} left out: changing {'it' if len(rest) == 1 else 'them'} alone does not move it" \
+        if rest else ""
 
 
 def context_options(mo) -> str:

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from llamalens.modelfiles.find import ModelInfo
-from llamalens.visible import label, visible
+from llamalens.visible import label, prob_text, visible
 from llamalens.reports.document import MAX_STRIP_TOKENS, Document, Figure, Heading, KeyValues, Para, Strips, Table, TokenView, \
     gltr_class, kld_class, prob_class
 
@@ -45,6 +45,8 @@ def chat_blocks(doc: Document, chats: list) -> None:
     doc.add(Para("Each conversation rendered with its chat template, token by token as the model reads it: special "
                  "tokens in ⟦ ⟧, ⏎ a newline. The assistant's reply starts at ▶reply; everything analysed here is "
                  "in the reply.", "note"))
+    for w in dict.fromkeys(c.warning() for c in chats if c.warning()):
+        doc.add(Para(w[0].upper() + w[1:], "warn"))
     doc.add(Table(["#", "template", "messages", "tokens", "prompt as the model reads it"],
                   [[i, c.template, len(c.messages), c.n_tokens, visible(c.shown, edge_spaces=False) + " \u25b6reply"]
                    for i, c in enumerate(chats)], sortable=False))
@@ -94,9 +96,9 @@ def score_document(res, chat=None) -> Document:
                    "How often the actual token was the model's 1st, 10th, 100th... choice (GLTR's view)."))
     doc.add(Heading("The text"))
     views = [TokenView(visible(t.text, t.bytes), t.id, f"{prob_class(t.prob)} {gltr_class(t.rank)}",
-                       [f"{t.prob:.4f}", f"{t.logprob:.4f}", str(t.rank), f"{t.entropy:.3f}"],
-                       [[(visible(a.text, a.bytes), f"{a.prob:.4f}") for a in t.top]], notable=-t.logprob,
-                       newline=bytes.fromhex(t.bytes).endswith(b"\n"))
+                       [prob_text(t.prob), f"{t.logprob:.4f}", str(t.rank), f"{t.entropy:.3f}"],
+                       [[(visible(a.text, a.bytes), prob_text(a.prob)) for a in t.top]], notable=-t.logprob,
+                       newline=bytes.fromhex(t.bytes).endswith(b"\n"), plain=visible(t.text, t.bytes, edge_spaces=False))
              for t in _limited(res.tokens, "scored tokens", doc)]
     doc.add(Strips("Scored tokens", [("text", views)]))
     return doc
@@ -133,8 +135,8 @@ def compare_document(cmp) -> Document:
     doc.add(Heading(f"The {min(20, len(cmp.positions))} positions where the models disagree most"))
     doc.add(Table(["position", "sample", "token", "KLD", "p A", "p B", "top A", "top B"], [
         [p.position, "" if p.sample is None else p.sample, visible(p.text, p.bytes), p.kld, p.p_a, p.p_b,
-         "  ".join(f"{visible(a.text, a.bytes)} {a.prob:.3f}" for a in p.top_a[:3]),
-         "  ".join(f"{visible(a.text, a.bytes)} {a.prob:.3f}" for a in p.top_b[:3])] for p in cmp.worst(20)]))
+         "  ".join(f"{visible(a.text, a.bytes)} {prob_text(a.prob, 3)}" for a in p.top_a[:3]),
+         "  ".join(f"{visible(a.text, a.bytes)} {prob_text(a.prob, 3)}" for a in p.top_b[:3])] for p in cmp.worst(20)]))
     doc.add(Heading("The text by divergence"))
     by_sample: dict = {}
     for p in _limited(cmp.positions, "compared tokens", doc):
@@ -143,10 +145,12 @@ def compare_document(cmp) -> Document:
     for sample, ps in by_sample.items():
         views = [TokenView(visible(p.text, p.bytes), p.id,
                            f"{kld_class(p.kld)} {prob_class(p.p_b)} {'st1' if p.same_top else 'st0'}",
-                           [f"{p.kld:.6f}", f"{p.p_a:.4f}", f"{p.p_b:.4f}", f"{p.dp:+.4f}", "yes" if p.same_top else "no"],
-                           [[(visible(a.text, a.bytes), f"{a.prob:.4f}") for a in p.top_a],
-                            [(visible(a.text, a.bytes), f"{a.prob:.4f}") for a in p.top_b]],
-                           notable=p.kld, newline=bytes.fromhex(p.bytes).endswith(b"\n")) for p in ps]
+                           [f"{p.kld:.6f}", prob_text(p.p_a), prob_text(p.p_b), f"{p.dp:+.4f}",
+                            "yes" if p.same_top else "no"],
+                           [[(visible(a.text, a.bytes), prob_text(a.prob)) for a in p.top_a],
+                            [(visible(a.text, a.bytes), prob_text(a.prob)) for a in p.top_b]],
+                           notable=p.kld, newline=bytes.fromhex(p.bytes).endswith(b"\n"),
+                           plain=visible(p.text, p.bytes, edge_spaces=False)) for p in ps]
         rows.append(("text" if sample is None else f"sample #{sample}", views))
     doc.add(Strips("Tokens coloured by KL divergence", rows))
     return doc

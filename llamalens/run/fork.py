@@ -6,7 +6,7 @@
                --alternatives with raw p(w) >= --min-prob, --samples continuations each: all planned in the
                store at once (samples.extra = role, position, forced token, p(w), sample number)
            ──► decode the pending continuations (below), each saved with its outcome as it finishes
-           ──► forking.analyse (pure): o_t, jumps, bootstrap noise, change points
+           ──► forking.analyse (pure): o_t, jumps, posterior noise, change points
 
 Decoding (the batched path). One context: sequence 0 holds the KV cells of prompt + base path, decoded
 once. A continuation of (t, w) takes a free sequence: `seq_cp(0, s, 0, L+t)` gives it the shared prefix
@@ -534,9 +534,11 @@ def load_fork(store: Store, run_id) -> ForkRun:
                 b.example = b.text + cont
     positions = sorted(t for t, g in groups.items() if any(b.outcomes for b in g.values()))
     branches = [sorted(groups[t].values(), key=lambda b: (not b.chosen, -b.prob)) for t in positions]
+    spec = OutcomeSpec.from_dict(fork["outcome"])
+    declared = tuple(o.strip() for o in spec.options) if spec.mode == "options" else ()
     base_outcome = base.extra.get("outcome")
-    analysis = analyse(branches, positions, NONE if base_outcome is None else base_outcome)
-    return ForkRun(info, base, tokens.get(0, []), fork, OutcomeSpec.from_dict(fork["outcome"]), analysis,
+    analysis = analyse(branches, positions, NONE if base_outcome is None else base_outcome, declared=declared)
+    return ForkRun(info, base, tokens.get(0, []), fork, spec, analysis,
                    base.extra.get("decode_stats") or {}, base.extra.get("cost") or {})
 
 

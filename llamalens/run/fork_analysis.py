@@ -7,13 +7,17 @@ ICLR 2025). No model here: fork.py decodes the continuations; this module only c
       ──► o_t = Σ_w p̃(w) · hist_w / n_w        p̃ = p renormalised over the kept branches
       ──► the series o_0 .. o_{T-1}, then o_end = the base path's own outcome (every token fixed)
       ──► jump_i = TV(o_{i-1}, o_i) = ½ Σ_k |o_{i-1,k} - o_{i,k}|,  i = 1..T
-      ──► bootstrap over the samples: every branch's outcomes resampled with replacement (B draws), the
-          jump's centred replicates  ½ Σ_k |(o*_{i-1} - o_{i-1}) - (o*_i - o_i)|  give what noise alone
-          makes of a jump: its 95th percentile is the jump's noise level, and the share of replicates at
-          least as large as the jump its p-value
+      ──► noise from the samples' posterior: each branch's outcome distribution is drawn B times from
+          Dirichlet(counts + 1/K) over the K outcomes seen in the run (one pseudo-count spread over them,
+          Jeffreys' prior for two outcomes; a Bayesian bootstrap that widens as samples shrink: 4
+          continuations that all agree leave real doubt, where resampling them with replacement saw
+          none), o*_t recomputed from the draws; the jump's centred replicates
+          ½ Σ_k |(o*_{i-1} - ō*_{i-1}) - (o*_i - ō*_i)|  give what noise alone makes of a jump: its 95th
+          percentile is the jump's noise level, and the share of replicates at least as large as the jump
+          its p-value
       ──► change points of the series (exact optimal partitioning, l2 cost, min segment 1; see
           change_points) with a BIC penalty
-          K · log(T+1) · σ̂² (σ̂²: the mean bootstrap variance of a component of o_t, floored at 1e-4
+          K · log(T+1) · σ̂² (σ̂²: the mean posterior variance of a component of o_t, floored at 1e-4
           so that a noise-free series is not split at float-level differences)
 
 A jump between analysed positions a < b is attributed to the token at a: from o_a to o_b the tokens a..b-1
@@ -31,6 +35,7 @@ NONE = "none"  # the outcome of a continuation nothing matched
 N_BOOT = 400
 ALPHA = 0.05
 MIN_VARIANCE = 1e-4
+PRIOR = 1.0  # the Dirichlet prior's total pseudo-count on a branch's outcome distribution, spread over the outcomes seen
 
 
 @dataclass
@@ -57,9 +62,10 @@ class Jump:
     index: int  # i in the series: between o_{i-1} and o_i
     position: int  # the base token the jump is attributed to (the earlier of the two analysed positions)
     size: float  # total-variation distance
-    noise95: float  # 95th percentile of the bootstrap's centred replicates
+    noise95: float  # 95th percentile of the posterior's centred replicates
     p_value: float
     change_point: bool
+    samples: tuple[int, int] = (0, 0)  # continuations behind o_{i-1} and o_i (o_end: the base path, 0)
 
     @property
     def significant(self) -> bool:
@@ -79,6 +85,7 @@ class ForkAnalysis:
     base_outcome: str
     branches: list[list[Branch]]  # per analysed position
     penalty: float
+    declared: tuple[str, ...] = ()  # the outcomes asked for (--options): labels even at probability 0
 
     @property
     def forking(self) -> list[Jump]:
@@ -92,14 +99,16 @@ class ForkAnalysis:
 
     def to_dict(self) -> dict:
         return {
-            "labels": self.labels, "base_outcome": self.base_outcome, "penalty": self.penalty,
+            "labels": self.labels, "declared": list(self.declared), "base_outcome": self.base_outcome,
+            "penalty": self.penalty,
             "positions": [{"position": p, "distribution": self.distribution(i),
                            "branches": [{"token": b.token, "text": b.text, "prob": b.prob, "chosen": b.chosen,
                                          "histogram": b.histogram(), "example": b.example} for b in self.branches[i]]}
                           for i, p in enumerate(self.positions)],
             "end": self.distribution(len(self.positions)),
             "jumps": [{"position": j.position, "size": j.size, "noise95": j.noise95, "p_value": j.p_value,
-                       "change_point": j.change_point, "significant": j.significant, "forking": j.forking}
+                       "samples": list(j.samples), "change_point": j.change_point, "significant": j.significant,
+                       "forking": j.forking}
                       for j in self.jumps],
             "forking_positions": [j.position for j in self.forking],
         }
@@ -125,29 +134,44 @@ def tv(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.round(0.5 * np.abs(np.asarray(a) - np.asarray(b)).sum(axis=-1), 12)
 
 
-def _labels(branches: list[list[Branch]], base_outcome: str) -> list[str]:
-    mass: dict[str, float] = {base_outcome: 0.0}
+def _labels(branches: list[list[Branch]], base_outcome: str, declared: tuple[str, ...] = ()) -> list[str]:
+    """Every outcome seen, and every declared one (--options) even where no continuation produced it: most
+    probable overall first, declared ones in their order among equals."""
+    mass: dict[str, float] = {base_outcome: 0.0, **{d: 0.0 for d in declared if d != base_outcome}}
     for group in branches:
         for b in group:
             for o in b.outcomes:
                 mass[o] = mass.get(o, 0.0) + b.prob / len(b.outcomes)
-    return sorted(mass, key=lambda k: (-mass[k], k == NONE, k))
+    order = {d: i for i, d in enumerate(declared)}
+    return sorted(mass, key=lambda k: (-mass[k], k == NONE, order.get(k, len(order)), k))
 
 
-def _bootstrap(branches: list[list[Branch]], labels: list[str], n_boot: int, rng) -> np.ndarray:
-    """(n_boot, T, K): o_t recomputed with every branch's outcomes resampled with replacement."""
+def _seen(branches: list[list[Branch]], base_outcome: str, labels: list[str]) -> np.ndarray:
+    """Which labels some continuation (or the base path) produced: the noise estimate counts only these, so a
+    declared option that never came up leaves every figure as it was without it."""
+    seen = {base_outcome} | {o for group in branches for b in group for o in b.outcomes}
+    return np.array([lab in seen for lab in labels])
+
+
+def _posterior(branches: list[list[Branch]], labels: list[str], seen: np.ndarray, n_boot: int, rng) -> np.ndarray:
+    """(n_boot, T, K): o_t recomputed with every branch's outcome distribution drawn from its posterior,
+    Dirichlet(counts + PRIOR) over the outcomes seen in the run (the others stay at 0)."""
     idx = {lab: k for k, lab in enumerate(labels)}
+    cols = np.flatnonzero(seen)
     out = np.zeros((n_boot, len(branches), len(labels)))
     for t, group in enumerate(branches):
         kept = [b for b in group if b.outcomes]
         total = sum(b.prob for b in kept)
         for b in kept:
             w = b.prob / total if total > 0 else 1.0 / len(kept)
-            codes = np.array([idx[o] for o in b.outcomes])
-            draws = codes[rng.integers(0, len(codes), size=(n_boot, len(codes)))]
-            counts = np.stack([(draws == k).sum(axis=1) for k in range(len(labels))], axis=1)
-            out[:, t, :] += w * counts / len(codes)
+            counts = np.bincount([idx[o] for o in b.outcomes], minlength=len(labels))[cols]
+            out[:, t, cols] += w * rng.dirichlet(counts + PRIOR / len(cols), size=n_boot)
     return out
+
+
+def continuations(group: list[Branch]) -> int:
+    """How many continuations an o_t rests on."""
+    return sum(len(b.outcomes) for b in group)
 
 
 def change_points(series: np.ndarray, penalty: float) -> list[int]:
@@ -184,25 +208,29 @@ def change_points(series: np.ndarray, penalty: float) -> list[int]:
 
 
 def analyse(branches: list[list[Branch]], positions: list[int], base_outcome: str, n_boot: int = N_BOOT,
-            seed: int = 0) -> ForkAnalysis:
-    """The outcome series, its jumps with their noise levels, and the change points (see the module docstring)."""
+            seed: int = 0, declared: tuple[str, ...] = ()) -> ForkAnalysis:
+    """The outcome series, its jumps with their noise levels, and the change points (see the module docstring).
+    `declared`: outcomes asked for (--options), each a label, at probability 0 where nothing produced it."""
     if len(branches) != len(positions):
         raise ValueError(f"{len(branches)} branch groups for {len(positions)} positions")
-    labels = _labels(branches, base_outcome)
+    labels = _labels(branches, base_outcome, declared)
+    seen = _seen(branches, base_outcome, labels)
     end = np.zeros(len(labels))
     end[labels.index(base_outcome)] = 1.0
     series = np.vstack([outcome_distribution(g, labels) for g in branches] + [end]) if branches else end[None, :]
     rng = np.random.default_rng(seed)
-    boot = _bootstrap(branches, labels, n_boot, rng)
+    boot = _posterior(branches, labels, seen, n_boot, rng) if int(seen.sum()) > 1 else \
+        np.broadcast_to(series[:-1], (n_boot, len(branches), len(labels)))  # one outcome only: nothing can move
     boot = np.concatenate([boot, np.broadcast_to(end, (n_boot, 1, len(labels)))], axis=1)  # o_end has no noise
-    centred = boot - series[None, :, :]
-    sigma2 = float(centred[:, :-1, :].var(axis=0).mean()) if branches else 0.0
-    penalty = len(labels) * np.log(len(series)) * max(sigma2, MIN_VARIANCE)
+    centred = boot - boot.mean(axis=0, keepdims=True)
+    sigma2 = float(centred[:, :-1, seen].var(axis=0).mean()) if branches else 0.0
+    penalty = int(seen.sum()) * np.log(len(series)) * max(sigma2, MIN_VARIANCE)
     cps = set(change_points(series, penalty))
     jumps = []
+    n = [continuations(g) for g in branches] + [0]
     for i in range(1, len(series)):
         size = float(tv(series[i - 1], series[i]))
         null = tv(centred[:, i - 1, :], centred[:, i, :])
         jumps.append(Jump(i, positions[i - 1], size, float(np.quantile(null, 1 - ALPHA)),
-                          float((null >= size - 1e-12).mean()), i in cps))
-    return ForkAnalysis(labels, list(positions), series, jumps, base_outcome, branches, float(penalty))
+                          float((null >= size - 1e-12).mean()), i in cps, (n[i - 1], n[i])))
+    return ForkAnalysis(labels, list(positions), series, jumps, base_outcome, branches, float(penalty), tuple(declared))

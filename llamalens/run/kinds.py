@@ -5,7 +5,7 @@ runs are read back, what its token export adds, and which functions show it, rep
         lifecycle      pending / decode / chunks / keep_stats / finish (run/lifecycle.py), with its
                        RunInterrupted; run/ray.py deals `decode` out to workers by the kind's name
         token_columns  (loaded run, token table) -> the table `export` writes
-        show           the command line's summary of a run: (store, run id, as_json) -> printed
+        show           the command line's summary of a run: (store, run id, as_json, texts=bool) -> printed
         report         a run's report written to a file: reports.<kind> (store, info, path, fmt, **options)
         notebook       a Run's rich display: (api.Run) -> reports.document.Document
 
