@@ -381,7 +381,8 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tiny_path, tmp_path):
 def test_fork_report_in_chromium(tiny_path, tmp_path, chromium_path):
     hostile = "<script>alert(1)</script> \x1b[31m"
     out = tmp_path / "fork.html"
-    cli("fork", hostile, "--outcome", FIRST_CHAR, "--min-prob", 0, "--samples", 2, "-n", 5, "--stop", "zzz",
+    # a first-character jump of 0.185 at token 0: beyond the noise on 12 samples a branch (not on 2 or 6)
+    cli("fork", hostile, "--outcome", FIRST_CHAR, "--min-prob", 0, "--samples", 12, "-n", 5, "--stop", "zzz",
         "--report", out, "--store", tmp_path / "r.db", "--model", tiny_path, "--ctx", 256, "--threads", 1)
     page_text = out.read_text(encoding="utf-8")
     assert "<script>alert(1)</script>" not in page_text and page_text.count("<script") == 2
