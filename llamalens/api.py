@@ -37,12 +37,13 @@ __all__ = ["Run", "sweep", "open_run", "runs", "score", "choose", "compare", "re
 
 
 # -- shared plumbing -------------------------------------------------------------------------------
-def _store(store):
+def _store(store, read_only: bool = False):
+    """The Store of store= (read_only: for calls that only read, which create nothing: Store's read_only)."""
     from llamalens.store import Store
 
     if store is not None and not isinstance(store, (Store, str, os.PathLike)):
         raise InvalidArgument(f"store={store!r}: give a Store, the path of a store file, or None (the default store)")
-    return store if isinstance(store, Store) else Store(store)
+    return store if isinstance(store, Store) else Store(store, read_only=read_only)
 
 
 def _whole(value, what: str, least: int = 1) -> int:
@@ -239,7 +240,7 @@ def _load(store, run_id) -> Run:
 
 def open_run(id_or_name, store=None) -> Run:
     """A stored run by id or name (what `llamalens show RUN` reads)."""
-    st = _store(store)
+    st = _store(store, read_only=True)
     return _load(st, st.run(id_or_name).id)
 
 
@@ -248,7 +249,13 @@ def runs(store=None):
     status, model, prompts, configs, samples_done, samples_total, created (a pandas Timestamp)."""
     import pandas as pd
 
-    df = pd.DataFrame([r.listing() for r in _store(store).runs()], columns=RUN_COLUMNS)
+    from llamalens.store import StoreMissing
+
+    try:
+        infos = _store(store, read_only=True).runs()
+    except StoreMissing:  # no store yet: no runs (and nothing created)
+        infos = []
+    df = pd.DataFrame([r.listing() for r in infos], columns=RUN_COLUMNS)
     df["created"] = pd.to_datetime(df["created"], unit="s")
     return df
 
@@ -392,7 +399,7 @@ def report(run, path, *, store=None, fmt: str | None = None, metric: str = "mean
     """
     from llamalens.run.kinds import kind
 
-    st = run.store if isinstance(run, Run) else _store(store)
+    st = run.store if isinstance(run, Run) else _store(store, read_only=True)
     info = st.run(run.id if isinstance(run, Run) else run)
     kind(info.kind).hook("report")(st, info, path, fmt, loaded=run.loaded if isinstance(run, Run) else None,
                                    model=model, position=position, sample=sample, metric=metric,
@@ -471,7 +478,7 @@ def compare(model_a=None, model_b=None, *, text=None, run=None, store=None, prot
         raise InvalidArgument(f"text={text!r:.40}: give the text to compare on as a str (or bytes)")
     st = None
     if run is not None:
-        st = run.store if isinstance(run, Run) else _store(store)
+        st = run.store if isinstance(run, Run) else _store(store, read_only=True)
         run = run.id if isinstance(run, Run) else run
         if model_a is None:
             model_a = st.run(run).model.path

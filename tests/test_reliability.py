@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -639,3 +640,46 @@ def test_fork_resume_refusals_and_context_note(tiny_path, tmp_path):
     shown = cli("show", 1, "--store", db).stdout  # the short path saves nothing: the ratio says so, not "0× as many"
     done, naive, ratio = re.search(r"prefill: ([\d,]+) prompt.* would decode ([\d,]+) \((.*?)\)", shown).groups()
     assert int(naive.replace(",", "")) < int(done.replace(",", "")) and ratio.endswith("× fewer"), shown
+
+
+# -- 27. commands that only read open a store read-only: a read-only mount reads, a mistyped path creates nothing --------
+def _read_only_argv(folder, argv: list[str]) -> list[str]:
+    """argv run with `folder` read-only: a read-only bind mount in a private mount namespace (unshare) where that
+    works; otherwise the folder's write permissions are taken away (which binds every user but root)."""
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {folder} {folder} && "
+                            f"mount -o remount,ro,bind {folder}"], capture_output=True) if shutil.which("unshare") else None
+    if probe is not None and probe.returncode == 0:
+        mount = f"mount --bind {folder} {folder} && mount -o remount,ro,bind {folder} && exec \"$@\""
+        return ["unshare", "-m", "sh", "-c", mount, "sh"] + argv
+    for p in [folder, *folder.iterdir()]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    return argv
+
+
+def test_read_commands_open_the_store_read_only(tiny_path, tmp_path):
+    from conftest import ROOT
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    cli("sweep", "the cat", "--model", tiny_path, "-n", 3, "--store", folder / "s.db")
+    shutil.copy(ROOT / "tests" / "data" / "store-v1.db", folder / "old.db")  # 0.1.0's: it lacks newer columns
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    base = [sys.executable, "-m", "llamalens"]
+    for db, tokens in ((folder / "s.db", 3), (folder / "old.db", 80)):
+        for args, word in ((["runs"], "  done  "), (["show", "1"], "[done]"),
+                           (["export", "1", "--format", "csv", "-o", str(tmp_path / "t.csv")], f"wrote {tokens} tokens"),
+                           (["report", "1", "-o", str(tmp_path / "r.html"), "--no-model"], "wrote")):
+            res = subprocess.run(_read_only_argv(folder, base + args + ["--store", str(db)]), capture_output=True,
+                                 text=True, timeout=120)
+            assert res.returncode == 0 and word in res.stdout + res.stderr, (db.name, args, res.stderr[-400:])
+    touch = subprocess.run(_read_only_argv(folder, ["touch", str(folder / "x")]), capture_output=True)
+    assert touch.returncode != 0 and not (folder / "x").exists()  # the folder really was read-only there
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    # a mistyped --store: a clear error (or no runs), and no folder or empty store made
+    missing = tmp_path / "typo" / "runs.db"
+    assert "no runs in" in cli("runs", "--store", missing).stdout
+    for args in (["show", 1], ["export", 1, "--format", "csv", "-o", tmp_path / "x.csv"],
+                 ["report", 1, "-o", tmp_path / "x.html", "--no-model"]):
+        res = cli(*args, "--store", missing, ok=False)
+        assert res.exit_code == 1 and "there is no run store at" in res.output, res.output
+    assert not (tmp_path / "typo").exists()

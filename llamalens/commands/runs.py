@@ -132,14 +132,17 @@ def presets():
 @fail_cleanly
 def runs(as_json, store_path):
     """List the runs in the store."""
-    from llamalens.store import Store
+    from llamalens.store import Store, StoreMissing, default_store_path
 
-    store = Store(store_path)
-    infos = store.runs()
+    try:
+        store = Store(store_path, read_only=True)
+        path, infos = store.path, store.runs()
+    except StoreMissing:  # no store there yet: no runs, and nothing is created
+        path, infos = store_path or default_store_path(), []
     if as_json:
         return json_out([r.listing() for r in infos])
     if not infos:
-        return say(f"no runs in {store.path}; start one with `llamalens sweep`")
+        return say(f"no runs in {path}; start one with `llamalens sweep`")
     rows = [("id", "name", "kind", "status", "model", "prompts", "grid", "samples", "workers", "date")]
     for r in infos:
         rows.append((r.id, r.name or "", r.kind, r.status, r.model.name, r.n_prompts, r.n_configs, f"{r.n_done}/{r.n_samples}",
@@ -156,7 +159,7 @@ def show(run_id, as_json, store_path):
     """Summary of a run per configuration: logprob, perplexity, entropy, candidates, diversity, speed."""
     from llamalens.store import Store
 
-    _show_run(Store(store_path), run_id, as_json)
+    _show_run(Store(store_path, read_only=True), run_id, as_json)
 
 
 def _show_run(store, run_id, as_json):
@@ -272,6 +275,6 @@ def export(run_id, fmt, output, store_path):
     from llamalens.run.loaded import export_run, load_run
     from llamalens.store import Store
 
-    run = load_run(Store(store_path), run_id)
+    run = load_run(Store(store_path, read_only=True), run_id)
     n = export_run(run, fmt, output)
     say(f"wrote {n} {'samples' if fmt == 'jsonl' else 'tokens'} of run {run.id} to {output}", err=True)
