@@ -683,3 +683,34 @@ def test_read_commands_open_the_store_read_only(tiny_path, tmp_path):
         res = cli(*args, "--store", missing, ok=False)
         assert res.exit_code == 1 and "there is no run store at" in res.output, res.output
     assert not (tmp_path / "typo").exists()
+
+
+# -- 28. crafted model stores: a name or a revision never reaches outside its store ------------------------------------
+def test_crafted_model_stores_stay_confined(tiny_path, tmp_path, monkeypatch):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(tiny_path, outside / "secret.gguf")
+    hub = tmp_path / "hub"
+    for repo, rev in (("evil--root", "/"), ("evil--up", "../../../outside"), ("good--repo", "abc")):
+        snap = hub / f"models--{repo}" / "snapshots" / "abc"
+        snap.mkdir(parents=True)
+        (hub / f"models--{repo}" / "refs").mkdir()
+        (hub / f"models--{repo}" / "refs" / "main").write_text(rev)
+    shutil.copy(tiny_path, hub / "models--good--repo" / "snapshots" / "abc" / "m.gguf")
+    ollama = tmp_path / "ollama" / "models"
+    (ollama / "manifests").mkdir(parents=True)
+    (tmp_path / "x").write_text(json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model",
+                                                         "digest": "sha256:" + "0" * 64}]}))
+    (tmp_path / "home" / ".lmstudio" / "models").mkdir(parents=True)
+    shutil.copy(tiny_path, tmp_path / "home" / "secret.gguf")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LLAMALENS_STORES", "hf,ollama,lmstudio")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("OLLAMA_MODELS", str(ollama))
+    started = time.monotonic()
+    listed = cli("models", "--json").stdout
+    assert time.monotonic() - started < 20
+    assert "secret.gguf" not in listed and "hf:good/repo:m.gguf" in listed, listed
+    for name in ("ollama:../../..:x", "ollama:..:x", "lmstudio:../../secret.gguf"):
+        res = cli("tokenize", "x", "--model", name, ok=False)
+        assert res.exit_code == 1 and "is not an" in res.output and "name" in res.output, res.output
