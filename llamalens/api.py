@@ -330,12 +330,13 @@ def sweep(prompts=(), grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int
     req = SweepRequest(spec, _conversations(prompts, chat, system, messages, chat_template), chat_template,
                        read_grammar(grammar, json_schema))
     req.check()
+    executor = _ray(ray, workers)  # Ray checked before a run is stored
     st = _store(store)
     n_par, cells = req.sizing(model_options.get("ctx", ModelOptions().ctx))
     with _model(model, model_options, sequences=n_par, cells=cells) as loaded:
         run_id = req.start(loaded, st, f"python: llamalens.sweep({len(prompts)} prompt(s))", _note)
         with _bar(progress, req.spec.n_samples, f"run {run_id}", "seq") as bar:
-            req.execute(loaded, st, run_id, _sweep_ticks(bar), _ray(ray, workers))
+            req.execute(loaded, st, run_id, _sweep_ticks(bar), executor)
     return _load(st, run_id)
 
 
@@ -570,11 +571,12 @@ def fork(prompt: str | None = None, *, options=None, outcome: str | None = None,
         raise InvalidInput(f"fork works on one conversation; messages= holds {len(convs)}")
     req = ForkRequest(spec, convs[0] if convs else None, chat_template)
     req.check()
+    executor = _ray(ray, workers)  # Ray checked before a run is stored
     st = _store(store)
     sequences, cells = req.sizing()
     with _model(model, model_options, sequences=sequences, cells=cells) as loaded:
         req.render(loaded)
         run_id, cost = req.start(loaded, st, "python: llamalens.fork(...)", _note)
         with _bar(progress, cost.sequences, f"fork run {run_id}", "seq") as bar:
-            req.execute(loaded, st, run_id, _sweep_ticks(bar), _ray(ray, workers))
+            req.execute(loaded, st, run_id, _sweep_ticks(bar), executor)
     return _load(st, run_id)

@@ -714,3 +714,26 @@ def test_crafted_model_stores_stay_confined(tiny_path, tmp_path, monkeypatch):
     for name in ("ollama:../../..:x", "ollama:..:x", "lmstudio:../../secret.gguf"):
         res = cli("tokenize", "x", "--model", name, ok=False)
         assert res.exit_code == 1 and "is not an" in res.output and "name" in res.output, res.output
+
+
+# -- 29. a Ray that cannot start is found out before a run is stored ---------------------------------------------------
+def test_ray_that_cannot_start_leaves_no_run(tiny_path, tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    import llamalens as ll
+
+    db = tmp_path / "r.db"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray-tmp"))  # an empty one: no cluster recorded there
+    (tmp_path / "ray-tmp").mkdir()
+    cases = [(["--ray", "auto"], "--ray auto found no running Ray cluster"),
+             (["--ray", "127.0.0.1:1"], "no Ray head at 127.0.0.1:1")]
+    for args, word in cases:
+        for command in (["sweep", "the cat", "-n", 3], ["fork", "the cat", "-n", 3, "--samples", 1]):
+            res = cli(*command, "--model", tiny_path, *args, "--store", db, ok=False)
+            assert res.exit_code == 1 and word in res.output and "Traceback" not in res.output, res.output
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "no" / "such" / "folder"))
+    res = cli("sweep", "the cat", "--model", tiny_path, "-n", 3, "--ray", "--store", db, ok=False)
+    assert res.exit_code == 1 and "is not a writable folder" in res.output, res.output
+    with pytest.raises(ll.LlamalensError, match="is not a writable folder"):
+        ll.sweep("the cat", max_tokens=3, model=str(tiny_path), store=db, ray=True, progress=False)
+    assert not db.exists() or Store(db).runs() == []
