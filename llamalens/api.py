@@ -195,16 +195,17 @@ class Run:
         """The run's noise floor (run/noise.py): {} before it was measured."""
         return dict(self.info.noise or {})
 
-    def export(self, path, fmt: str | None = None) -> int:
+    def export(self, path, fmt: str | None = None, excel_safe: bool = False) -> int:
         """Write the token table (.csv, .parquet) or the samples in OpenAI logprobs shape (.jsonl), as
-        `llamalens export`; `fmt` defaults to the file's suffix. Returns the rows written."""
+        `llamalens export`; `fmt` defaults to the file's suffix; excel_safe as --excel-safe. Returns the rows
+        written."""
         from llamalens.run.loaded import EXPORT_FORMATS, export_run
 
         fmt = fmt or Path(path).suffix.lower().lstrip(".")
         if fmt not in EXPORT_FORMATS:
             raise InvalidInput(f"cannot tell the export format from {str(path)!r}; name it .csv, .parquet or .jsonl, "
                                "or pass fmt=")
-        return export_run(self.loaded, fmt, path)
+        return export_run(self.loaded, fmt, path, excel_safe)
 
     def report(self, path, **options) -> Path:
         """Write the run's report (FILE.html or FILE.md), as `llamalens report`; see ll.report for options."""
@@ -364,10 +365,11 @@ def _ray(address, workers):
 
 def _conversations(prompts: list, chat: bool, system, messages, chat_template) -> list | None:
     """The conversations a chat sweep decodes (chat.conversations), None when no chat parameter is given."""
-    from llamalens.core.chat import conversations
+    from llamalens.core.chat import check_template_name, conversations
 
     if not (chat or system is not None or messages is not None or chat_template):
         return None
+    check_template_name(chat_template)
     return conversations(prompts, system, messages, "messages=")
 
 

@@ -737,3 +737,39 @@ def test_ray_that_cannot_start_leaves_no_run(tiny_path, tmp_path, monkeypatch):
     with pytest.raises(ll.LlamalensError, match="is not a writable folder"):
         ll.sweep("the cat", max_tokens=3, model=str(tiny_path), store=db, ray=True, progress=False)
     assert not db.exists() or Store(db).runs() == []
+
+
+# -- 30. clearer refusals, aligned tables, and CSV that a spreadsheet will not run -------------------------------------
+def test_clear_refusals_tables_and_excel_safe_csv(tiny_path, tmp_path, monkeypatch):
+    m = ["--model", tiny_path]
+    res = cli("generate", "--chat", "hi", "--chat-template", "chatmlx", *m, ok=False)
+    assert res.exit_code == 1 and "neither a file nor one of llama.cpp's built-in" in res.output
+    assert "loading" not in res.stderr  # refused before the model loads
+    (tmp_path / "left.gbnf").write_text('root ::= root "a" | "b"\n')
+    res = cli("generate", "x", *m, "--grammar", tmp_path / "left.gbnf", ok=False)
+    assert res.exit_code == 1 and "is left-recursive" in res.output and 'root ::= "b" "a"*' in res.output, res.output
+    (tmp_path / "e.json").write_text('{"type": "object", "properties": {"a": {"enum": []}}}')
+    res = cli("generate", "x", *m, "--json-schema", tmp_path / "e.json", ok=False)
+    assert res.exit_code == 1 and "$.properties.a.enum is an empty list" in res.output and "GBNF" not in res.output
+    # a model whose name holds an escape keeps the table's columns
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("plain", "ev\x1b[31mil\tx"):
+        shutil.copy(tiny_path, folder / f"{name}.gguf")
+    monkeypatch.setenv("LLAMALENS_MODELS", str(folder))
+    lines = [ln for ln in cli("models").stdout.splitlines() if "llama" in ln]
+    assert len(lines) == 2 and raw_controls("".join(lines)) == [] and "\t" not in "".join(lines)
+    assert len({ln.index("llama") for ln in lines}) == 1, lines  # the arch column starts at one place
+    # CSV: byte-exact by default; --excel-safe defuses formulas, the bytes column stays exact
+    db = tmp_path / "x.db"
+    _store_with_pieces(db)
+    for flag, want in (([], "=SUM(A1)"), (["--excel-safe"], "'=SUM(A1)")):
+        out = tmp_path / f"t{len(flag)}.csv"
+        cli("export", "bytes", "--format", "csv", "-o", out, "--store", db, *flag)
+        with open(out, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        assert want in [r["text"] for r in rows] and [r["bytes"] for r in rows] == [p.hex() for p in PIECES]
+        assert all(not r["text"].startswith(("=", "+", "-", "@")) for r in rows) or not flag
+    res = cli("export", "bytes", "--format", "parquet", "-o", tmp_path / "t.parquet", "--store", db, "--excel-safe",
+              ok=False)
+    assert res.exit_code == 1 and "--excel-safe applies to csv" in res.output

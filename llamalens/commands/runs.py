@@ -268,13 +268,16 @@ def _report(run, output, fmt, model, **options) -> None:
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "jsonl"]), required=True,
               help="csv / parquet: one row per token; jsonl: one sample per line, OpenAI logprobs shape.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output file.")
+@click.option("--excel-safe", is_flag=True,
+              help="csv: prefix text cells that begin with =, +, - or @ with an apostrophe, so that a spreadsheet "
+                   "does not run them as formulas (the text then no longer round-trips; the bytes column does).")
 @store_option
 @fail_cleanly
-def export(run_id, fmt, output, store_path):
+def export(run_id, fmt, output, excel_safe, store_path):
     """Write a run's token table (csv, parquet) or its samples in OpenAI logprobs shape (jsonl)."""
     from llamalens.run.loaded import export_run, load_run
     from llamalens.store import Store
 
     run = load_run(Store(store_path, read_only=True), run_id)
-    n = export_run(run, fmt, output)
+    n = export_run(run, fmt, output, excel_safe)
     say(f"wrote {n} {'samples' if fmt == 'jsonl' else 'tokens'} of run {run.id} to {output}", err=True)
