@@ -321,7 +321,9 @@ def sweep(prompts=(), grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         if seeds < 1:
             raise InvalidSettings(f"seeds={seeds} must be >= 1 (or a list of seeds)")
-        seed_values = list(range(seeds))
+        from llamalens.run.grid import parse_seeds
+
+        seed_values = parse_seeds(seeds, None)  # bounded before the list is made
     elif isinstance(seeds, (list, tuple, range)) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         seed_values = list(seeds)
     else:

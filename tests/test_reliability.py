@@ -773,3 +773,23 @@ def test_clear_refusals_tables_and_excel_safe_csv(tiny_path, tmp_path, monkeypat
     res = cli("export", "bytes", "--format", "parquet", "-o", tmp_path / "t.parquet", "--store", db, "--excel-safe",
               ok=False)
     assert res.exit_code == 1 and "--excel-safe applies to csv" in res.output
+
+
+# -- 31. a sweep's size is bounded before its plan (or its seed list, or its grid) is built ------------------------------
+def test_sweep_size_is_bounded(tiny_path, tmp_path):
+    import llamalens as ll
+
+    db = tmp_path / "s.db"
+    ten = ",".join(str(i / 10) for i in range(10))
+    cases = ((["--seeds", 100_000_000], "--seeds 100,000,000 is more than one sweep holds"),
+             (["-t", ten, "--min-p", ten, "--top-p", ten, "--typical-p", ten, "--repeat-penalty",
+               ",".join(str(1 + i / 10) for i in range(10))], "the grid's axes make 100,000 configurations"),
+             (["-t", ten, "--min-p", ten, "--top-p", ten, "--seeds", 1001], "the sweep would hold 1,001,000 samples"))
+    started = time.monotonic()
+    for args, word in cases:
+        res = cli("sweep", "the cat", "--model", tiny_path, *args, "--store", db, ok=False)
+        assert res.exit_code == 1 and word in res.output and "Traceback" not in res.output, res.output
+    with pytest.raises(ll.InvalidSettings, match="more than one sweep holds"):
+        ll.sweep("the cat", seeds=10**9, model=str(tiny_path), store=db, progress=False)
+    assert time.monotonic() - started < 30
+    assert not db.exists() or Store(db).runs() == []
