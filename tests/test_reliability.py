@@ -794,3 +794,21 @@ def test_sweep_size_is_bounded(tiny_path, tmp_path):
         ll.sweep("the cat", seeds=10**9, model=str(tiny_path), store=db, progress=False)
     assert time.monotonic() - started < 30
     assert not db.exists() or Store(db).runs() == []
+
+
+# -- 32. an input that never ends (/dev/zero, an endless pipe) is refused, not read until memory runs out ------------
+def test_endless_inputs_are_refused(tiny_path, tmp_path):
+    import resource
+
+    def cap():  # a regression fails fast with MemoryError instead of eating the machine's memory
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+
+    m = ["--model", str(tiny_path)]
+    for args, stdin in ((["score", "--file", "/dev/zero"], None), (["score", "--file", "-"], "/dev/zero"),
+                        (["sweep", "--prompts-file", "/dev/zero", "--store", str(tmp_path / "z.db")], None),
+                        (["generate", "x", "--grammar", "/dev/zero"], None), (["embed", "--file", "/dev/zero"], None)):
+        with open(stdin or "/dev/null", "rb") as feed:
+            res = subprocess.run([sys.executable, "-m", "llamalens", *args, *m], stdin=feed, capture_output=True,
+                                 text=True, timeout=120, preexec_fn=cap)
+        assert res.returncode == 1 and "holds more than 64 MiB (or never ends)" in res.stderr, (args, res.stderr[-300:])
+    assert not (tmp_path / "z.db").exists() or Store(tmp_path / "z.db").runs() == []
