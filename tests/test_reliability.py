@@ -812,3 +812,14 @@ def test_endless_inputs_are_refused(tiny_path, tmp_path):
                                  text=True, timeout=120, preexec_fn=cap)
         assert res.returncode == 1 and "holds more than 64 MiB (or never ends)" in res.stderr, (args, res.stderr[-300:])
     assert not (tmp_path / "z.db").exists() or Store(tmp_path / "z.db").runs() == []
+
+
+def test_grid_files_nested_or_endless_are_refused(tiny_path, tmp_path):
+    deep = tmp_path / "deep.toml"
+    deep.write_text("[grid.a]\ntemperature = " + "[" * 50000 + "]" * 50000 + "\n")
+    deep_tables = tmp_path / "tables.toml"
+    deep_tables.write_text("a = " + "{x = " * 5000 + "1" + "}" * 5000 + "\n")
+    for path, word in ((deep, "nests arrays or tables too deeply"), (deep_tables, "nests arrays or tables too deeply"),
+                       ("/dev/zero", "holds more than 64 MiB")):
+        res = cli("sweep", "x", "--grid", path, "--model", tiny_path, "--store", tmp_path / "g.db", ok=False)
+        assert res.exit_code == 1 and word in res.output and "Traceback" not in res.output, res.output

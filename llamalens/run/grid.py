@@ -203,14 +203,18 @@ def load_grid_file(spec: str) -> list[tuple[str, dict, dict]]:
         import tomllib
     except ImportError:  # Python 3.10
         import tomli as tomllib  # type: ignore
+    from llamalens.inputs import read_utf8
+
+    if not path.exists():
+        raise InvalidSettings(f"--grid: file not found: {path}")
+    text = read_utf8(path, "--grid")  # bounded in size, UTF-8 checked
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidSettings(f"--grid: file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidSettings(f"--grid: cannot read {path}: {e}") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InvalidSettings(f"--grid: {path} is not valid TOML ({e}); see `llamalens sweep --help`") from None
+    except RecursionError:  # tomllib recurses into nested arrays and tables
+        raise InvalidSettings(f"--grid: {path} nests arrays or tables too deeply; a grid file is a few flat "
+                              "tables (see `llamalens sweep --help`)") from None
     return _grid_tables(data, path, name)
 
 
