@@ -594,6 +594,15 @@ def test_api_arguments_of_the_wrong_type(tiny, tmp_path):
         "prompt=5": lambda: ll.choose(5, ["a", "b"], model=tiny),
         "settings='temperature'": lambda: ll.sampler_view(tiny, "x", "temperature"),
         "must be a str, not int": lambda: ll.generate(tiny, 5),
+        "outcome=5": lambda: ll.fork("x", outcome=5, model=tiny, store=db),
+        "positions=('a', 1)": lambda: ll.fork("x", positions=("a", 1), model=tiny, store=db),
+        "chat_template=5": lambda: ll.sweep("x", chat=True, chat_template=5, model=tiny, store=db),
+        "grammar=5": lambda: ll.sweep("x", grammar=5, model=tiny, store=db),
+        "name=5": lambda: ll.sweep("x", name=5, model=tiny, store=db),
+        "path=5": lambda: ll.report(1, 5, store=db),
+        "stride='a'": lambda: ll.score("x", stride="a", model=tiny),
+        "es=5": lambda: ll.embedding_map(5),
+        "settings={'temperature': 0}": lambda: ll.generate(tiny, "x", {"temperature": 0}),
     }
     for word, call in calls.items():
         with pytest.raises(InvalidArgument, match=re.escape(word)) as info:

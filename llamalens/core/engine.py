@@ -68,7 +68,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from llamalens.errors import InvalidSettings
+from llamalens.errors import InvalidArgument, InvalidSettings
 from llamalens.records import Sample, Timing, TokenRecord, alternatives
 from llamalens.core.strategies import banned_tokens
 from llamalens.core.runtime import Context, Model, round_ctx
@@ -689,5 +689,8 @@ def generate(model: Model, prompt: str, settings: SamplingSettings | None = None
     >>> generate(model, "The capital of France is", SamplingSettings(temperature=0)).text  # doctest: +SKIP
     ' Paris'
     """
+    if settings is not None and not isinstance(settings, SamplingSettings):
+        raise InvalidArgument(f"settings={settings!r:.60}: give a SamplingSettings, e.g. "
+                              "SamplingSettings(temperature=0.7), or None")
     req = Request(prompt, settings or SamplingSettings(), max_tokens, n_logprobs, tuple(stop))
     return next(iter(Engine(model, 1).run([req])))
