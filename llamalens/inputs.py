@@ -63,14 +63,17 @@ def check_json_nesting(text: str, where: str, limit: int) -> None:
 MAX_JSON_LINE_NESTING = 100  # arrays and objects in one line of a JSONL file (json.loads recurses per level)
 
 
-def json_line(line: str, where: str):
-    """One line of a JSONL file as its value, or None when it is not JSON (the caller says what it should be).
+def json_line(line: str, where: str, fix: str | None = None):
+    """One line of a JSONL file as its value; when it is not JSON, None (the caller says what it should be), or
+    with `fix` an InvalidInput saying why, then the fix.
     InvalidInput for what JSON allows and a text cannot hold: nesting past MAX_JSON_LINE_NESTING, and a lone
     surrogate escape such as "\\ud800" (half of a UTF-16 pair: no character, it cannot be written as UTF-8)."""
     check_json_nesting(line, where, MAX_JSON_LINE_NESTING)
     try:
         obj = json.loads(line)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
+        if fix:
+            raise InvalidInput(f"{where} is not JSON ({e.msg}, column {e.colno}); {fix}") from None
         return None
     try:
         json.dumps(obj, ensure_ascii=False).encode("utf-8")

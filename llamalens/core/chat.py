@@ -77,10 +77,8 @@ def read_messages(path: str, option: str = "--messages") -> list[tuple[dict, ...
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        obj = json_line(line, f"{option}: {p} line {n}")
-        if obj is None:
-            raise InvalidInput(f"{option}: {p} line {n} is not JSON; each line holds one conversation, "
-                               'e.g. {"messages": [{"role": "user", "content": "Hello"}]}')
+        obj = json_line(line, f"{option}: {p} line {n}", 'each line holds one conversation, e.g. '
+                        '{"messages": [{"role": "user", "content": "Hello"}]}')
         if not isinstance(obj, dict) or "messages" not in obj:
             raise InvalidInput(f"{option}: {p} line {n} has no \"messages\" field; each line holds one conversation, "
                                'e.g. {"messages": [{"role": "user", "content": "Hello"}]}')
