@@ -30,6 +30,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from llamalens.arguments import list_of_texts, optional, paths, text_list, whole
 from llamalens.errors import InvalidArgument, InvalidInput, InvalidSettings
 from llamalens.settings import SamplingSettings
 
@@ -37,28 +38,13 @@ __all__ = ["Run", "sweep", "open_run", "runs", "score", "choose", "compare", "re
 
 
 # -- shared plumbing -------------------------------------------------------------------------------
-def _store(store):
+def _store(store, read_only: bool = False):
+    """The Store of store= (read_only: for calls that only read, which create nothing: Store's read_only)."""
     from llamalens.store import Store
 
     if store is not None and not isinstance(store, (Store, str, os.PathLike)):
         raise InvalidArgument(f"store={store!r}: give a Store, the path of a store file, or None (the default store)")
-    return store if isinstance(store, Store) else Store(store)
-
-
-def _whole(value, what: str, least: int = 1) -> int:
-    """An integer argument (not a bool, not a text): InvalidArgument naming it otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"{what}={value!r}: give a whole number (>= {least})")
-    return value
-
-
-def _list_of_texts(value, what: str, example: str) -> list[str]:
-    """A list of texts that must be a list: one text is refused (it would be split into its characters)."""
-    if isinstance(value, (str, bytes)):
-        raise InvalidArgument(f"{what}={value!r} is one text; give a list of texts, e.g. {what}={example}")
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise InvalidArgument(f"{what}={value!r:.60}: give a list of texts, e.g. {what}={example}")
-    return list(value)
+    return store if isinstance(store, Store) else Store(store, read_only=read_only)
 
 
 @contextmanager
@@ -194,16 +180,17 @@ class Run:
         """The run's noise floor (run/noise.py): {} before it was measured."""
         return dict(self.info.noise or {})
 
-    def export(self, path, fmt: str | None = None) -> int:
+    def export(self, path, fmt: str | None = None, excel_safe: bool = False) -> int:
         """Write the token table (.csv, .parquet) or the samples in OpenAI logprobs shape (.jsonl), as
-        `llamalens export`; `fmt` defaults to the file's suffix. Returns the rows written."""
+        `llamalens export`; `fmt` defaults to the file's suffix; excel_safe as --excel-safe. Returns the rows
+        written."""
         from llamalens.run.loaded import EXPORT_FORMATS, export_run
 
         fmt = fmt or Path(path).suffix.lower().lstrip(".")
         if fmt not in EXPORT_FORMATS:
             raise InvalidInput(f"cannot tell the export format from {str(path)!r}; name it .csv, .parquet or .jsonl, "
                                "or pass fmt=")
-        return export_run(self.loaded, fmt, path)
+        return export_run(self.loaded, fmt, path, excel_safe)
 
     def report(self, path, **options) -> Path:
         """Write the run's report (FILE.html or FILE.md), as `llamalens report`; see ll.report for options."""
@@ -239,7 +226,7 @@ def _load(store, run_id) -> Run:
 
 def open_run(id_or_name, store=None) -> Run:
     """A stored run by id or name (what `llamalens show RUN` reads)."""
-    st = _store(store)
+    st = _store(store, read_only=True)
     return _load(st, st.run(id_or_name).id)
 
 
@@ -248,7 +235,13 @@ def runs(store=None):
     status, model, prompts, configs, samples_done, samples_total, created (a pandas Timestamp)."""
     import pandas as pd
 
-    df = pd.DataFrame([r.listing() for r in _store(store).runs()], columns=RUN_COLUMNS)
+    from llamalens.store import StoreMissing
+
+    try:
+        infos = _store(store, read_only=True).runs()
+    except StoreMissing:  # no store yet: no runs (and nothing created)
+        infos = []
+    df = pd.DataFrame([r.listing() for r in infos], columns=RUN_COLUMNS)
     df["created"] = pd.to_datetime(df["created"], unit="s")
     return df
 
@@ -306,14 +299,19 @@ def sweep(prompts=(), grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int
     from llamalens.run.requests import SweepRequest
     from llamalens.run.sweep import SweepSpec
 
-    prompts = [prompts] if isinstance(prompts, str) else _texts(prompts, "prompts")
-    stop = _texts(stop, "stop")
+    prompts = [prompts] if isinstance(prompts, str) else text_list(prompts, "prompts")
+    stop = text_list(stop, "stop")
+    paths(chat_template=chat_template, grammar=grammar, json_schema=json_schema)
+    optional(name, "name", (str,), "a text")
+    optional(system, "system", (str,), "a text")
     for value, what in ((max_tokens, "max_tokens"), (logprobs, "logprobs"), (parallel, "parallel")):
-        _whole(value, what, 0 if what == "logprobs" else 1)
+        whole(value, what, 0 if what == "logprobs" else 1)
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         if seeds < 1:
             raise InvalidSettings(f"seeds={seeds} must be >= 1 (or a list of seeds)")
-        seed_values = list(range(seeds))
+        from llamalens.run.grid import parse_seeds
+
+        seed_values = parse_seeds(seeds, None)  # bounded before the list is made
     elif isinstance(seeds, (list, tuple, range)) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         seed_values = list(seeds)
     else:
@@ -323,24 +321,14 @@ def sweep(prompts=(), grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int
     req = SweepRequest(spec, _conversations(prompts, chat, system, messages, chat_template), chat_template,
                        read_grammar(grammar, json_schema))
     req.check()
+    executor = _ray(ray, workers)  # Ray checked before a run is stored
     st = _store(store)
     n_par, cells = req.sizing(model_options.get("ctx", ModelOptions().ctx))
     with _model(model, model_options, sequences=n_par, cells=cells) as loaded:
         run_id = req.start(loaded, st, f"python: llamalens.sweep({len(prompts)} prompt(s))", _note)
         with _bar(progress, req.spec.n_samples, f"run {run_id}", "seq") as bar:
-            req.execute(loaded, st, run_id, _sweep_ticks(bar), _ray(ray, workers))
+            req.execute(loaded, st, run_id, _sweep_ticks(bar), executor)
     return _load(st, run_id)
-
-
-def _texts(value, what: str) -> list[str]:
-    """A list of texts given as one: a string is one text, never its characters."""
-    if isinstance(value, str):
-        return [value]
-    if value is None:
-        return []
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise InvalidArgument(f"{what}={value!r:.60}: give a text or a list of texts")
-    return list(value)
 
 
 def _ray(address, workers):
@@ -356,10 +344,11 @@ def _ray(address, workers):
 
 def _conversations(prompts: list, chat: bool, system, messages, chat_template) -> list | None:
     """The conversations a chat sweep decodes (chat.conversations), None when no chat parameter is given."""
-    from llamalens.core.chat import conversations
+    from llamalens.core.chat import check_template_name, conversations
 
     if not (chat or system is not None or messages is not None or chat_template):
         return None
+    check_template_name(chat_template)
     return conversations(prompts, system, messages, "messages=")
 
 
@@ -392,7 +381,8 @@ def report(run, path, *, store=None, fmt: str | None = None, metric: str = "mean
     """
     from llamalens.run.kinds import kind
 
-    st = run.store if isinstance(run, Run) else _store(store)
+    optional(path, "path", (str, os.PathLike), "the report's file, e.g. 'run.html' or 'run.md'", none_ok=False)
+    st = run.store if isinstance(run, Run) else _store(store, read_only=True)
     info = st.run(run.id if isinstance(run, Run) else run)
     kind(info.kind).hook("report")(st, info, path, fmt, loaded=run.loaded if isinstance(run, Run) else None,
                                    model=model, position=position, sample=sample, metric=metric,
@@ -421,6 +411,8 @@ def score(text, *, model=None, protocol: str = "full", stride: int | None = None
 
     if not isinstance(text, (str, bytes)):
         raise InvalidArgument(f"text={text!r:.40}: give the text to score as a str (or bytes)")
+    if stride is not None:
+        whole(stride, "stride")
     batch = model_options.get("batch")
     with _model(model, model_options, rows=batch or _default("batch")) as loaded:
         with _bar(progress, 1, "scoring", "window") as bar:
@@ -448,7 +440,7 @@ def choose(prompt: str, options, *, normalize: str = "none", space: bool = True,
 
     if not isinstance(prompt, str):
         raise InvalidArgument(f"prompt={prompt!r:.40}: give the prompt as a str")
-    options = _list_of_texts(options, "options", '["Paris", "London"]')
+    options = list_of_texts(options, "options", '["Paris", "London"]')
     check_options(options, normalize)
     with _model(model, model_options) as loaded:
         return rank(loaded, prompt, options, normalize, space=space)
@@ -471,7 +463,7 @@ def compare(model_a=None, model_b=None, *, text=None, run=None, store=None, prot
         raise InvalidArgument(f"text={text!r:.40}: give the text to compare on as a str (or bytes)")
     st = None
     if run is not None:
-        st = run.store if isinstance(run, Run) else _store(store)
+        st = run.store if isinstance(run, Run) else _store(store, read_only=True)
         run = run.id if isinstance(run, Run) else run
         if model_a is None:
             model_a = st.run(run).model.path
@@ -540,6 +532,13 @@ def fork(prompt: str | None = None, *, options=None, outcome: str | None = None,
 
     if options is not None and outcome is not None:
         raise InvalidInput("options= and outcome= are different ways to read the outcome: give one")
+    optional(outcome, "outcome", (str,), "a regular expression as a str")
+    optional(name, "name", (str,), "a text")
+    optional(system, "system", (str,), "a text")
+    paths(chat_template=chat_template)
+    if isinstance(positions, tuple) and not (len(positions) == 2 and all(
+            isinstance(p, int) and not isinstance(p, bool) for p in positions)):
+        raise InvalidArgument(f"positions={positions!r:.40}: give None (all), N, (N, M) of whole numbers, or 'N-M'")
     if isinstance(options, str):
         options = options.split(",")
     if prompt is not None and not isinstance(prompt, str):
@@ -549,13 +548,13 @@ def fork(prompt: str | None = None, *, options=None, outcome: str | None = None,
                               "ll.SamplingSettings(temperature=0.8)) or None")
     for value, what in ((samples, "samples"), (alternatives, "alternatives"), (max_tokens, "max_tokens"),
                         (parallel, "parallel"), (max_sequences, "max_sequences")):
-        _whole(value, what)
+        whole(value, what)
     spec_outcome = (OutcomeSpec("regex", regex=outcome) if outcome is not None else
-                    OutcomeSpec("options", options=tuple(o.strip() for o in _texts(options, "options")))
+                    OutcomeSpec("options", options=tuple(o.strip() for o in text_list(options, "options")))
                     if options is not None else OutcomeSpec())
     span = positions if positions is None or isinstance(positions, tuple) else parse_positions(str(positions))
     spec = ForkSpec(prompt or "", settings or SamplingSettings(), spec_outcome, sampled_base, samples, alternatives,
-                    min_prob, span, max_tokens, tuple(_texts(stop, "stop")), parallel, exact, max_sequences, name)
+                    min_prob, span, max_tokens, tuple(text_list(stop, "stop")), parallel, exact, max_sequences, name)
     one = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], dict)  # a message list
     convs = _conversations([prompt] if prompt is not None else [], chat, system, [messages] if one else messages,
                            chat_template)
@@ -563,11 +562,12 @@ def fork(prompt: str | None = None, *, options=None, outcome: str | None = None,
         raise InvalidInput(f"fork works on one conversation; messages= holds {len(convs)}")
     req = ForkRequest(spec, convs[0] if convs else None, chat_template)
     req.check()
+    executor = _ray(ray, workers)  # Ray checked before a run is stored
     st = _store(store)
     sequences, cells = req.sizing()
     with _model(model, model_options, sequences=sequences, cells=cells) as loaded:
         req.render(loaded)
         run_id, cost = req.start(loaded, st, "python: llamalens.fork(...)", _note)
         with _bar(progress, cost.sequences, f"fork run {run_id}", "seq") as bar:
-            req.execute(loaded, st, run_id, _sweep_ticks(bar), _ray(ray, workers))
+            req.execute(loaded, st, run_id, _sweep_ticks(bar), executor)
     return _load(st, run_id)

@@ -63,14 +63,17 @@ def check_json_nesting(text: str, where: str, limit: int) -> None:
 MAX_JSON_LINE_NESTING = 100  # arrays and objects in one line of a JSONL file (json.loads recurses per level)
 
 
-def json_line(line: str, where: str):
-    """One line of a JSONL file as its value, or None when it is not JSON (the caller says what it should be).
+def json_line(line: str, where: str, fix: str | None = None):
+    """One line of a JSONL file as its value; when it is not JSON, None (the caller says what it should be), or
+    with `fix` an InvalidInput saying why, then the fix.
     InvalidInput for what JSON allows and a text cannot hold: nesting past MAX_JSON_LINE_NESTING, and a lone
     surrogate escape such as "\\ud800" (half of a UTF-16 pair: no character, it cannot be written as UTF-8)."""
     check_json_nesting(line, where, MAX_JSON_LINE_NESTING)
     try:
         obj = json.loads(line)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
+        if fix:
+            raise InvalidInput(f"{where} is not JSON ({e.msg}, column {e.colno}); {fix}") from None
         return None
     try:
         json.dumps(obj, ensure_ascii=False).encode("utf-8")
@@ -105,16 +108,34 @@ def json_kind(value) -> str:
 
 def read_text_file(file: str, raw_bytes: bool = False) -> str | bytes:
     """A whole file ('-' = stdin) as UTF-8 text, or its bytes as they are with raw_bytes."""
-    raw = sys.stdin.buffer.read() if file == "-" else _read(Path(file), "--file")
+    raw = _stdin("--file") if file == "-" else _read(Path(file), "--file")
     if raw_bytes:
         return raw
     return _decode(raw, file, "--file", f"convert it (e.g. iconv -f latin1 -t utf-8 {file}) or pass --raw-bytes to "
                                         "score its bytes as they are")
 
 
+MAX_INPUT_BYTES = 64 * 2**20  # one input file (or stdin): 64 MiB of text is millions of tokens
+
+
+def _bounded(f, name, option: str) -> bytes:
+    """At most MAX_INPUT_BYTES from an open binary file: /dev/zero or an endless pipe is refused, not read
+    until memory runs out."""
+    raw = f.read(MAX_INPUT_BYTES + 1)
+    if len(raw) > MAX_INPUT_BYTES:
+        raise InvalidInput(f"{option}: {name} holds more than {MAX_INPUT_BYTES // 2**20} MiB (or never ends); "
+                           "split it into smaller files")
+    return raw
+
+
+def _stdin(option: str) -> bytes:
+    return _bounded(sys.stdin.buffer, "stdin", option)
+
+
 def _read(p: Path, option: str) -> bytes:
     try:
-        return p.read_bytes()
+        with open(p, "rb") as f:
+            return _bounded(f, p, option)
     except FileNotFoundError:
         raise InvalidInput(f"{option}: file not found: {p}") from None
     except IsADirectoryError:
@@ -143,7 +164,7 @@ def read_terms(file: str) -> tuple[list[str], list[str] | None]:
     others do not is refused, naming the first line that differs.
     """
     where = "stdin" if file == "-" else file
-    raw = sys.stdin.buffer.read() if file == "-" else _read(Path(file), "--file")
+    raw = _stdin("--file") if file == "-" else _read(Path(file), "--file")
     text = _decode(raw, where, "--file", f"convert it (e.g. iconv -f latin1 -t utf-8 {file})").removeprefix(BOM)
     jsonl = file != "-" and Path(file).suffix == ".jsonl"
     texts, cats, lines = [], [], []

@@ -92,8 +92,17 @@ def _token_rows(run_id: int, sample_idx: int, sample: Sample) -> list[tuple]:
             for t in sample.tokens]
 
 
+class StoreMissing(StoreError):
+    """A command that only reads was pointed at a store that does not exist."""
+
+
 class StoreFull(StoreError):
     """The disk (or the database's size limit) is full: nothing more can be committed."""
+
+
+def _is_corrupt(e: Exception) -> bool:
+    """A file SQLite cannot read as a database at all (not a permission or a read-only mount)."""
+    return isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError)
 
 
 def _is_full(e: Exception) -> bool:
@@ -201,11 +210,27 @@ class RunInfo:
 
 
 class Store:
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, read_only: bool = False):
+        """The store at `path` (default: default_store_path()), created when missing. `read_only` (the commands
+        that only read: runs, show, export, report): a missing store is a StoreMissing error and nothing is
+        created, and a store that cannot be written (a read-only mount, another user's file) is read as it is."""
         self.path = Path(path) if path else default_store_path()
+        self.read_only = False
         known = recognise(self.path)  # before anything is written: a foreign file stays untouched
+        if read_only and not known:
+            raise StoreMissing(f"there is no run store at {self.path} (nothing was created there); check --store or "
+                               "LLAMALENS_STORE, or start a run with `llamalens sweep`")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._open(read_only, known)
+        except (sqlite3.DatabaseError, OSError):
+            if not read_only:
+                raise
+            self._open_unwritable()
+
+    def _open(self, read_only: bool, known: bool) -> None:
+        try:
+            if not read_only:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
             self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
             deadline = time.monotonic() + BUSY_TIMEOUT_S
@@ -221,10 +246,45 @@ class Store:
                         raise
                     time.sleep(random.uniform(0.01, 0.05))
         except sqlite3.DatabaseError as e:
+            if read_only and not _is_corrupt(e):
+                raise  # for _open_unwritable
             raise StoreError(f"cannot use {self.path} as a run store ({e}); pass another --store path "
                              "or set LLAMALENS_STORE") from None
         except OSError as e:
+            if read_only:
+                raise
             raise StoreError(f"cannot write the run store {self.path} ({e.strerror}); pass a writable --store path") from None
+
+    def _open_unwritable(self) -> None:
+        """Read a store that cannot be written, writing nothing: SQLite's read-only mode, and "immutable" where
+        its folder cannot be written either (a read-only mount: no -shm file can be made, and no one else can
+        write the store meanwhile)."""
+        if getattr(self, "db", None) is not None:
+            self.db.close()
+        immutable = "&immutable=1" if not os.access(self.path.parent, os.W_OK) else ""
+        try:
+            self.db = sqlite3.connect(f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro{immutable}", uri=True,
+                                      timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            version = self._version()
+            if version is not None and version > SCHEMA_VERSION:
+                raise StoreError(f"store {self.path} has schema version {version}, newer than this llamalens "
+                                 f"({SCHEMA_VERSION}); upgrade llamalens or use another --store")
+            self._shim_old_schema()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"cannot read the run store {self.path} ({e}); pass a readable --store path") from None
+        self.read_only = True
+
+    def _shim_old_schema(self) -> None:
+        """A store of an older version, read where it cannot be updated: what it lacks (the writers table, the
+        added columns with their defaults) is supplied by TEMP views and tables, which shadow its own tables for
+        this connection only and write nothing to the file."""
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "writers" not in tables:
+            self.db.executescript(_WRITERS.replace("CREATE TABLE IF NOT EXISTS", "CREATE TEMP TABLE"))
+        for table, column, decl in _ADDED_COLUMNS:
+            if column not in {r[1] for r in self.db.execute(f"PRAGMA main.table_info({table})")}:
+                default = decl.split("DEFAULT", 1)[1].strip() if "DEFAULT" in decl else "NULL"
+                self.db.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {default} AS {column} FROM main.{table}")
 
     def _set_up(self, known: bool) -> None:
         """Mark a new store as ours, switch it to WAL, create or check its schema (each step idempotent)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -593,6 +594,15 @@ def test_api_arguments_of_the_wrong_type(tiny, tmp_path):
         "prompt=5": lambda: ll.choose(5, ["a", "b"], model=tiny),
         "settings='temperature'": lambda: ll.sampler_view(tiny, "x", "temperature"),
         "must be a str, not int": lambda: ll.generate(tiny, 5),
+        "outcome=5": lambda: ll.fork("x", outcome=5, model=tiny, store=db),
+        "positions=('a', 1)": lambda: ll.fork("x", positions=("a", 1), model=tiny, store=db),
+        "chat_template=5": lambda: ll.sweep("x", chat=True, chat_template=5, model=tiny, store=db),
+        "grammar=5": lambda: ll.sweep("x", grammar=5, model=tiny, store=db),
+        "name=5": lambda: ll.sweep("x", name=5, model=tiny, store=db),
+        "path=5": lambda: ll.report(1, 5, store=db),
+        "stride='a'": lambda: ll.score("x", stride="a", model=tiny),
+        "es=5": lambda: ll.embedding_map(5),
+        "settings={'temperature': 0}": lambda: ll.generate(tiny, "x", {"temperature": 0}),
     }
     for word, call in calls.items():
         with pytest.raises(InvalidArgument, match=re.escape(word)) as info:
@@ -639,3 +649,186 @@ def test_fork_resume_refusals_and_context_note(tiny_path, tmp_path):
     shown = cli("show", 1, "--store", db).stdout  # the short path saves nothing: the ratio says so, not "0× as many"
     done, naive, ratio = re.search(r"prefill: ([\d,]+) prompt.* would decode ([\d,]+) \((.*?)\)", shown).groups()
     assert int(naive.replace(",", "")) < int(done.replace(",", "")) and ratio.endswith("× fewer"), shown
+
+
+# -- 27. commands that only read open a store read-only: a read-only mount reads, a mistyped path creates nothing --------
+def _read_only_argv(folder, argv: list[str]) -> list[str]:
+    """argv run with `folder` read-only: a read-only bind mount in a private mount namespace (unshare) where that
+    works; otherwise the folder's write permissions are taken away (which binds every user but root)."""
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {folder} {folder} && "
+                            f"mount -o remount,ro,bind {folder}"], capture_output=True) if shutil.which("unshare") else None
+    if probe is not None and probe.returncode == 0:
+        mount = f"mount --bind {folder} {folder} && mount -o remount,ro,bind {folder} && exec \"$@\""
+        return ["unshare", "-m", "sh", "-c", mount, "sh"] + argv
+    for p in [folder, *folder.iterdir()]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    return argv
+
+
+def test_read_commands_open_the_store_read_only(tiny_path, tmp_path):
+    from conftest import ROOT
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    cli("sweep", "the cat", "--model", tiny_path, "-n", 3, "--store", folder / "s.db")
+    shutil.copy(ROOT / "tests" / "data" / "store-v1.db", folder / "old.db")  # 0.1.0's: it lacks newer columns
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    base = [sys.executable, "-m", "llamalens"]
+    for db, tokens in ((folder / "s.db", 3), (folder / "old.db", 80)):
+        for args, word in ((["runs"], "  done  "), (["show", "1"], "[done]"),
+                           (["export", "1", "--format", "csv", "-o", str(tmp_path / "t.csv")], f"wrote {tokens} tokens"),
+                           (["report", "1", "-o", str(tmp_path / "r.html"), "--no-model"], "wrote")):
+            res = subprocess.run(_read_only_argv(folder, base + args + ["--store", str(db)]), capture_output=True,
+                                 text=True, timeout=120)
+            assert res.returncode == 0 and word in res.stdout + res.stderr, (db.name, args, res.stderr[-400:])
+    touch = subprocess.run(_read_only_argv(folder, ["touch", str(folder / "x")]), capture_output=True)
+    assert touch.returncode != 0 and not (folder / "x").exists()  # the folder really was read-only there
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    # a mistyped --store: a clear error (or no runs), and no folder or empty store made
+    missing = tmp_path / "typo" / "runs.db"
+    assert "no runs in" in cli("runs", "--store", missing).stdout
+    for args in (["show", 1], ["export", 1, "--format", "csv", "-o", tmp_path / "x.csv"],
+                 ["report", 1, "-o", tmp_path / "x.html", "--no-model"]):
+        res = cli(*args, "--store", missing, ok=False)
+        assert res.exit_code == 1 and "there is no run store at" in res.output, res.output
+    assert not (tmp_path / "typo").exists()
+
+
+# -- 28. crafted model stores: a name or a revision never reaches outside its store ------------------------------------
+def test_crafted_model_stores_stay_confined(tiny_path, tmp_path, monkeypatch):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(tiny_path, outside / "secret.gguf")
+    hub = tmp_path / "hub"
+    for repo, rev in (("evil--root", "/"), ("evil--up", "../../../outside"), ("good--repo", "abc")):
+        snap = hub / f"models--{repo}" / "snapshots" / "abc"
+        snap.mkdir(parents=True)
+        (hub / f"models--{repo}" / "refs").mkdir()
+        (hub / f"models--{repo}" / "refs" / "main").write_text(rev)
+    shutil.copy(tiny_path, hub / "models--good--repo" / "snapshots" / "abc" / "m.gguf")
+    ollama = tmp_path / "ollama" / "models"
+    (ollama / "manifests").mkdir(parents=True)
+    (tmp_path / "x").write_text(json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model",
+                                                         "digest": "sha256:" + "0" * 64}]}))
+    (tmp_path / "home" / ".lmstudio" / "models").mkdir(parents=True)
+    shutil.copy(tiny_path, tmp_path / "home" / "secret.gguf")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LLAMALENS_STORES", "hf,ollama,lmstudio")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("OLLAMA_MODELS", str(ollama))
+    started = time.monotonic()
+    listed = cli("models", "--json").stdout
+    assert time.monotonic() - started < 20
+    assert "secret.gguf" not in listed and "hf:good/repo:m.gguf" in listed, listed
+    for name in ("ollama:../../..:x", "ollama:..:x", "lmstudio:../../secret.gguf"):
+        res = cli("tokenize", "x", "--model", name, ok=False)
+        assert res.exit_code == 1 and "is not an" in res.output and "name" in res.output, res.output
+
+
+# -- 29. a Ray that cannot start is found out before a run is stored ---------------------------------------------------
+def test_ray_that_cannot_start_leaves_no_run(tiny_path, tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    import llamalens as ll
+
+    db = tmp_path / "r.db"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray-tmp"))  # an empty one: no cluster recorded there
+    (tmp_path / "ray-tmp").mkdir()
+    cases = [(["--ray", "auto"], "--ray auto found no running Ray cluster"),
+             (["--ray", "127.0.0.1:1"], "no Ray head at 127.0.0.1:1")]
+    for args, word in cases:
+        for command in (["sweep", "the cat", "-n", 3], ["fork", "the cat", "-n", 3, "--samples", 1]):
+            res = cli(*command, "--model", tiny_path, *args, "--store", db, ok=False)
+            assert res.exit_code == 1 and word in res.output and "Traceback" not in res.output, res.output
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "no" / "such" / "folder"))
+    res = cli("sweep", "the cat", "--model", tiny_path, "-n", 3, "--ray", "--store", db, ok=False)
+    assert res.exit_code == 1 and "is not a writable folder" in res.output, res.output
+    with pytest.raises(ll.LlamalensError, match="is not a writable folder"):
+        ll.sweep("the cat", max_tokens=3, model=str(tiny_path), store=db, ray=True, progress=False)
+    assert not db.exists() or Store(db).runs() == []
+
+
+# -- 30. clearer refusals, aligned tables, and CSV that a spreadsheet will not run -------------------------------------
+def test_clear_refusals_tables_and_excel_safe_csv(tiny_path, tmp_path, monkeypatch):
+    m = ["--model", tiny_path]
+    res = cli("generate", "--chat", "hi", "--chat-template", "chatmlx", *m, ok=False)
+    assert res.exit_code == 1 and "neither a file nor one of llama.cpp's built-in" in res.output
+    assert "loading" not in res.stderr  # refused before the model loads
+    (tmp_path / "left.gbnf").write_text('root ::= root "a" | "b"\n')
+    res = cli("generate", "x", *m, "--grammar", tmp_path / "left.gbnf", ok=False)
+    assert res.exit_code == 1 and "is left-recursive" in res.output and 'root ::= "b" "a"*' in res.output, res.output
+    (tmp_path / "e.json").write_text('{"type": "object", "properties": {"a": {"enum": []}}}')
+    res = cli("generate", "x", *m, "--json-schema", tmp_path / "e.json", ok=False)
+    assert res.exit_code == 1 and "$.properties.a.enum is an empty list" in res.output and "GBNF" not in res.output
+    # a model whose name holds an escape keeps the table's columns
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("plain", "ev\x1b[31mil\tx"):
+        shutil.copy(tiny_path, folder / f"{name}.gguf")
+    monkeypatch.setenv("LLAMALENS_MODELS", str(folder))
+    lines = [ln for ln in cli("models").stdout.splitlines() if "llama" in ln]
+    assert len(lines) == 2 and raw_controls("".join(lines)) == [] and "\t" not in "".join(lines)
+    assert len({ln.index("llama") for ln in lines}) == 1, lines  # the arch column starts at one place
+    # CSV: byte-exact by default; --excel-safe defuses formulas, the bytes column stays exact
+    db = tmp_path / "x.db"
+    _store_with_pieces(db)
+    for flag, want in (([], "=SUM(A1)"), (["--excel-safe"], "'=SUM(A1)")):
+        out = tmp_path / f"t{len(flag)}.csv"
+        cli("export", "bytes", "--format", "csv", "-o", out, "--store", db, *flag)
+        with open(out, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        assert want in [r["text"] for r in rows] and [r["bytes"] for r in rows] == [p.hex() for p in PIECES]
+        assert all(not r["text"].startswith(("=", "+", "-", "@")) for r in rows) or not flag
+    res = cli("export", "bytes", "--format", "parquet", "-o", tmp_path / "t.parquet", "--store", db, "--excel-safe",
+              ok=False)
+    assert res.exit_code == 1 and "--excel-safe applies to csv" in res.output
+
+
+# -- 31. a sweep's size is bounded before its plan (or its seed list, or its grid) is built ------------------------------
+def test_sweep_size_is_bounded(tiny_path, tmp_path):
+    import llamalens as ll
+
+    db = tmp_path / "s.db"
+    ten = ",".join(str(i / 10) for i in range(10))
+    cases = ((["--seeds", 100_000_000], "--seeds 100,000,000 is more than one sweep holds"),
+             (["-t", ten, "--min-p", ten, "--top-p", ten, "--typical-p", ten, "--repeat-penalty",
+               ",".join(str(1 + i / 10) for i in range(10))], "the grid's axes make 100,000 configurations"),
+             (["-t", ten, "--min-p", ten, "--top-p", ten, "--seeds", 1001], "the sweep would hold 1,001,000 samples"),
+             (["--logprobs", 300_000], "logprobs 300000 is out of range (0..100"))
+    started = time.monotonic()
+    for args, word in cases:
+        res = cli("sweep", "the cat", "--model", tiny_path, *args, "--store", db, ok=False)
+        assert res.exit_code == 1 and word in res.output and "Traceback" not in res.output, res.output
+    with pytest.raises(ll.InvalidSettings, match="more than one sweep holds"):
+        ll.sweep("the cat", seeds=10**9, model=str(tiny_path), store=db, progress=False)
+    assert time.monotonic() - started < 30
+    assert not db.exists() or Store(db).runs() == []
+
+
+# -- 32. an input that never ends (/dev/zero, an endless pipe) is refused, not read until memory runs out ------------
+def test_endless_inputs_are_refused(tiny_path, tmp_path):
+    import resource
+
+    def cap():  # a regression fails fast with MemoryError instead of eating the machine's memory
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+
+    m = ["--model", str(tiny_path)]
+    for args, stdin in ((["score", "--file", "/dev/zero"], None), (["score", "--file", "-"], "/dev/zero"),
+                        (["sweep", "--prompts-file", "/dev/zero", "--store", str(tmp_path / "z.db")], None),
+                        (["generate", "x", "--grammar", "/dev/zero"], None), (["embed", "--file", "/dev/zero"], None)):
+        with open(stdin or "/dev/null", "rb") as feed:
+            res = subprocess.run([sys.executable, "-m", "llamalens", *args, *m], stdin=feed, capture_output=True,
+                                 text=True, timeout=120, preexec_fn=cap)
+        assert res.returncode == 1 and "holds more than 64 MiB (or never ends)" in res.stderr, (args, res.stderr[-300:])
+    assert not (tmp_path / "z.db").exists() or Store(tmp_path / "z.db").runs() == []
+
+
+def test_grid_files_nested_or_endless_are_refused(tiny_path, tmp_path):
+    deep = tmp_path / "deep.toml"
+    deep.write_text("[grid.a]\ntemperature = " + "[" * 50000 + "]" * 50000 + "\n")
+    deep_tables = tmp_path / "tables.toml"
+    deep_tables.write_text("a = " + "{x = " * 5000 + "1" + "}" * 5000 + "\n")
+    for path, word in ((deep, "nests arrays or tables too deeply"), (deep_tables, "nests arrays or tables too deeply"),
+                       ("/dev/zero", "holds more than 64 MiB")):
+        res = cli("sweep", "x", "--grid", path, "--model", tiny_path, "--store", tmp_path / "g.db", ok=False)
+        assert res.exit_code == 1 and word in res.output and "Traceback" not in res.output, res.output

@@ -319,6 +319,10 @@ class ChatOptions:
 def pop_chat(kw: dict) -> ChatOptions:
     chat, system, template, messages_file = (kw.pop(k) for k in ("chat", "system", "chat_template", "messages_file"))
     on = bool(chat or system is not None or template or messages_file)
+    if template is not None:  # a mistyped name fails now, not after the model has loaded
+        from llamalens.core.chat import check_template_name
+
+        check_template_name(template)
     return ChatOptions(on, system, template, messages_file)
 
 

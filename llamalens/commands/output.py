@@ -79,11 +79,14 @@ def say(message: str = "", err: bool = False, nl: bool = True) -> None:
 
 
 def print_table(rows, right: set[int] = frozenset()) -> None:
-    """Rows of cells as aligned columns (the first row is the header); `right` = right-aligned columns."""
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    """Rows of cells as aligned columns (the first row is the header); `right` = right-aligned columns. Each cell
+    is made terminal-safe (and its newlines and tabs shown as \\n, \\t) before it is measured, so that a name
+    holding escapes keeps its column."""
+    rows = [[terminal_safe(str(c)).replace("\n", "\\n").replace("\t", "\\t") for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for j, r in enumerate(rows):
-        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
-        click.echo(terminal_safe("  ".join(cells).rstrip()))
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        click.echo("  ".join(cells).rstrip())
         if j == 0:
             click.echo("  ".join("-" * w for w in widths))
 

@@ -135,14 +135,17 @@ def presets():
 @fail_cleanly
 def runs(as_json, store_path):
     """List the runs in the store."""
-    from llamalens.store import Store
+    from llamalens.store import Store, StoreMissing, default_store_path
 
-    store = Store(store_path)
-    infos = store.runs()
+    try:
+        store = Store(store_path, read_only=True)
+        path, infos = store.path, store.runs()
+    except StoreMissing:  # no store there yet: no runs, and nothing is created
+        path, infos = store_path or default_store_path(), []
     if as_json:
         return json_out([r.listing() for r in infos])
     if not infos:
-        return say(f"no runs in {store.path}; start one with `llamalens sweep`")
+        return say(f"no runs in {path}; start one with `llamalens sweep`")
     rows = [("id", "name", "kind", "status", "model", "prompts", "grid", "samples", "workers", "date")]
     for r in infos:
         rows.append((r.id, r.name or "", r.kind, r.status, r.model.name, r.n_prompts, r.n_configs, f"{r.n_done}/{r.n_samples}",
@@ -166,7 +169,7 @@ def show(run_id, texts, as_json, store_path):
     """
     from llamalens.store import Store
 
-    _show_run(Store(store_path), run_id, as_json, texts=texts)
+    _show_run(Store(store_path, read_only=True), run_id, as_json, texts=texts)
 
 
 def _show_run(store, run_id, as_json, texts: bool = False):
@@ -328,13 +331,16 @@ def _report(run, output, fmt, model, **options) -> None:
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "jsonl"]), required=True,
               help="csv / parquet: one row per token; jsonl: one sample per line, OpenAI logprobs shape.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output file.")
+@click.option("--excel-safe", is_flag=True,
+              help="csv: prefix text cells that begin with =, +, - or @ with an apostrophe, so that a spreadsheet "
+                   "does not run them as formulas (the text then no longer round-trips; the bytes column does).")
 @store_option
 @fail_cleanly
-def export(run_id, fmt, output, store_path):
+def export(run_id, fmt, output, excel_safe, store_path):
     """Write a run's token table (csv, parquet) or its samples in OpenAI logprobs shape (jsonl)."""
     from llamalens.run.loaded import export_run, load_run
     from llamalens.store import Store
 
-    run = load_run(Store(store_path), run_id)
-    n = export_run(run, fmt, output)
+    run = load_run(Store(store_path, read_only=True), run_id)
+    n = export_run(run, fmt, output, excel_safe)
     say(f"wrote {n} {'samples' if fmt == 'jsonl' else 'tokens'} of run {run.id} to {output}", err=True)

@@ -212,7 +212,7 @@ def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model
         if ray_address is not None:
             raise click.UsageError("--ray compares the windows of a text; --run compares a run's samples in this "
                                    "process: drop --ray")
-        store = Store(store_path)
+        store = Store(store_path, read_only=True)
         if len(model_paths) == 1:
             model_paths = (store.run(run_id).model.path,) + tuple(model_paths)
     else:

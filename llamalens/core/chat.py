@@ -94,10 +94,8 @@ def read_messages(path: str, option: str = "--messages") -> list[tuple[dict, ...
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        obj = json_line(line, f"{option}: {p} line {n}")
-        if obj is None:
-            raise InvalidInput(f"{option}: {p} line {n} is not JSON; each line holds one conversation, "
-                               'e.g. {"messages": [{"role": "user", "content": "Hello"}]}')
+        obj = json_line(line, f"{option}: {p} line {n}", 'each line holds one conversation, e.g. '
+                        '{"messages": [{"role": "user", "content": "Hello"}]}')
         if not isinstance(obj, dict) or "messages" not in obj:
             raise InvalidInput(f"{option}: {p} line {n} has no \"messages\" field; each line holds one conversation, "
                                'e.g. {"messages": [{"role": "user", "content": "Hello"}]}')
@@ -142,6 +140,19 @@ def with_system(messages: tuple[dict, ...], system: str | None) -> tuple[dict, .
 
 
 # -- templates ---------------------------------------------------------------------------------------------
+def check_template_name(chat_template: str | None, names: list[str] | None = None) -> None:
+    """--chat-template names a file or one of llama.cpp's built-in templates (checked before a model loads)."""
+    if chat_template is None:
+        return
+    if names is None:
+        from llamalens.core.runtime import builtin_chat_templates
+
+        names = builtin_chat_templates()
+    if chat_template not in names and not Path(chat_template).is_file():
+        raise InvalidInput(f"--chat-template {chat_template!r} is neither a file nor one of llama.cpp's built-in "
+                           f"templates ({', '.join(names)})")
+
+
 def resolve_template(model, chat_template: str | None) -> tuple[str, str | None]:
     """(label, Jinja source or None for a built-in) for --chat-template FILE|NAME, or the model's own template."""
     from llamalens.core.runtime import builtin_chat_templates
@@ -156,10 +167,8 @@ def resolve_template(model, chat_template: str | None) -> tuple[str, str | None]
         return "gguf", src
     if chat_template in names:
         return f"builtin:{chat_template}", None
+    check_template_name(chat_template, names)
     p = Path(chat_template)
-    if not p.is_file():
-        raise InvalidInput(f"--chat-template {chat_template!r} is neither a file nor one of llama.cpp's built-in "
-                           f"templates ({', '.join(names)})")
     from llamalens.inputs import read_utf8
 
     return f"file:{p}", read_utf8(p, "--chat-template")

@@ -68,7 +68,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from llamalens.errors import InvalidSettings
+from llamalens.errors import InvalidArgument, InvalidSettings
 from llamalens.records import Sample, Timing, TokenRecord, alternatives
 from llamalens.core.strategies import banned_tokens
 from llamalens.core.runtime import Context, Model, round_ctx
@@ -94,8 +94,9 @@ class Request:
         out = self.settings.problems()
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             out.append(f"max-tokens {self.max_tokens!r} is out of range (must be >= 1)")
-        if self.n_logprobs < 0:
-            out.append(f"logprobs {self.n_logprobs!r} is out of range (must be >= 0)")
+        if not isinstance(self.n_logprobs, int) or not 0 <= self.n_logprobs <= MAX_LOGPROBS:
+            out.append(f"logprobs {self.n_logprobs!r} is out of range (0..{MAX_LOGPROBS}; each token stores that many "
+                       "alternatives)")
         if any(s == "" for s in self.stop):
             out.append("an empty --stop string would stop at once; remove it")
         return out
@@ -127,6 +128,7 @@ class _Live:
             self.grammar.close()
 
 
+MAX_LOGPROBS = 100  # top alternatives kept per token (as score --logprobs); `next --top` shows more
 NO_TOKEN = -1  # a Pick's token when the grammar left nothing to pick
 
 
@@ -705,5 +707,8 @@ def generate(model: Model, prompt: str, settings: SamplingSettings | None = None
     >>> generate(model, "The capital of France is", SamplingSettings(temperature=0)).text  # doctest: +SKIP
     ' Paris'
     """
+    if settings is not None and not isinstance(settings, SamplingSettings):
+        raise InvalidArgument(f"settings={settings!r:.60}: give a SamplingSettings, e.g. "
+                              "SamplingSettings(temperature=0.7), or None")
     req = Request(prompt, settings or SamplingSettings(), max_tokens, n_logprobs, tuple(stop))
     return next(iter(Engine(model, 1).run([req])))

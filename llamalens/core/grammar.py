@@ -78,6 +78,10 @@ def read_grammar(grammar_file: str | None, json_schema_file: str | None) -> Gram
         if not isinstance(schema, dict):
             raise InvalidInput(f"--json-schema: {json_schema_file} holds a JSON {type(schema).__name__}, not a schema "
                                'object; e.g. {"type": "object", "properties": {"name": {"type": "string"}}}')
+        empty = _empty_choice(schema)
+        if empty:
+            raise InvalidInput(f"--json-schema: {json_schema_file}: {empty} is an empty list, so no JSON value can fit "
+                               "the schema; give it at least one choice (or remove it)")
         from llamalens.core.sampler import json_schema_to_gbnf
 
         try:
@@ -86,6 +90,24 @@ def read_grammar(grammar_file: str | None, json_schema_file: str | None) -> Gram
             raise InvalidInput(f"--json-schema: {json_schema_file} could not be converted to a grammar "
                                f"({type(e).__name__}: {e}); simplify the schema or write a --grammar") from None
         return GrammarSpec(gbnf, f"json-schema:{json_schema_file}")
+    return None
+
+
+def _empty_choice(node, where: str = "$") -> str | None:
+    """Where a schema offers a choice of nothing ("enum": [], "anyOf": [], "oneOf": []), as a JSON path; None
+    when it does not. (The converter would write a grammar that fails to parse, with a message about GBNF.)"""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("enum", "anyOf", "oneOf") and isinstance(value, list) and not value:
+                return f"{where}.{key}"
+            found = _empty_choice(value, f"{where}.{key}")
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found = _empty_choice(value, f"{where}[{i}]")
+            if found:
+                return found
     return None
 
 

@@ -645,7 +645,12 @@ class GrammarSampler(NativeHandle):
             self.ptr = lib.llama_sampler_init_grammar(model.vocab, gbnf.encode("utf-8"), b"root")
         if not self.ptr:  # llama.cpp returns NULL
             why = next((ln.split("error parsing grammar:", 1)[1].strip() for ln in caught.text().splitlines()
-                        if "error parsing grammar:" in ln), "") or last_log_error()
+                        if "error parsing grammar:" in ln), "") or last_log_error() or next(
+                (ln.strip() for ln in reversed(LOG_TAIL) if "grammar" in ln.lower()), "")
+            if "left recursion" in why:  # llama.cpp names the rule only by its index
+                raise InvalidInput(f"{where} is left-recursive (llama.cpp: {why}): a rule can reach itself before "
+                                   "matching any text, e.g. root ::= root \"a\" | \"b\", which llama.cpp cannot run; "
+                                   "write it as a repetition, e.g. root ::= \"b\" \"a\"*")
             raise InvalidInput(f"{where} does not parse as GBNF" + (f" (llama.cpp: {why})" if why else "")
                                + "; fix it (the start rule must be named root)")
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from llamalens.errors import InvalidInput, InvalidSettings, MissingExtra
+from llamalens.errors import InvalidArgument, InvalidInput, InvalidSettings, MissingExtra
 
 if TYPE_CHECKING:
     import numpy as np
@@ -127,6 +127,8 @@ def embedding_map(es, method: str = "pca", categories: list[str] | None = None,
 
     import pandas as pd
 
+    if not (hasattr(es, "texts") and hasattr(es, "unit")):
+        raise InvalidArgument(f"es={es!r:.40}: give the EmbeddingSet that embed_texts(model, texts) returns")
     n = len(es.texts)
     check_map(method, n, perplexity, seed, distinct=len(set(es.texts)))
     check_categories(categories, n)

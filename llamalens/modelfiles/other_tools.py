@@ -174,10 +174,24 @@ def ollama_reference(name: str) -> tuple[str, str, str, str]:
         parts = [OLLAMA_REGISTRY, OLLAMA_NAMESPACE] + parts
     elif len(parts) == 2:
         parts = [OLLAMA_REGISTRY] + parts
-    if len(parts) != 3 or not all(parts) or not tag:
+    if len(parts) != 3 or not all(parts) or not tag or not all(_plain(x) for x in parts + [tag]):
         raise ModelNotFound(f"ollama:{name} is not an Ollama model name; write ollama:NAME[:TAG], e.g. "
                             "ollama:llama3.2:3b (or ollama:NAMESPACE/NAME:TAG)")
     return parts[0], parts[1], parts[2], tag
+
+
+def _plain(part: str) -> bool:
+    """A name that stays one folder level down when joined to a path: not '.', '..', absolute or with a
+    separator (so that a model name can never reach outside its store)."""
+    return part not in (".", "..") and not any(c in part for c in "/\\\0") and not part.startswith("~")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """`path`, its links followed, lies under `root` (its links followed)."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):
+        return False
 
 
 def ollama_name(registry: str, namespace: str, model: str, tag: str) -> str:
@@ -235,8 +249,10 @@ def _hf_repo_files(repo_dir: Path) -> list[tuple[str, Path]]:
     rev = None
     try:
         rev = (repo_dir / "refs" / "main").read_text(encoding="utf-8").strip()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         pass
+    if rev and not (_plain(rev) and _inside(snaps / rev, snaps)):  # a revision names a folder in snapshots/
+        rev = None
     dirs = [snaps / rev] if rev and (snaps / rev).is_dir() else \
         sorted((d for d in snaps.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)[:1]
     return [(p.relative_to(dirs[0]).as_posix(), p) for d in dirs for p in gguf_files(d)]
@@ -305,7 +321,7 @@ def resolve_store_name(name: str, env=os.environ, home: Path | None = None) -> F
         reg, ns, model, tag = ollama_reference(rest)
         for root in roots:
             manifest = root / "manifests" / reg / ns / model / tag
-            if manifest.is_file():
+            if manifest.is_file() and _inside(manifest, root / "manifests"):
                 return read_ollama_manifest(root, manifest)
         raise ModelNotFound(f"{name}: Ollama has no model {ollama_name(reg, ns, model, tag)} (looked in {where}); "
                             f"run `ollama pull {ollama_name(reg, ns, model, tag)}` or `llamalens models` to list what is there")
@@ -329,7 +345,7 @@ def resolve_store_name(name: str, env=os.environ, home: Path | None = None) -> F
         return _one(name, found, f"GGUF in {repo}", f"the cached files are {', '.join(p.path.name for p in found)}"
                     if found else "run `llamalens models` to list the cached files")
     parts = rest.strip("/").split("/")
-    if len(parts) not in (2, 3) or not all(parts):
+    if len(parts) not in (2, 3) or not all(parts) or not all(_plain(x) for x in parts):
         raise ModelNotFound(f"{name} is not an LM Studio name; write lmstudio:PUBLISHER/REPO[/FILE.gguf]")
     found = []
     for root in roots:

@@ -26,6 +26,7 @@ Grid file (TOML), several named grids and fixed settings:
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import fields
 from pathlib import Path
 
@@ -39,6 +40,8 @@ AXES = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty",
 _INT_AXES = {"top_k", "dry_allowed_length", "mirostat"}
 _STR_AXES = {"samplers"}
 # -- decoding-strategy axes ------------------------------------------------------------
+MAX_SAMPLES = 1_000_000  # samples in one sweep: prompts x configurations x seeds (its plan is held in memory)
+MAX_CONFIGS = 10_000  # configurations in one grid (each is a settings object, a summary row, a report column)
 STRATEGY_AXES = ("strategy", "beams", "length_penalty", "no_repeat_ngram", "best_of")
 AXES = AXES + STRATEGY_AXES
 _INT_AXES |= {"beams", "no_repeat_ngram", "best_of"}
@@ -98,7 +101,19 @@ def parse_seeds(seeds: int | None, seed_list: str | None) -> list[int]:
     n = 1 if seeds is None else seeds
     if n < 1:
         raise InvalidSettings(f"--seeds {n} must be >= 1")
+    if n > MAX_SAMPLES:  # before the list is made: 10**8 seeds alone take gigabytes
+        raise InvalidSettings(f"--seeds {n:,} is more than one sweep holds ({MAX_SAMPLES:,} samples in all); "
+                              "lower --seeds, or split the work into several sweeps")
     return list(range(n))
+
+
+def check_size(n_prompts: int, n_configs: int, n_seeds: int) -> None:
+    """Refuse a sweep of more than MAX_SAMPLES samples before it is planned (the plan is held in memory)."""
+    n = n_prompts * n_configs * n_seeds
+    if n > MAX_SAMPLES:
+        raise InvalidSettings(f"the sweep would hold {n:,} samples ({n_prompts:,} prompt(s) x {n_configs:,} "
+                              f"configuration(s) x {n_seeds:,} seed(s)), more than {MAX_SAMPLES:,}; narrow the grid, "
+                              "lower --seeds, or split the work into several sweeps")
 
 
 def expand(axes: dict[str, list], base: SamplingSettings | None = None) -> list[SamplingSettings]:
@@ -107,6 +122,10 @@ def expand(axes: dict[str, list], base: SamplingSettings | None = None) -> list[
     are dropped: `--strategy greedy,beam --beams 3,5` is greedy once and beam twice."""
     base = base or SamplingSettings()
     names = [a for a in AXES if a in axes]
+    size = math.prod(len(axes[a]) for a in names)
+    if size > MAX_CONFIGS:  # before the product is built
+        raise InvalidSettings(f"the grid's axes make {size:,} configurations, more than a sweep takes "
+                              f"({MAX_CONFIGS:,}); give fewer values per axis, or split the grid into several sweeps")
     out = []
     for values in itertools.product(*(axes[a] for a in names)):
         out.append(base.with_(**dict(zip(names, values))))
@@ -184,14 +203,18 @@ def load_grid_file(spec: str) -> list[tuple[str, dict, dict]]:
         import tomllib
     except ImportError:  # Python 3.10
         import tomli as tomllib  # type: ignore
+    from llamalens.inputs import read_utf8
+
+    if not path.exists():
+        raise InvalidSettings(f"--grid: file not found: {path}")
+    text = read_utf8(path, "--grid")  # bounded in size, UTF-8 checked
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidSettings(f"--grid: file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidSettings(f"--grid: cannot read {path}: {e}") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InvalidSettings(f"--grid: {path} is not valid TOML ({e}); see `llamalens sweep --help`") from None
+    except RecursionError:  # tomllib recurses into nested arrays and tables
+        raise InvalidSettings(f"--grid: {path} nests arrays or tables too deeply; a grid file is a few flat "
+                              "tables (see `llamalens sweep --help`)") from None
     return _grid_tables(data, path, name)
 
 

@@ -193,22 +193,42 @@ def openai_logprobs(run: LoadedRun):
 
 EXPORT_FORMATS = ("csv", "parquet", "jsonl")
 
-def export_run(run: LoadedRun, fmt: str, output: str | os.PathLike) -> int:
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may read as the start of a formula
+
+
+def excel_safe(df):
+    """The table with every text cell that a spreadsheet would take for a formula (=, +, -, @, tab, CR first)
+    prefixed with an apostrophe, as OWASP advises against CSV injection. The text no longer round-trips byte
+    for byte; the `bytes` column (hex) still does."""
+    out = df.copy()
+    for col in out.columns:
+        if pd.api.types.is_object_dtype(out[col]) or pd.api.types.is_string_dtype(out[col]):
+            out[col] = [("'" + v) if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v for v in out[col]]
+    return out
+
+
+def export_run(run: LoadedRun, fmt: str, output: str | os.PathLike, safe_for_spreadsheets: bool = False) -> int:
     """Write a run's token table (csv, parquet) or its samples in OpenAI logprobs shape (jsonl).
 
     Written to FILE.part and renamed, so a failed export never leaves half a file under the name; a path
     that is a run store (or its -wal / -shm) is refused. CSV quotes every text field, so a token holding a
-    CR, a newline, a quote or a comma reads back as one field; the `bytes` column (hex) is exact.
-    Returns the number of rows (tokens, or samples for jsonl).
+    CR, a newline, a quote or a comma reads back as one field; the `bytes` column (hex) is exact. A text cell
+    may begin with "=", "+", "-" or "@", which a spreadsheet opens as a formula: `safe_for_spreadsheets`
+    (csv only) prefixes those with an apostrophe (excel_safe). Returns the number of rows (tokens, or samples
+    for jsonl).
     """
     from llamalens.run.kinds import kind
     from llamalens.store import check_not_a_store
 
     if fmt not in EXPORT_FORMATS:
         raise InvalidInput(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if safe_for_spreadsheets and fmt != "csv":
+        raise InvalidInput(f"--excel-safe applies to csv (a {fmt} file is not opened as a spreadsheet); drop it")
     out = Path(output)
     check_not_a_store(out)
     tmp = out.with_name(out.name + ".part")
+    while os.path.lexists(tmp):  # someone else's file: not ours to overwrite or remove
+        tmp = tmp.with_name(tmp.name + "_")
     try:
         if fmt == "jsonl":
             n = 0
@@ -221,6 +241,7 @@ def export_run(run: LoadedRun, fmt: str, output: str | os.PathLike) -> int:
             df = columns(run, run.tokens) if columns else run.tokens
             n = len(df)
             if fmt == "csv":
+                df = excel_safe(df) if safe_for_spreadsheets else df
                 df.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\r\n")
             else:
                 try:

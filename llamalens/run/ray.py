@@ -65,11 +65,33 @@ START_TIMEOUT_S = float(os.environ.get("LLAMALENS_RAY_START_TIMEOUT", "300"))
 
 
 def check_ray(address: str | None) -> None:
-    """What can be checked before any work: the address's form, that Ray is installed, that a HOST:PORT answers."""
+    """What can be checked before any work (before a run is stored, so that a Ray that cannot start leaves no
+    empty interrupted run): the address's form, that Ray is installed, that RAY_TMPDIR (where Ray keeps its
+    session files) is a writable folder, that a HOST:PORT answers and that 'auto' finds a running cluster."""
     address = check_address(address)
     _ray()
-    if address not in (None, "auto") and not address.startswith("ray://"):
+    tmp = os.environ.get("RAY_TMPDIR")
+    if tmp and not (os.path.isdir(tmp) and os.access(tmp, os.W_OK | os.X_OK)):
+        raise RayError(f"RAY_TMPDIR={tmp!r} is not a writable folder, and Ray keeps its session files there; "
+                       "create it, or unset RAY_TMPDIR")
+    if address == "auto":
+        _running_cluster()
+    elif address is not None and not address.startswith("ray://"):
         reachable(address)
+
+
+def _running_cluster() -> None:
+    """RayError unless --ray auto finds a cluster (RAY_ADDRESS, or the one `ray start` recorded on this node), as
+    ray.init(address="auto") looks for it, but without connecting."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # another Ray version: ray.init says it later
+        return
+    try:
+        canonicalize_bootstrap_address("auto")
+    except ConnectionError:
+        raise RayError("--ray auto found no running Ray cluster on this node (nor RAY_ADDRESS); start one with "
+                       "`ray start --head`, or drop the address for a local Ray") from None
 
 
 def _ray():

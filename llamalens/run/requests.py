@@ -19,6 +19,7 @@ from llamalens.core.runtime import Model
 from llamalens.errors import InvalidInput
 from llamalens.run.fork import ForkSpec, check_spec, execute_fork, start_fork
 from llamalens.run.grid import check as check_grid
+from llamalens.run.grid import check_size
 from llamalens.run.sweep import SweepSpec, execute, sizing, start_sweep
 from llamalens.store import Store
 
@@ -40,6 +41,8 @@ class SweepRequest:
         """What can be refused before a model is loaded."""
         if not self.spec.prompts and not self.conversations:
             raise InvalidInput("give at least one prompt (or messages)")
+        check_size(len(self.conversations) if self.conversations else len(self.spec.prompts), len(self.spec.configs),
+                   len(self.spec.seeds))
         check_grid(self.spec.configs, self.spec.seeds)
 
     def sizing(self, ctx: int) -> tuple[int, int]:
