@@ -393,6 +393,10 @@ def test_grammar_dead_end_ends_the_sample(tmp_path):
     run = Store(db).run(1)
     assert run.status == "done" and run.n_done == 4
     assert {s.finish_reason for s in Store(db).samples(1)} == {"grammar"}
+    # such a vocabulary cannot tokenize a character no token holds either: refused, not an abort in the tokenizer
+    for args in (["tokenize", "x"], ["next", "x", "--grammar", tmp_path / "qq.gbnf"]):
+        res = _llamalens(*args, "--model", words_only)
+        assert res.returncode == 1 and "has no byte tokens and no token for U+0078" in res.stderr, res.stderr[-300:]
 
 
 # -- 15. t-SNE of identical texts: refused before the model loads, not a segfault -------------------------------------
