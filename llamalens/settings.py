@@ -35,6 +35,7 @@ STRATEGIES = ("sample", "greedy", "beam")
 EARLY_STOPPING = ("false", "true", "never")
 MAX_BEAMS = 64  # one KV sequence per beam (llama.cpp allows 256 in all)
 MAX_BEST_OF = 64
+MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS: more crashes llama.cpp's thread pool
 MAX_LENGTH_PENALTY = 10.0  # |length_penalty|: length ** 10 stays finite and non-zero for any length a context holds
 CHAIN_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty",
                 "presence_penalty", "penalty_last_n")
@@ -408,8 +409,9 @@ class ModelOptions(_Checked):
             out.append(f"--ctx {self.ctx} is too small (at least 2)")
         if self.batch < 1:
             out.append(f"--batch {self.batch} must be >= 1")
-        if self.threads is not None and self.threads < 1:
-            out.append(f"--threads {self.threads} must be >= 1")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            out.append(f"--threads {self.threads} is out of range (1..{MAX_THREADS}; this machine has "
+                       f"{os.cpu_count() or 1} CPUs)")
         if self.gpu_layers < -1:
             out.append(f"--gpu-layers {self.gpu_layers} must be >= -1 (-1 = all layers)")
         if self.flash_attn not in FLASH_ATTN:

@@ -836,3 +836,10 @@ def test_grid_files_nested_or_endless_are_refused(tiny_path, tmp_path):
                        ("/dev/zero", "holds more than 64 MiB")):
         res = cli("sweep", "x", "--grid", path, "--model", tiny_path, "--store", tmp_path / "g.db", ok=False)
         assert res.exit_code == 1 and word in res.output and "Traceback" not in res.output, res.output
+
+
+# -- 33. model options past what llama.cpp survives are refused before the load ------------------------------------------
+def test_thread_count_is_bounded(tiny_path):
+    for n in (100_000, 513, -5):
+        res = _llamalens("generate", "x", "--model", tiny_path, "--threads", n, "-n", 2)
+        assert res.returncode == 1 and f"--threads {n} is out of range (1..512" in res.stderr, res.stderr[-300:]
