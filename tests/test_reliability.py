@@ -843,3 +843,18 @@ def test_thread_count_is_bounded(tiny_path):
     for n in (100_000, 513, -5):
         res = _llamalens("generate", "x", "--model", tiny_path, "--threads", n, "-n", 2)
         assert res.returncode == 1 and f"--threads {n} is out of range (1..512" in res.stderr, res.stderr[-300:]
+
+
+def test_penalty_windows_are_bounded(tiny_path):
+    import resource
+
+    def cap():  # a regression fails fast instead of taking 15 GB
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+
+    for args, word in ((["--chain", "llama.cpp", "--dry-multiplier", 1, "--dry-penalty-last-n", 10**9],
+                        "dry-penalty-last-n 1000000000 is out of range"),):
+        res = subprocess.run([sys.executable, "-m", "llamalens", "generate", "the cat", "--model", str(tiny_path), "-n",
+                              "3", *map(str, args)], capture_output=True, text=True, timeout=120, preexec_fn=cap)
+        assert res.returncode == 1 and word in res.stderr, res.stderr[-300:]
+    assert any("penalty-last-n 1000000000 is out of range" in p
+               for p in SamplingSettings(penalty_last_n=10**9, repeat_penalty=1.1).problems())
