@@ -858,3 +858,19 @@ def test_penalty_windows_are_bounded(tiny_path):
         assert res.returncode == 1 and word in res.stderr, res.stderr[-300:]
     assert any("penalty-last-n 1000000000 is out of range" in p
                for p in SamplingSettings(penalty_last_n=10**9, repeat_penalty=1.1).problems())
+
+
+def test_run_ids_out_of_range_are_no_run(tiny_path, tmp_path):
+    import numpy as np
+
+    import llamalens as ll
+
+    db = tmp_path / "i.db"
+    cli("sweep", "the cat", "--model", tiny_path, "-n", 2, "--store", db)
+    for rid in ("99999999999999999999999", "1.5"):
+        res = cli("show", rid, "--store", db, ok=False)
+        assert res.exit_code == 1 and "no run" in res.output and "Traceback" not in res.output, res.output
+    assert ll.open_run(np.int64(1), store=db).id == 1 and ll.open_run(" 1", store=db).id == 1
+    for rid in (1.5, True, 2**70):
+        with pytest.raises(ll.StoreError, match="no run"):
+            ll.open_run(rid, store=db)
