@@ -874,3 +874,20 @@ def test_run_ids_out_of_range_are_no_run(tiny_path, tmp_path):
     for rid in (1.5, True, 2**70):
         with pytest.raises(ll.StoreError, match="no run"):
             ll.open_run(rid, store=db)
+
+
+def test_header_cache_removes_only_its_own_entries(tiny_path, tmp_path, monkeypatch):
+    import os
+
+    from llamalens.modelfiles.gguf_header import CACHE_MAX, read_header
+
+    monkeypatch.setenv("LLAMALENS_CACHE_DIR", str(tmp_path / "cache"))
+    headers = tmp_path / "cache" / "headers"
+    headers.mkdir(parents=True)
+    mine = [headers / f"notes-{i}.json" for i in range(CACHE_MAX + 5)]
+    for i, f in enumerate(mine):
+        f.write_text("{}")
+        os.utime(f, (1_000_000 + i, 1_000_000 + i))  # older than any cache entry
+    read_header(tiny_path)
+    assert all(f.exists() for f in mine)
+    assert len([f for f in headers.iterdir() if f not in mine]) == 1  # the header's own entry
