@@ -798,7 +798,7 @@ def test_sweep_size_is_bounded(tiny_path, tmp_path):
              (["-t", ten, "--min-p", ten, "--top-p", ten, "--typical-p", ten, "--repeat-penalty",
                ",".join(str(1 + i / 10) for i in range(10))], "the grid's axes make 100,000 configurations"),
              (["-t", ten, "--min-p", ten, "--top-p", ten, "--seeds", 1001], "the sweep would hold 1,001,000 samples"),
-             (["--logprobs", 300_000], "logprobs 300000 is out of range (0..100"))
+             (["--logprobs", 300_000], "--logprobs 300000 is out of range (0..100)"))
     started = time.monotonic()
     for args, word in cases:
         res = cli("sweep", "the cat", "--model", tiny_path, *args, "--store", db, ok=False)
