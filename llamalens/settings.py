@@ -35,6 +35,8 @@ STRATEGIES = ("sample", "greedy", "beam")
 EARLY_STOPPING = ("false", "true", "never")
 MAX_BEAMS = 64  # one KV sequence per beam (llama.cpp allows 256 in all)
 MAX_BEST_OF = 64
+MAX_LAST_N = 2**20  # penalty windows: llama.cpp keeps a buffer of this many tokens (10**9 took 15 GB)
+MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS: more crashes llama.cpp's thread pool
 MAX_LENGTH_PENALTY = 10.0  # |length_penalty|: length ** 10 stays finite and non-zero for any length a context holds
 CHAIN_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty",
                 "presence_penalty", "penalty_last_n")
@@ -201,8 +203,8 @@ class SamplingSettings(_Checked):
             bad("frequency_penalty", self.frequency_penalty, "must be a finite number")
         if not finite(self.presence_penalty):
             bad("presence_penalty", self.presence_penalty, "must be a finite number")
-        if not isinstance(self.penalty_last_n, int) or self.penalty_last_n < -1:
-            bad("penalty_last_n", self.penalty_last_n, "must be >= -1; -1 means the whole context")
+        if not isinstance(self.penalty_last_n, int) or not -1 <= self.penalty_last_n <= MAX_LAST_N:
+            bad("penalty_last_n", self.penalty_last_n, f"must be in [-1, {MAX_LAST_N}]; -1 means the whole context")
         if not isinstance(self.seed, int) or not 0 <= self.seed < LLAMA_DEFAULT_SEED:
             bad("seed", self.seed, f"must be an integer in [0, {LLAMA_DEFAULT_SEED - 1}]")
         # decoding strategy
@@ -243,8 +245,8 @@ class SamplingSettings(_Checked):
         check("dry_base", finite(self.dry_base) and self.dry_base >= 1, "must be >= 1")
         check("dry_allowed_length", _int(self.dry_allowed_length) and self.dry_allowed_length >= 0,
               "must be an integer >= 0")
-        check("dry_penalty_last_n", _int(self.dry_penalty_last_n) and self.dry_penalty_last_n >= 0,
-              "must be an integer >= 0; 0 turns it off")
+        check("dry_penalty_last_n", _int(self.dry_penalty_last_n) and 0 <= self.dry_penalty_last_n <= MAX_LAST_N,
+              f"must be an integer in [0, {MAX_LAST_N}]; 0 turns it off")
         check("dry_sequence_breakers", bool(self.dry_sequence_breakers) and all(
             isinstance(b, str) and b for b in self.dry_sequence_breakers), "must be non-empty strings, at least one")
         check("xtc_probability", finite(self.xtc_probability) and 0 <= self.xtc_probability <= 1,
@@ -408,8 +410,9 @@ class ModelOptions(_Checked):
             out.append(f"--ctx {self.ctx} is too small (at least 2)")
         if self.batch < 1:
             out.append(f"--batch {self.batch} must be >= 1")
-        if self.threads is not None and self.threads < 1:
-            out.append(f"--threads {self.threads} must be >= 1")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            out.append(f"--threads {self.threads} is out of range (1..{MAX_THREADS}; this machine has "
+                       f"{os.cpu_count() or 1} CPUs)")
         if self.gpu_layers < -1:
             out.append(f"--gpu-layers {self.gpu_layers} must be >= -1 (-1 = all layers)")
         if self.flash_attn not in FLASH_ATTN:

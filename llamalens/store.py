@@ -36,6 +36,7 @@ Columns added after 0.1.0, by ALTER TABLE when an older store is opened (its rea
 from __future__ import annotations
 
 import json
+import operator
 import os
 import random
 import socket
@@ -470,13 +471,18 @@ class Store:
                 self.db.execute("UPDATE runs SET noise=? WHERE id=?", (json.dumps(noise), run_id))
 
     def run(self, run_id: int | str) -> RunInfo:
-        try:
+        """A run by id (an int, or a text of digits) or by name (any other text: the newest of that name)."""
+        if hasattr(run_id, "__index__") and not isinstance(run_id, bool):  # an int, numpy's too (from a table)
+            rid = operator.index(run_id)
+        elif isinstance(run_id, str) and run_id.strip().isdigit():
             rid = int(run_id)
-        except (TypeError, ValueError):
+        else:
             row = self.db.execute("SELECT id FROM runs WHERE name=? ORDER BY id DESC", (str(run_id),)).fetchone()
             if not row:
                 raise StoreError(f"no run {run_id!r} in {self.path}; `llamalens runs` lists them") from None
             rid = row[0]
+        if not 0 <= rid < 2**63:  # beyond SQLite's integers: no such run
+            raise StoreError(f"no run {run_id} in {self.path}; `llamalens runs` lists them")
         r = self.db.execute("SELECT id, name, status, created, finished, command, model, model_hash, versions, "
                             "hardware, options, noise, kind FROM runs WHERE id=?", (rid,)).fetchone()
         if not r:

@@ -393,6 +393,10 @@ def test_grammar_dead_end_ends_the_sample(tmp_path):
     run = Store(db).run(1)
     assert run.status == "done" and run.n_done == 4
     assert {s.finish_reason for s in Store(db).samples(1)} == {"grammar"}
+    # such a vocabulary cannot tokenize a character no token holds either: refused, not an abort in the tokenizer
+    for args in (["tokenize", "x"], ["next", "x", "--grammar", tmp_path / "qq.gbnf"]):
+        res = _llamalens(*args, "--model", words_only)
+        assert res.returncode == 1 and "has no byte tokens and no token for U+0078" in res.stderr, res.stderr[-300:]
 
 
 # -- 15. t-SNE of identical texts: refused before the model loads, not a segfault -------------------------------------
@@ -794,7 +798,7 @@ def test_sweep_size_is_bounded(tiny_path, tmp_path):
              (["-t", ten, "--min-p", ten, "--top-p", ten, "--typical-p", ten, "--repeat-penalty",
                ",".join(str(1 + i / 10) for i in range(10))], "the grid's axes make 100,000 configurations"),
              (["-t", ten, "--min-p", ten, "--top-p", ten, "--seeds", 1001], "the sweep would hold 1,001,000 samples"),
-             (["--logprobs", 300_000], "logprobs 300000 is out of range (0..100"))
+             (["--logprobs", 300_000], "--logprobs 300000 is out of range (0..100)"))
     started = time.monotonic()
     for args, word in cases:
         res = cli("sweep", "the cat", "--model", tiny_path, *args, "--store", db, ok=False)
@@ -832,3 +836,58 @@ def test_grid_files_nested_or_endless_are_refused(tiny_path, tmp_path):
                        ("/dev/zero", "holds more than 64 MiB")):
         res = cli("sweep", "x", "--grid", path, "--model", tiny_path, "--store", tmp_path / "g.db", ok=False)
         assert res.exit_code == 1 and word in res.output and "Traceback" not in res.output, res.output
+
+
+# -- 33. model options past what llama.cpp survives are refused before the load ------------------------------------------
+def test_thread_count_is_bounded(tiny_path):
+    for n in (100_000, 513, -5):
+        res = _llamalens("generate", "x", "--model", tiny_path, "--threads", n, "-n", 2)
+        assert res.returncode == 1 and f"--threads {n} is out of range (1..512" in res.stderr, res.stderr[-300:]
+
+
+def test_penalty_windows_are_bounded(tiny_path):
+    import resource
+
+    def cap():  # a regression fails fast instead of taking 15 GB
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+
+    for args, word in ((["--chain", "llama.cpp", "--dry-multiplier", 1, "--dry-penalty-last-n", 10**9],
+                        "dry-penalty-last-n 1000000000 is out of range"),):
+        res = subprocess.run([sys.executable, "-m", "llamalens", "generate", "the cat", "--model", str(tiny_path), "-n",
+                              "3", *map(str, args)], capture_output=True, text=True, timeout=120, preexec_fn=cap)
+        assert res.returncode == 1 and word in res.stderr, res.stderr[-300:]
+    assert any("penalty-last-n 1000000000 is out of range" in p
+               for p in SamplingSettings(penalty_last_n=10**9, repeat_penalty=1.1).problems())
+
+
+def test_run_ids_out_of_range_are_no_run(tiny_path, tmp_path):
+    import numpy as np
+
+    import llamalens as ll
+
+    db = tmp_path / "i.db"
+    cli("sweep", "the cat", "--model", tiny_path, "-n", 2, "--store", db)
+    for rid in ("99999999999999999999999", "1.5"):
+        res = cli("show", rid, "--store", db, ok=False)
+        assert res.exit_code == 1 and "no run" in res.output and "Traceback" not in res.output, res.output
+    assert ll.open_run(np.int64(1), store=db).id == 1 and ll.open_run(" 1", store=db).id == 1
+    for rid in (1.5, True, 2**70):
+        with pytest.raises(ll.StoreError, match="no run"):
+            ll.open_run(rid, store=db)
+
+
+def test_header_cache_removes_only_its_own_entries(tiny_path, tmp_path, monkeypatch):
+    import os
+
+    from llamalens.modelfiles.gguf_header import CACHE_MAX, read_header
+
+    monkeypatch.setenv("LLAMALENS_CACHE_DIR", str(tmp_path / "cache"))
+    headers = tmp_path / "cache" / "headers"
+    headers.mkdir(parents=True)
+    mine = [headers / f"notes-{i}.json" for i in range(CACHE_MAX + 5)]
+    for i, f in enumerate(mine):
+        f.write_text("{}")
+        os.utime(f, (1_000_000 + i, 1_000_000 + i))  # older than any cache entry
+    read_header(tiny_path)
+    assert all(f.exists() for f in mine)
+    assert len([f for f in headers.iterdir() if f not in mine]) == 1  # the header's own entry

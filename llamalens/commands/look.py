@@ -294,7 +294,7 @@ def _print_sampler_view(view, n_vocab: int) -> None:
 @chain_option
 @llama_cpp_sampling_options
 @click.option("--max-tokens", "-n", type=int, default=16, show_default=True, help="Tokens to generate.")
-@click.option("--logprobs", type=int, default=5, show_default=True, help="Top alternatives per token.")
+@click.option("--logprobs", type=click.IntRange(0, 100), default=5, show_default=True, help="Top alternatives per token.")
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
 @click.option("--text", "as_text", is_flag=True, help="Print the text coloured by each token's probability.")
 @json_option

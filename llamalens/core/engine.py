@@ -94,9 +94,8 @@ class Request:
         out = self.settings.problems()
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             out.append(f"max-tokens {self.max_tokens!r} is out of range (must be >= 1)")
-        if not isinstance(self.n_logprobs, int) or not 0 <= self.n_logprobs <= MAX_LOGPROBS:
-            out.append(f"logprobs {self.n_logprobs!r} is out of range (0..{MAX_LOGPROBS}; each token stores that many "
-                       "alternatives)")
+        if not isinstance(self.n_logprobs, int) or self.n_logprobs < 0:
+            out.append(f"logprobs {self.n_logprobs!r} is out of range (must be >= 0)")
         if any(s == "" for s in self.stop):
             out.append("an empty --stop string would stop at once; remove it")
         return out
@@ -128,7 +127,6 @@ class _Live:
             self.grammar.close()
 
 
-MAX_LOGPROBS = 100  # top alternatives kept per token (as score --logprobs); `next --top` shows more
 NO_TOKEN = -1  # a Pick's token when the grammar left nothing to pick
 
 

@@ -204,6 +204,7 @@ class Model(NativeHandle):
         self._pieces: dict[tuple[int, bool], bytes] = {}
         self._texts: dict[int, tuple[str, str]] = {}  # token_text's, per token: every record's alternatives ask
         self._eog: list[int] | None = None
+        self._spellable: frozenset[str] | None = None  # _check_spellable's, made at the first tokenize
         self._lib = lib
 
     # -- identity ----------------------------------------------------------------------------
@@ -222,6 +223,7 @@ class Model(NativeHandle):
     # -- tokens ------------------------------------------------------------------------------
     def tokenize(self, text: str | bytes, add_bos: bool = False, special: bool = True) -> list[int]:
         raw = _utf8(text)
+        self._check_spellable(raw)
         lib = self._lib
         n_max = len(raw) + 8
         buf = (lib.llama_token * n_max)()
@@ -233,6 +235,36 @@ class Model(NativeHandle):
             if n < 0:
                 raise LlamalensError(f"llama.cpp could not tokenize the text ({len(raw)} bytes)")
         return list(buf[:n])
+
+    def _check_spellable(self, raw: bytes) -> None:
+        """llama.cpp's SentencePiece tokenizer spells a character that no token holds with byte tokens, and
+        aborts the process (std::out_of_range) when the vocabulary has none: with such a vocabulary, text with a
+        character that is not a token of its own is refused before it is tokenized."""
+        if self._spellable is None:
+            self._spellable = self._single_char_tokens()
+        if not self._spellable:  # a vocabulary with byte tokens (or not SentencePiece's) spells anything
+            return
+        text = raw.decode("utf-8", errors="replace").replace(" ", "\u2581")
+        missing = sorted({c for c in text if c not in self._spellable})
+        if missing:
+            shown = ", ".join(f"U+{ord(c):04X}" for c in missing[:8])
+            raise InvalidInput(f"{self.path.name}'s vocabulary has no byte tokens and no token for {shown}; "
+                               "llama.cpp cannot tokenize such text with it (it would abort): leave those characters "
+                               "out, or use another model")
+
+    def _single_char_tokens(self) -> frozenset[str]:
+        """The one-character tokens of a SentencePiece vocabulary without byte tokens; empty for any other."""
+        lib = self._lib
+        if int(lib.llama_vocab_type(self.vocab)) != lib.LLAMA_VOCAB_TYPE_SPM:
+            return frozenset()
+        chars = set()
+        for t in range(self.n_vocab):  # byte tokens come early in such vocabularies: the scan ends there
+            if int(lib.llama_vocab_get_attr(self.vocab, t)) & lib.LLAMA_TOKEN_ATTR_BYTE:
+                return frozenset()
+            piece = (lib.llama_vocab_get_text(self.vocab, t) or b"").decode("utf-8", errors="replace")
+            if len(piece) == 1:
+                chars.add(piece)
+        return frozenset(chars)
 
     def prompt_tokens(self, prompt: str) -> list[int]:
         """The tokens create_completion would feed for this prompt (BOS + text [+ EOS/SEP])."""

@@ -29,6 +29,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,7 +231,9 @@ def _store(header: GGUFHeader, key: str) -> None:
         tmp = folder / f".{key}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(d), encoding="utf-8")
         os.replace(tmp, folder / f"{key}.json")  # atomic: a reader sees the old file or the whole new one
-        kept = sorted(folder.glob("*.json"), key=lambda f: f.stat().st_mtime_ns)
+        # only the cache's own entries (named by a sha256): a file of someone else's there is never removed
+        kept = sorted((f for f in folder.glob("*.json") if re.fullmatch(r"[0-9a-f]{64}\.json", f.name)),
+                      key=lambda f: f.stat().st_mtime_ns)
         for old in kept[: max(0, len(kept) - CACHE_MAX)]:  # the least recently written go first
             old.unlink(missing_ok=True)
     except (OSError, ValueError):

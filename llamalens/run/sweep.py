@@ -36,6 +36,9 @@ from llamalens.run.lifecycle import (DEFAULT_PARALLEL, Progress, RunInterrupted,
 from llamalens.run.noise import noise_floor
 from llamalens.store import RunInfo, Store
 
+MAX_LOGPROBS = 100  # alternatives a run stores per token (as score --logprobs); the library's generate() takes more
+
+
 class SweepInterrupted(RunInterrupted):
     """A sweep stopped before its end; what was committed is saved (the message names `sweep --resume`)."""
 
@@ -73,6 +76,9 @@ def hardware(model: Model) -> Hardware:
 def check_spec(model: Model, spec: SweepSpec) -> list[str]:
     """Every bad value and too-long prompt fails here, before the store changes; returns notes to show
     (a context too short for max_tokens)."""
+    if not isinstance(spec.n_logprobs, int) or not 0 <= spec.n_logprobs <= MAX_LOGPROBS:
+        raise InvalidSettings(f"--logprobs {spec.n_logprobs!r} is out of range (0..{MAX_LOGPROBS}): every token of a "
+                              "run stores that many alternatives")
     if spec.stop and any(c.strategy == "beam" for c in spec.configs):
         raise InvalidSettings("--stop does not apply to beam search (its beams end at the end-of-generation token "
                               "or max-tokens); drop --stop, or the beam strategy")
