@@ -191,6 +191,19 @@ def test_heatmap_axes_are_those_that_move_the_figure(tiny_run):
     assert moving_axes(run, effects, "m") == []
 
 
+def test_noise_sentence_says_only_what_it_can():
+    from llamalens.reports.run import describe_noise
+
+    nf = {"samples": 8, "tokens": 96, "mean_abs_dlogprob": 0.03, "p95_abs_dlogprob": 0.0958,
+          "max_abs_dlogprob": 0.1603, "top1_agreement": 0.927}
+    assert describe_noise(None) is None and describe_noise(dict(nf, tokens=0)) is None
+    sweep, fork = describe_noise(nf), describe_noise(nf, compared=None)
+    assert "configurations' mean logprobs below 0.1603 are within batching noise" in sweep
+    assert "configurations" not in fork and "A single token's logprob moves by more than 0.0958" in fork
+    still = describe_noise(dict(nf, mean_abs_dlogprob=0.0, p95_abs_dlogprob=0.0, max_abs_dlogprob=0.0))
+    assert still.endswith("gave the same logprobs: batching moved none here") and "0.0000" not in still
+
+
 def test_prob_text():
     assert [visible.prob_text(p) for p in (0.0, 7e-6, 4.9e-5, 5e-5, 0.25, 1.0)] == \
         ["0", "7.0e-06", "4.9e-05", "0.0001", "0.2500", "1.0000"]

@@ -172,7 +172,7 @@ def show_fork(store, run_id, as_json, texts: bool = False):
                                          for j in forks) or "none")
         + "; n: the continuations each o_t rests on (the noise level widens as they shrink)")
     say(f"prefill: {prefill_line(fr.stats, fr.cost)}")
-    noise = describe_noise(info.noise)
+    noise = describe_noise(info.noise, compared=None)
     if noise:
         say(noise)
     if texts:

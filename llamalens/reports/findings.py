@@ -109,8 +109,9 @@ def _differences(names: Names, found: Findings) -> list[str]:
     reps = len(found.groups)
     if reps < 2:
         return []
-    noise = (f"the noise floor ({found.noise:.3f} nats)" if found.noise is not None
-             else "zero (no noise floor was measured: nothing was batched)")
+    noise = ("zero (no noise floor was measured: nothing was batched)" if found.noise is None
+             else "zero (batching moved no logprob on this run)" if found.noise == 0
+             else f"the noise floor ({found.noise:.3f} nats)")
     if not found.differences:
         return [f"No two distinct chains' mean logprobs differ by more than {noise}."]
     means = {int(r.config_idx): float(r.mean_logprob) for r in names.run.summary.itertuples()}

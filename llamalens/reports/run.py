@@ -70,26 +70,31 @@ def keeps_raw_top(cfg, grammar: bool) -> bool:
             and not cfg.no_repeat_ngram)
 
 
-def describe_noise(nf: dict | None) -> str | None:
-    """The noise floor in words, exactly as far as it goes (show and the report print this).
+def describe_noise(nf: dict | None, compared: str | None = "configurations' mean logprobs") -> str | None:
+    """The noise floor in words, exactly as far as it goes (show and the report print this); None where nothing
+    was measured (an --exact run, or nothing batched).
 
     Two claims, tested on every sample of batched runs against their --exact twins: a configuration's mean
-    logprob moves by less than the recorded max |Δ logprob| (so differences between configurations below it
-    are noise), and a single token's logprob moves by more than the recorded 95th percentile about 1 time in
-    20. The max is no bound for single tokens: a few move by more than the re-decoded sample showed.
+    logprob moves by less than the recorded max |Δ logprob| (so differences between `compared` below it are
+    noise; None for a run with nothing to compare, such as a fork), and a single token's logprob moves by more
+    than the recorded 95th percentile about 1 time in 20. The max is no bound for single tokens: a few move by
+    more than the re-decoded sample showed. Where batching moved nothing, the sentence says so and no more.
     """
     if not nf or not nf.get("tokens"):
         return None
-    head = (f"noise floor: re-decoding {nf['tokens']} tokens of {nf['samples']} samples one at a time moved their "
-            f"logprobs by {nf['mean_abs_dlogprob']:.4f} nats on average")
+    what = f"re-decoding {nf['tokens']} tokens of {nf['samples']} samples one at a time"
     top = nf["max_abs_dlogprob"]
+    if top == 0:
+        return f"noise floor: {what} gave the same logprobs: batching moved none here"
+    head = f"noise floor: {what} moved their logprobs by {nf['mean_abs_dlogprob']:.4f} nats on average"
     p95 = nf.get("p95_abs_dlogprob")
     spread = f", 95th percentile {p95:.4f}" if p95 is not None else ""
-    tokens = (f"; a single token's logprob moves by more than {p95:.4f} about 1 time in 20, and can move by more "
+    tokens = (f"a single token's logprob moves by more than {p95:.4f} about 1 time in 20, and can move by more "
               f"than {top:.4f}") if p95 is not None else ""
-    return (f"{head}{spread}, max {top:.4f}; top-1 agreement {nf['top1_agreement']:.1%}. Differences between "
-            f"configurations' mean logprobs below {top:.4f} are within batching noise{tokens} (estimated from "
-            f"{nf['tokens']} tokens)")
+    means = f"Differences between {compared} below {top:.4f} are within batching noise" if compared else ""
+    claims = "; ".join(c for c in (means, tokens) if c)
+    claims = claims[0].upper() + claims[1:] + f" (estimated from {nf['tokens']} tokens)" if claims else ""
+    return f"{head}{spread}, max {top:.4f}; top-1 agreement {nf['top1_agreement']:.1%}" + (f". {claims}" if claims else "")
 
 
 def resume_note(info) -> str:
