@@ -364,6 +364,20 @@ def test_show_texts(tiny_run, monkeypatch):
     assert "texts" not in json.loads(cli("show", rid, "--json").stdout)
 
 
+def test_generate_report(tiny_path, tmp_path):
+    """`generate --report FILE`: the completion as a page, its tokens and their figures; a bad path fails first."""
+    out = tmp_path / "g.html"
+    res = cli("generate", "the cat\tsat", "-m", tiny_path, "--ctx", 256, "-n", 6, "-t", 0, "--json", "--report", out)
+    tokens = json.loads(res.stdout)["tokens"]
+    page = out.read_text(encoding="utf-8")
+    data = json.loads(re.search(r'id="ll-data">(.*?)</script>', page).group(1))["tokens"]
+    assert [d[1] for d in data] == [t["id"] for t in tokens] and "the cat⇥sat" in page
+    assert all(a[2] in ("✓ kept", "cut") for d in data for a in d[3][0])  # greedy keeps the top one
+    assert [sum(a[2] == "✓ kept" for a in d[3][0]) for d in data] == [1] * len(data)
+    res = cli("generate", "x", "-m", tiny_path, "--report", tmp_path / "nope" / "g.html", ok=False)
+    assert res.exit_code == 1 and "does not exist" in res.output and "loading" not in res.output
+
+
 def test_report_of_empty_and_unfinished_runs(tiny, tmp_path, monkeypatch):
     store = Store(tmp_path / "s.db")
     monkeypatch.setenv("LLAMALENS_STORE", str(store.path))

@@ -297,12 +297,13 @@ def _print_sampler_view(view, n_vocab: int) -> None:
 @click.option("--logprobs", type=int, default=5, show_default=True, help="Top alternatives per token.")
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
 @click.option("--text", "as_text", is_flag=True, help="Print the text coloured by each token's probability.")
+@report_option("Also write the completion as a page (FILE.html or FILE.md): each token coloured, its pop-up on hover.")
 @json_option
 @chat_options
 @grammar_options
 @model_options
 @fail_cleanly
-def generate(prompt, chain, max_tokens, logprobs, stop, as_text, as_json, model, **kw):
+def generate(prompt, chain, max_tokens, logprobs, stop, as_text, report_path, as_json, model, **kw):
     """Generate from PROMPT and show each token: probability, rank, entropy, candidates, alternatives.
 
     --chain llama.cpp samples as llama-server does (its samplers, its defaults, its context options).
@@ -312,6 +313,7 @@ def generate(prompt, chain, max_tokens, logprobs, stop, as_text, as_json, model,
     llamalens generate "Once upon a time" --chain llama.cpp --dry-multiplier 0.8 --xtc-probability 0.5
     llamalens generate --chat "Name a colour." --system "Answer in one word." --chat-template gemma -t 0
     llamalens generate "A person, as JSON:" --json-schema person.json -n 40
+    llamalens generate "Once upon a time" -n 32 --report tale.html
     """
     from llamalens.core.engine import Engine, Request, context_notes
     from llamalens.errors import InvalidSettings
@@ -324,6 +326,7 @@ def generate(prompt, chain, max_tokens, logprobs, stop, as_text, as_json, model,
     problems = req.problems()
     if problems:  # before loading the model: bad input fails fast
         raise InvalidSettings("; ".join(problems))
+    check_report_path(report_path)
     loaded = load_model(model, pop_model_options(kw, chain))
     rendered = chat_prompt(loaded, conv, chat)
     if rendered:
@@ -332,6 +335,10 @@ def generate(prompt, chain, max_tokens, logprobs, stop, as_text, as_json, model,
     for note in context_notes(engine.prepare([req]), loaded.options.ctx):
         say(f"note: {note}", err=True)
     sample = next(iter(engine.run([req])))
+    if report_path:
+        from llamalens.reports.notebook import sample_document
+
+        write_report(sample_document(sample), report_path)
     if as_json:
         d = sample.to_dict()
         out = {"model": loaded.describe(), "prompt": req.prompt, "settings": d["settings"], "text": d["text"],
