@@ -128,7 +128,7 @@ def test_document_sections(tiny_run, tiny):
                                                 + (" [end]" if t.eog else "") for t in stored[idx]]
     # the four greedy configurations are one row of the summary, which names all four
     summary = next(b for b in doc.blocks if isinstance(b, document.Table) and "distinct-2 across seeds" in b.header)
-    assert [r[0] for r in summary.rows] == ["0–3", "4", "5", "6", "7"]
+    assert [r[0] for r in summary.rows] == ["0–\u20603", "4", "5", "6", "7"]
     assert summary.rows[0][1].startswith("4 settings, one chain on this run") and summary.rows[0][2] == 16
     figures = [b.name for b in doc.blocks if isinstance(b, document.Figure)]
     assert "sampler_view" in figures and "positions_prompt1" in figures and "heatmap_mean_logprob" in figures

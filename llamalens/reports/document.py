@@ -165,8 +165,9 @@ h1{font-size:22px;margin:18px 0 4px}h2{font-size:18px;margin:28px 0 8px;border-b
 h3{font-size:15px;margin:18px 0 6px}
 table{border-collapse:collapse;margin:6px 0 10px;font-size:12.5px}
 td,th{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}
-th{background:#f4f4f6;position:sticky;top:0;white-space:nowrap}th.s{cursor:pointer;user-select:none}th.s:after{content:" \\2195";color:#aaa}
-td.n{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f4f4f6;position:sticky;top:0;white-space:nowrap}th.w{white-space:normal}
+th.s{cursor:pointer;user-select:none}th.s:after{content:" \\2195";color:#aaa}
+td.n{text-align:right;font-variant-numeric:tabular-nums}td.l{min-width:16em}
 table.kv td:first-child{color:#555;white-space:nowrap}
 .note{color:#555;font-size:13px}.warn{background:#fff4d6;border-left:4px solid #e0a800;padding:6px 10px}
 .cap{color:#555;font-size:12.5px;margin:2px 0 14px}
@@ -296,7 +297,7 @@ def _cell(v) -> str:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         num = "" if isinstance(v, float) and not math.isfinite(v) else repr(v)
         return f'<td class="n" data-v="{num}">{_e(fmt(v))}</td>'
-    return f"<td>{_e(v)}</td>"
+    return f'<td class="l">{_e(v)}</td>' if len(str(v)) > 60 else f"<td>{_e(v)}</td>"  # long text gets room
 
 
 def _strips_html(b: Strips, doc: Document, tokens: list) -> list[str]:
@@ -341,7 +342,8 @@ def _html_blocks(blocks: list, doc: Document, tokens: list) -> list[str]:
             body.append('<table class="kv">' + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in b.rows)
                         + "</table>")
         elif isinstance(b, Table):
-            head = "".join(f"<th>{_e(h)}</th>" for h in b.header)
+            # a long header (a chain's label) may wrap, so that a wide table fits the page
+            head = "".join(f'<th class="w">{_e(h)}</th>' if len(str(h)) > 12 else f"<th>{_e(h)}</th>" for h in b.header)
             rows = "".join("<tr>" + "".join(_cell(v) for v in r) + "</tr>" for r in b.rows)
             cls = ' class="sortable"' if b.sortable else ""
             body.append(f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")

@@ -169,7 +169,7 @@ def numbers(configs) -> str:
         run.append(c)
     if run:
         out.append(run)
-    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in out)
+    return ", ".join(f"{r[0]}–\u2060{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in out)  # no break at –
 
 
 def _cut(text: str) -> str:
