@@ -3,9 +3,9 @@
     load_run(store, id) ──► RunReport(run, model, position, sample_idx, metric)
         findings    what the run shows, in sentences (run/findings.py computes it; reports/findings.py words it)
         texts       each prompt's distinct texts once, with the configurations and seeds behind each
-        summary     one row per distinct chain (equivalent configurations grouped) + heatmaps over the axes
-                    that changed something
+        summary     one row per distinct chain (equivalent configurations grouped)
         strips      each distinct text's tokens, coloured, with tooltips; first divergence marked
+        heatmaps    each figure over the grid axes along which it moves
         positions   p(chosen), entropy, candidates along the sequence, per distinct chain
         seeds       distinct completions and where the seeds split
         samplers    how each distinct chain reshapes one raw distribution (needs the model)
@@ -139,7 +139,7 @@ class RunReport:
 
     def document(self) -> Document:
         for section in (self.status, self.findings, self.texts, self.summary, self.grammar, self.strategies, self.strips,
-                        self.positions, self.seeds, self.samplers, self.timing, self.header):
+                        self.heatmaps, self.positions, self.seeds, self.samplers, self.timing, self.header):
             section()
         return self.doc
 
@@ -226,6 +226,10 @@ class RunReport:
                               "completions per prompt across seeds; 'distinct-2 across seeds' = distinct bigrams over "
                               "all of a configuration's samples. Configurations that are one chain on this run (one "
                               "candidate at every token, the same tokens for every prompt and seed) share a row."))
+
+    # -- 3b. heatmaps over the grid, after the texts ------------------------------------------------------
+    def heatmaps(self) -> None:
+        doc, summ = self.doc, self.run.summary
         if len(summ) < 2 or analysis.varying_axes(self.run.configs, analysis.STRATEGY_COLUMNS):
             return  # strategies ignore some settings: a heatmap over those would mix them; see the next section
         from llamalens.reports import plots
@@ -238,6 +242,8 @@ class RunReport:
             axes = [a for a in grid_axes if a in moving]  # only the axes along which this figure moves
             if not axes or drawn == 3:
                 continue
+            if not drawn:
+                doc.add(Heading("Over the grid"))
             drawn += 1
             x, y, panel = axes[0], (axes[1] if len(axes) > 1 else None), axes[2:]
             doc.add(Figure(plots.heatmaps(summ, mm, x, y, panel), f"heatmap_{mm}",
