@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from llamalens.commands.options import chat_options, json_option, model_options, pop_chat, pop_model_options, pop_ray, pop_sampling, \
+from llamalens.commands.options import GroupedCommand, chat_options, json_option, model_options, pop_chat, pop_model_options, pop_ray, pop_sampling, \
     ray_options, report_option, sampling_options, store_option
 from llamalens.commands.output import (check_report_path, fail_cleanly, given_options, json_out, load_model, print_table, ray_executor,
                                        say, shell_command, sweep_progress, until_done, write_report)
@@ -18,7 +18,7 @@ RUN_DEFINED = ("prompt", "outcome", "options_list", "first_line", "samples", "al
                "frequency_penalty", "presence_penalty", "seed", "chat", "system", "chat_template", "messages_file")
 
 
-@click.command("fork")
+@click.command("fork", cls=GroupedCommand)
 @click.argument("prompt", required=False)
 @click.option("--outcome", default=None, help="Outcome = first match of this regex in the completion (its group 1 "
                                               "if it has one).")

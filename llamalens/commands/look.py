@@ -6,7 +6,7 @@ import math
 
 import click
 
-from llamalens.commands.options import axis_options, chain_option, chat_options, grammar_options, json_option, \
+from llamalens.commands.options import GroupedCommand, axis_options, chain_option, chat_options, grammar_options, json_option, \
     llama_cpp_fixed_options, llama_cpp_sampling_options, model_options, pop_axes, pop_chat, pop_grammar, pop_model_options, pop_sampling, \
     report_option, sampling_options
 from llamalens.modelfiles.memory import available_ram, for_model as fit_estimate, gb
@@ -17,7 +17,7 @@ from llamalens.commands.output import say, alternatives, check_report_path, fail
 MAX_NEXT_COLUMNS = 12
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("name", required=False)
 @click.option("--fit", is_flag=True, help="Also estimate the RAM each model needs (default settings, or those given) "
                                           "against the RAM available now.")
@@ -87,7 +87,7 @@ def _say_fit(est, name) -> None:
     say(f"{'available':<13} {gb(est.available)}: {verdict}")
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("text")
 @click.option("--bos", is_flag=True, help="Add the model's BOS token as a prompt would.")
 @json_option
@@ -112,10 +112,10 @@ NEXT_AXES = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_pena
              "mirostat_tau", "samplers")
 
 
-@click.command("next")
+@click.command("next", cls=GroupedCommand)
 @click.argument("prompt", required=False)
 @click.option("--top", type=click.IntRange(1, 1000), default=10, show_default=True, help="How many tokens to show.")
-@axis_options(*NEXT_AXES, help_prefix="Also show the distribution after each value: ")
+@axis_options(*NEXT_AXES)
 @chain_option
 @llama_cpp_fixed_options(*NEXT_AXES)
 @click.option("--seed", type=int, default=None, help="Seed of the chain's random draws (XTC's) [default: "
@@ -288,7 +288,7 @@ def _print_sampler_view(view, n_vocab: int) -> None:
         say(f"{label} | {stage}: {what}")
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("prompt", required=False)
 @sampling_options
 @chain_option

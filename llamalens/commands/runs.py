@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from llamalens.commands.options import AXIS_HELP, axis_options, chain_option, chat_options, grammar_options, json_option, model_option, \
+from llamalens.commands.options import GroupedCommand, AXIS_HELP, axis_options, chain_option, chat_options, grammar_options, json_option, model_option, \
     pop_axes, pop_chat, pop_grammar, pop_model_options, pop_ray, pop_strategy, ray_options, report_option, runtime_options, \
     store_option, strategy_options
 from llamalens.commands.output import (ray_executor, check_report_path, fail_cleanly, given_options, json_out, load_model, print_table, records, say,
@@ -21,7 +21,7 @@ RUN_DEFINED = ("prompts", "prompts_file", "chat", "system", "chat_template", "me
                "best_of_by", "chain", "ubatch", "swa_full", "repack", "server_prefill")
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("prompts", nargs=-1)
 @click.option("--prompts-file", type=click.Path(dir_okay=False),
               help="One prompt per line (.txt) or JSON lines with a \"prompt\" field (.jsonl).")
@@ -119,7 +119,7 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
         _report(run, report_path, None, loaded)
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 def presets():
     """List the named presets for `sweep --preset`."""
     from llamalens.run.grid import PRESETS
@@ -129,7 +129,7 @@ def presets():
         say(f"{name:<18} {SamplingSettings(**values).label(seed=False)}")
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @json_option
 @store_option
 @fail_cleanly
@@ -150,7 +150,7 @@ def runs(as_json, store_path):
     print_table(rows, right={0, 5, 6, 8})
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("run_id")
 @click.option("--texts", is_flag=True, help="Every distinct text in full, with the configurations and seeds that "
                                             "produced it (without it: the first few, shortened).")
@@ -270,7 +270,7 @@ def _show_grammar(run) -> None:
         + ", ".join(f"sample {s} #{pos} {visible(text, hx)} {r:.1%}" for s, _c, pos, text, hx, r in f.worst))
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("run_id")
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
               help="FILE.html or FILE.md (default: the run's name, or run-ID, .html in this folder).")
@@ -323,7 +323,7 @@ def _report(run, output, fmt, model, **options) -> None:
     _write(run_document(run, model=model, **options), output, fmt)
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("run_id")
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "jsonl"]), required=True,
               help="csv / parquet: one row per token; jsonl: one sample per line, OpenAI logprobs shape.")
