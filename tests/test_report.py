@@ -359,6 +359,7 @@ def test_show_texts(tiny_run, monkeypatch):
         assert shown in full and f"×{len(t.samples)} " in full
     greedy = next(t for t in texts if t.samples[0][1] == 0)
     assert "(+3 equivalent), every seed" in full and len(greedy.samples) >= 8
+    assert "configurations 0–3 are one chain on this run" in short and "dist-2 seeds" in short
     data = json.loads(cli("show", rid, "--texts", "--json").stdout)
     assert sum(len(t["samples"]) for t in data["texts"]) == store.run(rid).n_done
     assert "texts" not in json.loads(cli("show", rid, "--json").stdout)

@@ -206,6 +206,18 @@ def show_texts(run, full: bool) -> None:
             say(f"... {len(texts) - SHORT_TEXTS} more: `llamalens show {run.id} --texts`")
 
 
+def _show_groups(run) -> None:
+    """Name the configurations that are one chain on this run (run/findings.py)."""
+    from llamalens.run.findings import equivalent_groups
+    from llamalens.reports.findings import numbers
+
+    for g in equivalent_groups(run):
+        if len(g.configs) > 1:
+            how = "every token they chose had one candidate left" if g.deterministic else "the same records"
+            say(f"configurations {numbers(g.configs)} are one chain on this run ({how}, the same tokens for every "
+                "prompt and seed)")
+
+
 def show_sweep(store, run_id, as_json, texts: bool = False):
     """Print a sweep run's summary: per configuration, then strategies, noise floor, grammar, resumes, and the
     distinct texts (all in full with `texts`)."""
@@ -227,13 +239,15 @@ def show_sweep(store, run_id, as_json, texts: bool = False):
     say(f"run {info.id} {info.name or ''} [{info.status}] model {info.model.name} ({info.model.quantization}), "
                f"{info.n_done}/{info.n_samples} samples, {context_options(info.options.model_options)}, "
                f"{info.options.parallel} per batch")
-    rows = [("#", "configuration", "samples", "mean lp", "ppl", "entropy", "cand", "distinct", "dist-2", "rank",
+    rows = [("#", "configuration", "samples", "mean lp", "ppl", "entropy", "cand", "distinct", "dist-2 seeds", "rank",
              "tok/s")]
     for r in summ.itertuples():
         rows.append((r.config_idx, r.label, r.samples, f"{r.mean_logprob:.3f}", f"{r.perplexity:.2f}",
                      f"{r.mean_entropy:.3f}", f"{r.mean_candidates:.1f}", f"{r.distinct_completions:.1f}",
                      f"{r.distinct_2:.2f}", f"{r.mean_rank:.1f}", f"{r.tokens_per_s:.1f}"))
     print_table(rows, right=set(range(2, 11)) | {0})
+    say("dist-2 seeds: distinct bigrams over all of a configuration's samples")
+    _show_groups(run)
     if run.strategies:
         say("decoding strategies (means over samples; distinct-n and rep-4 within each sample):")
         rows = [tuple(h for _, h in STRATEGY_TABLE)]

@@ -159,8 +159,9 @@ def produced_by(names: Names, samples) -> str:
                      for g, seeds in by.items())
 
 
-def numbers(configs) -> str:
-    """Configuration numbers with runs shortened: (0, 1, 2, 3, 6) -> '0–3, 6'."""
+def numbers(configs, nobreak: bool = False) -> str:
+    """Configuration numbers with runs shortened: (0, 1, 2, 3, 6) -> '0–3, 6' (`nobreak`: a word joiner after
+    the dash, so that a page does not break a range there)."""
     out, run = [], []
     for c in sorted(configs):
         if run and c != run[-1] + 1:
@@ -169,7 +170,8 @@ def numbers(configs) -> str:
         run.append(c)
     if run:
         out.append(run)
-    return ", ".join(f"{r[0]}–\u2060{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in out)  # no break at –
+    dash = "–\u2060" if nobreak else "–"
+    return ", ".join(f"{r[0]}{dash}{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in out)
 
 
 def _cut(text: str) -> str:

@@ -218,7 +218,7 @@ class RunReport:
             if not members:
                 continue
             r = members[0]  # the group's records are the same decode: its figures are its first member's
-            rows.append([numbers(g.configs), self.names.group_row(g), sum(int(m["samples"]) for m in members),
+            rows.append([numbers(g.configs, nobreak=True), self.names.group_row(g), sum(int(m["samples"]) for m in members),
                          sum(int(m["tokens"]) for m in members)] + [plain(r[c]) for c in cols])
         doc.add(Table(["#", "configuration", "samples", "tokens", "mean logprob", "perplexity", "entropy", "candidates",
                        "distinct", "distinct-2 across seeds", "mean rank", "tok/s"], rows,
@@ -405,7 +405,7 @@ class RunReport:
                 if not seqs:
                     continue
                 distinct, splits = analysis.seed_splits(seqs)
-                rows.append([p_idx, numbers(g.configs), self.names.group(g), len(seqs), distinct,
+                rows.append([p_idx, numbers(g.configs, nobreak=True), self.names.group(g), len(seqs), distinct,
                              ", ".join(map(str, splits[:12])) + (" …" if len(splits) > 12 else "") or "never"])
         self.doc.add(Table(["prompt", "#", "configuration", "samples", "distinct completions", "split at token"], rows,
                            caption="Where the completions of one chain split: positions where its samples (its seeds, "
