@@ -204,6 +204,17 @@ def test_noise_sentence_says_only_what_it_can():
     assert still.endswith("gave the same logprobs: batching moved none here") and "0.0000" not in still
 
 
+def test_kept_marks_only_where_the_chain_keeps_the_raw_top():
+    from llamalens.reports.run import keeps_raw_top
+
+    assert keeps_raw_top(SamplingSettings(temperature=0.7, top_k=3, top_p=0.5, min_p=0.1), grammar=False)
+    for cfg in (SamplingSettings(typical_p=0.5), SamplingSettings(repeat_penalty=1.3),
+                SamplingSettings(presence_penalty=0.5), SamplingSettings(chain="llama.cpp"),
+                SamplingSettings(strategy="beam")):
+        assert not keeps_raw_top(cfg, grammar=False), cfg
+    assert not keeps_raw_top(SamplingSettings(), grammar=True)
+
+
 def test_prob_text():
     assert [visible.prob_text(p) for p in (0.0, 7e-6, 4.9e-5, 5e-5, 0.25, 1.0)] == \
         ["0", "7.0e-06", "4.9e-05", "0.0001", "0.2500", "1.0000"]

@@ -63,9 +63,10 @@ def token_view(t: TokenRecord, mark: str = "", survivors: bool = False) -> Token
 
 
 def keeps_raw_top(cfg, grammar: bool) -> bool:
-    """Whether a configuration's candidates are the raw distribution's top ones (truncation only: no penalty,
-    grammar, or llama.cpp stage such as XTC that removes the top tokens)."""
-    return (not grammar and cfg.chain == "llama-cpp-python" and cfg.repeat_penalty == 1.0
+    """Whether a configuration's candidates are the raw distribution's top ones: top-k, top-p and min-p keep a
+    prefix of the sorted tokens; a penalty, a grammar, typical-p (it keeps the tokens nearest the entropy) or a
+    llama.cpp stage such as XTC (it removes top tokens) need not."""
+    return (not grammar and cfg.chain == "llama-cpp-python" and cfg.typical_p == 1.0 and cfg.repeat_penalty == 1.0
             and not cfg.frequency_penalty and not cfg.presence_penalty and cfg.strategy == "sample"
             and not cfg.no_repeat_ngram)
 
