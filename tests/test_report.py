@@ -163,6 +163,12 @@ def test_findings_from_records(tiny_run):
     assert [d.delta for d in f.differences] == sorted((d.delta for d in f.differences), reverse=True)
     least = min(t.prob for s in run.samples for t in run.by_sample[s.sample_idx] if not t.eog)
     assert f.surprising[0].prob == least and len(f.surprising) == fnd.SURPRISING
+    for sp in f.surprising:  # each with the text before it, and each text prefix once
+        toks = run.by_sample[sp.sample_idx]
+        assert sp.before == "".join(t.text for t in toks[: sp.position]) and toks[sp.position].id == sp.token_id
+    prefixes = [(sp.prompt_idx, tuple(t.id for t in run.by_sample[sp.sample_idx][: sp.position + 1]))
+                for sp in f.surprising]
+    assert len(set(prefixes)) == len(prefixes)
     # one extra candidate at one token of a greedy-looking configuration: no longer provably the same chain
     run2 = load_run(store, rid)
     first = next(s for s in run2.samples if s.config_idx == 2)
