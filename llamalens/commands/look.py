@@ -79,6 +79,44 @@ def models(name, fit, ctx, batch, parallel, as_json):
         say(f"estimated for --ctx {ctx} --batch {batch}, {parallel} sequence(s); {gb(available_ram())} RAM available")
 
 
+@click.command(cls=GroupedCommand)
+@click.argument("src")
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.argument("kind", metavar="TYPE")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="CPU threads (0 = all cores).")
+@json_option
+@fail_cleanly
+def quantize(src, dst, kind, threads, as_json):
+    """Write DST: the model SRC (a GGUF path or a model name, as --model takes) quantized to TYPE (Q8_0, Q4_K_M,
+    Q2_K, ...) by llama.cpp's own quantizer: the second file `compare` measures against SRC. When SRC is
+    itself quantized, says that the result is no better a reference than SRC.
+
+    \b
+    llamalens quantize default model-q2_k.gguf Q2_K
+    """
+    from pathlib import Path
+
+    from llamalens.core.runtime import quantize as quantize_file, quantized_source_note
+    from llamalens.errors import InvalidInput
+    from llamalens.modelfiles.find import resolve_model
+
+    source, out = resolve_model(src), Path(dst)
+    if out.exists():
+        raise InvalidInput(f"{out} exists; choose another name or remove it first")
+    if not (out.parent if str(out.parent) else Path(".")).is_dir():
+        raise InvalidInput(f"cannot write {out}: folder {out.parent} does not exist")
+    note = quantized_source_note(source, kind)
+    say(f"quantizing {source.name} to {kind.upper()} ...", err=True)
+    quantize_file(source, out, kind, threads)
+    result = {"source": str(source), "output": str(out), "type": kind.upper(), "source_size": source.stat().st_size,
+              "size": out.stat().st_size, "note": note}
+    if as_json:
+        return json_out(result)
+    say(f"wrote {out} ({fmt_size(result['size'])}, from {fmt_size(result['source_size'])})")
+    if note:
+        say(f"note: {note}")
+
+
 def _say_fit(est, name) -> None:
     say(f"{'memory':<13} {est.breakdown()} (--ctx {est.ctx}, --batch {est.batch}, {est.sequences} sequence(s))")
     if est.weights_gpu:
