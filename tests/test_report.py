@@ -60,6 +60,27 @@ def test_float_bucket_edges():
         assert document.kld_class(edge) == f"k{i}" and document.kld_class(edge * (1 - 1e-12)) == f"k{i - 1}"
 
 
+def test_kld_colours_spread_over_the_data():
+    """A far quantization's KLDs (most tokens above 0.1 nat) spread over the colours instead of saturating; small
+    ones keep the fixed scale; each scale's edges hold the values on them; the legend says the scale's edges."""
+    far = [0.022, 0.1055, 0.12, 0.14, 0.16, 0.18, 0.2, 0.23, 0.26, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9, 1.06, 1.5, 2.5, 4.0,
+           9.3]  # the shape measured for Gemma 3 270M Q4_K_M against its own Q2_K
+    fixed = [document.kld_class(k) for k in far]
+    assert sum(c in ("k7", "k8", "k9") for c in fixed) >= 0.8 * len(far)  # the fixed scale: nearly all deep red
+    scale = document.kld_scale(far)
+    assert (scale.start, scale.step) == (-1.0, 0.25)
+    assert len({document.kld_class(k, scale) for k in far}) >= 7
+    assert document.kld_scale([1e-6, 1e-4, 3e-3, 0.02]) == document.KLD_SCALE == document.kld_scale([])
+    for i in range(1, 10):
+        edge = scale.edge(i)
+        assert document.kld_class(edge, scale) == f"k{i}" and document.kld_class(edge * (1 - 1e-12), scale) == f"k{i - 1}"
+    doc = document.Document("t", modes=[("kld", "KLD")], kld_scale=scale)
+    doc.add(document.Strips("s", [("a", [document.TokenView("x", 1, document.kld_class(0.5, scale), [])])]))
+    page = document.to_html(doc)
+    assert '<span class="k0">&lt;0.1</span>' in page and '<span class="k9">10</span>' in page
+    assert 'class="tk k3"' in page  # 0.5 nat: between 0.32 and 0.56
+
+
 def test_sampler_view_matches_numpy(tiny):
     """Each chain's result equals an independent numpy implementation on the same raw logits."""
     prompt = "the cat sat"
