@@ -64,7 +64,7 @@ def main():
     """
 
 
-COMMANDS = [look.models, look.tokenize, look.next_cmd, look.generate,
+COMMANDS = [look.models, look.quantize, look.tokenize, look.next_cmd, look.generate,
             runs.sweep, runs.presets, runs.runs, runs.show, runs.report, runs.export,
             score.score, score.choose, score.compare,
             embed.embed, fork.fork, serve.serve]

@@ -1,3 +1,4 @@
+import json
 import struct
 
 import pytest
@@ -119,3 +120,22 @@ def test_quantize_writes_the_asked_type(gemma_q8_path, tmp_path):
     with pytest.raises(InvalidModelFile):
         ll.quantize(bad, tmp_path / "y.gguf", "Q8_0")
     assert not (tmp_path / "y.gguf").exists()
+
+
+def test_quantize_command(tiny_path, tmp_path):
+    """`llamalens quantize SRC DST TYPE`: the file in the type asked for; from a quantized source, a note that the
+    result is no better a reference than it; an existing DST, a folder that is not there and an unknown type are
+    refused before any work, and no half file is left."""
+    from clirun import cli
+
+    q8, q4 = tmp_path / "t-q8_0.gguf", tmp_path / "t-q4_0.gguf"
+    out = json.loads(cli("quantize", tiny_path, q8, "q8_0", "--threads", 1, "--json").stdout)
+    assert read_header(q8).get("general.file_type") == 7 and out["type"] == "Q8_0" and out["note"] is None
+    res = cli("quantize", q8, q4, "Q4_0")
+    assert read_header(q4).get("general.file_type") == 2
+    assert "note: the source is itself quantized (Q8_0)" in res.output and "no better a reference" in res.output
+    for args, words in [((q8, q4, "Q4_0"), "exists"), ((q8, tmp_path / "no" / "x.gguf", "Q4_0"), "does not exist"),
+                        ((q8, tmp_path / "x.gguf", "Q9_9"), "not one llamalens makes")]:
+        res = cli("quantize", *args, ok=False)
+        assert res.exit_code == 1 and words in res.output and "Traceback" not in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t-q4_0.gguf", "t-q8_0.gguf"]

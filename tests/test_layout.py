@@ -33,6 +33,24 @@ def test_every_command_has_help():
                 assert getattr(param, "help", None), f"`llamalens {name} {param.opts[0]}` has no help text"
 
 
+def test_help_lists_options_in_groups():
+    """Each command's --help lists every option once, its own first, then the shared ones in their groups."""
+    from llamalens.commands.options import HELP_GROUPS, help_group
+
+    titles = ["Options"] + [t for t, _ in HELP_GROUPS]
+    for name, command in main.commands.items():
+        out = CliRunner().invoke(main, [name, "--help"], terminal_width=200).output
+        shown = [line[:-1] for line in out.splitlines() if line.endswith(":") and line[:-1] in titles]
+        assert shown == sorted(shown, key=titles.index) and len(set(shown)) == len(shown), (name, shown)
+        for param in command.params:
+            if param.param_type_name == "option" and not param.hidden:
+                section = out.split(help_group(param.name) + ":\n", 1)[1].split("\n\n", 1)[0]
+                assert re.search(rf"(^|[ ,/]){re.escape(param.opts[-1])}\b", section, flags=re.M), (name, param.opts)
+    out = CliRunner().invoke(main, ["next", "--help"]).output.split("\nOptions:\n", 1)[1]
+    assert "Settings to compare" in out and "Model:" in out and "Also show the distribution" not in out
+    assert out.index("--top ") < out.index("--temperature") < out.index("--model") < out.index("  --json ")
+
+
 def _readme_commands() -> set[str]:
     section = README.split("## Commands", 1)[1].split("\n## ", 1)[0]
     return set(re.findall(r"^\s+llamalens ([a-z][a-z-]*)", section, flags=re.M))

@@ -60,6 +60,27 @@ def test_float_bucket_edges():
         assert document.kld_class(edge) == f"k{i}" and document.kld_class(edge * (1 - 1e-12)) == f"k{i - 1}"
 
 
+def test_kld_colours_spread_over_the_data():
+    """A far quantization's KLDs (most tokens above 0.1 nat) spread over the colours instead of saturating; small
+    ones keep the fixed scale; each scale's edges hold the values on them; the legend says the scale's edges."""
+    far = [0.022, 0.1055, 0.12, 0.14, 0.16, 0.18, 0.2, 0.23, 0.26, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9, 1.06, 1.5, 2.5, 4.0,
+           9.3]  # the shape measured for Gemma 3 270M Q4_K_M against its own Q2_K
+    fixed = [document.kld_class(k) for k in far]
+    assert sum(c in ("k7", "k8", "k9") for c in fixed) >= 0.8 * len(far)  # the fixed scale: nearly all deep red
+    scale = document.kld_scale(far)
+    assert (scale.start, scale.step) == (-1.0, 0.25)
+    assert len({document.kld_class(k, scale) for k in far}) >= 7
+    assert document.kld_scale([1e-6, 1e-4, 3e-3, 0.02]) == document.KLD_SCALE == document.kld_scale([])
+    for i in range(1, 10):
+        edge = scale.edge(i)
+        assert document.kld_class(edge, scale) == f"k{i}" and document.kld_class(edge * (1 - 1e-12), scale) == f"k{i - 1}"
+    doc = document.Document("t", modes=[("kld", "KLD")], kld_scale=scale)
+    doc.add(document.Strips("s", [("a", [document.TokenView("x", 1, document.kld_class(0.5, scale), [])])]))
+    page = document.to_html(doc)
+    assert '<span class="k0">&lt;0.1</span>' in page and '<span class="k9">10</span>' in page
+    assert 'class="tk k3"' in page  # 0.5 nat: between 0.32 and 0.56
+
+
 def test_sampler_view_matches_numpy(tiny):
     """Each chain's result equals an independent numpy implementation on the same raw logits."""
     prompt = "the cat sat"
@@ -102,8 +123,8 @@ def test_document_sections(tiny_run, tiny):
     store, rid = tiny_run
     doc = run_document(load_run(store, rid), model=tiny)
     headings = [b.text for b in doc.blocks if isinstance(b, document.Heading)]
-    assert headings == ["Findings", "Texts", "Summary per distinct chain", "Token views", "Along the sequence", "Seeds",
-                        "How the samplers reshape the distribution", "Timing"]
+    assert headings == ["Findings", "Texts", "Summary per distinct chain", "Token views", "Over the grid",
+                        "Along the sequence", "Seeds", "How the samplers reshape the distribution", "Timing"]
     # set-up, build and command come last, folded
     made = doc.blocks[-1]
     assert isinstance(made, document.Folded) and made.summary.startswith("How this was made")
@@ -128,7 +149,7 @@ def test_document_sections(tiny_run, tiny):
                                                 + (" [end]" if t.eog else "") for t in stored[idx]]
     # the four greedy configurations are one row of the summary, which names all four
     summary = next(b for b in doc.blocks if isinstance(b, document.Table) and "distinct-2 across seeds" in b.header)
-    assert [r[0] for r in summary.rows] == ["0–3", "4", "5", "6", "7"]
+    assert [r[0] for r in summary.rows] == ["0–\u20603", "4", "5", "6", "7"]
     assert summary.rows[0][1].startswith("4 settings, one chain on this run") and summary.rows[0][2] == 16
     figures = [b.name for b in doc.blocks if isinstance(b, document.Figure)]
     assert "sampler_view" in figures and "positions_prompt1" in figures and "heatmap_mean_logprob" in figures
@@ -163,6 +184,12 @@ def test_findings_from_records(tiny_run):
     assert [d.delta for d in f.differences] == sorted((d.delta for d in f.differences), reverse=True)
     least = min(t.prob for s in run.samples for t in run.by_sample[s.sample_idx] if not t.eog)
     assert f.surprising[0].prob == least and len(f.surprising) == fnd.SURPRISING
+    for sp in f.surprising:  # each with the text before it, and each text prefix once
+        toks = run.by_sample[sp.sample_idx]
+        assert sp.before == "".join(t.text for t in toks[: sp.position]) and toks[sp.position].id == sp.token_id
+    prefixes = [(sp.prompt_idx, tuple(t.id for t in run.by_sample[sp.sample_idx][: sp.position + 1]))
+                for sp in f.surprising]
+    assert len(set(prefixes)) == len(prefixes)
     # one extra candidate at one token of a greedy-looking configuration: no longer provably the same chain
     run2 = load_run(store, rid)
     first = next(s for s in run2.samples if s.config_idx == 2)
@@ -189,6 +216,30 @@ def test_heatmap_axes_are_those_that_move_the_figure(tiny_run):
     assert moving_axes(run, effects, "m") == ["a", "b"]
     run.__dict__["summary"] = pd.DataFrame({"config_idx": [0, 1, 2, 3], "m": [1.0, 1.0, 1.0, 1.0]})
     assert moving_axes(run, effects, "m") == []
+
+
+def test_noise_sentence_says_only_what_it_can():
+    from llamalens.reports.run import describe_noise
+
+    nf = {"samples": 8, "tokens": 96, "mean_abs_dlogprob": 0.03, "p95_abs_dlogprob": 0.0958,
+          "max_abs_dlogprob": 0.1603, "top1_agreement": 0.927}
+    assert describe_noise(None) is None and describe_noise(dict(nf, tokens=0)) is None
+    sweep, fork = describe_noise(nf), describe_noise(nf, compared=None)
+    assert "configurations' mean logprobs below 0.1603 are within batching noise" in sweep
+    assert "configurations" not in fork and "A single token's logprob moves by more than 0.0958" in fork
+    still = describe_noise(dict(nf, mean_abs_dlogprob=0.0, p95_abs_dlogprob=0.0, max_abs_dlogprob=0.0))
+    assert still.endswith("gave the same logprobs: batching moved none here") and "0.0000" not in still
+
+
+def test_kept_marks_only_where_the_chain_keeps_the_raw_top():
+    from llamalens.reports.run import keeps_raw_top
+
+    assert keeps_raw_top(SamplingSettings(temperature=0.7, top_k=3, top_p=0.5, min_p=0.1), grammar=False)
+    for cfg in (SamplingSettings(typical_p=0.5), SamplingSettings(repeat_penalty=1.3),
+                SamplingSettings(presence_penalty=0.5), SamplingSettings(chain="llama.cpp"),
+                SamplingSettings(strategy="beam")):
+        assert not keeps_raw_top(cfg, grammar=False), cfg
+    assert not keeps_raw_top(SamplingSettings(), grammar=True)
 
 
 def test_prob_text():
@@ -346,9 +397,24 @@ def test_show_texts(tiny_run, monkeypatch):
         assert shown in full and f"×{len(t.samples)} " in full
     greedy = next(t for t in texts if t.samples[0][1] == 0)
     assert "(+3 equivalent), every seed" in full and len(greedy.samples) >= 8
+    assert "configurations 0–3 are one chain on this run" in short and "dist-2 seeds" in short
     data = json.loads(cli("show", rid, "--texts", "--json").stdout)
     assert sum(len(t["samples"]) for t in data["texts"]) == store.run(rid).n_done
     assert "texts" not in json.loads(cli("show", rid, "--json").stdout)
+
+
+def test_generate_report(tiny_path, tmp_path):
+    """`generate --report FILE`: the completion as a page, its tokens and their figures; a bad path fails first."""
+    out = tmp_path / "g.html"
+    res = cli("generate", "the cat\tsat", "-m", tiny_path, "--ctx", 256, "-n", 6, "-t", 0, "--json", "--report", out)
+    tokens = json.loads(res.stdout)["tokens"]
+    page = out.read_text(encoding="utf-8")
+    data = json.loads(re.search(r'id="ll-data">(.*?)</script>', page).group(1))["tokens"]
+    assert [d[1] for d in data] == [t["id"] for t in tokens] and "the cat⇥sat" in page
+    assert all(a[2] in ("✓ kept", "cut") for d in data for a in d[3][0])  # greedy keeps the top one
+    assert [sum(a[2] == "✓ kept" for a in d[3][0]) for d in data] == [1] * len(data)
+    res = cli("generate", "x", "-m", tiny_path, "--report", tmp_path / "nope" / "g.html", ok=False)
+    assert res.exit_code == 1 and "does not exist" in res.output and "loading" not in res.output
 
 
 def test_report_of_empty_and_unfinished_runs(tiny, tmp_path, monkeypatch):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import click
 
 from llamalens.looks.embed_map import DEFAULT_PERPLEXITY, DEFAULT_SEED, MAX_SEED, METHODS
-from llamalens.commands.options import model_options, pop_model_options, report_option
+from llamalens.commands.options import GroupedCommand, model_options, pop_model_options, report_option
 from llamalens.commands.output import say, check_report_path, fail_cleanly, json_out, load_model, print_table, records, write_report
 
 MAX_MATRIX = 12  # texts up to which the terminal shows the whole cosine matrix
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("texts", nargs=-1)
 @click.option("--file", "-f", "file", default=None,
               help="More texts ('-' = stdin): one per line, or term<TAB>category lines, or a .jsonl file of "

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from llamalens.commands.options import chat_options, json_option, model_options, pop_chat, pop_model_options, pop_ray, pop_sampling, \
+from llamalens.commands.options import GroupedCommand, chat_options, json_option, model_options, pop_chat, pop_model_options, pop_ray, pop_sampling, \
     ray_options, report_option, sampling_options, store_option
 from llamalens.commands.output import (check_report_path, fail_cleanly, given_options, json_out, load_model, print_table, ray_executor,
                                        say, shell_command, sweep_progress, until_done, write_report)
@@ -19,7 +19,7 @@ RUN_DEFINED = ("prompt", "outcome", "options_list", "first_line", "samples", "al
                "no_repeat_ngram", "ubatch", "swa_full", "repack", "server_prefill")
 
 
-@click.command("fork")
+@click.command("fork", cls=GroupedCommand)
 @click.argument("prompt", required=False)
 @click.option("--outcome", default=None, help="Outcome = first match of this regex in the completion (its group 1 "
                                               "if it has one).")
@@ -174,7 +174,7 @@ def show_fork(store, run_id, as_json, texts: bool = False):
                                          for j in forks) or "none")
         + "; n: the continuations each o_t rests on (the noise level widens as they shrink)")
     say(f"prefill: {prefill_line(fr.stats, fr.cost)}")
-    noise = describe_noise(info.noise)
+    noise = describe_noise(info.noise, compared=None)
     if noise:
         say(noise)
     if texts:

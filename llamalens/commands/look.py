@@ -6,7 +6,7 @@ import math
 
 import click
 
-from llamalens.commands.options import axis_options, chain_option, chat_options, grammar_options, json_option, \
+from llamalens.commands.options import GroupedCommand, axis_options, chain_option, chat_options, grammar_options, json_option, \
     llama_cpp_fixed_options, llama_cpp_sampling_options, model_options, pop_axes, pop_chat, pop_grammar, pop_model_options, pop_sampling, \
     report_option, sampling_options
 from llamalens.modelfiles.memory import available_ram, for_model as fit_estimate, gb
@@ -17,7 +17,7 @@ from llamalens.commands.output import say, alternatives, check_report_path, fail
 MAX_NEXT_COLUMNS = 12
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("name", required=False)
 @click.option("--fit", is_flag=True, help="Also estimate the RAM each model needs (default settings, or those given) "
                                           "against the RAM available now.")
@@ -79,6 +79,44 @@ def models(name, fit, ctx, batch, parallel, as_json):
         say(f"estimated for --ctx {ctx} --batch {batch}, {parallel} sequence(s); {gb(available_ram())} RAM available")
 
 
+@click.command(cls=GroupedCommand)
+@click.argument("src")
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.argument("kind", metavar="TYPE")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="CPU threads (0 = all cores).")
+@json_option
+@fail_cleanly
+def quantize(src, dst, kind, threads, as_json):
+    """Write DST: the model SRC (a GGUF path or a model name, as --model takes) quantized to TYPE (Q8_0, Q4_K_M,
+    Q2_K, ...) by llama.cpp's own quantizer: the second file `compare` measures against SRC. When SRC is
+    itself quantized, says that the result is no better a reference than SRC.
+
+    \b
+    llamalens quantize default model-q2_k.gguf Q2_K
+    """
+    from pathlib import Path
+
+    from llamalens.core.runtime import quantize as quantize_file, quantized_source_note
+    from llamalens.errors import InvalidInput
+    from llamalens.modelfiles.find import resolve_model
+
+    source, out = resolve_model(src), Path(dst)
+    if out.exists():
+        raise InvalidInput(f"{out} exists; choose another name or remove it first")
+    if not (out.parent if str(out.parent) else Path(".")).is_dir():
+        raise InvalidInput(f"cannot write {out}: folder {out.parent} does not exist")
+    note = quantized_source_note(source, kind)
+    say(f"quantizing {source.name} to {kind.upper()} ...", err=True)
+    quantize_file(source, out, kind, threads)
+    result = {"source": str(source), "output": str(out), "type": kind.upper(), "source_size": source.stat().st_size,
+              "size": out.stat().st_size, "note": note}
+    if as_json:
+        return json_out(result)
+    say(f"wrote {out} ({fmt_size(result['size'])}, from {fmt_size(result['source_size'])})")
+    if note:
+        say(f"note: {note}")
+
+
 def _say_fit(est, name) -> None:
     say(f"{'memory':<13} {est.breakdown()} (--ctx {est.ctx}, --batch {est.batch}, {est.sequences} sequence(s))")
     if est.weights_gpu:
@@ -87,7 +125,7 @@ def _say_fit(est, name) -> None:
     say(f"{'available':<13} {gb(est.available)}: {verdict}")
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("text")
 @click.option("--bos", is_flag=True, help="Add the model's BOS token as a prompt would.")
 @json_option
@@ -112,10 +150,10 @@ NEXT_AXES = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_pena
              "mirostat_tau", "samplers")
 
 
-@click.command("next")
+@click.command("next", cls=GroupedCommand)
 @click.argument("prompt", required=False)
 @click.option("--top", type=click.IntRange(1, 1000), default=10, show_default=True, help="How many tokens to show.")
-@axis_options(*NEXT_AXES, help_prefix="Also show the distribution after each value: ")
+@axis_options(*NEXT_AXES)
 @chain_option
 @llama_cpp_fixed_options(*NEXT_AXES)
 @click.option("--seed", type=int, default=None, help="Seed of the chain's random draws (XTC's) [default: "
@@ -288,7 +326,7 @@ def _print_sampler_view(view, n_vocab: int) -> None:
         say(f"{label} | {stage}: {what}")
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("prompt", required=False)
 @sampling_options
 @chain_option
@@ -297,12 +335,13 @@ def _print_sampler_view(view, n_vocab: int) -> None:
 @click.option("--logprobs", type=click.IntRange(0, 100), default=5, show_default=True, help="Top alternatives per token.")
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
 @click.option("--text", "as_text", is_flag=True, help="Print the text coloured by each token's probability.")
+@report_option("Also write the completion as a page (FILE.html or FILE.md): each token coloured, its pop-up on hover.")
 @json_option
 @chat_options
 @grammar_options
 @model_options
 @fail_cleanly
-def generate(prompt, chain, max_tokens, logprobs, stop, as_text, as_json, model, **kw):
+def generate(prompt, chain, max_tokens, logprobs, stop, as_text, report_path, as_json, model, **kw):
     """Generate from PROMPT and show each token: probability, rank, entropy, candidates, alternatives.
 
     --chain llama.cpp samples as llama-server does (its samplers, its defaults, its context options).
@@ -312,6 +351,7 @@ def generate(prompt, chain, max_tokens, logprobs, stop, as_text, as_json, model,
     llamalens generate "Once upon a time" --chain llama.cpp --dry-multiplier 0.8 --xtc-probability 0.5
     llamalens generate --chat "Name a colour." --system "Answer in one word." --chat-template gemma -t 0
     llamalens generate "A person, as JSON:" --json-schema person.json -n 40
+    llamalens generate "Once upon a time" -n 32 --report tale.html
     """
     from llamalens.core.engine import Engine, Request, context_notes
     from llamalens.errors import InvalidSettings
@@ -324,6 +364,7 @@ def generate(prompt, chain, max_tokens, logprobs, stop, as_text, as_json, model,
     problems = req.problems()
     if problems:  # before loading the model: bad input fails fast
         raise InvalidSettings("; ".join(problems))
+    check_report_path(report_path)
     loaded = load_model(model, pop_model_options(kw, chain))
     rendered = chat_prompt(loaded, conv, chat)
     if rendered:
@@ -332,6 +373,10 @@ def generate(prompt, chain, max_tokens, logprobs, stop, as_text, as_json, model,
     for note in context_notes(engine.prepare([req]), loaded.options.ctx):
         say(f"note: {note}", err=True)
     sample = next(iter(engine.run([req])))
+    if report_path:
+        from llamalens.reports.notebook import sample_document
+
+        write_report(sample_document(sample), report_path)
     if as_json:
         d = sample.to_dict()
         out = {"model": loaded.describe(), "prompt": req.prompt, "settings": d["settings"], "text": d["text"],

@@ -362,3 +362,49 @@ def pop_ray(kw: dict) -> tuple[str | None, int | None]:
 
         check_ray(address)
     return address, workers
+
+
+# -- help in groups ---------------------------------------------------------------------------------------------
+def _names(decorator) -> frozenset[str]:
+    """The parameter names a shared option decorator adds."""
+    def probe():
+        pass
+
+    decorator(probe)
+    return frozenset(p.name for p in getattr(probe, "__click_params__", []))
+
+
+HELP_GROUPS = (  # (section title, its parameter names), in the order `--help` lists them after the command's own
+    ("Settings to compare (comma-separated: one configuration per value)", None),  # the ax_* options
+    ("Sampling", _names(sampling_options) | _names(strategy_options) | {"chain"}),
+    ("llama.cpp chain (with --chain llama.cpp)", _names(llama_cpp_sampling_options)),
+    ("Chat", _names(chat_options)),
+    ("Grammar", _names(grammar_options)),
+    ("Model", _names(model_options)),
+    ("Ray", _names(ray_options)),
+    ("Output", frozenset({"as_json", "report_path", "store_path"})),
+)
+
+
+def help_group(name: str) -> str:
+    """The help section an option is listed under ('Options': the command's own)."""
+    for title, names in HELP_GROUPS:
+        if (name.startswith("ax_") if names is None else name in names):
+            return title
+    return "Options"
+
+
+class GroupedCommand(click.Command):
+    """A command whose --help lists its options in groups: its own first, then sampling, the llama.cpp chain,
+    chat, grammar, model, Ray and output options (HELP_GROUPS)."""
+
+    def format_options(self, ctx, formatter) -> None:
+        sections: dict[str, list] = {}
+        for param in self.get_params(ctx):
+            record = None if isinstance(param, click.Argument) else param.get_help_record(ctx)
+            if record:
+                sections.setdefault(help_group(param.name), []).append(record)
+        for title in ["Options"] + [t for t, _ in HELP_GROUPS]:
+            if sections.get(title):
+                with formatter.section(title):
+                    formatter.write_dl(sections[title])

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from llamalens.commands.options import AXIS_HELP, axis_options, chain_option, chat_options, grammar_options, json_option, model_option, \
+from llamalens.commands.options import GroupedCommand, AXIS_HELP, axis_options, chain_option, chat_options, grammar_options, json_option, model_option, \
     pop_axes, pop_chat, pop_grammar, pop_model_options, pop_ray, pop_strategy, ray_options, report_option, runtime_options, \
     store_option, strategy_options
 from llamalens.commands.output import (ray_executor, check_report_path, fail_cleanly, given_options, json_out, load_model, print_table, records, say,
@@ -21,7 +21,7 @@ RUN_DEFINED = ("prompts", "prompts_file", "chat", "system", "chat_template", "me
                "best_of_by", "chain", "ubatch", "swa_full", "repack", "server_prefill")
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("prompts", nargs=-1)
 @click.option("--prompts-file", type=click.Path(dir_okay=False),
               help="One prompt per line (.txt) or JSON lines with a \"prompt\" field (.jsonl).")
@@ -119,7 +119,7 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
         _report(run, report_path, None, loaded)
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 def presets():
     """List the named presets for `sweep --preset`."""
     from llamalens.run.grid import PRESETS
@@ -129,7 +129,7 @@ def presets():
         say(f"{name:<18} {SamplingSettings(**values).label(seed=False)}")
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @json_option
 @store_option
 @fail_cleanly
@@ -153,7 +153,7 @@ def runs(as_json, store_path):
     print_table(rows, right={0, 5, 6, 8})
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("run_id")
 @click.option("--texts", is_flag=True, help="Every distinct text in full, with the configurations and seeds that "
                                             "produced it (without it: the first few, shortened).")
@@ -209,6 +209,18 @@ def show_texts(run, full: bool) -> None:
             say(f"... {len(texts) - SHORT_TEXTS} more: `llamalens show {run.id} --texts`")
 
 
+def _show_groups(run) -> None:
+    """Name the configurations that are one chain on this run (run/findings.py)."""
+    from llamalens.run.findings import equivalent_groups
+    from llamalens.reports.findings import numbers
+
+    for g in equivalent_groups(run):
+        if len(g.configs) > 1:
+            how = "every token they chose had one candidate left" if g.deterministic else "the same records"
+            say(f"configurations {numbers(g.configs)} are one chain on this run ({how}, the same tokens for every "
+                "prompt and seed)")
+
+
 def show_sweep(store, run_id, as_json, texts: bool = False):
     """Print a sweep run's summary: per configuration, then strategies, noise floor, grammar, resumes, and the
     distinct texts (all in full with `texts`)."""
@@ -230,13 +242,15 @@ def show_sweep(store, run_id, as_json, texts: bool = False):
     say(f"run {info.id} {info.name or ''} [{info.status}] model {info.model.name} ({info.model.quantization}), "
                f"{info.n_done}/{info.n_samples} samples, {context_options(info.options.model_options)}, "
                f"{info.options.parallel} per batch")
-    rows = [("#", "configuration", "samples", "mean lp", "ppl", "entropy", "cand", "distinct", "dist-2", "rank",
+    rows = [("#", "configuration", "samples", "mean lp", "ppl", "entropy", "cand", "distinct", "dist-2 seeds", "rank",
              "tok/s")]
     for r in summ.itertuples():
         rows.append((r.config_idx, r.label, r.samples, f"{r.mean_logprob:.3f}", f"{r.perplexity:.2f}",
                      f"{r.mean_entropy:.3f}", f"{r.mean_candidates:.1f}", f"{r.distinct_completions:.1f}",
                      f"{r.distinct_2:.2f}", f"{r.mean_rank:.1f}", f"{r.tokens_per_s:.1f}"))
     print_table(rows, right=set(range(2, 11)) | {0})
+    say("dist-2 seeds: distinct bigrams over all of a configuration's samples")
+    _show_groups(run)
     if run.strategies:
         say("decoding strategies (means over samples; distinct-n and rep-4 within each sample):")
         rows = [tuple(h for _, h in STRATEGY_TABLE)]
@@ -273,7 +287,7 @@ def _show_grammar(run) -> None:
         + ", ".join(f"sample {s} #{pos} {visible(text, hx)} {r:.1%}" for s, _c, pos, text, hx, r in f.worst))
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("run_id")
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
               help="FILE.html or FILE.md (default: the run's name, or run-ID, .html in this folder).")
@@ -326,7 +340,7 @@ def _report(run, output, fmt, model, **options) -> None:
     _write(run_document(run, model=model, **options), output, fmt)
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("run_id")
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "jsonl"]), required=True,
               help="csv / parquet: one row per token; jsonl: one sample per line, OpenAI logprobs shape.")

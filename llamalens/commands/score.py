@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from llamalens.commands.options import chat_options, json_option, model_options, pop_chat, pop_model_options, pop_ray, ray_options, \
+from llamalens.commands.options import GroupedCommand, chat_options, json_option, model_options, pop_chat, pop_model_options, pop_ray, ray_options, \
     runtime_options, store_option, text_options
 from llamalens.commands.output import say, alternatives, check_report_path, fail_cleanly, json_out, load_model, print_confidence, \
     print_table, window_progress, write_report
@@ -28,7 +28,7 @@ def _notes(notes) -> None:
         say(f"note: {note}", err=True)
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @text_options
 @click.option("--logprobs", type=click.IntRange(0, 100), default=5, show_default=True,
               help="Top alternatives kept per token.")
@@ -134,7 +134,7 @@ def _print_scores(res, show_all: bool) -> None:
                f"byte; {tot['tokens_per_s']:.0f} tokens/s")
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("prompt", required=False)
 @click.option("--option", "options", multiple=True, help="A continuation to score (repeat, at least twice).")
 @click.option("--normalize", type=click.Choice(["none", "token", "byte"]), default="none", show_default=True,
@@ -180,7 +180,7 @@ def choose(prompt, options, normalize, no_space, as_json, model, **kw):
                f"({'nats' if normalize == 'none' else 'nats per ' + normalize})")
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @text_options
 @click.option("--model", "-m", "model_paths", multiple=True, required=True,
               help="Model A (the reference), then model B; with --run, just B (A is the run's model).")

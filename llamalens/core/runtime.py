@@ -127,9 +127,30 @@ def quantize(src, dst, kind: str = "Q8_0", threads: int = 0) -> Path:
     params.ftype = QUANT_TYPES[name]
     params.allow_requantize = True
     params.nthread = int(threads)
-    if lib.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
-        raise LlamalensError(f"llama.cpp could not quantize {src} to {name} ({last_log_error() or 'no message'})")
+    tmp = Path(str(dst) + ".part")  # written under another name and renamed: a failure leaves no half file
+    try:
+        if lib.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
+            raise LlamalensError(f"llama.cpp could not quantize {src} to {name} ({last_log_error() or 'no message'})")
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
     return Path(dst)
+
+
+FULL_PRECISION = ("ALL_F32", "F32", "F16", "BF16")  # general.file_type names a quantization can be measured from
+
+
+def quantized_source_note(src, kind: str) -> str | None:
+    """What to say when `src` is itself quantized: a quantization made from it carries its error too, so it is
+    no better a reference than `src` (None for an F32/F16/BF16 source)."""
+    from llamalens.modelfiles.gguf_header import file_type_name
+
+    source = file_type_name(read_header(Path(src)).get("general.file_type"))
+    if source in FULL_PRECISION:
+        return None
+    return (f"the source is itself quantized ({source}): its {str(kind).upper()} copy carries the source's error "
+            f"and its own, so it is no better a reference than {Path(src).name}; compare the two with the "
+            "source as model A, or start from an F16/BF16/F32 file to measure a quantization")
 
 
 class NativeHandle:

@@ -116,6 +116,7 @@ class Document:
     fields: list[str] = field(default_factory=list)  # tooltip value names
     alt_titles: list[str] = field(default_factory=list)
     modes: list[tuple[str, str]] = field(default_factory=lambda: [("prob", "probability"), ("gltr", "GLTR rank")])
+    kld_scale: KldScale | None = None  # the "kld" mode's scale, for its legend (None: KLD_SCALE)
 
     def add(self, *blocks):
         self.blocks.extend(blocks)
@@ -130,14 +131,41 @@ def gltr_class(rank: int) -> str:
     return "g0" if rank <= 10 else "g1" if rank <= 100 else "g2" if rank <= 1000 else "g3"
 
 
-def kld_class(kld: float) -> str:
-    """k0 (< 1e-4 nats) .. k9 (>= 1 nat), in steps of half a decade."""
-    if not kld >= 1e-4:
+@dataclass(frozen=True)
+class KldScale:
+    """The KL-divergence colour scale: k0 below 10**start nats, then k1..k9 from edges 10**(start + j·step)."""
+
+    start: float = -4.0  # log10 of the first edge
+    step: float = 0.5  # decades per bucket
+
+    def edge(self, i: int) -> float:
+        """The lower edge of bucket k_i (i >= 1)."""
+        return 10 ** (self.start + (i - 1) * self.step)
+
+
+KLD_SCALE = KldScale()  # 1e-4 .. 1 nat in half decades: what a good quantization shows
+
+
+def kld_scale(values) -> KldScale:
+    """A scale that spreads these KLDs over the colours: it starts at the half decade at or below their 10th
+    percentile (never below 1e-4) and steps a quarter or half decade, so that a far quantization (Q2_K: most
+    tokens above 0.1 nat) is not one saturated red."""
+    v = sorted(x for x in values if x > 0 and math.isfinite(x))
+    if not v:
+        return KLD_SCALE
+    start = max(KLD_SCALE.start, math.floor(math.log10(v[int(0.1 * (len(v) - 1))]) * 2) / 2)
+    span = max(math.log10(v[-1]) - start, 1.0)
+    return KldScale(start, min(0.5, max(0.25, math.ceil(span / 8 * 4) / 4)))
+
+
+def kld_class(kld: float, scale: KldScale = KLD_SCALE) -> str:
+    """k0 (below the scale's first edge) .. k9."""
+    if not kld >= scale.edge(1):
         return "k0"
-    # the edges are 10**((i - 1) / 2 - 4); log10 of an edge can come out a hair below its exact value, so
-    # the bucket is the last edge not above kld, compared in kld's own units
-    i = min(9, 1 + int((math.log10(kld) + 4) * 2 + 1e-9))
-    return f"k{i if kld >= 10 ** ((i - 1) / 2 - 4) else i - 1}"
+    # log10 of an edge can come out a hair below its exact value, so the bucket is the last edge not above kld,
+    # compared in kld's own units
+    i = min(9, 1 + int((math.log10(kld) - scale.start) / scale.step + 1e-9))
+    return f"k{i if kld >= scale.edge(i) else i - 1}"
 
 
 def fork_class(jump: float) -> str:
@@ -167,8 +195,9 @@ h1{font-size:22px;margin:18px 0 4px}h2{font-size:18px;margin:28px 0 8px;border-b
 h3{font-size:15px;margin:18px 0 6px}
 table{border-collapse:collapse;margin:6px 0 10px;font-size:12.5px}
 td,th{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}
-th{background:#f4f4f6;position:sticky;top:0;white-space:nowrap}th.s{cursor:pointer;user-select:none}th.s:after{content:" \\2195";color:#aaa}
-td.n{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f4f4f6;position:sticky;top:0;white-space:nowrap}th.w{white-space:normal}
+th.s{cursor:pointer;user-select:none}th.s:after{content:" \\2195";color:#aaa}
+td.n{text-align:right;font-variant-numeric:tabular-nums}td.l{min-width:16em}
 table.kv td:first-child{color:#555;white-space:nowrap}
 .note{color:#555;font-size:13px}.warn{background:#fff4d6;border-left:4px solid #e0a800;padding:6px 10px}
 .cap{color:#555;font-size:12.5px;margin:2px 0 14px}
@@ -222,11 +251,18 @@ _LEGENDS = {
     "gltr": '<span class="g0">top 10</span><span class="g1">top 100</span><span class="g2">top 1000</span>'
             '<span class="g3">beyond</span> rank of the token (GLTR)',
     "same": '<span class="st1">same</span><span class="st0">different</span> top token under the two models',
-    "kld": "".join(f'<span class="k{i}">{"<1e-4" if i == 0 else f"{10 ** ((i - 1) / 2 - 4):.0e}"}</span>'
-                   for i in range(10)) + " KL divergence (nats)",
     "fork": "".join(f'<span class="f{i}">{i / 10:.1f}</span>' for i in range(10))
             + " how far the outcome distribution moves at the token (total variation)",
 }
+
+def _legend(mode: str, doc: Document) -> str:
+    """A colour mode's legend (markup made here from numbers; the KLD one from the document's scale)."""
+    if mode != "kld":
+        return _LEGENDS.get(mode, "")
+    scale = doc.kld_scale or KLD_SCALE
+    return "".join(f'<span class="k{i}">{f"&lt;{scale.edge(1):.2g}" if i == 0 else f"{scale.edge(i):.2g}"}</span>'
+                   for i in range(10)) + " KL divergence (nats)"
+
 
 _JS = r"""
 (function(){
@@ -304,7 +340,7 @@ def _cell(v) -> str:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         num = "" if isinstance(v, float) and not math.isfinite(v) else repr(v)
         return f'<td class="n" data-v="{num}">{_e(fmt(v))}</td>'
-    return f"<td>{_e(v)}</td>"
+    return f'<td class="l">{_e(v)}</td>' if len(str(v)) > 60 else f"<td>{_e(v)}</td>"  # long text gets room
 
 
 def _strips_html(b: Strips, doc: Document, tokens: list) -> list[str]:
@@ -315,7 +351,7 @@ def _strips_html(b: Strips, doc: Document, tokens: list) -> list[str]:
     body.append('<div class="modes">colour by: ' + "".join(
         f'<button type="button" data-setmode="{_e(m)}">{_e(label)}</button>' for m, label in doc.modes)
         + ' <button type="button" data-ws="1">show whitespace</button>'
-        + "".join(f'<span class="legend {m}">{_LEGENDS.get(m, "")}</span>' for m in mode_names) + "</div>")
+        + "".join(f'<span class="legend {m}">{_legend(m, doc)}</span>' for m in mode_names) + "</div>")
     if b.context:
         body.append(f'<div class="ctx">{_e(b.context)}</div>')
     rows = []
@@ -349,7 +385,8 @@ def _html_blocks(blocks: list, doc: Document, tokens: list) -> list[str]:
             body.append('<table class="kv">' + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in b.rows)
                         + "</table>")
         elif isinstance(b, Table):
-            head = "".join(f"<th>{_e(h)}</th>" for h in b.header)
+            # a long header (a chain's label) may wrap, so that a wide table fits the page
+            head = "".join(f'<th class="w">{_e(h)}</th>' if len(str(h)) > 12 else f"<th>{_e(h)}</th>" for h in b.header)
             rows = "".join("<tr>" + "".join(_cell(v) for v in r) + "</tr>" for r in b.rows)
             cls = ' class="sortable"' if b.sortable else ""
             body.append(f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")

@@ -109,8 +109,9 @@ def _differences(names: Names, found: Findings) -> list[str]:
     reps = len(found.groups)
     if reps < 2:
         return []
-    noise = (f"the noise floor ({found.noise:.3f} nats)" if found.noise is not None
-             else "zero (no noise floor was measured: nothing was batched)")
+    noise = ("zero (no noise floor was measured: nothing was batched)" if found.noise is None
+             else "zero (batching moved no logprob on this run)" if found.noise == 0
+             else f"the noise floor ({found.noise:.3f} nats)")
     if not found.differences:
         return [f"No two distinct chains' mean logprobs differ by more than {noise}."]
     means = {int(r.config_idx): float(r.mean_logprob) for r in names.run.summary.itertuples()}
@@ -158,8 +159,9 @@ def produced_by(names: Names, samples) -> str:
                      for g, seeds in by.items())
 
 
-def numbers(configs) -> str:
-    """Configuration numbers with runs shortened: (0, 1, 2, 3, 6) -> '0–3, 6'."""
+def numbers(configs, nobreak: bool = False) -> str:
+    """Configuration numbers with runs shortened: (0, 1, 2, 3, 6) -> '0–3, 6' (`nobreak`: a word joiner after
+    the dash, so that a page does not break a range there)."""
     out, run = [], []
     for c in sorted(configs):
         if run and c != run[-1] + 1:
@@ -168,7 +170,8 @@ def numbers(configs) -> str:
         run.append(c)
     if run:
         out.append(run)
-    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in out)
+    dash = "–\u2060" if nobreak else "–"
+    return ", ".join(f"{r[0]}{dash}{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in out)
 
 
 def _cut(text: str) -> str:

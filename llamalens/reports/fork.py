@@ -72,7 +72,7 @@ def fork_document(fr) -> Document:
         ("forking tokens", ", ".join(f"{j.position} {_tok(fr, j.position)} "
                                      f"(TV {j.size:.2f})" for j in a.forking) or "none"),
     ]))
-    noise = describe_noise(info.noise)
+    noise = describe_noise(info.noise, compared=None)
     if noise:
         doc.add(Para(noise + ". Continuations are batched; their logprobs carry this noise, their outcomes are "
                      "counted as decoded.", "note"))

@@ -52,18 +52,21 @@ def sample_document(sample) -> Document:
     """A generated completion: its settings and the text coloured by each token's probability (hover: the
     token's figures and its top alternatives), as the run report's token strips."""
     from llamalens.settings import SamplingSettings
-    from llamalens.reports.run import TOKEN_FIELDS, token_view
+    from llamalens.reports.run import TOKEN_FIELDS, keeps_raw_top, token_view
+    from llamalens.visible import visible
 
-    doc = Document("llamalens generate", fields=TOKEN_FIELDS, alt_titles=["top alternatives (raw distribution)"])
+    doc = Document("llamalens generate", fields=TOKEN_FIELDS,
+                   alt_titles=["top alternatives (raw distribution; kept: survived the sampler chain)"])
     tm = sample.timing
     try:
-        label = SamplingSettings(**sample.settings).label()
+        settings = SamplingSettings(**sample.settings)
+        label, kept = settings.label(), keeps_raw_top(settings, bool(getattr(sample, "grammar_removed", None)))
     except (TypeError, ValueError):
-        label = str(sample.settings)
+        label, kept = str(sample.settings), False
     doc.add(KeyValues([("settings", label), ("finish", f"{sample.finish_reason}; {len(sample.tokens)} tokens, "
                                                        f"{tm.tokens_per_s:.1f} tokens/s")]))
-    doc.add(Strips("The completion, coloured by probability", [("completion", [token_view(t) for t in sample.tokens])],
-                   context=sample.prompt))
+    doc.add(Strips("The completion, coloured by probability", [("completion", [token_view(t, survivors=kept) for t in sample.tokens])],
+                   context=visible(sample.prompt, edge_spaces=False)))
     return doc
 
 

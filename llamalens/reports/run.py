@@ -3,9 +3,9 @@
     load_run(store, id) ──► RunReport(run, model, position, sample_idx, metric)
         findings    what the run shows, in sentences (run/findings.py computes it; reports/findings.py words it)
         texts       each prompt's distinct texts once, with the configurations and seeds behind each
-        summary     one row per distinct chain (equivalent configurations grouped) + heatmaps over the axes
-                    that changed something
+        summary     one row per distinct chain (equivalent configurations grouped)
         strips      each distinct text's tokens, coloured, with tooltips; first divergence marked
+        heatmaps    each figure over the grid axes along which it moves
         positions   p(chosen), entropy, candidates along the sequence, per distinct chain
         seeds       distinct completions and where the seeds split
         samplers    how each distinct chain reshapes one raw distribution (needs the model)
@@ -63,33 +63,39 @@ def token_view(t: TokenRecord, mark: str = "", survivors: bool = False) -> Token
 
 
 def keeps_raw_top(cfg, grammar: bool) -> bool:
-    """Whether a configuration's candidates are the raw distribution's top ones (truncation only: no penalty,
-    grammar, or llama.cpp stage such as XTC that removes the top tokens)."""
-    return (not grammar and cfg.chain == "llama-cpp-python" and cfg.repeat_penalty == 1.0
+    """Whether a configuration's candidates are the raw distribution's top ones: top-k, top-p and min-p keep a
+    prefix of the sorted tokens; a penalty, a grammar, typical-p (it keeps the tokens nearest the entropy) or a
+    llama.cpp stage such as XTC (it removes top tokens) need not."""
+    return (not grammar and cfg.chain == "llama-cpp-python" and cfg.typical_p == 1.0 and cfg.repeat_penalty == 1.0
             and not cfg.frequency_penalty and not cfg.presence_penalty and cfg.strategy == "sample"
             and not cfg.no_repeat_ngram)
 
 
-def describe_noise(nf: dict | None) -> str | None:
-    """The noise floor in words, exactly as far as it goes (show and the report print this).
+def describe_noise(nf: dict | None, compared: str | None = "configurations' mean logprobs") -> str | None:
+    """The noise floor in words, exactly as far as it goes (show and the report print this); None where nothing
+    was measured (an --exact run, or nothing batched).
 
     Two claims, tested on every sample of batched runs against their --exact twins: a configuration's mean
-    logprob moves by less than the recorded max |Δ logprob| (so differences between configurations below it
-    are noise), and a single token's logprob moves by more than the recorded 95th percentile about 1 time in
-    20. The max is no bound for single tokens: a few move by more than the re-decoded sample showed.
+    logprob moves by less than the recorded max |Δ logprob| (so differences between `compared` below it are
+    noise; None for a run with nothing to compare, such as a fork), and a single token's logprob moves by more
+    than the recorded 95th percentile about 1 time in 20. The max is no bound for single tokens: a few move by
+    more than the re-decoded sample showed. Where batching moved nothing, the sentence says so and no more.
     """
     if not nf or not nf.get("tokens"):
         return None
-    head = (f"noise floor: re-decoding {nf['tokens']} tokens of {nf['samples']} samples one at a time moved their "
-            f"logprobs by {nf['mean_abs_dlogprob']:.4f} nats on average")
+    what = f"re-decoding {nf['tokens']} tokens of {nf['samples']} samples one at a time"
     top = nf["max_abs_dlogprob"]
+    if top == 0:
+        return f"noise floor: {what} gave the same logprobs: batching moved none here"
+    head = f"noise floor: {what} moved their logprobs by {nf['mean_abs_dlogprob']:.4f} nats on average"
     p95 = nf.get("p95_abs_dlogprob")
     spread = f", 95th percentile {p95:.4f}" if p95 is not None else ""
-    tokens = (f"; a single token's logprob moves by more than {p95:.4f} about 1 time in 20, and can move by more "
+    tokens = (f"a single token's logprob moves by more than {p95:.4f} about 1 time in 20, and can move by more "
               f"than {top:.4f}") if p95 is not None else ""
-    return (f"{head}{spread}, max {top:.4f}; top-1 agreement {nf['top1_agreement']:.1%}. Differences between "
-            f"configurations' mean logprobs below {top:.4f} are within batching noise{tokens} (estimated from "
-            f"{nf['tokens']} tokens)")
+    means = f"Differences between {compared} below {top:.4f} are within batching noise" if compared else ""
+    claims = "; ".join(c for c in (means, tokens) if c)
+    claims = claims[0].upper() + claims[1:] + f" (estimated from {nf['tokens']} tokens)" if claims else ""
+    return f"{head}{spread}, max {top:.4f}; top-1 agreement {nf['top1_agreement']:.1%}" + (f". {claims}" if claims else "")
 
 
 def resume_note(info) -> str:
@@ -134,7 +140,7 @@ class RunReport:
 
     def document(self) -> Document:
         for section in (self.status, self.findings, self.texts, self.summary, self.grammar, self.strategies, self.strips,
-                        self.positions, self.seeds, self.samplers, self.timing, self.header):
+                        self.heatmaps, self.positions, self.seeds, self.samplers, self.timing, self.header):
             section()
         return self.doc
 
@@ -213,7 +219,7 @@ class RunReport:
             if not members:
                 continue
             r = members[0]  # the group's records are the same decode: its figures are its first member's
-            rows.append([numbers(g.configs), self.names.group_row(g), sum(int(m["samples"]) for m in members),
+            rows.append([numbers(g.configs, nobreak=True), self.names.group_row(g), sum(int(m["samples"]) for m in members),
                          sum(int(m["tokens"]) for m in members)] + [plain(r[c]) for c in cols])
         doc.add(Table(["#", "configuration", "samples", "tokens", "mean logprob", "perplexity", "entropy", "candidates",
                        "distinct", "distinct-2 across seeds", "mean rank", "tok/s"], rows,
@@ -221,6 +227,10 @@ class RunReport:
                               "completions per prompt across seeds; 'distinct-2 across seeds' = distinct bigrams over "
                               "all of a configuration's samples. Configurations that are one chain on this run (one "
                               "candidate at every token, the same tokens for every prompt and seed) share a row."))
+
+    # -- 3b. heatmaps over the grid, after the texts ------------------------------------------------------
+    def heatmaps(self) -> None:
+        doc, summ = self.doc, self.run.summary
         if len(summ) < 2 or analysis.varying_axes(self.run.configs, analysis.STRATEGY_COLUMNS):
             return  # strategies ignore some settings: a heatmap over those would mix them; see the next section
         from llamalens.reports import plots
@@ -233,6 +243,8 @@ class RunReport:
             axes = [a for a in grid_axes if a in moving]  # only the axes along which this figure moves
             if not axes or drawn == 3:
                 continue
+            if not drawn:
+                doc.add(Heading("Over the grid"))
             drawn += 1
             x, y, panel = axes[0], (axes[1] if len(axes) > 1 else None), axes[2:]
             doc.add(Figure(plots.heatmaps(summ, mm, x, y, panel), f"heatmap_{mm}",
@@ -394,7 +406,7 @@ class RunReport:
                 if not seqs:
                     continue
                 distinct, splits = analysis.seed_splits(seqs)
-                rows.append([p_idx, numbers(g.configs), self.names.group(g), len(seqs), distinct,
+                rows.append([p_idx, numbers(g.configs, nobreak=True), self.names.group(g), len(seqs), distinct,
                              ", ".join(map(str, splits[:12])) + (" …" if len(splits) > 12 else "") or "never"])
         self.doc.add(Table(["prompt", "#", "configuration", "samples", "distinct completions", "split at token"], rows,
                            caption="Where the completions of one chain split: positions where its samples (its seeds, "

@@ -13,7 +13,7 @@ import numpy as np
 from llamalens.modelfiles.find import ModelInfo
 from llamalens.visible import label, prob_text, visible
 from llamalens.reports.document import MAX_STRIP_TOKENS, Document, Figure, Heading, KeyValues, Para, Strips, Table, TokenView, \
-    gltr_class, kld_class, prob_class
+    gltr_class, kld_class, kld_scale, prob_class
 
 
 def plain(v):
@@ -111,7 +111,8 @@ def compare_document(cmp) -> Document:
     s = cmp.summary()
     doc = Document(f"llamalens compare: mean KLD {s['kld_mean']:.5f}", fields=["KLD", "p A", "p B", "Δp", "same top"],
                    alt_titles=["model A's top", "model B's top"],
-                   modes=[("kld", "KL divergence"), ("prob", "p under B"), ("same", "same top?")])
+                   modes=[("kld", "KL divergence"), ("prob", "p under B"), ("same", "same top?")],
+                   kld_scale=kld_scale([p.kld for p in cmp.positions]))
     doc.add(KeyValues([("model A (reference)", model_line(cmp.model_a)), ("model B", model_line(cmp.model_b)),
                        ("tokens", f"{s['tokens']:,} ({cmp.source}, protocol {cmp.protocol}, ctx {cmp.ctx})"),
                        ("time", f"{cmp.seconds:.1f} s")]))
@@ -144,7 +145,7 @@ def compare_document(cmp) -> Document:
     rows = []
     for sample, ps in by_sample.items():
         views = [TokenView(visible(p.text, p.bytes), p.id,
-                           f"{kld_class(p.kld)} {prob_class(p.p_b)} {'st1' if p.same_top else 'st0'}",
+                           f"{kld_class(p.kld, doc.kld_scale)} {prob_class(p.p_b)} {'st1' if p.same_top else 'st0'}",
                            [f"{p.kld:.6f}", prob_text(p.p_a), prob_text(p.p_b), f"{p.dp:+.4f}",
                             "yes" if p.same_top else "no"],
                            [[(visible(a.text, a.bytes), prob_text(a.prob)) for a in p.top_a],

@@ -17,7 +17,7 @@ picks from the same histories: their records are the same decode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from llamalens.run.loaded import SETTINGS, STRATEGY_COLUMNS, LoadedRun, seed_splits, varying_axes
 
@@ -212,16 +212,20 @@ def surprising(run: LoadedRun, n: int = SURPRISING) -> list[Surprise]:
     seen, found = set(), []
     for s in run.samples:
         toks = run.by_sample.get(s.sample_idx, [])
-        for i, t in enumerate(toks):
+        prefix = s.prompt_idx  # a running hash of the prompt and the tokens so far: linear in a sample's length
+        for t in toks:
+            prefix = hash((prefix, t.id))
             if t.eog:
                 continue
-            key = (s.prompt_idx, tuple(x.id for x in toks[: i + 1]))
+            key = (s.prompt_idx, t.position, prefix)
             if key in seen:
                 continue
             seen.add(key)
             found.append(Surprise(s.sample_idx, s.prompt_idx, s.config_idx, t.position, t.id, t.text, t.bytes,
-                                  t.prob, t.rank, "".join(x.text for x in toks[:i])))
-    return sorted(found, key=lambda f: (f.prob, f.sample_idx, f.position))[:n]
+                                  t.prob, t.rank, ""))
+    found = sorted(found, key=lambda f: (f.prob, f.sample_idx, f.position))[:n]
+    texts = {s.sample_idx: run.by_sample.get(s.sample_idx, []) for s in run.samples}
+    return [replace(f, before="".join(x.text for x in texts[f.sample_idx] if x.position < f.position)) for f in found]
 
 
 def noise_threshold(run: LoadedRun) -> float | None:

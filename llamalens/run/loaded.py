@@ -163,7 +163,7 @@ def uses_strategies(configs: list[SamplingSettings]) -> bool:
 
 STRATEGY_TABLE = [("config_idx", "#"), ("label", "configuration"), ("samples", "samples"),
                   ("seq_logprob", "seq logprob"), ("mean_logprob", "mean logprob"), ("perplexity", "ppl"),
-                  ("sample_distinct_1", "distinct-1"), ("sample_distinct_2", "distinct-2"), ("rep_4", "rep-4"),
+                  ("sample_distinct_1", "distinct-1 in sample"), ("sample_distinct_2", "distinct-2 in sample"), ("rep_4", "rep-4"),
                   ("length", "length"), ("tokens_per_s", "tok/s")]
 """The strategy comparison (`show` and the report): per configuration, means over its samples of the per-sample
 figures (decoding.sequence_metrics); distinct-n and rep-4 are within one sample."""
