@@ -7,7 +7,7 @@ import socket
 
 import click
 
-from llamalens.commands.options import model_options, pop_model_options, store_option
+from llamalens.commands.options import GroupedCommand, model_options, pop_model_options, store_option
 from llamalens.commands.output import fail_cleanly, json_out, load_model, print_table, say
 from llamalens.errors import InvalidInput
 from llamalens.visible import visible
@@ -38,7 +38,7 @@ def allowed_hosts(host: str, port: int) -> tuple[set[str], set[str]]:
     return hosts, {f"http://{h}" for h in hosts}
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Another than 127.0.0.1 lets other machines in (with the token).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free one).")
