@@ -633,16 +633,21 @@
     }
   }
 
-  function generate() {
-    let settings;
-    let maxTokens;
-    let top;
+  /** The sampler settings, max tokens and alternatives a generation asks for, or null (the status says why). */
+  function readRequest() {
+    const limits = (S.info && S.info.limits) || {};
     try {
-      settings = readSettings();
-      maxTokens = readInt('max-tokens', 1, (S.info && S.info.limits && S.info.limits.max_tokens) || 4096);
-      top = readInt('top-n', 1, (S.info && S.info.limits && S.info.limits.max_top) || 100);
-    } catch (e) { setStatus('error', e.message); return; }
-    const body = { settings, max_tokens: maxTokens, top };
+      return {
+        settings: readSettings(),
+        max_tokens: readInt('max-tokens', 1, limits.max_tokens || 4096),
+        top: readInt('top-n', 1, limits.max_top || 100),
+      };
+    } catch (e) { setStatus('error', e.message); return null; }
+  }
+
+  function generate() {
+    const body = readRequest();
+    if (!body) return;
     let extra;
     if ($('mode-chat').checked) {
       const messages = [{ role: 'user', content: $('chat-user').value }];
@@ -679,16 +684,10 @@
     }
     const item = S.sel;
     if (!item) return;
-    let settings;
-    let maxTokens;
-    let top;
-    try {
-      settings = readSettings();
-      maxTokens = readInt('max-tokens', 1, (S.info && S.info.limits && S.info.limits.max_tokens) || 4096);
-      top = readInt('top-n', 1, (S.info && S.info.limits && S.info.limits.max_top) || 100);
-    } catch (e) { setStatus('error', e.message); return; }
+    const request = readRequest();
+    if (!request) return;
     const owner = S.branches.get(item.owner);
-    const body = { tree: S.tree, branch: owner.branch, at: item.pos, settings, max_tokens: maxTokens, top, ...what };
+    const body = { tree: S.tree, branch: owner.branch, at: item.pos, ...request, ...what };
     runStream('/api/branch', body, { parent: owner.branch, at: item.pos, prompt: owner.prompt, prompt_tokens: owner.prompt_tokens });
   }
 
