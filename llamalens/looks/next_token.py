@@ -131,6 +131,14 @@ SHOWN_PICKS = ("mirostat", "adaptive_p")  # picks that reshape the distribution 
 MAX_EFFECT_TOKENS = 20
 
 
+def replays(stages, settings) -> bool:
+    """Whether a llama.cpp chain of these stages moves its state in apply() with these settings, so that the
+    history's positions must be replayed: mirostat and adaptive-p always; XTC only when it can fire (its apply
+    returns before its random draw when probability <= 0 or threshold > 0.5)."""
+    return any(n in REPLAYED and (n != "xtc" or (settings.xtc_probability > 0 and settings.xtc_threshold <= 0.5))
+               for n in stages)
+
+
 def history_rows(model: Model, prompt_tokens: list[int], history: list[int]) -> list:
     """The raw logits before each generated token of `history` and after the last (len(history) + 1 rows),
     decoded as generation decodes them: the prompt in one prefill, then one token at a time."""
@@ -157,7 +165,7 @@ def sampler_view(model: Model, prompt: str, history: list[int], configs: list, t
 def chains_view(model: Model, prompt: str, prompt_tokens: list[int], history: list[int], rows: list, configs: list,
                 top: int = 20, labels: list[str] | None = None) -> SamplerView:
     """sampler_view on rows already decoded: rows[-1] the raw logits after prompt + history, rows[j] those before
-    history[j] (only read by chains that replay earlier positions, REPLAYED; None elsewhere will do)."""
+    history[j] (only read by chains that replay earlier positions, `replays`; None elsewhere will do)."""
     import numpy as np
 
     from llamalens.core.sampler import STAGES, TOKEN_DATA, Sampler, mirostat_mu, stage_names
@@ -181,7 +189,7 @@ def chains_view(model: Model, prompt: str, prompt_tokens: list[int], history: li
         for stage in present:
             upto = None if llama_cpp and stage == names[-1] else stage
             with Sampler(cfg, model.n_vocab, upto=upto, model=model) as chain:
-                replay = llama_cpp and any(n in REPLAYED for n in chain.stages)
+                replay = llama_cpp and replays(chain.stages, cfg)
                 diverged = None
                 for t in prompt_tokens if llama_cpp else ():  # llama-server's chain has seen the prompt
                     chain.accept(t)

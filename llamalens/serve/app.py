@@ -19,6 +19,7 @@ import hmac
 import json
 from pathlib import Path
 from typing import AsyncIterator
+from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -85,8 +86,7 @@ class Guard:
             if k == COOKIE:
                 given.append(v)
         if scope["path"] == "/":
-            q = dict(p.partition("=")[::2] for p in scope.get("query_string", b"").decode("latin-1").split("&"))
-            given.append(q.get("token", ""))
+            given += parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [])
         return any(hmac.compare_digest(g.encode(), self.token.encode()) for g in given if g)
 
 
@@ -138,11 +138,14 @@ async def body(request: Request) -> dict:
     return data
 
 
-def sse(events: AsyncIterator[dict], job_box: list) -> StreamingResponse:
+def sse(events: AsyncIterator[dict], job_box: list, last: str | None = None) -> StreamingResponse:
+    """The events as a server-sent event stream, then `last` as its final data line (OpenAI's "[DONE]")."""
     async def stream():
         try:
             async for ev in events:
                 yield f"data: {json.dumps(ev, allow_nan=False)}\n\n"
+            if last is not None:
+                yield f"data: {last}\n\n"
         finally:  # the client left, or the stream ended: a generation still running stops (and is stored)
             for job in job_box:
                 job.cancel.set()

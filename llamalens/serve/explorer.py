@@ -284,6 +284,10 @@ class Explorer:
             raise InvalidInput(f"the prompt ({len(ids)} tokens) leaves no room in the context ({self.held.n_ctx} "
                                "tokens); shorten it, or restart the server with a larger --ctx")
 
+    def made_here(self, info) -> bool:
+        """Whether a stored run was made with the loaded model file (the same sha256)."""
+        return bool(info.model_hash) and info.model_hash == self.store().model_hash(self.model.path)
+
     def _check_branch(self, tree, spec: BranchSpec) -> None:
         if spec.parent not in tree.branches:
             raise InvalidInput(f"tree {spec.tree} has no branch {spec.parent}")
@@ -292,7 +296,7 @@ class Explorer:
             raise InvalidInput(f"position {spec.at} is outside branch {spec.parent} (0 to {n})")
         if not 1 <= len(spec.forced) <= MAX_FORCED:
             raise InvalidInput(f"a branch forces 1 to {MAX_FORCED} tokens (got {len(spec.forced)})")
-        if tree.info.model_hash and tree.info.model_hash != self.store().model_hash(self.model.path):
+        if not self.made_here(tree.info):
             raise InvalidInput(f"tree {spec.tree} was made with another model file ({tree.info.model.name}); "
                                "restart the server with that model to branch it")
 
@@ -314,7 +318,8 @@ class Explorer:
 
     def position(self, tree_id: int, branch: int, at: int, settings: SamplingSettings, top: int) -> dict:
         """The chain of `settings` at position `at` of a branch, applied to that position's raw logits."""
-        from llamalens.looks.next_token import REPLAYED, chains_view
+        from llamalens.core.sampler import stage_names
+        from llamalens.looks.next_token import chains_view, replays
 
         tree = load_tree(self.store(), tree_id)
         if branch not in tree.branches:
@@ -329,7 +334,7 @@ class Explorer:
         t0 = time.perf_counter()
         row = self.row(ids)
         rows: list = [None] * len(history)
-        if settings.chain == "llama.cpp" and any(s in settings.samplers or settings.mirostat for s in REPLAYED):
+        if settings.chain == "llama.cpp" and replays(stage_names(settings, self.model), settings):
             if at > MAX_REPLAY:
                 raise InvalidInput(f"XTC, mirostat and adaptive-p replay every earlier position; the live view does "
                                    f"so up to position {MAX_REPLAY}; use `llamalens next` for later ones")

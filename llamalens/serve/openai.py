@@ -9,7 +9,6 @@ cells (llama-server's prompt cache). Nothing here is stored in the run store.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -140,7 +139,7 @@ def routes(explorer: Explorer, handled, body, events_of, sse, error) -> list[Rou
                                choices=[choice([], "", _finish(sample.finish_reason), True)],
                                usage=_usage(len(ids), len(sample.tokens)))
 
-            return _sse_done(stream(), box)
+            return sse(stream(), box, last="[DONE]")
         async for ev in events:
             if ev["type"] == "error":
                 return error(400, ev["message"])
@@ -195,22 +194,7 @@ def _finish(reason: str) -> str:
 
 
 async def _wait(job) -> None:
-    import asyncio
+    """Until the worker has finished the job (its result set)."""
+    from starlette.concurrency import run_in_threadpool
 
-    while not job.done.is_set():
-        await asyncio.sleep(0.005)
-
-
-def _sse_done(chunks, box):
-    from starlette.responses import StreamingResponse
-
-    async def stream():
-        try:
-            async for c in chunks:
-                yield f"data: {json.dumps(c)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            for job in box:
-                job.cancel.set()
-
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-store"})
+    await run_in_threadpool(job.done.wait)

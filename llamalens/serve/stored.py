@@ -11,16 +11,11 @@ from llamalens.serve.explorer import Explorer
 MAX_SAMPLES = 500  # samples a stored run shows in the explorer
 
 
-def branchable(explorer: Explorer, info) -> bool:
-    st = explorer.store()
-    return bool(info.model_hash) and info.model_hash == st.model_hash(explorer.model.path)
-
-
 def stored_run(explorer: Explorer, run_id: int) -> dict:
     st = explorer.store()
     info = st.run(run_id)
     if info.kind == TREE.name:
-        return dict(load_tree(st, run_id).to_dict(), branchable=branchable(explorer, info))
+        return dict(load_tree(st, run_id).to_dict(), branchable=explorer.made_here(info))
     configs = st.configs(info.id)
     samples = st.samples(info.id)[:MAX_SAMPLES]
     tokens = st.tokens_by_sample(info.id)
@@ -35,14 +30,14 @@ def stored_run(explorer: Explorer, run_id: int) -> dict:
                          "sequence_logprob": sum(lps), "mean_logprob": sum(lps) / len(lps) if lps else None})
     return {"tree": None, "run": info.id, "name": info.name, "kind": info.kind, "status": info.status,
             "model": info.model.name, "prompt": samples[0].prompt if samples else "", "branches": branches,
-            "truncated": info.n_done > MAX_SAMPLES, "branchable": branchable(explorer, info)}
+            "truncated": info.n_done > MAX_SAMPLES, "branchable": explorer.made_here(info)}
 
 
 def adopt(explorer: Explorer, run_id: int, sample_idx: int) -> dict:
     """A new tree whose root is a stored sample (its tokens copied, nothing decoded): {tree, branch: 0}."""
     st = explorer.store()
     info = st.run(run_id)
-    if not branchable(explorer, info):
+    if not explorer.made_here(info):
         raise InvalidInput(f"run {run_id} was made with another model file ({info.model.name}); restart the server "
                            "with that model to branch from it")
     sample = next((s for s in st.samples(info.id) if s.sample_idx == sample_idx), None)
