@@ -272,13 +272,20 @@ def test_the_token_cookie(serve_app):
     assert r.status == 401
 
 
-def test_model_output_with_markup_is_json_data(serve_app):
+def test_model_output_with_markup_is_json_data(serve_app, tmp_path):
     # a prompt with markup and terminal escapes comes back as JSON strings, and the tree keeps it exact
     prompt = "<script>alert(1)</script>\x1b[31m red"
     tree, _, _ = _generate(serve_app, prompt=prompt, n=2)
     _, stored = serve_app.get(f"/api/trees/{tree}")
     assert stored["prompt"] == prompt
     assert math.isfinite(stored["branches"][0]["sequence_logprob"])
+    # the tree's `show` and report carry the prompt terminal-safe, its markup inert
+    r = cli("show", tree, "--store", serve_app.db)
+    assert "\x1b" not in r.output and "red" in r.output
+    out = tmp_path / "t.html"
+    cli("report", tree, "-o", out, "--store", serve_app.db)
+    html = out.read_text()
+    assert "\x1b" not in html and "<script>alert(1)" not in html and "&lt;script&gt;" in html
 
 
 def test_a_taken_port_is_a_clear_error_before_the_model_loads(tmp_path):
