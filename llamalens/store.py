@@ -110,9 +110,40 @@ def _is_full(e: Exception) -> bool:
     return "full" in str(e).lower() or getattr(e, "errno", None) == 28  # SQLITE_FULL, ENOSPC
 
 
+# Stores this process has open, by (device, inode). Opening and closing a database file with plain open()
+# drops every POSIX lock this process holds on it, SQLite's included: another process may then take the
+# store for unused, checkpoint it and delete its -wal file, and the writes of this process's connections are
+# lost in the deleted file. A store already open here is therefore never read with open() again.
+_OPEN_STORES: set[tuple[int, int]] = set()
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _open_here_as_store(path: Path) -> bool:
+    """Whether `path` is a store this process has open, asked through SQLite (which keeps the locks)."""
+    if _file_id(path) not in _OPEN_STORES:
+        return False
+    try:
+        con = sqlite3.connect(f"file:{urllib.parse.quote(str(Path(path).resolve()))}?mode=ro", uri=True)
+        try:
+            return con.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+        finally:
+            con.close()
+    except sqlite3.DatabaseError:
+        return False
+
+
 def recognise(path: Path) -> bool:
     """True for a llamalens store, False for no file (or an empty one); StoreError for anything else.
     Reads only: a foreign file is left exactly as it was."""
+    if _open_here_as_store(path):
+        return True
     try:
         with open(path, "rb") as f:
             head = f.read(100)
@@ -151,6 +182,9 @@ def recognise(path: Path) -> bool:
 def check_not_a_store(output: str | os.PathLike) -> None:
     """Refuse an output path that would overwrite a run store (any SQLite database) or its -wal / -shm file."""
     out = Path(output)
+    if _open_here_as_store(out):
+        raise StoreError(f"{out} is an SQLite database (a run store?); llamalens will not overwrite it: "
+                         "choose another output path")
     try:
         if out.is_file():
             with open(out, "rb") as f:
@@ -227,6 +261,9 @@ class Store:
             if not read_only:
                 raise
             self._open_unwritable()
+        fid = _file_id(self.path)
+        if fid is not None:
+            _OPEN_STORES.add(fid)
 
     def _open(self, read_only: bool, known: bool) -> None:
         try:

@@ -238,6 +238,37 @@ def test_processes_opening_one_new_store_at_once(tmp_path):
     assert failures == []
 
 
+_READ_AND_CLOSE = """
+import sqlite3, sys
+con = sqlite3.connect(sys.argv[1])
+print(con.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+con.close()
+"""
+
+
+def test_a_second_store_in_one_process_keeps_the_first_ones_writes_visible(tmp_path):
+    """Opening a store again in a process that has it open must not drop that process's SQLite locks: with
+    them gone, another process closing its connection took itself for the last one, checkpointed and deleted
+    the -wal file, and every later write of the first connection went into the deleted file (a served tree
+    vanished for `show` this way)."""
+    path = tmp_path / "r.db"
+    writer = Store(path)
+    writer.set_status(0, "done")  # a write: the store is in WAL mode with a -wal file
+    Store(path, read_only=True)  # e.g. another thread's connection, or `show` in the same process
+    Store(path, read_only=True).db.close()
+
+    def others_see():
+        out = subprocess.run([sys.executable, "-c", _READ_AND_CLOSE, str(path)], capture_output=True, text=True,
+                             timeout=60, check=True)
+        return int(out.stdout)
+
+    assert others_see() == 0
+    with writer.tx():
+        writer.db.execute("INSERT INTO runs (name, status, created, command, model, options) "
+                          "VALUES ('x', 'done', 0, '', '{}', '{}')")
+    assert others_see() == 1
+
+
 def test_cli_sweep_show_runs_export(tiny_path, tmp_path):
     db = tmp_path / "e.db"
     run("sweep", "the cat", "--model", tiny_path, "-t", "0,1.0", "--top-k", "2,40", "--seeds", 2, "-n", 6,
