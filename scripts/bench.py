@@ -60,6 +60,9 @@ from wait4), on the same model, threads, text and windows. These call llamalens 
   T  llama-perplexity -c 512 on a text file       U  llamalens score --protocol llama-perplexity, same file
   K  llama-perplexity's two-step KL divergence    V  llamalens compare -m A -m B --protocol llama-perplexity
      (--kl-divergence-base with A, then --kl-divergence with B: A = default model, B = its Q8_0 copy)
+  R  the fit check's estimate against the peak RSS of `generate -n 4` at --ctx 8192 and 32768 (g: at 512)
+  --shape NAME runs them on a model-shaped GGUF (scripts/shaped_model.py: the tensor shapes, vocabulary and
+  Q4_K_M types of Llama 3 8B, Qwen 2.5 7B, Llama 2 13B, Gemma 3 4B, Mistral 7B; random weights) at smaller sizes.
   --build LABEL:LLAMALENS:TOOLS_DIR (repeatable) runs these for several builds side by side, e.g. an
   AVX2 and an AVX-512 one; the default is this interpreter's llamalens and .tools/bin.
 Targets: g >= 0.9x tg64 at the bench prompt's depth; sweep >= 0.9x batched-bench at the same number of sequences
@@ -87,6 +90,10 @@ import time
 from pathlib import Path
 
 PROMPT = "The history of the printing press begins"
+# The sizes of the llama.cpp-tool cases. --shape (a 4B-13B model on a 2-core machine) shrinks them so that a round
+# takes minutes, not an hour: the ratios compare the same work on both sides at either size.
+SIZES = dict(pp=512, tg=64, reps=3, seqs=32, seq_tokens=32, text_chars=20000)
+SHAPE_SIZES = dict(pp=128, tg=16, reps=1, seqs=8, seq_tokens=8, text_chars=2600)
 GRID = dict(temperature=[0.2, 0.7, 1.0], top_k=[10, 40], top_p=[0.5, 0.9, 0.99], min_p=[0.0, 0.05])
 
 
@@ -617,8 +624,9 @@ class Build:
         return measure([py, "-c", code])["stdout"].strip()
 
 
-def bench_text_file(n_chars=20000) -> str:
+def bench_text_file(n_chars=None) -> str:
     """The README repeated to n_chars (cut at a line end), written once: the text both scorers read."""
+    n_chars = n_chars or SIZES["text_chars"]
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"llamalens-bench-text-{n_chars}.txt")
     if not os.path.exists(path):
         base = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
@@ -675,52 +683,64 @@ def tcase_llama_bench(b: Build, model, t):
     """pp512, and tg64 both from an empty cache (llama-bench's default) and at the depth of PROMPT (the same
     work as `generate -n 64` after that prompt: the goal's reference)."""
     d = prompt_length(model)
-    r = measure([b.tool("llama-bench"), "-m", model, "-t", t, "-p", 512, "-n", 64, "-d", f"0,{d}", "-r", 3, "-o",
-                 "json"])
+    pp_n, tg_n = SIZES["pp"], SIZES["tg"]
+    r = measure([b.tool("llama-bench"), "-m", model, "-t", t, "-p", pp_n, "-n", tg_n, "-d", f"0,{d}", "-r",
+                 SIZES["reps"], "-o", "json"])
     rows = json.loads(r["stdout"])
-    pp = next(x["avg_ts"] for x in rows if x["n_prompt"] == 512 and x["n_gen"] == 0 and x["n_depth"] == 0)
-    tg0 = next(x["avg_ts"] for x in rows if x["n_gen"] == 64 and x["n_prompt"] == 0 and x["n_depth"] == 0)
-    tg = next(x["avg_ts"] for x in rows if x["n_gen"] == 64 and x["n_prompt"] == 0 and x["n_depth"] == d)
+    pp = next(x["avg_ts"] for x in rows if x["n_prompt"] == pp_n and x["n_gen"] == 0 and x["n_depth"] == 0)
+    tg0 = next(x["avg_ts"] for x in rows if x["n_gen"] == tg_n and x["n_prompt"] == 0 and x["n_depth"] == 0)
+    tg = next(x["avg_ts"] for x in rows if x["n_gen"] == tg_n and x["n_prompt"] == 0 and x["n_depth"] == d)
     return {"tok_s": pp, "pp512": pp, "tg64": tg, "tg64_d0": tg0, "depth": d, "rss_mb": r["rss_mb"],
             "wall_s": r["wall_s"]}
 
 
-def tcase_generate(b: Build, model, t):
-    r = measure([b.cli, "generate", PROMPT, "-n", 64, "--seed", 1, "--threads", t, "--ctx", 512, "--json",
+def tcase_generate(b: Build, model, t, ctx=512, n=None):
+    """`generate`'s decode speed, and the fit check's estimate of its memory against its measured peak RSS."""
+    r = measure([b.cli, "generate", PROMPT, "-n", n or SIZES["tg"], "--seed", 1, "--threads", t, "--ctx", ctx, "--json",
                  "--model", model])
     d = json.loads(r["stdout"])
     if d["timing"]["prompt_tokens"] != prompt_length(model):
         raise SystemExit(f"generate fed {d['timing']['prompt_tokens']} prompt tokens, the llama.cpp references are run "
                          f"at a depth of {prompt_length(model)}: fix prompt_length")
     return {"tok_s": d["timing"]["tokens_per_s"], "tokens": len(d["tokens"]), "rss_mb": r["rss_mb"],
-            "wall_s": r["wall_s"]}
+            "wall_s": r["wall_s"], "estimate_mb": d["model"]["memory_estimate"]["total"] / 2**20, "ctx": ctx}
 
 
-def tcase_batched_bench(b: Build, model, t, n_gen=32, npl=(32, 64), unified=False):
+def tcase_fit(b: Build, model, t):
+    """The fit check's estimate against the peak RSS of `generate -n 4` at --ctx 8192 and 32768 (the KV cache
+    and compute buffers grow with the context; the weights are mapped pages, counted in RSS once touched)."""
+    runs = [tcase_generate(b, model, t, ctx=c, n=4) for c in (8192, 32768)]
+    return {"tok_s": runs[0]["tok_s"], "rss_mb": max(x["rss_mb"] for x in runs), "wall_s": sum(x["wall_s"] for x in runs),
+            "fit": [(x["ctx"], x["estimate_mb"], x["rss_mb"]) for x in runs]}
+
+
+def tcase_batched_bench(b: Build, model, t, n_gen=None, npl=(32, 64), unified=False):
     """llama-batched-bench at npl sequences (64 only when the 64-sequence sweep W is measured: a shorter case
     keeps it nearer in time to the sweeps it is paired with), sharing a prompt as long as the sweeps' (PROMPT:
     8 tokens on the default model, 39 on the synthetic one). By default each sequence has its own KV stream;
     `unified` (-kvu, case q) puts them all in one cache, the layout the llamalens engine decodes in."""
-    n_prompt = prompt_length(model)
+    n_prompt, n_gen = prompt_length(model), n_gen or SIZES["seq_tokens"]
     r = measure([b.tool("llama-batched-bench"), "-m", model, "-t", t, "-c", 4096, "-b", 2048, "-ub", 512,
                  "-npp", n_prompt, "-ntg", n_gen, "-npl", ",".join(map(str, npl)), "-pps", "--output-format", "jsonl",
                  *(["-kvu"] if unified else [])])
     rows = [json.loads(line) for line in r["stdout"].splitlines() if line.startswith("{")]
     by = {x["pl"]: x for x in rows}
     nan = {"speed_tg": float("nan"), "speed": float("nan")}
-    return {"tok_s": by[32]["speed_tg"], "tg32": by[32]["speed_tg"], "tg64": by.get(64, nan)["speed_tg"],
-            "all32": by[32]["speed"], "all64": by.get(64, nan)["speed"], "rss_mb": r["rss_mb"], "wall_s": r["wall_s"]}
+    first = by[npl[0]]  # "tg32": the first count of sequences (32; SIZES["seqs"] with --shape)
+    return {"tok_s": first["speed_tg"], "tg32": first["speed_tg"], "tg64": by.get(64, nan)["speed_tg"],
+            "all32": first["speed"], "all64": by.get(64, nan)["speed"], "rss_mb": r["rss_mb"], "wall_s": r["wall_s"]}
 
 
 UNTRUNCATED = ("--top-k", 0, "--top-p", 1.0, "--min-p", 0)  # the chain keeps the whole vocabulary
 
 
-def tcase_sweep(b: Build, model, t, n_seqs, n_gen=32, chain=()):
+def tcase_sweep(b: Build, model, t, n_seqs, n_gen=None, chain=()):
     """A sweep of n_seqs seeds that diverge (-t 1): `tok_s` over the whole run (with the store, the model hash and
     the noise floor's 96 single-sequence decodes); `gen_tok_s` the sequences' decode speed summed, as
     llama-batched-bench's S_TG counts it (each sample's tokens after its first, over its time after its first)."""
     import tempfile
 
+    n_gen = n_gen or SIZES["seq_tokens"]
     with tempfile.TemporaryDirectory() as tmp:
         r = measure([b.cli, "sweep", PROMPT, "-t", "1.0", *chain, "--seeds", n_seqs, "-n", n_gen, "--parallel",
                      n_seqs, "--threads", t, "--ctx", 128, "--json", "--store", os.path.join(tmp, "runs.db"),
@@ -830,13 +850,14 @@ TOOL_CASES = {
     "g": tcase_generate,
     "Q": tcase_batched_bench,
     "q": lambda b, m, t: tcase_batched_bench(b, m, t, npl=(32,), unified=True),
-    "w": lambda b, m, t: tcase_sweep(b, m, t, 32),
+    "w": lambda b, m, t: tcase_sweep(b, m, t, SIZES["seqs"]),
     "W": lambda b, m, t: tcase_sweep(b, m, t, 64),
-    "u": lambda b, m, t: tcase_sweep(b, m, t, 32, chain=UNTRUNCATED),
+    "u": lambda b, m, t: tcase_sweep(b, m, t, SIZES["seqs"], chain=UNTRUNCATED),
     "T": tcase_llama_perplexity,
     "U": tcase_score,
     "K": tcase_llama_kld,
     "V": tcase_compare,
+    "R": tcase_fit,
 }
 TOOL_NAMES = {"B": "B  llama-bench pp512", "g": "g  llamalens generate -n 64 (decode)",
               "Q": "Q  llama-batched-bench 32 seqs (S_TG)",
@@ -844,11 +865,13 @@ TOOL_NAMES = {"B": "B  llama-bench pp512", "g": "g  llamalens generate -n 64 (de
               "W": "W  llamalens sweep, 64 sequences", "u": "u  llamalens sweep, 32 seqs, untruncated",
               "T": "T  llama-perplexity -c 512 (wall)",
               "U": "U  llamalens score, same windows (wall)", "K": "K  llama-perplexity KLD, 2 steps (wall)",
-              "V": "V  llamalens compare, same windows (wall)"}
+              "V": "V  llamalens compare, same windows (wall)", "R": "R  generate -n 4 at --ctx 8192 and 32768"}
 
 
 def report_tools(builds, best, threads):
     print(f"\nllama.cpp's tools vs the llamalens CLI ({threads} threads; tok/s; whole-process wall for T/U/K/V)")
+    print(f"(sizes: pp{SIZES['pp']}, tg{SIZES['tg']}, {SIZES['reps']} repetitions, "
+          f"{SIZES['seqs']} sequences x {SIZES['seq_tokens']} tokens; the rows named tg64 and 32 below are these)")
     labels = [b.label for b in builds]
     print(f"{'case':<44}" + "".join(f"{lab:>20}" for lab in labels))
     rows = []
@@ -889,6 +912,10 @@ def report_tools(builds, best, threads):
               f"{g('U', 'wall_s'):.2f} s vs {g('T', 'wall_s'):.2f} s; PPL {g('U', 'ppl')} vs {g('T', 'ppl')})")
         print(f"  score peak RSS               = {g('U', 'rss_mb'):.0f} MB (goal <= 868; llama-perplexity "
               f"{g('T', 'rss_mb'):.0f} MB)")
+        fits = ([(512, bb["g"]["estimate_mb"], bb["g"]["rss_mb"])] if "g" in bb else []) + bb.get("R", {}).get("fit", [])
+        for ctx, est, rss in fits:
+            print(f"  fit estimate / peak RSS      = {est / rss:.2f}   (--ctx {ctx}: {est:.0f} MB estimated, {rss:.0f} MB "
+                  "measured; goal within 10%)")
         print(f"  compare / two-step KLD       = {g('V') / g('K'):.2f}   (goal >= 0.8; wall {g('V', 'wall_s'):.2f} s vs "
               f"{g('K', 'wall_s'):.2f} s; KLD {g('V', 'kld')} vs {g('K', 'kld')}; peak RSS {g('V', 'rss_mb'):.0f} vs "
               f"{g('K', 'rss_mb'):.0f} MB)")
@@ -995,12 +1022,27 @@ def main():
     ap.add_argument("--synthetic", action="store_true",
                     help="Run on a synthetic llama-architecture model with a 32k vocabulary (random weights, Q4_K_M, "
                          "16 layers x 1024 dims), where the output layer is a typical share of the work.")
+    ap.add_argument("--shape", default=None, metavar="NAME",
+                    help="Run the llama.cpp-tool cases on a model-shaped GGUF (scripts/shaped_model.py --list: Llama 3 "
+                         "8B, Qwen 2.5 7B, Llama 2 13B, Gemma 3 4B...; random weights, made once and cached) at "
+                         "smaller sizes (pp128, tg16, 8 sequences x 8 tokens, 2 scoring windows, 1 repetition); "
+                         "default cases BgQwTUR.")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.model_path, args.tokens, args.threads)
-    if args.synthetic:
+    if args.shape:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import shaped_model
+
+        path = shaped_model.cached(args.shape)
+        SIZES.update(SHAPE_SIZES)
+        if args.cases == ap.get_default("cases"):
+            args.cases = "BgQwTUR"
+        if "Q" in args.cases:
+            TOOL_CASES["Q"] = lambda b, m, t: tcase_batched_bench(b, m, t, npl=(SIZES["seqs"],))
+    elif args.synthetic:
         path = Path(synthetic_model())
     elif args.model and os.path.exists(args.model):
         path = Path(args.model)
@@ -1015,7 +1057,7 @@ def main():
                                                       f"{root / '.tools' / 'bin'}"])]
     in_process = [c for c in args.cases if c in CASES]
     tools = [c for c in args.cases if c in TOOL_CASES]
-    if "W" not in tools:
+    if "W" not in tools and not args.shape:
         TOOL_CASES["Q"] = lambda b, m, t: tcase_batched_bench(b, m, t, npl=(32,))
     print(f"model {path.name}, {args.tokens} tokens, {args.threads} threads, {args.rounds} rounds", file=sys.stderr)
     if tools:
