@@ -274,7 +274,7 @@ def _configs(grid, preset: str | None, chain: str | None) -> list[SamplingSettin
 
 
 def sweep(prompts=(), grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int = 5, stop=(), preset: str | None = None,
-          chain: str | None = None, name: str | None = None, parallel: int = 32, exact: bool = False, model=None,
+          chain: str | None = None, name: str | None = None, parallel: int | None = None, exact: bool = False, model=None,
           store=None, progress: bool = True, chat: bool = False, system: str | None = None, messages=None,
           chat_template: str | None = None, grammar: str | None = None, json_schema: str | None = None,
           ray=None, workers: int | None = None, **model_options) -> Run:
@@ -289,15 +289,17 @@ def sweep(prompts=(), grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int
     conversations (a list of message lists) or a .jsonl file of them; the analysis covers the replies.
     grammar / json_schema: a GBNF file or a JSON-schema file that constrains every reply (--grammar,
     --json-schema). ray: a Ray cluster's address ("auto", HOST:PORT; True: a local one) decodes on its workers
-    (workers= of them), as --ray. An interrupted run is finished by ll.resume(run).
+    (workers= of them), as --ray. parallel: sequences a batch (default 32, or fewer by halves when the memory
+    estimate of 32 does not fit the RAM available; a warning says so). An interrupted run is finished by
+    ll.resume(run).
 
     >>> run = ll.sweep("The capital of France is", {"temperature": [0, 0.7]}, seeds=2)  # doctest: +SKIP
     >>> run.summary[["label", "mean_logprob", "distinct_completions"]]                  # doctest: +SKIP
     """
     from llamalens.core.grammar import read_grammar
-    from llamalens.core.runtime import ModelOptions
+    from llamalens.core.runtime import Model, ModelOptions
     from llamalens.run.requests import SweepRequest
-    from llamalens.run.sweep import SweepSpec
+    from llamalens.run.sweep import DEFAULT_PARALLEL, SweepSpec
 
     prompts = [prompts] if isinstance(prompts, str) else text_list(prompts, "prompts")
     stop = text_list(stop, "stop")
@@ -305,7 +307,8 @@ def sweep(prompts=(), grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int
     optional(name, "name", (str,), "a text")
     optional(system, "system", (str,), "a text")
     for value, what in ((max_tokens, "max_tokens"), (logprobs, "logprobs"), (parallel, "parallel")):
-        whole(value, what, 0 if what == "logprobs" else 1)
+        if value is not None or what != "parallel":
+            whole(value, what, 0 if what == "logprobs" else 1)
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         if seeds < 1:
             raise InvalidSettings(f"seeds={seeds} must be >= 1 (or a list of seeds)")
@@ -317,12 +320,15 @@ def sweep(prompts=(), grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int
     else:
         raise InvalidSettings(f"seeds={seeds!r}: give a number of seeds (N: seeds 0..N-1) or a list of integer seeds")
     spec = SweepSpec(prompts, _configs(grid, preset, chain), seed_values, max_tokens, logprobs, tuple(stop), name,
-                     exact, parallel)
+                     exact, parallel or DEFAULT_PARALLEL)
     req = SweepRequest(spec, _conversations(prompts, chat, system, messages, chat_template), chat_template,
                        read_grammar(grammar, json_schema))
     req.check()
     executor = _ray(ray, workers)  # Ray checked before a run is stored
     st = _store(store)
+    if parallel is None and not isinstance(model, Model) and not model_options.get("force"):
+        if note := req.fit_parallel(model, ModelOptions(**model_options)):
+            _note(note)
     n_par, cells = req.sizing(model_options.get("ctx", ModelOptions().ctx))
     with _model(model, model_options, sequences=n_par, cells=cells) as loaded:
         run_id = req.start(loaded, st, f"python: llamalens.sweep({len(prompts)} prompt(s))", _note)

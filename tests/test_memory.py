@@ -153,3 +153,42 @@ def test_python_api_checks_too(tiny_path, monkeypatch):
         ll.load_model(str(tiny_path))
     with ll.load_model(str(tiny_path), force=True) as m:
         assert m.describe()["memory_estimate"]["fits"] is False and m.options.force
+
+
+def test_laptop_table_is_the_largest_context_that_fits(gemma_path):
+    from llamalens.modelfiles.memory import LAPTOP_CONTEXTS, laptops
+
+    header, options = read_header(gemma_path), ModelOptions()
+    rows = laptops(header, options)
+    assert [r["ram_gb"] for r in rows] == [8, 16, 32]
+    trained = header.arch_key("context_length")
+    for r in rows:
+        assert r["usable"] == r["ram_gb"] * 3 * 2**28  # three quarters of the RAM
+        for n, ctx in r["contexts"].items():
+            fits = lambda c, n=n, r=r: estimate(header, ModelOptions(ctx=c), sequences=n, available=r["usable"]).fits  # noqa: E731
+            assert ctx is not None and fits(ctx)  # the 270M model fits everywhere at 2,048
+            bigger = [c for c in LAPTOP_CONTEXTS if ctx < c <= trained]
+            assert not bigger or not fits(bigger[0])
+    # more RAM never shrinks what fits, more sequences never grow it
+    for n in (1, 8, 32):
+        assert [r["contexts"][n] for r in rows] == sorted(r["contexts"][n] for r in rows)
+    assert rows[0]["contexts"][32] < rows[0]["contexts"][1] == trained
+    r = CliRunner().invoke(main, ["models", str(gemma_path)])
+    assert r.exit_code == 0 and "laptops: the largest --ctx" in r.output and "32 sequences" in r.output
+    out = json.loads(CliRunner().invoke(main, ["models", str(gemma_path), "--json"]).output)
+    assert out["laptops"][2]["contexts"]["1"] == trained
+
+
+def test_a_sweep_without_parallel_takes_as_many_sequences_as_fit(tiny_path, tmp_path, monkeypatch):
+    # the limit lies between the estimates of 16 and 32 sequences (each 2 + 3 + 8 KV cells: prompt, BOS/EOS, tokens)
+    header, per_seq = read_header(tiny_path), len("hi") + 3 + 8
+    need = {n: estimate(header, ModelOptions(), sequences=n, cells=n * per_seq, available=None).total for n in (16, 32)}
+    assert need[16] < need[32]
+    monkeypatch.setenv("LLAMALENS_MEMORY_LIMIT", str((need[16] + need[32]) // 2))
+    args = ["sweep", "hi", "--seeds", "32", "-n", "8", "--model", str(tiny_path), "--json"]
+    r = CliRunner().invoke(main, args + ["--store", str(tmp_path / "a.db")])
+    assert r.exit_code == 0, r.output
+    assert "note: 16 sequences a batch instead of 32" in r.stderr and "pass --parallel to choose" in r.stderr
+    assert json.loads(r.stdout)["run"]["options"]["parallel"] == 16
+    r = CliRunner().invoke(main, args + ["--parallel", "32", "--store", str(tmp_path / "b.db")])
+    assert r.exit_code == 1 and "fewer parallel sequences (now 32)" in r.output

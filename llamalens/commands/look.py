@@ -9,7 +9,7 @@ import click
 from llamalens.commands.options import GroupedCommand, axis_options, chain_option, chat_options, grammar_options, json_option, \
     llama_cpp_fixed_options, llama_cpp_sampling_options, model_options, pop_axes, pop_chat, pop_grammar, pop_model_options, pop_sampling, \
     report_option, sampling_options
-from llamalens.modelfiles.memory import available_ram, for_model as fit_estimate, gb
+from llamalens.modelfiles.memory import available_ram, for_model as fit_estimate, gb, laptops
 from llamalens.settings import ModelOptions, SamplingSettings
 from llamalens.commands.output import say, alternatives, check_report_path, fail_cleanly, fmt_size, json_out, load_model, \
     print_confidence, print_table, write_report
@@ -40,6 +40,7 @@ def models(name, fit, ctx, batch, parallel, as_json):
     llamalens models ollama:llama3.2:3b --json
     """
     from llamalens.modelfiles.find import list_models, model_info, resolve_source
+    from llamalens.modelfiles.gguf_header import read_header
     from llamalens.core.runtime import build_info
 
     options = ModelOptions(ctx=ctx, batch=batch)
@@ -47,13 +48,17 @@ def models(name, fit, ctx, batch, parallel, as_json):
         found = resolve_source(name)
         info = model_info(found.path, default=found.store == "default", found=found).to_dict()
         est = fit_estimate(found, options, sequences=parallel)
+        header = read_header(found.path)
+        laptop_rows = laptops(header, options, weights=found.size)
         if as_json:
-            return json_out({"build": build_info(), "model": info, "memory_estimate": est.to_dict()})
+            return json_out({"build": build_info(), "model": info, "memory_estimate": est.to_dict(),
+                             "laptops": laptop_rows})
         for key in ("source", "store", "path", "architecture", "size_label", "quantization", "parts", "digest"):
             if info[key] not in ("", None, 1) or key == "parts" and info[key] > 1:
                 say(f"{key:<13} {info[key]}")
         say(f"{'file':<13} {fmt_size(info['file_size'])}")
-        return _say_fit(est, name)
+        _say_fit(est, name)
+        return _say_laptops(laptop_rows, options)
     found = list_models()
     fits = {}
     if fit:
@@ -115,6 +120,17 @@ def quantize(src, dst, kind, threads, as_json):
     say(f"wrote {out} ({fmt_size(result['size'])}, from {fmt_size(result['source_size'])})")
     if note:
         say(f"note: {note}")
+
+
+def _say_laptops(rows, options) -> None:
+    """The largest context a sequence that fits on laptops of 8, 16 and 32 GB, by sequences side by side."""
+    say(f"\nlaptops: the largest --ctx that fits in three quarters of the RAM (--batch {options.batch}, "
+        f"flash attention {options.flash_attn})")
+    counts = list(rows[0]["contexts"])
+    table = [("RAM",) + tuple(f"{n} sequence{'s' * (n > 1)}" for n in counts)]
+    for r in rows:
+        table.append((f"{r['ram_gb']} GB",) + tuple(f"{c:,}" if c else "does not fit" for c in r["contexts"].values()))
+    print_table(table, right=set(range(1, len(counts) + 1)))
 
 
 def _say_fit(est, name) -> None:

@@ -36,8 +36,9 @@ RUN_DEFINED = ("prompts", "prompts_file", "chat", "system", "chat_template", "me
 @click.option("--preset", type=str, default=None, help="Base settings: see `llamalens presets`.")
 @click.option("--grid", "grid_file", default=None, help="TOML grid file, or FILE:NAME for one of its grids.")
 @click.option("--name", default=None, help="A name for the run.")
-@click.option("--parallel", type=click.IntRange(1, 256), default=32, show_default=True,
-              help="Sequences decoded together per llama_decode call.")
+@click.option("--parallel", type=click.IntRange(1, 256), default=None,
+              help="Sequences decoded together per llama_decode call [default: 32, or fewer by halves when the memory "
+                   "estimate of 32 does not fit the RAM available].")
 @click.option("--exact", is_flag=True, help="One sequence at a time: numbers identical to `llamalens generate`.")
 @click.option("--resume", "resume_id", default=None, help="Finish an interrupted run (its missing samples only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
@@ -69,7 +70,7 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
     from llamalens.store import Store
     from llamalens.run.lifecycle import resume_target
     from llamalens.run.requests import SweepRequest
-    from llamalens.run.sweep import SweepSpec, execute
+    from llamalens.run.sweep import DEFAULT_PARALLEL, SweepSpec, execute
 
     axes_text = pop_axes(kw)
     chat = pop_chat(kw)
@@ -95,10 +96,13 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
             raise click.UsageError("give at least one PROMPT, --prompts-file or --messages")
         chain = grid.chain_of(preset, chain)
         spec = SweepSpec(list(prompts), grid.build_configs(preset, grid_file, axes_text, fixed, chain),
-                         grid.parse_seeds(seeds, seed_list), max_tokens, logprobs, tuple(stop), name, exact, parallel)
+                         grid.parse_seeds(seeds, seed_list), max_tokens, logprobs, tuple(stop), name, exact,
+                         parallel or DEFAULT_PARALLEL)
         req = SweepRequest(spec, convs, chat.template, grammar_spec)
         req.check()
         options = pop_model_options(kw, chain)
+        if parallel is None and not options.force and (note := req.fit_parallel(model, options)):
+            say(f"note: {note}", err=True)
         n_par, cells = req.sizing(options.ctx)
         loaded = load_model(model, options, sequences=n_par, cells=cells)
         run_id = req.start(loaded, store, shell_command(["llamalens"] + sys.argv[1:]),

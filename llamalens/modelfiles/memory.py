@@ -155,6 +155,31 @@ def estimate(header: GGUFHeader, options, sequences: int = 1, rows: int | None =
                           sequences=sequences, rows=rows, batch=batch, kv_cells=cells)
 
 
+LAPTOP_RAM_GB = (8, 16, 32)
+LAPTOP_USABLE = 0.75  # the OS, a browser and a desktop keep about a quarter of a laptop's RAM
+LAPTOP_CONTEXTS = (2048, 4096, 8192, 16384, 32768, 65536, 131072)
+LAPTOP_SEQUENCES = (1, 8, 32)
+
+
+def laptops(header: GGUFHeader, options, weights: int | None = None) -> list[dict]:
+    """What laptops of 8, 16 and 32 GB can run (three quarters of their RAM usable): for 1, 8 and 32 sequences
+    decoded side by side (generate; a sweep's --parallel), the largest context a sequence (up to the model's own)
+    that fits with these options, None where not even 2,048 does. Rows {"ram_gb", "usable", "contexts": {n: ctx}}."""
+    from dataclasses import replace
+
+    trained = int(header.arch_key("context_length") or 0) or LAPTOP_CONTEXTS[-1]
+    out = []
+    for ram in LAPTOP_RAM_GB:
+        usable = int(ram * 2**30 * LAPTOP_USABLE)
+        best = {}
+        for n in LAPTOP_SEQUENCES:
+            fits = [c for c in LAPTOP_CONTEXTS if c <= max(trained, LAPTOP_CONTEXTS[0])
+                    and estimate(header, replace(options, ctx=c), sequences=n, weights=weights, available=usable).fits]
+            best[n] = max(fits) if fits else None
+        out.append({"ram_gb": ram, "usable": usable, "contexts": best})
+    return out
+
+
 def parse_size(text: str) -> int:
     """'8G', '512M', '1.5GB', '1000000' -> bytes (powers of 1024 for K, M, G, T)."""
     m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)i?b?\s*", text.lower())
@@ -216,6 +241,20 @@ def for_model(found, options, sequences: int = 1, rows: int | None = None, cells
     options.validate()
     return estimate(header or read_header(found.path), options, sequences, rows, cells, weights=found.size,
                     gpu_offload=bool(options.gpu_layers) and supports_gpu_offload())
+
+
+def fit_sequences(found, options, wanted: int, per_sequence: int) -> tuple[int, MemoryEstimate]:
+    """The most sequences side by side, from `wanted` down by halves to 1, whose estimate (`per_sequence` KV
+    cells each) fits the RAM available now, with that estimate: how many a sweep decodes a batch when its
+    --parallel is not given."""
+    from llamalens.modelfiles.gguf_header import read_header
+
+    header, n = read_header(found.path), max(1, wanted)
+    while True:
+        est = for_model(found, options, sequences=n, cells=n * per_sequence, header=header)
+        if est.fits is not False or n == 1:
+            return n, est
+        n = max(1, n // 2)
 
 
 def checked_load(found, options, sequences: int = 1, rows: int | None = None, cells: int | None = None,

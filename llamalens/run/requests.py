@@ -51,6 +51,23 @@ class SweepRequest:
         return sizing(s.prompts, self.conversations, len(s.configs), len(s.seeds), s.max_tokens, s.parallel, s.exact,
                       ctx)
 
+    def fit_parallel(self, model_name, options) -> str | None:
+        """For a sweep whose --parallel was not given: the most sequences a batch (the default, or fewer by halves)
+        whose memory estimate fits the RAM available now. The spec takes that number; a note says so when it is
+        below the default (None otherwise)."""
+        from llamalens.modelfiles.find import resolve_source
+        from llamalens.modelfiles.memory import fit_sequences, gb
+
+        n_par, cells = self.sizing(options.ctx)
+        if self.spec.exact or n_par <= 1:
+            return None
+        n, est = fit_sequences(resolve_source(model_name), options, n_par, cells // n_par)
+        if n == n_par:
+            return None
+        self.spec.parallel = n
+        return (f"{n} sequences a batch instead of {n_par}: that many fit in the {gb(est.available)} of RAM available "
+                f"({est.breakdown()}); pass --parallel to choose")
+
     def start(self, model: Model, store: Store, command: str, on_note: Callable[[str], None]) -> int:
         """Render the conversations, validate against the model, plan the run in the store; its id."""
         if self.conversations:
