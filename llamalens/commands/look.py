@@ -137,6 +137,9 @@ def _say_fit(est, name) -> None:
     say(f"{'memory':<13} {est.breakdown()} (--ctx {est.ctx}, --batch {est.batch}, {est.sequences} sequence(s))")
     if est.weights_gpu:
         say(f"{'VRAM':<13} {gb(est.weights_gpu)} of weights on the GPU (not checked)")
+    if est.repacked:
+        say(f"{'peak RSS':<13} {gb(est.peak)}: {gb(est.repacked)} of weights are repacked for this CPU, and their mapped "
+            "file pages stay resident until the kernel reclaims them")
     verdict = {True: "fits", False: "does NOT fit", None: "unknown"}[est.fits]
     say(f"{'available':<13} {gb(est.available)}: {verdict}")
 

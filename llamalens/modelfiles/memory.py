@@ -19,6 +19,12 @@ llama-context.cpp; compute buffers fitted to the sizes its log reports, see test
             alone with flash attention), plus batch × (4 n_embd + 2 n_ff) × 4 B of activations.
   runtime   the interpreter, numpy and llama.cpp's libraries (RUNTIME_BYTES), and llama.cpp's vocabulary
             tables (VOCAB_BYTES per token): both measured, see below.
+  repacked  weights llama.cpp's CPU backend copies into interleaved layouts (--repack on; Q4_0, Q4_K, IQ4_NL
+            and MXFP4 matrices on x86 with AVX2, Q2_K with AVX-512 too; more types on ARM): the copy has the
+            size of the original. With mmap (the default) the original's file pages were read to make it and
+            stay resident until the kernel needs the memory back, so the process's peak RSS is `peak` = total
+            + repacked; what it needs is `total`, since those pages are clean and reclaimable. A Q4_K_M 8B
+            model on an AVX2 CPU repacks ~3.2 GB of its 4.9 GB: its peak RSS is ~1.6x its weights.
 Available memory is the kernel's MemAvailable (Linux), else the physical pages the OS reports free;
 $LLAMALENS_MEMORY_LIMIT (8G, 512M, ...) caps it.
 VRAM is reported but not checked (llama-cpp-python has no portable query for it).
@@ -66,6 +72,7 @@ class MemoryEstimate:
     rows: int
     batch: int
     kv_cells: int
+    repacked: int = 0  # weights copied into repacked layouts, their mapped file pages reclaimable (docstring)
 
     @property
     def total(self) -> int:
@@ -73,17 +80,50 @@ class MemoryEstimate:
         return self.weights + self.kv + self.outputs + self.compute + self.runtime
 
     @property
+    def peak(self) -> int:
+        """The peak RSS when nothing presses on memory: total, and the mapped pages of repacked weights."""
+        return self.total + self.repacked
+
+    @property
     def fits(self) -> bool | None:
         return None if self.available is None else self.total <= self.available
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "total": self.total, "fits": self.fits}
+        return {**asdict(self), "total": self.total, "peak": self.peak, "fits": self.fits}
 
     def breakdown(self) -> str:
         """'weights 241.4 MiB + KV cache 36.0 MiB + ... = 1.27 GiB'."""
         parts = [("weights", self.weights), ("KV cache", self.kv), ("logits", self.outputs),
                  ("compute", self.compute), ("runtime", self.runtime)]
         return " + ".join(f"{name} {gb(n)}" for name, n in parts) + f" = {gb(self.total)}"
+
+
+# ggml types llama.cpp's CPU backend repacks (ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type), by
+# the build's CPU features as llama_print_system_info names them; a matrix needs a multiple of 8 rows.
+_Q4_0, _Q2_K, _Q4_K, _Q5_K, _Q6_K, _Q8_0, _IQ4_NL, _MXFP4 = 2, 10, 12, 13, 14, 8, 20, 39
+REPACKED_TYPES = (("AVX2 = 1", {_Q4_0, _Q4_K, _IQ4_NL, _MXFP4}), ("AVX512 = 1", {_Q2_K}),
+                  ("MATMUL_INT8 = 1", {_Q4_0, _Q4_K, _Q5_K, _Q6_K, _IQ4_NL, _MXFP4, _Q8_0}),
+                  ("DOTPROD = 1", {_Q4_0, _Q5_K, _Q6_K, _IQ4_NL, _MXFP4, _Q8_0}))
+
+
+def repacked_types(system_info: str) -> set[int]:
+    return set().union(*(types for feature, types in REPACKED_TYPES if feature in system_info))
+
+
+def repacked_bytes(header: GGUFHeader, first_gpu_layer: int | None = None) -> int:
+    """The bytes of weight matrices this build repacks (module docstring): 2-D, not the token embedding (read
+    by rows, not multiplied), a multiple of 8 rows, and not in a layer offloaded to a GPU."""
+    from llamalens.core.runtime import system_info
+
+    types = repacked_types(system_info())
+    total = 0
+    for t in header.tensors:
+        m = re.match(r"blk\.(\d+)\.", t.name)
+        on_gpu = first_gpu_layer is not None and m is not None and int(m[1]) >= first_gpu_layer
+        if (t.ggml_type in types and len(t.shape) == 2 and t.shape[1] % 8 == 0 and not on_gpu
+                and not t.name.startswith("token_embd")):
+            total += t.n_bytes
+    return total
 
 
 def gb(n: int | None) -> str:
@@ -141,7 +181,7 @@ def estimate(header: GGUFHeader, options, sequences: int = 1, rows: int | None =
         attention = cells * batch * F16
     compute = max(rows * n_vocab * 4, attention) + batch * (4 * n_embd + 2 * n_ff) * 4
     data = weights if weights is not None else sum(t.n_bytes for t in header.tensors)
-    on_gpu = 0
+    on_gpu, first = 0, None
     if gpu_offload and options.gpu_layers:
         n_off = n_layer if options.gpu_layers == -1 else min(n_layer, options.gpu_layers)
         first = n_layer - n_off
@@ -152,7 +192,9 @@ def estimate(header: GGUFHeader, options, sequences: int = 1, rows: int | None =
     return MemoryEstimate(weights=data - on_gpu, kv=kv, outputs=rows * n_vocab * 4, compute=compute,
                           runtime=RUNTIME_BYTES + n_vocab * VOCAB_BYTES, weights_gpu=on_gpu,
                           available=available_ram() if available == -1 else available, ctx=int(options.ctx),
-                          sequences=sequences, rows=rows, batch=batch, kv_cells=cells)
+                          sequences=sequences, rows=rows, batch=batch, kv_cells=cells,
+                          repacked=repacked_bytes(header, first) if getattr(options, "repack", "on") != "off"
+                          and getattr(options, "mmap", True) else 0)
 
 
 LAPTOP_RAM_GB = (8, 16, 32)
