@@ -583,9 +583,24 @@ def synthetic_model():
 
 # ---- llama.cpp's tools against the llamalens CLI: whole processes, no llamalens imports ----------------
 
+GPU_LAYERS = None  # --gpu-layers: layers every llamalens command and llama.cpp tool offloads (-ngl)
+
+
+def offload(cmd: list) -> list:
+    """cmd with the bench's --gpu-layers added: --gpu-layers N to the llamalens CLI, -ngl N to llama.cpp's tools."""
+    if GPU_LAYERS is None:
+        return cmd
+    name = Path(str(cmd[0])).name
+    if name == "llamalens":
+        return [*cmd, "--gpu-layers", GPU_LAYERS]
+    return [*cmd, "-ngl", 999 if GPU_LAYERS == -1 else GPU_LAYERS] if name.startswith("llama-") else cmd
+
+
 def measure(cmd, stdout_path=None, env=None) -> dict:
     """Run cmd: its wall time, its own peak RSS (from wait4) and its output (stdout to stdout_path if given)."""
     import tempfile
+
+    cmd = offload(list(cmd))
 
     with tempfile.TemporaryFile() as err, (open(stdout_path, "w+b") if stdout_path else tempfile.TemporaryFile()) as out:
         t0 = time.perf_counter()
@@ -1036,11 +1051,16 @@ def main():
                          "8B, Qwen 2.5 7B, Llama 2 13B, Gemma 3 4B...; random weights, made once and cached) at "
                          "smaller sizes (pp128, tg16, 8 sequences x 8 tokens, 2 scoring windows, 1 repetition); "
                          "default cases BgQwTUR.")
+    ap.add_argument("--gpu-layers", type=int, default=None,
+                    help="Layers to offload in the llama.cpp-tool cases (-1: all): --gpu-layers for llamalens, -ngl for "
+                         "llama.cpp's tools (a CUDA or Metal build: see scripts/gpu_check.sh).")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.model_path, args.tokens, args.threads)
+    global GPU_LAYERS
+    GPU_LAYERS = args.gpu_layers
     if args.shape:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import shaped_model
