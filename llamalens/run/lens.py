@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llamalens.errors import InvalidInput, StoreError
+from llamalens.records import Rich
 from llamalens.run.lifecycle import RunInterrupted
 from llamalens.run.tree import TreeKind
 
@@ -135,8 +136,11 @@ class LensPosition:
 
 
 @dataclass
-class LensResult:
-    """A prompt's logit lens: its positions (each with its layers, the model's last layer last)."""
+class LensResult(Rich):
+    """A prompt's logit lens: its positions (each with its layers, the model's last layer last). In a notebook it
+    shows as its report; to_pandas(): a row per (position, layer) cell."""
+
+    _display = "lens"
 
     prompt: str
     tokens: list[str]  # every prompt token's text
@@ -163,6 +167,11 @@ class LensResult:
         return cls(d["prompt"], d["tokens"], d["targets"], d["layers"], d["n_layer"],
                    [LensPosition.from_dict(p) for p in d["positions"]], d["head"], d["final_check"],
                    d.get("model", {}), d.get("notes", []), d.get("run_id"))
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.cells())
 
     def cells(self) -> list[dict]:
         """One row per (position, layer): the table `export` writes and the Python API's DataFrame."""
@@ -289,11 +298,9 @@ def load_lens(store, run_id) -> LensResult:
 
 def with_lens_columns(run, frame):
     """A lens run's export: its cells, one row per (position, layer) (a lens has no generated tokens)."""
-    import pandas as pd
-
     if not run.samples:
         raise StoreError(f"run {run.info.id} is not a finished lens run")
-    return pd.DataFrame(LensResult.from_dict(run.samples[0].extra).cells())
+    return LensResult.from_dict(run.samples[0].extra).to_pandas()
 
 
 class LensInterrupted(RunInterrupted):
