@@ -101,6 +101,9 @@ def check_last_layer(result, ref: np.ndarray, tol: float) -> float:
         worst = max(worst, max(abs(t.logprob - row[t.id]) for t in cell.top))
         h = -(np.exp(row) * row).sum()
         worst = max(worst, abs(cell.entropy - h))
+        for t in [cell.final, *cell.target]:  # the followed tokens: rank by counting, probability
+            assert t.rank == 1 + int((row > row[t.id]).sum()), (p.position, t)
+            worst = max(worst, abs(np.log(t.prob) - row[t.id]))
         assert cell.kl_to_final < tol
     assert worst < tol, worst
     return worst
@@ -117,20 +120,24 @@ ARCHS = {  # name -> write_arch_gguf options
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_last_layer_is_the_models_own_distribution(name, tiny_path, tmp_path):
+def test_last_layer_is_the_models_own_distribution(name, tiny_path, tmp_path, monkeypatch):
     """On tiny GGUFs of llama, qwen2 (with an output bias, and with tied embeddings), qwen3 and gemma3 (tied, with a
     final logit soft-cap), an F16 and a Q8_0 output matrix (the vector rounded as llama.cpp does), the lens's last
     layer equals llama-cpp-python's log-softmax at every position (top 10, their logprobs, the entropy): measured
     up to 1.3e-5 nats; the tolerance 1.5e-4 is 10x that. Leaving out the Q8_0 rounding, the soft-cap, the bias or
-    the norm's weight breaks it (see the closing note's figures)."""
+    the norm's weight breaks it (see the closing note's figures). The vocabulary is projected in blocks of 256
+    rows here (two blocks), so the running sums, ranks and top N cross a block edge as on a real vocabulary."""
+    from llamalens.core import unembed
     from llamalens.core.runtime import Model, ModelOptions
     from llamalens.run.lens import LensSpec, lens
+
+    monkeypatch.setattr(unembed, "BLOCK_BYTES", 1)
 
     arch = name.split("-")[0]
     path = write_arch_gguf(tmp_path / f"{name}.gguf", tiny_path, arch, **ARCHS[name])
     with Model(path, ModelOptions(ctx=256, flash_attn="off")) as m:
         tokens = m.prompt_tokens(PROMPT)
-        result = lens(m, LensSpec(PROMPT, positions="1:", top=10))
+        result = lens(m, LensSpec(PROMPT, ["d", " s", "!"], positions="1:", top=10))
         assert result.head["architecture"] == arch
         assert result.final_check["same_top10"] and result.final_check["max_abs_logprob_diff"] < 1.5e-4
     check_last_layer(result, reference_logprobs(path, tokens), 1.5e-4)
@@ -181,7 +188,8 @@ def numpy_llama_layers(path, tokens: list[int]) -> list[np.ndarray]:
 
 def test_an_intermediate_layer_equals_an_independent_forward_pass(tiny, tiny_path):
     """Layer 0's lens on the tiny llama fixture against a numpy forward pass of the same weights (which is first
-    checked to reproduce llama.cpp's final logits): same top 10 and logprobs within 4e-5 nats (measured 3.4e-6
+    checked to reproduce llama.cpp's final logits): same top 10, their logprobs, the entropy and the KL to the
+    final distribution; logprobs within 4e-5 nats (measured 3.4e-6
     between llama.cpp's float32 and numpy's float64; a lens reading another layer's tensor, or the l_out rows of
     other positions, is off by whole nats)."""
     from llamalens.run.lens import LensSpec, lens
@@ -209,6 +217,9 @@ def test_an_intermediate_layer_equals_an_independent_forward_pass(tiny, tiny_pat
         assert cell.layer == 0
         assert [t.id for t in cell.top] == list(np.argsort(-row, kind="stable")[:10])
         assert max(abs(t.logprob - row[t.id]) for t in cell.top) < 4e-5
+        kl = (np.exp(ref_final[p.position]) * (ref_final[p.position] - row)).sum()  # KL(final || layer 0)
+        # measured 3.9e-6 (KL) and 2.4e-6 (entropy) nats; the tolerances 10x that
+        assert abs(cell.kl_to_final - kl) < 4e-5 and abs(cell.entropy + (np.exp(row) * row).sum()) < 3e-5
 
 
 def test_a_failing_callback_is_an_error_not_a_crash(tiny, monkeypatch):

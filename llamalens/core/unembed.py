@@ -150,6 +150,10 @@ class Head:
         raw = np.asarray(self._raw(tensor, start, stop))
         if kind.name in ("F32", "F16"):
             return _f32(raw.view(np.float32 if kind.name == "F32" else np.float16))
+        if kind.name == "Q8_0":  # blocks of an f16 scale and 32 int8: two numpy operations (gguf's loops per block)
+            blocks = raw.reshape(raw.shape[0], -1, 34)
+            scale = blocks[..., :2].copy().view(np.float16).astype(np.float32)
+            return (blocks[..., 2:].view(np.int8) * scale).reshape(raw.shape[0], -1)
         return _f32(dequantize(raw, kind)).reshape(raw.shape[0], -1)
 
     def describe(self) -> dict:
@@ -238,11 +242,12 @@ def project(head: Head, hidden: np.ndarray, final_logits: np.ndarray, tracked: n
     if head.bias is not None:
         zt += head.bias[tracked][:, None, :]
     head.cap(zt)
-    acc = _Accumulator(n_pos, n_layers, keep, zt)
     rows = block_rows(head, n_cells)
+    acc = _Accumulator(n_pos, n_layers, keep, zt, rows)
+    z_buf = np.empty(n_cells * rows, dtype=np.float32)  # one buffer for every block's products (no page faults)
     for start in range(0, head.n_vocab, rows):
         stop = min(start + rows, head.n_vocab)
-        z = x @ head.rows(start, stop).T
+        z = np.matmul(x, head.rows(start, stop).T, out=z_buf[: n_cells * (stop - start)].reshape(n_cells, -1))
         head.finish(z, start, stop)
         acc.add(z.reshape(n_pos, n_layers, -1), start, tracked,
                 np.exp(final[:, start:stop] - f_lse[:, None]).astype(np.float32), final[:, start:stop])
@@ -253,50 +258,70 @@ class _Accumulator:
     """Running per-cell sums over vocabulary blocks: the log-sum-exp (max and scaled sum), the sum that gives
     the entropy, the one that gives KL to the final distribution, rank counts and the running top N."""
 
-    def __init__(self, n_pos: int, n_layers: int, keep: int, zt: np.ndarray):
+    def __init__(self, n_pos: int, n_layers: int, keep: int, zt: np.ndarray, block: int):
         shape = (n_pos, n_layers)
+        self.scratch = np.empty(n_pos * n_layers * block, dtype=np.float32)
         self.keep, self.zt = keep, zt
         self.m = np.full(shape, -np.inf, dtype=np.float32)
         self.s0 = np.zeros(shape)  # sum exp(z - m)
         self.s1 = np.zeros(shape)  # sum exp(z - m) * z
         self.a = np.zeros(shape)  # sum p_final * (z - final logit): small where the lens agrees with the model
         self.above = np.zeros(zt.shape, dtype=np.int64)  # tokens with a logit above each tracked token's
-        self.top_vals = np.full((*shape, 0), -np.inf, dtype=np.float32)
-        self.top_ids = np.zeros((*shape, 0), dtype=np.int64)
+        self.top_vals = np.full((*shape, keep), -np.inf, dtype=np.float32)  # (-inf: not yet filled)
+        self.top_ids = np.zeros((*shape, keep), dtype=np.int64)
         self.d_max = np.full(n_pos, -np.inf)  # last layer: z - the model's logit, its extremes
         self.d_min = np.full(n_pos, np.inf)
 
     def add(self, z: np.ndarray, start: int, tracked: np.ndarray, p_final: np.ndarray, final: np.ndarray) -> None:
         """One block: z [P, L, B] the lens's logits of vocabulary rows start..start+B; p_final and final [P, B]
-        the model's probabilities and logits there."""
-        m = np.maximum(self.m, z.max(axis=2))
-        e = np.exp(z - m[..., None])
+        the model's probabilities and logits there. Each pass over z is one numpy call (the block is the cost)."""
+        block_max = z.max(axis=2)
+        m = np.maximum(self.m, block_max)
+        e = np.subtract(z, m[..., None], out=self.scratch[: z.size].reshape(z.shape))
+        np.exp(e, out=e)
         shrink = np.exp((self.m - m).astype(np.float64))
         self.s0 = self.s0 * shrink + e.sum(axis=2, dtype=np.float64)
-        self.s1 = self.s1 * shrink + (e * z).sum(axis=2, dtype=np.float64)
+        self.s1 = self.s1 * shrink + np.matmul(e[..., None, :], z[..., :, None])[..., 0, 0]
         self.m = m
-        diff = z - final[:, None, :]
-        self.a += np.matmul(diff, p_final[:, :, None])[..., 0]
-        self.d_max = np.maximum(self.d_max, diff[:, -1].max(axis=1))
-        self.d_min = np.minimum(self.d_min, diff[:, -1].min(axis=1))
+        # sum p_final (z - final): a product for the other layers; the last layer's differences themselves, which
+        # are small where the lens agrees with the model (no cancellation) and give the check's extremes
+        self.a[:, :-1] += np.matmul(z[:, :-1], p_final[:, :, None])[..., 0] - (p_final * final).sum(axis=1)[:, None]
+        diff = z[:, -1] - final
+        self.a[:, -1] += np.matmul(diff[:, None, :], p_final[:, :, None])[:, 0, 0]
+        self.d_max = np.maximum(self.d_max, diff.max(axis=1))
+        self.d_min = np.minimum(self.d_min, diff.min(axis=1))
         stop = start + z.shape[2]
         for k in range(tracked.shape[1]):
-            self.above[:, :, k] += (z > self.zt[:, :, k, None]).sum(axis=2)
+            self.above[:, :, k] += np.count_nonzero(z > self.zt[:, :, k, None], axis=2)
             for p in np.nonzero((tracked[:, k] >= start) & (tracked[:, k] < stop))[0]:
                 # the token's own product, computed in this block, may differ from zt by rounding: not "above" itself
                 self.above[p, :, k] -= z[p, :, tracked[p, k] - start] > self.zt[p, :, k]
-        self._merge_top(z, start)
+        self._merge_top(z, start, block_max)
 
-    def _merge_top(self, z: np.ndarray, start: int) -> None:
-        n = min(self.keep, z.shape[2])
-        part = np.argpartition(z, -n, axis=2)[..., -n:] if n < z.shape[2] else np.broadcast_to(
-            np.arange(z.shape[2]), z.shape).copy()
-        vals = np.concatenate([self.top_vals, np.take_along_axis(z, part, axis=2)], axis=2)
-        ids = np.concatenate([self.top_ids, part + start], axis=2)
-        if vals.shape[2] > self.keep:
-            best = np.argpartition(vals, -self.keep, axis=2)[..., -self.keep:]
-            vals, ids = np.take_along_axis(vals, best, axis=2), np.take_along_axis(ids, best, axis=2)
-        self.top_vals, self.top_ids = vals, ids
+    def _merge_top(self, z: np.ndarray, start: int, block_max: np.ndarray) -> None:
+        """The running top N: the first block's by partition; after it, only the few entries above their cell's
+        N-th best so far are merged in (a partition of every row of every block would cost more than the rest)."""
+        n_keep, width = self.keep, z.shape[2]
+        vals, ids = self.top_vals.reshape(-1, n_keep), self.top_ids.reshape(-1, n_keep)
+        flat = z.reshape(-1, width)
+        if start == 0:
+            n = min(n_keep, width)
+            part = np.argpartition(flat, -n, axis=1)[:, -n:]
+            vals[:, :n], ids[:, :n] = np.take_along_axis(flat, part, axis=1), part
+            return
+        rows, cols = np.nonzero(flat > vals.min(axis=1)[:, None])
+        if not len(rows):
+            return
+        cells, first, counts = np.unique(rows, return_index=True, return_counts=True)
+        slot = np.arange(len(rows)) - np.repeat(first, counts)
+        cand_vals = np.full((len(cells), counts.max()), -np.inf, dtype=np.float32)
+        cand_ids = np.zeros(cand_vals.shape, dtype=np.int64)
+        at = np.repeat(np.arange(len(cells)), counts)
+        cand_vals[at, slot], cand_ids[at, slot] = flat[rows, cols], cols + start
+        both_vals = np.concatenate([vals[cells], cand_vals], axis=1)
+        both_ids = np.concatenate([ids[cells], cand_ids], axis=1)
+        best = np.argpartition(both_vals, -n_keep, axis=1)[:, -n_keep:]
+        vals[cells], ids[cells] = np.take_along_axis(both_vals, best, axis=1), np.take_along_axis(both_ids, best, axis=1)
 
     def result(self, f_lse: np.ndarray, final: np.ndarray, tracked: np.ndarray) -> Projection:
         lse = self.m.astype(np.float64) + np.log(self.s0)
