@@ -61,7 +61,8 @@ def _html_display(kind: str, obj) -> str:
 
 _records.HTML_DISPLAY[:] = [_html_display]
 
-_API = ("sweep", "resume", "open_run", "runs", "report", "score", "choose", "compare", "fork", "sampler_view", "Run")
+_API = ("sweep", "resume", "open_run", "runs", "report", "score", "choose", "compare", "fork", "sampler_view", "Run",
+        "lens")
 
 
 _LAZY = {  # name -> the module that defines it; importing llamalens must not load llama.cpp

@@ -577,3 +577,26 @@ def fork(prompt: str | None = None, *, options=None, outcome: str | None = None,
         with _bar(progress, cost.sequences, f"fork run {run_id}", "seq") as bar:
             req.execute(loaded, st, run_id, _sweep_ticks(bar), executor)
     return _load(st, run_id)
+
+
+def lens(prompt: str, *, target=(), positions: str | None = None, layers: str | None = None, top: int = 5,
+         model=None, store=None, name: str | None = None, save: bool = True, **model_options):
+    """The logit lens of a prompt, as `llamalens lens`: a LensResult (run/lens.py) whose positions hold, per
+    layer, the top tokens, entropy, KL to the model's final distribution and the rank of each target;
+    .to_pandas() a row per (position, layer) cell. Stored as a run of kind "lens" unless save=False.
+
+    target: a text or a list of texts; positions / layers: "0,4,-1", "2:10" (None: the last 32 positions, every
+    layer).
+
+    >>> ll.lens("The Eiffel Tower is in the city of", target=" Paris").to_pandas()  # doctest: +SKIP
+    """
+    from llamalens.run.lens import LensSpec, lens as run_lens, save as save_lens
+
+    targets = [target] if isinstance(target, str) else list(target)
+    spec = LensSpec(prompt, targets, positions, layers, whole(top, "top")).check()
+    st = _store(store) if save else None
+    with _model(model, model_options, rows=128) as loaded:
+        result = run_lens(loaded, spec)
+        if st is not None:
+            save_lens(st, loaded, result, name, f"ll.lens({prompt!r:.80})")
+    return result

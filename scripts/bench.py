@@ -45,6 +45,8 @@ Cases (each in a fresh subprocess, so that its peak RSS is its own; rounds inter
      sampler's live redraw on a cached row (target < 100 ms); the page's weight (target < 1 MiB)
   G  the same continuations as a plain sweep runs them (llamalens Engine, 32 per decode): each its own prompt
      (prefix + forced token, prefilled once per distinct prompt), the same seeds: what fork's machinery saves
+  O  lens: the logit lens of a 64-token text over every layer and position, against `score` of the same text;
+     its decode with the graph callback and its projection timed apart
 llama.cpp's own tools (scripts/build_llama_tools.sh, the same llama.cpp and CMake flags as the
 llama-cpp-python build) against the llamalens CLI, each run as a whole process (wall time, peak RSS
 from wait4), on the same model, threads, text and windows. These call llamalens only through its CLI
@@ -463,7 +465,34 @@ CASES = {
     "F": lambda p, n, t: case_fork_plain(p, n, t),
     "G": lambda p, n, t: case_fork_sweep(p, n, t),
     "v": lambda p, n, t: case_serve(p, n, t),
+    "O": lambda p, n, t: case_lens(p, 64, t),
 }
+
+
+def case_lens(model_path, n_text, threads):
+    """The logit lens of a 64-token text over every layer and position, against `score` of the same text (one
+    plain pass): the whole lens, then its parts (the decode with the graph callback; the projection)."""
+    from llamalens.core.lens import capture
+    from llamalens.core.runtime import Model, ModelOptions
+    from llamalens.core.unembed import Head, project
+    from llamalens.looks.score import score_text
+    from llamalens.run.lens import LensSpec, lens
+
+    m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
+    text = score_text_tokens(m, n_text - 1)  # with BOS: n_text tokens
+    score_text(m, text, 512, "full", 511, n_logprobs=5)  # warm: weights paged in
+    t0 = time.perf_counter()
+    score_text(m, text, 512, "full", 511, n_logprobs=5)
+    t1 = time.perf_counter()
+    res = lens(m, LensSpec(text, positions=":", top=5))
+    t2 = time.perf_counter()
+    tokens, n_layer = m.prompt_tokens(text), len(res.layers)
+    cap = capture(m, tokens, list(range(len(tokens))), list(range(n_layer)))
+    t3 = time.perf_counter()
+    project(Head(m.header), cap.hidden.transpose(1, 0, 2), cap.logits, cap.logits.argmax(1)[:, None], 10)
+    t4 = time.perf_counter()
+    return {"tok_s": len(tokens) / (t2 - t1), "score_s": t1 - t0, "lens_s": t2 - t1, "ratio": (t2 - t1) / (t1 - t0), "capture_s": t3 - t2,
+            "project_s": t4 - t3, "cells": len(tokens) * n_layer, "tokens": len(tokens)}
 
 
 def case_serve(model_path, n_tokens, threads):
@@ -1038,7 +1067,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--cases", default="abcmsyYzDC1jJnpPSLkreExlfFGv" + "".join(TOOL_CASES))
+    ap.add_argument("--cases", default="abcmsyYzDC1jJnpPSLkreExlfFGvO" + "".join(TOOL_CASES))
     ap.add_argument("--model", default=None)
     ap.add_argument("--build", action="append", default=None, metavar="LABEL:LLAMALENS:TOOLS_DIR",
                     help="A build for the llama.cpp-tool cases (repeatable: measured side by side); default "
@@ -1129,7 +1158,8 @@ def main():
              "F": "F  plain batched run, same sequences and lengths",
              "G": "G  the continuations as a plain sweep runs them",
              "y": "y  sweep s in the store, Ray 2 workers x 1 thread", "Y": "Y  sweep s in the store, one process",
-             "z": "z  sweep s in the store, Ray 1 worker x --threads", "v": "v  serve: branches per s (1 / first token)"}
+             "z": "z  sweep s in the store, Ray 1 worker x --threads", "v": "v  serve: branches per s (1 / first token)",
+             "O": "O  lens: prompt tokens per s, every layer"}
     for c in in_process:
         if c not in "rC":
             print(f"{names[c]:<48} {best[c]['tok_s']:8.1f}   {best[c]['rss_mb']:7.0f} MB")

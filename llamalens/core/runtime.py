@@ -363,11 +363,12 @@ class Model(NativeHandle):
 
     # -- contexts ----------------------------------------------------------------------------
     def context(self, n_ctx: int, n_seq_max: int = 1, n_batch: int | None = None,
-                embeddings: bool = False) -> "Context":
+                embeddings: bool = False, eval_callback=None) -> "Context":
         """A decoding context; with embeddings=True it returns each output token's hidden state
-        (pooling NONE: every token's vector, pooled by the caller) instead of logits."""
+        (pooling NONE: every token's vector, pooled by the caller) instead of logits. `eval_callback`: a
+        ggml_backend_sched_eval_callback that the scheduler asks about every graph node (core/lens.py's)."""
         return Context(self, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch or self.options.batch,
-                       embeddings=embeddings)
+                       embeddings=embeddings, eval_callback=eval_callback)
 
     @property
     def n_swa(self) -> int:
@@ -390,7 +391,8 @@ class Model(NativeHandle):
 class Context(NativeHandle):
     """A llama.cpp context: a KV cache for up to n_seq_max sequences and one reusable batch."""
 
-    def __init__(self, model: Model, n_ctx: int, n_seq_max: int, n_batch: int, embeddings: bool = False):
+    def __init__(self, model: Model, n_ctx: int, n_seq_max: int, n_batch: int, embeddings: bool = False,
+                 eval_callback=None):
         lib = model._lib
         self.model, self._lib = model, lib
         n_seq_max = max(1, min(n_seq_max, int(lib.llama_max_parallel_sequences())))
@@ -410,6 +412,9 @@ class Context(NativeHandle):
         if embeddings:
             p.embeddings = True
             p.pooling_type = lib.LLAMA_POOLING_TYPE_NONE  # per-token vectors; embed.py pools them
+        if eval_callback is not None:
+            p.cb_eval = eval_callback
+        self._eval_callback = eval_callback  # kept while the context lives: llama.cpp holds the pointer
         self.ptr = lib.llama_init_from_model(model.ptr, p)
         if not self.ptr:
             raise LlamalensError(

@@ -107,6 +107,7 @@ class Strips:
     title: str
     rows: list[tuple[str, list[TokenView]]]  # (label, tokens)
     context: str = ""  # e.g. the prompt, shown before the rows
+    columns: list[str] = field(default_factory=list)  # given: a heatmap grid, a column per entry (rows the same length)
 
 
 @dataclass
@@ -222,6 +223,9 @@ ul.find{margin:6px 0 12px;padding-left:22px}ul.find li{margin:3px 0}
 .modes{margin:4px 0}.modes button{font-size:12px;margin-right:4px;padding:2px 8px;border:1px solid #bbb;background:#fff;border-radius:4px;cursor:pointer}
 .legend{font-size:12px;color:#444;margin-left:10px}.legend span{padding:0 5px;margin-right:3px;border-radius:3px}
 .legend{display:none}
+table.grid td{padding:0;border:1px solid #fff}table.grid th.r{text-align:right;position:static;max-width:none}
+table.grid .tk{display:block;width:74px;white-space:pre;padding:0 3px;border-radius:0;font:11px/1.9 ui-monospace,monospace}
+table.grid th{font:11px ui-monospace,monospace;max-width:74px}table.grid .tk,table.grid th{overflow:hidden;text-overflow:ellipsis}
 """
 
 
@@ -237,12 +241,11 @@ def _mode_css(modes: list[str]) -> str:
         out.append(f'body[data-mode="gltr"] .g{i},.legend .g{i}{{background:{c}}}')
     out.append('body[data-mode="same"] .st1,.legend .st1{background:#b9efb0}')
     out.append('body[data-mode="same"] .st0,.legend .st0{background:#ffb8b0}')
-    for i in range(10):  # fork: how far the outcome distribution moves at the token, white -> deep blue
-        c = f"hsl(220,{20 + i * 8}%,{98 - i * 5.5:.0f}%)"
-        out.append(f'body[data-mode="fork"] .f{i},.legend .f{i}{{background:{c}}}')
-    for i in range(10):  # KLD: white -> deep red
-        c = f"hsl(0,{20 + i * 8}%,{98 - i * 5.5:.0f}%)"
-        out.append(f'body[data-mode="kld"] .k{i},.legend .k{i}{{background:{c}}}')
+    # white -> deep: fork (how far the outcome distribution moves at the token) blue, entropy purple, KLD red
+    for mode, cls, hue in (("fork", "f", 220), ("entropy", "e", 275), ("kld", "k", 0)):
+        for i in range(10):
+            c = f"hsl({hue},{20 + i * 8}%,{98 - i * 5.5:.0f}%)"
+            out.append(f'body[data-mode="{mode}"] .{cls}{i},.legend .{cls}{i}{{background:{c}}}')
     return "\n".join(out)
 
 
@@ -251,6 +254,7 @@ _LEGENDS = {
     "gltr": '<span class="g0">top 10</span><span class="g1">top 100</span><span class="g2">top 1000</span>'
             '<span class="g3">beyond</span> rank of the token (GLTR)',
     "same": '<span class="st1">same</span><span class="st0">different</span> top token under the two models',
+    "entropy": "".join(f'<span class="e{i}">{i}{"+" if i == 9 else ""}</span>' for i in range(10)) + " entropy (nats)",
     "fork": "".join(f'<span class="f{i}">{i / 10:.1f}</span>' for i in range(10))
             + " how far the outcome distribution moves at the token (total variation)",
 }
@@ -344,31 +348,38 @@ def _cell(v) -> str:
 
 
 def _strips_html(b: Strips, doc: Document, tokens: list) -> list[str]:
-    """A strip block: its colour-mode buttons, the context, one row of token spans per sample."""
-    body: list[str] = []
-    mode_names = [m for m, _ in doc.modes]
-    body.append(f"<h3>{_e(b.title)}</h3>")
-    body.append('<div class="modes">colour by: ' + "".join(
+    """A strip block: its colour-mode buttons, the context, one row of token spans per sample (or, with columns, a
+    grid: a table row per label, a cell per column)."""
+    body: list[str] = [f"<h3>{_e(b.title)}</h3>", '<div class="modes">colour by: ' + "".join(
         f'<button type="button" data-setmode="{_e(m)}">{_e(label)}</button>' for m, label in doc.modes)
-        + ' <button type="button" data-ws="1">show whitespace</button>'
-        + "".join(f'<span class="legend {m}">{_legend(m, doc)}</span>' for m in mode_names) + "</div>")
+        + ("" if b.columns else ' <button type="button" data-ws="1">show whitespace</button>')
+        + "".join(f'<span class="legend {m}">{_legend(m, doc)}</span>' for m, _ in doc.modes) + "</div>"]
+    if b.columns:
+        head = "<th></th>" + "".join(f'<th title="{_e(c)}">{_e(c)}</th>' for c in b.columns)
+        rows = "".join(f'<tr><th class="r">{_e(label)}</th>' + "".join(f"<td>{_token_span(t, tokens)}</td>" for t in cells)
+                       + "</tr>" for label, cells in b.rows)
+        return body + [f'<table class="grid"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>']
     if b.context:
         body.append(f'<div class="ctx">{_e(b.context)}</div>')
     rows = []
     for label, toks in b.rows:
         spans = []
         for t in toks:
-            i = len(tokens)
-            shown = t.text if t.plain is None else t.plain
-            tokens.append([t.text, t.id, t.values, [[list(a) for a in alts] for alts in t.alts], shown])
             if t.mark:
                 spans.append(f'<span class="mk" title="{_e(t.mark)}"></span>')
-            spans.append(f'<span class="tk {t.classes}" data-i="{i}" tabindex="0">{_e(shown)}</span>')
+            spans.append(_token_span(t, tokens))
             if t.newline:
                 spans.append("<br>")
         rows.append(f'<div class="row"><div class="lbl">{_e(label)}</div><div class="toks">{"".join(spans)}</div></div>')
     body.append(f'<div class="strips">{"".join(rows)}</div>')
     return body
+
+
+def _token_span(t: TokenView, tokens: list) -> str:
+    """A token's span; its tooltip data appended to `tokens` (the page's JSON block)."""
+    shown = t.text if t.plain is None else t.plain
+    tokens.append([t.text, t.id, t.values, [[list(a) for a in alts] for alts in t.alts], shown])
+    return f'<span class="tk {t.classes}" data-i="{len(tokens) - 1}" tabindex="0">{_e(shown)}</span>'
 
 
 def _html_blocks(blocks: list, doc: Document, tokens: list) -> list[str]:
@@ -482,6 +493,10 @@ def _md_blocks(blocks: list, doc: Document, image_dir: Path, image_prefix: str, 
             out += [f"![{_md(b.caption or name)}]({image_prefix}/{name}.png)", ""]
             if b.caption:
                 out += [f"*{_md(b.caption)}*", ""]
+        elif isinstance(b, Strips) and b.columns:
+            out += [f"### {_md(b.title)}", "", "| | " + " | ".join(_md(c) for c in b.columns) + " |",
+                    "|---|" + "---|" * len(b.columns), *("| " + " | ".join([_md(label)] + [
+                        f"{_md(t.text)} {t.values[0]}" for t in cells]) + " |" for label, cells in b.rows), ""]
         elif isinstance(b, Strips):
             out += [f"### {_md(b.title)}", ""]
             if b.context:

@@ -22,6 +22,7 @@ from typing import Callable
 
 from llamalens.errors import StoreError
 from llamalens.run.fork import FORK, with_fork_columns
+from llamalens.run.lens import LENS, with_lens_columns
 from llamalens.run.lifecycle import Kind
 from llamalens.run.sweep import SWEEP
 from llamalens.run.tree import TREE
@@ -49,6 +50,8 @@ KINDS: dict[str, RunKind] = {k.name: k for k in (
             report="llamalens.reports.fork:write_fork_report", notebook="llamalens.reports.notebook:fork_run_document"),
     RunKind("tree", TREE, None, show="llamalens.commands.serve:show_tree",
             report="llamalens.reports.tree:write_tree_report", notebook="llamalens.reports.tree:tree_document"),
+    RunKind("lens", LENS, with_lens_columns, show="llamalens.commands.lens:show_lens",
+            report="llamalens.reports.lens:write_lens_report", notebook="llamalens.reports.lens:lens_run_document"),
 )}
 
 

@@ -1,0 +1,325 @@
+"""The logit lens of a prompt: what each layer would predict at each position, and its stored runs.
+
+    LensSpec (prompt, targets, positions, layers, top) ──check()──► lens(model, spec) ──► LensResult
+        core/unembed.Head(model.header)    the final norm and output matrix; an unknown architecture is refused
+        core/lens.capture(...)             one decode; each layer's residual stream at the wanted positions
+        core/unembed.project(...)          per cell: top N, entropy, KL to the model's own distribution, the rank
+                                           and probability of the model's final top token and of each target
+
+A cell (position p, layer l) is the distribution of the token after p that the model's head gives the residual
+stream after layer l. The last layer's cell is the model's own distribution recomputed: its largest difference
+from llama.cpp's logits (`final_check`) is measured on every run and stored with it.
+
+A run of kind "lens" stores one LensResult (its single sample's extra); `show`, `report` and `export` read it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llamalens.errors import InvalidInput, StoreError
+from llamalens.records import Rich
+from llamalens.run.lifecycle import RunInterrupted
+from llamalens.run.tree import TreeKind
+
+MAX_TOKENS = 512  # prompt tokens: one decode, one batch
+MAX_POSITIONS = 128  # positions looked at (each keeps the model's logits row: n_vocab floats)
+DEFAULT_POSITIONS = 32  # without --positions: the last this many
+MAX_CELLS = 8192  # positions x layers
+MAX_TOP = 50
+MAX_TARGETS = 8
+KEEP = 10  # top tokens computed per cell at least: the last-layer check compares the top 10
+EXTRA_VERSION = 1
+
+
+@dataclass
+class LensSpec:
+    """What a lens looks at: `positions` and `layers` as the user wrote them ("0,4,-1", "2:10", None = default)."""
+
+    prompt: str
+    targets: list[str] = field(default_factory=list)
+    positions: str | None = None
+    layers: str | None = None
+    top: int = 5
+
+    def check(self) -> "LensSpec":
+        if not isinstance(self.prompt, str) or not self.prompt:
+            raise InvalidInput("the lens needs a non-empty prompt")
+        if not 1 <= int(self.top) <= MAX_TOP:
+            raise InvalidInput(f"--top {self.top} is out of range; give 1 to {MAX_TOP}")
+        if len(self.targets) > MAX_TARGETS:
+            raise InvalidInput(f"{len(self.targets)} targets; the lens follows at most {MAX_TARGETS}: give fewer --target")
+        if any(not t for t in self.targets):
+            raise InvalidInput("a --target is empty; give the text of a token, e.g. --target ' Paris'")
+        for text, what in ((self.positions, "--positions"), (self.layers, "--layers")):
+            if text is not None and not re.fullmatch(r"\s*-?\d*\s*(:\s*-?\d*\s*)?(,\s*-?\d*\s*(:\s*-?\d*\s*)?)*", text):
+                raise InvalidInput(f"{what} {text!r} is not a list of indices; write e.g. '0,4,-1' or '2:10' "
+                                   "(a Python slice: -1 is the last, 2:10 stops before 10)")
+        return self
+
+
+def indices(text: str | None, n: int, what: str, default: list[int]) -> list[int]:
+    """'0,4,-1' / '2:10' / ':' -> sorted distinct indices in range(n); None -> default."""
+    if text is None or not text.strip():
+        return default
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if ":" in part:
+            a, b = (s.strip() for s in part.split(":", 1))
+            out.update(range(n)[slice(int(a) if a else None, int(b) if b else None)])
+            continue
+        i = int(part)
+        if not -n <= i < n:
+            raise InvalidInput(f"{what} {i} is out of range: there are {n} (0 to {n - 1}, or -1 for the last)")
+        out.add(i % n)
+    if not out:
+        raise InvalidInput(f"{what} {text!r} selects nothing of 0 to {n - 1}")
+    return sorted(out)
+
+
+@dataclass
+class Ranked:
+    """A token followed through the layers: its text, and at one cell its probability and rank."""
+
+    id: int
+    text: str
+    prob: float = 0.0
+    logprob: float = 0.0
+    rank: int = 0
+
+
+@dataclass
+class LensCell:
+    layer: int
+    top: list[Ranked]
+    entropy: float
+    kl_to_final: float
+    final: Ranked  # the model's final top token at this position
+    target: list[Ranked]
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "top": [{"id": t.id, "text": t.text, "prob": t.prob, "logprob": t.logprob}
+                                             for t in self.top],
+                "entropy": self.entropy, "kl_to_final": self.kl_to_final,
+                "final": {"id": self.final.id, "text": self.final.text, "prob": self.final.prob,
+                          "rank": self.final.rank},
+                "target": [{"text": t.text, "id": t.id, "prob": t.prob, "rank": t.rank} for t in self.target]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LensCell":
+        return cls(d["layer"], [Ranked(t["id"], t["text"], t["prob"], t["logprob"], i + 1)
+                                for i, t in enumerate(d["top"])],
+                   d["entropy"], d["kl_to_final"], Ranked(**{"logprob": 0.0, **d["final"]}),
+                   [Ranked(t["id"], t["text"], t["prob"], 0.0, t["rank"]) for t in d["target"]])
+
+
+@dataclass
+class LensPosition:
+    position: int
+    token: str  # the prompt's token at this position (visible text is made by the printers)
+    next: str | None  # the prompt's next token, when there is one
+    layers: list[LensCell]
+    settles_at: int | None  # the first layer from which the final top token is the top token at every later layer
+
+    def to_dict(self) -> dict:
+        return {"position": self.position, "token": self.token, "next": self.next, "settles_at": self.settles_at,
+                "layers": [c.to_dict() for c in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LensPosition":
+        return cls(d["position"], d["token"], d.get("next"), [LensCell.from_dict(c) for c in d["layers"]],
+                   d.get("settles_at"))
+
+
+@dataclass
+class LensResult(Rich):
+    """A prompt's logit lens: its positions (each with its layers, the model's last layer last). In a notebook it
+    shows as its report; to_pandas(): a row per (position, layer) cell."""
+
+    _display = "lens"
+
+    prompt: str
+    tokens: list[str]  # every prompt token's text
+    targets: list[dict]  # {"text", "id", "token", "n_tokens"}: the first token of each target is followed
+    layers: list[int]
+    n_layer: int
+    positions: list[LensPosition]
+    head: dict  # core/unembed.Head.describe()
+    final_check: dict  # {"max_abs_logprob_diff", "same_top10"}: the last layer against llama.cpp's logits
+    model: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    run_id: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"lens": EXTRA_VERSION, "prompt": self.prompt, "tokens": self.tokens, "targets": self.targets,
+                "layers": self.layers, "n_layer": self.n_layer, "head": self.head, "final_check": self.final_check,
+                "model": self.model, "notes": self.notes, "run_id": self.run_id,
+                "positions": [p.to_dict() for p in self.positions]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LensResult":
+        if not isinstance(d, dict) or d.get("lens") != EXTRA_VERSION:
+            raise StoreError("this lens run was stored by another llamalens version; run the lens again")
+        return cls(d["prompt"], d["tokens"], d["targets"], d["layers"], d["n_layer"],
+                   [LensPosition.from_dict(p) for p in d["positions"]], d["head"], d["final_check"],
+                   d.get("model", {}), d.get("notes", []), d.get("run_id"))
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.cells())
+
+    def cells(self) -> list[dict]:
+        """One row per (position, layer): the table `export` writes and the Python API's DataFrame."""
+        rows = []
+        for p in self.positions:
+            for c in p.layers:
+                row = {"position": p.position, "token": p.token, "layer": c.layer, "top_id": c.top[0].id,
+                       "top_text": c.top[0].text, "top_prob": c.top[0].prob, "entropy": c.entropy,
+                       "kl_to_final": c.kl_to_final, "final_id": c.final.id, "final_text": c.final.text,
+                       "final_prob": c.final.prob, "final_rank": c.final.rank}
+                for k, t in enumerate(c.target):
+                    row[f"target{k}_text"], row[f"target{k}_prob"], row[f"target{k}_rank"] = t.text, t.prob, t.rank
+                rows.append(row)
+        return rows
+
+
+def settles_at(top_ids: list[int], layers: list[int], final: int) -> int | None:
+    """The first layer from which `final` is the top token at every later layer looked at (None: never)."""
+    at = None
+    for layer, top in zip(layers, top_ids):
+        if top != final:
+            at = None
+        elif at is None:
+            at = layer
+    return at
+
+
+def _sizes(model, spec: LensSpec, n_tokens: int, n_layer: int) -> tuple[list[int], list[int]]:
+    if n_tokens > MAX_TOKENS:
+        raise InvalidInput(f"the prompt is {n_tokens} tokens; the lens decodes at most {MAX_TOKENS} in one batch: "
+                           "shorten it")
+    model.check_fits(n_tokens, model.options.ctx)
+    positions = indices(spec.positions, n_tokens, "--positions",
+                        list(range(max(0, n_tokens - DEFAULT_POSITIONS), n_tokens)))
+    layers = indices(spec.layers, n_layer, "--layers", list(range(n_layer)))
+    layers = sorted(set(layers) | {n_layer - 1})  # the last layer: the reference and the check
+    if len(positions) > MAX_POSITIONS or len(positions) * len(layers) > MAX_CELLS:
+        raise InvalidInput(f"{len(positions)} positions x {len(layers)} layers is too many cells (at most "
+                           f"{MAX_POSITIONS} positions and {MAX_CELLS} cells); narrow --positions or --layers")
+    return positions, layers
+
+
+def _target_tokens(model, targets: list[str]) -> list[dict]:
+    out = []
+    for text in targets:
+        ids = model.tokenize(text, add_bos=False, special=False)
+        if not ids:
+            raise InvalidInput(f"the target {text!r} makes no token; give a text the model can spell")
+        out.append({"text": text, "id": ids[0], "token": model.token_text(ids[0])[0], "n_tokens": len(ids)})
+    return out
+
+
+def lens(model, spec: LensSpec) -> LensResult:
+    """The logit lens of spec.prompt on a loaded Model (core/runtime.py)."""
+    from llamalens.core.lens import capture
+    from llamalens.core.unembed import Head, project
+
+    spec.check()
+    head = Head(model.header)  # refuses an architecture it does not know before anything is decoded
+    n_layer = int(model.header.arch_key("block_count") or 0)
+    tokens = model.prompt_tokens(spec.prompt)
+    positions, layers = _sizes(model, spec, len(tokens), n_layer)
+    targets = _target_tokens(model, spec.targets)
+    cap = capture(model, tokens, positions, layers)
+    final_top = cap.logits.argmax(axis=1)
+    tracked = np.stack([final_top] + [np.full(len(positions), t["id"]) for t in targets], axis=1)
+    pr = project(head, cap.hidden.transpose(1, 0, 2), cap.logits, tracked, max(spec.top, KEEP))
+    notes = [f"target {t['text']!r} is {t['n_tokens']} tokens; the lens follows its first, {t['token']!r}"
+             for t in targets if t["n_tokens"] > 1]
+    own_top10 = np.argsort(-cap.logits, axis=1, kind="stable")[:, :KEEP]
+    check = {"max_abs_logprob_diff": float(pr.final_error.max()),
+             "same_top10": bool((own_top10 == pr.top_ids[:, -1, :KEEP]).all())}
+    texts = [model.token_text(t)[0] for t in tokens]
+    out = []
+    for j, p in enumerate(positions):
+        cells = [_cell(model, pr, j, k, layer, tracked[j], targets, spec.top) for k, layer in enumerate(layers)]
+        out.append(LensPosition(p, texts[p], texts[p + 1] if p + 1 < len(tokens) else None, cells,
+                                settles_at([c.top[0].id for c in cells], layers, int(final_top[j]))))
+    return LensResult(spec.prompt, texts, targets, layers, n_layer, out, head.describe(), check,
+                      model=model.info.to_dict(), notes=notes)
+
+
+def _cell(model, pr, j: int, k: int, layer: int, tracked, targets: list[dict], top: int) -> LensCell:
+    def ranked(t: int, lp: float, rank: int) -> Ranked:
+        return Ranked(int(t), model.token_text(int(t))[0], float(np.exp(lp)), float(lp), int(rank))
+
+    tops = [ranked(t, lp, i + 1) for i, (t, lp) in enumerate(zip(pr.top_ids[j, k, :top], pr.top_logprobs[j, k, :top]))]
+    followed = [ranked(t, pr.tracked_logprobs[j, k, q], pr.tracked_ranks[j, k, q]) for q, t in enumerate(tracked)]
+    for f, t in zip(followed[1:], targets):
+        f.text = t["text"]
+    return LensCell(layer, tops, float(pr.entropy[j, k]), float(pr.kl[j, k]), followed[0], followed[1:])
+
+
+
+# -- stored runs ---------------------------------------------------------------------------------------
+def save(store, model, result: LensResult, name: str | None, command: str) -> int:
+    """Store a lens as a finished run of kind "lens": one sample (the prompt) whose extra is the result."""
+    from llamalens.core.runtime import library_versions
+    from llamalens.records import RunOptions, Sample, Timing
+    from llamalens.run.sweep import hardware
+    from llamalens.settings import SamplingSettings
+
+    options = RunOptions(max_tokens=0, n_logprobs=0, prompts=(result.prompt,), model_options=model.options, parallel=1)
+    sample = Sample(result.prompt, [], {}, 0, "", "stop", [], Timing(len(result.tokens), 0, 0.0, 0.0, 0.0))
+    run_id = store.create_run(name=name, command=command, model=model.describe(), model_hash=store.model_hash(model.path),
+                              versions=library_versions(), hardware=hardware(model), options=options,
+                              configs=[SamplingSettings()], plan=[(0, 0, 0, result.prompt)], kind=LENS.name,
+                              first=(0, sample, None))
+    result.run_id = run_id
+    store.set_extra(run_id, 0, result.to_dict())
+    store.set_status(run_id, "done")
+    return run_id
+
+
+def load_lens(store, run_id) -> LensResult:
+    info = store.run(run_id)
+    samples = store.samples(info.id)
+    if info.kind != LENS.name or not samples:
+        raise StoreError(f"run {info.id} is not a finished lens run")
+    result = LensResult.from_dict(samples[0].extra)
+    result.run_id = info.id
+    return result
+
+
+def with_lens_columns(run, frame):
+    """A lens run's export: its cells, one row per (position, layer) (a lens has no generated tokens)."""
+    if not run.samples:
+        raise StoreError(f"run {run.info.id} is not a finished lens run")
+    return LensResult.from_dict(run.samples[0].extra).to_pandas()
+
+
+class LensInterrupted(RunInterrupted):
+    unit = "lenses"
+
+
+class LensKind(TreeKind):
+    """The lens run kind: computed in one go by `llamalens lens` and stored finished; nothing to resume (the
+    lifecycle's other steps are a tree's: one chunk, no statistics, finish = done)."""
+
+    name = "lens"
+    interrupted = LensInterrupted
+
+    def pending(self, model, store, info):
+        raise StoreError(f"run {info.id} is a finished lens; it has nothing to resume: read it with `llamalens show` "
+                         "/ `export` / `report`, or run `llamalens lens` again")
+
+    def decode(self, model, items, shared, stats):
+        raise StoreError("a lens run is not decoded in chunks")
+
+
+LENS = LensKind()
