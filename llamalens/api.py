@@ -34,7 +34,7 @@ from llamalens.arguments import list_of_texts, optional, paths, text_list, whole
 from llamalens.errors import InvalidArgument, InvalidInput, InvalidSettings
 from llamalens.settings import SamplingSettings
 
-__all__ = ["Run", "sweep", "open_run", "runs", "score", "choose", "compare", "report", "fork", "sampler_view"]
+__all__ = ["Run", "sweep", "open_run", "runs", "score", "choose", "compare", "report", "fork", "sampler_view", "calibrate"]
 
 
 # -- shared plumbing -------------------------------------------------------------------------------
@@ -182,9 +182,8 @@ class Run:
         return dict(self.info.noise or {})
 
     def confidence(self, answer: str | None = None):
-        """pandas DataFrame, one row per finished sample: how sure the model was of it (run/confidence.py's
-        CONFIDENCE_COLUMNS: the answer, the measures of core/confidence.py, and how its prompt's seeds agree), over
-        the span the `answer` regex picks out (its group 1 if any), else the whole text; as `show --answer`."""
+        """pandas DataFrame, one row per finished sample: its answer, how sure the model was of it and how its prompt's
+        seeds agree (run/confidence.py), over the span the `answer` regex picks out, else the whole text (show --answer)."""
         from llamalens.run.confidence import confidence_table
 
         return confidence_table(self.loaded, answer)
@@ -456,6 +455,21 @@ def choose(prompt: str, options, *, normalize: str = "none", space: bool = True,
     check_options(options, normalize)
     with _model(model, model_options) as loaded:
         return rank(loaded, prompt, options, normalize, space=space)
+
+
+def calibrate(path, models=(None,), *, answer: str | None = None, match: str = "contains", max_tokens: int = 16,
+              stop=("\n",), normalize: str = "none", bins: int = 10, parallel: int = 8, **model_options):
+    """Whether the confidence measures predict correctness on a labelled set, as `llamalens calibrate`: a
+    looks.calibrate.Calibration (per model, each measure's figures; .to_dict(), .to_pandas(); in a notebook its
+    report). `models`: a list of what model= takes, side by side; the rest as the command's options."""
+    from llamalens.looks.calibrate import calibrate as run, model_cells
+
+    optional(path, "path", (str, os.PathLike), "the labelled set's file, e.g. 'qa.jsonl'", none_ok=False)
+    if isinstance(models, (str, os.PathLike)) or not isinstance(models, (list, tuple)) or not models:
+        raise InvalidArgument(f"models={models!r:.60}: give a list of models (paths, names, loaded Models or None)")
+    cells = model_cells(max_tokens, parallel) if isinstance(max_tokens, int) and isinstance(parallel, int) else None
+    return run(path, models, lambda m: _model(m, model_options, sequences=parallel, cells=cells), answer=answer,
+               match=match, max_tokens=max_tokens, stop=tuple(stop), normalize=normalize, bins=bins, parallel=parallel)
 
 
 def compare(model_a=None, model_b=None, *, text=None, run=None, store=None, protocol: str = "full",

@@ -31,8 +31,7 @@ Columns added after 0.1.0, by ALTER TABLE when an older store is opened (its rea
                   ('beam', 'fork', ...), so `runs`, `show` and `export` know how to read its samples;
   samples.extra   JSON dict of what a kind records per sample beyond its tokens (a fork continuation's
                   position and forced token, a beam search's hypotheses), set when planned or when saved;
-  tokens.renyi    the Rényi divergence of order 1/2 from the token's raw distribution to the uniform one
-                  (core/confidence.py), NULL where it was not recorded (older stores, beam search).
+  tokens.renyi    D_1/2(raw distribution || uniform), nats (core/confidence.py); NULL: not recorded (older, beam).
 """
 
 from __future__ import annotations
@@ -81,8 +80,7 @@ _WRITERS = """
 CREATE TABLE IF NOT EXISTS writers (run_id INTEGER NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL,
     started REAL NOT NULL, heartbeat REAL NOT NULL, ended REAL);
 """
-_ADDED_COLUMNS = (("runs", "kind", "TEXT NOT NULL DEFAULT 'sweep'"), ("samples", "extra", "TEXT"),
-                  ("tokens", "renyi", "REAL"))
+_ADDED_COLUMNS = (("runs", "kind", "TEXT NOT NULL DEFAULT 'sweep'"), ("samples", "extra", "TEXT"), ("tokens", "renyi", "REAL"))
 APPLICATION_ID = 0x4C4C4E53  # "LLNS" in the SQLite header (PRAGMA application_id)
 SQLITE_MAGIC = b"SQLite format 3\x00"
 _TABLES = {"meta", "runs", "configs", "samples", "tokens"}

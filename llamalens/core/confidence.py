@@ -194,6 +194,15 @@ def answer_span(tokens, regex: str | None, seconds: float = 2.0) -> tuple[list, 
     return out, _shown(text[start:end])
 
 
+def confidence(tokens, answer: str | None = None) -> dict:
+    """How sure the model was of a text, from its token records (ll.confidence: a generated Sample's .tokens): the
+    MEASURES over the span the `answer` regex picks out (answer_span), else every token, with "answer" (the span's
+    text) and "span_tokens"."""
+    check_answer_regex(answer)
+    span, text = answer_span(list(tokens), answer)
+    return {"answer": text, "span_tokens": len(span), **sample_measures(span)}
+
+
 def _shown(text: str) -> str:
     """Text with undecodable bytes as U+FFFD (as a sample's text shows them)."""
     return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")

@@ -60,3 +60,85 @@ def folded_confidence(doc: Document, table, answer: str | None) -> None:
     folded = Folded(f"How sure the model was of each text ({len(table)} samples)")
     folded.add(*box.blocks)
     doc.add(folded)
+
+
+# -- calibrate's report ---------------------------------------------------------------------------------------------
+def calibration_document(res) -> Document:
+    """`calibrate`'s report: per model, which measure predicts correctness best, every measure's figures side by
+    side, the reliability diagrams and the accuracy-vs-coverage curves, and the items."""
+    from llamalens.reports import plots
+    from llamalens.reports.document import Figure, KeyValues
+    from llamalens.reports.texts import model_line
+
+    doc = Document(f"llamalens calibrate: {len(res.models)} model(s) on {res.n_items} questions", fields=[],
+                   alt_titles=[])
+    doc.add(KeyValues([("labelled set", visible(res.source, edge_spaces=False)), ("questions", str(res.n_items)),
+                       ("answer span", f"--answer {visible(res.answer, edge_spaces=False)}" if res.answer
+                        else "the whole generated text"),
+                       ("reliability bins", f"{res.bins} of equal width: [0, {1 / res.bins:g}), … , "
+                                            f"[{1 - 1 / res.bins:g}, 1]")]))
+    doc.add(Heading("Which measure predicts correctness"))
+    doc.add(Para(_best_line(res)))
+    doc.add(Table(["model", "measure", "n", "accuracy", "AUROC", "PRR", "ECE", "Brier"],
+                  [[visible(m.model.get("name", "?"), edge_spaces=False) + f" ({m.model.get('quantization', '?')})",
+                    _label(f.measure), f.n, plain(f.accuracy), plain(f.auroc), plain(f.prr), plain(f.ece),
+                    plain(f.brier)] for m in res.models for f in m.fits if f.n],
+                  caption="AUROC: the chance that a right answer scores surer than a wrong one (0.5 = no signal). "
+                          "PRR: prediction-rejection ratio, 1 = rejecting the least sure rejects the errors first, "
+                          "0 = chance. ECE and Brier: of the probability each measure implies (" + _implied() + "); "
+                          "n: the questions where the measure is defined."))
+    for m in res.models:
+        name = visible(m.model.get("name", "?"), edge_spaces=False)
+        doc.add(Heading(f"{name} ({m.model.get('quantization', '?')}): accuracy {m.accuracy:.1%}", 3))
+        doc.add(Para(model_line(m.model), "note"))
+        fits = [f for f in m.fits if f.n]
+        doc.add(Figure(plots.reliability_diagrams([(_label(f.measure), f.bins, f"ECE {f.ece:.3f}, n {f.n}")
+                                                   for f in fits], res.bins),
+                       f"reliability_{len(doc.blocks)}",
+                       caption="Reliability diagrams: per bin of the implied probability, the share of right "
+                               "answers; on the diagonal a measure means what it says."))
+        both = [f for f in fits if f.auroc == f.auroc]
+        if both:
+            y = sorted((r.correct for r in m.items), reverse=True)
+            oracle = [sum(y[:k + 1]) / (k + 1) for k in range(len(y))]
+            doc.add(Figure(plots.coverage_curves({_label(f.measure): f.coverage for f in both}, m.accuracy, oracle),
+                           f"coverage_{len(doc.blocks)}",
+                           caption="Selective answering: answer only the surest questions by each measure."))
+        doc.add(_items_table(m))
+    return doc
+
+
+def _label(name: str) -> str:
+    from llamalens.looks.calibrate import measure
+
+    return measure(name).label
+
+
+def _implied() -> str:
+    from llamalens.looks.calibrate import ALL_MEASURES
+
+    return "; ".join(f"{m.label}: {m.implies}" for m in ALL_MEASURES)
+
+
+def _best_line(res) -> str:
+    parts = []
+    for m in res.models:
+        best = m.best()
+        name = visible(m.model.get("name", "?"), edge_spaces=False)
+        if best is None:
+            parts.append(f"{name}: no measure can be judged (every answer right, or every one wrong: accuracy "
+                         f"{m.accuracy:.1%})")
+        else:
+            parts.append(f"{name} ({m.model.get('quantization', '?')}): {_label(best.measure)} predicts correctness "
+                         f"best (AUROC {best.auroc:.3f}, PRR {plain(best.prr):.3f} over {best.n} questions; accuracy "
+                         f"{m.accuracy:.1%})")
+    return "; ".join(parts) + "."
+
+
+def _items_table(m) -> Folded:
+    box = Folded(f"The {len(m.items)} questions and answers")
+    box.add(Table(["line", "kind", "question", "answer", "right", "option p", "seq lp", "H mean"],
+                  [[r.line, r.kind, _answer(r.question), _answer(r.prediction), "yes" if r.correct else "no",
+                    r.measures.get("option_prob"), r.measures.get("seq_logprob"), r.measures.get("mean_entropy")]
+                   for r in m.items]))
+    return box
