@@ -311,16 +311,17 @@ def test_calibrate_end_to_end_on_the_tiny_model(tiny_path, tmp_path):
     assert first.prediction == choice.options[0].option
     assert first.measures["option_prob"] == pytest.approx(choice.probabilities()[0])
     assert first.correct == (choice.options[0].option == "a")
-    for f_ in m.fits:
-        vals = [r.measures[f_.measure] for r in m.items]
+    for f_ in m.fits:  # each kind of question fitted apart
+        vals = [r.measures[f_.measure] if r.kind == f_.kind else math.nan for r in m.items]
         keep = [i for i, v in enumerate(vals) if v == v]
-        assert f_.n == len(keep)
+        assert f_.n == len(keep) > 0
         if f_.n and 0 < sum(m.items[i].correct for i in keep) < f_.n:
             sign = 1 if next(x for x in ALL_MEASURES if x.name == f_.measure).higher else -1
             assert f_.auroc == pytest.approx(cal.auroc([sign * vals[i] for i in keep],
                                                        [m.items[i].correct for i in keep]))
-    renyi = next(f_ for f_ in m.fits if f_.measure == "mean_renyi")
-    assert renyi.n == 4  # generated items only: scoring keeps no full row
+    assert {(f_.kind, f_.measure) for f_ in m.fits} == {("choice", x.name) for x in ALL_MEASURES[:-2]} | \
+        {("generated", x.name) for x in ALL_MEASURES[2:]}  # no Rényi for choices (no full row), no option p generated
+    assert {f_.n for f_ in m.fits} == {6, 4}
     out = tmp_path / "calib.md"
     r = CliRunner().invoke(main, ["calibrate", str(f), "-m", str(tiny_path), "-m", str(tiny_path), "-n", "4",
                                   "--bins", "5", "--match", "prefix", "--answer", r"(\S+)", "--stop", ".",

@@ -130,14 +130,16 @@ def print_calibration(res) -> None:
     from llamalens.looks.calibrate import measure
 
     for m in res.models:
-        best = m.best()
-        say(f"{m.model.get('name')} ({m.model.get('quantization')}): accuracy {m.accuracy:.1%} on {len(m.items)} "
-            f"questions; best predictor of correctness: " + (f"{measure(best.measure).label} (AUROC {best.auroc:.3f})"
-                                                              if best else "none (every answer right, or every one wrong)"))
-        rows = [("measure", "n", "AUROC", "PRR", "ECE", "Brier")]
-        for f in m.fits:
-            if f.n:
-                rows.append((measure(f.measure).label, f.n, _num(f.auroc), _num(f.prr), _num(f.ece), _num(f.brier)))
-        print_table(rows, right={1, 2, 3, 4, 5})
+        name = f"{m.model.get('name')} ({m.model.get('quantization')})"
+        for kind in m.kinds():
+            best = m.best(kind)
+            say(f"{name}, {kind} questions: accuracy {m.accuracy_of(kind):.1%}; best predictor of correctness: "
+                + (f"{measure(best.measure).label} (AUROC {best.auroc:.3f})" if best
+                   else "none (every answer right, or every one wrong)"))
+            rows = [("measure", "n", "AUROC", "PRR", "ECE", "Brier")]
+            for f in m.fits:
+                if f.kind == kind:
+                    rows.append((measure(f.measure).label, f.n, _num(f.auroc), _num(f.prr), _num(f.ece), _num(f.brier)))
+            print_table(rows, right={1, 2, 3, 4, 5})
     say(f"ECE over {res.bins} equal-width bins of each measure's implied probability; AUROC 0.5 and PRR 0 = no "
         "signal (docs/confidence.md)")

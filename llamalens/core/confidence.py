@@ -112,8 +112,8 @@ def _same(v: float, _n: int) -> float:
     return min(max(v, 0.0), 1.0) if v == v else math.nan
 
 
-def _renyi_implied(v: float, n: int) -> float:  # exp(-H_1/2) = exp(D - log V) = 1 / (sum sqrt p)^2
-    return min(math.exp(v - math.log(n)), 1.0) if v == v and n > 0 else math.nan
+def _renyi_implied(v: float, n: int) -> float:  # the share of its largest value, log V
+    return min(max(v / math.log(n), 0.0), 1.0) if v == v and n > 1 else math.nan
 
 
 def _fr_implied(v: float, _n: int) -> float:
@@ -132,7 +132,7 @@ MEASURES = (
     Measure("mean_margin", "margin", True, "mean of p(top 1) - p(top 2) of the raw distributions (needs 2 stored "
             "alternatives)", "the value itself", _same),
     Measure("mean_renyi", "Rényi", True, "mean Rényi divergence of order 1/2 to the uniform distribution (nats, "
-            "0..log V; the full row)", "exp(D - log V) = exp(-H_1/2)", _renyi_implied),
+            "0..log V; the full row)", "D / log V", _renyi_implied),
     Measure("mean_fisher_rao", "FR", True, "mean Fisher–Rao distance to the uniform distribution (radians, 0..pi; "
             "the full row)", "FR / pi", _fr_implied),
 )

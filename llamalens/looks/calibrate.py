@@ -15,10 +15,10 @@ A labelled set, one JSON object a line:
         answer span.
 Each question's text is the prompt as it is (write "Q: ...\\nA:" in the file for a base model).
 
-For each model and measure (calibrate_model): accuracy, AUROC of the measure for correctness, the ECE and Brier
-score of the probability the measure implies (core/confidence.Measure.implied), the prediction-rejection ratio, the
-reliability bins and the accuracy-vs-coverage curve (core/calibration.py), over the items where the measure is
-defined.
+For each model, kind of question (choice, generated: fitted apart) and measure (calibrate_model): accuracy, AUROC
+of the measure for correctness, the ECE and Brier score of the probability the measure implies
+(core/confidence.Measure.implied), the prediction-rejection ratio, the reliability bins and the accuracy-vs-coverage
+curve (core/calibration.py), over the items where the measure is defined.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from llamalens.limits import time_limit
 from llamalens.records import Rich
 
 MATCHES = ("exact", "prefix", "contains", "regex")
+KINDS = ("choice", "generated")
 MAX_ITEMS = 5000
 MAX_OPTIONS = 64
 MAX_TOKENS = 256  # what --max-tokens may ask per generated answer
@@ -196,9 +197,10 @@ def score_items(model, items: list[Item], *, answer: str | None = None, max_toke
 
 @dataclass
 class MeasureFit:
-    """How well one measure predicts correctness on the items where it is defined."""
+    """How well one measure predicts correctness on the items of one kind (choice, generated) where it is defined."""
 
     measure: str
+    kind: str
     n: int
     accuracy: float
     auroc: float
@@ -211,23 +213,24 @@ class MeasureFit:
     def to_dict(self) -> dict:
         def clean(v):
             return None if isinstance(v, float) and v != v else v
-        return {"measure": self.measure, "n": self.n, "accuracy": clean(self.accuracy), "auroc": clean(self.auroc),
+        return {"measure": self.measure, "kind": self.kind, "n": self.n, "accuracy": clean(self.accuracy), "auroc": clean(self.auroc),
                 "ece": clean(self.ece), "brier": clean(self.brier), "prr": clean(self.prr),
                 "bins": [{"lo": b.lo, "hi": b.hi, "n": b.n, "mean_prob": clean(b.mean_prob),
                           "accuracy": clean(b.accuracy)} for b in self.bins],
                 "coverage": self.coverage}
 
 
-def fit(measure: Measure, results: list[ItemResult], vocab: int, bins: int = 10) -> MeasureFit:
-    """One measure's figures over the items where it is finite (scores oriented so that higher is surer)."""
-    got = [(r.measures.get(measure.name, math.nan), r.correct) for r in results]
+def fit(measure: Measure, results: list[ItemResult], vocab: int, bins: int = 10, kind: str = "") -> MeasureFit:
+    """One measure's figures over the items (of `kind`, every kind when "") where it is finite (scores oriented so
+    that higher is surer)."""
+    got = [(r.measures.get(measure.name, math.nan), r.correct) for r in results if kind in ("", r.kind)]
     got = [(v, c) for v, c in got if v == v and math.isfinite(v)]
     n = len(got)
     values = [v if measure.higher else -v for v, _ in got]
     probs = [measure.implied(v, vocab) for v, _ in got]
     y = [1.0 if c else 0.0 for _, c in got]
     rel = cal.reliability(probs, y, bins) if n else []
-    return MeasureFit(measure.name, n, sum(y) / n if n else math.nan, cal.auroc(values, y) if n else math.nan,
+    return MeasureFit(measure.name, kind, n, sum(y) / n if n else math.nan, cal.auroc(values, y) if n else math.nan,
                       cal.ece(rel) if n else math.nan, cal.brier(probs, y) if n else math.nan,
                       cal.prr(values, y) if n else math.nan, rel,
                       cal.coverage_curve(values, y).tolist() if n else [])
@@ -243,21 +246,32 @@ class ModelCalibration:
     def accuracy(self) -> float:
         return sum(r.correct for r in self.items) / len(self.items) if self.items else math.nan
 
-    def best(self) -> MeasureFit | None:
-        """The measure that predicts correctness best: the highest AUROC (then PRR) among those with a figure."""
-        ranked = [f for f in self.fits if f.auroc == f.auroc]
+    def kinds(self) -> list[str]:
+        """The kinds of question the set holds, in KINDS' order."""
+        return [k for k in KINDS if any(r.kind == k for r in self.items)]
+
+    def accuracy_of(self, kind: str) -> float:
+        got = [r.correct for r in self.items if r.kind == kind]
+        return sum(got) / len(got) if got else math.nan
+
+    def best(self, kind: str) -> MeasureFit | None:
+        """The measure that predicts correctness best on one kind of question: the highest AUROC (then PRR)."""
+        ranked = [f for f in self.fits if f.kind == kind and f.auroc == f.auroc]
         return max(ranked, key=lambda f: (f.auroc, f.prr if f.prr == f.prr else -math.inf)) if ranked else None
 
     def to_dict(self) -> dict:
-        best = self.best()
-        return {"model": self.model, "accuracy": self.accuracy, "best": best.measure if best else None,
+        best = {k: (b.measure if (b := self.best(k)) else None) for k in self.kinds()}
+        return {"model": self.model, "accuracy": self.accuracy, "best": best,
                 "measures": [f.to_dict() for f in self.fits], "items": [r.to_dict() for r in self.items]}
 
 
 def calibrate_model(model, items: list[Item], *, bins: int = 10, **options) -> ModelCalibration:
-    """One model on the labelled set: each item's result and each measure's fit (score_items' options)."""
+    """One model on the labelled set: each item's result and each measure's fit on each kind of question that has
+    it (score_items' options). The kinds are fitted apart: a choice's option and a generated sentence put the same
+    measure on different scales (a one-token option's sequence logprob against a sentence's)."""
     results = score_items(model, items, **options)
-    return ModelCalibration(model.describe(), results, [fit(m, results, model.n_vocab, bins) for m in ALL_MEASURES])
+    fits = [fit(m, results, model.n_vocab, bins, kind) for kind in KINDS for m in ALL_MEASURES]
+    return ModelCalibration(model.describe(), results, [f for f in fits if f.n])
 
 
 def _check_options(answer, max_tokens, stop, normalize, bins, parallel) -> None:
@@ -314,7 +328,7 @@ class Calibration(Rich):
                 "models": [m.to_dict() for m in self.models]}
 
     def to_pandas(self):
-        """One row per (model, measure): n, accuracy, auroc, ece, brier, prr."""
+        """One row per (model, kind of question, measure): n, accuracy, auroc, ece, brier, prr."""
         import pandas as pd
 
         return pd.DataFrame([{"model": m.model.get("name"), "quantization": m.model.get("quantization"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from llamalens.core.confidence import MEASURES
-from llamalens.reports.document import Document, Folded, Heading, Para, Table
+from llamalens.reports.document import Document, Folded, Heading, Para, Table, fmt
 from llamalens.reports.texts import plain
 from llamalens.visible import visible
 
@@ -66,9 +66,7 @@ def folded_confidence(doc: Document, table, answer: str | None) -> None:
 def calibration_document(res) -> Document:
     """`calibrate`'s report: per model, which measure predicts correctness best, every measure's figures side by
     side, the reliability diagrams and the accuracy-vs-coverage curves, and the items."""
-    from llamalens.reports import plots
-    from llamalens.reports.document import Figure, KeyValues
-    from llamalens.reports.texts import model_line
+    from llamalens.reports.document import KeyValues
 
     doc = Document(f"llamalens calibrate: {len(res.models)} model(s) on {res.n_items} questions", fields=[],
                    alt_titles=[])
@@ -79,33 +77,44 @@ def calibration_document(res) -> Document:
                                             f"[{1 - 1 / res.bins:g}, 1]")]))
     doc.add(Heading("Which measure predicts correctness"))
     doc.add(Para(_best_line(res)))
-    doc.add(Table(["model", "measure", "n", "accuracy", "AUROC", "PRR", "ECE", "Brier"],
-                  [[visible(m.model.get("name", "?"), edge_spaces=False) + f" ({m.model.get('quantization', '?')})",
-                    _label(f.measure), f.n, plain(f.accuracy), plain(f.auroc), plain(f.prr), plain(f.ece),
-                    plain(f.brier)] for m in res.models for f in m.fits if f.n],
+    doc.add(Table(["model", "questions", "measure", "n", "accuracy", "AUROC", "PRR", "ECE", "Brier"],
+                  [[_model_name(m), f.kind, _label(f.measure), f.n, plain(f.accuracy), plain(f.auroc), plain(f.prr),
+                    plain(f.ece), plain(f.brier)] for m in res.models for f in m.fits],
                   caption="AUROC: the chance that a right answer scores surer than a wrong one (0.5 = no signal). "
                           "PRR: prediction-rejection ratio, 1 = rejecting the least sure rejects the errors first, "
-                          "0 = chance. ECE and Brier: of the probability each measure implies (" + _implied() + "); "
-                          "n: the questions where the measure is defined."))
+                          "0 = chance. ECE and Brier: of the probability each measure implies (" + _implied() + "). "
+                          "Choice and generated questions are fitted apart (one measure has different scales on "
+                          "each); n: the questions where the measure is defined."))
     for m in res.models:
-        name = visible(m.model.get("name", "?"), edge_spaces=False)
-        doc.add(Heading(f"{name} ({m.model.get('quantization', '?')}): accuracy {m.accuracy:.1%}", 3))
-        doc.add(Para(model_line(m.model), "note"))
-        fits = [f for f in m.fits if f.n]
-        doc.add(Figure(plots.reliability_diagrams([(_label(f.measure), f.bins, f"ECE {f.ece:.3f}, n {f.n}")
-                                                   for f in fits], res.bins),
-                       f"reliability_{len(doc.blocks)}",
-                       caption="Reliability diagrams: per bin of the implied probability, the share of right "
-                               "answers; on the diagonal a measure means what it says."))
-        both = [f for f in fits if f.auroc == f.auroc]
-        if both:
-            y = sorted((r.correct for r in m.items), reverse=True)
-            oracle = [sum(y[:k + 1]) / (k + 1) for k in range(len(y))]
-            doc.add(Figure(plots.coverage_curves({_label(f.measure): f.coverage for f in both}, m.accuracy, oracle),
-                           f"coverage_{len(doc.blocks)}",
-                           caption="Selective answering: answer only the surest questions by each measure."))
+        for kind in m.kinds():
+            _model_kind(doc, res, m, kind)
         doc.add(_items_table(m))
     return doc
+
+
+def _model_name(m) -> str:
+    return visible(m.model.get("name", "?"), edge_spaces=False) + f" ({m.model.get('quantization', '?')})"
+
+
+def _model_kind(doc: Document, res, m, kind: str) -> None:
+    """One model on one kind of question: its reliability diagrams and its accuracy-vs-coverage curves."""
+    from llamalens.reports import plots
+    from llamalens.reports.document import Figure
+
+    fits = [f for f in m.fits if f.kind == kind]
+    acc = m.accuracy_of(kind)
+    doc.add(Heading(f"{_model_name(m)}, {kind} questions: accuracy {acc:.1%}", 3))
+    doc.add(Figure(plots.reliability_diagrams([(_label(f.measure), f.bins, f"ECE {f.ece:.3f}, n {f.n}") for f in fits],
+                                              res.bins), f"reliability_{len(doc.blocks)}",
+                   caption="Reliability diagrams: per bin of the implied probability, the share of right answers; on "
+                           "the diagonal a measure means what it says."))
+    both = [f for f in fits if f.auroc == f.auroc]
+    if both:
+        y = sorted((r.correct for r in m.items if r.kind == kind), reverse=True)
+        oracle = [sum(y[:k + 1]) / (k + 1) for k in range(len(y))]
+        doc.add(Figure(plots.coverage_curves({_label(f.measure): f.coverage for f in both}, acc, oracle),
+                       f"coverage_{len(doc.blocks)}",
+                       caption="Selective answering: answer only the surest questions by each measure."))
 
 
 def _label(name: str) -> str:
@@ -123,15 +132,14 @@ def _implied() -> str:
 def _best_line(res) -> str:
     parts = []
     for m in res.models:
-        best = m.best()
-        name = visible(m.model.get("name", "?"), edge_spaces=False)
-        if best is None:
-            parts.append(f"{name}: no measure can be judged (every answer right, or every one wrong: accuracy "
-                         f"{m.accuracy:.1%})")
-        else:
-            parts.append(f"{name} ({m.model.get('quantization', '?')}): {_label(best.measure)} predicts correctness "
-                         f"best (AUROC {best.auroc:.3f}, PRR {plain(best.prr):.3f} over {best.n} questions; accuracy "
-                         f"{m.accuracy:.1%})")
+        for kind in m.kinds():
+            best = m.best(kind)
+            head = f"{_model_name(m)} on {kind} questions (accuracy {m.accuracy_of(kind):.1%})"
+            if best is None:
+                parts.append(f"{head}: no measure can be judged (every answer right, or every one wrong)")
+            else:
+                parts.append(f"{head}: {_label(best.measure)} predicts correctness best (AUROC {best.auroc:.3f}, "
+                             f"PRR {fmt(best.prr)} over {best.n} questions)")
     return "; ".join(parts) + "."
 
 
