@@ -330,3 +330,23 @@ def test_calibrate_end_to_end_on_the_tiny_model(tiny_path, tmp_path):
     d = json.loads(r.stdout)
     assert len(d["models"]) == 2 and d["bins"] == 5 and len(d["models"][0]["measures"][0]["bins"]) == 5
     assert "reliability" in out.read_text() and list(tmp_path.glob("calib_files/*.png"))
+
+
+def test_a_fork_run_shows_and_reports_its_texts_confidence(tiny_path, tmp_path):
+    """Another run kind: a fork's base path and continuations each get their confidence in show, --json and the
+    report, from the same table."""
+    store = str(tmp_path / "f.db")
+    r = CliRunner().invoke(main, ["fork", "Hello", "--outcome", r"(\w+)", "--samples", "2", "--positions", "0-1",
+                                  "-n", "4", "-m", str(tiny_path), "--store", store, "--name", "fk"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["show", "fk", "--store", store, "--json"])
+    rows = json.loads(r.output)["confidence"]["samples"]
+    import llamalens as ll
+
+    table = ll.open_run("fk", store=store).confidence()
+    assert len(rows) == len(table) > 1 and [x["seq_logprob"] for x in rows] == pytest.approx(table.seq_logprob.tolist())
+    r = CliRunner().invoke(main, ["show", "fk", "--store", store])
+    assert "confidence of each answer" in r.output
+    out = tmp_path / "fk.html"
+    r = CliRunner().invoke(main, ["report", "fk", "--store", store, "-o", str(out)])
+    assert r.exit_code == 0 and "How sure the model was of each text" in out.read_text()
