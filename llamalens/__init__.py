@@ -35,7 +35,7 @@ __all__ = [
     "LlamalensError", "ModelNotFound", "InvalidModelFile", "InvalidSettings", "PromptTooLong", "InvalidInput",
     "StoreError", "MissingExtra", "InvalidArgument",
     "sweep", "resume", "open_run", "runs", "report", "score", "choose", "compare", "fork", "sampler_view",
-    "Run", "Sample", "NextToken", "SamplerView", "Score", "Choice", "Comparison",
+    "calibrate", "confidence", "Run", "Sample", "NextToken", "SamplerView", "Score", "Choice", "Comparison",
 ]
 
 
@@ -62,7 +62,7 @@ def _html_display(kind: str, obj) -> str:
 _records.HTML_DISPLAY[:] = [_html_display]
 
 _API = ("sweep", "resume", "open_run", "runs", "report", "score", "choose", "compare", "fork", "sampler_view", "Run",
-        "lens")
+        "lens", "calibrate")
 
 
 _LAZY = {  # name -> the module that defines it; importing llamalens must not load llama.cpp
@@ -71,6 +71,7 @@ _LAZY = {  # name -> the module that defines it; importing llamalens must not lo
     **dict.fromkeys(("next_token", "tokenize", "NextToken", "SamplerView"), "llamalens.looks.next_token"),
     **dict.fromkeys(("Score", "Choice", "Comparison"), "llamalens.looks.score"),
     "embed_texts": "llamalens.looks.embed", "embedding_map": "llamalens.looks.embed_map",
+    "confidence": "llamalens.core.confidence",
     "Sample": "llamalens.records",
     **dict.fromkeys(_API, "llamalens.api"),
 }

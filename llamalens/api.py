@@ -34,7 +34,7 @@ from llamalens.arguments import list_of_texts, optional, paths, text_list, whole
 from llamalens.errors import InvalidArgument, InvalidInput, InvalidSettings
 from llamalens.settings import SamplingSettings
 
-__all__ = ["Run", "sweep", "open_run", "runs", "score", "choose", "compare", "report", "fork", "sampler_view"]
+__all__ = ["Run", "sweep", "open_run", "runs", "score", "choose", "compare", "report", "fork", "sampler_view", "calibrate"]
 
 
 # -- shared plumbing -------------------------------------------------------------------------------
@@ -119,10 +119,11 @@ class Run:
       tokens   one row per generated token (analysis.TOKEN_COLUMNS): run_id, sample_idx, prompt_idx, config_idx,
                seed, the settings (temperature, top_k, top_p, min_p, typical_p, repeat_penalty; with decoding
                strategies also strategy, beams, length_penalty, no_repeat_ngram, best_of), position, token_id,
-               text, bytes (hex), logprob, prob, sampled_logprob, rank, entropy, candidates, eog (and blocked)
+               text, bytes (hex), logprob, prob, sampled_logprob, rank, entropy, candidates, eog, renyi (and blocked)
       samples  one row per finished sample (analysis.SAMPLE_COLUMNS): sample_idx, prompt_idx, config_idx, seed,
                prompt, text, finish_reason, tokens, tokens_per_s, first_token_ms, seq_logprob, mean_logprob,
                perplexity, distinct_1, distinct_2, rep_4, length
+      confidence(answer=None)  one row per sample: its answer and confidence measures (run/confidence.py)
       summary  one row per configuration (analysis.SUMMARY_COLUMNS): config_idx, label, the settings, samples,
                tokens, mean_logprob, perplexity, mean_entropy, mean_candidates, distinct_completions, distinct_2,
                mean_rank, tokens_per_s (with strategies also their settings and seq_logprob, sample_distinct_1,
@@ -180,17 +181,24 @@ class Run:
         """The run's noise floor (run/noise.py): {} before it was measured."""
         return dict(self.info.noise or {})
 
-    def export(self, path, fmt: str | None = None, excel_safe: bool = False) -> int:
+    def confidence(self, answer: str | None = None):
+        """pandas DataFrame, one row per finished sample: its answer, how sure the model was of it and how its prompt's
+        seeds agree (run/confidence.py), over the span the `answer` regex picks out, else the whole text (show --answer)."""
+        from llamalens.run.confidence import confidence_table
+
+        return confidence_table(self.loaded, answer)
+
+    def export(self, path, fmt: str | None = None, excel_safe: bool = False, answer: str | None = None) -> int:
         """Write the token table (.csv, .parquet) or the samples in OpenAI logprobs shape (.jsonl), as
-        `llamalens export`; `fmt` defaults to the file's suffix; excel_safe as --excel-safe. Returns the rows
-        written."""
+        `llamalens export`; `fmt` defaults to the file's suffix; excel_safe as --excel-safe; answer as --answer.
+        Returns the rows written."""
         from llamalens.run.loaded import EXPORT_FORMATS, export_run
 
         fmt = fmt or Path(path).suffix.lower().lstrip(".")
         if fmt not in EXPORT_FORMATS:
             raise InvalidInput(f"cannot tell the export format from {str(path)!r}; name it .csv, .parquet or .jsonl, "
                                "or pass fmt=")
-        return export_run(self.loaded, fmt, path, excel_safe)
+        return export_run(self.loaded, fmt, path, excel_safe, answer)
 
     def report(self, path, **options) -> Path:
         """Write the run's report (FILE.html or FILE.md), as `llamalens report`; see ll.report for options."""
@@ -377,22 +385,25 @@ def resume(run, *, store=None, model=None, progress: bool = True) -> Run:
 
 def report(run, path, *, store=None, fmt: str | None = None, metric: str = "mean_logprob", position: int = 0,
            sample: int | None = None, model=None, load_model: bool = True, on_note=None, loader=None,
-           writer=None) -> Path:
+           writer=None, answer: str | None = None) -> Path:
     """Write a run's report, as `llamalens report`: one self-contained HTML page, or Markdown with PNG plots.
 
     run: a Run, or a run id / name in `store`. The sampler view loads the run's model file (or `model`: a
-    loaded Model or a path) unless load_model=False; metric, position, sample: as --metric, --position,
-    --sample. Returns the report's path. The CLI's hooks: `on_note` hears the warnings (default: Python
+    loaded Model or a path) unless load_model=False; metric, position, sample, answer: as --metric, --position,
+    --sample, --answer. Returns the report's path. The CLI's hooks: `on_note` hears the warnings (default: Python
     warnings), `loader(file, options)` loads a model file, `writer(doc, path, fmt)` writes the document.
     """
+    from llamalens.core.confidence import check_answer_regex
     from llamalens.run.kinds import kind
 
     optional(path, "path", (str, os.PathLike), "the report's file, e.g. 'run.html' or 'run.md'", none_ok=False)
+    check_answer_regex(answer)
     st = run.store if isinstance(run, Run) else _store(store, read_only=True)
     info = st.run(run.id if isinstance(run, Run) else run)
     kind(info.kind).hook("report")(st, info, path, fmt, loaded=run.loaded if isinstance(run, Run) else None,
                                    model=model, position=position, sample=sample, metric=metric,
-                                   load_model=load_model, say=on_note or _note, loader=loader, write=writer or _write)
+                                   load_model=load_model, say=on_note or _note, loader=loader, write=writer or _write,
+                                   answer=answer)
     return Path(path)
 
 
@@ -450,6 +461,21 @@ def choose(prompt: str, options, *, normalize: str = "none", space: bool = True,
     check_options(options, normalize)
     with _model(model, model_options) as loaded:
         return rank(loaded, prompt, options, normalize, space=space)
+
+
+def calibrate(path, models=(None,), *, answer: str | None = None, match: str = "contains", max_tokens: int = 16,
+              stop=("\n",), normalize: str = "none", bins: int = 10, parallel: int = 8, **model_options):
+    """Whether the confidence measures predict correctness on a labelled set, as `llamalens calibrate`: a
+    looks.calibrate.Calibration (per model, each measure's figures; .to_dict(), .to_pandas(); in a notebook its
+    report). `models`: a list of what model= takes, side by side; the rest as the command's options."""
+    from llamalens.looks.calibrate import calibrate as run, model_cells
+
+    optional(path, "path", (str, os.PathLike), "the labelled set's file, e.g. 'qa.jsonl'", none_ok=False)
+    if isinstance(models, (str, os.PathLike)) or not isinstance(models, (list, tuple)) or not models:
+        raise InvalidArgument(f"models={models!r:.60}: give a list of models (paths, names, loaded Models or None)")
+    cells = model_cells(max_tokens, parallel) if isinstance(max_tokens, int) and isinstance(parallel, int) else None
+    return run(path, models, lambda m: _model(m, model_options, sequences=parallel, cells=cells), answer=answer,
+               match=match, max_tokens=max_tokens, stop=tuple(stop), normalize=normalize, bins=bins, parallel=parallel)
 
 
 def compare(model_a=None, model_b=None, *, text=None, run=None, store=None, protocol: str = "full",

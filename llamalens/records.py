@@ -55,6 +55,8 @@ class _WithProbs:
         d = asdict(self)
         if not d.get("blocked", True):  # no-repeat-ngram banned nothing here: the record reads as before it existed
             del d["blocked"]
+        if "renyi" in d and d["renyi"] is None:  # a record made without its full row (a beam's, an older store's)
+            del d["renyi"]
         d["prob"] = self.prob
         for a in d["top"]:
             a["prob"] = math.exp(a["logprob"])
@@ -103,6 +105,8 @@ class TokenRecord(_WithProbs):
     top: list[Alternative] = field(default_factory=list)
     eog: bool = False  # an end-of-generation token: it ended the sample and is not part of `text`
     blocked: list[int] = field(default_factory=list)  # ids no-repeat-ngram banned here (kept in samples.extra)
+    # D_1/2(raw distribution || uniform) in nats, over the full row (core/confidence.py); None where not recorded
+    renyi: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenRecord":

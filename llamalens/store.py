@@ -22,7 +22,7 @@ Schema (version in `meta`):
   samples(run_id, sample_idx, prompt_idx, config_idx, seed, prompt, status, text, finish_reason, timing,
           completed, extra)
   tokens(run_id, sample_idx, position, token_id, bytes BLOB, logprob, sampled_logprob, rank, entropy,
-         candidates, eog, top)
+         candidates, eog, top, renyi)
 JSON columns hold dicts; `tokens.bytes` is the token's exact bytes; `tokens.top` is a JSON list of
 [id, hex bytes, logprob] (the text is derived from the bytes).
 
@@ -30,7 +30,8 @@ Columns added after 0.1.0, by ALTER TABLE when an older store is opened (its rea
   runs.kind       what made the run: 'sweep' (every run before kinds existed), or a command's own kind
                   ('beam', 'fork', ...), so `runs`, `show` and `export` know how to read its samples;
   samples.extra   JSON dict of what a kind records per sample beyond its tokens (a fork continuation's
-                  position and forced token, a beam search's hypotheses), set when planned or when saved.
+                  position and forced token, a beam search's hypotheses), set when planned or when saved;
+  tokens.renyi    D_1/2(raw distribution || uniform), nats (core/confidence.py); NULL: not recorded (older, beam).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ _WRITERS = """
 CREATE TABLE IF NOT EXISTS writers (run_id INTEGER NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL,
     started REAL NOT NULL, heartbeat REAL NOT NULL, ended REAL);
 """
-_ADDED_COLUMNS = (("runs", "kind", "TEXT NOT NULL DEFAULT 'sweep'"), ("samples", "extra", "TEXT"))
+_ADDED_COLUMNS = (("runs", "kind", "TEXT NOT NULL DEFAULT 'sweep'"), ("samples", "extra", "TEXT"), ("tokens", "renyi", "REAL"))
 APPLICATION_ID = 0x4C4C4E53  # "LLNS" in the SQLite header (PRAGMA application_id)
 SQLITE_MAGIC = b"SQLite format 3\x00"
 _TABLES = {"meta", "runs", "configs", "samples", "tokens"}
@@ -89,7 +90,7 @@ STALE_AFTER_S = 600  # a writer on another host with no heartbeat for this long 
 
 def _token_rows(run_id: int, sample_idx: int, sample: Sample) -> list[tuple]:
     return [(run_id, sample_idx, t.position, t.id, bytes.fromhex(t.bytes), t.logprob, t.sampled_logprob, t.rank,
-             t.entropy, t.candidates, int(t.eog), json.dumps([[a.id, a.bytes, a.logprob] for a in t.top]))
+             t.entropy, t.candidates, int(t.eog), json.dumps([[a.id, a.bytes, a.logprob] for a in t.top]), t.renyi)
             for t in sample.tokens]
 
 
@@ -431,7 +432,8 @@ class Store:
         """One sample's tokens and row, inside the caller's transaction."""
         rows = _token_rows(run_id, sample_idx, sample) if rows is None else rows
         self.db.execute("DELETE FROM tokens WHERE run_id=? AND sample_idx=?", (run_id, sample_idx))
-        self.db.executemany("INSERT INTO tokens VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        self.db.executemany("INSERT INTO tokens (run_id, sample_idx, position, token_id, bytes, logprob, sampled_logprob, "
+                                "rank, entropy, candidates, eog, top, renyi) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
         self.db.execute(
             "UPDATE samples SET status='done', text=?, finish_reason=?, timing=?, completed=? "
             "WHERE run_id=? AND sample_idx=?",
@@ -559,7 +561,7 @@ class Store:
 
     def tokens(self, run_id: int, sample_idx: int | None = None) -> list[tuple[int, TokenRecord]]:
         q = ("SELECT sample_idx, position, token_id, bytes, logprob, sampled_logprob, rank, entropy, candidates, eog, "
-             "top FROM tokens WHERE run_id=?")
+             "top, renyi FROM tokens WHERE run_id=?")
         args: tuple = (run_id,)
         if sample_idx is not None:
             q += " AND sample_idx=?"
@@ -568,7 +570,7 @@ class Store:
         for r in self.db.execute(q + " ORDER BY sample_idx, position", args):
             top = [Alternative(i, *token_text(bytes.fromhex(h)), lp) for i, h, lp in json.loads(r[10])]
             out.append((r[0], TokenRecord(r[1], r[2], *token_text(bytes(r[3])), r[4], r[5], r[6], r[7], r[8], top,
-                                          bool(r[9]))))
+                                          bool(r[9]), renyi=r[11])))
         return out
 
     def tokens_by_sample(self, run_id: int) -> dict[int, list[TokenRecord]]:

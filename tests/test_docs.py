@@ -63,6 +63,7 @@ def readme_dir(tmp_path, tiny_path, monkeypatch):
     (tmp_path / "terms.txt").write_text("apple\nbanana\nking\nqueen\n")
     (tmp_path / "examples").mkdir()
     shutil.copy(ROOT / "examples" / "finance_terms.tsv", tmp_path / "examples")
+    shutil.copy(ROOT / "examples" / "calibration.jsonl", tmp_path / "examples")
     for name in ("model-q8_0.gguf", "model-q4_k_m.gguf", "model-q2_k.gguf"):
         shutil.copy(tiny_path, tmp_path / name)
     return tmp_path

@@ -123,7 +123,8 @@ def test_document_sections(tiny_run, tiny):
     store, rid = tiny_run
     doc = run_document(load_run(store, rid), model=tiny)
     headings = [b.text for b in doc.blocks if isinstance(b, document.Heading)]
-    assert headings == ["Findings", "Texts", "Summary per distinct chain", "Token views", "Over the grid",
+    assert headings == ["Findings", "Texts", "How sure the model was of each answer", "Summary per distinct chain",
+                        "Token views", "Over the grid",
                         "Along the sequence", "Seeds", "How the samplers reshape the distribution", "Timing"]
     # set-up, build and command come last, folded
     made = doc.blocks[-1]

@@ -10,6 +10,7 @@ from llamalens.commands.options import GroupedCommand, chat_options, json_option
     ray_options, report_option, sampling_options, store_option
 from llamalens.commands.output import (check_report_path, fail_cleanly, given_options, json_out, load_model, print_table, ray_executor,
                                        say, shell_command, sweep_progress, until_done, write_report)
+from llamalens.commands.confidence import confidence_json, show_answer_confidence
 
 # what a resumed fork run takes from the store; giving any of these with --resume is refused, not ignored
 RUN_DEFINED = ("prompt", "outcome", "options_list", "first_line", "samples", "alternatives", "min_prob", "positions",
@@ -141,7 +142,7 @@ def write_fork_report(fr, report_path, fmt=None) -> None:
     write_report(fork_document(fr), report_path, fmt)
 
 
-def show_fork(store, run_id, as_json, texts: bool = False):
+def show_fork(store, run_id, as_json, texts: bool = False, answer: str | None = None):
     """Print a fork run's summary (the forking tokens and the outcome distributions); return the ForkRun.
     `texts`: a fork's texts are its continuations, which `export` writes; the summary says so."""
     from llamalens.run.fork import load_fork
@@ -154,7 +155,7 @@ def show_fork(store, run_id, as_json, texts: bool = False):
     info, a = fr.info, fr.analysis
     if as_json:
         json_out({"run": info.to_dict(), "fork": a.to_dict(), "base_text": fr.base.text, "decode_stats": fr.stats,
-                  "cost": fr.cost})
+                  "cost": fr.cost, "confidence": confidence_json(store, run_id, answer)})
         return fr
     say(f"fork run {info.id} {info.name or ''} [{info.status}] model {info.model.name}, {info.n_done - 1}/"
         f"{info.n_samples - 1} continuations at {len(a.positions)} positions; outcome: {fr.outcome.describe()}")
@@ -177,6 +178,7 @@ def show_fork(store, run_id, as_json, texts: bool = False):
     noise = describe_noise(info.noise, compared=None)
     if noise:
         say(noise)
+    show_answer_confidence(store, run_id, answer)
     if texts:
         say(f"--texts: a fork run's texts are its {info.n_done - 1} continuations; "
             f"`llamalens export {info.id} --format jsonl -o FILE` writes each with its position and outcome")

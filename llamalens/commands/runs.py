@@ -12,6 +12,7 @@ from llamalens.commands.options import GroupedCommand, AXIS_HELP, axis_options, 
     store_option, strategy_options
 from llamalens.commands.output import (ray_executor, check_report_path, fail_cleanly, given_options, json_out, load_model, print_table, records, say,
                                        shell_command, sweep_progress, until_done, write_report)
+from llamalens.commands.confidence import answer_option, confidence_json, show_answer_confidence
 
 
 # what a resumed run takes from the store; giving any of these with --resume is refused, not ignored
@@ -161,10 +162,11 @@ def runs(as_json, store_path):
 @click.argument("run_id")
 @click.option("--texts", is_flag=True, help="Every distinct text in full, with the configurations and seeds that "
                                             "produced it (without it: the first few, shortened).")
+@answer_option
 @json_option
 @store_option
 @fail_cleanly
-def show(run_id, texts, as_json, store_path):
+def show(run_id, texts, answer, as_json, store_path):
     """Summary of a run per configuration: logprob, perplexity, entropy, candidates, diversity, speed; then its
     distinct texts.
 
@@ -173,15 +175,17 @@ def show(run_id, texts, as_json, store_path):
     """
     from llamalens.store import Store
 
-    _show_run(Store(store_path, read_only=True), run_id, as_json, texts=texts)
+    _show_run(Store(store_path, read_only=True), run_id, as_json, texts=texts, answer=answer)
 
 
-def _show_run(store, run_id, as_json, texts: bool = False):
-    """Print a run's summary as its kind shows it (run/kinds.py); return what it loaded (a report made next
-    reads nothing again)."""
+def _show_run(store, run_id, as_json, texts: bool = False, answer: str | None = None):
+    """Print a run's summary as its kind shows it (run/kinds.py), with each sample's confidence
+    (commands/confidence.py); return what it loaded (a report made next reads nothing again)."""
+    from llamalens.core.confidence import check_answer_regex
     from llamalens.run.kinds import kind
 
-    return kind(store.run(run_id).kind).hook("show")(store, run_id, as_json, texts=texts)
+    check_answer_regex(answer)
+    return kind(store.run(run_id).kind).hook("show")(store, run_id, as_json, texts=texts, answer=answer)
 
 
 SHORT_TEXTS = 6  # distinct texts per prompt that `show` and a sweep's end print without --texts
@@ -225,7 +229,7 @@ def _show_groups(run) -> None:
                 "prompt and seed)")
 
 
-def show_sweep(store, run_id, as_json, texts: bool = False):
+def show_sweep(store, run_id, as_json, texts: bool = False, answer: str | None = None):
     """Print a sweep run's summary: per configuration, then strategies, noise floor, grammar, resumes, and the
     distinct texts (all in full with `texts`)."""
     from llamalens.run.loaded import STRATEGY_TABLE, load_run
@@ -241,7 +245,7 @@ def show_sweep(store, run_id, as_json, texts: bool = False):
             out["texts"] = [{"prompt_idx": t.prompt_idx, "text": t.text, "token_ids": list(t.ids),
                              "samples": [{"sample_idx": i, "config_idx": c, "seed": sd} for i, c, sd in t.samples]}
                             for t in distinct_texts(run)]
-        json_out(out)
+        json_out({**out, "confidence": confidence_json(store, run_id, answer)})
         return run
     say(f"run {info.id} {info.name or ''} [{info.status}] model {info.model.name} ({info.model.quantization}), "
                f"{info.n_done}/{info.n_samples} samples, {context_options(info.options.model_options)}, "
@@ -273,6 +277,7 @@ def show_sweep(store, run_id, as_json, texts: bool = False):
         say(f"note: {resume_note(info)}")
     if run.samples:
         show_texts(run, texts)
+        show_answer_confidence(store, run_id, answer)
     if info.status != "done":
         say(f"run {info.id} is {info.status}: resume with `llamalens sweep --resume {info.id}`")
     return run
@@ -304,9 +309,10 @@ def _show_grammar(run) -> None:
 @click.option("--sample", "sample_idx", type=int, default=None, help="Sample whose history the sampler view uses.")
 @click.option("--model", "-m", default=None, help="Model for the sampler view (default: the run's model file).")
 @click.option("--no-model", is_flag=True, help="Do not load the model: leave out the sampler view.")
+@answer_option
 @store_option
 @fail_cleanly
-def report(run_id, output, fmt, metric, position, sample_idx, model, no_model, store_path):
+def report(run_id, output, fmt, metric, position, sample_idx, model, no_model, answer, store_path):
     """Write a run's report: one self-contained HTML page, or Markdown with PNG plots beside it.
 
     \b
@@ -321,7 +327,7 @@ def report(run_id, output, fmt, metric, position, sample_idx, model, no_model, s
 
     write_run_report(run_id, output, store=store_path, fmt=fmt, metric=metric, position=position, sample=sample_idx,
                      model=model, load_model=not no_model, on_note=lambda note: say(note, err=True),
-                     loader=load_model, writer=_write)
+                     loader=load_model, writer=_write, answer=answer)
 
 
 def default_report_path(info, fmt: str | None = None) -> str:
@@ -352,13 +358,14 @@ def _report(run, output, fmt, model, **options) -> None:
 @click.option("--excel-safe", is_flag=True,
               help="csv: prefix text cells that begin with =, +, - or @ with an apostrophe, so that a spreadsheet "
                    "does not run them as formulas (the text then no longer round-trips; the bytes column does).")
+@answer_option
 @store_option
 @fail_cleanly
-def export(run_id, fmt, output, excel_safe, store_path):
+def export(run_id, fmt, output, excel_safe, answer, store_path):
     """Write a run's token table (csv, parquet) or its samples in OpenAI logprobs shape (jsonl)."""
     from llamalens.run.loaded import export_run, load_run
     from llamalens.store import Store
 
     run = load_run(Store(store_path, read_only=True), run_id)
-    n = export_run(run, fmt, output, excel_safe)
+    n = export_run(run, fmt, output, excel_safe, answer)
     say(f"wrote {n} {'samples' if fmt == 'jsonl' else 'tokens'} of run {run.id} to {output}", err=True)

@@ -9,6 +9,7 @@ import click
 
 from llamalens.commands.options import GroupedCommand, model_options, pop_model_options, store_option
 from llamalens.commands.output import fail_cleanly, json_out, load_model, print_table, say
+from llamalens.commands.confidence import confidence_json, show_answer_confidence
 from llamalens.errors import InvalidInput
 from llamalens.visible import visible
 
@@ -90,14 +91,14 @@ def serve(host, port, token, exact, chat_template, store_path, model, **kw):
         sock.close()
 
 
-def show_tree(store, run_id, as_json, texts: bool = False):
+def show_tree(store, run_id, as_json, texts: bool = False, answer: str | None = None):
     """Print a tree run: its branches, each indented under its parent, with where it forked and the start of its
     text (texts=True: then each branch's whole text)."""
     from llamalens.run.tree import load_tree
 
     tree = load_tree(store, run_id)
     if as_json:
-        json_out(tree.to_dict())
+        json_out({**tree.to_dict(), "confidence": confidence_json(store, run_id, answer)})
         return tree
     info = tree.info
     say(f"run {info.id} {visible(info.name or '')} [{info.status}] tree of {len(tree.branches)} branch(es), model "
@@ -113,6 +114,7 @@ def show_tree(store, run_id, as_json, texts: bool = False):
         rows.append(("  " * depth + str(i), "" if b.parent is None else f"{b.parent}@{b.at}", visible(forced),
                      len(path), f"{mean:.3f}", b.finish_reason or b.status, visible(b.text[:60])))
     print_table(rows, right={3, 4})
+    show_answer_confidence(store, run_id, answer)
     if texts:
         for i in _depth_first(tree):
             say(f"--- branch {i}")

@@ -32,6 +32,8 @@
    ll_survivor_lp(d, n, sel): log p of d[sel] under the softmax of n llama_token_data logits, float64 (libm's exp,
        numpy's pairwise summation order): stats.sampled_logprob.
 
+   ll_half_sum(x, n, c): sum of exp((x_i - c) / 2) over a row, float64 (core/confidence.py's Renyi divergence).
+
    ll_exp_f32(d, n, out): ll_exp of each d_i (dist_select's terms of one block; the tests).
 
    ll_exp, for d <= 0 (all these callers give it; it does not clamp d > 88): exp(d) = 2^k * exp(r),
@@ -423,6 +425,55 @@ int64_t ll_pick_ids(const float *row, const int32_t *ids, int64_t k, ll_token_da
     return token;
 }
 
+/* ll_half_sum(x, n, c): sum over the row of exp((x_i - c) / 2), float64 sums of ll_exp's float32 values; with c
+   the row's log-sum-exp (rounded to float32) each term is sqrt(p_i), the sum the Bhattacharyya coefficient of the
+   row's distribution with the uniform one times sqrt(n) (core/confidence.py: the Renyi divergence of order 1/2 and
+   the Fisher-Rao distance to uniform). Terms below exp(-87.33) count as 0, as in the row pass: at most 2^-126 each
+   against a sum of at least the largest term, about 1 when c >= every x_i. */
+LL_TARGET static double half_sum_avx2(const float *x, int64_t n, float c) {
+    const __m256 vc = _mm256_set1_ps(c), half = _mm256_set1_ps(0.5f), lo = _mm256_set1_ps(-87.33654f);
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vc), half);
+        __m256 keep = _mm256_cmp_ps(d, lo, _CMP_GE_OQ);
+        __m256 e = _mm256_and_ps(ll_exp(_mm256_and_ps(d, keep)), keep);
+        s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+        s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+    }
+    double s[4];
+    _mm256_storeu_pd(s, _mm256_add_pd(s0, s1));
+    double sum = (s[0] + s[1]) + (s[2] + s[3]);
+    if (i < n) {  /* the tail through the same vector code, padded with -inf */
+        float buf[8], eb[8];
+        for (int j = 0; j < 8; j++) buf[j] = i + j < n ? x[i + j] : -INFINITY;
+        __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(buf), vc), half);
+        __m256 keep = _mm256_cmp_ps(d, lo, _CMP_GE_OQ);
+        _mm256_storeu_ps(eb, _mm256_and_ps(ll_exp(_mm256_and_ps(d, keep)), keep));
+        for (int j = 0; i + j < n; j++) sum += (double)eb[j];
+    }
+    return sum;
+}
+
+LL_TARGET512 static double half_sum_avx512(const float *x, int64_t n, float c) {
+    const __m512 vc = _mm512_set1_ps(c), half = _mm512_set1_ps(0.5f), lo = _mm512_set1_ps(-87.33654f);
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 in = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, in, x + i), vc), half);
+        __mmask16 keep = _mm512_cmp_ps_mask(d, lo, _CMP_GE_OQ);
+        __m512 e = _mm512_maskz_mov_ps(keep, ll_exp16(_mm512_maskz_mov_ps(keep, d)));
+        s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+        s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+    }
+    return _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+}
+
+double ll_half_sum(const float *x, int64_t n, float c) {
+    return ll_available() > 1 ? half_sum_avx512(x, n, c) : half_sum_avx2(x, n, c);
+}
+
 void ll_exp_f32(const float *d, int64_t n, float *out) {  /* the same exp: tests, and sampler.dist_select */
     exp_avx2(d, n, out);
 }
@@ -443,4 +494,5 @@ int64_t ll_pick_ids(const float *row, const int32_t *ids, int64_t k, void *buf, 
     return -1;
 }
 int64_t ll_block_stats(const float *x, const int64_t *a) { (void)x; (void)a; return -1; }
+double ll_half_sum(const float *x, int64_t n, float c) { (void)x; (void)n; (void)c; return NAN; }
 #endif

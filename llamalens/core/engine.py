@@ -75,6 +75,7 @@ from llamalens.core.runtime import Context, Model, round_ctx
 from llamalens.core.grammar import constrained_apply
 from llamalens.core.sampler import Candidates, GrammarSampler, Sampler, prefilter_k
 from llamalens.settings import SamplingSettings
+from llamalens.core.confidence import renyi_to_uniform
 from llamalens.core.stats import CHUNK, RowStats, block_stats
 
 @dataclass
@@ -650,7 +651,7 @@ class Engine:
             position=len(live.records), id=token, text=text, bytes=hex_bytes,
             logprob=st.logprob, sampled_logprob=pick.sampled_logprob, rank=st.rank, entropy=st.entropy,
             candidates=pick.candidates, top=alternatives(model.token_text, *st.top_lists(req.n_logprobs)), eog=eog,
-            blocked=pick.blocked,
+            blocked=pick.blocked, renyi=renyi_to_uniform(raw, row_stats.lse),
         ))
         if eog:
             live.finish = "stop"

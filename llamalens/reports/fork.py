@@ -160,12 +160,18 @@ def _prob(fr, position: int) -> float:
     return fr.base_tokens[position].prob if position < len(fr.base_tokens) else float("nan")
 
 
-def write_fork_report(store, info, path, fmt, *, write, **_options) -> None:
-    """A fork run's report written to `path` (the fork kind's report, run/kinds.py); the sweep report's
-    options (metric, sampler view) do not apply."""
+def write_fork_report(store, info, path, fmt, *, write, answer: str | None = None, **_options) -> None:
+    """A fork run's report written to `path` (the fork kind's report, run/kinds.py), its texts' confidence folded
+    at the end (`answer`: the regex of the answer span); the sweep report's options (metric, sampler view) do not
+    apply."""
+    from llamalens.reports.confidence import folded_confidence
     from llamalens.reports.document import check_writable, report_format
+    from llamalens.run.confidence import confidence_table
     from llamalens.run.fork import load_fork
+    from llamalens.run.loaded import load_run
 
     report_format(path, fmt)
     check_writable(path)
-    write(fork_document(load_fork(store, info.id)), path, fmt)
+    doc = fork_document(load_fork(store, info.id))
+    folded_confidence(doc, confidence_table(load_run(store, info.id), answer), answer)
+    write(doc, path, fmt)

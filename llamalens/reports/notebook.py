@@ -170,7 +170,14 @@ def html_of(kind: str, obj) -> str:
 
 _BUILDERS = {"sample": sample_document, "next_token": next_token_document, "sampler_view": sampler_view_document,
              "choice": choice_document, "run": run_document, "score": score_document, "compare": compare_document,
-             "lens": lens_document}
+             "lens": lens_document,
+             "calibration": lambda res: _calibration(res)}
+
+
+def _calibration(res) -> Document:
+    from llamalens.reports.confidence import calibration_document
+
+    return calibration_document(res)
 
 
 def run_html(run) -> str:

@@ -340,3 +340,52 @@ def top_tokens(labels: list[str], probs: list[float]):
     ax.set_ylim(0, max(probs + [0.0]) * 1.1 or 1.0)
     ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
     return fig
+
+
+def reliability_diagrams(panels: list[tuple[str, list, str]], bins: int):
+    """One reliability diagram per measure (calibrate): each bin's accuracy against its mean implied probability,
+    the markers' area by the bin's items, over the diagonal of perfect calibration. `panels`: (title, bins as
+    core/calibration.Bin, a note such as the ECE)."""
+    cols = min(4, max(1, len(panels)))
+    rows = math.ceil(len(panels) / cols) or 1
+    fig = _figure(2.6 * cols + 0.4, 2.5 * rows + 0.3)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, (title, got, note) in zip(axes, panels):
+        ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--")
+        for k in range(1, bins):
+            ax.axvline(k / bins, color="#eee", lw=0.6, zorder=0)
+        full = [b for b in got if b.n]
+        n = sum(b.n for b in full) or 1
+        ax.plot([b.mean_prob for b in full], [b.accuracy for b in full], color=PALETTE[0], lw=1)
+        ax.scatter([b.mean_prob for b in full], [b.accuracy for b in full], s=[12 + 300 * b.n / n for b in full],
+                   color=PALETTE[0], alpha=0.75, edgecolors="none")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{title}\n{note}", fontsize=8)
+        ax.set_xlabel("implied probability", fontsize=7)
+        ax.set_ylabel("accuracy", fontsize=7)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    return fig
+
+
+def coverage_curves(curves: dict[str, list[float]], accuracy: float, oracle: list[float]):
+    """Accuracy against coverage (the share of questions answered, the surest first), one line per measure, with
+    the oracle (every right answer first) and chance (the overall accuracy) for scale."""
+    fig = _figure(8, 4.2)
+    ax = fig.subplots()
+    n = len(oracle)
+    x = (np.arange(n) + 1) / max(n, 1)
+    ax.plot(x, oracle, color="#333", lw=1, ls=":", label="oracle")
+    ax.axhline(accuracy, color="#999", lw=1, ls="--", label="chance (no selection)")
+    for k, (label, acc) in enumerate(curves.items()):
+        ax.plot((np.arange(len(acc)) + 1) / max(len(acc), 1), acc, color=PALETTE[k % len(PALETTE)], lw=1.3,
+                label=label)
+    ax.set_xlabel("coverage (share of questions answered, the surest first)")
+    ax.set_ylabel("accuracy of the answered")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    fig.legend(fontsize=7, loc="outside right upper", frameon=False)
+    return fig

@@ -115,10 +115,13 @@ def _when(ts) -> str:
 
 
 def run_document(run: LoadedRun, model=None, position: int = 0, sample_idx: int | None = None,
-                 metric: str = "mean_logprob") -> Document:
-    """The whole report of a run (`model`: a loaded Model for the sampler section, or None)."""
+                 metric: str = "mean_logprob", answer: str | None = None) -> Document:
+    """The whole report of a run (`model`: a loaded Model for the sampler section, or None; `answer`: the regex of
+    the answer span its confidence section measures)."""
     check_request(run.info, metric)
-    return RunReport(run, model, position, sample_idx, metric).document()
+    report = RunReport(run, model, position, sample_idx, metric)
+    report.answer = answer
+    return report.document()
 
 
 class RunReport:
@@ -126,6 +129,7 @@ class RunReport:
 
     def __init__(self, run: LoadedRun, model, position: int, sample_idx: int | None, metric: str):
         self.run, self.model, self.position, self.sample_idx, self.metric = run, model, position, sample_idx, metric
+        self.answer: str | None = None
         self.labels = run.labels()
         self.by_prompt: dict[int, list[StoredSample]] = {}
         for s in sorted(run.samples, key=lambda s: (s.prompt_idx, s.config_idx, s.seed)):
@@ -139,7 +143,8 @@ class RunReport:
                             alt_titles=["top alternatives (raw distribution; kept: survived the sampler chain)"])
 
     def document(self) -> Document:
-        for section in (self.status, self.findings, self.texts, self.summary, self.grammar, self.strategies, self.strips,
+        for section in (self.status, self.findings, self.texts, self.confidence, self.summary, self.grammar, self.strategies,
+                        self.strips,
                         self.heatmaps, self.positions, self.seeds, self.samplers, self.timing, self.header):
             section()
         return self.doc
@@ -156,6 +161,12 @@ class RunReport:
 
     def texts(self) -> None:
         texts_blocks(self.doc, self.run, self.found, self.names)
+
+    def confidence(self) -> None:
+        from llamalens.reports.confidence import confidence_blocks
+        from llamalens.run.confidence import confidence_table
+
+        confidence_blocks(self.doc, confidence_table(self.run, self.answer), self.answer)
 
     def ids(self, s: StoredSample) -> list[int]:
         return [t.id for t in self.run.by_sample.get(s.sample_idx, [])]
@@ -478,7 +489,8 @@ def context_options(mo) -> str:
 
 
 def write_run_report(store, info, path, fmt, *, loaded=None, model=None, position: int = 0, sample=None,
-                     metric: str = "mean_logprob", load_model: bool = True, say, loader=None, write) -> None:
+                     metric: str = "mean_logprob", load_model: bool = True, say, loader=None, write,
+                     answer: str | None = None) -> None:
     """A sweep run's report written to `path` (the sweep kind's report, run/kinds.py): the sampler view
     decodes with `model` (a loaded Model or a file), else the run's own file unless load_model is False;
     `loader(file, options)` loads a file (the CLI's memory check), `write(doc, path, fmt)` writes."""
@@ -496,7 +508,7 @@ def write_run_report(store, info, path, fmt, *, loaded=None, model=None, positio
         loaded = load_run(store, info.id)
     if isinstance(model, Model):
         check_run_model(store, info, model)
-        write(run_document(loaded, model, position, sample, metric), path, fmt)
+        write(run_document(loaded, model, position, sample, metric, answer), path, fmt)
         return
     viewer = None
     if load_model:
@@ -511,7 +523,7 @@ def write_run_report(store, info, path, fmt, *, loaded=None, model=None, positio
             viewer = loader(file, options) if loader else checked_load(resolve_source(file), options)
             check_run_model(store, info, viewer)
     try:
-        write(run_document(loaded, viewer, position, sample, metric), path, fmt)
+        write(run_document(loaded, viewer, position, sample, metric, answer), path, fmt)
     finally:
         if viewer is not None and loader is None:
             viewer.close()

@@ -44,11 +44,17 @@ def tree_document(tree) -> Document:
     return doc
 
 
-def write_tree_report(store, info, path, fmt, *, write, **_options) -> None:
-    """A tree run's report written to `path` (the tree kind's report, run/kinds.py)."""
+def write_tree_report(store, info, path, fmt, *, write, answer: str | None = None, **_options) -> None:
+    """A tree run's report written to `path` (the tree kind's report, run/kinds.py), its branches' confidence
+    folded at the end (`answer`: the regex of the answer span)."""
+    from llamalens.reports.confidence import folded_confidence
     from llamalens.reports.document import check_writable, report_format
+    from llamalens.run.confidence import confidence_table
+    from llamalens.run.loaded import load_run
     from llamalens.run.tree import load_tree
 
     report_format(path, fmt)
     check_writable(path)
-    write(tree_document(load_tree(store, info.id)), path, fmt)
+    doc = tree_document(load_tree(store, info.id))
+    folded_confidence(doc, confidence_table(load_run(store, info.id), answer), answer)
+    write(doc, path, fmt)

@@ -34,7 +34,7 @@ SETTINGS = [f.name for f in fields(SamplingSettings) if f.name != "seed"]
 METRIC_COLUMNS = ["seq_logprob", "mean_logprob", "perplexity", "distinct_1", "distinct_2", "rep_4", "length"]
 TOKEN_COLUMNS = ["run_id", "sample_idx", "prompt_idx", "config_idx", "seed", *SETTING_COLUMNS, *STRATEGY_COLUMNS,
                  "position", "token_id", "text", "bytes", "logprob", "prob", "sampled_logprob", "rank", "entropy",
-                 "candidates", "eog", "blocked"]
+                 "candidates", "eog", "renyi", "blocked"]
 STRATEGY_SUMMARY = [*STRATEGY_COLUMNS, "seq_logprob", "sample_distinct_1", "sample_distinct_2", "rep_4", "length"]
 SUMMARY_COLUMNS = ["config_idx", "label", *SETTING_COLUMNS, *STRATEGY_COLUMNS, "samples", "tokens", "mean_logprob",
                    "perplexity", "mean_entropy", "mean_candidates", "distinct_completions", "distinct_2", "mean_rank",
@@ -70,7 +70,8 @@ class LoadedRun:
             head = [self.id, s.sample_idx, s.prompt_idx, s.config_idx, s.seed,
                     *(getattr(cfg, c) for c in SETTING_COLUMNS + STRATEGY_COLUMNS)]
             rows += [head + [t.position, t.id, t.text, t.bytes, t.logprob, math.exp(t.logprob), t.sampled_logprob,
-                             t.rank, t.entropy, t.candidates, t.eog, " ".join(map(str, t.blocked))]
+                             t.rank, t.entropy, t.candidates, t.eog, math.nan if t.renyi is None else t.renyi,
+                             " ".join(map(str, t.blocked))]
                      for t in self.by_sample.get(s.sample_idx, [])]
         df = pd.DataFrame(rows, columns=TOKEN_COLUMNS)
         return df if self.strategies else df.drop(columns=STRATEGY_COLUMNS + ["blocked"])
@@ -169,8 +170,12 @@ STRATEGY_TABLE = [("config_idx", "#"), ("label", "configuration"), ("samples", "
 figures (decoding.sequence_metrics); distinct-n and rep-4 are within one sample."""
 
 
-def openai_logprobs(run: LoadedRun):
-    """Each sample in the OpenAI completions `logprobs` shape plus our fields (for jsonl export)."""
+def openai_logprobs(run: LoadedRun, answer: str | None = None):
+    """Each sample in the OpenAI completions `logprobs` shape plus our fields (for jsonl export), its confidence
+    measures (run/confidence.py; over the `answer` regex's span) among them."""
+    from llamalens.run.confidence import confidence_table, per_sample
+
+    confidence = per_sample(confidence_table(run, answer))
     for s in run.samples:
         every = run.by_sample.get(s.sample_idx, [])
         toks = [t for t in every if not t.eog]
@@ -187,6 +192,7 @@ def openai_logprobs(run: LoadedRun):
                 "top_logprobs": [{a.text: a.logprob for a in t.top} for t in toks], "text_offset": offsets,
             },
             "tokens": [t.to_dict() for t in every],
+            "confidence": confidence.get(s.sample_idx),
             **({"extra": s.extra} if s.extra else {}),  # what the run's kind records (a fork's position, outcome)
         }
 
@@ -207,15 +213,18 @@ def excel_safe(df):
     return out
 
 
-def export_run(run: LoadedRun, fmt: str, output: str | os.PathLike, safe_for_spreadsheets: bool = False) -> int:
+def export_run(run: LoadedRun, fmt: str, output: str | os.PathLike, safe_for_spreadsheets: bool = False,
+               answer: str | None = None) -> int:
     """Write a run's token table (csv, parquet) or its samples in OpenAI logprobs shape (jsonl).
 
     Written to FILE.part and renamed, so a failed export never leaves half a file under the name; a path
     that is a run store (or its -wal / -shm) is refused. CSV quotes every text field, so a token holding a
     CR, a newline, a quote or a comma reads back as one field; the `bytes` column (hex) is exact. A text cell
     may begin with "=", "+", "-" or "@", which a spreadsheet opens as a formula: `safe_for_spreadsheets`
-    (csv only) prefixes those with an apostrophe (excel_safe). Returns the number of rows (tokens, or samples
-    for jsonl).
+    (csv only) prefixes those with an apostrophe (excel_safe). Each sample carries its confidence measures
+    (run/confidence.py, over the span the `answer` regex picks out, else the whole text): under "confidence" in
+    jsonl, as conf_* columns on each of its tokens' rows in csv and parquet. Returns the number of rows (tokens, or
+    samples for jsonl).
     """
     from llamalens.run.kinds import kind
     from llamalens.store import check_not_a_store
@@ -233,12 +242,12 @@ def export_run(run: LoadedRun, fmt: str, output: str | os.PathLike, safe_for_spr
         if fmt == "jsonl":
             n = 0
             with open(tmp, "w", encoding="utf-8") as f:
-                for obj in openai_logprobs(run):
+                for obj in openai_logprobs(run, answer):
                     f.write(json.dumps(obj, ensure_ascii=False) + "\n")
                     n += 1
         else:
             columns = kind(run.info.kind).token_columns  # what the run's kind adds to each token's row
-            df = columns(run, run.tokens) if columns else run.tokens
+            df = with_confidence(run, columns(run, run.tokens) if columns else run.tokens, answer)
             n = len(df)
             if fmt == "csv":
                 df = excel_safe(df) if safe_for_spreadsheets else df
@@ -253,6 +262,15 @@ def export_run(run: LoadedRun, fmt: str, output: str | os.PathLike, safe_for_spr
         tmp.unlink(missing_ok=True)
         raise InvalidInput(f"cannot write {out} ({e.strerror}); choose a writable path") from None
     return n
+
+
+def with_confidence(run: LoadedRun, tokens: pd.DataFrame, answer: str | None = None) -> pd.DataFrame:
+    """The token table with each sample's confidence measures (run/confidence.py) as conf_* columns on its rows."""
+    from llamalens.run.confidence import confidence_table
+
+    conf = confidence_table(run, answer).drop(columns=["prompt_idx", "config_idx", "seed"])
+    conf = conf.rename(columns={c: f"conf_{c}" for c in conf.columns if c != "sample_idx"})
+    return tokens.merge(conf, on="sample_idx", how="left", sort=False)
 
 
 # -- comparisons between samples (pure functions of token-id lists) ------------------------------

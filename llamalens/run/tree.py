@@ -129,6 +129,7 @@ def load_tree(store: Store, run_id: int | str) -> Tree:
 def forced_record(model, row, token: int, position: int, n_logprobs: int) -> TokenRecord:
     """The record of a token the user forced at a position: its raw statistics in that position's row; the
     chain did not choose it (sampled_logprob NaN is stored as 0, candidates 0)."""
+    from llamalens.core.confidence import renyi_to_uniform
     from llamalens.core.stats import RowStats
     from llamalens.records import alternatives
 
@@ -136,7 +137,8 @@ def forced_record(model, row, token: int, position: int, n_logprobs: int) -> Tok
     text, hexb = model.token_text(token)
     lp = st.logprob if math.isfinite(st.logprob) else -1e30
     return TokenRecord(position, token, text, hexb, lp, 0.0, st.rank, st.entropy, 0,
-                       alternatives(model.token_text, *st.top_lists(n_logprobs)), model.is_eog(token))
+                       alternatives(model.token_text, *st.top_lists(n_logprobs)), model.is_eog(token),
+                       renyi=renyi_to_uniform(row, st.lse))
 
 
 class TreeInterrupted(RunInterrupted):
