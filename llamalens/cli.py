@@ -10,6 +10,7 @@ import click
 
 from llamalens.version import __version__
 from llamalens.commands import embed, fork, look, runs, score, serve
+from llamalens.commands import eval as eval_command
 from llamalens.visible import terminal_safe
 
 
@@ -67,7 +68,8 @@ def main():
 COMMANDS = [look.models, look.quantize, look.tokenize, look.next_cmd, look.generate,
             runs.sweep, runs.presets, runs.runs, runs.show, runs.report, runs.export,
             score.score, score.choose, score.compare,
-            embed.embed, fork.fork, serve.serve]
+            embed.embed, fork.fork, serve.serve,
+            eval_command.eval_cmd]
 for command in COMMANDS:
     main.add_command(command)
 
