@@ -35,7 +35,7 @@ __all__ = [
     "LlamalensError", "ModelNotFound", "InvalidModelFile", "InvalidSettings", "PromptTooLong", "InvalidInput",
     "StoreError", "MissingExtra", "InvalidArgument",
     "sweep", "resume", "open_run", "runs", "report", "score", "choose", "compare", "fork", "sampler_view",
-    "Run", "Sample", "NextToken", "SamplerView", "Score", "Choice", "Comparison",
+    "eval_model", "evaluate", "Run", "Sample", "NextToken", "SamplerView", "Score", "Choice", "Comparison",
 ]
 
 
@@ -71,6 +71,7 @@ _LAZY = {  # name -> the module that defines it; importing llamalens must not lo
     **dict.fromkeys(("Score", "Choice", "Comparison"), "llamalens.looks.score"),
     "embed_texts": "llamalens.looks.embed", "embedding_map": "llamalens.looks.embed_map",
     "Sample": "llamalens.records",
+    **dict.fromkeys(("eval_model", "evaluate"), "llamalens.eval.run"),
     **dict.fromkeys(_API, "llamalens.api"),
 }
 

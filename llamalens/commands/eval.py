@@ -42,7 +42,7 @@ def eval_cmd(tasks, limit, num_fewshot, output_path, include_path, log_samples, 
     llamalens eval --tasks llamalens_capitals,llamalens_fables --exact --output-path results/
     llamalens eval --tasks my_task --include-path tasks/ --limit 50 --num-fewshot 5 -m qwen2.5-0.5b
     """
-    from llamalens.eval.run import EvalRequest, evaluate
+    from llamalens.eval.run import EvalRequest, run_request
 
     options = pop_model_options(kw)
     request = EvalRequest([t for t in tasks.split(",")], model=model, limit=_limit(limit), num_fewshot=num_fewshot,
@@ -50,7 +50,7 @@ def eval_cmd(tasks, limit, num_fewshot, output_path, include_path, log_samples, 
                           batch_size=batch_size, apply_chat_template=apply_chat_template,
                           chat_template=chat_template, exact=exact, model_options=options.to_dict())
     request.check()
-    res = evaluate(request, on_model=lambda lm: say(f"evaluating with {lm.model.path.name} "
+    res = run_request(request, on_model=lambda lm: say(f"evaluating with {lm.model.path.name} "
                                                     f"({'exact' if lm.exact else f'batch size {lm.batch_size}'})",
                                                     err=True))
     if as_json:

@@ -1,7 +1,8 @@
 """`llamalens eval` and ll.evaluate: lm-eval's tasks on a llamalens model, offline, one call for both doors.
 
+    ll.evaluate(tasks, ...) / `llamalens eval`  -> EvalRequest; ll.eval_model(...) -> LlamalensLM for lm-eval's calls
     EvalRequest.check()  -> lm-eval installed, options in range, the tasks known (include path read)
-    evaluate(request)    -> the model loaded (LlamalensLM), lm_eval.simple_evaluate, lm-eval's own result and
+    run_request(request) -> the model loaded (LlamalensLM), lm_eval.simple_evaluate, lm-eval's own result and
                             sample files written when output_path is given -> EvalResult (results, stats, table)
 
 Offline: HF_DATASETS_OFFLINE and HF_HUB_OFFLINE are set (unless the caller set them), so a task whose data is
@@ -11,6 +12,7 @@ task written as a local YAML with `dataset_path: json` and `data_files` runs any
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,9 +76,14 @@ class EvalRequest:
         return self._task_manager()
 
     def _task_manager(self):
+        """lm-eval's TaskManager over the shipped tasks and --include-path; lm-eval's own thousands of task YAMLs
+        are indexed too (seconds) only when a task is not found there."""
         from lm_eval.tasks import TaskManager
 
-        manager = TaskManager(include_path=[str(TASKS)] + ([str(self.include_path)] if self.include_path else []))
+        paths = [str(TASKS)] + ([str(self.include_path)] if self.include_path else [])
+        manager = TaskManager(include_path=paths, include_defaults=False)
+        if any(not manager.match_tasks([t]) for t in self.tasks):
+            manager = TaskManager(include_path=paths)
         unknown = [t for t in self.tasks if not manager.match_tasks([t])]
         if unknown:
             where = f" in {self.include_path} or" if self.include_path else ""
@@ -87,7 +94,8 @@ class EvalRequest:
 
 @dataclass
 class EvalResult:
-    """lm-eval's results dict (its `samples` kept apart), the backend's stats, and lm-eval's table."""
+    """lm-eval's results dict, its samples (per task, each document's requests and responses), the backend's
+    stats, and the files written."""
 
     results: dict
     stats: dict
@@ -112,8 +120,9 @@ class EvalResult:
                 "n-shot": self.results.get("n-shot", {}), "backend": self.stats, "files": self.files}
 
 
-def evaluate(request: EvalRequest, on_model=None) -> EvalResult:
-    """Run the request's tasks (request.check() first); `on_model(lm)` is told once the model is loaded."""
+def run_request(request: EvalRequest, on_model=None) -> EvalResult:
+    """Run the request's tasks (request.check() first); `on_model(lm)` is told once the model is loaded.
+    A loaded Model as request.model is used as it is (and left open)."""
     manager = request.check()
     offline()
     import lm_eval
@@ -128,7 +137,7 @@ def evaluate(request: EvalRequest, on_model=None) -> EvalResult:
         tracker = _tracker(request.output_path)
         results = lm_eval.simple_evaluate(
             model=lm, tasks=request.tasks, num_fewshot=request.num_fewshot, limit=request.limit,
-            log_samples=request.log_samples, task_manager=manager, evaluation_tracker=tracker,
+            log_samples=True, task_manager=manager, evaluation_tracker=tracker,
             apply_chat_template=request.apply_chat_template, batch_size=lm.batch_size)
     finally:
         lm.close()
@@ -154,10 +163,42 @@ def _save(tracker, results: dict, samples, log_samples: bool) -> list[str]:
     before = _files(tracker.output_path)
     tracker.save_results_aggregated(results=results, samples=samples if log_samples else None)
     if log_samples and samples:
-        for task in results["configs"]:
-            tracker.save_results_samples(task_name=task, samples=samples[task])
+        for task in results["configs"]:  # (lm-eval's writer rewrites the samples it writes: a copy)
+            tracker.save_results_samples(task_name=task, samples=copy.deepcopy(samples[task]))
     return sorted(set(_files(tracker.output_path)) - set(before))
 
 
 def _files(root) -> list[str]:
     return [str(p) for p in Path(root).rglob("*") if p.is_file()] if Path(root).exists() else []
+
+
+# -- the Python API (ll.evaluate, ll.eval_model: llamalens/__init__.py loads them from here) ----------------
+def eval_model(model=None, *, exact: bool = False, batch_size: int | None = None, chat_template: str | None = None,
+               **model_options):
+    """An lm-evaluation-harness model (an lm_eval.api.model.LM) on a llamalens model, for lm-eval's own calls:
+    lm_eval.simple_evaluate(model=ll.eval_model(), tasks=[...]). exact: each request decoded alone; batch_size:
+    sequences decoded together (default 32); .close() frees a model loaded here.
+
+    >>> lm_eval.simple_evaluate(model=ll.eval_model(), tasks=["llamalens_capitals"])  # doctest: +SKIP
+    """
+    lm_eval_module()
+    from llamalens.eval.harness import LlamalensLM
+
+    return LlamalensLM(model=model, exact=exact, batch_size=batch_size, chat_template=chat_template, **model_options)
+
+
+def evaluate(tasks, *, model=None, limit=None, num_fewshot: int | None = None, output_path=None,
+             include_path=None, log_samples: bool = False, batch_size: int | None = None,
+             apply_chat_template: bool = False, chat_template: str | None = None, exact: bool = False,
+             **model_options) -> EvalResult:
+    """lm-eval tasks on a model, as `llamalens eval` runs them (ll.evaluate): an EvalResult with .results
+    (lm-eval's dict), .samples, .stats (requests, noise floor, close calls), .table(), .metric(task, name).
+
+    >>> ll.evaluate("llamalens_capitals", exact=True).metric("llamalens_capitals", "acc")  # doctest: +SKIP
+    """
+    from llamalens.arguments import text_list
+
+    return run_request(EvalRequest(text_list(tasks, "tasks"), model=model, limit=limit, num_fewshot=num_fewshot,
+                                   output_path=output_path, include_path=include_path, log_samples=log_samples,
+                                   batch_size=batch_size, apply_chat_template=apply_chat_template,
+                                   chat_template=chat_template, exact=exact, model_options=model_options))
