@@ -277,3 +277,20 @@ def test_batched_eval_records_its_noise_floor(gemma_path, in_tasks):
         margins[s["doc_id"]] = lls[0] - lls[1]
     assert sorted(d for _, d, _ in st["close_calls"]) == sorted(d for d, m in margins.items() if m < st["noise_floor"])
     assert math.isfinite(res.metric("ll_test_mc", "acc"))
+
+
+def test_chat_template_prompts_and_json_output(tiny_path, in_tasks, tmp_path):
+    """--apply-chat-template renders each context with the template (--chat-template FILE), lm-eval's sample
+    files show it, and --json prints lm-eval's results with the backend's figures."""
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant]{% endif %}")
+    out = tmp_path / "out"
+    res = cli("eval", "--tasks", "ll_test_mc", "--include-path", in_tasks, "--limit", 2, "--apply-chat-template",
+              "--chat-template", template, "--json", "--output-path", out, "--log-samples", "-m", tiny_path,
+              "--batch-size", 4)
+    data = json.loads(res.stdout)
+    assert set(data["results"]) == {"ll_test_mc"} and data["backend"]["requests"] == {"loglikelihood": 6}
+    assert data["backend"]["noise_pairs"] == 4 and any(f.endswith(".jsonl") for f in data["files"])
+    contexts = [a["arg_0"] for s in _samples(out, "ll_test_mc") for a in s["arguments"].values()]
+    assert contexts and all(c.startswith("[user] ") and c.endswith("[assistant]") for c in contexts)
