@@ -49,7 +49,6 @@ def eval_cmd(tasks, limit, num_fewshot, output_path, include_path, log_samples, 
                           output_path=output_path, include_path=include_path, log_samples=log_samples,
                           batch_size=batch_size, apply_chat_template=apply_chat_template,
                           chat_template=chat_template, exact=exact, model_options=options.to_dict())
-    request.check()
     res = run_request(request, on_model=lambda lm: say(f"evaluating with {lm.model.path.name} "
                                                     f"({'exact' if lm.exact else f'batch size {lm.batch_size}'})",
                                                     err=True))
