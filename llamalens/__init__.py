@@ -35,7 +35,8 @@ __all__ = [
     "LlamalensError", "ModelNotFound", "InvalidModelFile", "InvalidSettings", "PromptTooLong", "InvalidInput",
     "StoreError", "MissingExtra", "InvalidArgument",
     "sweep", "resume", "open_run", "runs", "report", "score", "choose", "compare", "fork", "sampler_view",
-    "calibrate", "confidence", "Run", "Sample", "NextToken", "SamplerView", "Score", "Choice", "Comparison",
+    "calibrate", "confidence", "eval_model", "evaluate", "Run", "Sample", "NextToken", "SamplerView", "Score",
+    "Choice", "Comparison",
 ]
 
 
@@ -73,6 +74,7 @@ _LAZY = {  # name -> the module that defines it; importing llamalens must not lo
     "embed_texts": "llamalens.looks.embed", "embedding_map": "llamalens.looks.embed_map",
     "confidence": "llamalens.core.confidence",
     "Sample": "llamalens.records",
+    **dict.fromkeys(("eval_model", "evaluate"), "llamalens.eval.run"),
     **dict.fromkeys(_API, "llamalens.api"),
 }
 

@@ -10,6 +10,7 @@ import click
 
 from llamalens.version import __version__
 from llamalens.commands import confidence, embed, fork, lens, look, runs, score, serve
+from llamalens.commands import eval as eval_command
 from llamalens.visible import terminal_safe
 
 
@@ -68,7 +69,7 @@ COMMANDS = [look.models, look.quantize, look.tokenize, look.next_cmd, look.gener
             runs.sweep, runs.presets, runs.runs, runs.show, runs.report, runs.export,
             score.score, score.choose, score.compare,
             embed.embed, fork.fork, serve.serve, lens.lens,
-            confidence.calibrate]
+            confidence.calibrate, eval_command.eval_cmd]
 for command in COMMANDS:
     main.add_command(command)
 

@@ -5,7 +5,8 @@
 #   scripts/install.sh --test   the same plus the test dependencies (pytest, pyarrow, websocket-client,
 #                               scikit-learn: the `maps` extra that embed --map tsne needs; ray: the
 #                               `ray` extra that sweep --ray and score --ray need; nbclient, nbformat,
-#                               ipykernel, ipywidgets: the notebooks in examples/ are run)
+#                               ipykernel, ipywidgets: the notebooks in examples/ are run; lm-eval:
+#                               the `eval` extra, lm-evaluation-harness without torch, about 15 s)
 #                               and Debian's Chromium for the report tests (apt-get, as root), and
 #                               llama.cpp's own tools (scripts/build_llama_tools.sh: llama-perplexity,
 #                               llama-bench, llama-batched-bench, llama-server)
