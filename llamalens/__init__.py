@@ -35,7 +35,7 @@ __all__ = [
     "LlamalensError", "ModelNotFound", "InvalidModelFile", "InvalidSettings", "PromptTooLong", "InvalidInput",
     "StoreError", "MissingExtra", "InvalidArgument",
     "sweep", "resume", "open_run", "runs", "report", "score", "choose", "compare", "fork", "sampler_view",
-    "calibrate", "confidence", "eval_model", "evaluate", "Run", "Sample", "NextToken", "SamplerView", "Score",
+    "lens", "calibrate", "confidence", "eval_model", "evaluate", "Run", "Sample", "NextToken", "SamplerView", "Score",
     "Choice", "Comparison",
 ]
 
