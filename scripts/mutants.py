@@ -6,6 +6,8 @@ and report which bugs survive (the tests passed with the bug in).
     .venv/bin/python scripts/mutants.py --list          the mutants and the tests each one runs
     .venv/bin/python scripts/mutants.py beam-bound-sign best-of-mean-inverted    only these
     .venv/bin/python scripts/mutants.py --baseline      also run each mutant's tests on the unchanged copy
+    .venv/bin/python scripts/mutants.py --tests-from main   the bugs against an older suite: main's tests/,
+                                                        each mutant's `before` files (what guarded that code then)
 
 Each mutant is an exact text replacement that must occur once in its file (so a refactor that moves the code
 makes the mutant fail loudly as "stale" rather than pass silently). The copy holds the working tree's files
@@ -36,6 +38,7 @@ class Mutant:
     new: str
     tests: tuple[str, ...]  # pytest arguments: node ids or files, with -k where useful
     why: str
+    before: tuple[str, ...] = ()  # with --tests-from: the older suite's files that guard this code
 
 
 BEAM_REF = "tests/test_beam_reference.py"
@@ -43,63 +46,73 @@ MUTANTS = [
     Mutant("beam-bound-sign", "llamalens/core/beam.py",
            "best_sum / (length ** s.length_penalty)", "best_sum / (length ** -s.length_penalty)",
            (BEAM_REF + "::test_beam_search_equals_an_independent_beam_search",),
-           "the early-stopping bound divides by length ** -alpha"),
+           "the early-stopping bound divides by length ** -alpha", ("tests/test_decoding.py", "-m", "not slow")),
     Mutant("beam-eog-in-length", "llamalens/core/beam.py",
            "hypothesis_score(total, len(beams[b].records), settings.length_penalty)",
            "hypothesis_score(total, len(beams[b].records) + 1, settings.length_penalty)",
            (BEAM_REF + "::test_beam_search_equals_an_independent_beam_search",),
-           "a finished hypothesis's score counts its end-of-generation token in the length"),
+           "a finished hypothesis's score counts its end-of-generation token in the length",
+           ("tests/test_decoding.py", "-m", "not slow")),
     Mutant("beam-finished-beyond-first-B", "llamalens/core/beam.py",
            "if rank >= n_beams:", "if rank >= 2 * n_beams:",
            (BEAM_REF + "::test_beam_search_equals_an_independent_beam_search",),
-           "an end-of-generation candidate finishes a hypothesis from any of the 2B ranks"),
+           "an end-of-generation candidate finishes a hypothesis from any of the 2B ranks", ("tests/test_decoding.py", "-m", "not slow")),
     Mutant("beam-never-uses-cur-len", "llamalens/core/beam.py",
            'length = max_len if (s.early_stopping == "never" and s.length_penalty > 0) else cur_len',
            "length = cur_len",
            (BEAM_REF + "::test_beam_search_equals_an_independent_beam_search",),
-           "early_stopping never bounds with the current length, like false"),
+           "early_stopping never bounds with the current length, like false", ("tests/test_decoding.py", "-m", "not slow")),
     Mutant("best-of-mean-inverted", "llamalens/core/strategies.py",
            'return -(s if by == "sum" else (s / n if n else -math.inf))',
            'return -(s if by == "sum" else -(s / n if n else -math.inf))',
            (BEAM_REF + "::test_best_of_n_winner_by_sum_and_by_mean",),
-           "best-of ranked by mean picks the worst mean"),
+           "best-of ranked by mean picks the worst mean", ("tests/test_decoding.py", "-m", "not slow")),
     Mutant("metrics-mean-without-eog", "llamalens/core/strategies.py",
            "mean = seq / n if n else float(\"nan\")", "mean = seq / max(len(text_ids), 1) if n else float(\"nan\")",
            (BEAM_REF + "::test_best_of_n_winner_by_sum_and_by_mean",),
-           "the mean logprob divides by the text tokens only (end-of-generation left out of the count)"),
+           "the mean logprob divides by the text tokens only (end-of-generation left out of the count)",
+           ("tests/test_decoding.py", "-m", "not slow")),
     Mutant("map-colours-shifted", "llamalens/reports/plots.py",
            "    for c, colour in colours.items():\n        m = cats == c",
            "    for c, colour in zip(colours, list(colours.values())[1:] + list(colours.values())[:1]):\n"
            "        m = cats == c",
            ("tests/test_embed_map.py", "-k", "colour"),
-           "the map's points take another category's colour"),
+           "the map's points take another category's colour", ("tests/test_embed_map.py", "-m", "not slow")),
     Mutant("map-legend-sorted", "llamalens/reports/plots.py",
            "names = list(dict.fromkeys(categories))", "names = sorted(set(categories))",
            ("tests/test_embed_map.py", "-k", "colour"),
-           "categories coloured and listed alphabetically, not in order of first appearance"),
+           "categories coloured and listed alphabetically, not in order of first appearance",
+           ("tests/test_embed_map.py", "-m", "not slow")),
     Mutant("ray-saves-twice", "llamalens/run/ray.py",
            "                for result in results:\n                    save(result)",
            "                for result in results:\n                    save(result)\n                    save(result)",
            ("tests/test_ray.py", "-k", "progress_counts"),
-           "every result a Ray worker returns is saved twice (8/4 sequences, doubled tok/s)"),
+           "every result a Ray worker returns is saved twice (8/4 sequences, doubled tok/s)", ("tests/test_ray.py",)),
     Mutant("noise-p95-is-p80", "llamalens/run/noise.py",
            '"p95_abs_dlogprob": float(np.quantile(d, 0.95))', '"p95_abs_dlogprob": float(np.quantile(d, 0.80))',
            ("tests/test_sweep.py", "-k", "noise_floor_figures or default_model_noise_floor_claim"),
-           "the noise floor's 95th percentile is the 80th"),
+           "the noise floor's 95th percentile is the 80th", ("tests/test_sweep.py", "-k", "default_model_noise")),
     Mutant("next-grammar-tempered-mass", "llamalens/core/grammar.py",
            "        row = ctx.prefill(tokens).astype(np.float64)\n    lp = log_softmax(row)",
            "        row = ctx.prefill(tokens).astype(np.float64)\n    lp = log_softmax(row / 0.8)",
            ("tests/test_grammar.py", "-k", "prefix_mask"),
-           "next --grammar measures the removed mass at the default temperature, not on the raw distribution"),
+           "next --grammar measures the removed mass at the default temperature, not on the raw distribution",
+           ("tests/test_grammar.py",)),
     Mutant("dry-without-the-prompt", "llamalens/core/sampler.py",
            "            for t in prompt_tokens:\n                sampler.accept(t)",
            "            for t in prompt_tokens[:0]:\n                sampler.accept(t)",
            ("tests/test_sampler_view.py", "-k", "numpy_dry"),
-           "the llama.cpp chain's DRY and penalties do not see the prompt during generation"),
+           "the llama.cpp chain's DRY and penalties do not see the prompt during generation",
+           ("tests/test_sampler_view.py", "tests/test_llama_cpp_chain.py")),
+    Mutant("fork-outcome-without-prefix", "llamalens/run/fork.py",
+           "return (head + forced_bytes + cont_bytes)", "return (forced_bytes + cont_bytes)",
+           ("tests/test_fork.py", "-k", "declared"),
+           "a continuation's outcome is read from its forced token on, without the base path before it",
+           ("tests/test_fork.py", "-m", "not slow")),
     Mutant("progress-tokens-off", "llamalens/run/lifecycle.py",
            "        prog.tokens += n_tokens\n", "        prog.tokens += n_tokens + 1\n",
            ("tests/test_ray.py", "-k", "progress_counts"),
-           "the progress counts one token too many per sample (tok/s overstated)"),
+           "the progress counts one token too many per sample (tok/s overstated)", ("tests/test_ray.py",)),
 ]
 
 
@@ -132,12 +145,23 @@ def run_tests(tree: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, 
     return rc, time.perf_counter() - t0, out.strip().splitlines()[-1] if out.strip() else ""
 
 
-def check(m: Mutant, baseline: bool, timeout: float) -> str:
+def tests_from(tree: Path, rev: str) -> None:
+    """Replace the copy's tests/ with the tests/ of git revision `rev`."""
+    shutil.rmtree(tree / "tests")
+    archive = subprocess.run(["git", "archive", rev, "tests"], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+
+
+def check(m: Mutant, baseline: bool, timeout: float, rev: str | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="mutant-") as d:
         tree = Path(d)
         copy_tree(tree)
+        tests = m.tests
+        if rev:
+            tests_from(tree, rev)
+            tests = m.before
         if baseline:
-            rc, secs, last = run_tests(tree, m.tests, timeout)
+            rc, secs, last = run_tests(tree, tests, timeout)
             if rc != 0:
                 print(f"  baseline FAILED ({secs:.0f} s): {last}")
                 return "baseline failed"
@@ -147,7 +171,7 @@ def check(m: Mutant, baseline: bool, timeout: float) -> str:
             print(f"  stale: the text to replace occurs {text.count(m.old)} times in {m.path}")
             return "stale"
         f.write_text(text.replace(m.old, m.new), encoding="utf-8")
-        rc, secs, last = run_tests(tree, m.tests, timeout)
+        rc, secs, last = run_tests(tree, tests, timeout)
     verdict = "caught" if rc not in (0, -1) else ("timed out" if rc == -1 else "SURVIVED")
     print(f"  {verdict} ({secs:.0f} s): {last}")
     return verdict
@@ -159,6 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="list the mutants and their tests")
     ap.add_argument("--baseline", action="store_true", help="first run each mutant's tests on the unchanged copy")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per test run (default 1200)")
+    ap.add_argument("--tests-from", metavar="REV", help="run each mutant's `before` files of REV's tests/ instead")
     a = ap.parse_args(argv)
     known = {m.name: m for m in MUTANTS}
     unknown = [n for n in a.names if n not in known]
@@ -167,12 +192,13 @@ def main(argv=None) -> int:
     chosen = [known[n] for n in a.names] if a.names else MUTANTS
     if a.list:
         for m in chosen:
-            print(f"{m.name:30} {m.path}: {m.why}\n{'':30} tests: {' '.join(m.tests)}")
+            print(f"{m.name:30} {m.path}: {m.why}\n{'':30} tests: {' '.join(m.tests)}\n"
+                  f"{'':30} before: {' '.join(m.before)}")
         return 0
     results = {}
     for m in chosen:
         print(f"{m.name}: {m.why}", flush=True)
-        results[m.name] = check(m, a.baseline, a.timeout)
+        results[m.name] = check(m, a.baseline, a.timeout, a.tests_from)
     print("\nsummary")
     for name, verdict in results.items():
         print(f"  {verdict:16} {name}")
