@@ -148,8 +148,8 @@ def test_batched_beam_search_equals_the_reference(eos_tiny):
 def test_beam_search_on_the_default_model_equals_the_reference(gemma, gemma_llama):
     """The 262k-vocabulary default model (a base model: it rarely ends its text within a few tokens, so the
     hypotheses here end at max_tokens; the end-of-generation cases are the tiny model's above). Q4_K_M logits of one
-    full evaluation and of llamalens' one-token-at-a-time decode differ more than float32's: measured up to 0.05 on
-    the scores, tolerance 0.5; the hypotheses themselves are the same."""
+    full evaluation and of llamalens' one-token-at-a-time decode differ more than float32's: measured up to 0.074 on
+    the sums and scores, tolerance 0.5; the hypotheses themselves are the same."""
     rows = Rows(gemma_llama)
     for alpha, rule in [(1.0, "false"), (0.6, "never"), (2.0, "true")]:
         s = SamplingSettings(strategy="beam", beams=3, length_penalty=alpha, early_stopping=rule, num_return=3)
