@@ -142,7 +142,9 @@ def run_tests(tree: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, 
         rc, out = p.returncode, p.stdout + p.stderr
     except subprocess.TimeoutExpired:
         rc, out = -1, "timed out"
-    return rc, time.perf_counter() - t0, out.strip().splitlines()[-1] if out.strip() else ""
+    lines = out.strip().splitlines()
+    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]  # which test caught it, and how
+    return rc, time.perf_counter() - t0, " | ".join(failed[:1] + lines[-1:])[:300]
 
 
 def tests_from(tree: Path, rev: str) -> None:
@@ -162,8 +164,8 @@ def check(m: Mutant, baseline: bool, timeout: float, rev: str | None = None) -> 
             tests = m.before
         if baseline:
             rc, secs, last = run_tests(tree, tests, timeout)
+            print(f"  baseline {'passed' if rc == 0 else 'FAILED'} ({secs:.0f} s): {last}")
             if rc != 0:
-                print(f"  baseline FAILED ({secs:.0f} s): {last}")
                 return "baseline failed"
         f = tree / m.path
         text = f.read_text(encoding="utf-8")

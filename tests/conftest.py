@@ -72,8 +72,7 @@ SLOW_FIXTURES = {"gemma", "gemma_path", "gemma_llama", "gemma_q8_path", "gemma_q
 
 # tiny-model tests that run dozens of commands (measured 20-100 s each on 2 cores): also the slow tier
 SLOW_TESTS = {"test_every_readme_command_line_runs", "test_cli_table_query_json", "test_report_size_limit",
-              "test_a_server_killed_mid_generation_keeps_every_finished_branch",
-              "test_beam_search_equals_an_independent_beam_search", "test_best_of_n_winner_by_sum_and_by_mean"}
+              "test_a_server_killed_mid_generation_keeps_every_finished_branch"}
 
 
 def pytest_collection_modifyitems(config, items):
