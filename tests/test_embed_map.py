@@ -242,3 +242,47 @@ def test_map_report_in_chromium(tmp_path, tiny_path, chromium_path):
         assert XSS[1] in cells and XSS[0] in cells
         page.screenshot(tmp_path / "shot.png")
         assert (tmp_path / "shot.png").stat().st_size > 30_000
+
+
+def _map_svg(html: str, n_points: int) -> str:
+    """The map's SVG in a report: the figure with a coloured marker per text."""
+    svgs = re.findall(r"<svg.*?</svg>", html, flags=re.S)
+    found = [s for s in svgs if len(re.findall(r'<use [^>]*style="fill: #', s)) == n_points]
+    assert len(found) == 1, [len(re.findall(r'<use [^>]*style="fill: #', s)) for s in svgs]
+    return found[0]
+
+
+def test_map_points_take_their_categorys_colour_and_sit_where_the_map_puts_them(tmp_path, tiny_path):
+    """Read back from the report's SVG: each text's marker (found under its label, which matplotlib offsets by
+    (4, 3) points) has the colour the legend gives its category; the legend names each category once, in order of
+    first appearance, each its own colour; the markers' page positions are an affine image of the --json map's
+    coordinates (x to the right, y up), so the colours sit on the right points."""
+    terms = ["the cat", "a dog", "hello world", "the mat", "hello", "sat on", "she was", "it is"]
+    cats = ["things", "animals", "greetings", "things", "greetings", "animals", "animals", "things"]
+    f = tmp_path / "x.tsv"
+    f.write_text("".join(f"{t}\t{c}\n" for t, c in zip(terms, cats)))
+    out = tmp_path / "x.html"
+    d = json.loads(cli("embed", "--file", f, "--map", "pca", "--model", tiny_path, "--flash-attn", "off", "--json",
+                       "--report", out).stdout)
+    svg = _map_svg(out.read_text(encoding="utf-8"), len(terms))
+    markers = [(float(x), float(y), c) for x, y, c in
+               re.findall(r'<use [^>]*x="([-\d.]+)" y="([-\d.]+)" style="fill: (#[0-9a-f]{6}); stroke: #ffffff', svg)]
+    labels = {t: (float(x), float(y)) for x, y, t in
+              re.findall(r'<text [^>]*fill: #222222" x="([-\d.]+)" y="([-\d.]+)"[^>]*>([^<]*)</text>', svg)}
+    legend = svg[svg.index('<g id="legend_1">'):]
+    entries = re.findall(r'<path d="M [^"]*" style="fill: (#[0-9a-f]{6});.*?<text [^>]*>([^<]*)</text>', legend,
+                         flags=re.S)
+    colour = {name: c for c, name in entries}
+    assert [name for _, name in entries] == ["things", "animals", "greetings"]  # first appearance, not sorted
+    assert len(set(colour.values())) == 3
+    pos = []
+    for p in d["map"]["points"]:
+        lx, ly = labels[p["term"]]
+        (m,) = [m for m in markers if abs(m[0] - (lx - 4)) < 0.01 and abs(m[1] - (ly + 3)) < 0.01]
+        assert m[2] == colour[p["category"]], (p["term"], p["category"], m[2], colour)
+        pos.append((p["x"], p["y"], m[0], m[1]))
+    a = np.array(pos)
+    for k, sign in ((0, 1), (1, -1)):  # page x grows with the map's x, page y (downward) with -y
+        slope, icept = np.polyfit(a[:, k], a[:, k + 2], 1)
+        assert np.sign(slope) == sign
+        assert np.abs(slope * a[:, k] + icept - a[:, k + 2]).max() < 0.01  # SVG coordinates have 6 decimals

@@ -314,6 +314,27 @@ def test_declared_options_appear_at_probability_zero(tiny_path, tmp_path):
     assert len(rows) == 3 and all(f"{never} 0.00" in line for line in rows)
     page = (tmp_path / "o.html").read_text(encoding="utf-8")
     assert page.count(f"{never} 0.00") >= 3
+    # every outcome recomputed from token bytes, not from the stored text: a continuation is the base path's
+    # tokens before its position, its forced token (bytes from llama-cpp-python's vocabulary), then its own tokens
+    from llama_cpp import Llama
+
+    llm = Llama(str(tiny_path), n_ctx=64, verbose=False, vocab_only=True)
+    store = Store(tmp_path / "o.db")
+    samples = store.samples(1)
+
+    def raw(s):
+        return b"".join(bytes.fromhex(t.bytes) for _, t in store.tokens(1, s.sample_idx) if not t.eog)
+
+    base = raw(samples[0])
+    base_pieces = [bytes.fromhex(t.bytes) for _, t in store.tokens(1, 0)]
+    assert samples[0].extra["outcome"] == ref_outcome_options(base.decode("utf-8", "replace"), ["the", never])
+    outcomes = set()
+    for s in samples[1:]:
+        x = s.extra
+        text = b"".join(base_pieces[: x["position"]]) + llm.detokenize([x["forced_token"]]) + raw(s)
+        assert x["outcome"] == ref_outcome_options(text.decode("utf-8", "replace"), ["the", never]), (x, text)
+        outcomes.add(x["outcome"])
+    assert outcomes == {"the", "none"}  # both kinds occur, so a wrong rule shows
 
 
 def test_a_fixed_answer_has_no_forking_token(tiny_path, tmp_path):

@@ -275,3 +275,30 @@ def test_a_killed_worker_loses_only_its_fork_chunk(ray_session, model1, tmp_path
                             "WHERE run_id=?", (run_id,)).fetchone()
     assert rows[0] == rows[1]  # every token stored once
     assert _continuations(store, run_id) == _continuations(ref_store, 1)
+
+
+def test_progress_counts_each_sample_once_on_ray_and_in_one_process(ray_session, tiny_path, tmp_path):
+    """The progress a run reports (done / total, tokens, hence tok/s) against what the store holds: on Ray and in
+    one process, done never passes total and ends equal to it, every sample is saved once, and the tokens counted
+    are the tokens stored; the CLI's last progress line says so too."""
+    import re
+
+    from llamalens.run.ray import RayExecutor
+
+    spec = SweepSpec(PROMPTS, grid.expand({"temperature": [0.0, 0.8]}), [0, 1], max_tokens=6, exact=True)
+    with Model(tiny_path, ModelOptions(threads=1)) as model:
+        for executor in (None, RayExecutor(workers=2, chunk=2)):
+            store = Store(tmp_path / f"p{executor is None}.db")
+            run_id = start_sweep(model, store, spec)
+            seen: list[tuple[int, int, int]] = []
+            prog = execute(model, store, run_id, lambda p, seen=seen: seen.append((p.done, p.total, p.tokens)),
+                           executor)
+            stored_tokens = sum(len(t) for t in store.tokens_by_sample(run_id).values())
+            assert [d for d, _, _ in seen] == list(range(1, 9)) and all(t == 8 for _, t, _ in seen)
+            assert (prog.done, prog.total, prog.tokens) == (8, 8, stored_tokens)
+            assert sorted(prog.saved) == sorted(s.sample_idx for s in store.samples(run_id)) and len(prog.saved) == 8
+    db = tmp_path / "cli.db"
+    res = cli("sweep", *PROMPTS, "-t", "0,0.8", "--seeds", 2, "-n", 6, "--exact", "--threads", 1, "--ray",
+              "--workers", 2, "--model", tiny_path, "--store", db)
+    counts = [(int(a), int(b)) for a, b in re.findall(r"(\d+)/(\d+) sequences", res.output)]
+    assert counts and counts[-1] == (8, 8) and all(a <= b == 8 for a, b in counts), res.output

@@ -442,3 +442,51 @@ def test_sweep_writes_report(tiny_path, tmp_path):
     res = cli("sweep", "the cat", "--model", tiny_path, "--report", tmp_path / "nope" / "r.html", ok=False)
     assert res.exit_code == 1 and "does not exist" in res.output
     assert len(Store(tmp_path / "runs.db").runs()) == 1  # the bad report path failed before any sweep
+
+
+def _chain_reference(logits: np.ndarray, k: int, p: float, min_p: float, t: float) -> np.ndarray:
+    """top-k, then top-p (the smallest most-likely set reaching p), then min-p (p >= min_p * max), then
+    temperature, as llama.cpp's chain applies them; the final probability of every token (0 = filtered out)."""
+    order = np.argsort(-logits, kind="stable")[:k]
+    q = np.exp(logits[order] - logits[order].max())
+    q /= q.sum()
+    order = order[: int(np.searchsorted(np.cumsum(q), p)) + 1]
+    order = order[logits[order] >= logits[order].max() + np.log(min_p)]
+    out = np.zeros_like(logits)
+    z = logits[order] / t
+    out[order] = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    return out
+
+
+def test_report_position_shows_that_positions_distribution(tiny_path, tmp_path):
+    """`report --position 2 --sample 1`: the sampler view is of sample 1's third generated token, after its first two
+    (named in the text); the raw top-20 and each chain's probabilities equal llama-cpp-python's next-token
+    distribution after the prompt and those two tokens, reshaped here by the chain's formulas (table values have 4
+    significant digits: relative bound 1e-3). The view loads the model with the run's context options: flash
+    attention off here, as llama-cpp-python's; with it on, the probabilities move by up to 1% (F16 K/V)."""
+    from llama_cpp import Llama
+
+    db, out = tmp_path / "r.db", tmp_path / "r.md"
+    cli("sweep", "the cat", "-t", "0,0.8", "-n", 5, "--seeds", 1, "--model", tiny_path, "--store", db,
+        "--flash-attn", "off")
+    cli("report", 1, "-o", out, "--model", tiny_path, "--position", 2, "--sample", 1, "--store", db)
+    store = Store(db)
+    (s,) = [x for x in store.samples(1) if x.sample_idx == 1]
+    toks = [t for _, t in store.tokens(1, 1)]
+    md = out.read_text(encoding="utf-8")
+    history = "".join(visible.visible(t.text, t.bytes, edge_spaces=False) for t in toks[:2])
+    assert f"Position 2 of sample \\#1 (prompt 0, after the generated text “{history}”)" in md.replace("\\_", "_")
+    llm = Llama(str(tiny_path), n_ctx=64, logits_all=True, verbose=False, flash_attn=False)
+    ids = llm.tokenize(b"the cat") + [t.id for t in toks[:2]]
+    llm.eval(ids)
+    logits = np.array(llm.scores[len(ids) - 1], dtype=np.float64)
+    raw = np.exp(log_softmax(logits))
+    top = np.argsort(-raw, kind="stable")[:20]
+    table = md[md.index("| token | raw p |"):].split("\n\n")[0].splitlines()[2:]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in table]
+    assert len(cells) == 20
+    got = np.array([[float(c) for c in row[1:]] for row in cells])
+    want = np.stack([raw[top], (top == np.argmax(logits)).astype(float),
+                     _chain_reference(logits, 40, 0.95, 0.05, 0.8)[top]], axis=1)
+    assert np.allclose(got, want, rtol=1e-3, atol=1e-12), np.c_[got, want]
+    assert (got[:, 2] > 0).sum() >= 5  # the sampled chain keeps several tokens here

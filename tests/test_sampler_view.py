@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from llamalens.looks.next_token import sampler_view
-from llamalens.core.engine import generate
+from llamalens.core.engine import Engine, Request, generate
 from llamalens.settings import SamplingSettings
 
 from test_options import cli, js
@@ -183,3 +183,44 @@ def test_next_chain_llama_cpp(tiny_path, tiny, tmp_path):
     cli("next", "the cat", "--model", tiny_path, "--chain", "llama.cpp", "--mirostat", "2", "--report", report)
     html = report.read_text(encoding="utf-8")
     assert "mirostat 2: μ = 10.0000 bits" in html and "penalties → top_k → typical_p" not in html
+
+
+def test_dry_during_generation_against_a_numpy_dry(tmp_path):
+    """Greedy generation through the llama.cpp chain with DRY: at every step the chosen token is the argmax of
+    llama-cpp-python's raw logits minus dry_reference's penalties over the prompt and the tokens generated so far
+    (llama-server's chain sees the prompt). The prompt repeats its start after the model's own greedy continuation
+    of it, so what DRY penalises depends on the chain having seen the prompt; DRY changes the pick at some steps
+    (the check has teeth). The tiny model without byte tokens: its word pieces hold no sequence breaker, which dry_reference
+    leaves out."""
+    from llama_cpp import Llama
+
+    from llamalens.core.runtime import Model, ModelOptions
+    from tiny_gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "small.gguf", byte_tokens=False)
+    llm = Llama(str(path), n_ctx=256, logits_all=True, verbose=False, flash_attn=False)
+    start = "the cat sat on"
+    cfg = SamplingSettings(chain="llama.cpp", dry_multiplier=5.0, dry_base=2.0, dry_allowed_length=1,
+                           dry_penalty_last_n=128, temperature=0.0, seed=1, **OFF)
+    with Model(path, ModelOptions(ctx=256, flash_attn="off")) as model:
+        greedy = generate(model, start, SamplingSettings(temperature=0.0), max_tokens=8, n_logprobs=1)
+        head = model.prompt_tokens(start)
+        context = head + [t.id for t in greedy.tokens] + head[1:]  # BOS, start, its continuation, start again
+        (sample,) = Engine(model, 1).run([Request(start, cfg, 40, 1, prompt_tokens=list(context))])
+        texts = [model.token_text(i)[0] for i in range(model.n_vocab)]
+    assert len(context) + len(sample.tokens) < cfg.dry_penalty_last_n  # the whole context is in DRY's window
+    assert not any(b in t for t in texts for b in cfg.dry_sequence_breakers)
+    changed = []
+    for t in sample.tokens:
+        llm.reset()
+        llm.eval(context)
+        raw = np.array(llm.scores[len(context) - 1], dtype=np.float64)
+        pen = dry_reference(context, 5.0, 2.0, 1)
+        after = raw - np.array([pen.get(i, 0.0) for i in range(len(raw))])
+        best = np.flatnonzero(after >= after.max() - 1e-4)  # float32 logits: a near tie may go either way
+        assert t.id in best, (len(context), t.id, int(np.argmax(after)))
+        changed.append(int(np.argmax(raw)) != t.id)
+        context = context + [t.id]
+        if t.eog:
+            break
+    assert sum(changed) >= 2  # measured 3

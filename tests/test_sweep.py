@@ -119,7 +119,23 @@ def _check_noise_claim(store, batched, d, n_configs):
     for c in range(n_configs):
         signed = [x for k, v in d.items() if samples[k].config_idx == c for x in v]
         assert abs(np.mean(signed)) < nf["max_abs_dlogprob"], (c, np.mean(signed), nf)
-    assert (flat > nf["p95_abs_dlogprob"]).mean() < 0.25  # measured 1.4% (Q4_K_M, 144 tokens)
+    # measured: 2.3% (tiny, 128 tokens), 0.0% and 1.4% (Q4_K_M, 110 and 144 tokens). The 95th percentile is taken
+    # over a few re-decoded samples (often its top order statistics), so fewer than 1 in 20 may pass it and no lower
+    # bound holds; an 80th percentile stored as the 95th puts about 20% above it
+    assert (flat > nf["p95_abs_dlogprob"]).mean() < 0.10
+
+
+def test_noise_floor_figures_by_hand():
+    """The stored figures of |Δ logprob| against order statistics computed here: with 101 deltas 0, 0.01, ...,
+    1.00 (shuffled), the q-th percentile is the value at rank q exactly (numpy's linear rule lands on a sample)."""
+    from llamalens.run.noise import noise_figures
+
+    d = list(np.random.default_rng(0).permutation(np.arange(101) / 100))
+    f = noise_figures(4, d, agree=99)
+    assert (f["samples"], f["tokens"], f["top1_agreement"]) == (4, 101, 99 / 101)
+    assert f["p95_abs_dlogprob"] == pytest.approx(0.95) and f["p99_abs_dlogprob"] == pytest.approx(0.99)
+    assert f["max_abs_dlogprob"] == 1.0 and f["mean_abs_dlogprob"] == pytest.approx(0.5)
+    assert noise_figures(0, [], 0) == {"samples": 0}
 
 
 def test_default_model_noise_floor_claim(gemma, tmp_path):

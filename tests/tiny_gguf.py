@@ -42,14 +42,17 @@ TINY_CHAT_TEMPLATE = """{{ bos_token }}
 def write_tiny_gguf(path: str | Path, seed: int = 0, n_embd: int = 64, n_layer: int = 2, n_head: int = 4,
                     n_ff: int = 128, ctx: int = 512, file_type_tag: str = "tiny", n_vocab: int = N_VOCAB,
                     pooling_type: int | None = None, causal: bool = True, chat_template: str | None = None,
-                    split_max_tensors: int = 0, byte_tokens: bool = True, tied_pairs: bool = False) -> Path:
+                    split_max_tensors: int = 0, byte_tokens: bool = True, tied_pairs: bool = False,
+                    eos_boost: float = 0.0) -> Path:
     """`n_vocab` > 312 appends synthetic pieces "▁x0", "▁x1", ... (for benchmarks at a realistic size).
     `pooling_type` (llama_pooling_type) and `causal=False` make it look like an embedding model.
     `chat_template` is written as tokenizer.chat_template (a Jinja chat template, e.g. TINY_CHAT_TEMPLATE).
     `split_max_tensors` > 0 writes a split model, NAME-0000k-of-0000n.gguf (returns the first part).
     `byte_tokens=False` leaves out the 256 byte tokens: a 56-token vocabulary, small enough for a beam per
     token (exhaustive-search tests); it tokenizes only text made of its word pieces.
-    `tied_pairs=True` gives tokens 2i and 2i+1 the same output row: every logit has an equal twin (ties)."""
+    `tied_pairs=True` gives tokens 2i and 2i+1 the same output row: every logit has an equal twin (ties).
+    `eos_boost` > 0 adds that multiple of the mean of the word pieces' output rows to EOS's row: the model then
+    ends its text often (beam hypotheses that finish on end-of-generation)."""
     import gguf
 
     path = Path(path)
@@ -95,6 +98,8 @@ def write_tiny_gguf(path: str | Path, seed: int = 0, n_embd: int = 64, n_layer: 
     out = t(len(tokens), n_embd, scale=0.5)
     if tied_pairs:
         out[1::2] = out[0::2][: len(tokens) // 2]
+    if eos_boost:
+        out[2] += eos_boost * out[3 + n_bytes:].sum(axis=0) / np.sqrt(len(words))
     w.add_tensor("output.weight", out)
     for i in range(n_layer):
         p = f"blk.{i}."
