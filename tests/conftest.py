@@ -7,6 +7,7 @@ every test, and a run with any skipped test fails there.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -64,7 +65,7 @@ def chromium_path() -> str:
 
 
 # Tests that use these load the 262k-vocabulary default model, start a server, a Ray cluster or a browser, or run
-# notebooks: the slow tier. `pytest -m "not slow"` runs the rest, on the tiny GGUFs, in about a minute.
+# notebooks: the slow tier. `pytest -m "not slow"` runs the rest, on the tiny GGUFs, in under two minutes.
 SLOW_FIXTURES = {"gemma", "gemma_path", "gemma_llama", "gemma_q8_path", "gemma_q2_path", "gemma_server", "gemma_server_ctx",
                  "prime_run", "finance", "ray_session", "chromium_path", "llama_perplexity", "tiny_server", "serve_app",
                  "tiny_server_ctx"}
@@ -154,6 +155,14 @@ def gemma_q8_path(gemma_path, tmp_path_factory):
     return out
 
 
+@functools.cache
+def _default_model_file() -> Path:
+    """Where the default model's file is (found once: assembling it checks its 250 MB's sha256, 0.2 s a call)."""
+    from llamalens.modelfiles.find import default_model_path
+
+    return default_model_path().resolve()
+
+
 @pytest.fixture(autouse=True)
 def _fast_tier_stays_tiny(request, monkeypatch):
     """A test of the fast tier (not marked slow) that loads the default model in this process fails, naming the
@@ -161,9 +170,8 @@ def _fast_tier_stays_tiny(request, monkeypatch):
     if request.node.get_closest_marker("slow"):
         return
     from llamalens.core import runtime
-    from llamalens.modelfiles.find import default_model_path
 
-    big = default_model_path().resolve()
+    big = _default_model_file()
     init = runtime.Model.__init__
 
     def only_tiny(self, path, *args, **kwargs):
