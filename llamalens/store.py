@@ -28,7 +28,9 @@ Columns added after 0.1.0, by ALTER TABLE when an older store is opened (its rea
   runs.kind       what made the run: 'sweep' (every run before kinds existed), or a command's own kind
                   ('beam', 'fork', ...), so `runs`, `show` and `export` know how to read its samples;
   samples.extra   JSON dict of what a kind records per sample beyond its tokens (a fork continuation's
-                  position and forced token, a beam search's hypotheses), set when planned or when saved.
+                  position and forced token, a beam search's hypotheses), set when planned or when saved; each
+                  kind reads and writes it as a typed, versioned record (run/fork_records.py, run/sweep_records.py,
+                  run/tree.py's TreeExtra).
 """
 
 from __future__ import annotations
