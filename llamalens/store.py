@@ -1,9 +1,7 @@
 """The run store: one SQLite file holding runs, their planned samples and every token record.
 
-A store is recognised before anything is written to it: its SQLite header carries llamalens's
-application id (a store made by 0.1.0 has none, and is recognised by its tables). Any other file, an
-SQLite database of another application included, is refused untouched, and no output path (`-o`,
-`--report`) may name a store or its -wal / -shm files.
+A store is recognised before anything is written to it (store_file.py: a foreign file is refused untouched, and
+no output path may name a store).
 
 Nothing completed is ever lost:
   * a run is planned whole before decoding: one `samples` row per (prompt, config, seed), status
@@ -30,7 +28,9 @@ Columns added after 0.1.0, by ALTER TABLE when an older store is opened (its rea
   runs.kind       what made the run: 'sweep' (every run before kinds existed), or a command's own kind
                   ('beam', 'fork', ...), so `runs`, `show` and `export` know how to read its samples;
   samples.extra   JSON dict of what a kind records per sample beyond its tokens (a fork continuation's
-                  position and forced token, a beam search's hypotheses), set when planned or when saved;
+                  position and forced token, a beam search's hypotheses), set when planned or when saved; each
+                  kind reads and writes it as a typed, versioned record (run/fork_records.py, run/sweep_records.py,
+                  run/tree.py's TreeExtra).
   tokens.renyi    D_1/2(raw distribution || uniform), nats (core/confidence.py); NULL: not recorded (older, beam).
 """
 
@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamalens.errors import StoreError
+from llamalens.store_file import (APPLICATION_ID, StoreMissing, check_not_a_store, default_store_path,  # noqa: F401
+                                   recognise, remember_open)
 from llamalens.modelfiles.find import ModelInfo
 from llamalens.records import Alternative, Hardware, RunOptions, Sample, StoredSample, Timing, TokenRecord, token_text
 from llamalens.settings import SamplingSettings
@@ -81,9 +83,6 @@ CREATE TABLE IF NOT EXISTS writers (run_id INTEGER NOT NULL, pid INTEGER NOT NUL
     started REAL NOT NULL, heartbeat REAL NOT NULL, ended REAL);
 """
 _ADDED_COLUMNS = (("runs", "kind", "TEXT NOT NULL DEFAULT 'sweep'"), ("samples", "extra", "TEXT"), ("tokens", "renyi", "REAL"))
-APPLICATION_ID = 0x4C4C4E53  # "LLNS" in the SQLite header (PRAGMA application_id)
-SQLITE_MAGIC = b"SQLite format 3\x00"
-_TABLES = {"meta", "runs", "configs", "samples", "tokens"}
 BUSY_TIMEOUT_S = 60  # how long opening or writing the store waits for another process's lock
 STALE_AFTER_S = 600  # a writer on another host with no heartbeat for this long is taken for dead
 
@@ -92,10 +91,6 @@ def _token_rows(run_id: int, sample_idx: int, sample: Sample) -> list[tuple]:
     return [(run_id, sample_idx, t.position, t.id, bytes.fromhex(t.bytes), t.logprob, t.sampled_logprob, t.rank,
              t.entropy, t.candidates, int(t.eog), json.dumps([[a.id, a.bytes, a.logprob] for a in t.top]), t.renyi)
             for t in sample.tokens]
-
-
-class StoreMissing(StoreError):
-    """A command that only reads was pointed at a store that does not exist."""
 
 
 class StoreFull(StoreError):
@@ -109,105 +104,6 @@ def _is_corrupt(e: Exception) -> bool:
 
 def _is_full(e: Exception) -> bool:
     return "full" in str(e).lower() or getattr(e, "errno", None) == 28  # SQLITE_FULL, ENOSPC
-
-
-# Stores this process has open, by (device, inode). Opening and closing a database file with plain open()
-# drops every POSIX lock this process holds on it, SQLite's included: another process may then take the
-# store for unused, checkpoint it and delete its -wal file, and the writes of this process's connections are
-# lost in the deleted file. A store already open here is therefore never read with open() again.
-_OPEN_STORES: set[tuple[int, int]] = set()
-
-
-def _file_id(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _open_here_as_store(path: Path) -> bool:
-    """Whether `path` is a store this process has open, asked through SQLite (which keeps the locks)."""
-    if _file_id(path) not in _OPEN_STORES:
-        return False
-    try:
-        con = sqlite3.connect(f"file:{urllib.parse.quote(str(Path(path).resolve()))}?mode=ro", uri=True)
-        try:
-            return con.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
-        finally:
-            con.close()
-    except sqlite3.DatabaseError:
-        return False
-
-
-def recognise(path: Path) -> bool:
-    """True for a llamalens store, False for no file (or an empty one); StoreError for anything else.
-    Reads only: a foreign file is left exactly as it was."""
-    if _open_here_as_store(path):
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(100)
-    except (FileNotFoundError, NotADirectoryError):  # nothing there yet (creating it may still fail, clearly)
-        return False
-    except IsADirectoryError:
-        raise StoreError(f"{path} is a directory, not a run store; pass a file path with --store") from None
-    except OSError as e:
-        raise StoreError(f"cannot read the run store {path} ({e.strerror}); pass a readable --store path") from None
-    if not head:
-        return False
-    if not head.startswith(SQLITE_MAGIC):
-        raise StoreError(f"{path} is not a llamalens run store (not an SQLite database); llamalens left it untouched: "
-                         "pass another --store path or set LLAMALENS_STORE")
-    app_id = int.from_bytes(head[68:72], "big")
-    if app_id == APPLICATION_ID:
-        return True
-    tables: set[str] = set()
-    if app_id == 0:  # a store of llamalens 0.1.0 has no application id: look at its tables, read-only
-        try:
-            con = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True)
-            try:
-                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            finally:
-                con.close()
-        except sqlite3.DatabaseError:
-            tables = set()
-        if _TABLES <= tables:
-            return True
-    what = f"application id 0x{app_id:08X}" if app_id else (
-        f"tables {', '.join(sorted(tables)[:6])}" if tables else "no llamalens tables")
-    raise StoreError(f"{path} is an SQLite database of another application ({what}), not a llamalens run store; "
-                     "llamalens left it untouched: pass another --store path or set LLAMALENS_STORE")
-
-
-def check_not_a_store(output: str | os.PathLike) -> None:
-    """Refuse an output path that would overwrite a run store (any SQLite database) or its -wal / -shm file."""
-    out = Path(output)
-    if _open_here_as_store(out):
-        raise StoreError(f"{out} is an SQLite database (a run store?); llamalens will not overwrite it: "
-                         "choose another output path")
-    try:
-        if out.is_file():
-            with open(out, "rb") as f:
-                if f.read(16) == SQLITE_MAGIC:
-                    raise StoreError(f"{out} is an SQLite database (a run store?); llamalens will not overwrite it: "
-                                     "choose another output path")
-    except OSError:
-        return
-    for suffix in ("-wal", "-shm", "-journal"):
-        if out.name.endswith(suffix):
-            main = out.with_name(out.name[: -len(suffix)])
-            if main.is_file():
-                raise StoreError(f"{out} belongs to the SQLite database {main} (a run store?); llamalens will not "
-                                 "overwrite it: choose another output path")
-
-
-def default_store_path() -> Path:
-    env = os.environ.get("LLAMALENS_STORE")
-    if env:
-        return Path(env).expanduser()
-    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "llamalens" / "runs.db"
 
 
 @dataclass
@@ -262,9 +158,7 @@ class Store:
             if not read_only:
                 raise
             self._open_unwritable()
-        fid = _file_id(self.path)
-        if fid is not None:
-            _OPEN_STORES.add(fid)
+        remember_open(self.path)
 
     def _open(self, read_only: bool, known: bool) -> None:
         try:

@@ -351,10 +351,10 @@ def fork_plan(model_path, threads):
                     alternatives=3, min_prob=0.05, max_tokens=16)
     base = base_path(m, spec)
     prompt_ids, base_ids = base.prompt_token_ids, [t.id for t in base.tokens]
-    reqs = [Request(FORK_PROMPT, spec.settings.with_(seed=x["seed"]), spec.max_tokens - x["position"] - 1, 5,
-                    key=i, prompt_tokens=prompt_ids + base_ids[: x["position"]] + [x["forced_token"]])
+    reqs = [Request(FORK_PROMPT, spec.settings.with_(seed=x.seed), spec.max_tokens - x.position - 1, 5,
+                    key=i, prompt_tokens=prompt_ids + base_ids[: x.position] + [x.forced_token])
             for i, x in enumerate(plan_continuations(base, spec))
-            if spec.max_tokens - x["position"] - 1 > 0 and not m.is_eog(x["forced_token"])]
+            if spec.max_tokens - x.position - 1 > 0 and not m.is_eog(x.forced_token)]
     return m, prompt_ids, base_ids, reqs
 
 

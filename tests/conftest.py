@@ -7,6 +7,7 @@ every test, and a run with any skipped test fails there.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -64,7 +65,7 @@ def chromium_path() -> str:
 
 
 # Tests that use these load the 262k-vocabulary default model, start a server, a Ray cluster or a browser, or run
-# notebooks: the slow tier. `pytest -m "not slow"` runs the rest, on the tiny GGUFs, in about a minute.
+# notebooks: the slow tier. `pytest -m "not slow"` runs the rest, on the tiny GGUFs, in under two minutes.
 SLOW_FIXTURES = {"gemma", "gemma_path", "gemma_llama", "gemma_q8_path", "gemma_q2_path", "gemma_server", "gemma_server_ctx",
                  "prime_run", "finance", "ray_session", "chromium_path", "llama_perplexity", "tiny_server", "serve_app",
                  "tiny_server_ctx"}
@@ -73,6 +74,11 @@ SLOW_FIXTURES = {"gemma", "gemma_path", "gemma_llama", "gemma_q8_path", "gemma_q
 # tiny-model tests that run dozens of commands (measured 20-100 s each on 2 cores): also the slow tier
 SLOW_TESTS = {"test_every_readme_command_line_runs", "test_cli_table_query_json", "test_report_size_limit",
               "test_a_server_killed_mid_generation_keeps_every_finished_branch"}
+# processes racing or killed and resumed (10-30 s each on 2 cores), and tests of what a command does with no --model
+# (the default model): also the slow tier
+SLOW_TESTS |= {"test_kill_9_then_resume_via_cli", "test_processes_opening_one_new_store_at_once",
+               "test_generate_table_on_default_model", "test_tokenize_default_model_table",
+               "test_cli_bad_input_on_the_default_model"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -147,3 +153,31 @@ def gemma_q8_path(gemma_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("q8") / "gemma-3-270m-q8_0.gguf"
     quantize(gemma_path, out, "Q8_0")
     return out
+
+
+@functools.cache
+def _default_model_file() -> Path:
+    """Where the default model's file is (found once: assembling it checks its 250 MB's sha256, 0.2 s a call)."""
+    from llamalens.modelfiles.find import default_model_path
+
+    return default_model_path().resolve()
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_stays_tiny(request, monkeypatch):
+    """A test of the fast tier (not marked slow) that loads the default model in this process fails, naming the
+    fix: the fast tier runs on the tiny GGUFs only."""
+    if request.node.get_closest_marker("slow"):
+        return
+    from llamalens.core import runtime
+
+    big = _default_model_file()
+    init = runtime.Model.__init__
+
+    def only_tiny(self, path, *args, **kwargs):
+        if Path(path).resolve() == big:
+            pytest.fail("this test loads the default model: give it the tiny model (tiny_path), or list it in "
+                        "SLOW_TESTS (tests/conftest.py)")
+        init(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.Model, "__init__", only_tiny)

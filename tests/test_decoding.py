@@ -332,3 +332,57 @@ def test_cli_strategies_show_export_report(tiny_path, tmp_path):
     assert len(set(bigrams(ids))) == len(ids) - 1
     bad = run("sweep", "x", "--strategy", "beams", "-m", tiny_path, "--store", store, ok=False)
     assert bad.exit_code != 0 and "strategy 'beams' is out of range" in bad.output and "Traceback" not in bad.output
+
+
+# -- beam results as stored ----------------------------------------------------------------------------
+# tests/data/beams-tiny.json holds beam_search's results on the tiny models, as the search gave them when it had a
+# decode loop of its own (before it became a policy of the engine's scheduler); rewrite it (beam_digests below)
+# only when the search's results change on purpose.
+BEAM_CASES = [  # (model, prompt, settings, max_tokens, n_logprobs, exact)
+    ("tiny", "the cat", dict(beams=4, length_penalty=0.6, num_return=4), 10, 2, False),
+    ("tiny", "the cat", dict(beams=4, length_penalty=2.0, num_return=4), 10, 2, True),
+    ("tiny", "the", dict(beams=3, early_stopping="never"), 24, 2, False),
+    ("tiny", "the cat", dict(beams=3, no_repeat_ngram=2), 30, 2, False),
+    ("small", "hello", dict(beams=8, no_repeat_ngram=1), 40, 1, False),
+]
+
+
+def beam_digests(models: dict, search=beam_search) -> list[dict]:
+    """Everything a beam search returns but its timings, per BEAM_CASES case (floats as JSON keeps them: exactly)."""
+    def tokens(recs):
+        return [[t.id, t.logprob, t.rank, t.entropy, t.candidates, [a.id for a in t.top], t.blocked] for t in recs]
+
+    out = []
+    for name, prompt, kw, max_tokens, n_logprobs, exact in BEAM_CASES:
+        m = models[name]
+        r = search(m, prompt, BEAM.with_(**kw), max_tokens=max_tokens, n_logprobs=n_logprobs, exact=exact)
+        out.append({"text": r.sample.text, "finish": r.sample.finish_reason, "tokens": tokens(r.sample.tokens),
+                    "hypotheses": [dict(h.to_dict(m), tokens=tokens(h.tokens)) for h in r.hypotheses],
+                    "steps": r.steps, "decode_calls": r.decode_calls, "scored_tokens": r.scored_tokens})
+    return out
+
+
+def _close(a, b, path="") -> None:
+    """a == b, floats within 1e-5 (measured here: identical; the margin is for another CPU's float32 kernels)."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, abs=1e-5), path
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    else:
+        assert a == b, path
+
+
+def test_beam_results_equal_the_stored_ones(tiny, small):
+    from conftest import ROOT
+
+    stored = json.loads((ROOT / "tests" / "data" / "beams-tiny.json").read_text())
+    got = json.loads(json.dumps(beam_digests({"tiny": tiny, "small": small})))
+    assert len(got) == len(stored) == len(BEAM_CASES)
+    for i, (g, s) in enumerate(zip(got, stored)):
+        _close(g, s, f"case {i}")

@@ -1,4 +1,4 @@
-"""dist's pick made in numpy (sampler.Draws, sampler.dist_select, Sampler.choose) against llama.cpp's own dist:
+"""dist's pick made in numpy (dist.Draws, dist.dist_select, Sampler.choose) against llama.cpp's own dist:
 the same random numbers, the same picks, and the same records through the engine."""
 
 import numpy as np

@@ -124,8 +124,6 @@ def test_cli_table_query_json(tmp_path):
     (["king"], "at least two texts"),
     (["king", "  "], "text 2 is empty"),
     (["-q", "fruit"], "--query needs texts"),
-    (["king", "queen", "--pooling", "first"], "every text would get the same vector"),
-    (["king", "The quick brown fox jumps over the lazy dog", "--ctx", "4"], "text 2 is 10 tokens but --ctx is 4"),
     (["--file", "/nonexistent/terms.txt"], "file not found"),
     (["king", "queen", "--vectors"], "give --json too"),
 ])
@@ -134,6 +132,14 @@ def test_cli_bad_input(args, msg):
     assert res.exit_code != 0
     assert msg in res.output
     assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("args,msg", [  # these load the default model (the slow tier: conftest.SLOW_TESTS)
+    (["king", "queen", "--pooling", "first"], "every text would get the same vector"),
+    (["king", "The quick brown fox jumps over the lazy dog", "--ctx", "4"], "text 2 is 10 tokens but --ctx is 4"),
+])
+def test_cli_bad_input_on_the_default_model(args, msg):
+    test_cli_bad_input(args, msg)
 
 
 def test_long_text_in_chunks_equals_llama_cpp_python(tiny_path):

@@ -39,3 +39,54 @@ def test_export_of_a_fork_run_carries_the_fork_columns(tiny_path, tmp_path, fmt)
         assert all(math.isclose(p, x["prob"], rel_tol=1e-15) for p in rows.forced_prob)  # CSV keeps repr digits
         # forced_text: CSV quotes every text field, so a space or comma reads back as it was
         assert set(rows.forced_text.fillna("")) == {x["forced_text"]}
+
+
+def test_a_store_written_with_untyped_extras_opens_and_exports_as_it_did(tmp_path):
+    """tests/data/store-dict-extras.db was written while samples.extra was dicts read by key (a fork run, a sweep of
+    greedy / beam / best-of / no-repeat-ngram, a grammar sweep, on the tiny model); show --json and export (jsonl,
+    csv) give exactly what that version gave (store-dict-extras.json: its show output, its exports' sha256)."""
+    import hashlib
+    import json
+    import shutil
+
+    from conftest import ROOT
+    from llamalens.run.fork import load_fork
+    from llamalens.run.fork_records import BaseExtra, Continuation
+    from llamalens.run.sweep_records import SweepExtra
+
+    data = ROOT / "tests" / "data"
+    db = tmp_path / "old.db"
+    shutil.copy(data / "store-dict-extras.db", db)
+    expected = json.loads((data / "store-dict-extras.json").read_text(encoding="utf-8"))
+    for run, want in expected.items():
+        got = json.loads(cli("show", run, "--store", db, "--json").output)
+        assert got == want["show"], run
+        for fmt in ("jsonl", "csv"):
+            out = tmp_path / f"{run}.{fmt}"
+            cli("export", run, "--store", db, "--format", fmt, "-o", out)
+            assert hashlib.sha256(out.read_bytes()).hexdigest() == want[f"{fmt}_sha256"], (run, fmt)
+    # the records read from it are typed, and write back the dicts they were read from (with their version)
+    store = Store(db)
+    samples = store.samples(store.run("fork-run").id)
+    base = BaseExtra.from_dict(samples[0].extra)
+    assert base.plan.samples == 2 and base.cost.sequences == len(samples) - 1 and base.decode_stats["decodes"] > 0
+    assert json.dumps(base.to_dict()) == json.dumps(_versioned(samples[0].extra))  # the same keys, in order
+    for s in samples[1:]:
+        assert json.dumps(Continuation.from_dict(s.extra).to_dict()) == json.dumps(_versioned(s.extra))
+    fr = load_fork(store, "fork-run")
+    assert fr.plan == base.plan and fr.cost == base.cost and fr.outcome.mode == "first_line"
+    kinds = set()
+    for run in ("strategies-run", "grammar-run"):
+        for s in store.samples(store.run(run).id):
+            x = SweepExtra.from_dict(s.extra)
+            assert json.dumps(x.to_dict()) == json.dumps(_versioned(s.extra) if s.extra else None)
+            kinds |= {type(x.strategy).__name__} | ({"grammar"} if x.grammar_removed else set()) | \
+                ({"blocked"} if x.blocked else set())
+    assert kinds == {"BeamExtra", "BestOfExtra", "NoneType", "grammar", "blocked"}
+
+
+def _versioned(extra: dict) -> dict:
+    """A stored extra as its record writes it now: "version" after "role" (a fork's), else first."""
+    items = list(extra.items())
+    at = 1 if items and items[0][0] == "role" else 0
+    return dict(items[:at] + [("version", 1)] + items[at:])

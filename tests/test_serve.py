@@ -46,6 +46,7 @@ def test_completion_logprobs_equal_llama_cpp_python(serve_app, gemma_llama):
     status, out = serve_app.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 8, "temperature": 0,
                                                      "logprobs": 5})
     assert status == 200, out
+    gemma_llama.reset()  # a prompt it decoded before (another test's) would leave a prefix that it does not decode again
     ref = gemma_llama.create_completion(PROMPT, max_tokens=8, temperature=0, logprobs=5)["choices"][0]
     ours = out["choices"][0]
     assert ours["text"] == ref["text"]
@@ -330,3 +331,60 @@ def test_a_server_killed_mid_generation_keeps_every_finished_branch(tmp_path):
     t = load_tree(Store(db), tree)
     assert t.branches[0].status == "done" and [x.id for x in t.branches[0].tokens] == [x["id"] for x in records]
     assert t.branches[1].status == "pending" and t.info.status == "interrupted"
+
+
+# -- the fast tier's serve: the same server on the tiny model (every route once) ------------------------------------
+@pytest.fixture(scope="module")
+def tiny_serve(tiny_path, tmp_path_factory):
+    from tiny_gguf import TINY_CHAT_TEMPLATE, write_tiny_gguf
+
+    folder = tmp_path_factory.mktemp("tiny-serve")
+    path = write_tiny_gguf(folder / "chat.gguf", chat_template=TINY_CHAT_TEMPLATE)
+    with llamalens_serve("--model", str(path), "--store", str(folder / "runs.db"), "--ctx", "256", "--flash-attn",
+                         "off", timeout=120) as srv:
+        srv.db, srv.model_path = folder / "runs.db", path
+        yield srv
+
+
+def test_serve_on_the_tiny_model(tiny_serve, tmp_path):
+    """Generate (against the engine's own generate, 1e-4: the held context decodes the same prompt the same way,
+    measured identical), branch, the stored runs and adopting one, the OpenAI endpoints (whole against streamed,
+    chat with logprobs), and the tree as a run for show and report."""
+    from llamalens import SamplingSettings
+    from llamalens.core.engine import generate
+    from llamalens.core.runtime import Model, ModelOptions
+
+    tree, records, _ = _generate(tiny_serve, prompt="the cat", n=6)
+    with Model(tiny_serve.model_path, ModelOptions(ctx=256, flash_attn="off")) as m:
+        ref = generate(m, "the cat", SamplingSettings(temperature=0), max_tokens=6, n_logprobs=5)
+    assert [r["id"] for r in records] == [t.id for t in ref.tokens]
+    assert max(abs(r["logprob"] - t.logprob) for r, t in zip(records, ref.tokens)) < 1e-4
+    alt = records[1]["top"][2]["id"]
+    _events(tiny_serve, "/api/branch", {"tree": tree, "branch": 0, "at": 1, "token": alt,
+                                        "settings": {"temperature": 0}, "max_tokens": 3})
+    status, stored = tiny_serve.get(f"/api/trees/{tree}")
+    assert status == 200 and [b["at"] for b in stored["branches"]] == [None, 1]
+    assert stored["branches"][1]["tokens"][1]["id"] == alt
+    _, runs = tiny_serve.get("/api/runs")
+    assert [r["id"] for r in runs] == [tree]  # (adopting below makes a second tree)
+    status, run = tiny_serve.get(f"/api/runs/{tree}")
+    assert status == 200 and run["branchable"] and len(run["branches"]) == 2
+    status, adopted = tiny_serve.post("/api/adopt", {"run": tree, "sample": 1})
+    assert status == 200 and adopted["tree"] != tree, adopted
+    _, root = tiny_serve.get(f"/api/trees/{adopted['tree']}")  # branch 1's whole path, as the new tree's root
+    assert [t["id"] for t in root["branches"][0]["tokens"]] == [t["id"] for t in stored["branches"][1]["tokens"]]
+    status, models = tiny_serve.get("/v1/models")
+    assert status == 200 and models["data"][0]["id"] == "chat.gguf"
+    body = {"prompt": "the cat", "max_tokens": 5, "temperature": 0, "logprobs": 2}
+    _, whole = tiny_serve.post("/v1/completions", body)
+    status, events = tiny_serve.post("/v1/completions", dict(body, stream=True))
+    assert status == 200 and events[-1] == "[DONE]"
+    assert "".join(c["choices"][0]["text"] for c in events[:-1]) == whole["choices"][0]["text"]
+    assert whole["choices"][0]["logprobs"]["token_logprobs"][0] == pytest.approx(ref.tokens[0].logprob, abs=1e-4)
+    status, chat = tiny_serve.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "the cat"}], "max_tokens": 3, "temperature": 0, "logprobs": True,
+        "top_logprobs": 2})
+    assert status == 200 and all(len(c["top_logprobs"]) == 2 for c in chat["choices"][0]["logprobs"]["content"])
+    assert "tree of 2 branch(es)" in cli("show", tree, "--store", tiny_serve.db, "--texts").output
+    cli("report", tree, "-o", tmp_path / "tree.html", "--store", tiny_serve.db)
+    assert "branch 1" in (tmp_path / "tree.html").read_text()

@@ -155,7 +155,7 @@ def show_fork(store, run_id, as_json, texts: bool = False, answer: str | None = 
     info, a = fr.info, fr.analysis
     if as_json:
         json_out({"run": info.to_dict(), "fork": a.to_dict(), "base_text": fr.base.text, "decode_stats": fr.stats,
-                  "cost": fr.cost, "confidence": confidence_json(store, run_id, answer)})
+                  "cost": fr.cost.to_dict() if fr.cost else {}, "confidence": confidence_json(store, run_id, answer)})
         return fr
     say(f"fork run {info.id} {info.name or ''} [{info.status}] model {info.model.name}, {info.n_done - 1}/"
         f"{info.n_samples - 1} continuations at {len(a.positions)} positions; outcome: {fr.outcome.describe()}")

@@ -1,4 +1,5 @@
-"""Beam search on the batched engine's primitives: B beams as B sequences of one context.
+"""Beam search as an entry policy of the engine's scheduler (Beams): B beams as B sequences of one context.
+The scheduler prefills, decodes and forks; the policy chooses the candidates and says which beams go on.
 
     prompt ──► prefill once (sequence 0) ──► row ──► step 0: one beam, its top 2B continuations
     every step, for the B live beams (one llama_decode with one token per beam, one output row each):
@@ -8,8 +9,8 @@
         all B × 2B candidates, best first ──► the top 2B, in order:
             end-of-generation and among the first B  -> a finished hypothesis (score with length penalty)
             otherwise                                 -> a live beam of the next step, until B are live
-        KV cells: a parent's first child keeps its sequence; every other child takes the sequence of a
-        beam that died (seq_rm) and gets a copy of its parent's cells (seq_cp: metadata only, the cache is
+        KV cells (Engine.fork): a parent's first child keeps its sequence; every other child takes the sequence
+        of a beam that died (seq_rm) and gets a copy of its parent's cells (seq_cp: metadata only, the cache is
         unified); dead beams' cells are freed with seq_rm.
     ──► stop when early stopping says so, or at max_tokens (then every live beam is a hypothesis)
     ──► the num_return best hypotheses, the best one as the Sample, and what each step pruned
@@ -43,11 +44,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llamalens.core.engine import Engine, Entry, Fork, Live, Request
+from llamalens.core.runtime import Context, Model, round_ctx
+from llamalens.core.stats import RowStats
 from llamalens.core.strategies import banned_tokens, hypothesis_score
 from llamalens.records import Alternative, Sample, Timing, TokenRecord
-from llamalens.core.runtime import Model, round_ctx
 from llamalens.settings import SamplingSettings
-from llamalens.core.stats import RowStats
 
 
 @dataclass
@@ -83,139 +85,161 @@ class BeamResult:
                 "decode_calls": self.decode_calls, "scored_tokens": self.scored_tokens}
 
 
-@dataclass
-class _Beam:
-    slot: int
-    records: list[TokenRecord]
-    sum_lp: float
+@dataclass(frozen=True)
+class Candidate:
+    """One continuation of one beam at one step, what the search ranks (best first: total, then beam, token)."""
 
-    @property
-    def ids(self) -> list[int]:
-        return [t.id for t in self.records]
+    total: float  # the beam's sum of raw logprobs + the token's
+    beam: int  # the beam's index among the step's beams
+    token: int
+    logprob: float  # the token's raw logprob in the beam's row
 
 
 def _text(model: Model, records: list[TokenRecord]) -> bytes:
     return b"".join(model.piece(t.id, special=False) for t in records if not t.eog)
 
 
+class Beams(Entry):
+    """Beam search as an entry policy of the engine's scheduler: the prompt enters once, prefilled in sequence 0;
+    every step the policy chooses jointly over the live beams' rows (module docstring) and says which beams go on
+    (Engine.fork: a kept candidate's parent forks, a beam without one dies); it ends the search by letting none go
+    on. What it finds is read from it after the run (result)."""
+
+    def __init__(self, engine: Engine, req: Request, max_new: int, exact: bool, t0: float):
+        super().__init__(engine, {})
+        self.req, self.model, self.max_new, self.exact, self.t0 = req, engine.model, max_new, exact, t0
+        self.settings, self.n_logprobs = req.settings, req.n_logprobs
+        self.n_beams, self.n_cand = req.settings.beams, 2 * req.settings.beams
+        self.todo, self.step, self.prompt_ms, self.t_first = True, 0, 0.0, 0.0
+        self.beams: list[Live] = []  # the beams of the last step chosen from
+        self.hyps: list[Hypothesis] = []
+        self.steps: list[dict] = []
+
+    def waiting(self) -> bool:
+        return self.todo
+
+    def enter(self, ctx: Context, seq: int, step: int) -> tuple[Live, np.ndarray, RowStats] | None:
+        """The prompt, prefilled once: the one beam of step 0."""
+        if not self.todo:
+            return None
+        self.todo = False
+        ptoks = self.req.prompt_tokens
+        row = ctx.prefill(ptoks, seq=seq)
+        self.prompt_ms = (time.perf_counter() - self.t0) * 1000
+        root = self.histories.root(("prompt", tuple(ptoks)))
+        live = self.engine.sequence(self.req, seq, len(ptoks), self.max_new, self.t0, root, root, chain=False)
+        return live, row, RowStats.of(row, None, self.n_logprobs)
+
+    def row_stats(self, block: np.ndarray) -> list[RowStats]:
+        return [RowStats.of(row, None, self.n_logprobs) for row in block]
+
+    def leave(self, ctx: Context, live: Live) -> None:
+        ctx.seq_rm(live.slot)
+
+    def choose(self, ctx: Context, slots: list[Live | None], served: list[tuple]) -> None:
+        """One step: the candidates of every beam, the finished hypotheses, and the beams that go on."""
+        step, n_beams = self.step, self.n_beams
+        beams = self.beams = [members[0] for members, _, _ in served]  # one beam a row, in slot order
+        rows = [row for _, row, _ in served]
+        stats = [st for _, _, st in served]
+        cands, banned = self._candidates(beams, rows, stats)
+        if self.t_first == 0.0:
+            self.t_first = time.perf_counter()
+        nxt: list[Fork] = []
+        finished = []
+        for rank, c in enumerate(cands):
+            beam = beams[c.beam]
+            rec = _record(self.model, rows[c.beam], stats[c.beam], c.token, c.logprob, step, self.n_logprobs,
+                          banned[c.beam], self.n_cand)
+            if self.model.is_eog(c.token):
+                if rank >= n_beams:
+                    continue
+                n = len(beam.records)
+                h = Hypothesis(beam.records + [rec], c.total, n, hypothesis_score(c.total, n, self.settings.length_penalty),
+                               "stop", step)
+                _keep(self.hyps, h, n_beams)
+                finished.append([c.beam, c.total, h.score])
+            else:
+                nxt.append(Fork(beam, c.token, rec, c.total))
+            if len(nxt) == n_beams:
+                break
+        index = {id(beam): b for b, beam in enumerate(beams)}
+        parents = {index[id(f.parent)] for f in nxt}
+        self.steps.append({"step": step, "live": [[index[id(f.parent)], f.token, f.score] for f in nxt],
+                           "dropped": [b for b in range(len(beams)) if b not in parents],
+                           "finished": finished, "cutoff": cands[-1].total if cands else None,
+                           "blocked": sum(len(x) for x in banned)})
+        self.step += 1
+        best_sum = cands[0].total if cands else -np.inf
+        if _done(self.hyps, n_beams, self.settings, best_sum, step + 1, self.max_new) or not nxt:
+            nxt = []
+        elif step + 1 == self.max_new:  # max_tokens reached: every live beam is a hypothesis
+            for f in nxt:
+                recs = f.parent.records + [f.record]
+                _keep(self.hyps, Hypothesis(recs, f.score, len(recs),
+                                            hypothesis_score(f.score, len(recs), self.settings.length_penalty),
+                                            "length", step), n_beams)
+            nxt = []
+        self.engine.fork(ctx, self, slots, nxt)  # none: the search ends
+
+    def _candidates(self, beams: list[Live], rows: list[np.ndarray],
+                    stats: list[RowStats]) -> tuple[list[Candidate], list[list[int]]]:
+        """Each beam's top 2B continuations from its raw row (banned tokens set aside), all of them best first,
+        cut to the top 2B; and each beam's banned tokens."""
+        n_gram, ptoks = self.settings.no_repeat_ngram, self.req.prompt_tokens
+        cands, banned = [], []
+        for b, (beam, row, st) in enumerate(zip(beams, rows, stats)):
+            ban = sorted(banned_tokens(ptoks + [t.id for t in beam.records], n_gram)) if n_gram else []
+            banned.append(ban)
+            k = min(self.n_cand + len(ban), row.shape[0])
+            top = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(row.shape[0])
+            ban_set = set(ban)
+            ids = sorted((int(i) for i in top if int(i) not in ban_set), key=lambda i: (-float(row[i]), i))
+            for tok in ids[: self.n_cand]:
+                lp = float(row[tok]) - st.lse
+                cands.append(Candidate(beam.score + lp, b, tok, lp))
+        cands.sort(key=lambda c: (-c.total, c.beam, c.token))
+        return cands[: self.n_cand], banned
+
+    def result(self, max_tokens: int) -> BeamResult:
+        """The num_return best hypotheses, the best one as the Sample (its timing from the search's start)."""
+        hyps = self.hyps
+        if not hyps:  # no live beam was left (a vocabulary smaller than the beams, all banned): the beams so far
+            hyps = [Hypothesis(b.records, b.score, len(b.records),
+                               hypothesis_score(b.score, len(b.records), self.settings.length_penalty), "length",
+                               self.step - 1)
+                    for b in self.beams if b.records]
+        hyps.sort(key=lambda h: -h.score)
+        best, req = hyps[0], self.req
+        t_end = time.perf_counter()
+        text = _text(self.model, best.tokens).decode("utf-8", errors="replace")
+        timing = Timing(prompt_tokens=len(req.prompt_tokens), generated_tokens=len(best.tokens),
+                        prompt_ms=self.prompt_ms, first_token_ms=(self.t_first - self.t0) * 1000,
+                        total_ms=(t_end - self.t0) * 1000)
+        sample = Sample(prompt=req.prompt, prompt_token_ids=req.prompt_tokens, settings=self.settings.to_dict(),
+                        max_tokens=max_tokens, text=text, finish_reason=best.finish, tokens=best.tokens, timing=timing,
+                        key=req.key)
+        return BeamResult(sample, hyps[: self.settings.num_return], self.steps, self.counts.get("decodes", 0),
+                          self.counts.get("decoded_tokens", 0))
+
+
 def beam_search(model: Model, prompt: str, settings: SamplingSettings, max_tokens: int = 16, n_logprobs: int = 5,
                 exact: bool = False, prompt_tokens: list[int] | None = None, key=None) -> BeamResult:
-    """Beam search with `settings.beams` beams (see the module docstring).
-
-    One function, longer than the house's limit: the search's state (live beams, finished hypotheses, the
-    stopping bound, the context's sequences) is read by every step, and the steps are commented in order."""
+    """Beam search with `settings.beams` beams (see the module docstring): the Beams policy run by the engine's
+    scheduler in a context of `beams` sequences."""
     settings.validate()
     t0 = time.perf_counter()
     ptoks = list(prompt_tokens) if prompt_tokens is not None else model.prompt_tokens(prompt)
     model.check_fits(len(ptoks), model.options.ctx)
-    n_beams, n_gram = settings.beams, settings.no_repeat_ngram
+    n_beams = settings.beams
     max_new = max(1, min(max_tokens, model.options.ctx - len(ptoks)))
-    hyps: list[Hypothesis] = []
-    steps: list[dict] = []
-    calls = scored = 0
-    n_cand = 2 * n_beams
-    with model.context(n_ctx=round_ctx(len(ptoks) + n_beams * (max_new + 2) + 1), n_seq_max=n_beams) as ctx:
-        rows = [ctx.prefill(ptoks, seq=0)]
-        prompt_ms = (time.perf_counter() - t0) * 1000
-        t_first = 0.0
-        beams = [_Beam(0, [], 0.0)]
-        for step in range(max_new):
-            # 1. each beam's top 2B continuations from its raw row
-            cands = []  # (total, beam index, token, token logprob)
-            stats, banned = [], []
-            for b, (beam, row) in enumerate(zip(beams, rows)):
-                st = RowStats.of(row, None, n_logprobs)
-                ban = sorted(banned_tokens(ptoks + beam.ids, n_gram)) if n_gram else []
-                stats.append(st)
-                banned.append(ban)
-                k = min(n_cand + len(ban), row.shape[0])
-                top = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(row.shape[0])
-                ban_set = set(ban)
-                ids = sorted((int(i) for i in top if int(i) not in ban_set), key=lambda i: (-float(row[i]), i))
-                for tok in ids[:n_cand]:
-                    lp = float(row[tok]) - st.lse
-                    cands.append((beam.sum_lp + lp, b, tok, lp))
-            cands.sort(key=lambda c: (-c[0], c[1], c[2]))
-            cands = cands[:n_cand]
-            if t_first == 0.0:
-                t_first = time.perf_counter()
-            # 2. finished hypotheses and the next step's beams
-            nxt: list[tuple[int, TokenRecord, float]] = []  # (parent, record, sum)
-            finished = []
-            for rank, (total, b, tok, lp) in enumerate(cands):
-                rec = _record(model, rows[b], stats[b], tok, lp, step, n_logprobs, banned[b], n_cand)
-                if model.is_eog(tok):
-                    if rank >= n_beams:
-                        continue
-                    h = Hypothesis(beams[b].records + [rec], total, len(beams[b].records),
-                                   hypothesis_score(total, len(beams[b].records), settings.length_penalty), "stop",
-                                   step)
-                    _keep(hyps, h, n_beams)
-                    finished.append([b, total, h.score])
-                else:
-                    nxt.append((b, rec, total))
-                if len(nxt) == n_beams:
-                    break
-            parents = {p for p, _, _ in nxt}
-            steps.append({"step": step, "live": [[p, r.id, s] for p, r, s in nxt],
-                          "dropped": [b for b in range(len(beams)) if b not in parents], "finished": finished,
-                          "cutoff": cands[-1][0] if cands else None, "blocked": sum(len(x) for x in banned)})
-            best_sum = cands[0][0] if cands else -np.inf
-            if _done(hyps, n_beams, settings, best_sum, step + 1, max_new) or not nxt:
-                break
-            if step + 1 == max_new:  # max_tokens reached: every live beam is a hypothesis
-                for p, rec, total in nxt:
-                    recs = beams[p].records + [rec]
-                    _keep(hyps, Hypothesis(recs, total, len(recs),
-                                           hypothesis_score(total, len(recs), settings.length_penalty), "length",
-                                           step), n_beams)
-                break
-            # 3. KV cells: first child keeps the parent's sequence, others copy it into a dead beam's
-            free = [b.slot for i, b in enumerate(beams) if i not in parents] + \
-                   [s for s in range(n_beams) if s not in {b.slot for b in beams}]
-            taken: set[int] = set()
-            new_beams = []
-            for p, rec, total in nxt:
-                parent = beams[p]
-                if parent.slot not in taken:
-                    slot = parent.slot
-                else:
-                    slot = free.pop(0)
-                    ctx.seq_rm(slot)
-                    ctx.seq_cp(parent.slot, slot)
-                taken.add(slot)
-                new_beams.append(_Beam(slot, parent.records + [rec], total))
-            for s in free:
-                ctx.seq_rm(s)
-            beams = new_beams
-            # 4. one decode for all beams (or one per beam, exact)
-            pos = len(ptoks) + step
-            toks = [b.records[-1].id for b in beams]
-            slots = [b.slot for b in beams]
-            if exact:
-                rows = []
-                for tok, slot in zip(toks, slots):
-                    ctx.decode([tok], [pos], [slot], [1])
-                    rows.append(ctx.logits(0).copy())
-                    calls += 1
-            else:
-                ctx.decode(toks, [pos] * len(toks), slots, [1] * len(toks))
-                rows = [ctx.logits(i) for i in range(len(toks))]
-                calls += 1
-            scored += len(toks)
-    if not hyps:  # no live beam was left (a vocabulary smaller than the beams, all banned): the beams so far
-        hyps = [Hypothesis(b.records, b.sum_lp, len(b.records),
-                           hypothesis_score(b.sum_lp, len(b.records), settings.length_penalty), "length", step)
-                for b in beams if b.records]
-    hyps.sort(key=lambda h: -h.score)
-    best = hyps[0]
-    t_end = time.perf_counter()
-    text = _text(model, best.tokens).decode("utf-8", errors="replace")
-    timing = Timing(prompt_tokens=len(ptoks), generated_tokens=len(best.tokens), prompt_ms=prompt_ms,
-                    first_token_ms=(t_first - t0) * 1000, total_ms=(t_end - t0) * 1000)
-    sample = Sample(prompt=prompt, prompt_token_ids=ptoks, settings=settings.to_dict(), max_tokens=max_tokens,
-                    text=text, finish_reason=best.finish, tokens=best.tokens, timing=timing, key=key)
-    return BeamResult(sample, hyps[: settings.num_return], steps, calls, scored)
+    engine = Engine(model, n_beams)
+    policy = Beams(engine, Request(prompt, settings, max_tokens, n_logprobs, key=key, prompt_tokens=ptoks), max_new,
+                   exact, t0)
+    for _ in engine.run_policy(policy, n_beams, n_logprobs, n_ctx=round_ctx(len(ptoks) + n_beams * (max_new + 2) + 1),
+                               n_seq_max=n_beams):
+        pass  # no beam finishes as a sample of its own: the search's result is the policy's
+    return policy.result(max_tokens)
 
 
 def _record(model: Model, row: np.ndarray, st: RowStats, tok: int, lp: float, position: int, n_logprobs: int,

@@ -1,45 +1,47 @@
 """The decoding engine: many sequences decoded together, one exact TokenRecord per generated token.
 
-(One module, longer than the house's limit: the one decode scheduler, whose two entry policies share every
-step's pieces; split, the steps and the policies they serve would be read in different files.)
+One decode scheduler (Engine._loop) serves every kind of decoding. It owns P slots of one llama.cpp context (unified
+KV cache), the sequences in them (core/sequences.py: Live), their interned histories, the rows they share and the
+picks; an entry policy it is given (core/entries.py: Entry) says how and when a sequence enters a slot, where a row
+comes from, and how the next tokens are chosen:
 
-One decode scheduler (Engine._loop) serves both kinds of run. It owns P slots of one llama.cpp context (unified KV
-cache), the histories of the sequences in them, the rows they share and the picks; an entry policy it is given says
-how and when a sequence enters a slot and where a row comes from:
-
-    Engine.run (_Prompts, sweeps): requests ──► queue (ordered by prompt) ──► a free slot takes the next request:
+    Engine.run (Prompts, sweeps): requests ──► queue (ordered by prompt) ──► a free slot takes the next request:
                                    same prompt still in the slot  -> nothing to do
                                    same prompt held by another slot -> seq_cp(0..len)
                                    otherwise                       -> prefill it once
         its first token comes from its prompt's last row, copied once per prompt (n_vocab floats) and reused by
         every sequence of that prompt; nothing of size context × vocabulary is ever kept.
-    Engine.run_continuations (_Continuations, `llamalens fork`): sequence 0 holds prompt + base path, prefilled
+    Engine.run_continuations (Continuations, `llamalens fork`): sequence 0 holds prompt + base path, prefilled
         once; a continuation of position t (prompt + base[:t] + [w]) enters a free sequence (1..P) with
         seq_cp(0, s, 0, L+t) and w pending, like a sampled token. When all fit in the slots, the continuations of
         position t enter at step t - t0, so that their histories are as long as the earlier positions'
         continuations' and identical ones meet; else as slots free, by position. The base path's prefill rows of
         positions t0+1..hi are kept: a history on the base path is served its row without a decode.
+    Engine.run_policy (core/beam.py's Beams): the prompt enters once; the policy chooses over all the beams' rows
+        at once and says which sequences go on (Engine.fork): a parent's first child keeps its sequence, others
+        take a dead beam's with a copy of the parent's cells.
+    Engine.run_in (core/held.py's Line): one request in a context its caller keeps between generations.
 
     every step (_loop):
       1. free slots take the sequences the policy lets in, in slot order (_enter)
       2. the sequences with a token pending are grouped by history (_groups): histories are interned, (parent id,
          token) -> id, so sequences whose token sequences are identical share one row (`fanned_out_tokens`)
       3. one row per group (_serve): kept by the policy, or decoded: one llama_decode with one token per group, at
-         its leader's sequence; the output rows, one contiguous [n_outputs, n_vocab] block (Context.logits_block),
-         get their statistics at once:
+         its leader's sequence (an exact policy: one llama_decode a row); the output rows, one contiguous
+         [n_outputs, n_vocab] block (Context.logits_block), get their statistics at once:
              block ──► block_stats: per row lse, entropy, the sorted top list, rank candidates [stats.py: one C
                        call for the whole block, kernels.block_pass, into arrays kept from step to step (reuse);
-                       numpy's passes without the kernel]  (continuations: RowStats.of, row by row)
+                       numpy's passes without the kernel]  (continuations, beams: RowStats.of, row by row)
          A sweep group's leader alone holds the history's cells; every member of a continuations' group gets the
          row's cell (seq_cp of one position).
-      4. per sequence (_choose):
+      4. the policy chooses (Entry.choose); by default per sequence (Engine.choose):
              raw row ──► candidate array ──► its own native sampler chain [sampler.Sampler.choose] -> Pick:
                          chosen token, survivors (candidates), sampled_logprob
                          (a top-k chain whose earlier stages leave the logits alone is fed only the row's
                          top k, taken from block_stats' candidates, when its k+1 largest logits are all
                          different: the same survivors and pick, sampler._prefilter_k says why; one C call,
                          kernels.pick_ids, which also ranks the pick from the top list. Over a large survivor
-                         set dist's pick is made in numpy when it provably is dist's, sampler.dist_select, the
+                         set dist's pick is made in numpy when it provably is dist's, dist.dist_select, the
                          sampled logprob included)
                      └─► the row's statistics for the chosen token (logprob, rank) -> TokenRecord (_record); the
                          pick extends the sequence's history
@@ -62,7 +64,6 @@ import gc
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
@@ -73,270 +74,15 @@ from llamalens.records import Sample, Timing, TokenRecord, alternatives
 from llamalens.core.strategies import banned_tokens
 from llamalens.core.runtime import Context, Model, round_ctx
 from llamalens.core.grammar import constrained_apply
+from llamalens.core.entries import Continuations, Entry, Prompts
 from llamalens.core.sampler import Candidates, GrammarSampler, Sampler, prefilter_k
+from llamalens.core.sequences import NO_TOKEN, Fork, Histories, Live, Pick, Request, add_counts
 from llamalens.settings import SamplingSettings
 from llamalens.core.confidence import renyi_to_uniform
 from llamalens.core.stats import CHUNK, RowStats, block_stats
 
-@dataclass
-class Request:
-    """One completion to generate."""
+__all__ = ["Engine", "Entry", "Fork", "Live", "Pick", "Request", "context_notes", "generate"]
 
-    prompt: str
-    settings: SamplingSettings
-    max_tokens: int = 16
-    n_logprobs: int = 5
-    stop: tuple[str, ...] = ()
-    key: object = None
-    prompt_tokens: list[int] | None = None  # filled by the engine when None
-    grammar: str | None = None  # GBNF text constraining the reply (grammar.py)
-
-    def problems(self) -> list[str]:
-        out = self.settings.problems()
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            out.append(f"max-tokens {self.max_tokens!r} is out of range (must be >= 1)")
-        if not isinstance(self.n_logprobs, int) or self.n_logprobs < 0:
-            out.append(f"logprobs {self.n_logprobs!r} is out of range (must be >= 0)")
-        if any(s == "" for s in self.stop):
-            out.append("an empty --stop string would stop at once; remove it")
-        return out
-
-
-@dataclass
-class _Live:
-    req: Request
-    slot: int  # the llama.cpp sequence id it decodes in
-    sampler: Sampler
-    max_tokens: int
-    t_start: float
-    prompt_ms: float = 0.0
-    t_first: float = 0.0
-    pos: int = 0  # position of the next token to decode
-    records: list[TokenRecord] = field(default_factory=list)
-    text: bytearray = field(default_factory=bytearray)
-    pending: int | None = None  # token sampled (or forced) but not yet decoded
-    finish: str | None = None
-    stop_at: int | None = None  # byte offset where a stop string begins
-    hist: int = 0  # id of (prompt + tokens sampled so far, pending included)
-    kv_hist: int = 0  # id of the history whose KV cells this slot holds
-    grammar: GrammarSampler | None = None
-    removed: list[float] = field(default_factory=list)  # raw mass the grammar forbade, per token
-
-    def close(self) -> None:
-        self.sampler.close()
-        if self.grammar is not None:
-            self.grammar.close()
-
-
-NO_TOKEN = -1  # a Pick's token when the grammar left nothing to pick
-
-
-@dataclass(frozen=True)
-class Pick:
-    """One sequence's choice at one step (Engine._pick), what Engine._record turns into its TokenRecord."""
-
-    token: int
-    sampled_logprob: float  # among the chain's survivors, after temperature (0.0 greedy)
-    candidates: int  # how many survivors
-    blocked: list[int]  # tokens no-repeat-ngram banned before the chain
-    removed: float | None  # raw mass the grammar forbade (None without a grammar)
-    prefiltered: bool  # the chain was fed only the row's top k (sampler.prefilter_k)
-    known: tuple[float, int] | None  # the pick's raw logit and rank when the prefiltered pick ranked it
-
-
-class _Histories:
-    """Token sequences as ids: a root key, or (parent id, token), interned; each child's parent kept."""
-
-    def __init__(self) -> None:
-        self.ids: dict[tuple, int] = {}
-        self.parent: dict[int, int] = {}
-
-    def root(self, key: tuple, parent: int | None = None) -> int:
-        h = self.ids.setdefault(key, len(self.ids))
-        if parent is not None:  # a root whose cells below its first token are another history's
-            self.parent[h] = parent
-        return h
-
-    def child(self, h: int, token: int) -> int:
-        c = self.ids.setdefault((h, token), len(self.ids))
-        self.parent[c] = h
-        return c
-
-
-def _add(counts: dict, **amounts: int) -> None:
-    """Add to decode counters (a Counter or a plain dict: a key appears when first added to, even by 0)."""
-    for k, v in amounts.items():
-        counts[k] = counts.get(k, 0) + v
-
-
-class Entry:
-    """An entry policy of the scheduler (Engine._loop): how and when sequences enter a slot, where a row comes
-    from, what a finished sequence leaves in the cache. `counts`: where the decode counters go."""
-
-    first_seq = 0  # the sequence id of slot 0
-    copy_cells = False  # every member of a group gets the served row's cell (else its leader alone holds them)
-    base_seq = 0  # the sequence holding a kept row's cell
-
-    def __init__(self, engine: "Engine", counts: dict):
-        self.engine, self.counts, self.histories = engine, counts, _Histories()
-
-    def start(self, ctx: Context) -> None:
-        """Set up the fresh context before the first step."""
-
-    def waiting(self) -> bool:
-        """Sequences still to enter."""
-        raise NotImplementedError
-
-    def enter(self, ctx: Context, seq: int, step: int) -> tuple[_Live, np.ndarray | None, RowStats | None] | None:
-        """The next sequence, in free sequence `seq` at this step, with its first row when it starts with one
-        (else it starts with a token pending); None when none may enter now."""
-        raise NotImplementedError
-
-    def kept_row(self, hist: int) -> tuple[np.ndarray, RowStats] | None:
-        """The row of a history that needs no decode, and its statistics; None: decode it."""
-        return None
-
-    def row_stats(self, block: np.ndarray) -> list[RowStats]:
-        """The statistics of a decode's output rows."""
-        return self.engine._block_stats(block)
-
-    def count(self, decoded: list[list[_Live]], kept: list) -> None:
-        """The policy's own counters of a step's rows."""
-
-    def leave(self, ctx: Context, live: _Live) -> None:
-        """Free a finished sequence's cells."""
-        raise NotImplementedError
-
-    def recorded(self, live: _Live) -> None:
-        """A sequence's new record is made (live.records[-1]); the policy may end it here (live.finish)."""
-
-
-class _Prompts(Entry):
-    """Sweep entry (Engine.run): a request enters with its prompt's cells (still in the slot, copied from another
-    slot, or prefilled once) and samples its first token from the prompt's last row; it leaves its prompt's cells
-    for the next request with that prompt."""
-
-    def __init__(self, engine: "Engine", queue: deque, ctx_len: int, n_par: int):
-        super().__init__(engine, engine.stats)
-        self.queue, self.ctx_len = queue, ctx_len
-        self.remaining = Counter(tuple(r.prompt_tokens) for r in queue)
-        self.slot_prompt: list[tuple | None] = [None] * n_par
-        self.first_rows: dict[tuple, np.ndarray] = {}
-        self.first_stats: dict[tuple, RowStats] = {}  # of each first row: computed once, shared by its sequences
-
-    def waiting(self) -> bool:
-        return bool(self.queue)
-
-    def enter(self, ctx: Context, seq: int, step: int) -> tuple[_Live, np.ndarray, RowStats] | None:
-        if not self.queue:
-            return None
-        req = self.queue.popleft()
-        key = tuple(req.prompt_tokens)
-        t0 = time.perf_counter()
-        if self.slot_prompt[seq] != key:
-            self._load(ctx, seq, key)
-        root = self.histories.root(("prompt", key))
-        live = self.engine.sequence(req, seq, len(key), min(req.max_tokens, self.ctx_len - len(key)), t0, root, root)
-        live.prompt_ms = (time.perf_counter() - t0) * 1000
-        row, st = self.first_rows[key], self.first_stats[key]
-        self.remaining[key] -= 1
-        if self.remaining[key] <= 0:  # the prompt's last request: its row is not kept past this step
-            del self.first_rows[key], self.first_stats[key]
-        return live, row, st
-
-    def _load(self, ctx: Context, seq: int, key: tuple) -> None:
-        """The prompt's cells into sequence `seq`: copied from a slot that holds them, or prefilled."""
-        ctx.seq_rm(seq)
-        donor = next((t for t, p in enumerate(self.slot_prompt) if p == key), None)
-        if donor is not None and key in self.first_rows:
-            ctx.seq_cp(donor, seq, 0, len(key))
-            self.counts["prompt_copies"] += 1
-        else:
-            engine = self.engine
-            self.first_rows[key] = ctx.prefill(list(key), seq=seq)
-            self.first_stats[key] = engine.first_stats(self.first_rows[key])
-            self.counts["prefills"] += 1
-            self.counts["prompt_tokens"] += len(key)
-        self.slot_prompt[seq] = key
-
-    def leave(self, ctx: Context, live: _Live) -> None:
-        ctx.seq_rm(live.slot, len(live.req.prompt_tokens), -1)
-
-
-class _Continuations(Entry):
-    """Continuation entry (Engine.run_continuations): sequence 0 holds prefix + base path; a continuation of
-    position t enters with the cells of prefix + base[:t] copied from it and its forced token pending, at step
-    t - t0 when all fit in the slots (the diagonal schedule); a history on the base path is served the base path's
-    prefill row (kept for positions t0+1..hi) with its cell from sequence 0; every member of a group gets the
-    row's cell; a finished continuation's cells are removed."""
-
-    first_seq = 1
-    copy_cells = True
-
-    def __init__(self, engine: "Engine", prefix_ids: list[int], base_ids: list[int], requests: list[Request],
-                 base_rows: int, share: bool, counts: dict):
-        super().__init__(engine, counts)
-        self.L, self.full, self.share = len(prefix_ids), list(prefix_ids) + list(base_ids), share
-        self.todo = deque(sorted(requests, key=self.position))
-        self.t0 = self.position(self.todo[0])
-        self.n_par = min(engine.n_parallel, len(self.todo))
-        # more continuations than slots: they enter as slots free, by position (holding them back costs more decodes
-        # than the rows it saves, measured with scripts/bench.py)
-        self.diagonal = share and len(self.todo) <= self.n_par
-        self.chain = [self.histories.root(("prompt",))]  # chain[k]: the id of prefix + base[:k]
-        for tok in base_ids:
-            self.chain.append(self.histories.child(self.chain[-1], tok))
-        # the prefill's rows of prefix + base[:k], t0 < k <= hi (a continuation's histories are longer than L + t0)
-        self.hi = min(len(base_ids), self.t0 + base_rows) if share else self.t0
-        self.on_base = {self.chain[k]: k for k in range(self.t0 + 1, self.hi + 1)}
-        self.base_rows: np.ndarray | None = None
-        self.base_stats: dict[int, RowStats] = {}  # a base row's statistics: computed once
-
-    def position(self, r: Request) -> int:
-        return len(r.prompt_tokens) - 1 - self.L
-
-    def start(self, ctx: Context) -> None:
-        L, t0, hi = self.L, self.t0, self.hi
-        self.base_rows = ctx.prefill_rows(self.full, L + t0, L + hi, seq=self.base_seq) if hi > t0 else None
-        if self.base_rows is None:
-            ctx.prefill(self.full, seq=self.base_seq)
-        _add(self.counts, prefill_tokens=len(self.full))
-
-    def waiting(self) -> bool:
-        return bool(self.todo)
-
-    def enter(self, ctx: Context, seq: int, step: int) -> tuple[_Live, None, None] | None:
-        if not self.todo or (self.diagonal and self.position(self.todo[0]) > self.t0 + step):
-            return None
-        r = self.todo.popleft()
-        t, w = self.position(r), r.prompt_tokens[-1]
-        ctx.seq_rm(seq)
-        ctx.seq_cp(self.base_seq, seq, 0, self.L + t)
-        below = self.chain[t]
-        hist = self.histories.child(below, w) if self.share else self.histories.root(("entry", t, w), parent=below)
-        return self.engine.sequence(r, seq, self.L + t, r.max_tokens, time.perf_counter(), hist, below, pending=w), None, None
-
-    def kept_row(self, hist: int) -> tuple[np.ndarray, RowStats] | None:
-        k = self.on_base.get(hist)
-        if k is None:
-            return None
-        row = self.base_rows[k - self.t0 - 1]
-        st = self.base_stats.get(k)
-        if st is None:
-            st = self.base_stats[k] = RowStats.of(row, None, self.engine._top_n)
-        return row, st
-
-    def row_stats(self, block: np.ndarray) -> list[RowStats]:
-        return [RowStats.of(row, None, self.engine._top_n) for row in block]
-
-    def count(self, decoded: list[list[_Live]], kept: list) -> None:
-        if decoded:  # rows holding some continuation's forced token
-            forced = sum(any(not m.records for m in g) for g in decoded)
-            _add(self.counts, forced_tokens=forced, prefill_tokens=forced)
-        _add(self.counts, base_rows_reused=len(kept))
-
-    def leave(self, ctx: Context, live: _Live) -> None:
-        ctx.seq_rm(live.slot)
 
 
 class Engine:
@@ -348,7 +94,7 @@ class Engine:
         self._buffers = Candidates(model.n_vocab)
         self._grammar_buffers: Candidates | None = None  # made for the first grammar
         self.prefilter = True  # feed top-k chains only the row's top k when that is exact (sampler.prefilter_k)
-        self._top_n = self._floor_n = 0
+        self.top_n = self._floor_n = 0
         # a step's per-sequence work (_picks) and block statistics on this many Python threads: 1 (off) until a
         # gain is measured on a quiet 2-core machine (none could be so far; same records either way, tested)
         self.analysis_threads = 1
@@ -393,10 +139,10 @@ class Engine:
         n_prompts = min(len(order), n_par)
         cells = n_prompts * max_prompt + n_par * (max_new + 1) + 1
         cells = max(cells, max_prompt + max_new + 1)
-        self._top_n = max(r.n_logprobs for r in reqs)
+        self.top_n = max(r.n_logprobs for r in reqs)
         ks = {prefilter_k(s, self.model) for s in {r.settings for r in reqs if not r.grammar}} if self.prefilter else ()
         self._floor_n = max(ks, default=0) + 1  # block_stats' candidates then hold the top k + 1 of every row
-        yield from self._run(_Prompts(self, queue, ctx_len, n_par), n_par, on_token, n_ctx=round_ctx(cells), n_seq_max=n_par)
+        yield from self._run(Prompts(self, queue, ctx_len, n_par, on_token), n_par, n_ctx=round_ctx(cells), n_seq_max=n_par)
 
     def run_continuations(self, prefix_ids: list[int], base_ids: list[int], requests: Iterable[Request], *,
                           base_rows: int = 0, share: bool = True, stats: dict | None = None) -> Iterator[Sample]:
@@ -414,28 +160,34 @@ class Engine:
         if not reqs:
             return
         counts = stats if stats is not None else {}
-        self._top_n, self._floor_n = max(r.n_logprobs for r in reqs), 0
-        entry = _Continuations(self, prefix_ids, base_ids, reqs, base_rows, share, counts)
+        self.top_n, self._floor_n = max(r.n_logprobs for r in reqs), 0
+        entry = Continuations(self, prefix_ids, base_ids, reqs, base_rows, share, counts)
         longest = max(r.max_tokens for r in reqs)
         n_ctx = round_ctx(len(entry.full) + entry.n_par * (longest + 2) + 1)
-        yield from self._run(entry, entry.n_par, None, n_ctx=n_ctx, n_seq_max=entry.n_par + 1)
+        yield from self._run(entry, entry.n_par, n_ctx=n_ctx, n_seq_max=entry.n_par + 1)
+
+    def run_policy(self, entry: Entry, n_slots: int, n_logprobs: int, **context) -> Iterator[Sample]:
+        """Decode with an entry policy (core/beam.py's) in a fresh context made with `context` (n_ctx, n_seq_max):
+        `n_slots` slots, `n_logprobs` alternatives a record; yield the Samples its sequences finish with."""
+        self.top_n, self._floor_n = n_logprobs, 0
+        yield from self._run(entry, n_slots, **context)
 
     def run_in(self, ctx: Context, entry: Entry, n_logprobs: int) -> Iterator[Sample]:
         """Decode with an entry policy in a context its caller keeps between runs (core/held.py): one slot, the
         sequence the policy names; `n_logprobs` alternatives a record."""
-        self._top_n, self._floor_n = n_logprobs, 0
+        self.top_n, self._floor_n = n_logprobs, 0
         gc.freeze()
         try:
-            yield from self._loop(ctx, entry, 1, None)
+            yield from self._loop(ctx, entry, 1)
         finally:
             gc.unfreeze()
 
     def first_stats(self, row: np.ndarray) -> RowStats:
         """The statistics of a sequence's first row (a prompt's last), as the scheduler computes them."""
-        return block_stats(row, self._top_n, self._floor_n)[0]
+        return block_stats(row, self.top_n, self._floor_n)[0]
 
     # -- the scheduler ---------------------------------------------------------------------------
-    def _run(self, entry: Entry, n_par: int, on_token, **context) -> Iterator[Sample]:
+    def _run(self, entry: Entry, n_par: int, **context) -> Iterator[Sample]:
         """The scheduler in a fresh context. The objects alive before the run stay out of the collector's passes
         while it runs (a full collection over a large heap, numpy's, pandas', a notebook's, pauses a step for
         milliseconds); the run's own garbage is still collected."""
@@ -443,13 +195,13 @@ class Engine:
         try:
             with self.model.context(**context) as ctx:
                 entry.start(ctx)
-                yield from self._loop(ctx, entry, n_par, on_token)
+                yield from self._loop(ctx, entry, n_par)
         finally:
             gc.unfreeze()
 
-    def _loop(self, ctx: Context, entry: Entry, n_par: int, on_token) -> Iterator[Sample]:
+    def _loop(self, ctx: Context, entry: Entry, n_par: int) -> Iterator[Sample]:
         """The decode scheduler (module docstring): P slots, one step after another until every sequence is done."""
-        slots: list[_Live | None] = [None] * n_par
+        slots: list[Live | None] = [None] * n_par
         if self.analysis_threads > 1 and n_par > 1:
             self._pool = ThreadPoolExecutor(self.analysis_threads, thread_name_prefix="llamalens-analysis")
         try:
@@ -457,7 +209,7 @@ class Engine:
             while entry.waiting() or any(slots):
                 served = self._enter(ctx, entry, slots, step)
                 served += self._serve(ctx, entry, self._groups(slots, entry.histories))
-                self._choose(served, entry, on_token)
+                entry.choose(ctx, slots, served)
                 self._hold(ctx, entry, slots)
                 yield from self._retire(ctx, entry, slots)
                 step += 1
@@ -470,14 +222,15 @@ class Engine:
                     live.close()
 
     def sequence(self, req: Request, seq: int, pos: int, max_tokens: int, t_start: float, hist: int, kv_hist: int,
-              pending: int | None = None) -> _Live:
-        """A sequence entering sequence `seq` at position `pos`, its own sampler chain (and grammar) made."""
-        return _Live(req, seq, Sampler.for_sequence(req.settings, self.model, req.prompt_tokens), max_tokens=max_tokens,
-                     t_start=t_start, pos=pos, pending=pending, hist=hist, kv_hist=kv_hist,
-                     grammar=GrammarSampler(self.model, req.grammar) if req.grammar else None)
+                 pending: int | None = None, chain: bool = True) -> Live:
+        """A sequence entering sequence `seq` at position `pos`, its own sampler chain (and grammar) made
+        (chain=False: none, its policy chooses for it)."""
+        sampler = Sampler.for_sequence(req.settings, self.model, req.prompt_tokens) if chain else None
+        return Live(req, seq, sampler, max_tokens=max_tokens, t_start=t_start, pos=pos, pending=pending, hist=hist,
+                    kv_hist=kv_hist, grammar=GrammarSampler(self.model, req.grammar) if req.grammar and chain else None)
 
     @staticmethod
-    def _enter(ctx: Context, entry: Entry, slots: list[_Live | None], step: int) -> list[tuple]:
+    def _enter(ctx: Context, entry: Entry, slots: list[Live | None], step: int) -> list[tuple]:
         """1. Free slots take the sequences the entry lets in now, in slot order; one that starts with a row (a
         prompt's last row) is served it at once, as a group of its own."""
         served = []
@@ -493,10 +246,10 @@ class Engine:
         return served
 
     @staticmethod
-    def _groups(slots: list[_Live | None], histories: _Histories) -> list[list[_Live]]:
+    def _groups(slots: list[Live | None], histories: Histories) -> list[list[Live]]:
         """2. The sequences with a token pending, grouped by history in slot order; first in each group (its leader)
         the first that holds its parent history's cells, if one does."""
-        by_hist: dict[int, list[_Live]] = {}
+        by_hist: dict[int, list[Live]] = {}
         for live in slots:
             if live is not None and live.pending is not None:
                 by_hist.setdefault(live.hist, []).append(live)
@@ -506,7 +259,7 @@ class Engine:
             groups.append([b for b in members if b.kv_hist == need] + [b for b in members if b.kv_hist != need])
         return groups
 
-    def _serve(self, ctx: Context, entry: Entry, groups: list[list[_Live]]) -> list[tuple]:
+    def _serve(self, ctx: Context, entry: Entry, groups: list[list[Live]]) -> list[tuple]:
         """3. One row per group: kept by the entry, else decoded (one llama_decode, one token per group, at its
         leader's sequence); members share the row. Returns (members, row, the row's RowStats) per group."""
         decoded, served = [], []
@@ -518,14 +271,11 @@ class Engine:
             else:
                 kept.append((g, entry.base_seq, *got))
         if decoded:
-            leaders = [g[0] for g in decoded]
-            ctx.decode([b.pending for b in leaders], [b.pos for b in leaders], [b.slot for b in leaders], [1] * len(leaders))
-            _add(entry.counts, decodes=1, decoded_tokens=len(leaders))
-            block = ctx.logits_block(len(leaders))  # the decode's output rows, one contiguous block
+            block = self._decode(ctx, entry, [g[0] for g in decoded])
             served = [(g, g[0].slot, row, st) for g, row, st in zip(decoded, block, entry.row_stats(block))]
         entry.count(decoded, kept)
         if groups:
-            _add(entry.counts, fanned_out_tokens=sum(len(g) - 1 for g in groups))
+            add_counts(entry.counts, fanned_out_tokens=sum(len(g) - 1 for g in groups))
         out = []
         for members, src, row, st in served + kept:
             for b in members if entry.copy_cells else members[:1]:
@@ -538,9 +288,24 @@ class Engine:
             out.append((members, row, st))
         return out
 
-    def _choose(self, served: list[tuple], entry: Entry, on_token) -> None:
+    @staticmethod
+    def _decode(ctx: Context, entry: Entry, leaders: list[Live]) -> np.ndarray:
+        """The rows of the leaders' pending tokens: one llama_decode, its output rows one contiguous block; or, for
+        an exact entry, one llama_decode a row, each row copied out."""
+        if entry.exact:
+            rows = []
+            for b in leaders:
+                ctx.decode([b.pending], [b.pos], [b.slot], [1])
+                rows.append(ctx.logits(0).copy())
+            add_counts(entry.counts, decodes=len(leaders), decoded_tokens=len(leaders))
+            return np.stack(rows)
+        ctx.decode([b.pending for b in leaders], [b.pos for b in leaders], [b.slot for b in leaders], [1] * len(leaders))
+        add_counts(entry.counts, decodes=1, decoded_tokens=len(leaders))
+        return ctx.logits_block(len(leaders))
+
+    def choose(self, served: list[tuple], entry: Entry, on_token: Callable[[int], None] | None = None) -> None:
         """4. Each served sequence's own chain picks from its row (_picks); then, in order, its record (_record),
-        and its history extended by the pick when it goes on."""
+        and its history extended by the pick when it goes on (Entry.choose's default)."""
         step = [b for members, _, _ in served for b in members]
         rows = [row for members, row, _ in served for _ in members]
         stats = [st for members, _, st in served for _ in members]
@@ -552,8 +317,39 @@ class Engine:
             if on_token:
                 on_token(1)
 
+    def fork(self, ctx: Context, entry: Entry, slots: list[Live | None], forks: list[Fork]) -> list[Live]:
+        """4'. A policy's choice of which sequences go on (Entry.choose: beam search's): every Fork a new sequence,
+        its parent's records and the fork's record, its token pending; slots become these, in order. A parent's
+        first child keeps the parent's llama.cpp sequence; each other child takes a sequence no child kept (a
+        parent's without children first, then one never used, in order), emptied, with a copy of its parent's
+        cells (seq_cp: metadata only, the cache is unified); the sequences no child took are emptied."""
+        parents = [x for x in slots if x is not None]
+        having = {id(f.parent) for f in forks}
+        held = {p.slot for p in parents}
+        free = [p.slot for p in parents if id(p) not in having] + \
+               [entry.first_seq + s for s in range(len(slots)) if entry.first_seq + s not in held]
+        taken: set[int] = set()
+        children = []
+        for f in forks:
+            p = f.parent
+            seq = p.slot
+            if seq in taken:
+                seq = free.pop(0)
+                ctx.seq_rm(seq)
+                ctx.seq_cp(p.slot, seq)
+            taken.add(seq)
+            children.append(Live(p.req, seq, None, p.max_tokens, p.t_start, p.prompt_ms, p.t_first, pos=p.pos,
+                                 records=p.records + [f.record], pending=f.token,
+                                 hist=entry.histories.child(p.hist, f.token), kv_hist=p.hist, score=f.score))
+        for seq in free:
+            ctx.seq_rm(seq)
+        for p in parents:
+            p.close()
+        slots[:] = children + [None] * (len(slots) - len(children))
+        return children
+
     @staticmethod
-    def _hold(ctx: Context, entry: Entry, slots: list[_Live | None]) -> None:
+    def _hold(ctx: Context, entry: Entry, slots: list[Live | None]) -> None:
         """5. A group's leader must hold its parent's cells: when none of its members does (the one that did went
         another way, or finished), the first gets them copied from a sequence that holds them."""
         for members in Engine._groups(slots, entry.histories):
@@ -565,9 +361,9 @@ class Engine:
                 ctx.seq_rm(lead.slot, plen, -1)
                 ctx.seq_cp(src.slot, lead.slot, plen, -1)
                 lead.kv_hist = need
-                _add(entry.counts, history_copies=1)
+                add_counts(entry.counts, history_copies=1)
 
-    def _retire(self, ctx: Context, entry: Entry, slots: list[_Live | None]) -> Iterator[Sample]:
+    def _retire(self, ctx: Context, entry: Entry, slots: list[Live | None]) -> Iterator[Sample]:
         """6. Finished sequences leave (entry.leave says what of their cells stays) and are yielded."""
         for s, live in enumerate(slots):
             if live is not None and live.finish is not None:
@@ -586,7 +382,7 @@ class Engine:
             b = self._local.bufs = (Candidates(self.model.n_vocab), Candidates(self.model.n_vocab))
         return b
 
-    def _pick(self, live: _Live, row: np.ndarray, row_stats: RowStats) -> Pick:
+    def _pick(self, live: Live, row: np.ndarray, row_stats: RowStats) -> Pick:
         """The chain's choice for one sequence: what needs the row, the chain and nothing shared, so the
         sequences of a step can run it on different threads (_picks). The chain's state changes only in
         _record (accept), on the engine's thread, in order."""
@@ -613,25 +409,25 @@ class Engine:
             return Pick(NO_TOKEN, 0.0, 0, blocked, removed, False, None)
         return Pick(*live.sampler.outcome(survivors, sel), blocked, removed, False, None)
 
-    def _picks(self, live: list[_Live], rows: list[np.ndarray], stats: list[RowStats]) -> list[Pick]:
+    def _picks(self, live: list[Live], rows: list[np.ndarray], stats: list[RowStats]) -> list[Pick]:
         """_pick of every sequence of a step, spread over the thread pool when there is one (the chain's native
         code and numpy's passes release the GIL); the same results in the same order as one by one."""
         if self._pool is None or len(live) < 2:
             return [self._pick(*a) for a in zip(live, rows, stats)]
         return list(self._pool.map(self._pick, live, rows, stats))
 
-    def _block_stats(self, block: np.ndarray) -> list[RowStats]:
+    def block_stats(self, block: np.ndarray) -> list[RowStats]:
         """block_stats of a step's rows, split by rows over the thread pool (at CHUNK row groups: each row's
         numbers are computed exactly as in one call)."""
         n = block.shape[0]
         per = max(1, CHUNK // max(block.shape[1], 1))
         if self._pool is None or n < 2 * per:
-            return block_stats(block, self._top_n, self._floor_n, reuse=True)
+            return block_stats(block, self.top_n, self._floor_n, reuse=True)
         cut = -(-(n // 2) // per) * per
-        parts = self._pool.map(lambda b: block_stats(b, self._top_n, self._floor_n, reuse=True), (block[:cut], block[cut:]))
+        parts = self._pool.map(lambda b: block_stats(b, self.top_n, self._floor_n, reuse=True), (block[:cut], block[cut:]))
         return [st for part in parts for st in part]
 
-    def _record(self, live: _Live, raw: np.ndarray, row_stats: RowStats, pick: Pick) -> None:
+    def _record(self, live: Live, raw: np.ndarray, row_stats: RowStats, pick: Pick) -> None:
         """The TokenRecord of a pick (in order, on the engine's thread): accept, statistics, stop checks."""
         model, req, token = self.model, live.req, pick.token
         if token == NO_TOKEN:  # the grammar allows no token the chain can pick: the sample ends here
@@ -670,7 +466,7 @@ class Engine:
         else:
             live.pending = token
 
-    def _sample(self, live: _Live) -> Sample:
+    def _sample(self, live: Live) -> Sample:
         t_end = time.perf_counter()
         text = bytes(live.text[: live.stop_at] if live.stop_at is not None else live.text)
         n = len(live.records)

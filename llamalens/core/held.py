@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from llamalens.core.engine import Engine, Entry, Request, _Live
+from llamalens.core.engine import Engine, Entry, Live, Request
 from llamalens.core.runtime import Context, Model
 from llamalens.records import Sample, TokenRecord
 
@@ -140,10 +140,10 @@ class _Line(Entry):
         live.prompt_ms = (time.perf_counter() - t0) * 1000
         return live, row, self.engine.first_stats(row)
 
-    def recorded(self, live: _Live) -> None:
+    def recorded(self, live: Live) -> None:
         if self.on_record is not None and self.on_record(live.records[-1]) and live.finish is None:
             live.finish, live.pending = "cancelled", None
 
-    def leave(self, ctx: Context, live: _Live) -> None:
+    def leave(self, ctx: Context, live: Live) -> None:
         # the line holds every position decoded: the prompt and each record but a last one never decoded
         self.held.tokens = (list(self.req.prompt_tokens) + [r.id for r in live.records])[:live.pos]

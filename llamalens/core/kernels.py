@@ -64,7 +64,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 LIB = _load()
-DIST_BLOCK = 2048  # sampler.dist_select's blocks (a multiple of 16: the row pass makes their sums too)
+DIST_BLOCK = 2048  # dist.dist_select's blocks (a multiple of 16: the row pass makes their sums too)
 EXP_ULPS = 2.0  # the most the kernel's exp differs from exp (1.26 ulp measured over every float32 in [-87.33, 0])
 
 

@@ -244,7 +244,7 @@ def _numpy_passes(x: np.ndarray, m: np.ndarray, floor: np.ndarray, bufs) -> tupl
 def work_array(name: str, n: int, dtype=np.float32) -> np.ndarray:
     """A work array of n entries, this thread's, reused under its name while it is large enough (a fresh 1 MB
     array per row or pick costs more in page faults than the arithmetic): kernels.block_pass's candidates and
-    subsample, sampler.dist_select's terms, a temperature's row (kernels.work_buffer, without the address)."""
+    subsample, dist.dist_select's terms, a temperature's row (kernels.work_buffer, without the address)."""
     return kernels.work_buffer(name, n, dtype)[0]
 
 
@@ -329,7 +329,7 @@ class RowStats:
     @property
     def dist_block_sums(self) -> np.ndarray | None:
         """The row's float64 sums of exp(logit - max) per kernels.DIST_BLOCK logits, made by the C pass (None on
-        numpy's path): what sampler.dist_select takes at temperature 1 instead of a pass of its own over the row."""
+        numpy's path): what dist.dist_select takes at temperature 1 instead of a pass of its own over the row."""
         return self._block_sums
 
     def top_k_ids(self, k: int) -> np.ndarray | None:

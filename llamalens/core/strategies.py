@@ -80,12 +80,6 @@ def best_of_ranking(draws: list[tuple[float, int]], by: str = "sum") -> list[int
     return sorted(range(len(draws)), key=lambda i: (key(i), i))
 
 
-def blocked_extra(tokens) -> dict:
-    """{"blocked": {position: [ids]}} for the token records no-repeat-ngram banned something at ({} if none)."""
-    blocked = {str(t.position): list(t.blocked) for t in tokens if t.blocked}
-    return {"blocked": blocked} if blocked else {}
-
-
 def draw_seed(seed: int, draw: int, n: int) -> int:
     """The seed of draw `draw` of a best-of-`n` sample with seed `seed` (distinct for every (seed, draw))."""
     return (seed * n + draw) % 0xFFFFFFFF

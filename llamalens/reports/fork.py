@@ -30,12 +30,13 @@ def distribution_text(dist: dict[str, float], most: int = 3, always: tuple[str, 
     return shown + (f" (+{rest} more)" if rest else "")
 
 
-def prefill_line(stats: dict, cost: dict) -> str:
-    naive = cost.get("naive_prefill")
+def prefill_line(stats: dict, cost) -> str:
+    """What sharing the base path saved in prefill (stats: the decode counters; cost: the run's fork Cost, or None)."""
+    naive = cost.naive_prefill if cost else None
     done = stats.get("prefill_tokens")
     if not naive or not done:
         return "–"
-    return (f"{done:,} prompt/prefix tokens decoded for {cost.get('sequences', 0):,} continuations; "
+    return (f"{done:,} prompt/prefix tokens decoded for {cost.sequences:,} continuations; "
             f"prefilling each continuation's prefix on its own would decode {naive:,} ({_times(naive / done)})")
 
 
@@ -61,10 +62,10 @@ def fork_document(fr) -> Document:
         ("model", model_line(info.model)),
         ("prompt", visible(info.options.prompts[0], edge_spaces=False) if info.options.prompts else ""),
         ("outcome", fr.outcome.describe()),
-        ("base path", f"{len(fr.base_tokens)} tokens, {'sampled' if fr.spec.get('sampled_base') else 'greedy'}; "
+        ("base path", f"{len(fr.base_tokens)} tokens, {'sampled' if fr.plan.sampled_base else 'greedy'}; "
                       f"its outcome: {visible(a.base_outcome)}"),
-        ("branches", f"chosen token + top {fr.spec['alternatives']} alternatives with p >= {fr.spec['min_prob']}, "
-                     f"{fr.spec['samples']} continuation(s) each; {n_cont:,} continuations at {len(a.positions)} "
+        ("branches", f"chosen token + top {fr.plan.alternatives} alternatives with p >= {fr.plan.min_prob}, "
+                     f"{fr.plan.samples} continuation(s) each; {n_cont:,} continuations at {len(a.positions)} "
                      "positions"),
         ("status", f"{info.status}, {info.n_done}/{info.n_samples} sequences"
                    + (", batched" if not info.options.exact else ", exact (one sequence at a time)")),

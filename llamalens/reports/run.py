@@ -25,6 +25,7 @@ import math
 from llamalens.run import loaded as analysis
 from llamalens.run.findings import findings, moving_axes
 from llamalens.run.loaded import LoadedRun, load_run
+from llamalens.run.sweep_records import SweepExtra
 from llamalens.errors import InvalidInput
 from llamalens.records import StoredSample, TokenRecord
 from llamalens.visible import prob_text, size_text, visible
@@ -310,22 +311,21 @@ class RunReport:
     def _beams(self) -> None:
         rows, prune, seen = [], [], set()
         for s in self.run.samples:
-            x = s.extra or {}
+            x = SweepExtra.from_dict(s.extra).beam
             key = (s.prompt_idx, s.config_idx)
-            if x.get("strategy") != "beam" or key in seen:
+            if x is None or key in seen:
                 continue
             seen.add(key)
             name = f"#{s.sample_idx} · {self.labels.get(s.config_idx, s.config_idx)}"
-            for rank, h in enumerate(x.get("hypotheses", []), 1):
-                rows.append([name, s.prompt_idx, rank, plain(h["score"]), plain(h["sum_logprob"]), h["length"],
-                             h["finish"], h["step"], visible(h.get("text", ""), edge_spaces=False)])
-            steps = x.get("steps", [])
-            dropped = [(st["step"], len(st["dropped"])) for st in steps if st["dropped"]]
-            finished = sum(len(st["finished"]) for st in steps)
-            prune.append([name, s.prompt_idx, len(steps), x.get("decode_calls"), x.get("scored_tokens"),
+            for rank, h in enumerate(x.hypotheses, 1):
+                rows.append([name, s.prompt_idx, rank, plain(h.score), plain(h.sum_logprob), h.length, h.finish, h.step,
+                             visible(h.text, edge_spaces=False)])
+            dropped = [(st.step, len(st.dropped)) for st in x.steps if st.dropped]
+            finished = sum(len(st.finished) for st in x.steps)
+            prune.append([name, s.prompt_idx, len(x.steps), x.decode_calls, x.scored_tokens,
                           sum(n for _, n in dropped), ", ".join(f"{t}:{n}" for t, n in dropped[:16])
                           + (" …" if len(dropped) > 16 else "") or "never", finished,
-                          sum(st.get("blocked", 0) for st in steps)])
+                          sum(st.blocked for st in x.steps)])
         if not rows:
             return
         self.doc.add(Table(["sample", "prompt", "rank", "score", "sum logprob", "length", "finish", "step", "text"],
@@ -341,13 +341,13 @@ class RunReport:
     def _best_of(self) -> None:
         rows = []
         for s in self.run.samples:
-            x = s.extra or {}
-            if x.get("strategy") != "best_of":
+            x = SweepExtra.from_dict(s.extra).best_of
+            if x is None:
                 continue
-            d = x["draws"][x["winner"]]
-            rows.append([s.sample_idx, self.labels.get(s.config_idx, s.config_idx), s.seed, len(x["draws"]), x["by"],
-                         x["winner"], plain(d["seq_logprob"]), plain(d["mean_logprob"]), x["winner_rank_by_other"],
-                         visible(d["text"], edge_spaces=False)])
+            d = x.draws[x.winner]
+            rows.append([s.sample_idx, self.labels.get(s.config_idx, s.config_idx), s.seed, len(x.draws), x.by,
+                         x.winner, plain(d.seq_logprob), plain(d.mean_logprob), x.winner_rank_by_other,
+                         visible(d.text, edge_spaces=False)])
         if rows:
             self.doc.add(Table(["sample", "configuration", "seed", "draws", "ranked by", "winning draw",
                                 "seq logprob", "mean logprob", "its rank by the other", "text"], rows,

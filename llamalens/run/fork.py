@@ -54,88 +54,28 @@ import numpy as np
 
 from llamalens.core.engine import Engine, Request
 from llamalens.errors import InvalidSettings, StoreError
-from llamalens.limits import time_limit
 from llamalens.run.fork_analysis import NONE, Branch, ForkAnalysis, analyse
+from llamalens.run.fork_records import (BaseExtra, Continuation, Cost, OutcomeSpec, PlanSettings,
+                                        is_continuation, sample_record)
 from llamalens.records import RunOptions, Sample, StoredSample, Timing, TokenRecord
 from llamalens.core.runtime import Model, library_versions, round_ctx
 from llamalens.settings import SamplingSettings
 from llamalens.core.stats import RowStats
 from llamalens.store import RunInfo, Store
+from llamalens.visible import visible
 from llamalens.run import lifecycle
 from llamalens.run.lifecycle import Progress, RunInterrupted, Work
 from llamalens.run.lifecycle import resume_target as lifecycle_resume_target
 from llamalens.run.noise import against_rescored, noise_figures, rescore
 from llamalens.run.sweep import hardware
-from llamalens.visible import visible
 
 KIND = "fork"
 NOISE_CONTINUATIONS = 3
 MAX_ALTERNATIVES = 100  # alternatives tried per position (each is stored with every token's top list)
 MAX_PLAN = 1_000_000  # continuations in one run, at most (--max-sequences)
-OUTCOME_SECONDS = 2.0  # the most one --outcome regex may take on one completion
 MAX_SEQUENCES = 256  # llama.cpp's llama_max_parallel_sequences()
 BASE_ROWS_BYTES = 64 << 20  # at most this much of the base path's prefill rows is kept (as much again in llama.cpp's
 # output buffer while the prefill runs): n_vocab x 4 bytes a row, 64 rows at Gemma 3's 262k vocabulary
-
-
-# -- outcomes ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class OutcomeSpec:
-    """How a completion's outcome is read: `regex` (first match, its group 1 if any), `options` (the option
-    stated first, whole word, case-insensitive) or `first_line` (the first non-empty line, normalised)."""
-
-    mode: str = "first_line"
-    regex: str = ""
-    options: tuple[str, ...] = ()
-
-    def problems(self) -> list[str]:
-        if self.mode == "regex":
-            try:
-                re.compile(self.regex)
-            except re.error as e:
-                return [f"--outcome {self.regex!r} is not a valid regular expression ({e}); fix it or quote it"]
-            if not self.regex:
-                return ["--outcome is empty; give a regular expression, e.g. --outcome 'answer is (\\w+)'"]
-        elif self.mode == "options":
-            if len(self.options) < 2 or any(not o.strip() for o in self.options):
-                return ["--options needs at least two non-empty comma-separated options, e.g. --options yes,no"]
-        elif self.mode != "first_line":
-            return [f"unknown outcome mode {self.mode!r}"]
-        return []
-
-    def extract(self, text: str) -> str:
-        if self.mode == "regex":
-            with time_limit(OUTCOME_SECONDS, f"--outcome {visible(self.regex)!r} on one completion",
-                            "simplify the regular expression (nested repeats such as (a+)+ can backtrack for ever)"):
-                m = re.search(self.regex, text)
-            got = (m.group(1) if m.re.groups else m.group(0)) if m else None
-            return NONE if got is None else got  # a group that took no part in the match: no outcome
-        if self.mode == "options":
-            best = None
-            for opt in self.options:
-                m = re.search(r"(?<!\w)" + re.escape(opt.strip()) + r"(?!\w)", text, flags=re.IGNORECASE)
-                if m and (best is None or m.start() < best[0]):
-                    best = (m.start(), opt.strip())
-            return best[1] if best else NONE
-        for line in text.splitlines():
-            norm = " ".join(line.split()).strip(" .,;:!?\"'").lower()
-            if norm:
-                return norm
-        return NONE
-
-    def to_dict(self) -> dict:
-        return {"mode": self.mode, "regex": self.regex, "options": list(self.options)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "OutcomeSpec":
-        return cls(d.get("mode", "first_line"), d.get("regex", ""), tuple(d.get("options", ())))
-
-    def describe(self) -> str:
-        if self.mode == "regex":
-            return f"first match of /{self.regex}/"
-        if self.mode == "options":
-            return "first of " + ", ".join(self.options)
-        return "first line, normalised"
 
 
 # -- the plan ----------------------------------------------------------------------------------------
@@ -185,10 +125,14 @@ class ForkSpec:
     def base_settings(self) -> SamplingSettings:
         return self.settings if self.sampled_base else self.settings.with_(temperature=0.0)
 
+    @property
+    def plan_settings(self) -> PlanSettings:
+        """What the base path's sample keeps of these settings."""
+        return PlanSettings(self.outcome, self.sampled_base, self.samples, self.alternatives, self.min_prob,
+                            self.positions, self.max_sequences)
+
     def to_dict(self) -> dict:
-        return {"outcome": self.outcome.to_dict(), "sampled_base": self.sampled_base, "samples": self.samples,
-                "alternatives": self.alternatives, "min_prob": self.min_prob,
-                "positions": list(self.positions) if self.positions else None, "max_sequences": self.max_sequences}
+        return self.plan_settings.to_dict()
 
 
 def parse_positions(text: str | None) -> tuple[int, int] | None:
@@ -205,8 +149,8 @@ def parse_positions(text: str | None) -> tuple[int, int] | None:
     return a, b
 
 
-def plan_continuations(base: Sample, spec: ForkSpec) -> list[dict]:
-    """Every continuation to decode, as the `extra` each stores: position, forced token, p(w), sample j."""
+def plan_continuations(base: Sample, spec: ForkSpec) -> list[Continuation]:
+    """Every continuation to decode, as each stores it: position, forced token, p(w), sample j and its seed."""
     n = len(base.tokens)
     lo, hi = spec.positions if spec.positions else (0, n - 1)
     if lo >= n:
@@ -229,29 +173,13 @@ def plan_continuations(base: Sample, spec: ForkSpec) -> list[dict]:
     for t, branches in by_position:
         for tok, text, hex_bytes, p, chosen in branches:
             for j in range(spec.samples):
-                out.append({"role": "continuation", "position": t, "forced_token": tok, "forced_text": text,
-                            "forced_bytes": hex_bytes, "prob": p, "chosen": chosen, "sample": j,
-                            "seed": spec.settings.seed + 1 + j})
+                out.append(Continuation(t, tok, text, hex_bytes, p, chosen, j, spec.settings.seed + 1 + j))
     return out
 
 
-@dataclass
-class Cost:
-    sequences: int
-    positions: int
-    tokens: int  # at most, to generate
-    prefill: int  # prefill tokens the batched path decodes: prompt + base once, one forced token per (t, w)
-    naive_prefill: int  # positions x alternatives x samples x prefix length
-
-    def seconds(self, tokens_per_s: float) -> float:
-        return self.tokens / tokens_per_s if tokens_per_s > 0 else float("nan")
-
-
-def estimate(n_prompt: int, n_base: int, plan: list[dict], max_tokens: int) -> Cost:
-    groups = {(x["position"], x["forced_token"]) for x in plan}
-    return Cost(len(plan), len({x["position"] for x in plan}),
-                sum(max(max_tokens - x["position"] - 1, 0) for x in plan), n_prompt + n_base + len(groups),
-                sum(n_prompt + x["position"] + 1 for x in plan))
+def estimate(n_prompt: int, n_base: int, plan: list[Continuation], max_tokens: int) -> Cost:
+    return Cost(len(plan), len({x.position for x in plan}), sum(max(max_tokens - x.position - 1, 0) for x in plan),
+                n_prompt + n_base + len({x.branch for x in plan}), sum(n_prompt + x.position + 1 for x in plan))
 
 
 def batch_rate(model: Model, prompt_ids: list[int], n_par: int, steps: int = 2) -> float:
@@ -302,15 +230,14 @@ def start_fork(model: Model, store: Store, spec: ForkSpec, command: str = "",
     cost = estimate(len(base.prompt_token_ids), len(base.tokens), plan, spec.max_tokens)
     options = RunOptions(max_tokens=spec.max_tokens, n_logprobs=spec.n_logprobs, stop=tuple(spec.stop),
                          exact=spec.exact, parallel=1 if spec.exact else spec.parallel, prompts=(spec.prompt,),
-                         seeds=tuple(sorted({x["seed"] for x in plan})), model_options=model.options)
-    base_extra = {"role": "base", "fork": spec.to_dict(), "cost": cost.__dict__,
-                  "outcome": spec.outcome.extract(base.text)}
+                         seeds=tuple(sorted({x.seed for x in plan})), model_options=model.options)
+    base_extra = BaseExtra(spec.plan_settings, cost, spec.outcome.extract(base.text)).to_dict()
     run_id = store.create_run(
         name=spec.name, command=command, model=model.describe(), model_hash=store.model_hash(model.path),
         versions=library_versions(), hardware=hardware(model), options=options,
         configs=[spec.settings, spec.base_settings],
-        plan=[(0, 1, spec.base_settings.seed, spec.prompt)] + [(0, 0, x["seed"], spec.prompt) for x in plan],
-        kind=KIND, extras=[base_extra] + plan, first=(0, base, base_extra))  # the run exists with its base or not at all
+        plan=[(0, 1, spec.base_settings.seed, spec.prompt)] + [(0, 0, x.seed, spec.prompt) for x in plan],
+        kind=KIND, extras=[base_extra] + [x.to_dict() for x in plan], first=(0, base, base_extra))  # the run exists with its base or not at all
     return run_id, cost
 
 
@@ -349,12 +276,12 @@ def _requests(store: Store, run_id: int, base_ids: list[int], prompt_ids: list[i
               opts: RunOptions, settings: SamplingSettings) -> list[Request]:
     reqs = []
     for s in store.pending(run_id):
-        x = s.extra or {}
-        if x.get("role") != "continuation":
+        if not is_continuation(s.extra):
             continue
-        t = x["position"]
+        x = Continuation.from_dict(s.extra)
+        t = x.position
         reqs.append(Request(s.prompt, settings.with_(seed=s.seed), max(opts.max_tokens - t - 1, 0), opts.n_logprobs,
-                            opts.stop, key=s.sample_idx, prompt_tokens=prompt_ids + base_ids[:t] + [x["forced_token"]]))
+                            opts.stop, key=s.sample_idx, prompt_tokens=prompt_ids + base_ids[:t] + [x.forced_token]))
     return reqs
 
 
@@ -387,26 +314,26 @@ class ForkKind:
         base_row = all_samples[0]
         if base_row.status != "done":
             raise StoreError(f"run {run_id} has no base path stored (it was stopped while planning); start it again")
-        outcome = OutcomeSpec.from_dict(base_row.extra["fork"]["outcome"])
+        base_extra = BaseExtra.from_dict(base_row.extra)
+        outcome = base_extra.plan.outcome
         base_ids = [t.id for _, t in store.tokens(run_id, 0)]
         prompt_ids = model.prompt_tokens(opts.prompts[0])
         reqs = _requests(store, run_id, base_ids, prompt_ids, opts, settings)
-        cont = [s for s in all_samples if (s.extra or {}).get("role") == "continuation"]
+        cont = {s.sample_idx: Continuation.from_dict(s.extra) for s in all_samples if is_continuation(s.extra)}
         left: dict[int, int] = {}  # continuations still to come, by position
-        for s in cont:
-            if s.status != "done":
-                left[s.extra["position"]] = left.get(s.extra["position"], 0) + 1
-        by_key = {s.sample_idx: s for s in cont}
-        positions = {s.extra["position"] for s in cont}
+        for s in all_samples:
+            if s.sample_idx in cont and s.status != "done":
+                left[cont[s.sample_idx].position] = left.get(cont[s.sample_idx].position, 0) + 1
+        positions = {x.position for x in cont.values()}
         prog = Progress(len(cont) - len(reqs), len(cont), 0, 0.0, positions_done=len(positions) - len(left),
                         positions_total=len(positions))
 
         def save(writer: int, sample: Sample, prog: Progress) -> tuple[int, int]:
-            x = dict(by_key[sample.key].extra)
-            t = x["position"]
-            text = _full_text(model, base_ids[:t], x["forced_token"], sample, opts.stop)
-            x["outcome"] = outcome.extract(text)
-            store.save_sample(run_id, sample.key, replace(sample, text=text), writer, extra=x)
+            x = cont[sample.key]
+            t = x.position
+            text = _full_text(model, base_ids[:t], x.forced_token, sample, opts.stop)
+            done = replace(x, outcome=outcome.extract(text))
+            store.save_sample(run_id, sample.key, replace(sample, text=text), writer, extra=done.to_dict())
             left[t] -= 1
             if left[t] == 0:
                 prog.positions_done += 1
@@ -415,7 +342,7 @@ class ForkKind:
         ends = [model.is_eog(r.prompt_tokens[-1]) or r.max_tokens <= 0 for r in reqs]
         done = [_ended(r, "stop" if model.is_eog(r.prompt_tokens[-1]) else "length") for r, e in zip(reqs, ends) if e]
         return Work([r for r, e in zip(reqs, ends) if not e], save, prog, (prompt_ids, base_ids, opts), done,
-                    dict((base_row.extra or {}).get("decode_stats") or {}))
+                    dict(base_extra.decode_stats))
 
     def decode(self, model: Model, items: list, shared: tuple, stats: dict) -> Iterator[Sample]:
         prompt_ids, base_ids, opts = shared
@@ -427,9 +354,8 @@ class ForkKind:
 
     def keep_stats(self, store: Store, run_id: int, stats: dict) -> None:
         """Keep the decode counters with the base sample (summed over resumes)."""
-        x = dict(store.samples(run_id, only_done=False)[0].extra or {})
-        x["decode_stats"] = {k: int(v) for k, v in stats.items()}
-        store.set_extra(run_id, 0, x)
+        x = BaseExtra.from_dict(store.samples(run_id, only_done=False)[0].extra)
+        store.set_extra(run_id, 0, replace(x, decode_stats={k: int(v) for k, v in stats.items()}).to_dict())
 
     def finish(self, model: Model, store: Store, run_id: int, work: Work) -> None:
         prompt_ids, base_ids, _opts = work.shared
@@ -457,20 +383,20 @@ def fork_noise(model: Model, store: Store, run_id: int, base_ids: list[int], pro
                k: int = NOISE_CONTINUATIONS) -> dict:
     """Re-decode k continuations' tokens one at a time after their prefix; compare with the stored values
     (the same figures as a sweep's noise floor)."""
-    conts = [s for s in store.samples(run_id) if (s.extra or {}).get("role") == "continuation"]
+    conts = [s for s in store.samples(run_id) if is_continuation(s.extra)]
     with_tokens = [s for s in conts if s.timing and s.timing.generated_tokens > 0]
     picks = [with_tokens[int(i)] for i in np.unique(np.linspace(0, len(with_tokens) - 1, min(k, len(with_tokens))
                                                                 ).astype(int))] if with_tokens else []
     deltas, agree = [], 0
     for s in picks:
         toks = [t for _, t in store.tokens(run_id, s.sample_idx)]
-        t = s.extra["position"]
-        ref = rescore(model, s.prompt, [x.id for x in toks], prompt_ids + base_ids[:t] + [s.extra["forced_token"]])
+        x = Continuation.from_dict(s.extra)
+        ref = rescore(model, s.prompt, [t.id for t in toks], prompt_ids + base_ids[:x.position] + [x.forced_token])
         agree += against_rescored(toks, ref, deltas)
     return noise_figures(len(picks), deltas, agree)
 
 
-# a fork run's per-sample columns in the token table (fork.plan_continuations' extra): the base path's rows have
+# a fork run's per-sample columns in the token table (fork_records' Continuation and BaseExtra): the base path's rows have
 # role "base" and its outcome, the others are empty there
 FORK_COLUMNS = {"role": ("fork_role", "string"), "position": ("fork_position", "Int64"),
                 "forced_token": ("forced_token", "Int64"), "forced_text": ("forced_text", "string"),
@@ -484,9 +410,9 @@ def with_fork_columns(run, tokens):
     (FORK_COLUMNS), after sample_idx's: what `export` writes for a fork run."""
     import pandas as pd
 
-    extras = pd.DataFrame([{"sample_idx": s.sample_idx, **{col: (s.extra or {}).get(key)
-                                                          for key, (col, _) in FORK_COLUMNS.items()}}
-                           for s in run.samples], columns=["sample_idx"] + [c for c, _ in FORK_COLUMNS.values()])
+    values = {s.sample_idx: sample_record(s.extra).columns() for s in run.samples}
+    extras = pd.DataFrame([{"sample_idx": i, **{col: v.get(key) for key, (col, _) in FORK_COLUMNS.items()}}
+                           for i, v in values.items()], columns=["sample_idx"] + [c for c, _ in FORK_COLUMNS.values()])
     extras = extras.astype({col: kind for col, kind in FORK_COLUMNS.values()})
     out = tokens.merge(extras, on="sample_idx", how="left", validate="many_to_one")
     at = list(tokens.columns).index("sample_idx") + 1
@@ -503,11 +429,11 @@ class ForkRun:
     info: RunInfo
     base: StoredSample
     base_tokens: list[TokenRecord]
-    spec: dict  # ForkSpec.to_dict() as stored
+    plan: PlanSettings  # the settings the plan was made with
     outcome: OutcomeSpec
     analysis: ForkAnalysis
-    stats: dict  # decode counters (decode_continuations' keys), summed over resumes
-    cost: dict  # Cost as planned
+    stats: dict[str, int]  # decode counters (decode_continuations' keys), summed over resumes
+    cost: Cost | None  # as planned (None: stored without it)
 
 
 def load_fork(store: Store, run_id) -> ForkRun:
@@ -518,28 +444,26 @@ def load_fork(store: Store, run_id) -> ForkRun:
     samples = store.samples(info.id, only_done=False)
     base = samples[0]
     tokens = store.tokens_by_sample(info.id)
-    fork = base.extra["fork"]
+    base_extra = BaseExtra.from_dict(base.extra)
     groups: dict[int, dict[int, Branch]] = {}
     for s in samples[1:]:
-        x = s.extra
-        g = groups.setdefault(x["position"], {})
-        b = g.get(x["forced_token"])
+        x = Continuation.from_dict(s.extra)
+        g = groups.setdefault(x.position, {})
+        b = g.get(x.forced_token)
         if b is None:
-            b = g[x["forced_token"]] = Branch(x["position"], x["forced_token"],
-                                              visible(x["forced_text"], x["forced_bytes"]), x["prob"], x["chosen"])
+            b = g[x.forced_token] = Branch(x.position, x.forced_token, x.forced_visible, x.prob, x.chosen)
         if s.status == "done":
-            b.outcomes.append(NONE if x["outcome"] is None else x["outcome"])  # None: stored by older versions
+            b.outcomes.append(NONE if x.outcome is None else x.outcome)  # None: stored by older versions
             if not b.example:
                 cont = "".join(visible(t.text, t.bytes) for t in tokens.get(s.sample_idx, []) if not t.eog)
                 b.example = b.text + cont
     positions = sorted(t for t, g in groups.items() if any(b.outcomes for b in g.values()))
     branches = [sorted(groups[t].values(), key=lambda b: (not b.chosen, -b.prob)) for t in positions]
-    spec = OutcomeSpec.from_dict(fork["outcome"])
-    declared = tuple(o.strip() for o in spec.options) if spec.mode == "options" else ()
-    base_outcome = base.extra.get("outcome")
-    analysis = analyse(branches, positions, NONE if base_outcome is None else base_outcome, declared=declared)
-    return ForkRun(info, base, tokens.get(0, []), fork, spec, analysis,
-                   base.extra.get("decode_stats") or {}, base.extra.get("cost") or {})
+    spec = base_extra.plan.outcome
+    base_outcome = base_extra.outcome
+    analysis = analyse(branches, positions, NONE if base_outcome is None else base_outcome, declared=spec.declared)
+    return ForkRun(info, base, tokens.get(0, []), base_extra.plan, spec, analysis, base_extra.decode_stats,
+                   base_extra.cost)
 
 
 def resume_target(store: Store, run_id, model: str | None = None):

@@ -23,6 +23,7 @@ import pandas as pd
 from llamalens.errors import InvalidInput
 from llamalens.core.strategies import sequence_metrics
 from llamalens.records import StoredSample, TokenRecord
+from llamalens.run.sweep_records import SweepExtra
 from llamalens.settings import SamplingSettings
 from llamalens.store import RunInfo, Store
 
@@ -102,10 +103,10 @@ def load_run(store: Store, run_id) -> LoadedRun:
     info = store.run(run_id)
     samples, by_sample = store.samples(info.id), store.tokens_by_sample(info.id)
     for s in samples:  # no-repeat-ngram's banned ids are kept in the sample's extra, by position
-        for pos, ids in ((s.extra or {}).get("blocked") or {}).items():
+        for pos, ids in SweepExtra.from_dict(s.extra).blocked.items():
             toks = by_sample.get(s.sample_idx, [])
-            if int(pos) < len(toks):
-                toks[int(pos)].blocked = list(ids)
+            if pos < len(toks):
+                toks[pos].blocked = list(ids)
     return LoadedRun(info, store.configs(info.id), samples, by_sample)
 
 

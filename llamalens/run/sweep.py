@@ -24,13 +24,14 @@ from typing import Callable
 
 
 from llamalens.core.beam import beam_search
-from llamalens.core.strategies import blocked_extra, draw_seed, pick_best_of
+from llamalens.core.strategies import draw_seed, pick_best_of
 from llamalens.core.engine import Engine, Request, context_notes
 from llamalens.errors import InvalidSettings
 from llamalens.records import Hardware, RunOptions
 from llamalens.core.runtime import Model, build_info, library_versions
 from llamalens.settings import SamplingSettings
 from llamalens.run import lifecycle
+from llamalens.run.sweep_records import BeamExtra, BeamHypothesis, BeamStep, BestOfExtra, SweepExtra
 from llamalens.run.lifecycle import (DEFAULT_PARALLEL, Progress, RunInterrupted, Work, check_resumable,  # noqa: F401
                                      check_run_model, report_model, resume_target)
 from llamalens.run.noise import noise_floor
@@ -175,7 +176,7 @@ def decode(model: Model, pending, configs, opts: RunOptions):
                 continue
             win, extra = pick_best_of([got[k] for k in range(cfg.best_of)], cfg.best_of_by, cfg.to_dict())
             win.key = idx
-            yield win, {**extra, **sample_extra(win)}, sum(len(d.tokens) for d in got.values())
+            yield win, sample_extra(win, BestOfExtra.from_dict(extra)), sum(len(d.tokens) for d in got.values())
         else:
             yield sample, sample_extra(sample), len(sample.tokens)
     done_beams: dict[tuple, object] = {}  # beam search is deterministic: one search serves every seed
@@ -185,14 +186,20 @@ def decode(model: Model, pending, configs, opts: RunOptions):
             done_beams[key] = beam_search(model, s.prompt, cfg, opts.max_tokens, opts.n_logprobs, exact=opts.exact)
         res = done_beams[key]
         sample = replace(res.sample, key=s.sample_idx, settings=cfg.to_dict())  # a copy: one search, many seeds
-        yield sample, {**res.extra(model), **blocked_extra(sample.tokens)}, res.scored_tokens
+        yield sample, sample_extra(sample, beam_extra(model, res)), res.scored_tokens
 
 
-def sample_extra(sample) -> dict:
-    """What a sampled sample records beyond its tokens: the grammar's removed mass per token, the ids
-    no-repeat-ngram banned."""
-    extra = {"grammar_removed": sample.grammar_removed} if sample.grammar_removed is not None else {}
-    return {**extra, **blocked_extra(sample.tokens)}
+def sample_extra(sample, strategy: BeamExtra | BestOfExtra | None = None) -> dict | None:
+    """What a sample records beyond its tokens (SweepExtra, as stored; None: nothing): its strategy's result,
+    the grammar's removed mass per token, the ids no-repeat-ngram banned."""
+    blocked = {t.position: list(t.blocked) for t in sample.tokens if t.blocked}
+    return SweepExtra(strategy, sample.grammar_removed, blocked).to_dict()
+
+
+def beam_extra(model: Model, res) -> BeamExtra:
+    """A beam search's result (core/beam.py's BeamResult) as a sweep sample records it."""
+    return BeamExtra([BeamHypothesis(**h.to_dict(model)) for h in res.hypotheses], [BeamStep(**st) for st in res.steps],
+                     res.decode_calls, res.scored_tokens)
 
 
 def plan_requests(pending, configs, opts):

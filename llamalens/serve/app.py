@@ -171,9 +171,21 @@ def events_of(start) -> tuple[AsyncIterator[dict], list]:
 
 
 def make_app(explorer: Explorer, token: str, hosts: set[str], origins: set[str]) -> Guard:
+    """The served app behind its Guard: the page, the tree API, the stored runs' API and the OpenAI-compatible API."""
     from llamalens.serve.openai import routes as openai_routes
 
-    model = explorer.model
+    routes = [*_page_routes(token), *_tree_routes(explorer), *_stored_routes(explorer),
+              *openai_routes(explorer, handled, body, events_of, sse, _error)]
+
+    async def not_found(request: Request, exc):
+        return PlainTextResponse("not found", status_code=404)
+
+    app = Starlette(routes=routes, exception_handlers={404: not_found})
+    return Guard(app, token, hosts, origins)
+
+
+def _page_routes(token: str) -> list[Route]:
+    """The page (a ?token= visit sets the cookie and redirects to /) and its static files."""
 
     async def page(request: Request):
         if request.query_params.get("token"):
@@ -187,6 +199,14 @@ def make_app(explorer: Explorer, token: str, hosts: set[str], origins: set[str])
         if name not in STATIC:
             return _error(404, f"no file {name!r}")
         return FileResponse(PAGE / name, media_type=STATIC[name])
+
+    return [Route("/", page), Route("/static/{name}", static)]
+
+
+def _tree_routes(explorer: Explorer) -> list[Route]:
+    """The explorer's API: the model and its defaults, generating and branching (event streams), cancelling, the
+    state, a tree, one position's distributions."""
+    model = explorer.model
 
     @handled
     async def info(request: Request):
@@ -238,6 +258,15 @@ def make_app(explorer: Explorer, token: str, hosts: set[str], origins: set[str])
         args = parse.position(d)
         return JSONResponse(await run_in_threadpool(explorer.position, *args))
 
+    return [Route("/api/info", info), Route("/api/generate", generate, methods=["POST"]),
+            Route("/api/branch", branch, methods=["POST"]), Route("/api/cancel", cancel, methods=["POST"]),
+            Route("/api/state", state), Route("/api/trees/{tree}", tree),
+            Route("/api/position", position, methods=["POST"])]
+
+
+def _stored_routes(explorer: Explorer) -> list[Route]:
+    """The store's runs: the list, one run, and adopting a stored sample as a new tree."""
+
     @handled
     async def runs(request: Request):
         infos = await run_in_threadpool(lambda: explorer.store().runs())
@@ -258,17 +287,4 @@ def make_app(explorer: Explorer, token: str, hosts: set[str], origins: set[str])
         args = parse.integer(d.get("run"), "run", 0), parse.integer(d.get("sample"), "sample", 0)
         return JSONResponse(await run_in_threadpool(adopt_sample, explorer, *args))
 
-    routes = [
-        Route("/", page), Route("/static/{name}", static),
-        Route("/api/info", info), Route("/api/generate", generate, methods=["POST"]),
-        Route("/api/branch", branch, methods=["POST"]), Route("/api/cancel", cancel, methods=["POST"]),
-        Route("/api/state", state), Route("/api/trees/{tree}", tree), Route("/api/position", position, methods=["POST"]),
-        Route("/api/runs", runs), Route("/api/runs/{run}", run), Route("/api/adopt", adopt, methods=["POST"]),
-        *openai_routes(explorer, handled, body, events_of, sse, _error),
-    ]
-
-    async def not_found(request: Request, exc):
-        return PlainTextResponse("not found", status_code=404)
-
-    app = Starlette(routes=routes, exception_handlers={404: not_found})
-    return Guard(app, token, hosts, origins)
+    return [Route("/api/runs", runs), Route("/api/runs/{run}", run), Route("/api/adopt", adopt, methods=["POST"])]

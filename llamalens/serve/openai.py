@@ -92,6 +92,55 @@ def _usage(n_prompt: int, n_gen: int) -> dict:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
 
 
+class _Answer:
+    """One completion answered in OpenAI's shape (a chat completion or a text completion): its id and object, its
+    choice, streamed as chunks or whole, logprobs when asked for, and the echoed prompt (text completions)."""
+
+    def __init__(self, model, model_id: str, chat: bool, logprobs: bool, echo: list | None):
+        self.model, self.chat, self.logprobs, self.echo = model, chat, logprobs, echo
+        self.head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
+                     "model": model_id}
+        self.obj = "chat.completion" if chat else "text_completion"
+
+    def choice(self, records, text: str, finish, delta: bool) -> dict:
+        lp = None
+        if self.logprobs:
+            lp = ({"content": [_chat_token(r) for r in records if not r.eog]} if self.chat else
+                  _completion_logprobs(self.model, records, 0, self.echo or ()))
+        if self.chat:
+            msg = {"role": "assistant", "content": text}
+            return {"index": 0, ("delta" if delta else "message"): msg, "logprobs": lp, "finish_reason": finish}
+        return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+
+    async def chunks(self, events, box: list, n_prompt: int):
+        """The streamed chunks: one a token, then the finish reason and the usage (or an error, ending it)."""
+        obj = self.obj + (".chunk" if self.chat else "")
+        async for ev in events:
+            if ev["type"] == "token":
+                r = ev["record"]
+                yield dict(self.head, object=obj, choices=[self.choice([r], "" if r.eog else r.text, None, True)])
+            elif ev["type"] == "error":
+                yield {"error": {"message": ev["message"], "type": "server_error"}}
+                return
+            elif ev["type"] == "done":
+                break
+        job = box[0]
+        await _wait(job)
+        sample = sample_of(job)
+        if sample is not None:
+            yield dict(self.head, object=obj, choices=[self.choice([], "", _finish(sample.finish_reason), True)],
+                       usage=_usage(n_prompt, len(sample.tokens)))
+
+    def whole(self, sample, n_prompt: int) -> dict:
+        """The whole answer of a finished completion (the echoed prompt's text before a text completion's)."""
+        text = sample.text
+        if self.echo is not None and not self.chat:
+            text = "".join(t for t, _, _ in self.echo) + text
+        return dict(self.head, object=self.obj,
+                    choices=[self.choice(sample.tokens, text, _finish(sample.finish_reason), False)],
+                    usage=_usage(n_prompt, len(sample.tokens)))
+
+
 def routes(explorer: Explorer, handled, body, events_of, sse, error) -> list[Route]:
     model = explorer.model
     model_id = model.path.name
@@ -103,43 +152,10 @@ def routes(explorer: Explorer, handled, body, events_of, sse, error) -> list[Rou
     async def _run(d: dict, ids: list[int], chat: bool, top: int, logprobs: bool, echo: list | None):
         s, stop = _settings(d), _stop(d)
         max_tokens = parse.integer(d.get("max_tokens", d.get("max_completion_tokens", 16)), "max_tokens", 1, MAX_TOKENS)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        obj = "chat.completion" if chat else "text_completion"
+        answer = _Answer(model, model_id, chat, logprobs, echo)
         events, box = events_of(lambda emit: explorer.complete(ids, s, max_tokens, top, stop, emit))
-        head = {"id": rid, "created": created, "model": model_id}
-
-        def choice(records, text, finish, delta: bool):
-            lp = None
-            if logprobs:
-                lp = ({"content": [_chat_token(r) for r in records if not r.eog]} if chat else
-                      _completion_logprobs(model, records, 0, echo or ()))
-            if chat:
-                msg = {"role": "assistant", "content": text}
-                return {"index": 0, ("delta" if delta else "message"): msg, "logprobs": lp, "finish_reason": finish}
-            return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
-
         if d.get("stream"):
-            async def stream():
-                async for ev in events:
-                    if ev["type"] == "token":
-                        r = ev["record"]
-                        yield dict(head, object=obj + (".chunk" if chat else ""),
-                                   choices=[choice([r], "" if r.eog else r.text, None, True)])
-                    elif ev["type"] == "error":
-                        yield {"error": {"message": ev["message"], "type": "server_error"}}
-                        return
-                    elif ev["type"] == "done":
-                        break
-                job = box[0]
-                await _wait(job)
-                sample = sample_of(job)
-                if sample is not None:
-                    yield dict(head, object=obj + (".chunk" if chat else ""),
-                               choices=[choice([], "", _finish(sample.finish_reason), True)],
-                               usage=_usage(len(ids), len(sample.tokens)))
-
-            return sse(stream(), box, last="[DONE]")
+            return sse(answer.chunks(events, box, len(ids)), box, last="[DONE]")
         async for ev in events:
             if ev["type"] == "error":
                 return error(400, ev["message"])
@@ -148,12 +164,7 @@ def routes(explorer: Explorer, handled, body, events_of, sse, error) -> list[Rou
         sample = sample_of(job)
         if sample is None:
             return error(500, f"the completion failed: {job.error}")
-        text = sample.text
-        if echo is not None and not chat:
-            text = "".join(t for t, _, _ in echo) + text
-        return JSONResponse(dict(head, object=obj, choices=[choice(sample.tokens, text, _finish(sample.finish_reason),
-                                                                     False)],
-                                 usage=_usage(len(ids), len(sample.tokens))))
+        return JSONResponse(answer.whole(sample, len(ids)))
 
     @handled
     async def completions(request: Request):

@@ -3,6 +3,8 @@ adopted as the root of a new tree, so that it can be branched from when its mode
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from llamalens.errors import InvalidInput
 from llamalens.records import RunOptions, Sample, Timing
 from llamalens.run.tree import TREE, TreeExtra, add_branch, create_tree, load_tree
@@ -46,7 +48,9 @@ def adopt(explorer: Explorer, run_id: int, sample_idx: int) -> dict:
     if info.kind == TREE.name:
         tree = load_tree(st, run_id)
         ids = tree.generation_prompt(sample_idx, len(tree.path(sample_idx)), [])
-        prompt, records = tree.prompt, tree.path(sample_idx)
+        prompt = tree.prompt
+        # a branch's path joins its parent's records, its forced ones and its own: numbered again from 0
+        records = [replace(t, position=i) for i, t in enumerate(tree.path(sample_idx))]
     else:
         prompt, records = sample.prompt, [t for _, t in st.tokens(info.id, sample_idx)]
         ids = explorer.model.prompt_tokens(prompt)
