@@ -310,7 +310,8 @@ def test_declared_options_appear_at_probability_zero(tiny_path, tmp_path):
     assert never in data["labels"] and data["declared"] == ["the", never]
     assert all(p["distribution"][never] == 0.0 for p in data["positions"]) and data["end"][never] == 0.0
     shown = cli("show", 1, "--store", tmp_path / "o.db").output
-    rows = [line for line in shown.splitlines() if re.match(r"\s*\d+\s", line)]
+    positions = shown.split("forking tokens:")[0]  # the positions table, not the confidence table after it
+    rows = [line for line in positions.splitlines() if re.match(r"\s*\d+\s", line)]
     assert len(rows) == 3 and all(f"{never} 0.00" in line for line in rows)
     page = (tmp_path / "o.html").read_text(encoding="utf-8")
     assert page.count(f"{never} 0.00") >= 3
