@@ -435,8 +435,8 @@ def choose(prompt: str, options, *, normalize: str = "none", space: bool = True,
     >>> ll.choose("The capital of France is", ["Paris", "London"]).options[0].option  # doctest: +SKIP
     'Paris'
     """
-    from llamalens.looks.score import check_options
-    from llamalens.looks.score import choose as rank
+    from llamalens.looks.choose import check_options
+    from llamalens.looks.choose import choose as rank
 
     if not isinstance(prompt, str):
         raise InvalidArgument(f"prompt={prompt!r:.40}: give the prompt as a str")
@@ -455,7 +455,7 @@ def compare(model_a=None, model_b=None, *, text=None, run=None, store=None, prot
     model). model_a / model_b: loaded Models or paths / names.
     """
     from llamalens.core.runtime import Model
-    from llamalens.looks.score import compare_pair, compare_run, compare_text, same_file
+    from llamalens.looks.compare import compare_pair, compare_run, compare_text, same_file
 
     if (text is None) == (run is None):
         raise InvalidInput("give text= or run=, one of them")

@@ -245,7 +245,7 @@ def score_text_tokens(model, n_tokens):
 
 def case_prefill(model_path, n_text, threads, all_rows=False):
     from llamalens.core.runtime import Model, ModelOptions
-    from llamalens.looks.score import plan_windows, text_stream
+    from llamalens.looks.windows import plan_windows, text_stream
 
     m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
     stream, _ = text_stream(m, score_text_tokens(m, n_text))
@@ -277,7 +277,7 @@ def case_compare(model_path, n_text, threads):
     import llama_cpp as L
 
     from llamalens.core.runtime import Model, ModelOptions
-    from llamalens.looks.score import compare_text
+    from llamalens.looks.compare import compare_text
 
     q8 = os.path.join(os.environ.get("TMPDIR", "/tmp"), "llamalens-bench-q8_0-" + os.path.basename(str(model_path)))
     if not os.path.exists(q8):

@@ -152,8 +152,8 @@ def choose(prompt, options, normalize, no_space, as_json, model, **kw):
     llamalens choose "Review: great film! Sentiment:" --option positive --option negative --normalize token
     llamalens choose --chat "Is the sky blue? Answer yes or no." --chat-template gemma --option yes --option no
     """
-    from llamalens.looks.score import check_options
-    from llamalens.looks.score import choose as rank_options
+    from llamalens.looks.choose import check_options
+    from llamalens.looks.choose import choose as rank_options
     from llamalens.visible import visible
     from llamalens.commands.look import chat_prompt, with_chat
 
@@ -201,7 +201,7 @@ def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model
     llamalens compare --run 7 -m model-q2_k.gguf        # what B thinks of run 7's text
     llamalens compare -m A.gguf -m B.gguf --file corpus.txt --ctx 512 --threads 4 --ray auto   # on a Ray cluster
     """
-    from llamalens.looks.score import compare_pair, compare_run, compare_text
+    from llamalens.looks.compare import compare_pair, compare_run, compare_text
     from llamalens.store import Store
 
     store = data = None
