@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from llamalens.version import __version__
-from llamalens.commands import embed, fork, look, runs, score, serve
+from llamalens.commands import compare, embed, fork, look, runs, score, serve
 from llamalens.visible import terminal_safe
 
 
@@ -66,7 +66,7 @@ def main():
 
 COMMANDS = [look.models, look.quantize, look.tokenize, look.next_cmd, look.generate,
             runs.sweep, runs.presets, runs.runs, runs.show, runs.report, runs.export,
-            score.score, score.choose, score.compare,
+            score.score, score.choose, compare.compare,
             embed.embed, fork.fork, serve.serve]
 for command in COMMANDS:
     main.add_command(command)

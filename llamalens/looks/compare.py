@@ -36,6 +36,8 @@ class PositionDiff:
     top_a: list[Alternative]
     top_b: list[Alternative]
     sample: int | None = None  # the stored sample, for --run
+    lp_a: float = math.nan  # the logprobs p_a and p_b are the exp of (the statistics use them: exact)
+    lp_b: float = math.nan
 
     @property
     def dp(self) -> float:
@@ -51,10 +53,14 @@ class PositionDiff:
         return d
 
 
-def kl_from_stats(a: np.ndarray, sa: RowStats, b: np.ndarray, sb: RowStats) -> float:
+def kl_rows(a: np.ndarray, lse_a: float, b: np.ndarray, lse_b: float) -> float:
     """KL(A‖B) over the whole vocabulary from two raw rows and their log-sum-exps (module docstring)."""
-    pa = np.exp(a - np.float32(sa.lse))
-    return max(0.0, float(np.sum(pa * (a - b), dtype=np.float64)) - (sa.lse - sb.lse))
+    pa = np.exp(a - np.float32(lse_a))
+    return max(0.0, float(np.sum(pa * (a - b), dtype=np.float64)) - (lse_a - lse_b))
+
+
+def kl_from_stats(a: np.ndarray, sa: RowStats, b: np.ndarray, sb: RowStats) -> float:
+    return kl_rows(a, sa.lse, b, sb.lse)
 
 
 @dataclass
@@ -76,29 +82,14 @@ class Comparison(Rich):
     source: str = "text"  # "text" or "run N"
 
     def summary(self) -> dict:
-        """The figures llama-perplexity --kl-divergence prints, from our per-token values."""
-        n = len(self.positions)
-        kld = np.array([p.kld for p in self.positions])
-        dp = np.array([p.dp for p in self.positions])
-        same = np.array([p.same_top for p in self.positions], dtype=float)
-        pct = lambda v, q: float(np.percentile(v, q)) if n else math.nan  # noqa: E731
-        err = lambda v: float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan  # noqa: E731
-        ln_ratio = self.nll_b - self.nll_a
-        return {
-            "tokens": n,
-            "ppl_a": math.exp(self.nll_a), "ppl_b": math.exp(self.nll_b),
-            "ppl_ratio": math.exp(ln_ratio), "ln_ppl_ratio": ln_ratio,
-            "kld_mean": float(kld.mean()) if n else math.nan, "kld_error": err(kld),
-            "kld_median": pct(kld, 50), "kld_p90": pct(kld, 90), "kld_p95": pct(kld, 95), "kld_p99": pct(kld, 99),
-            "kld_p99_9": pct(kld, 99.9), "kld_max": float(kld.max()) if n else math.nan,
-            "kld_min": float(kld.min()) if n else math.nan,
-            "dp_mean": float(dp.mean()) if n else math.nan, "dp_error": err(dp),
-            "dp_rms": float(math.sqrt((dp ** 2).mean())) if n else math.nan,
-            "dp_p1": pct(dp, 1), "dp_p5": pct(dp, 5), "dp_p10": pct(dp, 10), "dp_median": pct(dp, 50),
-            "dp_p90": pct(dp, 90), "dp_p95": pct(dp, 95), "dp_p99": pct(dp, 99),
-            "dp_max": float(dp.max()) if n else math.nan, "dp_min": float(dp.min()) if n else math.nan,
-            "same_top": float(same.mean()) if n else math.nan, "same_top_error": err(same),
-        }
+        """Every figure llama-perplexity --kl-divergence prints (looks/kld_stats.py), from our per-token values;
+        ppl_a / ppl_b are PPL(base) / PPL(Q) under the names of A and B."""
+        from llamalens.looks.kld_stats import kld_statistics
+
+        ps = self.positions
+        s = kld_statistics([-p.lp_b for p in ps], [-p.lp_a for p in ps], [p.kld for p in ps],
+                           [p.same_top for p in ps])
+        return dict(s, ppl_a=s["ppl_base"], ppl_b=s["ppl_q"])
 
     def worst(self, k: int = 20) -> list[PositionDiff]:
         return sorted(self.positions, key=lambda p: -p.kld)[:k]
@@ -185,7 +176,8 @@ def compare_windows(a: Model, b: Model, stream: list[int], windows: list[Window]
         out.append(PositionDiff(ia - offset, tok, *a.token_text(tok),
                                 kl_from_stats(ra, sa, rb, sb), math.exp(sa.logprob), math.exp(sb.logprob),
                                 alternatives(a.token_text, sa.top_ids, sa.top_logprobs),
-                                alternatives(b.token_text, sb.top_ids, sb.top_logprobs), sample))
+                                alternatives(b.token_text, sb.top_ids, sb.top_logprobs), sample, sa.logprob,
+                                sb.logprob))
         nll[0].append(-sa.logprob)
         nll[1].append(-sb.logprob)
 

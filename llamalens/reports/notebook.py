@@ -157,13 +157,21 @@ def compare_document(cmp) -> Document:
     return build(cmp)
 
 
+def ladder_document(ladder) -> Document:
+    from llamalens.reports.ladder import ladder_document as build
+
+    return build(ladder)
+
+
 def html_of(kind: str, obj) -> str:
-    """`_repr_html_` of a result: kind is one of sample, next_token, sampler_view, choice, run, score, compare."""
+    """`_repr_html_` of a result: kind is one of sample, next_token, sampler_view, choice, run, score, compare,
+    ladder."""
     return frame(_BUILDERS[kind](obj))
 
 
 _BUILDERS = {"sample": sample_document, "next_token": next_token_document, "sampler_view": sampler_view_document,
-             "choice": choice_document, "run": run_document, "score": score_document, "compare": compare_document}
+             "choice": choice_document, "run": run_document, "score": score_document, "compare": compare_document,
+             "ladder": ladder_document}
 
 
 def run_html(run) -> str:
