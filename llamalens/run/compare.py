@@ -125,8 +125,8 @@ def check_models(paths: list) -> list[Path]:
 
     if len(paths) < 2:
         raise InvalidInput(f"give a base model and at least one model to compare with it: --model BASE --model Q "
-                           f"[--model Q2 ...] (got {len(paths)} model{'s' if len(paths) != 1 else ''}; exactly two "
-                           "models compare B with A)")
+                           f"[--model Q2 ...] (got {len(paths)}); with exactly two models, the second is compared "
+                           "with the first")
     if len(paths) > MAX_MODELS:
         raise InvalidInput(f"{len(paths)} models are more than one comparison takes ({MAX_MODELS}); split them")
     files = [resolve_model(p) for p in paths]
