@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import llamalens as ll
-from llamalens.looks.kld_stats import LLAMA_PERPLEXITY_LINES, kld_statistics
+from llamalens.looks.kld_stats import LLAMA_PERPLEXITY_LINES, WITH_ERROR, kld_statistics
 from clirun import cli
 
 TEXT = "the cat sat on the mat and the dog is in it. " * 4
@@ -111,8 +111,15 @@ def test_compare_run_equals_the_pairwise_compare_in_blocks_and_after_resume(tiny
     rid = store.runs()[-1].id
     part = load_ladder(store, rid)
     assert not part.complete and part.info.status == "interrupted" and part.drift[1].windows_done == 2
-    monkeypatch.setattr(run_compare, "compare_window", real)
+    decoded = []
+
+    def counted(*args, **kwargs):
+        decoded.append(args[-1])  # the model of the unit
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_compare, "compare_window", counted)
     res = cli("compare", "--resume", rid, "--store", tmp_path / "b.db", "--json")
+    assert len(decoded) == 2 * whole.n_windows - 2  # only the units that were not saved
     resumed = load_ladder(Store(tmp_path / "b.db"), rid)
     assert resumed.complete and resumed.info.status == "done"
     for k in (1, 2):
@@ -176,11 +183,15 @@ def test_compare_on_a_run_with_several_models(tiny_path, tiny_quants, tmp_path):
 
 # -- against llama.cpp's own tool ------------------------------------------------------------------------
 def _tool_figures(log: str) -> dict:
+    """Every figure of the tool's summary by our key, and each ± by the key of our uncertainty."""
     out = {}
     for label, key, _unit in LLAMA_PERPLEXITY_LINES:
-        m = re.search(re.escape(label) + r"\s*:\s*(-?[0-9.]+)", log)
+        m = re.search(re.escape(label) + r"\s*:\s*(-?[0-9.]+)(?:\s*±\s*([0-9.]+))?", log)
         assert m, (label, log[-3000:])
         out[key] = float(m.group(1))
+        if key in WITH_ERROR:
+            assert m.group(2), (label, "no ±")
+            out[WITH_ERROR[key]] = float(m.group(2))
     return out
 
 
@@ -190,7 +201,8 @@ def _tool_figures(log: str) -> dict:
 #   PPL(Q): 1.0e-7 relative (the tool sums float32 per-token NLLs); PPL(base) 1.1e-6 relative; correlation 0.004
 #   points; ln ratio, ratio, difference <= 1.9e-6; mean KLD 0.09-0.26 % relative; KLD percentiles <= 1e-4 plus
 #   0.9 % of the value (up to 8 % on the lowest percentiles, whose values are below 1e-4); Δp figures within
-#   5e-4 percentage points (its printed digit); same top p to the printed digit.
+#   5e-4 percentage points (its printed digit); same top p to the printed digit. The uncertainties (±): within
+#   0.3 % of the tool's (most of it the tool's printed digits).
 # The bounds are about 10x these.
 def _bound(key: str, tool: float) -> float:
     if key == "ppl_q":
@@ -237,6 +249,9 @@ def test_every_statistic_against_llama_perplexity(gemma_path, gemma_q8_path, gem
         for label, key, unit in LLAMA_PERPLEXITY_LINES:
             mine = s[key] * (100 if unit else 1)
             assert abs(mine - figures[key]) <= _bound(key, figures[key]), (name, label, mine, figures[key])
+            if key in WITH_ERROR:
+                err, tool_err = s[WITH_ERROR[key]] * (100 if unit else 1), figures[WITH_ERROR[key]]
+                assert abs(err - tool_err) <= 0.03 * tool_err + (5e-4 if unit else 5e-7), (name, label, err, tool_err)
         assert f"{s['same_top'] * 100:.3f}" == f"{figures['same_top']:.3f}"  # the same tokens, counted alike
 
 

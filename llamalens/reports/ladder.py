@@ -45,8 +45,8 @@ def ladder_document(ladder, flips=None) -> Document:
                   [[visible(r["model"], edge_spaces=False), visible(r["quantization"], edge_spaces=False),
                     round(r["file_size"] / GIB, 3), round(r["bpw"], 3), r["ppl"], r["ppl_ratio"], r["kld_mean"],
                     r["kld_error"], r["kld_p99"], r["kld_max"], r["dp_rms"], r["same_top"]] for r in rows],
-                  caption="Compared models by file size, smallest first. KLD = KL(base‖model) over the whole "
-                          "vocabulary in nats per token; bits per weight from each file's header; Δp = p(model) − "
+                  caption="Compared models by file size, smallest first. KLD = KL(A‖B), A the base and B the "
+                          "compared model, over the whole vocabulary in nats per token; bits per weight from each file's header; Δp = p(model) − "
                           "p(base) of the actual token; same top = share of tokens where both rank the same token "
                           f"first. The smallest here: {visible(worst_q, edge_spaces=False)}.", sortable=True))
     doc.add(Figure(ladder_figure(ladder), "ladder", "Mean and 99th-percentile KL divergence against file size."))

@@ -357,6 +357,11 @@ def ladder(labels: list[str], sizes_gib: list[float], means: list[float], p99s: 
                     fontsize=7)
     ax.set_yscale("log")
     _plain_ticks(ax.yaxis)
+    lo, hi = ax.get_ylim()
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    # minor ticks labelled only when the axis spans less than two decades (else they crowd), as plain numbers too
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if math.log10(hi / lo) < 2 else NullFormatter())
     ax.set_xlabel("file size (GiB)")
     ax.set_ylabel(f"KL(base‖model), nats per token{f' (base: {base})' if base else ''}")
     ax.grid(alpha=0.3, which="both")
