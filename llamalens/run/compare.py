@@ -7,13 +7,15 @@
          ──► run/ladder.py reads the units back: llama-perplexity's statistics per model, the ladder
 
 Memory. Only two models are ever loaded: the base (the run's model, loaded by the caller) and one compared
-model at a time. The base's rows are not kept in memory: a block's windows are decoded by the base once and
-its raw float32 logits rows written to a spill file (in $TMPDIR, deleted at the end of the block), with each
-row's log-sum-exp and top tokens in memory; then each compared model is loaded in turn, decodes the block's
-windows, and reads the base rows back one at a time, in order, into one reused row. Peak memory is thus
-base + the largest compared model + one window's decode (llama.cpp's output buffer) + a few rows, whatever
-the number of models or the length of the text. A block holds as many windows as SPILL_MAX_BYTES (or half
-the free space in $TMPDIR) allows; a text too long for one block loads each compared model once per block.
+model at a time. The base's rows are not kept in memory. The block's first compared model decodes each window
+alongside the base (both rows in lockstep, as the pairwise compare does), and the base's raw float32 rows are
+written to a spill file as they come (in $TMPDIR, deleted at the end of the block), with each row's log-sum-exp
+and top tokens in memory; then each other compared model is loaded in turn, decodes the block's windows, and
+reads the base rows back one at a time, in order, into one reused row. Peak memory is thus the base + the
+largest compared model + one window's decode of each (llama.cpp's output buffers) + a few rows, whatever the
+number of models or the length of the text; with one compared model nothing is spilled. A block holds as many
+windows as SPILL_MAX_BYTES (or half the free space in $TMPDIR) allows; a text too long for one block loads each
+compared model once per block.
 
 Per token the numbers are the pairwise `compare`'s (looks/compare.py), from the same raw float32 rows:
 KL(base‖Q) = Σ p_base (a − b) − (lse_a − lse_b), the logprob of the actual token under each model, and whether
@@ -198,13 +200,15 @@ class Spill:
         self.index: dict[int, tuple[int, list[tuple[float, float, np.ndarray, np.ndarray]]]] = {}
         self.row = np.empty(n_vocab, dtype=np.float32)
 
-    def write(self, window: int, model: Model, stream: list[int], w: Window, n_ctx: int) -> None:
-        start, stats = self.file.tell(), []
-        for s_idx, row in rows(model, stream, [w], n_ctx=n_ctx):
-            st = RowStats.of(row, stream[s_idx], N_TOP)
-            stats.append((st.lse, st.logprob, st.top_ids[:N_TOP].copy(), st.top_logprobs[:N_TOP].copy()))
-            row.tofile(self.file)
-        self.index[window] = (start, stats)
+    def start(self, window: int) -> None:
+        """The rows that follow are this window's."""
+        self.file.seek(0, os.SEEK_END)
+        self.index[window] = (self.file.tell(), [])
+        self._open = window
+
+    def add(self, row: np.ndarray, stats: tuple) -> None:
+        row.tofile(self.file)
+        self.index[self._open][1].append(stats)
 
     def read(self, window: int):
         """(row, lse, logprob of the actual token, top ids, top logprobs) of each base row of a window, in order;
@@ -247,12 +251,33 @@ def blocks(windows: list[Window], needed: list[int], n_vocab: int, budget: int) 
 
 
 # -- decoding a unit -------------------------------------------------------------------------------------
-def compare_window(q: Model, spill: Spill, stream: list[int], w: Window, window: int, n_ctx: int, offset: int,
+def base_rows(base: Model, stream: list[int], w: Window, n_ctx: int, spill: Spill | None = None, window: int = 0):
+    """(row, lse, logprob of the actual token, top ids, top logprobs) of each scored base row of a window as it is
+    decoded; each row also written to the spill when one is given (for the models compared after this one)."""
+    if spill is not None:
+        spill.start(window)
+    for s_idx, row in rows(base, stream, [w], n_ctx=n_ctx):
+        st = RowStats.of(row, stream[s_idx], N_TOP)
+        stats = (st.lse, st.logprob, st.top_ids[:N_TOP].copy(), st.top_logprobs[:N_TOP].copy())
+        if spill is not None:
+            spill.add(row, stats)
+        yield (row, *stats)
+
+
+def compare_window(q: Model, base_iter, stream: list[int], w: Window, window: int, n_ctx: int, offset: int,
                    sample_idx: int, k: int) -> UnitResult:
-    """Model q on one window against the spilled base rows of that window."""
+    """Model q on one window against the base's rows of that window, as `base_iter` gives them: decoded alongside
+    (base_rows) or read back from the spill (Spill.read)."""
+    try:
+        return _compare_window(q, base_iter, stream, w, window, n_ctx, offset, sample_idx, k)
+    finally:
+        base_iter.close()  # the base's context (decoded alongside) is freed now, not when collected
+
+
+def _compare_window(q, base_iter, stream, w, window, n_ctx, offset, sample_idx, k) -> UnitResult:
     t0 = time.perf_counter()
     pos, kld, lp_q, lp_b, same, tops = [], [], [], [], [], []
-    for (s_idx, b), (a, lse_a, lp_a, ids_a, lps_a) in zip(rows(q, stream, [w], n_ctx=n_ctx), spill.read(window)):
+    for (s_idx, b), (a, lse_a, lp_a, ids_a, lps_a) in zip(rows(q, stream, [w], n_ctx=n_ctx), base_iter):
         tok = stream[s_idx]
         sb = RowStats.of(b, tok, N_TOP)
         pos.append(s_idx - offset)
@@ -281,26 +306,37 @@ def _worst_entry(q: Model, stream, s_idx: int, position: int, kld: float, lp_q: 
 
 
 def decode(base: Model, items: list, spec: dict, stats: dict):
-    """Every pending unit (sample_idx, model k, window w), a block of windows at a time: the base's rows spilled
-    once per block, then each compared model loaded in turn for the block's units (module docstring)."""
+    """Every pending unit (sample_idx, model k, window w), a block of windows at a time (module docstring): the
+    block's first compared model decodes alongside the base, whose rows are spilled for the others; then each
+    other compared model is loaded in turn and reads them back."""
     windows, stream, offset = spec_windows(spec), spec["stream"], spec["offset"]
     n_ctx = window_ctx(windows)  # every window in a context of the same size, as the pairwise compare
     needed = sorted({w for _, _, w in items})
     for block in blocks(windows, needed, base.n_vocab, spill_budget()):
-        spill = Spill(base.n_vocab)
+        pending: dict[int, dict[int, int]] = {}  # model -> {window: sample_idx}
+        in_block = set(block)
+        for sample_idx, k, w in items:
+            if w in in_block:
+                pending.setdefault(k, {})[w] = sample_idx
+        first, *rest = sorted(pending)
+        spill = Spill(base.n_vocab) if rest else None
         try:
-            for w in block:
-                spill.write(w, base, stream, windows[w], n_ctx)
+            with load_compared(spec["models"][first], base) as q:
+                for w in block:
+                    along = base_rows(base, stream, windows[w], n_ctx, spill, w)
+                    if w in pending[first]:
+                        yield compare_window(q, along, stream, windows[w], w, n_ctx, offset, pending[first][w], first)
+                    elif spill is not None:  # resumed: this model's unit is saved, the others still need the rows
+                        for _ in along:
+                            pass
             stats["base_windows"] = stats.get("base_windows", 0) + len(block)
-            in_block = set(block)
-            for k in sorted({k for _, k, w in items if w in in_block}):
-                entry = spec["models"][k]
-                with load_compared(entry, base) as q:
-                    for sample_idx, kk, w in items:
-                        if kk == k and w in in_block:
-                            yield compare_window(q, spill, stream, windows[w], w, n_ctx, offset, sample_idx, k)
+            for k in rest:
+                with load_compared(spec["models"][k], base) as q:
+                    for w, sample_idx in pending[k].items():
+                        yield compare_window(q, spill.read(w), stream, windows[w], w, n_ctx, offset, sample_idx, k)
         finally:
-            spill.close()
+            if spill is not None:
+                spill.close()
 
 
 def load_compared(entry: dict, base: Model) -> Model:
