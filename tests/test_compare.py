@@ -147,6 +147,13 @@ def test_cli_ladder_show_report_and_chart(tiny_path, tiny_quants, tmp_path):
     q4 = next(m for m in out["models"] if m["quantization"] == "Q4_0")
     assert q4["bpw"] == pytest.approx(bpw) and 4.0 < bpw < 6.0 and len(q4["worst"]) == 20
     assert [r["quantization"] for r in out["ladder"]] == ["Q4_0", "Q8_0"]
+    cli("export", "ladder<b>", "--store", db, "--format", "csv", "-o", tmp_path / "tokens.csv")
+    import pandas as pd
+
+    exported = pd.read_csv(tmp_path / "tokens.csv")
+    assert len(exported) == 2 * q4["statistics"]["tokens"] and set(exported.quantization) == {"Q8_0", "Q4_0"}
+    q4_rows = exported[exported.quantization == "Q4_0"]
+    assert q4_rows.kld.mean() == pytest.approx(q4["statistics"]["kld_mean"], rel=1e-12)
     cli("report", "ladder<b>", "--store", db, "-o", tmp_path / "again.md")
     assert "The ladder" in (tmp_path / "again.md").read_text()
     assert (tmp_path / "again_files" / "ladder.png").exists()

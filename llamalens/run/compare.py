@@ -47,6 +47,7 @@ from llamalens.looks.windows import Window, check_protocol, check_text, plan_win
 from llamalens.records import RunOptions, Sample, Timing
 from llamalens.run.lifecycle import Progress, RunInterrupted, Work
 from llamalens.run.sweep import hardware
+from llamalens.settings import SamplingSettings
 from llamalens.store import RunInfo, Store
 
 KIND = "compare"
@@ -173,7 +174,7 @@ def start_compare(base: Model, store: Store, spec: CompareSpec, text: str | byte
     return store.create_run(name=spec.name, command=command, model=base.describe(),
                             model_hash=entries[0]["sha256"], versions=library_versions(), hardware=hardware(base),
                             options=RunOptions(max_tokens=0, n_logprobs=N_TOP, model_options=base.options),
-                            configs=[], plan=plan, kind=KIND, extras=extras, first=(0, spec_sample, spec_extra))
+                            configs=[SamplingSettings()], plan=plan, kind=KIND, extras=extras, first=(0, spec_sample, spec_extra))
 
 
 def read_spec(store: Store, run_id: int) -> dict:

@@ -23,6 +23,7 @@ from typing import Callable
 from llamalens.errors import StoreError
 from llamalens.run.compare import COMPARE
 from llamalens.run.fork import FORK, with_fork_columns
+from llamalens.run.ladder import comparison_tokens
 from llamalens.run.lifecycle import Kind
 from llamalens.run.sweep import SWEEP
 from llamalens.run.tree import TREE
@@ -50,7 +51,7 @@ KINDS: dict[str, RunKind] = {k.name: k for k in (
             report="llamalens.reports.fork:write_fork_report", notebook="llamalens.reports.notebook:fork_run_document"),
     RunKind("tree", TREE, None, show="llamalens.commands.serve:show_tree",
             report="llamalens.reports.tree:write_tree_report", notebook="llamalens.reports.tree:tree_document"),
-    RunKind("compare", COMPARE, None, show="llamalens.commands.compare:show_compare",
+    RunKind("compare", COMPARE, comparison_tokens, show="llamalens.commands.compare:show_compare",
             report="llamalens.reports.ladder:write_ladder_report",
             notebook="llamalens.reports.ladder:ladder_run_document"),
 )}

@@ -161,3 +161,32 @@ def load_ladder(store: Store, run_id) -> Ladder:
     n_tokens = len(spec["stream"]) - spec["offset"]
     return Ladder(info, models, drift, spec["protocol"], spec["ctx"], spec.get("stride"), n_tokens,
                   len(spec["windows"]), list(spec.get("notes", [])))
+
+
+COMPARISON_TOKEN_COLUMNS = ["run_id", "model", "model_name", "quantization", "window", "position", "token_id", "kld",
+                            "logprob_q", "logprob_base", "dp", "same_top"]
+
+
+def comparison_tokens(run, _tokens=None):
+    """What `export` writes for a compare run (the compare kind's token_columns): one row per compared model and
+    scored token, read from the run's saved units (a run.loaded.LoadedRun)."""
+    import pandas as pd
+
+    from llamalens.run.compare import UnitResult
+
+    spec = next((s.extra for s in run.samples if s.extra and s.extra.get("role") == "spec"), None)
+    if spec is None:
+        return pd.DataFrame([], columns=COMPARISON_TOKEN_COLUMNS)
+    stream, offset, models = spec["stream"], spec["offset"], spec["models"]
+    rows = []
+    for s in sorted(run.samples, key=lambda s: (s.prompt_idx, s.seed)):
+        if not (s.extra and s.extra.get("role") == "unit" and "kld" in s.extra):
+            continue
+        u = UnitResult.from_extra(s.sample_idx, s.extra)
+        info = models[u.model]["info"]
+        for p, kld, lq, lb, same in zip(u.positions.tolist(), u.kld.tolist(), u.lp_q.tolist(), u.lp_base.tolist(),
+                                        u.same_top.tolist()):
+            rows.append([run.id, u.model, info.get("name"), info.get("quantization"), u.window, p,
+                         stream[p + offset], kld, lq, lb, math.exp(lq) - math.exp(lb), same])
+    return pd.DataFrame(rows, columns=COMPARISON_TOKEN_COLUMNS)
+
