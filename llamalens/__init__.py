@@ -70,7 +70,7 @@ _LAZY = {  # name -> the module that defines it; importing llamalens must not lo
     **dict.fromkeys(("generate", "Engine", "Request"), "llamalens.core.engine"),
     **dict.fromkeys(("Model", "ModelOptions", "quantize"), "llamalens.core.runtime"),
     **dict.fromkeys(("next_token", "tokenize", "NextToken", "SamplerView"), "llamalens.looks.next_token"),
-    **dict.fromkeys(("Score", "Choice", "Comparison"), "llamalens.looks.score"),
+    "Score": "llamalens.looks.score", "Choice": "llamalens.looks.choose", "Comparison": "llamalens.looks.compare",
     "embed_texts": "llamalens.looks.embed", "embedding_map": "llamalens.looks.embed_map",
     "confidence": "llamalens.core.confidence",
     "Sample": "llamalens.records",

@@ -424,16 +424,14 @@ def score(text, *, model=None, protocol: str = "full", stride: int | None = None
 
     >>> ll.score("The quick brown fox jumps over the lazy dog.").perplexity  # doctest: +SKIP
     """
-    from llamalens.looks.score import score_text
+    from llamalens.looks.requests import ScoreRequest
 
-    if not isinstance(text, (str, bytes)):
-        raise InvalidArgument(f"text={text!r:.40}: give the text to score as a str (or bytes)")
-    if stride is not None:
-        whole(stride, "stride")
+    req = ScoreRequest(text, protocol, stride, logprobs)
+    req.check()
     batch = model_options.get("batch")
     with _model(model, model_options, rows=batch or _default("batch")) as loaded:
         with _bar(progress, 1, "scoring", "window") as bar:
-            return score_text(loaded, text, loaded.options.ctx, protocol, stride, logprobs, _window_ticks(bar))
+            return req.run(loaded, _window_ticks(bar))
 
 
 def _default(option: str):
@@ -452,15 +450,12 @@ def choose(prompt: str, options, *, normalize: str = "none", space: bool = True,
     >>> ll.choose("The capital of France is", ["Paris", "London"]).options[0].option  # doctest: +SKIP
     'Paris'
     """
-    from llamalens.looks.score import check_options
-    from llamalens.looks.score import choose as rank
+    from llamalens.looks.requests import ChooseRequest
 
-    if not isinstance(prompt, str):
-        raise InvalidArgument(f"prompt={prompt!r:.40}: give the prompt as a str")
-    options = list_of_texts(options, "options", '["Paris", "London"]')
-    check_options(options, normalize)
+    req = ChooseRequest(prompt, list_of_texts(options, "options", '["Paris", "London"]'), normalize, space)
+    req.check()
     with _model(model, model_options) as loaded:
-        return rank(loaded, prompt, options, normalize, space=space)
+        return req.run(loaded)
 
 
 def calibrate(path, models=(None,), *, answer: str | None = None, match: str = "contains", max_tokens: int = 16,
@@ -478,41 +473,65 @@ def calibrate(path, models=(None,), *, answer: str | None = None, match: str = "
                match=match, max_tokens=max_tokens, stop=tuple(stop), normalize=normalize, bins=bins, parallel=parallel)
 
 
-def compare(model_a=None, model_b=None, *, text=None, run=None, store=None, protocol: str = "full",
-            stride: int | None = None, progress: bool = False, **model_options):
-    """How far model B drifts from model A on the same tokens, as `llamalens compare`: a Comparison with
-    .summary() (KL divergence, Δp, same top token, PPL ratio), .worst(k), .positions, .to_pandas().
+def compare(model_a=None, model_b=None, *, models=None, text=None, run=None, store=None, protocol: str = "full",
+            stride: int | None = None, name: str | None = None, progress: bool = False, **model_options):
+    """How far models drift from a base on the same tokens, as `llamalens compare`.
 
-    text: a str or bytes; or run: a Run / run id (B on that sweep's generated tokens; model_a None = the run's
-    model). model_a / model_b: loaded Models or paths / names.
+    models=[base, q1, q2, ...] with text=: a compare run in the store (resumable; `llamalens compare --resume`), read
+    back as a Ladder (run/ladder.py): .table() the models by file size, .stats(k) every figure llama-perplexity
+    --kl-divergence prints for model k, .worst(k), .to_pandas(). Paths or names; the base first.
+
+    model_a, model_b: two models (loaded Models, or paths / names) compared in memory: a Comparison with
+    .summary() (the same figures), .worst(k), .positions, .to_pandas(). text: a str or bytes; or run: a Run / run
+    id (model B on that sweep's generated tokens; model_a None = the run's model).
+
+    >>> ll.compare(models=["gemma-f16.gguf", "gemma-q8_0.gguf", "gemma-q4_0.gguf"], text=text).table()  # doctest: +SKIP
     """
     from llamalens.core.runtime import Model
-    from llamalens.looks.score import compare_pair, compare_run, compare_text, same_file
+    from llamalens.looks.requests import CompareRequest
 
-    if (text is None) == (run is None):
-        raise InvalidInput("give text= or run=, one of them")
-    if text is not None and not isinstance(text, (str, bytes)):
-        raise InvalidArgument(f"text={text!r:.40}: give the text to compare on as a str (or bytes)")
+    if models is not None:
+        return _compare_run(models, text, run, store, protocol, stride, name, progress, model_options)
     st = None
     if run is not None:
         st = run.store if isinstance(run, Run) else _store(store, read_only=True)
         run = run.id if isinstance(run, Run) else run
         if model_a is None:
             model_a = st.run(run).model.path
+    req = CompareRequest([model_a, model_b], text, run, protocol, stride)
+    req.check()
     loaded_given = [isinstance(m, Model) for m in (model_a, model_b)]
-    if not any(loaded_given):
-        model_a, model_b = (str(p) for p in compare_pair([model_a, model_b]))
-    elif same_file(model_a.path if loaded_given[0] else model_a, model_b.path if loaded_given[1] else model_b):
-        raise InvalidInput("model A and model B are the same file: the KL divergence of a model with itself is 0 by "
-                           "construction; pass two different files")
+    model_a, model_b = (m if given else str(f) for m, given, f in zip((model_a, model_b), loaded_given, req.files))
     rows = model_options.get("batch") or _default("batch")
     with _model(model_a, model_options if not loaded_given[0] else {}, rows=rows) as a, \
             _model(model_b, model_options if not loaded_given[1] else {}, rows=rows) as b:
         with _bar(progress, 1, "comparing", "window" if run is None else "sample") as bar:
             if run is not None:
-                return compare_run(a, b, st, run, on_progress=_window_ticks(bar))
+                return req.on_run(a, b, st, on_progress=_window_ticks(bar))
             ctx = model_options.get("ctx") or min(a.options.ctx, b.options.ctx)
-            return compare_text(a, b, text, ctx, protocol, stride, on_progress=_window_ticks(bar))
+            return req.pairwise(a, b, ctx, on_progress=_window_ticks(bar))
+
+
+def _compare_run(models, text, run, store, protocol, stride, name, progress, model_options):
+    """ll.compare(models=[...], text=...): a compare run, planned, decoded and read back."""
+    from llamalens.looks.requests import CompareRequest
+
+    if run is not None:
+        raise InvalidInput("models=[...] compares the models on a text (a compare run); for a stored run's tokens give "
+                           "model_b= (and model_a=, or the run's own model)")
+    if isinstance(models, (str, bytes, os.PathLike)) or not isinstance(models, (list, tuple)) or not all(
+            isinstance(m, (str, os.PathLike)) for m in models):
+        raise InvalidArgument(f"models={models!r:.60}: give a list of model paths or names, the base first, e.g. "
+                              'models=["base.gguf", "q4.gguf"]')
+    req = CompareRequest([str(m) for m in models], text,
+                         protocol=protocol, stride=stride, name=name)
+    req.check()
+    st = _store(store)
+    with _model(str(req.files[0]), model_options, rows=model_options.get("batch") or _default("batch")) as base:
+        run_id = req.start(base, st, "ll.compare", _note)
+        with _bar(progress, st.run(run_id).n_samples - 1, "comparing", "model window") as bar:
+            req.execute(base, st, run_id, _sweep_ticks(bar))
+    return req.result(st, run_id)
 
 
 def sampler_view(model, prompt: str, settings, *, top: int = 10, history=()):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from llamalens.version import __version__
-from llamalens.commands import confidence, embed, fork, lens, look, runs, score, serve
+from llamalens.commands import compare, confidence, embed, fork, lens, look, runs, score, serve
 from llamalens.commands import eval as eval_command
 from llamalens.visible import terminal_safe
 
@@ -67,7 +67,7 @@ def main():
 
 COMMANDS = [look.models, look.quantize, look.tokenize, look.next_cmd, look.generate,
             runs.sweep, runs.presets, runs.runs, runs.show, runs.report, runs.export,
-            score.score, score.choose, score.compare,
+            score.score, score.choose, compare.compare,
             embed.embed, fork.fork, serve.serve, lens.lens,
             confidence.calibrate, eval_command.eval_cmd]
 for command in COMMANDS:

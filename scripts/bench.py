@@ -62,6 +62,8 @@ from wait4), on the same model, threads, text and windows. These call llamalens 
   T  llama-perplexity -c 512 on a text file       U  llamalens score --protocol llama-perplexity, same file
   K  llama-perplexity's two-step KL divergence    V  llamalens compare -m A -m B --protocol llama-perplexity
      (--kl-divergence-base with A, then --kl-divergence with B: A = default model, B = its Q8_0 copy)
+  N  the same with 4 quants of A (Q8_0, Q5_K_M,   M  llamalens compare -m A -m Q8_0 -m Q5_K_M -m Q4_0 -m Q2_K:
+     Q4_0, Q2_K): base once, then each quant         all four in one command (peak RSS with 5 models)
   R  the fit check's estimate against the peak RSS of `generate -n 4` at --ctx 8192 and 32768 (g: at 512)
   --shape NAME runs them on a model-shaped GGUF (scripts/shaped_model.py: the tensor shapes, vocabulary and
   Q4_K_M types of Llama 3 8B, Qwen 2.5 7B, Llama 2 13B, Gemma 3 4B, Mistral 7B; random weights) at smaller sizes.
@@ -69,7 +71,8 @@ from wait4), on the same model, threads, text and windows. These call llamalens 
   AVX2 and an AVX-512 one; the default is this interpreter's llamalens and .tools/bin.
 Targets: g >= 0.9x tg64 at the bench prompt's depth; sweep >= 0.9x batched-bench at the same number of sequences
 and the same prompt (untruncated: >= 0.8x); score >= 0.9x llama-perplexity's speed, and its peak RSS <= 868 MB
-(llama-perplexity: 1,886 MB); compare >= 0.8x the two-step KL divergence's speed.
+(llama-perplexity: 1,886 MB); compare >= 0.8x the two-step KL divergence's speed; compare with 4 quants >= 1.0x
+llama-perplexity's base + 4 runs.
 Targets (in-process cases): b/a >= 0.9, b/c >= 5, m < 1.5 GB; sweep >= 30x naive and >= 2.5x single-sequence decode;
 beam 5 (j) >= 0.8x the 5-sequence sweep (J);
 score >= 0.5x prompt processing, compare >= 0.4x of it per model; report < 5 MB, opens in < 2 s; fork >= 0.9x
@@ -254,7 +257,7 @@ def score_text_tokens(model, n_tokens):
 
 def case_prefill(model_path, n_text, threads, all_rows=False):
     from llamalens.core.runtime import Model, ModelOptions
-    from llamalens.looks.score import plan_windows, text_stream
+    from llamalens.looks.windows import plan_windows, text_stream
 
     m = Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="auto"))
     stream, _ = text_stream(m, score_text_tokens(m, n_text))
@@ -286,7 +289,7 @@ def case_compare(model_path, n_text, threads):
     import llama_cpp as L
 
     from llamalens.core.runtime import Model, ModelOptions
-    from llamalens.looks.score import compare_text
+    from llamalens.looks.compare import compare_text
 
     q8 = os.path.join(os.environ.get("TMPDIR", "/tmp"), "llamalens-bench-q8_0-" + os.path.basename(str(model_path)))
     if not os.path.exists(q8):
@@ -685,13 +688,22 @@ def bench_text_file(n_chars=None) -> str:
 
 def q8_copy(build: Build, model_path) -> str:
     """A Q8_0 copy of the model (model B of the compare cases), made with this build's llama-cpp-python."""
-    q8 = os.path.join(os.environ.get("TMPDIR", "/tmp"), "llamalens-bench-q8_0-" + os.path.basename(str(model_path)))
-    if not os.path.exists(q8):
+    return quant_copy(build, model_path, "q8_0", 7)
+
+
+# the rungs of the N-model compare cases (llama_ftype numbers): four quantizations of the default model
+LADDER = (("q8_0", 7), ("q5_k_m", 17), ("q4_0", 2), ("q2_k", 10))
+
+
+def quant_copy(build: Build, model_path, name: str, ftype: int) -> str:
+    """A copy of the model quantized to `ftype` (llama_ftype), made once with this build's llama-cpp-python."""
+    out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"llamalens-bench-{name}-" + os.path.basename(str(model_path)))
+    if not os.path.exists(out):
         code = ("import sys, llama_cpp as L\np = L.llama_model_quantize_default_params()\n"
-                "p.ftype, p.allow_requantize = 7, True\n"
+                f"p.ftype, p.allow_requantize = {ftype}, True\n"
                 "sys.exit(L.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
-        measure([build.cli.parent / "python", "-c", code, model_path, q8])
-    return q8
+        measure([build.cli.parent / "python", "-c", code, model_path, out])
+    return out
 
 
 
@@ -890,11 +902,51 @@ def tcase_compare(b: Build, model, t):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "compare.json")
         r = measure([b.cli, "compare", "-m", model, "-m", q8, "--file", bench_text_file(), "--protocol",
-                     "llama-perplexity", "--ctx", 512, "--threads", t, "--json"], stdout_path=out)
+                     "llama-perplexity", "--ctx", 512, "--threads", t, "--json", "--store",
+                     os.path.join(tmp, "runs.db")], stdout_path=out)
         d = json.load(open(out))
     n = d["summary"]["tokens"]
     return {"tok_s": n / r["wall_s"], "tokens": n, "kld": d["summary"]["kld_mean"], "rss_mb": r["rss_mb"],
             "wall_s": r["wall_s"]}
+
+
+def tcase_llama_kld_ladder(b: Build, model, t):
+    """llama-perplexity's way to compare N quants with one base: --kl-divergence-base once, then --kl-divergence
+    once per quant (each a process that loads its model and reads the base file)."""
+    import re
+    import tempfile
+
+    quants = [quant_copy(b, model, name, ftype) for name, ftype in LADDER]
+    with tempfile.TemporaryDirectory() as tmp:
+        base = os.path.join(tmp, "base.kld")
+        common = ["-t", t, "-c", 512, "-b", 512, "-f", bench_text_file()]
+        runs = [measure([b.tool("llama-perplexity"), "-m", model, "--kl-divergence-base", base, *common])]
+        for q in quants:
+            runs.append(measure([b.tool("llama-perplexity"), "-m", q, "--kl-divergence-base", base, "--kl-divergence",
+                                 "-t", t, "-c", 512, "-b", 512]))
+        size = os.path.getsize(base)
+    klds = [float(m.group(1)) for r in runs[1:] for m in [re.search(r"Mean\s+KLD:\s+([-0-9.]+)", r["stdout"] + r["stderr"])] if m]
+    n = _n_chunks(runs[0]["stderr"]) * (512 - 1 - 256) * len(quants)
+    wall = sum(r["wall_s"] for r in runs)
+    return {"tok_s": n / wall, "tokens": n, "kld": klds, "wall_s": wall, "rss_mb": max(r["rss_mb"] for r in runs),
+            "base_mb": size / 1e6}
+
+
+def tcase_compare_ladder(b: Build, model, t):
+    """llamalens compare with the base and the same four quants in one command (a compare run in a scratch store):
+    its wall time against K4's, and its peak RSS with five models against V's with two."""
+    import tempfile
+
+    quants = [quant_copy(b, model, name, ftype) for name, ftype in LADDER]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "compare.json")
+        args = [b.cli, "compare", "-m", model] + [a for q in quants for a in ("-m", q)]
+        r = measure(args + ["--file", bench_text_file(), "--protocol", "llama-perplexity", "--ctx", 512, "--threads",
+                            t, "--json", "--store", os.path.join(tmp, "runs.db")], stdout_path=out)
+        d = json.load(open(out))
+    n = sum(m["statistics"]["tokens"] for m in d["models"])
+    return {"tok_s": n / r["wall_s"], "tokens": n, "kld": [m["statistics"]["kld_mean"] for m in d["models"]],
+            "rss_mb": r["rss_mb"], "wall_s": r["wall_s"]}
 
 
 TOOL_CASES = {
@@ -910,6 +962,8 @@ TOOL_CASES = {
     "K": tcase_llama_kld,
     "V": tcase_compare,
     "R": tcase_fit,
+    "N": tcase_llama_kld_ladder,
+    "M": tcase_compare_ladder,
 }
 TOOL_NAMES = {"B": "B  llama-bench pp512", "g": "g  llamalens generate -n 64 (decode)",
               "Q": "Q  llama-batched-bench 32 seqs (S_TG)",
@@ -917,7 +971,8 @@ TOOL_NAMES = {"B": "B  llama-bench pp512", "g": "g  llamalens generate -n 64 (de
               "W": "W  llamalens sweep, 64 sequences", "u": "u  llamalens sweep, 32 seqs, untruncated",
               "T": "T  llama-perplexity -c 512 (wall)",
               "U": "U  llamalens score, same windows (wall)", "K": "K  llama-perplexity KLD, 2 steps (wall)",
-              "V": "V  llamalens compare, same windows (wall)", "R": "R  generate -n 4 at --ctx 8192 and 32768"}
+              "V": "V  llamalens compare, same windows (wall)", "N": "N  llama-perplexity KLD, base + 4 quants",
+              "M": "M  llamalens compare, base + 4 quants", "R": "R  generate -n 4 at --ctx 8192 and 32768"}
 
 
 def report_tools(builds, best, threads):
@@ -972,6 +1027,9 @@ def report_tools(builds, best, threads):
         print(f"  compare / two-step KLD       = {g('V') / g('K'):.2f}   (goal >= 0.8; wall {g('V', 'wall_s'):.2f} s vs "
               f"{g('K', 'wall_s'):.2f} s; KLD {g('V', 'kld')} vs {g('K', 'kld')}; peak RSS {g('V', 'rss_mb'):.0f} vs "
               f"{g('K', 'rss_mb'):.0f} MB)")
+        print(f"  compare 4 quants / KLD x4    = {g('M') / g('N'):.2f}   (goal >= 1.0; wall {g('M', 'wall_s'):.2f} s vs "
+              f"{g('N', 'wall_s'):.2f} s; KLD {g('M', 'kld')} vs {g('N', 'kld')}; peak RSS {g('M', 'rss_mb'):.0f} MB "
+              f"with 5 models vs {g('V', 'rss_mb'):.0f} MB with 2)")
     if len(builds) > 1:
         a, z = labels[0], labels[-1]
         print(f"\n{z} / {a} (same case, same run):")

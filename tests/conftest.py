@@ -68,7 +68,7 @@ def chromium_path() -> str:
 # notebooks: the slow tier. `pytest -m "not slow"` runs the rest, on the tiny GGUFs, in under two minutes.
 SLOW_FIXTURES = {"gemma", "gemma_path", "gemma_llama", "gemma_q8_path", "gemma_q2_path", "gemma_server", "gemma_server_ctx",
                  "prime_run", "finance", "ray_session", "chromium_path", "llama_perplexity", "tiny_server", "serve_app",
-                 "tiny_server_ctx"}
+                 "tiny_server_ctx", "gemma_q4_0_path"}
 
 
 # tiny-model tests that run dozens of commands (measured 20-100 s each on 2 cores): also the slow tier
@@ -181,3 +181,12 @@ def _fast_tier_stays_tiny(request, monkeypatch):
         init(self, path, *args, **kwargs)
 
     monkeypatch.setattr(runtime.Model, "__init__", only_tiny)
+@pytest.fixture(scope="session")
+def gemma_q4_0_path(gemma_path, tmp_path_factory):
+    """A Q4_0 copy of the default model (llama.cpp's quantizer, about a second): a lower rung of a ladder."""
+    from llamalens.core.runtime import quantize
+
+    out = tmp_path_factory.mktemp("q4_0") / "gemma-3-270m-q4_0.gguf"
+    quantize(gemma_path, out, "Q4_0")
+    return out
+

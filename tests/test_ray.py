@@ -199,7 +199,7 @@ def test_score_sharded_over_two_workers_equals_one_process(ray_session, gemma_pa
 
 
 def test_compare_sharded_over_two_workers_equals_one_process(ray_session, gemma_path, gemma_q8_path, tmp_path):
-    from llamalens.looks.score import compare_text
+    from llamalens.looks.compare import compare_text
 
     opts = ModelOptions(threads=1, ctx=32)
     with Model(gemma_path, opts) as a, Model(gemma_q8_path, opts) as b:

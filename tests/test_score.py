@@ -9,7 +9,9 @@ import pytest
 
 from llamalens.errors import InvalidInput
 from llamalens.core.runtime import Model, ModelOptions
-from llamalens.looks.score import choose, compare_run, compare_text, plan_windows, score_text
+from llamalens.looks.choose import choose
+from llamalens.looks.compare import compare_run, compare_text
+from llamalens.looks.score import plan_windows, score_text
 from reference import full_windows, kl_divergence, log_softmax
 from clirun import cli
 

@@ -1,16 +1,16 @@
-"""Teacher-forced analyses: score, choose, compare."""
+"""Teacher-forced analyses: score and choose (compare: commands/compare.py)."""
 
 from __future__ import annotations
 
 import click
 
 from llamalens.commands.options import GroupedCommand, chat_options, json_option, model_options, pop_chat, pop_model_options, pop_ray, ray_options, \
-    runtime_options, store_option, text_options
+    text_options
 from llamalens.commands.output import say, alternatives, check_report_path, fail_cleanly, json_out, load_model, print_confidence, \
     print_table, window_progress, write_report
 
 
-def _text(text, file, raw_bytes):
+def read_text(text, file, raw_bytes):
     """TEXT or --file (UTF-8, or any bytes with --raw-bytes; '-' = stdin)."""
     from llamalens.inputs import read_text_file
 
@@ -51,7 +51,7 @@ def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprob
     llamalens score --messages chat.jsonl --chat-template gemma
     llamalens score --file corpus.txt --ctx 512 --threads 4 --ray auto   # windows shared out on a Ray cluster
     """
-    from llamalens.looks.score import score_text
+    from llamalens.looks.requests import ScoreRequest
 
     chat = pop_chat(kw)
     ray_address, workers = pop_ray(kw)
@@ -59,7 +59,8 @@ def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprob
         if ray_address is not None:
             raise click.UsageError("--ray scores the windows of a text; a chat reply is one window: drop --ray")
         return _score_reply(chat, text, file, raw_bytes, as_json, report_path, logprobs, show_all, as_text, model, kw)
-    data = _text(text, file, raw_bytes)
+    req = ScoreRequest(read_text(text, file, raw_bytes), protocol, stride, logprobs)
+    req.check()
     check_report_path(report_path)
     options = pop_model_options(kw)
     loaded = load_model(model, options, rows=options.batch)  # every token of a window is scored
@@ -69,7 +70,7 @@ def score(text, file, raw_bytes, protocol, stride, as_json, report_path, logprob
 
         scorer = ray_scorer(loaded, ray_address, workers, lambda note: say(f"ray: {note}", err=True),
                             window_progress("scoring"))
-    res = score_text(loaded, data, loaded.options.ctx, protocol, stride, logprobs, window_progress("scoring"), scorer)
+    res = req.run(loaded, window_progress("scoring"), scorer)
     _show_scores(res, as_json, as_text, show_all, report_path)
 
 
@@ -85,7 +86,7 @@ def _score_reply(chat, text, file, raw_bytes, as_json, report_path, logprobs, sh
         raise click.UsageError("--raw-bytes does not apply to a chat reply (it is text in a conversation)")
     conv = chat.single(None, "score")
     if text is not None or file:
-        reply = _text(text, file, False)
+        reply = read_text(text, file, False)
     elif conv[-1]["role"] == "assistant":
         conv, reply = conv[:-1], conv[-1]["content"]
     else:
@@ -152,19 +153,19 @@ def choose(prompt, options, normalize, no_space, as_json, model, **kw):
     llamalens choose "Review: great film! Sentiment:" --option positive --option negative --normalize token
     llamalens choose --chat "Is the sky blue? Answer yes or no." --chat-template gemma --option yes --option no
     """
-    from llamalens.looks.score import check_options
-    from llamalens.looks.score import choose as rank_options
+    from llamalens.looks.requests import ChooseRequest
     from llamalens.visible import visible
     from llamalens.commands.look import chat_prompt, with_chat
 
     chat = pop_chat(kw)
     conv = chat.single(prompt, "choose")
-    check_options(list(options))
+    req = ChooseRequest(prompt or "", list(options), normalize, space=not no_space)
+    req.check()
     loaded = load_model(model, pop_model_options(kw))
     rendered = chat_prompt(loaded, conv, chat)
     if rendered:  # the options are the assistant's reply: they follow the rendered prompt as they are
-        prompt, no_space = rendered.text, True
-    res = rank_options(loaded, prompt, list(options), normalize, space=not no_space)
+        req.prompt, req.space = rendered.text, False
+    res = req.run(loaded)
     _notes(res.notes)
     if as_json:
         return json_out(with_chat(res.to_dict(), rendered))
@@ -178,94 +179,3 @@ def choose(prompt, options, normalize, no_space, as_json, model, **kw):
     print_table(rows, right={0, 2, 3, 4, 5, 6, 7, 8})
     say(f"share = softmax of the scores over these options; margin = lead over the next option "
                f"({'nats' if normalize == 'none' else 'nats per ' + normalize})")
-
-
-@click.command(cls=GroupedCommand)
-@text_options
-@click.option("--model", "-m", "model_paths", multiple=True, required=True,
-              help="Model A (the reference), then model B; with --run, just B (A is the run's model).")
-@click.option("--run", "run_id", default=None, help="Compare on the generated tokens of a stored sweep.")
-@click.option("--top", type=click.IntRange(1, 50), default=20, show_default=True,
-              help="Positions of most disagreement to list.")
-@ray_options
-@store_option
-@runtime_options
-@fail_cleanly
-def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model_paths, run_id, top, store_path, **kw):
-    """How far model B drifts from model A on the same tokens: KL divergence, Δp, same top token.
-
-    Quantization drift (a Q4_K_M against its Q8_0), or a fine-tune against its base.
-
-    \b
-    llamalens compare -m model-q8_0.gguf -m model-q4_k_m.gguf --file wiki.test.raw --ctx 512
-    llamalens compare --run 7 -m model-q2_k.gguf        # what B thinks of run 7's text
-    llamalens compare -m A.gguf -m B.gguf --file corpus.txt --ctx 512 --threads 4 --ray auto   # on a Ray cluster
-    """
-    from llamalens.looks.score import compare_pair, compare_run, compare_text
-    from llamalens.store import Store
-
-    store = data = None
-    ray_address, workers = pop_ray(kw)
-    if run_id is not None:
-        if text is not None or file:
-            raise click.UsageError("give TEXT, --file or --run, not several")
-        if ray_address is not None:
-            raise click.UsageError("--ray compares the windows of a text; --run compares a run's samples in this "
-                                   "process: drop --ray")
-        store = Store(store_path, read_only=True)
-        if len(model_paths) == 1:
-            model_paths = (store.run(run_id).model.path,) + tuple(model_paths)
-    else:
-        data = _text(text, file, raw_bytes)
-    path_a, path_b = compare_pair(model_paths)
-    check_report_path(report_path)
-    options = pop_model_options(kw)
-    a, b = load_model(str(path_a), options, rows=options.batch), load_model(str(path_b), options, rows=options.batch)
-    if store is not None:
-        res = compare_run(a, b, store, run_id, on_progress=window_progress("comparing samples"))
-    else:
-        scorer = None
-        if ray_address is not None:
-            from llamalens.run.ray import ray_comparer
-
-            scorer = ray_comparer(a, b, ray_address, workers, lambda note: say(f"ray: {note}", err=True),
-                                  window_progress("comparing"))
-        res = compare_text(a, b, data, options.ctx, protocol, stride, on_progress=window_progress("comparing"),
-                           scorer=scorer)
-    _notes(res.notes)
-    if as_json:
-        json_out(res.to_dict())
-    else:
-        _print_comparison(res, top)
-    if report_path:
-        from llamalens.reports.texts import compare_document
-
-        write_report(compare_document(res), report_path)
-
-
-def _print_comparison(res, top) -> None:
-    from llamalens.visible import prob_text, visible
-
-    s = res.summary()
-    say(f"A = {res.model_a.get('name')} ({res.model_a.get('quantization')}), B = {res.model_b.get('name')} "
-               f"({res.model_b.get('quantization')}); {s['tokens']} tokens ({res.source}, {res.protocol}, ctx {res.ctx})")
-    lines = [
-        ("PPL(A)", f"{s['ppl_a']:.4f}"), ("PPL(B)", f"{s['ppl_b']:.4f}"),
-        ("PPL(B)/PPL(A)", f"{s['ppl_ratio']:.5f}"), ("ln(PPL(B)/PPL(A))", f"{s['ln_ppl_ratio']:+.5f}"),
-        ("mean KLD(A||B)", f"{s['kld_mean']:.6f} ± {s['kld_error']:.6f}"),
-        ("KLD median / 90% / 95% / 99% / 99.9% / max",
-         " / ".join(f"{s[k]:.6f}" for k in ("kld_median", "kld_p90", "kld_p95", "kld_p99", "kld_p99_9", "kld_max"))),
-        ("mean Δp (B-A)", f"{s['dp_mean'] * 100:+.3f} ± {s['dp_error'] * 100:.3f} %"),
-        ("RMS Δp", f"{s['dp_rms'] * 100:.3f} %"),
-        ("Δp 1% / 5% / median / 95% / 99%",
-         " / ".join(f"{s[k] * 100:+.3f}%" for k in ("dp_p1", "dp_p5", "dp_median", "dp_p95", "dp_p99"))),
-        ("same top token", f"{s['same_top'] * 100:.2f} ± {s['same_top_error'] * 100:.2f} %"),
-    ]
-    print_table([("statistic", "value")] + lines)
-    say("")
-    rows = [("pos", "sample", "token", "KLD", "p A", "p B", "top A", "top B")]
-    for p in res.worst(top):
-        rows.append((p.position, "" if p.sample is None else p.sample, visible(p.text, p.bytes), f"{p.kld:.5f}",
-                     prob_text(p.p_a), prob_text(p.p_b), alternatives(p.top_a[:3]), alternatives(p.top_b[:3])))
-    say(f"the {len(rows) - 1} positions where the models disagree most:")
-    print_table(rows, right={0, 1, 3, 4, 5})

@@ -163,15 +163,22 @@ def lens_document(result) -> Document:
     return build(result)
 
 
+def ladder_document(ladder) -> Document:
+    from llamalens.reports.ladder import ladder_document as build
+
+    return build(ladder)
+
+
 def html_of(kind: str, obj) -> str:
-    """`_repr_html_` of a result: kind is one of sample, next_token, sampler_view, choice, run, score, compare."""
+    """`_repr_html_` of a result: kind is one of sample, next_token, sampler_view, choice, run, score, compare,
+    ladder."""
     return frame(_BUILDERS[kind](obj))
 
 
 _BUILDERS = {"sample": sample_document, "next_token": next_token_document, "sampler_view": sampler_view_document,
              "choice": choice_document, "run": run_document, "score": score_document, "compare": compare_document,
              "lens": lens_document,
-             "calibration": lambda res: _calibration(res)}
+             "calibration": lambda res: _calibration(res), "ladder": ladder_document}
 
 
 def _calibration(res) -> Document:

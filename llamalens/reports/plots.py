@@ -388,4 +388,46 @@ def coverage_curves(curves: dict[str, list[float]], accuracy: float, oracle: lis
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     fig.legend(fontsize=7, loc="outside right upper", frameon=False)
+def ladder(labels: list[str], sizes_gib: list[float], means: list[float], p99s: list[float], base: str = ""):
+    """A quantization ladder: mean and 99th-percentile KL divergence against the base, by file size (log KLD:
+    quantizations span orders of magnitude). Each point is labelled with its model (quantization)."""
+    fig = _figure(7.5, 4.2)
+    ax = fig.subplots()
+    order = np.argsort(sizes_gib, kind="stable")
+    x = np.asarray(sizes_gib, dtype=float)[order]
+    for values, name, colour, marker in ((means, "mean KLD", PALETTE[0], "o"), (p99s, "99% KLD", PALETTE[1], "s")):
+        y = np.maximum(np.asarray(values, dtype=float)[order], 1e-7)  # a KLD of 0 (a bit-identical model) on a log axis
+        ax.plot(x, y, marker=marker, color=colour, lw=1.2, label=name)
+    for i in order:
+        ax.annotate(labels[i], (sizes_gib[i], max(means[i], 1e-7)), textcoords="offset points", xytext=(4, -10),
+                    fontsize=7)
+    ax.set_yscale("log")
+    _plain_ticks(ax.yaxis)
+    lo, hi = ax.get_ylim()
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    # minor ticks labelled only when the axis spans less than two decades (else they crowd), as plain numbers too
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if math.log10(hi / lo) < 2 else NullFormatter())
+    ax.set_xlabel("file size (GiB)")
+    ax.set_ylabel(f"KL(base‖model), nats per token{f' (base: {base})' if base else ''}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, frameon=False)
+    return fig
+
+
+def histograms(series_by_label: dict[str, list[float]], xlabel: str):
+    """Several distributions on one log x axis (e.g. per-token KLD of each compared model), as outlines."""
+    fig = _figure(7, 2.8)
+    ax = fig.subplots()
+    every = [np.maximum(np.asarray(v, dtype=float)[np.isfinite(v)], 1e-8) for v in series_by_label.values()]
+    joined = np.concatenate(every) if every else np.array([1e-8])
+    bins = log_bins(joined) if len(joined) else 10
+    for k, (label, v) in enumerate(zip(series_by_label, every)):
+        ax.hist(v, bins=bins, histtype="step", lw=1.3, color=PALETTE[k % len(PALETTE)], label=label)
+    ax.set_xscale("log")
+    _plain_ticks(ax.xaxis)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("tokens")
+    if len(series_by_label) > 1:
+        ax.legend(fontsize=7, frameon=False)
     return fig

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from llamalens.errors import StoreError
+from llamalens.run.compare import COMPARE
 from llamalens.run.fork import FORK, with_fork_columns
 from llamalens.run.lens import LENS, with_lens_columns
+from llamalens.run.ladder import comparison_tokens
 from llamalens.run.lifecycle import Kind
 from llamalens.run.sweep import SWEEP
 from llamalens.run.tree import TREE
@@ -52,6 +54,9 @@ KINDS: dict[str, RunKind] = {k.name: k for k in (
             report="llamalens.reports.tree:write_tree_report", notebook="llamalens.reports.tree:tree_document"),
     RunKind("lens", LENS, with_lens_columns, show="llamalens.commands.lens:show_lens",
             report="llamalens.reports.lens:write_lens_report", notebook="llamalens.reports.lens:lens_run_document"),
+    RunKind("compare", COMPARE, comparison_tokens, show="llamalens.commands.compare:show_compare",
+            report="llamalens.reports.ladder:write_ladder_report",
+            notebook="llamalens.reports.ladder:ladder_run_document"),
 )}
 
 

@@ -192,7 +192,7 @@ class _Worker:
         return score_windows(self.model, stream, offset, windows, n_logprobs, n_ctx=n_ctx)
 
     def compare_shard(self, stream, windows, offset, n_top, n_ctx) -> tuple[list, list]:
-        from llamalens.looks.score import compare_windows
+        from llamalens.looks.compare import compare_windows
 
         out, nll = [], [[], []]
         compare_windows(self.models[0], self.models[1], stream, windows, offset, n_top, out, nll, n_ctx=n_ctx)

@@ -1,0 +1,106 @@
+"""The report of a compare run (run/ladder.py): the ladder table and chart, then each compared model's full
+llama-perplexity statistics and the positions where it drifts most from the base."""
+
+from __future__ import annotations
+
+from llamalens.reports.document import Document, Figure, Heading, KeyValues, Para, Table
+from llamalens.reports.texts import model_line
+from llamalens.visible import prob_text, visible
+
+GIB = 2**30
+
+
+def ladder_figure(ladder):
+    """The ladder chart: mean and 99% KLD of each compared model against its file size."""
+    from llamalens.reports import plots
+
+    models = [m for m in ladder.by_size() if m.index in ladder.drift]
+    stats = [ladder.stats(m.index) for m in models]
+    return plots.ladder([visible(m.quantization, edge_spaces=False) for m in models],
+                        [m.file_size / GIB for m in models], [s["kld_mean"] for s in stats],
+                        [s["kld_p99"] for s in stats], visible(ladder.base.quantization, edge_spaces=False))
+
+
+def ladder_document(ladder, flips=None) -> Document:
+    from llamalens.looks.kld_stats import statistic_lines
+    from llamalens.reports import plots
+
+    rows = ladder.table()
+    worst_q = rows[0]["quantization"] if rows else "?"
+    doc = Document(f"llamalens compare: {len(rows)} model{'s' if len(rows) != 1 else ''} against "
+                   f"{ladder.base.quantization}", fields=[], alt_titles=[])
+    doc.add(KeyValues([("base", model_line(ladder.base.info)),
+                       ("run", f"{ladder.info.id} ({ladder.info.status})"),
+                       ("tokens", f"{ladder.n_tokens:,} in the text; protocol {ladder.protocol}, ctx {ladder.ctx}"
+                                  + (f", stride {ladder.stride}" if ladder.stride else "")
+                                  + f", {ladder.n_windows} window(s)")]))
+    for note in ladder.notes:
+        doc.add(Para(note, "note"))
+    if not ladder.complete:
+        doc.add(Para("This comparison is not finished: the figures cover the windows saved so far "
+                     f"(`llamalens compare --resume {ladder.info.id}` finishes it).", "warn"))
+    doc.add(Heading("The ladder"))
+    doc.add(Table(["model", "quantization", "size (GiB)", "bits per weight", "PPL", "PPL ratio", "mean KLD",
+                   "± KLD", "99% KLD", "max KLD", "RMS Δp", "same top"],
+                  [[visible(r["model"], edge_spaces=False), visible(r["quantization"], edge_spaces=False),
+                    round(r["file_size"] / GIB, 3), round(r["bpw"], 3), r["ppl"], r["ppl_ratio"], r["kld_mean"],
+                    r["kld_error"], r["kld_p99"], r["kld_max"], r["dp_rms"], r["same_top"]] for r in rows],
+                  caption="Compared models by file size, smallest first. KLD = KL(A‖B), A the base and B the "
+                          "compared model, over the whole vocabulary in nats per token; bits per weight from each file's header; Δp = p(model) − "
+                          "p(base) of the actual token; same top = share of tokens where both rank the same token "
+                          f"first. The smallest here: {visible(worst_q, edge_spaces=False)}.", sortable=True))
+    doc.add(Figure(ladder_figure(ladder), "ladder", "Mean and 99th-percentile KL divergence against file size."))
+    doc.add(Figure(plots.histograms({visible(m.quantization, edge_spaces=False) + f" ({m.index})":
+                                     ladder.drift[m.index].kld for m in ladder.by_size() if m.index in ladder.drift},
+                                    "KL(base‖model) per token (nats)"),
+                   "kld_histogram", "Distribution of per-token KL divergence, per model."))
+    if flips is not None:
+        flip_blocks(doc, flips)
+    for m in ladder.by_size():
+        if m.index not in ladder.drift:
+            continue
+        doc.add(Heading(f"{visible(m.quantization, edge_spaces=False)}: {visible(m.name, edge_spaces=False)}", 2))
+        doc.add(Para(model_line(m.info), "note"))
+        doc.add(Table(["statistic", "value"], [list(x) for x in statistic_lines(ladder.stats(m.index))],
+                      caption="As llama-perplexity --kl-divergence prints them (Q = this model), from float32 "
+                              "logits of both models.", sortable=False))
+        doc.add(Table(["position", "token", "KLD", "p base", "p model", "base's top", "model's top"], [
+            [p["position"], visible(p["text"], p["bytes"]), p["kld"], prob_text(_p(p["lp_base"])),
+             prob_text(_p(p["lp_q"])), _alts(p["top_base"]), _alts(p["top_q"])] for p in ladder.worst(m.index, 10)],
+            caption="The positions where this model drifts most from the base."))
+    return doc
+
+
+def _p(lp: float) -> float:
+    import math
+
+    return math.exp(lp)
+
+
+def _alts(alts: list) -> str:
+    return "  ".join(f"{visible(text, hexb)} {prob_text(_p(lp), 3)}" for _i, text, hexb, lp in alts[:3])
+
+
+def flip_blocks(doc: Document, flips) -> None:
+    """Answers that change against the base's (looks/flips.py)."""
+    doc.add(Heading("Flips: answers that change"))
+    doc.add(Para(flips.describe(), "note"))
+    doc.add(Table(flips.header(), flips.rows(), caption="Share of prompts whose answer differs from the base's.",
+                  sortable=False))
+
+
+def ladder_run_document(run) -> Document:
+    """A Run of kind compare (its notebook display)."""
+    from llamalens.run.ladder import load_ladder
+
+    return ladder_document(load_ladder(run.store, run.id))
+
+
+def write_ladder_report(store, info, path, fmt, *, write, **_options) -> None:
+    """A compare run's report written to `path` (the compare kind's report, run/kinds.py)."""
+    from llamalens.reports.document import check_writable, report_format
+    from llamalens.run.ladder import load_ladder
+
+    report_format(path, fmt)
+    check_writable(path)
+    write(ladder_document(load_ladder(store, info.id)), path, fmt)
