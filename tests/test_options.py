@@ -128,8 +128,8 @@ def test_compare_file_top_report(tiny_path, tmp_path):
     copy.write_bytes(tiny_path.read_bytes())
     out = tmp_path / "c.html"
     res = cli("compare", "--file", f, "-m", tiny_path, "-m", copy, "--top", 3, "--report", out)
-    assert "the 3 positions where the models disagree most" in res.stdout
-    assert "llamalens compare: mean KLD" in out.read_text(encoding="utf-8")
+    assert "the 3 positions where it drifts most from the base" in res.stdout
+    assert "<title>llamalens compare: 1 model against" in out.read_text(encoding="utf-8")
 
 
 def test_sweep_preset_grid_seed_list_exact(tiny_path, tmp_path):

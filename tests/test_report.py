@@ -293,10 +293,11 @@ def test_html_in_chromium(tiny_run, tiny, tmp_path, chromium_path):
         assert page.eval("document.body.dataset.mode") == "gltr"
         after = page.eval("getComputedStyle(document.querySelector('.tk.g3, .tk.g2, .tk.g1, .tk.g0')).backgroundColor")
         assert before != after
-        # a sortable column sorts
-        page.eval("document.querySelector('table.sortable th:nth-child(5)').click()")
-        col = page.eval("Array.from(document.querySelector('table.sortable').tBodies[0].rows)"
-                        ".map(r => parseFloat(r.cells[4].dataset.v))")
+        # a sortable column sorts: the summary's mean logprob
+        summary = ("Array.from(document.querySelectorAll('table.sortable'))"
+                   ".find(t => t.tHead.textContent.includes('mean logprob'))")
+        page.eval(f"{summary}.querySelector('th:nth-child(5)').click()")
+        col = page.eval(f"Array.from({summary}.tBodies[0].rows).map(r => parseFloat(r.cells[4].dataset.v))")
         assert col == sorted(col)
         # findings come first; how the run was made is folded at the end
         assert page.eval("document.querySelector('h2').textContent") == "Findings"

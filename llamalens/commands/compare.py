@@ -9,7 +9,7 @@ import click
 
 from llamalens.commands.options import GroupedCommand, pop_model_options, pop_ray, ray_options, runtime_options, \
     store_option, text_options
-from llamalens.commands.output import alternatives, check_report_path, fail_cleanly, given_options, json_out, \
+from llamalens.commands.output import alternatives, no_answer, check_report_path, fail_cleanly, given_options, json_out, \
     load_model, print_table, say, shell_command, sweep_progress, until_done, window_progress, write_report
 
 # what a resumed compare run takes from the store; giving any of these with --resume is refused, not ignored
@@ -128,9 +128,10 @@ def _finish(base, store, run_id, as_json, report_path, chart_path, top) -> None:
         say(f"wrote {chart_path}", err=True)
 
 
-def show_compare(store, run_id, as_json, texts: bool = False, top: int = 10):
+def show_compare(store, run_id, as_json, texts: bool = False, top: int = 10, answer: str | None = None):
     """Print a compare run: the ladder, every model's llama-perplexity statistics and where it drifts most from the
     base (`texts`: the compared text is the run's sample 0; `export` writes it). Returns the Ladder."""
+    no_answer(answer, run_id, "a compare run")
     from llamalens.looks.kld_stats import statistic_lines
     from llamalens.run.ladder import load_ladder
     from llamalens.visible import prob_text, visible

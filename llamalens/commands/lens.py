@@ -9,7 +9,7 @@ import click
 
 from llamalens.commands.options import GroupedCommand, json_option, model_options, pop_model_options, report_option, \
     store_option
-from llamalens.commands.output import check_report_path, fail_cleanly, json_out, load_model, print_table, say, \
+from llamalens.commands.output import check_report_path, fail_cleanly, json_out, load_model, no_answer, print_table, say, \
     shell_command
 
 SHOWN_POSITIONS = 8  # columns of the terminal's layer x position table
@@ -85,8 +85,9 @@ def _print(result, as_json: bool) -> None:
         + ("" if result.run_id is None else f"; saved as run {result.run_id}"))
 
 
-def show_lens(store, run_id, as_json, texts: bool = False):
+def show_lens(store, run_id, as_json, texts: bool = False, answer: str | None = None):
     """`show` of a lens run: the same summary the command printed (the lens kind's show, run/kinds.py)."""
+    no_answer(answer, run_id, "a lens run")
     from llamalens.run.lens import load_lens
 
     result = load_lens(store, run_id)

@@ -234,3 +234,12 @@ def ray_executor(address, workers):
     from llamalens.run.ray import RayExecutor
 
     return RayExecutor(address, workers, lambda note: say(f"ray: {note}", err=True))
+
+
+def no_answer(answer, run_id, what: str) -> None:
+    """`show --answer` of a run that generated no text: refused, naming why."""
+    if answer is not None:
+        from llamalens.errors import InvalidInput
+
+        raise InvalidInput(f"--answer picks the answer in generated text; run {run_id} is {what}, which has none: "
+                           "drop --answer")

@@ -158,7 +158,7 @@ class ItemResult:
 
 
 def _choice(model, item: Item, normalize: str) -> ItemResult:
-    from llamalens.looks.score import choose
+    from llamalens.looks.choose import choose
 
     got = choose(model, item.question, list(item.options), normalize)
     shares = got.probabilities()
@@ -276,7 +276,7 @@ def calibrate_model(model, items: list[Item], *, bins: int = 10, **options) -> M
 
 def _check_options(answer, max_tokens, stop, normalize, bins, parallel) -> None:
     from llamalens.core.confidence import check_answer_regex
-    from llamalens.looks.score import NORMALIZE
+    from llamalens.looks.choose import NORMALIZE
 
     for name, value, lo, hi in (("bins", bins, 2, MAX_BINS), ("max-tokens", max_tokens, 1, MAX_TOKENS),
                                 ("parallel", parallel, 1, 64)):

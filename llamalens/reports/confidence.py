@@ -10,7 +10,7 @@ from llamalens.reports.document import Document, Folded, Heading, Para, Table, f
 from llamalens.reports.texts import plain
 from llamalens.visible import visible
 
-MAX_ROWS = 300  # samples listed in a run report's confidence table (`export` has every one)
+MAX_ROWS = 50  # samples listed in a run report's confidence table (`export` has every one)
 ANSWER_CHARS = 60
 
 

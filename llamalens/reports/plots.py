@@ -388,6 +388,9 @@ def coverage_curves(curves: dict[str, list[float]], accuracy: float, oracle: lis
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     fig.legend(fontsize=7, loc="outside right upper", frameon=False)
+    return fig
+
+
 def ladder(labels: list[str], sizes_gib: list[float], means: list[float], p99s: list[float], base: str = ""):
     """A quantization ladder: mean and 99th-percentile KL divergence against the base, by file size (log KLD:
     quantizations span orders of magnitude). Each point is labelled with its model (quantization)."""

@@ -8,6 +8,7 @@ runs are read back, what its token export adds, and which functions show it, rep
         show           the command line's summary of a run: (store, run id, as_json, texts=bool) -> printed
         report         a run's report written to a file: reports.<kind> (store, info, path, fmt, **options)
         notebook       a Run's rich display: (api.Run) -> reports.document.Document
+        generates      whether its samples are generated texts (each with its confidence measures)
 
 `show`, `report` and `notebook` sit in layers above this one (commands/, reports/), so they are named here
 as "module:function" and imported when used, as a plugin's entry points are: the kind is still declared in
@@ -38,6 +39,7 @@ class RunKind:
     show: str
     report: str
     notebook: str
+    generates: bool = True  # its samples are generated texts: each carries confidence measures (export, show)
 
     def hook(self, which: str) -> Callable:
         """The function named by `show`, `report` or `notebook`."""
@@ -53,10 +55,11 @@ KINDS: dict[str, RunKind] = {k.name: k for k in (
     RunKind("tree", TREE, None, show="llamalens.commands.serve:show_tree",
             report="llamalens.reports.tree:write_tree_report", notebook="llamalens.reports.tree:tree_document"),
     RunKind("lens", LENS, with_lens_columns, show="llamalens.commands.lens:show_lens",
-            report="llamalens.reports.lens:write_lens_report", notebook="llamalens.reports.lens:lens_run_document"),
+            report="llamalens.reports.lens:write_lens_report", notebook="llamalens.reports.lens:lens_run_document",
+            generates=False),
     RunKind("compare", COMPARE, comparison_tokens, show="llamalens.commands.compare:show_compare",
             report="llamalens.reports.ladder:write_ladder_report",
-            notebook="llamalens.reports.ladder:ladder_run_document"),
+            notebook="llamalens.reports.ladder:ladder_run_document", generates=False),
 )}
 
 

@@ -268,7 +268,10 @@ def export_run(run: LoadedRun, fmt: str, output: str | os.PathLike, safe_for_spr
 def with_confidence(run: LoadedRun, tokens: pd.DataFrame, answer: str | None = None) -> pd.DataFrame:
     """The token table with each sample's confidence measures (run/confidence.py) as conf_* columns on its rows."""
     from llamalens.run.confidence import confidence_table
+    from llamalens.run.kinds import kind
 
+    if not kind(run.info.kind).generates:  # a lens's or a comparison's rows: no generated answer to measure
+        return tokens
     conf = confidence_table(run, answer).drop(columns=["prompt_idx", "config_idx", "seed"])
     conf = conf.rename(columns={c: f"conf_{c}" for c in conf.columns if c != "sample_idx"})
     return tokens.merge(conf, on="sample_idx", how="left", sort=False)
