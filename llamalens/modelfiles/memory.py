@@ -32,6 +32,7 @@ VRAM is reported but not checked (llama-cpp-python has no portable query for it)
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -110,20 +111,27 @@ def repacked_types(system_info: str) -> set[int]:
     return set().union(*(types for feature, types in REPACKED_TYPES if feature in system_info))
 
 
+@functools.cache
+def _build_repacked_types() -> frozenset[int]:
+    """The types this process's llama.cpp build repacks (its system info is fixed once it is loaded)."""
+    from llamalens.core.runtime import system_info
+
+    return frozenset(repacked_types(system_info()))
+
+
+def _in_layers_from(tensor, first: int | None) -> bool:
+    """Whether a tensor belongs to repeating layer `first` or a later one (the layers --gpu-layers offloads)."""
+    m = re.match(r"blk\.(\d+)\.", tensor.name)
+    return first is not None and m is not None and int(m[1]) >= first
+
+
 def repacked_bytes(header: GGUFHeader, first_gpu_layer: int | None = None) -> int:
     """The bytes of weight matrices this build repacks (module docstring): 2-D, not the token embedding (read
     by rows, not multiplied), a multiple of 8 rows, and not in a layer offloaded to a GPU."""
-    from llamalens.core.runtime import system_info
-
-    types = repacked_types(system_info())
-    total = 0
-    for t in header.tensors:
-        m = re.match(r"blk\.(\d+)\.", t.name)
-        on_gpu = first_gpu_layer is not None and m is not None and int(m[1]) >= first_gpu_layer
-        if (t.ggml_type in types and len(t.shape) == 2 and t.shape[1] % 8 == 0 and not on_gpu
-                and not t.name.startswith("token_embd")):
-            total += t.n_bytes
-    return total
+    types = _build_repacked_types()
+    return sum(t.n_bytes for t in header.tensors
+               if t.ggml_type in types and len(t.shape) == 2 and t.shape[1] % 8 == 0
+               and not t.name.startswith("token_embd") and not _in_layers_from(t, first_gpu_layer))
 
 
 def gb(n: int | None) -> str:
@@ -185,8 +193,7 @@ def estimate(header: GGUFHeader, options, sequences: int = 1, rows: int | None =
     if gpu_offload and options.gpu_layers:
         n_off = n_layer if options.gpu_layers == -1 else min(n_layer, options.gpu_layers)
         first = n_layer - n_off
-        layer_bytes = [t.n_bytes for t in header.tensors
-                       if (m := re.match(r"blk\.(\d+)\.", t.name)) and int(m[1]) >= first]
+        layer_bytes = [t.n_bytes for t in header.tensors if _in_layers_from(t, first)]
         share = sum(layer_bytes) / max(1, sum(t.n_bytes for t in header.tensors))
         on_gpu = int(data * share)
     return MemoryEstimate(weights=data - on_gpu, kv=kv, outputs=rows * n_vocab * 4, compute=compute,
