@@ -65,6 +65,8 @@ from wait4), on the same model, threads, text and windows. These call llamalens 
   N  the same with 4 quants of A (Q8_0, Q5_K_M,   M  llamalens compare -m A -m Q8_0 -m Q5_K_M -m Q4_0 -m Q2_K:
      Q4_0, Q2_K): base once, then each quant         all four in one command (peak RSS with 5 models)
   R  the fit check's estimate against the peak RSS of `generate -n 4` at --ctx 8192 and 32768 (g: at 512)
+  H  llama-server with a JSON schema's GBNF:      h  llamalens sweep --json-schema, the same GBNF, temperatures
+     8 requests at once (-np 8)                     and seeds (scripts/bench_grammar.py); i: the same unconstrained
   --shape NAME runs them on a model-shaped GGUF (scripts/shaped_model.py: the tensor shapes, vocabulary and
   Q4_K_M types of Llama 3 8B, Qwen 2.5 7B, Llama 2 13B, Gemma 3 4B, Mistral 7B; random weights) at smaller sizes.
   --build LABEL:LLAMALENS:TOOLS_DIR (repeatable) runs these for several builds side by side, e.g. an
@@ -72,7 +74,8 @@ from wait4), on the same model, threads, text and windows. These call llamalens 
 Targets: g >= 0.9x tg64 at the bench prompt's depth; sweep >= 0.9x batched-bench at the same number of sequences
 and the same prompt (untruncated: >= 0.8x); score >= 0.9x llama-perplexity's speed, and its peak RSS <= 868 MB
 (llama-perplexity: 1,886 MB); compare >= 0.8x the two-step KL divergence's speed; compare with 4 quants >= 1.0x
-llama-perplexity's base + 4 runs.
+llama-perplexity's base + 4 runs; the JSON-schema sweep >= 1.0x llama-server with the same grammar and >= 0.5x the
+same sweep unconstrained.
 Targets (in-process cases): b/a >= 0.9, b/c >= 5, m < 1.5 GB; sweep >= 30x naive and >= 2.5x single-sequence decode;
 beam 5 (j) >= 0.8x the 5-sequence sweep (J);
 score >= 0.5x prompt processing, compare >= 0.4x of it per model; report < 5 MB, opens in < 2 s; fork >= 0.9x
@@ -93,6 +96,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_grammar  # noqa: E402
 
 PROMPT = "The history of the printing press begins"
 # The sizes of the llama.cpp-tool cases. --shape (a 4B-13B model on a 2-core machine) shrinks them so that a round
@@ -964,6 +970,9 @@ TOOL_CASES = {
     "R": tcase_fit,
     "N": tcase_llama_kld_ladder,
     "M": tcase_compare_ladder,
+    "h": lambda b, m, t: bench_grammar.tcase_sweep(measure, b, m, t, constrained=True),
+    "i": lambda b, m, t: bench_grammar.tcase_sweep(measure, b, m, t, constrained=False),
+    "H": lambda b, m, t: bench_grammar.tcase_server(offload, b, m, t),
 }
 TOOL_NAMES = {"B": "B  llama-bench pp512", "g": "g  llamalens generate -n 64 (decode)",
               "Q": "Q  llama-batched-bench 32 seqs (S_TG)",
@@ -972,7 +981,9 @@ TOOL_NAMES = {"B": "B  llama-bench pp512", "g": "g  llamalens generate -n 64 (de
               "T": "T  llama-perplexity -c 512 (wall)",
               "U": "U  llamalens score, same windows (wall)", "K": "K  llama-perplexity KLD, 2 steps (wall)",
               "V": "V  llamalens compare, same windows (wall)", "N": "N  llama-perplexity KLD, base + 4 quants",
-              "M": "M  llamalens compare, base + 4 quants", "R": "R  generate -n 4 at --ctx 8192 and 32768"}
+              "M": "M  llamalens compare, base + 4 quants", "R": "R  generate -n 4 at --ctx 8192 and 32768",
+              "h": "h  sweep --json-schema, 8 seqs (S_TG)", "i": "i  the same sweep unconstrained (S_TG)",
+              "H": "H  llama-server, same GBNF, 8 slots (S_TG)"}
 
 
 def report_tools(builds, best, threads):
@@ -1030,6 +1041,11 @@ def report_tools(builds, best, threads):
         print(f"  compare 4 quants / KLD x4    = {g('M') / g('N'):.2f}   (goal >= 1.0; wall {g('M', 'wall_s'):.2f} s vs "
               f"{g('N', 'wall_s'):.2f} s; KLD {g('M', 'kld')} vs {g('N', 'kld')}; peak RSS {g('M', 'rss_mb'):.0f} MB "
               f"with 5 models vs {g('V', 'rss_mb'):.0f} MB with 2)")
+        if "h" in bb:
+            print(f"  json-schema sweep / server   = {g('h') / g('H'):.2f}   (goal >= 1.0; llama-server with the same GBNF, "
+                  f"S_TG; {g('h', 'tokens')} vs {g('H', 'tokens')} tokens)")
+            print(f"  json-schema / unconstrained  = {g('h') / g('i'):.2f}   (goal >= 0.5; S_TG; whole runs "
+                  f"{g('h', 'whole_tok_s'):.1f} vs {g('i', 'whole_tok_s'):.1f} tok/s)")
     if len(builds) > 1:
         a, z = labels[0], labels[-1]
         print(f"\n{z} / {a} (same case, same run):")

@@ -166,3 +166,55 @@ def test_next_under_a_grammar_against_llama_cpp_python_and_the_prefix_mask(tiny_
     for t in d["top"]:
         assert t["prob"] == pytest.approx(float(np.exp(lp[t["id"]])), abs=1e-6)
         assert (t["prob_under_grammar"] > 0) == bool(ok[t["id"]])
+
+
+def test_the_mask_checked_in_slices_on_threads_equals_the_reference(tiny, tiny_llama, monkeypatch):
+    """A long candidate list is answered by walking the vocabulary's prefix tree, checked in slices on several
+    threads: at each step of a sentence the mask over the whole vocabulary equals the prefix reference (both
+    thresholds forced down, so that the tiny vocabulary is walked and cut into 4 slices)."""
+    from llamalens.core import grammar_check, sampler
+
+    monkeypatch.setattr(grammar_check, "SLICE_MIN", 1)
+    monkeypatch.setattr(grammar_check, "WALK_MIN", 1)
+    vocab, eog = pieces(tiny_llama), {tiny.eos}
+    with sampler.GrammarSampler(tiny, GBNF, threads=4) as g:
+        ids = np.arange(tiny.n_vocab, dtype=np.int32)
+        done = b""
+        for _ in range(12):
+            ok = g.allowed(ids)
+            assert np.array_equal(ok, allowed_after(done, vocab, eog)), done
+            follow = [i for i in np.flatnonzero(ok) if i not in eog]
+            if not follow:
+                break
+            tok = int(follow[len(follow) // 2])
+            g.accept(tok)
+            done += vocab[tok]
+        assert len(done) > 10  # the walk went deep into a sentence
+
+
+
+def test_the_prefix_walk_gives_the_full_checks_answers_on_gemma(gemma, monkeypatch):
+    """On Gemma's 262k-token vocabulary (byte tokens, special tokens, pieces of every length): the mask found by
+    walking the prefix tree equals llama.cpp's check of every token, for part of the vocabulary and then all of
+    it, at each state of a JSON text, including states inside a character that a byte token left unfinished."""
+    from llamalens.core import grammar_check
+    from llamalens.core.sampler import GrammarSampler, json_schema_to_gbnf
+
+    gbnf = json_schema_to_gbnf(json.dumps({"type": "object", "properties": {"name": {"type": "string"},
+                                                                            "age": {"type": "integer"}}}))
+    ids = np.arange(gemma.n_vocab, dtype=np.int32)
+    byte = {gemma.piece(t): t for t in range(gemma.n_vocab) if len(gemma.piece(t)) == 1}
+    steps = (gemma.tokenize('{"name": "a', add_bos=False) + [byte[bytes([b])] for b in "漢".encode()]
+             + gemma.tokenize('", "age": 12', add_bos=False))
+    some = np.random.default_rng(0).choice(ids, 50000, replace=False)
+    with GrammarSampler(gemma, gbnf) as g:
+        for tok in steps + [None]:
+            monkeypatch.setattr(grammar_check, "WALK_MIN", 10**9)  # every token through llama.cpp's check
+            full = g.allowed(ids)
+            monkeypatch.undo()
+            # a part first (as a step checks its likely tokens), then the rest settled from what that found
+            assert np.array_equal(g.allowed(some), full[some]), tok
+            assert np.array_equal(g.allowed(ids), full) and full.any(), tok
+            if tok is not None:
+                assert full[tok]
+                g.accept(tok)

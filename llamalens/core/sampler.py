@@ -52,7 +52,7 @@ from typing import Callable
 
 import numpy as np
 
-from llamalens.core import kernels
+from llamalens.core import grammar_check, kernels
 from llamalens.errors import InvalidInput, LlamalensError
 from llamalens.core.runtime import LOG_TAIL, NativeHandle, last_log_error, llama_cpp_module
 from llamalens.settings import SamplingSettings, split_samplers
@@ -428,6 +428,7 @@ class Sampler(NativeHandle):
     def accept(self, token: int) -> None:
         """Tell the chain which token was chosen (the penalties count it; dist's accept does nothing)."""
         self._lib.llama_sampler_accept(self.ptr, int(token))
+        self._known = None
 
     def reset(self) -> None:
         self._lib.llama_sampler_reset(self.ptr)
@@ -529,9 +530,12 @@ class GrammarSampler(NativeHandle):
     from the chain, as common/sampling.cpp keeps it (grammar.py says how the engine uses it). Stateful: each
     accepted token advances it."""
 
-    def __init__(self, model, gbnf: str, where: str = "the grammar"):
+    def __init__(self, model, gbnf: str, where: str = "the grammar", threads: int | None = None):
         check_gbnf_nesting(gbnf, where)
         lib = self._lib = llama_cpp_module()
+        # for allowed(): the model (its prefix tree), the tokens settled in the current state and which are allowed
+        self._model, self._known, self._ok = model, None, None
+        self._threads = max(1, int(threads or model.options.threads_or_default()))
         LOG_TAIL.clear()  # so that the error below is this grammar's
         # llama.cpp's grammar parser prints why it failed on stderr (not through the log): catch it
         with _stderr_caught() as caught:
@@ -549,19 +553,36 @@ class GrammarSampler(NativeHandle):
 
     def allowed(self, ids: np.ndarray, buffers: Candidates | None = None) -> np.ndarray:
         """Which of the token ids `ids` the grammar allows now (a bool per id): it sets the others' logits to
-        -inf. With `buffers` (n_vocab entries) nothing is allocated."""
+        -inf. With `buffers` (n_vocab entries) nothing is allocated. A long list is settled by walking the
+        vocabulary's prefix tree (grammar_check: the same answers from far fewer of llama.cpp's checks); what is
+        settled is kept until the next accept()."""
+        if len(ids) < grammar_check.WALK_MIN:
+            return self._check(np.asarray(ids, dtype=np.int32), buffers)
+        if self._known is None:
+            self._known, self._ok = np.zeros(self._model.n_vocab, dtype=bool), np.zeros(self._model.n_vocab, dtype=bool)
+        grammar_check.prefixes(self._model).walk(lambda sub: self._check(sub, buffers), ids, self._known, self._ok)
+        return self._ok[ids]
+
+    def _check(self, ids: np.ndarray, buffers: Candidates | None) -> np.ndarray:
+        """llama.cpp's check of every id in `ids`, in slices on the threads (grammar_check.in_slices)."""
         lib, n = self._lib, len(ids)
         cand = np.zeros(n, dtype=TOKEN_DATA) if buffers is None else buffers.data[:n]
         cand["id"] = ids
         cand["logit"] = 0.0
         cand["p"] = 0.0
-        arr = lib.llama_token_data_array(data=cand.ctypes.data_as(lib.llama_token_data_p), size=n, selected=-1,
-                                         sorted=False)
-        lib.llama_sampler_apply(self.ptr, ctypes.byref(arr))
+
+        def apply(start: int, stop: int) -> None:
+            part = cand[start:stop]
+            arr = lib.llama_token_data_array(data=part.ctypes.data_as(lib.llama_token_data_p), size=len(part),
+                                             selected=-1, sorted=False)
+            lib.llama_sampler_apply(self.ptr, ctypes.byref(arr))
+
+        grammar_check.in_slices(apply, n, self._threads)
         return cand["logit"] == 0.0
 
     def accept(self, token: int) -> None:
         self._lib.llama_sampler_accept(self.ptr, int(token))
+        self._known = None
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
