@@ -388,3 +388,15 @@ def test_serve_on_the_tiny_model(tiny_serve, tmp_path):
     assert "tree of 2 branch(es)" in cli("show", tree, "--store", tiny_serve.db, "--texts").output
     cli("report", tree, "-o", tmp_path / "tree.html", "--store", tiny_serve.db)
     assert "branch 1" in (tmp_path / "tree.html").read_text()
+
+
+def test_hostile_bodies_are_clear_errors(tiny_serve):
+    # a body nested past what json.loads recurses into was a RecursionError answered as a 500
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, out, _ = tiny_serve.request("POST", "/v1/completions", raw=deep)
+    assert status == 400 and "nests arrays and objects 100001 deep" in out["error"]["message"], out
+    # brackets inside a string are text, not nesting
+    status, out = tiny_serve.post("/v1/completions", {"prompt": "[" * 200, "max_tokens": 1})
+    assert status == 200, out
+    status, out = tiny_serve.post("/api/position", {"tree": 1, "branch": -1, "at": 0})
+    assert status == 400 and "branch -1 is out of range (at least 0)" in out["error"]["message"], out
