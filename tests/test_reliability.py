@@ -497,6 +497,15 @@ def test_chat_template_failures_are_clear(tiny_path, tmp_path, template, word):
     assert not db.exists() or Store(db).runs() == []
 
 
+def test_a_gguf_s_own_chat_template_failing_is_clear(tmp_path):
+    from tiny_gguf import write_tiny_gguf
+
+    model = write_tiny_gguf(tmp_path / "r.gguf", chat_template="{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}")
+    res = _llamalens("generate", "--chat", "hi", "--model", model, "-n", 2, timeout=60)
+    assert res.returncode == 1 and "the model's chat template recurses without end" in res.stderr, res.stderr[-400:]
+    assert "Traceback" not in res.stderr
+
+
 # -- 20. a Markdown report replaces only the images it wrote itself ---------------------------------------------------
 def test_markdown_report_keeps_files_it_did_not_write(tiny_path, tmp_path):
     db = tmp_path / "m.db"
@@ -615,6 +624,8 @@ def test_api_arguments_of_the_wrong_type(tiny, tmp_path):
     with pytest.raises(InvalidInput, match=r"lone surrogate \\ud800"):
         ll.generate(tiny, "a\ud800b")
     assert not db.exists() or Store(db).runs() == []
+    with pytest.raises(ll.InvalidSettings, match=r"seeds=2.5: give a number of seeds"):
+        ll.sweep("x", seeds=2.5, model=tiny, store=db, progress=False)
     run = ll.sweep("the cat", stop="Q:", max_tokens=2, model=tiny, store=db, progress=False)
     assert run.info.options.stop == ("Q:",)  # one stop string, not its characters
 
