@@ -482,7 +482,9 @@ def test_fork_outcome_of_an_unmatched_group_is_none(tiny_path, tmp_path):
     ('{{ "%d" % "x" }}', "TypeError"),
     ("{{ 'A' * 300000000 }}", "16,000,000-character limit"),
     ("{{ '%0999999999d' % 1 }}", "16,000,000-character limit"),
-    ("{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}", "character limit"),
+    # 10^10 characters: the size bound or, on a loaded machine, the time bound stops it first; either is clear
+    ("{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
+     "character limit|took more than 5 s"),
     ("{% for a in range(100000) %}{% for b in range(100000) %}{% set x = a %}{% endfor %}{% endfor %}",
      "took more than 5 s"),
     ("{{ ''.__class__.__mro__ }}", "unsafe"),
@@ -493,8 +495,8 @@ def test_chat_template_failures_are_clear(tiny_path, tmp_path, template, word):
     db = tmp_path / "c.db"
     res = _llamalens("sweep", "--chat", "hi", "--chat-template", f, "--model", tiny_path, "-n", 2, "--store", db,
                      timeout=60)
-    assert res.returncode == 1 and word in res.stderr and "Traceback" not in res.stderr, res.stderr[-600:]
-    assert not db.exists() or Store(db).runs() == []
+    assert res.returncode == 1 and any(w in res.stderr for w in word.split("|")), res.stderr[-600:]
+    assert "Traceback" not in res.stderr and (not db.exists() or Store(db).runs() == [])
 
 
 def test_a_gguf_s_own_chat_template_failing_is_clear(tmp_path):
