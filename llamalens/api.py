@@ -393,13 +393,13 @@ def report(run, path, *, store=None, fmt: str | None = None, metric: str = "mean
     --sample, --answer. Returns the report's path. The CLI's hooks: `on_note` hears the warnings (default: Python
     warnings), `loader(file, options)` loads a model file, `writer(doc, path, fmt)` writes the document.
     """
-    from llamalens.core.confidence import check_answer_regex
+    from llamalens.run.confidence import check_answer_applies
     from llamalens.run.kinds import kind
 
     optional(path, "path", (str, os.PathLike), "the report's file, e.g. 'run.html' or 'run.md'", none_ok=False)
-    check_answer_regex(answer)
     st = run.store if isinstance(run, Run) else _store(store, read_only=True)
     info = st.run(run.id if isinstance(run, Run) else run)
+    check_answer_applies(info, answer)
     kind(info.kind).hook("report")(st, info, path, fmt, loaded=run.loaded if isinstance(run, Run) else None,
                                    model=model, position=position, sample=sample, metric=metric,
                                    load_model=load_model, say=on_note or _note, loader=loader, write=writer or _write,

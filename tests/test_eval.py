@@ -188,6 +188,9 @@ def test_bad_input_gets_a_message_naming_the_fix(tiny_path, in_tasks, monkeypatc
     assert res.exit_code != 0 and "into --output-path: give one" in res.output
     res = cli("eval", "--tasks", "ll_test_mc", "--num-fewshot", "99", "-m", tiny_path, ok=False)
     assert res.exit_code != 0 and "--num-fewshot 99 is out of range" in res.output
+    for limit in ("inf", "nan", "-1"):  # infinity passed '> 0' and failed in lm-eval's int(limit): OverflowError
+        res = cli("eval", "--tasks", "ll_test_mc", "--include-path", in_tasks, "--limit", limit, "-m", tiny_path, ok=False)
+        assert res.exit_code == 1 and "must be a number > 0" in res.output, res.output
     with pytest.raises(InvalidInput, match="num_beams"):
         settings_of({"until": ["\n"], "num_beams": 4}, "task 't', document 3")
     assert settings_of({"until": "\n", "max_gen_toks": 5}, "x")[1:] == (("\n",), 5)

@@ -296,7 +296,7 @@ def test_a_taken_port_is_a_clear_error_before_the_model_loads(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        r = cli("serve", "--host", "127.0.0.1", "--port", port, "--exact", "--token", "t", "--store", tmp_path / "r.db",
+        r = cli("serve", "--host", "127.0.0.1", "--port", port, "--exact", "--token", TOKEN, "--store", tmp_path / "r.db",
                 ok=False)
     assert r.exit_code == 1 and "cannot listen on 127.0.0.1" in r.output and "--port 0" in r.output
     assert "Traceback" not in r.output and "loading" not in r.output
@@ -388,3 +388,32 @@ def test_serve_on_the_tiny_model(tiny_serve, tmp_path):
     assert "tree of 2 branch(es)" in cli("show", tree, "--store", tiny_serve.db, "--texts").output
     cli("report", tree, "-o", tmp_path / "tree.html", "--store", tiny_serve.db)
     assert "branch 1" in (tmp_path / "tree.html").read_text()
+
+
+def test_hostile_bodies_are_clear_errors(tiny_serve):
+    # a body nested past what json.loads recurses into was a RecursionError answered as a 500
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, out, _ = tiny_serve.request("POST", "/v1/completions", raw=deep)
+    assert status == 400 and "nests arrays and objects 100001 deep" in out["error"]["message"], out
+    # brackets inside a string are text, not nesting
+    status, out = tiny_serve.post("/v1/completions", {"prompt": "[" * 200, "max_tokens": 1})
+    assert status == 200, out
+    status, out = tiny_serve.post("/api/position", {"tree": 1, "branch": -1, "at": 0})
+    assert status == 400 and "branch -1 is out of range (at least 0)" in out["error"]["message"], out
+
+
+def test_a_weak_token_and_a_bad_chat_template_are_refused_at_start(tiny_path, tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "latin1.jinja"
+    bad.write_bytes(b"{{ '\xe9' }}")
+    for args, word, loads in ((["--token", "short"], "--token must be at least 16 characters", False),
+                              (["--token", "a" * 16 + "\x1b[31m"], "(got 21 characters)", False),
+                              (["--chat-template", "chatmlx"], "is neither a file nor one of llama.cpp's", False),
+                              (["--chat-template", bad], "is not UTF-8", True)):
+        # in its own process with a time limit: a server that started anyway would otherwise run for ever
+        res = subprocess.run([sys.executable, "-m", "llamalens", "serve", "--model", tiny_path, "--port", "0",
+                              *map(str, args), "--store", tmp_path / "s.db"], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1 and word in res.stderr and "Traceback" not in res.stderr, (args, res.stderr[-400:])
+        assert ("loading" in res.stderr) == loads and "\x1b" not in res.stderr

@@ -63,7 +63,7 @@ def eval_cmd(tasks, limit, num_fewshot, output_path, include_path, log_samples, 
 
 def _limit(limit):
     """--limit as lm-eval takes it: a whole number of documents, or a fraction of them."""
-    return int(limit) if limit is not None and limit >= 1 and limit == int(limit) else limit
+    return int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit  # inf stays inf
 
 
 def _backend(stats: dict) -> None:

@@ -323,7 +323,7 @@ def report(run_id, output, fmt, metric, position, sample_idx, model, no_model, a
     from llamalens.store import Store
 
     if output is None:
-        output = default_report_path(Store(store_path).run(run_id), fmt)
+        output = default_report_path(Store(store_path, read_only=True).run(run_id), fmt)
 
     write_run_report(run_id, output, store=store_path, fmt=fmt, metric=metric, position=position, sample=sample_idx,
                      model=model, load_model=not no_model, on_note=lambda note: say(note, err=True),

@@ -10,6 +10,7 @@ import click
 from llamalens.commands.options import GroupedCommand, model_options, pop_model_options, store_option
 from llamalens.commands.output import fail_cleanly, json_out, load_model, print_table, say
 from llamalens.commands.confidence import confidence_json, show_answer_confidence
+from llamalens.core.chat import check_template_name, resolve_template
 from llamalens.errors import InvalidInput
 from llamalens.visible import visible
 
@@ -37,6 +38,20 @@ def allowed_hosts(host: str, port: int) -> tuple[set[str], set[str]]:
     names = {host} | (set(LOCAL_HOSTS) if host in LOCAL_HOSTS else set())
     hosts = {f"[{n}]:{port}" if ":" in n else f"{n}:{port}" for n in names}
     return hosts, {f"http://{h}" for h in hosts}
+
+
+MIN_TOKEN = 16  # characters of a token given with --token
+
+
+def check_token(token: str | None) -> str | None:
+    """A --token (LLAMALENS_TOKEN) long enough not to be guessed, and of URL-safe characters (it is printed in the
+    URL to open and sent back in a header)."""
+    if token is None or token == "":
+        return None
+    if len(token) < MIN_TOKEN or not all(c.isascii() and (c.isalnum() or c in "-._~") for c in token):
+        raise InvalidInput(f"--token must be at least {MIN_TOKEN} characters of A-Z, a-z, 0-9, '-', '.', '_' or '~' "
+                           f"(got {len(token)} characters); leave it out for a random one")
+    return token
 
 
 @click.command(cls=GroupedCommand)
@@ -68,13 +83,16 @@ def serve(host, port, token, exact, chat_template, store_path, model, **kw):
     if host not in LOCAL_HOSTS:
         say(f"warning: listening on {host}: anyone who can reach this port and has the token can run the model",
             err=True)
-    token = token or secrets.token_urlsafe(24)
+    token = check_token(token) or secrets.token_urlsafe(24)
+    check_template_name(chat_template)  # an unknown name before the model loads, as every other command
     options = pop_model_options(kw)
     store_path = store_path or default_store_path()
     Store(store_path).close()  # a path that is not a store fails here, before the model loads
     sock = listening(host, port)
     port = sock.getsockname()[1]
     loaded = load_model(model, options, sequences=2)
+    if chat_template is not None:
+        resolve_template(loaded, chat_template)  # a file read (bounded, UTF-8) now, not at the first chat request
     explorer = Explorer(loaded, store_path, exact=exact, chat_template=chat_template)
     hosts, origins = allowed_hosts(host, port)
     server = uvicorn.Server(uvicorn.Config(make_app(explorer, token, hosts, origins), log_level="warning",

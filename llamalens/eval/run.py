@@ -65,8 +65,8 @@ class EvalRequest:
         if len(tasks) > MAX_TASKS:
             raise InvalidInput(f"{len(tasks)} tasks at once is more than {MAX_TASKS}; run them in several calls")
         self.tasks = tasks
-        if self.limit is not None and not self.limit > 0:
-            raise InvalidInput(f"--limit {self.limit} must be > 0 (a count of documents, or a fraction below 1)")
+        if self.limit is not None and not 0 < self.limit < float("inf"):
+            raise InvalidInput(f"--limit {self.limit} must be a number > 0 (a count of documents, or a fraction below 1)")
         if self.num_fewshot is not None and not 0 <= self.num_fewshot <= MAX_FEWSHOT:
             raise InvalidInput(f"--num-fewshot {self.num_fewshot} is out of range: 0..{MAX_FEWSHOT}")
         if self.include_path is not None and not Path(self.include_path).is_dir():

@@ -257,6 +257,7 @@ def read_header(path: str | os.PathLike, cache: bool = True) -> GGUFHeader:
         else:
             hit = _cached(path, key)
             if hit is not None:
+                _check_layers(hit, path)  # an entry cached by a version that did not check yet
                 return hit
     header = parse_header(path)
     if key is not None:
@@ -340,7 +341,23 @@ def _parse(buf, path: Path, size: int) -> GGUFHeader:
                 "the download or copy is incomplete: fetch or convert it again"
             )
         header.tensors.append(TensorInfo(name, shape, gtype, offset, n_bytes))
+    _check_layers(header, path)
     return header
+
+
+# llama.cpp's LLAMA_MAX_LAYERS and LLAMA_MAX_EXPERTS (src/llama-hparams.h): it asserts these bounds while
+# loading, which aborts the process; llamalens's memory estimate would also build a list per layer.
+MAX_LAYERS, MAX_EXPERTS = 512, 1024
+
+
+def _check_layers(header: GGUFHeader, path: Path) -> None:
+    """Refuse a layer or expert count that llama.cpp aborts on (or that is not a count at all)."""
+    for suffix, low, top in (("block_count", 1, MAX_LAYERS), ("expert_count", 0, MAX_EXPERTS),
+                             ("expert_used_count", 0, MAX_EXPERTS)):
+        value = header.arch_key(suffix)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not low <= value <= top):
+            raise InvalidModelFile(f"{path}: corrupt GGUF metadata ({header.architecture}.{suffix} = {value!r}; "
+                                   f"llama.cpp loads {low} to {top}); the file is damaged: download or convert it again")
 
 
 def file_type_name(file_type: int | None) -> str:

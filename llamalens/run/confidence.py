@@ -22,6 +22,18 @@ CONFIDENCE_COLUMNS = ["sample_idx", "prompt_idx", "config_idx", "seed", "answer"
                       *GROUP_COLUMNS]
 
 
+def check_answer_applies(info, answer: str | None) -> None:
+    """An --answer regex checked, and refused for a run (its RunInfo) whose kind generates no text (lens,
+    compare): there is no answer to pick out, and saying nothing would hide that it was ignored."""
+    from llamalens.errors import InvalidInput
+    from llamalens.run.kinds import kind
+
+    check_answer_regex(answer)
+    if answer is not None and not kind(info.kind).generates:
+        raise InvalidInput(f"--answer picks the answer in generated text; run {info.id} is a {info.kind} run, which "
+                           "has none: drop --answer")
+
+
 def confidence_table(run, answer: str | None = None) -> pd.DataFrame:
     """One row per finished sample of a loaded run (run/loaded.py's LoadedRun: .samples, .by_sample), in sample
     order. `answer`: a regex whose first match (group 1 if any) is the answer span; a sample it does not match has
@@ -33,8 +45,12 @@ def confidence_table(run, answer: str | None = None) -> pd.DataFrame:
         span, text = answer_span(toks, answer)
         rows.append({"sample_idx": s.sample_idx, "prompt_idx": s.prompt_idx, "config_idx": s.config_idx,
                      "seed": s.seed, "answer": text, "span_tokens": len(span), **sample_measures(span)})
+    # grouped from the rows themselves: a DataFrame's text column reads a missing answer (None) as nan
+    answers: dict[tuple[int, int], list[str | None]] = {}
+    for row in rows:
+        answers.setdefault((row["prompt_idx"], row["config_idx"]), []).append(row["answer"])
+    groups = {key: agreement(group) | {"answers": len(group)} for key, group in answers.items()}
     df = pd.DataFrame(rows, columns=CONFIDENCE_COLUMNS[:-len(GROUP_COLUMNS)])
-    groups = {key: agreement(list(g.answer)) | {"answers": len(g)} for key, g in df.groupby(["prompt_idx", "config_idx"])}
     for col in GROUP_COLUMNS:
         df[col] = [groups[k][col] for k in zip(df.prompt_idx, df.config_idx)] if len(df) else []
     return df[CONFIDENCE_COLUMNS]

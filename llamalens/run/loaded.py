@@ -227,11 +227,13 @@ def export_run(run: LoadedRun, fmt: str, output: str | os.PathLike, safe_for_spr
     jsonl, as conf_* columns on each of its tokens' rows in csv and parquet. Returns the number of rows (tokens, or
     samples for jsonl).
     """
+    from llamalens.run.confidence import check_answer_applies
     from llamalens.run.kinds import kind
     from llamalens.store import check_not_a_store
 
     if fmt not in EXPORT_FORMATS:
         raise InvalidInput(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    check_answer_applies(run.info, answer)
     if safe_for_spreadsheets and fmt != "csv":
         raise InvalidInput(f"--excel-safe applies to csv (a {fmt} file is not opened as a spreadsheet); drop it")
     out = Path(output)

@@ -29,6 +29,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from llamalens.errors import LlamalensError
+from llamalens.inputs import MAX_JSON_LINE_NESTING, check_json_nesting
 from llamalens.serve import requests as parse
 from llamalens.serve.explorer import MAX_PROMPT_CHARS, MAX_TOKENS, MAX_TOP, BranchSpec, Explorer, Job
 
@@ -130,7 +131,9 @@ def handled(fn):
 async def body(request: Request) -> dict:
     raw = await request.body()
     try:
-        data = json.loads(raw or b"{}")
+        text = (raw or b"{}").decode("utf-8")
+        check_json_nesting(text, "the body", MAX_JSON_LINE_NESTING)  # json.loads recurses once per level
+        data = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise parse.BadRequest(f"the body is not JSON ({e})") from None
     if not isinstance(data, dict):

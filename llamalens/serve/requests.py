@@ -29,7 +29,8 @@ def integer(value, name: str, lo: int | None = None, hi: int | None = None) -> i
     if not isinstance(value, int) or isinstance(value, bool):
         raise BadRequest(f"{name} must be an integer (got {value!r:.40})")
     if lo is not None and value < lo or hi is not None and value > hi:
-        raise BadRequest(f"{name} {value} is out of range ({lo} to {hi})")
+        span = f"{lo} to {hi}" if lo is not None and hi is not None else f"at least {lo}" if hi is None else f"at most {hi}"
+        raise BadRequest(f"{name} {value} is out of range ({span})")
     return value
 
 
