@@ -938,7 +938,12 @@
       const m = info.model || {};
       $('model').textContent = `${m.name || m.path || 'model'}` + (m.n_vocab ? ` · ${m.n_vocab.toLocaleString('en')} tokens` : '') + (m.n_ctx ? ` · ctx ${m.n_ctx}` : '');
       $('model').title = m.path || '';
-      if (!m.chat_template) { $('mode-chat').disabled = true; $('mode-chat').parentElement.title = 'the model has no chat template'; }
+      if (!m.chat_template) {
+        $('mode-chat').disabled = true;
+        $('chat-note').hidden = false;
+        $('chat-note').textContent = 'Chat needs a template: this model has none. Restart with --chat-template NAME ' +
+          '(a llama.cpp built-in, e.g. gemma or chatml) or --chat-template FILE.jinja.';
+      }
       const lim = info.limits || {};
       if (lim.max_tokens) $('max-tokens').max = lim.max_tokens;
       if (lim.max_top) $('top-n').max = lim.max_top;
