@@ -941,8 +941,8 @@
       if (!m.chat_template) {
         $('mode-chat').disabled = true;
         $('chat-note').hidden = false;
-        $('chat-note').textContent = 'Chat needs a template: this model has none. Restart with --chat-template NAME ' +
-          '(a llama.cpp built-in, e.g. gemma or chatml) or --chat-template FILE.jinja.';
+        $('chat-note').textContent = 'Chat: the model has no template; restart with --chat-template NAME ' +
+          '(a llama.cpp built-in: chatml, gemma, llama3…) or FILE.jinja.';
       }
       const lim = info.limits || {};
       if (lim.max_tokens) $('max-tokens').max = lim.max_tokens;
