@@ -248,6 +248,16 @@ def test_markup_and_escapes_render_inert(serve, chromium_path):
         until(page, "document.querySelectorAll('#alts tr.alt').length > 0")
         assert all("\x1b" not in t and "\n" not in t for t in
                    page.eval("Array.from(document.querySelectorAll('#pos code')).map(e => e.textContent)"))
+        # model output holding markup: a continuation typed as text is tokens of the branch, shown as text
+        set_value(page, "#max-tokens", 2)
+        type_text(page, "#continue-text", f"{XSS}{ESC}<script>alert(3)</script>")
+        click(page, "#continue-go")
+        until(page, "document.getElementById('status').dataset.state === 'done' && document.querySelectorAll('#tree .node').length === 2")
+        shown = page.eval("Array.from(document.querySelectorAll('#tokens .tk.forced')).map(s => s.textContent).join('')")
+        assert shown == f"{XSS}{ESC}<script>alert(3)</script>"
+        assert page.eval("document.querySelectorAll('img, script:not([src])').length") == 0
+        assert "\x1b" not in page.eval("document.querySelectorAll('#tree .node-btn')[1].textContent")
+        assert [e for e in page.events if e.get("method") == "Page.javascriptDialogOpening"] == []
         assert outside_requests(page, serve.base) == []
         assert problems(page) == []
 
