@@ -36,7 +36,9 @@ def serve(gemma_path, tmp_path_factory):
     """The real server on the default model (the slow tier: it loads the model): tests/serving.py starts it on a
     free port with a bounded wait for its URL, and always stops it."""
     db = tmp_path_factory.mktemp("serve") / "runs.db"
-    with llamalens_serve("--store", str(db), "--model", str(gemma_path), timeout=URL_WAIT) as srv:
+    with llamalens_serve("--store", str(db), "--model", str(gemma_path), "--chat-template", "gemma",
+                         timeout=URL_WAIT) as srv:
+        srv.db, srv.model_path = db, gemma_path
         yield srv
 
 
@@ -88,6 +90,16 @@ def generate(page, prompt: str, max_tokens: int) -> None:
     click(page, "#generate")
     until(page, "(() => { const t = document.querySelector('#tree').dataset.tree || '';"
                 f" return document.getElementById('status').dataset.state === 'done' && t !== '' && t !== {json.dumps(before)}; }})()")
+
+
+def type_text(page, selector: str, text: str) -> None:
+    """Click into a text field and type (the browser's own text input)."""
+    click(page, selector)
+    page.call("Input.insertText", text=text)
+
+
+def status(page) -> tuple[str, str]:
+    return page.eval("[document.getElementById('status').dataset.state, document.getElementById('status').textContent]")
 
 
 def column(page, cls: str) -> list:
@@ -236,5 +248,182 @@ def test_markup_and_escapes_render_inert(serve, chromium_path):
         until(page, "document.querySelectorAll('#alts tr.alt').length > 0")
         assert all("\x1b" not in t and "\n" not in t for t in
                    page.eval("Array.from(document.querySelectorAll('#pos code')).map(e => e.textContent)"))
+        # model output holding markup: a continuation typed as text is tokens of the branch, shown as text
+        set_value(page, "#max-tokens", 2)
+        type_text(page, "#continue-text", f"{XSS}{ESC}<script>alert(3)</script>")
+        click(page, "#continue-go")
+        until(page, "document.getElementById('status').dataset.state === 'done' && document.querySelectorAll('#tree .node').length === 2")
+        shown = page.eval("Array.from(document.querySelectorAll('#tokens .tk.forced')).map(s => s.textContent).join('')")
+        assert shown == f"{XSS}{ESC}<script>alert(3)</script>"
+        assert page.eval("document.querySelectorAll('img, script:not([src])').length") == 0
+        assert "\x1b" not in page.eval("document.querySelectorAll('#tree .node-btn')[1].textContent")
+        assert [e for e in page.events if e.get("method") == "Page.javascriptDialogOpening"] == []
         assert outside_requests(page, serve.base) == []
         assert problems(page) == []
+
+
+def test_chat_preset_and_typed_continuation(serve, chromium_path):
+    """A preset chosen with the keyboard sets the controls and the generation's settings; a chat of a system text
+    and three messages (user, assistant, user) is rendered with the model's template; a continuation typed at a
+    token is a branch forcing exactly those tokens there."""
+    info = api(serve, "/api/info")
+    with Browser() as b:
+        page = b.page
+        goto(page, serve.url)
+        page.eval("document.getElementById('preset').focus()")  # (a click opens the native list, apart from the page)
+        for _ in range(2):  # defaults -> greedy -> factual
+            key(page, "ArrowDown", 40)
+        assert page.eval("document.getElementById('preset').value") == "factual"
+        preset = info["presets"]["factual"]
+        for name, value in preset.items():
+            assert float(page.eval(f"document.getElementById('s-{name}').value")) == pytest.approx(value)
+
+        assert info["model"]["chat_template"] == "builtin:gemma"  # (the default model, a base model, has none)
+        click(page, "#mode-chat")
+        assert page.eval("document.getElementById('chat-input').hidden") is False
+        type_text(page, "#chat-system", "Answer in one word.")
+        page.eval("document.querySelector('#chat-messages .chat-content').value = ''")
+        type_text(page, "#chat-messages .chat-content", "Capital of France?")
+        click(page, "#chat-add")
+        type_text(page, "#chat-messages .chat-msg:nth-child(2) .chat-content", "Paris.")
+        click(page, "#chat-add")
+        type_text(page, "#chat-messages .chat-msg:nth-child(3) .chat-content", "Capital of Italy?")
+        roles = page.eval("Array.from(document.querySelectorAll('#chat-messages .chat-role')).map(s => s.value)")
+        assert roles == ["user", "assistant", "user"]
+        set_value(page, "#max-tokens", 6)
+        click(page, "#generate")
+        until(page, "document.getElementById('status').dataset.state === 'done'")
+        tree_id = int(page.eval("document.querySelector('#tree').dataset.tree"))
+        tree = api(serve, f"/api/trees/{tree_id}")
+        # Gemma 3's template: the system text opens the first user turn; turns in order; the model's turn opened
+        turns = ["<start_of_turn>user\nAnswer in one word.\n\nCapital of France?<end_of_turn>\n",
+                 "<start_of_turn>model\nParis.<end_of_turn>\n", "<start_of_turn>user\nCapital of Italy?<end_of_turn>\n",
+                 "<start_of_turn>model\n"]
+        assert tree["prompt"].endswith("".join(turns)), tree["prompt"]
+        assert page.eval("document.querySelector('#tokens .prompt').textContent") == tree["prompt"]
+        root = tree["branches"][0]
+        assert root["settings"]["temperature"] == 0.3 and root["settings"]["top_k"] == 10  # the preset's
+
+        # a typed continuation at position 1
+        click(page, "#tokens .tk", 1)
+        until(page, "document.getElementById('continue-text') !== null")
+        type_text(page, "#continue-text", " Rome, of course")
+        click(page, "#continue-go")
+        until(page, "document.getElementById('status').dataset.state === 'done' && document.querySelectorAll('#tree .node').length === 2")
+        child = api(serve, f"/api/trees/{tree_id}")["branches"][1]
+        assert child["parent"] == 0 and child["at"] == 1
+        assert "".join(f["text"] for f in child["forced"]) == " Rome, of course"
+        assert [t["id"] for t in child["tokens"][:1]] == [t["id"] for t in root["tokens"][:1]]
+        n = len(child["forced"])
+        forced = page.eval("Array.from(document.querySelectorAll('#tokens .tk')).map(s => s.classList.contains('forced'))")
+        assert forced[1:1 + n] == [True] * n and not forced[0] and not any(forced[1 + n:])
+        assert problems(page) == []
+
+
+def test_queued_state_and_cancel(serve, chromium_path):
+    """While another client's generation runs, the page's waits in the queue and says so; Cancel then drops it
+    (nothing of it is decoded or stored). A generation of the page's own stops on Cancel after its current token,
+    and what it made is stored ('cancelled')."""
+    import threading
+
+    from llamalens.store import Store
+
+    long = {"prompt": "Count from one to a thousand:", "max_tokens": 1000,
+            "settings": {"temperature": 0, "chain": "llama.cpp", "ignore_eos": True}}
+    with Browser() as b:
+        page = b.page
+        goto(page, serve.url)
+        runs_before = len(Store(serve.db).runs())
+        other = threading.Thread(target=lambda: serve.post("/api/generate", long, timeout=600), daemon=True)
+        other.start()
+        end = time.time() + 60
+        while (serve.get("/api/state")[1]["running"] or {}).get("branch") is None:
+            assert time.time() < end, "the other generation did not start"
+            time.sleep(0.05)
+        set_value(page, "#prompt", "The capital of France is")
+        click(page, "#generate")
+        until(page, "document.getElementById('status').dataset.state === 'queued'", 30)
+        assert "1 ahead" in status(page)[1]
+        assert serve.get("/api/state")[1]["queued"] == 1
+        assert page.eval("document.getElementById('cancel').disabled") is False
+        click(page, "#cancel")
+        until(page, "document.getElementById('status').textContent.startsWith('Cancelled')", 30)
+        until(page, "!document.getElementById('generate').disabled", 10)
+        end = time.time() + 30
+        while serve.get("/api/state")[1]["queued"] != 0:
+            assert time.time() < end, "the dropped generation still counts as queued"
+            time.sleep(0.1)
+        assert serve.post("/api/cancel", {})[1]["cancelled"]  # the other client's
+        other.join(120)
+        end = time.time() + 30
+        while serve.get("/api/state")[1]["running"] is not None:  # (it ends just after its stream's last event)
+            assert time.time() < end, "the other generation still runs"
+            time.sleep(0.1)
+        assert len(Store(serve.db).runs()) == runs_before + 1  # the other's tree; the page's was never made
+
+        # the page's own generation, cancelled while it runs
+        set_value(page, "#s-chain", "llama.cpp")
+        click(page, "#advanced summary")
+        click(page, "#s-ignore_eos")
+        assert page.eval("document.getElementById('s-ignore_eos').checked")
+        set_value(page, "#max-tokens", 1000)
+        click(page, "#generate")
+        until(page, "document.querySelectorAll('#tokens .tk').length >= 3", 120)
+        click(page, "#cancel")
+        until(page, "document.getElementById('status').dataset.state === 'done'", 60)
+        assert "cancelled" in status(page)[1]
+        tree_id = int(page.eval("document.querySelector('#tree').dataset.tree"))
+        until(page, f"document.querySelectorAll('#tokens .tk').length === {len(api(serve, f'/api/trees/{tree_id}')['branches'][0]['tokens'])}", 30)
+        branch = api(serve, f"/api/trees/{tree_id}")["branches"][0]
+        assert branch["finish_reason"] == "cancelled" and 3 <= len(branch["tokens"]) < 1000
+        assert problems(page) == []
+
+
+def test_stored_runs_open_in_the_page(serve, chromium_path):
+    """A fork run opens as its base path with the continuations under it; a continuation's token opens, is
+    explored (copied into a tree) and branched from; a lens run is refused with a message naming the commands
+    that show it."""
+    from clirun import cli
+    from llamalens.store import Store
+
+    args = ("--store", serve.db, "--model", serve.model_path)
+    cli("fork", "The capital of France is", "-n", 4, "--samples", 1, "--positions", "0-1", "--alternatives", 2,
+        "--min-prob", 0, *args)
+    fork_id = Store(serve.db).runs()[-1].id
+    cli("lens", "The capital of France is", *args)
+    lens_id = Store(serve.db).runs()[-1].id
+    fork = api(serve, f"/api/runs/{fork_id}")
+    with Browser() as b:
+        page = b.page
+        goto(page, serve.url)
+        until(page, f"document.querySelector('#runs tr[data-run=\"{lens_id}\"] button') !== null", 30)
+        click(page, f"#runs tr[data-run=\"{lens_id}\"] button")
+        until(page, "document.getElementById('status').dataset.state === 'error'", 30)
+        assert "llamalens report" in status(page)[1] and "lens" in status(page)[1]
+
+        click(page, f"#runs tr[data-run=\"{fork_id}\"] button")
+        until(page, "document.getElementById('status').textContent.startsWith('Run ')", 30)
+        assert page.eval("document.querySelectorAll('#tree .node').length") == len(fork["branches"])
+        assert page.eval("document.querySelectorAll('#tree .node .node').length") == len(fork["branches"]) - 1
+        cont = next(b for b in fork["branches"] if b["parent"] is not None and not b["forced"][0]["id"] ==
+                    fork["branches"][0]["tokens"][b["at"]]["id"])
+        click(page, f"#tree .node[data-branch=\"{cont['branch']}\"] > .node-row .node-btn")
+        view = page.eval("Array.from(document.querySelectorAll('#tokens .tk')).map(s => [Number(s.dataset.id), s.className])")
+        assert [i for i, _ in view] == [t["id"] for t in cont["tokens"]]
+        assert "forced" in view[cont["at"]][1]
+        at = cont["at"] + 1
+        set_value(page, "#max-tokens", 4)
+        click(page, "#tokens .tk", at)
+        until(page, "document.getElementById('explore-btn') !== null", 30)
+        click(page, "#explore-btn")
+        until(page, "document.querySelectorAll('#alts .post-p[data-p]').length > 0", 60)
+        tree_id = int(page.eval("document.querySelector('#tree').dataset.tree"))
+        assert tree_id not in (fork_id, lens_id)
+        click(page, "#alts tr.alt .branch-btn", 1)
+        until(page, "document.getElementById('status').dataset.state === 'done' && document.querySelectorAll('#tree .node').length === 2", 120)
+        tree = api(serve, f"/api/trees/{tree_id}")
+        assert [t["id"] for t in tree["branches"][0]["tokens"]] == [t["id"] for t in cont["tokens"]]
+        child = tree["branches"][1]
+        assert child["at"] == at and [t["id"] for t in child["tokens"][:at]] == [t["id"] for t in cont["tokens"][:at]]
+        assert [p for p in problems(page) if "status of 400" not in p] == []  # (the lens run's refusal, once)
+        assert len(problems(page)) == 1

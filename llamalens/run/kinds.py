@@ -9,6 +9,8 @@ runs are read back, what its token export adds, and which functions show it, rep
         report         a run's report written to a file: reports.<kind> (store, info, path, fmt, **options)
         notebook       a Run's rich display: (api.Run) -> reports.document.Document
         generates      whether its samples are generated texts (each with its confidence measures)
+        explore        its samples as branches of `llamalens serve`'s token view: (store, run info) -> list of
+                       branches in the tree format; "" for a kind whose records are not token sequences
 
 `show`, `report` and `notebook` sit in layers above this one (commands/, reports/), so they are named here
 as "module:function" and imported when used, as a plugin's entry points are: the kind is still declared in
@@ -40,9 +42,10 @@ class RunKind:
     report: str
     notebook: str
     generates: bool = True  # its samples are generated texts: each carries confidence measures (export, show)
+    explore: str = "llamalens.serve.stored:samples_as_branches"  # "": the token view cannot show its runs
 
     def hook(self, which: str) -> Callable:
-        """The function named by `show`, `report` or `notebook`."""
+        """The function named by `show`, `report`, `notebook` or `explore`."""
         module, _, name = getattr(self, which).partition(":")
         return getattr(importlib.import_module(module), name)
 
@@ -51,15 +54,17 @@ KINDS: dict[str, RunKind] = {k.name: k for k in (
     RunKind("sweep", SWEEP, None, show="llamalens.commands.runs:show_sweep",
             report="llamalens.reports.run:write_run_report", notebook="llamalens.reports.notebook:sweep_run_document"),
     RunKind("fork", FORK, with_fork_columns, show="llamalens.commands.fork:show_fork",
-            report="llamalens.reports.fork:write_fork_report", notebook="llamalens.reports.notebook:fork_run_document"),
+            report="llamalens.reports.fork:write_fork_report", notebook="llamalens.reports.notebook:fork_run_document",
+            explore="llamalens.serve.stored:fork_as_branches"),
     RunKind("tree", TREE, None, show="llamalens.commands.serve:show_tree",
-            report="llamalens.reports.tree:write_tree_report", notebook="llamalens.reports.tree:tree_document"),
+            report="llamalens.reports.tree:write_tree_report", notebook="llamalens.reports.tree:tree_document",
+            explore="llamalens.serve.stored:tree_as_branches"),
     RunKind("lens", LENS, with_lens_columns, show="llamalens.commands.lens:show_lens",
             report="llamalens.reports.lens:write_lens_report", notebook="llamalens.reports.lens:lens_run_document",
-            generates=False),
+            generates=False, explore=""),
     RunKind("compare", COMPARE, comparison_tokens, show="llamalens.commands.compare:show_compare",
             report="llamalens.reports.ladder:write_ladder_report",
-            notebook="llamalens.reports.ladder:ladder_run_document", generates=False),
+            notebook="llamalens.reports.ladder:ladder_run_document", generates=False, explore=""),
 )}
 
 

@@ -128,8 +128,12 @@ class Explorer:
         return render(self.model, with_system(msgs, system or None), self.chat_template)
 
     # -- the worker --------------------------------------------------------------------------------------------
+    def waiting(self) -> int:
+        """Generations waiting in the queue (a cancelled one, whose client left, no longer counts)."""
+        return sum(1 for _, _, j in list(self._jobs.queue) if j is not None and j.priority and not j.cancel.is_set())
+
     def submit(self, job: Job) -> Job:
-        ahead = self._jobs.qsize() + (self.running is not None)
+        ahead = self.waiting() + (self.running is not None and self.running.priority > 0)
         if job.priority:
             job.emit({"type": "queued", "ahead": ahead})
         self._jobs.put((job.priority, next(self._order), job))
@@ -142,7 +146,7 @@ class Explorer:
 
     def state(self) -> dict:
         r = self.running
-        return {"running": r.label if r is not None and r.priority else None, "queued": self._jobs.qsize(),
+        return {"running": r.label if r is not None and r.priority else None, "queued": self.waiting(),
                 "cache": dict(self.held.counts)}
 
     def cancel_running(self) -> bool:
@@ -236,7 +240,7 @@ class Explorer:
         settings, max_tokens, top = spec.settings, spec.max_tokens, spec.top
         b = add_branch(st, tree, prompt, settings, extra)
         job.label.update(tree=tree, branch=b)
-        job.emit({"type": "start", "tree": tree, "branch": b, "parent": extra.parent, "at": extra.at,
+        job.emit({"type": "start", "tree": tree, "branch": b, "parent": extra.parent, "at": extra.at, "prompt": prompt,
                   "forced": [r.to_dict() for r in extra.forced],
                   "prompt_tokens": [{"id": t, "text": self.model.token_text(t)[0]} for t in ids]})
         t0 = time.perf_counter()

@@ -555,6 +555,8 @@
   async function runStream(url, body, onStartExtra) {
     setBusy(true);
     setStatus('sending', 'Sending…');
+    S.stream = new AbortController();
+    S.started = false;
     let key = null;
     let n = 0;
     let ended = false;
@@ -562,6 +564,7 @@
       if (!ev) return;
       if (ev.type === 'queued') setStatus('queued', ev.ahead ? `Queued (${ev.ahead} ahead)` : 'Starting…');
       else if (ev.type === 'start') {
+        S.started = true;
         if (S.tree === null || keyOf(ev.tree) !== keyOf(S.tree)) { // a new tree
           S.tree = ev.tree;
           S.run = null;
@@ -599,7 +602,8 @@
       }
     };
     try {
-      const res = await fetch(url, { method: 'POST', credentials: 'same-origin', headers: { 'Content-Type': 'application/json', Accept: 'text/event-stream' }, body: JSON.stringify(body) });
+      const res = await fetch(url, { method: 'POST', credentials: 'same-origin', signal: S.stream.signal,
+        headers: { 'Content-Type': 'application/json', Accept: 'text/event-stream' }, body: JSON.stringify(body) });
       if (!res.ok) throw new Error(await errorText(res));
       const reader = res.body.getReader();
       const dec = new TextDecoder();
@@ -618,8 +622,10 @@
       if (buf.trim()) handle(parseEvent(buf));
       if (!ended) setStatus('error', `The stream ended without a result (${n} tokens)`);
     } catch (e) {
-      setStatus('error', 'Error: ' + e.message);
+      if (e.name === 'AbortError') setStatus('done', key === null ? 'Cancelled before it started' : `Cancelled (${n} tokens)`);
+      else setStatus('error', 'Error: ' + e.message);
     } finally {
+      S.stream = null;
       setBusy(false);
     }
     if (key !== null && S.tree !== null) {
@@ -645,12 +651,31 @@
     } catch (e) { setStatus('error', e.message); return null; }
   }
 
+  /** One message of the chat: its role (user, assistant) and its text; a button removes it. */
+  function addMessage(role, content) {
+    const n = document.querySelectorAll('#chat-messages .chat-msg').length + 1;
+    const sel = el('select', { class: 'chat-role', 'aria-label': `message ${n} role` },
+      ['user', 'assistant'].map((r) => el('option', { value: r, text: r })));
+    sel.value = role;
+    const text = el('textarea', { class: 'chat-content', rows: 3, spellcheck: 'false', 'aria-label': `message ${n}` });
+    text.value = content;
+    if (S.maxChars) text.maxLength = S.maxChars;
+    text.addEventListener('keydown', (e) => { if (e.key === 'Enter' && (e.ctrlKey || e.metaKey) && !S.busy) generate(); });
+    const box = el('div', { class: 'chat-msg' });
+    const rm = el('button', { type: 'button', class: 'small chat-remove', 'aria-label': `remove message ${n}`, text: '✕',
+      onclick: () => { if (document.querySelectorAll('#chat-messages .chat-msg').length > 1) box.remove(); } });
+    box.append(el('div', { class: 'chat-head' }, sel, rm), text);
+    $('chat-messages').append(box);
+    return box;
+  }
+
   function generate() {
     const body = readRequest();
     if (!body) return;
     let extra;
     if ($('mode-chat').checked) {
-      const messages = [{ role: 'user', content: $('chat-user').value }];
+      const messages = [...document.querySelectorAll('#chat-messages .chat-msg')].map((m) => ({
+        role: m.querySelector('.chat-role').value, content: m.querySelector('.chat-content').value }));
       body.chat = { system: $('chat-system').value, messages };
       extra = {};
     } else {
@@ -691,7 +716,10 @@
     runStream('/api/branch', body, { parent: owner.branch, at: item.pos, prompt: owner.prompt, prompt_tokens: owner.prompt_tokens });
   }
 
+  /** Cancel this page's generation: a running one stops after its current token (what it made is stored); one
+      still waiting in the queue is dropped (leaving its stream drops it). */
   async function cancel() {
+    if (S.stream && !S.started) { S.stream.abort(); return; }
     try {
       const r = await api('/api/cancel', {});
       if (!r.cancelled) setStatus($('status').dataset.state, $('status').textContent + ' (nothing to cancel)');
@@ -887,7 +915,12 @@
       $('text-input').hidden = chat;
     });
     $('prompt').addEventListener('keydown', (e) => { if (e.key === 'Enter' && (e.ctrlKey || e.metaKey) && !S.busy) generate(); });
-    $('chat-user').addEventListener('keydown', (e) => { if (e.key === 'Enter' && (e.ctrlKey || e.metaKey) && !S.busy) generate(); });
+    $('chat-add').addEventListener('click', () => {
+      const msgs = document.querySelectorAll('#chat-messages .chat-msg');
+      const last = msgs.length ? msgs[msgs.length - 1].querySelector('.chat-role').value : 'assistant';
+      addMessage(last === 'user' ? 'assistant' : 'user', '').querySelector('textarea').focus();
+    });
+    addMessage('user', 'Name three rivers in France.');
     const tokens = $('tokens');
     tokens.addEventListener('click', (e) => { const s = e.target.closest('.tk'); if (s) selectToken(Number(s.dataset.i)); });
     tokens.addEventListener('keydown', onTokensKey);
@@ -905,11 +938,16 @@
       const m = info.model || {};
       $('model').textContent = `${m.name || m.path || 'model'}` + (m.n_vocab ? ` · ${m.n_vocab.toLocaleString('en')} tokens` : '') + (m.n_ctx ? ` · ctx ${m.n_ctx}` : '');
       $('model').title = m.path || '';
-      if (!m.chat_template) { $('mode-chat').disabled = true; $('mode-chat').parentElement.title = 'the model has no chat template'; }
+      if (!m.chat_template) {
+        $('mode-chat').disabled = true;
+        $('chat-note').hidden = false;
+        $('chat-note').textContent = 'Chat: the model has no template; restart with --chat-template NAME ' +
+          '(a llama.cpp built-in: chatml, gemma, llama3…) or FILE.jinja.';
+      }
       const lim = info.limits || {};
       if (lim.max_tokens) $('max-tokens').max = lim.max_tokens;
       if (lim.max_top) $('top-n').max = lim.max_top;
-      if (lim.max_prompt_chars) { $('prompt').maxLength = lim.max_prompt_chars; $('chat-user').maxLength = lim.max_prompt_chars; }
+      if (lim.max_prompt_chars) { $('prompt').maxLength = lim.max_prompt_chars; S.maxChars = lim.max_prompt_chars; }
     } catch (e) {
       setStatus('error', 'Cannot reach the server: ' + e.message);
       return;
