@@ -54,6 +54,57 @@ def curves(result):
     return fig
 
 
+def pair_figure(result):
+    """Two models: KL(A || B) at every (layer, position) as a heatmap, and per layer its mean over the positions
+    with the share of positions whose top tokens agree."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    from llamalens.reports.plots import PALETTE, _figure
+
+    kl = np.array([[p.layers[k].other.kl for p in result.positions] for k in range(len(result.layers))])
+    fig = _figure(11, 4.2)
+    ax_h, ax_l = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    image = ax_h.imshow(kl, aspect="auto", origin="lower", cmap="magma_r", interpolation="nearest",
+                        extent=(-0.5, len(result.positions) - 0.5, -0.5, len(result.layers) - 0.5))
+    fig.colorbar(image, ax=ax_h, label="KL(A || B), nats")
+    ticks = range(0, len(result.positions), max(1, len(result.positions) // 12))
+    ax_h.set_xticks(list(ticks), [f"{result.positions[i].position}" for i in ticks])
+    lticks = range(0, len(result.layers), max(1, len(result.layers) // 10))
+    ax_h.set_yticks(list(lticks), [str(result.layers[i]) for i in lticks])
+    ax_h.set_xlabel("position")
+    ax_h.set_ylabel("layer")
+    rows = result.by_layer()
+    ax_l.plot([r["mean_kl"] for r in rows], result.layers, color=PALETTE[1], marker=".", label="mean KL(A || B)")
+    ax_l.set_xlabel("mean KL(A || B), nats", color=PALETTE[1])
+    ax_l.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_s = ax_l.twiny()
+    ax_s.plot([r["same_top"] for r in rows], result.layers, color=PALETTE[0], marker=".", ls=":")
+    ax_s.set_xlim(0, 1.02)
+    ax_s.set_xlabel("share of positions with the same top token", color=PALETTE[0])
+    return fig
+
+
+def _pair_section(doc, result) -> None:
+    other = result.other
+    check = other["final_check"]
+    doc.add(Heading("Two models, layer by layer"))
+    doc.add(KeyValues([
+        ("model A", model_line(result.model)), ("model B", model_line(other["model"])),
+        ("B's last layer vs its logits", f"max |Δ logprob| {check['max_abs_logprob_diff']:.2e} nats; same top 10: "
+                                         f"{'yes' if check['same_top10'] else 'no'}")]))
+    rows = result.by_layer()
+    parted = next((r["layer"] for r in rows if r["same_top"] < 1), None)
+    doc.add(Figure(pair_figure(result), "lens_pair",
+                   "KL(A || B) between the two models' lenses at each cell (A the first model), and per layer its "
+                   "mean and the share of positions whose top tokens agree."),
+            Para("Their top tokens agree at every position and layer." if parted is None else
+                 f"Their top tokens first differ at layer {parted}.", "note"))
+    doc.add(Table(["layer", "mean KL(A || B)", "max KL(A || B)", "same top token"],
+                  [[r["layer"], round(r["mean_kl"], 5), round(r["max_kl"], 5), f"{r['same_top']:.0%}"]
+                   for r in rows]))
+
+
 def _findings(result) -> list[str]:
     last = result.positions[-1]
     out = []
@@ -105,6 +156,8 @@ def lens_document(result) -> Document:
     doc.add(Heading("The followed tokens, layer by layer"))
     doc.add(Figure(curves(result), "lens_curves",
                    f"At position {result.positions[-1].position}: probability and rank at each layer."))
+    if result.other is not None:
+        _pair_section(doc, result)
     doc.add(Heading("Positions"))
     doc.add(Table(["position", "token", "next in the prompt", "final answer", "p", "top from layer"],
                   [[p.position, visible(p.token), "" if p.next is None else visible(p.next),

@@ -1,10 +1,12 @@
 """The logit lens of a prompt: what each layer would predict at each position, and its stored runs.
 
-    LensSpec (prompt, targets, positions, layers, top) ──check()──► lens(model, spec) ──► LensResult
+    LensSpec (prompt, targets, positions, layers, top) ──check()──► lens(model, spec[, other]) ──► LensResult
         core/unembed.Head(model.header)    the final norm and output matrix; an unknown architecture is refused
         core/lens.capture(...)             one decode; each layer's residual stream at the wanted positions
-        core/unembed.project(...)          per cell: top N, entropy, KL to the model's own distribution, the rank
-                                           and probability of the model's final top token and of each target
+        core/unembed.project_together(...) per cell: top N, entropy, KL to the model's own distribution, the rank
+                                           and probability of the model's final top token and of each target;
+                                           with a second model (same vocabulary and layers), its lens of the same
+                                           cells and KL(first || second) there, in the same pass
 
 A cell (position p, layer l) is the distribution of the token after p that the model's head gives the residual
 stream after layer l. The last layer's cell is the model's own distribution recomputed: its largest difference
@@ -92,6 +94,31 @@ class Ranked:
     rank: int = 0
 
 
+def _ranked_dicts(tokens: list[Ranked]) -> list[dict]:
+    return [{"id": t.id, "text": t.text, "prob": t.prob, "logprob": t.logprob} for t in tokens]
+
+
+def _ranked_list(items: list[dict]) -> list[Ranked]:
+    return [Ranked(t["id"], t["text"], t["prob"], t["logprob"], i + 1) for i, t in enumerate(items)]
+
+
+@dataclass
+class OtherCell:
+    """The second model's lens at the same cell (`lens -m A -m B`): KL(A || B) between the two cells'
+    distributions, whether their top tokens agree, and B's top tokens."""
+
+    kl: float
+    same_top: bool
+    top: list[Ranked]
+
+    def to_dict(self) -> dict:
+        return {"kl": self.kl, "same_top": self.same_top, "top": _ranked_dicts(self.top)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OtherCell":
+        return cls(d["kl"], d["same_top"], _ranked_list(d["top"]))
+
+
 @dataclass
 class LensCell:
     layer: int
@@ -100,21 +127,24 @@ class LensCell:
     kl_to_final: float
     final: Ranked  # the model's final top token at this position
     target: list[Ranked]
+    other: OtherCell | None = None  # with two models: the second one's lens here
 
     def to_dict(self) -> dict:
-        return {"layer": self.layer, "top": [{"id": t.id, "text": t.text, "prob": t.prob, "logprob": t.logprob}
-                                             for t in self.top],
-                "entropy": self.entropy, "kl_to_final": self.kl_to_final,
-                "final": {"id": self.final.id, "text": self.final.text, "prob": self.final.prob,
-                          "rank": self.final.rank},
-                "target": [{"text": t.text, "id": t.id, "prob": t.prob, "rank": t.rank} for t in self.target]}
+        d = {"layer": self.layer, "top": _ranked_dicts(self.top),
+             "entropy": self.entropy, "kl_to_final": self.kl_to_final,
+             "final": {"id": self.final.id, "text": self.final.text, "prob": self.final.prob,
+                       "rank": self.final.rank},
+             "target": [{"text": t.text, "id": t.id, "prob": t.prob, "rank": t.rank} for t in self.target]}
+        if self.other is not None:
+            d["other"] = self.other.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "LensCell":
-        return cls(d["layer"], [Ranked(t["id"], t["text"], t["prob"], t["logprob"], i + 1)
-                                for i, t in enumerate(d["top"])],
+        return cls(d["layer"], _ranked_list(d["top"]),
                    d["entropy"], d["kl_to_final"], Ranked(**{"logprob": 0.0, **d["final"]}),
-                   [Ranked(t["id"], t["text"], t["prob"], 0.0, t["rank"]) for t in d["target"]])
+                   [Ranked(t["id"], t["text"], t["prob"], 0.0, t["rank"]) for t in d["target"]],
+                   OtherCell.from_dict(d["other"]) if d.get("other") else None)
 
 
 @dataclass
@@ -153,11 +183,12 @@ class LensResult(Rich):
     model: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     run_id: int | None = None
+    other: dict | None = None  # with two models: the second's {"model", "head", "final_check"}; cells hold its lens
 
     def to_dict(self) -> dict:
         return {"lens": EXTRA_VERSION, "prompt": self.prompt, "tokens": self.tokens, "targets": self.targets,
                 "layers": self.layers, "n_layer": self.n_layer, "head": self.head, "final_check": self.final_check,
-                "model": self.model, "notes": self.notes, "run_id": self.run_id,
+                "model": self.model, "notes": self.notes, "run_id": self.run_id, "other": self.other,
                 "positions": [p.to_dict() for p in self.positions]}
 
     @classmethod
@@ -166,7 +197,7 @@ class LensResult(Rich):
             raise StoreError("this lens run was stored by another llamalens version; run the lens again")
         return cls(d["prompt"], d["tokens"], d["targets"], d["layers"], d["n_layer"],
                    [LensPosition.from_dict(p) for p in d["positions"]], d["head"], d["final_check"],
-                   d.get("model", {}), d.get("notes", []), d.get("run_id"))
+                   d.get("model", {}), d.get("notes", []), d.get("run_id"), d.get("other"))
 
     def to_pandas(self):
         import pandas as pd
@@ -184,8 +215,24 @@ class LensResult(Rich):
                        "final_prob": c.final.prob, "final_rank": c.final.rank}
                 for k, t in enumerate(c.target):
                     row[f"target{k}_text"], row[f"target{k}_prob"], row[f"target{k}_rank"] = t.text, t.prob, t.rank
+                if c.other is not None:
+                    row.update(other_kl=c.other.kl, other_same_top=c.other.same_top, other_top_id=c.other.top[0].id,
+                               other_top_text=c.other.top[0].text, other_top_prob=c.other.top[0].prob)
                 rows.append(row)
         return rows
+
+    def by_layer(self) -> list[dict]:
+        """With two models: per layer, KL(A || B) over the positions (mean, max) and the share of positions whose
+        top tokens agree."""
+        if self.other is None:
+            return []
+        out = []
+        for k, layer in enumerate(self.layers):
+            cells = [p.layers[k].other for p in self.positions]
+            kl = [c.kl for c in cells]
+            out.append({"layer": layer, "mean_kl": float(np.mean(kl)), "max_kl": float(np.max(kl)),
+                        "same_top": sum(c.same_top for c in cells) / len(cells)})
+        return out
 
 
 def settles_at(top_ids: list[int], layers: list[int], final: int) -> int | None:
@@ -224,46 +271,106 @@ def _target_tokens(model, targets: list[str]) -> list[dict]:
     return out
 
 
-def lens(model, spec: LensSpec) -> LensResult:
-    """The logit lens of spec.prompt on a loaded Model (core/runtime.py)."""
-    from llamalens.core.lens import capture
-    from llamalens.core.unembed import Head, project
+@dataclass
+class _Look:
+    """One model's decode of the prompt for the lens: its head, the cells' residual streams and its own logits."""
 
-    spec.check()
+    head: object  # core/unembed.Head
+    tokens: list[int]
+    positions: list[int]
+    layers: list[int]
+    n_layer: int
+    capture: object  # core/lens.Capture
+    tracked: np.ndarray  # [P, 1 + targets]: the model's final top token, then the targets
+
+
+def _look(model, spec: LensSpec, targets: list[dict] | None = None) -> tuple[_Look, list[dict]]:
+    from llamalens.core.lens import capture
+    from llamalens.core.unembed import Head
+
     head = Head(model.header)  # refuses an architecture it does not know before anything is decoded
     n_layer = int(model.header.arch_key("block_count") or 0)
     tokens = model.prompt_tokens(spec.prompt)
     positions, layers = _sizes(model, spec, len(tokens), n_layer)
-    targets = _target_tokens(model, spec.targets)
+    targets = _target_tokens(model, spec.targets) if targets is None else targets
     cap = capture(model, tokens, positions, layers)
     final_top = cap.logits.argmax(axis=1)
     tracked = np.stack([final_top] + [np.full(len(positions), t["id"]) for t in targets], axis=1)
-    pr = project(head, cap.hidden.transpose(1, 0, 2), cap.logits, tracked, max(spec.top, KEEP))
+    return _Look(head, tokens, positions, layers, n_layer, cap, tracked), targets
+
+
+def _check_pair(a_model, b_model, a: _Look, b_tokens: list[int], b_layers: int) -> None:
+    from llamalens.looks.compare import check_same_vocab
+
+    check_same_vocab(a_model, b_model)
+    if b_tokens != a.tokens:
+        raise InvalidInput(f"{a_model.path.name} and {b_model.path.name} tokenize the prompt differently; their "
+                           "lenses cannot be compared position by position")
+    if b_layers != a.n_layer:
+        raise InvalidInput(f"{a_model.path.name} has {a.n_layer} layers and {b_model.path.name} {b_layers}; the lens "
+                           "compares two models layer by layer (give two quantizations of one model)")
+
+
+def _check(pr, look: _Look) -> dict:
+    own_top10 = np.argsort(-look.capture.logits, axis=1, kind="stable")[:, :KEEP]
+    return {"max_abs_logprob_diff": float(pr.final_error.max()),
+            "same_top10": bool((own_top10 == pr.top_ids[:, -1, :KEEP]).all())}
+
+
+def lens(model, spec: LensSpec, other=None) -> LensResult:
+    """The logit lens of spec.prompt on a loaded Model (core/runtime.py). `other`: with two models, a callable
+    that loads the second (a context manager closing it): it is decoded while the first stays loaded, closed, and
+    both are projected in one pass; each cell then also holds the second's lens and KL(first || second)."""
+    from llamalens.core.unembed import project_together
+
+    spec.check()
+    a, targets = _look(model, spec)
+    looks, other_info = [a], None
+    if other is not None:
+        with other() as m_b:
+            n_layer_b = int(m_b.header.arch_key("block_count") or 0)
+            _check_pair(model, m_b, a, m_b.prompt_tokens(spec.prompt), n_layer_b)
+            b, _ = _look(m_b, spec, targets)
+            b.tracked[:, 1:] = a.tracked[:, 1:]  # the same target ids (one vocabulary)
+            looks.append(b)
+            other_info = {"model": m_b.info.to_dict(), "head": b.head.describe()}
+    keep = max(spec.top, KEEP)
+    prs, agree = project_together([(x.head, x.capture.hidden.transpose(1, 0, 2), x.capture.logits, x.tracked)
+                                   for x in looks], keep)
     notes = [f"target {t['text']!r} is {t['n_tokens']} tokens; the lens follows its first, {t['token']!r}"
              for t in targets if t["n_tokens"] > 1]
-    own_top10 = np.argsort(-cap.logits, axis=1, kind="stable")[:, :KEEP]
-    check = {"max_abs_logprob_diff": float(pr.final_error.max()),
-             "same_top10": bool((own_top10 == pr.top_ids[:, -1, :KEEP]).all())}
-    texts = [model.token_text(t)[0] for t in tokens]
+    if other_info is not None:
+        other_info["final_check"] = _check(prs[1], looks[1])
+    texts = [model.token_text(t)[0] for t in a.tokens]
     out = []
-    for j, p in enumerate(positions):
-        cells = [_cell(model, pr, j, k, layer, tracked[j], targets, spec.top) for k, layer in enumerate(layers)]
-        out.append(LensPosition(p, texts[p], texts[p + 1] if p + 1 < len(tokens) else None, cells,
-                                settles_at([c.top[0].id for c in cells], layers, int(final_top[j]))))
-    return LensResult(spec.prompt, texts, targets, layers, n_layer, out, head.describe(), check,
-                      model=model.info.to_dict(), notes=notes)
+    for j, p in enumerate(a.positions):
+        cells = [_cell(model, prs[0], j, k, layer, a.tracked[j], targets, spec.top) for k, layer in enumerate(a.layers)]
+        if agree is not None:
+            for k, c in enumerate(cells):
+                c.other = OtherCell(float(agree.kl[j, k]), bool(agree.same_top[j, k]),
+                                    _tops(model, prs[1], j, k, spec.top))
+        out.append(LensPosition(p, texts[p], texts[p + 1] if p + 1 < len(a.tokens) else None, cells,
+                                settles_at([c.top[0].id for c in cells], a.layers, int(a.tracked[j, 0]))))
+    return LensResult(spec.prompt, texts, targets, a.layers, a.n_layer, out, a.head.describe(), _check(prs[0], a),
+                      model=model.info.to_dict(), notes=notes, other=other_info)
+
+
+def _ranked(model, t: int, lp: float, rank: int) -> Ranked:
+    return Ranked(int(t), model.token_text(int(t))[0], float(np.exp(lp)), float(lp), int(rank))
+
+
+def _tops(model, pr, j: int, k: int, top: int) -> list[Ranked]:
+    return [_ranked(model, t, lp, i + 1) for i, (t, lp) in enumerate(zip(pr.top_ids[j, k, :top],
+                                                                          pr.top_logprobs[j, k, :top]))]
 
 
 def _cell(model, pr, j: int, k: int, layer: int, tracked, targets: list[dict], top: int) -> LensCell:
-    def ranked(t: int, lp: float, rank: int) -> Ranked:
-        return Ranked(int(t), model.token_text(int(t))[0], float(np.exp(lp)), float(lp), int(rank))
-
-    tops = [ranked(t, lp, i + 1) for i, (t, lp) in enumerate(zip(pr.top_ids[j, k, :top], pr.top_logprobs[j, k, :top]))]
-    followed = [ranked(t, pr.tracked_logprobs[j, k, q], pr.tracked_ranks[j, k, q]) for q, t in enumerate(tracked)]
+    followed = [_ranked(model, t, pr.tracked_logprobs[j, k, q], pr.tracked_ranks[j, k, q])
+                for q, t in enumerate(tracked)]
     for f, t in zip(followed[1:], targets):
         f.text = t["text"]
-    return LensCell(layer, tops, float(pr.entropy[j, k]), float(pr.kl[j, k]), followed[0], followed[1:])
-
+    return LensCell(layer, _tops(model, pr, j, k, top), float(pr.entropy[j, k]), float(pr.kl[j, k]), followed[0],
+                    followed[1:])
 
 
 # -- stored runs ---------------------------------------------------------------------------------------
