@@ -16,7 +16,8 @@ PROMPT = "the cat sat on the mat and the dog"
 
 
 def write_arch_gguf(path, tiny_path, arch: str, seed: int = 3, n_embd: int = 64, n_head: int = 4, n_layer: int = 2,
-                    out_type: str = "F32", tied: bool = False, softcap: float | None = None, bias: bool = False):
+                    out_type: str = "F32", tied: bool = False, softcap: float | None = None, bias: bool = False,
+                    window: int | None = None):
     """A tiny `arch` GGUF with the tiny llama fixture's vocabulary (its tokenizer keys copied), seeded random
     weights, norm weights away from 1 (so a lens that skipped them would show), the output matrix of `out_type`
     (F32, F16 or Q8_0, written by the gguf package) or tied to the embeddings."""
@@ -25,7 +26,7 @@ def write_arch_gguf(path, tiny_path, arch: str, seed: int = 3, n_embd: int = 64,
 
     reader = gguf.GGUFReader(str(tiny_path))
     w = gguf.GGUFWriter(str(path), arch)
-    for name, f in reader.fields.items():
+    for name, f in reader.fields.items():  # (the tokenizer and the window keys are the only ones added by name)
         if name.startswith("tokenizer."):
             array = f.types[0] == gguf.GGUFValueType.ARRAY
             w.add_key_value(name, f.contents(), f.types[0], sub_type=f.types[-1] if array else None)
@@ -42,6 +43,8 @@ def write_arch_gguf(path, tiny_path, arch: str, seed: int = 3, n_embd: int = 64,
     w.add_rope_freq_base(10000.0)
     if softcap:
         w.add_final_logit_softcapping(softcap)
+    if window:
+        w.add_sliding_window(window)
     rng = np.random.default_rng(seed)
 
     def t(*shape, scale=0.3):
@@ -330,6 +333,8 @@ def test_python_api_lens(tiny_path, tmp_path):
     assert 'class=&quot;grid&quot;' in res._repr_html_()  # the report, in an iframe's srcdoc
     assert ll.open_run(res.run_id, store=str(tmp_path / "r.db")).kind == "lens"
     assert ll.lens(PROMPT, positions="-1", model=str(tiny_path), ctx=256, save=False).run_id is None
+    att = ll.lens(PROMPT, positions="-1", attention=-1, model=str(tiny_path), ctx=256, flash_attn="off", save=False)
+    assert set(att.to_pandas("attention").columns) >= {"layer", "head", "attended", "weight"}
 
 
 def truncated_gguf(src, dst, n_keep: int):
@@ -415,3 +420,137 @@ def test_two_models_layer_by_layer(tiny_path, tmp_path, monkeypatch):
     for bad, message in (([str(a), str(a)], "is given twice"), ([str(a), str(b), str(a)], "takes one model, or two")):
         res = CliRunner().invoke(main, ["lens", PROMPT, *[x for m in bad for x in ("-m", m)], "--store", db])
         assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
+
+
+@pytest.mark.parametrize("models", [1, 2])
+def test_projection_memory_is_within_its_estimate(tiny, models, monkeypatch):
+    """What the projection allocates (tracemalloc's peak: numpy reports its arrays to it) stays within
+    unembed.lens_bytes, the figure the memory check adds for a lens, and that figure is not a gross overstatement.
+    Blocks of 256 rows (BLOCK_BYTES 1) so that the per-block buffers are what they are on a large vocabulary.
+    Measured on the tiny model (200 cells): peak / estimate 0.85 (one model) and 0.79 (two); on the default model
+    (576 cells, 64 MiB blocks) 183 / 246 MiB (0.74) and 200 / 356 MiB (0.56)."""
+    import tracemalloc
+
+    from llamalens.core import unembed
+    from llamalens.core.lens import capture
+
+    monkeypatch.setattr(unembed, "BLOCK_BYTES", 1)
+    prompt = " ".join(["the cat sat on the mat"] * 5)
+    tokens = tiny.prompt_tokens(prompt)
+    head, positions, layers = unembed.Head(tiny.header), list(range(len(tokens)))[-100:], [0, 1]
+    cap = capture(tiny, tokens, positions, layers)
+    side = (head, cap.hidden.transpose(1, 0, 2), cap.logits, cap.logits.argmax(axis=1)[:, None])
+    unembed.project_together([side] * models, 10)  # warm: imports and caches are not the projection's
+    tracemalloc.start()
+    try:
+        unembed.project_together([side] * models, 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    bound = unembed.lens_bytes(tiny.header, models, len(positions) * len(layers), len(positions))
+    assert peak <= bound < 2 * peak, (peak, bound)
+
+
+def test_the_memory_check_counts_the_lens(tiny_path, tmp_path, monkeypatch):
+    """The lens states its own buffers before loading and the memory check adds them ('analysis' in the estimate):
+    with RAM for the model but not for the lens's buffers the command refuses with the numbers, before loading."""
+    from llamalens.modelfiles.find import resolve_source
+    from llamalens.modelfiles.memory import for_model
+    from llamalens.run.lens import LensSpec, memory_need
+    from llamalens.settings import ModelOptions
+
+    found, options = resolve_source(str(tiny_path)), ModelOptions(ctx=256)
+    need = memory_need(LensSpec(PROMPT), 1)
+    plain, counted = for_model(found, options, rows=128), for_model(found, options, rows=128, analysis=need)
+    assert counted.analysis > 0 and counted.total == plain.total + counted.analysis
+    assert "analysis" in counted.breakdown() and "analysis" not in plain.breakdown()
+    monkeypatch.setenv("LLAMALENS_MEMORY_LIMIT", str(plain.total + counted.analysis // 2))
+    base = ["lens", PROMPT, "-m", str(tiny_path), "--store", str(tmp_path / "r.db"), "--ctx", "256"]
+    res = CliRunner().invoke(main, base)
+    assert res.exit_code != 0 and "the lens's own buffers: up to" in res.output
+    assert "analysis" in res.output and "loading" not in res.output and "Traceback" not in res.output, res.output
+    monkeypatch.setenv("LLAMALENS_MEMORY_LIMIT", str(counted.total + (1 << 20)))
+    res = CliRunner().invoke(main, base)
+    assert res.exit_code == 0, res.output
+
+
+def numpy_attention(q: np.ndarray, k: np.ndarray, at: int, scale: float, window: int | None = None) -> np.ndarray:
+    """The attention weights of position `at` [n_head, at + 1] from the captured Q [n, n_head, d] and K
+    [n, n_head_kv, d] (after RoPE), in float64: both rounded to F16 as llama.cpp's F16 KV cache and its F16 dot
+    products do, query head h reading KV head h // (n_head / n_head_kv) (grouped-query attention), causal, and
+    with a sliding window only the last `window` positions (llama.cpp: masked when at - j >= window)."""
+    q, k = (x.astype(np.float16).astype(np.float64) for x in (q, k))
+    n_head, n_kv = q.shape[1], k.shape[1]
+    s = np.einsum("hd,khd->hk", q[at], k[: at + 1][:, np.arange(n_head) // (n_head // n_kv)]) * scale
+    if window:
+        s[:, : max(0, at - window + 1)] = -np.inf
+    w = np.exp(s - s.max(axis=1, keepdims=True))
+    return w / w.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_attention_weights_equal_a_recomputation_from_q_and_k(arch, tiny_path, tmp_path):
+    """The attention view's weights (kq_soft_max-N) against numpy from the same decode's Qcur-N and Kcur-N nodes:
+    llama with grouped-query attention (4 query heads on 2 KV heads), and gemma3 with a sliding window of 4 on its
+    local layers (0 to 4; layer 5 global) and its query scaled by 1/sqrt(head_dim) after RoPE. Every row sums to 1
+    and puts nothing outside positions 0 to p (future positions and, on local layers, those before the window).
+    Measured max |difference| 2.7e-7 (llama) and 1.2e-7 (gemma3); the tolerance 3e-6 is 10x that (a wrong head
+    grouping, scale, window or row is off by 1e-2 or more)."""
+    from llamalens.core.lens import capture
+    from llamalens.core.runtime import Model, ModelOptions
+    from llamalens.run.lens import LensSpec, lens
+
+    opts = {"llama": {"n_layer": 3}, "gemma3": {"n_layer": 6, "tied": True, "window": 4}}[arch]
+    path = write_arch_gguf(tmp_path / f"{arch}.gguf", tiny_path, arch, **opts)
+    n_layer, hd = opts["n_layer"], 16
+    with Model(path, ModelOptions(ctx=256, flash_attn="off")) as m:
+        tokens = m.prompt_tokens(PROMPT)
+        at = len(tokens) - 3
+        nodes = tuple(f"{name}-{i}" for i in range(n_layer) for name in ("Qcur", "Kcur"))
+        cap = capture(m, tokens, [len(tokens) - 1], list(range(n_layer)), attention_at=at, nodes=nodes)
+        result = lens(m, LensSpec(PROMPT, positions="-1", attention=str(at)))
+    worst = 0.0
+    for i in range(n_layer):
+        window = opts.get("window") if arch == "gemma3" and i % 6 < 5 else None
+        ref = numpy_attention(cap.nodes[f"Qcur-{i}"][-1][0], cap.nodes[f"Kcur-{i}"][-1][0], at, hd ** -0.5, window)
+        got = np.array(result.attention["layers"][i]["heads"])
+        assert got.shape == ref.shape and np.allclose(got.sum(axis=1), 1, atol=1e-5)
+        assert cap.attention[i][:, at + 1:].max() == 0  # the future (and the KV cells' padding) masked
+        if window:
+            assert got[:, : at - window + 1].max() == 0
+        worst = max(worst, float(np.abs(got - ref).max()))
+    assert worst < 3e-6, worst
+
+
+def test_lens_command_attention(tiny_path, tmp_path):
+    """--attention on the command: it sets flash attention off and says so, the run stores the weights (JSON,
+    show, the report's "Where it looked", the attention table in Python); the Python API refuses a model loaded
+    with flash attention on; a bad position is a one-line error."""
+    from llamalens.core.runtime import Model, ModelOptions
+    from llamalens.errors import InvalidInput
+    from llamalens.run.lens import LensSpec, lens, load_lens
+    from llamalens.store import Store
+
+    db = str(tmp_path / "runs.db")
+    base = ["-m", str(tiny_path), "--store", db, "--ctx", "256"]
+    res = CliRunner().invoke(main, ["lens", PROMPT, "--attention", "-1", "--positions", "-1", "--json", *base])
+    assert res.exit_code == 0, res.output
+    assert "sets --flash-attn off" in res.stderr
+    d = json.loads(res.stdout)
+    att = d["attention"]
+    n = len(d["tokens"])
+    assert att["position"] == n - 1 and [a["layer"] for a in att["layers"]] == d["layers"]
+    assert all(len(row) == n and abs(sum(row) - 1) < 1e-5 for a in att["layers"] for row in a["heads"])
+    run = str(d["run_id"])
+    shown = CliRunner().invoke(main, ["show", run, "--store", db])
+    assert shown.exit_code == 0 and "most attended position" in shown.output
+    rep = CliRunner().invoke(main, ["report", run, "--store", db, "-o", str(tmp_path / "att.html")])
+    assert rep.exit_code == 0 and "Where it looked" in (tmp_path / "att.html").read_text(encoding="utf-8")
+    table = load_lens(Store(db), run).to_pandas("attention")
+    assert len(table) == len(att["layers"]) * len(att["layers"][0]["heads"]) * n
+    assert np.allclose(table.groupby(["layer", "head"])["weight"].sum(), 1, atol=1e-5)
+    with Model(tiny_path, ModelOptions(ctx=256, flash_attn="on")) as m:
+        with pytest.raises(InvalidInput, match="flash attention off"):
+            lens(m, LensSpec(PROMPT, attention="-1"))
+    bad = CliRunner().invoke(main, ["lens", PROMPT, "--attention", "1,2", *base])
+    assert bad.exit_code != 0 and "--attention '1,2' is not one position" in bad.output and "Traceback" not in bad.output

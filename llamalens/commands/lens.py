@@ -13,6 +13,7 @@ from llamalens.commands.output import check_report_path, fail_cleanly, json_out,
     shell_command
 
 SHOWN_POSITIONS = 8  # columns of the terminal's layer x position table
+SHOWN_HEADS = 8  # columns of the terminal's attention table
 
 
 @click.command(cls=GroupedCommand)
@@ -23,6 +24,9 @@ SHOWN_POSITIONS = 8  # columns of the terminal's layer x position table
               help="Prompt positions to look at: '0,4,-1', '2:10' (a slice) [default: the last 32].")
 @click.option("--layers", default=None, help="Layers to look at, as --positions [default: all; the last always].")
 @click.option("--top", type=click.IntRange(1, 50), default=5, show_default=True, help="Top tokens kept per cell.")
+@click.option("--attention", default=None, metavar="POSITION",
+              help="Also record each layer's attention weights per head at this prompt position (-1: the last "
+                   "token); sets --flash-attn off, which never forms them.")
 @click.option("--name", default=None, help="A name for the stored run.")
 @json_option
 @report_option()
@@ -32,7 +36,7 @@ SHOWN_POSITIONS = 8  # columns of the terminal's layer x position table
                    "two (-m A -m B, e.g. two quantizations of one model) to compare their lenses layer by layer.")
 @runtime_options
 @fail_cleanly
-def lens(prompt, targets, positions, layers, top, name, as_json, report_path, store_path, model_paths, **kw):
+def lens(prompt, targets, positions, layers, top, attention, name, as_json, report_path, store_path, model_paths, **kw):
     """The logit lens: each layer's next-token distribution at each position of PROMPT.
 
     Each layer's residual stream, read during one ordinary decode, goes through the model's own final norm and
@@ -49,16 +53,22 @@ def lens(prompt, targets, positions, layers, top, name, as_json, report_path, st
     first -m, as llama-perplexity's KL divergence), and `show` / the report give, per layer, where their top
     tokens agree and how far apart they are: where in depth quantization makes them part.
     """
-    from llamalens.run.lens import LensSpec, lens as run_lens, save
+    from llamalens.run.lens import LensSpec, lens as run_lens, memory_need, save
     from llamalens.store import Store
 
-    spec = LensSpec(prompt, list(targets), positions, layers, top).check()
+    spec = LensSpec(prompt, list(targets), positions, layers, top, attention).check()
     first, second = _models(model_paths)
     check_report_path(report_path)
     options = pop_model_options(kw)
+    if attention is not None and options.flash_attn != "off":
+        from dataclasses import replace
+
+        say("note: --attention sets --flash-attn off (flash attention never forms the attention weights)", err=True)
+        options = replace(options, flash_attn="off")
     store = Store(store_path)
-    loaded = load_model(first, options, rows=128)
-    other = None if second is None else (lambda: load_model(second, options, rows=128))
+    need = memory_need(spec, 1 if second is None else 2, lambda text: say(text, err=True))
+    loaded = load_model(first, options, rows=128, analysis=need)
+    other = None if second is None else (lambda: load_model(second, options, rows=128, analysis=need))
     result = run_lens(loaded, spec, other)
     save(store, loaded, result, name, shell_command(["llamalens"] + sys.argv[1:]))
     _print(result, as_json)
@@ -104,10 +114,29 @@ def _print(result, as_json: bool) -> None:
             f"{prob_text(last.layers[-1].target[q].prob)}")
     if result.other is not None:
         _print_pair(result)
+    if result.attention is not None:
+        _print_attention(result)
     check = result.final_check
     say(f"last layer vs the model's own logits: max |Δ logprob| {check['max_abs_logprob_diff']:.2e} nats, "
         f"same top 10: {'yes' if check['same_top10'] else 'NO'}"
         + ("" if result.run_id is None else f"; saved as run {result.run_id}"))
+
+
+def _print_attention(result) -> None:
+    from llamalens.visible import visible
+
+    att = result.attention
+    say(f"attention at position {att['position']} ({visible(result.tokens[att['position']])}), per layer: each head's "
+        "most attended position, token and weight:")
+    n_head = len(att["layers"][0]["heads"])
+    rows = [("layer", *[f"head {h}" for h in range(min(n_head, SHOWN_HEADS))])]
+    for a in att["layers"]:
+        best = [max(range(len(row)), key=row.__getitem__) for row in a["heads"][:SHOWN_HEADS]]
+        rows.append((a["layer"], *[f"{k} {visible(result.tokens[k])[:10]} {row[k]:.2f}"
+                                   for k, row in zip(best, a["heads"])]))
+    print_table(rows, right={0})
+    if n_head > SHOWN_HEADS:
+        say(f"(the first {SHOWN_HEADS} of {n_head} heads; --json, the report and export have all)")
 
 
 def _print_pair(result) -> None:

@@ -231,20 +231,38 @@ class Agreement:
     same_top: np.ndarray
 
 
-def block_rows(head: Head, n_cells: int) -> int:
+def block_rows(n_embd: int, n_vocab: int, n_cells: int) -> int:
     """Vocabulary rows a block: as many as keep both the dequantized block and the cells' products under
-    BLOCK_BYTES (at least 256)."""
-    return max(256, min(BLOCK_BYTES // (4 * head.n_embd), BLOCK_BYTES // (4 * max(n_cells, 1))))
+    BLOCK_BYTES (at least 256), and no more than the vocabulary (the buffers are sized by it)."""
+    return min(n_vocab, max(256, min(BLOCK_BYTES // (4 * n_embd), BLOCK_BYTES // (4 * max(n_cells, 1)))))
 
 
-def projection_bytes(n_embd: int, n_vocab: int, n_cells: int, models: int = 1) -> int:
+def projection_bytes(n_embd: int, n_vocab: int, n_cells: int, models: int = 1, dequantize: int = 2) -> int:
     """The most memory project_together holds beyond its inputs, for `models` models of n_embd x n_vocab heads and
-    n_cells cells each: per model, the block products and their exponentials (2 buffers), the dequantized block (with
-    the dequantizer's temporaries: 3 block sizes) and the normed vectors; for two models, their differences too."""
-    rows = min(n_vocab, max(256, min(BLOCK_BYTES // (4 * n_embd), BLOCK_BYTES // (4 * max(n_cells * models, 1)))))
+    n_cells cells each. Held throughout, per model: the block's products and their exponentials (2 buffers of
+    cells x rows floats) and the normed vectors; for two models, the products' differences (1 more). On top, the
+    largest passing need: a dequantized block with the dequantizer's temporaries (`dequantize` blocks of rows x
+    n_embd floats: 1 for F32, F16 and Q8_0, 2 through the gguf package), the first block's top-N partition (a
+    quarter of the products' size, in int64: half a buffer) with the comparisons of the rank counts, or the norm's
+    temporaries (6 copies of the cells' vectors)."""
+    rows = block_rows(n_embd, n_vocab, n_cells * models)
     products = n_cells * rows * 4
-    per_model = 2 * products + 3 * rows * n_embd * 4 + 2 * n_cells * n_embd * 4
-    return models * per_model + (products if models > 1 else 0)
+    held = models * (2 * products + n_cells * n_embd * 4) + (products if models > 1 else 0)
+    return held + max(dequantize * rows * n_embd * 4, products, 6 * n_cells * n_embd * 4)
+
+
+def lens_bytes(header, models: int, max_cells: int, max_positions: int) -> int:
+    """What a lens of up to max_cells cells at up to max_positions positions holds beyond llama.cpp, per the GGUF
+    header, before anything is loaded: the projection's buffers at their largest over every number of cells, and
+    per model the captured residual streams and the copied logits rows (and a temporary of their size)."""
+    tensors = {t.name: t for t in header.tensors}
+    out = tensors.get("output.weight") or tensors.get("token_embd.weight")
+    if out is None:
+        return 0  # Head refuses such a file by name once it is loaded
+    n_embd, n_vocab = (int(n) for n in out.shape[:2])
+    blocks = 1 if _type_name(out.ggml_type) in ("F32", "F16", "Q8_0") else 2  # Head._dense: numpy's own, or gguf's
+    buffers = max(projection_bytes(n_embd, n_vocab, c, models, blocks) for c in range(1, max_cells + 1))
+    return buffers + models * 4 * (max_cells * n_embd + 2 * max_positions * n_vocab)
 
 
 class _Side:
@@ -297,7 +315,7 @@ def project_together(models: list[tuple], keep: int) -> tuple[list[Projection], 
     exp(z_A - m_A) (z_A - z_B), rescaled with A's log-sum-exp, so that no vocabulary row per cell is kept."""
     n_pos, n_layers, _ = models[0][1].shape
     n_cells = n_pos * n_layers
-    rows = min(block_rows(h, n_cells * len(models)) for h, *_ in models)
+    rows = min(block_rows(h.n_embd, h.n_vocab, n_cells * len(models)) for h, *_ in models)
     sides = [_Side(h, hidden, final, tracked, keep, rows) for h, hidden, final, tracked in models]
     n_vocab = sides[0].head.n_vocab
     pair = len(sides) == 2
@@ -373,10 +391,11 @@ class _Accumulator:
         n_keep, width = self.keep, z.shape[2]
         vals, ids = self.top_vals.reshape(-1, n_keep), self.top_ids.reshape(-1, n_keep)
         flat = z.reshape(-1, width)
-        if start == 0:
-            n = min(n_keep, width)
-            part = np.argpartition(flat, -n, axis=1)[:, -n:]
-            vals[:, :n], ids[:, :n] = np.take_along_axis(flat, part, axis=1), part
+        if start == 0:  # by eighths of the cells: the partition's int64 indices stay a quarter of the block's size
+            n, step = min(n_keep, width), max(1, -(-flat.shape[0] // 8))
+            for i in range(0, flat.shape[0], step):
+                part = np.argpartition(flat[i: i + step], -n, axis=1)[:, -n:]
+                vals[i: i + step, :n], ids[i: i + step, :n] = np.take_along_axis(flat[i: i + step], part, axis=1), part
             return
         rows, cols = np.nonzero(flat > vals.min(axis=1)[:, None])
         if not len(rows):

@@ -85,6 +85,61 @@ def pair_figure(result):
     return fig
 
 
+MAX_HEAD_PANELS = 16
+
+
+def attention_figure(result):
+    """--attention: one panel per head, its rows the layers and its columns the prompt's tokens up to the position
+    looked at, each cell the weight that head of that layer gives the token (a layer x head grid of bars)."""
+    import numpy as np
+
+    from llamalens.reports.plots import _figure
+
+    att = result.attention
+    weights = np.array([a["heads"] for a in att["layers"]])  # [layers, heads, positions]
+    n_head = min(weights.shape[1], MAX_HEAD_PANELS)
+    cols = min(n_head, 4)
+    n_rows = -(-n_head // cols)
+    n_pos = weights.shape[2]
+    fig = _figure(min(16, 2.2 + 3.4 * cols), 0.6 + n_rows * (0.9 + 0.16 * weights.shape[0]))
+    axes = np.atleast_1d(fig.subplots(n_rows, cols, squeeze=False)).reshape(-1)
+    labels = [visible(t)[:8] for t in result.tokens[:n_pos]]
+    step = max(1, n_pos // 14)
+    for h, ax in enumerate(axes):
+        if h >= n_head:
+            ax.set_visible(False)
+            continue
+        image = ax.imshow(weights[:, h, :], aspect="auto", origin="lower", cmap="Blues", vmin=0, vmax=1,
+                          interpolation="nearest")
+        ax.set_title(f"head {h}", fontsize=9)
+        ax.set_xticks(list(range(0, n_pos, step)), labels[::step], rotation=60, fontsize=7, ha="right")
+        lsteps = range(0, weights.shape[0], max(1, weights.shape[0] // 8))
+        ax.set_yticks(list(lsteps), [str(att["layers"][i]["layer"]) for i in lsteps], fontsize=7)
+        if h % cols == 0:
+            ax.set_ylabel("layer")
+    fig.colorbar(image, ax=list(axes[:n_head]), label="attention weight", shrink=0.8)
+    return fig
+
+
+def _attention_section(doc, result) -> None:
+    att = result.attention
+    n_head = len(att["layers"][0]["heads"])
+    doc.add(Heading("Where it looked"))
+    doc.add(Figure(attention_figure(result), "lens_attention",
+                   f"The attention weights of position {att['position']} ({visible(result.tokens[att['position']])}) "
+                   f"over the prompt's tokens, per layer (rows) and head (panels)"
+                   + (f"; the first {MAX_HEAD_PANELS} of {n_head} heads" if n_head > MAX_HEAD_PANELS else "") + "."),
+            Para("Computed with flash attention off (which never forms these weights). Each row sums to 1 over "
+                 "positions 0 to the one looked at; later positions are masked. The whole table: --json, or "
+                 "to_pandas('attention') in Python.", "note"))
+    rows = []
+    for a in att["layers"]:
+        for h, row in enumerate(a["heads"]):
+            k = max(range(len(row)), key=row.__getitem__)
+            rows.append([a["layer"], h, k, visible(result.tokens[k]), round(row[k], 4)])
+    doc.add(Table(["layer", "head", "most attended position", "token", "weight"], rows))
+
+
 def _pair_section(doc, result) -> None:
     other = result.other
     check = other["final_check"]
@@ -158,6 +213,8 @@ def lens_document(result) -> Document:
                    f"At position {result.positions[-1].position}: probability and rank at each layer."))
     if result.other is not None:
         _pair_section(doc, result)
+    if result.attention is not None:
+        _attention_section(doc, result)
     doc.add(Heading("Positions"))
     doc.add(Table(["position", "token", "next in the prompt", "final answer", "p", "top from layer"],
                   [[p.position, visible(p.token), "" if p.next is None else visible(p.next),

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llamalens.errors import InvalidInput, StoreError
+from llamalens.errors import InvalidInput, LlamalensError, StoreError
 from llamalens.records import Rich
 from llamalens.run.lifecycle import RunInterrupted
 from llamalens.run.tree import TreeKind
@@ -46,6 +46,7 @@ class LensSpec:
     positions: str | None = None
     layers: str | None = None
     top: int = 5
+    attention: str | None = None  # a prompt position ("-1"): each layer's attention weights of that token, per head
 
     def check(self) -> "LensSpec":
         if not isinstance(self.prompt, str) or not self.prompt:
@@ -60,6 +61,9 @@ class LensSpec:
             if text is not None and not re.fullmatch(r"\s*-?\d*\s*(:\s*-?\d*\s*)?(,\s*-?\d*\s*(:\s*-?\d*\s*)?)*", text):
                 raise InvalidInput(f"{what} {text!r} is not a list of indices; write e.g. '0,4,-1' or '2:10' "
                                    "(a Python slice: -1 is the last, 2:10 stops before 10)")
+        if self.attention is not None and not re.fullmatch(r"\s*-?\d+\s*", str(self.attention)):
+            raise InvalidInput(f"--attention {self.attention!r} is not one position; write e.g. -1 (the last token) "
+                               "or 5")
         return self
 
 
@@ -184,11 +188,13 @@ class LensResult(Rich):
     notes: list[str] = field(default_factory=list)
     run_id: int | None = None
     other: dict | None = None  # with two models: the second's {"model", "head", "final_check"}; cells hold its lens
+    attention: dict | None = None  # {"position", "layers": [{"layer", "heads": [[weight per position 0..p]]}]}
 
     def to_dict(self) -> dict:
         return {"lens": EXTRA_VERSION, "prompt": self.prompt, "tokens": self.tokens, "targets": self.targets,
                 "layers": self.layers, "n_layer": self.n_layer, "head": self.head, "final_check": self.final_check,
                 "model": self.model, "notes": self.notes, "run_id": self.run_id, "other": self.other,
+                "attention": self.attention,
                 "positions": [p.to_dict() for p in self.positions]}
 
     @classmethod
@@ -197,12 +203,16 @@ class LensResult(Rich):
             raise StoreError("this lens run was stored by another llamalens version; run the lens again")
         return cls(d["prompt"], d["tokens"], d["targets"], d["layers"], d["n_layer"],
                    [LensPosition.from_dict(p) for p in d["positions"]], d["head"], d["final_check"],
-                   d.get("model", {}), d.get("notes", []), d.get("run_id"), d.get("other"))
+                   d.get("model", {}), d.get("notes", []), d.get("run_id"), d.get("other"), d.get("attention"))
 
-    def to_pandas(self):
+    def to_pandas(self, table: str = "cells"):
+        """table "cells": a row per (position, layer); "attention" (with --attention): a row per (layer, head,
+        attended position) with its weight."""
         import pandas as pd
 
-        return pd.DataFrame(self.cells())
+        if table not in ("cells", "attention"):
+            raise InvalidInput(f"table {table!r}: a lens has the tables 'cells' and 'attention'")
+        return pd.DataFrame(self.cells() if table == "cells" else self.attention_rows())
 
     def cells(self) -> list[dict]:
         """One row per (position, layer): the table `export` writes and the Python API's DataFrame."""
@@ -220,6 +230,14 @@ class LensResult(Rich):
                                other_top_text=c.other.top[0].text, other_top_prob=c.other.top[0].prob)
                 rows.append(row)
         return rows
+
+    def attention_rows(self) -> list[dict]:
+        """With --attention: a row per (layer, head, attended position) with its weight (the attention table)."""
+        if self.attention is None:
+            return []
+        return [{"position": self.attention["position"], "layer": a["layer"], "head": h, "attended": k,
+                 "attended_token": self.tokens[k], "weight": w}
+                for a in self.attention["layers"] for h, row in enumerate(a["heads"]) for k, w in enumerate(row)]
 
     def by_layer(self) -> list[dict]:
         """With two models: per layer, KL(A || B) over the positions (mean, max) and the share of positions whose
@@ -284,7 +302,8 @@ class _Look:
     tracked: np.ndarray  # [P, 1 + targets]: the model's final top token, then the targets
 
 
-def _look(model, spec: LensSpec, targets: list[dict] | None = None) -> tuple[_Look, list[dict]]:
+def _look(model, spec: LensSpec, targets: list[dict] | None = None,
+          attention_at: int | None = None) -> tuple[_Look, list[dict]]:
     from llamalens.core.lens import capture
     from llamalens.core.unembed import Head
 
@@ -293,7 +312,7 @@ def _look(model, spec: LensSpec, targets: list[dict] | None = None) -> tuple[_Lo
     tokens = model.prompt_tokens(spec.prompt)
     positions, layers = _sizes(model, spec, len(tokens), n_layer)
     targets = _target_tokens(model, spec.targets) if targets is None else targets
-    cap = capture(model, tokens, positions, layers)
+    cap = capture(model, tokens, positions, layers, attention_at)
     final_top = cap.logits.argmax(axis=1)
     tracked = np.stack([final_top] + [np.full(len(positions), t["id"]) for t in targets], axis=1)
     return _Look(head, tokens, positions, layers, n_layer, cap, tracked), targets
@@ -324,7 +343,8 @@ def lens(model, spec: LensSpec, other=None) -> LensResult:
     from llamalens.core.unembed import project_together
 
     spec.check()
-    a, targets = _look(model, spec)
+    at = _attention_position(model, spec)
+    a, targets = _look(model, spec, attention_at=at)
     looks, other_info = [a], None
     if other is not None:
         with other() as m_b:
@@ -352,7 +372,36 @@ def lens(model, spec: LensSpec, other=None) -> LensResult:
         out.append(LensPosition(p, texts[p], texts[p + 1] if p + 1 < len(a.tokens) else None, cells,
                                 settles_at([c.top[0].id for c in cells], a.layers, int(a.tracked[j, 0]))))
     return LensResult(spec.prompt, texts, targets, a.layers, a.n_layer, out, a.head.describe(), _check(prs[0], a),
-                      model=model.info.to_dict(), notes=notes, other=other_info)
+                      model=model.info.to_dict(), notes=notes, other=other_info,
+                      attention=None if at is None else _attention(a.capture.attention, at))
+
+
+# the weight a row may put outside positions 0..p (float32 rounding of a softmax; more means the KV cells do not
+# hold the positions in order, and the weights are not shown)
+OUTSIDE_TOLERANCE = 1e-4
+
+
+def _attention_position(model, spec: LensSpec) -> int | None:
+    """The prompt position whose attention is recorded (None: none); refused unless flash attention is off."""
+    if spec.attention is None:
+        return None
+    if model.options.flash_attn != "off":
+        raise InvalidInput("the attention view reads the attention weights, which flash attention never forms: load the "
+                           "model with flash attention off (--flash-attn off; the command sets it with --attention)")
+    n = len(model.prompt_tokens(spec.prompt))
+    return indices(str(spec.attention), n, "--attention", [])[0]
+
+
+def _attention(weights: dict, at: int) -> dict:
+    layers = []
+    for layer in sorted(weights):
+        w = weights[layer].astype(np.float64)
+        outside = float(w[:, at + 1:].sum(axis=1).max(initial=0.0))
+        if outside > OUTSIDE_TOLERANCE or np.abs(w[:, : at + 1].sum(axis=1) - 1).max() > OUTSIDE_TOLERANCE:
+            raise LlamalensError(f"layer {layer}'s attention weights put {outside:.2g} outside positions 0 to {at}: the KV "
+                             "cache does not hold the prompt in order here, so they cannot be placed on its tokens")
+        layers.append({"layer": layer, "heads": [[float(x) for x in row] for row in weights[layer][:, : at + 1]]})
+    return {"position": at, "layers": layers}
 
 
 def _ranked(model, t: int, lp: float, rank: int) -> Ranked:
@@ -371,6 +420,34 @@ def _cell(model, pr, j: int, k: int, layer: int, tracked, targets: list[dict], t
         f.text = t["text"]
     return LensCell(layer, _tops(model, pr, j, k, top), float(pr.entropy[j, k]), float(pr.kl[j, k]), followed[0],
                     followed[1:])
+
+
+def _most_positions(spec: LensSpec) -> int:
+    """The most positions the spec can select, known before the prompt is tokenized (a token has at least one
+    byte; with BOS and EOS at most 2 more)."""
+    most = min(MAX_POSITIONS, len(spec.prompt.encode("utf-8")) + 2)
+    if spec.positions is None or not spec.positions.strip():
+        return min(most, DEFAULT_POSITIONS)
+    parts = spec.positions.split(",")
+    return most if any(":" in part for part in parts) else min(most, len(parts))
+
+
+def memory_need(spec: LensSpec, models: int, say=None):
+    """For the memory check (memory.checked_load's `analysis`): the bytes this lens adds to the model at most, per
+    its header (the layers the spec selects, the positions it can); `say(text)` states it before the model loads."""
+    def need(header) -> int:
+        from llamalens.core.unembed import lens_bytes
+        from llamalens.visible import size_text
+
+        n_layer = int(header.arch_key("block_count") or 0)
+        n_layers = len(set(indices(spec.layers, n_layer, "--layers", list(range(n_layer)))) | {n_layer - 1})
+        positions = _most_positions(spec)
+        n = lens_bytes(header, models, min(MAX_CELLS, positions * n_layers), positions)
+        if say is not None:
+            say(f"the lens's own buffers: up to {size_text(n)} beyond the model (counted in the memory check)")
+        return n
+
+    return need
 
 
 # -- stored runs ---------------------------------------------------------------------------------------
