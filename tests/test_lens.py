@@ -448,7 +448,7 @@ def test_projection_memory_is_within_its_estimate(tiny, models, monkeypatch):
     finally:
         tracemalloc.stop()
     bound = unembed.lens_bytes(tiny.header, models, len(positions) * len(layers), len(positions))
-    assert peak <= bound < 2 * peak, (peak, bound)
+    assert peak <= bound < 1.5 * peak, (peak, bound)  # measured bound / peak 1.17 (one model), 1.27 (two)
 
 
 def test_the_memory_check_counts_the_lens(tiny_path, tmp_path, monkeypatch):
