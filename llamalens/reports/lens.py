@@ -63,13 +63,14 @@ def pair_figure(result):
     from llamalens.reports.plots import PALETTE, _figure
 
     kl = np.array([[p.layers[k].other.kl for p in result.positions] for k in range(len(result.layers))])
-    fig = _figure(11, 4.2)
-    ax_h, ax_l = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    fig = _figure(12, 4.6)
+    ax_h, ax_l = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2], "wspace": 0.3})
     image = ax_h.imshow(kl, aspect="auto", origin="lower", cmap="magma_r", interpolation="nearest",
                         extent=(-0.5, len(result.positions) - 0.5, -0.5, len(result.layers) - 0.5))
     fig.colorbar(image, ax=ax_h, label="KL(A || B), nats")
-    ticks = range(0, len(result.positions), max(1, len(result.positions) // 12))
-    ax_h.set_xticks(list(ticks), [f"{result.positions[i].position}" for i in ticks])
+    ticks = range(0, len(result.positions), max(1, len(result.positions) // 16))
+    ax_h.set_xticks(list(ticks), [f"{result.positions[i].position} {visible(result.positions[i].token)[:8]}"
+                                  for i in ticks], rotation=60, ha="right", fontsize=7)
     lticks = range(0, len(result.layers), max(1, len(result.layers) // 10))
     ax_h.set_yticks(list(lticks), [str(result.layers[i]) for i in lticks])
     ax_h.set_xlabel("position")
@@ -77,6 +78,7 @@ def pair_figure(result):
     rows = result.by_layer()
     ax_l.plot([r["mean_kl"] for r in rows], result.layers, color=PALETTE[1], marker=".", label="mean KL(A || B)")
     ax_l.set_xlabel("mean KL(A || B), nats", color=PALETTE[1])
+    ax_l.set_ylabel("layer")
     ax_l.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_s = ax_l.twiny()
     ax_s.plot([r["same_top"] for r in rows], result.layers, color=PALETTE[0], marker=".", ls=":")
@@ -132,12 +134,13 @@ def _attention_section(doc, result) -> None:
             Para("Computed with flash attention off (which never forms these weights). Each row sums to 1 over "
                  "positions 0 to the one looked at; later positions are masked. The whole table: --json, or "
                  "to_pandas('attention') in Python.", "note"))
+    shown = min(n_head, MAX_HEAD_PANELS)
     rows = []
     for a in att["layers"]:
-        for h, row in enumerate(a["heads"]):
-            k = max(range(len(row)), key=row.__getitem__)
-            rows.append([a["layer"], h, k, visible(result.tokens[k]), round(row[k], 4)])
-    doc.add(Table(["layer", "head", "most attended position", "token", "weight"], rows))
+        best = [max(range(len(row)), key=row.__getitem__) for row in a["heads"][:shown]]
+        rows.append([a["layer"], *[f"{k} {visible(result.tokens[k])} {row[k]:.2f}" for k, row in zip(best, a["heads"])]])
+    doc.add(Para("Per layer, each head's most attended position, its token and weight:"),
+            Table(["layer", *[f"head {h}" for h in range(shown)]], rows))
 
 
 def _pair_section(doc, result) -> None:
