@@ -631,17 +631,17 @@ def lens(prompt: str, *, target=(), positions: str | None = None, layers: str | 
     .to_pandas() a row per (position, layer) cell. Stored as a run of kind "lens" unless save=False.
 
     target: a text or a list of texts; positions / layers: "0,4,-1", "2:10" (None: the last 32 positions, every
-    layer); attention: a position (-1: the last) whose weights per layer and head .to_pandas("attention") gives.
+    layer); attention: a position (-1: the last) whose weights per layer and head .to_pandas("attention") gives;
+    model=[A, B]: two models' lenses compared layer by layer (KL(A || B) and B's top tokens in every cell).
 
     >>> ll.lens("The Eiffel Tower is in the city of", target=" Paris").to_pandas()  # doctest: +SKIP
     """
-    from llamalens.run.lens import LensSpec, lens as run_lens, memory_need, save as save_lens
+    from llamalens.run.lens import LensSpec, lens_of, save as save_lens
 
     targets = [target] if isinstance(target, str) else list(target)
     spec = LensSpec(prompt, targets, positions, layers, whole(top, "top"), None if attention is None else str(attention)).check()
-    st = _store(store) if save else None
-    with _model(model, model_options, rows=128, analysis=memory_need(spec, 1)) as loaded:
-        result = run_lens(loaded, spec)
+    st, models = _store(store) if save else None, list(model) if isinstance(model, (list, tuple)) else [model]
+    with lens_of(models, spec, lambda m, need: _model(m, model_options, rows=128, analysis=need)) as (loaded, result):
         if st is not None:
             save_lens(st, loaded, result, name, f"ll.lens({prompt!r:.80})")
     return result

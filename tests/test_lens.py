@@ -333,6 +333,12 @@ def test_python_api_lens(tiny_path, tmp_path):
     assert 'class=&quot;grid&quot;' in res._repr_html_()  # the report, in an iframe's srcdoc
     assert ll.open_run(res.run_id, store=str(tmp_path / "r.db")).kind == "lens"
     assert ll.lens(PROMPT, positions="-1", model=str(tiny_path), ctx=256, save=False).run_id is None
+    # two models: a model against itself parts nowhere (KL 0 up to float32 sums: measured 0.0; the tolerance 1e-6)
+    two = ll.lens(PROMPT, positions="-2:", model=[str(tiny_path), str(tiny_path)], ctx=256, save=False)
+    frame = two.to_pandas()
+    assert frame["other_kl"].abs().max() < 1e-6 and frame["other_same_top"].all() and two.other["final_check"]
+    with pytest.raises(Exception, match="one model, or two"):
+        ll.lens(PROMPT, model=[str(tiny_path)] * 3, save=False)
     att = ll.lens(PROMPT, positions="-1", attention=-1, model=str(tiny_path), ctx=256, flash_attn="off", save=False)
     assert set(att.to_pandas("attention").columns) >= {"layer", "head", "attended", "weight"}
 

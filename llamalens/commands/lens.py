@@ -53,7 +53,7 @@ def lens(prompt, targets, positions, layers, top, attention, name, as_json, repo
     first -m, as llama-perplexity's KL divergence), and `show` / the report give, per layer, where their top
     tokens agree and how far apart they are: where in depth quantization makes them part.
     """
-    from llamalens.run.lens import LensSpec, lens as run_lens, memory_need, save
+    from llamalens.run.lens import LensSpec, lens_of, save
     from llamalens.store import Store
 
     spec = LensSpec(prompt, list(targets), positions, layers, top, attention).check()
@@ -66,11 +66,10 @@ def lens(prompt, targets, positions, layers, top, attention, name, as_json, repo
         say("note: --attention sets --flash-attn off (flash attention never forms the attention weights)", err=True)
         options = replace(options, flash_attn="off")
     store = Store(store_path)
-    need = memory_need(spec, 1 if second is None else 2, lambda text: say(text, err=True))
-    loaded = load_model(first, options, rows=128, analysis=need)
-    other = None if second is None else (lambda: load_model(second, options, rows=128, analysis=need))
-    result = run_lens(loaded, spec, other)
-    save(store, loaded, result, name, shell_command(["llamalens"] + sys.argv[1:]))
+    models = [first] if second is None else [first, second]
+    with lens_of(models, spec, lambda m, need: load_model(m, options, rows=128, analysis=need),
+                 lambda text: say(text, err=True)) as (loaded, result):
+        save(store, loaded, result, name, shell_command(["llamalens"] + sys.argv[1:]))
     _print(result, as_json)
     if report_path:
         from llamalens.commands.output import write_report

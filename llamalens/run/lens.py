@@ -18,6 +18,7 @@ A run of kind "lens" stores one LensResult (its single sample's extra); `show`, 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -420,6 +421,18 @@ def _cell(model, pr, j: int, k: int, layer: int, tracked, targets: list[dict], t
         f.text = t["text"]
     return LensCell(layer, _tops(model, pr, j, k, top), float(pr.entropy[j, k]), float(pr.kl[j, k]), followed[0],
                     followed[1:])
+
+
+@contextmanager
+def lens_of(models: list, spec: LensSpec, load, say=None):
+    """The lens of one model, or of two compared layer by layer: `load(model, analysis)` loads one as a context
+    manager (with the memory check's `analysis`; `say`, memory_need's); yields (the first model, still loaded, and
+    the LensResult)."""
+    if not 1 <= len(models) <= 2:
+        raise InvalidInput(f"the lens takes one model, or two to compare (-m A -m B); got {len(models)}")
+    need = memory_need(spec, len(models), say)
+    with load(models[0], need) as model:
+        yield model, lens(model, spec, None if len(models) == 1 else (lambda: load(models[1], need)))
 
 
 def _most_positions(spec: LensSpec) -> int:
