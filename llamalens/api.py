@@ -48,7 +48,7 @@ def _store(store, read_only: bool = False):
 
 
 @contextmanager
-def _model(model, options: dict, sequences: int = 1, rows: int | None = None, cells: int | None = None):
+def _model(model, options: dict, sequences: int = 1, rows: int | None = None, cells: int | None = None, analysis=None):
     """A loaded Model as given, or one loaded here (the CLI's memory check) and closed afterwards."""
     from llamalens.modelfiles.memory import checked_load
     from llamalens.modelfiles.find import resolve_source
@@ -60,7 +60,7 @@ def _model(model, options: dict, sequences: int = 1, rows: int | None = None, ce
                                "ll.load_model(...), or give model= as a path or name")
         yield model
         return
-    loaded = checked_load(resolve_source(model), ModelOptions(**options), sequences, rows, cells)
+    loaded = checked_load(resolve_source(model), ModelOptions(**options), sequences, rows, cells, analysis=analysis)
     try:
         yield loaded
     finally:
@@ -625,23 +625,23 @@ def fork(prompt: str | None = None, *, options=None, outcome: str | None = None,
 
 
 def lens(prompt: str, *, target=(), positions: str | None = None, layers: str | None = None, top: int = 5,
-         model=None, store=None, name: str | None = None, save: bool = True, **model_options):
+         attention=None, model=None, store=None, name: str | None = None, save: bool = True, **model_options):
     """The logit lens of a prompt, as `llamalens lens`: a LensResult (run/lens.py) whose positions hold, per
     layer, the top tokens, entropy, KL to the model's final distribution and the rank of each target;
     .to_pandas() a row per (position, layer) cell. Stored as a run of kind "lens" unless save=False.
 
     target: a text or a list of texts; positions / layers: "0,4,-1", "2:10" (None: the last 32 positions, every
-    layer).
+    layer); attention: a position (-1: the last) whose weights per layer and head .to_pandas("attention") gives;
+    model=[A, B]: two models' lenses compared layer by layer (KL(A || B) and B's top tokens in every cell).
 
     >>> ll.lens("The Eiffel Tower is in the city of", target=" Paris").to_pandas()  # doctest: +SKIP
     """
-    from llamalens.run.lens import LensSpec, lens as run_lens, save as save_lens
+    from llamalens.run.lens import LensSpec, lens_of, save as save_lens
 
     targets = [target] if isinstance(target, str) else list(target)
-    spec = LensSpec(prompt, targets, positions, layers, whole(top, "top")).check()
-    st = _store(store) if save else None
-    with _model(model, model_options, rows=128) as loaded:
-        result = run_lens(loaded, spec)
+    spec = LensSpec(prompt, targets, positions, layers, whole(top, "top"), None if attention is None else str(attention)).check()
+    st, models = _store(store) if save else None, list(model) if isinstance(model, (list, tuple)) else [model]
+    with lens_of(models, spec, lambda m, need: _model(m, model_options, rows=128, analysis=need)) as (loaded, result):
         if st is not None:
             save_lens(st, loaded, result, name, f"ll.lens({prompt!r:.80})")
     return result

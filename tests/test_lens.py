@@ -16,7 +16,8 @@ PROMPT = "the cat sat on the mat and the dog"
 
 
 def write_arch_gguf(path, tiny_path, arch: str, seed: int = 3, n_embd: int = 64, n_head: int = 4, n_layer: int = 2,
-                    out_type: str = "F32", tied: bool = False, softcap: float | None = None, bias: bool = False):
+                    out_type: str = "F32", tied: bool = False, softcap: float | None = None, bias: bool = False,
+                    window: int | None = None):
     """A tiny `arch` GGUF with the tiny llama fixture's vocabulary (its tokenizer keys copied), seeded random
     weights, norm weights away from 1 (so a lens that skipped them would show), the output matrix of `out_type`
     (F32, F16 or Q8_0, written by the gguf package) or tied to the embeddings."""
@@ -25,7 +26,7 @@ def write_arch_gguf(path, tiny_path, arch: str, seed: int = 3, n_embd: int = 64,
 
     reader = gguf.GGUFReader(str(tiny_path))
     w = gguf.GGUFWriter(str(path), arch)
-    for name, f in reader.fields.items():
+    for name, f in reader.fields.items():  # (the tokenizer and the window keys are the only ones added by name)
         if name.startswith("tokenizer."):
             array = f.types[0] == gguf.GGUFValueType.ARRAY
             w.add_key_value(name, f.contents(), f.types[0], sub_type=f.types[-1] if array else None)
@@ -42,6 +43,8 @@ def write_arch_gguf(path, tiny_path, arch: str, seed: int = 3, n_embd: int = 64,
     w.add_rope_freq_base(10000.0)
     if softcap:
         w.add_final_logit_softcapping(softcap)
+    if window:
+        w.add_sliding_window(window)
     rng = np.random.default_rng(seed)
 
     def t(*shape, scale=0.3):
@@ -330,3 +333,230 @@ def test_python_api_lens(tiny_path, tmp_path):
     assert 'class=&quot;grid&quot;' in res._repr_html_()  # the report, in an iframe's srcdoc
     assert ll.open_run(res.run_id, store=str(tmp_path / "r.db")).kind == "lens"
     assert ll.lens(PROMPT, positions="-1", model=str(tiny_path), ctx=256, save=False).run_id is None
+    # two models: a model against itself parts nowhere (KL 0 up to float32 sums: measured 0.0; the tolerance 1e-6)
+    two = ll.lens(PROMPT, positions="-2:", model=[str(tiny_path), str(tiny_path)], ctx=256, save=False)
+    frame = two.to_pandas()
+    assert frame["other_kl"].abs().max() < 1e-6 and frame["other_same_top"].all() and two.other["final_check"]
+    with pytest.raises(Exception, match="one model, or two"):
+        ll.lens(PROMPT, model=[str(tiny_path)] * 3, save=False)
+    att = ll.lens(PROMPT, positions="-1", attention=-1, model=str(tiny_path), ctx=256, flash_attn="off", save=False)
+    assert set(att.to_pandas("attention").columns) >= {"layer", "head", "attended", "weight"}
+
+
+def truncated_gguf(src, dst, n_keep: int):
+    """A copy of the GGUF `src` with only its first n_keep layers (block_count = n_keep; blk.i for i >= n_keep
+    left out; every other key and tensor copied byte for byte, quantized ones included). llama.cpp's logits of the
+    copy are the lens of layer n_keep - 1 of the whole model, computed without the lens: its residual stream after
+    that layer goes through the same final norm and output matrix."""
+    import re
+
+    import gguf
+
+    r = gguf.GGUFReader(str(src))
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(str(dst), arch)
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = n_keep if name == f"{arch}.block_count" else f.contents()
+        array = f.types[0] == gguf.GGUFValueType.ARRAY
+        w.add_key_value(name, value, f.types[0], sub_type=f.types[-1] if array else None)
+    for t in r.tensors:
+        m = re.match(r"blk\.(\d+)\.", t.name)
+        if m and int(m[1]) >= n_keep:
+            continue
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)  # quantized: its bytes, [rows, row bytes]
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    return dst
+
+
+def test_two_models_layer_by_layer(tiny_path, tmp_path, monkeypatch):
+    """`lens -m A -m B` against an independent reference: for each layer l, copies of A and B cut after layer l
+    (truncated_gguf) decoded by llama-cpp-python give each model's lens of layer l without the lens's code; the
+    numpy KL(A || B) of their log-softmaxes and their top tokens must equal the run's cells. B is llama.cpp's own
+    Q4_0 quantization of A (every matrix quantized: the layers part a little at each depth). Measured: KL within
+    5.5e-6 nats of the reference, A's and B's logprobs within 8.4e-6; the tolerances are 10x that. Flash attention
+    off on both sides (llama-cpp-python's default; on, it moves these random layers by up to 0.4 nats)."""
+    from llamalens.core import unembed
+    from llamalens.core.runtime import quantize
+
+    monkeypatch.setattr(unembed, "BLOCK_BYTES", 1)  # blocks of 256 rows: the KL's running sums cross a block edge
+    a = write_arch_gguf(tmp_path / "a.gguf", tiny_path, "llama", n_layer=3, out_type="Q8_0")
+    b = quantize(a, tmp_path / "b.gguf", "Q4_0")
+    db = str(tmp_path / "runs.db")
+    res = CliRunner().invoke(main, ["lens", PROMPT, "-m", str(a), "-m", str(b), "--top", "10", "--positions", "1:",
+                                    "--json", "--store", db, "--ctx", "256", "--flash-attn", "off"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["other"]["model"]["quantization"] == "Q4_0" and d["other"]["final_check"]["same_top10"]
+    from llama_cpp import Llama
+
+    probe = Llama(str(a), n_ctx=256, verbose=False, vocab_only=True)
+    tokens = probe.tokenize(PROMPT.encode(), add_bos=True, special=True)
+    probe.close()
+    worst = {"kl": 0.0, "lp": 0.0}
+    for layer in range(3):
+        refs = [reference_logprobs(truncated_gguf(m, tmp_path / f"{m.stem}-{layer}.gguf", layer + 1), tokens)
+                if layer < 2 else reference_logprobs(m, tokens) for m in (a, b)]
+        for p in d["positions"]:
+            cell = p["layers"][layer]
+            assert cell["layer"] == layer
+            ra, rb = refs[0][p["position"]], refs[1][p["position"]]
+            kl = float((np.exp(ra) * (ra - rb)).sum())
+            worst["kl"] = max(worst["kl"], abs(cell["other"]["kl"] - kl))
+            assert cell["other"]["same_top"] == (ra.argmax() == rb.argmax())
+            for side, ref in ((cell["top"], ra), (cell["other"]["top"], rb)):
+                assert [t["id"] for t in side] == list(np.argsort(-ref, kind="stable")[:10])
+                worst["lp"] = max(worst["lp"], max(abs(t["logprob"] - ref[t["id"]]) for t in side))
+    assert worst["kl"] < 5.5e-5 and worst["lp"] < 1e-4, worst
+    run = str(d["run_id"])
+    shown = CliRunner().invoke(main, ["show", run, "--store", db])
+    assert shown.exit_code == 0 and "KL(A || B)" in shown.output and "same top" in shown.output
+    exp = CliRunner().invoke(main, ["export", run, "--store", db, "--format", "csv", "-o", str(tmp_path / "c.csv")])
+    assert exp.exit_code == 0, exp.output
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "c.csv")
+    cells = {(c["layer"], p["position"]): c["other"]["kl"] for p in d["positions"] for c in p["layers"]}
+    assert np.allclose(table["other_kl"], [cells[(r.layer, r.position)] for r in table.itertuples()])
+    rep = CliRunner().invoke(main, ["report", run, "--store", db, "-o", str(tmp_path / "two.html")])
+    assert rep.exit_code == 0, rep.output
+    assert "Two models, layer by layer" in (tmp_path / "two.html").read_text(encoding="utf-8")
+    for bad, message in (([str(a), str(a)], "is given twice"), ([str(a), str(b), str(a)], "takes one model, or two")):
+        res = CliRunner().invoke(main, ["lens", PROMPT, *[x for m in bad for x in ("-m", m)], "--store", db])
+        assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
+
+
+@pytest.mark.parametrize("models", [1, 2])
+def test_projection_memory_is_within_its_estimate(tiny, models, monkeypatch):
+    """What the projection allocates (tracemalloc's peak: numpy reports its arrays to it) stays within
+    unembed.lens_bytes, the figure the memory check adds for a lens, and that figure is not a gross overstatement.
+    Blocks of 256 rows (BLOCK_BYTES 1) so that the per-block buffers are what they are on a large vocabulary.
+    Measured on the tiny model (200 cells): peak / estimate 0.85 (one model) and 0.79 (two); on the default model
+    (576 cells, 64 MiB blocks) 183 / 246 MiB (0.74) and 200 / 356 MiB (0.56)."""
+    import tracemalloc
+
+    from llamalens.core import unembed
+    from llamalens.core.lens import capture
+
+    monkeypatch.setattr(unembed, "BLOCK_BYTES", 1)
+    prompt = " ".join(["the cat sat on the mat"] * 5)
+    tokens = tiny.prompt_tokens(prompt)
+    head, positions, layers = unembed.Head(tiny.header), list(range(len(tokens)))[-100:], [0, 1]
+    cap = capture(tiny, tokens, positions, layers)
+    side = (head, cap.hidden.transpose(1, 0, 2), cap.logits, cap.logits.argmax(axis=1)[:, None])
+    unembed.project_together([side] * models, 10)  # warm: imports and caches are not the projection's
+    tracemalloc.start()
+    try:
+        unembed.project_together([side] * models, 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    bound = unembed.lens_bytes(tiny.header, models, len(positions) * len(layers), len(positions))
+    assert peak <= bound < 1.5 * peak, (peak, bound)  # measured bound / peak 1.17 (one model), 1.27 (two)
+
+
+def test_the_memory_check_counts_the_lens(tiny_path, tmp_path, monkeypatch):
+    """The lens states its own buffers before loading and the memory check adds them ('analysis' in the estimate):
+    with RAM for the model but not for the lens's buffers the command refuses with the numbers, before loading."""
+    from llamalens.modelfiles.find import resolve_source
+    from llamalens.modelfiles.memory import for_model
+    from llamalens.run.lens import LensSpec, memory_need
+    from llamalens.settings import ModelOptions
+
+    found, options = resolve_source(str(tiny_path)), ModelOptions(ctx=256)
+    need = memory_need(LensSpec(PROMPT), 1)
+    plain, counted = for_model(found, options, rows=128), for_model(found, options, rows=128, analysis=need)
+    assert counted.analysis > 0 and counted.total == plain.total + counted.analysis
+    assert "analysis" in counted.breakdown() and "analysis" not in plain.breakdown()
+    monkeypatch.setenv("LLAMALENS_MEMORY_LIMIT", str(plain.total + counted.analysis // 2))
+    base = ["lens", PROMPT, "-m", str(tiny_path), "--store", str(tmp_path / "r.db"), "--ctx", "256"]
+    res = CliRunner().invoke(main, base)
+    assert res.exit_code != 0 and "the lens's own buffers: up to" in res.output
+    assert "analysis" in res.output and "loading" not in res.output and "Traceback" not in res.output, res.output
+    monkeypatch.setenv("LLAMALENS_MEMORY_LIMIT", str(counted.total + (1 << 20)))
+    res = CliRunner().invoke(main, base)
+    assert res.exit_code == 0, res.output
+
+
+def numpy_attention(q: np.ndarray, k: np.ndarray, at: int, scale: float, window: int | None = None) -> np.ndarray:
+    """The attention weights of position `at` [n_head, at + 1] from the captured Q [n, n_head, d] and K
+    [n, n_head_kv, d] (after RoPE), in float64: both rounded to F16 as llama.cpp's F16 KV cache and its F16 dot
+    products do, query head h reading KV head h // (n_head / n_head_kv) (grouped-query attention), causal, and
+    with a sliding window only the last `window` positions (llama.cpp: masked when at - j >= window)."""
+    q, k = (x.astype(np.float16).astype(np.float64) for x in (q, k))
+    n_head, n_kv = q.shape[1], k.shape[1]
+    s = np.einsum("hd,khd->hk", q[at], k[: at + 1][:, np.arange(n_head) // (n_head // n_kv)]) * scale
+    if window:
+        s[:, : max(0, at - window + 1)] = -np.inf
+    w = np.exp(s - s.max(axis=1, keepdims=True))
+    return w / w.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_attention_weights_equal_a_recomputation_from_q_and_k(arch, tiny_path, tmp_path):
+    """The attention view's weights (kq_soft_max-N) against numpy from the same decode's Qcur-N and Kcur-N nodes:
+    llama with grouped-query attention (4 query heads on 2 KV heads), and gemma3 with a sliding window of 4 on its
+    local layers (0 to 4; layer 5 global) and its query scaled by 1/sqrt(head_dim) after RoPE. Every row sums to 1
+    and puts nothing outside positions 0 to p (future positions and, on local layers, those before the window).
+    Measured max |difference| 2.7e-7 (llama) and 1.2e-7 (gemma3); the tolerance 3e-6 is 10x that (a wrong head
+    grouping, scale, window or row is off by 1e-2 or more)."""
+    from llamalens.core.lens import capture
+    from llamalens.core.runtime import Model, ModelOptions
+    from llamalens.run.lens import LensSpec, lens
+
+    opts = {"llama": {"n_layer": 3}, "gemma3": {"n_layer": 6, "tied": True, "window": 4}}[arch]
+    path = write_arch_gguf(tmp_path / f"{arch}.gguf", tiny_path, arch, **opts)
+    n_layer, hd = opts["n_layer"], 16
+    with Model(path, ModelOptions(ctx=256, flash_attn="off")) as m:
+        tokens = m.prompt_tokens(PROMPT)
+        at = len(tokens) - 3
+        nodes = tuple(f"{name}-{i}" for i in range(n_layer) for name in ("Qcur", "Kcur"))
+        cap = capture(m, tokens, [len(tokens) - 1], list(range(n_layer)), attention_at=at, nodes=nodes)
+        result = lens(m, LensSpec(PROMPT, positions="-1", attention=str(at)))
+    worst = 0.0
+    for i in range(n_layer):
+        window = opts.get("window") if arch == "gemma3" and i % 6 < 5 else None
+        ref = numpy_attention(cap.nodes[f"Qcur-{i}"][-1][0], cap.nodes[f"Kcur-{i}"][-1][0], at, hd ** -0.5, window)
+        got = np.array(result.attention["layers"][i]["heads"])
+        assert got.shape == ref.shape and np.allclose(got.sum(axis=1), 1, atol=1e-5)
+        assert cap.attention[i][:, at + 1:].max() == 0  # the future (and the KV cells' padding) masked
+        if window:
+            assert got[:, : at - window + 1].max() == 0
+        worst = max(worst, float(np.abs(got - ref).max()))
+    assert worst < 3e-6, worst
+
+
+def test_lens_command_attention(tiny_path, tmp_path):
+    """--attention on the command: it sets flash attention off and says so, the run stores the weights (JSON,
+    show, the report's "Where it looked", the attention table in Python); the Python API refuses a model loaded
+    with flash attention on; a bad position is a one-line error."""
+    from llamalens.core.runtime import Model, ModelOptions
+    from llamalens.errors import InvalidInput
+    from llamalens.run.lens import LensSpec, lens, load_lens
+    from llamalens.store import Store
+
+    db = str(tmp_path / "runs.db")
+    base = ["-m", str(tiny_path), "--store", db, "--ctx", "256"]
+    res = CliRunner().invoke(main, ["lens", PROMPT, "--attention", "-1", "--positions", "-1", "--json", *base])
+    assert res.exit_code == 0, res.output
+    assert "sets --flash-attn off" in res.stderr
+    d = json.loads(res.stdout)
+    att = d["attention"]
+    n = len(d["tokens"])
+    assert att["position"] == n - 1 and [a["layer"] for a in att["layers"]] == d["layers"]
+    assert all(len(row) == n and abs(sum(row) - 1) < 1e-5 for a in att["layers"] for row in a["heads"])
+    run = str(d["run_id"])
+    shown = CliRunner().invoke(main, ["show", run, "--store", db])
+    assert shown.exit_code == 0 and "most attended position" in shown.output
+    rep = CliRunner().invoke(main, ["report", run, "--store", db, "-o", str(tmp_path / "att.html")])
+    assert rep.exit_code == 0 and "Where it looked" in (tmp_path / "att.html").read_text(encoding="utf-8")
+    table = load_lens(Store(db), run).to_pandas("attention")
+    assert len(table) == len(att["layers"]) * len(att["layers"][0]["heads"]) * n
+    assert np.allclose(table.groupby(["layer", "head"])["weight"].sum(), 1, atol=1e-5)
+    with Model(tiny_path, ModelOptions(ctx=256, flash_attn="on")) as m:
+        with pytest.raises(InvalidInput, match="flash attention off"):
+            lens(m, LensSpec(PROMPT, attention="-1"))
+    bad = CliRunner().invoke(main, ["lens", PROMPT, "--attention", "1,2", *base])
+    assert bad.exit_code != 0 and "--attention '1,2' is not one position" in bad.output and "Traceback" not in bad.output

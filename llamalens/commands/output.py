@@ -98,16 +98,16 @@ def fmt_size(n: float) -> str:
     return size_text(n)
 
 
-def load_model(name, options, sequences: int = 1, rows: int | None = None, cells: int | None = None):
+def load_model(name, options, sequences: int = 1, rows: int | None = None, cells: int | None = None, analysis=None):
     """Resolve --model, check that it fits in memory (unless --force) and load it with these ModelOptions,
     saying so on stderr. `sequences`, `rows` (logits rows per decode) and `cells` (KV cells in all) size the
-    estimate (memory.estimate)."""
+    estimate (memory.estimate); `analysis(header)`: the bytes the command's own analysis adds to it."""
     from llamalens.modelfiles.memory import checked_load
     from llamalens.modelfiles.find import resolve_source
 
     found = resolve_source(name)
     where = "" if found.store in ("folder", "default") else f" ({found.source})"
-    return checked_load(found, options, sequences, rows, cells,
+    return checked_load(found, options, sequences, rows, cells, analysis=analysis,
                         announce=lambda: say(f"loading {found.path.name}{where} ...", err=True))
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from llamalens.errors import LlamalensError
 
 LAYER_NODE = "l_out-{}"
+ATTENTION_NODE = "kq_soft_max-{}"  # the attention weights (without flash attention): [n_kv, n_tokens, n_head]
 GGML_TYPE_F32 = 0
 
 
@@ -63,36 +64,79 @@ class LayerTap:
     there would read as "stop computing this graph" and leave the decode half done, so it is kept and raised by
     check() after the decode."""
 
-    def __init__(self, layers: list[int], ubatches: list[range], wanted: list[int]):
+    def __init__(self, layers: list[int], ubatches: list[range], wanted: list[int], attention_at: int | None = None,
+                 nodes: tuple[str, ...] = ()):
         from llamalens.core.runtime import llama_cpp_module
 
         self.lib = _ggml()
-        self.names = {LAYER_NODE.format(i).encode(): i for i in layers}
-        self.ubatches, self.wanted = ubatches, sorted(set(wanted))
-        self.calls = {i: 0 for i in layers}
+        self.names = {LAYER_NODE.format(i).encode(): ("out", i) for i in layers}
+        if attention_at is not None:  # each layer's attention weights of one token (its row, every head)
+            self.names.update({ATTENTION_NODE.format(i).encode(): ("attention", i) for i in layers})
+        self.names.update({n.encode(): ("node", n) for n in nodes})  # whole tensors, every time one is computed
+        self.ubatches, self.wanted, self.attention_at = ubatches, sorted(set(wanted)), attention_at
+        self.calls = {key: 0 for key in self.names.values() if key[0] != "node"}
         self.rows: dict[int, list[np.ndarray]] = {i: [] for i in layers}
+        self.attention: dict[int, np.ndarray] = {}  # layer -> [n_head, n_kv]
+        self.nodes: dict[str, list[np.ndarray]] = {n: [] for n in nodes}
         self.error: BaseException | None = None
         self.callback = llama_cpp_module().ggml_backend_sched_eval_callback(self._on_node)
 
     def _on_node(self, tensor, ask, _user_data) -> bool:
         try:
-            layer = self.names.get(self.lib.ggml_get_name(tensor))
-            if ask or layer is None:
-                return layer is not None
-            self._take(layer, tensor)
+            key = self.names.get(self.lib.ggml_get_name(tensor))
+            if ask or key is None:
+                return key is not None
+            if key[0] == "out":
+                self._take(key[1], tensor)
+            elif key[0] == "attention":
+                self._take_attention(key[1], tensor)
+            else:
+                self.nodes[key[1]].append(self._whole(tensor, key[1]))
         except BaseException as e:  # noqa: BLE001 - never into C: see the class docstring
             if self.error is None:
                 self.error = e
         return True
 
-    def _take(self, layer: int, tensor) -> None:
+    def _head(self, tensor, what: str) -> _TensorHead:
         head = _TensorHead.from_address(tensor)
+        if head.type != GGML_TYPE_F32 or not self.lib.ggml_is_contiguous(tensor):
+            raise LlamalensError(f"{what} is not a contiguous float32 tensor in this llama.cpp build (type "
+                                 f"{head.type}, shape {list(head.ne)}); the lens cannot read it")
+        return head
+
+    def _whole(self, tensor, name: str) -> np.ndarray:
+        head = self._head(tensor, name)
+        out = np.empty([int(n) for n in reversed(head.ne)], dtype=np.float32)
+        self.lib.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
+        return out
+
+    def _take_attention(self, layer: int, tensor) -> None:
+        """Of one ubatch's attention weights [n_kv, n_tokens, n_head], the row of the token looked at, every head."""
+        head = self._head(tensor, f"layer {layer}'s attention weights")
+        k = self.calls[("attention", layer)]
+        self.calls[("attention", layer)] += 1
+        span = self.ubatches[k] if k < len(self.ubatches) else range(0)
+        if self.attention_at not in span:
+            return
+        n_kv, n_tokens, n_head = (int(n) for n in head.ne[:3])
+        if n_tokens != len(span) or head.ne[3] != 1:
+            raise LlamalensError(f"layer {layer}'s attention weights have shape {list(head.ne)} in ubatch {k} (expected "
+                                 f"{len(span)} tokens, one stream); the lens cannot place them")
+        out = np.empty((n_head, n_kv), dtype=np.float32)
+        t = self.attention_at - span.start
+        for h in range(n_head):
+            self.lib.ggml_backend_tensor_get(tensor, out[h].ctypes.data, t * int(head.nb[1]) + h * int(head.nb[2]),
+                                             n_kv * 4)
+        self.attention[layer] = out
+
+    def _take(self, layer: int, tensor) -> None:
+        head = self._head(tensor, f"layer {layer}'s output")
         n_embd, n_rows = int(head.ne[0]), int(head.ne[1])
-        if head.type != GGML_TYPE_F32 or not self.lib.ggml_is_contiguous(tensor) or head.ne[2] != 1 or head.ne[3] != 1:
-            raise LlamalensError(f"layer {layer}'s output is not a contiguous float32 matrix in this llama.cpp build "
-                                 f"(type {head.type}, shape {list(head.ne)}); the lens cannot read it")
-        k = self.calls[layer]
-        self.calls[layer] += 1
+        if head.ne[2] != 1 or head.ne[3] != 1:
+            raise LlamalensError(f"layer {layer}'s output is not a matrix in this llama.cpp build (shape "
+                                 f"{list(head.ne)}); the lens cannot read it")
+        k = self.calls[("out", layer)]
+        self.calls[("out", layer)] += 1
         span = self.ubatches[k] if k < len(self.ubatches) else range(0)
         here = [i for i in self.wanted if i in span]
         if n_rows == len(span):  # every token of the ubatch: keep the wanted rows
@@ -115,9 +159,14 @@ class LayerTap:
             if isinstance(err, LlamalensError):
                 raise err
             raise LlamalensError(f"reading a layer during decode failed: {type(err).__name__}: {err}") from err
-        missing = [i for i, n in self.calls.items() if n != len(self.ubatches)]
+        missing = [key for key, n in self.calls.items() if n != len(self.ubatches)]
         if missing:
-            raise LlamalensError(f"llama.cpp's graph for this model has no node named {LAYER_NODE.format(missing[0])} "
+            kind, layer = missing[0]
+            if kind == "attention":
+                raise LlamalensError(f"llama.cpp's graph has no node named {ATTENTION_NODE.format(layer)} (the attention "
+                                     "weights of that layer): the attention view needs flash attention off, and an "
+                                     "architecture whose attention computes them")
+            raise LlamalensError(f"llama.cpp's graph for this model has no node named {LAYER_NODE.format(layer)} "
                                  "(the residual stream after that layer); the lens needs the model graphs' l_out names")
 
     def hidden(self) -> np.ndarray:
@@ -134,21 +183,27 @@ class Capture:
     layers: list[int]  # ascending; the model's last layer included
     hidden: np.ndarray  # [len(layers), len(positions), n_embd] float32
     logits: np.ndarray  # [len(positions), n_vocab] float32
+    attention: dict[int, np.ndarray] | None = None  # layer -> [n_head, n_kv]: the attention_at token's weights
+    nodes: dict[str, list[np.ndarray]] | None = None  # name -> every tensor of that name computed, in order
 
 
-def capture(model, tokens: list[int], positions: list[int], layers: list[int]) -> Capture:
+def capture(model, tokens: list[int], positions: list[int], layers: list[int], attention_at: int | None = None,
+            nodes: tuple[str, ...] = ()) -> Capture:
     """Decode `tokens` once (one llama_decode, in the model's ubatches) with outputs at `positions`, keeping the
-    residual stream of `layers` there. The caller has checked the sizes (tokens fit one batch and the context)."""
+    residual stream of `layers` there; with `attention_at`, each of those layers' attention weights of that token
+    (over the KV cells: in a fresh context cell i holds position i); `nodes`, whole tensors by name. The caller has
+    checked the sizes (tokens fit one batch and the context) and that flash attention is off for attention."""
     from llamalens.core.runtime import round_ctx
 
     positions, layers = sorted(set(positions)), sorted(set(layers))
     n = len(tokens)
     n_ubatch = min(n, model.options.ubatch or n)
     ubatches = [range(i, min(i + n_ubatch, n)) for i in range(0, n, n_ubatch)]
-    tap = LayerTap(layers, ubatches, positions)
+    tap = LayerTap(layers, ubatches, positions, attention_at, nodes)
     wanted = set(positions)
     with model.context(round_ctx(n + 1), n_batch=n, eval_callback=tap.callback) as ctx:
         ctx.decode(tokens, range(n), [0] * n, [1 if i in wanted else 0 for i in range(n)])
         tap.check()
         logits = np.stack([ctx.logits(p) for p in positions]).astype(np.float32, copy=True)  # by batch index
-    return Capture(positions, layers, tap.hidden(), logits)
+    return Capture(positions, layers, tap.hidden(), logits, tap.attention if attention_at is not None else None,
+                   tap.nodes)

@@ -219,39 +219,122 @@ class Projection:
     final_error: np.ndarray
 
 
-def block_rows(head: Head, n_cells: int) -> int:
+@dataclass
+class Agreement:
+    """Two models' lens distributions compared cell by cell (the same positions, layers and vocabulary).
+
+    kl [P, L]        KL(A || B) in nats: A the first model, as llama-perplexity's KL divergence takes the base first
+    same_top [P, L]  whether their top tokens are the same
+    """
+
+    kl: np.ndarray
+    same_top: np.ndarray
+
+
+def block_rows(n_embd: int, n_vocab: int, n_cells: int) -> int:
     """Vocabulary rows a block: as many as keep both the dequantized block and the cells' products under
-    BLOCK_BYTES (at least 256)."""
-    return max(256, min(BLOCK_BYTES // (4 * head.n_embd), BLOCK_BYTES // (4 * max(n_cells, 1))))
+    BLOCK_BYTES (at least 256), and no more than the vocabulary (the buffers are sized by it)."""
+    return min(n_vocab, max(256, min(BLOCK_BYTES // (4 * n_embd), BLOCK_BYTES // (4 * max(n_cells, 1)))))
+
+
+def projection_bytes(n_embd: int, n_vocab: int, n_cells: int, models: int = 1, dequantize: int = 2) -> int:
+    """The most memory project_together holds beyond its inputs, for `models` models of n_embd x n_vocab heads and
+    n_cells cells each. Held throughout, per model: the block's products and their exponentials (2 buffers of
+    cells x rows floats) and the normed vectors; for two models, the products' differences (1 more). On top, the
+    largest passing need: a dequantized block with the dequantizer's temporaries (`dequantize` blocks of rows x
+    n_embd floats: 1 for F32, F16 and Q8_0, 2 through the gguf package), the first block's top-N partition (a
+    quarter of the products' size, in int64: half a buffer) with the comparisons of the rank counts, or the norm's
+    temporaries (6 copies of the cells' vectors)."""
+    rows = block_rows(n_embd, n_vocab, n_cells * models)
+    products = n_cells * rows * 4
+    held = models * (2 * products + n_cells * n_embd * 4) + (products if models > 1 else 0)
+    return held + max(dequantize * rows * n_embd * 4, products, 6 * n_cells * n_embd * 4)
+
+
+def lens_bytes(header, models: int, max_cells: int, max_positions: int) -> int:
+    """What a lens of up to max_cells cells at up to max_positions positions holds beyond llama.cpp, per the GGUF
+    header, before anything is loaded: the projection's buffers at their largest over every number of cells, and
+    per model the captured residual streams and the copied logits rows (and a temporary of their size)."""
+    tensors = {t.name: t for t in header.tensors}
+    out = tensors.get("output.weight") or tensors.get("token_embd.weight")
+    if out is None:
+        return 0  # Head refuses such a file by name once it is loaded
+    n_embd, n_vocab = (int(n) for n in out.shape[:2])
+    blocks = 1 if _type_name(out.ggml_type) in ("F32", "F16", "Q8_0") else 2  # Head._dense: numpy's own, or gguf's
+    buffers = max(projection_bytes(n_embd, n_vocab, c, models, blocks) for c in range(1, max_cells + 1))
+    return buffers + models * 4 * (max_cells * n_embd + 2 * max_positions * n_vocab)
+
+
+class _Side:
+    """One model's part of a projection: its head, its cells' normed vectors, its model's own logits and the
+    running sums over the vocabulary blocks seen so far."""
+
+    def __init__(self, head: Head, hidden: np.ndarray, final_logits: np.ndarray, tracked: np.ndarray, keep: int,
+                 rows: int):
+        n_pos, n_layers, _ = hidden.shape
+        self.head, self.shape = head, (n_pos, n_layers)
+        self.x = head.normed(hidden.reshape(n_pos * n_layers, -1))
+        self.final = _f32(final_logits)
+        f_max = self.final.max(axis=1, keepdims=True)
+        self.f_lse = f_max[:, 0].astype(np.float64) + np.log(np.exp(self.final - f_max).sum(axis=1, dtype=np.float64))
+        # tracked tokens' logits from their own rows (W rows dotted with the same normed vectors)
+        self.tracked = np.asarray(tracked, dtype=np.int64).reshape(n_pos, -1)
+        t_rows = head.token_rows(self.tracked)  # [P, K, d]
+        zt = np.einsum("pld,pkd->plk", self.x.reshape(n_pos, n_layers, -1), t_rows).astype(np.float32)
+        if head.bias is not None:
+            zt += head.bias[self.tracked][:, None, :]
+        head.cap(zt)
+        self.acc = _Accumulator(n_pos, n_layers, max(1, min(keep, head.n_vocab)), zt, rows)
+        self.z_buf = np.empty(n_pos * n_layers * rows, dtype=np.float32)  # reused by every block (no page faults)
+
+    def block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The lens's logits of vocabulary rows [start, stop) [P, L, B], added to the running sums; with the
+        block's exp(z - running max) and the factor the earlier sums were rescaled by (for a pair's KL)."""
+        z = np.matmul(self.x, self.head.rows(start, stop).T,
+                      out=self.z_buf[: self.x.shape[0] * (stop - start)].reshape(self.x.shape[0], -1))
+        self.head.finish(z, start, stop)
+        z = z.reshape(*self.shape, -1)
+        final = self.final[:, start:stop]
+        e, shrink = self.acc.add(z, start, self.tracked, np.exp(final - self.f_lse[:, None]).astype(np.float32), final)
+        return z, e, shrink
+
+    def result(self) -> Projection:
+        return self.acc.result(self.f_lse)
 
 
 def project(head: Head, hidden: np.ndarray, final_logits: np.ndarray, tracked: np.ndarray, keep: int) -> Projection:
     """The lens of hidden [P, L, n_embd] (the residual stream of L layers at P positions; the last of the L is the
     model's last layer) against the model's own logits final_logits [P, V], over the vocabulary a block at a
     time. `tracked` [P, K]: token ids whose logprob and rank are wanted at every layer of each position."""
-    n_pos, n_layers, _ = hidden.shape
-    n_cells, keep = n_pos * n_layers, max(1, min(keep, head.n_vocab))
-    x = head.normed(hidden.reshape(n_cells, -1))
-    final = _f32(final_logits)
-    f_max = final.max(axis=1, keepdims=True)
-    f_lse = f_max[:, 0].astype(np.float64) + np.log(np.exp(final - f_max).sum(axis=1, dtype=np.float64))
-    # tracked tokens' logits from their own rows (W rows dotted with the same normed vectors)
-    tracked = np.asarray(tracked, dtype=np.int64).reshape(n_pos, -1)
-    t_rows = head.token_rows(tracked)  # [P, K, d]
-    zt = np.einsum("pld,pkd->plk", x.reshape(n_pos, n_layers, -1), t_rows).astype(np.float32)
-    if head.bias is not None:
-        zt += head.bias[tracked][:, None, :]
-    head.cap(zt)
-    rows = block_rows(head, n_cells)
-    acc = _Accumulator(n_pos, n_layers, keep, zt, rows)
-    z_buf = np.empty(n_cells * rows, dtype=np.float32)  # one buffer for every block's products (no page faults)
-    for start in range(0, head.n_vocab, rows):
-        stop = min(start + rows, head.n_vocab)
-        z = np.matmul(x, head.rows(start, stop).T, out=z_buf[: n_cells * (stop - start)].reshape(n_cells, -1))
-        head.finish(z, start, stop)
-        acc.add(z.reshape(n_pos, n_layers, -1), start, tracked,
-                np.exp(final[:, start:stop] - f_lse[:, None]).astype(np.float32), final[:, start:stop])
-    return acc.result(f_lse, final, tracked)
+    return project_together([(head, hidden, final_logits, tracked)], keep)[0][0]
+
+
+def project_together(models: list[tuple], keep: int) -> tuple[list[Projection], Agreement | None]:
+    """project() of one or two models (each (head, hidden, final_logits, tracked), the same cells and vocabulary)
+    in one pass over the vocabulary; with two, also their Agreement: KL(A || B) from the running sum of
+    exp(z_A - m_A) (z_A - z_B), rescaled with A's log-sum-exp, so that no vocabulary row per cell is kept."""
+    n_pos, n_layers, _ = models[0][1].shape
+    n_cells = n_pos * n_layers
+    rows = min(block_rows(h.n_embd, h.n_vocab, n_cells * len(models)) for h, *_ in models)
+    sides = [_Side(h, hidden, final, tracked, keep, rows) for h, hidden, final, tracked in models]
+    n_vocab = sides[0].head.n_vocab
+    pair = len(sides) == 2
+    cross = np.zeros((n_pos, n_layers))  # sum exp(z_A - m_A) (z_A - z_B), A's running max
+    diff_buf = np.empty(n_cells * rows, dtype=np.float32) if pair else None
+    for start in range(0, n_vocab, rows):
+        stop = min(start + rows, n_vocab)
+        seen = [side.block(start, stop) for side in sides]
+        if pair:
+            (z_a, e_a, shrink), (z_b, _, _) = seen
+            d = np.subtract(z_a, z_b, out=diff_buf[: z_a.size].reshape(z_a.shape))
+            cross = cross * shrink + np.matmul(e_a[..., None, :], d[..., :, None])[..., 0, 0]
+    out = [side.result() for side in sides]
+    if not pair:
+        return out, None
+    a, b = sides[0].acc, sides[1].acc
+    lse_a, lse_b = a.lse(), b.lse()
+    kl = np.maximum(cross / a.s0 - (lse_a - lse_b), 0.0)  # sum p_A (z_A - z_B) - (lse_A - lse_B)
+    return out, Agreement(kl, out[0].top_ids[..., 0] == out[1].top_ids[..., 0])
 
 
 class _Accumulator:
@@ -272,9 +355,12 @@ class _Accumulator:
         self.d_max = np.full(n_pos, -np.inf)  # last layer: z - the model's logit, its extremes
         self.d_min = np.full(n_pos, np.inf)
 
-    def add(self, z: np.ndarray, start: int, tracked: np.ndarray, p_final: np.ndarray, final: np.ndarray) -> None:
+    def add(self, z: np.ndarray, start: int, tracked: np.ndarray, p_final: np.ndarray,
+            final: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One block: z [P, L, B] the lens's logits of vocabulary rows start..start+B; p_final and final [P, B]
-        the model's probabilities and logits there. Each pass over z is one numpy call (the block is the cost)."""
+        the model's probabilities and logits there. Each pass over z is one numpy call (the block is the cost).
+        Returns exp(z - the new running max) (in the scratch buffer: valid until the next block) and the factor the
+        earlier sums were rescaled by."""
         block_max = z.max(axis=2)
         m = np.maximum(self.m, block_max)
         e = np.subtract(z, m[..., None], out=self.scratch[: z.size].reshape(z.shape))
@@ -297,6 +383,7 @@ class _Accumulator:
                 # the token's own product, computed in this block, may differ from zt by rounding: not "above" itself
                 self.above[p, :, k] -= z[p, :, tracked[p, k] - start] > self.zt[p, :, k]
         self._merge_top(z, start, block_max)
+        return e, shrink
 
     def _merge_top(self, z: np.ndarray, start: int, block_max: np.ndarray) -> None:
         """The running top N: the first block's by partition; after it, only the few entries above their cell's
@@ -304,10 +391,11 @@ class _Accumulator:
         n_keep, width = self.keep, z.shape[2]
         vals, ids = self.top_vals.reshape(-1, n_keep), self.top_ids.reshape(-1, n_keep)
         flat = z.reshape(-1, width)
-        if start == 0:
-            n = min(n_keep, width)
-            part = np.argpartition(flat, -n, axis=1)[:, -n:]
-            vals[:, :n], ids[:, :n] = np.take_along_axis(flat, part, axis=1), part
+        if start == 0:  # by eighths of the cells: the partition's int64 indices stay a quarter of the block's size
+            n, step = min(n_keep, width), max(1, -(-flat.shape[0] // 8))
+            for i in range(0, flat.shape[0], step):
+                part = np.argpartition(flat[i: i + step], -n, axis=1)[:, -n:]
+                vals[i: i + step, :n], ids[i: i + step, :n] = np.take_along_axis(flat[i: i + step], part, axis=1), part
             return
         rows, cols = np.nonzero(flat > vals.min(axis=1)[:, None])
         if not len(rows):
@@ -323,8 +411,12 @@ class _Accumulator:
         best = np.argpartition(both_vals, -n_keep, axis=1)[:, -n_keep:]
         vals[cells], ids[cells] = np.take_along_axis(both_vals, best, axis=1), np.take_along_axis(both_ids, best, axis=1)
 
-    def result(self, f_lse: np.ndarray, final: np.ndarray, tracked: np.ndarray) -> Projection:
-        lse = self.m.astype(np.float64) + np.log(self.s0)
+    def lse(self) -> np.ndarray:
+        """Each cell's log-sum-exp over the blocks seen: [P, L] float64."""
+        return self.m.astype(np.float64) + np.log(self.s0)
+
+    def result(self, f_lse: np.ndarray) -> Projection:
+        lse = self.lse()
         order = np.argsort(-self.top_vals, axis=2, kind="stable")
         shift = lse[:, -1] - f_lse
         return Projection(

@@ -19,6 +19,8 @@ llama-context.cpp; compute buffers fitted to the sizes its log reports, see test
             alone with flash attention), plus batch × (4 n_embd + 2 n_ff) × 4 B of activations.
   runtime   the interpreter, numpy and llama.cpp's libraries (RUNTIME_BYTES), and llama.cpp's vocabulary
             tables (VOCAB_BYTES per token): both measured, see below.
+  analysis  what a command's own analysis holds beyond llama.cpp (the lens's projection buffers): the command
+            says how much, as a function of the header (checked_load's `analysis`).
   repacked  weights llama.cpp's CPU backend copies into interleaved layouts (--repack on; Q4_0, Q4_K, IQ4_NL
             and MXFP4 matrices on x86 with AVX2, Q2_K with AVX-512 too; more types on ARM): the copy has the
             size of the original. With mmap (the default) the original's file pages were read to make it and
@@ -74,11 +76,12 @@ class MemoryEstimate:
     batch: int
     kv_cells: int
     repacked: int = 0  # weights copied into repacked layouts, their mapped file pages reclaimable (docstring)
+    analysis: int = 0  # the command's own buffers beyond llama.cpp's (docstring)
 
     @property
     def total(self) -> int:
         """What the process will hold in RAM."""
-        return self.weights + self.kv + self.outputs + self.compute + self.runtime
+        return self.weights + self.kv + self.outputs + self.compute + self.runtime + self.analysis
 
     @property
     def peak(self) -> int:
@@ -95,7 +98,7 @@ class MemoryEstimate:
     def breakdown(self) -> str:
         """'weights 241.4 MiB + KV cache 36.0 MiB + ... = 1.27 GiB'."""
         parts = [("weights", self.weights), ("KV cache", self.kv), ("logits", self.outputs),
-                 ("compute", self.compute), ("runtime", self.runtime)]
+                 ("compute", self.compute), ("runtime", self.runtime)] + [("analysis", self.analysis)] * (self.analysis > 0)
         return " + ".join(f"{name} {gb(n)}" for name, n in parts) + f" = {gb(self.total)}"
 
 
@@ -281,15 +284,19 @@ def check(est: MemoryEstimate, name: str) -> None:
 
 
 def for_model(found, options, sequences: int = 1, rows: int | None = None, cells: int | None = None,
-              header=None) -> MemoryEstimate:
+              header=None, analysis=None) -> MemoryEstimate:
     """The estimate for a resolved model (stores.Found: all its parts) with these ModelOptions; `header`, its
-    GGUF header when already read."""
+    GGUF header when already read; `analysis(header)`, the bytes the command's own analysis adds."""
+    from dataclasses import replace
+
     from llamalens.modelfiles.gguf_header import read_header
     from llamalens.core.runtime import supports_gpu_offload
 
     options.validate()
-    return estimate(header or read_header(found.path), options, sequences, rows, cells, weights=found.size,
-                    gpu_offload=bool(options.gpu_layers) and supports_gpu_offload())
+    header = header or read_header(found.path)
+    est = estimate(header, options, sequences, rows, cells, weights=found.size,
+                   gpu_offload=bool(options.gpu_layers) and supports_gpu_offload())
+    return replace(est, analysis=int(analysis(header))) if analysis else est
 
 
 def fit_sequences(found, options, wanted: int, per_sequence: int) -> tuple[int, MemoryEstimate]:
@@ -307,14 +314,14 @@ def fit_sequences(found, options, wanted: int, per_sequence: int) -> tuple[int, 
 
 
 def checked_load(found, options, sequences: int = 1, rows: int | None = None, cells: int | None = None,
-                 announce=None):
+                 announce=None, analysis=None):
     """Estimate, refuse when it will not fit (unless options.force), then load: a runtime.Model. `announce()` is
-    called once the check has passed, just before llama.cpp opens the file."""
+    called once the check has passed, just before llama.cpp opens the file; `analysis`: as for_model's."""
     from llamalens.modelfiles.gguf_header import read_header
     from llamalens.core.runtime import Model
 
     header = read_header(found.path)  # read once: for the estimate, then for the model (~0.1 s on a 262k vocabulary)
-    est = for_model(found, options, sequences, rows, cells, header=header)
+    est = for_model(found, options, sequences, rows, cells, header=header, analysis=analysis)
     if not options.force:
         check(est, found.source)
     if announce:

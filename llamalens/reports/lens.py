@@ -54,6 +54,115 @@ def curves(result):
     return fig
 
 
+def pair_figure(result):
+    """Two models: KL(A || B) at every (layer, position) as a heatmap, and per layer its mean over the positions
+    with the share of positions whose top tokens agree."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    from llamalens.reports.plots import PALETTE, _figure
+
+    kl = np.array([[p.layers[k].other.kl for p in result.positions] for k in range(len(result.layers))])
+    fig = _figure(12, 4.6)
+    ax_h, ax_l = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2], "wspace": 0.3})
+    image = ax_h.imshow(kl, aspect="auto", origin="lower", cmap="magma_r", interpolation="nearest",
+                        extent=(-0.5, len(result.positions) - 0.5, -0.5, len(result.layers) - 0.5))
+    fig.colorbar(image, ax=ax_h, label="KL(A || B), nats")
+    ticks = range(0, len(result.positions), max(1, len(result.positions) // 16))
+    ax_h.set_xticks(list(ticks), [f"{result.positions[i].position} {visible(result.positions[i].token)[:8]}"
+                                  for i in ticks], rotation=60, ha="right", fontsize=7)
+    lticks = range(0, len(result.layers), max(1, len(result.layers) // 10))
+    ax_h.set_yticks(list(lticks), [str(result.layers[i]) for i in lticks])
+    ax_h.set_xlabel("position")
+    ax_h.set_ylabel("layer")
+    rows = result.by_layer()
+    ax_l.plot([r["mean_kl"] for r in rows], result.layers, color=PALETTE[1], marker=".", label="mean KL(A || B)")
+    ax_l.set_xlabel("mean KL(A || B), nats", color=PALETTE[1])
+    ax_l.set_ylabel("layer")
+    ax_l.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_s = ax_l.twiny()
+    ax_s.plot([r["same_top"] for r in rows], result.layers, color=PALETTE[0], marker=".", ls=":")
+    ax_s.set_xlim(0, 1.02)
+    ax_s.set_xlabel("share of positions with the same top token", color=PALETTE[0])
+    return fig
+
+
+MAX_HEAD_PANELS = 16
+
+
+def attention_figure(result):
+    """--attention: one panel per head, its rows the layers and its columns the prompt's tokens up to the position
+    looked at, each cell the weight that head of that layer gives the token (a layer x head grid of bars)."""
+    import numpy as np
+
+    from llamalens.reports.plots import _figure
+
+    att = result.attention
+    weights = np.array([a["heads"] for a in att["layers"]])  # [layers, heads, positions]
+    n_head = min(weights.shape[1], MAX_HEAD_PANELS)
+    cols = min(n_head, 4)
+    n_rows = -(-n_head // cols)
+    n_pos = weights.shape[2]
+    fig = _figure(min(16, 2.2 + 3.4 * cols), 0.6 + n_rows * (0.9 + 0.16 * weights.shape[0]))
+    axes = np.atleast_1d(fig.subplots(n_rows, cols, squeeze=False)).reshape(-1)
+    labels = [visible(t)[:8] for t in result.tokens[:n_pos]]
+    step = max(1, n_pos // 14)
+    for h, ax in enumerate(axes):
+        if h >= n_head:
+            ax.set_visible(False)
+            continue
+        image = ax.imshow(weights[:, h, :], aspect="auto", origin="lower", cmap="Blues", vmin=0, vmax=1,
+                          interpolation="nearest")
+        ax.set_title(f"head {h}", fontsize=9)
+        ax.set_xticks(list(range(0, n_pos, step)), labels[::step], rotation=60, fontsize=7, ha="right")
+        lsteps = range(0, weights.shape[0], max(1, weights.shape[0] // 8))
+        ax.set_yticks(list(lsteps), [str(att["layers"][i]["layer"]) for i in lsteps], fontsize=7)
+        if h % cols == 0:
+            ax.set_ylabel("layer")
+    fig.colorbar(image, ax=list(axes[:n_head]), label="attention weight", shrink=0.8)
+    return fig
+
+
+def _attention_section(doc, result) -> None:
+    att = result.attention
+    n_head = len(att["layers"][0]["heads"])
+    doc.add(Heading("Where it looked"))
+    doc.add(Figure(attention_figure(result), "lens_attention",
+                   f"The attention weights of position {att['position']} ({visible(result.tokens[att['position']])}) "
+                   f"over the prompt's tokens, per layer (rows) and head (panels)"
+                   + (f"; the first {MAX_HEAD_PANELS} of {n_head} heads" if n_head > MAX_HEAD_PANELS else "") + "."),
+            Para("Computed with flash attention off (which never forms these weights). Each row sums to 1 over "
+                 "positions 0 to the one looked at; later positions are masked. The whole table: --json, or "
+                 "to_pandas('attention') in Python.", "note"))
+    shown = min(n_head, MAX_HEAD_PANELS)
+    rows = []
+    for a in att["layers"]:
+        best = [max(range(len(row)), key=row.__getitem__) for row in a["heads"][:shown]]
+        rows.append([a["layer"], *[f"{k} {visible(result.tokens[k])} {row[k]:.2f}" for k, row in zip(best, a["heads"])]])
+    doc.add(Para("Per layer, each head's most attended position, its token and weight:"),
+            Table(["layer", *[f"head {h}" for h in range(shown)]], rows))
+
+
+def _pair_section(doc, result) -> None:
+    other = result.other
+    check = other["final_check"]
+    doc.add(Heading("Two models, layer by layer"))
+    doc.add(KeyValues([
+        ("model A", model_line(result.model)), ("model B", model_line(other["model"])),
+        ("B's last layer vs its logits", f"max |Δ logprob| {check['max_abs_logprob_diff']:.2e} nats; same top 10: "
+                                         f"{'yes' if check['same_top10'] else 'no'}")]))
+    rows = result.by_layer()
+    parted = next((r["layer"] for r in rows if r["same_top"] < 1), None)
+    doc.add(Figure(pair_figure(result), "lens_pair",
+                   "KL(A || B) between the two models' lenses at each cell (A the first model), and per layer its "
+                   "mean and the share of positions whose top tokens agree."),
+            Para("Their top tokens agree at every position and layer." if parted is None else
+                 f"Their top tokens first differ at layer {parted}.", "note"))
+    doc.add(Table(["layer", "mean KL(A || B)", "max KL(A || B)", "same top token"],
+                  [[r["layer"], round(r["mean_kl"], 5), round(r["max_kl"], 5), f"{r['same_top']:.0%}"]
+                   for r in rows]))
+
+
 def _findings(result) -> list[str]:
     last = result.positions[-1]
     out = []
@@ -105,6 +214,10 @@ def lens_document(result) -> Document:
     doc.add(Heading("The followed tokens, layer by layer"))
     doc.add(Figure(curves(result), "lens_curves",
                    f"At position {result.positions[-1].position}: probability and rank at each layer."))
+    if result.other is not None:
+        _pair_section(doc, result)
+    if result.attention is not None:
+        _attention_section(doc, result)
     doc.add(Heading("Positions"))
     doc.add(Table(["position", "token", "next in the prompt", "final answer", "p", "top from layer"],
                   [[p.position, visible(p.token), "" if p.next is None else visible(p.next),

@@ -1,10 +1,12 @@
 """The logit lens of a prompt: what each layer would predict at each position, and its stored runs.
 
-    LensSpec (prompt, targets, positions, layers, top) ──check()──► lens(model, spec) ──► LensResult
+    LensSpec (prompt, targets, positions, layers, top) ──check()──► lens(model, spec[, other]) ──► LensResult
         core/unembed.Head(model.header)    the final norm and output matrix; an unknown architecture is refused
         core/lens.capture(...)             one decode; each layer's residual stream at the wanted positions
-        core/unembed.project(...)          per cell: top N, entropy, KL to the model's own distribution, the rank
-                                           and probability of the model's final top token and of each target
+        core/unembed.project_together(...) per cell: top N, entropy, KL to the model's own distribution, the rank
+                                           and probability of the model's final top token and of each target;
+                                           with a second model (same vocabulary and layers), its lens of the same
+                                           cells and KL(first || second) there, in the same pass
 
 A cell (position p, layer l) is the distribution of the token after p that the model's head gives the residual
 stream after layer l. The last layer's cell is the model's own distribution recomputed: its largest difference
@@ -16,11 +18,12 @@ A run of kind "lens" stores one LensResult (its single sample's extra); `show`, 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from llamalens.errors import InvalidInput, StoreError
+from llamalens.errors import InvalidInput, LlamalensError, StoreError
 from llamalens.records import Rich
 from llamalens.run.lifecycle import RunInterrupted
 from llamalens.run.tree import TreeKind
@@ -44,6 +47,7 @@ class LensSpec:
     positions: str | None = None
     layers: str | None = None
     top: int = 5
+    attention: str | None = None  # a prompt position ("-1"): each layer's attention weights of that token, per head
 
     def check(self) -> "LensSpec":
         if not isinstance(self.prompt, str) or not self.prompt:
@@ -58,6 +62,9 @@ class LensSpec:
             if text is not None and not re.fullmatch(r"\s*-?\d*\s*(:\s*-?\d*\s*)?(,\s*-?\d*\s*(:\s*-?\d*\s*)?)*", text):
                 raise InvalidInput(f"{what} {text!r} is not a list of indices; write e.g. '0,4,-1' or '2:10' "
                                    "(a Python slice: -1 is the last, 2:10 stops before 10)")
+        if self.attention is not None and not re.fullmatch(r"\s*-?\d+\s*", str(self.attention)):
+            raise InvalidInput(f"--attention {self.attention!r} is not one position; write e.g. -1 (the last token) "
+                               "or 5")
         return self
 
 
@@ -92,6 +99,31 @@ class Ranked:
     rank: int = 0
 
 
+def _ranked_dicts(tokens: list[Ranked]) -> list[dict]:
+    return [{"id": t.id, "text": t.text, "prob": t.prob, "logprob": t.logprob} for t in tokens]
+
+
+def _ranked_list(items: list[dict]) -> list[Ranked]:
+    return [Ranked(t["id"], t["text"], t["prob"], t["logprob"], i + 1) for i, t in enumerate(items)]
+
+
+@dataclass
+class OtherCell:
+    """The second model's lens at the same cell (`lens -m A -m B`): KL(A || B) between the two cells'
+    distributions, whether their top tokens agree, and B's top tokens."""
+
+    kl: float
+    same_top: bool
+    top: list[Ranked]
+
+    def to_dict(self) -> dict:
+        return {"kl": self.kl, "same_top": self.same_top, "top": _ranked_dicts(self.top)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OtherCell":
+        return cls(d["kl"], d["same_top"], _ranked_list(d["top"]))
+
+
 @dataclass
 class LensCell:
     layer: int
@@ -100,21 +132,24 @@ class LensCell:
     kl_to_final: float
     final: Ranked  # the model's final top token at this position
     target: list[Ranked]
+    other: OtherCell | None = None  # with two models: the second one's lens here
 
     def to_dict(self) -> dict:
-        return {"layer": self.layer, "top": [{"id": t.id, "text": t.text, "prob": t.prob, "logprob": t.logprob}
-                                             for t in self.top],
-                "entropy": self.entropy, "kl_to_final": self.kl_to_final,
-                "final": {"id": self.final.id, "text": self.final.text, "prob": self.final.prob,
-                          "rank": self.final.rank},
-                "target": [{"text": t.text, "id": t.id, "prob": t.prob, "rank": t.rank} for t in self.target]}
+        d = {"layer": self.layer, "top": _ranked_dicts(self.top),
+             "entropy": self.entropy, "kl_to_final": self.kl_to_final,
+             "final": {"id": self.final.id, "text": self.final.text, "prob": self.final.prob,
+                       "rank": self.final.rank},
+             "target": [{"text": t.text, "id": t.id, "prob": t.prob, "rank": t.rank} for t in self.target]}
+        if self.other is not None:
+            d["other"] = self.other.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "LensCell":
-        return cls(d["layer"], [Ranked(t["id"], t["text"], t["prob"], t["logprob"], i + 1)
-                                for i, t in enumerate(d["top"])],
+        return cls(d["layer"], _ranked_list(d["top"]),
                    d["entropy"], d["kl_to_final"], Ranked(**{"logprob": 0.0, **d["final"]}),
-                   [Ranked(t["id"], t["text"], t["prob"], 0.0, t["rank"]) for t in d["target"]])
+                   [Ranked(t["id"], t["text"], t["prob"], 0.0, t["rank"]) for t in d["target"]],
+                   OtherCell.from_dict(d["other"]) if d.get("other") else None)
 
 
 @dataclass
@@ -153,11 +188,14 @@ class LensResult(Rich):
     model: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     run_id: int | None = None
+    other: dict | None = None  # with two models: the second's {"model", "head", "final_check"}; cells hold its lens
+    attention: dict | None = None  # {"position", "layers": [{"layer", "heads": [[weight per position 0..p]]}]}
 
     def to_dict(self) -> dict:
         return {"lens": EXTRA_VERSION, "prompt": self.prompt, "tokens": self.tokens, "targets": self.targets,
                 "layers": self.layers, "n_layer": self.n_layer, "head": self.head, "final_check": self.final_check,
-                "model": self.model, "notes": self.notes, "run_id": self.run_id,
+                "model": self.model, "notes": self.notes, "run_id": self.run_id, "other": self.other,
+                "attention": self.attention,
                 "positions": [p.to_dict() for p in self.positions]}
 
     @classmethod
@@ -166,12 +204,16 @@ class LensResult(Rich):
             raise StoreError("this lens run was stored by another llamalens version; run the lens again")
         return cls(d["prompt"], d["tokens"], d["targets"], d["layers"], d["n_layer"],
                    [LensPosition.from_dict(p) for p in d["positions"]], d["head"], d["final_check"],
-                   d.get("model", {}), d.get("notes", []), d.get("run_id"))
+                   d.get("model", {}), d.get("notes", []), d.get("run_id"), d.get("other"), d.get("attention"))
 
-    def to_pandas(self):
+    def to_pandas(self, table: str = "cells"):
+        """table "cells": a row per (position, layer); "attention" (with --attention): a row per (layer, head,
+        attended position) with its weight."""
         import pandas as pd
 
-        return pd.DataFrame(self.cells())
+        if table not in ("cells", "attention"):
+            raise InvalidInput(f"table {table!r}: a lens has the tables 'cells' and 'attention'")
+        return pd.DataFrame(self.cells() if table == "cells" else self.attention_rows())
 
     def cells(self) -> list[dict]:
         """One row per (position, layer): the table `export` writes and the Python API's DataFrame."""
@@ -184,8 +226,32 @@ class LensResult(Rich):
                        "final_prob": c.final.prob, "final_rank": c.final.rank}
                 for k, t in enumerate(c.target):
                     row[f"target{k}_text"], row[f"target{k}_prob"], row[f"target{k}_rank"] = t.text, t.prob, t.rank
+                if c.other is not None:
+                    row.update(other_kl=c.other.kl, other_same_top=c.other.same_top, other_top_id=c.other.top[0].id,
+                               other_top_text=c.other.top[0].text, other_top_prob=c.other.top[0].prob)
                 rows.append(row)
         return rows
+
+    def attention_rows(self) -> list[dict]:
+        """With --attention: a row per (layer, head, attended position) with its weight (the attention table)."""
+        if self.attention is None:
+            return []
+        return [{"position": self.attention["position"], "layer": a["layer"], "head": h, "attended": k,
+                 "attended_token": self.tokens[k], "weight": w}
+                for a in self.attention["layers"] for h, row in enumerate(a["heads"]) for k, w in enumerate(row)]
+
+    def by_layer(self) -> list[dict]:
+        """With two models: per layer, KL(A || B) over the positions (mean, max) and the share of positions whose
+        top tokens agree."""
+        if self.other is None:
+            return []
+        out = []
+        for k, layer in enumerate(self.layers):
+            cells = [p.layers[k].other for p in self.positions]
+            kl = [c.kl for c in cells]
+            out.append({"layer": layer, "mean_kl": float(np.mean(kl)), "max_kl": float(np.max(kl)),
+                        "same_top": sum(c.same_top for c in cells) / len(cells)})
+        return out
 
 
 def settles_at(top_ids: list[int], layers: list[int], final: int) -> int | None:
@@ -224,46 +290,177 @@ def _target_tokens(model, targets: list[str]) -> list[dict]:
     return out
 
 
-def lens(model, spec: LensSpec) -> LensResult:
-    """The logit lens of spec.prompt on a loaded Model (core/runtime.py)."""
-    from llamalens.core.lens import capture
-    from llamalens.core.unembed import Head, project
+@dataclass
+class _Look:
+    """One model's decode of the prompt for the lens: its head, the cells' residual streams and its own logits."""
 
-    spec.check()
+    head: object  # core/unembed.Head
+    tokens: list[int]
+    positions: list[int]
+    layers: list[int]
+    n_layer: int
+    capture: object  # core/lens.Capture
+    tracked: np.ndarray  # [P, 1 + targets]: the model's final top token, then the targets
+
+
+def _look(model, spec: LensSpec, targets: list[dict] | None = None,
+          attention_at: int | None = None) -> tuple[_Look, list[dict]]:
+    from llamalens.core.lens import capture
+    from llamalens.core.unembed import Head
+
     head = Head(model.header)  # refuses an architecture it does not know before anything is decoded
     n_layer = int(model.header.arch_key("block_count") or 0)
     tokens = model.prompt_tokens(spec.prompt)
     positions, layers = _sizes(model, spec, len(tokens), n_layer)
-    targets = _target_tokens(model, spec.targets)
-    cap = capture(model, tokens, positions, layers)
+    targets = _target_tokens(model, spec.targets) if targets is None else targets
+    cap = capture(model, tokens, positions, layers, attention_at)
     final_top = cap.logits.argmax(axis=1)
     tracked = np.stack([final_top] + [np.full(len(positions), t["id"]) for t in targets], axis=1)
-    pr = project(head, cap.hidden.transpose(1, 0, 2), cap.logits, tracked, max(spec.top, KEEP))
+    return _Look(head, tokens, positions, layers, n_layer, cap, tracked), targets
+
+
+def _check_pair(a_model, b_model, a: _Look, b_tokens: list[int], b_layers: int) -> None:
+    from llamalens.looks.compare import check_same_vocab
+
+    check_same_vocab(a_model, b_model)
+    if b_tokens != a.tokens:
+        raise InvalidInput(f"{a_model.path.name} and {b_model.path.name} tokenize the prompt differently; their "
+                           "lenses cannot be compared position by position")
+    if b_layers != a.n_layer:
+        raise InvalidInput(f"{a_model.path.name} has {a.n_layer} layers and {b_model.path.name} {b_layers}; the lens "
+                           "compares two models layer by layer (give two quantizations of one model)")
+
+
+def _check(pr, look: _Look) -> dict:
+    own_top10 = np.argsort(-look.capture.logits, axis=1, kind="stable")[:, :KEEP]
+    return {"max_abs_logprob_diff": float(pr.final_error.max()),
+            "same_top10": bool((own_top10 == pr.top_ids[:, -1, :KEEP]).all())}
+
+
+def lens(model, spec: LensSpec, other=None) -> LensResult:
+    """The logit lens of spec.prompt on a loaded Model (core/runtime.py). `other`: with two models, a callable
+    that loads the second (a context manager closing it): it is decoded while the first stays loaded, closed, and
+    both are projected in one pass; each cell then also holds the second's lens and KL(first || second)."""
+    from llamalens.core.unembed import project_together
+
+    spec.check()
+    at = _attention_position(model, spec)
+    a, targets = _look(model, spec, attention_at=at)
+    looks, other_info = [a], None
+    if other is not None:
+        with other() as m_b:
+            n_layer_b = int(m_b.header.arch_key("block_count") or 0)
+            _check_pair(model, m_b, a, m_b.prompt_tokens(spec.prompt), n_layer_b)
+            b, _ = _look(m_b, spec, targets)
+            b.tracked[:, 1:] = a.tracked[:, 1:]  # the same target ids (one vocabulary)
+            looks.append(b)
+            other_info = {"model": m_b.info.to_dict(), "head": b.head.describe()}
+    keep = max(spec.top, KEEP)
+    prs, agree = project_together([(x.head, x.capture.hidden.transpose(1, 0, 2), x.capture.logits, x.tracked)
+                                   for x in looks], keep)
     notes = [f"target {t['text']!r} is {t['n_tokens']} tokens; the lens follows its first, {t['token']!r}"
              for t in targets if t["n_tokens"] > 1]
-    own_top10 = np.argsort(-cap.logits, axis=1, kind="stable")[:, :KEEP]
-    check = {"max_abs_logprob_diff": float(pr.final_error.max()),
-             "same_top10": bool((own_top10 == pr.top_ids[:, -1, :KEEP]).all())}
-    texts = [model.token_text(t)[0] for t in tokens]
+    if other_info is not None:
+        other_info["final_check"] = _check(prs[1], looks[1])
+    texts = [model.token_text(t)[0] for t in a.tokens]
     out = []
-    for j, p in enumerate(positions):
-        cells = [_cell(model, pr, j, k, layer, tracked[j], targets, spec.top) for k, layer in enumerate(layers)]
-        out.append(LensPosition(p, texts[p], texts[p + 1] if p + 1 < len(tokens) else None, cells,
-                                settles_at([c.top[0].id for c in cells], layers, int(final_top[j]))))
-    return LensResult(spec.prompt, texts, targets, layers, n_layer, out, head.describe(), check,
-                      model=model.info.to_dict(), notes=notes)
+    for j, p in enumerate(a.positions):
+        cells = [_cell(model, prs[0], j, k, layer, a.tracked[j], targets, spec.top) for k, layer in enumerate(a.layers)]
+        if agree is not None:
+            for k, c in enumerate(cells):
+                c.other = OtherCell(float(agree.kl[j, k]), bool(agree.same_top[j, k]),
+                                    _tops(model, prs[1], j, k, spec.top))
+        out.append(LensPosition(p, texts[p], texts[p + 1] if p + 1 < len(a.tokens) else None, cells,
+                                settles_at([c.top[0].id for c in cells], a.layers, int(a.tracked[j, 0]))))
+    return LensResult(spec.prompt, texts, targets, a.layers, a.n_layer, out, a.head.describe(), _check(prs[0], a),
+                      model=model.info.to_dict(), notes=notes, other=other_info,
+                      attention=None if at is None else _attention(a.capture.attention, at))
+
+
+# the weight a row may put outside positions 0..p (float32 rounding of a softmax; more means the KV cells do not
+# hold the positions in order, and the weights are not shown)
+OUTSIDE_TOLERANCE = 1e-4
+
+
+def _attention_position(model, spec: LensSpec) -> int | None:
+    """The prompt position whose attention is recorded (None: none); refused unless flash attention is off."""
+    if spec.attention is None:
+        return None
+    if model.options.flash_attn != "off":
+        raise InvalidInput("the attention view reads the attention weights, which flash attention never forms: load the "
+                           "model with flash attention off (--flash-attn off; the command sets it with --attention)")
+    n = len(model.prompt_tokens(spec.prompt))
+    return indices(str(spec.attention), n, "--attention", [])[0]
+
+
+def _attention(weights: dict, at: int) -> dict:
+    layers = []
+    for layer in sorted(weights):
+        w = weights[layer].astype(np.float64)
+        outside = float(w[:, at + 1:].sum(axis=1).max(initial=0.0))
+        if outside > OUTSIDE_TOLERANCE or np.abs(w[:, : at + 1].sum(axis=1) - 1).max() > OUTSIDE_TOLERANCE:
+            raise LlamalensError(f"layer {layer}'s attention weights put {outside:.2g} outside positions 0 to {at}: the KV "
+                             "cache does not hold the prompt in order here, so they cannot be placed on its tokens")
+        layers.append({"layer": layer, "heads": [[float(x) for x in row] for row in weights[layer][:, : at + 1]]})
+    return {"position": at, "layers": layers}
+
+
+def _ranked(model, t: int, lp: float, rank: int) -> Ranked:
+    return Ranked(int(t), model.token_text(int(t))[0], float(np.exp(lp)), float(lp), int(rank))
+
+
+def _tops(model, pr, j: int, k: int, top: int) -> list[Ranked]:
+    return [_ranked(model, t, lp, i + 1) for i, (t, lp) in enumerate(zip(pr.top_ids[j, k, :top],
+                                                                          pr.top_logprobs[j, k, :top]))]
 
 
 def _cell(model, pr, j: int, k: int, layer: int, tracked, targets: list[dict], top: int) -> LensCell:
-    def ranked(t: int, lp: float, rank: int) -> Ranked:
-        return Ranked(int(t), model.token_text(int(t))[0], float(np.exp(lp)), float(lp), int(rank))
-
-    tops = [ranked(t, lp, i + 1) for i, (t, lp) in enumerate(zip(pr.top_ids[j, k, :top], pr.top_logprobs[j, k, :top]))]
-    followed = [ranked(t, pr.tracked_logprobs[j, k, q], pr.tracked_ranks[j, k, q]) for q, t in enumerate(tracked)]
+    followed = [_ranked(model, t, pr.tracked_logprobs[j, k, q], pr.tracked_ranks[j, k, q])
+                for q, t in enumerate(tracked)]
     for f, t in zip(followed[1:], targets):
         f.text = t["text"]
-    return LensCell(layer, tops, float(pr.entropy[j, k]), float(pr.kl[j, k]), followed[0], followed[1:])
+    return LensCell(layer, _tops(model, pr, j, k, top), float(pr.entropy[j, k]), float(pr.kl[j, k]), followed[0],
+                    followed[1:])
 
+
+@contextmanager
+def lens_of(models: list, spec: LensSpec, load, say=None):
+    """The lens of one model, or of two compared layer by layer: `load(model, analysis)` loads one as a context
+    manager (with the memory check's `analysis`; `say`, memory_need's); yields (the first model, still loaded, and
+    the LensResult)."""
+    if not 1 <= len(models) <= 2:
+        raise InvalidInput(f"the lens takes one model, or two to compare (-m A -m B); got {len(models)}")
+    need = memory_need(spec, len(models), say)
+    with load(models[0], need) as model:
+        yield model, lens(model, spec, None if len(models) == 1 else (lambda: load(models[1], need)))
+
+
+def _most_positions(spec: LensSpec) -> int:
+    """The most positions the spec can select, known before the prompt is tokenized (a token has at least one
+    byte; with BOS and EOS at most 2 more)."""
+    most = min(MAX_POSITIONS, len(spec.prompt.encode("utf-8")) + 2)
+    if spec.positions is None or not spec.positions.strip():
+        return min(most, DEFAULT_POSITIONS)
+    parts = spec.positions.split(",")
+    return most if any(":" in part for part in parts) else min(most, len(parts))
+
+
+def memory_need(spec: LensSpec, models: int, say=None):
+    """For the memory check (memory.checked_load's `analysis`): the bytes this lens adds to the model at most, per
+    its header (the layers the spec selects, the positions it can); `say(text)` states it before the model loads."""
+    def need(header) -> int:
+        from llamalens.core.unembed import lens_bytes
+        from llamalens.visible import size_text
+
+        n_layer = int(header.arch_key("block_count") or 0)
+        n_layers = len(set(indices(spec.layers, n_layer, "--layers", list(range(n_layer)))) | {n_layer - 1})
+        positions = _most_positions(spec)
+        n = lens_bytes(header, models, min(MAX_CELLS, positions * n_layers), positions)
+        if say is not None:
+            say(f"the lens's own buffers: up to {size_text(n)} beyond the model (counted in the memory check)")
+        return n
+
+    return need
 
 
 # -- stored runs ---------------------------------------------------------------------------------------
