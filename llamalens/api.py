@@ -529,7 +529,7 @@ def _compare_run(models, text, run, store, protocol, stride, name, progress, mod
     st = _store(store)
     with _model(str(req.files[0]), model_options, rows=model_options.get("batch") or _default("batch")) as base:
         run_id = req.start(base, st, "ll.compare", _note)
-        with _bar(progress, st.run(run_id).n_samples - 1, "comparing", "model window") as bar:
+        with _bar(progress, st.run(run_id).n_samples - 1, "comparing", "unit") as bar:
             req.execute(base, st, run_id, _sweep_ticks(bar))
     return req.result(st, run_id)
 

@@ -14,7 +14,8 @@ from llamalens.commands.output import alternatives, no_answer, check_report_path
 
 # what a resumed compare run takes from the store; giving any of these with --resume is refused, not ignored
 RUN_DEFINED = ("text", "file", "raw_bytes", "protocol", "stride", "model_paths", "run_id", "name", "ctx", "batch",
-               "flash_attn", "gpu_layers", "ubatch", "swa_full", "repack")
+               "flash_attn", "gpu_layers", "ubatch", "swa_full", "repack", "prompts_path", "choices", "normalize",
+               "max_tokens")
 
 
 @click.command(cls=GroupedCommand)
@@ -28,6 +29,15 @@ RUN_DEFINED = ("text", "file", "raw_bytes", "protocol", "stride", "model_paths",
 @click.option("--name", default=None, help="A name for the compare run.")
 @click.option("--resume", "resume_id", default=None, help="Finish an interrupted compare run (its missing windows "
                                                            "only).")
+@click.option("--prompts", "prompts_path", default=None, type=click.Path(dir_okay=False),
+              help="Flips: prompts every model answers greedily (one a line), or questions (.jsonl: \"prompt\", "
+                   "\"options\", \"answer\"); how many answers differ from the base's.")
+@click.option("--option", "choices", multiple=True,
+              help="With --prompts: every prompt is a multiple-choice question with these options (repeat).")
+@click.option("--normalize", type=click.Choice(["none", "token", "byte"]), default="none", show_default=True,
+              help="How options are ranked, as choose: total logprob, or per token / byte.")
+@click.option("--max-tokens", type=click.IntRange(1, 1024), default=32, show_default=True,
+              help="Tokens of each greedy answer to --prompts, at most.")
 @click.option("--chart", "chart_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the ladder chart (mean and 99% KLD against file size) as a PNG.")
 @ray_options
@@ -35,7 +45,7 @@ RUN_DEFINED = ("text", "file", "raw_bytes", "protocol", "stride", "model_paths",
 @runtime_options
 @fail_cleanly
 def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model_paths, run_id, top, name, resume_id,
-            chart_path, store_path, **kw):
+            prompts_path, choices, normalize, max_tokens, chart_path, store_path, **kw):
     """How far models drift from a base model on the same tokens: KL divergence, Δp, same top token.
 
     Any number of models against the first (the base), on the same windows of a text: every figure
@@ -46,6 +56,7 @@ def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model
     \b
     llamalens compare -m model-f16.gguf -m q8_0.gguf -m q4_k_m.gguf -m q2_k.gguf --file wiki.test.raw --report ladder.html
     llamalens compare -m model-q8_0.gguf -m model-q4_k_m.gguf --file wiki.test.raw --ctx 512 --protocol llama-perplexity
+    llamalens compare -m model-f16.gguf -m q4_k_m.gguf --prompts questions.jsonl   # answers that flip
     llamalens compare --resume 9                         # after Ctrl-C, a kill or a crash
     llamalens compare --run 7 -m model-q2_k.gguf        # what a model thinks of run 7's text
     llamalens compare -m A.gguf -m B.gguf --file corpus.txt --ctx 512 --threads 4 --ray auto   # on a Ray cluster
@@ -69,22 +80,33 @@ def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model
         if ray_address is not None:
             raise click.UsageError("--ray compares the windows of a text; --run compares a run's samples in this "
                                    "process: drop --ray")
+        if prompts_path:
+            raise click.UsageError("--prompts is answered in a compare run on a text (or alone), not with --run; "
+                                   "drop one")
         return _on_run(Store(store_path, read_only=True), run_id, model_paths, as_json, report_path, top, kw)
     from llamalens.commands.score import read_text
+    from llamalens.looks.flips import read_questions
 
-    req = CompareRequest(list(model_paths), read_text(text, file, raw_bytes), protocol=protocol, stride=stride,
-                         name=name)
+    if choices and not prompts_path:
+        raise click.UsageError("--option makes each prompt of --prompts a multiple-choice question: give --prompts")
+    questions = read_questions(prompts_path, tuple(choices)) if prompts_path else []
+    source = read_text(text, file, raw_bytes) if text is not None or file or not questions else None
+    req = CompareRequest(list(model_paths), source, protocol=protocol, stride=stride, name=name, questions=questions,
+                         max_tokens=max_tokens, normalize=normalize)
     req.check()
     options = pop_model_options(kw)
     if ray_address is not None:
+        if questions:
+            raise click.UsageError("--ray compares two models on a text; --prompts answers in a compare run in this "
+                                   "process: drop one")
         return _pairwise_on_ray(req, options, ray_address, workers, as_json, report_path, top)
     store = Store(store_path)
     base = load_model(str(req.files[0]), options, rows=options.batch)
     say(f"checking {len(req.files) - 1} model(s) against {req.files[0].name} ...", err=True)
     run_id = req.start(base, store, shell_command(["llamalens"] + sys.argv[1:]), lambda n: say(f"note: {n}", err=True))
     info = store.run(run_id)
-    say(f"compare run {run_id}: {len(req.files) - 1} model(s) x {info.n_samples - 1} window(s) to decode "
-        f"against {req.files[0].name}; store {store.path}", err=True)
+    say(f"compare run {run_id}: {len(req.files) - 1} model(s) against {req.files[0].name}, {info.n_samples - 1} "
+        f"unit(s) to decode (a model on a window, or a model's answer); store {store.path}", err=True)
     _finish(base, store, run_id, as_json, report_path, chart_path, top)
 
 
@@ -113,7 +135,7 @@ def _finish(base, store, run_id, as_json, report_path, chart_path, top) -> None:
     from llamalens.looks.requests import CompareRequest
 
     until_done(lambda: CompareRequest.execute(base, store, run_id, sweep_progress(
-        lambda p: f"{p.done - 1}/{p.total - 1} model windows")))
+        lambda p: f"{p.done - 1}/{p.total - 1} units")))
     ladder = show_compare(store, run_id, as_json, top=top)
     if report_path:
         from llamalens.reports.ladder import ladder_document
@@ -157,7 +179,10 @@ def show_compare(store, run_id, as_json, texts: bool = False, top: int = 10, ans
                      f"{r['bpw']:.3f}", f"{r['ppl']:.4f}", f"{r['ppl_ratio']:.5f}", f"{r['kld_mean']:.6f}",
                      f"{r['kld_p99']:.6f}", f"{r['kld_max']:.4f}", f"{r['dp_rms'] * 100:.3f}%",
                      f"{r['same_top'] * 100:.2f}%"))
-    print_table(rows, right=set(range(2, 11)))
+    if len(rows) > 1:
+        print_table(rows, right=set(range(2, 11)))
+    if ladder.flips is not None:
+        _show_flips(ladder, top)
     for m in ladder.by_size():
         if m.index not in ladder.drift:
             continue
@@ -174,6 +199,43 @@ def show_compare(store, run_id, as_json, texts: bool = False, top: int = 10, ans
     if not ladder.complete:
         say(f"this comparison is not finished: resume it with `llamalens compare --resume {info.id}`", err=True)
     return ladder
+
+
+def _show_flips(ladder, top: int) -> None:
+    """The flips table (answers that differ from the base's), then per model the first `top` flipped answers."""
+    from llamalens.visible import visible
+
+    flips = ladder.flips
+    order = [m.index for m in ladder.by_size()]
+    say("")
+    say("== flips: answers that change against the base's")
+    print_table([flips.header()] + [[visible(str(c)) for c in r] for r in flips.rows(order)], right={2, 3, 4})
+    say(flips.describe())
+    for k in order:
+        flipped = [d for i in range(len(flips.questions)) if (d := flips.detail(k, i)) and d["flipped"]][:top]
+        if not flipped:
+            continue
+        say(f"-- {visible(ladder.models[k].quantization)} ({visible(ladder.models[k].name)}): "
+            f"{len(flipped)} flipped answer(s) shown")
+        rows = [("#", "prompt", "base", "this model", "at")]
+        for d in flipped:
+            q = flips.questions[d["question"]]
+            if q.options:
+                rows.append((d["question"], visible(_cut(q.prompt)), visible(d["base_pick"]), visible(d["pick"]), ""))
+            else:
+                rows.append((d["question"], visible(_cut(q.prompt)), visible(_cut(d["base_text"])),
+                             visible(_cut(d["text"])), f"{d['at']}: {_tok(d['base_token'])} → {_tok(d['token'])}"))
+        print_table(rows, right={0})
+
+
+def _cut(s: str, n: int = 40) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _tok(t) -> str:
+    from llamalens.visible import visible
+
+    return "[end]" if t is None else visible(t)
 
 
 def _exp(lp: float) -> float:

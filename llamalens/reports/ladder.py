@@ -8,6 +8,7 @@ from llamalens.reports.texts import model_line
 from llamalens.visible import prob_text, visible
 
 GIB = 2**30
+FLIPS_LISTED = 50  # flipped answers listed per model
 
 
 def ladder_figure(ladder):
@@ -21,13 +22,13 @@ def ladder_figure(ladder):
                         [s["kld_p99"] for s in stats], visible(ladder.base.quantization, edge_spaces=False))
 
 
-def ladder_document(ladder, flips=None) -> Document:
+def ladder_document(ladder) -> Document:
     from llamalens.looks.kld_stats import statistic_lines
-    from llamalens.reports import plots
 
     rows = ladder.table()
     worst_q = rows[0]["quantization"] if rows else "?"
-    doc = Document(f"llamalens compare: {len(rows)} model{'s' if len(rows) != 1 else ''} against "
+    n = len(ladder.models) - 1
+    doc = Document(f"llamalens compare: {n} model{'s' if n != 1 else ''} against "
                    f"{ladder.base.quantization}", fields=[], alt_titles=[])
     doc.add(KeyValues([("base", model_line(ladder.base.info)),
                        ("run", f"{ladder.info.id} ({ladder.info.status})"),
@@ -39,23 +40,10 @@ def ladder_document(ladder, flips=None) -> Document:
     if not ladder.complete:
         doc.add(Para("This comparison is not finished: the figures cover the windows saved so far "
                      f"(`llamalens compare --resume {ladder.info.id}` finishes it).", "warn"))
-    doc.add(Heading("The ladder"))
-    doc.add(Table(["model", "quantization", "size (GiB)", "bits per weight", "PPL", "PPL ratio", "mean KLD",
-                   "± KLD", "99% KLD", "max KLD", "RMS Δp", "same top"],
-                  [[visible(r["model"], edge_spaces=False), visible(r["quantization"], edge_spaces=False),
-                    round(r["file_size"] / GIB, 3), round(r["bpw"], 3), r["ppl"], r["ppl_ratio"], r["kld_mean"],
-                    r["kld_error"], r["kld_p99"], r["kld_max"], r["dp_rms"], r["same_top"]] for r in rows],
-                  caption="Compared models by file size, smallest first. KLD = KL(A‖B), A the base and B the "
-                          "compared model, over the whole vocabulary in nats per token; bits per weight from each file's header; Δp = p(model) − "
-                          "p(base) of the actual token; same top = share of tokens where both rank the same token "
-                          f"first. The smallest here: {visible(worst_q, edge_spaces=False)}.", sortable=True))
-    doc.add(Figure(ladder_figure(ladder), "ladder", "Mean and 99th-percentile KL divergence against file size."))
-    doc.add(Figure(plots.histograms({visible(m.quantization, edge_spaces=False) + f" ({m.index})":
-                                     ladder.drift[m.index].kld for m in ladder.by_size() if m.index in ladder.drift},
-                                    "KL(base‖model) per token (nats)"),
-                   "kld_histogram", "Distribution of per-token KL divergence, per model."))
-    if flips is not None:
-        flip_blocks(doc, flips)
+    if rows:
+        _ladder_blocks(doc, ladder, rows, worst_q)
+    if ladder.flips is not None:
+        flip_blocks(doc, ladder.flips, [m.index for m in ladder.by_size()])
     for m in ladder.by_size():
         if m.index not in ladder.drift:
             continue
@@ -71,6 +59,26 @@ def ladder_document(ladder, flips=None) -> Document:
     return doc
 
 
+def _ladder_blocks(doc: Document, ladder, rows: list[dict], worst_q: str) -> None:
+    from llamalens.reports import plots
+
+    doc.add(Heading("The ladder"))
+    doc.add(Table(["model", "quantization", "size (GiB)", "bits per weight", "PPL", "PPL ratio", "mean KLD",
+                   "± KLD", "99% KLD", "max KLD", "RMS Δp", "same top"],
+                  [[visible(r["model"], edge_spaces=False), visible(r["quantization"], edge_spaces=False),
+                    round(r["file_size"] / GIB, 3), round(r["bpw"], 3), r["ppl"], r["ppl_ratio"], r["kld_mean"],
+                    r["kld_error"], r["kld_p99"], r["kld_max"], r["dp_rms"], r["same_top"]] for r in rows],
+                  caption="Compared models by file size, smallest first. KLD = KL(A‖B), A the base and B the "
+                          "compared model, over the whole vocabulary in nats per token; bits per weight from each file's header; Δp = p(model) − "
+                          "p(base) of the actual token; same top = share of tokens where both rank the same token "
+                          f"first. The smallest here: {visible(worst_q, edge_spaces=False)}.", sortable=True))
+    doc.add(Figure(ladder_figure(ladder), "ladder", "Mean and 99th-percentile KL divergence against file size."))
+    doc.add(Figure(plots.histograms({visible(m.quantization, edge_spaces=False) + f" ({m.index})":
+                                     ladder.drift[m.index].kld for m in ladder.by_size() if m.index in ladder.drift},
+                                    "KL(base‖model) per token (nats)"),
+                   "kld_histogram", "Distribution of per-token KL divergence, per model."))
+
+
 def _p(lp: float) -> float:
     import math
 
@@ -81,12 +89,36 @@ def _alts(alts: list) -> str:
     return "  ".join(f"{visible(text, hexb)} {prob_text(_p(lp), 3)}" for _i, text, hexb, lp in alts[:3])
 
 
-def flip_blocks(doc: Document, flips) -> None:
-    """Answers that change against the base's (looks/flips.py)."""
+def flip_blocks(doc: Document, flips, order: list[int]) -> None:
+    """Answers that change against the base's (looks/flips.py): the share per model, then its flipped answers."""
     doc.add(Heading("Flips: answers that change"))
     doc.add(Para(flips.describe(), "note"))
-    doc.add(Table(flips.header(), flips.rows(), caption="Share of prompts whose answer differs from the base's.",
-                  sortable=False))
+    doc.add(Table(flips.header(), [[visible(str(c), edge_spaces=False) for c in r] for r in flips.rows(order)],
+                  caption="Per compared model (by file size): greedy answers that differ from the base's, the "
+                          "median generated token where they first differ, multiple-choice picks that flip, and "
+                          "the accuracy where the questions give the right answer.", sortable=False))
+    for k in order:
+        details = [d for i in range(len(flips.questions)) if (d := flips.detail(k, i)) and d["flipped"]]
+        if not details:
+            continue
+        m = flips.models[k]
+        rows = []
+        for d in details[:FLIPS_LISTED]:
+            q = flips.questions[d["question"]]
+            if q.options:
+                rows.append([d["question"], visible(q.prompt), visible(d["base_pick"]), visible(d["pick"]), ""])
+            else:
+                rows.append([d["question"], visible(q.prompt), visible(d["base_text"]), visible(d["text"]),
+                             f"{d['at']}: {_token(d['base_token'])} → {_token(d['token'])}"])
+        doc.add(Table(["#", "prompt", "base's answer", "this model's answer", "first differs at"], rows,
+                      caption=f"{visible(str(m.get('quantization')), edge_spaces=False)} "
+                              f"({visible(str(m.get('name')), edge_spaces=False)}): the answers that flip"
+                              + (f" (the first {FLIPS_LISTED} of {len(details)})" if len(details) > FLIPS_LISTED
+                                 else "") + "."))
+
+
+def _token(t) -> str:
+    return "[end]" if t is None else visible(t)
 
 
 def ladder_run_document(run) -> Document:

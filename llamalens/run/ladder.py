@@ -72,6 +72,7 @@ class Ladder(Rich):
     n_tokens: int
     n_windows: int
     notes: list[str] = field(default_factory=list)
+    flips: object = None  # looks/flips.Flips when the run has questions (compare --prompts)
 
     @property
     def base(self) -> LadderModel:
@@ -79,8 +80,10 @@ class Ladder(Rich):
 
     @property
     def complete(self) -> bool:
-        return all(d.windows_done == self.n_windows for d in self.drift.values()) and len(self.drift) == len(
-            self.models) - 1
+        windows = not self.n_windows or (all(d.windows_done == self.n_windows for d in self.drift.values())
+                                         and len(self.drift) == len(self.models) - 1)
+        answers = self.flips is None or len(self.flips.answers) == len(self.models) * len(self.flips.questions)
+        return windows and answers
 
     def stats(self, k: int) -> dict:
         from llamalens.looks.kld_stats import kld_statistics
@@ -122,6 +125,8 @@ class Ladder(Rich):
                                        "logprob_q": d.lp_q.tolist(), "logprob_base": d.lp_base.tolist(),
                                        "same_top": d.same_top.tolist()}
             out["models"].append(entry)
+        if self.flips is not None:
+            out["flips"] = self.flips.to_dict()
         return out
 
     def to_pandas(self):
@@ -141,6 +146,8 @@ def _model_dict(m: LadderModel) -> dict:
 
 def load_ladder(store: Store, run_id) -> Ladder:
     """A compare run read back: what is saved of it so far (an interrupted run gives its finished units)."""
+    from llamalens.looks.flips import Flips, Question
+    from llamalens.run.answers import AnswerResult
     from llamalens.run.compare import UnitResult, read_spec
 
     info = store.run(run_id)
@@ -148,10 +155,14 @@ def load_ladder(store: Store, run_id) -> Ladder:
     models = [LadderModel(i, e["path"], e["info"], e["sha256"], float(e["bpw"]) if e.get("bpw") is not None
                           else math.nan) for i, e in enumerate(spec["models"])]
     units: dict[int, list] = {}
+    answers = {}
     for s in store.samples(info.id):
         if s.extra and s.extra.get("role") == "unit":
             u = UnitResult.from_extra(s.sample_idx, s.extra)
             units.setdefault(u.model, []).append(u)
+        elif s.extra and s.extra.get("role") == "answer":
+            a = AnswerResult.from_extra(s.sample_idx, s.extra).answer
+            answers[(a.model, a.question)] = a
     drift = {}
     for k, us in units.items():
         us.sort(key=lambda u: u.window)
@@ -159,34 +170,64 @@ def load_ladder(store: Store, run_id) -> Ladder:
                                                                                "same_top")]
         drift[k] = ModelDrift(*arrays, [p for u in us for p in u.worst], len(us), sum(u.seconds for u in us))
     n_tokens = len(spec["stream"]) - spec["offset"]
+    flips = None
+    if spec.get("questions"):
+        flips = Flips([Question.from_dict(q) for q in spec["questions"]], [m.info for m in models], answers,
+                      spec.get("normalize", "none"), int(spec.get("max_tokens", 0)))
     return Ladder(info, models, drift, spec["protocol"], spec["ctx"], spec.get("stride"), n_tokens,
-                  len(spec["windows"]), list(spec.get("notes", [])))
+                  len(spec["windows"]), list(spec.get("notes", [])), flips)
 
 
-COMPARISON_TOKEN_COLUMNS = ["run_id", "model", "model_name", "quantization", "window", "position", "token_id", "kld",
-                            "logprob_q", "logprob_base", "dp", "same_top"]
+COMPARISON_TOKEN_COLUMNS = ["run_id", "row", "model", "model_name", "quantization", "window", "question", "position",
+                            "token_id", "text", "kld", "logprob_q", "logprob_base", "dp", "same_top", "flipped"]
 
 
 def comparison_tokens(run, _tokens=None):
-    """What `export` writes for a compare run (the compare kind's token_columns): one row per compared model and
-    scored token, read from the run's saved units (a run.loaded.LoadedRun)."""
+    """What `export` writes for a compare run (the compare kind's token_columns), read from the run's saved units
+    (a run.loaded.LoadedRun): row "kld", one per compared model and scored token of the text; with questions,
+    row "answer", one per model and token of its greedy answer (flipped: at or after the first token where it
+    differs from the base's answer), and row "pick", one per model and multiple-choice question (text: the option
+    it picks, logprob_q: that option's logprob, flipped: not the base's pick)."""
     import pandas as pd
 
+    from llamalens.looks.flips import Flips, Question
+    from llamalens.run.answers import AnswerResult
     from llamalens.run.compare import UnitResult
 
     spec = next((s.extra for s in run.samples if s.extra and s.extra.get("role") == "spec"), None)
     if spec is None:
         return pd.DataFrame([], columns=COMPARISON_TOKEN_COLUMNS)
     stream, offset, models = spec["stream"], spec["offset"], spec["models"]
-    rows = []
+    rows, answers = [], {}
     for s in sorted(run.samples, key=lambda s: (s.prompt_idx, s.seed)):
+        if s.extra and s.extra.get("role") == "answer" and "answer" in s.extra:
+            a = AnswerResult.from_extra(s.sample_idx, s.extra).answer
+            answers[(a.model, a.question)] = a
         if not (s.extra and s.extra.get("role") == "unit" and "kld" in s.extra):
             continue
         u = UnitResult.from_extra(s.sample_idx, s.extra)
         info = models[u.model]["info"]
         for p, kld, lq, lb, same in zip(u.positions.tolist(), u.kld.tolist(), u.lp_q.tolist(), u.lp_base.tolist(),
                                         u.same_top.tolist()):
-            rows.append([run.id, u.model, info.get("name"), info.get("quantization"), u.window, p,
-                         stream[p + offset], kld, lq, lb, math.exp(lq) - math.exp(lb), same])
-    return pd.DataFrame(rows, columns=COMPARISON_TOKEN_COLUMNS)
+            rows.append([run.id, "kld", u.model, info.get("name"), info.get("quantization"), u.window, None, p,
+                         stream[p + offset], None, kld, lq, lb, math.exp(lq) - math.exp(lb), same, None])
+    flips = Flips([Question.from_dict(q) for q in spec.get("questions", [])], [m["info"] for m in models], answers,
+                  spec.get("normalize", "none"))
+    for (k, i), a in sorted(answers.items()):
+        rows += _answer_rows(run.id, flips, models[k]["info"], k, i, a)
+    df = pd.DataFrame(rows, columns=COMPARISON_TOKEN_COLUMNS)
+    return df.astype({c: "Int64" for c in ("window", "question", "position", "token_id")})  # integers, or empty
 
+
+def _answer_rows(run_id: int, flips, info: dict, k: int, i: int, a) -> list[list]:
+    d = flips.detail(k, i) if k else None
+    head = [run_id, None, k, info.get("name"), info.get("quantization"), None, i]
+    q = flips.questions[i]
+    if q.options:
+        pick = a.pick(flips.normalize)
+        return [[*head[:1], "pick", *head[2:], None, None, q.options[pick], None, a.scores[pick], None, None, None,
+                 d["flipped"] if d else None]]
+    at = d["at"] if d else None
+    return [[*head[:1], "answer", *head[2:], j, t, text, None, lp, None, None, None,
+             (at is not None and j >= at) if d else None]
+            for j, (t, text, lp) in enumerate(zip(a.tokens, a.texts, a.logprobs))]
