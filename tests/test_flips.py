@@ -217,18 +217,18 @@ def test_flip_bad_input(tiny_path, tiny_quants, tmp_path, monkeypatch):
         assert res.exit_code != 0 and re.search(msg, res.output), (args, res.output)
 
 
-def test_greedy_answers_on_the_default_model_against_llama_cpp_python(gemma_path, gemma_q2_path, tmp_path):
-    """The default model and its Q2_K copy answer three prompts greedily: each answer's text is
+def test_greedy_answers_on_the_default_model_against_llama_cpp_python(gemma_path, gemma_q4_0_path, tmp_path):
+    """The default model and its Q4_0 copy answer three prompts greedily: each answer's text is
     llama-cpp-python's create_completion(temperature=0) text, and a flip is counted where those texts differ."""
     from llama_cpp import Llama
 
     prompts = ["The capital of France is", "Two plus two equals", "The opposite of hot is"]
     pfile = tmp_path / "p.txt"
     pfile.write_text("\n".join(prompts) + "\n", encoding="utf-8")
-    out = json.loads(cli("compare", "-m", gemma_path, "-m", gemma_q2_path, "--prompts", pfile, "--max-tokens", 12,
+    out = json.loads(cli("compare", "-m", gemma_path, "-m", gemma_q4_0_path, "--prompts", pfile, "--max-tokens", 12,
                          "--ctx", 128, "--store", tmp_path / "g.db", "--json").stdout)
     texts = {}
-    for k, path in enumerate((gemma_path, gemma_q2_path)):
+    for k, path in enumerate((gemma_path, gemma_q4_0_path)):
         llm = Llama(str(path), n_ctx=128, verbose=False)
         texts[k] = [llm.create_completion(p, max_tokens=12, temperature=0)["choices"][0]["text"] for p in prompts]
         llm.close()

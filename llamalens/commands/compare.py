@@ -22,8 +22,9 @@ RUN_DEFINED = ("text", "file", "raw_bytes", "protocol", "stride", "model_paths",
 @text_options
 @click.option("--model", "-m", "model_paths", multiple=True,
               help="The base model first, then each model to compare with it (repeat); with --run, the models to "
-                   "compare with the run's own.")
-@click.option("--run", "run_id", default=None, help="Compare on the generated tokens of a stored sweep.")
+                   "compare with the run's own (the base).")
+@click.option("--run", "run_id", default=None, help="Compare on the generated tokens of a stored run (a sweep, a "
+                                                          "chat run), each after its own prompt.")
 @click.option("--top", type=click.IntRange(1, 50), default=20, show_default=True,
               help="Positions of most disagreement to list (per model).")
 @click.option("--name", default=None, help="A name for the compare run.")
@@ -58,7 +59,7 @@ def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model
     llamalens compare -m model-q8_0.gguf -m model-q4_k_m.gguf --file wiki.test.raw --ctx 512 --protocol llama-perplexity
     llamalens compare -m model-f16.gguf -m q4_k_m.gguf --prompts questions.jsonl   # answers that flip
     llamalens compare --resume 9                         # after Ctrl-C, a kill or a crash
-    llamalens compare --run 7 -m model-q2_k.gguf        # what a model thinks of run 7's text
+    llamalens compare --run 7 -m q4_k_m.gguf -m q2_k.gguf   # the quants on run 7's answers (its model the base)
     llamalens compare -m A.gguf -m B.gguf --file corpus.txt --ctx 512 --threads 4 --ray auto   # on a Ray cluster
     """
     from llamalens.looks.requests import CompareRequest
@@ -74,25 +75,20 @@ def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model
             raise click.UsageError(f"--resume finishes a compare run with its own stored models, text and settings; "
                                    f"{', '.join(conflicts)} would be ignored: drop them, or start a new comparison")
         return _resume(Store(store_path), resume_id, as_json, report_path, chart_path, top)
-    if run_id is not None:
-        if text is not None or file:
-            raise click.UsageError("give TEXT, --file or --run, not several")
-        if ray_address is not None:
-            raise click.UsageError("--ray compares the windows of a text; --run compares a run's samples in this "
-                                   "process: drop --ray")
-        if prompts_path:
-            raise click.UsageError("--prompts is answered in a compare run on a text (or alone), not with --run; "
-                                   "drop one")
-        return _on_run(Store(store_path, read_only=True), run_id, model_paths, as_json, report_path, top, kw)
     from llamalens.commands.score import read_text
     from llamalens.looks.flips import read_questions
 
     if choices and not prompts_path:
         raise click.UsageError("--option makes each prompt of --prompts a multiple-choice question: give --prompts")
     questions = read_questions(prompts_path, tuple(choices)) if prompts_path else []
-    source = read_text(text, file, raw_bytes) if text is not None or file or not questions else None
-    req = CompareRequest(list(model_paths), source, protocol=protocol, stride=stride, name=name, questions=questions,
-                         max_tokens=max_tokens, normalize=normalize)
+    if run_id is not None:
+        _check_on_run(ctx, text, file, ray_address, questions)
+        paths = [Store(store_path, read_only=True).run(run_id).model.path] + list(model_paths)
+        req = CompareRequest(paths, run=run_id, name=name)
+    else:
+        source = read_text(text, file, raw_bytes) if text is not None or file or not questions else None
+        req = CompareRequest(list(model_paths), source, protocol=protocol, stride=stride, name=name,
+                             questions=questions, max_tokens=max_tokens, normalize=normalize)
     req.check()
     options = pop_model_options(kw)
     if ray_address is not None:
@@ -108,6 +104,21 @@ def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model
     say(f"compare run {run_id}: {len(req.files) - 1} model(s) against {req.files[0].name}, {info.n_samples - 1} "
         f"unit(s) to decode (a model on a window, or a model's answer); store {store.path}", err=True)
     _finish(base, store, run_id, as_json, report_path, chart_path, top)
+
+
+def _check_on_run(ctx, text, file, ray_address, questions) -> None:
+    """compare --run takes its tokens from the run: no text, windows, questions or Ray."""
+    if text is not None or file:
+        raise click.UsageError("give TEXT, --file or --run, not several")
+    if ray_address is not None:
+        raise click.UsageError("--ray compares the windows of a text; --run compares a run's samples in this "
+                               "process: drop --ray")
+    if questions:
+        raise click.UsageError("--prompts is answered in a compare run on a text (or alone), not with --run; drop one")
+    windows = given_options(ctx, ("protocol", "stride"))
+    if windows:
+        raise click.UsageError(f"--run compares each sample whole (its prompt, then its generated tokens): "
+                               f"{', '.join(windows)} would be ignored; drop it")
 
 
 def _check_chart_path(chart_path) -> None:
@@ -170,8 +181,7 @@ def show_compare(store, run_id, as_json, texts: bool = False, top: int = 10, ans
         say(f"note: {note}", err=True)
     info = ladder.info
     say(f"compare run {info.id} {visible(info.name or '')} [{info.status}]: {len(ladder.models) - 1} model(s) against "
-        f"{visible(ladder.base.name)} ({visible(ladder.base.quantization)}); {ladder.n_tokens:,} tokens, "
-        f"{ladder.protocol}, ctx {ladder.ctx}, {ladder.n_windows} window(s)")
+        f"{visible(ladder.base.name)} ({visible(ladder.base.quantization)}); {ladder.describe_tokens()}")
     rows = [("model", "quant", "size GiB", "bpw", "PPL", "PPL ratio", "mean KLD", "99% KLD", "max KLD", "RMS Δp",
              "same top token")]
     for r in ladder.table():
@@ -192,7 +202,7 @@ def show_compare(store, run_id, as_json, texts: bool = False, top: int = 10, ans
         worst = ladder.worst(m.index, top)
         say(f"the {len(worst)} positions where it drifts most from the base:")
         print_table([("pos", "token", "KLD", "p base", "p model", "base's top", "model's top")] + [
-            (p["position"], visible(p["text"], p["bytes"]), f"{p['kld']:.5f}", prob_text(_exp(p["lp_base"])),
+            (ladder.where(p), visible(p["text"], p["bytes"]), f"{p['kld']:.5f}", prob_text(_exp(p["lp_base"])),
              prob_text(_exp(p["lp_q"])), _alts(p["top_base"]), _alts(p["top_q"])) for p in worst], right={0, 2, 3, 4})
     if texts:
         say(f"--- the compared text is sample 0 of run {info.id}: `llamalens export {info.id}`")
@@ -248,23 +258,6 @@ def _alts(alts: list) -> str:
     from llamalens.visible import prob_text, visible
 
     return "  ".join(f"{visible(text, hexb)} {prob_text(_exp(lp), 3)}" for _i, text, hexb, lp in alts[:3])
-
-
-def _on_run(store, run_id, model_paths, as_json, report_path, top, kw) -> None:
-    """compare --run: each model's view of a stored run's generated tokens, against the run's own model, one
-    compared model loaded at a time."""
-    from llamalens.looks.requests import CompareRequest
-
-    paths = (store.run(run_id).model.path,) + tuple(model_paths)
-    req = CompareRequest(list(paths), run=run_id)
-    req.check()
-    options = pop_model_options(kw)
-    a = load_model(str(req.files[0]), options, rows=options.batch)
-    results = []
-    for path in req.files[1:]:
-        with load_model(str(path), options, rows=options.batch) as b:
-            results.append(req.on_run(a, b, store, on_progress=window_progress("comparing samples")))
-    _show_pairwise(results, as_json, report_path, top)
 
 
 def _pairwise_on_ray(req, options, ray_address, workers, as_json, report_path, top) -> None:

@@ -118,11 +118,12 @@ class CompareRequest:
 
     # -- a compare run: any number of models on a text -------------------------------------------------
     def start(self, base: Model, store, command: str = "", on_note=None) -> int:
-        """Plan the compare run (every model checked against the base, one at a time); its id."""
+        """Plan the compare run on the text, or the stored run's generated tokens (every model checked against the
+        base, one at a time); its id."""
         from llamalens.run.compare import CompareSpec, start_compare
 
         spec = CompareSpec([str(f) for f in self.files], base.options.ctx, self.protocol, self.stride, self.name,
-                           list(self.questions), self.max_tokens, self.normalize)
+                           list(self.questions), self.max_tokens, self.normalize, self.run)
         return start_compare(base, store, spec, self.text, command, on_note)
 
     @staticmethod

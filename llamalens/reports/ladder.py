@@ -32,9 +32,7 @@ def ladder_document(ladder) -> Document:
                    f"{ladder.base.quantization}", fields=[], alt_titles=[])
     doc.add(KeyValues([("base", model_line(ladder.base.info)),
                        ("run", f"{ladder.info.id} ({ladder.info.status})"),
-                       ("tokens", f"{ladder.n_tokens:,} in the text; protocol {ladder.protocol}, ctx {ladder.ctx}"
-                                  + (f", stride {ladder.stride}" if ladder.stride else "")
-                                  + f", {ladder.n_windows} window(s)")]))
+                       ("tokens", ladder.describe_tokens())]))
     for note in ladder.notes:
         doc.add(Para(note, "note"))
     if not ladder.complete:
@@ -53,7 +51,7 @@ def ladder_document(ladder) -> Document:
                       caption="As llama-perplexity --kl-divergence prints them (Q = this model), from float32 "
                               "logits of both models.", sortable=False))
         doc.add(Table(["position", "token", "KLD", "p base", "p model", "base's top", "model's top"], [
-            [p["position"], visible(p["text"], p["bytes"]), p["kld"], prob_text(_p(p["lp_base"])),
+            [ladder.where(p), visible(p["text"], p["bytes"]), p["kld"], prob_text(_p(p["lp_base"])),
              prob_text(_p(p["lp_q"])), _alts(p["top_base"]), _alts(p["top_q"])] for p in ladder.worst(m.index, 10)],
             caption="The positions where this model drifts most from the base."))
     return doc

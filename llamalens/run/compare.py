@@ -70,6 +70,7 @@ class CompareSpec:
     questions: list = field(default_factory=list)  # looks/flips.Question: answered by every model, the base too
     max_tokens: int = 32  # of a greedy answer
     normalize: str = "none"  # how a question's options are ranked (choose's --normalize)
+    run: int | None = None  # compare on this stored run's generated tokens instead of a text
 
 
 @dataclass
@@ -153,8 +154,10 @@ def start_compare(base: Model, store: Store, spec: CompareSpec, text: str | byte
     """Check the text and every model against the base (vocabulary, tokenization: each compared model is loaded
     and closed in turn), then plan the run: sample 0 the spec, one pending unit per (model, window), and one per
     (model, question) when there are questions (the base answers them too)."""
-    stream, off, notes, windows = [], 0, [], []
-    if text is not None:
+    stream, off, notes, windows, source = [], 0, [], [], None
+    if spec.run is not None:
+        stream, windows, source = run_windows(base, store, spec.run)
+    elif text is not None:
         stream, off = check_text(base, text)
         notes = check_protocol(len(stream), spec.ctx, spec.protocol, spec.stride, base.n_ctx_train)
         windows = plan_windows(len(stream), spec.ctx, spec.protocol, spec.stride, bos=off == 1)
@@ -175,11 +178,12 @@ def start_compare(base: Model, store: Store, spec: CompareSpec, text: str | byte
     text = "" if text is None else text
     n_bytes = len(text.encode("utf-8") if isinstance(text, str) else text)
     spec_extra = {"compare": EXTRA_VERSION, "role": "spec", "models": entries, "ctx": spec.ctx,
-                  "protocol": spec.protocol, "stride": spec.stride if spec.protocol == "full" else None,
+                  "protocol": "run" if source else spec.protocol,
+                  "stride": spec.stride if spec.protocol == "full" and not source else None,
                   "stream": stream, "offset": off, "n_bytes": n_bytes, "notes": notes,
                   "windows": [[w.start, w.length, w.first, w.bos_first] for w in windows],
                   "questions": [q.to_dict() for q in spec.questions], "max_tokens": spec.max_tokens,
-                  "normalize": spec.normalize}
+                  "normalize": spec.normalize, "source": source}
     units = [(k, w) for k in range(1, len(entries)) for w in range(len(windows))]
     answers = [(k, i) for k in range(len(entries)) for i in range(len(spec.questions))]
     shown = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
@@ -194,6 +198,28 @@ def start_compare(base: Model, store: Store, spec: CompareSpec, text: str | byte
                                                model_options=base.options),
                             configs=[SamplingSettings(), SamplingSettings(temperature=0)],  # 1: the answers (greedy)
                             plan=plan, kind=KIND, extras=extras, first=(0, spec_sample, spec_extra))
+
+
+def run_windows(base: Model, store: Store, run_id) -> tuple[list[int], list[Window], dict]:
+    """(stream, windows, source) of a stored run's generated tokens: each sample with generated tokens is one
+    window, its prompt (tokenized by the base, as the run's model read it: chat runs hold the rendered prompt)
+    then its tokens, only the generated ones scored; `source` maps the windows back to the run's samples."""
+    info = store.run(run_id)
+    toks = store.tokens_by_sample(info.id)
+    stream: list[int] = []
+    windows, samples = [], []
+    for s in store.samples(info.id):
+        gen = [t.id for t in toks.get(s.sample_idx, [])]
+        if not gen:
+            continue
+        ptoks = base.prompt_tokens(s.prompt)
+        base.check_fits(len(ptoks) + len(gen) - 1, base.options.ctx)
+        samples.append([s.sample_idx, len(stream), len(ptoks)])
+        windows.append(Window(len(stream), len(ptoks) + len(gen), len(ptoks)))
+        stream += ptoks + gen
+    if not windows:
+        raise InvalidInput(f"run {info.id} has no finished samples with generated tokens to compare on")
+    return stream, windows, {"run": info.id, "name": info.name, "kind": info.kind, "samples": samples}
 
 
 def read_spec(store: Store, run_id: int) -> dict:

@@ -73,6 +73,15 @@ class Ladder(Rich):
     n_windows: int
     notes: list[str] = field(default_factory=list)
     flips: object = None  # looks/flips.Flips when the run has questions (compare --prompts)
+    source: dict | None = None  # compare --run: the stored run whose generated tokens are the text
+
+    def describe_tokens(self) -> str:
+        """What the figures are computed on, in words."""
+        if self.source:
+            return (f"{self.n_tokens:,} generated tokens of run {self.source['run']} "
+                    f"({len(self.source['samples'])} sample(s), each after its own prompt)")
+        return (f"{self.n_tokens:,} tokens, {self.protocol}, ctx {self.ctx}"
+                + (f", stride {self.stride}" if self.stride else "") + f", {self.n_windows} window(s)")
 
     @property
     def base(self) -> LadderModel:
@@ -108,11 +117,17 @@ class Ladder(Rich):
                         "same_top": s["same_top"]})
         return out
 
+    @staticmethod
+    def where(p: dict) -> str:
+        """A worst position's place: its token position in the text, or `sample:position` in a run's answers."""
+        return f"{p['sample']}:{p['position']}" if "sample" in p else str(p["position"])
+
     def worst(self, k: int, n: int = 20) -> list[dict]:
         return sorted(self.drift[k].worst, key=lambda p: (-p["kld"], p["position"]))[:n]
 
     def to_dict(self, with_tokens: bool = False) -> dict:
-        out = {"run": self.info.id, "kind": "compare", "status": self.info.status, "protocol": self.protocol,
+        out = {"run": self.info.id, "kind": "compare", "status": self.info.status, "source": self.source,
+               "protocol": self.protocol,
                "ctx": self.ctx, "stride": self.stride, "tokens": self.n_tokens, "windows": self.n_windows,
                "notes": self.notes, "base": _model_dict(self.base), "ladder": self.table(), "models": []}
         for m in self.models[1:]:
@@ -170,15 +185,24 @@ def load_ladder(store: Store, run_id) -> Ladder:
                                                                                "same_top")]
         drift[k] = ModelDrift(*arrays, [p for u in us for p in u.worst], len(us), sum(u.seconds for u in us))
     n_tokens = len(spec["stream"]) - spec["offset"]
+    source = spec.get("source")
+    if source:  # a stored run's samples: the generated tokens are the text; each worst position named by sample
+        n_tokens = sum(w[1] - w[2] for w in spec["windows"])
+        for us in units.values():
+            for u in us:
+                sample_idx, start, n_prompt = source["samples"][u.window]
+                for p in u.worst:
+                    p.update(sample=sample_idx, position=p["position"] - start - n_prompt)
     flips = None
     if spec.get("questions"):
         flips = Flips([Question.from_dict(q) for q in spec["questions"]], [m.info for m in models], answers,
                       spec.get("normalize", "none"), int(spec.get("max_tokens", 0)))
     return Ladder(info, models, drift, spec["protocol"], spec["ctx"], spec.get("stride"), n_tokens,
-                  len(spec["windows"]), list(spec.get("notes", [])), flips)
+                  len(spec["windows"]), list(spec.get("notes", [])), flips, source)
 
 
-COMPARISON_TOKEN_COLUMNS = ["run_id", "row", "model", "model_name", "quantization", "window", "question", "position",
+COMPARISON_TOKEN_COLUMNS = ["run_id", "row", "model", "model_name", "quantization", "window", "sample", "question",
+                            "position",
                             "token_id", "text", "kld", "logprob_q", "logprob_base", "dp", "same_top", "flipped"]
 
 
@@ -198,6 +222,7 @@ def comparison_tokens(run, _tokens=None):
     if spec is None:
         return pd.DataFrame([], columns=COMPARISON_TOKEN_COLUMNS)
     stream, offset, models = spec["stream"], spec["offset"], spec["models"]
+    source = (spec.get("source") or {}).get("samples")
     rows, answers = [], {}
     for s in sorted(run.samples, key=lambda s: (s.prompt_idx, s.seed)):
         if s.extra and s.extra.get("role") == "answer" and "answer" in s.extra:
@@ -207,21 +232,23 @@ def comparison_tokens(run, _tokens=None):
             continue
         u = UnitResult.from_extra(s.sample_idx, s.extra)
         info = models[u.model]["info"]
+        # compare --run: the window is a sample of the source run, the position one in its generated tokens
+        sample, shift = (source[u.window][0], source[u.window][1] + source[u.window][2]) if source else (None, 0)
         for p, kld, lq, lb, same in zip(u.positions.tolist(), u.kld.tolist(), u.lp_q.tolist(), u.lp_base.tolist(),
                                         u.same_top.tolist()):
-            rows.append([run.id, "kld", u.model, info.get("name"), info.get("quantization"), u.window, None, p,
-                         stream[p + offset], None, kld, lq, lb, math.exp(lq) - math.exp(lb), same, None])
+            rows.append([run.id, "kld", u.model, info.get("name"), info.get("quantization"), u.window, sample, None,
+                         p - shift, stream[p + offset], None, kld, lq, lb, math.exp(lq) - math.exp(lb), same, None])
     flips = Flips([Question.from_dict(q) for q in spec.get("questions", [])], [m["info"] for m in models], answers,
                   spec.get("normalize", "none"))
     for (k, i), a in sorted(answers.items()):
         rows += _answer_rows(run.id, flips, models[k]["info"], k, i, a)
     df = pd.DataFrame(rows, columns=COMPARISON_TOKEN_COLUMNS)
-    return df.astype({c: "Int64" for c in ("window", "question", "position", "token_id")})  # integers, or empty
+    return df.astype({c: "Int64" for c in ("window", "sample", "question", "position", "token_id")})  # integers, or empty
 
 
 def _answer_rows(run_id: int, flips, info: dict, k: int, i: int, a) -> list[list]:
     d = flips.detail(k, i) if k else None
-    head = [run_id, None, k, info.get("name"), info.get("quantization"), None, i]
+    head = [run_id, None, k, info.get("name"), info.get("quantization"), None, None, i]
     q = flips.questions[i]
     if q.options:
         pick = a.pick(flips.normalize)
