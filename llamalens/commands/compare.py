@@ -15,7 +15,7 @@ from llamalens.commands.output import alternatives, no_answer, check_report_path
 # what a resumed compare run takes from the store; giving any of these with --resume is refused, not ignored
 RUN_DEFINED = ("text", "file", "raw_bytes", "protocol", "stride", "model_paths", "run_id", "name", "ctx", "batch",
                "flash_attn", "gpu_layers", "ubatch", "swa_full", "repack", "prompts_path", "choices", "normalize",
-               "max_tokens")
+               "max_tokens", "draft")
 
 
 @click.command(cls=GroupedCommand)
@@ -39,6 +39,10 @@ RUN_DEFINED = ("text", "file", "raw_bytes", "protocol", "stride", "model_paths",
               help="How options are ranked, as choose: total logprob, or per token / byte.")
 @click.option("--max-tokens", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="Tokens of each greedy answer to --prompts, at most.")
+@click.option("--draft", is_flag=True,
+              help="Draft models for speculative decoding: the base is the target, each other model a draft; adds "
+                   "the expected acceptance Σ min(p_target, p_draft) and accepted tokens per round, draft lengths "
+                   "1-8.")
 @click.option("--chart", "chart_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the ladder chart (mean and 99% KLD against file size) as a PNG.")
 @ray_options
@@ -46,7 +50,7 @@ RUN_DEFINED = ("text", "file", "raw_bytes", "protocol", "stride", "model_paths",
 @runtime_options
 @fail_cleanly
 def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model_paths, run_id, top, name, resume_id,
-            prompts_path, choices, normalize, max_tokens, chart_path, store_path, **kw):
+            prompts_path, choices, normalize, max_tokens, draft, chart_path, store_path, **kw):
     """How far models drift from a base model on the same tokens: KL divergence, Δp, same top token.
 
     Any number of models against the first (the base), on the same windows of a text: every figure
@@ -58,6 +62,7 @@ def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model
     llamalens compare -m model-f16.gguf -m q8_0.gguf -m q4_k_m.gguf -m q2_k.gguf --file wiki.test.raw --report ladder.html
     llamalens compare -m model-q8_0.gguf -m model-q4_k_m.gguf --file wiki.test.raw --ctx 512 --protocol llama-perplexity
     llamalens compare -m model-f16.gguf -m q4_k_m.gguf --prompts questions.jsonl   # answers that flip
+    llamalens compare --run 7 -m small-model.gguf --draft   # how much of a draft model run 7's model would accept
     llamalens compare --resume 9                         # after Ctrl-C, a kill or a crash
     llamalens compare --run 7 -m q4_k_m.gguf -m q2_k.gguf   # the quants on run 7's answers (its model the base)
     llamalens compare -m A.gguf -m B.gguf --file corpus.txt --ctx 512 --threads 4 --ray auto   # on a Ray cluster
@@ -84,11 +89,11 @@ def compare(text, file, raw_bytes, protocol, stride, as_json, report_path, model
     if run_id is not None:
         _check_on_run(ctx, text, file, ray_address, questions)
         paths = [Store(store_path, read_only=True).run(run_id).model.path] + list(model_paths)
-        req = CompareRequest(paths, run=run_id, name=name)
+        req = CompareRequest(paths, run=run_id, name=name, draft=draft)
     else:
         source = read_text(text, file, raw_bytes) if text is not None or file or not questions else None
         req = CompareRequest(list(model_paths), source, protocol=protocol, stride=stride, name=name,
-                             questions=questions, max_tokens=max_tokens, normalize=normalize)
+                             questions=questions, max_tokens=max_tokens, normalize=normalize, draft=draft)
     req.check()
     options = pop_model_options(kw)
     if ray_address is not None:
@@ -193,6 +198,8 @@ def show_compare(store, run_id, as_json, texts: bool = False, top: int = 10, ans
         print_table(rows, right=set(range(2, 11)))
     if ladder.flips is not None:
         _show_flips(ladder, top)
+    if ladder.draft:
+        _show_draft(ladder)
     for m in ladder.by_size():
         if m.index not in ladder.drift:
             continue
@@ -236,6 +243,29 @@ def _show_flips(ladder, top: int) -> None:
                 rows.append((d["question"], visible(_cut(q.prompt)), visible(_cut(d["base_text"])),
                              visible(_cut(d["text"])), f"{d['at']}: {_tok(d['base_token'])} → {_tok(d['token'])}"))
         print_table(rows, right={0})
+
+
+def _show_draft(ladder) -> None:
+    """Per draft model: its acceptance by the target (the base) and the expected tokens per round."""
+    from llamalens.looks.draft import DRAFT_LENGTHS
+    from llamalens.visible import visible
+
+    for m in ladder.by_size():
+        if m.index not in ladder.drift:
+            continue
+        d = ladder.draft_stats(m.index)
+        say("")
+        say(f"== {visible(m.name)} as a draft for {visible(ladder.base.name)}: mean acceptance Σ min(p_target, "
+            f"p_draft) {d['accept_mean']:.4f} ± {d['accept_error']:.4f} (10/50/90%: {d['accept_p10']:.3f} / "
+            f"{d['accept_median']:.3f} / {d['accept_p90']:.3f}); greedy (same top token) {d['greedy_accept']:.4f}")
+        rows = [("draft length", "accepted/round (iid)", "along the text", "greedy: accept rate", "greedy: tokens/round")]
+        for g, r in zip(DRAFT_LENGTHS, d["rounds"]):
+            rows.append((g, f"{r['iid_accepted']:.3f}", f"{r['text_accepted']:.3f}",
+                         f"{r['greedy_accept_rate'] * 100:.2f}%", f"{r['greedy_tokens_per_round']:.3f}"))
+        print_table(rows, right=set(range(5)))
+    say("iid: α(1−α^γ)/(1−α) with α the mean acceptance, positions assumed independent; along the text: each "
+        "start position's Σ_i Π_j α (the text taken as what the target would generate); greedy: llama-speculative's "
+        "rounds with --temp 0 replayed on the text (exact when it is the target's greedy output). docs/compare.md")
 
 
 def _cut(s: str, n: int = 40) -> str:

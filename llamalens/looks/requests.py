@@ -89,6 +89,7 @@ class CompareRequest:
     questions: list = field(default_factory=list)  # looks/flips.Question: every model answers them (a compare run)
     max_tokens: int = 32  # of a greedy answer
     normalize: str = "none"  # how a question's options are ranked
+    draft: bool = False  # the compared models are drafts for the base: their acceptance too
     files: list[Path] = field(default_factory=list)  # the resolved files, after check()
 
     def check(self) -> None:
@@ -123,7 +124,7 @@ class CompareRequest:
         from llamalens.run.compare import CompareSpec, start_compare
 
         spec = CompareSpec([str(f) for f in self.files], base.options.ctx, self.protocol, self.stride, self.name,
-                           list(self.questions), self.max_tokens, self.normalize, self.run)
+                           list(self.questions), self.max_tokens, self.normalize, self.run, self.draft)
         return start_compare(base, store, spec, self.text, command, on_note)
 
     @staticmethod

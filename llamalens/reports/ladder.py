@@ -42,6 +42,8 @@ def ladder_document(ladder) -> Document:
         _ladder_blocks(doc, ladder, rows, worst_q)
     if ladder.flips is not None:
         flip_blocks(doc, ladder.flips, [m.index for m in ladder.by_size()])
+    if ladder.draft:
+        draft_blocks(doc, ladder)
     for m in ladder.by_size():
         if m.index not in ladder.drift:
             continue
@@ -113,6 +115,30 @@ def flip_blocks(doc: Document, flips, order: list[int]) -> None:
                               f"({visible(str(m.get('name')), edge_spaces=False)}): the answers that flip"
                               + (f" (the first {FLIPS_LISTED} of {len(details)})" if len(details) > FLIPS_LISTED
                                  else "") + "."))
+
+
+def draft_blocks(doc: Document, ladder) -> None:
+    """The compared models as drafts for the base (looks/draft.py): acceptance and tokens per round."""
+    from llamalens.looks.draft import DRAFT_LENGTHS
+
+    doc.add(Heading("Draft models: expected acceptance"))
+    doc.add(Para("α = Σ min(p_target, p_draft) over the vocabulary, per token (the base is the target): the chance "
+                 "that speculative sampling accepts a token the draft sampled. Accepted drafts per round of γ: iid = "
+                 "α(1−α^γ)/(1−α) with the mean α (positions assumed independent); along the text = the mean over "
+                 "start positions of Σ_i Π_j α (the text taken as what the target would generate); greedy = "
+                 "llama-speculative's rounds with --temp 0 replayed on the text (exact on the target's own greedy "
+                 "output).", "note"))
+    for m in ladder.by_size():
+        if m.index not in ladder.drift:
+            continue
+        d = ladder.draft_stats(m.index)
+        doc.add(Table(["draft length", "accepted / round (iid)", "along the text", "greedy accept rate",
+                       "greedy tokens / round"],
+                      [[g, r["iid_accepted"], r["text_accepted"], r["greedy_accept_rate"], r["greedy_tokens_per_round"]]
+                       for g, r in zip(DRAFT_LENGTHS, d["rounds"])],
+                      caption=f"{visible(m.name, edge_spaces=False)} as a draft: mean α {d['accept_mean']:.4f} ± "
+                              f"{d['accept_error']:.4f}, median {d['accept_median']:.4f}, 10% {d['accept_p10']:.4f}; "
+                              f"greedy acceptance (same top token) {d['greedy_accept']:.4f}.", sortable=False))
 
 
 def _token(t) -> str:

@@ -71,6 +71,7 @@ class CompareSpec:
     max_tokens: int = 32  # of a greedy answer
     normalize: str = "none"  # how a question's options are ranked (choose's --normalize)
     run: int | None = None  # compare on this stored run's generated tokens instead of a text
+    draft: bool = False  # the compared models are drafts for the base: each token's acceptance too (looks/draft.py)
 
 
 @dataclass
@@ -88,12 +89,16 @@ class UnitResult:
     same_top: np.ndarray
     worst: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    accept: np.ndarray | None = None  # --draft: Σ min(p_base, p_q) per token
 
     def to_extra(self) -> dict:
-        return {"compare": EXTRA_VERSION, "role": "unit", "model": self.model, "window": self.window,
-                "positions": pack(self.positions, np.int64), "kld": pack(self.kld, np.float64),
-                "lp_q": pack(self.lp_q, np.float64), "lp_base": pack(self.lp_base, np.float64),
-                "same_top": pack(self.same_top, np.uint8), "worst": self.worst, "seconds": self.seconds}
+        out = {"compare": EXTRA_VERSION, "role": "unit", "model": self.model, "window": self.window,
+               "positions": pack(self.positions, np.int64), "kld": pack(self.kld, np.float64),
+               "lp_q": pack(self.lp_q, np.float64), "lp_base": pack(self.lp_base, np.float64),
+               "same_top": pack(self.same_top, np.uint8), "worst": self.worst, "seconds": self.seconds}
+        if self.accept is not None:
+            out["accept"] = pack(self.accept, np.float64)
+        return out
 
     @property
     def n_scored(self) -> int:
@@ -103,7 +108,8 @@ class UnitResult:
     def from_extra(cls, sample_idx: int, x: dict) -> "UnitResult":
         return cls(sample_idx, int(x["model"]), int(x["window"]), unpack(x["positions"], np.int64),
                    unpack(x["kld"], np.float64), unpack(x["lp_q"], np.float64), unpack(x["lp_base"], np.float64),
-                   unpack(x["same_top"], np.uint8).astype(bool), list(x.get("worst", [])), float(x.get("seconds", 0)))
+                   unpack(x["same_top"], np.uint8).astype(bool), list(x.get("worst", [])), float(x.get("seconds", 0)),
+                   unpack(x["accept"], np.float64) if "accept" in x else None)
 
 
 def pack(a, dtype) -> str:
@@ -183,7 +189,7 @@ def start_compare(base: Model, store: Store, spec: CompareSpec, text: str | byte
                   "stream": stream, "offset": off, "n_bytes": n_bytes, "notes": notes,
                   "windows": [[w.start, w.length, w.first, w.bos_first] for w in windows],
                   "questions": [q.to_dict() for q in spec.questions], "max_tokens": spec.max_tokens,
-                  "normalize": spec.normalize, "source": source}
+                  "normalize": spec.normalize, "source": source, "draft": spec.draft}
     units = [(k, w) for k in range(1, len(entries)) for w in range(len(windows))]
     answers = [(k, i) for k in range(len(entries)) for i in range(len(spec.questions))]
     shown = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
@@ -311,23 +317,27 @@ def base_rows(base: Model, stream: list[int], w: Window, n_ctx: int, spill: Spil
 
 
 def compare_window(q: Model, base_iter, stream: list[int], w: Window, window: int, n_ctx: int, offset: int,
-                   sample_idx: int, k: int) -> UnitResult:
+                   sample_idx: int, k: int, draft: bool = False) -> UnitResult:
     """Model q on one window against the base's rows of that window, as `base_iter` gives them: decoded alongside
     (base_rows) or read back from the spill (Spill.read)."""
     try:
-        return _compare_window(q, base_iter, stream, w, window, n_ctx, offset, sample_idx, k)
+        return _compare_window(q, base_iter, stream, w, window, n_ctx, offset, sample_idx, k, draft)
     finally:
         base_iter.close()  # the base's context (decoded alongside) is freed now, not when collected
 
 
-def _compare_window(q, base_iter, stream, w, window, n_ctx, offset, sample_idx, k) -> UnitResult:
+def _compare_window(q, base_iter, stream, w, window, n_ctx, offset, sample_idx, k, draft) -> UnitResult:
+    from llamalens.looks.draft import acceptance
+
     t0 = time.perf_counter()
-    pos, kld, lp_q, lp_b, same, tops = [], [], [], [], [], []
+    pos, kld, lp_q, lp_b, same, tops, accept = [], [], [], [], [], [], []
     for (s_idx, b), (a, lse_a, lp_a, ids_a, lps_a) in zip(rows(q, stream, [w], n_ctx=n_ctx), base_iter):
         tok = stream[s_idx]
         sb = RowStats.of(b, tok, N_TOP)
         pos.append(s_idx - offset)
         kld.append(kl_rows(a, lse_a, b, sb.lse))
+        if draft:
+            accept.append(acceptance(a, lse_a, b, sb.lse))
         lp_q.append(sb.logprob)
         lp_b.append(lp_a)
         same.append(int(ids_a[0]) == int(sb.top_ids[0]))
@@ -336,7 +346,7 @@ def _compare_window(q, base_iter, stream, w, window, n_ctx, offset, sample_idx, 
     worst = [_worst_entry(q, stream, pos[i] + offset, pos[i], kld_a[i], lp_q[i], lp_b[i], tops[i])
              for i in np.argsort(-kld_a, kind="stable")[:WORST_KEPT]]
     return UnitResult(sample_idx, k, window, np.array(pos), kld_a, np.array(lp_q), np.array(lp_b),
-                      np.array(same, dtype=bool), worst, time.perf_counter() - t0)
+                      np.array(same, dtype=bool), worst, time.perf_counter() - t0, np.array(accept) if draft else None)
 
 
 def _worst_entry(q: Model, stream, s_idx: int, position: int, kld: float, lp_q: float, lp_b: float, tops) -> dict:
@@ -380,6 +390,7 @@ def decode(base: Model, items: list, spec: dict, stats: dict):
 
 def _decode_windows(base: Model, items: list, spec: dict, stats: dict, answers_of):
     windows, stream, offset = spec_windows(spec), spec["stream"], spec["offset"]
+    draft = bool(spec.get("draft"))
     n_ctx = window_ctx(windows)  # every window in a context of the same size, as the pairwise compare
     needed = sorted({w for _, _, w in items})
     for block in blocks(windows, needed, base.n_vocab, spill_budget()):
@@ -395,7 +406,8 @@ def _decode_windows(base: Model, items: list, spec: dict, stats: dict, answers_o
                 for w in block:
                     along = base_rows(base, stream, windows[w], n_ctx, spill, w)
                     if w in pending[first]:
-                        yield compare_window(q, along, stream, windows[w], w, n_ctx, offset, pending[first][w], first)
+                        yield compare_window(q, along, stream, windows[w], w, n_ctx, offset, pending[first][w], first,
+                                             draft)
                     elif spill is not None:  # resumed: this model's unit is saved, the others still need the rows
                         for _ in along:
                             pass
@@ -404,7 +416,8 @@ def _decode_windows(base: Model, items: list, spec: dict, stats: dict, answers_o
             for k in rest:
                 with load_compared(spec["models"][k], base) as q:
                     for w, sample_idx in pending[k].items():
-                        yield compare_window(q, spill.read(w), stream, windows[w], w, n_ctx, offset, sample_idx, k)
+                        yield compare_window(q, spill.read(w), stream, windows[w], w, n_ctx, offset, sample_idx, k,
+                                             draft)
                     yield from answers_of(q, k)
         finally:
             if spill is not None:

@@ -54,6 +54,8 @@ class ModelDrift:
     worst: list[dict] = field(default_factory=list)
     windows_done: int = 0
     seconds: float = 0.0
+    accept: np.ndarray | None = None  # --draft: Σ min(p_base, p_model) per token
+    segments: list[int] = field(default_factory=list)  # tokens of each window (sample), in order
 
 
 @dataclass
@@ -74,6 +76,14 @@ class Ladder(Rich):
     notes: list[str] = field(default_factory=list)
     flips: object = None  # looks/flips.Flips when the run has questions (compare --prompts)
     source: dict | None = None  # compare --run: the stored run whose generated tokens are the text
+    draft: bool = False  # compare --draft: the base is a target, the other models its drafts
+
+    def draft_stats(self, k: int) -> dict:
+        """Model k as a draft for the base (looks/draft.py): acceptance and expected tokens per round."""
+        from llamalens.looks.draft import draft_statistics
+
+        d = self.drift[k]
+        return draft_statistics(d.accept, d.same_top, d.segments)
 
     def describe_tokens(self) -> str:
         """What the figures are computed on, in words."""
@@ -135,6 +145,8 @@ class Ladder(Rich):
             entry = {**_model_dict(m), "windows_done": d.windows_done if d else 0}
             if d is not None:
                 entry.update(statistics=self.stats(m.index), worst=self.worst(m.index))
+                if self.draft and d.accept is not None:
+                    entry["draft"] = self.draft_stats(m.index)
                 if with_tokens:
                     entry["tokens"] = {"position": d.positions.tolist(), "kld": d.kld.tolist(),
                                        "logprob_q": d.lp_q.tolist(), "logprob_base": d.lp_base.tolist(),
@@ -183,7 +195,9 @@ def load_ladder(store: Store, run_id) -> Ladder:
         us.sort(key=lambda u: u.window)
         arrays = [np.concatenate([getattr(u, name) for u in us]) for name in ("positions", "kld", "lp_q", "lp_base",
                                                                                "same_top")]
-        drift[k] = ModelDrift(*arrays, [p for u in us for p in u.worst], len(us), sum(u.seconds for u in us))
+        accept = np.concatenate([u.accept for u in us]) if all(u.accept is not None for u in us) else None
+        drift[k] = ModelDrift(*arrays, [p for u in us for p in u.worst], len(us), sum(u.seconds for u in us), accept,
+                              [len(u.kld) for u in us])
     n_tokens = len(spec["stream"]) - spec["offset"]
     source = spec.get("source")
     if source:  # a stored run's samples: the generated tokens are the text; each worst position named by sample
@@ -198,7 +212,7 @@ def load_ladder(store: Store, run_id) -> Ladder:
         flips = Flips([Question.from_dict(q) for q in spec["questions"]], [m.info for m in models], answers,
                       spec.get("normalize", "none"), int(spec.get("max_tokens", 0)))
     return Ladder(info, models, drift, spec["protocol"], spec["ctx"], spec.get("stride"), n_tokens,
-                  len(spec["windows"]), list(spec.get("notes", [])), flips, source)
+                  len(spec["windows"]), list(spec.get("notes", [])), flips, source, bool(spec.get("draft")))
 
 
 COMPARISON_TOKEN_COLUMNS = ["run_id", "row", "model", "model_name", "quantization", "window", "sample", "question",
