@@ -257,7 +257,8 @@ def _show_draft(ladder) -> None:
         say("")
         say(f"== {visible(m.name)} as a draft for {visible(ladder.base.name)}: mean acceptance Σ min(p_target, "
             f"p_draft) {d['accept_mean']:.4f} ± {d['accept_error']:.4f} (10/50/90%: {d['accept_p10']:.3f} / "
-            f"{d['accept_median']:.3f} / {d['accept_p90']:.3f}); greedy (same top token) {d['greedy_accept']:.4f}")
+            f"{d['accept_median']:.3f} / {d['accept_p90']:.3f}); greedy (the draft's top token is the text's) "
+            f"{d['greedy_accept']:.4f}")
         rows = [("draft length", "accepted/round (iid)", "along the text", "greedy: accept rate", "greedy: tokens/round")]
         for g, r in zip(DRAFT_LENGTHS, d["rounds"]):
             rows.append((g, f"{r['iid_accepted']:.3f}", f"{r['text_accepted']:.3f}",

@@ -8,7 +8,8 @@ Per token t, with p the target's distribution and q the draft's (full vocabulary
 
 the probability that speculative sampling (Leviathan et al. 2023; Chen et al. 2023: accept the draft's token x
 with probability min(1, p(x)/q(x))) accepts a token the draft sampled there. With a greedy target (temperature 0)
-and a greedy draft, a draft token is accepted exactly when both models' top token is the same (`same top`).
+and a greedy draft, a draft token is accepted exactly when it is the target's token: on the target's greedy output,
+when the draft's top token is the text's token.
 
 A round drafts γ tokens; the target accepts the leading ones it agrees with and then adds one token of its own.
 Expected tokens accepted per round:
@@ -69,13 +70,14 @@ def along_text(alpha: np.ndarray, gamma: int) -> np.ndarray:
     return out
 
 
-def draft_statistics(alpha: np.ndarray, same_top: np.ndarray, segments: list[int]) -> dict:
-    """Acceptance figures of one draft model: α's mean ± and distribution, the greedy acceptance (same top), and for
+def draft_statistics(alpha: np.ndarray, hit: np.ndarray, segments: list[int]) -> dict:
+    """Acceptance figures of one draft model: α's mean ± and distribution, the greedy acceptance (`hit`: the draft's
+    top token is the text's token; on the target's greedy output, the same as both having the same top), and for
     each draft length γ in DRAFT_LENGTHS the expected accepted tokens per round three ways (module docstring).
     `segments`: the lengths of the contiguous stretches of text the values come in (windows, samples); a round
     never runs across two."""
     alpha = np.asarray(alpha, dtype=np.float64)
-    same = np.asarray(same_top, dtype=bool)
+    same = np.asarray(hit, dtype=bool)
     n = len(alpha)
     mean = float(alpha.mean()) if n else math.nan
     out = {"tokens": n, "accept_mean": mean,

@@ -138,7 +138,8 @@ def draft_blocks(doc: Document, ladder) -> None:
                        for g, r in zip(DRAFT_LENGTHS, d["rounds"])],
                       caption=f"{visible(m.name, edge_spaces=False)} as a draft: mean α {d['accept_mean']:.4f} ± "
                               f"{d['accept_error']:.4f}, median {d['accept_median']:.4f}, 10% {d['accept_p10']:.4f}; "
-                              f"greedy acceptance (same top token) {d['greedy_accept']:.4f}.", sortable=False))
+                              f"greedy acceptance (the draft's top token is the text's) {d['greedy_accept']:.4f}.",
+                      sortable=False))
 
 
 def _token(t) -> str:

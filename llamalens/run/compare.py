@@ -90,6 +90,7 @@ class UnitResult:
     worst: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     accept: np.ndarray | None = None  # --draft: Σ min(p_base, p_q) per token
+    hit: np.ndarray | None = None  # --draft: whether the compared model's top token is the text's token
 
     def to_extra(self) -> dict:
         out = {"compare": EXTRA_VERSION, "role": "unit", "model": self.model, "window": self.window,
@@ -97,7 +98,7 @@ class UnitResult:
                "lp_q": pack(self.lp_q, np.float64), "lp_base": pack(self.lp_base, np.float64),
                "same_top": pack(self.same_top, np.uint8), "worst": self.worst, "seconds": self.seconds}
         if self.accept is not None:
-            out["accept"] = pack(self.accept, np.float64)
+            out.update(accept=pack(self.accept, np.float64), hit=pack(self.hit, np.uint8))
         return out
 
     @property
@@ -109,7 +110,8 @@ class UnitResult:
         return cls(sample_idx, int(x["model"]), int(x["window"]), unpack(x["positions"], np.int64),
                    unpack(x["kld"], np.float64), unpack(x["lp_q"], np.float64), unpack(x["lp_base"], np.float64),
                    unpack(x["same_top"], np.uint8).astype(bool), list(x.get("worst", [])), float(x.get("seconds", 0)),
-                   unpack(x["accept"], np.float64) if "accept" in x else None)
+                   unpack(x["accept"], np.float64) if "accept" in x else None,
+                   unpack(x["hit"], np.uint8).astype(bool) if "hit" in x else None)
 
 
 def pack(a, dtype) -> str:
@@ -330,7 +332,7 @@ def _compare_window(q, base_iter, stream, w, window, n_ctx, offset, sample_idx, 
     from llamalens.looks.draft import acceptance
 
     t0 = time.perf_counter()
-    pos, kld, lp_q, lp_b, same, tops, accept = [], [], [], [], [], [], []
+    pos, kld, lp_q, lp_b, same, tops, accept, hit = [], [], [], [], [], [], [], []
     for (s_idx, b), (a, lse_a, lp_a, ids_a, lps_a) in zip(rows(q, stream, [w], n_ctx=n_ctx), base_iter):
         tok = stream[s_idx]
         sb = RowStats.of(b, tok, N_TOP)
@@ -338,6 +340,7 @@ def _compare_window(q, base_iter, stream, w, window, n_ctx, offset, sample_idx, 
         kld.append(kl_rows(a, lse_a, b, sb.lse))
         if draft:
             accept.append(acceptance(a, lse_a, b, sb.lse))
+            hit.append(int(sb.top_ids[0]) == tok)
         lp_q.append(sb.logprob)
         lp_b.append(lp_a)
         same.append(int(ids_a[0]) == int(sb.top_ids[0]))
@@ -346,7 +349,8 @@ def _compare_window(q, base_iter, stream, w, window, n_ctx, offset, sample_idx, 
     worst = [_worst_entry(q, stream, pos[i] + offset, pos[i], kld_a[i], lp_q[i], lp_b[i], tops[i])
              for i in np.argsort(-kld_a, kind="stable")[:WORST_KEPT]]
     return UnitResult(sample_idx, k, window, np.array(pos), kld_a, np.array(lp_q), np.array(lp_b),
-                      np.array(same, dtype=bool), worst, time.perf_counter() - t0, np.array(accept) if draft else None)
+                      np.array(same, dtype=bool), worst, time.perf_counter() - t0,
+                      np.array(accept) if draft else None, np.array(hit, dtype=bool) if draft else None)
 
 
 def _worst_entry(q: Model, stream, s_idx: int, position: int, kld: float, lp_q: float, lp_b: float, tops) -> dict:

@@ -56,6 +56,7 @@ class ModelDrift:
     seconds: float = 0.0
     accept: np.ndarray | None = None  # --draft: Σ min(p_base, p_model) per token
     segments: list[int] = field(default_factory=list)  # tokens of each window (sample), in order
+    hit: np.ndarray | None = None  # --draft: whether this model's top token is the text's token
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Ladder(Rich):
         from llamalens.looks.draft import draft_statistics
 
         d = self.drift[k]
-        return draft_statistics(d.accept, d.same_top, d.segments)
+        return draft_statistics(d.accept, d.hit, d.segments)
 
     def describe_tokens(self) -> str:
         """What the figures are computed on, in words."""
@@ -195,9 +196,11 @@ def load_ladder(store: Store, run_id) -> Ladder:
         us.sort(key=lambda u: u.window)
         arrays = [np.concatenate([getattr(u, name) for u in us]) for name in ("positions", "kld", "lp_q", "lp_base",
                                                                                "same_top")]
-        accept = np.concatenate([u.accept for u in us]) if all(u.accept is not None for u in us) else None
+        drafted = all(u.accept is not None for u in us)
+        accept, hit = ((np.concatenate([u.accept for u in us]), np.concatenate([u.hit for u in us])) if drafted
+                       else (None, None))
         drift[k] = ModelDrift(*arrays, [p for u in us for p in u.worst], len(us), sum(u.seconds for u in us), accept,
-                              [len(u.kld) for u in us])
+                              [len(u.kld) for u in us], hit)
     n_tokens = len(spec["stream"]) - spec["offset"]
     source = spec.get("source")
     if source:  # a stored run's samples: the generated tokens are the text; each worst position named by sample
