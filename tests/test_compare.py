@@ -239,6 +239,10 @@ def test_compare_on_a_run_with_several_models(tiny_path, tiny_quants, tmp_path):
     worst = out["models"][1]["worst"][0]  # Q4_0: its most divergent token, named by sample and position
     top = max(ref[2], key=lambda r: r[2])
     assert (worst["sample"], worst["position"]) == (top[0], top[1])
+    # the same from Python: a compare run on the run's tokens, read back as a Ladder
+    again = ll.compare(models=[str(tiny_path), str(tiny_quants[0])], run=run, store=db, flash_attn="off")
+    assert again.source["run"] == run.id
+    assert again.drift[1].kld.tolist() == pytest.approx([r[2] for r in ref[1]], rel=4e-6, abs=8e-7)
 
 
 # -- against llama.cpp's own tool ------------------------------------------------------------------------
