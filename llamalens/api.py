@@ -477,9 +477,10 @@ def compare(model_a=None, model_b=None, *, models=None, text=None, run=None, sto
             stride: int | None = None, name: str | None = None, progress: bool = False, **model_options):
     """How far models drift from a base on the same tokens, as `llamalens compare`.
 
-    models=[base, q1, q2, ...] with text=: a compare run in the store (resumable; `llamalens compare --resume`), read
-    back as a Ladder (run/ladder.py): .table() the models by file size, .stats(k) every figure llama-perplexity
-    --kl-divergence prints for model k, .worst(k), .to_pandas(). Paths or names; the base first.
+    models=[base, q1, q2, ...] with text= (or run=, a stored run's generated tokens): a compare run in the store
+    (resumable; `llamalens compare --resume`), read back as a Ladder (run/ladder.py): .table() the models by file
+    size, .stats(k) every figure llama-perplexity --kl-divergence prints for model k, .worst(k), .to_pandas().
+    Paths or names; the base first.
 
     model_a, model_b: two models (loaded Models, or paths / names) compared in memory: a Comparison with
     .summary() (the same figures), .worst(k), .positions, .to_pandas(). text: a str or bytes; or run: a Run / run
@@ -516,20 +517,17 @@ def _compare_run(models, text, run, store, protocol, stride, name, progress, mod
     """ll.compare(models=[...], text=...): a compare run, planned, decoded and read back."""
     from llamalens.looks.requests import CompareRequest
 
-    if run is not None:
-        raise InvalidInput("models=[...] compares the models on a text (a compare run); for a stored run's tokens give "
-                           "model_b= (and model_a=, or the run's own model)")
+    run = run.id if isinstance(run, Run) else run
     if isinstance(models, (str, bytes, os.PathLike)) or not isinstance(models, (list, tuple)) or not all(
             isinstance(m, (str, os.PathLike)) for m in models):
         raise InvalidArgument(f"models={models!r:.60}: give a list of model paths or names, the base first, e.g. "
                               'models=["base.gguf", "q4.gguf"]')
-    req = CompareRequest([str(m) for m in models], text,
-                         protocol=protocol, stride=stride, name=name)
+    req = CompareRequest([str(m) for m in models], text, run, protocol=protocol, stride=stride, name=name)
     req.check()
     st = _store(store)
     with _model(str(req.files[0]), model_options, rows=model_options.get("batch") or _default("batch")) as base:
         run_id = req.start(base, st, "ll.compare", _note)
-        with _bar(progress, st.run(run_id).n_samples - 1, "comparing", "model window") as bar:
+        with _bar(progress, st.run(run_id).n_samples - 1, "comparing", "unit") as bar:
             req.execute(base, st, run_id, _sweep_ticks(bar))
     return req.result(st, run_id)
 

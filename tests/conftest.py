@@ -69,6 +69,7 @@ def chromium_path() -> str:
 SLOW_FIXTURES = {"gemma", "gemma_path", "gemma_llama", "gemma_q8_path", "gemma_q2_path", "gemma_server", "gemma_server_ctx",
                  "prime_run", "finance", "ray_session", "chromium_path", "llama_perplexity", "tiny_server", "serve_app",
                  "tiny_server_ctx", "gemma_q4_0_path"}
+SLOW_FIXTURES |= {"llama_speculative"}
 
 
 # tiny-model tests that run dozens of commands (measured 20-100 s each on 2 cores): also the slow tier

@@ -178,14 +178,71 @@ def test_compare_bad_input(tiny_path, tiny_quants, tmp_path):
         ll.compare(models=str(tiny_path), text=TEXT)
 
 
+def _llama_rows(path, ids):
+    """llama-cpp-python's raw logits for every position of `ids` (one sequence, logits_all), as float64."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False)
+    llm.eval(ids)
+    rows = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    llm.close()
+    return rows
+
+
+def _log_softmax(x):
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
 def test_compare_on_a_run_with_several_models(tiny_path, tiny_quants, tmp_path):
-    """compare --run RUN -m Q1 -m Q2: each model's view of the run's generated tokens against the run's model."""
+    """compare --run RUN -m Q1 -m Q2: a compare run on the run's generated tokens, the run's model the base; each
+    model's KL divergence and logprobs at every generated token against llama-cpp-python's logits of the sample
+    (prompt + generated tokens) in numpy; the worst positions named by sample; export's sample column."""
+    from llamalens.store import Store
+
+    db = tmp_path / "r.db"
     run = ll.sweep("the cat", {"temperature": [0.0, 0.9]}, seeds=1, max_tokens=6, model=str(tiny_path),
-                   store=tmp_path / "r.db", progress=False, ctx=64)
-    out = json.loads(cli("compare", "--run", run.id, "-m", tiny_quants[0], "-m", tiny_quants[1], "--store",
-                         tmp_path / "r.db", "--json").stdout)
-    assert [c["model_b"]["quantization"] for c in out["comparisons"]] == ["Q8_0", "Q4_0"]
-    assert all(c["source"] == f"run {run.id}" and c["summary"]["tokens"] == 12 for c in out["comparisons"])
+                   store=db, progress=False, ctx=64)
+    out = json.loads(cli("compare", "--run", run.id, "-m", tiny_quants[0], "-m", tiny_quants[1], "--store", db,
+                         "--flash-attn", "off", "--json").stdout)  # llama-cpp-python's default attention
+    assert out["source"]["run"] == run.id and out["protocol"] == "run"
+    assert [r["quantization"] for r in out["ladder"]] == ["Q4_0", "Q8_0"]
+    store = Store(db, read_only=True)
+    toks = store.tokens_by_sample(run.id)
+    samples = store.samples(run.id)
+    assert all(r["tokens"] == 12 for r in out["ladder"]) and sum(len(t) for t in toks.values()) == 12
+    from llama_cpp import Llama
+
+    tokenizer = Llama(str(tiny_path), n_ctx=64, verbose=False, vocab_only=True)
+    ref = {1: [], 2: []}
+    for s in samples:
+        ptoks = tokenizer.tokenize(s.prompt.encode(), add_bos=True, special=True)
+        gen = [t.id for t in toks[s.sample_idx]]
+        ids = ptoks + gen
+        la = _log_softmax(_llama_rows(tiny_path, ids))[len(ptoks) - 1 : len(ids) - 1]
+        for k, q in enumerate(tiny_quants, 1):
+            lb = _log_softmax(_llama_rows(q, ids))[len(ptoks) - 1 : len(ids) - 1]
+            kl = (np.exp(la) * (la - lb)).sum(axis=1)
+            ref[k] += [(s.sample_idx, j, kl[j], lb[j, t], la[j, t]) for j, t in enumerate(gen)]
+    cli("export", run.id + 1, "--store", db, "--format", "csv", "-o", tmp_path / "t.csv")
+    import pandas as pd
+
+    t = pd.read_csv(tmp_path / "t.csv")
+    for k in (1, 2):
+        rows = t[(t.row == "kld") & (t.model == k)].sort_values(["sample", "position"])
+        assert list(zip(rows["sample"], rows.position)) == [(r[0], r[1]) for r in ref[k]]
+        # measured against llama-cpp-python's logits in float64: KLD within 1.5e-6 absolute at a KLD of 4.5 (3.4e-7
+        # relative) and 7.5e-8 absolute on the small ones; logprobs within 1.5e-8; bounds about 10x
+        assert rows.kld.to_numpy() == pytest.approx([r[2] for r in ref[k]], rel=4e-6, abs=8e-7)
+        assert rows.logprob_q.to_numpy() == pytest.approx([r[3] for r in ref[k]], abs=2e-7)
+        assert rows.logprob_base.to_numpy() == pytest.approx([r[4] for r in ref[k]], abs=2e-7)
+    worst = out["models"][1]["worst"][0]  # Q4_0: its most divergent token, named by sample and position
+    top = max(ref[2], key=lambda r: r[2])
+    assert (worst["sample"], worst["position"]) == (top[0], top[1])
+    # the same from Python: a compare run on the run's tokens, read back as a Ladder
+    again = ll.compare(models=[str(tiny_path), str(tiny_quants[0])], run=run, store=db, flash_attn="off")
+    assert again.source["run"] == run.id
+    assert again.drift[1].kld.tolist() == pytest.approx([r[2] for r in ref[1]], rel=4e-6, abs=8e-7)
 
 
 # -- against llama.cpp's own tool ------------------------------------------------------------------------

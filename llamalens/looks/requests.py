@@ -86,15 +86,28 @@ class CompareRequest:
     protocol: str = "full"
     stride: int | None = None
     name: str | None = None
+    questions: list = field(default_factory=list)  # looks/flips.Question: every model answers them (a compare run)
+    max_tokens: int = 32  # of a greedy answer
+    normalize: str = "none"  # how a question's options are ranked
+    draft: bool = False  # the compared models are drafts for the base: their acceptance too
     files: list[Path] = field(default_factory=list)  # the resolved files, after check()
 
     def check(self) -> None:
-        """The input and the model files, before any model loads: exactly one of text and run; a base and at
-        least one other model, every file distinct (a pairwise call: exactly two)."""
+        """The input and the model files, before any model loads: exactly one of text and run (or only
+        questions); a base and at least one other model, every file distinct (a pairwise call: exactly two)."""
+        from llamalens.looks.choose import NORMALIZE
+        from llamalens.looks.flips import MAX_ANSWER_TOKENS
         from llamalens.run.compare import check_models
 
-        if (self.text is None) == (self.run is None):
-            raise InvalidInput("give text= or run=, one of them")
+        if self.text is not None and self.run is not None or (self.text is None and self.run is None
+                                                              and not self.questions):
+            raise InvalidInput("give text= or run= (one of them), or questions to answer")
+        if self.questions and self.run is not None:
+            raise InvalidInput("questions are answered in a compare run on a text (or alone), not with run=; drop one")
+        if not 1 <= self.max_tokens <= MAX_ANSWER_TOKENS:
+            raise InvalidInput(f"max_tokens={self.max_tokens}: a greedy answer takes 1 to {MAX_ANSWER_TOKENS} tokens")
+        if self.normalize not in NORMALIZE:
+            raise InvalidInput(f"unknown normalize {self.normalize!r}; use one of: {', '.join(NORMALIZE)}")
         if self.text is not None:
             _check_text(self.text, self.stride, self.protocol)
         self.files = check_models([m.path if isinstance(m, Model) else m for m in self.models])
@@ -106,10 +119,12 @@ class CompareRequest:
 
     # -- a compare run: any number of models on a text -------------------------------------------------
     def start(self, base: Model, store, command: str = "", on_note=None) -> int:
-        """Plan the compare run (every model checked against the base, one at a time); its id."""
+        """Plan the compare run on the text, or the stored run's generated tokens (every model checked against the
+        base, one at a time); its id."""
         from llamalens.run.compare import CompareSpec, start_compare
 
-        spec = CompareSpec([str(f) for f in self.files], base.options.ctx, self.protocol, self.stride, self.name)
+        spec = CompareSpec([str(f) for f in self.files], base.options.ctx, self.protocol, self.stride, self.name,
+                           list(self.questions), self.max_tokens, self.normalize, self.run, self.draft)
         return start_compare(base, store, spec, self.text, command, on_note)
 
     @staticmethod

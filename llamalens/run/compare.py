@@ -67,6 +67,11 @@ class CompareSpec:
     protocol: str = "full"
     stride: int | None = None
     name: str | None = None
+    questions: list = field(default_factory=list)  # looks/flips.Question: answered by every model, the base too
+    max_tokens: int = 32  # of a greedy answer
+    normalize: str = "none"  # how a question's options are ranked (choose's --normalize)
+    run: int | None = None  # compare on this stored run's generated tokens instead of a text
+    draft: bool = False  # the compared models are drafts for the base: each token's acceptance too (looks/draft.py)
 
 
 @dataclass
@@ -84,18 +89,29 @@ class UnitResult:
     same_top: np.ndarray
     worst: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    accept: np.ndarray | None = None  # --draft: Σ min(p_base, p_q) per token
+    hit: np.ndarray | None = None  # --draft: whether the compared model's top token is the text's token
 
     def to_extra(self) -> dict:
-        return {"compare": EXTRA_VERSION, "role": "unit", "model": self.model, "window": self.window,
-                "positions": pack(self.positions, np.int64), "kld": pack(self.kld, np.float64),
-                "lp_q": pack(self.lp_q, np.float64), "lp_base": pack(self.lp_base, np.float64),
-                "same_top": pack(self.same_top, np.uint8), "worst": self.worst, "seconds": self.seconds}
+        out = {"compare": EXTRA_VERSION, "role": "unit", "model": self.model, "window": self.window,
+               "positions": pack(self.positions, np.int64), "kld": pack(self.kld, np.float64),
+               "lp_q": pack(self.lp_q, np.float64), "lp_base": pack(self.lp_base, np.float64),
+               "same_top": pack(self.same_top, np.uint8), "worst": self.worst, "seconds": self.seconds}
+        if self.accept is not None:
+            out.update(accept=pack(self.accept, np.float64), hit=pack(self.hit, np.uint8))
+        return out
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.kld)
 
     @classmethod
     def from_extra(cls, sample_idx: int, x: dict) -> "UnitResult":
         return cls(sample_idx, int(x["model"]), int(x["window"]), unpack(x["positions"], np.int64),
                    unpack(x["kld"], np.float64), unpack(x["lp_q"], np.float64), unpack(x["lp_base"], np.float64),
-                   unpack(x["same_top"], np.uint8).astype(bool), list(x.get("worst", [])), float(x.get("seconds", 0)))
+                   unpack(x["same_top"], np.uint8).astype(bool), list(x.get("worst", [])), float(x.get("seconds", 0)),
+                   unpack(x["accept"], np.float64) if "accept" in x else None,
+                   unpack(x["hit"], np.uint8).astype(bool) if "hit" in x else None)
 
 
 def pack(a, dtype) -> str:
@@ -141,40 +157,77 @@ def check_models(paths: list) -> list[Path]:
     return files
 
 
-def start_compare(base: Model, store: Store, spec: CompareSpec, text: str | bytes, command: str = "",
+def start_compare(base: Model, store: Store, spec: CompareSpec, text: str | bytes | None, command: str = "",
                   on_note=None) -> int:
     """Check the text and every model against the base (vocabulary, tokenization: each compared model is loaded
-    and closed in turn), then plan the run: sample 0 the spec, one pending unit per (model, window)."""
-    stream, off = check_text(base, text)
-    notes = check_protocol(len(stream), spec.ctx, spec.protocol, spec.stride, base.n_ctx_train)
-    windows = plan_windows(len(stream), spec.ctx, spec.protocol, spec.stride, bos=off == 1)
+    and closed in turn), then plan the run: sample 0 the spec, one pending unit per (model, window), and one per
+    (model, question) when there are questions (the base answers them too)."""
+    stream, off, notes, windows, source = [], 0, [], [], None
+    if spec.run is not None:
+        stream, windows, source = run_windows(base, store, spec.run)
+    elif text is not None:
+        stream, off = check_text(base, text)
+        notes = check_protocol(len(stream), spec.ctx, spec.protocol, spec.stride, base.n_ctx_train)
+        windows = plan_windows(len(stream), spec.ctx, spec.protocol, spec.stride, bos=off == 1)
     entries = [model_entry(store, base)]
     for path in spec.models[1:]:
         with Model(path, base.options) as q:
             check_same_vocab(base, q)
-            if text_stream(q, text)[0] != stream:
-                raise InvalidInput(f"{base.path.name} and {q.path.name} tokenize this text differently; they cannot "
-                                   "be compared token by token")
-            notes += [n for n in check_protocol(len(stream), spec.ctx, spec.protocol, spec.stride, q.n_ctx_train)
-                      if n not in notes]
+            if text is not None:
+                if text_stream(q, text)[0] != stream:
+                    raise InvalidInput(f"{base.path.name} and {q.path.name} tokenize this text differently; they "
+                                       "cannot be compared token by token")
+                notes += [n for n in check_protocol(len(stream), spec.ctx, spec.protocol, spec.stride,
+                                                    q.n_ctx_train) if n not in notes]
             entries.append(model_entry(store, q))
     for note in notes:
         if on_note:
             on_note(note)
+    text = "" if text is None else text
     n_bytes = len(text.encode("utf-8") if isinstance(text, str) else text)
     spec_extra = {"compare": EXTRA_VERSION, "role": "spec", "models": entries, "ctx": spec.ctx,
-                  "protocol": spec.protocol, "stride": spec.stride if spec.protocol == "full" else None,
+                  "protocol": "run" if source else spec.protocol,
+                  "stride": spec.stride if spec.protocol == "full" and not source else None,
                   "stream": stream, "offset": off, "n_bytes": n_bytes, "notes": notes,
-                  "windows": [[w.start, w.length, w.first, w.bos_first] for w in windows]}
+                  "windows": [[w.start, w.length, w.first, w.bos_first] for w in windows],
+                  "questions": [q.to_dict() for q in spec.questions], "max_tokens": spec.max_tokens,
+                  "normalize": spec.normalize, "source": source, "draft": spec.draft}
     units = [(k, w) for k in range(1, len(entries)) for w in range(len(windows))]
+    answers = [(k, i) for k in range(len(entries)) for i in range(len(spec.questions))]
     shown = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
-    plan = [(0, 0, 0, shown)] + [(k, 0, w, "") for k, w in units]
-    extras = [spec_extra] + [{"compare": EXTRA_VERSION, "role": "unit", "model": k, "window": w} for k, w in units]
+    plan = ([(0, 0, 0, shown)] + [(k, 0, w, "") for k, w in units]
+            + [(k, 1, i, spec.questions[i].prompt) for k, i in answers])
+    extras = ([spec_extra] + [{"compare": EXTRA_VERSION, "role": "unit", "model": k, "window": w} for k, w in units]
+              + [{"compare": EXTRA_VERSION, "role": "answer", "model": k, "question": i} for k, i in answers])
     spec_sample = Sample(shown, [], {}, 0, "", "stop", [], Timing(len(stream), 0, 0.0, 0.0, 0.0))
     return store.create_run(name=spec.name, command=command, model=base.describe(),
                             model_hash=entries[0]["sha256"], versions=library_versions(), hardware=hardware(base),
-                            options=RunOptions(max_tokens=0, n_logprobs=N_TOP, model_options=base.options),
-                            configs=[SamplingSettings()], plan=plan, kind=KIND, extras=extras, first=(0, spec_sample, spec_extra))
+                            options=RunOptions(max_tokens=spec.max_tokens, n_logprobs=N_TOP,
+                                               model_options=base.options),
+                            configs=[SamplingSettings(), SamplingSettings(temperature=0)],  # 1: the answers (greedy)
+                            plan=plan, kind=KIND, extras=extras, first=(0, spec_sample, spec_extra))
+
+
+def run_windows(base: Model, store: Store, run_id) -> tuple[list[int], list[Window], dict]:
+    """(stream, windows, source) of a stored run's generated tokens: each sample with generated tokens is one
+    window, its prompt (tokenized by the base, as the run's model read it: chat runs hold the rendered prompt)
+    then its tokens, only the generated ones scored; `source` maps the windows back to the run's samples."""
+    info = store.run(run_id)
+    toks = store.tokens_by_sample(info.id)
+    stream: list[int] = []
+    windows, samples = [], []
+    for s in store.samples(info.id):
+        gen = [t.id for t in toks.get(s.sample_idx, [])]
+        if not gen:
+            continue
+        ptoks = base.prompt_tokens(s.prompt)
+        base.check_fits(len(ptoks) + len(gen) - 1, base.options.ctx)
+        samples.append([s.sample_idx, len(stream), len(ptoks)])
+        windows.append(Window(len(stream), len(ptoks) + len(gen), len(ptoks)))
+        stream += ptoks + gen
+    if not windows:
+        raise InvalidInput(f"run {info.id} has no finished samples with generated tokens to compare on")
+    return stream, windows, {"run": info.id, "name": info.name, "kind": info.kind, "samples": samples}
 
 
 def read_spec(store: Store, run_id: int) -> dict:
@@ -266,23 +319,28 @@ def base_rows(base: Model, stream: list[int], w: Window, n_ctx: int, spill: Spil
 
 
 def compare_window(q: Model, base_iter, stream: list[int], w: Window, window: int, n_ctx: int, offset: int,
-                   sample_idx: int, k: int) -> UnitResult:
+                   sample_idx: int, k: int, draft: bool = False) -> UnitResult:
     """Model q on one window against the base's rows of that window, as `base_iter` gives them: decoded alongside
     (base_rows) or read back from the spill (Spill.read)."""
     try:
-        return _compare_window(q, base_iter, stream, w, window, n_ctx, offset, sample_idx, k)
+        return _compare_window(q, base_iter, stream, w, window, n_ctx, offset, sample_idx, k, draft)
     finally:
         base_iter.close()  # the base's context (decoded alongside) is freed now, not when collected
 
 
-def _compare_window(q, base_iter, stream, w, window, n_ctx, offset, sample_idx, k) -> UnitResult:
+def _compare_window(q, base_iter, stream, w, window, n_ctx, offset, sample_idx, k, draft) -> UnitResult:
+    from llamalens.looks.draft import acceptance
+
     t0 = time.perf_counter()
-    pos, kld, lp_q, lp_b, same, tops = [], [], [], [], [], []
+    pos, kld, lp_q, lp_b, same, tops, accept, hit = [], [], [], [], [], [], [], []
     for (s_idx, b), (a, lse_a, lp_a, ids_a, lps_a) in zip(rows(q, stream, [w], n_ctx=n_ctx), base_iter):
         tok = stream[s_idx]
         sb = RowStats.of(b, tok, N_TOP)
         pos.append(s_idx - offset)
         kld.append(kl_rows(a, lse_a, b, sb.lse))
+        if draft:
+            accept.append(acceptance(a, lse_a, b, sb.lse))
+            hit.append(int(sb.top_ids[0]) == tok)
         lp_q.append(sb.logprob)
         lp_b.append(lp_a)
         same.append(int(ids_a[0]) == int(sb.top_ids[0]))
@@ -291,7 +349,8 @@ def _compare_window(q, base_iter, stream, w, window, n_ctx, offset, sample_idx, 
     worst = [_worst_entry(q, stream, pos[i] + offset, pos[i], kld_a[i], lp_q[i], lp_b[i], tops[i])
              for i in np.argsort(-kld_a, kind="stable")[:WORST_KEPT]]
     return UnitResult(sample_idx, k, window, np.array(pos), kld_a, np.array(lp_q), np.array(lp_b),
-                      np.array(same, dtype=bool), worst, time.perf_counter() - t0)
+                      np.array(same, dtype=bool), worst, time.perf_counter() - t0,
+                      np.array(accept) if draft else None, np.array(hit, dtype=bool) if draft else None)
 
 
 def _worst_entry(q: Model, stream, s_idx: int, position: int, kld: float, lp_q: float, lp_b: float, tops) -> dict:
@@ -307,10 +366,35 @@ def _worst_entry(q: Model, stream, s_idx: int, position: int, kld: float, lp_q: 
 
 
 def decode(base: Model, items: list, spec: dict, stats: dict):
-    """Every pending unit (sample_idx, model k, window w), a block of windows at a time (module docstring): the
-    block's first compared model decodes alongside the base, whose rows are spilled for the others; then each
-    other compared model is loaded in turn and reads them back."""
+    """Every pending unit (sample_idx, model k, "unit" or "answer", window or question): the base's answers first,
+    then the windows a block at a time (module docstring): the block's first compared model decodes alongside the
+    base, whose rows are spilled for the others; then each other compared model is loaded in turn and reads them
+    back. A compared model answers its questions the first time it is loaded (or, with no window left to decode,
+    is loaded for them alone)."""
+    from llamalens.looks.flips import Question
+    from llamalens.run.answers import answer_units
+
+    questions = [Question.from_dict(q) for q in spec.get("questions", [])]
+    asks: dict[int, dict[int, int]] = {}  # model -> {question: sample_idx}
+    for sample_idx, k, role, i in items:
+        if role == "answer":
+            asks.setdefault(k, {})[i] = sample_idx
+
+    def answers_of(model: Model, k: int):
+        return answer_units(model, k, asks.pop(k, {}), questions, int(spec.get("max_tokens", 0)))
+
+    yield from answers_of(base, 0)
+    windows = [(s, k, w) for s, k, role, w in items if role == "unit"]
+    if windows:
+        yield from _decode_windows(base, windows, spec, stats, answers_of)
+    for k in sorted(asks):
+        with load_compared(spec["models"][k], base) as q:
+            yield from answers_of(q, k)
+
+
+def _decode_windows(base: Model, items: list, spec: dict, stats: dict, answers_of):
     windows, stream, offset = spec_windows(spec), spec["stream"], spec["offset"]
+    draft = bool(spec.get("draft"))
     n_ctx = window_ctx(windows)  # every window in a context of the same size, as the pairwise compare
     needed = sorted({w for _, _, w in items})
     for block in blocks(windows, needed, base.n_vocab, spill_budget()):
@@ -326,15 +410,19 @@ def decode(base: Model, items: list, spec: dict, stats: dict):
                 for w in block:
                     along = base_rows(base, stream, windows[w], n_ctx, spill, w)
                     if w in pending[first]:
-                        yield compare_window(q, along, stream, windows[w], w, n_ctx, offset, pending[first][w], first)
+                        yield compare_window(q, along, stream, windows[w], w, n_ctx, offset, pending[first][w], first,
+                                             draft)
                     elif spill is not None:  # resumed: this model's unit is saved, the others still need the rows
                         for _ in along:
                             pass
+                yield from answers_of(q, first)
             stats["base_windows"] = stats.get("base_windows", 0) + len(block)
             for k in rest:
                 with load_compared(spec["models"][k], base) as q:
                     for w, sample_idx in pending[k].items():
-                        yield compare_window(q, spill.read(w), stream, windows[w], w, n_ctx, offset, sample_idx, k)
+                        yield compare_window(q, spill.read(w), stream, windows[w], w, n_ctx, offset, sample_idx, k,
+                                             draft)
+                    yield from answers_of(q, k)
         finally:
             if spill is not None:
                 spill.close()
@@ -354,7 +442,7 @@ def load_compared(entry: dict, base: Model) -> Model:
 
 
 class CompareInterrupted(RunInterrupted):
-    unit = "model windows"
+    unit = "units (model windows, answers)"
 
 
 class CompareKind:
@@ -365,12 +453,14 @@ class CompareKind:
 
     def pending(self, model: Model, store: Store, info: RunInfo) -> Work:
         spec = read_spec(store, info.id)
-        items = [(s.sample_idx, int(s.extra["model"]), int(s.extra["window"])) for s in store.pending(info.id)]
+        items = [(s.sample_idx, int(s.extra["model"]), s.extra["role"],
+                  int(s.extra["window"] if s.extra["role"] == "unit" else s.extra["question"]))
+                 for s in store.pending(info.id)]
 
-        def save(writer: int, result: UnitResult, prog: Progress) -> tuple[int, int]:
-            sample = Sample("", [], {}, 0, "", "stop", [], Timing(0, len(result.kld), 0.0, 0.0, result.seconds * 1e3))
+        def save(writer: int, result, prog: Progress) -> tuple[int, int]:  # a UnitResult or an AnswerResult
+            sample = Sample("", [], {}, 0, "", "stop", [], Timing(0, result.n_scored, 0.0, 0.0, result.seconds * 1e3))
             store.save_sample(info.id, result.sample_idx, sample, writer, extra=result.to_extra())
-            return result.sample_idx, len(result.kld)
+            return result.sample_idx, result.n_scored
 
         return Work(items, save, Progress(info.n_done, info.n_samples, 0, 0.0), (spec,))
 
