@@ -207,13 +207,13 @@ def test_next_report_page_shows_the_json_and_llama_cpp_pythons_numbers(tiny_path
     for r, (row, tok) in enumerate(zip(rows[1:], d["top"])):
         assert float(row[1][1]) == pytest.approx(math.exp(tok["logprob"]), rel=1e-12)
         assert shown(row[1]) == pytest.approx(math.exp(tok["logprob"]), rel=1e-3)
-        assert math.exp(tok["logprob"]) == pytest.approx(raw[tok["id"]], abs=1e-6)  # measured 2e-8
+        assert math.exp(tok["logprob"]) == pytest.approx(raw[tok["id"]], abs=3e-6)  # measured 2.6e-7
         for c, (chain, T) in enumerate(zip(d["chains"], (0.5, 1, 2)), 2):
             p = chain["stages"][-1]["probs"][r]
             assert float(row[c][1]) == pytest.approx(p, rel=1e-12)
             assert shown(row[c]) == pytest.approx(p, rel=1e-3)
             want = np.exp(log_softmax(lp / T))[tok["id"]]  # the whole vocabulary at temperature T
-            assert p == pytest.approx(want, abs=1e-6)  # measured 3e-8
+            assert p == pytest.approx(want, abs=3e-6)  # measured 2.6e-7
 
 
 def test_score_report_page_shows_the_json_and_llama_cpp_pythons_numbers(tiny_path, ref_llama, tmp_path):
@@ -234,10 +234,10 @@ def test_score_report_page_shows_the_json_and_llama_cpp_pythons_numbers(tiny_pat
     rows = ref_rows(ref_llama, ids)
     nll = -np.array([rows[i][ids[i + 1]] for i in range(len(ids) - 1)])
     assert tot["scored"] == len(nll) and f"{len(nll)} scored" in kv["tokens"]
-    # measured: 1.1e-7 nats from llama-cpp-python's mean NLL (F32): bound 1e-5
-    assert tot["mean_nll"] == pytest.approx(nll.mean(), abs=1e-5)
-    assert tot["perplexity"] == pytest.approx(math.exp(nll.mean()), rel=1e-5)
-    assert tot["bits_per_byte"] == pytest.approx(nll.sum() / math.log(2) / len(text.encode()), rel=1e-5)
+    # measured: 1.3e-9 nats from llama-cpp-python's mean NLL and 1.6e-9 in bits per byte (F32): bounds 2e-8
+    assert tot["mean_nll"] == pytest.approx(nll.mean(), abs=2e-8)
+    assert tot["perplexity"] == pytest.approx(math.exp(nll.mean()), rel=2e-8)
+    assert tot["bits_per_byte"] == pytest.approx(nll.sum() / math.log(2) / len(text.encode()), abs=2e-8)
 
 
 @pytest.fixture(scope="module")
@@ -278,11 +278,13 @@ def test_compare_report_page_shows_the_json_and_llama_cpp_pythons_numbers(tiny_p
     q = ref_rows(Llama(str(tiny_q8), logits_all=True, n_ctx=256, verbose=False, flash_attn=False), ids)[:-1]
     kld = np.array([kl_divergence(a, b) for a, b in zip(base, q)])
     assert st["tokens"] == len(kld)
-    # measured: 1.4e-8 from the mean KLD by hand (F32 and Q8_0 rows): bound 1e-6 (mean KLD here 7e-3)
-    assert st["kld_mean"] == pytest.approx(kld.mean(), abs=1e-6) and st["kld_max"] == pytest.approx(kld.max(), abs=1e-6)
+    # measured: 4.0e-9 from the mean KLD by hand and 1.3e-8 from the max (F32 and Q8_0 rows; the mean is 9.1e-3):
+    # bound 1.5e-7
+    assert st["kld_mean"] == pytest.approx(kld.mean(), abs=1.5e-7)
+    assert st["kld_max"] == pytest.approx(kld.max(), abs=1.5e-7)
     assert st["same_top"] == pytest.approx(np.mean(base.argmax(1) == q.argmax(1)))
     nll_q = -np.array([q[i][ids[i + 1]] for i in range(len(kld))])
-    assert st["ppl_q"] == pytest.approx(math.exp(nll_q.mean()), rel=1e-5)
+    assert st["ppl_q"] == pytest.approx(math.exp(nll_q.mean()), rel=3e-8)  # measured 3.1e-9
 
 
 # -- embed --query ------------------------------------------------------------------------------------------------
@@ -301,8 +303,8 @@ def test_embed_query_cosines_are_numpy_cosines_of_llama_cpp_python_vectors(tiny_
     assert [r["text"] for r in ranking] == sorted(texts, key=lambda t: -cos[t])
     for r in ranking:
         assert texts[r["index"]] == r["text"]
-        # measured: 2.4e-8 from numpy's cosine (float32 vectors): bound 1e-6
-        assert r["cosine"] == pytest.approx(cos[r["text"]], abs=1e-6)
+        # measured: up to 4.0e-9 from numpy's cosine (float32 vectors, summed in another order): bound 5e-8
+        assert r["cosine"] == pytest.approx(cos[r["text"]], abs=5e-8)
     assert max(cos.values()) - min(cos.values()) > 0.05  # the query does tell the texts apart
 
 
