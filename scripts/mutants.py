@@ -42,6 +42,7 @@ class Mutant:
 
 
 BEAM_REF = "tests/test_beam_reference.py"
+EFFECTS = "tests/test_option_effects.py"
 MUTANTS = [
     Mutant("beam-bound-sign", "llamalens/core/beam.py",
            "best_sum / (length ** s.length_penalty)", "best_sum / (length ** -s.length_penalty)",
@@ -113,6 +114,43 @@ MUTANTS = [
            "        prog.tokens += n_tokens\n", "        prog.tokens += n_tokens + 1\n",
            ("tests/test_ray.py", "-k", "progress_counts"),
            "the progress counts one token too many per sample (tok/s overstated)", ("tests/test_ray.py",)),
+    # option effects (tests/test_option_effects.py): each against llama-cpp-python, the schema's validator or the page
+    Mutant("prompts-file-first", "llamalens/commands/runs.py",
+           "prompts = tuple(prompts) + (tuple(read_prompts(prompts_file)) if prompts_file else ())",
+           "prompts = (tuple(read_prompts(prompts_file)) if prompts_file else ()) + tuple(prompts)",
+           (EFFECTS, "-k", "prompts_file"), "the prompts file's prompts run before the command line's",
+           ("tests/test_sweep.py", "-m", "not slow")),
+    Mutant("preset-repeat-penalty-ignored", "llamalens/core/sampler.py",
+           "        n_vocab, s.penalty_last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty))]",
+           "        n_vocab, s.penalty_last_n, 1.0, s.frequency_penalty, s.presence_penalty))]",
+           (EFFECTS, "-k", "presets"), "the default chain drops the repeat penalty (presets factual, balanced, creative)",
+           ("tests/test_engine.py", "-m", "not slow")),
+    Mutant("json-schema-first-config-only", "llamalens/run/sweep.py",
+           "key=s.sample_idx,\n                                grammar=gbnf))",
+           "key=s.sample_idx,\n                                grammar=gbnf if s.config_idx == 0 else None))",
+           (EFFECTS, "-k", "json_schema"), "a sweep constrains only its first configuration's samples by the grammar",
+           ("tests/test_grammar.py", "-m", "not slow")),
+    Mutant("next-page-raw-column", "llamalens/reports/texts.py",
+           "trows = [[lab, math.exp(a.logprob)]", "trows = [[lab, view.chains[0].final.probs[i]]",
+           (EFFECTS, "-k", "next_report"), "next's page shows the first chain's probabilities as the raw p",
+           ("tests/test_report.py", "tests/test_sampler_view.py", "-m", "not slow")),
+    Mutant("score-nll-without-first-token", "llamalens/looks/score.py",
+           "return -float(np.mean([t.logprob for t in self.tokens]))",
+           "return -float(np.mean([t.logprob for t in self.tokens[1:]]))",
+           (EFFECTS, "-k", "score_report"), "the mean NLL leaves out the first text token (the one predicted from BOS)",
+           ("tests/test_score.py", "-m", "not slow")),
+    Mutant("ladder-columns-swapped", "llamalens/reports/ladder.py",
+           'r["kld_error"], r["kld_p99"], r["kld_max"]', 'r["kld_error"], r["kld_max"], r["kld_p99"]',
+           (EFFECTS, "-k", "compare_report"), "compare's page shows the max KLD under 99% KLD and the reverse",
+           ("tests/test_compare.py", "-m", "not slow")),
+    Mutant("embed-query-dot-products", "llamalens/looks/embed.py",
+           "sims = self.unit() @ q", "sims = self.vectors.astype(np.float64) @ q",
+           (EFFECTS, "-k", "embed_query"), "embed --query ranks by dot products with unnormalised texts, not cosines",
+           ("tests/test_embed.py", "-k", "query")),
+    Mutant("api-seed-list-as-count", "llamalens/api.py",
+           "seed_values = list(seeds)", "seed_values = list(range(len(seeds)))",
+           (EFFECTS, "-k", "api_cli"), "ll.sweep takes a list of seeds as their count (seeds 0..N-1)",
+           ("tests/test_api.py", "-m", "not slow")),
 ]
 
 
