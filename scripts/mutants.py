@@ -151,6 +151,10 @@ MUTANTS = [
            "seed_values = list(seeds)", "seed_values = list(range(len(seeds)))",
            (EFFECTS, "-k", "api_cli"), "ll.sweep takes a list of seeds as their count (seeds 0..N-1)",
            ("tests/test_api.py", "-m", "not slow")),
+    Mutant("memory-kv-one-sequence", "llamalens/modelfiles/memory.py",
+           "else options.ctx * sequences", "else options.ctx",
+           (EFFECTS, "-k", "models_fit"), "the memory estimate sizes the KV cache for one sequence whatever --parallel",
+           ("tests/test_memory.py", "-m", "not slow")),
 ]
 
 

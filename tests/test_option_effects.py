@@ -12,6 +12,7 @@ import json
 import math
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -396,7 +397,7 @@ def test_context_options_change_the_logits_as_llama_server_does(gemma_path):
         a, b = _relative(ours[name]), _relative(theirs[name])
         assert list(a) == list(b), name  # the same top 5, in the same order
         worst = max(worst, max(abs(a[i] - b[i]) for i in a))
-        moved[name] = max(abs(ours[name][i] - ours["server defaults"][i]) for i in a)
+        moved[name] = max(abs(ours[name][i] - ours["server defaults"][i]) for i in a if i in ours["server defaults"])
     print(f"largest difference from llama-server {worst:.2e}; moved by each option: {moved}")
     assert worst < CTX_TOL
     assert all(moved[name] > CTX_MOVED for name in CTX_CASES if name != "server defaults"), moved
@@ -404,3 +405,43 @@ def test_context_options_change_the_logits_as_llama_server_does(gemma_path):
     off = _relative(_next_top(gemma_path, "--server-prefill", "off"))
     b = _relative(theirs["server defaults"])
     assert max(abs(off[i] - b[i]) for i in off if i in b) > CTX_MOVED
+
+
+# -- models --fit ---------------------------------------------------------------------------------------------------
+def _fit_rows(*args) -> dict[str, tuple[float, str]]:
+    """`models --fit`'s rows: source name -> (needs in bytes, as shown to 0.1 of its unit; fits)."""
+    out, units = cli("models", "--fit", *args).output, {"KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30}
+    rows = re.findall(r"^(\S+).*? ([\d.]+) (KiB|MiB|GiB) +(yes|NO) ", out, re.M)
+    return {name: (float(x) * units[u], fits) for name, x, u, fits in rows}
+
+
+def test_models_fit_is_the_estimate_against_the_memory_limit(tiny_path, tmp_path, monkeypatch):
+    """`models --fit`: the KV cache of the estimate behind each row is the textbook size from the model's header (read
+    here by the gguf package): K and V, F16, per layer, kv heads x head size per cell, ctx x sequences cells; the
+    weights are the mapped file (tensor bytes after the header); the row's "needs" is the estimate's peak for the --ctx and --parallel given;
+    "fits" is that against the RAM limit: with LLAMALENS_MEMORY_LIMIT between two models' needs, yes and no."""
+    import shutil
+
+    import gguf
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny_path, models / "tiny.gguf")
+    monkeypatch.setenv("LLAMALENS_MODELS", str(models))
+    r = gguf.GGUFReader(str(tiny_path))
+    field = lambda k: int(r.fields[k].parts[-1][0])  # noqa: E731
+    n_layer, n_head_kv = field("llama.block_count"), field("llama.attention.head_count_kv")
+    head = field("llama.embedding_length") // field("llama.attention.head_count")
+    for ctx, par in [(256, 1), (1024, 3)]:
+        est = json.loads(cli("models", "tiny", "--json", "--ctx", ctx, "--parallel", par).stdout)["memory_estimate"]
+        assert est["kv"] == 2 * n_layer * ctx * par * n_head_kv * head * 2
+        # the mapped file, header included (llama.cpp's "CPU_Mapped model buffer size"): the tensors and the rest
+        assert est["weights"] == Path(tiny_path).stat().st_size == r.data_offset + sum(int(t.n_bytes) for t in r.tensors)
+        rows = _fit_rows("--ctx", ctx, "--parallel", par)
+        assert rows["tiny"][0] == pytest.approx(est["peak"], abs=0.05 * 2 ** 20) and rows["tiny"][1] == "yes"
+    rows = _fit_rows()
+    (tiny_needs, _), (big_needs, _) = rows["tiny"], next(v for k, v in rows.items() if k != "tiny")
+    assert tiny_needs < big_needs
+    monkeypatch.setenv("LLAMALENS_MEMORY_LIMIT", str(int((tiny_needs + big_needs) / 2)))
+    limited = _fit_rows()
+    assert limited["tiny"][1] == "yes" and [v[1] for k, v in limited.items() if k != "tiny"] == ["NO"]
