@@ -155,6 +155,11 @@ MUTANTS = [
            "else options.ctx * sequences", "else options.ctx",
            (EFFECTS, "-k", "models_fit"), "the memory estimate sizes the KV cache for one sequence whatever --parallel",
            ("tests/test_memory.py", "-m", "not slow")),
+    Mutant("ubatch-ignored", "llamalens/core/runtime.py",
+           "p.n_ubatch = self.n_ubatch = min(self.n_batch, model.options.ubatch or self.n_batch)",
+           "p.n_ubatch = self.n_ubatch = self.n_batch",
+           (EFFECTS, "-k", "context_options"), "--ubatch is recorded but the context decodes in micro-batches of --batch",
+           ("tests/test_llama_cpp_chain.py", "-m", "not slow")),
 ]
 
 
