@@ -49,7 +49,7 @@ def ref_rows(llm, ids: list[int]) -> np.ndarray:
 
 def ref_completion(llm, prompt: str, s: SamplingSettings, n: int) -> tuple[list[int], str]:
     """llama-cpp-python's own sampling of `n` tokens (its create_completion, the same seed and settings): the ids
-    it evaluated (all but its last one) then its last, from the returned text's tokens."""
+    it evaluated after the prompt (every sampled token but its last), and its finish reason."""
     out = llm.create_completion(prompt, max_tokens=n, seed=s.seed, temperature=s.temperature, top_k=s.top_k,
                                 top_p=s.top_p, min_p=s.min_p, typical_p=s.typical_p,
                                 repeat_penalty=s.repeat_penalty, logprobs=1)
