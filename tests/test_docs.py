@@ -111,8 +111,9 @@ def _tests_text() -> str:
 
 
 def test_every_option_is_exercised_by_some_test():
-    """Each option of each command appears in a test that runs that command (the flag as an argument)."""
-    text = _tests_text() + "\n".join(readme_command_lines())
+    """Each option of each command appears in a test file (the flag as an argument): the README's own command lines
+    do not count, as they only check that a line runs."""
+    text = _tests_text()
     missing = []
     for name, command in main.commands.items():
         for param in command.params:

@@ -4,7 +4,7 @@ The parity proof of the llama.cpp chain: for each setting, llamalens's `llama.cp
 "llama.cpp", ...)) at llama-server's context options (settings.SERVER_CONTEXT) picks the same token ids
 as llama-server given the same prompt tokens, settings and seed, and gives the same top-N probabilities:
 `n_probs` (softmax of the raw logits) and `post_sampling_probs` (the candidates' p after the chain), each
-within 1e-4 (measured differences are given at the assertion).
+within 1e-5 (measured differences are given at TOL).
 
 Documented differences, and how the test meets them:
 - llama-server tokenizes a text prompt itself; the test sends the token ids llamalens made, so the two
@@ -13,9 +13,9 @@ Documented differences, and how the test meets them:
   prefill from scratch as llamalens does.
 - llama-server's n_probs are a float32 softmax summed over the whole vocabulary (262,144 terms) in the
   order std::partial_sort leaves it, whose sum is off by up to 2.6e-4 of itself (measured); llamalens's raw
-  probabilities are exact (float64). So the 1e-4 check is on p_i / p_top, where the sum cancels (it
+  probabilities are exact (float64). So the 1e-5 check is on p_i / p_top, where the sum cancels (it
   compares the raw logits), and the probabilities themselves are checked within 1e-3. post_sampling_probs
-  come from the same native chain code on the same candidate array and are checked within 1e-4 as they are.
+  come from the same native chain code on the same candidate array and are checked within 1e-5 as they are.
 - On a model with sliding-window attention and a small SWA cache (llama-server's default) llama-server
   decodes the last 4 + ubatch and the last 4 prompt tokens in batches of their own; other batch shapes give
   other logits (0.07 nats on the default model), so SERVER_CONTEXT includes server_prefill="on".
@@ -24,7 +24,7 @@ Documented differences, and how the test meets them:
   ids from "return_tokens" and compares probabilities at the positions llama-server reports
   (`reported_positions`, its validate_utf8 written out), checking those positions' ids too.
 - llama-server's context is -c cells for its one slot (-np 1); llamalens's context is rounded to what the
-  request needs. Masked KV cells do not change the logits beyond float rounding (the 1e-4 bound covers it).
+  request needs. Masked KV cells do not change the logits beyond float rounding (the 1e-5 bound covers it).
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ from llamalens.settings import SERVER_CONTEXT, ModelOptions, SamplingSettings
 
 N_PROBS = 5
 N_PREDICT = 8
-TOL = 1e-4  # the issue's bound; measured differences (below) are ~1e-6 or less
+# measured: up to 1.2e-7 on the tiny model (all 11 cases) and 1.8e-7 on the default model (server defaults, DRY; the
+# other cases there ~1e-6 or less when first measured): bound 1e-5
+TOL = 1e-5
 PROMPT = "The cat sat on the mat. The cat sat on the mat. The cat sat on the"
 
 # name -> (llamalens settings beyond chain="llama.cpp", the same as llama-server request fields)

@@ -19,8 +19,9 @@ from llamalens.settings import SamplingSettings
 from server import llama_server
 from tiny_gguf import TINY_CHAT_TEMPLATE, write_tiny_gguf
 
-# the bound (measured: differences within a position agree to ~4e-7, see assert_same)
-TOL = 1e-4
+# measured: after the position's shift (see assert_same) the logprobs agree within 3.6e-7 (the server's float32
+# values), post-sampling probabilities exactly: bound 4e-6
+TOL = 4e-6
 GBNF = 'root ::= "{" ws "\\"answer\\":" ws ("\\"yes\\"" | "\\"no\\"" | "\\"maybe\\"") ws "}"\nws ::= [ ]?\n'
 PROMPT = "Is the sky blue? Reply in JSON:"
 SETTINGS = [SamplingSettings(temperature=0.0), SamplingSettings(temperature=1.3, top_k=40, top_p=0.95, min_p=0.0,
