@@ -30,7 +30,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from llamalens.arguments import list_of_texts, optional, paths, text_list, whole
+from llamalens.arguments import list_of_texts, model_options as checked_options, optional, paths, text_list, whole
 from llamalens.errors import InvalidArgument, InvalidInput, InvalidSettings
 from llamalens.settings import SamplingSettings
 
@@ -52,15 +52,17 @@ def _model(model, options: dict, sequences: int = 1, rows: int | None = None, ce
     """A loaded Model as given, or one loaded here (the CLI's memory check) and closed afterwards."""
     from llamalens.modelfiles.memory import checked_load
     from llamalens.modelfiles.find import resolve_source
-    from llamalens.core.runtime import Model, ModelOptions
+    from llamalens.core.runtime import Model
 
     if isinstance(model, Model):
         if options:
+            checked_options(options)  # a name that is no model option at all is said first
             raise InvalidInput(f"model options ({', '.join(options)}) apply when a model is loaded: pass them to "
                                "ll.load_model(...), or give model= as a path or name")
         yield model
         return
-    loaded = checked_load(resolve_source(model), ModelOptions(**options), sequences, rows, cells, analysis=analysis)
+    loaded = checked_load(resolve_source(model), checked_options(options), sequences, rows, cells,
+                          analysis=analysis)
     try:
         yield loaded
     finally:
@@ -335,7 +337,7 @@ def sweep(prompts=(), grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int
     executor = _ray(ray, workers)  # Ray checked before a run is stored
     st = _store(store)
     if parallel is None and not isinstance(model, Model) and not model_options.get("force"):
-        if note := req.fit_parallel(model, ModelOptions(**model_options)):
+        if note := req.fit_parallel(model, checked_options(model_options)):
             _note(note)
     n_par, cells = req.sizing(model_options.get("ctx", ModelOptions().ctx))
     with _model(model, model_options, sequences=n_par, cells=cells) as loaded:

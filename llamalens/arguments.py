@@ -48,3 +48,19 @@ def text_list(value, what: str) -> list[str]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise InvalidArgument(f"{what}={value!r:.60}: give a text or a list of texts")
     return list(value)
+
+
+def model_options(options: dict):
+    """The model options a call was given as keyword arguments (ctx=, batch=, ...), as ModelOptions; an unknown
+    name is InvalidArgument naming it and the known ones (a sampling setting belongs in grid= or settings=)."""
+    import dataclasses
+
+    from llamalens.settings import ModelOptions, SamplingSettings
+
+    known = [f.name for f in dataclasses.fields(ModelOptions)]
+    for name in options:
+        if name not in known:
+            hint = (f"; {name} is a sampling setting: give it in grid={{{name!r}: [...]}} (sweep) or settings="
+                    if name in {f.name for f in dataclasses.fields(SamplingSettings)} else "")
+            raise InvalidArgument(f"unknown keyword argument {name}=: the model options are {', '.join(known)}{hint}")
+    return ModelOptions(**options)

@@ -618,6 +618,8 @@ def test_api_arguments_of_the_wrong_type(tiny, tmp_path):
         "stride='a'": lambda: ll.score("x", stride="a", model=tiny),
         "es=5": lambda: ll.embedding_map(5),
         "settings={'temperature': 0}": lambda: ll.generate(tiny, "x", {"temperature": 0}),
+        "unknown keyword argument temperature=": lambda: ll.sweep("x", temperature=[0, 1], model=tiny, store=db),
+        "unknown keyword argument ctxx=": lambda: ll.score("x", ctxx=512, model=tiny),
     }
     for word, call in calls.items():
         with pytest.raises(InvalidArgument, match=re.escape(word)) as info:
