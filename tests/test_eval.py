@@ -109,7 +109,7 @@ def test_a_long_request_keeps_its_newest_tokens_and_a_bad_one_names_its_document
 
     text = "the cat sat on a mat and the dog ran far away " * 4
     enc = encode_requests(tiny, [(text, " cat"), ("the", " cat")], 12, lambda i: f"document {i}")
-    assert enc.truncated == 1 and len(enc.pairs[0].context) + len(enc.pairs[0].continuation) - 1 == 12
+    assert enc.truncated_at == {0} and len(enc.pairs[0].context) + len(enc.pairs[0].continuation) - 1 == 12
     full = tiny.prompt_tokens(text.rstrip())  # the trailing space moved into the continuation
     assert list(enc.pairs[0].context) == full[-len(enc.pairs[0].context):]  # the oldest tokens went
     assert "longer than the context" in enc.notes()[0]
