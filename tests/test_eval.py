@@ -266,11 +266,16 @@ def test_batched_eval_records_its_noise_floor(gemma_path, in_tasks):
     res = ll.evaluate(["ll_test_mc"], include_path=str(in_tasks), model=gemma_path, ctx=128, flash_attn="off")
     exact = ll.evaluate(["ll_test_mc"], include_path=str(in_tasks), model=gemma_path, ctx=128, flash_attn="off",
                         exact=True)
+    from llamalens.run.evaluation import load_eval
+    from llamalens.store import Store
+
     st = res.stats
-    assert st["noise_pairs"] == 4 and st["noise_floor"] is not None and exact.stats["noise_floor"] is None
-    batched = [r[0][0] for s in res.samples["ll_test_mc"] for r in s["resps"]]
-    plain = [r[0][0] for s in exact.samples["ll_test_mc"] for r in s["resps"]]
-    assert st["noise_floor"] == pytest.approx(max(abs(a - b) for a, b in zip(batched[:4], plain[:4])), abs=1e-9)
+    pairs = [(r, e) for r, e in zip(load_eval(Store(), res.run_id).requests[0],
+                                    load_eval(Store(), exact.run_id).requests[0]) if r.exact is not None]
+    assert st["noise_pairs"] == len(pairs) == 4 and st["noise_floor"] is not None and exact.stats["noise_floor"] is None
+    # a request re-scored alone is the exact run's figure (both decode it alone): bound 1e-6
+    assert all(abs(r.exact - e.logprob) < 1e-6 for r, e in pairs)
+    assert st["noise_floor"] == pytest.approx(max(abs(r.logprob - e.logprob) for r, e in pairs), abs=1e-6)
     margins = {}
     for s in res.samples["ll_test_mc"]:
         lls = sorted((r[0][0] for r in s["resps"]), reverse=True)
