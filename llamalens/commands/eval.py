@@ -80,7 +80,6 @@ def eval_cmd(tasks, limit, num_fewshot, output_path, include_path, log_samples, 
                               num_fewshot=num_fewshot, output_path=output_path, include_path=include_path,
                               log_samples=log_samples, batch_size=batch_size, apply_chat_template=apply_chat_template,
                               chat_template=chat_template, exact=exact, model_options=options.to_dict())
-        request.check()
         until_done(lambda: done.append(run_request(request, Store(store_path), name,
                                                    shell_command(["llamalens"] + sys.argv[1:]), announce,
                                                    sweep_progress(_requests))))
