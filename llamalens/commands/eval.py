@@ -127,17 +127,18 @@ def show_eval(store, run_id, as_json, texts: bool = False, answer: str | None = 
                   "disagreements": run.disagreements()})
         return run
     info = run.info
-    say(f"run {info.id} {info.name or ''} [{info.status}] eval of {', '.join(run.spec['tasks'])}: {n} model(s), "
+    say(f"run {info.id} {visible(info.name or '')} [{info.status}] eval of {visible(', '.join(run.spec['tasks']))}: "
+        f"{n} model(s), "
         f"{'exact' if run.spec['exact'] else 'batched, batch size ' + str(run.spec['batch_size'])}")
     if run.metrics():
         print_table([("task", "metric", *(f"{k}: {run.model_name(k)}" for k in range(n)))]
                     + [(t, m, *(_number(v) for v in vals)) for t, m, vals in run.metrics()],
                     right=set(range(2, 2 + n)))
     for k in range(n):
-        _backend(run.backend(k), f"{k}: {run.model_name(k)}: " if n > 1 else "")
+        _backend(run.backend(k), f"{k}: {visible(run.model_name(k))}: " if n > 1 else "")
         calls = [c for c in run.questions(k) if c.below_floor] or run.questions(k)[:3]
         for c in calls[:SHOWN]:
-            say(f"  {c.task} document {c.doc}: best two options {c.margin:.4f} nats apart"
+            say(f"  {visible(c.task)} document {c.doc}: best two options {c.margin:.4f} nats apart"
                 + (" (less than the noise floor)" if c.below_floor else ""))
     dis = run.disagreements()
     if n > 1:
@@ -145,7 +146,7 @@ def show_eval(store, run_id, as_json, texts: bool = False, answer: str | None = 
         for d in dis[:SHOWN]:
             chosen = ", ".join(f"{k}: {visible(d['options'][c])} ({m:.3f})"
                                for k, (c, m) in enumerate(zip(d["chosen"], d["margins"])))
-            say(f"  {d['task']} document {d['doc']}: {chosen}")
+            say(f"  {visible(d['task'])} document {d['doc']}: {chosen}")
     return run
 
 
