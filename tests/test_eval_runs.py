@@ -27,6 +27,14 @@ def in_tasks(monkeypatch, tmp_path):
     return TASKS
 
 
+@pytest.fixture(scope="module")
+def gemma_q2_path(gemma_path, tmp_path_factory):
+    """A Q2_K of the default model, made by llamalens's quantize."""
+    from llamalens.core.runtime import quantize
+
+    return quantize(gemma_path, tmp_path_factory.mktemp("q2") / "gemma-3-270m-q2_k.gguf", "Q2_K")
+
+
 def _check_tokens(store, run, k: int, path, ctx: int, tol: float) -> list[float]:
     """Every stored option of model k against llama-cpp-python's rows for its joined tokens: each token's logprob
     (within tol), its row's argmax and the token's rank; the request's sum and is_greedy. Returns the reference
