@@ -50,7 +50,7 @@ Cases (each in a fresh subprocess, so that its peak RSS is its own; rounds inter
   i  llamalens eval of the shipped llamalens_capitals (80 loglikelihood requests), batched (--batch-size 32,
      contexts shared), stored as a run: requests per second of decoding (in "tokens/s"), the whole call timed too
   I  the same with --exact: every request decoded alone
-  K  the same requests, one llama-cpp-python Llama.eval of the joined tokens each (logits_all), log-softmax in
+  h  the same requests, one llama-cpp-python Llama.eval of the joined tokens each (logits_all), log-softmax in
      numpy: one request per option, as lm-eval's gguf backend sends them to a server
 llama.cpp's own tools (scripts/build_llama_tools.sh, the same llama.cpp and CMake flags as the
 llama-cpp-python build) against the llamalens CLI, each run as a whole process (wall time, peak RSS
@@ -476,7 +476,7 @@ CASES = {
     "O": lambda p, n, t: case_lens(p, 64, t),
     "i": lambda p, n, t: case_eval(p, t),
     "I": lambda p, n, t: case_eval(p, t, exact=True),
-    "K": lambda p, n, t: case_eval_naive(p, t),
+    "h": lambda p, n, t: case_eval_naive(p, t),
 }
 
 
@@ -1180,7 +1180,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--cases", default="abcmsyYzDC1jJnpPSLkreExlfFGvOiIK" + "".join(TOOL_CASES))
+    ap.add_argument("--cases", default="abcmsyYzDC1jJnpPSLkreExlfFGvOiIh" + "".join(TOOL_CASES))
     ap.add_argument("--model", default=None)
     ap.add_argument("--build", action="append", default=None, metavar="LABEL:LLAMALENS:TOOLS_DIR",
                     help="A build for the llama.cpp-tool cases (repeatable: measured side by side); default "
@@ -1274,7 +1274,7 @@ def main():
              "z": "z  sweep s in the store, Ray 1 worker x --threads", "v": "v  serve: branches per s (1 / first token)",
              "O": "O  lens: prompt tokens per s, every layer",
              "i": "i  eval, 80 requests batched (requests/s)", "I": "I  eval --exact (requests/s)",
-             "K": "K  llama-cpp-python, one eval per request (req/s)"}
+             "h": "h  llama-cpp-python, one eval per request (req/s)"}
     for c in in_process:
         if c not in "rC":
             print(f"{names[c]:<48} {best[c]['tok_s']:8.1f}   {best[c]['rss_mb']:7.0f} MB")
@@ -1291,7 +1291,7 @@ def main():
               f"calls for {best['j']['steps']} beam steps)")
     if "i" in best:
         print(f"eval batched / exact = {ratio('i', 'I'):.1f}, batched / one llama-cpp-python eval per request = "
-              f"{ratio('i', 'K'):.1f}  (target >= 3)")
+              f"{ratio('i', 'h'):.1f}  (target >= 3)")
     if "D" in best:
         print(f"llama-server chain with DRY + XTC / today's chain, same sweep = {ratio('D', 's'):.2f}  (target >= 0.9)")
         if "s" in best:  # XTC makes the seeds diverge sooner: fewer identical histories to decode once
