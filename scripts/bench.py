@@ -47,6 +47,11 @@ Cases (each in a fresh subprocess, so that its peak RSS is its own; rounds inter
      (prefix + forced token, prefilled once per distinct prompt), the same seeds: what fork's machinery saves
   O  lens: the logit lens of a 64-token text over every layer and position, against `score` of the same text;
      its decode with the graph callback and its projection timed apart
+  i  llamalens eval of the shipped llamalens_capitals (80 loglikelihood requests), batched (--batch-size 32,
+     contexts shared), stored as a run: requests per second of decoding (in "tokens/s"), the whole call timed too
+  I  the same with --exact: every request decoded alone
+  h  the same requests, one llama-cpp-python Llama.eval of the joined tokens each (logits_all), log-softmax in
+     numpy: one request per option, as lm-eval's gguf backend sends them to a server
 llama.cpp's own tools (scripts/build_llama_tools.sh, the same llama.cpp and CMake flags as the
 llama-cpp-python build) against the llamalens CLI, each run as a whole process (wall time, peak RSS
 from wait4), on the same model, threads, text and windows. These call llamalens only through its CLI
@@ -65,8 +70,8 @@ from wait4), on the same model, threads, text and windows. These call llamalens 
   N  the same with 4 quants of A (Q8_0, Q5_K_M,   M  llamalens compare -m A -m Q8_0 -m Q5_K_M -m Q4_0 -m Q2_K:
      Q4_0, Q2_K): base once, then each quant         all four in one command (peak RSS with 5 models)
   R  the fit check's estimate against the peak RSS of `generate -n 4` at --ctx 8192 and 32768 (g: at 512)
-  H  llama-server with a JSON schema's GBNF:      h  llamalens sweep --json-schema, the same GBNF, temperatures
-     8 requests at once (-np 8)                     and seeds (scripts/bench_grammar.py); i: the same unconstrained
+  A  llama-server with a JSON schema's GBNF:      X  llamalens sweep --json-schema, the same GBNF, temperatures
+     8 requests at once (-np 8)                     and seeds (scripts/bench_grammar.py); Z: the same unconstrained
   --shape NAME runs them on a model-shaped GGUF (scripts/shaped_model.py: the tensor shapes, vocabulary and
   Q4_K_M types of Llama 3 8B, Qwen 2.5 7B, Llama 2 13B, Gemma 3 4B, Mistral 7B; random weights) at smaller sizes.
   --build LABEL:LLAMALENS:TOOLS_DIR (repeatable) runs these for several builds side by side, e.g. an
@@ -475,7 +480,57 @@ CASES = {
     "G": lambda p, n, t: case_fork_sweep(p, n, t),
     "v": lambda p, n, t: case_serve(p, n, t),
     "O": lambda p, n, t: case_lens(p, 64, t),
+    "i": lambda p, n, t: case_eval(p, t),
+    "I": lambda p, n, t: case_eval(p, t, exact=True),
+    "h": lambda p, n, t: case_eval_naive(p, t),
 }
+
+
+def case_eval(model_path, threads, exact=False):
+    """llamalens eval of llamalens_capitals into a throwaway store: requests/s of the decoding, and the call's wall."""
+    import tempfile
+
+    from llamalens.eval.run import evaluate
+
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        res = evaluate(["llamalens_capitals"], model=model_path, exact=exact, store=os.path.join(d, "runs.db"),
+                       ctx=512, threads=threads, flash_attn="off")
+        wall = time.perf_counter() - t0
+    st = res.stats
+    return {"tok_s": st["requests_per_s"], "requests": sum(st["requests"].values()), "decode_s": st["seconds"],
+            "wall_s": wall, "acc": res.metric("llamalens_capitals", "acc"), "noise_floor": st["noise_floor"]}
+
+
+def case_eval_naive(model_path, threads):
+    """The same requests (lm-eval's, recorded), each scored by one llama-cpp-python Llama.eval of its joined tokens."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from llamalens.core.runtime import Model, ModelOptions
+    from llamalens.eval.lm_tokens import encode_pair
+    from llamalens.eval.run import EvalRequest, offline
+    from llamalens.eval.stored import Recorder, evaluate_with
+
+    req = EvalRequest(["llamalens_capitals"])
+    manager = req.check()
+    offline()
+    with Model(model_path, ModelOptions(ctx=512, threads=threads, flash_attn="off")) as m:
+        rec = Recorder(m)
+        evaluate_with(rec, {**req.spec(), "batch_size": 1}, manager)
+        pairs = [encode_pair(m, *p.args)[:2] for p in rec.planned]
+    llm = Llama(str(model_path), logits_all=True, n_ctx=512, n_threads=threads, n_threads_batch=threads,
+                flash_attn=False, verbose=False)
+    t0 = time.perf_counter()
+    for c, x in pairs:
+        llm.reset()
+        llm.eval(list(c) + list(x[:-1]))
+        rows = np.array(llm.scores[len(c) - 1 : len(c) + len(x) - 1], dtype=np.float64)
+        rows -= rows.max(axis=1, keepdims=True)
+        lp = rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
+        float(sum(lp[j, t] for j, t in enumerate(x)))
+    dt = time.perf_counter() - t0
+    return {"tok_s": len(pairs) / dt, "requests": len(pairs), "decode_s": dt}
 
 
 def case_lens(model_path, n_text, threads):
@@ -976,9 +1031,9 @@ TOOL_CASES = {
     "R": tcase_fit,
     "N": tcase_llama_kld_ladder,
     "M": tcase_compare_ladder,
-    "h": lambda b, m, t: bench_grammar.tcase_sweep(measure, b, m, t, constrained=True),
-    "i": lambda b, m, t: bench_grammar.tcase_sweep(measure, b, m, t, constrained=False),
-    "H": lambda b, m, t: bench_grammar.tcase_server(offload, b, m, t),
+    "X": lambda b, m, t: bench_grammar.tcase_sweep(measure, b, m, t, constrained=True),
+    "Z": lambda b, m, t: bench_grammar.tcase_sweep(measure, b, m, t, constrained=False),
+    "A": lambda b, m, t: bench_grammar.tcase_server(offload, b, m, t),
 }
 TOOL_NAMES = {"B": "B  llama-bench pp512", "g": "g  llamalens generate -n 64 (decode)",
               "Q": "Q  llama-batched-bench 32 seqs (S_TG)",
@@ -988,8 +1043,8 @@ TOOL_NAMES = {"B": "B  llama-bench pp512", "g": "g  llamalens generate -n 64 (de
               "U": "U  llamalens score, same windows (wall)", "K": "K  llama-perplexity KLD, 2 steps (wall)",
               "V": "V  llamalens compare, same windows (wall)", "N": "N  llama-perplexity KLD, base + 4 quants",
               "M": "M  llamalens compare, base + 4 quants", "R": "R  generate -n 4 at --ctx 8192 and 32768",
-              "h": "h  sweep --json-schema, 8 seqs (S_TG)", "i": "i  the same sweep unconstrained (S_TG)",
-              "H": "H  llama-server, same GBNF, 8 slots (S_TG)"}
+              "X": "X  sweep --json-schema, 8 seqs (S_TG)", "Z": "Z  the same sweep unconstrained (S_TG)",
+              "A": "A  llama-server, same GBNF, 8 slots (S_TG)"}
 
 
 def report_tools(builds, best, threads):
@@ -1047,11 +1102,11 @@ def report_tools(builds, best, threads):
         print(f"  compare 4 quants / KLD x4    = {g('M') / g('N'):.2f}   (goal >= 1.0; wall {g('M', 'wall_s'):.2f} s vs "
               f"{g('N', 'wall_s'):.2f} s; KLD {g('M', 'kld')} vs {g('N', 'kld')}; peak RSS {g('M', 'rss_mb'):.0f} MB "
               f"with 5 models vs {g('V', 'rss_mb'):.0f} MB with 2)")
-        if "h" in bb:
-            print(f"  json-schema sweep / server   = {g('h') / g('H'):.2f}   (goal >= 1.0; llama-server with the same GBNF, "
-                  f"S_TG; {g('h', 'tokens')} vs {g('H', 'tokens')} tokens)")
-            print(f"  json-schema / unconstrained  = {g('h') / g('i'):.2f}   (goal >= 0.5; S_TG; whole runs "
-                  f"{g('h', 'whole_tok_s'):.1f} vs {g('i', 'whole_tok_s'):.1f} tok/s)")
+        if "X" in bb:
+            print(f"  json-schema sweep / server   = {g('X') / g('A'):.2f}   (goal >= 1.0; llama-server with the same GBNF, "
+                  f"S_TG; {g('X', 'tokens')} vs {g('A', 'tokens')} tokens)")
+            print(f"  json-schema / unconstrained  = {g('X') / g('Z'):.2f}   (goal >= 0.5; S_TG; whole runs "
+                  f"{g('X', 'whole_tok_s'):.1f} vs {g('Z', 'whole_tok_s'):.1f} tok/s)")
     if len(builds) > 1:
         a, z = labels[0], labels[-1]
         print(f"\n{z} / {a} (same case, same run):")
@@ -1147,7 +1202,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--cases", default="abcmsyYzDC1jJnpPSLkreExlfFGvO" + "".join(TOOL_CASES))
+    ap.add_argument("--cases", default="abcmsyYzDC1jJnpPSLkreExlfFGvOiIh" + "".join(TOOL_CASES))
     ap.add_argument("--model", default=None)
     ap.add_argument("--build", action="append", default=None, metavar="LABEL:LLAMALENS:TOOLS_DIR",
                     help="A build for the llama.cpp-tool cases (repeatable: measured side by side); default "
@@ -1239,7 +1294,9 @@ def main():
              "G": "G  the continuations as a plain sweep runs them",
              "y": "y  sweep s in the store, Ray 2 workers x 1 thread", "Y": "Y  sweep s in the store, one process",
              "z": "z  sweep s in the store, Ray 1 worker x --threads", "v": "v  serve: branches per s (1 / first token)",
-             "O": "O  lens: prompt tokens per s, every layer"}
+             "O": "O  lens: prompt tokens per s, every layer",
+             "i": "i  eval, 80 requests batched (requests/s)", "I": "I  eval --exact (requests/s)",
+             "h": "h  llama-cpp-python, one eval per request (req/s)"}
     for c in in_process:
         if c not in "rC":
             print(f"{names[c]:<48} {best[c]['tok_s']:8.1f}   {best[c]['rss_mb']:7.0f} MB")
@@ -1254,6 +1311,9 @@ def main():
     if "j" in best:
         print(f"beam 5 / 5-sequence sweep = {ratio('j', 'J'):.2f}  (target >= 0.8; {best['j']['decode_calls']} decode "
               f"calls for {best['j']['steps']} beam steps)")
+    if "i" in best:
+        print(f"eval batched / exact = {ratio('i', 'I'):.1f}, batched / one llama-cpp-python eval per request = "
+              f"{ratio('i', 'h'):.1f}  (target >= 3)")
     if "D" in best:
         print(f"llama-server chain with DRY + XTC / today's chain, same sweep = {ratio('D', 's'):.2f}  (target >= 0.9)")
         if "s" in best:  # XTC makes the seeds diverge sooner: fewer identical histories to decode once

@@ -1,9 +1,9 @@
-"""Constrained decoding, side by side (scripts/bench.py cases h, i and H): a JSON-schema sweep through llamalens
+"""Constrained decoding, side by side (scripts/bench.py cases X, Z and A): a JSON-schema sweep through llamalens
 against the same sweep unconstrained and against llama-server with the same grammar.
 
-    h  llamalens sweep "A person, as JSON:" --json-schema person.json -t 0,0.8 --seeds S -n 24 --chain llama.cpp
-    i  the same sweep without the schema (the unconstrained speed at the same shape)
-    H  llama-server (-np 2S, same context per slot, same threads) given the same GBNF text through "grammar":
+    X  llamalens sweep "A person, as JSON:" --json-schema person.json -t 0,0.8 --seeds S -n 24 --chain llama.cpp
+    Z  the same sweep without the schema (the unconstrained speed at the same shape)
+    A  llama-server (-np 2S, same context per slot, same threads) given the same GBNF text through "grammar":
        2S requests sent at once (the temperatures and seeds of h), so that it batches them as the sweep does
 
 The grammar is the GBNF that llamalens itself uses for the schema (llama-cpp-python's converter, run in the build's
@@ -11,7 +11,7 @@ interpreter), so both sides are constrained by the same rules; llama-server's ow
 another grammar (whitespace rules differ). Speeds are counted as llama-batched-bench's S_TG counts them: each
 sequence's tokens after its first over its time after its first, summed over the sequences (llamalens: the
 sweep's --json summary; llama-server: each reply's timings.predicted_per_second). Samples stop at the grammar's
-end, so h and H decode fewer than 24 tokens a sequence; i decodes 24.
+end, so X and A decode fewer than 24 tokens a sequence; Z decodes 24.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _schema_file(tmp: str) -> str:
 
 
 def tcase_sweep(measure, b, model, t, constrained: bool) -> dict:
-    """Case h (constrained) or i: the sweep's decode speed (S_TG), its whole run, and its tokens."""
+    """Case X (constrained) or Z: the sweep's decode speed (S_TG), its whole run, and its tokens."""
     n_seqs = len(TEMPERATURES) * SEEDS
     with tempfile.TemporaryDirectory() as tmp:
         extra = ["--json-schema", _schema_file(tmp)] if constrained else []
@@ -80,7 +80,7 @@ def _free_port() -> int:
 
 
 def tcase_server(offload, b, model, t) -> dict:
-    """Case H: llama-server with the same GBNF, the sweep's 2S sequences sent at once (it batches its slots)."""
+    """Case A: llama-server with the same GBNF, the sweep's 2S sequences sent at once (it batches its slots)."""
     n_seqs = len(TEMPERATURES) * SEEDS
     gbnf = _gbnf(b)
     port = _free_port()

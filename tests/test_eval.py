@@ -109,7 +109,7 @@ def test_a_long_request_keeps_its_newest_tokens_and_a_bad_one_names_its_document
 
     text = "the cat sat on a mat and the dog ran far away " * 4
     enc = encode_requests(tiny, [(text, " cat"), ("the", " cat")], 12, lambda i: f"document {i}")
-    assert enc.truncated == 1 and len(enc.pairs[0].context) + len(enc.pairs[0].continuation) - 1 == 12
+    assert enc.truncated_at == {0} and len(enc.pairs[0].context) + len(enc.pairs[0].continuation) - 1 == 12
     full = tiny.prompt_tokens(text.rstrip())  # the trailing space moved into the continuation
     assert list(enc.pairs[0].context) == full[-len(enc.pairs[0].context):]  # the oldest tokens went
     assert "longer than the context" in enc.notes()[0]
@@ -269,11 +269,16 @@ def test_batched_eval_records_its_noise_floor(gemma_path, in_tasks):
     res = ll.evaluate(["ll_test_mc"], include_path=str(in_tasks), model=gemma_path, ctx=128, flash_attn="off")
     exact = ll.evaluate(["ll_test_mc"], include_path=str(in_tasks), model=gemma_path, ctx=128, flash_attn="off",
                         exact=True)
+    from llamalens.run.evaluation import load_eval
+    from llamalens.store import Store
+
     st = res.stats
-    assert st["noise_pairs"] == 4 and st["noise_floor"] is not None and exact.stats["noise_floor"] is None
-    batched = [r[0][0] for s in res.samples["ll_test_mc"] for r in s["resps"]]
-    plain = [r[0][0] for s in exact.samples["ll_test_mc"] for r in s["resps"]]
-    assert st["noise_floor"] == pytest.approx(max(abs(a - b) for a, b in zip(batched[:4], plain[:4])), abs=1e-9)
+    pairs = [(r, e) for r, e in zip(load_eval(Store(), res.run_id).requests[0],
+                                    load_eval(Store(), exact.run_id).requests[0]) if r.exact is not None]
+    assert st["noise_pairs"] == len(pairs) == 4 and st["noise_floor"] is not None and exact.stats["noise_floor"] is None
+    # a request re-scored alone is the exact run's figure (both decode it alone): bound 1e-6
+    assert all(abs(r.exact - e.logprob) < 1e-6 for r, e in pairs)
+    assert st["noise_floor"] == pytest.approx(max(abs(r.logprob - e.logprob) for r, e in pairs), abs=1e-6)
     margins = {}
     for s in res.samples["ll_test_mc"]:
         lls = sorted((r[0][0] for r in s["resps"]), reverse=True)

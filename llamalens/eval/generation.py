@@ -75,15 +75,21 @@ def plan(model: Model, context: str, kwargs: dict, max_length: int, where: str) 
     return Generation(context, tuple(toks[-room:]), settings, until, max_tokens, len(toks) > room)
 
 
-def generate(model: Model, gens: list[Generation], parallel: int, on_done=None) -> list[str]:
-    """The texts of these generations, in order: `parallel` sequences decoded together (1: each alone)."""
+def generate_samples(model: Model, gens: list[Generation], parallel: int, on_done=None) -> list:
+    """The engine's Samples of these generations (text and token records), in order: `parallel` sequences decoded
+    together (1: each alone)."""
     from llamalens.core.engine import Engine, Request
 
-    reqs = [Request(g.prompt, g.settings, g.max_tokens, 0, g.until, key=i, prompt_tokens=list(g.tokens))
+    reqs = [Request(g.prompt, g.settings, g.max_tokens, 1, g.until, key=i, prompt_tokens=list(g.tokens))
             for i, g in enumerate(gens)]
-    out = [""] * len(gens)
+    out: list = [None] * len(gens)
     for done, sample in enumerate(Engine(model, max(1, parallel)).run(reqs), 1):
-        out[sample.key] = sample.text
+        out[sample.key] = sample
         if on_done:
             on_done(done)
     return out
+
+
+def generate(model: Model, gens: list[Generation], parallel: int, on_done=None) -> list[str]:
+    """The texts of these generations, in order."""
+    return [s.text for s in generate_samples(model, gens, parallel, on_done)]

@@ -9,10 +9,10 @@ declares it as an `lm_eval.models` entry point, which lm-eval versions with plug
 (`lm-eval run --model llamalens`); lm-eval 0.4.13 reads no entry points.
 
 loglikelihood and loglikelihood_rolling become token pairs (lm_tokens.py) scored by scoring.py, batched
-(contexts shared, many documents a decode) or, with exact=True, each request decoded alone. In batched mode
-the first pairs of each call (NOISE_PAIRS at most) are scored both ways too: the largest difference is the run's
-noise floor (EvalStats), and contexts whose best two continuations are closer than it are counted as decided
-by less than the noise. generate_until runs on the decode engine (generation.py).
+(contexts shared, many documents a decode) or, with exact=True, each request decoded alone (requests.py). In
+batched mode a few pairs of each call are scored both ways: the largest difference is the noise floor
+(EvalStats), and contexts whose best two continuations are closer than it are counted as decided by less than
+the noise. generate_until runs on the decode engine (generation.py).
 """
 
 from __future__ import annotations
@@ -24,10 +24,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from llamalens.errors import InvalidInput
-from llamalens.eval import generation, lm_tokens
-from llamalens.eval.scoring import PairScore, score_pairs
-
-NOISE_PAIRS = 16  # at most this many pairs per call (and 1 in 8 of them) scored exactly as well, in batched mode
+from llamalens.eval import requests as scored
 
 
 @dataclass
@@ -110,50 +107,40 @@ class LlamalensLM(LM):
             self.model.close()
             self._owned = False
 
-    # -- loglikelihood -----------------------------------------------------------------------------
+    # -- the three request types (requests.py scores them) -----------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         t0 = time.perf_counter()
         args = [r.args for r in requests]
-        enc = lm_tokens.encode_requests(self.model, args, self.max_length, lambda i: _where(requests[i]))
-        scores = self._score(enc.pairs)
-        self._close_calls(requests, enc.pairs, scores)
-        self._done("loglikelihood", len(requests), len(enc.pairs), enc.notes(), t0)
-        self.stats.contexts += len({p.context for p in enc.pairs})
-        return [(s.logprob, s.is_greedy) for s in scores]
+        outs = scored.loglikelihood(self.model, args, self.max_length, lambda i: _where(requests[i]), self.exact,
+                                    self.batch_size)
+        self._noise(outs)
+        self._close_calls(requests, outs)
+        self._done("loglikelihood", len(requests), len(outs), scored.notes(outs), t0)
+        self.stats.contexts += len({a[0] for a in args})
+        return [(o.logprob, o.is_greedy) for o in outs]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         t0 = time.perf_counter()
-        prefix = lm_tokens.prefix_token(self.model)
-        owner, pairs = [], []
-        for k, req in enumerate(requests):
-            (text,) = req.args
-            windows = lm_tokens.rolling_windows(lm_tokens.text_tokens(self.model, text, bos=False), prefix,
-                                                self.max_length)
-            pairs += windows
-            owner += [k] * len(windows)
-        totals = [0.0] * len(requests)
-        for k, s in zip(owner, self._score(pairs)):
-            totals[k] += s.logprob
-        self._done("loglikelihood_rolling", len(requests), len(pairs), [], t0)
-        return totals
+        outs = scored.rolling(self.model, [req.args[0] for req in requests], self.max_length, self.exact,
+                              self.batch_size)
+        self._noise(outs)
+        self._done("loglikelihood_rolling", len(requests), len(outs), [], t0)
+        return [o.logprob for o in outs]
 
-    def _score(self, pairs) -> list[PairScore]:
-        scores = score_pairs(self.model, pairs, exact=self.exact, batch_size=self.batch_size)
-        if not self.exact and pairs:
-            sample = pairs[: min(NOISE_PAIRS, max(4, len(pairs) // 8))]
-            ref = score_pairs(self.model, sample, exact=True)
-            floor = max(abs(a.logprob - b.logprob) for a, b in zip(scores, ref))
-            self.stats.noise_floor = max(self.stats.noise_floor or 0.0, floor)
-            self.stats.noise_pairs += len(sample)
-        return scores
+    def _noise(self, outs) -> None:
+        """The largest batched-vs-alone difference among the re-scored requests (batched mode)."""
+        diffs = [abs(o.logprob - o.exact) for o in outs if o.exact is not None]
+        if diffs:
+            self.stats.noise_floor = max(self.stats.noise_floor or 0.0, max(diffs))
+            self.stats.noise_pairs += len(diffs)
 
-    def _close_calls(self, requests, pairs, scores) -> None:
+    def _close_calls(self, requests, outs) -> None:
         """The documents whose best two continuations (of one context) are closer than the noise floor."""
         if self.stats.noise_floor is None:
             return
         by_doc: dict = {}
-        for req, s in zip(requests, scores):
-            by_doc.setdefault((req.task_name, req.doc_id, req.args[0]), []).append(s.logprob)
+        for req, o in zip(requests, outs):
+            by_doc.setdefault((req.task_name, req.doc_id, req.args[0]), []).append(o.logprob)
         for (task, doc, _ctx), lps in by_doc.items():
             if len(lps) > 1:
                 best = sorted(lps, reverse=True)
@@ -166,15 +153,14 @@ class LlamalensLM(LM):
         self.stats.notes += notes
         self.stats.seconds += time.perf_counter() - t0
 
-    # -- generation --------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         t0 = time.perf_counter()
-        gens = [generation.plan(self.model, *req.args, self.max_length, _where(req)) for req in requests]
-        out = generation.generate(self.model, gens, self.batch_size)
-        cut = sum(g.truncated for g in gens)
+        outs = scored.generations(self.model, [req.args for req in requests], self.max_length,
+                                  lambda i: _where(requests[i]), self.batch_size)
+        cut = sum("truncated" in o.notes for o in outs)
         notes = [f"{cut} generation prompt(s) longer than --ctx less max_gen_toks lost their oldest tokens"] if cut else []
-        self._done("generate_until", len(requests), len(gens), notes, t0)
-        return out
+        self._done("generate_until", len(requests), len(outs), notes, t0)
+        return [o.text for o in outs]
 
     # -- chat templates (--apply_chat_template) ----------------------------------------------------
     @property

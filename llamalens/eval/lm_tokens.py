@@ -6,11 +6,11 @@ These follow lm-eval's own causal backends (lm_eval.api.model.TemplateLM and its
               (BOS + text) and context + continuation as one text, and the continuation's tokens are the joined
               text's after the context's. When the joined text does not start with the context's tokens (the
               boundary merged two tokens), the continuation is tokenized alone after the context's tokens, so
-              no token is scored twice or lost; such pairs are counted (Encoded.merged).
+              no token is scored twice or lost; such requests are listed (Encoded.merged_at).
   empty ctx   the continuation is scored after the prefix token alone (BOS, or EOS for a model without BOS);
               when the continuation itself starts with that token, its first token is the context.
   too long    context + continuation - 1 tokens are read; past `max_length` the context loses its oldest tokens
-              (left truncation, as lm-eval's backends do; counted in Encoded.truncated). A continuation that
+              (left truncation, as lm-eval's backends do; listed in Encoded.truncated_at). A continuation that
               alone needs more than max_length is an error naming the document.
   rolling     a text's tokens (no BOS) in lm-eval's windows of max_length predictions: the first after the
               prefix token, each next one predicting the next max_length tokens from only the text before them
@@ -46,16 +46,16 @@ class Encoded:
     """Requests in tokens, and what it took to make them."""
 
     pairs: list[Pair] = field(default_factory=list)
-    merged: int = 0  # pairs whose boundary merged a context token with a continuation token
-    truncated: int = 0  # pairs whose context lost its oldest tokens to max_length
+    merged_at: set[int] = field(default_factory=set)  # requests whose boundary merged a context and a continuation token
+    truncated_at: set[int] = field(default_factory=set)  # requests whose context lost its oldest tokens to max_length
 
     def notes(self) -> list[str]:
         out = []
-        if self.merged:
-            out.append(f"{self.merged} request(s): the continuation's first token merged with the context's last "
+        if self.merged_at:
+            out.append(f"{len(self.merged_at)} request(s): the continuation's first token merged with the context's last "
                        "when tokenized together; scored as separate tokens")
-        if self.truncated:
-            out.append(f"{self.truncated} request(s) longer than the context (--ctx): their context's oldest tokens "
+        if self.truncated_at:
+            out.append(f"{len(self.truncated_at)} request(s) longer than the context (--ctx): their context's oldest tokens "
                        "were left out, as lm-eval's own backends do; raise --ctx to read all of it")
         return out
 
@@ -99,8 +99,10 @@ def encode_requests(model: Model, requests: list[tuple[str, str]], max_length: i
         ctx, cont, merged = encode_pair(model, context, continuation)
         ctx, cut = fit(ctx, cont, max_length, where(i))
         enc.pairs.append(Pair(tuple(ctx), tuple(cont)))
-        enc.merged += merged
-        enc.truncated += cut
+        if merged:
+            enc.merged_at.add(i)
+        if cut:
+            enc.truncated_at.add(i)
     return enc
 
 

@@ -22,6 +22,7 @@ from llamalens.errors import InvalidInput, MissingExtra
 TASKS = Path(__file__).resolve().parent / "tasks"  # the shipped tasks: always on the include path
 MAX_FEWSHOT = 64
 MAX_TASKS = 64
+MAX_MODELS = 16
 
 
 def lm_eval_module():
@@ -44,7 +45,7 @@ class EvalRequest:
     """One evaluation: lm-eval's options, and the model's (ModelOptions fields, in model_options)."""
 
     tasks: list[str]
-    model: object = None  # a loaded Model, or what --model takes
+    model: object = None  # a loaded Model, or what --model takes; a list of them: several models side by side
     limit: float | None = None
     num_fewshot: int | None = None
     output_path: str | None = None
@@ -56,9 +57,25 @@ class EvalRequest:
     exact: bool = False
     model_options: dict = field(default_factory=dict)
 
+    @property
+    def models(self) -> list:
+        return list(self.model) if isinstance(self.model, (list, tuple)) else [self.model]
+
+    def spec(self) -> dict:
+        """What an eval run records of the request (run/evaluation.py's spec, less the models)."""
+        import lm_eval
+
+        return {"tasks": self.tasks, "limit": self.limit, "num_fewshot": self.num_fewshot,
+                "include_path": str(Path(self.include_path).resolve()) if self.include_path else None,
+                "apply_chat_template": self.apply_chat_template, "chat_template": self.chat_template,
+                "exact": self.exact, "batch_size": 1 if self.exact else (self.batch_size or 32),
+                "lm_eval": lm_eval.__version__}
+
     def check(self):
         """Everything that can be checked before a model is loaded; returns lm-eval's TaskManager."""
         lm_eval_module()
+        if not 1 <= len(self.models) <= MAX_MODELS:
+            raise InvalidInput(f"{len(self.models)} models: evaluate 1 to {MAX_MODELS} at once (-m repeated)")
         tasks = [t.strip() for t in self.tasks if t and t.strip()]
         if not tasks:
             raise InvalidInput("give at least one task: --tasks NAME[,NAME...] (see docs/eval.md for a local one)")
@@ -94,17 +111,20 @@ class EvalRequest:
 
 @dataclass
 class EvalResult:
-    """lm-eval's results dict, its samples (per task, each document's requests and responses), the backend's
-    stats, and the files written."""
+    """lm-eval's results dict (the first model's), its samples, the backend's figures (EvalRun.backend), the files
+    written, the run, and with several models each one's results and figures (`models`)."""
 
     results: dict
     stats: dict
     samples: dict | None = None
     files: list[str] = field(default_factory=list)
+    run_id: int | None = None
+    models: list[dict] = field(default_factory=list)  # per model: name, file, results (lm-eval's), backend
+    disagreements: list[dict] = field(default_factory=list)
 
-    def metric(self, task: str, name: str):
-        """A task's metric as lm-eval reports it ('acc,none', or 'acc' for the 'none' filter)."""
-        row = self.results["results"][task]
+    def metric(self, task: str, name: str, model: int = 0):
+        """A task's metric as lm-eval reports it ('acc,none', or 'acc' for the 'none' filter), of model k."""
+        row = (self.models[model]["results"] if self.models else self.results)["results"][task]
         return row[name] if name in row else row[f"{name},none"]
 
     def table(self) -> str:
@@ -116,38 +136,140 @@ class EvalResult:
         return out
 
     def to_dict(self) -> dict:
-        return {"results": self.results.get("results", {}), "groups": self.results.get("groups", {}),
-                "n-shot": self.results.get("n-shot", {}), "backend": self.stats, "files": self.files}
+        return {"run": self.run_id, "results": self.results.get("results", {}), "groups": self.results.get("groups", {}),
+                "n-shot": self.results.get("n-shot", {}), "backend": self.stats, "files": self.files,
+                "models": [{k: v for k, v in m.items() if k != "full"} for m in self.models],
+                "disagreements": self.disagreements}
 
 
-def run_request(request: EvalRequest, on_model=None) -> EvalResult:
-    """Run the request's tasks (request.check() first); `on_model(lm)` is told once the model is loaded.
-    A loaded Model as request.model is used as it is (and left open)."""
+def run_request(request: EvalRequest, store=None, name: str | None = None, command: str = "", on_model=None,
+                on_progress=None) -> EvalResult:
+    """Run the request's tasks as an eval run in `store` (a Store or its path; request.check() first):
+    `on_model(model)` is told once the first model is loaded, `on_progress` as the run lifecycle's. A loaded
+    Model as request.model is used as it is (and left open)."""
+    from llamalens.run import lifecycle
+    from llamalens.run.evaluation import EVAL, start_eval
+    from llamalens.store import Store
+
     manager = request.check()
     offline()
-    import lm_eval
-
-    from llamalens.eval.harness import LlamalensLM
-
-    lm = LlamalensLM(model=request.model, exact=request.exact, batch_size=request.batch_size,
-                     chat_template=request.chat_template, **request.model_options)
+    st = store if isinstance(store, Store) else Store(store)
+    base, owned = _load(request.models[0], request)
     try:
         if on_model:
-            on_model(lm)
-        tracker = _tracker(request.output_path)
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=request.tasks, num_fewshot=request.num_fewshot, limit=request.limit,
-            log_samples=True, task_manager=manager, evaluation_tracker=tracker,
-            apply_chat_template=request.apply_chat_template, batch_size=lm.batch_size)
+            on_model(base)
+        spec = {**request.spec(), "max_length": int(base.options.ctx)}
+        plans, spec["models"] = _plan(st, base, request, spec, manager)
+        run_id = start_eval(st, base, spec, plans, name, command)
+        lifecycle.execute(EVAL, base, st, run_id, on_progress)
+        return finish_run(st, run_id, base, manager, request.output_path, request.log_samples)
     finally:
-        lm.close()
-    if results is None:
-        raise InvalidInput("lm-eval returned no results (no task produced any request)")
-    results["config"]["model"] = "llamalens"
-    results["config"]["model_args"] = {"model": str(lm.model.path), "exact": lm.exact, "batch_size": lm.batch_size}
-    samples = results.pop("samples", None)
-    files = _save(tracker, results, samples, request.log_samples) if tracker else []
-    return EvalResult(results, lm.stats.to_dict(), samples, files)
+        if owned:
+            base.close()
+
+
+def _load(model, request: EvalRequest):
+    """(the model, whether it was loaded here)."""
+    from llamalens.core.runtime import Model, ModelOptions
+    from llamalens.modelfiles.find import resolve_source
+    from llamalens.modelfiles.memory import checked_load
+
+    if isinstance(model, Model):
+        return model, False
+    batch = 1 if request.exact else (request.batch_size or 32)
+    return checked_load(resolve_source(model), ModelOptions(**request.model_options), batch), True
+
+
+def _plan(store, base, request: EvalRequest, spec: dict, manager):
+    """Each model's requests (stored.Recorder) and its entry (file, sha256, header)."""
+    from llamalens.core.runtime import Model
+    from llamalens.eval.stored import Recorder, evaluate_with
+    from llamalens.modelfiles.find import resolve_model
+    from llamalens.run.compare import model_entry
+
+    plans, entries = [], []
+    for k, m in enumerate(request.models):
+        model = base if k == 0 else Model(resolve_model(m), base.options)
+        try:
+            rec = Recorder(model, request.chat_template)
+            evaluate_with(rec, spec, manager)
+            plans.append(rec.planned)
+            entries.append(model_entry(store, model))
+        finally:
+            if model is not base:
+                model.close()
+    return plans, entries
+
+
+def finish_run(store, run_id: int, base, manager, output_path=None, log_samples: bool = False) -> EvalResult:
+    """lm-eval's metrics of every model of a decoded eval run (stored.Replay), stored in its spec; the run done."""
+    from llamalens.eval.stored import Replay, evaluate_with, per_document
+    from llamalens.run.evaluation import load_eval, load_model
+
+    run = load_eval(store, run_id)
+    spec, models, files, first = run.spec, [], [], None
+    stored = {}
+    for k, entry in enumerate(spec["models"]):
+        chat = base if k == 0 else load_model(entry, base) if spec["apply_chat_template"] else None
+        try:
+            tracker = _tracker(_output_for(output_path, k, run))
+            out = evaluate_with(Replay(run, k, chat, spec.get("chat_template")), spec, manager, tracker)
+        finally:
+            if chat is not None and chat is not base:
+                chat.close()
+        out["config"]["model"] = "llamalens"
+        out["config"]["model_args"] = {"model": entry["path"], "exact": spec["exact"], "batch_size": spec["batch_size"]}
+        samples = out.pop("samples", None)
+        files += _save(tracker, out, samples, log_samples) if tracker else []
+        stored[str(k)] = {"results": out.get("results", {}), "groups": out.get("groups", {}),
+                          "n-shot": out.get("n-shot", {}), "docs": per_document(samples)}
+        models.append({"name": run.model_name(k), "path": entry["path"], "results": out, "backend": run.backend(k)})
+        if k == 0:
+            first = (out, samples)
+    store.set_extra(run_id, 0, {**spec, "results": stored})
+    store.set_status(run_id, "done")
+    return EvalResult(first[0], models[0]["backend"], first[1], files, run_id, models,
+                      load_eval(store, run_id).disagreements())
+
+
+def resume_run(store, run_id, model=None, on_model=None, on_progress=None, output_path=None,
+               log_samples: bool = False) -> EvalResult:
+    """Finish an interrupted eval run (its pending chunks, then the metrics): the run's own models and options."""
+    from llamalens.run import lifecycle
+    from llamalens.run.evaluation import EVAL, KIND, read_spec
+
+    info = store.run(run_id)
+    if info.kind != KIND:
+        raise InvalidInput(f"run {info.id} is a {info.kind} run, not an eval run; resume it with "
+                           f"`llamalens {info.kind} --resume {info.id}`")
+    if info.status == "done":
+        raise InvalidInput(f"run {info.id} is already complete; nothing to resume (`llamalens show {info.id}`)")
+    spec = read_spec(store, info.id)
+    request = EvalRequest(spec["tasks"], model=model or info.model.path, include_path=spec["include_path"],
+                          exact=spec["exact"], batch_size=spec["batch_size"],
+                          model_options=info.options.model_options.to_dict())
+    manager = request.check()
+    offline()
+    base, owned = _load(request.models[0], request)
+    try:
+        if on_model:
+            on_model(base)
+        if info.n_done < info.n_samples:
+            lifecycle.execute(EVAL, base, store, info.id, on_progress)
+        return finish_run(store, info.id, base, manager, output_path, log_samples)
+    finally:
+        if owned:
+            base.close()
+
+
+def _output_for(output_path, k: int, run):
+    """lm-eval's files of model k: in output_path, or with several models in a folder per model within it."""
+    if not output_path or len(run.models) == 1:
+        return output_path
+    import re
+
+    safe = re.sub(r"[^\w.-]+", "_", run.model_name(k))
+    return str(Path(output_path) / f"{k}-{safe}")
 
 
 def _tracker(output_path):
@@ -190,9 +312,11 @@ def eval_model(model=None, *, exact: bool = False, batch_size: int | None = None
 def evaluate(tasks, *, model=None, limit=None, num_fewshot: int | None = None, output_path=None,
              include_path=None, log_samples: bool = False, batch_size: int | None = None,
              apply_chat_template: bool = False, chat_template: str | None = None, exact: bool = False,
-             **model_options) -> EvalResult:
-    """lm-eval tasks on a model, as `llamalens eval` runs them (ll.evaluate): an EvalResult with .results
-    (lm-eval's dict), .samples, .stats (requests, noise floor, close calls), .table(), .metric(task, name).
+             store=None, name: str | None = None, **model_options) -> EvalResult:
+    """lm-eval tasks on a model (or a list of models, side by side), as `llamalens eval` runs them (ll.evaluate):
+    an eval run in `store` (a Store or a path; default the run store) named `name`, and an EvalResult with .results
+    (lm-eval's dict), .samples, .stats (requests, noise floor, close calls), .table(), .metric(task, name), .run_id,
+    and with several models .models and .disagreements.
 
     >>> ll.evaluate("llamalens_capitals", exact=True).metric("llamalens_capitals", "acc")  # doctest: +SKIP
     """
@@ -201,4 +325,5 @@ def evaluate(tasks, *, model=None, limit=None, num_fewshot: int | None = None, o
     return run_request(EvalRequest(text_list(tasks, "tasks"), model=model, limit=limit, num_fewshot=num_fewshot,
                                    output_path=output_path, include_path=include_path, log_samples=log_samples,
                                    batch_size=batch_size, apply_chat_template=apply_chat_template,
-                                   chat_template=chat_template, exact=exact, model_options=model_options))
+                                   chat_template=chat_template, exact=exact, model_options=model_options),
+                       store=store, name=name)

@@ -41,12 +41,15 @@ class Pair:
 
 @dataclass
 class PairScore:
-    """A scored continuation: per token its logprob, and its row's argmax and that token's logprob."""
+    """A scored continuation: per token its logprob, rank and its row's entropy, and the row's argmax and that
+    token's logprob."""
 
     tokens: list[int]
     logprobs: list[float] = field(default_factory=list)
     top: list[int] = field(default_factory=list)
     top_logprobs: list[float] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
 
     @property
     def logprob(self) -> float:
@@ -56,10 +59,12 @@ class PairScore:
     def is_greedy(self) -> bool:
         return all(t == a for t, a in zip(self.tokens, self.top))
 
-    def add(self, lp: float, top: int, top_lp: float) -> None:
+    def add(self, lp: float, top: int, top_lp: float, rank: int, entropy: float) -> None:
         self.logprobs.append(lp)
         self.top.append(top)
         self.top_logprobs.append(top_lp)
+        self.ranks.append(rank)
+        self.entropies.append(entropy)
 
 
 def rows_per_call(model: Model) -> int:
@@ -78,7 +83,7 @@ def _take(block: np.ndarray, targets: list[list[tuple[PairScore, int]]]) -> None
     for st, row, scored in zip(block_stats(block, 1), block, targets):
         top = int(st.top_ids[0])
         for ps, tok in scored:
-            ps.add(float(row[tok]) - st.lse, top, float(row[top]) - st.lse)
+            ps.add(float(row[tok]) - st.lse, top, float(row[top]) - st.lse, st.for_token(row, tok).rank, st.entropy)
 
 
 def score_pairs(model: Model, pairs: list[Pair], exact: bool = False, batch_size: int = 32,

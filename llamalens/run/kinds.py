@@ -25,6 +25,7 @@ from typing import Callable
 
 from llamalens.errors import StoreError
 from llamalens.run.compare import COMPARE
+from llamalens.run.evaluation import EVAL, with_eval_columns
 from llamalens.run.fork import FORK, with_fork_columns
 from llamalens.run.lens import LENS, with_lens_columns
 from llamalens.run.ladder import comparison_tokens
@@ -65,6 +66,9 @@ KINDS: dict[str, RunKind] = {k.name: k for k in (
     RunKind("compare", COMPARE, comparison_tokens, show="llamalens.commands.compare:show_compare",
             report="llamalens.reports.ladder:write_ladder_report",
             notebook="llamalens.reports.ladder:ladder_run_document", generates=False, explore=""),
+    RunKind("eval", EVAL, with_eval_columns, show="llamalens.commands.eval:show_eval",
+            report="llamalens.reports.eval:write_eval_report", notebook="llamalens.reports.eval:eval_run_document",
+            generates=False, explore=""),
 )}
 
 
