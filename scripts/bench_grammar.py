@@ -51,7 +51,7 @@ def tcase_sweep(measure, b, model, t, constrained: bool) -> dict:
                      "--ctx", CTX_PER_SEQ, "--json", "--store", os.path.join(tmp, "runs.db"), "--model", model])
     d = json.loads(r["stdout"])
     gen = sum(row["samples"] * row["tokens_per_s"] for row in d["summary"])
-    n = sum(row["samples"] * row["tokens"] for row in d["summary"]) if "tokens" in d["summary"][0] else None
+    n = sum(row["tokens"] for row in d["summary"]) if "tokens" in d["summary"][0] else None  # a row's total
     run = d["run"]
     secs = run["finished"] - run["created"]
     return {"tok_s": gen, "gen_tok_s": gen, "whole_tok_s": (n or 0) / secs, "tokens": n, "run_s": secs,

@@ -218,3 +218,18 @@ def test_the_prefix_walk_gives_the_full_checks_answers_on_gemma(gemma, monkeypat
             if tok is not None:
                 assert full[tok]
                 g.accept(tok)
+
+
+def test_the_most_likely_tokens_are_a_stable_sorts_first_k():
+    """The likely tokens the removed mass is summed over: the same set as the first k of a stable sort by
+    descending logprob (the smallest k holding 1 - MASS_EPS), with ties at the edge taken in id order."""
+    from llamalens.core.grammar import _most_likely
+
+    rng = np.random.default_rng(0)
+    for lp in (rng.normal(-12, 1.5, 50000), np.round(rng.normal(-6, 2, 50000), 1), np.full(1000, -np.log(1000))):
+        lp = lp - np.log(np.exp(lp).sum())
+        ids = np.arange(len(lp))
+        order = ids[np.argsort(-lp, kind="stable")]
+        k = int(np.searchsorted(np.cumsum(np.exp(lp[order])), 1.0 - MASS_EPS)) + 1
+        got = _most_likely(ids, lp)
+        assert np.array_equal(np.sort(got), np.sort(order[:k])) and len(np.unique(got)) == len(got)

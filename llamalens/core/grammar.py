@@ -126,6 +126,17 @@ def removed_mass(logprobs: np.ndarray, forbidden: np.ndarray) -> float:
     return float(np.exp(logprobs[forbidden]).sum()) if len(forbidden) else 0.0
 
 
+def _most_likely(ids: np.ndarray, lps: np.ndarray) -> np.ndarray:
+    """The fewest of `ids` whose probabilities sum to 1 − MASS_EPS, the most likely first, ties taken in id order
+    (the first k of a stable sort by descending logprob, as a set): sorted values give k and the threshold, and
+    no sort of the ids is needed."""
+    desc = np.sort(lps)[::-1]
+    k = int(np.searchsorted(np.cumsum(np.exp(desc)), 1.0 - MASS_EPS)) + 1
+    edge = desc[min(k, len(desc)) - 1]
+    above = ids[lps > edge]
+    return np.concatenate([above, ids[lps == edge][: k - len(above)]]).astype(np.int32)
+
+
 def constrained_apply(sampler, grammar, row: np.ndarray, buffers, grammar_buffers) -> tuple[np.ndarray, int, float]:
     """The chain's pick under the grammar, as common_sampler_sample makes it (see the module docstring):
     (survivors, selected index, raw probability mass the grammar forbade at this step). The index is None when
@@ -135,9 +146,7 @@ def constrained_apply(sampler, grammar, row: np.ndarray, buffers, grammar_buffer
     lp = log_softmax(row)
     # tokens below 1e-12 hold at most n_vocab * 1e-12 of the mass (< MASS_EPS up to a million tokens): not sorted
     likely = np.flatnonzero(lp > np.log(1e-12))
-    order = likely[np.argsort(-lp[likely], kind="stable")]
-    k = int(np.searchsorted(np.cumsum(np.exp(lp[order])), 1.0 - MASS_EPS)) + 1
-    head = order[:k].astype(np.int32)
+    head = _most_likely(likely, lp[likely])
     ok = grammar.allowed(head, grammar_buffers)
     removed = removed_mass(lp, head[~ok])
     where = np.flatnonzero(head == token)
