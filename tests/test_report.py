@@ -152,6 +152,11 @@ def test_document_sections(tiny_run, tiny):
     summary = next(b for b in doc.blocks if isinstance(b, document.Table) and "distinct-2 across seeds" in b.header)
     assert [r[0] for r in summary.rows] == ["0–\u20603", "4", "5", "6", "7"]
     assert summary.rows[0][1].startswith("4 settings, one chain on this run") and summary.rows[0][2] == 16
+    # the confidence table: samples shown alike (the greedy chain's configurations and seeds) share one row
+    conf = next(b for b in doc.blocks if isinstance(b, document.Table) and "clusters H" in b.header)
+    assert sum(r[0] for r in conf.rows) == store.run(rid).n_done and len(conf.rows) < store.run(rid).n_done
+    greedy = [r for r in conf.rows if r[2] == "0–\u20603"]
+    assert [(r[0], r[3]) for r in greedy] == [(8, "0, 1"), (8, "0, 1")]  # 4 configurations x 2 seeds, per prompt
     figures = [b.name for b in doc.blocks if isinstance(b, document.Figure)]
     assert "sampler_view" in figures and "positions_prompt1" in figures and "heatmap_mean_logprob" in figures
     # the control characters of prompt 1 are visible, never dropped
@@ -323,6 +328,11 @@ def test_html_in_chromium(tiny_run, tiny, tmp_path, chromium_path):
         assert tip[0] is False and str(data[j][1]) in tip[1]
         page.eval("document.body.click()")
         assert page.eval("document.getElementById('tip').hidden") is True
+        # a table wider than the page scrolls in its own box; the page itself never scrolls sideways
+        assert page.eval("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+        boxes = page.eval("Array.from(document.querySelectorAll('div.tw')).map(d => [d.scrollWidth > d.clientWidth, "
+                          "d.textContent.includes('clusters H')])")
+        assert [True, True] in boxes
         page.screenshot(tmp_path / "shot.png")
         assert (tmp_path / "shot.png").stat().st_size > 10_000
 
