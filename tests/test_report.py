@@ -410,6 +410,11 @@ def test_show_texts(tiny_run, monkeypatch):
     greedy = next(t for t in texts if t.samples[0][1] == 0)
     assert "(+3 equivalent), every seed" in full and len(greedy.samples) >= 8
     assert "configurations 0–3 are one chain on this run" in short and "dist-2 seeds" in short
+    # it ends with the texts; the confidence table before them gives the greedy chain's samples one row per prompt
+    lines = short.splitlines()
+    assert lines.index(next(x for x in lines if x.startswith("texts of"))) > \
+        lines.index(next(x for x in lines if x.startswith("higher = surer")))  # the confidence table's last line
+    assert len([x for x in lines if re.match(r" *8 +0–3 +0, 1 ", x)]) == 2, short
     data = json.loads(cli("show", rid, "--texts", "--json").stdout)
     assert sum(len(t["samples"]) for t in data["texts"]) == store.run(rid).n_done
     assert "texts" not in json.loads(cli("show", rid, "--json").stdout)

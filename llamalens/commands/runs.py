@@ -284,8 +284,8 @@ def show_sweep(store, run_id, as_json, texts: bool = False, answer: str | None =
 
         say(f"note: {resume_note(info)}")
     if run.samples:
-        show_texts(run, texts)
         show_answer_confidence(store, run_id, answer)
+        show_texts(run, texts)  # the texts last: what a sweep ends with
     if info.status != "done":
         say(f"run {info.id} is {info.status}: resume with `llamalens sweep --resume {info.id}`")
     return run

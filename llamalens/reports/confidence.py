@@ -42,13 +42,13 @@ def confidence_blocks(doc: Document, table, answer: str | None) -> None:
                  "their lexical clusters (equal after lowercasing and dropping punctuation; no NLI model judges "
                  "meaning). Whether a measure predicts correctness for this model is what `llamalens calibrate` "
                  "measures on a labelled set."))
-    groups: dict = {}  # the rows as shown, without sample, configuration and seed -> those samples
-    for r in table.itertuples():
-        shown = (r.prompt_idx, _answer(r.answer), r.span_tokens, *(plain(getattr(r, m.name)) for m in MEASURES),
-                 f"{round(r.distinct_share * r.answers)}/{r.answers}", plain(r.cluster_entropy))
-        groups.setdefault(shown, []).append((r.config_idx, r.seed))
-    rows = [[len(who), shown[0], numbers({c for c, _ in who}, nobreak=True),
-             numbers({s for _, s in who}, nobreak=True), *shown[1:]] for shown, who in list(groups.items())[:MAX_ROWS]]
+    from llamalens.run.confidence import alike
+
+    groups = alike(table, lambda r: (r.prompt_idx, _answer(r.answer), r.span_tokens,
+                                     *(plain(getattr(r, m.name)) for m in MEASURES),
+                                     f"{round(r.distinct_share * r.answers)}/{r.answers}", plain(r.cluster_entropy)))
+    rows = [[len(who), shown[0], numbers({c for c, _ in who}, nobreak=True), numbers({s for _, s in who}, nobreak=True),
+             *shown[1:]] for shown, who in groups[:MAX_ROWS]]
     more = f" The first {MAX_ROWS} of {len(groups)} rows; `llamalens export` has every sample." \
         if len(groups) > MAX_ROWS else ""
     same = " Samples whose answer and figures are the same (a greedy chain's seeds, configurations that are one " \
