@@ -252,6 +252,9 @@ def test_prob_text():
     assert [visible.prob_text(p) for p in (0.0, 7e-6, 4.9e-5, 5e-5, 0.25, 1.0)] == \
         ["0", "7.0e-06", "4.9e-05", "0.0001", "0.2500", "1.0000"]
     assert all(visible.prob_text(10.0 ** -e) not in ("0.0000", "0") for e in range(4, 12))
+    from llamalens.commands.score import _share  # choose's share column: a percentage, never 0.0% when nonzero
+
+    assert [_share(p) for p in (0.0, 3e-5, 0.0005, 0.739)] == ["0%", "<0.1%", "0.1%", "73.9%"]
 
 
 def test_size_text():
