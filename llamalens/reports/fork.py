@@ -49,8 +49,8 @@ def _times(ratio: float) -> str:
 
 
 def fork_document(fr) -> Document:
-    """A fork run (fork.ForkRun) as a report document: its sections in the order the page shows them (one
-    function, longer than the house's limit, so that the page's order is read top to bottom)."""
+    """A fork run (fork.ForkRun) as a report document, its sections in the order the page shows them: findings,
+    the base path, o_t along it, the forking and per-position tables, how it was made (folded)."""
     from llamalens.reports import plots
 
     a, info = fr.analysis, fr.info
