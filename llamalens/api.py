@@ -73,6 +73,12 @@ def _note(note: str) -> None:
     warnings.warn(note, stacklevel=3)
 
 
+def _warn_chat(rendered: list) -> None:
+    """A note for each template whose markers are plain text to this model (as the CLI's warning)."""
+    for w in dict.fromkeys(r.warning() for r in rendered if r.warning()):
+        _note(w)
+
+
 @contextmanager
 def _bar(progress: bool, total: int, desc: str, unit: str, initial: int = 0):
     """A tqdm bar (None when progress is off)."""
@@ -342,6 +348,7 @@ def sweep(prompts=(), grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int
     n_par, cells = req.sizing(model_options.get("ctx", ModelOptions().ctx))
     with _model(model, model_options, sequences=n_par, cells=cells) as loaded:
         run_id = req.start(loaded, st, f"python: llamalens.sweep({len(prompts)} prompt(s))", _note)
+        _warn_chat(req.chats)
         with _bar(progress, req.spec.n_samples, f"run {run_id}", "seq") as bar:
             req.execute(loaded, st, run_id, _sweep_ticks(bar), executor)
     return _load(st, run_id)
@@ -618,6 +625,7 @@ def fork(prompt: str | None = None, *, options=None, outcome: str | None = None,
     sequences, cells = req.sizing()
     with _model(model, model_options, sequences=sequences, cells=cells) as loaded:
         req.render(loaded)
+        _warn_chat([req.rendered] if req.rendered is not None else [])
         run_id, cost = req.start(loaded, st, "python: llamalens.fork(...)", _note)
         with _bar(progress, cost.sequences, f"fork run {run_id}", "seq") as bar:
             req.execute(loaded, st, run_id, _sweep_ticks(bar), executor)

@@ -92,7 +92,7 @@ def test_builtin_templates_match_their_documented_formats(gemma):
     assert len(turn) == 1 and ids[:2] == [gemma.bos, turn[0]]  # a special token, parsed as one
 
 
-def test_markers_the_model_does_not_know_are_warned(chat_path, chat_model):
+def test_markers_the_model_does_not_know_are_warned(chat_path, chat_model, tmp_path):
     """A template's markers that are not special tokens of the model are named, once, on stderr and in reports;
     its own template's, and markers a user typed in a message, are not."""
     own = render(chat_model, CONVERSATIONS[0])
@@ -106,6 +106,19 @@ def test_markers_the_model_does_not_know_are_warned(chat_path, chat_model):
     doc = document.Document("t")
     chat_blocks(doc, [other, own])
     assert [b.kind for b in doc.blocks if isinstance(b, document.Para)].count("warn") == 1
+    # the API says it too (a Python warning, as its other notes), for a sweep and a fork
+    import warnings
+
+    import llamalens as ll
+
+    for call in (lambda st: ll.sweep("the cat", {"temperature": [0]}, max_tokens=2, chat=True, chat_template="chatml",
+                                     model=chat_model, store=st, progress=False),
+                 lambda st: ll.fork("the cat", chat=True, chat_template="chatml", samples=1, alternatives=1,
+                                    positions="0-0", max_tokens=2, model=chat_model, store=st, progress=False)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            call(tmp_path / "api.db")
+        assert sum("writes <|im_start|>, <|im_end|>" in str(w.message) for w in seen) == 1
 
 
 def test_template_file_and_errors(chat_model, tiny, tmp_path):

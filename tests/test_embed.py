@@ -118,6 +118,8 @@ def test_cli_table_query_json(tmp_path):
     html = out_html.read_text()
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<svg" in html and "Nearest neighbours" in html
+    # results first: the first section is a result, the model and pooling are folded at the end
+    assert html.index("<h2>Cosine similarity") < html.index('<details class="made">') < html.index("pooling")
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -315,6 +315,10 @@ def test_declared_options_appear_at_probability_zero(tiny_path, tmp_path):
     assert len(rows) == 3 and all(f"{never} 0.00" in line for line in rows)
     page = (tmp_path / "o.html").read_text(encoding="utf-8")
     assert page.count(f"{never} 0.00") >= 3
+    # results first: the findings open the page, the set-up is folded at its end
+    made = page.index('<details class="made"><summary>How this was made')
+    assert page.index("<h2>Findings</h2>") < page.index("<h2>The base path</h2>") < page.rindex("<h2>") < made
+    assert "the base path (4 tokens, greedy) ends in" in page
     # every outcome recomputed from token bytes, not from the stored text: a continuation is the base path's
     # tokens before its position, its forced token (bytes from llama-cpp-python's vocabulary), then its own tokens
     from llama_cpp import Llama

@@ -152,6 +152,11 @@ def test_document_sections(tiny_run, tiny):
     summary = next(b for b in doc.blocks if isinstance(b, document.Table) and "distinct-2 across seeds" in b.header)
     assert [r[0] for r in summary.rows] == ["0–\u20603", "4", "5", "6", "7"]
     assert summary.rows[0][1].startswith("4 settings, one chain on this run") and summary.rows[0][2] == 16
+    # the confidence table: samples shown alike (the greedy chain's configurations and seeds) share one row
+    conf = next(b for b in doc.blocks if isinstance(b, document.Table) and "clusters H" in b.header)
+    assert sum(r[0] for r in conf.rows) == store.run(rid).n_done and len(conf.rows) < store.run(rid).n_done
+    greedy = [r for r in conf.rows if r[2] == "0–\u20603"]
+    assert [(r[0], r[3]) for r in greedy] == [(8, "0, 1"), (8, "0, 1")]  # 4 configurations x 2 seeds, per prompt
     figures = [b.name for b in doc.blocks if isinstance(b, document.Figure)]
     assert "sampler_view" in figures and "positions_prompt1" in figures and "heatmap_mean_logprob" in figures
     # the control characters of prompt 1 are visible, never dropped
@@ -247,6 +252,9 @@ def test_prob_text():
     assert [visible.prob_text(p) for p in (0.0, 7e-6, 4.9e-5, 5e-5, 0.25, 1.0)] == \
         ["0", "7.0e-06", "4.9e-05", "0.0001", "0.2500", "1.0000"]
     assert all(visible.prob_text(10.0 ** -e) not in ("0.0000", "0") for e in range(4, 12))
+    from llamalens.commands.score import _share  # choose's share column: a percentage, never 0.0% when nonzero
+
+    assert [_share(p) for p in (0.0, 3e-5, 0.0005, 0.739)] == ["0%", "<0.1%", "0.1%", "73.9%"]
 
 
 def test_size_text():
@@ -323,6 +331,11 @@ def test_html_in_chromium(tiny_run, tiny, tmp_path, chromium_path):
         assert tip[0] is False and str(data[j][1]) in tip[1]
         page.eval("document.body.click()")
         assert page.eval("document.getElementById('tip').hidden") is True
+        # a table wider than the page scrolls in its own box; the page itself never scrolls sideways
+        assert page.eval("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+        boxes = page.eval("Array.from(document.querySelectorAll('div.tw')).map(d => [d.scrollWidth > d.clientWidth, "
+                          "d.textContent.includes('clusters H')])")
+        assert [True, True] in boxes
         page.screenshot(tmp_path / "shot.png")
         assert (tmp_path / "shot.png").stat().st_size > 10_000
 
@@ -400,6 +413,11 @@ def test_show_texts(tiny_run, monkeypatch):
     greedy = next(t for t in texts if t.samples[0][1] == 0)
     assert "(+3 equivalent), every seed" in full and len(greedy.samples) >= 8
     assert "configurations 0–3 are one chain on this run" in short and "dist-2 seeds" in short
+    # it ends with the texts; the confidence table before them gives the greedy chain's samples one row per prompt
+    lines = short.splitlines()
+    assert lines.index(next(x for x in lines if x.startswith("texts of"))) > \
+        lines.index(next(x for x in lines if x.startswith("higher = surer")))  # the confidence table's last line
+    assert len([x for x in lines if re.match(r" *8 +0–3 +0, 1 ", x)]) == 2, short
     data = json.loads(cli("show", rid, "--texts", "--json").stdout)
     assert sum(len(t["samples"]) for t in data["texts"]) == store.run(rid).n_done
     assert "texts" not in json.loads(cli("show", rid, "--json").stdout)

@@ -36,6 +36,8 @@ def confidence_json(store, run_id, answer: str | None) -> dict:
 def show_answer_confidence(store, run_id, answer: str | None) -> None:
     """Print each sample's confidence (the first SHOWN_SAMPLES), and how its prompt's seeds agree."""
     from llamalens.core.confidence import MEASURES
+    from llamalens.reports.findings import numbers
+    from llamalens.run.confidence import alike
     from llamalens.visible import visible
 
     table = confidence_rows(store, run_id, answer)
@@ -44,17 +46,24 @@ def show_answer_confidence(store, run_id, answer: str | None) -> None:
     span = f"the answer span (--answer {visible(answer)!s})" if answer else "the whole text"
     say(f"confidence of each answer, over {span}; 'agree': distinct answers / answers of the same prompt and "
         "configuration, and their lexical-cluster entropy (nats):")
-    rows = [("#", "cfg", "seed", "answer", "tokens", *(m.label for m in MEASURES), "distinct", "clusters H")]
-    for r in table.head(SHOWN_SAMPLES).itertuples():
-        text = "–" if r.answer is None else visible(r.answer.strip(), edge_spaces=False)
-        text = text if len(text) <= ANSWER_CHARS else text[: ANSWER_CHARS - 1] + "…"
-        rows.append((r.sample_idx, r.config_idx, r.seed, text, r.span_tokens,
-                     *(_num(getattr(r, m.name)) for m in MEASURES),
-                     f"{round(r.distinct_share * r.answers)}/{r.answers}", _num(r.cluster_entropy)))
-    print_table(rows, right={0, 1, 2, 4, *range(5, 5 + len(MEASURES) + 2)})
-    if len(table) > SHOWN_SAMPLES:
-        say(f"... {len(table) - SHOWN_SAMPLES} more samples: `llamalens show {run_id} --json` or `export` has each")
+    groups = alike(table, lambda r: (r.prompt_idx, _answer(r.answer), r.span_tokens, *(_num(getattr(r, m.name)) for m in MEASURES),
+                                     f"{round(r.distinct_share * r.answers)}/{r.answers}", _num(r.cluster_entropy)))
+    rows = [("n", "cfg", "seed", "answer", "tokens", *(m.label for m in MEASURES), "distinct", "clusters H")]
+    for shown, who in groups[:SHOWN_SAMPLES]:
+        rows.append((len(who), numbers({c for c, _ in who}), numbers({s for _, s in who}), *shown[1:]))
+    print_table(rows, right={0, 4, *range(5, 5 + len(MEASURES) + 2)})
+    if len(groups) > SHOWN_SAMPLES:
+        say(f"... {len(groups) - SHOWN_SAMPLES} more rows: `llamalens show {run_id} --json` or `export` has each sample")
+    if len(groups) < len(table):
+        say("n: samples with this answer and these figures (a greedy chain's seeds, configurations that are one chain)")
     say("higher = surer: seq lp, min p, margin, Rényi, FR; lower = surer: ppl, H mean, H max (docs/confidence.md)")
+
+
+def _answer(text) -> str:
+    from llamalens.visible import visible
+
+    text = "–" if text is None else visible(text.strip(), edge_spaces=False)
+    return text if len(text) <= ANSWER_CHARS else text[: ANSWER_CHARS - 1] + "…"
 
 
 def _num(v) -> str:

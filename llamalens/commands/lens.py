@@ -101,7 +101,8 @@ def _print(result, as_json: bool) -> None:
     shown = result.positions[-SHOWN_POSITIONS:]
     rows = [("layer", *[f"{p.position}:{visible(p.token)[:10]}" for p in shown])]
     for k, layer in enumerate(result.layers):
-        rows.append((layer, *[f"{visible(p.layers[k].top[0].text)[:12]} {p.layers[k].top[0].prob:.2f}" for p in shown]))
+        tops = [p.layers[k].top[0] for p in shown]
+        rows.append((layer, *[f"{visible(t.text)[:12]} {prob_text(t.prob, 2)}" for t in tops]))
     say(f"top token (probability) per layer at the last {len(shown)} of {len(result.positions)} positions looked at:")
     print_table(rows, right={0})
     say("settles at layer: " + ", ".join(f"{p.position}:{'-' if p.settles_at is None else p.settles_at}"

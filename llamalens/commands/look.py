@@ -129,7 +129,7 @@ def _say_laptops(rows, options) -> None:
     counts = list(rows[0]["contexts"])
     table = [("RAM",) + tuple(f"{n} sequence{'s' * (n > 1)}" for n in counts)]
     for r in rows:
-        table.append((f"{r['ram_gb']} GB",) + tuple(f"{c:,}" if c else "does not fit" for c in r["contexts"].values()))
+        table.append((f"{r['ram_gb']} GiB",) + tuple(f"{c:,}" if c else "does not fit" for c in r["contexts"].values()))
     print_table(table, right=set(range(1, len(counts) + 1)))
 
 
@@ -151,7 +151,11 @@ def _say_fit(est, name) -> None:
 @model_options
 @fail_cleanly
 def tokenize(text, bos, as_json, model, **kw):
-    """Split TEXT into tokens: each token's id, text and exact bytes."""
+    """Split TEXT into tokens: each token's id, text and exact bytes.
+
+    \b
+    llamalens tokenize "Preposterous, I'm flabbergasted!"
+    """
     from llamalens.looks.next_token import tokenize as split
     from llamalens.visible import visible
 
@@ -310,7 +314,7 @@ def _print_next(model, prompt, top, as_json, rendered=None) -> None:
 
 def _print_next_grammar(model, prompt, top, spec, as_json, rendered) -> None:
     from llamalens.core.grammar import next_under_grammar
-    from llamalens.visible import visible
+    from llamalens.visible import prob_text, visible
 
     view = next_under_grammar(model, prompt, spec, top)
     if as_json:
@@ -321,7 +325,7 @@ def _print_next_grammar(model, prompt, top, spec, as_json, rendered) -> None:
                                            for i, lp, g in view.rows]}, rendered))
     rows = [("token", "raw p", "under grammar", "id")]
     for i, lp, g in view.rows:
-        rows.append((visible(*model.token_text(i)), f"{math.exp(lp):.4f}", f"{g:.4f}" if g > 0 else "-", i))
+        rows.append((visible(*model.token_text(i)), prob_text(math.exp(lp)), prob_text(g) if g > 0 else "-", i))
     print_table(rows, right={1, 2, 3})
     say(f"the grammar ({spec.source}) allows {view.allowed:,} of {model.n_vocab:,} tokens here and removes "
         f"{view.removed:.2%} of the raw probability mass; 'under grammar' = renormalised over what it allows, "

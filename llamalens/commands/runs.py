@@ -126,7 +126,11 @@ def sweep(prompts, prompts_file, chain, seeds, seed_list, max_tokens, logprobs, 
 
 @click.command(cls=GroupedCommand)
 def presets():
-    """List the named presets for `sweep --preset`."""
+    """List the named presets for `sweep --preset`.
+
+    \b
+    llamalens sweep "Once upon a time" --preset balanced --seeds 3
+    """
     from llamalens.run.grid import PRESETS
     from llamalens.settings import SamplingSettings
 
@@ -139,7 +143,11 @@ def presets():
 @store_option
 @fail_cleanly
 def runs(as_json, store_path):
-    """List the runs in the store."""
+    """List the runs in the store: id, name, kind, status, model, grid, samples done, workers, date.
+
+    \b
+    llamalens runs --store runs.db
+    """
     from llamalens.store import Store, StoreMissing, default_store_path
 
     try:
@@ -276,8 +284,8 @@ def show_sweep(store, run_id, as_json, texts: bool = False, answer: str | None =
 
         say(f"note: {resume_note(info)}")
     if run.samples:
-        show_texts(run, texts)
         show_answer_confidence(store, run_id, answer)
+        show_texts(run, texts)  # the texts last: what a sweep ends with
     if info.status != "done":
         say(f"run {info.id} is {info.status}: resume with `llamalens sweep --resume {info.id}`")
     return run
@@ -362,7 +370,11 @@ def _report(run, output, fmt, model, **options) -> None:
 @store_option
 @fail_cleanly
 def export(run_id, fmt, output, excel_safe, answer, store_path):
-    """Write a run's token table (csv, parquet) or its samples in OpenAI logprobs shape (jsonl)."""
+    """Write a run's token table (csv, parquet) or its samples in OpenAI logprobs shape (jsonl).
+
+    \b
+    llamalens export tales --format csv -o tokens.csv
+    """
     from llamalens.run.loaded import export_run, load_run
     from llamalens.store import Store
 

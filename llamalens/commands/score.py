@@ -174,8 +174,13 @@ def choose(prompt, options, normalize, no_space, as_json, model, **kw):
     for i, (o, m, p) in enumerate(zip(res.options, res.margins(), res.probabilities()), 1):
         per = "  ".join(f"{visible(t.text, t.bytes)} {t.logprob:.3f}" for t in o.tokens)
         rows.append((i, visible(o.option, edge_spaces=False), f"{o.score(normalize):.4f}", f"{o.total:.4f}",
-                     len(o.tokens), f"{o.total / len(o.tokens):.4f}", f"{o.total / max(o.n_bytes, 1):.4f}", f"{p:.1%}",
+                     len(o.tokens), f"{o.total / len(o.tokens):.4f}", f"{o.total / max(o.n_bytes, 1):.4f}", _share(p),
                      "" if m != m else f"+{m:.4f}", per))
     print_table(rows, right={0, 2, 3, 4, 5, 6, 7, 8})
     say(f"share = softmax of the scores over these options; margin = lead over the next option "
                f"({'nats' if normalize == 'none' else 'nats per ' + normalize})")
+
+
+def _share(p: float) -> str:
+    """An option's share as a percentage, never a nonzero one as 0.0%."""
+    return "0%" if p == 0 else "<0.1%" if p < 0.0005 else f"{p:.1%}"

@@ -7,10 +7,11 @@ import math
 
 from llamalens.core.confidence import MEASURES
 from llamalens.reports.document import Document, Folded, Heading, Para, Table, fmt
+from llamalens.reports.findings import numbers
 from llamalens.reports.texts import plain
 from llamalens.visible import visible
 
-MAX_ROWS = 50  # samples listed in a run report's confidence table (`export` has every one)
+MAX_ROWS = 50  # rows of a run report's confidence table (`export` has every sample)
 ANSWER_CHARS = 60
 
 
@@ -27,7 +28,8 @@ def _answer(text) -> str:
 
 
 def confidence_blocks(doc: Document, table, answer: str | None) -> None:
-    """A run's per-sample confidence table (run/confidence.py's), the first MAX_ROWS samples."""
+    """A run's confidence table (run/confidence.py's): a row per sample, samples shown alike sharing one, the first
+    MAX_ROWS rows."""
     if table.empty:
         return
     doc.add(Heading("How sure the model was of each answer"))
@@ -40,15 +42,19 @@ def confidence_blocks(doc: Document, table, answer: str | None) -> None:
                  "their lexical clusters (equal after lowercasing and dropping punctuation; no NLI model judges "
                  "meaning). Whether a measure predicts correctness for this model is what `llamalens calibrate` "
                  "measures on a labelled set."))
-    rows = []
-    for r in table.head(MAX_ROWS).itertuples():
-        rows.append([r.sample_idx, r.prompt_idx, r.config_idx, r.seed, _answer(r.answer), r.span_tokens,
-                     *(plain(getattr(r, m.name)) for m in MEASURES),
-                     f"{round(r.distinct_share * r.answers)}/{r.answers}", plain(r.cluster_entropy)])
-    more = f" The first {MAX_ROWS} of {len(table)} samples; `llamalens export` has every one." if len(table) > MAX_ROWS \
-        else ""
-    doc.add(Table(["sample", "prompt", "config", "seed", "answer", "tokens", *(m.label for m in MEASURES), "distinct",
-                   "clusters H"], rows, caption=measures_caption() + more))
+    from llamalens.run.confidence import alike
+
+    groups = alike(table, lambda r: (r.prompt_idx, _answer(r.answer), r.span_tokens,
+                                     *(plain(getattr(r, m.name)) for m in MEASURES),
+                                     f"{round(r.distinct_share * r.answers)}/{r.answers}", plain(r.cluster_entropy)))
+    rows = [[len(who), shown[0], numbers({c for c, _ in who}, nobreak=True), numbers({s for _, s in who}, nobreak=True),
+             *shown[1:]] for shown, who in groups[:MAX_ROWS]]
+    more = f" The first {MAX_ROWS} of {len(groups)} rows; `llamalens export` has every sample." \
+        if len(groups) > MAX_ROWS else ""
+    same = " Samples whose answer and figures are the same (a greedy chain's seeds, configurations that are one " \
+           "chain) share a row." if len(groups) < len(table) else ""
+    doc.add(Table(["samples", "prompt", "config", "seed", "answer", "tokens", *(m.label for m in MEASURES),
+                   "distinct", "clusters H"], rows, caption=measures_caption() + same + more))
 
 
 def folded_confidence(doc: Document, table, answer: str | None) -> None:

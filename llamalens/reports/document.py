@@ -198,7 +198,8 @@ table{border-collapse:collapse;margin:6px 0 10px;font-size:12.5px}
 td,th{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f4f4f6;position:sticky;top:0;white-space:nowrap}th.w{white-space:normal}
 th.s{cursor:pointer;user-select:none}th.s:after{content:" \\2195";color:#aaa}
-td.n{text-align:right;font-variant-numeric:tabular-nums}td.l{min-width:16em}
+td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}td.l{min-width:16em}td.t{white-space:nowrap}
+.tw{overflow-x:auto;max-width:100%}.tw>table{margin:0}.tw{margin:6px 0 10px}
 table.kv td:first-child{color:#555;white-space:nowrap}
 .note{color:#555;font-size:13px}.warn{background:#fff4d6;border-left:4px solid #e0a800;padding:6px 10px}
 .cap{color:#555;font-size:12.5px;margin:2px 0 14px}
@@ -344,7 +345,8 @@ def _cell(v) -> str:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         num = "" if isinstance(v, float) and not math.isfinite(v) else repr(v)
         return f'<td class="n" data-v="{num}">{_e(fmt(v))}</td>'
-    return f'<td class="l">{_e(v)}</td>' if len(str(v)) > 60 else f"<td>{_e(v)}</td>"  # long text gets room
+    # long text gets room and wraps; a short one stays on its line (a wide table scrolls in its box instead)
+    return f'<td class="l">{_e(v)}</td>' if len(str(v)) > 60 else f'<td class="t">{_e(v)}</td>'
 
 
 def _strips_html(b: Strips, doc: Document, tokens: list) -> list[str]:
@@ -400,7 +402,7 @@ def _html_blocks(blocks: list, doc: Document, tokens: list) -> list[str]:
             head = "".join(f'<th class="w">{_e(h)}</th>' if len(str(h)) > 12 else f"<th>{_e(h)}</th>" for h in b.header)
             rows = "".join("<tr>" + "".join(_cell(v) for v in r) + "</tr>" for r in b.rows)
             cls = ' class="sortable"' if b.sortable else ""
-            body.append(f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            body.append(f'<div class="tw"><table{cls}><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>')
             if b.caption or b.sortable:
                 sort_hint = " Click a column to sort." if b.sortable else ""
                 body.append(f'<p class="cap">{_e(b.caption)}{sort_hint}</p>')

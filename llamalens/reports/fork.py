@@ -7,7 +7,8 @@ Only data is collected here; document.py writes the markup (every text escaped t
 from __future__ import annotations
 
 from llamalens.visible import label, prob_text, visible
-from llamalens.reports.document import Document, Figure, Heading, KeyValues, Para, Strips, Table, TokenView, fork_class, prob_class
+from llamalens.reports.document import Bullets, Document, Figure, Folded, Heading, KeyValues, Para, Strips, Table, \
+    TokenView, fork_class, prob_class
 from llamalens.reports.run import describe_noise
 from llamalens.reports.texts import model_line
 
@@ -48,8 +49,8 @@ def _times(ratio: float) -> str:
 
 
 def fork_document(fr) -> Document:
-    """A fork run (fork.ForkRun) as a report document: its sections in the order the page shows them (one
-    function, longer than the house's limit, so that the page's order is read top to bottom)."""
+    """A fork run (fork.ForkRun) as a report document, its sections in the order the page shows them: findings,
+    the base path, o_t along it, the forking and per-position tables, how it was made (folded)."""
     from llamalens.reports import plots
 
     a, info = fr.analysis, fr.info
@@ -57,29 +58,10 @@ def fork_document(fr) -> Document:
                    fields=["p", "outcome shift (TV)", "noise (95%)", "o_t", "forking"],
                    alt_titles=["branches: p(w), outcomes of its continuations", "one continuation per branch"],
                    modes=[("fork", "outcome shift"), ("prob", "probability")])
-    n_cont = sum(len(b.outcomes) for g in a.branches for b in g)
-    doc.add(KeyValues([
-        ("model", model_line(info.model)),
-        ("prompt", visible(info.options.prompts[0], edge_spaces=False) if info.options.prompts else ""),
-        ("outcome", fr.outcome.describe()),
-        ("base path", f"{len(fr.base_tokens)} tokens, {'sampled' if fr.plan.sampled_base else 'greedy'}; "
-                      f"its outcome: {visible(a.base_outcome)}"),
-        ("branches", f"chosen token + top {fr.plan.alternatives} alternatives with p >= {fr.plan.min_prob}, "
-                     f"{fr.plan.samples} continuation(s) each; {n_cont:,} continuations at {len(a.positions)} "
-                     "positions"),
-        ("status", f"{info.status}, {info.n_done}/{info.n_samples} sequences"
-                   + (", batched" if not info.options.exact else ", exact (one sequence at a time)")),
-        ("prefill", prefill_line(fr.stats, fr.cost)),
-        ("forking tokens", ", ".join(f"{j.position} {_tok(fr, j.position)} "
-                                     f"(TV {j.size:.2f})" for j in a.forking) or "none"),
-    ]))
-    noise = describe_noise(info.noise, compared=None)
-    if noise:
-        doc.add(Para(noise + ". Continuations are batched; their logprobs carry this noise, their outcomes are "
-                     "counted as decoded.", "note"))
     if info.status != "done":
         doc.add(Para(f"run {info.id} is {info.status}: only finished continuations are counted; "
                      f"resume with `llamalens fork --resume {info.id}`", "warn"))
+    _findings(doc, fr)
     doc.add(Heading("The base path"))
     doc.add(Para("Each token is coloured by how far the outcome distribution moves from that position to the next "
                  "analysed one (total variation: 0 = not at all, 1 = a different answer for sure). Hover a token for "
@@ -117,7 +99,54 @@ def fork_document(fr) -> Document:
                    "A line after a token means choosing that token moved the distribution."))
     _forking_table(doc, fr)
     _per_position(doc, fr)
+    doc.add(_made(fr))
     return doc
+
+
+def _findings(doc: Document, fr) -> None:
+    """What was found first: the base path's outcome, each forking token with the move it makes (or the largest
+    move and why it is not one)."""
+    a = fr.analysis
+    found = [f"Outcome read as {fr.outcome.describe()}; the base path ({len(fr.base_tokens)} tokens, "
+             f"{'sampled' if fr.plan.sampled_base else 'greedy'}) ends in: {visible(a.base_outcome)}."]
+    for j in a.forking:
+        found.append(f"Forking token {j.position} {_tok(fr, j.position)}: the outcome distribution moves from "
+                     f"{distribution_text(a.distribution(j.index - 1), always=a.declared)} to "
+                     f"{distribution_text(a.distribution(j.index), always=a.declared)} (TV {j.size:.2f} > noise "
+                     f"{j.noise95:.2f}, on {'+'.join(map(str, j.samples))} continuations).")
+    if not a.forking:
+        top = max(a.jumps, key=lambda j: j.size, default=None)
+        found.append("No token forks the outcome" + (
+            f": the largest move, TV {top.size:.2f} after token {top.position} {_tok(fr, top.position)}, is within "
+            f"what the samples' noise makes ({top.noise95:.2f})." if top is not None and top.size > 0 else "."))
+    doc.add(Heading("Findings"), Bullets(found))
+
+
+def _made(fr) -> Folded:
+    """How the run was made, folded at the end: model, prompt, branches, status, prefill, noise floor."""
+    a, info = fr.analysis, fr.info
+    made = Folded("How this was made: model, prompt, branches, prefill, noise floor")
+    n_cont = sum(len(b.outcomes) for g in a.branches for b in g)
+    made.add(KeyValues([
+        ("model", model_line(info.model)),
+        ("prompt", visible(info.options.prompts[0], edge_spaces=False) if info.options.prompts else ""),
+        ("outcome", fr.outcome.describe()),
+        ("base path", f"{len(fr.base_tokens)} tokens, {'sampled' if fr.plan.sampled_base else 'greedy'}; "
+                      f"its outcome: {visible(a.base_outcome)}"),
+        ("branches", f"chosen token + top {fr.plan.alternatives} alternatives with p >= {fr.plan.min_prob}, "
+                     f"{fr.plan.samples} continuation(s) each; {n_cont:,} continuations at {len(a.positions)} "
+                     "positions"),
+        ("status", f"{info.status}, {info.n_done}/{info.n_samples} sequences"
+                   + (", batched" if not info.options.exact else ", exact (one sequence at a time)")),
+        ("prefill", prefill_line(fr.stats, fr.cost)),
+        ("forking tokens", ", ".join(f"{j.position} {_tok(fr, j.position)} "
+                                     f"(TV {j.size:.2f})" for j in a.forking) or "none"),
+    ]))
+    noise = describe_noise(info.noise, compared=None)
+    if noise:
+        made.add(Para(noise + ". Continuations are batched; their logprobs carry this noise, their outcomes are "
+                      "counted as decoded.", "note"))
+    return made
 
 
 def _forking_table(doc: Document, fr) -> None:
@@ -174,5 +203,7 @@ def write_fork_report(store, info, path, fmt, *, write, answer: str | None = Non
     report_format(path, fmt)
     check_writable(path)
     doc = fork_document(load_fork(store, info.id))
+    made = doc.blocks.pop()  # how it was made stays last
     folded_confidence(doc, confidence_table(load_run(store, info.id), answer), answer)
+    doc.add(made)
     write(doc, path, fmt)

@@ -21,7 +21,7 @@ def _view(cell, scale) -> TokenView:
     values += [f"{t.rank} (p {prob_text(t.prob)})" for t in cell.target]
     return TokenView(visible(top.text), top.id,
                      f"{prob_class(top.prob)} {_entropy_class(cell.entropy)} {kld_class(cell.kl_to_final, scale)}",
-                     values, [[(visible(t.text), f"{t.prob:.4f}") for t in cell.top]], notable=cell.kl_to_final)
+                     values, [[(visible(t.text), prob_text(t.prob)) for t in cell.top]], notable=cell.kl_to_final)
 
 
 def curves(result):

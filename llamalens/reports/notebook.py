@@ -128,8 +128,9 @@ def fork_run_document(run) -> Document:
 
 
 def sweep_run_document(run) -> Document:
-    """A sweep Run in a notebook: the report's header and summary sections (table and heatmaps), and the
-    strategy comparison when the run has one."""
+    """A sweep Run in a notebook: the report's first sections in its order (what was found, each distinct text
+    once, the summary per distinct chain, the strategy comparison when the run has one), and how it was made,
+    folded, last."""
     from llamalens.reports.run import RunReport
 
     if not run.loaded.samples:
@@ -137,11 +138,12 @@ def sweep_run_document(run) -> Document:
         doc.add(Para(f"run {run.id} has no finished samples yet ({run.info.status})", "warn"))
         return doc
     rep = RunReport(run.loaded, None, 0, None, "mean_logprob")
+    for section in (rep.status, rep.findings, rep.texts, rep.summary, rep.strategies):
+        section()
+    rep.doc.add(Heading("More", 3), Para("run.report('run.html') writes the whole report: every sample's tokens "
+                                        "coloured, each answer's confidence, the plots over the grid and along the "
+                                        "sequence, seeds, the sampler view and timing.", "note"))
     rep.header()
-    rep.summary()
-    rep.strategies()
-    rep.doc.add(Heading("More", 3), Para("run.report('run.html') writes the whole report: every sample's tokens, "
-                                        "positions, seeds, the sampler view and timing.", "note"))
     return rep.doc
 
 

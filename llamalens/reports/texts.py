@@ -12,7 +12,7 @@ import numpy as np
 
 from llamalens.modelfiles.find import ModelInfo
 from llamalens.visible import label, prob_text, visible
-from llamalens.reports.document import MAX_STRIP_TOKENS, Document, Figure, Heading, KeyValues, Para, Strips, Table, TokenView, \
+from llamalens.reports.document import MAX_STRIP_TOKENS, Document, Figure, Folded, Heading, KeyValues, Para, Strips, Table, TokenView, \
     gltr_class, kld_class, kld_scale, prob_class
 
 
@@ -166,7 +166,8 @@ def embed_document(es, query: str | None = None, ranking=None, categories: list[
 
     cos = es.cosine()
     doc = Document(f"llamalens embed: {len(es.texts)} texts", fields=[], alt_titles=[])
-    doc.add(KeyValues([
+    made = Folded("How this was made: model, pooling, vectors")  # the set-up last, folded: results first
+    made.add(KeyValues([
         ("model", model_line(es.model)),
         ("pooling", es.pooling),
         ("vectors", f"{len(es.texts)} × {es.vectors.shape[1]} (float32), in {es.seconds:.2f} s, "
@@ -207,6 +208,7 @@ def embed_document(es, query: str | None = None, ranking=None, categories: list[
         doc.add(Heading("Most similar pairs"))
         doc.add(Table(["cosine", "text", "text"],
                       [[f"{c:.4f}", f"{i + 1}. {es.texts[i]}", f"{j + 1}. {es.texts[j]}"] for i, j, c in es.pairs(50)]))
+    doc.add(made)
     return doc
 
 

@@ -64,3 +64,13 @@ def per_sample(table: pd.DataFrame) -> dict[int, dict]:
         out[idx] = {k: (None if isinstance(v, float) and math.isnan(v) else v.item() if hasattr(v, "item") else v)
                     for k, v in row.items() if k not in ("sample_idx", "prompt_idx", "config_idx", "seed")}
     return out
+
+
+def alike(table: pd.DataFrame, shown) -> list[tuple[tuple, list[tuple[int, int]]]]:
+    """The table's rows grouped by what `shown(row)` displays of them (a tuple without sample, configuration and
+    seed), in order of first appearance: [(shown, [(config_idx, seed), ...])]. Samples that look the same (a greedy
+    chain's seeds, configurations that are one chain) are then one row with a count."""
+    groups: dict = {}
+    for r in table.itertuples():
+        groups.setdefault(shown(r), []).append((r.config_idx, r.seed))
+    return list(groups.items())
