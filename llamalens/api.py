@@ -69,14 +69,14 @@ def _model(model, options: dict, sequences: int = 1, rows: int | None = None, ce
         loaded.close()
 
 
-def _note(note: str) -> None:
-    warnings.warn(note, stacklevel=3)
+def _note(note: str, stacklevel: int = 3) -> None:
+    warnings.warn(note, stacklevel=stacklevel)  # the line of the caller of the ll.* function
 
 
 def _warn_chat(rendered: list) -> None:
     """A note for each template whose markers are plain text to this model (as the CLI's warning)."""
     for w in dict.fromkeys(r.warning() for r in rendered if r.warning()):
-        _note(w)
+        _note(w, stacklevel=4)
 
 
 @contextmanager
