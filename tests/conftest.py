@@ -120,6 +120,18 @@ def tiny(tiny_path):
         yield m
 
 
+TASKS = Path(__file__).resolve().parent / "data" / "eval_tasks"  # the offline lm-eval tasks of test_eval*
+
+
+@pytest.fixture
+def in_tasks(monkeypatch, tmp_path):
+    """Run from the task folder (relative data_files), with `datasets`' cache in a temporary folder."""
+    monkeypatch.chdir(TASKS)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    return TASKS
+
+
 @pytest.fixture(scope="session")
 def gemma_path():
     from llamalens.modelfiles.find import default_model_path

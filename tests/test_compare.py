@@ -323,3 +323,19 @@ def Path_name(p: str) -> str:
     from pathlib import Path
 
     return Path(p).name
+
+
+def test_a_planned_model_gone_or_changed_is_refused(tmp_path):
+    """A further model of a compare or eval run is loaded only as planned: a file that is gone, or whose sha256
+    moved since planning, is refused before any load, in the run's own words."""
+    from llamalens.errors import StoreError
+    from llamalens.run.compare import load_compared
+    from llamalens.run.evaluation import load_model
+
+    f = tmp_path / "q.gguf"
+    f.write_bytes(b"GGUF then something else")
+    for load, run, again in ((load_compared, "comparison", "comparison"), (load_model, "eval run", "eval")):
+        with pytest.raises(StoreError, match=f"a model of this {run}, is gone"):
+            load({"path": str(tmp_path / "missing.gguf"), "sha256": "0" * 64}, None)
+        with pytest.raises(StoreError, match=f"changed since this {run} was planned .*start a new {again}$"):
+            load({"path": str(f), "sha256": "0" * 64}, None)

@@ -19,17 +19,6 @@ from reference import log_softmax
 
 lm_eval = pytest.importorskip("lm_eval")  # the 'eval' extra (scripts/install.sh --test installs it; CI fails a skip)
 
-TASKS = Path(__file__).resolve().parent / "data" / "eval_tasks"
-
-
-@pytest.fixture
-def in_tasks(monkeypatch, tmp_path):
-    """Run from the task folder (relative data_files), with `datasets`' cache in a temporary folder."""
-    monkeypatch.chdir(TASKS)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
-    return TASKS
-
 
 def _jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -5,7 +5,6 @@ references give, several models side by side, and an interrupted eval resumed to
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +13,6 @@ from clirun import cli
 from reference import log_softmax
 
 pytest.importorskip("lm_eval")  # the 'eval' extra (scripts/install.sh --test installs it; CI fails a skip)
-
-TASKS = Path(__file__).resolve().parent / "data" / "eval_tasks"
-
-
-@pytest.fixture
-def in_tasks(monkeypatch, tmp_path):
-    """Run from the task folder (relative data_files), with `datasets`' cache in a temporary folder."""
-    monkeypatch.chdir(TASKS)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
-    return TASKS
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ from llamalens.errors import InvalidInput, StoreError
 from llamalens.looks.compare import check_same_vocab, kl_rows
 from llamalens.looks.windows import Window, check_protocol, check_text, plan_windows, rows, text_stream, window_ctx
 from llamalens.records import RunOptions, Sample, Timing
-from llamalens.run.lifecycle import Progress, RunInterrupted, Work
+from llamalens.run.lifecycle import Progress, RunInterrupted, Work, planned_model
 from llamalens.run.sweep import hardware
 from llamalens.settings import SamplingSettings
 from llamalens.store import RunInfo, Store
@@ -430,15 +430,7 @@ def _decode_windows(base: Model, items: list, spec: dict, stats: dict, answers_o
 
 def load_compared(entry: dict, base: Model) -> Model:
     """A compared model, with the base's options; refused when its file changed since the run was planned."""
-    from llamalens.store import file_sha256
-
-    path = entry["path"]
-    if not os.path.isfile(path):
-        raise StoreError(f"{path}, a model of this comparison, is gone; put it back to finish the run")
-    if file_sha256(path) != entry["sha256"]:
-        raise StoreError(f"{path} changed since this comparison was planned (sha256 {entry['sha256'][:12]}); put the "
-                         "original file back, or start a new comparison")
-    return Model(path, base.options)
+    return planned_model(entry, base, "comparison", "comparison")
 
 
 class CompareInterrupted(RunInterrupted):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from llamalens.core.runtime import Model
 from llamalens.errors import StoreError
 from llamalens.records import Sample, Timing
-from llamalens.run.lifecycle import Progress, RunInterrupted, Work
+from llamalens.run.lifecycle import Progress, RunInterrupted, Work, planned_model
 from llamalens.store import RunInfo, Store
 
 KIND = "eval"
@@ -151,15 +151,7 @@ def decode(base: Model, items: list[Item], spec: dict, stats: dict):
 
 def load_model(entry: dict, base: Model) -> Model:
     """A further model of the run, with the run's options; refused when its file changed since it was planned."""
-    from llamalens.store import file_sha256
-
-    path = entry["path"]
-    if not os.path.isfile(path):
-        raise StoreError(f"{path}, a model of this eval run, is gone; put it back to finish the run")
-    if file_sha256(path) != entry["sha256"]:
-        raise StoreError(f"{path} changed since this eval run was planned (sha256 {entry['sha256'][:12]}); put the "
-                         "original file back, or start a new eval")
-    return Model(path, base.options)
+    return planned_model(entry, base, "eval run", "eval")
 
 
 class EvalInterrupted(RunInterrupted):

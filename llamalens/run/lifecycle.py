@@ -242,3 +242,20 @@ def chunks(pending, size: int, key: Callable = lambda s: s.prompt_idx, pack: boo
 def chunk_batch(opts) -> int:
     """The batch a chunk is sized by: the run's --parallel (--exact decodes one at a time, chunks still whole)."""
     return DEFAULT_PARALLEL if opts.exact else opts.parallel
+
+
+def planned_model(entry: dict, base: Model, run: str, again: str) -> Model:
+    """A further model of a multi-model run (entry: its planned "path" and "sha256"), loaded with the base's
+    options; refused when the file is gone or changed since the run was planned. `run` names the run in the
+    message ("comparison"), `again` the command that starts a new one ("comparison")."""
+    import os
+
+    from llamalens.store import file_sha256
+
+    path = entry["path"]
+    if not os.path.isfile(path):
+        raise StoreError(f"{path}, a model of this {run}, is gone; put it back to finish the run")
+    if file_sha256(path) != entry["sha256"]:
+        raise StoreError(f"{path} changed since this {run} was planned (sha256 {entry['sha256'][:12]}); put the "
+                         f"original file back, or start a new {again}")
+    return Model(path, base.options)
