@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from dataclasses import dataclass
 
 import click
@@ -394,17 +396,94 @@ def help_group(name: str) -> str:
     return "Options"
 
 
+# Folded behind --help-all: how a model is loaded (all but --model), the llama.cpp chain's own settings (as one
+# value or as a sweep axis) and Ray; the short --help lists the rest, one line each, with the first example.
+_LLAMA_CPP_NAMES = _names(llama_cpp_sampling_options)
+FOLDED = {**dict.fromkeys(_names(runtime_options), "model loading"),
+          **dict.fromkeys(_LLAMA_CPP_NAMES | {"ax_" + name for name in _LLAMA_CPP_NAMES}, "llama.cpp chain"),
+          **dict.fromkeys(_names(ray_options), "Ray")}
+_HELP_ALL = "llamalens.help_all"
+_EXTRA = re.compile(r"\s*(\[[^\]]*\]\s*)+$")  # click's "[default: ...]  [env var: ...]" after the help text
+
+
+def _show_all_help(ctx, param, value) -> None:
+    if value and not ctx.resilient_parsing:
+        ctx.meta[_HELP_ALL] = True
+        click.echo(ctx.get_help(), color=ctx.color)
+        ctx.exit()
+
+
+def _one_line(text: str, width: int) -> str:
+    """TEXT cut to WIDTH: whole if it fits, else its first sentence (with the default, if that still fits),
+    else cut at a word with an ellipsis."""
+    if len(text) <= width:
+        return text
+    m = _EXTRA.search(text)
+    body, extra = (text[:m.start()], "  " + m.group().strip()) if m else (text, "")
+    first = _balanced(re.split(r"(?<=\.)\s+(?=[A-Z])|;\s", body, maxsplit=1)[0])
+    for candidate in (first + extra, first):
+        if len(candidate) <= width:
+            return candidate
+    return _balanced(first[:width - 1].rsplit(" ", 1)[0]).rstrip(",;:") + "…"
+
+
+def _balanced(text: str) -> str:
+    """TEXT without a trailing bracket or parenthesis it opens and does not close."""
+    for left, right in ("()", "[]"):
+        if text.count(left) > text.count(right):
+            text = text[:text.rindex(left)].rstrip()
+    return text
+
+
+def _short_text(text: str) -> str:
+    """A command's help text for the short --help: its first paragraph and its first example."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    examples = [p.splitlines()[1] for p in paragraphs if p.startswith("\b\n")]
+    return paragraphs[0] + (f"\n\n\b\n{examples[0]}" if examples else "")
+
+
 class GroupedCommand(click.Command):
-    """A command whose --help lists its options in groups: its own first, then sampling, the llama.cpp chain,
-    chat, grammar, model, Ray and output options (HELP_GROUPS)."""
+    """A command whose --help is short: its first paragraph and example, then its options in groups (its own
+    first, then sampling, chat, grammar, model and output: HELP_GROUPS), one line each, without the FOLDED
+    groups; --help-all gives the whole text, every option and every line of its description."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(click.Option(["--help-all"], is_flag=True, expose_value=False, is_eager=True,
+                                        callback=_show_all_help,
+                                        help="Every option and example, in full."))
+
+    def format_help_text(self, ctx, formatter) -> None:
+        if ctx.meta.get(_HELP_ALL) or not self.help:
+            return super().format_help_text(ctx, formatter)
+        formatter.write_paragraph()
+        with formatter.indentation():
+            formatter.write_text(_short_text(self.help))
 
     def format_options(self, ctx, formatter) -> None:
+        full = ctx.meta.get(_HELP_ALL, False)
         sections: dict[str, list] = {}
+        folded = []
         for param in self.get_params(ctx):
             record = None if isinstance(param, click.Argument) else param.get_help_record(ctx)
-            if record:
+            if record and not full and param.name in FOLDED:
+                folded.append(FOLDED[param.name])
+            elif record:
                 sections.setdefault(help_group(param.name), []).append(record)
+        hidden = bool(folded) or _short_text(self.help or "") != inspect.cleandoc(self.help or "")
         for title in ["Options"] + [t for t, _ in HELP_GROUPS]:
-            if sections.get(title):
+            rows = sections.get(title)
+            if rows and not full:
+                col = min(max(len(opts) for opts, _ in rows), 30)
+                width = max(formatter.width - formatter.current_indent - 4 - col, 20)
+                short = [(opts, _one_line(text, width)) for opts, text in rows]
+                hidden, rows = hidden or short != rows, short
+            if rows:
                 with formatter.section(title):
-                    formatter.write_dl(sections[title])
+                    formatter.write_dl(rows)
+        if hidden and not full:
+            formatter.write_paragraph()
+            groups = ", ".join(dict.fromkeys(folded))
+            more = f"{len(folded)} more options ({groups}), " if folded else ""
+            formatter.write_text(f"{more}every example and the whole descriptions: llamalens {ctx.info_name} "
+                                 "--help-all")
