@@ -85,6 +85,12 @@ def test_short_help_folds_the_shared_groups():
     sweep = CliRunner().invoke(main, ["sweep", "--help"], terminal_width=80).output
     assert "--ctx" not in sweep and "--dry-multiplier" not in sweep and "--ray" not in sweep and "--model" in sweep
     assert "--top-k" in sweep and "--chat-template" in sweep and "--json-schema" in sweep and "--report" in sweep
+    for name, flags in {"generate": ("--dry-multiplier", "--mirostat", "--logit-bias", "--ctx", "--gpu-layers"),
+                        "next": ("--dry-multiplier", "--samplers", "--min-keep", "--threads"),
+                        "fork": ("--ray", "--workers", "--flash-attn"), "score": ("--ray", "--batch")}.items():
+        short = CliRunner().invoke(main, [name, "--help"], terminal_width=80).output
+        full = CliRunner().invoke(main, [name, "--help-all"], terminal_width=80).output
+        assert all(f"  {flag} " in full and f"  {flag} " not in short for flag in flags), name
 
 
 def test_one_line_option_help():
