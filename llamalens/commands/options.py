@@ -21,6 +21,17 @@ def _stack(*opts):
     return decorate
 
 
+def _folded(label: str, decorator):
+    """DECORATOR, its options marked as folded out of the short --help under LABEL (GroupedCommand)."""
+    def decorate(fn):
+        before = len(getattr(fn, "__click_params__", ()))
+        fn = decorator(fn)
+        for param in fn.__click_params__[before:]:
+            param.folded = label
+        return fn
+    return decorate
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 store_option = click.option("--store", "store_path", default=None, envvar="LLAMALENS_STORE", show_envvar=True,
@@ -52,7 +63,7 @@ RUNTIME_HELP = {
 }
 # the options whose default follows the chain: llama-server's with --chain llama.cpp (settings.SERVER_CONTEXT)
 CHAIN_DEFAULTED = ("batch", "ubatch", "swa_full", "repack", "server_prefill")
-runtime_options = _stack(
+runtime_options = _folded("model loading", _stack(
     click.option("--gpu-layers", type=int, default=_mo.gpu_layers, show_default=True, help=RUNTIME_HELP["gpu_layers"]),
     click.option("--ctx", type=int, default=_mo.ctx, show_default=True, help=RUNTIME_HELP["ctx"]),
     click.option("--threads", type=int, default=_mo.threads, help=RUNTIME_HELP["threads"]),
@@ -70,7 +81,7 @@ runtime_options = _stack(
     click.option("--mlock", is_flag=True, default=_mo.mlock, help=RUNTIME_HELP["mlock"]),
     click.option("--force", is_flag=True, default=_mo.force, help=RUNTIME_HELP["force"]),
     # --- end of loading and the memory check ---
-)
+))
 """--gpu-layers, --ctx, --threads, --batch, --flash-attn, --ubatch, --swa-full, --repack, --server-prefill,
 --mmap/--no-mmap, --mlock, --force: how a model is loaded and run (ModelOptions)."""
 
@@ -180,13 +191,13 @@ _LLAMA_CPP_OPTIONS = {
     "ignore_eos": click.option("--ignore-eos", is_flag=True, default=None,
                                help="Ban end-of-generation tokens (as llama-server)."),
 }
-llama_cpp_sampling_options = _stack(*_LLAMA_CPP_OPTIONS.values())
+llama_cpp_sampling_options = _folded("llama.cpp chain", _stack(*_LLAMA_CPP_OPTIONS.values()))
 """The llama.cpp chain's own settings, one value each (generate); not given = llama-server's default."""
 
 
 def llama_cpp_fixed_options(*axes: str):
     """The llama.cpp chain's settings that are not among `axes`, one value each (next: the others are axes)."""
-    return _stack(*(opt for name, opt in _LLAMA_CPP_OPTIONS.items() if name not in axes))
+    return _folded("llama.cpp chain", _stack(*(opt for name, opt in _LLAMA_CPP_OPTIONS.items() if name not in axes)))
 
 
 def pop_sampling(kw: dict, chain: str | None = None) -> SamplingSettings:
@@ -247,7 +258,8 @@ def axis_options(*names: str, help_prefix: str = ""):
     opts = []
     for name in names:
         flags = ["--" + name.replace("_", "-")] + (["-t"] if name == "temperature" else [])
-        opts.append(click.option(*flags, "ax_" + name, default=None, help=help_prefix + AXIS_HELP[name]))
+        opt = click.option(*flags, "ax_" + name, default=None, help=help_prefix + AXIS_HELP[name])
+        opts.append(_folded("llama.cpp chain", opt) if name in _LLAMA_CPP_OPTIONS else opt)
     return _stack(*opts)
 
 
@@ -344,14 +356,14 @@ def pop_grammar(kw: dict):
     return read_grammar(kw.pop("grammar_file"), kw.pop("json_schema_file"))
 
 
-ray_options = _stack(
+ray_options = _folded("Ray", _stack(
     click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
                  help="Decode on Ray workers (pip install 'llamalens[ray]'): --ray alone starts a local Ray for the run, "
                       "--ray auto joins the cluster of `ray start`, or HOST:PORT / ray://HOST:PORT. "
                       "Put a bare --ray after the prompts."),
     click.option("--workers", type=click.IntRange(1, 4096), default=None,
                  help="Ray workers (one model each, --threads CPUs each; default: as many as the cluster's CPUs allow)."),
-)
+))
 
 
 def pop_ray(kw: dict) -> tuple[str | None, int | None]:
@@ -396,12 +408,8 @@ def help_group(name: str) -> str:
     return "Options"
 
 
-# Folded behind --help-all: how a model is loaded (all but --model), the llama.cpp chain's own settings (as one
-# value or as a sweep axis) and Ray; the short --help lists the rest, one line each, with the first example.
-_LLAMA_CPP_NAMES = _names(llama_cpp_sampling_options)
-FOLDED = {**dict.fromkeys(_names(runtime_options), "model loading"),
-          **dict.fromkeys(_LLAMA_CPP_NAMES | {"ax_" + name for name in _LLAMA_CPP_NAMES}, "llama.cpp chain"),
-          **dict.fromkeys(_names(ray_options), "Ray")}
+# The short --help leaves out the options marked folded (_folded: how a model is loaded but --model, the llama.cpp
+# chain's own settings, as one value or as a sweep axis, and Ray); --help-all lists them.
 _HELP_ALL = "llamalens.help_all"
 _EXTRA = re.compile(r"\s*(\[[^\]]*\]\s*)+$")  # click's "[default: ...]  [env var: ...]" after the help text
 
@@ -444,7 +452,7 @@ def _short_text(text: str) -> str:
 
 class GroupedCommand(click.Command):
     """A command whose --help is short: its first paragraph and example, then its options in groups (its own
-    first, then sampling, chat, grammar, model and output: HELP_GROUPS), one line each, without the FOLDED
+    first, then sampling, chat, grammar, model and output: HELP_GROUPS), one line each, without the folded
     groups; --help-all gives the whole text, every option and every line of its description."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -466,8 +474,8 @@ class GroupedCommand(click.Command):
         folded = []
         for param in self.get_params(ctx):
             record = None if isinstance(param, click.Argument) else param.get_help_record(ctx)
-            if record and not full and param.name in FOLDED:
-                folded.append(FOLDED[param.name])
+            if record and not full and getattr(param, "folded", None):
+                folded.append(param.folded)
             elif record:
                 sections.setdefault(help_group(param.name), []).append(record)
         hidden = bool(folded) or _short_text(self.help or "") != inspect.cleandoc(self.help or "")
@@ -484,6 +492,5 @@ class GroupedCommand(click.Command):
         if hidden and not full:
             formatter.write_paragraph()
             groups = ", ".join(dict.fromkeys(folded))
-            more = f"{len(folded)} more options ({groups}), " if folded else ""
-            formatter.write_text(f"{more}every example and the whole descriptions: llamalens {ctx.info_name} "
-                                 "--help-all")
+            more = f"{len(folded)} more options ({groups}), every" if folded else "Every"
+            formatter.write_text(f"{more} example and each description in full: llamalens {ctx.info_name} --help-all")
