@@ -7,7 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,6 +86,9 @@ def test_short_help_folds_the_shared_groups():
     sweep = CliRunner().invoke(main, ["sweep", "--help"], terminal_width=80).output
     assert "--ctx" not in sweep and "--dry-multiplier" not in sweep and "--ray" not in sweep and "--model" in sweep
     assert "--top-k" in sweep and "--chat-template" in sweep and "--json-schema" in sweep and "--report" in sweep
+    wide = subprocess.run([sys.executable, "-c", "from llamalens.cli import main; main()", "choose", "--help"],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"}).stdout  # a wide terminal
+    assert "  --option TEXT                  A continuation to score (repeat, at least twice).\n" in wide
     models = CliRunner().invoke(main, ["models", "--help"], terminal_width=80).output
     assert "  --ctx " in models and "  --batch " in models  # its own options (for the estimate), not the shared ones
     for name, flags in {"generate": ("--dry-multiplier", "--mirostat", "--logit-bias", "--ctx", "--gpu-layers"),

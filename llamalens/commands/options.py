@@ -437,7 +437,7 @@ def _one_line(text: str, width: int) -> str:
 
 def _balanced(text: str) -> str:
     """TEXT without a trailing bracket or parenthesis it opens and does not close."""
-    for left, right in ("()", "[]"):
+    for left, right in ("()", "[]", "{}"):
         if text.count(left) > text.count(right):
             text = text[:text.rindex(left)].rstrip()
     return text
