@@ -47,7 +47,8 @@ def _safe(call):
         raise
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+# help wraps at the terminal up to 120 columns (click: 80), so the short help's one-line entries show whole there
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(__version__, prog_name="llamalens")
 def main():
     """llamalens: what a language model thinks, token by token (local GGUF models, llama.cpp).

@@ -6,6 +6,7 @@ the report, the API and `calibrate` end to end."""
 from __future__ import annotations
 
 import json
+import re
 import math
 
 import numpy as np
@@ -234,6 +235,13 @@ def test_a_run_carries_confidence_everywhere(run_store, tmp_path):
     assert r.exit_code == 0 and "How sure the model was of each answer" in html.read_text()
     r = CliRunner().invoke(main, ["show", "conf", "--store", str(run_store), "--answer", "("])
     assert r.exit_code == 1 and "not a valid regular expression" in r.output
+    # an --answer that the greedy samples' text matches and some other does not: that one has no answer span
+    # (nan in the table's text column once others have one), shown as "–"
+    word = next(w for w in re.findall(r"[a-z]+", greedy.answer.iloc[0]) if any(w not in a for a in table.answer))
+    r = CliRunner().invoke(main, ["show", "conf", "--store", str(run_store), "--answer", f"({word})"])
+    assert r.exit_code == 0, r.output
+    rows = r.output.split("confidence of each answer", 1)[1].splitlines()
+    assert any(" – " in line and line.split()[0].isdigit() for line in rows), r.output
 
 
 def test_an_older_store_reads_without_the_new_column(tmp_path):

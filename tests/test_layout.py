@@ -7,7 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,16 +42,75 @@ def test_help_lists_options_in_groups():
 
     titles = ["Options"] + [t for t, _ in HELP_GROUPS]
     for name, command in main.commands.items():
-        out = CliRunner().invoke(main, [name, "--help"], terminal_width=200).output
+        out = CliRunner().invoke(main, [name, "--help-all"], terminal_width=200).output
         shown = [line[:-1] for line in out.splitlines() if line.endswith(":") and line[:-1] in titles]
         assert shown == sorted(shown, key=titles.index) and len(set(shown)) == len(shown), (name, shown)
         for param in command.params:
             if param.param_type_name == "option" and not param.hidden:
                 section = out.split(help_group(param.name) + ":\n", 1)[1].split("\n\n", 1)[0]
                 assert re.search(rf"(^|[ ,/]){re.escape(param.opts[-1])}\b", section, flags=re.M), (name, param.opts)
-    out = CliRunner().invoke(main, ["next", "--help"]).output.split("\nOptions:\n", 1)[1]
+    out = CliRunner().invoke(main, ["next", "--help-all"]).output.split("\nOptions:\n", 1)[1]
     assert "Settings to compare" in out and "Model:" in out and "Also show the distribution" not in out
     assert out.index("--top ") < out.index("--temperature") < out.index("--model") < out.index("  --json ")
+
+
+# the longest short --help measured, `sweep --help` at 80 columns: 64 lines (--help-all: 150); the bound is 1.2x that
+SHORT_HELP_LINES = 77
+
+
+def test_short_help_folds_the_shared_groups():
+    """`--help` is short: the command's first paragraph and one example, its options one line each, without the
+    model-loading, llama.cpp-chain and Ray options, which --help-all lists (with every example) and the short help
+    points to; so for every command that has those groups."""
+    folding = 0
+    for name, command in main.commands.items():
+        short = CliRunner().invoke(main, [name, "--help"], terminal_width=80).output
+        full = CliRunner().invoke(main, [name, "--help-all"], terminal_width=80).output
+        assert len(short.splitlines()) <= SHORT_HELP_LINES, (name, len(short.splitlines()))
+        examples = [line for line in full.splitlines() if line.startswith("  llamalens ")]
+        assert sum(line.startswith("  llamalens ") for line in short.splitlines()) == min(len(examples), 1), name
+        assert not examples or examples[0] in short, name
+        folded = [p.opts[-1] for p in command.params if getattr(p, "folded", None) and not p.hidden]
+        for flag in folded:
+            entry = rf"^  (-\w, )?{flag}( |$)"
+            assert re.search(entry, full, flags=re.M) and not re.search(entry, short, flags=re.M), (name, flag)
+        if folded:
+            folding += 1
+            assert f"{len(folded)} more options" in short and f"llamalens {name} --help-all" in short, name
+        body = short.split("\nOptions:\n", 1)[1].split("\n\n")
+        for section in body[:-1] if folded else body:  # each entry one line (its help below when the flags are long)
+            lines = section.splitlines()[1:] if not section.startswith("  -") else section.splitlines()
+            for before, line in zip([""] + lines, lines):
+                assert line.startswith("  -") or len(before.strip()) > 30 and "  " not in before.strip(), (name, line)
+    assert folding >= 12  # every command with model or llama.cpp-chain options (all but the store's and quantize)
+    sweep = CliRunner().invoke(main, ["sweep", "--help"], terminal_width=80).output
+    assert "--ctx" not in sweep and "--dry-multiplier" not in sweep and "--ray" not in sweep and "--model" in sweep
+    assert "--top-k" in sweep and "--chat-template" in sweep and "--json-schema" in sweep and "--report" in sweep
+    wide = subprocess.run([sys.executable, "-c", "from llamalens.cli import main; main()", "choose", "--help"],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"}).stdout  # a wide terminal
+    assert "  --option TEXT                  A continuation to score (repeat, at least twice).\n" in wide
+    models = CliRunner().invoke(main, ["models", "--help"], terminal_width=80).output
+    assert "  --ctx " in models and "  --batch " in models  # its own options (for the estimate), not the shared ones
+    for name, flags in {"generate": ("--dry-multiplier", "--mirostat", "--logit-bias", "--ctx", "--gpu-layers"),
+                        "next": ("--dry-multiplier", "--samplers", "--min-keep", "--threads"),
+                        "fork": ("--ray", "--workers", "--flash-attn"), "score": ("--ray", "--batch")}.items():
+        short = CliRunner().invoke(main, [name, "--help"], terminal_width=80).output
+        full = CliRunner().invoke(main, [name, "--help-all"], terminal_width=80).output
+        assert all(f"  {flag} " in full and f"  {flag} " not in short for flag in flags), name
+
+
+def test_one_line_option_help():
+    from llamalens.commands.options import _one_line
+
+    assert _one_line("Tokens to generate per sample.  [default: 32]", 60) == "Tokens to generate per sample.  [default: 32]"
+    long = "Sequences decoded together. Fewer by halves when the memory estimate does not fit.  [default: 32]"
+    assert _one_line(long, 60) == "Sequences decoded together.  [default: 32]"
+    assert _one_line(long, 30) == "Sequences decoded together."
+    assert _one_line("Beam widths for --strategy beam, e.g. 3,5 (num_beams; default 5).", 50) == \
+        "Beam widths for --strategy beam, e.g. 3,5"
+    assert _one_line("Sequences [default: 32; 1 with --exact]", 20) == "Sequences"
+    assert _one_line("A very long description that never ends with a stop at all and goes on", 30) == \
+        "A very long description that…"
 
 
 def _readme_commands() -> set[str]:

@@ -62,7 +62,9 @@ def show_answer_confidence(store, run_id, answer: str | None) -> None:
 def _answer(text) -> str:
     from llamalens.visible import visible
 
-    text = "–" if text is None else visible(text.strip(), edge_spaces=False)
+    if not isinstance(text, str):  # no match of --answer: None, or nan once the column is in a DataFrame
+        return "–"
+    text = visible(text.strip(), edge_spaces=False)
     return text if len(text) <= ANSWER_CHARS else text[: ANSWER_CHARS - 1] + "…"
 
 

@@ -372,7 +372,7 @@ def generate(prompt, chain, max_tokens, logprobs, stop, as_text, report_path, as
     \b
     llamalens generate "Once upon a time" --temperature 0.7 --logprobs 5
     llamalens generate "Once upon a time" --chain llama.cpp --dry-multiplier 0.8 --xtc-probability 0.5
-    llamalens generate --chat "Name a colour." --system "Answer in one word." --chat-template gemma -t 0
+    llamalens generate --chat "Name a colour." --system "Answer in one word." -m gemma-3-270m-it-Q4_K_M.gguf -t 0
     llamalens generate "A person, as JSON:" --json-schema person.json -n 40
     llamalens generate "Once upon a time" -n 32 --report tale.html
     """

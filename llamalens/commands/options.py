@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from dataclasses import dataclass
 
 import click
@@ -15,6 +17,17 @@ def _stack(*opts):
     def decorate(fn):
         for opt in reversed(opts):
             fn = opt(fn)
+        return fn
+    return decorate
+
+
+def _folded(label: str, decorator):
+    """DECORATOR, its options marked as folded out of the short --help under LABEL (GroupedCommand)."""
+    def decorate(fn):
+        before = len(getattr(fn, "__click_params__", ()))
+        fn = decorator(fn)
+        for param in fn.__click_params__[before:]:
+            param.folded = label
         return fn
     return decorate
 
@@ -50,7 +63,7 @@ RUNTIME_HELP = {
 }
 # the options whose default follows the chain: llama-server's with --chain llama.cpp (settings.SERVER_CONTEXT)
 CHAIN_DEFAULTED = ("batch", "ubatch", "swa_full", "repack", "server_prefill")
-runtime_options = _stack(
+runtime_options = _folded("model loading", _stack(
     click.option("--gpu-layers", type=int, default=_mo.gpu_layers, show_default=True, help=RUNTIME_HELP["gpu_layers"]),
     click.option("--ctx", type=int, default=_mo.ctx, show_default=True, help=RUNTIME_HELP["ctx"]),
     click.option("--threads", type=int, default=_mo.threads, help=RUNTIME_HELP["threads"]),
@@ -68,7 +81,7 @@ runtime_options = _stack(
     click.option("--mlock", is_flag=True, default=_mo.mlock, help=RUNTIME_HELP["mlock"]),
     click.option("--force", is_flag=True, default=_mo.force, help=RUNTIME_HELP["force"]),
     # --- end of loading and the memory check ---
-)
+))
 """--gpu-layers, --ctx, --threads, --batch, --flash-attn, --ubatch, --swa-full, --repack, --server-prefill,
 --mmap/--no-mmap, --mlock, --force: how a model is loaded and run (ModelOptions)."""
 
@@ -178,13 +191,13 @@ _LLAMA_CPP_OPTIONS = {
     "ignore_eos": click.option("--ignore-eos", is_flag=True, default=None,
                                help="Ban end-of-generation tokens (as llama-server)."),
 }
-llama_cpp_sampling_options = _stack(*_LLAMA_CPP_OPTIONS.values())
+llama_cpp_sampling_options = _folded("llama.cpp chain", _stack(*_LLAMA_CPP_OPTIONS.values()))
 """The llama.cpp chain's own settings, one value each (generate); not given = llama-server's default."""
 
 
 def llama_cpp_fixed_options(*axes: str):
     """The llama.cpp chain's settings that are not among `axes`, one value each (next: the others are axes)."""
-    return _stack(*(opt for name, opt in _LLAMA_CPP_OPTIONS.items() if name not in axes))
+    return _folded("llama.cpp chain", _stack(*(opt for name, opt in _LLAMA_CPP_OPTIONS.items() if name not in axes)))
 
 
 def pop_sampling(kw: dict, chain: str | None = None) -> SamplingSettings:
@@ -245,7 +258,8 @@ def axis_options(*names: str, help_prefix: str = ""):
     opts = []
     for name in names:
         flags = ["--" + name.replace("_", "-")] + (["-t"] if name == "temperature" else [])
-        opts.append(click.option(*flags, "ax_" + name, default=None, help=help_prefix + AXIS_HELP[name]))
+        opt = click.option(*flags, "ax_" + name, default=None, help=help_prefix + AXIS_HELP[name])
+        opts.append(_folded("llama.cpp chain", opt) if name in _LLAMA_CPP_OPTIONS else opt)
     return _stack(*opts)
 
 
@@ -342,14 +356,14 @@ def pop_grammar(kw: dict):
     return read_grammar(kw.pop("grammar_file"), kw.pop("json_schema_file"))
 
 
-ray_options = _stack(
+ray_options = _folded("Ray", _stack(
     click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
                  help="Decode on Ray workers (pip install 'llamalens[ray]'): --ray alone starts a local Ray for the run, "
                       "--ray auto joins the cluster of `ray start`, or HOST:PORT / ray://HOST:PORT. "
                       "Put a bare --ray after the prompts."),
     click.option("--workers", type=click.IntRange(1, 4096), default=None,
                  help="Ray workers (one model each, --threads CPUs each; default: as many as the cluster's CPUs allow)."),
-)
+))
 
 
 def pop_ray(kw: dict) -> tuple[str | None, int | None]:
@@ -394,17 +408,89 @@ def help_group(name: str) -> str:
     return "Options"
 
 
+# The short --help leaves out the options marked folded (_folded: how a model is loaded but --model, the llama.cpp
+# chain's own settings, as one value or as a sweep axis, and Ray); --help-all lists them.
+_HELP_ALL = "llamalens.help_all"
+_EXTRA = re.compile(r"\s*(\[[^\]]*\]\s*)+$")  # click's "[default: ...]  [env var: ...]" after the help text
+
+
+def _show_all_help(ctx, param, value) -> None:
+    if value and not ctx.resilient_parsing:
+        ctx.meta[_HELP_ALL] = True
+        click.echo(ctx.get_help(), color=ctx.color)
+        ctx.exit()
+
+
+def _one_line(text: str, width: int) -> str:
+    """TEXT cut to WIDTH: whole if it fits, else its first sentence (with the default, if that still fits),
+    else cut at a word with an ellipsis."""
+    if len(text) <= width:
+        return text
+    m = _EXTRA.search(text)
+    body, extra = (text[:m.start()], "  " + m.group().strip()) if m else (text, "")
+    first = _balanced(re.split(r"(?<=\.)\s+(?=[A-Z])|;\s", body, maxsplit=1)[0])
+    for candidate in (first + extra, first):
+        if len(candidate) <= width:
+            return candidate
+    return _balanced(first[:width - 1].rsplit(" ", 1)[0]).rstrip(",;:") + "…"
+
+
+def _balanced(text: str) -> str:
+    """TEXT without a trailing bracket or parenthesis it opens and does not close."""
+    for left, right in ("()", "[]", "{}"):
+        if text.count(left) > text.count(right):
+            text = text[:text.rindex(left)].rstrip()
+    return text
+
+
+def _short_text(text: str) -> str:
+    """A command's help text for the short --help: its first paragraph and its first example."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    examples = [p.splitlines()[1] for p in paragraphs if p.startswith("\b\n")]
+    return paragraphs[0] + (f"\n\n\b\n{examples[0]}" if examples else "")
+
+
 class GroupedCommand(click.Command):
-    """A command whose --help lists its options in groups: its own first, then sampling, the llama.cpp chain,
-    chat, grammar, model, Ray and output options (HELP_GROUPS)."""
+    """A command whose --help is short: its first paragraph and example, then its options in groups (its own
+    first, then sampling, chat, grammar, model and output: HELP_GROUPS), one line each, without the folded
+    groups; --help-all gives the whole text, every option and every line of its description."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(click.Option(["--help-all"], is_flag=True, expose_value=False, is_eager=True,
+                                        callback=_show_all_help,
+                                        help="Every option and example, in full."))
+
+    def format_help_text(self, ctx, formatter) -> None:
+        if ctx.meta.get(_HELP_ALL) or not self.help:
+            return super().format_help_text(ctx, formatter)
+        formatter.write_paragraph()
+        with formatter.indentation():
+            formatter.write_text(_short_text(self.help))
 
     def format_options(self, ctx, formatter) -> None:
+        full = ctx.meta.get(_HELP_ALL, False)
         sections: dict[str, list] = {}
+        folded = []
         for param in self.get_params(ctx):
             record = None if isinstance(param, click.Argument) else param.get_help_record(ctx)
-            if record:
+            if record and not full and getattr(param, "folded", None):
+                folded.append(param.folded)
+            elif record:
                 sections.setdefault(help_group(param.name), []).append(record)
+        hidden = bool(folded) or _short_text(self.help or "") != inspect.cleandoc(self.help or "")
         for title in ["Options"] + [t for t, _ in HELP_GROUPS]:
-            if sections.get(title):
+            rows = sections.get(title)
+            if rows and not full:
+                col = min(max(len(opts) for opts, _ in rows), 30)
+                width = max(formatter.width - formatter.current_indent - 4 - col, 20)
+                short = [(opts, _one_line(text, width)) for opts, text in rows]
+                hidden, rows = hidden or short != rows, short
+            if rows:
                 with formatter.section(title):
-                    formatter.write_dl(sections[title])
+                    formatter.write_dl(rows)
+        if hidden and not full:
+            formatter.write_paragraph()
+            groups = ", ".join(dict.fromkeys(folded))
+            more = f"{len(folded)} more options ({groups}), every" if folded else "Every"
+            formatter.write_text(f"{more} example and each description in full: llamalens {ctx.info_name} --help-all")
