@@ -229,9 +229,10 @@ def test_the_prefix_walk_gives_the_full_checks_answers_on_gemma(gemma, monkeypat
                 again.accept(tok)
 
 
-def test_a_state_that_cannot_be_read_has_no_key(gemma, tiny):
-    """The state reader refuses what is not a grammar sampler of this model's vocabulary (its key is None, and
-    masks are then computed without being remembered)."""
+def test_a_state_that_cannot_be_read_has_no_key(gemma, tiny, monkeypatch):
+    """The state reader refuses what is not a grammar sampler of this model's vocabulary, and any llama-cpp-python
+    release but the one whose layout it reads (its key is None; masks are then made without being remembered)."""
+    from llamalens.core import grammar_state
     from llamalens.core.grammar_state import StateReader
     from llamalens.core.runtime import llama_cpp_module
     from llamalens.core.sampler import GrammarSampler
@@ -245,6 +246,8 @@ def test_a_state_that_cannot_be_read_has_no_key(gemma, tiny):
     with GrammarSampler(gemma, 'root ::= "a" "b"*') as g:
         assert StateReader(lib, g.ptr, tiny.vocab).key() is None  # another model's vocabulary
         assert StateReader(lib, g.ptr, gemma.vocab).key() is not None
+        monkeypatch.setattr(grammar_state, "LAYOUT_VERSIONS", ("0.3.35",))
+        assert StateReader(lib, g.ptr, gemma.vocab).key() is None
 
 
 def test_the_removed_mass_from_either_side_of_the_mask():

@@ -9,7 +9,8 @@ vocabulary's mask can be kept and reused: inside a JSON string, or any repetitio
 same state token after token, and across the sequences of a sweep every sequence passes the same states.
 
 The public API has no call that returns the stacks, so they are read from memory, in the layout of the
-vendored llama.cpp (src/llama-sampler.cpp, src/llama-grammar.h):
+llama.cpp vendored by the pinned llama-cpp-python (src/llama-sampler.cpp, src/llama-grammar.h; another release
+is not read: LAYOUT_VERSIONS):
 
     llama_sampler          { iface*, ctx* }
     llama_sampler_grammar  { vocab*, std::string grammar_str, std::string grammar_root, llama_grammar* }
@@ -21,7 +22,8 @@ A std::vector is three pointers (begin, end, capacity) in libstdc++, libc++ and 
 32 bytes in libstdc++ and MSVC and 24 in libc++. Every read is checked before it is trusted: the sampler's name
 must be "grammar"; grammar_root must read as "root" in one of the three string layouts (which gives where the
 grammar pointer is, and every read for that check lies inside the 64 bytes all three layouts have); the
-grammar's first field must be the model's vocabulary; each stack element must point at an element of a rule.
+grammar's first field must be the model's vocabulary; the rules and stacks must read as vectors, each rule
+ending with an END element; each stack element must point at an element of a rule.
 Where a check fails, `StateReader.key` returns None and the caller computes the mask without remembering it:
 slower, never wrong.
 """
@@ -37,6 +39,7 @@ import numpy as np
 
 _VEC = 24  # bytes of a std::vector: begin, end, capacity
 _ELEMENT = 8  # bytes of a llama_grammar_element
+LAYOUT_VERSIONS = ("0.3.36",)  # llama-cpp-python releases whose vendored llama.cpp has the layout below
 MAX_STACKS = 1 << 16  # more stacks or deeper ones than this are taken as a misread: no key
 MASK_BUDGET = 32 << 20  # bytes of packed masks kept per model and grammar text
 
@@ -52,6 +55,12 @@ def _word(addr: int) -> int:
 
 def _words(addr: int, n: int) -> np.ndarray:
     return np.frombuffer(ctypes.string_at(addr, 8 * n), dtype=np.uint64) if n else np.zeros(0, np.uint64)
+
+
+def _vector_ok(addr: int, item: int) -> bool:
+    """Whether the std::vector at addr reads as one: begin <= end <= capacity, whole items, not absurdly long."""
+    begin, end, cap = _word(addr), _word(addr + 8), _word(addr + 16)
+    return bool(begin) and begin <= end <= cap and (end - begin) % item == 0 and (end - begin) // item < MAX_STACKS
 
 
 def _grammar_field(ctx: int) -> int | None:
@@ -71,7 +80,8 @@ class StateReader:
 
     def __init__(self, lib, sampler_ptr: int, vocab_ptr: int):
         self._grammar = None
-        if ctypes.sizeof(ctypes.c_void_p) != 8 or lib.llama_sampler_name(sampler_ptr) != b"grammar":
+        if (getattr(lib, "__version__", None) not in LAYOUT_VERSIONS or ctypes.sizeof(ctypes.c_void_p) != 8
+                or lib.llama_sampler_name(sampler_ptr) != b"grammar"):
             return
         field = _grammar_field(_word(_address(sampler_ptr) + 8))
         if field is None:
@@ -79,8 +89,15 @@ class StateReader:
         grammar = _word(field)
         if not grammar or _word(grammar) != _address(vocab_ptr):
             return
+        if not _vector_ok(grammar + 8, _VEC):
+            return
         rules = _words(_word(grammar + 8), (_word(grammar + 16) - _word(grammar + 8)) // 8).reshape(-1, 3)
-        if not 0 < len(rules) < MAX_STACKS or np.any(rules[:, 1] < rules[:, 0]):
+        # each rule a vector of elements ending with LLAMA_GRETYPE_END (type 0)
+        if not 0 < len(rules) < MAX_STACKS or np.any(rules[:, 1] <= rules[:, 0]) or np.any(rules[:, 2] < rules[:, 1]) \
+                or np.any((rules[:, 1] - rules[:, 0]) % _ELEMENT) \
+                or any(ctypes.c_int32.from_address(end - _ELEMENT).value != 0 for end in rules[:, 1].tolist()):
+            return
+        if not _vector_ok(grammar + 32, _VEC):
             return
         order = np.argsort(rules[:, 0], kind="stable")
         self._begins, self._ends, self._order = rules[order, 0], rules[order, 1], order
