@@ -299,3 +299,14 @@ def test_masks_are_made_once_per_state_and_the_oldest_dropped(monkeypatch):
     masks.get(1, make(1))
     masks.get(2, make(2))
     assert made == [1, 2, 3, 2]
+
+
+def test_masks_are_kept_for_a_few_grammars_only(tiny):
+    """A process that is given one grammar after another keeps the masks of the most recent GRAMMARS_KEPT."""
+    from llamalens.core import grammar_state
+
+    first = grammar_state.masks(tiny, 'root ::= "a"')
+    assert grammar_state.masks(tiny, 'root ::= "a"') is first
+    for i in range(grammar_state.GRAMMARS_KEPT):
+        grammar_state.masks(tiny, f'root ::= "{i}"')
+    assert grammar_state.masks(tiny, 'root ::= "a"') is not first

@@ -42,6 +42,7 @@ _ELEMENT = 8  # bytes of a llama_grammar_element
 LAYOUT_VERSIONS = ("0.3.36",)  # llama-cpp-python releases whose vendored llama.cpp has the layout below
 MAX_STACKS = 1 << 16  # more stacks or deeper ones than this are taken as a misread: no key
 MASK_BUDGET = 32 << 20  # bytes of packed masks kept per model and grammar text
+GRAMMARS_KEPT = 4  # grammar texts per model whose masks are kept
 
 
 def _address(pointer) -> int:
@@ -178,10 +179,14 @@ _MASKS_LOCK = threading.Lock()
 
 
 def masks(model, gbnf: str) -> Masks:
-    """The masks remembered for this model and grammar text (kept while the model lives)."""
+    """The masks remembered for this model and grammar text: kept while the model lives, for its GRAMMARS_KEPT most
+    recently used grammar texts (a server that is sent one grammar after another keeps a bounded amount)."""
     with _MASKS_LOCK:
-        by_text = _MASKS.setdefault(model, {})
+        by_text = _MASKS.setdefault(model, OrderedDict())
         found = by_text.get(gbnf)
         if found is None:
             found = by_text[gbnf] = Masks(model.n_vocab)
+        by_text.move_to_end(gbnf)
+        while len(by_text) > GRAMMARS_KEPT:
+            by_text.popitem(last=False)
         return found
