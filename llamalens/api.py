@@ -1,8 +1,5 @@
 """The Python API of the commands: one call per command, the same library code the CLI runs.
 
-(One module, longer than the house's limit: the public surface in one file, a call per command, each a thin
-layer over run/requests.py and the looks.)
-
     ll.sweep(prompts, grid=..., seeds=...)   ──► run.requests.SweepRequest: start + execute ──► Run
     ll.open_run(id or name) / ll.runs()      ──► store.Store ──► Run / DataFrame
     ll.score(text) / ll.choose / ll.compare  ──► score.score_text / choose / compare_text | compare_run
@@ -26,97 +23,14 @@ Design:
 from __future__ import annotations
 
 import os
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
+from llamalens.api_support import model_of, note, progress_bar, store_of, sweep_ticks, warn_chat, window_ticks
 from llamalens.arguments import list_of_texts, model_options as checked_options, optional, paths, text_list, whole
 from llamalens.errors import InvalidArgument, InvalidInput, InvalidSettings
 from llamalens.settings import SamplingSettings
 
 __all__ = ["Run", "sweep", "open_run", "runs", "score", "choose", "compare", "report", "fork", "sampler_view", "calibrate"]
-
-
-# -- shared plumbing -------------------------------------------------------------------------------
-def _store(store, read_only: bool = False):
-    """The Store of store= (read_only: for calls that only read, which create nothing: Store's read_only)."""
-    from llamalens.store import Store
-
-    if store is not None and not isinstance(store, (Store, str, os.PathLike)):
-        raise InvalidArgument(f"store={store!r}: give a Store, the path of a store file, or None (the default store)")
-    return store if isinstance(store, Store) else Store(store, read_only=read_only)
-
-
-@contextmanager
-def _model(model, options: dict, sequences: int = 1, rows: int | None = None, cells: int | None = None, analysis=None):
-    """A loaded Model as given, or one loaded here (the CLI's memory check) and closed afterwards."""
-    from llamalens.modelfiles.memory import checked_load
-    from llamalens.modelfiles.find import resolve_source
-    from llamalens.core.runtime import Model
-
-    if isinstance(model, Model):
-        if options:
-            checked_options(options)  # a name that is no model option at all is said first
-            raise InvalidInput(f"model options ({', '.join(options)}) apply when a model is loaded: pass them to "
-                               "ll.load_model(...), or give model= as a path or name")
-        yield model
-        return
-    loaded = checked_load(resolve_source(model), checked_options(options), sequences, rows, cells,
-                          analysis=analysis)
-    try:
-        yield loaded
-    finally:
-        loaded.close()
-
-
-def _note(note: str, stacklevel: int = 3) -> None:
-    warnings.warn(note, stacklevel=stacklevel)  # the line of the caller of the ll.* function
-
-
-def _warn_chat(rendered: list) -> None:
-    """A note for each template whose markers are plain text to this model (as the CLI's warning)."""
-    for w in dict.fromkeys(r.warning() for r in rendered if r.warning()):
-        _note(w, stacklevel=4)
-
-
-@contextmanager
-def _bar(progress: bool, total: int, desc: str, unit: str, initial: int = 0):
-    """A tqdm bar (None when progress is off)."""
-    if not progress:
-        yield None
-        return
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True)
-    try:
-        yield bar
-    finally:
-        bar.close()
-
-
-def _sweep_ticks(bar):
-    """An on_progress callback for sweep.execute / fork.execute_fork that moves a tqdm bar."""
-    if bar is None:
-        return None
-
-    def tick(prog):
-        bar.total = prog.total
-        bar.update(prog.done - bar.n)
-        bar.set_postfix_str(f"{prog.tokens_per_s:.0f} tok/s", refresh=False)
-
-    return tick
-
-
-def _window_ticks(bar):
-    """An on_progress(k, n) callback (score, compare) that moves a tqdm bar."""
-    if bar is None:
-        return None
-
-    def tick(k, n):
-        bar.total = n
-        bar.update(k - bar.n)
-
-    return tick
 
 
 # -- runs ------------------------------------------------------------------------------------------
@@ -242,7 +156,7 @@ def _load(store, run_id) -> Run:
 
 def open_run(id_or_name, store=None) -> Run:
     """A stored run by id or name (what `llamalens show RUN` reads)."""
-    st = _store(store, read_only=True)
+    st = store_of(store, read_only=True)
     return _load(st, st.run(id_or_name).id)
 
 
@@ -254,7 +168,7 @@ def runs(store=None):
     from llamalens.store import StoreMissing
 
     try:
-        infos = _store(store, read_only=True).runs()
+        infos = store_of(store, read_only=True).runs()
     except StoreMissing:  # no store yet: no runs (and nothing created)
         infos = []
     df = pd.DataFrame([r.listing() for r in infos], columns=RUN_COLUMNS)
@@ -341,16 +255,16 @@ def sweep(prompts=(), grid=None, *, seeds=1, max_tokens: int = 32, logprobs: int
                        read_grammar(grammar, json_schema))
     req.check()
     executor = _ray(ray, workers)  # Ray checked before a run is stored
-    st = _store(store)
+    st = store_of(store)
     if parallel is None and not isinstance(model, Model) and not model_options.get("force"):
-        if note := req.fit_parallel(model, checked_options(model_options)):
-            _note(note)
+        if said := req.fit_parallel(model, checked_options(model_options)):
+            note(said)
     n_par, cells = req.sizing(model_options.get("ctx", ModelOptions().ctx))
-    with _model(model, model_options, sequences=n_par, cells=cells) as loaded:
-        run_id = req.start(loaded, st, f"python: llamalens.sweep({len(prompts)} prompt(s))", _note)
-        _warn_chat(req.chats)
-        with _bar(progress, req.spec.n_samples, f"run {run_id}", "seq") as bar:
-            req.execute(loaded, st, run_id, _sweep_ticks(bar), executor)
+    with model_of(model, model_options, sequences=n_par, cells=cells) as loaded:
+        run_id = req.start(loaded, st, f"python: llamalens.sweep({len(prompts)} prompt(s))", note)
+        warn_chat(req.chats)
+        with progress_bar(progress, req.spec.n_samples, f"run {run_id}", "seq") as bar:
+            req.execute(loaded, st, run_id, sweep_ticks(bar), executor)
     return _load(st, run_id)
 
 
@@ -362,7 +276,7 @@ def _ray(address, workers):
 
     address = "local" if address is True else str(address)
     check_ray(address)
-    return RayExecutor(address, workers, _note)
+    return RayExecutor(address, workers, note)
 
 
 def _conversations(prompts: list, chat: bool, system, messages, chat_template) -> list | None:
@@ -382,13 +296,13 @@ def resume(run, *, store=None, model=None, progress: bool = True) -> Run:
     from llamalens.core.runtime import Model
     from llamalens.run.sweep import execute, resume_target
 
-    st = run.store if isinstance(run, Run) else _store(store)
+    st = run.store if isinstance(run, Run) else store_of(store)
     info = st.run(run.id if isinstance(run, Run) else run)
     run_id, path, options = resume_target(st, info.id, None if isinstance(model, Model) else model)
-    with _model(model if isinstance(model, Model) else path, {} if isinstance(model, Model) else options.to_dict()
+    with model_of(model if isinstance(model, Model) else path, {} if isinstance(model, Model) else options.to_dict()
                 ) as loaded:
-        with _bar(progress, info.n_samples, f"run {run_id}", "seq", initial=info.n_done) as bar:
-            execute(loaded, st, run_id, _sweep_ticks(bar))
+        with progress_bar(progress, info.n_samples, f"run {run_id}", "seq", initial=info.n_done) as bar:
+            execute(loaded, st, run_id, sweep_ticks(bar))
     return _load(st, run_id)
 
 
@@ -406,12 +320,12 @@ def report(run, path, *, store=None, fmt: str | None = None, metric: str = "mean
     from llamalens.run.kinds import kind
 
     optional(path, "path", (str, os.PathLike), "the report's file, e.g. 'run.html' or 'run.md'", none_ok=False)
-    st = run.store if isinstance(run, Run) else _store(store, read_only=True)
+    st = run.store if isinstance(run, Run) else store_of(store, read_only=True)
     info = st.run(run.id if isinstance(run, Run) else run)
     check_answer_applies(info, answer)
     kind(info.kind).hook("report")(st, info, path, fmt, loaded=run.loaded if isinstance(run, Run) else None,
                                    model=model, position=position, sample=sample, metric=metric,
-                                   load_model=load_model, say=on_note or _note, loader=loader, write=writer or _write,
+                                   load_model=load_model, say=on_note or note, loader=loader, write=writer or _write,
                                    answer=answer)
     return Path(path)
 
@@ -438,9 +352,9 @@ def score(text, *, model=None, protocol: str = "full", stride: int | None = None
     req = ScoreRequest(text, protocol, stride, logprobs)
     req.check()
     batch = model_options.get("batch")
-    with _model(model, model_options, rows=batch or _default("batch")) as loaded:
-        with _bar(progress, 1, "scoring", "window") as bar:
-            return req.run(loaded, _window_ticks(bar))
+    with model_of(model, model_options, rows=batch or _default("batch")) as loaded:
+        with progress_bar(progress, 1, "scoring", "window") as bar:
+            return req.run(loaded, window_ticks(bar))
 
 
 def _default(option: str):
@@ -463,7 +377,7 @@ def choose(prompt: str, options, *, normalize: str = "none", space: bool = True,
 
     req = ChooseRequest(prompt, list_of_texts(options, "options", '["Paris", "London"]'), normalize, space)
     req.check()
-    with _model(model, model_options) as loaded:
+    with model_of(model, model_options) as loaded:
         return req.run(loaded)
 
 
@@ -478,7 +392,7 @@ def calibrate(path, models=(None,), *, answer: str | None = None, match: str = "
     if isinstance(models, (str, os.PathLike)) or not isinstance(models, (list, tuple)) or not models:
         raise InvalidArgument(f"models={models!r:.60}: give a list of models (paths, names, loaded Models or None)")
     cells = model_cells(max_tokens, parallel) if isinstance(max_tokens, int) and isinstance(parallel, int) else None
-    return run(path, models, lambda m: _model(m, model_options, sequences=parallel, cells=cells), answer=answer,
+    return run(path, models, lambda m: model_of(m, model_options, sequences=parallel, cells=cells), answer=answer,
                match=match, max_tokens=max_tokens, stop=tuple(stop), normalize=normalize, bins=bins, parallel=parallel)
 
 
@@ -504,7 +418,7 @@ def compare(model_a=None, model_b=None, *, models=None, text=None, run=None, sto
         return _compare_run(models, text, run, store, protocol, stride, name, progress, model_options)
     st = None
     if run is not None:
-        st = run.store if isinstance(run, Run) else _store(store, read_only=True)
+        st = run.store if isinstance(run, Run) else store_of(store, read_only=True)
         run = run.id if isinstance(run, Run) else run
         if model_a is None:
             model_a = st.run(run).model.path
@@ -513,13 +427,13 @@ def compare(model_a=None, model_b=None, *, models=None, text=None, run=None, sto
     loaded_given = [isinstance(m, Model) for m in (model_a, model_b)]
     model_a, model_b = (m if given else str(f) for m, given, f in zip((model_a, model_b), loaded_given, req.files))
     rows = model_options.get("batch") or _default("batch")
-    with _model(model_a, model_options if not loaded_given[0] else {}, rows=rows) as a, \
-            _model(model_b, model_options if not loaded_given[1] else {}, rows=rows) as b:
-        with _bar(progress, 1, "comparing", "window" if run is None else "sample") as bar:
+    with model_of(model_a, model_options if not loaded_given[0] else {}, rows=rows) as a, \
+            model_of(model_b, model_options if not loaded_given[1] else {}, rows=rows) as b:
+        with progress_bar(progress, 1, "comparing", "window" if run is None else "sample") as bar:
             if run is not None:
-                return req.on_run(a, b, st, on_progress=_window_ticks(bar))
+                return req.on_run(a, b, st, on_progress=window_ticks(bar))
             ctx = model_options.get("ctx") or min(a.options.ctx, b.options.ctx)
-            return req.pairwise(a, b, ctx, on_progress=_window_ticks(bar))
+            return req.pairwise(a, b, ctx, on_progress=window_ticks(bar))
 
 
 def _compare_run(models, text, run, store, protocol, stride, name, progress, model_options):
@@ -533,11 +447,11 @@ def _compare_run(models, text, run, store, protocol, stride, name, progress, mod
                               'models=["base.gguf", "q4.gguf"]')
     req = CompareRequest([str(m) for m in models], text, run, protocol=protocol, stride=stride, name=name)
     req.check()
-    st = _store(store)
-    with _model(str(req.files[0]), model_options, rows=model_options.get("batch") or _default("batch")) as base:
-        run_id = req.start(base, st, "ll.compare", _note)
-        with _bar(progress, st.run(run_id).n_samples - 1, "comparing", "unit") as bar:
-            req.execute(base, st, run_id, _sweep_ticks(bar))
+    st = store_of(store)
+    with model_of(str(req.files[0]), model_options, rows=model_options.get("batch") or _default("batch")) as base:
+        run_id = req.start(base, st, "ll.compare", note)
+        with progress_bar(progress, st.run(run_id).n_samples - 1, "comparing", "unit") as bar:
+            req.execute(base, st, run_id, sweep_ticks(bar))
     return req.result(st, run_id)
 
 
@@ -566,7 +480,7 @@ def sampler_view(model, prompt: str, settings, *, top: int = 10, history=()):
                                   '{setting: values} such as {"temperature": [0.5, 1]}')
         labels = None
     grids.check(configs, [0])
-    with _model(model, {}) as loaded:
+    with model_of(model, {}) as loaded:
         return view(loaded, prompt, list(history), configs, top, labels=labels)
 
 
@@ -621,14 +535,14 @@ def fork(prompt: str | None = None, *, options=None, outcome: str | None = None,
     req = ForkRequest(spec, convs[0] if convs else None, chat_template)
     req.check()
     executor = _ray(ray, workers)  # Ray checked before a run is stored
-    st = _store(store)
+    st = store_of(store)
     sequences, cells = req.sizing()
-    with _model(model, model_options, sequences=sequences, cells=cells) as loaded:
+    with model_of(model, model_options, sequences=sequences, cells=cells) as loaded:
         req.render(loaded)
-        _warn_chat([req.rendered] if req.rendered is not None else [])
-        run_id, cost = req.start(loaded, st, "python: llamalens.fork(...)", _note)
-        with _bar(progress, cost.sequences, f"fork run {run_id}", "seq") as bar:
-            req.execute(loaded, st, run_id, _sweep_ticks(bar), executor)
+        warn_chat([req.rendered] if req.rendered is not None else [])
+        run_id, cost = req.start(loaded, st, "python: llamalens.fork(...)", note)
+        with progress_bar(progress, cost.sequences, f"fork run {run_id}", "seq") as bar:
+            req.execute(loaded, st, run_id, sweep_ticks(bar), executor)
     return _load(st, run_id)
 
 
@@ -648,8 +562,8 @@ def lens(prompt: str, *, target=(), positions: str | None = None, layers: str | 
 
     targets = [target] if isinstance(target, str) else list(target)
     spec = LensSpec(prompt, targets, positions, layers, whole(top, "top"), None if attention is None else str(attention)).check()
-    st, models = _store(store) if save else None, list(model) if isinstance(model, (list, tuple)) else [model]
-    with lens_of(models, spec, lambda m, need: _model(m, model_options, rows=128, analysis=need)) as (loaded, result):
+    st, models = store_of(store) if save else None, list(model) if isinstance(model, (list, tuple)) else [model]
+    with lens_of(models, spec, lambda m, need: model_of(m, model_options, rows=128, analysis=need)) as (loaded, result):
         if st is not None:
             save_lens(st, loaded, result, name, f"ll.lens({prompt!r:.80})")
     return result

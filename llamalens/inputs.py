@@ -60,6 +60,26 @@ def check_json_nesting(text: str, where: str, limit: int) -> None:
                            "flatten it")
 
 
+MAX_GBNF_NESTING = 500  # parentheses; llama.cpp's recursive parser overflows the stack (a segfault) near 20,000
+_GBNF_PARENS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\r\n]*|[()]')
+
+
+def check_gbnf_nesting(gbnf: str, where: str = "the grammar") -> None:
+    """Refuse GBNF whose parentheses nest deeper than MAX_GBNF_NESTING (outside its strings, character classes
+    and comments), before llama.cpp's parser recurses into them."""
+    depth = deepest = 0
+    for m in _GBNF_PARENS.finditer(gbnf):
+        tok = m.group()
+        if tok == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif tok == ")":
+            depth -= 1
+    if deepest > MAX_GBNF_NESTING:
+        raise InvalidInput(f"{where} nests parentheses {deepest} deep, more than llamalens accepts "
+                           f"({MAX_GBNF_NESTING}); name the inner groups as rules of their own")
+
+
 MAX_JSON_LINE_NESTING = 100  # arrays and objects in one line of a JSONL file (json.loads recurses per level)
 
 

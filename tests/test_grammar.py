@@ -9,7 +9,7 @@ import pytest
 
 from llamalens.core.engine import Engine, Request
 from llamalens.errors import InvalidInput
-from llamalens.core.grammar import MASS_EPS, read_grammar
+from llamalens.core.grammar import read_grammar
 from llamalens.settings import SamplingSettings
 from reference import log_softmax
 from test_cli import run as cli
@@ -61,11 +61,10 @@ def test_greedy_under_a_grammar_and_the_removed_mass(tiny, tiny_llama, tmp_path)
         done += vocab[tok]
     assert [t.id for t in sample.tokens] == ids[len(tiny.prompt_tokens("the cat")):]
     assert sample.text in [s for s in SENTENCES] and sample.finish_reason == "stop"
-    # exact where the grammar rejected the chain's pick, low by at most MASS_EPS elsewhere; the logits agree
-    # to ~2e-6 (measured), which moves these sums by less than that
+    # exact at every step (the whole vocabulary's mask); the logits agree to ~2e-6 (measured), which moves these
+    # sums by less than that: 1e-5
     got = np.array(sample.grammar_removed)
-    assert np.all(got <= np.array(expected_removed) + 1e-5)
-    assert np.all(got >= np.array(expected_removed) - MASS_EPS - 1e-5)
+    assert np.allclose(got, expected_removed, rtol=0, atol=1e-5)
     assert max(expected_removed) > 0.5  # the constraint did fight this model
 
 
@@ -194,9 +193,10 @@ def test_the_mask_checked_in_slices_on_threads_equals_the_reference(tiny, tiny_l
 
 
 def test_the_prefix_walk_gives_the_full_checks_answers_on_gemma(gemma, monkeypatch):
-    """On Gemma's 262k-token vocabulary (byte tokens, special tokens, pieces of every length): the mask found by
-    walking the prefix tree equals llama.cpp's check of every token, for part of the vocabulary and then all of
-    it, at each state of a JSON text, including states inside a character that a byte token left unfinished."""
+    """On Gemma's 262k-token vocabulary (byte tokens, special tokens, pieces of every length): the whole mask,
+    found by walking the prefix tree, equals llama.cpp's check of every token at each state of a JSON text,
+    including states inside a character that a byte token left unfinished; and a second sampler of the same
+    grammar, whose masks come from what the first remembered by state, gets the same masks."""
     from llamalens.core import grammar_check
     from llamalens.core.sampler import GrammarSampler, json_schema_to_gbnf
 
@@ -204,32 +204,109 @@ def test_the_prefix_walk_gives_the_full_checks_answers_on_gemma(gemma, monkeypat
                                                                             "age": {"type": "integer"}}}))
     ids = np.arange(gemma.n_vocab, dtype=np.int32)
     byte = {gemma.piece(t): t for t in range(gemma.n_vocab) if len(gemma.piece(t)) == 1}
-    steps = (gemma.tokenize('{"name": "a', add_bos=False) + [byte[bytes([b])] for b in "漢".encode()]
-             + gemma.tokenize('", "age": 12', add_bos=False))
-    some = np.random.default_rng(0).choice(ids, 50000, replace=False)
+    before = gemma.tokenize('{"name": "a', add_bos=False)
+    steps = before + [byte[bytes([b])] for b in "漢".encode()] + gemma.tokenize('", "age": 12', add_bos=False)
+    fulls, keys = [], []
     with GrammarSampler(gemma, gbnf) as g:
         for tok in steps + [None]:
             monkeypatch.setattr(grammar_check, "WALK_MIN", 10**9)  # every token through llama.cpp's check
             full = g.allowed(ids)
             monkeypatch.undo()
-            # a part first (as a step checks its likely tokens), then the rest settled from what that found
-            assert np.array_equal(g.allowed(some), full[some]), tok
-            assert np.array_equal(g.allowed(ids), full) and full.any(), tok
+            assert np.array_equal(g.mask(), full) and full.any(), tok
+            fulls.append(full)
+            keys.append(g._state.key())
             if tok is not None:
                 assert full[tok]
                 g.accept(tok)
+    # inside the string: after "a" and after the third byte of 漢 the grammar is in the same state; after its
+    # first and second bytes it waits for the rest of a character, two states of their own
+    a = len(before)
+    assert None not in keys and keys[a] == keys[a + 3] and len({keys[a], keys[a + 1], keys[a + 2]}) == 3
+    with GrammarSampler(gemma, gbnf) as again:
+        for tok, full in zip(steps + [None], fulls):
+            assert np.array_equal(again.mask(), full), tok
+            if tok is not None:
+                again.accept(tok)
 
 
-def test_the_most_likely_tokens_are_a_stable_sorts_first_k():
-    """The likely tokens the removed mass is summed over: the same set as the first k of a stable sort by
-    descending logprob (the smallest k holding 1 - MASS_EPS), with ties at the edge taken in id order."""
-    from llamalens.core.grammar import _most_likely
+def test_a_state_that_cannot_be_read_has_no_key(gemma, tiny, monkeypatch):
+    """The state reader refuses what is not a grammar sampler of this model's vocabulary, and any llama-cpp-python
+    release but the one whose layout it reads (its key is None; masks are then made without being remembered)."""
+    from llamalens.core import grammar_state
+    from llamalens.core.grammar_state import StateReader
+    from llamalens.core.runtime import llama_cpp_module
+    from llamalens.core.sampler import GrammarSampler
 
-    rng = np.random.default_rng(0)
-    for lp in (rng.normal(-12, 1.5, 50000), np.round(rng.normal(-6, 2, 50000), 1), np.full(1000, -np.log(1000))):
-        lp = lp - np.log(np.exp(lp).sum())
-        ids = np.arange(len(lp))
-        order = ids[np.argsort(-lp, kind="stable")]
-        k = int(np.searchsorted(np.cumsum(np.exp(lp[order])), 1.0 - MASS_EPS)) + 1
-        got = _most_likely(ids, lp)
-        assert np.array_equal(np.sort(got), np.sort(order[:k])) and len(np.unique(got)) == len(got)
+    lib = llama_cpp_module()
+    greedy = lib.llama_sampler_init_greedy()
+    try:
+        assert StateReader(lib, greedy, gemma.vocab).key() is None
+    finally:
+        lib.llama_sampler_free(greedy)
+    with GrammarSampler(gemma, 'root ::= "a" "b"*') as g:
+        assert StateReader(lib, g.ptr, tiny.vocab).key() is None  # another model's vocabulary
+        assert StateReader(lib, g.ptr, gemma.vocab).key() is not None
+        monkeypatch.setattr(grammar_state, "LAYOUT_VERSIONS", ("0.3.35",))
+        assert StateReader(lib, g.ptr, gemma.vocab).key() is None
+
+
+def test_the_removed_mass_from_either_side_of_the_mask():
+    """The removed mass summed over the forbidden tokens, or as 1 − the allowed mass when few are allowed, equals
+    the reference (the test's own log-softmax) for masks that allow few tokens and masks that allow most. The two
+    differ by ~1e-15 (measured); 1e-12."""
+    from llamalens.core.grammar import _removed
+
+    rng = np.random.default_rng(1)
+    for allowed_share in (0.001, 0.1, 0.6, 0.999):
+        row = rng.normal(0, 3, 262144).astype(np.float32)
+        ok = rng.random(row.shape[0]) < allowed_share
+        lp = log_softmax(row.astype(np.float64))
+        lse = float(np.log(np.exp(row.astype(np.float64) - row.max()).sum()) + row.max())
+        want = float(np.exp(lp[~ok]).sum())
+        assert _removed(row, ok, lse) == pytest.approx(want, abs=1e-12), allowed_share
+        assert _removed(row, ok, None) == pytest.approx(want, abs=1e-6), allowed_share  # float32 log-softmax
+
+
+def test_masks_are_made_once_per_state_and_the_oldest_dropped(monkeypatch):
+    """Threads that reach a new state together wait for one mask to be made; past the byte budget the least
+    recently used state is dropped (and made again when it comes back)."""
+    import threading
+    import time
+
+    from llamalens.core import grammar_state
+
+    monkeypatch.setattr(grammar_state, "MASK_BUDGET", 2 * 2)  # two masks of 16 tokens (2 bytes packed each)
+    masks, made = grammar_state.Masks(16), []
+
+    def make(key):
+        def run():
+            made.append(key)
+            time.sleep(0.2)
+            return np.arange(16) % (key + 2) == 0
+        return run
+
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(masks.get(1, make(1)))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert made == [1] and all(np.array_equal(g, np.arange(16) % 3 == 0) for g in got) and len(got) == 4
+    masks.get(2, make(2))
+    masks.get(1, make(1))  # 1 is now the most recent: 2 goes first
+    masks.get(3, make(3))
+    assert made == [1, 2, 3] and len(masks) == 2
+    masks.get(1, make(1))
+    masks.get(2, make(2))
+    assert made == [1, 2, 3, 2]
+
+
+def test_masks_are_kept_for_a_few_grammars_only(tiny):
+    """A process that is given one grammar after another keeps the masks of the most recent GRAMMARS_KEPT."""
+    from llamalens.core import grammar_state
+
+    first = grammar_state.masks(tiny, 'root ::= "a"')
+    assert grammar_state.masks(tiny, 'root ::= "a"') is first
+    for i in range(grammar_state.GRAMMARS_KEPT):
+        grammar_state.masks(tiny, f'root ::= "{i}"')
+    assert grammar_state.masks(tiny, 'root ::= "a"') is not first

@@ -140,7 +140,7 @@ class Engine:
         cells = n_prompts * max_prompt + n_par * (max_new + 1) + 1
         cells = max(cells, max_prompt + max_new + 1)
         self.top_n = max(r.n_logprobs for r in reqs)
-        ks = {prefilter_k(s, self.model) for s in {r.settings for r in reqs if not r.grammar}} if self.prefilter else ()
+        ks = {prefilter_k(s, self.model) for s in {r.settings for r in reqs}} if self.prefilter else ()
         self._floor_n = max(ks, default=0) + 1  # block_stats' candidates then hold the top k + 1 of every row
         yield from self._run(Prompts(self, queue, ctx_len, n_par, on_token), n_par, n_ctx=round_ctx(cells), n_seq_max=n_par)
 
@@ -393,9 +393,9 @@ class Engine:
             row = row.copy()
             row[blocked] = -np.inf
         buffers, grammar_buffers = self._candidates()
+        k = live.sampler.prefilter_k if self.prefilter and not blocked else 0
+        top = row_stats.top_k_list(k) if k else None  # None: a tie among the k+1 largest, the full row
         if live.grammar is None:
-            k = live.sampler.prefilter_k if self.prefilter and not blocked else 0
-            top = row_stats.top_k_list(k) if k else None  # None: a tie among the k+1 largest, the full row
             token, sampled_lp, n_cand = live.sampler.choose(row, buffers, top, None if blocked else row_stats.dist_block_sums,
                                                             row_stats.ranks)
             known = buffers.pick
@@ -404,7 +404,8 @@ class Engine:
         # grammar.py: the chain's pick, resampled under the grammar when it does not fit
         if grammar_buffers is None:
             grammar_buffers = self._grammar_buffers = Candidates(self.model.n_vocab)
-        survivors, sel, removed = constrained_apply(live.sampler, live.grammar, row, buffers, grammar_buffers)
+        survivors, sel, removed = constrained_apply(live.sampler, live.grammar, row, buffers, grammar_buffers, top,
+                                                    None if blocked else row_stats.lse)
         if sel is None:  # a dead end: no token to record or accept (_record ends the sample)
             return Pick(NO_TOKEN, 0.0, 0, blocked, removed, False, None)
         return Pick(*live.sampler.outcome(survivors, sel), blocked, removed, False, None)

@@ -13,11 +13,11 @@ path llama-server and llama-cli take:
     then the grammar accepts the token, then the chain does (common_sampler_accept).
 
 Removed mass: at every step, how much of the raw probability (softmax of the raw logits) the grammar
-forbade: 1 − Σ p_raw(allowed). Where the grammar rejected the chain's token the whole vocabulary is checked
-and the figure is exact; elsewhere only the most likely tokens holding 1 − MASS_EPS of the raw mass are
-(llama.cpp's check of all of Gemma's 262k tokens takes about 0.25 s; grammar_check.py walks the vocabulary's
-prefix tree to call it on far fewer, with the same answers), so the figure is low by at most MASS_EPS. High
-values are "where the constraint fought the model".
+forbade: Σ p_raw over the tokens it forbids, from its mask of the whole vocabulary, so the figure is exact.
+The mask is the answer of llama.cpp's own check of every token (about a quarter of a second over Gemma's 262k
+tokens), found from far fewer checks by walking the vocabulary's prefix tree (grammar_check.py) and remembered
+under the grammar's state (grammar_state.py), which repeats inside strings and repetitions and across the
+sequences of a sweep. High values are "where the constraint fought the model".
 
 JSON schemas are converted by llama-cpp-python's converter (llama_cpp.llama_grammar.json_schema_to_gbnf),
 the only one callable from Python here. It is not the vendored llama.cpp's C++ converter (common/json-
@@ -41,7 +41,6 @@ import numpy as np
 from llamalens.errors import InvalidInput
 from llamalens.core.stats import log_softmax
 
-MASS_EPS = 1e-6
 MAX_SCHEMA_NESTING = 100  # JSON levels in a schema; the converter recurses per level (about 1,000 overflow it)
 
 
@@ -58,8 +57,7 @@ class GrammarSpec:
 
 def read_grammar(grammar_file: str | None, json_schema_file: str | None) -> GrammarSpec | None:
     """--grammar FILE.gbnf or --json-schema FILE.json as GBNF text (None when neither is given)."""
-    from llamalens.core.sampler import check_gbnf_nesting
-    from llamalens.inputs import check_json_nesting, read_utf8
+    from llamalens.inputs import check_gbnf_nesting, check_json_nesting, read_utf8
 
     if grammar_file and json_schema_file:
         raise InvalidInput("give --grammar or --json-schema, not both (a schema is turned into a grammar)")
@@ -126,42 +124,36 @@ def removed_mass(logprobs: np.ndarray, forbidden: np.ndarray) -> float:
     return float(np.exp(logprobs[forbidden]).sum()) if len(forbidden) else 0.0
 
 
-def _most_likely(ids: np.ndarray, lps: np.ndarray) -> np.ndarray:
-    """The fewest of `ids` whose probabilities sum to 1 − MASS_EPS, the most likely first, ties taken in id order
-    (the first k of a stable sort by descending logprob, as a set): sorted values give k and the threshold, and
-    no sort of the ids is needed."""
-    desc = np.sort(lps)[::-1]
-    k = int(np.searchsorted(np.cumsum(np.exp(desc)), 1.0 - MASS_EPS)) + 1
-    edge = desc[min(k, len(desc)) - 1]
-    above = ids[lps > edge]
-    return np.concatenate([above, ids[lps == edge][: k - len(above)]]).astype(np.int32)
+def _removed(row: np.ndarray, ok: np.ndarray, lse: float | None) -> float:
+    """The raw mass the mask `ok` forbids in `row`; with the row's log-sum-exp `lse`, summed over whichever side
+    of the mask is smaller (1 − the allowed mass when few tokens are allowed) without a log-softmax of the row."""
+    if lse is None:
+        return removed_mass(log_softmax(row), np.flatnonzero(~ok))
+    allowed = np.flatnonzero(ok)
+    if 2 * len(allowed) < len(ok):
+        return max(0.0, 1.0 - float(np.exp(row[allowed].astype(np.float64) - lse).sum()))
+    return float(np.exp(row[~ok].astype(np.float64) - lse).sum())
 
 
-def constrained_apply(sampler, grammar, row: np.ndarray, buffers, grammar_buffers) -> tuple[np.ndarray, int, float]:
+def constrained_apply(sampler, grammar, row: np.ndarray, buffers, grammar_buffers, ids: np.ndarray | None = None,
+                      lse: float | None = None) -> tuple[np.ndarray, int, float]:
     """The chain's pick under the grammar, as common_sampler_sample makes it (see the module docstring):
     (survivors, selected index, raw probability mass the grammar forbade at this step). The index is None when
-    the grammar allows no token the chain can pick (a dead end: the sample ends with finish_reason "grammar")."""
-    survivors, sel = sampler.apply(row, buffers)
-    token = int(survivors["id"][sel])
-    lp = log_softmax(row)
-    # tokens below 1e-12 hold at most n_vocab * 1e-12 of the mass (< MASS_EPS up to a million tokens): not sorted
-    likely = np.flatnonzero(lp > np.log(1e-12))
-    head = _most_likely(likely, lp[likely])
-    ok = grammar.allowed(head, grammar_buffers)
-    removed = removed_mass(lp, head[~ok])
-    where = np.flatnonzero(head == token)
-    token_ok = bool(ok[where[0]]) if len(where) else bool(grammar.allowed(np.array([token], np.int32))[0])
-    if token_ok:
+    the grammar allows no token the chain can pick (a dead end: the sample ends with finish_reason "grammar").
+    `ids`: the prefilter's top k (Sampler.apply: the same survivors and pick as the whole row); `lse`: the row's
+    log-sum-exp, when known."""
+    survivors, sel = sampler.apply(row, buffers, ids)
+    ok = grammar.mask(grammar_buffers)
+    removed = _removed(row, ok, lse)
+    if ok[int(survivors["id"][sel])]:
         return survivors, sel, removed
     # resample: the grammar on the whole row first, then the chain again
-    full = grammar.allowed(grammar_buffers.ids, grammar_buffers)
-    masked = np.where(full, row, -np.inf).astype(np.float32)
-    removed = removed_mass(lp, np.flatnonzero(~full))
+    masked = np.where(ok, row, -np.inf).astype(np.float32)
     if not np.isfinite(masked).any():  # nothing the grammar allows is left (e.g. only EOS, and --ignore-eos)
         return survivors, None, removed
     survivors, sel = sampler.apply(masked, buffers)
     # llama.cpp aborts the process when its grammar is made to accept a token it forbids: never hand it one
-    return survivors, (sel if full[int(survivors["id"][sel])] else None), removed
+    return survivors, (sel if ok[int(survivors["id"][sel])] else None), removed
 
 
 # -- what show, the report and next say ------------------------------------------------------------------

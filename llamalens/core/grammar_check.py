@@ -1,9 +1,9 @@
 """Checking a whole vocabulary against a grammar with llama.cpp's own check, called on far fewer tokens.
 
 llama.cpp's grammar apply (llama_grammar_apply_impl) decodes each candidate's piece into code points and walks
-the grammar's stacks with them; over Gemma's 262,144 tokens that takes a quarter of a second or more, which a
-constrained step pays whenever the chain's pick is forbidden, and which the removed-mass figure pays on the
-likely tokens every step. Two things here cut that cost without changing a single answer:
+the grammar's stacks with them; over Gemma's 262,144 tokens that takes a quarter of a second or more, which the
+exact removed-mass figure needs for every state a constrained sample reaches. Two things here cut that cost
+without changing a single answer:
 
 - **The vocabulary's own prefix tree.** A token's parent is the longest other token whose piece is a proper
   prefix of its piece ending on a whole UTF-8 character (" the" is the parent of " there", " t" of " the").
@@ -20,14 +20,14 @@ likely tokens every step. Two things here cut that cost without changing a singl
   threads (ctypes releases the GIL during the call).
 
 The tree is built once per model from its pieces as llama.cpp renders them for the grammar (special tokens as
-text), about a second for Gemma's vocabulary, and kept while the model lives. GrammarSampler keeps what it settled in its
-current state until it accepts the next token: a step that checks the likely tokens and then, on a rejection,
-the whole vocabulary checks no token twice.
+text), about a second for Gemma's vocabulary, and kept while the model lives. GrammarSampler walks the whole
+vocabulary once per grammar state and remembers the mask under the state (grammar_state.py).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -106,12 +106,18 @@ def _whole_characters(b: bytes) -> bool:
 _PREFIXES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+_PREFIXES_LOCK = threading.Lock()
+
+
 def prefixes(model) -> Prefixes:
-    """The model's prefix tree, built on first use and kept while the model lives."""
-    found = _PREFIXES.get(model)
-    if found is None:
-        found = _PREFIXES[model] = Prefixes.of([model.piece(t) for t in range(model.n_vocab)], set(model.eog_tokens()))
-    return found
+    """The model's prefix tree, built on first use (once, by whichever thread of a sweep gets there first) and kept
+    while the model lives."""
+    with _PREFIXES_LOCK:
+        found = _PREFIXES.get(model)
+        if found is None:
+            found = _PREFIXES[model] = Prefixes.of([model.piece(t) for t in range(model.n_vocab)],
+                                                   set(model.eog_tokens()))
+        return found
 
 
 @functools.lru_cache(maxsize=4)

@@ -47,13 +47,13 @@ from __future__ import annotations
 
 import ctypes
 import math
-import re
 from typing import Callable
 
 import numpy as np
 
-from llamalens.core import grammar_check, kernels
+from llamalens.core import grammar_check, grammar_state, kernels
 from llamalens.errors import InvalidInput, LlamalensError
+from llamalens.inputs import check_gbnf_nesting
 from llamalens.core.runtime import LOG_TAIL, NativeHandle, last_log_error, llama_cpp_module
 from llamalens.settings import SamplingSettings, split_samplers
 from llamalens.core.dist import Draws, dist_select
@@ -428,7 +428,7 @@ class Sampler(NativeHandle):
     def accept(self, token: int) -> None:
         """Tell the chain which token was chosen (the penalties count it; dist's accept does nothing)."""
         self._lib.llama_sampler_accept(self.ptr, int(token))
-        self._known = None
+        self._mask = None
 
     def reset(self) -> None:
         self._lib.llama_sampler_reset(self.ptr)
@@ -505,26 +505,6 @@ class _stderr_caught:
         return self._tmp.read().decode("utf-8", errors="replace")
 
 
-MAX_GBNF_NESTING = 500  # parentheses; llama.cpp's recursive parser overflows the stack (a segfault) near 20,000
-_GBNF_PARENS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\r\n]*|[()]')
-
-
-def check_gbnf_nesting(gbnf: str, where: str = "the grammar") -> None:
-    """Refuse GBNF whose parentheses nest deeper than MAX_GBNF_NESTING (outside its strings, character classes
-    and comments), before llama.cpp's parser recurses into them."""
-    depth = deepest = 0
-    for m in _GBNF_PARENS.finditer(gbnf):
-        tok = m.group()
-        if tok == "(":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif tok == ")":
-            depth -= 1
-    if deepest > MAX_GBNF_NESTING:
-        raise InvalidInput(f"{where} nests parentheses {deepest} deep, more than llamalens accepts "
-                           f"({MAX_GBNF_NESTING}); name the inner groups as rules of their own")
-
-
 class GrammarSampler(NativeHandle):
     """llama.cpp's grammar sampler for one sequence (llama_sampler_init_grammar, start rule "root"): kept apart
     from the chain, as common/sampling.cpp keeps it (grammar.py says how the engine uses it). Stateful: each
@@ -533,8 +513,8 @@ class GrammarSampler(NativeHandle):
     def __init__(self, model, gbnf: str, where: str = "the grammar", threads: int | None = None):
         check_gbnf_nesting(gbnf, where)
         lib = self._lib = llama_cpp_module()
-        # for allowed(): the model (its prefix tree), the tokens settled in the current state and which are allowed
-        self._model, self._known, self._ok = model, None, None
+        # for mask(): the model (its prefix tree), the masks remembered by state, the current state's mask
+        self._model, self._masks, self._mask = model, grammar_state.masks(model, gbnf), None
         self._threads = max(1, int(threads or model.options.threads_or_default()))
         LOG_TAIL.clear()  # so that the error below is this grammar's
         # llama.cpp's grammar parser prints why it failed on stderr (not through the log): catch it
@@ -550,18 +530,35 @@ class GrammarSampler(NativeHandle):
                                    "write it as a repetition, e.g. root ::= \"b\" \"a\"*")
             raise InvalidInput(f"{where} does not parse as GBNF" + (f" (llama.cpp: {why})" if why else "")
                                + "; fix it (the start rule must be named root)")
+        self._state = grammar_state.StateReader(lib, self.ptr, model.vocab)
 
     def allowed(self, ids: np.ndarray, buffers: Candidates | None = None) -> np.ndarray:
         """Which of the token ids `ids` the grammar allows now (a bool per id): it sets the others' logits to
-        -inf. With `buffers` (n_vocab entries) nothing is allocated. A long list is settled by walking the
-        vocabulary's prefix tree (grammar_check: the same answers from far fewer of llama.cpp's checks); what is
-        settled is kept until the next accept()."""
-        if len(ids) < grammar_check.WALK_MIN:
+        -inf. A short list is checked directly unless the state's mask is known; a long one through mask()."""
+        if self._mask is None and len(ids) < grammar_check.WALK_MIN:
             return self._check(np.asarray(ids, dtype=np.int32), buffers)
-        if self._known is None:
-            self._known, self._ok = np.zeros(self._model.n_vocab, dtype=bool), np.zeros(self._model.n_vocab, dtype=bool)
-        grammar_check.prefixes(self._model).walk(lambda sub: self._check(sub, buffers), ids, self._known, self._ok)
-        return self._ok[ids]
+        return self.mask(buffers)[ids]
+
+    def mask(self, buffers: Candidates | None = None) -> np.ndarray:
+        """Which tokens of the whole vocabulary the grammar allows now (a bool per token id; read-only). Found
+        under the state's key (grammar_state: the same state, the same mask) or settled by walking the
+        vocabulary's prefix tree (grammar_check: the answers of llama.cpp's check of every token, from far
+        fewer checks) and remembered; with `buffers` (n_vocab entries) the checks allocate nothing."""
+        if self._mask is not None:
+            return self._mask
+
+        def make() -> np.ndarray:
+            n = self._model.n_vocab
+            known, ok = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+            grammar_check.prefixes(self._model).walk(lambda sub: self._check(sub, buffers),
+                                                     np.arange(n, dtype=np.int32), known, ok)
+            return ok
+
+        key = self._state.key()
+        found = make() if key is None else self._masks.get(key, make)
+        found.flags.writeable = False
+        self._mask = found
+        return found
 
     def _check(self, ids: np.ndarray, buffers: Candidates | None) -> np.ndarray:
         """llama.cpp's check of every id in `ids`, in slices on the threads (grammar_check.in_slices)."""
@@ -582,7 +579,7 @@ class GrammarSampler(NativeHandle):
 
     def accept(self, token: int) -> None:
         self._lib.llama_sampler_accept(self.ptr, int(token))
-        self._known = None
+        self._mask = None
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
