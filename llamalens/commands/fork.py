@@ -65,7 +65,7 @@ def fork(prompt, outcome, options_list, first_line, samples, alternatives, min_p
     at a change point, the token there is a forking token.
 
     \b
-    llamalens fork "Q: Is a bat a bird or a mammal? A:" --options bird,mammal -n 12 --samples 8 --report fork.html
+    llamalens fork "Q: Is a bat a bird or a mammal? A:" --options bird,mammal -n 12 --report fork.html
     llamalens fork "The best pet is a" --outcome "^ *(\\w+)" --samples 8 --positions 0-9
     llamalens fork --chat "Is a bat a bird or a mammal?" -m gemma-3-270m-it.gguf --options bird,mammal  # an instruction-tuned model
     llamalens fork --resume 12          # after Ctrl-C, a kill or a crash
