@@ -62,7 +62,7 @@ def main():
       llamalens score "The quick brown fox jumps over the lazy dog."
       llamalens choose "The capital of France is" --option Paris --option London
       llamalens embed king queen man woman apple banana
-      llamalens fork "Q: Is 17 a prime number? Answer yes or no. A:" --options yes,no --report fork.html
+      llamalens fork "Q: Is a bat a bird or a mammal? A:" --options bird,mammal -n 12 --report fork.html
     """
 
 

@@ -67,7 +67,7 @@ def chromium_path() -> str:
 # Tests that use these load the 262k-vocabulary default model, start a server, a Ray cluster or a browser, or run
 # notebooks: the slow tier. `pytest -m "not slow"` runs the rest, on the tiny GGUFs, in under two minutes.
 SLOW_FIXTURES = {"gemma", "gemma_path", "gemma_llama", "gemma_q8_path", "gemma_q2_path", "gemma_server", "gemma_server_ctx",
-                 "prime_run", "finance", "ray_session", "chromium_path", "llama_perplexity", "tiny_server", "serve_app",
+                 "bat_run", "finance", "ray_session", "chromium_path", "llama_perplexity", "tiny_server", "serve_app",
                  "tiny_server_ctx", "gemma_q4_0_path"}
 SLOW_FIXTURES |= {"llama_speculative"}
 

@@ -22,7 +22,7 @@ from llamalens.store import Store
 from llamalens.run.noise import rescore
 from clirun import cli
 
-PRIME = "Q: Is 17 a prime number? Answer yes or no, then explain. A:"
+BAT = "Q: Is a bat a bird or a mammal? A:"  # greedy: " A bat is a mammal." (the README's example)
 FIRST_CHAR = r"(?s)^(.)"  # the completion's first character: decided by the token at position 0
 
 
@@ -130,19 +130,19 @@ def test_analysis_of_known_series():
 
 # -- 2. the default model: a factual prompt with --options -------------------------------------------------
 @pytest.fixture(scope="module")
-def prime_run(gemma_path, tmp_path_factory):
+def bat_run(gemma_path, tmp_path_factory):
     db = tmp_path_factory.mktemp("fork") / "f.db"
-    res = cli("fork", PRIME, "--options", "yes,no", "-n", 8, "--samples", 2, "--alternatives", 2, "--min-prob", 0.02,
-              "--positions", "0-4", "--parallel", 16, "--name", "prime", "--json", "--store", db,
+    res = cli("fork", BAT, "--options", "bird,mammal", "-n", 8, "--samples", 2, "--alternatives", 2, "--min-prob", 0.02,
+              "--positions", "0-4", "--parallel", 16, "--name", "bat", "--json", "--store", db,
               "--model", gemma_path, "--flash-attn", "off", "--ctx", 512)
     return db, json.loads(res.stdout)
 
 
 @pytest.mark.slow
-def test_factual_prompt_distributions_match_the_stored_continuations(prime_run):
-    db, out = prime_run
+def test_factual_prompt_distributions_match_the_stored_continuations(bat_run):
+    db, out = bat_run
     store = Store(db)
-    info = store.run("prime")
+    info = store.run("bat")
     assert info.kind == "fork" and info.status == "done" and info.n_done == info.n_samples
     samples = store.samples(info.id)
     base = samples[0]
@@ -150,8 +150,13 @@ def test_factual_prompt_distributions_match_the_stored_continuations(prime_run):
     assert sum(fork["positions"][0]["distribution"].values()) == pytest.approx(1.0, abs=1e-12)
     # every stored outcome is what the outcome rule gives for the stored text (the rule re-implemented here)
     for s in samples[1:]:
-        assert s.extra["outcome"] == ref_outcome_options(s.text, ["yes", "no"])
-    assert base.extra["outcome"] == ref_outcome_options(base.text, ["yes", "no"])
+        assert s.extra["outcome"] == ref_outcome_options(s.text, ["bird", "mammal"])
+    assert base.extra["outcome"] == ref_outcome_options(base.text, ["bird", "mammal"])
+    # the answer is named at position 4 (" A bat is a| mammal"): there each branch's forced token decides its outcome
+    assert base.extra["outcome"] == "mammal" and base.text.startswith(" A bat is a mammal")
+    named = {s.extra["outcome"] for s in samples[1:] if s.extra["position"] == 4 and s.text.startswith(" A bat is a bird")}
+    assert named == {"bird"} and {s.extra["outcome"] for s in samples[1:] if s.extra["position"] == 4
+                                  and s.text.startswith(" A bat is a mammal")} == {"mammal"}
     # a continuation's text starts with the base path's first t tokens and its forced token
     base_tokens = [t for _, t in store.tokens(info.id, 0)]
     for s in samples[1:]:
@@ -175,18 +180,26 @@ def test_factual_prompt_distributions_match_the_stored_continuations(prime_run):
 
 
 @pytest.mark.slow
-def test_runs_show_export_and_report_understand_fork_runs(prime_run, tmp_path):
-    db, out = prime_run
+def test_runs_show_export_and_report_understand_fork_runs(bat_run, tmp_path):
+    db, out = bat_run
     runs = json.loads(cli("runs", "--json", "--store", db).stdout)
     assert runs[0]["kind"] == "fork" and runs[0]["status"] == "done"
-    shown = cli("show", "prime", "--store", db).stdout
+    shown = cli("show", "bat", "--store", db).stdout
     assert "forking tokens:" in shown and "fork run" in shown and "prefill:" in shown
-    assert json.loads(cli("show", "prime", "--json", "--store", db).stdout)["fork"] == out["fork"]
-    cli("export", "prime", "--format", "jsonl", "-o", tmp_path / "f.jsonl", "--store", db)
+    as_json = json.loads(cli("show", "bat", "--json", "--store", db).stdout)
+    assert as_json["fork"] == out["fork"]
+    # the confidence table: the base path's row alone, the continuations counted; --json has every sample's
+    n = len(Store(db).samples(Store(db).run("bat").id))
+    assert len(as_json["confidence"]["samples"]) == n > 2
+    table = shown.split("confidence of each answer", 1)[1]
+    rows = [line for line in table.splitlines() if re.match(r"\d+ +\d+ +\d+ +\S", line)]
+    assert len(rows) == 1 and "A bat is a mammal" in rows[0], table
+    assert f"... and {n - 1} continuations: `llamalens show" in table
+    cli("export", "bat", "--format", "jsonl", "-o", tmp_path / "f.jsonl", "--store", db)
     lines = [json.loads(x) for x in (tmp_path / "f.jsonl").read_text(encoding="utf-8").splitlines()]
     assert lines[0]["extra"]["role"] == "base" and {x["extra"]["role"] for x in lines[1:]} == {"continuation"}
-    cli("export", "prime", "--format", "csv", "-o", tmp_path / "f.csv", "--store", db)
-    cli("report", "prime", "-o", tmp_path / "f.md", "--store", db)
+    cli("export", "bat", "--format", "csv", "-o", tmp_path / "f.csv", "--store", db)
+    cli("report", "bat", "-o", tmp_path / "f.md", "--store", db)
     assert "Forking tokens" in (tmp_path / "f.md").read_text(encoding="utf-8")
 
 
@@ -194,7 +207,7 @@ def test_runs_show_export_and_report_understand_fork_runs(prime_run, tmp_path):
 @pytest.mark.slow
 def test_continuations_equal_generate_exact_and_batched_within_noise(gemma, tmp_path):
     n = 5
-    spec = dict(prompt=PRIME, settings=SamplingSettings(temperature=0.9), outcome=OutcomeSpec("options", options=("yes", "no")),
+    spec = dict(prompt=BAT, settings=SamplingSettings(temperature=0.9), outcome=OutcomeSpec("options", options=("bird", "mammal")),
                 samples=2, alternatives=2, min_prob=0.02, positions=(0, 1), max_tokens=n)
     store = Store(tmp_path / "e.db")
     runs = {}
@@ -202,14 +215,14 @@ def test_continuations_equal_generate_exact_and_batched_within_noise(gemma, tmp_
         rid, _ = start_fork(gemma, store, ForkSpec(**spec, exact=exact, parallel=8))
         execute_fork(gemma, store, rid)
         runs[exact] = rid
-    prompt_ids = gemma.prompt_tokens(PRIME)
+    prompt_ids = gemma.prompt_tokens(BAT)
     base_ids = [t.id for _, t in store.tokens(runs[True], 0)]
     # the base path is `generate` (greedy) of the prompt
     from llamalens.core.engine import generate
-    assert [t.id for t in generate(gemma, PRIME, SamplingSettings(temperature=0), max_tokens=n).tokens] == base_ids
+    assert [t.id for t in generate(gemma, BAT, SamplingSettings(temperature=0), max_tokens=n).tokens] == base_ids
     # exact: each continuation is the single-sequence engine (what `generate` runs) from prefix + forced token
     conts = store.samples(runs[True])[1:]
-    reqs = [Request(PRIME, spec["settings"].with_(seed=s.seed), n - s.extra["position"] - 1, 5, key=s.sample_idx,
+    reqs = [Request(BAT, spec["settings"].with_(seed=s.seed), n - s.extra["position"] - 1, 5, key=s.sample_idx,
                     prompt_tokens=prompt_ids + base_ids[: s.extra["position"]] + [s.extra["forced_token"]])
             for s in conts if n - s.extra["position"] - 1 > 0]
     refs = {r.key: r for r in Engine(gemma, 1).run(reqs)}
@@ -226,7 +239,7 @@ def test_continuations_equal_generate_exact_and_batched_within_noise(gemma, tmp_
         if not toks:
             continue
         x = s.extra
-        ref = rescore(gemma, PRIME, [t.id for t in toks], prompt_ids + base_ids[: x["position"]] + [x["forced_token"]])
+        ref = rescore(gemma, BAT, [t.id for t in toks], prompt_ids + base_ids[: x["position"]] + [x["forced_token"]])
         worst = max(worst, max(abs(t.logprob - lp) for t, (lp, _) in zip(toks, ref)))
     print(f"batched continuations: max |Δ logprob| {worst:.4f} against one sequence at a time")
     # measured here: max 0.14 nats (NOTES.md §6: batched Q4_K_M rows move by up to 0.17); 10x would be more

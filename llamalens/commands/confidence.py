@@ -33,14 +33,19 @@ def confidence_json(store, run_id, answer: str | None) -> dict:
     return {"answer": answer, "samples": records(confidence_rows(store, run_id, answer))}
 
 
-def show_answer_confidence(store, run_id, answer: str | None) -> None:
-    """Print each sample's confidence (the first SHOWN_SAMPLES), and how its prompt's seeds agree."""
+def show_answer_confidence(store, run_id, answer: str | None, only: set[int] | None = None,
+                           rest: str = "samples") -> None:
+    """Print each sample's confidence (the first SHOWN_SAMPLES), and how its prompt's seeds agree. `only`: print
+    the rows of these sample_idx alone, then how many others (`rest` names them) there are and where each is."""
     from llamalens.core.confidence import MEASURES
     from llamalens.reports.findings import numbers
     from llamalens.run.confidence import alike
     from llamalens.visible import visible
 
     table = confidence_rows(store, run_id, answer)
+    hidden = 0 if only is None else int((~table.sample_idx.isin(sorted(only))).sum())
+    if hidden:
+        table = table[table.sample_idx.isin(sorted(only))]
     if table.empty:
         return
     span = f"the answer span (--answer {visible(answer)!s})" if answer else "the whole text"
@@ -54,6 +59,8 @@ def show_answer_confidence(store, run_id, answer: str | None) -> None:
     print_table(rows, right={0, 4, *range(5, 5 + len(MEASURES) + 2)})
     if len(groups) > SHOWN_SAMPLES:
         say(f"... {len(groups) - SHOWN_SAMPLES} more rows: `llamalens show {run_id} --json` or `export` has each sample")
+    if hidden:
+        say(f"... and {hidden} {rest}: `llamalens show {run_id} --json`, `export` or `report` has each one's confidence")
     if len(groups) < len(table):
         say("n: samples with this answer and these figures (a greedy chain's seeds, configurations that are one chain)")
     say("higher = surer: seq lp, min p, margin, Rényi, FR; lower = surer: ppl, H mean, H max (docs/confidence.md)")

@@ -65,9 +65,9 @@ def fork(prompt, outcome, options_list, first_line, samples, alternatives, min_p
     at a change point, the token there is a forking token.
 
     \b
-    llamalens fork "Q: Is 17 a prime number? Answer yes or no, then explain. A:" --options yes,no --report fork.html
+    llamalens fork "Q: Is a bat a bird or a mammal? A:" --options bird,mammal -n 12 --report fork.html
     llamalens fork "The best pet is a" --outcome "^ *(\\w+)" --samples 8 --positions 0-9
-    llamalens fork --chat "Is 17 prime? Answer yes or no." --chat-template gemma --options yes,no
+    llamalens fork --chat "Is a bat a bird or a mammal?" -m gemma-3-270m-it.gguf --options bird,mammal  # an instruction-tuned model
     llamalens fork --resume 12          # after Ctrl-C, a kill or a crash
     llamalens fork "The best pet is a" --samples 8 --threads 8 --ray auto   # continuations on a Ray cluster
     """
@@ -178,7 +178,7 @@ def show_fork(store, run_id, as_json, texts: bool = False, answer: str | None = 
     noise = describe_noise(info.noise, compared=None)
     if noise:
         say(noise)
-    show_answer_confidence(store, run_id, answer)
+    show_answer_confidence(store, run_id, answer, only={fr.base.sample_idx}, rest="continuations")  # the base path's row
     if texts:
         say(f"--texts: a fork run's texts are its {info.n_done - 1} continuations; "
             f"`llamalens export {info.id} --format jsonl -o FILE` writes each with its position and outcome")
