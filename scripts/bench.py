@@ -1182,6 +1182,13 @@ def report_paired(builds, tall):
             if rs:
                 print(f"  [{b.label}] {name:<40} {statistics.median(rs):.2f} [{rs[0]:.2f}-{rs[-1]:.2f}]"
                       + (f"   (goal >= {goal})" if goal else ""))
+    # within one process: a run over its own decode phase, which the host's drift between processes cannot move
+    for b in builds:
+        for case in "wuWo":
+            rs = sorted(r["tok_s"] / r["gen_tok_s"] for r in tall[b.label].get(case, []))
+            if rs:
+                print(f"  [{b.label}] {case}  whole run / its own decode phase{'':<9} {statistics.median(rs):.2f} "
+                      f"[{rs[0]:.2f}-{rs[-1]:.2f}]")
 
 
 REFERENCE_CASES = "BQqTK"  # llama.cpp's own tools: the same binaries for every build with the same tools folder
