@@ -52,7 +52,7 @@ class Run:
                sample_distinct_2, rep_4, length)
     Other attributes: id, name, kind, status, info (store.RunInfo), configs (SamplingSettings, by config_idx),
     noise_floor (the batched-vs-single re-decode figures: samples, tokens, mean/p95/p99/max |Δ logprob|,
-    top1_agreement), loaded (the analysis.LoadedRun).
+    top1_agreement; reused_from: the run that measured them, when taken from one), loaded (the analysis.LoadedRun).
     """
 
     def __init__(self, loaded, store):

@@ -403,6 +403,13 @@ class Store:
             if noise is not None:
                 self.db.execute("UPDATE runs SET noise=? WHERE id=?", (json.dumps(noise), run_id))
 
+    def noise_with_key(self, key: str, other_than: int) -> tuple[int, dict] | None:
+        """(run id, noise floor) of the newest finished run but `other_than` whose noise floor carries this key
+        (run/noise.py's noise_key), or None."""
+        row = self.db.execute("SELECT id, noise FROM runs WHERE status='done' AND id!=? AND noise IS NOT NULL AND "
+                              "json_extract(noise, '$.key')=? ORDER BY id DESC LIMIT 1", (other_than, key)).fetchone()
+        return (row[0], json.loads(row[1])) if row else None
+
     def run(self, run_id: int | str) -> RunInfo:
         """A run by id (an int, or a text of digits) or by name (any other text: the newest of that name)."""
         if hasattr(run_id, "__index__") and not isinstance(run_id, bool):  # an int, numpy's too (from a table)

@@ -64,6 +64,8 @@ from wait4), on the same model, threads, text and windows. These call llamalens 
      (llamalens' layout; Q gives each its own)
                                                   W  llamalens sweep, 64 sequences (--parallel 64)
      (w, u, W: the whole run, and the decode phase counted as S_TG counts it)
+                                                  o  sweep w run a second time into the store of a first one
+                                                     with other seeds: its noise floor is the first one's
   T  llama-perplexity -c 512 on a text file       U  llamalens score --protocol llama-perplexity, same file
   K  llama-perplexity's two-step KL divergence    V  llamalens compare -m A -m B --protocol llama-perplexity
      (--kl-divergence-base with A, then --kl-divergence with B: A = default model, B = its Q8_0 copy)
@@ -865,18 +867,29 @@ def tcase_batched_bench(b: Build, model, t, n_gen=None, npl=(32, 64), unified=Fa
 UNTRUNCATED = ("--top-k", 0, "--top-p", 1.0, "--min-p", 0)  # the chain keeps the whole vocabulary
 
 
-def tcase_sweep(b: Build, model, t, n_seqs, n_gen=None, chain=()):
-    """A sweep of n_seqs seeds that diverge (-t 1): `tok_s` over the whole run (with the store, the model hash and
-    the noise floor's 96 single-sequence decodes); `gen_tok_s` the sequences' decode speed summed, as
-    llama-batched-bench's S_TG counts it (each sample's tokens after its first, over its time after its first)."""
+def tcase_sweep(b: Build, model, t, n_seqs, n_gen=None, chain=(), again=False):
+    """A sweep of n_seqs seeds that diverge (-t 1): `tok_s` over the whole run (created to finished: the prefill,
+    the store and the noise floor's 96 single-sequence decodes), `process_tok_s` over the whole process (Python's
+    start, the model hash and load too); `gen_tok_s` the sequences' decode speed summed, as llama-batched-bench's
+    S_TG counts it (each sample's tokens after its first, over its time after its first). `again` (case o): the
+    figures of a second sweep into the same store, the same but for its seeds, which takes the first one's noise
+    floor (run/noise.py); `first_tok_s` and `first_process_tok_s` are the first one's."""
     import tempfile
 
     n_gen = n_gen or SIZES["seq_tokens"]
+    first = {}
+    # with `again`, first seeds n_seqs .. 2 n_seqs - 1 (its noise floor measured), then the measured sweep: 0 .. n_seqs - 1
+    seeds = ([("--seed", ",".join(str(n_seqs + i) for i in range(n_seqs)))] if again else []) + [("--seeds", n_seqs)]
     with tempfile.TemporaryDirectory() as tmp:
-        r = measure([b.cli, "sweep", PROMPT, "-t", "1.0", *chain, "--seeds", n_seqs, "-n", n_gen, "--parallel",
-                     n_seqs, "--threads", t, "--ctx", 128, "--json", "--store", os.path.join(tmp, "runs.db"),
-                     "--model", model])
-        rows, after_first = decoded_rows(os.path.join(tmp, "runs.db"))
+        store = os.path.join(tmp, "runs.db")
+        for which in seeds:
+            r = measure([b.cli, "sweep", PROMPT, "-t", "1.0", *chain, *which, "-n", n_gen, "--parallel", n_seqs,
+                         "--threads", t, "--ctx", 128, "--json", "--store", store, "--model", model])
+            if which is not seeds[-1]:
+                run0 = json.loads(r["stdout"])["run"]
+                first = {"first_tok_s": n_seqs * n_gen / (run0["finished"] - run0["created"]),
+                         "first_process_tok_s": n_seqs * n_gen / r["wall_s"]}
+        rows, after_first = decoded_rows(store, json.loads(r["stdout"])["run"]["id"])
     d = json.loads(r["stdout"])
     n = sum(row["tokens"] for row in d["summary"]) if d["summary"] and "tokens" in d["summary"][0] else None
     gen = sum(row["samples"] * row["tokens_per_s"] for row in d["summary"]) if d["summary"] else float("nan")
@@ -884,11 +897,13 @@ def tcase_sweep(b: Build, model, t, n_seqs, n_gen=None, chain=()):
     if n is None:
         n = n_seqs * n_gen
     secs = run["finished"] - run["created"]
-    return {"tok_s": n / secs, "gen_tok_s": gen, "tokens": n, "run_s": secs, "rss_mb": r["rss_mb"],
-            "wall_s": r["wall_s"], "rows": rows, "row_s": gen * rows / after_first if after_first else float("nan")}
+    return {"noise_reused": bool((run.get("noise") or {}).get("reused_from")), "tok_s": n / secs,
+            "process_tok_s": n / r["wall_s"], "gen_tok_s": gen, "tokens": n, "run_s": secs,
+            "rss_mb": r["rss_mb"], "wall_s": r["wall_s"], "rows": rows,
+            "row_s": gen * rows / after_first if after_first else float("nan"), **first}
 
 
-def decoded_rows(store_path) -> tuple[int, int]:
+def decoded_rows(store_path, run_id) -> tuple[int, int]:
     """The rows a sweep's decode phase had to compute, counted from its stored tokens (SQLite, the documented
     schema; nothing of llamalens' code): one per distinct history (a sample's first k tokens, k = 1 .. length - 1),
     since sequences with the same history are decoded once and share the row. Also the tokens after each
@@ -901,7 +916,8 @@ def decoded_rows(store_path) -> tuple[int, int]:
     con = sqlite3.connect(store_path)
     try:
         seqs: dict[int, list[int]] = {}
-        for sample, tok in con.execute("SELECT sample_idx, token_id FROM tokens ORDER BY sample_idx, position"):
+        for sample, tok in con.execute("SELECT sample_idx, token_id FROM tokens WHERE run_id=? ORDER BY sample_idx, "
+                                       "position", (run_id,)):
             seqs.setdefault(sample, []).append(tok)
     finally:
         con.close()
@@ -1024,6 +1040,7 @@ TOOL_CASES = {
     "w": lambda b, m, t: tcase_sweep(b, m, t, SIZES["seqs"]),
     "W": lambda b, m, t: tcase_sweep(b, m, t, 64),
     "u": lambda b, m, t: tcase_sweep(b, m, t, SIZES["seqs"], chain=UNTRUNCATED),
+    "o": lambda b, m, t: tcase_sweep(b, m, t, SIZES["seqs"], again=True),
     "T": tcase_llama_perplexity,
     "U": tcase_score,
     "K": tcase_llama_kld,
@@ -1039,6 +1056,7 @@ TOOL_NAMES = {"B": "B  llama-bench pp512", "g": "g  llamalens generate -n 64 (de
               "Q": "Q  llama-batched-bench 32 seqs (S_TG)",
               "q": "q  the same, one unified KV cache (-kvu)", "w": "w  llamalens sweep, 32 sequences",
               "W": "W  llamalens sweep, 64 sequences", "u": "u  llamalens sweep, 32 seqs, untruncated",
+              "o": "o  sweep w again, other seeds, same store",
               "T": "T  llama-perplexity -c 512 (wall)",
               "U": "U  llamalens score, same windows (wall)", "K": "K  llama-perplexity KLD, 2 steps (wall)",
               "V": "V  llamalens compare, same windows (wall)", "N": "N  llama-perplexity KLD, base + 4 quants",
@@ -1062,7 +1080,8 @@ def report_tools(builds, best, threads):
                 rows.append(("B  llama-bench tg64 at the prompt's depth", c, "tg64"))
             if c == "Q" and "W" in best[labels[0]]:
                 rows.append(("Q  llama-batched-bench 64 seqs (S_TG)", c, "tg64"))
-            if c in "wWu":
+            if c in "wWuo":
+                rows.append((TOOL_NAMES[c][:3] + "  the same, whole process", c, "process_tok_s"))
                 rows.append((TOOL_NAMES[c][:3] + "  the same, decode phase (as S_TG)", c, "gen_tok_s"))
                 rows.append((TOOL_NAMES[c][:3] + "  decode phase, rows decoded a second", c, "row_s"))
     for name, c, key in rows:
@@ -1083,6 +1102,10 @@ def report_tools(builds, best, threads):
               f"depth, {g('B', 'depth'):.0f}; from an empty cache {g('g') / g('B', 'tg64_d0'):.2f})")
         print(f"  sweep 32 / batched-bench 32  = {g('w') / g('Q', 'tg32'):.2f}   (goal >= 0.9; decode phase "
               f"{g('w', 'gen_tok_s') / g('Q', 'tg32'):.2f})")
+        if "o" in bb:
+            print(f"  sweep 32 repeated / bb 32    = {g('o') / g('Q', 'tg32'):.2f}   (goal >= 0.85, the whole run; the "
+                  f"first run {g('o', 'first_tok_s') / g('Q', 'tg32'):.2f}; noise floor taken from the first: "
+                  f"{'yes' if bb['o']['noise_reused'] else 'no'})")
         print(f"  untruncated 32 / bb 32       = {g('u') / g('Q', 'tg32'):.2f}   (goal >= 0.8; decode phase "
               f"{g('u', 'gen_tok_s') / g('Q', 'tg32'):.2f})")
         print(f"  sweep 64 / batched-bench 64  = {g('W') / g('Q', 'tg64'):.2f}   (goal >= 0.9; decode phase "
@@ -1118,7 +1141,12 @@ def report_tools(builds, best, threads):
 PAIRED = (("w", "gen_tok_s", "Q", "tg32", "sweep 32, decode phase / bb 32", 0.9),
           ("u", "gen_tok_s", "Q", "tg32", "untruncated 32, decode phase / bb 32", 0.8),
           ("W", "gen_tok_s", "Q", "tg64", "sweep 64, decode phase / bb 64", 0.9),
-          ("w", "tok_s", "Q", "tg32", "sweep 32, whole run / bb 32", None),
+          ("w", "tok_s", "Q", "tg32", "sweep 32, whole run / bb 32", 0.85),
+          ("w", "process_tok_s", "Q", "tg32", "sweep 32, whole process / bb 32", None),
+          ("o", "tok_s", "Q", "tg32", "sweep 32 repeated, whole run / bb 32", 0.85),
+          ("o", "process_tok_s", "Q", "tg32", "sweep 32 repeated, whole process / bb 32", None),
+          ("o", "first_tok_s", "Q", "tg32", "its first run, whole run / bb 32", None),
+          ("o", "gen_tok_s", "Q", "tg32", "sweep 32 repeated, decode phase / bb 32", None),
           ("w", "gen_tok_s", "q", "tg32", "sweep 32, decode phase / bb -kvu 32", None),
           ("u", "gen_tok_s", "q", "tg32", "untruncated 32, decode phase / bb -kvu 32", None),
           ("q", "tg32", "Q", "tg32", "bb -kvu 32 / bb 32 (the KV layout alone)", None),
@@ -1154,6 +1182,13 @@ def report_paired(builds, tall):
             if rs:
                 print(f"  [{b.label}] {name:<40} {statistics.median(rs):.2f} [{rs[0]:.2f}-{rs[-1]:.2f}]"
                       + (f"   (goal >= {goal})" if goal else ""))
+    # within one process: a run over its own decode phase, which the host's drift between processes cannot move
+    for b in builds:
+        for case in "wuWo":
+            rs = sorted(r["tok_s"] / r["gen_tok_s"] for r in tall[b.label].get(case, []))
+            if rs:
+                print(f"  [{b.label}] {case}  whole run / its own decode phase{'':<9} {statistics.median(rs):.2f} "
+                      f"[{rs[0]:.2f}-{rs[-1]:.2f}]")
 
 
 REFERENCE_CASES = "BQqTK"  # llama.cpp's own tools: the same binaries for every build with the same tools folder

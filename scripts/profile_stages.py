@@ -8,7 +8,8 @@ other processes' load moves less than the wall clock).
 Stages: decode (Context.decode, in the engine and separately in the noise floor), chain (Sampler.apply, and
 Sampler.choose, the engine's pick, with its dist_select apart), stats (block_stats once per decode step; per
 token: for_token and the sampled logprob), records (Engine._record), store (Store.save_sample), startup
-(memory.checked_load: header + model load). Prints one JSON object {stage: [wall_s, cpu_s, calls]} on stderr at
+(memory.checked_load: header + model load), the noise floor (its re-decodes, and where the tree has it the
+lookup of a reusable one around them). Prints one JSON object {stage: [wall_s, cpu_s, calls]} on stderr at
 the end. It wraps the functions in place: nothing else of the command changes.
 
 It profiles an older tree of llamalens too, in this venv (stages that tree lacks are skipped), for a before and
@@ -34,6 +35,7 @@ import llamalens.core.stats as stats
 import llamalens.store as store
 
 sweep = importlib.import_module("llamalens.run.sweep")  # `import llamalens.run.sweep as m` gives ll.sweep (the API call)
+noise_mod = importlib.import_module("llamalens.run.noise")
 
 ACC: dict[str, list] = defaultdict(lambda: [0.0, 0.0, 0])
 IN_NOISE = [False]
@@ -76,7 +78,10 @@ def main() -> None:
     wrap(engine.Engine, "_step", "Engine._step (older trees: a token's chain, stats and record)")
     wrap(memory, "checked_load", "startup: model load + header")
     wrap(gguf_file, "read_header", "startup: header")
-    noise_floor, loop = sweep.noise_floor, engine.Engine._loop
+    # the noise floor's re-decodes: run.noise.noise_floor, which sweep_noise calls (the lookup of a reusable one
+    # around it); older trees call noise_floor from run.sweep's own namespace
+    owner = sweep if hasattr(sweep, "noise_floor") else noise_mod
+    noise_floor, loop = owner.noise_floor, engine.Engine._loop
 
     def noise(*a, **k):
         IN_NOISE[0] = True
@@ -87,13 +92,16 @@ def main() -> None:
             IN_NOISE[0] = False
             ACC["noise floor (total)"][0] += time.perf_counter() - t0
 
+    if hasattr(sweep, "sweep_noise"):
+        wrap(sweep, "sweep_noise", "noise floor, measured or reused (total)")
+
     def timed_loop(self, *a, **k):
         t0, c0 = time.perf_counter(), time.thread_time()
         yield from loop(self, *a, **k)
         ACC["engine loop (total)"][0] += time.perf_counter() - t0
         ACC["engine loop (total)"][1] += time.thread_time() - c0
 
-    sweep.noise_floor, engine.Engine._loop = noise, timed_loop
+    owner.noise_floor, engine.Engine._loop = noise, timed_loop
     from llamalens.cli import main as cli
 
     t0 = time.perf_counter()

@@ -80,15 +80,20 @@ def describe_noise(nf: dict | None, compared: str | None = "configurations' mean
     logprob moves by less than the recorded max |Δ logprob| (so differences between `compared` below it are
     noise; None for a run with nothing to compare, such as a fork), and a single token's logprob moves by more
     than the recorded 95th percentile about 1 time in 20. The max is no bound for single tokens: a few move by
-    more than the re-decoded sample showed. Where batching moved nothing, the sentence says so and no more.
+    more than the re-decoded sample showed. Where batching moved nothing, the sentence says so and no more. Figures
+    taken from an earlier run (run/noise.py's reuse) name it.
     """
     if not nf or not nf.get("tokens"):
         return None
     what = f"re-decoding {nf['tokens']} tokens of {nf['samples']} samples one at a time"
+    label = "noise floor"
+    if nf.get("reused_from") is not None:  # run/noise.py: an earlier run's, the same in all but its seeds
+        label = (f"noise floor (measured by run {nf['reused_from']}: the same model file, llama.cpp build, options, "
+                 "prompts and settings; only the seeds differ)")
     top = nf["max_abs_dlogprob"]
     if top == 0:
-        return f"noise floor: {what} gave the same logprobs: batching moved none here"
-    head = f"noise floor: {what} moved their logprobs by {nf['mean_abs_dlogprob']:.4f} nats on average"
+        return f"{label}: {what} gave the same logprobs: batching moved none here"
+    head = f"{label}: {what} moved their logprobs by {nf['mean_abs_dlogprob']:.4f} nats on average"
     p95 = nf.get("p95_abs_dlogprob")
     spread = f", 95th percentile {p95:.4f}" if p95 is not None else ""
     tokens = (f"a single token's logprob moves by more than {p95:.4f} about 1 time in 20, and can move by more "

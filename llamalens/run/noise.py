@@ -6,15 +6,26 @@ shape, and so does the non-flash attention path), so every run re-decodes the ch
 samples one at a time (teacher-forced, exactly the path of `llamalens generate`) and records how many tokens
 that rests on, mean / 95th / 99th percentile / max |Δ logprob| and top-1 agreement. Differences between
 configurations smaller than that are noise, and `show` and the report say so (reports.run.describe_noise).
+
+Reuse: the figures describe the model file, the llama.cpp build and the batch shape, not the seeds. A sweep that
+repeats an earlier finished one of the same store on all of these — the same model file (sha256), llamalens and
+llama.cpp (versions, CPU features, the very shared libraries loaded), threads and every model option, prompts,
+settings, number of seeds, lengths and parallel sequences; only the seeds differ — takes that run's figures with
+`reused_from` naming the run that measured them (`noise_key`). A resumed run (its batches were composed
+differently) measures its own and lends none.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import numpy as np
 
-from llamalens.core.runtime import Model, round_ctx
+from llamalens.core.runtime import Model, llama_cpp_module, round_ctx
 from llamalens.core.stats import RowStats
-from llamalens.store import Store
+from llamalens.store import RunInfo, Store
 
 NOISE_SAMPLES = 3
 
@@ -34,6 +45,44 @@ def noise_floor(model: Model, store: Store, run_id: int, k: int = NOISE_SAMPLES)
         toks = [t for _, t in store.tokens(run_id, s.sample_idx)]
         agree += against_rescored(toks, rescore(model, s.prompt, [t.id for t in toks]), deltas)
     return noise_figures(len(picks), deltas, agree)
+
+
+def sweep_noise(model: Model, store: Store, run_id: int) -> dict:
+    """A finished sweep's noise floor: an earlier run's with the same key (a copy naming it in `reused_from`),
+    or measured here (noise_floor) and stored with its key for later runs to reuse."""
+    info = store.run(run_id)
+    key = noise_key(info, [c.to_dict() for c in store.configs(run_id)]) if not info.resumes else None
+    if key:
+        found = store.noise_with_key(key, run_id)
+        if found is not None:
+            source, nf = found
+            return {"reused_from": source, **nf}  # a copy of a copy names the run that measured it
+    nf = noise_floor(model, store, run_id)
+    return dict(nf, key=key) if key and nf.get("tokens") else nf
+
+
+def noise_key(info: RunInfo, configs: list[dict]) -> str | None:
+    """What a sweep's noise floor depends on, hashed: everything of the run but its seeds (their number stays: it
+    sets the batch width) and its name, plus the llama.cpp libraries loaded in this process. None where those
+    cannot be told (then nothing is reused)."""
+    libs = library_files()
+    if libs is None or not info.model_hash:
+        return None
+    opts = dict(info.options.to_dict(), seeds=len(info.options.seeds))
+    what = {"model": info.model_hash, "versions": info.versions, "hardware": info.hardware.to_dict(),
+            "options": opts, "configs": configs, "libraries": libs, "kind": info.kind}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def library_files() -> list | None:
+    """(name, size, mtime) of the llama.cpp shared libraries this process loaded: a rebuilt or swapped llama.cpp
+    (LLAMA_CPP_LIB_PATH) changes them where its version and CPU features may read the same. None: not found."""
+    name = getattr(getattr(getattr(llama_cpp_module(), "llama_cpp", None), "_lib", None), "_name", None)
+    if not name:
+        return None
+    files = sorted({f.resolve() for f in Path(name).parent.iterdir()
+                    if f.name.startswith("lib") and ".so" in f.name or f.suffix in (".dylib", ".dll")})
+    return [(f.name, (st := f.stat()).st_size, st.st_mtime_ns) for f in files] or None
 
 
 def against_rescored(toks, ref, deltas: list) -> int:

@@ -34,7 +34,7 @@ from llamalens.run import lifecycle
 from llamalens.run.sweep_records import BeamExtra, BeamHypothesis, BeamStep, BestOfExtra, SweepExtra
 from llamalens.run.lifecycle import (DEFAULT_PARALLEL, Progress, RunInterrupted, Work, check_resumable,  # noqa: F401
                                      check_run_model, report_model, resume_target)
-from llamalens.run.noise import noise_floor
+from llamalens.run.noise import sweep_noise
 from llamalens.store import RunInfo, Store
 
 MAX_LOGPROBS = 100  # alternatives a run stores per token (as score --logprobs); the library's generate() takes more
@@ -148,8 +148,9 @@ class SweepKind:
         pass
 
     def finish(self, model: Model, store: Store, run_id: int, work: Work) -> None:
-        """Measure the noise floor of a run whose samples are all in, and mark it done."""
-        store.set_status(run_id, "done", noise=noise_floor(model, store, run_id))
+        """Measure the noise floor of a run whose samples are all in (or take an earlier run's of the same model,
+        build and batch shape: run/noise.py), and mark it done."""
+        store.set_status(run_id, "done", noise=sweep_noise(model, store, run_id))
 
 
 SWEEP = SweepKind()
