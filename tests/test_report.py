@@ -509,3 +509,19 @@ def test_report_position_shows_that_positions_distribution(tiny_path, tmp_path):
                      _chain_reference(logits, 40, 0.95, 0.05, 0.8)[top]], axis=1)
     assert np.allclose(got, want, rtol=1e-3, atol=1e-12), np.c_[got, want]
     assert (got[:, 2] > 0).sum() >= 5  # the sampled chain keeps several tokens here
+
+
+def test_a_text_made_by_many_configurations_names_them_by_number():
+    """A text produced by more than MAX_NAMED_GROUPS groups names its configurations by number and its seeds in
+    ranges (a llama-server-preset sweep's common text listed 16 settings before); up to that, each group by name."""
+    from types import SimpleNamespace
+
+    from llamalens.reports.findings import MAX_NAMED_GROUPS, produced_by
+    from llamalens.run.findings import ConfigGroup
+
+    groups = {ci: ConfigGroup((ci,), False) for ci in range(8)}
+    names = SimpleNamespace(found=SimpleNamespace(group_of=groups.__getitem__), group=lambda g: f"T={g.configs[0]}")
+    many = [(0, ci, seed) for ci in (0, 1, 2, 3, 6, 7) for seed in (0, 1, 2)]
+    assert produced_by(names, many) == "6 configurations (0–3, 6, 7), seeds 0–2"
+    few = [(0, ci, 5) for ci in range(MAX_NAMED_GROUPS)]
+    assert produced_by(names, few) == "; ".join(f"T={ci}, seed 5" for ci in range(MAX_NAMED_GROUPS))

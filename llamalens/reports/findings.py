@@ -148,11 +148,19 @@ def texts_blocks(doc, run: LoadedRun, found: Findings, names: Names) -> None:
         doc.add(Table(["samples", "text", "produced by"], rows, sortable=False))
 
 
+MAX_NAMED_GROUPS = 3  # a text made by more groups than this names its configurations by number
+
+
 def produced_by(names: Names, samples) -> str:
-    """Which groups made a text, and with which seeds ('every seed' when the group is deterministic)."""
+    """Which groups made a text, and with which seeds ('every seed' when the group is deterministic); past
+    MAX_NAMED_GROUPS groups, the configurations by number (the summary's '#') and the seeds."""
     by: dict[ConfigGroup, list[int]] = {}
     for _, ci, seed in samples:
         by.setdefault(names.found.group_of(ci), []).append(seed)
+    if len(by) > MAX_NAMED_GROUPS:
+        configs, seeds = {ci for _, ci, _ in samples}, {seed for _, _, seed in samples}
+        return (f"{len(configs)} configurations ({numbers(configs)}), seed{'s' if len(seeds) > 1 else ''} "
+                f"{numbers(seeds)}")
     return "; ".join(f"{names.group(g)}, " + ("every seed" if g.deterministic else
                                               f"seed{'s' if len(set(seeds)) > 1 else ''} "
                                               f"{', '.join(map(str, sorted(set(seeds))))}")
