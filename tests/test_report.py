@@ -525,3 +525,16 @@ def test_a_text_made_by_many_configurations_names_them_by_number():
     assert produced_by(names, many) == "6 configurations (0–3, 6, 7), seeds 0–2"
     few = [(0, ci, 5) for ci in range(MAX_NAMED_GROUPS)]
     assert produced_by(names, few) == "; ".join(f"T={ci}, seed 5" for ci in range(MAX_NAMED_GROUPS))
+
+
+def test_the_same_text_in_other_tokens_is_marked():
+    """Distinct texts are distinct token sequences; one that spells the bytes of an earlier one (" Yes" as one token
+    and as " " + "Yes") is marked as the same text, so a list of three " Yes" rows does not read as a bug."""
+    from llamalens.reports.findings import retokenized
+    from llamalens.run.findings import DistinctText
+
+    yes, no = " Yes".encode().hex(), " No".encode().hex()
+    texts = [DistinctText(0, (5,), " Yes", yes, ((0, 0, 0),)), DistinctText(0, (7,), " No", no, ((1, 0, 1),)),
+             DistinctText(0, (3, 9), " Yes", yes, ((2, 0, 2),)), DistinctText(0, (3, 2, 8), " Yes", yes, ((3, 0, 3),))]
+    marks = retokenized(texts)
+    assert marks[:2] == ["", ""] and marks[2] == marks[3] and "same text" in marks[2] and "other tokens" in marks[2]

@@ -204,7 +204,7 @@ def show_texts(run, full: bool) -> None:
     """Each prompt's distinct texts, the most produced first, with the configurations and seeds behind each:
     all of them in full, or the first SHORT_TEXTS shortened to SHORT_CHARS characters."""
     from llamalens.run.findings import findings
-    from llamalens.reports.findings import Names, produced_by
+    from llamalens.reports.findings import Names, produced_by, retokenized
     from llamalens.visible import visible
 
     found = findings(run)
@@ -215,11 +215,12 @@ def show_texts(run, full: bool) -> None:
         n = sum(len(t.samples) for t in texts)
         say(f"texts of prompt {p_idx} ({visible(prompt, edge_spaces=False)!s}): {len(texts)} distinct of {n} samples")
         rows = [("samples", "text", "produced by")]
-        for t in texts if full else texts[:SHORT_TEXTS]:
+        marks = retokenized(texts)
+        for t, mark in zip(texts if full else texts[:SHORT_TEXTS], marks):
             shown = visible(t.text, t.bytes, edge_spaces=False)
             if not full and len(shown) > SHORT_CHARS:
                 shown = shown[: SHORT_CHARS - 1] + "…"
-            rows.append((f"×{len(t.samples)}", shown, produced_by(names, t.samples)))
+            rows.append((f"×{len(t.samples)}", shown + mark, produced_by(names, t.samples)))
         print_table(rows, right={0})
         if not full and len(texts) > SHORT_TEXTS:
             say(f"... {len(texts) - SHORT_TEXTS} more: `llamalens show {run.id} --texts`")

@@ -142,10 +142,22 @@ def texts_blocks(doc, run: LoadedRun, found: Findings, names: Names) -> None:
     doc.add(Heading("Texts"))
     prompts = dict(sorted({(s.prompt_idx, s.prompt) for s in run.samples}))
     for p_idx, prompt in prompts.items():
-        rows = [[len(t.samples), _cut(visible(t.text, t.bytes, edge_spaces=False)), produced_by(names, t.samples)]
-                for t in found.texts if t.prompt_idx == p_idx]
+        texts = [t for t in found.texts if t.prompt_idx == p_idx]
+        rows = [[len(t.samples), _cut(visible(t.text, t.bytes, edge_spaces=False)) + mark, produced_by(names, t.samples)]
+                for t, mark in zip(texts, retokenized(texts))]
         doc.add(Para(f"Prompt {p_idx}: {visible(prompt, edge_spaces=False)}", "p"))
         doc.add(Table(["samples", "text", "produced by"], rows, sortable=False))
+
+
+def retokenized(texts) -> list[str]:
+    """A mark for each distinct text (distinct by token ids) whose bytes an earlier one already spelled: the same
+    text reached through other tokens (" Yes" as one token, or as " " and "Yes"), '' for the others."""
+    seen: set[str] = set()
+    marks = []
+    for t in texts:
+        marks.append(" (the same text as above, in other tokens)" if t.bytes in seen else "")
+        seen.add(t.bytes)
+    return marks
 
 
 MAX_NAMED_GROUPS = 3  # a text made by more groups than this names its configurations by number
