@@ -291,3 +291,11 @@ def test_chat_template_prompts_and_json_output(tiny_path, in_tasks, tmp_path):
     assert data["backend"]["noise_pairs"] == 4 and any(f.endswith(".jsonl") for f in data["files"])
     contexts = [a["arg_0"] for s in _samples(out, "ll_test_mc") for a in s["arguments"].values()]
     assert contexts and all(c.startswith("[user] ") and c.endswith("[assistant]") for c in contexts)
+
+
+def test_no_git_complaint_outside_a_checkout(tiny_path, in_tasks, monkeypatch, capfd):
+    """Run where git finds no repository (its search stopped at the task folder's parent), eval prints no "fatal: not
+    a git repository" (lm-eval asks git for the working directory's commit)."""
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(in_tasks.parent))
+    cli("eval", "--tasks", "ll_test_mc", "--include-path", in_tasks, "--limit", 2, "-m", tiny_path, "--batch-size", 4)
+    assert "not a git repository" not in capfd.readouterr().err

@@ -15,6 +15,8 @@ Both passes see the same requests in the same order: lm-eval seeds its few-shot 
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 
 from lm_eval.api.model import LM
 
@@ -111,10 +113,11 @@ def evaluate_with(lm, spec: dict, manager, tracker=None) -> dict:
     """lm-eval's simple_evaluate over the spec's tasks and options, with `lm` answering."""
     import lm_eval
 
-    out = lm_eval.simple_evaluate(
-        model=lm, tasks=spec["tasks"], num_fewshot=spec["num_fewshot"], limit=spec["limit"], log_samples=True,
-        task_manager=manager, evaluation_tracker=tracker, apply_chat_template=spec["apply_chat_template"],
-        batch_size=spec["batch_size"])
+    with _quiet_git_hash():
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=spec["tasks"], num_fewshot=spec["num_fewshot"], limit=spec["limit"], log_samples=True,
+            task_manager=manager, evaluation_tracker=tracker, apply_chat_template=spec["apply_chat_template"],
+            batch_size=spec["batch_size"])
     if out is None:
         from llamalens.errors import InvalidInput
 
@@ -129,3 +132,29 @@ def per_document(samples: dict | None) -> dict:
         out[task] = {str(s["doc_id"]): {m: s[m] for m in s.get("metrics", []) if isinstance(s.get(m), (int, float))}
                      for s in rows}
     return out
+
+
+@contextmanager
+def _quiet_git_hash():
+    """lm-eval records the working directory's git commit with `git describe --always`, whose "fatal: not a git
+    repository" reaches the terminal whenever llamalens is run outside a checkout. While inside, lm-eval's
+    evaluator asks git the same question with git's complaint discarded (and, failing that, reads the commit
+    from a .git folder as lm-eval does), so its results record the same value."""
+    import subprocess
+
+    from lm_eval import evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def quiet() -> str | None:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return get_commit_from_path(os.getcwd())
+
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = quiet
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
