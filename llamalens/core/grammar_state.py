@@ -58,10 +58,18 @@ def _words(addr: int, n: int) -> np.ndarray:
     return np.frombuffer(ctypes.string_at(addr, 8 * n), dtype=np.uint64) if n else np.zeros(0, np.uint64)
 
 
+def _length(begin: int, end: int, cap: int, item: int) -> int | None:
+    """The items of a std::vector from its three pointers; None when they do not read as one (not begin <= end <=
+    capacity, part of an item, absurdly long)."""
+    if not begin <= end <= cap or (end - begin) % item or (end - begin) // item >= MAX_STACKS:
+        return None
+    return (end - begin) // item
+
+
 def _vector_ok(addr: int, item: int) -> bool:
-    """Whether the std::vector at addr reads as one: begin <= end <= capacity, whole items, not absurdly long."""
-    begin, end, cap = _word(addr), _word(addr + 8), _word(addr + 16)
-    return bool(begin) and begin <= end <= cap and (end - begin) % item == 0 and (end - begin) // item < MAX_STACKS
+    """Whether the std::vector at addr reads as one, with a buffer."""
+    begin = _word(addr)
+    return bool(begin) and _length(begin, _word(addr + 8), _word(addr + 16), item) is not None
 
 
 def _grammar_field(ctx: int) -> int | None:
@@ -110,20 +118,19 @@ class StateReader:
         g = self._grammar
         if g is None:
             return None
-        begin, end = _word(g + 32), _word(g + 40)
-        n = (end - begin) // _VEC
-        if end < begin or (end - begin) % _VEC or n > MAX_STACKS:
+        begin = _word(g + 32)
+        n = _length(begin, _word(g + 40), _word(g + 48), _VEC)
+        if n is None:
             return None
         stacks = []
-        for b, e, _ in _words(begin, 3 * n).reshape(-1, 3).tolist():
-            m = (e - b) // 8
-            if e < b or (e - b) % 8 or m > MAX_STACKS:
+        for b, e, cap in _words(begin, 3 * n).reshape(-1, 3).tolist():
+            m = _length(b, e, cap, 8)
+            if m is None:
                 return None
             at = _words(b, m)
             i = np.searchsorted(self._begins, at, side="right") - 1
             if np.any(i < 0):
                 return None
-            i = np.maximum(i, 0)
             off = at - self._begins[i]
             if np.any(at >= self._ends[i]) or np.any(off % _ELEMENT):
                 return None
